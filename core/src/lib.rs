@@ -1,0 +1,19 @@
+//! Pure domain code shared by every Parley component.
+//!
+//! Nothing here performs I/O or depends on kube, Kafka, Cassandra or Redis clients, so every decision can be
+//! unit-tested in isolation:
+//!
+//! - [`protocol`]: the v1 wire frames (one tagged enum per direction) and their pure decoder;
+//! - [`snowflake`]: the 64-bit ID generator (41 bits of milliseconds, 10 bits of machine id, 12 bits of
+//!   sequence) that never goes backwards;
+//! - [`conversation`]: user and channel ids, the deterministic DM id, and validation;
+//! - [`sequencer`]: the per-channel single-writer sequence and send idempotency decisions;
+//! - [`ratelimit`]: a token bucket driven by an explicit clock.
+
+pub mod conversation;
+pub mod protocol;
+pub mod ratelimit;
+pub mod sequencer;
+pub mod snowflake;
+
+pub use conversation::{ChannelId, ChannelKind, UserId};

@@ -1,0 +1,470 @@
+//! Wire protocol v1: one tagged enum per direction and a pure decoder. See `docs/protocol.md`.
+
+use serde::{Deserialize, Serialize};
+
+/// The only protocol version so far.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Stable error codes sent in `error` frames and HTTP error bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not JSON, or not a JSON object.
+    InvalidJson,
+    /// Unknown `type`.
+    UnknownType,
+    /// A required field is missing or has the wrong type.
+    InvalidFrame,
+    /// A field is out of range.
+    InvalidArgument,
+    /// The text is longer than the limit.
+    TextTooLong,
+    /// Not a member of the conversation.
+    NotAMember,
+    /// The channel does not exist.
+    NoSuchChannel,
+    /// The channel name is taken.
+    ChannelExists,
+    /// The channel is full.
+    TooManyMembers,
+    /// Too many sends; retry later.
+    RateLimited,
+    /// The backend could not take the write; nothing was confirmed.
+    Unavailable,
+    /// Authentication failed.
+    Unauthorized,
+    /// A bug.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::InvalidFrame => "invalid_frame",
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::TextTooLong => "text_too_long",
+            ErrorCode::NotAMember => "not_a_member",
+            ErrorCode::NoSuchChannel => "no_such_channel",
+            ErrorCode::ChannelExists => "channel_exists",
+            ErrorCode::TooManyMembers => "too_many_members",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// A frame from client to server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// Send a message.
+    Send {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Conversation id.
+        channel: String,
+        /// Idempotency key, unique per sender.
+        client_msg_id: String,
+        /// Message text.
+        text: String,
+    },
+    /// Read a page of history.
+    History {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Conversation id.
+        channel: String,
+        /// Only messages with a smaller sequence.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<u64>,
+        /// Only messages with a larger sequence.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<u64>,
+        /// Page size.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// Cumulative acknowledgement of received messages.
+    Ack {
+        /// Conversation id.
+        channel: String,
+        /// Everything up to this sequence was received.
+        seq: u64,
+    },
+    /// Heartbeat.
+    Ping {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+    },
+    /// Create a group channel.
+    CreateChannel {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Channel name.
+        name: String,
+        /// Other initial members.
+        #[serde(default)]
+        members: Vec<String>,
+    },
+    /// Join a group channel.
+    Join {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Channel id.
+        channel: String,
+    },
+    /// Leave a channel.
+    Leave {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Channel id.
+        channel: String,
+    },
+    /// List my channels.
+    ListChannels {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+    },
+    /// Open (create on first use) the DM with a user.
+    OpenDm {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// The other user.
+        user: String,
+    },
+}
+
+impl ClientFrame {
+    /// The request id, if the frame carries one.
+    pub fn req_id(&self) -> Option<&str> {
+        match self {
+            ClientFrame::Send { req_id, .. }
+            | ClientFrame::History { req_id, .. }
+            | ClientFrame::Ping { req_id }
+            | ClientFrame::CreateChannel { req_id, .. }
+            | ClientFrame::Join { req_id, .. }
+            | ClientFrame::Leave { req_id, .. }
+            | ClientFrame::ListChannels { req_id }
+            | ClientFrame::OpenDm { req_id, .. } => req_id.as_deref(),
+            ClientFrame::Ack { .. } => None,
+        }
+    }
+}
+
+const CLIENT_TYPES: &[&str] =
+    &["send", "history", "ack", "ping", "create_channel", "join", "leave", "list_channels", "open_dm"];
+
+/// Why a client frame could not be decoded. Small on purpose: this is the hot path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError {
+    /// `invalid_json`, `unknown_type` or `invalid_frame`.
+    pub code: ErrorCode,
+    /// Human-readable detail.
+    pub message: String,
+    /// The request id, when it could still be read.
+    pub req_id: Option<String>,
+}
+
+/// Decodes one client frame. Pure; never panics on any input.
+pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
+    match serde_json::from_slice::<ClientFrame>(bytes) {
+        Ok(frame) => Ok(frame),
+        Err(error) => {
+            let mut probe = match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(bytes) {
+                Ok(probe) => probe,
+                Err(_) => {
+                    return Err(DecodeError {
+                        code: ErrorCode::InvalidJson,
+                        message: "frame is not a JSON object".to_owned(),
+                        req_id: None,
+                    })
+                }
+            };
+            let req_id = match probe.remove("req_id") {
+                Some(serde_json::Value::String(id)) if id.len() <= 64 => Some(id),
+                _ => None,
+            };
+            let (code, message) = match probe.remove("type") {
+                None => (ErrorCode::InvalidFrame, "missing field `type`".to_owned()),
+                Some(serde_json::Value::String(kind)) if !CLIENT_TYPES.contains(&kind.as_str()) => {
+                    let shown: String = kind.chars().take(32).collect();
+                    (ErrorCode::UnknownType, format!("unknown frame type {shown:?}"))
+                }
+                Some(serde_json::Value::String(kind)) => {
+                    (ErrorCode::InvalidFrame, format!("invalid {kind} frame: {}", strip_position(&error.to_string())))
+                }
+                Some(_) => (ErrorCode::InvalidFrame, "field `type` must be a string".to_owned()),
+            };
+            Err(DecodeError { code, message, req_id })
+        }
+    }
+}
+
+fn strip_position(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(index) => message[..index].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+/// Serializes ids as decimal strings, since JavaScript numbers lose precision above 2^53.
+pub mod id_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serialize.
+    pub fn serialize<S: Serializer>(id: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(id)
+    }
+
+    /// Deserialize.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A message as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageView {
+    /// Conversation id.
+    pub channel: String,
+    /// Per-channel sequence, gap-free from 1.
+    pub seq: u64,
+    /// Snowflake id.
+    #[serde(with = "id_string")]
+    pub id: u64,
+    /// Sender user id.
+    pub sender: String,
+    /// Text.
+    pub text: String,
+    /// Unix milliseconds assigned by the writer.
+    pub ts: u64,
+    /// The sender's idempotency key.
+    pub client_msg_id: String,
+}
+
+/// Channel information as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelView {
+    /// Conversation id.
+    pub id: String,
+    /// `group` or `dm`.
+    pub kind: crate::ChannelKind,
+    /// Group name, or the other user of a DM.
+    pub name: String,
+    /// Number of members.
+    pub members: u32,
+    /// Last assigned sequence (0 when empty).
+    pub last_seq: u64,
+    /// Whether the viewer is a member.
+    pub joined: bool,
+}
+
+/// Limits announced in `ready`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitsView {
+    /// Largest frame accepted.
+    pub max_frame_bytes: usize,
+    /// Largest message text.
+    pub max_text_bytes: usize,
+    /// Largest channel.
+    pub max_channel_members: u32,
+    /// Sustained sends per second.
+    pub send_rate_per_sec: u32,
+    /// Burst of sends.
+    pub send_burst: u32,
+}
+
+/// A frame from server to client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// First frame of every connection.
+    Ready {
+        /// Protocol version.
+        protocol: u32,
+        /// Session id.
+        session_id: String,
+        /// Authenticated user.
+        user: String,
+        /// Client heartbeat interval.
+        heartbeat_interval_ms: u64,
+        /// Limits.
+        limits: LimitsView,
+        /// The user's channels.
+        channels: Vec<ChannelView>,
+    },
+    /// A message in a conversation.
+    Message(MessageView),
+    /// Confirmation of a durable send.
+    SendResult {
+        /// Echo.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// The sender's idempotency key.
+        client_msg_id: String,
+        /// Conversation id.
+        channel: String,
+        /// Snowflake id.
+        #[serde(with = "id_string")]
+        id: u64,
+        /// Sequence.
+        seq: u64,
+        /// Timestamp.
+        ts: u64,
+        /// Whether this was a retry of an earlier send.
+        duplicate: bool,
+    },
+    /// A page of history.
+    History {
+        /// Echo.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Conversation id.
+        channel: String,
+        /// Messages by ascending sequence.
+        messages: Vec<MessageView>,
+        /// More exist in the direction of the query.
+        has_more: bool,
+    },
+    /// One channel.
+    Channel {
+        /// Echo.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// The channel.
+        channel: ChannelView,
+    },
+    /// Channel list.
+    Channels {
+        /// Echo.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Channels.
+        channels: Vec<ChannelView>,
+    },
+    /// A membership change in a channel the client is in.
+    Member {
+        /// Conversation id.
+        channel: String,
+        /// User.
+        user: String,
+        /// Joined (true) or left (false).
+        joined: bool,
+    },
+    /// Heartbeat answer.
+    Pong {
+        /// Echo.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Server time.
+        ts: u64,
+    },
+    /// An error; the connection stays usable.
+    Error {
+        /// Echo.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Stable code.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+        /// For a failed send, its idempotency key.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_msg_id: Option<String>,
+    },
+}
+
+impl ServerFrame {
+    /// Encodes the frame as JSON text.
+    pub fn to_json(&self) -> String {
+        // Serializing these plain structs cannot fail: all keys are strings and there are no maps.
+        serde_json::to_string(self).unwrap_or_else(|error| {
+            format!(r#"{{"type":"error","code":"internal","message":"encode failed: {error}"}}"#)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn decodes_send() {
+        let frame = decode_client(br#"{"type":"send","channel":"g:a","client_msg_id":"c1","text":"hi","extra":1}"#);
+        assert_eq!(
+            frame,
+            Ok(ClientFrame::Send {
+                req_id: None,
+                channel: "g:a".into(),
+                client_msg_id: "c1".into(),
+                text: "hi".into()
+            })
+        );
+    }
+
+    #[test]
+    fn classifies_errors() {
+        let code = |bytes: &[u8]| decode_client(bytes).map_err(|error| error.code).err();
+        assert_eq!(code(b"not json"), Some(ErrorCode::InvalidJson));
+        assert_eq!(code(b"[1,2]"), Some(ErrorCode::InvalidJson));
+        assert_eq!(code(br#"{"type":"teleport"}"#), Some(ErrorCode::UnknownType));
+        assert_eq!(code(br#"{"type":"send","channel":"g:a"}"#), Some(ErrorCode::InvalidFrame));
+        assert_eq!(code(br#"{"channel":"g:a"}"#), Some(ErrorCode::InvalidFrame));
+        assert_eq!(code(br#"{"type":7}"#), Some(ErrorCode::InvalidFrame));
+        let error = decode_client(br#"{"type":"history","req_id":"r9","limit":"x"}"#).expect_err("invalid");
+        assert_eq!(error.req_id.as_deref(), Some("r9"));
+        assert!(error.message.starts_with("invalid history frame: "), "{}", error.message);
+    }
+
+    #[test]
+    fn server_frames_are_tagged_and_ids_are_strings() {
+        let frame = ServerFrame::Message(MessageView {
+            channel: "g:a".into(),
+            seq: 3,
+            id: u64::MAX >> 1,
+            sender: "alice".into(),
+            text: "hi".into(),
+            ts: 5,
+            client_msg_id: "c".into(),
+        });
+        let json = frame.to_json();
+        assert!(json.starts_with(r#"{"type":"message""#), "{json}");
+        assert!(json.contains(r#""id":"9223372036854775807""#), "{json}");
+        assert_eq!(serde_json::from_str::<ServerFrame>(&json).expect("round trip"), frame);
+        let error = ServerFrame::Error {
+            req_id: None,
+            code: ErrorCode::NotAMember,
+            message: "no".into(),
+            client_msg_id: None,
+        };
+        assert!(error.to_json().contains(r#""code":"not_a_member""#));
+        assert_eq!(ErrorCode::NotAMember.as_str(), "not_a_member");
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_client(&bytes);
+        }
+
+        #[test]
+        fn decoder_never_panics_on_json_like(text in r#"\{("type":"(send|history|ack|x)",)?("[a-z_]{1,12}":("[^"]{0,8}"|[0-9]{1,3}|null|\[\]),?){0,5}\}"#) {
+            let _ = decode_client(text.as_bytes());
+        }
+    }
+}

@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Installs what e2e/stack/up.sh runs: Redis (Debian package), Apache Kafka 4.x and
+# Apache Cassandra 5.0.x (jars from Maven Central, collected with Maven), and a small
+# Python venv with cassandra-driver for CQL checks.
+#
+# Idempotent: every part writes a marker file when it is complete; a second run only
+# checks the markers and exits (well under a second).
+#
+#   PARLEY_CACHE   cache root (default: ~/.cache/parley); jars go to $PARLEY_CACHE/stack
+#   STACK_ONLY     comma list of parts to install (redis,kafka,cassandra,cql); default all
+#   STACK_FORCE=1  ignore markers and reinstall
+set -euo pipefail
+
+CACHE="${PARLEY_CACHE:-$HOME/.cache/parley}/stack"
+ONLY="${STACK_ONLY:-redis,kafka,cassandra,cql}"
+FORCE="${STACK_FORCE:-0}"
+mkdir -p "$CACHE"
+
+log() { printf '[stack-install] %s\n' "$*" >&2; }
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
+done_marker() { [[ "$FORCE" != 1 && -f "$CACHE/$1/.installed" ]]; }
+
+# Kafka and Cassandra candidates, newest first. The first one whose whole runtime
+# dependency tree resolves wins.
+KAFKA_VERSIONS="${KAFKA_VERSIONS:-4.4.0 4.3.1 4.3.0 4.2.2 4.2.1 4.2.0 4.1.2 4.1.1 4.1.0 4.0.2 4.0.1 4.0.0}"
+CASSANDRA_VERSIONS="${CASSANDRA_VERSIONS:-5.0.12 5.0.11 5.0.10 5.0.9 5.0.8 5.0.7 5.0.6 5.0.5 5.0.4 5.0.3 5.0.2 5.0.1 5.0.0}"
+
+MVN=(nice -n 10 mvn -q -B)
+
+# write_pom DIR ARTIFACTID DEPS_XML
+write_pom() {
+  cat >"$1/pom.xml" <<EOF
+<?xml version="1.0" encoding="UTF-8"?>
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>parley.e2e</groupId>
+  <artifactId>$2</artifactId>
+  <version>0</version>
+  <packaging>pom</packaging>
+  <dependencies>
+$3
+  </dependencies>
+</project>
+EOF
+}
+
+dep() { # group artifact version
+  printf '    <dependency><groupId>%s</groupId><artifactId>%s</artifactId><version>%s</version></dependency>\n' "$1" "$2" "$3"
+}
+
+# copy_deps DIR OUTDIR: resolve the pom in DIR, copy its runtime tree to OUTDIR.
+copy_deps() {
+  (cd "$1" && "${MVN[@]}" dependency:copy-dependencies -DincludeScope=runtime \
+     -DoutputDirectory="$2" -Dmdep.overWriteReleases=false) >"$1/mvn.log" 2>&1
+}
+
+jar_version() { # LIBDIR ARTIFACT -> version of ARTIFACT-<v>.jar in LIBDIR
+  local f
+  f=$(ls "$1" | grep -E "^$2-[0-9][^-]*(-[A-Za-z0-9.]+)?\.jar$" | head -n1 || true)
+  [[ -n "$f" ]] || return 1
+  f=${f#"$2"-}; echo "${f%.jar}"
+}
+
+install_redis() {
+  if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
+    log "redis: $(redis-server --version | head -n1)"; return
+  fi
+  [[ $(id -u) == 0 ]] || { log "redis: not installed and not root; run: apt-get install -y redis-server"; exit 1; }
+  export DEBIAN_FRONTEND=noninteractive
+  if ! apt-cache policy redis-server 2>/dev/null | grep -qE 'Candidate: [0-9]'; then
+    log "redis: no apt candidate; running apt-get update"
+    apt-get update -qq
+  fi
+  if ! apt-get install -y -qq redis-server >"$CACHE/apt-redis.log" 2>&1; then
+    log "redis: install failed; running apt-get update and retrying"
+    apt-get update -qq
+    apt-get install -y -qq redis-server >"$CACHE/apt-redis.log" 2>&1 || { cat "$CACHE/apt-redis.log" >&2; exit 1; }
+  fi
+  log "redis: installed $(redis-server --version | head -n1)"
+}
+
+# resolve_kafka DIR ARTIFACTS... : newest version of $KAFKA_VERSIONS (at most $2 when
+# MAXV is set) at which all the given org.apache.kafka artifacts resolve, plus the
+# SLF4J binding; jars end up in DIR/lib, the version in DIR/version.
+resolve_kafka() {
+  local d=$1; shift
+  rm -rf "$d"; mkdir -p "$d"
+  local v ok="" a deps
+  for v in $KAFKA_VERSIONS; do
+    if [[ -n "${MAXV:-}" ]] && [[ "$(printf '%s\n%s\n' "$v" "$MAXV" | sort -V | tail -n1)" != "$MAXV" ]]; then continue; fi
+    log "$(basename "$d"): trying $v ($*)"
+    rm -rf "$d/lib.tmp"
+    deps=""; for a in "$@"; do deps+="$(dep org.apache.kafka "$a" "$v")"$'\n'; done
+    write_pom "$d" "$(basename "$d")-stack" "$deps"
+    if copy_deps "$d" "$d/lib.tmp"; then ok=$v; break; fi
+    log "$(basename "$d"): $v did not resolve: $(grep -m1 -oE 'Could not (find|resolve)[^>]*' "$d/mvn.log" || tail -n1 "$d/mvn.log")"
+  done
+  [[ -n "$ok" ]] || { log "$(basename "$d"): no version of [$KAFKA_VERSIONS] resolved; see $d/mvn.log"; return 1; }
+  # The Kafka POMs carry no SLF4J binding (the release tarball adds one); without it
+  # Kafka logs nothing. Pick the log4j2 bridge that matches the resolved slf4j-api.
+  local slf log4j bridge
+  slf=$(jar_version "$d/lib.tmp" slf4j-api) || { log "no slf4j-api in the tree"; return 1; }
+  log4j=$(jar_version "$d/lib.tmp" log4j-api || jar_version "$d/lib.tmp" log4j-core || echo 2.24.3)
+  case "$slf" in 1.*) bridge=log4j-slf4j-impl ;; *) bridge=log4j-slf4j2-impl ;; esac
+  deps+="$(dep org.apache.logging.log4j "$bridge" "$log4j")"$'\n'"$(dep org.apache.logging.log4j log4j-core "$log4j")"
+  write_pom "$d" "$(basename "$d")-stack" "$deps"
+  copy_deps "$d" "$d/lib.tmp" || { log "resolving $bridge:$log4j failed; see $d/mvn.log"; return 1; }
+  mv "$d/lib.tmp" "$d/lib"
+  echo "$ok" >"$d/version"
+  printf 'artifacts=%s\nversion=%s\nslf4j-api=%s\nbinding=%s:%s\n' "$*" "$ok" "$slf" "$bridge" "$log4j" >"$d/versions.txt"
+  log "$(basename "$d"): $ok with $bridge $log4j ($(ls "$d/lib" | wc -l) jars, $(du -sh "$d/lib" | cut -f1))"
+}
+
+install_kafka() {
+  local d="$CACHE/kafka"
+  if done_marker kafka; then log "kafka: cached (broker $(cat "$d/version"), mirrormaker $(cat "$d/mm2/version" 2>/dev/null || echo none))"; return; fi
+  rm -rf "$d"; mkdir -p "$d"
+  # Broker + command-line tools (StorageTool is in kafka_2.13, TopicCommand and the
+  # console producer/consumer in kafka-tools).
+  resolve_kafka "$d/broker" kafka_2.13 kafka-tools || exit 1
+  cp "$d/broker/version" "$d/version"; ln -sfn broker/lib "$d/lib"
+  # MirrorMaker 2 (connect-mirror) is published later than the broker for some
+  # releases (4.4.0 was missing when this was written), so it gets its own classpath,
+  # at the newest version not above the broker's that resolves. Optional.
+  MAXV=$(cat "$d/version") resolve_kafka "$d/mm2" connect-mirror \
+    || { log "kafka: connect-mirror did not resolve; MirrorMaker 2 unavailable"; rm -rf "$d/mm2"; }
+  touch "$d/.installed"
+}
+
+install_cassandra() {
+  local d="$CACHE/cassandra"
+  if done_marker cassandra; then log "cassandra: cached ($(cat "$d/version"))"; return; fi
+  rm -rf "$d"; mkdir -p "$d"
+  local v ok=""
+  for v in $CASSANDRA_VERSIONS; do
+    log "cassandra: trying $v"
+    rm -rf "$d/lib.tmp"
+    write_pom "$d" cassandra-stack "$(dep org.apache.cassandra cassandra-all "$v")"
+    if copy_deps "$d" "$d/lib.tmp"; then ok=$v; break; fi
+    log "cassandra: $v did not resolve: $(grep -m1 -E 'ERROR|Could not' "$d/mvn.log" || true)"
+  done
+  [[ -n "$ok" ]] || { log "cassandra: no version of [$CASSANDRA_VERSIONS] resolved; see $d/mvn.log"; exit 1; }
+  jar_version "$d/lib.tmp" jamm >/dev/null || { log "cassandra: jamm jar missing from the tree"; exit 1; }
+  mv "$d/lib.tmp" "$d/lib"
+  echo "$ok" >"$d/version"
+  touch "$d/.installed"
+  log "cassandra: installed $ok ($(ls "$d/lib" | wc -l) jars, $(du -sh "$d/lib" | cut -f1))"
+}
+
+# A venv with the Python cassandra-driver: used by up.sh to check that Cassandra
+# answers CQL, and by callers as a tiny cqlsh replacement (up.sh cql).
+install_cql() {
+  local d="$CACHE/cql"
+  if done_marker cql; then log "cql: cached ($(cat "$d/version"))"; return; fi
+  rm -rf "$d"; mkdir -p "$d"
+  python3 -m venv "$d/venv"
+  nice -n 10 "$d/venv/bin/pip" install -q --disable-pip-version-check cassandra-driver >"$d/pip.log" 2>&1 \
+    || { cat "$d/pip.log" >&2; log "cql: pip install cassandra-driver failed"; exit 1; }
+  "$d/venv/bin/python" -c 'import cassandra; print(cassandra.__version__)' >"$d/version"
+  touch "$d/.installed"
+  log "cql: cassandra-driver $(cat "$d/version")"
+}
+
+want redis && install_redis
+want kafka && install_kafka
+want cassandra && install_cassandra
+want cql && install_cql
+log "done ($CACHE)"
