@@ -1,1 +1,22 @@
-//! placeholder
+//! The Parley gateway: the edge that clients connect to.
+//!
+//! - [`config`]: command-line and environment settings, including every limit.
+//! - [`auth`]: JWT verification (HS256, RS256) and the insecure dev login.
+//! - [`hub`]: this instance's index of local connections per channel and user, fed by one pub/sub
+//!   subscription for the whole instance; it forwards each published frame to the local members' queues.
+//! - [`connection`]: the per-connection loop, generic over any `Sink`/`Stream` of WebSocket messages.
+//! - [`http`]: the axum application (`app(state)`): WebSocket upgrade, HTTP API, the demo page, health.
+//! - [`metrics`]: Prometheus metrics served on the admin port.
+//! - [`standalone`]: wiring of gateway + router + embedded storage into one process.
+
+pub mod auth;
+pub mod config;
+pub mod connection;
+pub mod error;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod standalone;
+
+pub use error::GatewayError;
+pub use http::{admin_app, app, AppState};

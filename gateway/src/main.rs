@@ -1,2 +1,44 @@
-//! placeholder
-fn main() {}
+//! `parley`: the standalone chat server (gateway + router + embedded storage in one process).
+
+use anyhow::Context;
+use clap::Parser;
+use parley_gateway::config::StandaloneArgs;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = StandaloneArgs::parse();
+    tracing_subscriber::fmt().with_env_filter(EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info"))).init();
+    let running = parley_gateway::standalone::start(args).await.context("failed to start parley")?;
+    println!("parley listening on http://{} (metrics on http://{}/metrics)", running.address, running.admin_address);
+    let shutdown = running.shutdown;
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: closing connections with 1001");
+        let _ = shutdown.send(true);
+    });
+    running.task.await.context("server task failed")?.context("server failed")?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

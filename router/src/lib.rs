@@ -1,1 +1,20 @@
-//! placeholder
+//! The Parley router: it accepts sends, orders them per channel, makes them durable, and fans them out.
+//!
+//! - [`backend`] defines the traits every storage engine implements: the durable [`backend::MessageLog`],
+//!   the [`backend::MessageStore`] for history, the [`backend::MembershipStore`] for channels and members, and
+//!   the [`pubsub::PubSub`] used for delivery. Each has an embedded driver (this crate) and a real-engine driver.
+//! - [`embedded`] is the embedded driver: one redb database on local disk, synced on every commit, which is at
+//!   once the log and the store.
+//! - [`pubsub`] holds the pub/sub trait, its in-process driver, and the event envelope gateways decode.
+//! - [`router`] is the single writer: a task that takes commands in batches, decides order with
+//!   [`parley_core::sequencer`], writes the batch durably, and only then confirms and publishes.
+//! - [`error`] is the crate's error type, which maps to the protocol's stable error codes.
+
+pub mod backend;
+pub mod embedded;
+pub mod error;
+pub mod pubsub;
+pub mod router;
+
+pub use error::{BackendError, RouterError};
+pub use router::{Router, RouterConfig};

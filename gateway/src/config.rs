@@ -1,0 +1,137 @@
+//! Settings. Every flag can also be set through the environment variable named beside it.
+
+use clap::{Args, Parser};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Limits and timing of the gateway.
+#[derive(Debug, Clone, Args)]
+pub struct GatewayConfig {
+    /// Largest WebSocket frame or message accepted, in bytes; bigger ones close the connection with 1009.
+    #[arg(long, env = "PARLEY_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+    /// Sustained sends per second per connection (token bucket).
+    #[arg(long, env = "PARLEY_SEND_RATE_PER_SEC", default_value_t = 20)]
+    pub send_rate_per_sec: u32,
+    /// Burst of sends per connection.
+    #[arg(long, env = "PARLEY_SEND_BURST", default_value_t = 40)]
+    pub send_burst: u32,
+    /// Frames queued for one connection before it is closed as a slow consumer (4008).
+    #[arg(long, env = "PARLEY_OUTBOUND_QUEUE", default_value_t = 512)]
+    pub outbound_queue: usize,
+    /// Most concurrent connections of this process; more are refused with HTTP 503.
+    #[arg(long, env = "PARLEY_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// Requests a connection may have in flight before the gateway stops reading from it.
+    #[arg(long, env = "PARLEY_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub max_in_flight: usize,
+    /// Heartbeat interval announced to clients, in milliseconds.
+    #[arg(long, env = "PARLEY_HEARTBEAT_INTERVAL_MS", default_value_t = 30_000)]
+    pub heartbeat_interval_ms: u64,
+    /// A connection silent for this long is closed as a zombie, in milliseconds.
+    #[arg(long, env = "PARLEY_IDLE_TIMEOUT_MS", default_value_t = 90_000)]
+    pub idle_timeout_ms: u64,
+    /// Read buffer per WebSocket in bytes (small keeps idle connections cheap).
+    #[arg(long, env = "PARLEY_WS_READ_BUFFER", default_value_t = 4096)]
+    pub ws_read_buffer: usize,
+    /// Channels with more members than this get no per-member join/leave events (aggregate only).
+    #[arg(long, env = "PARLEY_FANOUT_THRESHOLD", default_value_t = 1000)]
+    pub fanout_threshold: u32,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 64 * 1024,
+            send_rate_per_sec: 20,
+            send_burst: 40,
+            outbound_queue: 512,
+            max_connections: 100_000,
+            max_in_flight: 64,
+            heartbeat_interval_ms: 30_000,
+            idle_timeout_ms: 90_000,
+            ws_read_buffer: 4096,
+            fanout_threshold: 1000,
+        }
+    }
+}
+
+/// Authentication settings.
+#[derive(Debug, Clone, Args, Default)]
+pub struct AuthConfig {
+    /// Shared secret for HS256 tokens.
+    #[arg(long, env = "PARLEY_JWT_HS256_SECRET", hide_env_values = true)]
+    pub jwt_hs256_secret: Option<String>,
+    /// PEM file with the RSA public key for RS256 tokens.
+    #[arg(long, env = "PARLEY_JWT_RS256_PUBLIC_KEY")]
+    pub jwt_rs256_public_key: Option<PathBuf>,
+    /// INSECURE: serve POST /v1/dev/login, which mints a token for any user name. For local demos only.
+    #[arg(long, env = "PARLEY_INSECURE_DEV_LOGIN")]
+    pub insecure_dev_login: bool,
+}
+
+/// Storage and ordering settings of the embedded router.
+#[derive(Debug, Clone, Args)]
+pub struct StorageConfig {
+    /// Directory of the embedded database.
+    #[arg(long, env = "PARLEY_DATA_DIR", default_value = "./parley-data")]
+    pub data_dir: PathBuf,
+    /// Days messages are kept (0 keeps them forever).
+    #[arg(long, env = "PARLEY_RETENTION_DAYS", default_value_t = 365)]
+    pub retention_days: u64,
+    /// Snowflake machine id of this process (0-1023); unique per writer.
+    #[arg(long, env = "PARLEY_MACHINE_ID", default_value_t = 0)]
+    pub machine_id: u16,
+    /// Snowflake epoch in Unix milliseconds. Never change it once messages exist.
+    #[arg(long, env = "PARLEY_SNOWFLAKE_EPOCH_MS", default_value_t = parley_core::snowflake::DEFAULT_EPOCH_MS)]
+    pub snowflake_epoch_ms: u64,
+    /// Largest message text in bytes.
+    #[arg(long, env = "PARLEY_MAX_TEXT_BYTES", default_value_t = 4096)]
+    pub max_text_bytes: usize,
+    /// Largest channel.
+    #[arg(long, env = "PARLEY_MAX_CHANNEL_MEMBERS", default_value_t = 10_000)]
+    pub max_channel_members: u32,
+}
+
+/// `parley`: gateway + router in one process with embedded storage.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "parley", version, about = "Parley chat server (standalone: gateway + router + embedded storage)")]
+pub struct StandaloneArgs {
+    /// Client address (WebSocket, HTTP API, demo page).
+    #[arg(long, env = "PARLEY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Admin address (/metrics).
+    #[arg(long, env = "PARLEY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+    /// Log filter, e.g. `info` or `parley_gateway=debug`.
+    #[arg(long, env = "PARLEY_LOG", default_value = "info")]
+    pub log: String,
+    /// Gateway limits.
+    #[command(flatten)]
+    pub gateway: GatewayConfig,
+    /// Authentication.
+    #[command(flatten)]
+    pub auth: AuthConfig,
+    /// Storage.
+    #[command(flatten)]
+    pub storage: StorageConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn args_are_consistent() {
+        StandaloneArgs::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_match() {
+        let args = StandaloneArgs::parse_from(["parley"]);
+        assert_eq!(args.gateway.max_frame_bytes, GatewayConfig::default().max_frame_bytes);
+        assert_eq!(args.storage.max_channel_members, 10_000);
+        assert!(!args.auth.insecure_dev_login);
+    }
+}

@@ -1,0 +1,327 @@
+//! The per-connection loop. It is generic over any `Sink`/`Stream` of WebSocket messages, so it runs the same
+//! over axum's socket in production and over plain channels in unit tests.
+//!
+//! One task per connection `select!`s between: shutdown, frames queued by the hub, completed requests, the next
+//! client frame, and the idle/expiry deadline. Requests (sends, history, membership) run concurrently up to
+//! `max_in_flight`, so a client that pipelines sends is not serialised behind each disk sync; past that limit the
+//! loop stops reading the socket, which pushes back on the client through TCP.
+
+use crate::config::GatewayConfig;
+use crate::hub::Hub;
+use crate::metrics::{Limit, Metrics};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use futures_util::stream::FuturesUnordered;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use parley_core::protocol::{decode_client, ClientFrame, ErrorCode, LimitsView, ServerFrame, PROTOCOL_VERSION};
+use parley_core::ratelimit::TokenBucket;
+use parley_core::UserId;
+use parley_router::backend::HistoryQuery;
+use parley_router::{Router, RouterError};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{debug, instrument};
+
+/// Close codes of protocol v1.
+pub mod close {
+    /// Going away (server shutdown).
+    pub const GOING_AWAY: u16 = 1001;
+    /// Message too big.
+    pub const TOO_BIG: u16 = 1009;
+    /// Token expired.
+    pub const TOKEN_EXPIRED: u16 = 4001;
+    /// Slow consumer: the outbound queue overflowed.
+    pub const SLOW_CONSUMER: u16 = 4008;
+    /// No traffic for the idle timeout.
+    pub const IDLE_TIMEOUT: u16 = 4009;
+}
+
+/// What a connection needs from the process.
+#[derive(Clone)]
+pub struct ConnectionContext {
+    /// Router handle.
+    pub router: Router,
+    /// Local index.
+    pub hub: Arc<Hub>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Limits.
+    pub config: Arc<GatewayConfig>,
+    /// Flips to `true` when the process shuts down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Who is connected.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// Connection id, unique in this process.
+    pub conn: u64,
+    /// Session id sent to the client.
+    pub session_id: String,
+    /// User.
+    pub user: UserId,
+    /// Token expiry, Unix seconds.
+    pub expires_at: u64,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
+}
+
+type Pending<'a> = Pin<Box<dyn Future<Output = Option<ServerFrame>> + Send + 'a>>;
+
+fn error_frame(req_id: Option<String>, code: ErrorCode, message: impl Into<String>, client_msg_id: Option<String>) -> ServerFrame {
+    ServerFrame::Error { req_id, code, message: message.into(), client_msg_id }
+}
+
+fn router_error(req_id: Option<String>, error: RouterError, client_msg_id: Option<String>) -> ServerFrame {
+    error_frame(req_id, error.code(), error.to_string(), client_msg_id)
+}
+
+fn text(frame: &ServerFrame) -> Message {
+    Message::Text(Utf8Bytes::from(frame.to_json()))
+}
+
+/// Classifies a transport error: `true` when the client sent a frame or message above the size limit.
+pub type TooBig<E> = fn(&E) -> bool;
+
+/// Runs one connection to the end. `socket` is the upgraded WebSocket (or a test double).
+#[instrument(name = "connection", skip_all, fields(conn = session.conn, user = %session.user))]
+pub async fn serve<S, E>(socket: S, context: ConnectionContext, session: Session, too_big: TooBig<E>)
+where
+    S: Sink<Message> + Stream<Item = Result<Message, E>> + Unpin + Send,
+    E: std::fmt::Display,
+{
+    let ConnectionContext { router, hub, metrics, config, mut shutdown } = context;
+    let mut socket = socket;
+    let (sender, mut outbound) = mpsc::channel::<Utf8Bytes>(config.outbound_queue.max(1));
+
+    // Subscribe before reading the channel list, so nothing published in between is missed: anything newer
+    // than the `last_seq` the client is told arrives live.
+    let first = router.list_channels(&session.user).await.unwrap_or_default();
+    hub.register(session.conn, &session.user, sender, first.iter().map(|view| view.id.clone()).collect()).await;
+    let channels = match router.list_channels(&session.user).await {
+        Ok(channels) => channels,
+        Err(error) => {
+            debug!(%error, "cannot list channels");
+            let _ = socket.send(close_message(1011, "storage unavailable")).await;
+            hub.unregister(session.conn).await;
+            return;
+        }
+    };
+    let late: Vec<String> = channels.iter().filter(|view| !first.iter().any(|seen| seen.id == view.id)).map(|view| view.id.clone()).collect();
+    if !late.is_empty() {
+        hub.add_channels(session.conn, late).await;
+    }
+    let ready = ServerFrame::Ready {
+        protocol: PROTOCOL_VERSION,
+        session_id: session.session_id.clone(),
+        user: session.user.to_string(),
+        heartbeat_interval_ms: config.heartbeat_interval_ms,
+        limits: LimitsView {
+            max_frame_bytes: config.max_frame_bytes,
+            max_text_bytes: router.config().max_text_bytes,
+            max_channel_members: router.config().max_channel_members,
+            send_rate_per_sec: config.send_rate_per_sec,
+            send_burst: config.send_burst,
+        },
+        channels,
+    };
+    if socket.send(text(&ready)).await.is_err() {
+        hub.unregister(session.conn).await;
+        return;
+    }
+
+    let mut bucket = TokenBucket::new(config.send_rate_per_sec, config.send_burst, unix_ms());
+    let mut pending: FuturesUnordered<Pending<'_>> = FuturesUnordered::new();
+    let idle = Duration::from_millis(config.idle_timeout_ms.max(1));
+    let mut last_activity = Instant::now();
+    let expiry = {
+        let remaining = session.expires_at.saturating_mul(1000).saturating_sub(unix_ms());
+        Instant::now() + Duration::from_millis(remaining)
+    };
+    let deadline = tokio::time::sleep_until((last_activity + idle).min(expiry));
+    tokio::pin!(deadline);
+
+    let reason: Option<(u16, &'static str)> = loop {
+        let reading = pending.len() < config.max_in_flight;
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break Some((close::GOING_AWAY, "server shutting down; reconnect")),
+            queued = outbound.recv() => match queued {
+                Some(frame) => {
+                    if socket.feed(Message::Text(frame)).await.is_err() { break None; }
+                    let mut more = 0;
+                    while more < 64 {
+                        match outbound.try_recv() {
+                            Ok(frame) => { if socket.feed(Message::Text(frame)).await.is_err() { break; } more += 1; }
+                            Err(_) => break,
+                        }
+                    }
+                    if socket.flush().await.is_err() { break None; }
+                }
+                None => break Some((close::SLOW_CONSUMER, "slow consumer: outbound queue overflowed; reconnect and fill gaps with history")),
+            },
+            Some(answer) = pending.next(), if !pending.is_empty() => {
+                if let Some(frame) = answer {
+                    if socket.send(text(&frame)).await.is_err() { break None; }
+                }
+            }
+            incoming = socket.next(), if reading => {
+                let message = match incoming {
+                    None => break None,
+                    Some(Err(error)) => {
+                        if too_big(&error) {
+                            metrics.limit(Limit::FrameSize);
+                            break Some((close::TOO_BIG, "frame too big: the limit is max_frame_bytes"));
+                        }
+                        debug!(%error, "read failed");
+                        break None;
+                    }
+                    Some(Ok(message)) => message,
+                };
+                last_activity = Instant::now();
+                let bytes = match message {
+                    Message::Text(text) => axum::body::Bytes::from(text),
+                    Message::Binary(bytes) => bytes,
+                    Message::Ping(_) | Message::Pong(_) => continue,
+                    Message::Close(_) => break None,
+                };
+                metrics.frames_in.inc();
+                let frame = match decode_client(&bytes) {
+                    Ok(frame) => frame,
+                    Err(error) => {
+                        metrics.error(error.code);
+                        let reply = error_frame(error.req_id, error.code, error.message, None);
+                        if socket.send(text(&reply)).await.is_err() { break None; }
+                        continue;
+                    }
+                };
+                match frame {
+                    ClientFrame::Ping { req_id } => {
+                        if socket.send(text(&ServerFrame::Pong { req_id, ts: unix_ms() })).await.is_err() { break None; }
+                    }
+                    ClientFrame::Ack { .. } => {
+                        // Acknowledgements drive retransmission; the connection has nothing to answer.
+                    }
+                    ClientFrame::Send { req_id, channel, client_msg_id, text: body } => {
+                        if !bucket.try_take(unix_ms()) {
+                            metrics.limit(Limit::Rate);
+                            metrics.error(ErrorCode::RateLimited);
+                            let reply = error_frame(req_id, ErrorCode::RateLimited,
+                                format!("more than {} sends per second (burst {}); retry later", config.send_rate_per_sec, config.send_burst),
+                                Some(client_msg_id));
+                            if socket.send(text(&reply)).await.is_err() { break None; }
+                            continue;
+                        }
+                        let router = &router;
+                        let user = &session.user;
+                        let metrics = &metrics;
+                        pending.push(Box::pin(async move {
+                            let started = Instant::now();
+                            let result = router.send(user, &channel, &client_msg_id, &body).await;
+                            metrics.send_seconds.observe(started.elapsed().as_secs_f64());
+                            Some(match result {
+                                Ok(outcome) => ServerFrame::SendResult {
+                                    req_id, client_msg_id, channel: outcome.channel, id: outcome.placement.id,
+                                    seq: outcome.placement.seq, ts: outcome.placement.ts, duplicate: outcome.duplicate,
+                                },
+                                Err(error) => { metrics.error(error.code()); router_error(req_id, error, Some(client_msg_id)) }
+                            })
+                        }));
+                    }
+                    other => {
+                        let router = &router;
+                        let hub = &hub;
+                        let session = &session;
+                        let metrics = &metrics;
+                        pending.push(Box::pin(async move { Some(request(router, hub, session, metrics, other).await) }));
+                    }
+                }
+            }
+            _ = &mut deadline => {
+                let now = Instant::now();
+                if now >= expiry {
+                    break Some((close::TOKEN_EXPIRED, "token expired; reconnect with a fresh token"));
+                }
+                if now >= last_activity + idle {
+                    break Some((close::IDLE_TIMEOUT, "no traffic within the idle timeout"));
+                }
+                deadline.as_mut().reset((last_activity + idle).min(expiry));
+            }
+        }
+    };
+    drop(pending);
+    if let Some((code, reason)) = reason {
+        let _ = socket.send(close_message(code, reason)).await;
+    }
+    let _ = socket.close().await;
+    hub.unregister(session.conn).await;
+}
+
+fn close_message(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }))
+}
+
+async fn request(router: &Router, hub: &Hub, session: &Session, metrics: &Metrics, frame: ClientFrame) -> ServerFrame {
+    let req_id = frame.req_id().map(str::to_owned);
+    let user = &session.user;
+    let result: Result<ServerFrame, RouterError> = match frame {
+        ClientFrame::History { req_id, channel, before, after, limit } => {
+            let query = HistoryQuery { before, after, limit: limit.unwrap_or(50) };
+            if limit == Some(0) {
+                Err(RouterError::InvalidArgument("limit must be 1-200".into()))
+            } else {
+                router.history(user, &channel, query).await.map(|page| ServerFrame::History {
+                    req_id,
+                    channel,
+                    messages: page.messages,
+                    has_more: page.has_more,
+                })
+            }
+        }
+        ClientFrame::CreateChannel { req_id, name, members } => {
+            if members.len() > router.config().max_channel_members as usize {
+                Err(RouterError::TooManyMembers { channel: format!("g:{name}"), limit: router.config().max_channel_members })
+            } else {
+                match router.create_channel(user, &name, &members).await {
+                    Ok(channel) => {
+                        hub.add_channels(session.conn, vec![channel.id.clone()]).await;
+                        Ok(ServerFrame::Channel { req_id, channel })
+                    }
+                    Err(error) => Err(error),
+                }
+            }
+        }
+        ClientFrame::Join { req_id, channel } => match router.join(user, &channel).await {
+            Ok(channel) => {
+                hub.add_channels(session.conn, vec![channel.id.clone()]).await;
+                Ok(ServerFrame::Channel { req_id, channel })
+            }
+            Err(error) => Err(error),
+        },
+        ClientFrame::Leave { req_id, channel } => {
+            router.leave(user, &channel).await.map(|channel| ServerFrame::Channel { req_id, channel })
+        }
+        ClientFrame::OpenDm { req_id, user: other } => match router.open_dm(user, &other).await {
+            Ok(channel) => {
+                hub.add_channels(session.conn, vec![channel.id.clone()]).await;
+                Ok(ServerFrame::Channel { req_id, channel })
+            }
+            Err(error) => Err(error),
+        },
+        ClientFrame::ListChannels { req_id } => {
+            router.list_channels(user).await.map(|channels| ServerFrame::Channels { req_id, channels })
+        }
+        ClientFrame::Send { .. } | ClientFrame::Ack { .. } | ClientFrame::Ping { .. } => {
+            Err(RouterError::InvalidArgument("handled by the connection loop".into()))
+        }
+    };
+    result.unwrap_or_else(|error| {
+        metrics.error(error.code());
+        router_error(req_id, error, None)
+    })
+}

@@ -1,0 +1,296 @@
+//! This instance's index of local connections, and the dispatcher that forwards publications to them.
+//!
+//! The instance holds one pub/sub subscription. It subscribes to `ch:<channel>` while at least one local
+//! connection is a member of the channel, and to `user:<user>` while the user has a local connection, so a
+//! publication crosses the bus once per instance, not once per member. Forwarding never blocks: each connection
+//! has a bounded queue, and a connection whose queue is full is cut off (it sees close 4008, reconnects and fills
+//! the gap from history) so that one slow client never delays the others.
+
+use crate::metrics::{Limit, Metrics};
+use axum::extract::ws::Utf8Bytes;
+use parley_core::protocol::ServerFrame;
+use parley_core::{ChannelId, UserId};
+use parley_router::pubsub::{channel_topic, user_topic, ControlEvent, Delivery, Event, Subscription};
+use parley_router::Router;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+/// Frames queued to one connection.
+pub type Outbound = mpsc::Sender<Utf8Bytes>;
+
+struct ConnEntry {
+    user: String,
+    /// `None` once the connection was cut off as a slow consumer.
+    sender: Option<Outbound>,
+    channels: HashSet<String>,
+}
+
+#[derive(Default)]
+struct HubState {
+    conns: HashMap<u64, ConnEntry>,
+    channels: HashMap<String, HashMap<u64, Outbound>>,
+    users: HashMap<String, HashSet<u64>>,
+    /// Topics this instance is subscribed to.
+    topics: HashSet<String>,
+}
+
+/// The local index and dispatcher.
+pub struct Hub {
+    state: Mutex<HubState>,
+    /// Serialises subscription changes so concurrent connects and disconnects never lose a subscription.
+    topic_changes: tokio::sync::Mutex<()>,
+    subscription: Arc<dyn Subscription>,
+    metrics: Arc<Metrics>,
+    fanout_threshold: u32,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Hub").field("fanout_threshold", &self.fanout_threshold).finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    /// A hub over `subscription`, whose publications must be fed to [`Hub::dispatch`].
+    pub fn new(subscription: Arc<dyn Subscription>, metrics: Arc<Metrics>, fanout_threshold: u32) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(HubState::default()),
+            topic_changes: tokio::sync::Mutex::new(()),
+            subscription,
+            metrics,
+            fanout_threshold,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Brings the bus subscription in line with the index.
+    async fn sync_topics(&self) {
+        let _serial = self.topic_changes.lock().await;
+        let (add, remove) = {
+            let mut state = self.lock();
+            let wanted: HashSet<String> = state
+                .channels
+                .keys()
+                .map(|channel| channel_topic(channel))
+                .chain(state.users.keys().map(|user| user_topic(user)))
+                .collect();
+            let add: Vec<String> = wanted.difference(&state.topics).cloned().collect();
+            let remove: Vec<String> = state.topics.difference(&wanted).cloned().collect();
+            state.topics = wanted;
+            (add, remove)
+        };
+        if !add.is_empty() {
+            if let Err(error) = self.subscription.subscribe(add).await {
+                warn!(%error, "subscribe failed");
+            }
+        }
+        if !remove.is_empty() {
+            if let Err(error) = self.subscription.unsubscribe(remove).await {
+                warn!(%error, "unsubscribe failed");
+            }
+        }
+    }
+
+    /// Adds a connection with its channels, and subscribes what it needs. Publications for those channels
+    /// reach it from the moment this returns.
+    pub async fn register(&self, conn: u64, user: &UserId, sender: Outbound, channels: Vec<String>) {
+        {
+            let mut state = self.lock();
+            for channel in &channels {
+                state.channels.entry(channel.clone()).or_default().insert(conn, sender.clone());
+            }
+            state.users.entry(user.to_string()).or_default().insert(conn);
+            state.conns.insert(
+                conn,
+                ConnEntry { user: user.to_string(), sender: Some(sender), channels: channels.into_iter().collect() },
+            );
+        }
+        self.sync_topics().await;
+    }
+
+    /// Adds channels to a registered connection (e.g. channels joined while the handshake ran).
+    pub async fn add_channels(&self, conn: u64, channels: Vec<String>) {
+        {
+            let mut state = self.lock();
+            let Some(sender) = state.conns.get(&conn).and_then(|entry| entry.sender.clone()) else { return };
+            for channel in channels {
+                state.channels.entry(channel.clone()).or_default().insert(conn, sender.clone());
+                if let Some(entry) = state.conns.get_mut(&conn) {
+                    entry.channels.insert(channel);
+                }
+            }
+        }
+        self.sync_topics().await;
+    }
+
+    /// Removes a connection.
+    pub async fn unregister(&self, conn: u64) {
+        {
+            let mut state = self.lock();
+            if let Some(entry) = state.conns.remove(&conn) {
+                for channel in &entry.channels {
+                    remove_member(&mut state.channels, channel, conn);
+                }
+                if let Some(conns) = state.users.get_mut(&entry.user) {
+                    conns.remove(&conn);
+                    if conns.is_empty() {
+                        state.users.remove(&entry.user);
+                    }
+                }
+            }
+        }
+        self.sync_topics().await;
+    }
+
+    /// Number of local connections.
+    pub fn connection_count(&self) -> usize {
+        self.lock().conns.len()
+    }
+
+    /// Queues a frame to every local member of a channel. Returns how many got it.
+    pub fn deliver(&self, channel: &str, frame: &Utf8Bytes) -> usize {
+        let mut slow = Vec::new();
+        let mut delivered = 0;
+        {
+            let state = self.lock();
+            if let Some(members) = state.channels.get(channel) {
+                for (conn, sender) in members {
+                    match sender.try_send(frame.clone()) {
+                        Ok(()) => delivered += 1,
+                        Err(mpsc::error::TrySendError::Full(_)) => slow.push(*conn),
+                        Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    }
+                }
+            }
+        }
+        self.metrics.deliveries.inc_by(delivered as u64);
+        if !slow.is_empty() {
+            self.cut_off(&slow);
+        }
+        delivered
+    }
+
+    /// Queues a frame to every local connection of a user.
+    pub fn deliver_to_user(&self, user: &str, frame: &Utf8Bytes) {
+        let mut slow = Vec::new();
+        {
+            let state = self.lock();
+            for conn in state.users.get(user).into_iter().flatten() {
+                if let Some(sender) = state.conns.get(conn).and_then(|entry| entry.sender.as_ref()) {
+                    if let Err(mpsc::error::TrySendError::Full(_)) = sender.try_send(frame.clone()) {
+                        slow.push(*conn);
+                    }
+                }
+            }
+        }
+        if !slow.is_empty() {
+            self.cut_off(&slow);
+        }
+    }
+
+    /// Drops the queues of slow connections; each sees its queue end and closes with 4008.
+    fn cut_off(&self, conns: &[u64]) {
+        let mut state = self.lock();
+        for conn in conns {
+            self.metrics.limit(Limit::OutboundQueue);
+            let channels: Vec<String> = match state.conns.get_mut(conn) {
+                Some(entry) => {
+                    entry.sender = None;
+                    entry.channels.iter().cloned().collect()
+                }
+                None => continue,
+            };
+            for channel in channels {
+                if let Some(members) = state.channels.get_mut(&channel) {
+                    members.remove(conn);
+                }
+            }
+            debug!(conn, "cut off slow consumer");
+        }
+    }
+
+    /// A user's membership changed: update the index for the user's local connections, subscribe or
+    /// unsubscribe, and tell the connections (with the channel's current `last_seq`, so they can fill any gap).
+    async fn membership_changed(self: &Arc<Self>, router: &Router, user: &str, channel: &str, joined: bool) {
+        {
+            let mut state = self.lock();
+            let conns: Vec<u64> = state.users.get(user).map(|conns| conns.iter().copied().collect()).unwrap_or_default();
+            for conn in conns {
+                let sender = state.conns.get(&conn).and_then(|entry| entry.sender.clone());
+                let Some(sender) = sender else { continue };
+                if joined {
+                    state.channels.entry(channel.to_owned()).or_default().insert(conn, sender);
+                    if let Some(entry) = state.conns.get_mut(&conn) {
+                        entry.channels.insert(channel.to_owned());
+                    }
+                } else {
+                    remove_member(&mut state.channels, channel, conn);
+                    if let Some(entry) = state.conns.get_mut(&conn) {
+                        entry.channels.remove(channel);
+                    }
+                }
+            }
+        }
+        self.sync_topics().await;
+        let (Ok(user_id), Ok(channel_id)) = (UserId::new(user), ChannelId::parse(channel)) else { return };
+        let hub = self.clone();
+        let router = router.clone();
+        tokio::spawn(async move {
+            match router.channel_view(&user_id, &channel_id).await {
+                Ok(view) => {
+                    let frame = ServerFrame::Channel { req_id: None, channel: view }.to_json();
+                    hub.deliver_to_user(user_id.as_str(), &Utf8Bytes::from(frame));
+                }
+                Err(error) => warn!(%error, "failed to read channel after membership change"),
+            }
+        });
+    }
+
+    /// Forwards publications to local connections until the bus closes.
+    pub async fn dispatch(self: Arc<Self>, router: Router, mut publications: mpsc::Receiver<Delivery>) {
+        while let Some((topic, payload)) = publications.recv().await {
+            self.metrics.publications.inc();
+            let Some(event) = Event::decode(&payload) else {
+                warn!(%topic, "undecodable publication");
+                continue;
+            };
+            match event {
+                Event::Message(frame) => {
+                    let Some(channel) = topic.strip_prefix("ch:") else { continue };
+                    match Utf8Bytes::try_from(frame) {
+                        Ok(frame) => {
+                            self.deliver(channel, &frame);
+                        }
+                        Err(error) => warn!(%error, "message frame is not UTF-8"),
+                    }
+                }
+                Event::Control(ControlEvent::Member { channel, user, joined }) => {
+                    let members = self.lock().channels.get(&channel).map(|members| members.len()).unwrap_or(0);
+                    if members as u32 <= self.fanout_threshold {
+                        let frame = ServerFrame::Member { channel: channel.clone(), user, joined }.to_json();
+                        self.deliver(&channel, &Utf8Bytes::from(frame));
+                    }
+                }
+                Event::Control(ControlEvent::Membership { channel, joined }) => {
+                    let Some(user) = topic.strip_prefix("user:") else { continue };
+                    self.membership_changed(&router, user, &channel, joined).await;
+                }
+            }
+        }
+        debug!("hub dispatcher stopped");
+    }
+}
+
+fn remove_member(channels: &mut HashMap<String, HashMap<u64, Outbound>>, channel: &str, conn: u64) {
+    if let Some(members) = channels.get_mut(channel) {
+        members.remove(&conn);
+        if members.is_empty() {
+            channels.remove(channel);
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Prometheus metrics of the gateway and of the embedded router, prefixed `parley_`.
+
+use parley_core::protocol::ErrorCode;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// Which limit was hit.
+#[derive(Debug, Clone, Copy)]
+pub enum Limit {
+    /// A frame above `max_frame_bytes`.
+    FrameSize,
+    /// Send rate.
+    Rate,
+    /// Outbound queue overflow (slow consumer).
+    OutboundQueue,
+    /// Connection cap.
+    Connections,
+}
+
+impl Limit {
+    fn label(self) -> &'static str {
+        match self {
+            Limit::FrameSize => "frame_size",
+            Limit::Rate => "send_rate",
+            Limit::OutboundQueue => "outbound_queue",
+            Limit::Connections => "connections",
+        }
+    }
+}
+
+/// All gateway metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Open connections.
+    pub connections: Gauge,
+    /// Connections accepted since start.
+    pub connections_total: Counter,
+    /// Frames received from clients.
+    pub frames_in: Counter,
+    /// Frames queued to clients by fan-out.
+    pub deliveries: Counter,
+    /// Error frames sent, by code.
+    pub errors: Family<Labels, Counter>,
+    /// Limits hit, by limit.
+    pub limits: Family<Labels, Counter>,
+    /// Send latency from frame received to durable confirmation, in seconds.
+    pub send_seconds: Histogram,
+    /// Publications received from pub/sub.
+    pub publications: Counter,
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("parley");
+        let connections = Gauge::default();
+        let connections_total = Counter::default();
+        let frames_in = Counter::default();
+        let deliveries = Counter::default();
+        let errors = Family::<Labels, Counter>::default();
+        let limits = Family::<Labels, Counter>::default();
+        let send_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        let publications = Counter::default();
+        registry.register("gateway_connections", "Open client connections", connections.clone());
+        registry.register("gateway_connections_accepted", "Client connections accepted", connections_total.clone());
+        registry.register("gateway_frames_received", "Frames received from clients", frames_in.clone());
+        registry.register("gateway_deliveries", "Frames queued to clients by fan-out", deliveries.clone());
+        registry.register("gateway_error_frames", "Error frames sent, by code", errors.clone());
+        registry.register("gateway_limit_hits", "Limits hit, by limit", limits.clone());
+        registry.register("gateway_send_duration_seconds", "Send to durable confirmation", send_seconds.clone());
+        registry.register("gateway_publications", "Publications received from pub/sub", publications.clone());
+        Arc::new(Self { registry, connections, connections_total, frames_in, deliveries, errors, limits, send_seconds, publications })
+    }
+
+    /// Counts an error frame.
+    pub fn error(&self, code: ErrorCode) {
+        self.errors.get_or_create(&vec![("code", code.as_str())]).inc();
+    }
+
+    /// Counts a limit hit.
+    pub fn limit(&self, limit: Limit) {
+        self.limits.get_or_create(&vec![("limit", limit.label())]).inc();
+    }
+
+    /// Encodes the registry in the Prometheus text format, followed by `extra` lines.
+    pub fn encode(&self, extra: &[(&str, &str, u64)]) -> String {
+        let mut text = String::new();
+        if encode(&mut text, &self.registry).is_err() {
+            return String::from("# encoding failed\n");
+        }
+        // Counters owned by other crates (the router's), appended in the same format before the EOF marker.
+        let eof = text.rfind("# EOF").unwrap_or(text.len());
+        let mut head = text[..eof].to_owned();
+        for (name, help, value) in extra {
+            head.push_str(&format!("# HELP parley_{name} {help}\n# TYPE parley_{name} counter\nparley_{name}_total {value}\n"));
+        }
+        head.push_str("# EOF\n");
+        head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_registered_metrics() {
+        let metrics = Metrics::new();
+        metrics.connections.inc();
+        metrics.error(ErrorCode::NotAMember);
+        metrics.limit(Limit::FrameSize);
+        let text = metrics.encode(&[("router_messages", "Messages made durable", 7)]);
+        assert!(text.contains("parley_gateway_connections 1"), "{text}");
+        assert!(text.contains(r#"parley_gateway_error_frames_total{code="not_a_member"} 1"#), "{text}");
+        assert!(text.contains(r#"parley_gateway_limit_hits_total{limit="frame_size"} 1"#), "{text}");
+        assert!(text.contains("parley_router_messages_total 7"), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,127 @@
+//! Standalone mode: gateway + router + embedded storage in one process.
+
+use crate::auth::Authenticator;
+use crate::config::StandaloneArgs;
+use crate::error::GatewayError;
+use crate::http::{admin_app, app, AppState};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use parley_router::embedded::{EmbeddedStore, Retention};
+use parley_router::pubsub::{LocalPubSub, PubSub};
+use parley_router::{Router, RouterConfig};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+/// A running standalone server.
+#[derive(Debug)]
+pub struct Running {
+    /// Client address actually bound.
+    pub address: SocketAddr,
+    /// Admin address actually bound.
+    pub admin_address: SocketAddr,
+    /// Send `true` to shut down gracefully.
+    pub shutdown: watch::Sender<bool>,
+    /// Completes when the server has stopped.
+    pub task: JoinHandle<Result<(), GatewayError>>,
+}
+
+async fn bind(address: SocketAddr) -> Result<TcpListener, GatewayError> {
+    TcpListener::bind(address).await.map_err(|source| GatewayError::Serve { address: address.to_string(), source })
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
+}
+
+/// Opens storage, starts the router and binds both listeners. Returns once the server accepts connections.
+pub async fn start(args: StandaloneArgs) -> Result<Running, GatewayError> {
+    let auth = Arc::new(Authenticator::from_config(&args.auth)?);
+    if auth.dev_login_enabled() {
+        warn!("INSECURE dev login is enabled: anyone can log in as anyone. Never use this in production.");
+    }
+    let retention = Retention {
+        messages: (args.storage.retention_days > 0).then(|| Duration::from_secs(args.storage.retention_days * 24 * 3600)),
+        ..Retention::default()
+    };
+    let store = EmbeddedStore::open(&args.storage.data_dir, retention).map_err(GatewayError::Storage)?;
+    let pubsub = Arc::new(LocalPubSub::new());
+    let router_config = RouterConfig {
+        machine_id: args.storage.machine_id,
+        epoch_ms: args.storage.snowflake_epoch_ms,
+        max_text_bytes: args.storage.max_text_bytes,
+        max_channel_members: args.storage.max_channel_members,
+        fanout_threshold: args.gateway.fanout_threshold,
+        ..RouterConfig::default()
+    };
+    let shared = Arc::new(store.clone());
+    let (router, writer) =
+        Router::start(router_config, shared.clone(), shared.clone(), shared, pubsub.clone()).map_err(GatewayError::Router)?;
+    let metrics = Metrics::new();
+    let (sink, publications) = mpsc::channel(65_536);
+    let hub = Hub::new(pubsub.open(sink), metrics.clone(), args.gateway.fanout_threshold);
+    let dispatcher = tokio::spawn(hub.clone().dispatch(router.clone(), publications));
+
+    let (shutdown, shutdown_signal) = watch::channel(false);
+    let state = AppState {
+        auth,
+        router,
+        hub,
+        metrics,
+        permits: Arc::new(Semaphore::new(args.gateway.max_connections)),
+        config: Arc::new(args.gateway.clone()),
+        shutdown: shutdown_signal.clone(),
+        next_conn: Arc::new(AtomicU64::new(1)),
+        accepting: Arc::new(AtomicBool::new(true)),
+    };
+    let listener = bind(args.listen).await?;
+    let admin_listener = bind(args.admin_listen).await?;
+    let address = listener.local_addr().map_err(|source| GatewayError::Serve { address: args.listen.to_string(), source })?;
+    let admin_address =
+        admin_listener.local_addr().map_err(|source| GatewayError::Serve { address: args.admin_listen.to_string(), source })?;
+    info!(%address, %admin_address, data_dir = %args.storage.data_dir.display(), "parley standalone listening");
+
+    let sweeper = {
+        let store = store.clone();
+        let mut stop = shutdown_signal.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(600));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => match store.sweep(now_ms()).await {
+                        Ok(report) if report.messages > 0 || report.idempotency_keys > 0 => info!(?report, "retention sweep"),
+                        Ok(_) => {}
+                        Err(error) => warn!(%error, "retention sweep failed"),
+                    },
+                    _ = stop.changed() => break,
+                }
+            }
+        })
+    };
+
+    let client_app = app(state.clone()).into_make_service();
+    let admin = admin_app(state);
+    let task = tokio::spawn(async move {
+        let mut client_stop = shutdown_signal.clone();
+        let mut admin_stop = shutdown_signal.clone();
+        let client = axum::serve(listener, client_app).with_graceful_shutdown(async move {
+            let _ = client_stop.wait_for(|stop| *stop).await;
+        });
+        let admin = axum::serve(admin_listener, admin).with_graceful_shutdown(async move {
+            let _ = admin_stop.wait_for(|stop| *stop).await;
+        });
+        let (client, admin) = tokio::join!(client, admin);
+        sweeper.abort();
+        dispatcher.abort();
+        writer.abort();
+        client.map_err(|source| GatewayError::Serve { address: address.to_string(), source })?;
+        admin.map_err(|source| GatewayError::Serve { address: admin_address.to_string(), source })?;
+        Ok(())
+    });
+    Ok(Running { address, admin_address, shutdown, task })
+}

@@ -1,0 +1,111 @@
+//! Backend traits. Each has an embedded driver ([`crate::embedded`]) and a driver for a real engine. They are
+//! async, batched and fallible so that Kafka, Cassandra/Scylla and Redis drivers fit without a rewrite.
+
+use crate::error::BackendError;
+use async_trait::async_trait;
+use parley_core::protocol::MessageView;
+use parley_core::sequencer::Placement;
+use parley_core::ChannelKind;
+use serde::{Deserialize, Serialize};
+
+/// A stored channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelRecord {
+    /// Channel id.
+    pub id: String,
+    /// Group or DM.
+    pub kind: ChannelKind,
+    /// Creator.
+    pub created_by: String,
+    /// Creation time (Unix ms).
+    pub created_at: u64,
+    /// Number of members.
+    pub member_count: u32,
+}
+
+/// A membership change, applied in a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Create a channel (with its initial members, which must be listed as `Add`s too).
+    Create(ChannelRecord),
+    /// Add a member.
+    Add {
+        /// Channel.
+        channel: String,
+        /// User.
+        user: String,
+    },
+    /// Remove a member.
+    Remove {
+        /// Channel.
+        channel: String,
+        /// User.
+        user: String,
+    },
+}
+
+/// A page query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HistoryQuery {
+    /// Only `seq < before`.
+    pub before: Option<u64>,
+    /// Only `seq > after` (oldest first).
+    pub after: Option<u64>,
+    /// Page size.
+    pub limit: u32,
+}
+
+/// A page of history, ascending by sequence.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HistoryPage {
+    /// Messages by ascending sequence.
+    pub messages: Vec<MessageView>,
+    /// More exist in the direction of the query.
+    pub has_more: bool,
+}
+
+/// An earlier send found by its idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PriorSend {
+    /// Channel it went to.
+    pub channel: String,
+    /// Where it sits.
+    pub placement: Placement,
+}
+
+/// The durable, ordered log of messages. A send is confirmed only after [`append`](Self::append) returns.
+#[async_trait]
+pub trait MessageLog: Send + Sync + 'static {
+    /// Appends a batch durably and atomically (synced to disk, or acknowledged by all in-sync replicas).
+    async fn append(&self, batch: Vec<MessageView>) -> Result<(), BackendError>;
+    /// The last durable sequence of a channel (0 when empty), for a writer taking over.
+    async fn last_seq(&self, channel: &str) -> Result<u64, BackendError>;
+    /// Looks up earlier sends by (sender, client message id).
+    async fn find_sends(&self, keys: Vec<(String, String)>) -> Result<Vec<Option<PriorSend>>, BackendError>;
+}
+
+/// Message storage for history reads.
+#[async_trait]
+pub trait MessageStore: Send + Sync + 'static {
+    /// Writes messages idempotently (keyed by channel and sequence; a rewrite changes nothing).
+    async fn write(&self, batch: Vec<MessageView>) -> Result<(), BackendError>;
+    /// Reads a page of a channel's history.
+    async fn history(&self, channel: &str, query: HistoryQuery) -> Result<HistoryPage, BackendError>;
+    /// The oldest sequence still retained (1 when nothing expired yet).
+    async fn first_retained_seq(&self, channel: &str) -> Result<u64, BackendError>;
+}
+
+/// Channels and their members.
+#[async_trait]
+pub trait MembershipStore: Send + Sync + 'static {
+    /// A channel's record.
+    async fn channel(&self, channel: &str) -> Result<Option<ChannelRecord>, BackendError>;
+    /// A channel's members.
+    async fn members(&self, channel: &str) -> Result<Vec<String>, BackendError>;
+    /// Whether a user is a member.
+    async fn is_member(&self, channel: &str, user: &str) -> Result<bool, BackendError>;
+    /// The channels a user belongs to.
+    async fn user_channels(&self, user: &str) -> Result<Vec<String>, BackendError>;
+    /// Applies changes durably and atomically; member counts follow the adds and removes.
+    async fn apply(&self, changes: Vec<MembershipChange>) -> Result<(), BackendError>;
+}

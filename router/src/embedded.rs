@@ -1,0 +1,511 @@
+//! The embedded driver: one redb database on local disk. Every write commits with immediate durability (the
+//! commit is synced to disk before it returns), so a send confirmed from it survives a crash or power loss.
+//!
+//! Here the log and the store are the same database: appending a message writes its history row, its
+//! idempotency key, its channel's last sequence and its time-bucket index in one transaction. Messages are keyed
+//! by (channel, sequence) and indexed by (time bucket, channel) so retention drops whole buckets.
+
+use crate::backend::{
+    ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageLog, MessageStore, PriorSend,
+};
+use crate::error::BackendError;
+use async_trait::async_trait;
+use parley_core::protocol::MessageView;
+use parley_core::sequencer::Placement;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
+const LAST_SEQ: TableDefinition<&str, u64> = TableDefinition::new("last_seq");
+const FLOOR: TableDefinition<&str, u64> = TableDefinition::new("first_retained_seq");
+const BUCKETS: TableDefinition<(u64, &str), (u64, u64)> = TableDefinition::new("time_buckets");
+const SENDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sends");
+const CHANNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("channels");
+const MEMBERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("members");
+const USER_CHANNELS: TableDefinition<(&str, &str), ()> = TableDefinition::new("user_channels");
+
+/// Retention settings of the embedded store.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// How long messages are kept; `None` keeps them forever.
+    pub messages: Option<Duration>,
+    /// Width of a time bucket (the unit in which old messages are dropped).
+    pub bucket: Duration,
+    /// How long idempotency keys are remembered.
+    pub idempotency: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            messages: Some(Duration::from_secs(365 * 24 * 3600)),
+            bucket: Duration::from_secs(3600),
+            idempotency: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SendRecord {
+    channel: String,
+    id: u64,
+    seq: u64,
+    ts: u64,
+}
+
+/// What a retention sweep removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Messages deleted.
+    pub messages: u64,
+    /// Idempotency keys forgotten.
+    pub idempotency_keys: u64,
+}
+
+/// The embedded store: log, message store and membership store in one redb file.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    database: Arc<Database>,
+    retention: Retention,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("EmbeddedStore").field("retention", &self.retention).finish_non_exhaustive()
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, BackendError> {
+    serde_json::to_vec(value).map_err(BackendError::Decode)
+}
+
+fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, BackendError> {
+    serde_json::from_slice(bytes).map_err(BackendError::Decode)
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the database `parley.redb` in `data_dir`.
+    pub fn open(data_dir: &Path, retention: Retention) -> Result<Self, BackendError> {
+        std::fs::create_dir_all(data_dir).map_err(|error| {
+            BackendError::Unavailable(format!("cannot create data dir {}: {error}", data_dir.display()))
+        })?;
+        let database = Database::create(data_dir.join("parley.redb"))?;
+        let transaction = database.begin_write()?;
+        {
+            // Create every table up front so readers never meet a missing table.
+            transaction.open_table(MESSAGES)?;
+            transaction.open_table(LAST_SEQ)?;
+            transaction.open_table(FLOOR)?;
+            transaction.open_table(BUCKETS)?;
+            transaction.open_table(SENDS)?;
+            transaction.open_table(CHANNELS)?;
+            transaction.open_table(MEMBERS)?;
+            transaction.open_table(USER_CHANNELS)?;
+        }
+        transaction.commit()?;
+        Ok(Self { database: Arc::new(database), retention })
+    }
+
+    async fn blocking<T, F>(&self, work: F) -> Result<T, BackendError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, BackendError> + Send + 'static,
+    {
+        let database = self.database.clone();
+        tokio::task::spawn_blocking(move || work(&database))
+            .await
+            .map_err(|error| BackendError::Task(error.to_string()))?
+    }
+
+    /// Deletes messages older than the retention period (whole time buckets) and old idempotency keys.
+    pub async fn sweep(&self, now_ms: u64) -> Result<SweepReport, BackendError> {
+        let retention = self.retention;
+        self.blocking(move |database| {
+            let mut report = SweepReport::default();
+            let mut transaction = database.begin_write()?;
+            transaction.set_durability(Durability::Immediate).map_err(|error| BackendError::Task(error.to_string()))?;
+            {
+                if let Some(keep) = retention.messages {
+                    let bucket_ms = (retention.bucket.as_millis() as u64).max(1);
+                    let cutoff_bucket = now_ms.saturating_sub(keep.as_millis() as u64) / bucket_ms;
+                    let mut buckets = transaction.open_table(BUCKETS)?;
+                    let mut messages = transaction.open_table(MESSAGES)?;
+                    let mut floor = transaction.open_table(FLOOR)?;
+                    let mut expired = Vec::new();
+                    for entry in buckets.range::<(u64, &str)>(..(cutoff_bucket, ""))? {
+                        let (key, value) = entry?;
+                        let (bucket, channel) = key.value();
+                        let (first, last) = value.value();
+                        expired.push((bucket, channel.to_owned(), first, last));
+                    }
+                    for (bucket, channel, first, last) in expired {
+                        for seq in first..=last {
+                            if messages.remove((channel.as_str(), seq))?.is_some() {
+                                report.messages += 1;
+                            }
+                        }
+                        let current = floor.get(channel.as_str())?.map(|value| value.value()).unwrap_or(1);
+                        floor.insert(channel.as_str(), current.max(last + 1))?;
+                        buckets.remove((bucket, channel.as_str()))?;
+                    }
+                }
+                let idempotency_cutoff = now_ms.saturating_sub(retention.idempotency.as_millis() as u64);
+                let mut sends = transaction.open_table(SENDS)?;
+                let before = sends.len()?;
+                sends.retain(|_, value| match serde_json::from_slice::<SendRecord>(value) {
+                    Ok(record) => record.ts >= idempotency_cutoff,
+                    Err(_) => false,
+                })?;
+                report.idempotency_keys = before - sends.len()?;
+            }
+            transaction.commit()?;
+            Ok(report)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl MessageLog for EmbeddedStore {
+    async fn append(&self, batch: Vec<MessageView>) -> Result<(), BackendError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let bucket_ms = (self.retention.bucket.as_millis() as u64).max(1);
+        self.blocking(move |database| {
+            let mut transaction = database.begin_write()?;
+            transaction.set_durability(Durability::Immediate).map_err(|error| BackendError::Task(error.to_string()))?;
+            {
+                let mut messages = transaction.open_table(MESSAGES)?;
+                let mut last_seq = transaction.open_table(LAST_SEQ)?;
+                let mut buckets = transaction.open_table(BUCKETS)?;
+                let mut sends = transaction.open_table(SENDS)?;
+                for message in &batch {
+                    let channel = message.channel.as_str();
+                    messages.insert((channel, message.seq), encode(message)?.as_slice())?;
+                    let previous = last_seq.get(channel)?.map(|value| value.value()).unwrap_or(0);
+                    last_seq.insert(channel, previous.max(message.seq))?;
+                    let bucket = message.ts / bucket_ms;
+                    let range = buckets.get((bucket, channel))?.map(|value| value.value());
+                    let range = match range {
+                        Some((first, last)) => (first.min(message.seq), last.max(message.seq)),
+                        None => (message.seq, message.seq),
+                    };
+                    buckets.insert((bucket, channel), range)?;
+                    let record = SendRecord { channel: message.channel.clone(), id: message.id, seq: message.seq, ts: message.ts };
+                    sends.insert((message.sender.as_str(), message.client_msg_id.as_str()), encode(&record)?.as_slice())?;
+                }
+            }
+            transaction.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn last_seq(&self, channel: &str) -> Result<u64, BackendError> {
+        let channel = channel.to_owned();
+        self.blocking(move |database| {
+            let transaction = database.begin_read()?;
+            let table = transaction.open_table(LAST_SEQ)?;
+            Ok(table.get(channel.as_str())?.map(|value| value.value()).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn find_sends(&self, keys: Vec<(String, String)>) -> Result<Vec<Option<PriorSend>>, BackendError> {
+        self.blocking(move |database| {
+            let transaction = database.begin_read()?;
+            let table = transaction.open_table(SENDS)?;
+            let mut found = Vec::with_capacity(keys.len());
+            for (sender, client_msg_id) in &keys {
+                let prior = match table.get((sender.as_str(), client_msg_id.as_str()))? {
+                    Some(value) => {
+                        let record: SendRecord = decode(value.value())?;
+                        Some(PriorSend {
+                            channel: record.channel,
+                            placement: Placement { id: record.id, seq: record.seq, ts: record.ts },
+                        })
+                    }
+                    None => None,
+                };
+                found.push(prior);
+            }
+            Ok(found)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl MessageStore for EmbeddedStore {
+    async fn write(&self, batch: Vec<MessageView>) -> Result<(), BackendError> {
+        // The log is this same database: a message that was appended is already stored. Writing again is an
+        // idempotent upsert of the same row, used when the store follows another log.
+        let missing: Vec<MessageView> = {
+            let keys: Vec<(String, u64)> = batch.iter().map(|message| (message.channel.clone(), message.seq)).collect();
+            let present = self
+                .blocking(move |database| {
+                    let transaction = database.begin_read()?;
+                    let table = transaction.open_table(MESSAGES)?;
+                    let mut present = Vec::with_capacity(keys.len());
+                    for (channel, seq) in &keys {
+                        present.push(table.get((channel.as_str(), *seq))?.is_some());
+                    }
+                    Ok(present)
+                })
+                .await?;
+            batch.into_iter().zip(present).filter(|(_, present)| !present).map(|(message, _)| message).collect()
+        };
+        self.append(missing).await
+    }
+
+    async fn history(&self, channel: &str, query: HistoryQuery) -> Result<HistoryPage, BackendError> {
+        let channel = channel.to_owned();
+        self.blocking(move |database| {
+            let transaction = database.begin_read()?;
+            let table = transaction.open_table(MESSAGES)?;
+            let limit = query.limit.max(1) as usize;
+            let mut messages = Vec::with_capacity(limit + 1);
+            if let Some(after) = query.after {
+                let upper = query.before.unwrap_or(u64::MAX);
+                if after.saturating_add(1) < upper {
+                    for entry in table.range((channel.as_str(), after + 1)..(channel.as_str(), upper))? {
+                        let (_, value) = entry?;
+                        messages.push(decode::<MessageView>(value.value())?);
+                        if messages.len() > limit {
+                            break;
+                        }
+                    }
+                }
+                let has_more = messages.len() > limit;
+                messages.truncate(limit);
+                Ok(HistoryPage { messages, has_more })
+            } else {
+                let upper = query.before.unwrap_or(u64::MAX);
+                for entry in table.range((channel.as_str(), 0)..(channel.as_str(), upper))?.rev() {
+                    let (_, value) = entry?;
+                    messages.push(decode::<MessageView>(value.value())?);
+                    if messages.len() > limit {
+                        break;
+                    }
+                }
+                let has_more = messages.len() > limit;
+                messages.truncate(limit);
+                messages.reverse();
+                Ok(HistoryPage { messages, has_more })
+            }
+        })
+        .await
+    }
+
+    async fn first_retained_seq(&self, channel: &str) -> Result<u64, BackendError> {
+        let channel = channel.to_owned();
+        self.blocking(move |database| {
+            let transaction = database.begin_read()?;
+            let table = transaction.open_table(FLOOR)?;
+            Ok(table.get(channel.as_str())?.map(|value| value.value()).unwrap_or(1))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl MembershipStore for EmbeddedStore {
+    async fn channel(&self, channel: &str) -> Result<Option<ChannelRecord>, BackendError> {
+        let channel = channel.to_owned();
+        self.blocking(move |database| {
+            let transaction = database.begin_read()?;
+            let table = transaction.open_table(CHANNELS)?;
+            match table.get(channel.as_str())? {
+                Some(value) => Ok(Some(decode(value.value())?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn members(&self, channel: &str) -> Result<Vec<String>, BackendError> {
+        let channel = channel.to_owned();
+        self.blocking(move |database| {
+            let transaction = database.begin_read()?;
+            let table = transaction.open_table(MEMBERS)?;
+            let mut members = Vec::new();
+            for entry in table.range((channel.as_str(), "")..)? {
+                let (key, _) = entry?;
+                let (member_channel, user) = key.value();
+                if member_channel != channel {
+                    break;
+                }
+                members.push(user.to_owned());
+            }
+            Ok(members)
+        })
+        .await
+    }
+
+    async fn is_member(&self, channel: &str, user: &str) -> Result<bool, BackendError> {
+        let (channel, user) = (channel.to_owned(), user.to_owned());
+        self.blocking(move |database| {
+            let transaction = database.begin_read()?;
+            let table = transaction.open_table(MEMBERS)?;
+            Ok(table.get((channel.as_str(), user.as_str()))?.is_some())
+        })
+        .await
+    }
+
+    async fn user_channels(&self, user: &str) -> Result<Vec<String>, BackendError> {
+        let user = user.to_owned();
+        self.blocking(move |database| {
+            let transaction = database.begin_read()?;
+            let table = transaction.open_table(USER_CHANNELS)?;
+            let mut channels = Vec::new();
+            for entry in table.range((user.as_str(), "")..)? {
+                let (key, _) = entry?;
+                let (member, channel) = key.value();
+                if member != user {
+                    break;
+                }
+                channels.push(channel.to_owned());
+            }
+            Ok(channels)
+        })
+        .await
+    }
+
+    async fn apply(&self, changes: Vec<MembershipChange>) -> Result<(), BackendError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.blocking(move |database| {
+            let mut transaction = database.begin_write()?;
+            transaction.set_durability(Durability::Immediate).map_err(|error| BackendError::Task(error.to_string()))?;
+            {
+                let mut channels = transaction.open_table(CHANNELS)?;
+                let mut members = transaction.open_table(MEMBERS)?;
+                let mut user_channels = transaction.open_table(USER_CHANNELS)?;
+                let adjust = |channels: &mut redb::Table<&str, &[u8]>, channel: &str, delta: i64| -> Result<(), BackendError> {
+                    let record = channels.get(channel)?.map(|value| decode::<ChannelRecord>(value.value())).transpose()?;
+                    if let Some(mut record) = record {
+                        record.member_count = (i64::from(record.member_count) + delta).max(0) as u32;
+                        channels.insert(channel, encode(&record)?.as_slice())?;
+                    }
+                    Ok(())
+                };
+                for change in &changes {
+                    match change {
+                        MembershipChange::Create(record) => {
+                            let mut record = record.clone();
+                            record.member_count = 0;
+                            channels.insert(record.id.as_str(), encode(&record)?.as_slice())?;
+                        }
+                        MembershipChange::Add { channel, user } => {
+                            if members.insert((channel.as_str(), user.as_str()), ())?.is_none() {
+                                user_channels.insert((user.as_str(), channel.as_str()), ())?;
+                                adjust(&mut channels, channel, 1)?;
+                            }
+                        }
+                        MembershipChange::Remove { channel, user } => {
+                            if members.remove((channel.as_str(), user.as_str()))?.is_some() {
+                                user_channels.remove((user.as_str(), channel.as_str()))?;
+                                adjust(&mut channels, channel, -1)?;
+                            }
+                        }
+                    }
+                }
+            }
+            transaction.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parley_core::ChannelKind;
+
+    fn message(channel: &str, seq: u64, ts: u64) -> MessageView {
+        MessageView {
+            channel: channel.into(),
+            seq,
+            id: seq * 10,
+            sender: "alice".into(),
+            text: format!("m{seq}"),
+            ts,
+            client_msg_id: format!("c{seq}"),
+        }
+    }
+
+    fn store(dir: &Path, retention: Retention) -> EmbeddedStore {
+        EmbeddedStore::open(dir, retention).expect("open store")
+    }
+
+    #[tokio::test]
+    async fn append_history_paging_and_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = store(dir.path(), Retention::default());
+            store.append((1..=25).map(|seq| message("g:a", seq, 1000 + seq)).collect()).await.expect("append");
+            store.append(vec![message("g:b", 1, 5)]).await.expect("append");
+        }
+        let store = store(dir.path(), Retention::default());
+        assert_eq!(store.last_seq("g:a").await.expect("last"), 25);
+        let newest = store.history("g:a", HistoryQuery { limit: 10, ..Default::default() }).await.expect("page");
+        assert_eq!(newest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (16..=25).collect::<Vec<_>>());
+        assert!(newest.has_more);
+        let older = store.history("g:a", HistoryQuery { before: Some(16), limit: 10, ..Default::default() }).await.expect("page");
+        assert_eq!(older.messages.first().map(|m| m.seq), Some(6));
+        let oldest = store.history("g:a", HistoryQuery { before: Some(6), limit: 10, ..Default::default() }).await.expect("page");
+        assert_eq!(oldest.messages.len(), 5);
+        assert!(!oldest.has_more);
+        let after = store.history("g:a", HistoryQuery { after: Some(20), limit: 3, ..Default::default() }).await.expect("page");
+        assert_eq!(after.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![21, 22, 23]);
+        assert!(after.has_more);
+        let prior = store.find_sends(vec![("alice".into(), "c7".into()), ("bob".into(), "c7".into())]).await.expect("find");
+        assert_eq!(prior[0].as_ref().map(|p| p.placement.seq), Some(7));
+        assert!(prior[1].is_none());
+    }
+
+    #[tokio::test]
+    async fn retention_drops_old_buckets_and_raises_floor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let retention = Retention {
+            messages: Some(Duration::from_secs(10)),
+            bucket: Duration::from_secs(1),
+            idempotency: Duration::from_secs(10),
+        };
+        let store = store(dir.path(), retention);
+        store.append(vec![message("g:a", 1, 1_000), message("g:a", 2, 1_500), message("g:a", 3, 30_000)]).await.expect("append");
+        let report = store.sweep(20_000).await.expect("sweep");
+        assert_eq!(report, SweepReport { messages: 2, idempotency_keys: 2 });
+        assert_eq!(store.first_retained_seq("g:a").await.expect("floor"), 3);
+        let page = store.history("g:a", HistoryQuery { limit: 10, ..Default::default() }).await.expect("page");
+        assert_eq!(page.messages.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn membership_counts_and_listing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path(), Retention::default());
+        let record = ChannelRecord { id: "g:a".into(), kind: ChannelKind::Group, created_by: "alice".into(), created_at: 1, member_count: 0 };
+        store
+            .apply(vec![
+                MembershipChange::Create(record),
+                MembershipChange::Add { channel: "g:a".into(), user: "alice".into() },
+                MembershipChange::Add { channel: "g:a".into(), user: "bob".into() },
+                MembershipChange::Add { channel: "g:a".into(), user: "bob".into() },
+            ])
+            .await
+            .expect("apply");
+        assert_eq!(store.channel("g:a").await.expect("get").map(|r| r.member_count), Some(2));
+        assert_eq!(store.members("g:a").await.expect("members"), vec!["alice", "bob"]);
+        store.apply(vec![MembershipChange::Remove { channel: "g:a".into(), user: "alice".into() }]).await.expect("apply");
+        assert!(!store.is_member("g:a", "alice").await.expect("is member"));
+        assert_eq!(store.user_channels("bob").await.expect("channels"), vec!["g:a"]);
+        assert_eq!(store.channel("g:a").await.expect("get").map(|r| r.member_count), Some(1));
+    }
+}

@@ -1,0 +1,97 @@
+//! Errors of the router and of its backends.
+
+use parley_core::protocol::ErrorCode;
+use thiserror::Error;
+
+/// A backend (storage, log, pub/sub) failure.
+#[derive(Debug, Error)]
+pub enum BackendError {
+    /// The embedded database failed.
+    #[error("embedded database error: {0}")]
+    Embedded(#[source] Box<redb::Error>),
+    /// A stored record could not be decoded.
+    #[error("failed to decode stored record: {0}")]
+    Decode(#[source] serde_json::Error),
+    /// A blocking task failed to run to completion.
+    #[error("storage task failed: {0}")]
+    Task(String),
+    /// The backend is shutting down or unreachable.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+}
+
+macro_rules! from_redb {
+    ($($kind:ty),*) => {$(
+        impl From<$kind> for BackendError {
+            fn from(error: $kind) -> Self {
+                BackendError::Embedded(Box::new(error.into()))
+            }
+        }
+    )*};
+}
+from_redb!(redb::Error, redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+/// Why the router refused or failed a request. Each maps to a stable protocol error code.
+#[derive(Debug, Error)]
+pub enum RouterError {
+    /// A field was invalid.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The text is longer than allowed.
+    #[error("text is {actual} bytes; the limit is {limit}")]
+    TextTooLong {
+        /// Actual size.
+        actual: usize,
+        /// Limit.
+        limit: usize,
+    },
+    /// The user is not a member.
+    #[error("you are not a member of {0}")]
+    NotAMember(String),
+    /// The channel does not exist.
+    #[error("channel {0} does not exist")]
+    NoSuchChannel(String),
+    /// The name is taken.
+    #[error("channel {0} already exists")]
+    ChannelExists(String),
+    /// The channel is full.
+    #[error("channel {channel} is full ({limit} members)")]
+    TooManyMembers {
+        /// Channel.
+        channel: String,
+        /// Limit.
+        limit: u32,
+    },
+    /// The backend could not take the write; nothing was confirmed.
+    #[error("storage unavailable, nothing was written: {0}")]
+    Unavailable(#[source] BackendError),
+    /// IDs cannot be issued right now (clock or sequence); retry shortly.
+    #[error("cannot issue an id right now: {0}")]
+    Clock(#[source] parley_core::snowflake::SnowflakeError),
+    /// The writer task is gone (shutting down).
+    #[error("router is shutting down")]
+    ShuttingDown,
+}
+
+impl RouterError {
+    /// The stable protocol error code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RouterError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            RouterError::TextTooLong { .. } => ErrorCode::TextTooLong,
+            RouterError::NotAMember(_) => ErrorCode::NotAMember,
+            RouterError::NoSuchChannel(_) => ErrorCode::NoSuchChannel,
+            RouterError::ChannelExists(_) => ErrorCode::ChannelExists,
+            RouterError::TooManyMembers { .. } => ErrorCode::TooManyMembers,
+            RouterError::Unavailable(_) | RouterError::Clock(_) | RouterError::ShuttingDown => {
+                ErrorCode::Unavailable
+            }
+        }
+    }
+}
+
+impl From<parley_core::conversation::IdError> for RouterError {
+    fn from(error: parley_core::conversation::IdError) -> Self {
+        RouterError::InvalidArgument(error.to_string())
+    }
+}

@@ -1,0 +1,231 @@
+//! Pub/sub for delivery: the trait, the in-process driver, and the event envelope.
+//!
+//! Topics are `ch:<channel>` (messages and member changes of a conversation) and `user:<user>` (changes to a
+//! user's own memberships). Payloads are [`Event`]s: a message event carries the already-encoded `message`
+//! frame, so a gateway forwards the same bytes to every local member without re-encoding.
+
+use crate::error::BackendError;
+use async_trait::async_trait;
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+
+/// A delivered publication: topic and payload.
+pub type Delivery = (Arc<str>, Bytes);
+
+/// Publish/subscribe transport.
+#[async_trait]
+pub trait PubSub: Send + Sync + 'static {
+    /// Publishes a payload to every current subscriber of `topic`.
+    async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), BackendError>;
+    /// Opens a subscriber; its publications go to `sink` in publish order per topic.
+    fn open(&self, sink: mpsc::Sender<Delivery>) -> Arc<dyn Subscription>;
+}
+
+/// One subscriber's topic set.
+#[async_trait]
+pub trait Subscription: Send + Sync {
+    /// Adds topics (idempotent).
+    async fn subscribe(&self, topics: Vec<String>) -> Result<(), BackendError>;
+    /// Removes topics (idempotent).
+    async fn unsubscribe(&self, topics: Vec<String>) -> Result<(), BackendError>;
+}
+
+/// The topic of a conversation.
+pub fn channel_topic(channel: &str) -> String {
+    format!("ch:{channel}")
+}
+
+/// The topic of a user's own membership changes.
+pub fn user_topic(user: &str) -> String {
+    format!("user:{user}")
+}
+
+/// A control event (everything but messages).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ControlEvent {
+    /// Someone joined or left a conversation (published on the channel topic).
+    Member {
+        /// Channel.
+        channel: String,
+        /// User.
+        user: String,
+        /// Joined or left.
+        joined: bool,
+    },
+    /// The user of this topic was added to or removed from a conversation (published on the user topic).
+    Membership {
+        /// Channel.
+        channel: String,
+        /// Added or removed.
+        joined: bool,
+    },
+}
+
+/// A decoded publication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A message: the encoded `message` frame, ready to forward.
+    Message(Bytes),
+    /// A control event.
+    Control(ControlEvent),
+}
+
+const MESSAGE_TAG: u8 = b'M';
+const CONTROL_TAG: u8 = b'C';
+
+impl Event {
+    /// Encodes the event for the wire between router and gateways.
+    pub fn encode(&self) -> Bytes {
+        match self {
+            Event::Message(frame) => {
+                let mut buffer = BytesMut::with_capacity(frame.len() + 1);
+                buffer.put_u8(MESSAGE_TAG);
+                buffer.put_slice(frame);
+                buffer.freeze()
+            }
+            Event::Control(control) => {
+                let mut buffer = vec![CONTROL_TAG];
+                // A plain enum of strings and bools always serializes.
+                if let Ok(json) = serde_json::to_vec(control) {
+                    buffer.extend_from_slice(&json);
+                }
+                Bytes::from(buffer)
+            }
+        }
+    }
+
+    /// Decodes an event; `None` for a payload this version does not understand.
+    pub fn decode(payload: &Bytes) -> Option<Event> {
+        match payload.first()? {
+            &MESSAGE_TAG => Some(Event::Message(payload.slice(1..))),
+            &CONTROL_TAG => serde_json::from_slice(&payload[1..]).ok().map(Event::Control),
+            _ => None,
+        }
+    }
+}
+
+type Subscribers = HashMap<String, Vec<(u64, mpsc::Sender<Delivery>)>>;
+
+/// The in-process pub/sub driver for the embedded mode.
+#[derive(Clone, Default)]
+pub struct LocalPubSub {
+    topics: Arc<Mutex<Subscribers>>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for LocalPubSub {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("LocalPubSub").finish_non_exhaustive()
+    }
+}
+
+impl LocalPubSub {
+    /// An empty bus.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn lock(topics: &Mutex<Subscribers>) -> std::sync::MutexGuard<'_, Subscribers> {
+    // A poisoned lock only means another thread panicked mid-update of a plain map; keep going.
+    topics.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[async_trait]
+impl PubSub for LocalPubSub {
+    async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), BackendError> {
+        let targets: Vec<mpsc::Sender<Delivery>> = match lock(&self.topics).get(topic) {
+            Some(subscribers) => subscribers.iter().map(|(_, sender)| sender.clone()).collect(),
+            None => return Ok(()),
+        };
+        let topic: Arc<str> = Arc::from(topic);
+        for target in targets {
+            // A closed subscriber is simply gone; the others still get the publication.
+            let _ = target.send((topic.clone(), payload.clone())).await;
+        }
+        Ok(())
+    }
+
+    fn open(&self, sink: mpsc::Sender<Delivery>) -> Arc<dyn Subscription> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        Arc::new(LocalSubscription { id, sink, topics: self.topics.clone() })
+    }
+}
+
+struct LocalSubscription {
+    id: u64,
+    sink: mpsc::Sender<Delivery>,
+    topics: Arc<Mutex<Subscribers>>,
+}
+
+#[async_trait]
+impl Subscription for LocalSubscription {
+    async fn subscribe(&self, topics: Vec<String>) -> Result<(), BackendError> {
+        let mut map = lock(&self.topics);
+        for topic in topics {
+            let subscribers = map.entry(topic).or_default();
+            if !subscribers.iter().any(|(id, _)| *id == self.id) {
+                subscribers.push((self.id, self.sink.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, topics: Vec<String>) -> Result<(), BackendError> {
+        let mut map = lock(&self.topics);
+        for topic in topics {
+            if let Some(subscribers) = map.get_mut(&topic) {
+                subscribers.retain(|(id, _)| *id != self.id);
+                if subscribers.is_empty() {
+                    map.remove(&topic);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LocalSubscription {
+    fn drop(&mut self) {
+        let mut map = lock(&self.topics);
+        map.retain(|_, subscribers| {
+            subscribers.retain(|(id, _)| *id != self.id);
+            !subscribers.is_empty()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn delivers_to_subscribed_topics_only() {
+        let bus = LocalPubSub::new();
+        let (sink, mut deliveries) = mpsc::channel(8);
+        let subscription = bus.open(sink);
+        subscription.subscribe(vec!["ch:g:a".into()]).await.expect("subscribe");
+        bus.publish("ch:g:b", Bytes::from_static(b"x")).await.expect("publish");
+        bus.publish("ch:g:a", Bytes::from_static(b"y")).await.expect("publish");
+        let (topic, payload) = deliveries.recv().await.expect("delivery");
+        assert_eq!((&*topic, &payload[..]), ("ch:g:a", &b"y"[..]));
+        subscription.unsubscribe(vec!["ch:g:a".into()]).await.expect("unsubscribe");
+        bus.publish("ch:g:a", Bytes::from_static(b"z")).await.expect("publish");
+        assert!(deliveries.try_recv().is_err());
+    }
+
+    #[test]
+    fn events_round_trip() {
+        let message = Event::Message(Bytes::from_static(br#"{"type":"message"}"#));
+        assert_eq!(Event::decode(&message.encode()), Some(message));
+        let control = Event::Control(ControlEvent::Member { channel: "g:a".into(), user: "bob".into(), joined: true });
+        assert_eq!(Event::decode(&control.encode()), Some(control));
+        assert_eq!(Event::decode(&Bytes::from_static(b"?")), None);
+        assert_eq!(Event::decode(&Bytes::new()), None);
+    }
+}

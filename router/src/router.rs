@@ -1,0 +1,675 @@
+//! The single writer. Commands arrive on a bounded queue and are taken in batches; consecutive commands of one
+//! kind (sends, or membership changes) form a run that is decided in memory, written durably in one call, and
+//! only then confirmed and published. While one batch is being synced the next one queues up, so throughput
+//! grows with load (group commit) while every channel keeps one gap-free order.
+
+use crate::backend::{
+    ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageLog, MessageStore,
+};
+use crate::error::{BackendError, RouterError};
+use crate::pubsub::{channel_topic, user_topic, ControlEvent, Event, PubSub};
+use bytes::Bytes;
+use parley_core::protocol::{ChannelView, MessageView, ServerFrame};
+use parley_core::sequencer::{Decision, Placement, SendRequest, Sequencer};
+use parley_core::snowflake::{decompose, Snowflake};
+use parley_core::{ChannelId, ChannelKind, UserId};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, instrument, warn};
+
+/// Router settings.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Snowflake machine id of this writer.
+    pub machine_id: u16,
+    /// Snowflake epoch (Unix ms).
+    pub epoch_ms: u64,
+    /// Largest message text in bytes.
+    pub max_text_bytes: usize,
+    /// Largest channel.
+    pub max_channel_members: u32,
+    /// Most commands taken in one batch.
+    pub batch_max: usize,
+    /// Command queue length.
+    pub queue: usize,
+    /// Channels with more members than this publish no per-member join/leave events.
+    pub fanout_threshold: u32,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            machine_id: 0,
+            epoch_ms: parley_core::snowflake::DEFAULT_EPOCH_MS,
+            max_text_bytes: 4096,
+            max_channel_members: 10_000,
+            batch_max: 1024,
+            queue: 16_384,
+            fanout_threshold: 1000,
+        }
+    }
+}
+
+/// The result of a send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendOutcome {
+    /// Channel the message is in.
+    pub channel: String,
+    /// Where it sits.
+    pub placement: Placement,
+    /// Whether this was a retry of an earlier send.
+    pub duplicate: bool,
+}
+
+/// Counters the writer keeps; read them for metrics.
+#[derive(Debug, Default)]
+pub struct RouterStats {
+    /// Messages made durable.
+    pub messages: std::sync::atomic::AtomicU64,
+    /// Batches written.
+    pub batches: std::sync::atomic::AtomicU64,
+    /// Writes that failed.
+    pub write_failures: std::sync::atomic::AtomicU64,
+    /// Publishes that failed (the messages stay durable and are recovered from history).
+    pub publish_failures: std::sync::atomic::AtomicU64,
+}
+
+enum Command {
+    Send { request: SendRequest, reply: oneshot::Sender<Result<SendOutcome, RouterError>> },
+    Membership { change: MembershipCommand, reply: oneshot::Sender<Result<ChannelView, RouterError>> },
+}
+
+enum MembershipCommand {
+    Create { creator: UserId, channel: ChannelId, members: Vec<UserId> },
+    Join { user: UserId, channel: ChannelId },
+    Leave { user: UserId, channel: ChannelId },
+    OpenDm { user: UserId, channel: ChannelId },
+}
+
+/// Handle to the router; cheap to clone.
+#[derive(Clone)]
+pub struct Router {
+    commands: mpsc::Sender<Command>,
+    log: Arc<dyn MessageLog>,
+    store: Arc<dyn MessageStore>,
+    membership: Arc<dyn MembershipStore>,
+    config: Arc<RouterConfig>,
+    stats: Arc<RouterStats>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Router").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
+}
+
+impl Router {
+    /// Starts the writer task and returns the handle. The task ends when every handle is dropped.
+    pub fn start(
+        config: RouterConfig,
+        log: Arc<dyn MessageLog>,
+        store: Arc<dyn MessageStore>,
+        membership: Arc<dyn MembershipStore>,
+        pubsub: Arc<dyn PubSub>,
+    ) -> Result<(Router, tokio::task::JoinHandle<()>), RouterError> {
+        let snowflake = Snowflake::new(config.machine_id, config.epoch_ms).map_err(RouterError::Clock)?;
+        let (commands, queue) = mpsc::channel(config.queue.max(1));
+        let stats = Arc::new(RouterStats::default());
+        let writer = Writer {
+            queue,
+            log: log.clone(),
+            membership: membership.clone(),
+            pubsub,
+            sequencer: Sequencer::new(),
+            snowflake,
+            channels: HashMap::new(),
+            config: config.clone(),
+            stats: stats.clone(),
+        };
+        let task = tokio::spawn(writer.run());
+        Ok((Router { commands, log, store, membership, config: Arc::new(config), stats }, task))
+    }
+
+    /// The writer's counters.
+    pub fn stats(&self) -> &RouterStats {
+        &self.stats
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RouterConfig {
+        &self.config
+    }
+
+    async fn submit<T>(&self, build: impl FnOnce(oneshot::Sender<Result<T, RouterError>>) -> Command) -> Result<T, RouterError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(build(reply)).await.map_err(|_| RouterError::ShuttingDown)?;
+        answer.await.map_err(|_| RouterError::ShuttingDown)?
+    }
+
+    /// Sends a message. Returns once it is durable.
+    #[instrument(skip(self, text), fields(sender = %sender))]
+    pub async fn send(&self, sender: &UserId, channel: &str, client_msg_id: &str, text: &str) -> Result<SendOutcome, RouterError> {
+        let channel = ChannelId::parse(channel)?;
+        if client_msg_id.is_empty() || client_msg_id.len() > 64 {
+            return Err(RouterError::InvalidArgument("client_msg_id must be 1-64 bytes".into()));
+        }
+        if text.is_empty() {
+            return Err(RouterError::InvalidArgument("text must not be empty".into()));
+        }
+        if text.len() > self.config.max_text_bytes {
+            return Err(RouterError::TextTooLong { actual: text.len(), limit: self.config.max_text_bytes });
+        }
+        let request = SendRequest {
+            channel: channel.to_string(),
+            sender: sender.to_string(),
+            client_msg_id: client_msg_id.to_owned(),
+            text: text.to_owned(),
+        };
+        self.submit(|reply| Command::Send { request, reply }).await
+    }
+
+    /// Creates a group channel with the creator and `members`.
+    pub async fn create_channel(&self, creator: &UserId, name: &str, members: &[String]) -> Result<ChannelView, RouterError> {
+        let channel = ChannelId::group(name)?;
+        let mut unique: Vec<UserId> = Vec::with_capacity(members.len() + 1);
+        let mut seen = HashSet::new();
+        for member in std::iter::once(creator.to_string()).chain(members.iter().cloned()) {
+            let member = UserId::new(member)?;
+            if seen.insert(member.clone()) {
+                unique.push(member);
+            }
+        }
+        if unique.len() > self.config.max_channel_members as usize {
+            return Err(RouterError::TooManyMembers { channel: channel.to_string(), limit: self.config.max_channel_members });
+        }
+        let change = MembershipCommand::Create { creator: creator.clone(), channel, members: unique };
+        self.submit(|reply| Command::Membership { change, reply }).await
+    }
+
+    /// Joins a group channel (idempotent).
+    pub async fn join(&self, user: &UserId, channel: &str) -> Result<ChannelView, RouterError> {
+        let channel = ChannelId::parse(channel)?;
+        if channel.kind() == ChannelKind::Dm {
+            return Err(RouterError::InvalidArgument("direct messages cannot be joined; use open_dm".into()));
+        }
+        let change = MembershipCommand::Join { user: user.clone(), channel };
+        self.submit(|reply| Command::Membership { change, reply }).await
+    }
+
+    /// Leaves a group channel.
+    pub async fn leave(&self, user: &UserId, channel: &str) -> Result<ChannelView, RouterError> {
+        let channel = ChannelId::parse(channel)?;
+        if channel.kind() == ChannelKind::Dm {
+            return Err(RouterError::InvalidArgument("direct messages cannot be left".into()));
+        }
+        let change = MembershipCommand::Leave { user: user.clone(), channel };
+        self.submit(|reply| Command::Membership { change, reply }).await
+    }
+
+    /// Opens the DM between `user` and `other`, creating it on first use.
+    pub async fn open_dm(&self, user: &UserId, other: &str) -> Result<ChannelView, RouterError> {
+        let other = UserId::new(other)?;
+        let channel = ChannelId::direct(user, &other)?;
+        let change = MembershipCommand::OpenDm { user: user.clone(), channel };
+        self.submit(|reply| Command::Membership { change, reply }).await
+    }
+
+    /// Reads a page of history of a channel the user is a member of.
+    #[instrument(skip(self), fields(user = %user))]
+    pub async fn history(&self, user: &UserId, channel: &str, mut query: HistoryQuery) -> Result<HistoryPage, RouterError> {
+        let channel = ChannelId::parse(channel)?;
+        if query.limit == 0 {
+            query.limit = 50;
+        }
+        if query.limit > 200 {
+            return Err(RouterError::InvalidArgument("limit must be 1-200".into()));
+        }
+        self.require_member(user, &channel).await?;
+        self.store.history(channel.as_str(), query).await.map_err(RouterError::Unavailable)
+    }
+
+    async fn require_member(&self, user: &UserId, channel: &ChannelId) -> Result<(), RouterError> {
+        if self.membership.is_member(channel.as_str(), user.as_str()).await.map_err(RouterError::Unavailable)? {
+            return Ok(());
+        }
+        if let Some((first, second)) = channel.dm_members() {
+            if &first == user || &second == user {
+                // A DM nobody has written to yet: its members are known, it is just empty.
+                return Ok(());
+            }
+            return Err(RouterError::NotAMember(channel.to_string()));
+        }
+        match self.membership.channel(channel.as_str()).await.map_err(RouterError::Unavailable)? {
+            Some(_) => Err(RouterError::NotAMember(channel.to_string())),
+            None => Err(RouterError::NoSuchChannel(channel.to_string())),
+        }
+    }
+
+    /// The user's channels.
+    pub async fn list_channels(&self, user: &UserId) -> Result<Vec<ChannelView>, RouterError> {
+        let channels = self.membership.user_channels(user.as_str()).await.map_err(RouterError::Unavailable)?;
+        let mut views = Vec::with_capacity(channels.len());
+        for channel in channels {
+            if let Ok(id) = ChannelId::parse(channel) {
+                views.push(self.channel_view(user, &id).await?);
+            }
+        }
+        Ok(views)
+    }
+
+    /// One channel as the user sees it.
+    pub async fn channel_view(&self, user: &UserId, channel: &ChannelId) -> Result<ChannelView, RouterError> {
+        let record = self.membership.channel(channel.as_str()).await.map_err(RouterError::Unavailable)?;
+        let joined = self.membership.is_member(channel.as_str(), user.as_str()).await.map_err(RouterError::Unavailable)?;
+        let last_seq = self.log.last_seq(channel.as_str()).await.map_err(RouterError::Unavailable)?;
+        Ok(ChannelView {
+            id: channel.to_string(),
+            kind: channel.kind(),
+            name: channel.display_name(user),
+            members: record.map(|record| record.member_count).unwrap_or(0),
+            last_seq,
+            joined,
+        })
+    }
+
+    /// The oldest retained sequence of a channel.
+    pub async fn first_retained_seq(&self, channel: &str) -> Result<u64, RouterError> {
+        self.store.first_retained_seq(channel).await.map_err(RouterError::Unavailable)
+    }
+}
+
+struct CachedChannel {
+    kind: ChannelKind,
+    members: HashSet<String>,
+}
+
+struct Writer {
+    queue: mpsc::Receiver<Command>,
+    log: Arc<dyn MessageLog>,
+    membership: Arc<dyn MembershipStore>,
+    pubsub: Arc<dyn PubSub>,
+    sequencer: Sequencer,
+    snowflake: Snowflake,
+    channels: HashMap<String, CachedChannel>,
+    config: RouterConfig,
+    stats: Arc<RouterStats>,
+}
+
+type SendItem = (SendRequest, oneshot::Sender<Result<SendOutcome, RouterError>>);
+type MembershipItem = (MembershipCommand, oneshot::Sender<Result<ChannelView, RouterError>>);
+
+impl Writer {
+    async fn run(mut self) {
+        let mut batch = Vec::with_capacity(self.config.batch_max);
+        while let Some(first) = self.queue.recv().await {
+            batch.push(first);
+            while batch.len() < self.config.batch_max {
+                match self.queue.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            // Split into runs of one kind, keeping arrival order between runs.
+            let mut sends: Vec<SendItem> = Vec::new();
+            let mut changes: Vec<MembershipItem> = Vec::new();
+            for command in batch.drain(..) {
+                match command {
+                    Command::Send { request, reply } => {
+                        if !changes.is_empty() {
+                            self.membership_run(std::mem::take(&mut changes)).await;
+                        }
+                        sends.push((request, reply));
+                    }
+                    Command::Membership { change, reply } => {
+                        if !sends.is_empty() {
+                            self.send_run(std::mem::take(&mut sends)).await;
+                        }
+                        changes.push((change, reply));
+                    }
+                }
+            }
+            if !sends.is_empty() {
+                self.send_run(sends).await;
+            }
+            if !changes.is_empty() {
+                self.membership_run(changes).await;
+            }
+        }
+        debug!("router writer stopped");
+    }
+
+    /// Loads a channel's members and last sequence into memory; `Ok(false)` when it does not exist.
+    async fn load(&mut self, channel: &ChannelId) -> Result<bool, BackendError> {
+        if self.channels.contains_key(channel.as_str()) {
+            return Ok(true);
+        }
+        let Some(record) = self.membership.channel(channel.as_str()).await? else {
+            return Ok(false);
+        };
+        let members: HashSet<String> = self.membership.members(channel.as_str()).await?.into_iter().collect();
+        if !self.sequencer.knows(channel.as_str()) {
+            let last = self.log.last_seq(channel.as_str()).await?;
+            self.sequencer.load(channel.as_str(), last);
+        }
+        if self.channels.len() >= 100_000 {
+            // Bound the cache; everything in it can be reloaded from the store.
+            self.channels.clear();
+        }
+        self.channels.insert(channel.to_string(), CachedChannel { kind: record.kind, members });
+        Ok(true)
+    }
+
+    fn view(&self, channel: &ChannelId, viewer: &UserId) -> ChannelView {
+        let cached = self.channels.get(channel.as_str());
+        ChannelView {
+            id: channel.to_string(),
+            kind: channel.kind(),
+            name: channel.display_name(viewer),
+            members: cached.map(|cached| cached.members.len() as u32).unwrap_or(0),
+            last_seq: self.sequencer.last_seq(channel.as_str()).unwrap_or(0),
+            joined: cached.is_some_and(|cached| cached.members.contains(viewer.as_str())),
+        }
+    }
+
+    #[instrument(skip_all, fields(sends = items.len()))]
+    async fn send_run(&mut self, items: Vec<SendItem>) {
+        // DMs are created on first use so that a send to a DM never needs a separate call.
+        let mut new_dms = Vec::new();
+        for (request, _) in &items {
+            if let Ok(channel) = ChannelId::parse(request.channel.clone()) {
+                if channel.kind() == ChannelKind::Dm && !self.channels.contains_key(channel.as_str()) && !new_dms.contains(&channel) {
+                    match self.load(&channel).await {
+                        Ok(true) => {}
+                        Ok(false) => new_dms.push(channel),
+                        Err(error) => warn!(%error, "failed to load channel"),
+                    }
+                }
+            }
+        }
+        if !new_dms.is_empty() {
+            let mut changes = Vec::new();
+            for channel in &new_dms {
+                if let Some((first, second)) = channel.dm_members() {
+                    changes.extend(dm_changes(channel, &first, &second));
+                }
+            }
+            if self.membership.apply(changes).await.is_ok() {
+                for channel in &new_dms {
+                    if let Some((first, second)) = channel.dm_members() {
+                        self.cache_new(channel, ChannelKind::Dm, [first.to_string(), second.to_string()]);
+                        self.publish_membership(channel.as_str(), first.as_str(), true).await;
+                        self.publish_membership(channel.as_str(), second.as_str(), true).await;
+                    }
+                }
+            }
+        }
+
+        let mut accepted: Vec<SendItem> = Vec::with_capacity(items.len());
+        for (request, reply) in items {
+            let verdict = match ChannelId::parse(request.channel.clone()) {
+                Err(error) => Err(RouterError::from(error)),
+                Ok(channel) => match self.load(&channel).await {
+                    Err(error) => Err(RouterError::Unavailable(error)),
+                    Ok(false) => Err(RouterError::NoSuchChannel(request.channel.clone())),
+                    Ok(true) => {
+                        let member = self.channels.get(channel.as_str()).is_some_and(|cached| cached.members.contains(&request.sender));
+                        if member {
+                            Ok(())
+                        } else {
+                            Err(RouterError::NotAMember(request.channel.clone()))
+                        }
+                    }
+                },
+            };
+            match verdict {
+                Ok(()) => accepted.push((request, reply)),
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                }
+            }
+        }
+        if accepted.is_empty() {
+            return;
+        }
+
+        let keys = accepted.iter().map(|(request, _)| (request.sender.clone(), request.client_msg_id.clone())).collect();
+        let prior = match self.log.find_sends(keys).await {
+            Ok(prior) => prior,
+            Err(error) => {
+                let message = error.to_string();
+                for (_, reply) in accepted {
+                    let _ = reply.send(Err(RouterError::Unavailable(BackendError::Unavailable(message.clone()))));
+                }
+                return;
+            }
+        };
+        let prior: HashMap<(String, String), (String, Placement)> = accepted
+            .iter()
+            .zip(prior)
+            .filter_map(|((request, _), found)| {
+                found.map(|found| ((request.sender.clone(), request.client_msg_id.clone()), (found.channel, found.placement)))
+            })
+            .collect();
+        let requests: Vec<SendRequest> = accepted.iter().map(|(request, _)| request.clone()).collect();
+        let plan = self.sequencer.plan(
+            &requests,
+            |sender, client_msg_id| prior.get(&(sender.to_owned(), client_msg_id.to_owned())).map(|(_, placement)| *placement),
+            &mut self.snowflake,
+            now_ms(),
+        );
+
+        let mut fresh = Vec::new();
+        let mut fresh_ids = HashSet::new();
+        for (request, decision) in requests.iter().zip(&plan.decisions) {
+            if let Decision::New(placement) = decision {
+                fresh_ids.insert(placement.id);
+                fresh.push(MessageView {
+                    channel: request.channel.clone(),
+                    seq: placement.seq,
+                    id: placement.id,
+                    sender: request.sender.clone(),
+                    text: request.text.clone(),
+                    ts: decompose(placement.id, self.config.epoch_ms).unix_ms,
+                    client_msg_id: request.client_msg_id.clone(),
+                });
+            }
+        }
+        // Timestamps come from the ids, so they never go backwards within a channel.
+        let written = if fresh.is_empty() { Ok(()) } else { self.log.append(fresh.clone()).await };
+        if let Err(error) = &written {
+            self.stats.write_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            warn!(%error, "durable append failed; nothing confirmed");
+        } else {
+            self.sequencer.commit(&plan);
+            self.stats.messages.fetch_add(fresh.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.stats.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            for message in fresh {
+                let topic = channel_topic(&message.channel);
+                let frame = Bytes::from(ServerFrame::Message(message).to_json());
+                if let Err(error) = self.pubsub.publish(&topic, Event::Message(frame).encode()).await {
+                    self.stats.publish_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    warn!(%error, %topic, "publish failed; receivers recover the message from history");
+                }
+            }
+        }
+        for (((request, reply), decision), placement_channel) in accepted
+            .into_iter()
+            .zip(plan.decisions)
+            .zip(requests.iter().map(|request| request.channel.clone()))
+        {
+            let outcome = match decision {
+                Decision::New(placement) => match &written {
+                    Ok(()) => Ok(SendOutcome { channel: placement_channel, placement, duplicate: false }),
+                    Err(error) => Err(RouterError::Unavailable(BackendError::Unavailable(error.to_string()))),
+                },
+                Decision::Duplicate(placement) => {
+                    if fresh_ids.contains(&placement.id) {
+                        match &written {
+                            Ok(()) => Ok(SendOutcome { channel: placement_channel, placement, duplicate: true }),
+                            Err(error) => Err(RouterError::Unavailable(BackendError::Unavailable(error.to_string()))),
+                        }
+                    } else {
+                        let channel = prior
+                            .get(&(request.sender.clone(), request.client_msg_id.clone()))
+                            .map(|(channel, _)| channel.clone())
+                            .unwrap_or(placement_channel);
+                        Ok(SendOutcome { channel, placement, duplicate: true })
+                    }
+                }
+                Decision::Refused(error) => Err(RouterError::Clock(error)),
+            };
+            let _ = reply.send(outcome);
+        }
+    }
+
+    fn cache_new(&mut self, channel: &ChannelId, kind: ChannelKind, members: impl IntoIterator<Item = String>) {
+        self.sequencer.load(channel.as_str(), self.sequencer.last_seq(channel.as_str()).unwrap_or(0));
+        self.channels.insert(channel.to_string(), CachedChannel { kind, members: members.into_iter().collect() });
+    }
+
+    async fn publish_control(&self, topic: String, event: ControlEvent) {
+        if let Err(error) = self.pubsub.publish(&topic, Event::Control(event).encode()).await {
+            self.stats.publish_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            warn!(%error, %topic, "control publish failed");
+        }
+    }
+
+    async fn publish_membership(&self, channel: &str, user: &str, joined: bool) {
+        self.publish_control(user_topic(user), ControlEvent::Membership { channel: channel.to_owned(), joined }).await;
+        let members = self.channels.get(channel).map(|cached| cached.members.len()).unwrap_or(0);
+        if members > self.config.fanout_threshold as usize {
+            // Large channels get no per-member events: that would be quadratic in the member count.
+            return;
+        }
+        self.publish_control(channel_topic(channel), ControlEvent::Member { channel: channel.to_owned(), user: user.to_owned(), joined })
+            .await;
+    }
+
+    #[instrument(skip_all, fields(changes = items.len()))]
+    async fn membership_run(&mut self, items: Vec<MembershipItem>) {
+        let mut changes: Vec<MembershipChange> = Vec::new();
+        let mut events: Vec<(String, String, bool)> = Vec::new();
+        let mut touched: HashSet<String> = HashSet::new();
+        let mut answers: Vec<(oneshot::Sender<Result<ChannelView, RouterError>>, Result<(ChannelId, UserId), RouterError>)> = Vec::new();
+        let limit = self.config.max_channel_members;
+        for (command, reply) in items {
+            let result = match command {
+                MembershipCommand::Create { creator, channel, members } => match self.load(&channel).await {
+                    Err(error) => Err(RouterError::Unavailable(error)),
+                    Ok(true) => Err(RouterError::ChannelExists(channel.to_string())),
+                    Ok(false) => {
+                        changes.push(MembershipChange::Create(ChannelRecord {
+                            id: channel.to_string(),
+                            kind: ChannelKind::Group,
+                            created_by: creator.to_string(),
+                            created_at: now_ms(),
+                            member_count: 0,
+                        }));
+                        for member in &members {
+                            changes.push(MembershipChange::Add { channel: channel.to_string(), user: member.to_string() });
+                            events.push((channel.to_string(), member.to_string(), true));
+                        }
+                        self.cache_new(&channel, ChannelKind::Group, members.iter().map(|member| member.to_string()));
+                        touched.insert(channel.to_string());
+                        Ok((channel, creator))
+                    }
+                },
+                MembershipCommand::Join { user, channel } => match self.load(&channel).await {
+                    Err(error) => Err(RouterError::Unavailable(error)),
+                    Ok(false) => Err(RouterError::NoSuchChannel(channel.to_string())),
+                    Ok(true) => {
+                        let cached = self.channels.get_mut(channel.as_str());
+                        match cached {
+                            Some(cached) if cached.kind == ChannelKind::Group => {
+                                if cached.members.contains(user.as_str()) {
+                                    Ok((channel, user))
+                                } else if cached.members.len() >= limit as usize {
+                                    Err(RouterError::TooManyMembers { channel: channel.to_string(), limit })
+                                } else {
+                                    cached.members.insert(user.to_string());
+                                    changes.push(MembershipChange::Add { channel: channel.to_string(), user: user.to_string() });
+                                    events.push((channel.to_string(), user.to_string(), true));
+                                    touched.insert(channel.to_string());
+                                    Ok((channel, user))
+                                }
+                            }
+                            _ => Err(RouterError::InvalidArgument("only group channels can be joined".into())),
+                        }
+                    }
+                },
+                MembershipCommand::Leave { user, channel } => match self.load(&channel).await {
+                    Err(error) => Err(RouterError::Unavailable(error)),
+                    Ok(false) => Err(RouterError::NoSuchChannel(channel.to_string())),
+                    Ok(true) => match self.channels.get_mut(channel.as_str()).map(|cached| cached.members.remove(user.as_str())) {
+                        Some(true) => {
+                            changes.push(MembershipChange::Remove { channel: channel.to_string(), user: user.to_string() });
+                            events.push((channel.to_string(), user.to_string(), false));
+                            touched.insert(channel.to_string());
+                            Ok((channel, user))
+                        }
+                        _ => Err(RouterError::NotAMember(channel.to_string())),
+                    },
+                },
+                MembershipCommand::OpenDm { user, channel } => match self.load(&channel).await {
+                    Err(error) => Err(RouterError::Unavailable(error)),
+                    Ok(true) => Ok((channel, user)),
+                    Ok(false) => match channel.dm_members() {
+                        Some((first, second)) => {
+                            changes.extend(dm_changes(&channel, &first, &second));
+                            events.push((channel.to_string(), first.to_string(), true));
+                            events.push((channel.to_string(), second.to_string(), true));
+                            self.cache_new(&channel, ChannelKind::Dm, [first.to_string(), second.to_string()]);
+                            touched.insert(channel.to_string());
+                            Ok((channel, user))
+                        }
+                        None => Err(RouterError::InvalidArgument("not a direct message".into())),
+                    },
+                },
+            };
+            answers.push((reply, result));
+        }
+        let written = self.membership.apply(changes).await;
+        match written {
+            Ok(()) => {
+                for (channel, user, joined) in events {
+                    self.publish_membership(&channel, &user, joined).await;
+                }
+                for (reply, result) in answers {
+                    let _ = reply.send(result.map(|(channel, viewer)| self.view(&channel, &viewer)));
+                }
+            }
+            Err(error) => {
+                self.stats.write_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                warn!(%error, "membership write failed; nothing applied");
+                for channel in touched {
+                    // Forget the tentative state; it is reloaded from the store on next use.
+                    self.channels.remove(&channel);
+                }
+                let message = error.to_string();
+                for (reply, result) in answers {
+                    let _ = reply.send(result.and_then(|_| Err(RouterError::Unavailable(BackendError::Unavailable(message.clone())))));
+                }
+            }
+        }
+    }
+}
+
+fn dm_changes(channel: &ChannelId, first: &UserId, second: &UserId) -> Vec<MembershipChange> {
+    vec![
+        MembershipChange::Create(ChannelRecord {
+            id: channel.to_string(),
+            kind: ChannelKind::Dm,
+            created_by: first.to_string(),
+            created_at: now_ms(),
+            member_count: 0,
+        }),
+        MembershipChange::Add { channel: channel.to_string(), user: first.to_string() },
+        MembershipChange::Add { channel: channel.to_string(), user: second.to_string() },
+    ]
+}
