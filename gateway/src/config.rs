@@ -95,7 +95,11 @@ pub struct StorageConfig {
 
 /// `parley`: gateway + router in one process with embedded storage.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "parley", version, about = "Parley chat server (standalone: gateway + router + embedded storage)")]
+#[command(
+    name = "parley",
+    version,
+    about = "Parley chat server (standalone: gateway + router + embedded storage)"
+)]
 pub struct StandaloneArgs {
     /// Client address (WebSocket, HTTP API, demo page).
     #[arg(long, env = "PARLEY_LISTEN", default_value = "127.0.0.1:8080")]
@@ -130,7 +134,10 @@ mod tests {
     #[test]
     fn defaults_match() {
         let args = StandaloneArgs::parse_from(["parley"]);
-        assert_eq!(args.gateway.max_frame_bytes, GatewayConfig::default().max_frame_bytes);
+        assert_eq!(
+            args.gateway.max_frame_bytes,
+            GatewayConfig::default().max_frame_bytes
+        );
         assert_eq!(args.storage.max_channel_members, 10_000);
         assert!(!args.auth.insecure_dev_login);
     }

@@ -12,7 +12,9 @@ use crate::metrics::{Limit, Metrics};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use parley_core::protocol::{decode_client, ClientFrame, ErrorCode, LimitsView, ServerFrame, PROTOCOL_VERSION};
+use parley_core::protocol::{
+    decode_client, ClientFrame, ErrorCode, LimitsView, ServerFrame, PROTOCOL_VERSION,
+};
 use parley_core::ratelimit::TokenBucket;
 use parley_core::UserId;
 use parley_router::backend::HistoryQuery;
@@ -68,16 +70,33 @@ pub struct Session {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 type Pending<'a> = Pin<Box<dyn Future<Output = Option<ServerFrame>> + Send + 'a>>;
 
-fn error_frame(req_id: Option<String>, code: ErrorCode, message: impl Into<String>, client_msg_id: Option<String>) -> ServerFrame {
-    ServerFrame::Error { req_id, code, message: message.into(), client_msg_id }
+fn error_frame(
+    req_id: Option<String>,
+    code: ErrorCode,
+    message: impl Into<String>,
+    client_msg_id: Option<String>,
+) -> ServerFrame {
+    ServerFrame::Error {
+        req_id,
+        code,
+        message: message.into(),
+        client_msg_id,
+    }
 }
 
-fn router_error(req_id: Option<String>, error: RouterError, client_msg_id: Option<String>) -> ServerFrame {
+fn router_error(
+    req_id: Option<String>,
+    error: RouterError,
+    client_msg_id: Option<String>,
+) -> ServerFrame {
     error_frame(req_id, error.code(), error.to_string(), client_msg_id)
 }
 
@@ -90,29 +109,54 @@ pub type TooBig<E> = fn(&E) -> bool;
 
 /// Runs one connection to the end. `socket` is the upgraded WebSocket (or a test double).
 #[instrument(name = "connection", skip_all, fields(conn = session.conn, user = %session.user))]
-pub async fn serve<S, E>(socket: S, context: ConnectionContext, session: Session, too_big: TooBig<E>)
-where
+pub async fn serve<S, E>(
+    socket: S,
+    context: ConnectionContext,
+    session: Session,
+    too_big: TooBig<E>,
+) where
     S: Sink<Message> + Stream<Item = Result<Message, E>> + Unpin + Send,
     E: std::fmt::Display,
 {
-    let ConnectionContext { router, hub, metrics, config, mut shutdown } = context;
+    let ConnectionContext {
+        router,
+        hub,
+        metrics,
+        config,
+        mut shutdown,
+    } = context;
     let mut socket = socket;
     let (sender, mut outbound) = mpsc::channel::<Utf8Bytes>(config.outbound_queue.max(1));
 
     // Subscribe before reading the channel list, so nothing published in between is missed: anything newer
     // than the `last_seq` the client is told arrives live.
-    let first = router.list_channels(&session.user).await.unwrap_or_default();
-    hub.register(session.conn, &session.user, sender, first.iter().map(|view| view.id.clone()).collect()).await;
+    let first = router
+        .list_channels(&session.user)
+        .await
+        .unwrap_or_default();
+    hub.register(
+        session.conn,
+        &session.user,
+        sender,
+        first.iter().map(|view| view.id.clone()).collect(),
+    )
+    .await;
     let channels = match router.list_channels(&session.user).await {
         Ok(channels) => channels,
         Err(error) => {
             debug!(%error, "cannot list channels");
-            let _ = socket.send(close_message(1011, "storage unavailable")).await;
+            let _ = socket
+                .send(close_message(1011, "storage unavailable"))
+                .await;
             hub.unregister(session.conn).await;
             return;
         }
     };
-    let late: Vec<String> = channels.iter().filter(|view| !first.iter().any(|seen| seen.id == view.id)).map(|view| view.id.clone()).collect();
+    let late: Vec<String> = channels
+        .iter()
+        .filter(|view| !first.iter().any(|seen| seen.id == view.id))
+        .map(|view| view.id.clone())
+        .collect();
     if !late.is_empty() {
         hub.add_channels(session.conn, late).await;
     }
@@ -140,7 +184,10 @@ where
     let idle = Duration::from_millis(config.idle_timeout_ms.max(1));
     let mut last_activity = Instant::now();
     let expiry = {
-        let remaining = session.expires_at.saturating_mul(1000).saturating_sub(unix_ms());
+        let remaining = session
+            .expires_at
+            .saturating_mul(1000)
+            .saturating_sub(unix_ms());
         Instant::now() + Duration::from_millis(remaining)
     };
     let deadline = tokio::time::sleep_until((last_activity + idle).min(expiry));
@@ -263,33 +310,63 @@ where
 }
 
 fn close_message(code: u16, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }))
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }))
 }
 
-async fn request(router: &Router, hub: &Hub, session: &Session, metrics: &Metrics, frame: ClientFrame) -> ServerFrame {
+async fn request(
+    router: &Router,
+    hub: &Hub,
+    session: &Session,
+    metrics: &Metrics,
+    frame: ClientFrame,
+) -> ServerFrame {
     let req_id = frame.req_id().map(str::to_owned);
     let user = &session.user;
     let result: Result<ServerFrame, RouterError> = match frame {
-        ClientFrame::History { req_id, channel, before, after, limit } => {
-            let query = HistoryQuery { before, after, limit: limit.unwrap_or(50) };
+        ClientFrame::History {
+            req_id,
+            channel,
+            before,
+            after,
+            limit,
+        } => {
+            let query = HistoryQuery {
+                before,
+                after,
+                limit: limit.unwrap_or(50),
+            };
             if limit == Some(0) {
                 Err(RouterError::InvalidArgument("limit must be 1-200".into()))
             } else {
-                router.history(user, &channel, query).await.map(|page| ServerFrame::History {
-                    req_id,
-                    channel,
-                    messages: page.messages,
-                    has_more: page.has_more,
-                })
+                router
+                    .history(user, &channel, query)
+                    .await
+                    .map(|page| ServerFrame::History {
+                        req_id,
+                        channel,
+                        messages: page.messages,
+                        has_more: page.has_more,
+                    })
             }
         }
-        ClientFrame::CreateChannel { req_id, name, members } => {
+        ClientFrame::CreateChannel {
+            req_id,
+            name,
+            members,
+        } => {
             if members.len() > router.config().max_channel_members as usize {
-                Err(RouterError::TooManyMembers { channel: format!("g:{name}"), limit: router.config().max_channel_members })
+                Err(RouterError::TooManyMembers {
+                    channel: format!("g:{name}"),
+                    limit: router.config().max_channel_members,
+                })
             } else {
                 match router.create_channel(user, &name, &members).await {
                     Ok(channel) => {
-                        hub.add_channels(session.conn, vec![channel.id.clone()]).await;
+                        hub.add_channels(session.conn, vec![channel.id.clone()])
+                            .await;
                         Ok(ServerFrame::Channel { req_id, channel })
                     }
                     Err(error) => Err(error),
@@ -298,27 +375,34 @@ async fn request(router: &Router, hub: &Hub, session: &Session, metrics: &Metric
         }
         ClientFrame::Join { req_id, channel } => match router.join(user, &channel).await {
             Ok(channel) => {
-                hub.add_channels(session.conn, vec![channel.id.clone()]).await;
+                hub.add_channels(session.conn, vec![channel.id.clone()])
+                    .await;
                 Ok(ServerFrame::Channel { req_id, channel })
             }
             Err(error) => Err(error),
         },
-        ClientFrame::Leave { req_id, channel } => {
-            router.leave(user, &channel).await.map(|channel| ServerFrame::Channel { req_id, channel })
-        }
-        ClientFrame::OpenDm { req_id, user: other } => match router.open_dm(user, &other).await {
+        ClientFrame::Leave { req_id, channel } => router
+            .leave(user, &channel)
+            .await
+            .map(|channel| ServerFrame::Channel { req_id, channel }),
+        ClientFrame::OpenDm {
+            req_id,
+            user: other,
+        } => match router.open_dm(user, &other).await {
             Ok(channel) => {
-                hub.add_channels(session.conn, vec![channel.id.clone()]).await;
+                hub.add_channels(session.conn, vec![channel.id.clone()])
+                    .await;
                 Ok(ServerFrame::Channel { req_id, channel })
             }
             Err(error) => Err(error),
         },
-        ClientFrame::ListChannels { req_id } => {
-            router.list_channels(user).await.map(|channels| ServerFrame::Channels { req_id, channels })
-        }
-        ClientFrame::Send { .. } | ClientFrame::Ack { .. } | ClientFrame::Ping { .. } => {
-            Err(RouterError::InvalidArgument("handled by the connection loop".into()))
-        }
+        ClientFrame::ListChannels { req_id } => router
+            .list_channels(user)
+            .await
+            .map(|channels| ServerFrame::Channels { req_id, channels }),
+        ClientFrame::Send { .. } | ClientFrame::Ack { .. } | ClientFrame::Ping { .. } => Err(
+            RouterError::InvalidArgument("handled by the connection loop".into()),
+        ),
     };
     result.unwrap_or_else(|error| {
         metrics.error(error.code());

@@ -10,7 +10,9 @@ use crate::metrics::{Limit, Metrics};
 use axum::extract::ws::Utf8Bytes;
 use parley_core::protocol::ServerFrame;
 use parley_core::{ChannelId, UserId};
-use parley_router::pubsub::{channel_topic, user_topic, ControlEvent, Delivery, Event, Subscription};
+use parley_router::pubsub::{
+    channel_topic, user_topic, ControlEvent, Delivery, Event, Subscription,
+};
 use parley_router::Router;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -48,13 +50,20 @@ pub struct Hub {
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("Hub").field("fanout_threshold", &self.fanout_threshold).finish_non_exhaustive()
+        formatter
+            .debug_struct("Hub")
+            .field("fanout_threshold", &self.fanout_threshold)
+            .finish_non_exhaustive()
     }
 }
 
 impl Hub {
     /// A hub over `subscription`, whose publications must be fed to [`Hub::dispatch`].
-    pub fn new(subscription: Arc<dyn Subscription>, metrics: Arc<Metrics>, fanout_threshold: u32) -> Arc<Self> {
+    pub fn new(
+        subscription: Arc<dyn Subscription>,
+        metrics: Arc<Metrics>,
+        fanout_threshold: u32,
+    ) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(HubState::default()),
             topic_changes: tokio::sync::Mutex::new(()),
@@ -65,7 +74,9 @@ impl Hub {
     }
 
     fn lock(&self) -> MutexGuard<'_, HubState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Brings the bus subscription in line with the index.
@@ -98,16 +109,34 @@ impl Hub {
 
     /// Adds a connection with its channels, and subscribes what it needs. Publications for those channels
     /// reach it from the moment this returns.
-    pub async fn register(&self, conn: u64, user: &UserId, sender: Outbound, channels: Vec<String>) {
+    pub async fn register(
+        &self,
+        conn: u64,
+        user: &UserId,
+        sender: Outbound,
+        channels: Vec<String>,
+    ) {
         {
             let mut state = self.lock();
             for channel in &channels {
-                state.channels.entry(channel.clone()).or_default().insert(conn, sender.clone());
+                state
+                    .channels
+                    .entry(channel.clone())
+                    .or_default()
+                    .insert(conn, sender.clone());
             }
-            state.users.entry(user.to_string()).or_default().insert(conn);
+            state
+                .users
+                .entry(user.to_string())
+                .or_default()
+                .insert(conn);
             state.conns.insert(
                 conn,
-                ConnEntry { user: user.to_string(), sender: Some(sender), channels: channels.into_iter().collect() },
+                ConnEntry {
+                    user: user.to_string(),
+                    sender: Some(sender),
+                    channels: channels.into_iter().collect(),
+                },
             );
         }
         self.sync_topics().await;
@@ -117,9 +146,19 @@ impl Hub {
     pub async fn add_channels(&self, conn: u64, channels: Vec<String>) {
         {
             let mut state = self.lock();
-            let Some(sender) = state.conns.get(&conn).and_then(|entry| entry.sender.clone()) else { return };
+            let Some(sender) = state
+                .conns
+                .get(&conn)
+                .and_then(|entry| entry.sender.clone())
+            else {
+                return;
+            };
             for channel in channels {
-                state.channels.entry(channel.clone()).or_default().insert(conn, sender.clone());
+                state
+                    .channels
+                    .entry(channel.clone())
+                    .or_default()
+                    .insert(conn, sender.clone());
                 if let Some(entry) = state.conns.get_mut(&conn) {
                     entry.channels.insert(channel);
                 }
@@ -181,8 +220,13 @@ impl Hub {
         {
             let state = self.lock();
             for conn in state.users.get(user).into_iter().flatten() {
-                if let Some(sender) = state.conns.get(conn).and_then(|entry| entry.sender.as_ref()) {
-                    if let Err(mpsc::error::TrySendError::Full(_)) = sender.try_send(frame.clone()) {
+                if let Some(sender) = state
+                    .conns
+                    .get(conn)
+                    .and_then(|entry| entry.sender.as_ref())
+                {
+                    if let Err(mpsc::error::TrySendError::Full(_)) = sender.try_send(frame.clone())
+                    {
                         slow.push(*conn);
                     }
                 }
@@ -216,15 +260,32 @@ impl Hub {
 
     /// A user's membership changed: update the index for the user's local connections, subscribe or
     /// unsubscribe, and tell the connections (with the channel's current `last_seq`, so they can fill any gap).
-    async fn membership_changed(self: &Arc<Self>, router: &Router, user: &str, channel: &str, joined: bool) {
+    async fn membership_changed(
+        self: &Arc<Self>,
+        router: &Router,
+        user: &str,
+        channel: &str,
+        joined: bool,
+    ) {
         {
             let mut state = self.lock();
-            let conns: Vec<u64> = state.users.get(user).map(|conns| conns.iter().copied().collect()).unwrap_or_default();
+            let conns: Vec<u64> = state
+                .users
+                .get(user)
+                .map(|conns| conns.iter().copied().collect())
+                .unwrap_or_default();
             for conn in conns {
-                let sender = state.conns.get(&conn).and_then(|entry| entry.sender.clone());
+                let sender = state
+                    .conns
+                    .get(&conn)
+                    .and_then(|entry| entry.sender.clone());
                 let Some(sender) = sender else { continue };
                 if joined {
-                    state.channels.entry(channel.to_owned()).or_default().insert(conn, sender);
+                    state
+                        .channels
+                        .entry(channel.to_owned())
+                        .or_default()
+                        .insert(conn, sender);
                     if let Some(entry) = state.conns.get_mut(&conn) {
                         entry.channels.insert(channel.to_owned());
                     }
@@ -237,13 +298,19 @@ impl Hub {
             }
         }
         self.sync_topics().await;
-        let (Ok(user_id), Ok(channel_id)) = (UserId::new(user), ChannelId::parse(channel)) else { return };
+        let (Ok(user_id), Ok(channel_id)) = (UserId::new(user), ChannelId::parse(channel)) else {
+            return;
+        };
         let hub = self.clone();
         let router = router.clone();
         tokio::spawn(async move {
             match router.channel_view(&user_id, &channel_id).await {
                 Ok(view) => {
-                    let frame = ServerFrame::Channel { req_id: None, channel: view }.to_json();
+                    let frame = ServerFrame::Channel {
+                        req_id: None,
+                        channel: view,
+                    }
+                    .to_json();
                     hub.deliver_to_user(user_id.as_str(), &Utf8Bytes::from(frame));
                 }
                 Err(error) => warn!(%error, "failed to read channel after membership change"),
@@ -252,7 +319,11 @@ impl Hub {
     }
 
     /// Forwards publications to local connections until the bus closes.
-    pub async fn dispatch(self: Arc<Self>, router: Router, mut publications: mpsc::Receiver<Delivery>) {
+    pub async fn dispatch(
+        self: Arc<Self>,
+        router: Router,
+        mut publications: mpsc::Receiver<Delivery>,
+    ) {
         while let Some((topic, payload)) = publications.recv().await {
             self.metrics.publications.inc();
             let Some(event) = Event::decode(&payload) else {
@@ -261,7 +332,9 @@ impl Hub {
             };
             match event {
                 Event::Message(frame) => {
-                    let Some(channel) = topic.strip_prefix("ch:") else { continue };
+                    let Some(channel) = topic.strip_prefix("ch:") else {
+                        continue;
+                    };
                     match Utf8Bytes::try_from(frame) {
                         Ok(frame) => {
                             self.deliver(channel, &frame);
@@ -269,16 +342,33 @@ impl Hub {
                         Err(error) => warn!(%error, "message frame is not UTF-8"),
                     }
                 }
-                Event::Control(ControlEvent::Member { channel, user, joined }) => {
-                    let members = self.lock().channels.get(&channel).map(|members| members.len()).unwrap_or(0);
+                Event::Control(ControlEvent::Member {
+                    channel,
+                    user,
+                    joined,
+                }) => {
+                    let members = self
+                        .lock()
+                        .channels
+                        .get(&channel)
+                        .map(|members| members.len())
+                        .unwrap_or(0);
                     if members as u32 <= self.fanout_threshold {
-                        let frame = ServerFrame::Member { channel: channel.clone(), user, joined }.to_json();
+                        let frame = ServerFrame::Member {
+                            channel: channel.clone(),
+                            user,
+                            joined,
+                        }
+                        .to_json();
                         self.deliver(&channel, &Utf8Bytes::from(frame));
                     }
                 }
                 Event::Control(ControlEvent::Membership { channel, joined }) => {
-                    let Some(user) = topic.strip_prefix("user:") else { continue };
-                    self.membership_changed(&router, user, &channel, joined).await;
+                    let Some(user) = topic.strip_prefix("user:") else {
+                        continue;
+                    };
+                    self.membership_changed(&router, user, &channel, joined)
+                        .await;
                 }
             }
         }

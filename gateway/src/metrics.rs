@@ -69,25 +69,67 @@ impl Metrics {
         let limits = Family::<Labels, Counter>::default();
         let send_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         let publications = Counter::default();
-        registry.register("gateway_connections", "Open client connections", connections.clone());
-        registry.register("gateway_connections_accepted", "Client connections accepted", connections_total.clone());
-        registry.register("gateway_frames_received", "Frames received from clients", frames_in.clone());
-        registry.register("gateway_deliveries", "Frames queued to clients by fan-out", deliveries.clone());
-        registry.register("gateway_error_frames", "Error frames sent, by code", errors.clone());
+        registry.register(
+            "gateway_connections",
+            "Open client connections",
+            connections.clone(),
+        );
+        registry.register(
+            "gateway_connections_accepted",
+            "Client connections accepted",
+            connections_total.clone(),
+        );
+        registry.register(
+            "gateway_frames_received",
+            "Frames received from clients",
+            frames_in.clone(),
+        );
+        registry.register(
+            "gateway_deliveries",
+            "Frames queued to clients by fan-out",
+            deliveries.clone(),
+        );
+        registry.register(
+            "gateway_error_frames",
+            "Error frames sent, by code",
+            errors.clone(),
+        );
         registry.register("gateway_limit_hits", "Limits hit, by limit", limits.clone());
-        registry.register("gateway_send_duration_seconds", "Send to durable confirmation", send_seconds.clone());
-        registry.register("gateway_publications", "Publications received from pub/sub", publications.clone());
-        Arc::new(Self { registry, connections, connections_total, frames_in, deliveries, errors, limits, send_seconds, publications })
+        registry.register(
+            "gateway_send_duration_seconds",
+            "Send to durable confirmation",
+            send_seconds.clone(),
+        );
+        registry.register(
+            "gateway_publications",
+            "Publications received from pub/sub",
+            publications.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            connections,
+            connections_total,
+            frames_in,
+            deliveries,
+            errors,
+            limits,
+            send_seconds,
+            publications,
+        })
     }
 
     /// Counts an error frame.
     pub fn error(&self, code: ErrorCode) {
-        self.errors.get_or_create(&vec![("code", code.as_str())]).inc();
+        self.errors
+            .get_or_create(&vec![("code", code.as_str())])
+            .inc();
     }
 
     /// Counts a limit hit.
     pub fn limit(&self, limit: Limit) {
-        self.limits.get_or_create(&vec![("limit", limit.label())]).inc();
+        self.limits
+            .get_or_create(&vec![("limit", limit.label())])
+            .inc();
     }
 
     /// Encodes the registry in the Prometheus text format, followed by `extra` lines.
@@ -119,8 +161,14 @@ mod tests {
         metrics.limit(Limit::FrameSize);
         let text = metrics.encode(&[("router_messages", "Messages made durable", 7)]);
         assert!(text.contains("parley_gateway_connections 1"), "{text}");
-        assert!(text.contains(r#"parley_gateway_error_frames_total{code="not_a_member"} 1"#), "{text}");
-        assert!(text.contains(r#"parley_gateway_limit_hits_total{limit="frame_size"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"parley_gateway_error_frames_total{code="not_a_member"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"parley_gateway_limit_hits_total{limit="frame_size"} 1"#),
+            "{text}"
+        );
         assert!(text.contains("parley_router_messages_total 7"), "{text}");
         assert!(text.ends_with("# EOF\n"));
     }

@@ -32,11 +32,19 @@ pub struct Running {
 }
 
 async fn bind(address: SocketAddr) -> Result<TcpListener, GatewayError> {
-    TcpListener::bind(address).await.map_err(|source| GatewayError::Serve { address: address.to_string(), source })
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| GatewayError::Serve {
+            address: address.to_string(),
+            source,
+        })
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Opens storage, starts the router and binds both listeners. Returns once the server accepts connections.
@@ -46,10 +54,12 @@ pub async fn start(args: StandaloneArgs) -> Result<Running, GatewayError> {
         warn!("INSECURE dev login is enabled: anyone can log in as anyone. Never use this in production.");
     }
     let retention = Retention {
-        messages: (args.storage.retention_days > 0).then(|| Duration::from_secs(args.storage.retention_days * 24 * 3600)),
+        messages: (args.storage.retention_days > 0)
+            .then(|| Duration::from_secs(args.storage.retention_days * 24 * 3600)),
         ..Retention::default()
     };
-    let store = EmbeddedStore::open(&args.storage.data_dir, retention).map_err(GatewayError::Storage)?;
+    let store =
+        EmbeddedStore::open(&args.storage.data_dir, retention).map_err(GatewayError::Storage)?;
     let pubsub = Arc::new(LocalPubSub::new());
     let router_config = RouterConfig {
         machine_id: args.storage.machine_id,
@@ -60,11 +70,21 @@ pub async fn start(args: StandaloneArgs) -> Result<Running, GatewayError> {
         ..RouterConfig::default()
     };
     let shared = Arc::new(store.clone());
-    let (router, writer) =
-        Router::start(router_config, shared.clone(), shared.clone(), shared, pubsub.clone()).map_err(GatewayError::Router)?;
+    let (router, writer) = Router::start(
+        router_config,
+        shared.clone(),
+        shared.clone(),
+        shared,
+        pubsub.clone(),
+    )
+    .map_err(GatewayError::Router)?;
     let metrics = Metrics::new();
     let (sink, publications) = mpsc::channel(65_536);
-    let hub = Hub::new(pubsub.open(sink), metrics.clone(), args.gateway.fanout_threshold);
+    let hub = Hub::new(
+        pubsub.open(sink),
+        metrics.clone(),
+        args.gateway.fanout_threshold,
+    );
     let dispatcher = tokio::spawn(hub.clone().dispatch(router.clone(), publications));
 
     let (shutdown, shutdown_signal) = watch::channel(false);
@@ -81,9 +101,18 @@ pub async fn start(args: StandaloneArgs) -> Result<Running, GatewayError> {
     };
     let listener = bind(args.listen).await?;
     let admin_listener = bind(args.admin_listen).await?;
-    let address = listener.local_addr().map_err(|source| GatewayError::Serve { address: args.listen.to_string(), source })?;
-    let admin_address =
-        admin_listener.local_addr().map_err(|source| GatewayError::Serve { address: args.admin_listen.to_string(), source })?;
+    let address = listener
+        .local_addr()
+        .map_err(|source| GatewayError::Serve {
+            address: args.listen.to_string(),
+            source,
+        })?;
+    let admin_address = admin_listener
+        .local_addr()
+        .map_err(|source| GatewayError::Serve {
+            address: args.admin_listen.to_string(),
+            source,
+        })?;
     info!(%address, %admin_address, data_dir = %args.storage.data_dir.display(), "parley standalone listening");
 
     let sweeper = {
@@ -119,9 +148,20 @@ pub async fn start(args: StandaloneArgs) -> Result<Running, GatewayError> {
         sweeper.abort();
         dispatcher.abort();
         writer.abort();
-        client.map_err(|source| GatewayError::Serve { address: address.to_string(), source })?;
-        admin.map_err(|source| GatewayError::Serve { address: admin_address.to_string(), source })?;
+        client.map_err(|source| GatewayError::Serve {
+            address: address.to_string(),
+            source,
+        })?;
+        admin.map_err(|source| GatewayError::Serve {
+            address: admin_address.to_string(),
+            source,
+        })?;
         Ok(())
     });
-    Ok(Running { address, admin_address, shutdown, task })
+    Ok(Running {
+        address,
+        admin_address,
+        shutdown,
+        task,
+    })
 }

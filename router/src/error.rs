@@ -29,7 +29,14 @@ macro_rules! from_redb {
         }
     )*};
 }
-from_redb!(redb::Error, redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+from_redb!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 /// Why the router refused or failed a request. Each maps to a stable protocol error code.
 #[derive(Debug, Error)]

@@ -4,7 +4,8 @@
 //! grows with load (group commit) while every channel keeps one gap-free order.
 
 use crate::backend::{
-    ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageLog, MessageStore,
+    ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageLog,
+    MessageStore,
 };
 use crate::error::{BackendError, RouterError};
 use crate::pubsub::{channel_topic, user_topic, ControlEvent, Event, PubSub};
@@ -77,15 +78,34 @@ pub struct RouterStats {
 }
 
 enum Command {
-    Send { request: SendRequest, reply: oneshot::Sender<Result<SendOutcome, RouterError>> },
-    Membership { change: MembershipCommand, reply: oneshot::Sender<Result<ChannelView, RouterError>> },
+    Send {
+        request: SendRequest,
+        reply: oneshot::Sender<Result<SendOutcome, RouterError>>,
+    },
+    Membership {
+        change: MembershipCommand,
+        reply: oneshot::Sender<Result<ChannelView, RouterError>>,
+    },
 }
 
 enum MembershipCommand {
-    Create { creator: UserId, channel: ChannelId, members: Vec<UserId> },
-    Join { user: UserId, channel: ChannelId },
-    Leave { user: UserId, channel: ChannelId },
-    OpenDm { user: UserId, channel: ChannelId },
+    Create {
+        creator: UserId,
+        channel: ChannelId,
+        members: Vec<UserId>,
+    },
+    Join {
+        user: UserId,
+        channel: ChannelId,
+    },
+    Leave {
+        user: UserId,
+        channel: ChannelId,
+    },
+    OpenDm {
+        user: UserId,
+        channel: ChannelId,
+    },
 }
 
 /// Handle to the router; cheap to clone.
@@ -101,12 +121,18 @@ pub struct Router {
 
 impl std::fmt::Debug for Router {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("Router").field("config", &self.config).finish_non_exhaustive()
+        formatter
+            .debug_struct("Router")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Router {
@@ -118,7 +144,8 @@ impl Router {
         membership: Arc<dyn MembershipStore>,
         pubsub: Arc<dyn PubSub>,
     ) -> Result<(Router, tokio::task::JoinHandle<()>), RouterError> {
-        let snowflake = Snowflake::new(config.machine_id, config.epoch_ms).map_err(RouterError::Clock)?;
+        let snowflake =
+            Snowflake::new(config.machine_id, config.epoch_ms).map_err(RouterError::Clock)?;
         let (commands, queue) = mpsc::channel(config.queue.max(1));
         let stats = Arc::new(RouterStats::default());
         let writer = Writer {
@@ -133,7 +160,17 @@ impl Router {
             stats: stats.clone(),
         };
         let task = tokio::spawn(writer.run());
-        Ok((Router { commands, log, store, membership, config: Arc::new(config), stats }, task))
+        Ok((
+            Router {
+                commands,
+                log,
+                store,
+                membership,
+                config: Arc::new(config),
+                stats,
+            },
+            task,
+        ))
     }
 
     /// The writer's counters.
@@ -146,24 +183,43 @@ impl Router {
         &self.config
     }
 
-    async fn submit<T>(&self, build: impl FnOnce(oneshot::Sender<Result<T, RouterError>>) -> Command) -> Result<T, RouterError> {
+    async fn submit<T>(
+        &self,
+        build: impl FnOnce(oneshot::Sender<Result<T, RouterError>>) -> Command,
+    ) -> Result<T, RouterError> {
         let (reply, answer) = oneshot::channel();
-        self.commands.send(build(reply)).await.map_err(|_| RouterError::ShuttingDown)?;
+        self.commands
+            .send(build(reply))
+            .await
+            .map_err(|_| RouterError::ShuttingDown)?;
         answer.await.map_err(|_| RouterError::ShuttingDown)?
     }
 
     /// Sends a message. Returns once it is durable.
     #[instrument(skip(self, text), fields(sender = %sender))]
-    pub async fn send(&self, sender: &UserId, channel: &str, client_msg_id: &str, text: &str) -> Result<SendOutcome, RouterError> {
+    pub async fn send(
+        &self,
+        sender: &UserId,
+        channel: &str,
+        client_msg_id: &str,
+        text: &str,
+    ) -> Result<SendOutcome, RouterError> {
         let channel = ChannelId::parse(channel)?;
         if client_msg_id.is_empty() || client_msg_id.len() > 64 {
-            return Err(RouterError::InvalidArgument("client_msg_id must be 1-64 bytes".into()));
+            return Err(RouterError::InvalidArgument(
+                "client_msg_id must be 1-64 bytes".into(),
+            ));
         }
         if text.is_empty() {
-            return Err(RouterError::InvalidArgument("text must not be empty".into()));
+            return Err(RouterError::InvalidArgument(
+                "text must not be empty".into(),
+            ));
         }
         if text.len() > self.config.max_text_bytes {
-            return Err(RouterError::TextTooLong { actual: text.len(), limit: self.config.max_text_bytes });
+            return Err(RouterError::TextTooLong {
+                actual: text.len(),
+                limit: self.config.max_text_bytes,
+            });
         }
         let request = SendRequest {
             channel: channel.to_string(),
@@ -175,7 +231,12 @@ impl Router {
     }
 
     /// Creates a group channel with the creator and `members`.
-    pub async fn create_channel(&self, creator: &UserId, name: &str, members: &[String]) -> Result<ChannelView, RouterError> {
+    pub async fn create_channel(
+        &self,
+        creator: &UserId,
+        name: &str,
+        members: &[String],
+    ) -> Result<ChannelView, RouterError> {
         let channel = ChannelId::group(name)?;
         let mut unique: Vec<UserId> = Vec::with_capacity(members.len() + 1);
         let mut seen = HashSet::new();
@@ -186,43 +247,72 @@ impl Router {
             }
         }
         if unique.len() > self.config.max_channel_members as usize {
-            return Err(RouterError::TooManyMembers { channel: channel.to_string(), limit: self.config.max_channel_members });
+            return Err(RouterError::TooManyMembers {
+                channel: channel.to_string(),
+                limit: self.config.max_channel_members,
+            });
         }
-        let change = MembershipCommand::Create { creator: creator.clone(), channel, members: unique };
-        self.submit(|reply| Command::Membership { change, reply }).await
+        let change = MembershipCommand::Create {
+            creator: creator.clone(),
+            channel,
+            members: unique,
+        };
+        self.submit(|reply| Command::Membership { change, reply })
+            .await
     }
 
     /// Joins a group channel (idempotent).
     pub async fn join(&self, user: &UserId, channel: &str) -> Result<ChannelView, RouterError> {
         let channel = ChannelId::parse(channel)?;
         if channel.kind() == ChannelKind::Dm {
-            return Err(RouterError::InvalidArgument("direct messages cannot be joined; use open_dm".into()));
+            return Err(RouterError::InvalidArgument(
+                "direct messages cannot be joined; use open_dm".into(),
+            ));
         }
-        let change = MembershipCommand::Join { user: user.clone(), channel };
-        self.submit(|reply| Command::Membership { change, reply }).await
+        let change = MembershipCommand::Join {
+            user: user.clone(),
+            channel,
+        };
+        self.submit(|reply| Command::Membership { change, reply })
+            .await
     }
 
     /// Leaves a group channel.
     pub async fn leave(&self, user: &UserId, channel: &str) -> Result<ChannelView, RouterError> {
         let channel = ChannelId::parse(channel)?;
         if channel.kind() == ChannelKind::Dm {
-            return Err(RouterError::InvalidArgument("direct messages cannot be left".into()));
+            return Err(RouterError::InvalidArgument(
+                "direct messages cannot be left".into(),
+            ));
         }
-        let change = MembershipCommand::Leave { user: user.clone(), channel };
-        self.submit(|reply| Command::Membership { change, reply }).await
+        let change = MembershipCommand::Leave {
+            user: user.clone(),
+            channel,
+        };
+        self.submit(|reply| Command::Membership { change, reply })
+            .await
     }
 
     /// Opens the DM between `user` and `other`, creating it on first use.
     pub async fn open_dm(&self, user: &UserId, other: &str) -> Result<ChannelView, RouterError> {
         let other = UserId::new(other)?;
         let channel = ChannelId::direct(user, &other)?;
-        let change = MembershipCommand::OpenDm { user: user.clone(), channel };
-        self.submit(|reply| Command::Membership { change, reply }).await
+        let change = MembershipCommand::OpenDm {
+            user: user.clone(),
+            channel,
+        };
+        self.submit(|reply| Command::Membership { change, reply })
+            .await
     }
 
     /// Reads a page of history of a channel the user is a member of.
     #[instrument(skip(self), fields(user = %user))]
-    pub async fn history(&self, user: &UserId, channel: &str, mut query: HistoryQuery) -> Result<HistoryPage, RouterError> {
+    pub async fn history(
+        &self,
+        user: &UserId,
+        channel: &str,
+        mut query: HistoryQuery,
+    ) -> Result<HistoryPage, RouterError> {
         let channel = ChannelId::parse(channel)?;
         if query.limit == 0 {
             query.limit = 50;
@@ -231,11 +321,19 @@ impl Router {
             return Err(RouterError::InvalidArgument("limit must be 1-200".into()));
         }
         self.require_member(user, &channel).await?;
-        self.store.history(channel.as_str(), query).await.map_err(RouterError::Unavailable)
+        self.store
+            .history(channel.as_str(), query)
+            .await
+            .map_err(RouterError::Unavailable)
     }
 
     async fn require_member(&self, user: &UserId, channel: &ChannelId) -> Result<(), RouterError> {
-        if self.membership.is_member(channel.as_str(), user.as_str()).await.map_err(RouterError::Unavailable)? {
+        if self
+            .membership
+            .is_member(channel.as_str(), user.as_str())
+            .await
+            .map_err(RouterError::Unavailable)?
+        {
             return Ok(());
         }
         if let Some((first, second)) = channel.dm_members() {
@@ -245,7 +343,12 @@ impl Router {
             }
             return Err(RouterError::NotAMember(channel.to_string()));
         }
-        match self.membership.channel(channel.as_str()).await.map_err(RouterError::Unavailable)? {
+        match self
+            .membership
+            .channel(channel.as_str())
+            .await
+            .map_err(RouterError::Unavailable)?
+        {
             Some(_) => Err(RouterError::NotAMember(channel.to_string())),
             None => Err(RouterError::NoSuchChannel(channel.to_string())),
         }
@@ -253,7 +356,11 @@ impl Router {
 
     /// The user's channels.
     pub async fn list_channels(&self, user: &UserId) -> Result<Vec<ChannelView>, RouterError> {
-        let channels = self.membership.user_channels(user.as_str()).await.map_err(RouterError::Unavailable)?;
+        let channels = self
+            .membership
+            .user_channels(user.as_str())
+            .await
+            .map_err(RouterError::Unavailable)?;
         let mut views = Vec::with_capacity(channels.len());
         for channel in channels {
             if let Ok(id) = ChannelId::parse(channel) {
@@ -264,10 +371,26 @@ impl Router {
     }
 
     /// One channel as the user sees it.
-    pub async fn channel_view(&self, user: &UserId, channel: &ChannelId) -> Result<ChannelView, RouterError> {
-        let record = self.membership.channel(channel.as_str()).await.map_err(RouterError::Unavailable)?;
-        let joined = self.membership.is_member(channel.as_str(), user.as_str()).await.map_err(RouterError::Unavailable)?;
-        let last_seq = self.log.last_seq(channel.as_str()).await.map_err(RouterError::Unavailable)?;
+    pub async fn channel_view(
+        &self,
+        user: &UserId,
+        channel: &ChannelId,
+    ) -> Result<ChannelView, RouterError> {
+        let record = self
+            .membership
+            .channel(channel.as_str())
+            .await
+            .map_err(RouterError::Unavailable)?;
+        let joined = self
+            .membership
+            .is_member(channel.as_str(), user.as_str())
+            .await
+            .map_err(RouterError::Unavailable)?;
+        let last_seq = self
+            .log
+            .last_seq(channel.as_str())
+            .await
+            .map_err(RouterError::Unavailable)?;
         Ok(ChannelView {
             id: channel.to_string(),
             kind: channel.kind(),
@@ -280,7 +403,10 @@ impl Router {
 
     /// The oldest retained sequence of a channel.
     pub async fn first_retained_seq(&self, channel: &str) -> Result<u64, RouterError> {
-        self.store.first_retained_seq(channel).await.map_err(RouterError::Unavailable)
+        self.store
+            .first_retained_seq(channel)
+            .await
+            .map_err(RouterError::Unavailable)
     }
 }
 
@@ -301,8 +427,14 @@ struct Writer {
     stats: Arc<RouterStats>,
 }
 
-type SendItem = (SendRequest, oneshot::Sender<Result<SendOutcome, RouterError>>);
-type MembershipItem = (MembershipCommand, oneshot::Sender<Result<ChannelView, RouterError>>);
+type SendItem = (
+    SendRequest,
+    oneshot::Sender<Result<SendOutcome, RouterError>>,
+);
+type MembershipItem = (
+    MembershipCommand,
+    oneshot::Sender<Result<ChannelView, RouterError>>,
+);
 
 impl Writer {
     async fn run(mut self) {
@@ -352,7 +484,12 @@ impl Writer {
         let Some(record) = self.membership.channel(channel.as_str()).await? else {
             return Ok(false);
         };
-        let members: HashSet<String> = self.membership.members(channel.as_str()).await?.into_iter().collect();
+        let members: HashSet<String> = self
+            .membership
+            .members(channel.as_str())
+            .await?
+            .into_iter()
+            .collect();
         if !self.sequencer.knows(channel.as_str()) {
             let last = self.log.last_seq(channel.as_str()).await?;
             self.sequencer.load(channel.as_str(), last);
@@ -361,7 +498,13 @@ impl Writer {
             // Bound the cache; everything in it can be reloaded from the store.
             self.channels.clear();
         }
-        self.channels.insert(channel.to_string(), CachedChannel { kind: record.kind, members });
+        self.channels.insert(
+            channel.to_string(),
+            CachedChannel {
+                kind: record.kind,
+                members,
+            },
+        );
         Ok(true)
     }
 
@@ -371,7 +514,9 @@ impl Writer {
             id: channel.to_string(),
             kind: channel.kind(),
             name: channel.display_name(viewer),
-            members: cached.map(|cached| cached.members.len() as u32).unwrap_or(0),
+            members: cached
+                .map(|cached| cached.members.len() as u32)
+                .unwrap_or(0),
             last_seq: self.sequencer.last_seq(channel.as_str()).unwrap_or(0),
             joined: cached.is_some_and(|cached| cached.members.contains(viewer.as_str())),
         }
@@ -383,7 +528,10 @@ impl Writer {
         let mut new_dms = Vec::new();
         for (request, _) in &items {
             if let Ok(channel) = ChannelId::parse(request.channel.clone()) {
-                if channel.kind() == ChannelKind::Dm && !self.channels.contains_key(channel.as_str()) && !new_dms.contains(&channel) {
+                if channel.kind() == ChannelKind::Dm
+                    && !self.channels.contains_key(channel.as_str())
+                    && !new_dms.contains(&channel)
+                {
                     match self.load(&channel).await {
                         Ok(true) => {}
                         Ok(false) => new_dms.push(channel),
@@ -402,9 +550,15 @@ impl Writer {
             if self.membership.apply(changes).await.is_ok() {
                 for channel in &new_dms {
                     if let Some((first, second)) = channel.dm_members() {
-                        self.cache_new(channel, ChannelKind::Dm, [first.to_string(), second.to_string()]);
-                        self.publish_membership(channel.as_str(), first.as_str(), true).await;
-                        self.publish_membership(channel.as_str(), second.as_str(), true).await;
+                        self.cache_new(
+                            channel,
+                            ChannelKind::Dm,
+                            [first.to_string(), second.to_string()],
+                        );
+                        self.publish_membership(channel.as_str(), first.as_str(), true)
+                            .await;
+                        self.publish_membership(channel.as_str(), second.as_str(), true)
+                            .await;
                     }
                 }
             }
@@ -418,7 +572,10 @@ impl Writer {
                     Err(error) => Err(RouterError::Unavailable(error)),
                     Ok(false) => Err(RouterError::NoSuchChannel(request.channel.clone())),
                     Ok(true) => {
-                        let member = self.channels.get(channel.as_str()).is_some_and(|cached| cached.members.contains(&request.sender));
+                        let member = self
+                            .channels
+                            .get(channel.as_str())
+                            .is_some_and(|cached| cached.members.contains(&request.sender));
                         if member {
                             Ok(())
                         } else {
@@ -438,13 +595,18 @@ impl Writer {
             return;
         }
 
-        let keys = accepted.iter().map(|(request, _)| (request.sender.clone(), request.client_msg_id.clone())).collect();
+        let keys = accepted
+            .iter()
+            .map(|(request, _)| (request.sender.clone(), request.client_msg_id.clone()))
+            .collect();
         let prior = match self.log.find_sends(keys).await {
             Ok(prior) => prior,
             Err(error) => {
                 let message = error.to_string();
                 for (_, reply) in accepted {
-                    let _ = reply.send(Err(RouterError::Unavailable(BackendError::Unavailable(message.clone()))));
+                    let _ = reply.send(Err(RouterError::Unavailable(BackendError::Unavailable(
+                        message.clone(),
+                    ))));
                 }
                 return;
             }
@@ -453,13 +615,25 @@ impl Writer {
             .iter()
             .zip(prior)
             .filter_map(|((request, _), found)| {
-                found.map(|found| ((request.sender.clone(), request.client_msg_id.clone()), (found.channel, found.placement)))
+                found.map(|found| {
+                    (
+                        (request.sender.clone(), request.client_msg_id.clone()),
+                        (found.channel, found.placement),
+                    )
+                })
             })
             .collect();
-        let requests: Vec<SendRequest> = accepted.iter().map(|(request, _)| request.clone()).collect();
+        let requests: Vec<SendRequest> = accepted
+            .iter()
+            .map(|(request, _)| request.clone())
+            .collect();
         let plan = self.sequencer.plan(
             &requests,
-            |sender, client_msg_id| prior.get(&(sender.to_owned(), client_msg_id.to_owned())).map(|(_, placement)| *placement),
+            |sender, client_msg_id| {
+                prior
+                    .get(&(sender.to_owned(), client_msg_id.to_owned()))
+                    .map(|(_, placement)| *placement)
+            },
             &mut self.snowflake,
             now_ms(),
         );
@@ -481,19 +655,35 @@ impl Writer {
             }
         }
         // Timestamps come from the ids, so they never go backwards within a channel.
-        let written = if fresh.is_empty() { Ok(()) } else { self.log.append(fresh.clone()).await };
+        let written = if fresh.is_empty() {
+            Ok(())
+        } else {
+            self.log.append(fresh.clone()).await
+        };
         if let Err(error) = &written {
-            self.stats.write_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats
+                .write_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             warn!(%error, "durable append failed; nothing confirmed");
         } else {
             self.sequencer.commit(&plan);
-            self.stats.messages.fetch_add(fresh.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            self.stats.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats
+                .messages
+                .fetch_add(fresh.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.stats
+                .batches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             for message in fresh {
                 let topic = channel_topic(&message.channel);
                 let frame = Bytes::from(ServerFrame::Message(message).to_json());
-                if let Err(error) = self.pubsub.publish(&topic, Event::Message(frame).encode()).await {
-                    self.stats.publish_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Err(error) = self
+                    .pubsub
+                    .publish(&topic, Event::Message(frame).encode())
+                    .await
+                {
+                    self.stats
+                        .publish_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     warn!(%error, %topic, "publish failed; receivers recover the message from history");
                 }
             }
@@ -505,21 +695,37 @@ impl Writer {
         {
             let outcome = match decision {
                 Decision::New(placement) => match &written {
-                    Ok(()) => Ok(SendOutcome { channel: placement_channel, placement, duplicate: false }),
-                    Err(error) => Err(RouterError::Unavailable(BackendError::Unavailable(error.to_string()))),
+                    Ok(()) => Ok(SendOutcome {
+                        channel: placement_channel,
+                        placement,
+                        duplicate: false,
+                    }),
+                    Err(error) => Err(RouterError::Unavailable(BackendError::Unavailable(
+                        error.to_string(),
+                    ))),
                 },
                 Decision::Duplicate(placement) => {
                     if fresh_ids.contains(&placement.id) {
                         match &written {
-                            Ok(()) => Ok(SendOutcome { channel: placement_channel, placement, duplicate: true }),
-                            Err(error) => Err(RouterError::Unavailable(BackendError::Unavailable(error.to_string()))),
+                            Ok(()) => Ok(SendOutcome {
+                                channel: placement_channel,
+                                placement,
+                                duplicate: true,
+                            }),
+                            Err(error) => Err(RouterError::Unavailable(BackendError::Unavailable(
+                                error.to_string(),
+                            ))),
                         }
                     } else {
                         let channel = prior
                             .get(&(request.sender.clone(), request.client_msg_id.clone()))
                             .map(|(channel, _)| channel.clone())
                             .unwrap_or(placement_channel);
-                        Ok(SendOutcome { channel, placement, duplicate: true })
+                        Ok(SendOutcome {
+                            channel,
+                            placement,
+                            duplicate: true,
+                        })
                     }
                 }
                 Decision::Refused(error) => Err(RouterError::Clock(error)),
@@ -528,27 +734,65 @@ impl Writer {
         }
     }
 
-    fn cache_new(&mut self, channel: &ChannelId, kind: ChannelKind, members: impl IntoIterator<Item = String>) {
-        self.sequencer.load(channel.as_str(), self.sequencer.last_seq(channel.as_str()).unwrap_or(0));
-        self.channels.insert(channel.to_string(), CachedChannel { kind, members: members.into_iter().collect() });
+    fn cache_new(
+        &mut self,
+        channel: &ChannelId,
+        kind: ChannelKind,
+        members: impl IntoIterator<Item = String>,
+    ) {
+        self.sequencer.load(
+            channel.as_str(),
+            self.sequencer.last_seq(channel.as_str()).unwrap_or(0),
+        );
+        self.channels.insert(
+            channel.to_string(),
+            CachedChannel {
+                kind,
+                members: members.into_iter().collect(),
+            },
+        );
     }
 
     async fn publish_control(&self, topic: String, event: ControlEvent) {
-        if let Err(error) = self.pubsub.publish(&topic, Event::Control(event).encode()).await {
-            self.stats.publish_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Err(error) = self
+            .pubsub
+            .publish(&topic, Event::Control(event).encode())
+            .await
+        {
+            self.stats
+                .publish_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             warn!(%error, %topic, "control publish failed");
         }
     }
 
     async fn publish_membership(&self, channel: &str, user: &str, joined: bool) {
-        self.publish_control(user_topic(user), ControlEvent::Membership { channel: channel.to_owned(), joined }).await;
-        let members = self.channels.get(channel).map(|cached| cached.members.len()).unwrap_or(0);
+        self.publish_control(
+            user_topic(user),
+            ControlEvent::Membership {
+                channel: channel.to_owned(),
+                joined,
+            },
+        )
+        .await;
+        let members = self
+            .channels
+            .get(channel)
+            .map(|cached| cached.members.len())
+            .unwrap_or(0);
         if members > self.config.fanout_threshold as usize {
             // Large channels get no per-member events: that would be quadratic in the member count.
             return;
         }
-        self.publish_control(channel_topic(channel), ControlEvent::Member { channel: channel.to_owned(), user: user.to_owned(), joined })
-            .await;
+        self.publish_control(
+            channel_topic(channel),
+            ControlEvent::Member {
+                channel: channel.to_owned(),
+                user: user.to_owned(),
+                joined,
+            },
+        )
+        .await;
     }
 
     #[instrument(skip_all, fields(changes = items.len()))]
@@ -556,11 +800,18 @@ impl Writer {
         let mut changes: Vec<MembershipChange> = Vec::new();
         let mut events: Vec<(String, String, bool)> = Vec::new();
         let mut touched: HashSet<String> = HashSet::new();
-        let mut answers: Vec<(oneshot::Sender<Result<ChannelView, RouterError>>, Result<(ChannelId, UserId), RouterError>)> = Vec::new();
+        let mut answers: Vec<(
+            oneshot::Sender<Result<ChannelView, RouterError>>,
+            Result<(ChannelId, UserId), RouterError>,
+        )> = Vec::new();
         let limit = self.config.max_channel_members;
         for (command, reply) in items {
             let result = match command {
-                MembershipCommand::Create { creator, channel, members } => match self.load(&channel).await {
+                MembershipCommand::Create {
+                    creator,
+                    channel,
+                    members,
+                } => match self.load(&channel).await {
                     Err(error) => Err(RouterError::Unavailable(error)),
                     Ok(true) => Err(RouterError::ChannelExists(channel.to_string())),
                     Ok(false) => {
@@ -572,10 +823,17 @@ impl Writer {
                             member_count: 0,
                         }));
                         for member in &members {
-                            changes.push(MembershipChange::Add { channel: channel.to_string(), user: member.to_string() });
+                            changes.push(MembershipChange::Add {
+                                channel: channel.to_string(),
+                                user: member.to_string(),
+                            });
                             events.push((channel.to_string(), member.to_string(), true));
                         }
-                        self.cache_new(&channel, ChannelKind::Group, members.iter().map(|member| member.to_string()));
+                        self.cache_new(
+                            &channel,
+                            ChannelKind::Group,
+                            members.iter().map(|member| member.to_string()),
+                        );
                         touched.insert(channel.to_string());
                         Ok((channel, creator))
                     }
@@ -590,25 +848,40 @@ impl Writer {
                                 if cached.members.contains(user.as_str()) {
                                     Ok((channel, user))
                                 } else if cached.members.len() >= limit as usize {
-                                    Err(RouterError::TooManyMembers { channel: channel.to_string(), limit })
+                                    Err(RouterError::TooManyMembers {
+                                        channel: channel.to_string(),
+                                        limit,
+                                    })
                                 } else {
                                     cached.members.insert(user.to_string());
-                                    changes.push(MembershipChange::Add { channel: channel.to_string(), user: user.to_string() });
+                                    changes.push(MembershipChange::Add {
+                                        channel: channel.to_string(),
+                                        user: user.to_string(),
+                                    });
                                     events.push((channel.to_string(), user.to_string(), true));
                                     touched.insert(channel.to_string());
                                     Ok((channel, user))
                                 }
                             }
-                            _ => Err(RouterError::InvalidArgument("only group channels can be joined".into())),
+                            _ => Err(RouterError::InvalidArgument(
+                                "only group channels can be joined".into(),
+                            )),
                         }
                     }
                 },
                 MembershipCommand::Leave { user, channel } => match self.load(&channel).await {
                     Err(error) => Err(RouterError::Unavailable(error)),
                     Ok(false) => Err(RouterError::NoSuchChannel(channel.to_string())),
-                    Ok(true) => match self.channels.get_mut(channel.as_str()).map(|cached| cached.members.remove(user.as_str())) {
+                    Ok(true) => match self
+                        .channels
+                        .get_mut(channel.as_str())
+                        .map(|cached| cached.members.remove(user.as_str()))
+                    {
                         Some(true) => {
-                            changes.push(MembershipChange::Remove { channel: channel.to_string(), user: user.to_string() });
+                            changes.push(MembershipChange::Remove {
+                                channel: channel.to_string(),
+                                user: user.to_string(),
+                            });
                             events.push((channel.to_string(), user.to_string(), false));
                             touched.insert(channel.to_string());
                             Ok((channel, user))
@@ -624,7 +897,11 @@ impl Writer {
                             changes.extend(dm_changes(&channel, &first, &second));
                             events.push((channel.to_string(), first.to_string(), true));
                             events.push((channel.to_string(), second.to_string(), true));
-                            self.cache_new(&channel, ChannelKind::Dm, [first.to_string(), second.to_string()]);
+                            self.cache_new(
+                                &channel,
+                                ChannelKind::Dm,
+                                [first.to_string(), second.to_string()],
+                            );
                             touched.insert(channel.to_string());
                             Ok((channel, user))
                         }
@@ -641,11 +918,14 @@ impl Writer {
                     self.publish_membership(&channel, &user, joined).await;
                 }
                 for (reply, result) in answers {
-                    let _ = reply.send(result.map(|(channel, viewer)| self.view(&channel, &viewer)));
+                    let _ =
+                        reply.send(result.map(|(channel, viewer)| self.view(&channel, &viewer)));
                 }
             }
             Err(error) => {
-                self.stats.write_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.stats
+                    .write_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 warn!(%error, "membership write failed; nothing applied");
                 for channel in touched {
                     // Forget the tentative state; it is reloaded from the store on next use.
@@ -653,7 +933,11 @@ impl Writer {
                 }
                 let message = error.to_string();
                 for (reply, result) in answers {
-                    let _ = reply.send(result.and_then(|_| Err(RouterError::Unavailable(BackendError::Unavailable(message.clone())))));
+                    let _ = reply.send(result.and_then(|_| {
+                        Err(RouterError::Unavailable(BackendError::Unavailable(
+                            message.clone(),
+                        )))
+                    }));
                 }
             }
         }
@@ -669,7 +953,13 @@ fn dm_changes(channel: &ChannelId, first: &UserId, second: &UserId) -> Vec<Membe
             created_at: now_ms(),
             member_count: 0,
         }),
-        MembershipChange::Add { channel: channel.to_string(), user: first.to_string() },
-        MembershipChange::Add { channel: channel.to_string(), user: second.to_string() },
+        MembershipChange::Add {
+            channel: channel.to_string(),
+            user: first.to_string(),
+        },
+        MembershipChange::Add {
+            channel: channel.to_string(),
+            user: second.to_string(),
+        },
     ]
 }
