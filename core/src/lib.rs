@@ -8,9 +8,11 @@
 //!   sequence) that never goes backwards;
 //! - [`conversation`]: user and channel ids, the deterministic DM id, and validation;
 //! - [`sequencer`]: the per-channel single-writer sequence and send idempotency decisions;
-//! - [`ratelimit`]: a token bucket driven by an explicit clock.
+//! - [`ratelimit`]: a token bucket driven by an explicit clock;
+//! - [`delivery`]: per-connection ACK, retransmit and dedup decisions.
 
 pub mod conversation;
+pub mod delivery;
 pub mod protocol;
 pub mod ratelimit;
 pub mod sequencer;

@@ -164,8 +164,17 @@ impl ClientFrame {
     }
 }
 
-const CLIENT_TYPES: &[&str] =
-    &["send", "history", "ack", "ping", "create_channel", "join", "leave", "list_channels", "open_dm"];
+const CLIENT_TYPES: &[&str] = &[
+    "send",
+    "history",
+    "ack",
+    "ping",
+    "create_channel",
+    "join",
+    "leave",
+    "list_channels",
+    "open_dm",
+];
 
 /// Why a client frame could not be decoded. Small on purpose: this is the hot path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,16 +192,17 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
     match serde_json::from_slice::<ClientFrame>(bytes) {
         Ok(frame) => Ok(frame),
         Err(error) => {
-            let mut probe = match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(bytes) {
-                Ok(probe) => probe,
-                Err(_) => {
-                    return Err(DecodeError {
-                        code: ErrorCode::InvalidJson,
-                        message: "frame is not a JSON object".to_owned(),
-                        req_id: None,
-                    })
-                }
-            };
+            let mut probe =
+                match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(bytes) {
+                    Ok(probe) => probe,
+                    Err(_) => {
+                        return Err(DecodeError {
+                            code: ErrorCode::InvalidJson,
+                            message: "frame is not a JSON object".to_owned(),
+                            req_id: None,
+                        })
+                    }
+                };
             let req_id = match probe.remove("req_id") {
                 Some(serde_json::Value::String(id)) if id.len() <= 64 => Some(id),
                 _ => None,
@@ -201,14 +211,28 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
                 None => (ErrorCode::InvalidFrame, "missing field `type`".to_owned()),
                 Some(serde_json::Value::String(kind)) if !CLIENT_TYPES.contains(&kind.as_str()) => {
                     let shown: String = kind.chars().take(32).collect();
-                    (ErrorCode::UnknownType, format!("unknown frame type {shown:?}"))
+                    (
+                        ErrorCode::UnknownType,
+                        format!("unknown frame type {shown:?}"),
+                    )
                 }
-                Some(serde_json::Value::String(kind)) => {
-                    (ErrorCode::InvalidFrame, format!("invalid {kind} frame: {}", strip_position(&error.to_string())))
-                }
-                Some(_) => (ErrorCode::InvalidFrame, "field `type` must be a string".to_owned()),
+                Some(serde_json::Value::String(kind)) => (
+                    ErrorCode::InvalidFrame,
+                    format!(
+                        "invalid {kind} frame: {}",
+                        strip_position(&error.to_string())
+                    ),
+                ),
+                Some(_) => (
+                    ErrorCode::InvalidFrame,
+                    "field `type` must be a string".to_owned(),
+                ),
             };
-            Err(DecodeError { code, message, req_id })
+            Err(DecodeError {
+                code,
+                message,
+                req_id,
+            })
         }
     }
 }
@@ -405,7 +429,9 @@ mod tests {
 
     #[test]
     fn decodes_send() {
-        let frame = decode_client(br#"{"type":"send","channel":"g:a","client_msg_id":"c1","text":"hi","extra":1}"#);
+        let frame = decode_client(
+            br#"{"type":"send","channel":"g:a","client_msg_id":"c1","text":"hi","extra":1}"#,
+        );
         assert_eq!(
             frame,
             Ok(ClientFrame::Send {
@@ -422,13 +448,24 @@ mod tests {
         let code = |bytes: &[u8]| decode_client(bytes).map_err(|error| error.code).err();
         assert_eq!(code(b"not json"), Some(ErrorCode::InvalidJson));
         assert_eq!(code(b"[1,2]"), Some(ErrorCode::InvalidJson));
-        assert_eq!(code(br#"{"type":"teleport"}"#), Some(ErrorCode::UnknownType));
-        assert_eq!(code(br#"{"type":"send","channel":"g:a"}"#), Some(ErrorCode::InvalidFrame));
+        assert_eq!(
+            code(br#"{"type":"teleport"}"#),
+            Some(ErrorCode::UnknownType)
+        );
+        assert_eq!(
+            code(br#"{"type":"send","channel":"g:a"}"#),
+            Some(ErrorCode::InvalidFrame)
+        );
         assert_eq!(code(br#"{"channel":"g:a"}"#), Some(ErrorCode::InvalidFrame));
         assert_eq!(code(br#"{"type":7}"#), Some(ErrorCode::InvalidFrame));
-        let error = decode_client(br#"{"type":"history","req_id":"r9","limit":"x"}"#).expect_err("invalid");
+        let error =
+            decode_client(br#"{"type":"history","req_id":"r9","limit":"x"}"#).expect_err("invalid");
         assert_eq!(error.req_id.as_deref(), Some("r9"));
-        assert!(error.message.starts_with("invalid history frame: "), "{}", error.message);
+        assert!(
+            error.message.starts_with("invalid history frame: "),
+            "{}",
+            error.message
+        );
     }
 
     #[test]
@@ -445,7 +482,10 @@ mod tests {
         let json = frame.to_json();
         assert!(json.starts_with(r#"{"type":"message""#), "{json}");
         assert!(json.contains(r#""id":"9223372036854775807""#), "{json}");
-        assert_eq!(serde_json::from_str::<ServerFrame>(&json).expect("round trip"), frame);
+        assert_eq!(
+            serde_json::from_str::<ServerFrame>(&json).expect("round trip"),
+            frame
+        );
         let error = ServerFrame::Error {
             req_id: None,
             code: ErrorCode::NotAMember,
