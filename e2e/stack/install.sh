@@ -16,16 +16,25 @@ ONLY="${STACK_ONLY:-redis,kafka,cassandra,cql}"
 FORCE="${STACK_FORCE:-0}"
 mkdir -p "$CACHE"
 
-log() { printf '[stack-install] %s\n' "$*" >&2; }
+T0=$SECONDS
+log() { printf '[stack-install +%ss] %s\n' "$((SECONDS - T0))" "$*" >&2; }
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 done_marker() { [[ "$FORCE" != 1 && -f "$CACHE/$1/.installed" ]]; }
 
 # Kafka and Cassandra candidates, newest first. The first one whose whole runtime
 # dependency tree resolves wins.
 KAFKA_VERSIONS="${KAFKA_VERSIONS:-4.4.0 4.3.1 4.3.0 4.2.2 4.2.1 4.2.0 4.1.2 4.1.1 4.1.0 4.0.2 4.0.1 4.0.0}"
-CASSANDRA_VERSIONS="${CASSANDRA_VERSIONS:-5.0.12 5.0.11 5.0.10 5.0.9 5.0.8 5.0.7 5.0.6 5.0.5 5.0.4 5.0.3 5.0.2 5.0.1 5.0.0}"
+# Cassandra first asks Maven for the newest 5.0.x (a version range, one resolution),
+# then falls back to the explicit list.
+CASSANDRA_VERSIONS="${CASSANDRA_VERSIONS:-[5.0.0,5.0.999] 5.0.12 5.0.11 5.0.10 5.0.9 5.0.8 5.0.7 5.0.6 5.0.5 5.0.4 5.0.3 5.0.2 5.0.1 5.0.0}"
 
 MVN=(nice -n 10 mvn -q -B)
+need_mvn() {
+  command -v mvn >/dev/null && return
+  [[ $(id -u) == 0 ]] || { log "mvn not found; install Maven (apt-get install -y maven)"; exit 1; }
+  log "mvn not found; installing Debian's maven"
+  apt-get install -y -qq maven >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq maven >/dev/null; }
+}
 
 # write_pom DIR ARTIFACTID DEPS_XML
 write_pom() {
@@ -67,7 +76,8 @@ install_redis() {
   fi
   [[ $(id -u) == 0 ]] || { log "redis: not installed and not root; run: apt-get install -y redis-server"; exit 1; }
   export DEBIAN_FRONTEND=noninteractive
-  if ! apt-cache policy redis-server 2>/dev/null | grep -qE 'Candidate: [0-9]'; then
+  local policy; policy=$(apt-cache policy redis-server 2>/dev/null || true)
+  if ! grep -qE 'Candidate: [0-9]' <<<"$policy"; then
     log "redis: no apt candidate; running apt-get update"
     apt-get update -qq
   fi
@@ -114,6 +124,7 @@ resolve_kafka() {
 install_kafka() {
   local d="$CACHE/kafka"
   if done_marker kafka; then log "kafka: cached (broker $(cat "$d/version"), mirrormaker $(cat "$d/mm2/version" 2>/dev/null || echo none))"; return; fi
+  need_mvn
   rm -rf "$d"; mkdir -p "$d"
   # Broker + command-line tools (StorageTool is in kafka_2.13, TopicCommand and the
   # console producer/consumer in kafka-tools).
@@ -130,14 +141,15 @@ install_kafka() {
 install_cassandra() {
   local d="$CACHE/cassandra"
   if done_marker cassandra; then log "cassandra: cached ($(cat "$d/version"))"; return; fi
+  need_mvn
   rm -rf "$d"; mkdir -p "$d"
   local v ok=""
   for v in $CASSANDRA_VERSIONS; do
     log "cassandra: trying $v"
     rm -rf "$d/lib.tmp"
     write_pom "$d" cassandra-stack "$(dep org.apache.cassandra cassandra-all "$v")"
-    if copy_deps "$d" "$d/lib.tmp"; then ok=$v; break; fi
-    log "cassandra: $v did not resolve: $(grep -m1 -E 'ERROR|Could not' "$d/mvn.log" || true)"
+    if copy_deps "$d" "$d/lib.tmp"; then ok=$(jar_version "$d/lib.tmp" cassandra-all); break; fi
+    log "cassandra: $v did not resolve: $(grep -m1 -oE 'Could not (find|resolve)[^>]*' "$d/mvn.log" || tail -n1 "$d/mvn.log")"
   done
   [[ -n "$ok" ]] || { log "cassandra: no version of [$CASSANDRA_VERSIONS] resolved; see $d/mvn.log"; exit 1; }
   jar_version "$d/lib.tmp" jamm >/dev/null || { log "cassandra: jamm jar missing from the tree"; exit 1; }

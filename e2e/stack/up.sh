@@ -1,0 +1,574 @@
+#!/usr/bin/env bash
+# Starts real Redis, Apache Kafka (KRaft, single node) and Apache Cassandra 5.0 on
+# loopback, each with its own free ports and data dir under a state dir, and waits
+# until each one answers. Stop everything with e2e/stack/down.sh <state dir>.
+#
+#   up.sh [options] [STATE_DIR]        (or PARLEY_STACK_DIR; default /tmp/parley-stack)
+#     --only LIST      comma list of engines: redis,kafka,cassandra (default: all three)
+#     --dc2            also start a second Cassandra node on 127.0.0.2 in datacenter dc2
+#     --kafka2         also start a second, independent Kafka broker (cluster "B")
+#     --mm2            start MirrorMaker 2 replicating Kafka A -> B (implies --kafka2)
+#
+#   Environment: PARLEY_CACHE (as for install.sh), STACK_NICE (niceness of the engines,
+#   default 0), STACK_TIMEOUT (seconds per engine, default 180),
+#   STACK_KAFKA_HEAP (default 512m), STACK_CASSANDRA_HEAP (default 1G),
+#   CASSANDRA_JAVA (a JDK 17 java; found automatically), KAFKA_JAVA (default: java),
+#   STACK_KEEP_ON_FAIL=1 (leave engines running when one fails to start; default: stop them).
+#
+# Writes $STATE/stack.env (PARLEY_REDIS_URL, PARLEY_KAFKA_BOOTSTRAP, PARLEY_CASSANDRA_CONTACT,
+# PARLEY_CASSANDRA_DC, and with the options PARLEY_CASSANDRA_CONTACT_DC2,
+# PARLEY_KAFKA_B_BOOTSTRAP) and helper commands in $STATE/bin:
+#   kafka-run CLASS ARGS...   run a Kafka tool class (e.g. org.apache.kafka.tools.TopicCommand)
+#   cql [-h host] [-p port] [--dc DC] STATEMENT...   run CQL, print rows (python driver)
+#   nodetool [-p JMX_PORT] ARGS...                    Cassandra's nodetool over local JMX
+# Exit status 0 once every engine asked for is ready; 1 (with the engine's name and log
+# file) otherwise.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CACHE="${PARLEY_CACHE:-$HOME/.cache/parley}/stack"
+ONLY="redis,kafka,cassandra"
+DC2=0; KAFKA2=0; MM2=0; STATE=""
+while (($#)); do
+  case "$1" in
+    --only) ONLY="$2"; shift 2 ;;
+    --only=*) ONLY="${1#--only=}"; shift ;;
+    --dc2) DC2=1; shift ;;
+    --kafka2) KAFKA2=1; shift ;;
+    --mm2) MM2=1; KAFKA2=1; shift ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+    -*) echo "up.sh: unknown option $1" >&2; exit 2 ;;
+    *) STATE="$1"; shift ;;
+  esac
+done
+STATE="${STATE:-${PARLEY_STACK_DIR:-/tmp/parley-stack}}"
+NICE="${STACK_NICE:-0}"
+TIMEOUT="${STACK_TIMEOUT:-180}"
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
+for e in ${ONLY//,/ }; do
+  case "$e" in redis|kafka|cassandra) ;; *) echo "up.sh: unknown engine '$e' (redis,kafka,cassandra)" >&2; exit 2 ;; esac
+done
+want cassandra || DC2=0
+want kafka || { KAFKA2=0; MM2=0; }
+
+log() { printf '[stack-up %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() {
+  printf '[stack-up] ERROR: %s\n' "$*" >&2
+  if [[ -n "${LAUNCHED:-}" && "${STACK_KEEP_ON_FAIL:-0}" != 1 ]]; then
+    log "stopping what was started (logs stay in $STATE; STACK_KEEP_ON_FAIL=1 keeps the engines running)"
+    "$HERE/down.sh" "$STATE" >&2 || true
+  fi
+  exit 1
+}
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
+
+mkdir -p "$STATE"
+STATE="$(cd "$STATE" && pwd)"
+PIDS="$STATE/pids"
+mkdir -p "$PIDS" "$STATE/bin"
+
+# Refuse to start over a live stack.
+for f in "$PIDS"/*.pid; do
+  [[ -e "$f" ]] || continue
+  read -r pid _ <"$f" || true
+  if [[ -n "${pid:-}" ]] && kill -0 "$pid" 2>/dev/null; then
+    die "a stack is already running in $STATE ($(basename "$f" .pid) pid $pid); run e2e/stack/down.sh $STATE first"
+  fi
+  rm -f "$f"
+done
+
+# Install (no-op when cached).
+parts=""
+want redis && parts+="redis,"
+want kafka && parts+="kafka,"
+want cassandra && parts+="cassandra,cql,"
+STACK_ONLY="${parts%,}" "$HERE/install.sh"
+
+KAFKA_LIB="$CACHE/kafka/broker/lib"
+MM2_LIB="$CACHE/kafka/mm2/lib"
+CASS_LIB="$CACHE/cassandra/lib"
+PY="$CACHE/cql/venv/bin/python"
+
+# ---------------------------------------------------------------------------
+# ports: random ports in 15000-32000 (below the ephemeral range), bindable on
+# 127.0.0.1 (and on 127.0.0.2 when the second Cassandra node needs the same port).
+USED_PORTS=""
+free_port() { # [extra address]
+  local p
+  p=$(python3 - "$USED_PORTS" "$@" <<'EOF'
+import random, socket, sys
+used = set(int(x) for x in sys.argv[1].split() if x)
+addrs = ["127.0.0.1"] + sys.argv[2:]
+for _ in range(500):
+    p = random.randint(15000, 32000)
+    if p in used:
+        continue
+    socks = []
+    try:
+        for a in addrs:
+            s = socket.socket(); socks.append(s); s.bind((a, p))
+    except OSError:
+        continue
+    finally:
+        for s in socks: s.close()
+    print(p); break
+else:
+    sys.exit("no free port")
+EOF
+) || die "could not find a free port"
+  USED_PORTS+=" $p"; echo "$p"
+}
+
+# start NAME LOGFILE CMD...: run CMD in its own session (so down.sh can kill the
+# whole process group); pid file holds "pid starttime" to guard against pid reuse.
+start() {
+  local name=$1 logf=$2; shift 2
+  setsid bash -c 'echo "$$ $(cut -d" " -f22 /proc/$$/stat)" >"$0"; exec "$@"' \
+    "$PIDS/$name.pid" nice -n "$NICE" "$@" </dev/null >"$logf" 2>&1 &
+  local i
+  for i in $(seq 50); do [[ -s "$PIDS/$name.pid" ]] && break; sleep 0.1; done
+  LAUNCHED=1
+  STARTED_AT[$name]=$(now)
+  LOGS[$name]=$logf
+}
+alive() { local pid; read -r pid _ <"$PIDS/$1.pid" 2>/dev/null && kill -0 "$pid" 2>/dev/null; }
+declare -A STARTED_AT LOGS READY_S
+
+# wait_ready NAME CHECK...: poll CHECK until it succeeds; fail with the log's tail if
+# the engine dies or the timeout passes.
+wait_ready() {
+  local name=$1; shift
+  local deadline=$(( $(date +%s) + TIMEOUT ))
+  while true; do
+    if "$@" >/dev/null 2>&1; then
+      local label=${WAIT_LABEL:-$name}
+      READY_S[$label]=$(since "${STARTED_AT[$name]}")
+      log "$label ready in ${READY_S[$label]}s after launch"
+      return 0
+    fi
+    if ! alive "$name"; then
+      tail -n 30 "${LOGS[$name]}" >&2 || true
+      die "$name exited before becoming ready; log: ${LOGS[$name]}"
+    fi
+    if (( $(date +%s) > deadline )); then
+      tail -n 30 "${LOGS[$name]}" >&2 || true
+      die "$name did not become ready within ${TIMEOUT}s; log: ${LOGS[$name]}"
+    fi
+    sleep 1
+  done
+}
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+ENV="$STATE/stack.env"
+{
+  echo "# written by e2e/stack/up.sh at $(date -Is)"
+  echo "PARLEY_STACK_DIR=$STATE"
+} >"$ENV.tmp"
+envline() { echo "$1=$2" >>"$ENV.tmp"; }
+
+# ---------------------------------------------------------------------------
+# Redis
+start_redis() {
+  local d="$STATE/redis"; mkdir -p "$d"
+  REDIS_PORT=$(free_port)
+  start redis "$d/redis.log" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" \
+    --appendonly no --dir "$d" --daemonize no --protected-mode yes
+  envline PARLEY_REDIS_URL "redis://127.0.0.1:$REDIS_PORT"
+}
+redis_ready() { [[ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping)" == PONG ]]; }
+
+# ---------------------------------------------------------------------------
+# Kafka (KRaft, combined broker+controller)
+KAFKA_JAVA="${KAFKA_JAVA:-java}"
+cat >"$STATE/bin/kafka-log4j2.properties" <<'EOF'
+status = warn
+appender.err.type = Console
+appender.err.name = STDERR
+appender.err.target = SYSTEM_ERR
+appender.err.layout.type = PatternLayout
+appender.err.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = warn
+rootLogger.appenderRef.err.ref = STDERR
+EOF
+cat >"$STATE/bin/kafka-run" <<EOF
+#!/usr/bin/env bash
+# Runs a Kafka class with the stack's Kafka jars, e.g.
+#   kafka-run org.apache.kafka.tools.TopicCommand --bootstrap-server \$PARLEY_KAFKA_BOOTSTRAP --list
+cls=\$1; shift
+exec "$KAFKA_JAVA" -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \\
+  -Dlog4j2.configurationFile="$STATE/bin/kafka-log4j2.properties" \\
+  -cp "$KAFKA_LIB/*" "\$cls" "\$@"
+EOF
+chmod +x "$STATE/bin/kafka-run"
+
+start_kafka() { # NAME -> sets KAFKA_PORT_<NAME>
+  local name=$1 d="$STATE/$1"; mkdir -p "$d/data"
+  local bp cp
+  bp=$(free_port); cp=$(free_port)
+  cat >"$d/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$cp
+listeners=PLAINTEXT://127.0.0.1:$bp,CONTROLLER://127.0.0.1:$cp
+advertised.listeners=PLAINTEXT://127.0.0.1:$bp
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$d/data
+num.partitions=1
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=4
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+share.coordinator.state.topic.num.partitions=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=true
+num.network.threads=2
+num.io.threads=4
+num.recovery.threads.per.data.dir=1
+log.retention.hours=24
+log.segment.bytes=67108864
+EOF
+  cat >"$d/log4j2.properties" <<'EOF'
+status = warn
+appender.out.type = Console
+appender.out.name = STDOUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = info
+rootLogger.appenderRef.out.ref = STDOUT
+logger.kafka.name = kafka
+logger.kafka.level = info
+logger.state.name = state.change.logger
+logger.state.level = warn
+logger.request.name = kafka.request.logger
+logger.request.level = warn
+EOF
+  local jvm=("$KAFKA_JAVA" -Xms256m "-Xmx${STACK_KAFKA_HEAP:-512m}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+    -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true -Djava.net.preferIPv4Stack=true
+    "-Dlog4j2.configurationFile=$d/log4j2.properties" "-Dkafka.logs.dir=$d" -cp "$KAFKA_LIB/*")
+  if [[ ! -e "$d/data/meta.properties" ]]; then
+    local cid
+    # same format as kafka.tools.StorageTool random-uuid (base64url of 16 random bytes,
+    # not starting with '-'), without paying for a JVM start
+    cid=$(python3 -c 'import base64,os
+while True:
+    u=base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+    if not u.startswith("-"): print(u); break')
+    [[ -n "$cid" ]] || die "kafka ($name): StorageTool random-uuid printed nothing"
+    nice -n "$NICE" "${jvm[@]}" -XX:TieredStopAtLevel=1 kafka.tools.StorageTool format -t "$cid" -c "$d/server.properties" -g \
+      >"$d/format.log" 2>&1 || { cat "$d/format.log" >&2; die "kafka ($name): storage format failed; log: $d/format.log"; }
+  fi
+  start "$name" "$d/kafka.log" "${jvm[@]}" kafka.Kafka "$d/server.properties"
+  printf -v "KAFKA_PORT_${name//-/_}" '%s' "$bp"
+}
+kafka_ready() { # PORT
+  port_open 127.0.0.1 "$1" || return 1
+  "$STATE/bin/kafka-run" org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$1" \
+    --create --if-not-exists --topic parley-stack-ready --partitions 1 --replication-factor 1 >/dev/null 2>&1 || return 1
+  "$STATE/bin/kafka-run" org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$1" --list 2>/dev/null \
+    | grep -qx parley-stack-ready
+}
+
+start_mm2() {
+  local d="$STATE/mm2"; mkdir -p "$d"
+  cat >"$d/mm2.properties" <<EOF
+clusters=A,B
+A.bootstrap.servers=127.0.0.1:$KAFKA_PORT_kafka
+B.bootstrap.servers=127.0.0.1:$KAFKA_PORT_kafka_b
+A->B.enabled=true
+A->B.topics=.*
+B->A.enabled=false
+replication.factor=1
+checkpoints.topic.replication.factor=1
+heartbeats.topic.replication.factor=1
+offset-syncs.topic.replication.factor=1
+offset.storage.replication.factor=1
+status.storage.replication.factor=1
+config.storage.replication.factor=1
+refresh.topics.interval.seconds=5
+refresh.groups.interval.seconds=5
+sync.topic.configs.enabled=false
+sync.topic.acls.enabled=false
+emit.checkpoints.interval.seconds=5
+tasks.max=1
+EOF
+  cp "$STATE/kafka/log4j2.properties" "$d/log4j2.properties"
+  start mm2 "$d/mm2.log" "$KAFKA_JAVA" -Xms128m -Xmx512m -XX:+UseG1GC -Djava.net.preferIPv4Stack=true \
+    "-Dlog4j2.configurationFile=$d/log4j2.properties" -cp "$MM2_LIB/*" \
+    org.apache.kafka.connect.mirror.MirrorMaker "$d/mm2.properties" --clusters B
+  envline PARLEY_MM2_SOURCE_ALIAS A
+}
+mm2_ready() { grep -q "MirrorSourceConnector" "$STATE/mm2/mm2.log" && grep -qiE "Kafka MirrorMaker started|MirrorMaker started" "$STATE/mm2/mm2.log"; }
+
+# ---------------------------------------------------------------------------
+# Cassandra 5.0 (JDK 17)
+find_java17() {
+  local j
+  if [[ -n "${CASSANDRA_JAVA:-}" ]]; then
+    "$CASSANDRA_JAVA" -version 2>&1 | head -n1 | grep -qE 'version "17[."]' && { echo "$CASSANDRA_JAVA"; return 0; }
+    echo "CASSANDRA_JAVA=$CASSANDRA_JAVA is not a JDK 17" >&2; return 1
+  fi
+  for j in "${JAVA17_HOME:+$JAVA17_HOME/bin/java}" java /usr/lib/jvm/*17*/bin/java /opt/*17*/bin/java; do
+    [[ -n "$j" ]] && command -v "$j" >/dev/null 2>&1 || continue
+    if "$j" -version 2>&1 | head -n1 | grep -qE 'version "17[."]'; then command -v "$j"; return 0; fi
+  done
+  return 1
+}
+
+# The JPMS flags of Cassandra 5.0's conf/jvm17-server.options (not shipped in the jar).
+CASS_JPMS=(
+  -Djdk.attach.allowAttachSelf=true
+  --add-exports java.base/jdk.internal.misc=ALL-UNNAMED
+  --add-exports java.management.rmi/com.sun.jmx.remote.internal.rmi=ALL-UNNAMED
+  --add-exports java.rmi/sun.rmi.registry=ALL-UNNAMED
+  --add-exports java.rmi/sun.rmi.server=ALL-UNNAMED
+  --add-exports java.sql/java.sql=ALL-UNNAMED
+  --add-exports java.base/java.lang.ref=ALL-UNNAMED
+  --add-exports jdk.unsupported/sun.misc=ALL-UNNAMED
+  --add-exports jdk.compiler/com.sun.tools.javac.file=ALL-UNNAMED
+  --add-exports jdk.attach/sun.tools.attach=ALL-UNNAMED
+  --add-opens java.base/java.lang.module=ALL-UNNAMED
+  --add-opens java.base/jdk.internal.loader=ALL-UNNAMED
+  --add-opens java.base/jdk.internal.ref=ALL-UNNAMED
+  --add-opens java.base/jdk.internal.reflect=ALL-UNNAMED
+  --add-opens java.base/jdk.internal.math=ALL-UNNAMED
+  --add-opens java.base/jdk.internal.module=ALL-UNNAMED
+  --add-opens java.base/jdk.internal.util.jar=ALL-UNNAMED
+  --add-opens jdk.management/com.sun.management.internal=ALL-UNNAMED
+  --add-opens java.base/sun.nio.ch=ALL-UNNAMED
+  --add-opens java.base/java.io=ALL-UNNAMED
+  --add-opens java.base/java.lang.reflect=ALL-UNNAMED
+  --add-opens jdk.compiler/com.sun.tools.javac=ALL-UNNAMED
+  --add-opens java.base/java.lang=ALL-UNNAMED
+  --add-opens java.base/java.util=ALL-UNNAMED
+  -Dio.netty.tryReflectionSetAccessible=true
+  -Dio.netty.allocator.useCacheForAllThreads=true
+  -Dio.netty.allocator.maxOrder=11
+)
+
+CQL_PY="$STATE/bin/cql.py"
+cat >"$CQL_PY" <<'EOF'
+"""Tiny cqlsh stand-in: cql.py [-h HOST] [-p PORT] [--dc DC] STATEMENT...; prints rows."""
+import argparse, sys, warnings
+warnings.filterwarnings("ignore")
+import logging; logging.basicConfig(level=logging.CRITICAL)
+from cassandra.cluster import Cluster, ExecutionProfile, EXEC_PROFILE_DEFAULT
+from cassandra.policies import DCAwareRoundRobinPolicy, WhiteListRoundRobinPolicy
+ap = argparse.ArgumentParser(add_help=False)
+ap.add_argument("-h", "--host", default="127.0.0.1")
+ap.add_argument("-p", "--port", type=int, default=9042)
+ap.add_argument("--dc")
+ap.add_argument("--only-host", action="store_true", help="talk to --host alone")
+ap.add_argument("--timeout", type=float, default=30)
+ap.add_argument("stmts", nargs="+")
+a = ap.parse_args()
+if a.only_host:
+    lb = WhiteListRoundRobinPolicy([a.host])
+else:
+    lb = DCAwareRoundRobinPolicy(local_dc=a.dc) if a.dc else DCAwareRoundRobinPolicy()
+prof = ExecutionProfile(load_balancing_policy=lb, request_timeout=a.timeout)
+c = Cluster([a.host], port=a.port, execution_profiles={EXEC_PROFILE_DEFAULT: prof},
+            protocol_version=5, connect_timeout=5, control_connection_timeout=5)
+try:
+    s = c.connect()
+    for st in a.stmts:
+        for row in s.execute(st):
+            print("|".join("" if v is None else str(v) for v in row))
+finally:
+    c.shutdown()
+EOF
+cat >"$STATE/bin/cql" <<EOF
+#!/usr/bin/env bash
+exec "$PY" "$CQL_PY" "\$@"
+EOF
+chmod +x "$STATE/bin/cql"
+
+cat >"$STATE/bin/tools-logback.xml" <<'EOF'
+<configuration>
+  <appender name="ERR" class="ch.qos.logback.core.ConsoleAppender">
+    <target>System.err</target>
+    <encoder><pattern>%-5level %msg%n</pattern></encoder>
+  </appender>
+  <root level="WARN"><appender-ref ref="ERR"/></root>
+</configuration>
+EOF
+CASS_JAVA_BIN=""
+want cassandra && { CASS_JAVA_BIN=$(find_java17) || die "cassandra: no JDK 17 found (set CASSANDRA_JAVA); Cassandra 5.0 runs on JDK 17 only"; }
+{
+  echo '#!/usr/bin/env bash'
+  echo '# nodetool over local JMX: nodetool [-p JMX_PORT] ARGS (default port: node 1 from stack.env)'
+  echo 'port=$(sed -n "s/^PARLEY_CASSANDRA_JMX_PORT=//p" "$(dirname "$0")/../stack.env" 2>/dev/null)'
+  echo 'if [[ "${1:-}" == -p ]]; then port=$2; shift 2; fi'
+  printf 'exec %q -Xmx128m -XX:+UseSerialGC -XX:TieredStopAtLevel=1' "$CASS_JAVA_BIN"
+  printf ' %q' "${CASS_JPMS[@]}" "-Dlogback.configurationFile=$STATE/bin/tools-logback.xml" "-Dcassandra.logdir=$STATE/bin" \
+    -cp "$CASS_LIB/*" org.apache.cassandra.tools.NodeTool -h 127.0.0.1
+  echo ' -p "$port" "$@"'
+} >"$STATE/bin/nodetool"
+chmod +x "$STATE/bin/nodetool"
+
+CASS_STORAGE_PORT=""; CASS_NATIVE_PORT=""
+start_cassandra() { # NAME IP DC
+  local name=$1 ip=$2 dc=$3 d="$STATE/$1"
+  local java=$CASS_JAVA_BIN
+  if [[ -z "$CASS_STORAGE_PORT" ]]; then
+    # cluster-wide ports: the same on every node, so they must be free on both addresses
+    local extra=(); ((DC2)) && extra=(127.0.0.2)
+    CASS_STORAGE_PORT=$(free_port "${extra[@]}")
+    CASS_NATIVE_PORT=$(free_port "${extra[@]}")
+  fi
+  local jmx; jmx=$(free_port)
+  mkdir -p "$d/conf" "$d/storage" "$d/logs" "$d/triggers"
+  # a node whose dc changed must start from empty data dirs
+  if [[ -f "$d/storage/.dc" && "$(cat "$d/storage/.dc")" != "$dc" ]]; then rm -rf "$d/storage"; mkdir -p "$d/storage"; fi
+  echo "$dc" >"$d/storage/.dc"
+  cat >"$d/conf/cassandra.yaml" <<EOF
+cluster_name: parley-e2e
+num_tokens: 16
+allocate_tokens_for_local_replication_factor: 1
+partitioner: org.apache.cassandra.dht.Murmur3Partitioner
+endpoint_snitch: GossipingPropertyFileSnitch
+seed_provider:
+  - class_name: org.apache.cassandra.locator.SimpleSeedProvider
+    parameters:
+      - seeds: "127.0.0.1:$CASS_STORAGE_PORT"
+listen_address: $ip
+rpc_address: $ip
+storage_port: $CASS_STORAGE_PORT
+native_transport_port: $CASS_NATIVE_PORT
+start_native_transport: true
+auto_bootstrap: false
+data_file_directories:
+  - $d/storage/data
+commitlog_directory: $d/storage/commitlog
+saved_caches_directory: $d/storage/saved_caches
+hints_directory: $d/storage/hints
+cdc_raw_directory: $d/storage/cdc_raw
+commitlog_sync: periodic
+commitlog_sync_period: 10000ms
+commitlog_segment_size: 8MiB
+commitlog_total_space: 256MiB
+authenticator: AllowAllAuthenticator
+authorizer: AllowAllAuthorizer
+role_manager: CassandraRoleManager
+network_authorizer: AllowAllNetworkAuthorizer
+concurrent_reads: 8
+concurrent_writes: 8
+concurrent_counter_writes: 4
+concurrent_materialized_view_writes: 4
+concurrent_compactors: 1
+memtable_heap_space: 128MiB
+key_cache_size: 16MiB
+file_cache_size: 64MiB
+networking_cache_size: 32MiB
+native_transport_max_threads: 32
+auto_snapshot: false
+snapshot_before_compaction: false
+incremental_backups: false
+read_request_timeout: 10000ms
+range_request_timeout: 20000ms
+write_request_timeout: 5000ms
+counter_write_request_timeout: 10000ms
+truncate_request_timeout: 60000ms
+request_timeout: 20000ms
+gc_warn_threshold: 1000ms
+materialized_views_enabled: true
+EOF
+  printf 'dc=%s\nrack=rack1\n' "$dc" >"$d/conf/cassandra-rackdc.properties"
+  cat >"$d/conf/logback.xml" <<EOF
+<configuration scan="false">
+  <appender name="FILE" class="ch.qos.logback.core.FileAppender">
+    <file>$d/logs/system.log</file>
+    <encoder><pattern>%-5level [%thread] %date{ISO8601} %F:%L - %msg%n</pattern></encoder>
+  </appender>
+  <appender name="STDOUT" class="ch.qos.logback.core.ConsoleAppender">
+    <filter class="ch.qos.logback.classic.filter.ThresholdFilter"><level>INFO</level></filter>
+    <encoder><pattern>%-5level [%thread] %date{ISO8601} %F:%L - %msg%n</pattern></encoder>
+  </appender>
+  <logger name="org.apache.cassandra" level="INFO"/>
+  <logger name="com.datastax" level="WARN"/>
+  <root level="INFO"><appender-ref ref="FILE"/><appender-ref ref="STDOUT"/></root>
+</configuration>
+EOF
+  local jamm; jamm=$(ls "$CASS_LIB"/jamm-*.jar | head -n1)
+  local opts=(-Xms"${STACK_CASSANDRA_HEAP:-1G}" -Xmx"${STACK_CASSANDRA_HEAP:-1G}" -Xss256k
+    -XX:+UseG1GC -XX:+ParallelRefProcEnabled -XX:MaxTenuringThreshold=1 -XX:G1HeapRegionSize=16m
+    -XX:G1RSetUpdatingPauseTimePercent=5 -XX:MaxGCPauseMillis=300 -XX:InitiatingHeapOccupancyPercent=70
+    -XX:MaxDirectMemorySize=512m -XX:+ExitOnOutOfMemoryError
+    "-javaagent:$jamm" "${CASS_JPMS[@]}"
+    -Djava.net.preferIPv4Stack=true -Dcassandra-foreground=yes
+    "-Dcassandra.storagedir=$d/storage" "-Dcassandra.logdir=$d/logs"
+    "-Dlogback.configurationFile=$d/conf/logback.xml"
+    "-Dcassandra.jmx.local.port=$jmx" "-Dcassandra.triggers_dir=$d/triggers"
+    -Dcassandra.skip_wait_for_gossip_to_settle=0
+    -Dcassandra.ring_delay_ms=5000
+    -Dcassandra.superuser_setup_delay_ms=0
+    -Dcassandra.max_local_pause_in_ms=5000
+    -cp "$d/conf:$CASS_LIB/*" org.apache.cassandra.service.CassandraDaemon)
+  start "$name" "$d/logs/stdout.log" "$java" "${opts[@]}"
+  printf -v "CASS_JMX_${name}" '%s' "$jmx"
+}
+cassandra_ready() { # IP
+  port_open "$1" "$CASS_NATIVE_PORT" || return 1
+  "$STATE/bin/cql" -h "$1" -p "$CASS_NATIVE_PORT" --only-host --timeout 10 \
+    "SELECT release_version FROM system.local" | grep -q '^5\.'
+}
+dc2_joined() { # node 1 sees 127.0.0.2 in dc2
+  "$STATE/bin/cql" -h 127.0.0.1 -p "$CASS_NATIVE_PORT" --only-host \
+    "SELECT peer, data_center FROM system.peers_v2" | grep -q '^127.0.0.2|dc2$'
+}
+
+# ---------------------------------------------------------------------------
+T0=$(now)
+# Launch everything first (the JVMs start in parallel), then wait for each.
+# Slowest first; Kafka's storage format runs in the foreground (a few seconds).
+want cassandra && start_cassandra cassandra1 127.0.0.1 dc1
+if want kafka; then start_kafka kafka; ((KAFKA2)) && start_kafka kafka_b; fi
+want redis && start_redis
+
+want redis && wait_ready redis redis_ready
+if want kafka; then
+  wait_ready kafka kafka_ready "$KAFKA_PORT_kafka"
+  envline PARLEY_KAFKA_BOOTSTRAP "127.0.0.1:$KAFKA_PORT_kafka"
+  if ((KAFKA2)); then
+    wait_ready kafka_b kafka_ready "$KAFKA_PORT_kafka_b"
+    envline PARLEY_KAFKA_B_BOOTSTRAP "127.0.0.1:$KAFKA_PORT_kafka_b"
+  fi
+  envline PARLEY_KAFKA_LIB "$KAFKA_LIB"
+  envline PARLEY_KAFKA_RUN "$STATE/bin/kafka-run"
+fi
+if want cassandra; then
+  wait_ready cassandra1 cassandra_ready 127.0.0.1
+  envline PARLEY_CASSANDRA_CONTACT "127.0.0.1:$CASS_NATIVE_PORT"
+  envline PARLEY_CASSANDRA_DC dc1
+  envline PARLEY_CASSANDRA_JMX_PORT "$CASS_JMX_cassandra1"
+  envline PARLEY_CQL "$STATE/bin/cql"
+  if ((DC2)); then
+    start_cassandra cassandra2 127.0.0.2 dc2
+    wait_ready cassandra2 cassandra_ready 127.0.0.2
+    WAIT_LABEL=cassandra2-joined-dc2 wait_ready cassandra2 dc2_joined
+    envline PARLEY_CASSANDRA_CONTACT_DC2 "127.0.0.2:$CASS_NATIVE_PORT"
+    envline PARLEY_CASSANDRA_JMX_PORT_DC2 "$CASS_JMX_cassandra2"
+  fi
+fi
+if ((MM2)); then
+  if [[ -d "$MM2_LIB" ]]; then
+    start_mm2
+    wait_ready mm2 mm2_ready
+  else
+    log "mm2: connect-mirror jars not installed ($MM2_LIB); MirrorMaker 2 not started"
+  fi
+fi
+
+mv "$ENV.tmp" "$ENV"
+{
+  for n in "${!READY_S[@]}"; do echo "$n ${READY_S[$n]}"; done
+} | sort >"$STATE/ready-times.txt"
+log "stack up in $(since "$T0")s; env: $ENV"
+cat "$ENV"
