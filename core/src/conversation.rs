@@ -29,17 +29,13 @@ pub struct UserId(String);
 fn valid_user(value: &str) -> bool {
     !value.is_empty()
         && value.len() <= 64
-        && value
-            .bytes()
-            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b'-'))
+        && value.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b'-'))
 }
 
 fn valid_channel_name(value: &str) -> bool {
     !value.is_empty()
         && value.len() <= 64
-        && value.bytes().all(|byte| {
-            byte.is_ascii_lowercase() || byte.is_ascii_digit() || matches!(byte, b'_' | b'-')
-        })
+        && value.bytes().all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || matches!(byte, b'_' | b'-'))
 }
 
 impl UserId {
@@ -209,24 +205,12 @@ mod tests {
 
     #[test]
     fn rejects_bad_ids() {
-        for bad in [
-            "",
-            "general",
-            "g:",
-            "g:UPPER",
-            "dm:bob:alice",
-            "dm:alice:alice",
-            "dm:alice",
-            "g:a b",
-        ] {
+        for bad in ["", "general", "g:", "g:UPPER", "dm:bob:alice", "dm:alice:alice", "dm:alice", "g:a b"] {
             assert!(ChannelId::parse(bad).is_err(), "{bad}");
         }
         assert!(UserId::new("a:b").is_err());
         assert!(UserId::new("x".repeat(65)).is_err());
-        assert_eq!(
-            ChannelId::group("general").map(|id| id.kind()),
-            Ok(ChannelKind::Group)
-        );
+        assert_eq!(ChannelId::group("general").map(|id| id.kind()), Ok(ChannelKind::Group));
     }
 
     proptest! {

@@ -8,6 +8,7 @@
 //! deadline, [`DeliveryTracker::due`] says what to retransmit, or that the connection is dead.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 /// ACK and retransmit settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +49,7 @@ pub enum Due<P> {
     /// Nothing to do yet.
     Nothing,
     /// Retransmit these (channel, seq, payload), oldest first.
-    Retransmit(Vec<(String, u64, P)>),
+    Retransmit(Vec<(Arc<str>, u64, P)>),
     /// A message went unacknowledged through every retransmission: close the connection (keep the messages
     /// for resume).
     Dead {
@@ -61,7 +62,7 @@ pub enum Due<P> {
 
 #[derive(Debug, Clone)]
 struct Pending<P> {
-    channel: String,
+    channel: Arc<str>,
     seq: u64,
     payload: P,
     sent_at_ms: u64,
@@ -73,7 +74,7 @@ struct Pending<P> {
 pub struct DeliveryTracker<P> {
     policy: AckPolicy,
     unacked: VecDeque<Pending<P>>,
-    delivered: HashMap<String, u64>,
+    delivered: HashMap<Arc<str>, u64>,
 }
 
 impl<P: Clone> DeliveryTracker<P> {
@@ -84,7 +85,7 @@ impl<P: Clone> DeliveryTracker<P> {
 
     /// Starts a channel at `seq` (everything up to it is known to the client, e.g. from `ready` or a resume).
     pub fn start_at(&mut self, channel: &str, seq: u64) {
-        let entry = self.delivered.entry(channel.to_owned()).or_insert(seq);
+        let entry = self.delivered.entry(Arc::from(channel)).or_insert(seq);
         *entry = (*entry).max(seq);
     }
 
@@ -104,10 +105,14 @@ impl<P: Clone> DeliveryTracker<P> {
     }
 
     /// Records that message `seq` was sent now and awaits an ACK.
-    pub fn sent(&mut self, channel: &str, seq: u64, payload: P, now_ms: u64) {
-        let last = self.delivered.entry(channel.to_owned()).or_insert(0);
-        *last = (*last).max(seq);
-        self.unacked.push_back(Pending { channel: channel.to_owned(), seq, payload, sent_at_ms: now_ms, attempts: 0 });
+    pub fn sent(&mut self, channel: &Arc<str>, seq: u64, payload: P, now_ms: u64) {
+        match self.delivered.get_mut(&**channel) {
+            Some(last) => *last = (*last).max(seq),
+            None => {
+                self.delivered.insert(channel.clone(), seq);
+            }
+        }
+        self.unacked.push_back(Pending { channel: channel.clone(), seq, payload, sent_at_ms: now_ms, attempts: 0 });
     }
 
     /// Whether the client has stopped acknowledging (too many unacknowledged messages).
@@ -123,7 +128,11 @@ impl<P: Clone> DeliveryTracker<P> {
     /// A cumulative ACK: everything of `channel` up to `seq` was received. Returns how many were released.
     pub fn ack(&mut self, channel: &str, seq: u64) -> usize {
         let before = self.unacked.len();
-        self.unacked.retain(|pending| !(pending.channel == channel && pending.seq <= seq));
+        self.unacked.retain(|pending| !(&*pending.channel == channel && pending.seq <= seq));
+        if self.unacked.is_empty() && self.unacked.capacity() > 64 {
+            // Give back memory after a burst; idle connections should stay small.
+            self.unacked.shrink_to_fit();
+        }
         before - self.unacked.len()
     }
 
@@ -141,7 +150,7 @@ impl<P: Clone> DeliveryTracker<P> {
                 continue;
             }
             if pending.attempts >= self.policy.max_retransmits {
-                return Due::Dead { channel: pending.channel.clone(), seq: pending.seq };
+                return Due::Dead { channel: pending.channel.to_string(), seq: pending.seq };
             }
             pending.attempts += 1;
             pending.sent_at_ms = now_ms;
@@ -167,7 +176,7 @@ mod tests {
         assert_eq!(tracker.admit("c", 5), Admit::Deliver);
         assert_eq!(tracker.admit("c", 8), Admit::Gap { from: 5, to: 7 });
         assert_eq!(tracker.admit("new", 1), Admit::Deliver);
-        tracker.sent("c", 5, (), 0);
+        tracker.sent(&Arc::from("c"), 5, (), 0);
         assert_eq!(tracker.admit("c", 5), Admit::Duplicate);
         assert_eq!(tracker.delivered("c"), Some(5));
     }
@@ -175,7 +184,7 @@ mod tests {
     #[test]
     fn exactly_three_retransmits_at_timeout_spacing_then_dead() {
         let mut tracker = DeliveryTracker::new(AckPolicy::default());
-        tracker.sent("c", 1, "m1", 1_000);
+        tracker.sent(&Arc::from("c"), 1, "m1", 1_000);
         assert_eq!(tracker.due(5_999), Due::Nothing);
         assert_eq!(tracker.next_deadline_ms(), Some(6_000));
         let mut retransmits = Vec::new();
@@ -199,8 +208,8 @@ mod tests {
     fn cumulative_ack_releases_only_its_channel() {
         let mut tracker = DeliveryTracker::new(AckPolicy::default());
         for seq in 1..=3 {
-            tracker.sent("a", seq, (), 0);
-            tracker.sent("b", seq, (), 0);
+            tracker.sent(&Arc::from("a"), seq, (), 0);
+            tracker.sent(&Arc::from("b"), seq, (), 0);
         }
         assert_eq!(tracker.ack("a", 2), 2);
         assert_eq!(tracker.unacked(), 4);

@@ -137,6 +137,14 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         req_id: Option<String>,
     },
+    /// Resume: the client's last sequence per channel; the server replays what is missing, then `synced`.
+    Sync {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Last sequence the client has, per channel id.
+        channels: std::collections::BTreeMap<String, u64>,
+    },
     /// Open (create on first use) the DM with a user.
     OpenDm {
         /// Echoed in the answer.
@@ -158,23 +166,15 @@ impl ClientFrame {
             | ClientFrame::Join { req_id, .. }
             | ClientFrame::Leave { req_id, .. }
             | ClientFrame::ListChannels { req_id }
-            | ClientFrame::OpenDm { req_id, .. } => req_id.as_deref(),
+            | ClientFrame::OpenDm { req_id, .. }
+            | ClientFrame::Sync { req_id, .. } => req_id.as_deref(),
             ClientFrame::Ack { .. } => None,
         }
     }
 }
 
-const CLIENT_TYPES: &[&str] = &[
-    "send",
-    "history",
-    "ack",
-    "ping",
-    "create_channel",
-    "join",
-    "leave",
-    "list_channels",
-    "open_dm",
-];
+const CLIENT_TYPES: &[&str] =
+    &["send", "history", "ack", "ping", "create_channel", "join", "leave", "list_channels", "open_dm", "sync"];
 
 /// Why a client frame could not be decoded. Small on purpose: this is the hot path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,17 +192,16 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
     match serde_json::from_slice::<ClientFrame>(bytes) {
         Ok(frame) => Ok(frame),
         Err(error) => {
-            let mut probe =
-                match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(bytes) {
-                    Ok(probe) => probe,
-                    Err(_) => {
-                        return Err(DecodeError {
-                            code: ErrorCode::InvalidJson,
-                            message: "frame is not a JSON object".to_owned(),
-                            req_id: None,
-                        })
-                    }
-                };
+            let mut probe = match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(bytes) {
+                Ok(probe) => probe,
+                Err(_) => {
+                    return Err(DecodeError {
+                        code: ErrorCode::InvalidJson,
+                        message: "frame is not a JSON object".to_owned(),
+                        req_id: None,
+                    })
+                }
+            };
             let req_id = match probe.remove("req_id") {
                 Some(serde_json::Value::String(id)) if id.len() <= 64 => Some(id),
                 _ => None,
@@ -211,28 +210,14 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
                 None => (ErrorCode::InvalidFrame, "missing field `type`".to_owned()),
                 Some(serde_json::Value::String(kind)) if !CLIENT_TYPES.contains(&kind.as_str()) => {
                     let shown: String = kind.chars().take(32).collect();
-                    (
-                        ErrorCode::UnknownType,
-                        format!("unknown frame type {shown:?}"),
-                    )
+                    (ErrorCode::UnknownType, format!("unknown frame type {shown:?}"))
                 }
-                Some(serde_json::Value::String(kind)) => (
-                    ErrorCode::InvalidFrame,
-                    format!(
-                        "invalid {kind} frame: {}",
-                        strip_position(&error.to_string())
-                    ),
-                ),
-                Some(_) => (
-                    ErrorCode::InvalidFrame,
-                    "field `type` must be a string".to_owned(),
-                ),
+                Some(serde_json::Value::String(kind)) => {
+                    (ErrorCode::InvalidFrame, format!("invalid {kind} frame: {}", strip_position(&error.to_string())))
+                }
+                Some(_) => (ErrorCode::InvalidFrame, "field `type` must be a string".to_owned()),
             };
-            Err(DecodeError {
-                code,
-                message,
-                req_id,
-            })
+            Err(DecodeError { code, message, req_id })
         }
     }
 }
@@ -389,6 +374,21 @@ pub enum ServerFrame {
         /// Joined (true) or left (false).
         joined: bool,
     },
+    /// A gap that cannot be filled (retention expired): refetch the channel's history.
+    ResyncRequired {
+        /// Channel.
+        channel: String,
+        /// First missing sequence.
+        from: u64,
+        /// Oldest sequence still available.
+        first_available: u64,
+    },
+    /// A `sync` finished: everything missed was replayed, live messages follow.
+    Synced {
+        /// Echo.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+    },
     /// Heartbeat answer.
     Pong {
         /// Echo.
@@ -429,9 +429,7 @@ mod tests {
 
     #[test]
     fn decodes_send() {
-        let frame = decode_client(
-            br#"{"type":"send","channel":"g:a","client_msg_id":"c1","text":"hi","extra":1}"#,
-        );
+        let frame = decode_client(br#"{"type":"send","channel":"g:a","client_msg_id":"c1","text":"hi","extra":1}"#);
         assert_eq!(
             frame,
             Ok(ClientFrame::Send {
@@ -448,24 +446,13 @@ mod tests {
         let code = |bytes: &[u8]| decode_client(bytes).map_err(|error| error.code).err();
         assert_eq!(code(b"not json"), Some(ErrorCode::InvalidJson));
         assert_eq!(code(b"[1,2]"), Some(ErrorCode::InvalidJson));
-        assert_eq!(
-            code(br#"{"type":"teleport"}"#),
-            Some(ErrorCode::UnknownType)
-        );
-        assert_eq!(
-            code(br#"{"type":"send","channel":"g:a"}"#),
-            Some(ErrorCode::InvalidFrame)
-        );
+        assert_eq!(code(br#"{"type":"teleport"}"#), Some(ErrorCode::UnknownType));
+        assert_eq!(code(br#"{"type":"send","channel":"g:a"}"#), Some(ErrorCode::InvalidFrame));
         assert_eq!(code(br#"{"channel":"g:a"}"#), Some(ErrorCode::InvalidFrame));
         assert_eq!(code(br#"{"type":7}"#), Some(ErrorCode::InvalidFrame));
-        let error =
-            decode_client(br#"{"type":"history","req_id":"r9","limit":"x"}"#).expect_err("invalid");
+        let error = decode_client(br#"{"type":"history","req_id":"r9","limit":"x"}"#).expect_err("invalid");
         assert_eq!(error.req_id.as_deref(), Some("r9"));
-        assert!(
-            error.message.starts_with("invalid history frame: "),
-            "{}",
-            error.message
-        );
+        assert!(error.message.starts_with("invalid history frame: "), "{}", error.message);
     }
 
     #[test]
@@ -482,16 +469,9 @@ mod tests {
         let json = frame.to_json();
         assert!(json.starts_with(r#"{"type":"message""#), "{json}");
         assert!(json.contains(r#""id":"9223372036854775807""#), "{json}");
-        assert_eq!(
-            serde_json::from_str::<ServerFrame>(&json).expect("round trip"),
-            frame
-        );
-        let error = ServerFrame::Error {
-            req_id: None,
-            code: ErrorCode::NotAMember,
-            message: "no".into(),
-            client_msg_id: None,
-        };
+        assert_eq!(serde_json::from_str::<ServerFrame>(&json).expect("round trip"), frame);
+        let error =
+            ServerFrame::Error { req_id: None, code: ErrorCode::NotAMember, message: "no".into(), client_msg_id: None };
         assert!(error.to_json().contains(r#""code":"not_a_member""#));
         assert_eq!(ErrorCode::NotAMember.as_str(), "not_a_member");
     }

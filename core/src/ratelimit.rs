@@ -13,12 +13,7 @@ impl TokenBucket {
     /// A full bucket.
     pub fn new(rate_per_sec: u32, burst: u32, now_ms: u64) -> Self {
         let burst = f64::from(burst.max(1));
-        Self {
-            rate_per_sec: f64::from(rate_per_sec),
-            burst,
-            tokens: burst,
-            last_ms: now_ms,
-        }
+        Self { rate_per_sec: f64::from(rate_per_sec), burst, tokens: burst, last_ms: now_ms }
     }
 
     /// Takes one token if there is one.

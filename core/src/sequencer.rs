@@ -92,11 +92,7 @@ impl Sequencer {
         let mut in_batch: HashMap<(&str, &str), Placement> = HashMap::new();
         for request in requests {
             let key = (request.sender.as_str(), request.client_msg_id.as_str());
-            if let Some(placement) = in_batch
-                .get(&key)
-                .copied()
-                .or_else(|| durable(key.0, key.1))
-            {
+            if let Some(placement) = in_batch.get(&key).copied().or_else(|| durable(key.0, key.1)) {
                 plan.decisions.push(Decision::Duplicate(placement));
                 continue;
             }
@@ -113,11 +109,7 @@ impl Sequencer {
                 .copied()
                 .or_else(|| self.last_seq.get(&request.channel).copied())
                 .unwrap_or(0);
-            let placement = Placement {
-                id,
-                seq: last + 1,
-                ts: now_ms,
-            };
+            let placement = Placement { id, seq: last + 1, ts: now_ms };
             plan.last_seq.insert(request.channel.clone(), last + 1);
             in_batch.insert(key, placement);
             plan.decisions.push(Decision::New(placement));
@@ -139,12 +131,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn request(channel: &str, sender: &str, id: &str) -> SendRequest {
-        SendRequest {
-            channel: channel.into(),
-            sender: sender.into(),
-            client_msg_id: id.into(),
-            text: "t".into(),
-        }
+        SendRequest { channel: channel.into(), sender: sender.into(), client_msg_id: id.into(), text: "t".into() }
     }
 
     #[test]
@@ -153,12 +140,8 @@ mod tests {
         sequencer.load("g:a", 10);
         sequencer.load("g:b", 0);
         let mut ids = Snowflake::new(1, 0).expect("generator");
-        let batch = [
-            request("g:a", "u", "1"),
-            request("g:b", "u", "2"),
-            request("g:a", "v", "1"),
-            request("g:a", "u", "1"),
-        ];
+        let batch =
+            [request("g:a", "u", "1"), request("g:b", "u", "2"), request("g:a", "v", "1"), request("g:a", "u", "1")];
         let plan = sequencer.plan(&batch, |_, _| None, &mut ids, 1_000);
         let seqs: Vec<_> = plan
             .decisions
@@ -170,11 +153,7 @@ mod tests {
             })
             .collect();
         assert_eq!(seqs, vec![(true, 11), (true, 1), (true, 12), (false, 11)]);
-        assert_eq!(
-            sequencer.last_seq("g:a"),
-            Some(10),
-            "nothing changes before commit"
-        );
+        assert_eq!(sequencer.last_seq("g:a"), Some(10), "nothing changes before commit");
         sequencer.commit(&plan);
         assert_eq!(sequencer.last_seq("g:a"), Some(12));
     }
@@ -184,17 +163,8 @@ mod tests {
         let mut sequencer = Sequencer::new();
         sequencer.load("g:a", 3);
         let mut ids = Snowflake::new(1, 0).expect("generator");
-        let earlier = Placement {
-            id: 77,
-            seq: 2,
-            ts: 5,
-        };
-        let plan = sequencer.plan(
-            &[request("g:a", "u", "x")],
-            |_, _| Some(earlier),
-            &mut ids,
-            9,
-        );
+        let earlier = Placement { id: 77, seq: 2, ts: 5 };
+        let plan = sequencer.plan(&[request("g:a", "u", "x")], |_, _| Some(earlier), &mut ids, 9);
         assert_eq!(plan.decisions, vec![Decision::Duplicate(earlier)]);
     }
 

@@ -60,8 +60,9 @@ impl SnowflakeError {
     /// When the caller may retry, if the condition is temporary.
     pub fn retry_at_ms(&self) -> Option<u64> {
         match self {
-            SnowflakeError::ClockBehind { retry_at_ms, .. }
-            | SnowflakeError::SequenceExhausted { retry_at_ms } => Some(*retry_at_ms),
+            SnowflakeError::ClockBehind { retry_at_ms, .. } | SnowflakeError::SequenceExhausted { retry_at_ms } => {
+                Some(*retry_at_ms)
+            }
             _ => None,
         }
     }
@@ -104,23 +105,14 @@ impl Snowflake {
         if machine_id > MAX_MACHINE_ID {
             return Err(SnowflakeError::MachineIdOutOfRange(machine_id));
         }
-        Ok(Self {
-            epoch_ms,
-            machine_id,
-            last_ms: 0,
-            sequence: 0,
-            issued: false,
-        })
+        Ok(Self { epoch_ms, machine_id, last_ms: 0, sequence: 0, issued: false })
     }
 
     /// Resumes after a restart: ids will be strictly greater than `last_id`.
     pub fn resume_after(&mut self, last_id: u64) {
         let parts = decompose(last_id, self.epoch_ms);
         let relative = parts.unix_ms.saturating_sub(self.epoch_ms);
-        if !self.issued
-            || relative > self.last_ms
-            || (relative == self.last_ms && parts.sequence > self.sequence)
-        {
+        if !self.issued || relative > self.last_ms || (relative == self.last_ms && parts.sequence > self.sequence) {
             self.last_ms = relative;
             self.sequence = parts.sequence;
             self.issued = true;
@@ -135,10 +127,7 @@ impl Snowflake {
     /// Issues the next id given the current Unix time in milliseconds.
     pub fn next_id(&mut self, now_unix_ms: u64) -> Result<u64, SnowflakeError> {
         if now_unix_ms < self.epoch_ms {
-            return Err(SnowflakeError::BeforeEpoch {
-                now_ms: now_unix_ms,
-                epoch_ms: self.epoch_ms,
-            });
+            return Err(SnowflakeError::BeforeEpoch { now_ms: now_unix_ms, epoch_ms: self.epoch_ms });
         }
         let now = now_unix_ms - self.epoch_ms;
         if now > MAX_TIME {
@@ -157,9 +146,7 @@ impl Snowflake {
                 retry_at_ms: self.last_ms + 1 + self.epoch_ms,
             });
         } else {
-            return Err(SnowflakeError::SequenceExhausted {
-                retry_at_ms: self.last_ms + 1 + self.epoch_ms,
-            });
+            return Err(SnowflakeError::SequenceExhausted { retry_at_ms: self.last_ms + 1 + self.epoch_ms });
         }
         Ok((self.last_ms << (MACHINE_BITS + SEQUENCE_BITS))
             | (u64::from(self.machine_id) << SEQUENCE_BITS)
@@ -178,21 +165,14 @@ mod tests {
         let id = generator.next_id(DEFAULT_EPOCH_MS + 12_345).expect("id");
         assert_eq!(
             decompose(id, DEFAULT_EPOCH_MS),
-            SnowflakeParts {
-                unix_ms: DEFAULT_EPOCH_MS + 12_345,
-                machine_id: 513,
-                sequence: 0
-            }
+            SnowflakeParts { unix_ms: DEFAULT_EPOCH_MS + 12_345, machine_id: 513, sequence: 0 }
         );
         assert!(id < (1 << 63), "fits a signed 64-bit integer");
     }
 
     #[test]
     fn rejects_large_machine_id() {
-        assert_eq!(
-            Snowflake::new(1024, 0).err(),
-            Some(SnowflakeError::MachineIdOutOfRange(1024))
-        );
+        assert_eq!(Snowflake::new(1024, 0).err(), Some(SnowflakeError::MachineIdOutOfRange(1024)));
     }
 
     #[test]
@@ -201,10 +181,7 @@ mod tests {
         for _ in 0..4096 {
             generator.next_id(100).expect("within the millisecond");
         }
-        assert_eq!(
-            generator.next_id(100),
-            Err(SnowflakeError::SequenceExhausted { retry_at_ms: 101 })
-        );
+        assert_eq!(generator.next_id(100), Err(SnowflakeError::SequenceExhausted { retry_at_ms: 101 }));
         assert!(generator.next_id(101).is_ok());
     }
 
@@ -212,20 +189,12 @@ mod tests {
     fn clock_step_back_borrows_then_refuses() {
         let mut generator = Snowflake::new(1, 0).expect("generator");
         let first = generator.next_id(1_000).expect("id");
-        let second = generator
-            .next_id(900)
-            .expect("borrowed from the last millisecond");
+        let second = generator.next_id(900).expect("borrowed from the last millisecond");
         assert!(second > first);
         for _ in 0..4094 {
             generator.next_id(900).expect("borrowed");
         }
-        assert_eq!(
-            generator.next_id(900),
-            Err(SnowflakeError::ClockBehind {
-                behind_ms: 100,
-                retry_at_ms: 1_001
-            })
-        );
+        assert_eq!(generator.next_id(900), Err(SnowflakeError::ClockBehind { behind_ms: 100, retry_at_ms: 1_001 }));
     }
 
     #[test]
@@ -234,10 +203,7 @@ mod tests {
         let last = before.next_id(5_000).expect("id");
         let mut after = Snowflake::new(7, 0).expect("generator");
         after.resume_after(last);
-        assert!(
-            after.next_id(4_000).expect("id") > last,
-            "clock behind after restart"
-        );
+        assert!(after.next_id(4_000).expect("id") > last, "clock behind after restart");
     }
 
     proptest! {

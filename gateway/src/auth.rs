@@ -39,14 +39,7 @@ impl std::fmt::Debug for Authenticator {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
             .debug_struct("Authenticator")
-            .field(
-                "algorithms",
-                &self
-                    .keys
-                    .iter()
-                    .map(|(_, algorithm)| *algorithm)
-                    .collect::<Vec<_>>(),
-            )
+            .field("algorithms", &self.keys.iter().map(|(_, algorithm)| *algorithm).collect::<Vec<_>>())
             .field("dev_login", &self.dev_signer.is_some())
             .finish()
     }
@@ -58,21 +51,15 @@ impl Authenticator {
         let mut keys = Vec::new();
         let mut dev_signer = None;
         if let Some(path) = &config.jwt_rs256_public_key {
-            let pem = std::fs::read(path).map_err(|error| GatewayError::Key {
-                path: path.display().to_string(),
-                reason: error.to_string(),
-            })?;
-            let key = DecodingKey::from_rsa_pem(&pem).map_err(|error| GatewayError::Key {
-                path: path.display().to_string(),
-                reason: error.to_string(),
-            })?;
+            let pem = std::fs::read(path)
+                .map_err(|error| GatewayError::Key { path: path.display().to_string(), reason: error.to_string() })?;
+            let key = DecodingKey::from_rsa_pem(&pem)
+                .map_err(|error| GatewayError::Key { path: path.display().to_string(), reason: error.to_string() })?;
             keys.push((key, Algorithm::RS256));
         }
         let secret = match &config.jwt_hs256_secret {
             Some(secret) if secret.len() < 16 => {
-                return Err(GatewayError::Config(
-                    "--jwt-hs256-secret must be at least 16 bytes".into(),
-                ))
+                return Err(GatewayError::Config("--jwt-hs256-secret must be at least 16 bytes".into()))
             }
             Some(secret) => Some(secret.as_bytes().to_vec()),
             None if config.insecure_dev_login => {
@@ -111,18 +98,12 @@ impl Authenticator {
             validation.leeway = 5;
             match decode::<Claims>(token, key, &validation) {
                 Ok(data) => {
-                    let user = UserId::new(data.claims.sub)
-                        .map_err(|error| GatewayError::Unauthorized(error.to_string()))?;
-                    return Ok(Identity {
-                        user,
-                        expires_at: data.claims.exp,
-                    });
+                    let user =
+                        UserId::new(data.claims.sub).map_err(|error| GatewayError::Unauthorized(error.to_string()))?;
+                    return Ok(Identity { user, expires_at: data.claims.exp });
                 }
                 Err(error) => {
-                    if matches!(
-                        error.kind(),
-                        jsonwebtoken::errors::ErrorKind::ExpiredSignature
-                    ) {
+                    if matches!(error.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) {
                         return Err(GatewayError::Unauthorized("token expired".into()));
                     }
                     last_error = error.to_string();
@@ -133,35 +114,18 @@ impl Authenticator {
     }
 
     /// Mints a dev token (only when the dev login is enabled).
-    pub fn mint_dev_token(
-        &self,
-        user: &UserId,
-        now_secs: u64,
-        ttl_secs: u64,
-    ) -> Option<(String, u64)> {
+    pub fn mint_dev_token(&self, user: &UserId, now_secs: u64, ttl_secs: u64) -> Option<(String, u64)> {
         let signer = self.dev_signer.as_ref()?;
-        let claims = Claims {
-            sub: user.to_string(),
-            exp: now_secs + ttl_secs,
-        };
-        encode(&Header::new(Algorithm::HS256), &claims, signer)
-            .ok()
-            .map(|token| (token, claims.exp))
+        let claims = Claims { sub: user.to_string(), exp: now_secs + ttl_secs };
+        encode(&Header::new(Algorithm::HS256), &claims, signer).ok().map(|token| (token, claims.exp))
     }
 }
 
 /// Mints an HS256 token; used by tools and tests that share the secret.
 pub fn mint_hs256(secret: &str, user: &str, exp: u64) -> Result<String, GatewayError> {
-    let claims = Claims {
-        sub: user.to_owned(),
-        exp,
-    };
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .map_err(|error| GatewayError::Config(error.to_string()))
+    let claims = Claims { sub: user.to_owned(), exp };
+    encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))
+        .map_err(|error| GatewayError::Config(error.to_string()))
 }
 
 #[cfg(test)]
@@ -169,26 +133,18 @@ mod tests {
     use super::*;
 
     fn now() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
     }
 
     #[test]
     fn hs256_round_trip_and_rejections() {
         let secret = "0123456789abcdef-secret";
-        let config = AuthConfig {
-            jwt_hs256_secret: Some(secret.into()),
-            ..Default::default()
-        };
+        let config = AuthConfig { jwt_hs256_secret: Some(secret.into()), ..Default::default() };
         let auth = Authenticator::from_config(&config).expect("auth");
         let token = mint_hs256(secret, "alice", now() + 60).expect("token");
         assert_eq!(auth.verify(&token).expect("valid").user.as_str(), "alice");
         let expired = mint_hs256(secret, "alice", now() - 60).expect("token");
-        assert!(
-            matches!(auth.verify(&expired), Err(GatewayError::Unauthorized(reason)) if reason.contains("expired"))
-        );
+        assert!(matches!(auth.verify(&expired), Err(GatewayError::Unauthorized(reason)) if reason.contains("expired")));
         let forged = mint_hs256("another-secret-of-16+", "alice", now() + 60).expect("token");
         assert!(auth.verify(&forged).is_err());
         assert!(auth.verify("garbage").is_err());
@@ -200,20 +156,14 @@ mod tests {
     #[test]
     fn needs_some_key_and_a_long_secret() {
         assert!(Authenticator::from_config(&AuthConfig::default()).is_err());
-        let short = AuthConfig {
-            jwt_hs256_secret: Some("short".into()),
-            ..Default::default()
-        };
+        let short = AuthConfig { jwt_hs256_secret: Some("short".into()), ..Default::default() };
         assert!(Authenticator::from_config(&short).is_err());
     }
 
     #[test]
     fn dev_login_mints_verifiable_tokens() {
-        let auth = Authenticator::from_config(&AuthConfig {
-            insecure_dev_login: true,
-            ..Default::default()
-        })
-        .expect("auth");
+        let auth =
+            Authenticator::from_config(&AuthConfig { insecure_dev_login: true, ..Default::default() }).expect("auth");
         let user = UserId::new("bob").expect("user");
         let (token, _) = auth.mint_dev_token(&user, now(), 60).expect("dev token");
         assert_eq!(auth.verify(&token).expect("valid").user, user);

@@ -37,6 +37,26 @@ pub struct GatewayConfig {
     /// Channels with more members than this get no per-member join/leave events (aggregate only).
     #[arg(long, env = "PARLEY_FANOUT_THRESHOLD", default_value_t = 1000)]
     pub fanout_threshold: u32,
+    /// A pushed message not acknowledged within this time is retransmitted, in milliseconds.
+    #[arg(long, env = "PARLEY_ACK_TIMEOUT_MS", default_value_t = 5_000)]
+    pub ack_timeout_ms: u64,
+    /// Retransmissions before the connection is closed (4010); the messages stay available to `sync`.
+    #[arg(long, env = "PARLEY_MAX_RETRANSMITS", default_value_t = 3)]
+    pub max_retransmits: u32,
+    /// Unacknowledged messages allowed per connection before it is closed (4010).
+    #[arg(long, env = "PARLEY_MAX_UNACKED", default_value_t = 1_024)]
+    pub max_unacked: usize,
+}
+
+impl GatewayConfig {
+    /// The ACK policy of connections.
+    pub fn ack_policy(&self) -> parley_core::delivery::AckPolicy {
+        parley_core::delivery::AckPolicy {
+            ack_timeout_ms: self.ack_timeout_ms,
+            max_retransmits: self.max_retransmits,
+            max_unacked: self.max_unacked,
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -52,6 +72,9 @@ impl Default for GatewayConfig {
             idle_timeout_ms: 90_000,
             ws_read_buffer: 4096,
             fanout_threshold: 1000,
+            ack_timeout_ms: 5_000,
+            max_retransmits: 3,
+            max_unacked: 1_024,
         }
     }
 }
@@ -95,11 +118,7 @@ pub struct StorageConfig {
 
 /// `parley`: gateway + router in one process with embedded storage.
 #[derive(Debug, Clone, Parser)]
-#[command(
-    name = "parley",
-    version,
-    about = "Parley chat server (standalone: gateway + router + embedded storage)"
-)]
+#[command(name = "parley", version, about = "Parley chat server (standalone: gateway + router + embedded storage)")]
 pub struct StandaloneArgs {
     /// Client address (WebSocket, HTTP API, demo page).
     #[arg(long, env = "PARLEY_LISTEN", default_value = "127.0.0.1:8080")]
@@ -134,10 +153,7 @@ mod tests {
     #[test]
     fn defaults_match() {
         let args = StandaloneArgs::parse_from(["parley"]);
-        assert_eq!(
-            args.gateway.max_frame_bytes,
-            GatewayConfig::default().max_frame_bytes
-        );
+        assert_eq!(args.gateway.max_frame_bytes, GatewayConfig::default().max_frame_bytes);
         assert_eq!(args.storage.max_channel_members, 10_000);
         assert!(!args.auth.insecure_dev_login);
     }

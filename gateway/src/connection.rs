@@ -7,14 +7,13 @@
 //! loop stops reading the socket, which pushes back on the client through TCP.
 
 use crate::config::GatewayConfig;
-use crate::hub::Hub;
+use crate::hub::{Hub, OutboundFrame};
 use crate::metrics::{Limit, Metrics};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use parley_core::protocol::{
-    decode_client, ClientFrame, ErrorCode, LimitsView, ServerFrame, PROTOCOL_VERSION,
-};
+use parley_core::delivery::{Admit, DeliveryTracker, Due};
+use parley_core::protocol::{decode_client, ClientFrame, ErrorCode, LimitsView, ServerFrame, PROTOCOL_VERSION};
 use parley_core::ratelimit::TokenBucket;
 use parley_core::UserId;
 use parley_router::backend::HistoryQuery;
@@ -39,6 +38,8 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4008;
     /// No traffic for the idle timeout.
     pub const IDLE_TIMEOUT: u16 = 4009;
+    /// Messages stayed unacknowledged through every retransmission (or too many are unacknowledged).
+    pub const UNACKNOWLEDGED: u16 = 4010;
 }
 
 /// What a connection needs from the process.
@@ -70,10 +71,119 @@ pub struct Session {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
+}
+
+/// A monotonic millisecond clock for timers and rate limits (follows tokio's clock, so paused time works).
+struct Clock {
+    origin: Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Self { origin: Instant::now() }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    fn instant(&self, ms: u64) -> Instant {
+        self.origin + Duration::from_millis(ms)
+    }
+}
+
+/// Delivery of messages to one connection: in order, without duplicates, filling gaps from history.
+struct Delivery<'a> {
+    router: &'a Router,
+    user: &'a UserId,
+    clock: &'a Clock,
+    metrics: &'a Metrics,
+}
+
+impl Delivery<'_> {
+    /// Feeds one queued frame (no flush). `Err` when the socket is gone.
+    async fn push<S>(
+        &mut self,
+        socket: &mut S,
+        tracker: &mut DeliveryTracker<Utf8Bytes>,
+        item: OutboundFrame,
+    ) -> Result<(), ()>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        let Some((channel, seq)) = item.message else {
+            return socket.feed(Message::Text(item.frame)).await.map_err(|_| ());
+        };
+        match tracker.admit(&channel, seq) {
+            Admit::Duplicate => return Ok(()),
+            Admit::Deliver => {}
+            Admit::Gap { from, to } => {
+                self.metrics.gaps_filled.inc();
+                // The gap is reported but the stream goes on: the client refetches with history.
+                let _ = self.replay(socket, tracker, &channel, from - 1, Some(to)).await?;
+            }
+        }
+        if tracker.admit(&channel, seq) == Admit::Duplicate {
+            return Ok(());
+        }
+        socket.feed(Message::Text(item.frame.clone())).await.map_err(|_| ())?;
+        tracker.sent(&channel, seq, item.frame, self.clock.now_ms());
+        Ok(())
+    }
+
+    /// Sends the messages of `channel` after `after` (up to `upto`, or to the end) from storage, in order, each
+    /// tracked for acknowledgement. A part no longer retained is announced with `resync_required`.
+    /// Outer `Err`: the socket is gone; inner `Err`: the router refused (not a member, unavailable).
+    async fn replay<S>(
+        &mut self,
+        socket: &mut S,
+        tracker: &mut DeliveryTracker<Utf8Bytes>,
+        channel: &Arc<str>,
+        after: u64,
+        upto: Option<u64>,
+    ) -> Result<Result<(), RouterError>, ()>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        let mut cursor = after;
+        loop {
+            let query = HistoryQuery { after: Some(cursor), before: upto.map(|last| last + 1), limit: 200 };
+            let page = match self.router.history(self.user, channel, query).await {
+                Ok(page) => page,
+                Err(error) => return Ok(Err(error)),
+            };
+            let first_available = page.messages.first().map(|message| message.seq);
+            let expected = cursor + 1;
+            let missing = match first_available {
+                Some(first) => first > expected,
+                None => upto.is_some_and(|last| last >= expected),
+            };
+            if missing {
+                let first_available = match first_available {
+                    Some(first) => first,
+                    None => self.router.first_retained_seq(channel).await.unwrap_or(expected),
+                };
+                let frame =
+                    ServerFrame::ResyncRequired { channel: channel.to_string(), from: expected, first_available };
+                socket.feed(text(&frame)).await.map_err(|_| ())?;
+                tracker.start_at(channel, first_available.saturating_sub(1));
+            }
+            for message in page.messages {
+                let seq = message.seq;
+                cursor = seq;
+                if tracker.admit(channel, seq) == Admit::Duplicate && upto.is_some() {
+                    continue;
+                }
+                let frame = Utf8Bytes::from(ServerFrame::Message(message).to_json());
+                socket.feed(Message::Text(frame.clone())).await.map_err(|_| ())?;
+                tracker.sent(channel, seq, frame, self.clock.now_ms());
+            }
+            if !page.has_more {
+                return Ok(Ok(()));
+            }
+        }
+    }
 }
 
 type Pending<'a> = Pin<Box<dyn Future<Output = Option<ServerFrame>> + Send + 'a>>;
@@ -84,19 +194,10 @@ fn error_frame(
     message: impl Into<String>,
     client_msg_id: Option<String>,
 ) -> ServerFrame {
-    ServerFrame::Error {
-        req_id,
-        code,
-        message: message.into(),
-        client_msg_id,
-    }
+    ServerFrame::Error { req_id, code, message: message.into(), client_msg_id }
 }
 
-fn router_error(
-    req_id: Option<String>,
-    error: RouterError,
-    client_msg_id: Option<String>,
-) -> ServerFrame {
+fn router_error(req_id: Option<String>, error: RouterError, client_msg_id: Option<String>) -> ServerFrame {
     error_frame(req_id, error.code(), error.to_string(), client_msg_id)
 }
 
@@ -109,45 +210,24 @@ pub type TooBig<E> = fn(&E) -> bool;
 
 /// Runs one connection to the end. `socket` is the upgraded WebSocket (or a test double).
 #[instrument(name = "connection", skip_all, fields(conn = session.conn, user = %session.user))]
-pub async fn serve<S, E>(
-    socket: S,
-    context: ConnectionContext,
-    session: Session,
-    too_big: TooBig<E>,
-) where
+pub async fn serve<S, E>(socket: S, context: ConnectionContext, session: Session, too_big: TooBig<E>)
+where
     S: Sink<Message> + Stream<Item = Result<Message, E>> + Unpin + Send,
     E: std::fmt::Display,
 {
-    let ConnectionContext {
-        router,
-        hub,
-        metrics,
-        config,
-        mut shutdown,
-    } = context;
+    let ConnectionContext { router, hub, metrics, config, mut shutdown } = context;
     let mut socket = socket;
-    let (sender, mut outbound) = mpsc::channel::<Utf8Bytes>(config.outbound_queue.max(1));
+    let (sender, mut outbound) = mpsc::channel::<OutboundFrame>(config.outbound_queue.max(1));
 
     // Subscribe before reading the channel list, so nothing published in between is missed: anything newer
     // than the `last_seq` the client is told arrives live.
-    let first = router
-        .list_channels(&session.user)
-        .await
-        .unwrap_or_default();
-    hub.register(
-        session.conn,
-        &session.user,
-        sender,
-        first.iter().map(|view| view.id.clone()).collect(),
-    )
-    .await;
+    let first = router.list_channels(&session.user).await.unwrap_or_default();
+    hub.register(session.conn, &session.user, sender, first.iter().map(|view| view.id.clone()).collect()).await;
     let channels = match router.list_channels(&session.user).await {
         Ok(channels) => channels,
         Err(error) => {
             debug!(%error, "cannot list channels");
-            let _ = socket
-                .send(close_message(1011, "storage unavailable"))
-                .await;
+            let _ = socket.send(close_message(1011, "storage unavailable")).await;
             hub.unregister(session.conn).await;
             return;
         }
@@ -159,6 +239,10 @@ pub async fn serve<S, E>(
         .collect();
     if !late.is_empty() {
         hub.add_channels(session.conn, late).await;
+    }
+    let mut tracker: DeliveryTracker<Utf8Bytes> = DeliveryTracker::new(config.ack_policy());
+    for view in &channels {
+        tracker.start_at(&view.id, view.last_seq);
     }
     let ready = ServerFrame::Ready {
         protocol: PROTOCOL_VERSION,
@@ -179,19 +263,19 @@ pub async fn serve<S, E>(
         return;
     }
 
-    let mut bucket = TokenBucket::new(config.send_rate_per_sec, config.send_burst, unix_ms());
+    let clock = Clock::new();
+    let mut bucket = TokenBucket::new(config.send_rate_per_sec, config.send_burst, clock.now_ms());
     let mut pending: FuturesUnordered<Pending<'_>> = FuturesUnordered::new();
     let idle = Duration::from_millis(config.idle_timeout_ms.max(1));
     let mut last_activity = Instant::now();
     let expiry = {
-        let remaining = session
-            .expires_at
-            .saturating_mul(1000)
-            .saturating_sub(unix_ms());
+        let remaining = session.expires_at.saturating_mul(1000).saturating_sub(unix_ms());
         Instant::now() + Duration::from_millis(remaining)
     };
-    let deadline = tokio::time::sleep_until((last_activity + idle).min(expiry));
+    let mut armed = (last_activity + idle).min(expiry);
+    let deadline = tokio::time::sleep_until(armed);
     tokio::pin!(deadline);
+    let mut delivery = Delivery { router: &router, user: &session.user, clock: &clock, metrics: &metrics };
 
     let reason: Option<(u16, &'static str)> = loop {
         let reading = pending.len() < config.max_in_flight;
@@ -199,16 +283,23 @@ pub async fn serve<S, E>(
             biased;
             _ = shutdown.changed() => break Some((close::GOING_AWAY, "server shutting down; reconnect")),
             queued = outbound.recv() => match queued {
-                Some(frame) => {
-                    if socket.feed(Message::Text(frame)).await.is_err() { break None; }
+                Some(item) => {
+                    if delivery.push(&mut socket, &mut tracker, item).await.is_err() { break None; }
                     let mut more = 0;
+                    let mut failed = false;
                     while more < 64 {
                         match outbound.try_recv() {
-                            Ok(frame) => { if socket.feed(Message::Text(frame)).await.is_err() { break; } more += 1; }
+                            Ok(item) => {
+                                if delivery.push(&mut socket, &mut tracker, item).await.is_err() { failed = true; break; }
+                                more += 1;
+                            }
                             Err(_) => break,
                         }
                     }
-                    if socket.flush().await.is_err() { break None; }
+                    if failed || socket.flush().await.is_err() { break None; }
+                    if tracker.overloaded() {
+                        break Some((close::UNACKNOWLEDGED, "too many unacknowledged messages; resume with sync"));
+                    }
                 }
                 None => break Some((close::SLOW_CONSUMER, "slow consumer: outbound queue overflowed; reconnect and fill gaps with history")),
             },
@@ -251,11 +342,25 @@ pub async fn serve<S, E>(
                     ClientFrame::Ping { req_id } => {
                         if socket.send(text(&ServerFrame::Pong { req_id, ts: unix_ms() })).await.is_err() { break None; }
                     }
-                    ClientFrame::Ack { .. } => {
-                        // Acknowledgements drive retransmission; the connection has nothing to answer.
+                    ClientFrame::Ack { channel, seq } => {
+                        tracker.ack(&channel, seq);
+                    }
+                    ClientFrame::Sync { req_id, channels } => {
+                        let mut failed = false;
+                        for (channel, have) in channels {
+                            match delivery.replay(&mut socket, &mut tracker, &Arc::from(channel.as_str()), have, None).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(error)) => {
+                                    metrics.error(error.code());
+                                    if socket.feed(text(&router_error(req_id.clone(), error, None))).await.is_err() { failed = true; break; }
+                                }
+                                Err(()) => { failed = true; break; }
+                            }
+                        }
+                        if failed || socket.send(text(&ServerFrame::Synced { req_id })).await.is_err() { break None; }
                     }
                     ClientFrame::Send { req_id, channel, client_msg_id, text: body } => {
-                        if !bucket.try_take(unix_ms()) {
+                        if !bucket.try_take(clock.now_ms()) {
                             metrics.limit(Limit::Rate);
                             metrics.error(ErrorCode::RateLimited);
                             let reply = error_frame(req_id, ErrorCode::RateLimited,
@@ -297,7 +402,30 @@ pub async fn serve<S, E>(
                 if now >= last_activity + idle {
                     break Some((close::IDLE_TIMEOUT, "no traffic within the idle timeout"));
                 }
-                deadline.as_mut().reset((last_activity + idle).min(expiry));
+                match tracker.due(clock.now_ms()) {
+                    Due::Nothing => {}
+                    Due::Retransmit(items) => {
+                        metrics.retransmits.inc_by(items.len() as u64);
+                        let mut failed = false;
+                        for (_, _, frame) in items {
+                            if socket.feed(Message::Text(frame)).await.is_err() { failed = true; break; }
+                        }
+                        if failed || socket.flush().await.is_err() { break None; }
+                    }
+                    Due::Dead { .. } => {
+                        break Some((close::UNACKNOWLEDGED, "messages unacknowledged after every retransmission; resume with sync"));
+                    }
+                }
+                armed = (last_activity + idle).min(expiry);
+                deadline.as_mut().reset(armed);
+            }
+        }
+        // Wake earlier when a retransmission falls due before the armed deadline.
+        if let Some(due_ms) = tracker.next_deadline_ms() {
+            let due = clock.instant(due_ms);
+            if due < armed {
+                armed = due;
+                deadline.as_mut().reset(armed);
             }
         }
     };
@@ -310,53 +438,27 @@ pub async fn serve<S, E>(
 }
 
 fn close_message(code: u16, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    }))
+    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }))
 }
 
-async fn request(
-    router: &Router,
-    hub: &Hub,
-    session: &Session,
-    metrics: &Metrics,
-    frame: ClientFrame,
-) -> ServerFrame {
+async fn request(router: &Router, hub: &Hub, session: &Session, metrics: &Metrics, frame: ClientFrame) -> ServerFrame {
     let req_id = frame.req_id().map(str::to_owned);
     let user = &session.user;
     let result: Result<ServerFrame, RouterError> = match frame {
-        ClientFrame::History {
-            req_id,
-            channel,
-            before,
-            after,
-            limit,
-        } => {
-            let query = HistoryQuery {
-                before,
-                after,
-                limit: limit.unwrap_or(50),
-            };
+        ClientFrame::History { req_id, channel, before, after, limit } => {
+            let query = HistoryQuery { before, after, limit: limit.unwrap_or(50) };
             if limit == Some(0) {
                 Err(RouterError::InvalidArgument("limit must be 1-200".into()))
             } else {
-                router
-                    .history(user, &channel, query)
-                    .await
-                    .map(|page| ServerFrame::History {
-                        req_id,
-                        channel,
-                        messages: page.messages,
-                        has_more: page.has_more,
-                    })
+                router.history(user, &channel, query).await.map(|page| ServerFrame::History {
+                    req_id,
+                    channel,
+                    messages: page.messages,
+                    has_more: page.has_more,
+                })
             }
         }
-        ClientFrame::CreateChannel {
-            req_id,
-            name,
-            members,
-        } => {
+        ClientFrame::CreateChannel { req_id, name, members } => {
             if members.len() > router.config().max_channel_members as usize {
                 Err(RouterError::TooManyMembers {
                     channel: format!("g:{name}"),
@@ -365,8 +467,7 @@ async fn request(
             } else {
                 match router.create_channel(user, &name, &members).await {
                     Ok(channel) => {
-                        hub.add_channels(session.conn, vec![channel.id.clone()])
-                            .await;
+                        hub.add_channels(session.conn, vec![channel.id.clone()]).await;
                         Ok(ServerFrame::Channel { req_id, channel })
                     }
                     Err(error) => Err(error),
@@ -375,34 +476,27 @@ async fn request(
         }
         ClientFrame::Join { req_id, channel } => match router.join(user, &channel).await {
             Ok(channel) => {
-                hub.add_channels(session.conn, vec![channel.id.clone()])
-                    .await;
+                hub.add_channels(session.conn, vec![channel.id.clone()]).await;
                 Ok(ServerFrame::Channel { req_id, channel })
             }
             Err(error) => Err(error),
         },
-        ClientFrame::Leave { req_id, channel } => router
-            .leave(user, &channel)
-            .await
-            .map(|channel| ServerFrame::Channel { req_id, channel }),
-        ClientFrame::OpenDm {
-            req_id,
-            user: other,
-        } => match router.open_dm(user, &other).await {
+        ClientFrame::Leave { req_id, channel } => {
+            router.leave(user, &channel).await.map(|channel| ServerFrame::Channel { req_id, channel })
+        }
+        ClientFrame::OpenDm { req_id, user: other } => match router.open_dm(user, &other).await {
             Ok(channel) => {
-                hub.add_channels(session.conn, vec![channel.id.clone()])
-                    .await;
+                hub.add_channels(session.conn, vec![channel.id.clone()]).await;
                 Ok(ServerFrame::Channel { req_id, channel })
             }
             Err(error) => Err(error),
         },
-        ClientFrame::ListChannels { req_id } => router
-            .list_channels(user)
-            .await
-            .map(|channels| ServerFrame::Channels { req_id, channels }),
-        ClientFrame::Send { .. } | ClientFrame::Ack { .. } | ClientFrame::Ping { .. } => Err(
-            RouterError::InvalidArgument("handled by the connection loop".into()),
-        ),
+        ClientFrame::ListChannels { req_id } => {
+            router.list_channels(user).await.map(|channels| ServerFrame::Channels { req_id, channels })
+        }
+        ClientFrame::Send { .. } | ClientFrame::Ack { .. } | ClientFrame::Ping { .. } | ClientFrame::Sync { .. } => {
+            Err(RouterError::InvalidArgument("handled by the connection loop".into()))
+        }
     };
     result.unwrap_or_else(|error| {
         metrics.error(error.code());

@@ -51,19 +51,12 @@ pub struct AppState {
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("AppState")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
+        formatter.debug_struct("AppState").field("config", &self.config).finish_non_exhaustive()
     }
 }
 
 fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(json!({ "code": code, "message": message.into() })),
-    )
-        .into_response()
+    (status, Json(json!({ "code": code, "message": message.into() }))).into_response()
 }
 
 fn router_error(error: RouterError) -> Response {
@@ -78,25 +71,14 @@ fn router_error(error: RouterError) -> Response {
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
+    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
 }
 
 fn authenticate(state: &AppState, token: Option<&str>) -> Result<crate::auth::Identity, Response> {
     let Some(token) = token else {
-        return Err(api_error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing token",
-        ));
+        return Err(api_error(StatusCode::UNAUTHORIZED, "unauthorized", "missing token"));
     };
-    state
-        .auth
-        .verify(token)
-        .map_err(|error| api_error(StatusCode::UNAUTHORIZED, "unauthorized", error.to_string()))
+    state.auth.verify(token).map_err(|error| api_error(StatusCode::UNAUTHORIZED, "unauthorized", error.to_string()))
 }
 
 /// The client-facing application.
@@ -114,52 +96,27 @@ pub fn app(state: AppState) -> AxumRouter {
 
 /// The admin application (metrics).
 pub fn admin_app(state: AppState) -> AxumRouter {
-    AxumRouter::new()
-        .route("/metrics", get(metrics))
-        .with_state(state)
+    AxumRouter::new().route("/metrics", get(metrics)).with_state(state)
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.accepting.load(Ordering::Relaxed) && !*state.shutdown.borrow() {
         "ready".into_response()
     } else {
-        api_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "not accepting connections",
-        )
+        api_error(StatusCode::SERVICE_UNAVAILABLE, "draining", "not accepting connections")
     }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let stats = state.router.stats();
     let extra = [
-        (
-            "router_messages",
-            "Messages made durable",
-            stats.messages.load(Ordering::Relaxed),
-        ),
-        (
-            "router_batches",
-            "Durable batches written",
-            stats.batches.load(Ordering::Relaxed),
-        ),
-        (
-            "router_write_failures",
-            "Durable writes that failed",
-            stats.write_failures.load(Ordering::Relaxed),
-        ),
-        (
-            "router_publish_failures",
-            "Publishes that failed",
-            stats.publish_failures.load(Ordering::Relaxed),
-        ),
+        ("router_messages", "Messages made durable", stats.messages.load(Ordering::Relaxed)),
+        ("router_batches", "Durable batches written", stats.batches.load(Ordering::Relaxed)),
+        ("router_write_failures", "Durable writes that failed", stats.write_failures.load(Ordering::Relaxed)),
+        ("router_publish_failures", "Publishes that failed", stats.publish_failures.load(Ordering::Relaxed)),
     ];
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         state.metrics.encode(&extra),
     )
         .into_response()
@@ -191,11 +148,7 @@ async fn websocket(
         Err(response) => return response,
     };
     if !state.accepting.load(Ordering::Relaxed) || *state.shutdown.borrow() {
-        return api_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "this instance is draining; connect to another",
-        );
+        return api_error(StatusCode::SERVICE_UNAVAILABLE, "draining", "this instance is draining; connect to another");
     }
     let Ok(permit) = state.permits.clone().try_acquire_owned() else {
         state.metrics.limit(Limit::Connections);
@@ -208,15 +161,9 @@ async fn websocket(
     let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
     let mut random = [0u8; 12];
     rand::rng().fill_bytes(&mut random);
-    let session_id: String = std::iter::once("s-".to_owned())
-        .chain(random.iter().map(|byte| format!("{byte:02x}")))
-        .collect();
-    let session = Session {
-        conn,
-        session_id,
-        user: identity.user,
-        expires_at: identity.expires_at,
-    };
+    let session_id: String =
+        std::iter::once("s-".to_owned()).chain(random.iter().map(|byte| format!("{byte:02x}"))).collect();
+    let session = Session { conn, session_id, user: identity.user, expires_at: identity.expires_at };
     let context = ConnectionContext {
         router: state.router.clone(),
         hub: state.hub.clone(),
@@ -248,8 +195,7 @@ async fn websocket(
 fn too_big(error: &axum::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = source {
-        if let Some(tungstenite::Error::Capacity(_)) = current.downcast_ref::<tungstenite::Error>()
-        {
+        if let Some(tungstenite::Error::Capacity(_)) = current.downcast_ref::<tungstenite::Error>() {
             return true;
         }
         source = current.source();
@@ -275,30 +221,21 @@ async fn dev_login(
     }
     let Json(body) = match body {
         Ok(body) => body,
-        Err(rejection) => {
-            return api_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_frame",
-                rejection.body_text(),
-            )
-        }
+        Err(rejection) => return api_error(StatusCode::BAD_REQUEST, "invalid_frame", rejection.body_text()),
     };
     let user = match UserId::new(body.user) {
         Ok(user) => user,
-        Err(error) => {
-            return api_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_argument",
-                error.to_string(),
-            )
-        }
+        Err(error) => return api_error(StatusCode::BAD_REQUEST, "invalid_argument", error.to_string()),
     };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|elapsed| elapsed.as_secs())
         .unwrap_or(0);
     match state.auth.mint_dev_token(&user, now, DEV_TOKEN_TTL_SECS) {
-        Some((token, expires)) => Json(json!({ "token": token, "user": user.as_str(), "expires_at": expires * 1000, "insecure": true })).into_response(),
+        Some((token, expires)) => {
+            Json(json!({ "token": token, "user": user.as_str(), "expires_at": expires * 1000, "insecure": true }))
+                .into_response()
+        }
         None => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "could not mint a token"),
     }
 }
@@ -333,31 +270,16 @@ async fn history(
     };
     let Query(params) = match params {
         Ok(params) => params,
-        Err(rejection) => {
-            return api_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_argument",
-                rejection.body_text(),
-            )
-        }
+        Err(rejection) => return api_error(StatusCode::BAD_REQUEST, "invalid_argument", rejection.body_text()),
     };
     if params.limit == Some(0) {
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_argument",
-            "limit must be 1-200",
-        );
+        return api_error(StatusCode::BAD_REQUEST, "invalid_argument", "limit must be 1-200");
     }
-    let query = HistoryQuery {
-        before: params.before,
-        after: params.after,
-        limit: params.limit.unwrap_or(50),
-    };
+    let query = HistoryQuery { before: params.before, after: params.after, limit: params.limit.unwrap_or(50) };
     match state.router.history(&identity.user, &channel, query).await {
-        Ok(page) => Json(
-            json!({ "channel": channel, "messages": page.messages, "has_more": page.has_more }),
-        )
-        .into_response(),
+        Ok(page) => {
+            Json(json!({ "channel": channel, "messages": page.messages, "has_more": page.has_more })).into_response()
+        }
         Err(error) => router_error(error),
     }
 }

@@ -10,17 +10,25 @@ use crate::metrics::{Limit, Metrics};
 use axum::extract::ws::Utf8Bytes;
 use parley_core::protocol::ServerFrame;
 use parley_core::{ChannelId, UserId};
-use parley_router::pubsub::{
-    channel_topic, user_topic, ControlEvent, Delivery, Event, Subscription,
-};
+use parley_router::pubsub::{channel_topic, user_topic, ControlEvent, Delivery, Event, Subscription};
 use parley_router::Router;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-/// Frames queued to one connection.
-pub type Outbound = mpsc::Sender<Utf8Bytes>;
+/// A frame queued to one connection. Messages carry their channel and sequence so the connection can drop
+/// duplicates, fill gaps and track acknowledgements without parsing the frame.
+#[derive(Debug, Clone)]
+pub struct OutboundFrame {
+    /// The encoded frame.
+    pub frame: Utf8Bytes,
+    /// For a `message` frame: its channel and sequence.
+    pub message: Option<(Arc<str>, u64)>,
+}
+
+/// The queue of one connection.
+pub type Outbound = mpsc::Sender<OutboundFrame>;
 
 struct ConnEntry {
     user: String,
@@ -50,20 +58,13 @@ pub struct Hub {
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("Hub")
-            .field("fanout_threshold", &self.fanout_threshold)
-            .finish_non_exhaustive()
+        formatter.debug_struct("Hub").field("fanout_threshold", &self.fanout_threshold).finish_non_exhaustive()
     }
 }
 
 impl Hub {
     /// A hub over `subscription`, whose publications must be fed to [`Hub::dispatch`].
-    pub fn new(
-        subscription: Arc<dyn Subscription>,
-        metrics: Arc<Metrics>,
-        fanout_threshold: u32,
-    ) -> Arc<Self> {
+    pub fn new(subscription: Arc<dyn Subscription>, metrics: Arc<Metrics>, fanout_threshold: u32) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(HubState::default()),
             topic_changes: tokio::sync::Mutex::new(()),
@@ -74,9 +75,7 @@ impl Hub {
     }
 
     fn lock(&self) -> MutexGuard<'_, HubState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Brings the bus subscription in line with the index.
@@ -109,34 +108,16 @@ impl Hub {
 
     /// Adds a connection with its channels, and subscribes what it needs. Publications for those channels
     /// reach it from the moment this returns.
-    pub async fn register(
-        &self,
-        conn: u64,
-        user: &UserId,
-        sender: Outbound,
-        channels: Vec<String>,
-    ) {
+    pub async fn register(&self, conn: u64, user: &UserId, sender: Outbound, channels: Vec<String>) {
         {
             let mut state = self.lock();
             for channel in &channels {
-                state
-                    .channels
-                    .entry(channel.clone())
-                    .or_default()
-                    .insert(conn, sender.clone());
+                state.channels.entry(channel.clone()).or_default().insert(conn, sender.clone());
             }
-            state
-                .users
-                .entry(user.to_string())
-                .or_default()
-                .insert(conn);
+            state.users.entry(user.to_string()).or_default().insert(conn);
             state.conns.insert(
                 conn,
-                ConnEntry {
-                    user: user.to_string(),
-                    sender: Some(sender),
-                    channels: channels.into_iter().collect(),
-                },
+                ConnEntry { user: user.to_string(), sender: Some(sender), channels: channels.into_iter().collect() },
             );
         }
         self.sync_topics().await;
@@ -146,19 +127,11 @@ impl Hub {
     pub async fn add_channels(&self, conn: u64, channels: Vec<String>) {
         {
             let mut state = self.lock();
-            let Some(sender) = state
-                .conns
-                .get(&conn)
-                .and_then(|entry| entry.sender.clone())
-            else {
+            let Some(sender) = state.conns.get(&conn).and_then(|entry| entry.sender.clone()) else {
                 return;
             };
             for channel in channels {
-                state
-                    .channels
-                    .entry(channel.clone())
-                    .or_default()
-                    .insert(conn, sender.clone());
+                state.channels.entry(channel.clone()).or_default().insert(conn, sender.clone());
                 if let Some(entry) = state.conns.get_mut(&conn) {
                     entry.channels.insert(channel);
                 }
@@ -192,14 +165,15 @@ impl Hub {
     }
 
     /// Queues a frame to every local member of a channel. Returns how many got it.
-    pub fn deliver(&self, channel: &str, frame: &Utf8Bytes) -> usize {
+    pub fn deliver(&self, channel: &str, frame: &Utf8Bytes, seq: Option<u64>) -> usize {
         let mut slow = Vec::new();
         let mut delivered = 0;
+        let item = OutboundFrame { frame: frame.clone(), message: seq.map(|seq| (Arc::from(channel), seq)) };
         {
             let state = self.lock();
             if let Some(members) = state.channels.get(channel) {
                 for (conn, sender) in members {
-                    match sender.try_send(frame.clone()) {
+                    match sender.try_send(item.clone()) {
                         Ok(()) => delivered += 1,
                         Err(mpsc::error::TrySendError::Full(_)) => slow.push(*conn),
                         Err(mpsc::error::TrySendError::Closed(_)) => {}
@@ -220,13 +194,9 @@ impl Hub {
         {
             let state = self.lock();
             for conn in state.users.get(user).into_iter().flatten() {
-                if let Some(sender) = state
-                    .conns
-                    .get(conn)
-                    .and_then(|entry| entry.sender.as_ref())
-                {
-                    if let Err(mpsc::error::TrySendError::Full(_)) = sender.try_send(frame.clone())
-                    {
+                if let Some(sender) = state.conns.get(conn).and_then(|entry| entry.sender.as_ref()) {
+                    let item = OutboundFrame { frame: frame.clone(), message: None };
+                    if let Err(mpsc::error::TrySendError::Full(_)) = sender.try_send(item) {
                         slow.push(*conn);
                     }
                 }
@@ -260,32 +230,16 @@ impl Hub {
 
     /// A user's membership changed: update the index for the user's local connections, subscribe or
     /// unsubscribe, and tell the connections (with the channel's current `last_seq`, so they can fill any gap).
-    async fn membership_changed(
-        self: &Arc<Self>,
-        router: &Router,
-        user: &str,
-        channel: &str,
-        joined: bool,
-    ) {
+    async fn membership_changed(self: &Arc<Self>, router: &Router, user: &str, channel: &str, joined: bool) {
         {
             let mut state = self.lock();
-            let conns: Vec<u64> = state
-                .users
-                .get(user)
-                .map(|conns| conns.iter().copied().collect())
-                .unwrap_or_default();
+            let conns: Vec<u64> =
+                state.users.get(user).map(|conns| conns.iter().copied().collect()).unwrap_or_default();
             for conn in conns {
-                let sender = state
-                    .conns
-                    .get(&conn)
-                    .and_then(|entry| entry.sender.clone());
+                let sender = state.conns.get(&conn).and_then(|entry| entry.sender.clone());
                 let Some(sender) = sender else { continue };
                 if joined {
-                    state
-                        .channels
-                        .entry(channel.to_owned())
-                        .or_default()
-                        .insert(conn, sender);
+                    state.channels.entry(channel.to_owned()).or_default().insert(conn, sender);
                     if let Some(entry) = state.conns.get_mut(&conn) {
                         entry.channels.insert(channel.to_owned());
                     }
@@ -306,11 +260,7 @@ impl Hub {
         tokio::spawn(async move {
             match router.channel_view(&user_id, &channel_id).await {
                 Ok(view) => {
-                    let frame = ServerFrame::Channel {
-                        req_id: None,
-                        channel: view,
-                    }
-                    .to_json();
+                    let frame = ServerFrame::Channel { req_id: None, channel: view }.to_json();
                     hub.deliver_to_user(user_id.as_str(), &Utf8Bytes::from(frame));
                 }
                 Err(error) => warn!(%error, "failed to read channel after membership change"),
@@ -319,11 +269,7 @@ impl Hub {
     }
 
     /// Forwards publications to local connections until the bus closes.
-    pub async fn dispatch(
-        self: Arc<Self>,
-        router: Router,
-        mut publications: mpsc::Receiver<Delivery>,
-    ) {
+    pub async fn dispatch(self: Arc<Self>, router: Router, mut publications: mpsc::Receiver<Delivery>) {
         while let Some((topic, payload)) = publications.recv().await {
             self.metrics.publications.inc();
             let Some(event) = Event::decode(&payload) else {
@@ -331,44 +277,29 @@ impl Hub {
                 continue;
             };
             match event {
-                Event::Message(frame) => {
+                Event::Message { seq, frame } => {
                     let Some(channel) = topic.strip_prefix("ch:") else {
                         continue;
                     };
                     match Utf8Bytes::try_from(frame) {
                         Ok(frame) => {
-                            self.deliver(channel, &frame);
+                            self.deliver(channel, &frame, Some(seq));
                         }
                         Err(error) => warn!(%error, "message frame is not UTF-8"),
                     }
                 }
-                Event::Control(ControlEvent::Member {
-                    channel,
-                    user,
-                    joined,
-                }) => {
-                    let members = self
-                        .lock()
-                        .channels
-                        .get(&channel)
-                        .map(|members| members.len())
-                        .unwrap_or(0);
+                Event::Control(ControlEvent::Member { channel, user, joined }) => {
+                    let members = self.lock().channels.get(&channel).map(|members| members.len()).unwrap_or(0);
                     if members as u32 <= self.fanout_threshold {
-                        let frame = ServerFrame::Member {
-                            channel: channel.clone(),
-                            user,
-                            joined,
-                        }
-                        .to_json();
-                        self.deliver(&channel, &Utf8Bytes::from(frame));
+                        let frame = ServerFrame::Member { channel: channel.clone(), user, joined }.to_json();
+                        self.deliver(&channel, &Utf8Bytes::from(frame), None);
                     }
                 }
                 Event::Control(ControlEvent::Membership { channel, joined }) => {
                     let Some(user) = topic.strip_prefix("user:") else {
                         continue;
                     };
-                    self.membership_changed(&router, user, &channel, joined)
-                        .await;
+                    self.membership_changed(&router, user, &channel, joined).await;
                 }
             }
         }

@@ -11,24 +11,15 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
-    let running = parley_gateway::standalone::start(args)
-        .await
-        .context("failed to start parley")?;
-    println!(
-        "parley listening on http://{} (metrics on http://{}/metrics)",
-        running.address, running.admin_address
-    );
+    let running = parley_gateway::standalone::start(args).await.context("failed to start parley")?;
+    println!("parley listening on http://{} (metrics on http://{}/metrics)", running.address, running.admin_address);
     let shutdown = running.shutdown;
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down: closing connections with 1001");
         let _ = shutdown.send(true);
     });
-    running
-        .task
-        .await
-        .context("server task failed")?
-        .context("server failed")?;
+    running.task.await.context("server task failed")?.context("server failed")?;
     Ok(())
 }
 

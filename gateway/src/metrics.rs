@@ -55,6 +55,10 @@ pub struct Metrics {
     pub send_seconds: Histogram,
     /// Publications received from pub/sub.
     pub publications: Counter,
+    /// Messages retransmitted for lack of an ACK.
+    pub retransmits: Counter,
+    /// Gaps noticed in a connection's stream and filled from storage.
+    pub gaps_filled: Counter,
 }
 
 impl Metrics {
@@ -69,42 +73,18 @@ impl Metrics {
         let limits = Family::<Labels, Counter>::default();
         let send_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         let publications = Counter::default();
-        registry.register(
-            "gateway_connections",
-            "Open client connections",
-            connections.clone(),
-        );
-        registry.register(
-            "gateway_connections_accepted",
-            "Client connections accepted",
-            connections_total.clone(),
-        );
-        registry.register(
-            "gateway_frames_received",
-            "Frames received from clients",
-            frames_in.clone(),
-        );
-        registry.register(
-            "gateway_deliveries",
-            "Frames queued to clients by fan-out",
-            deliveries.clone(),
-        );
-        registry.register(
-            "gateway_error_frames",
-            "Error frames sent, by code",
-            errors.clone(),
-        );
+        let retransmits = Counter::default();
+        let gaps_filled = Counter::default();
+        registry.register("gateway_retransmits", "Messages retransmitted for lack of an ACK", retransmits.clone());
+        registry.register("gateway_gaps_filled", "Stream gaps filled from storage", gaps_filled.clone());
+        registry.register("gateway_connections", "Open client connections", connections.clone());
+        registry.register("gateway_connections_accepted", "Client connections accepted", connections_total.clone());
+        registry.register("gateway_frames_received", "Frames received from clients", frames_in.clone());
+        registry.register("gateway_deliveries", "Frames queued to clients by fan-out", deliveries.clone());
+        registry.register("gateway_error_frames", "Error frames sent, by code", errors.clone());
         registry.register("gateway_limit_hits", "Limits hit, by limit", limits.clone());
-        registry.register(
-            "gateway_send_duration_seconds",
-            "Send to durable confirmation",
-            send_seconds.clone(),
-        );
-        registry.register(
-            "gateway_publications",
-            "Publications received from pub/sub",
-            publications.clone(),
-        );
+        registry.register("gateway_send_duration_seconds", "Send to durable confirmation", send_seconds.clone());
+        registry.register("gateway_publications", "Publications received from pub/sub", publications.clone());
         Arc::new(Self {
             registry,
             connections,
@@ -115,21 +95,19 @@ impl Metrics {
             limits,
             send_seconds,
             publications,
+            retransmits,
+            gaps_filled,
         })
     }
 
     /// Counts an error frame.
     pub fn error(&self, code: ErrorCode) {
-        self.errors
-            .get_or_create(&vec![("code", code.as_str())])
-            .inc();
+        self.errors.get_or_create(&vec![("code", code.as_str())]).inc();
     }
 
     /// Counts a limit hit.
     pub fn limit(&self, limit: Limit) {
-        self.limits
-            .get_or_create(&vec![("limit", limit.label())])
-            .inc();
+        self.limits.get_or_create(&vec![("limit", limit.label())]).inc();
     }
 
     /// Encodes the registry in the Prometheus text format, followed by `extra` lines.
@@ -142,7 +120,9 @@ impl Metrics {
         let eof = text.rfind("# EOF").unwrap_or(text.len());
         let mut head = text[..eof].to_owned();
         for (name, help, value) in extra {
-            head.push_str(&format!("# HELP parley_{name} {help}\n# TYPE parley_{name} counter\nparley_{name}_total {value}\n"));
+            head.push_str(&format!(
+                "# HELP parley_{name} {help}\n# TYPE parley_{name} counter\nparley_{name}_total {value}\n"
+            ));
         }
         head.push_str("# EOF\n");
         head
@@ -161,14 +141,8 @@ mod tests {
         metrics.limit(Limit::FrameSize);
         let text = metrics.encode(&[("router_messages", "Messages made durable", 7)]);
         assert!(text.contains("parley_gateway_connections 1"), "{text}");
-        assert!(
-            text.contains(r#"parley_gateway_error_frames_total{code="not_a_member"} 1"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"parley_gateway_limit_hits_total{limit="frame_size"} 1"#),
-            "{text}"
-        );
+        assert!(text.contains(r#"parley_gateway_error_frames_total{code="not_a_member"} 1"#), "{text}");
+        assert!(text.contains(r#"parley_gateway_limit_hits_total{limit="frame_size"} 1"#), "{text}");
         assert!(text.contains("parley_router_messages_total 7"), "{text}");
         assert!(text.ends_with("# EOF\n"));
     }

@@ -32,12 +32,26 @@ pub struct Running {
 }
 
 async fn bind(address: SocketAddr) -> Result<TcpListener, GatewayError> {
-    TcpListener::bind(address)
-        .await
-        .map_err(|source| GatewayError::Serve {
-            address: address.to_string(),
-            source,
-        })
+    TcpListener::bind(address).await.map_err(|source| GatewayError::Serve { address: address.to_string(), source })
+}
+
+/// Reads, or creates on first use, the dev-login signing secret in the data directory.
+fn dev_secret(data_dir: &std::path::Path) -> Result<String, GatewayError> {
+    use rand::RngCore;
+    let path = data_dir.join("dev-login.secret");
+    let failed =
+        |error: std::io::Error| GatewayError::Key { path: path.display().to_string(), reason: error.to_string() };
+    if let Ok(secret) = std::fs::read_to_string(&path) {
+        if secret.trim().len() >= 16 {
+            return Ok(secret.trim().to_owned());
+        }
+    }
+    std::fs::create_dir_all(data_dir).map_err(failed)?;
+    let mut random = [0u8; 32];
+    rand::rng().fill_bytes(&mut random);
+    let secret: String = random.iter().map(|byte| format!("{byte:02x}")).collect();
+    std::fs::write(&path, &secret).map_err(failed)?;
+    Ok(secret)
 }
 
 fn now_ms() -> u64 {
@@ -48,7 +62,11 @@ fn now_ms() -> u64 {
 }
 
 /// Opens storage, starts the router and binds both listeners. Returns once the server accepts connections.
-pub async fn start(args: StandaloneArgs) -> Result<Running, GatewayError> {
+pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
+    if args.auth.insecure_dev_login && args.auth.jwt_hs256_secret.is_none() {
+        // Keep dev tokens valid across restarts: the dev signing secret lives beside the data.
+        args.auth.jwt_hs256_secret = Some(dev_secret(&args.storage.data_dir)?);
+    }
     let auth = Arc::new(Authenticator::from_config(&args.auth)?);
     if auth.dev_login_enabled() {
         warn!("INSECURE dev login is enabled: anyone can log in as anyone. Never use this in production.");
@@ -58,8 +76,7 @@ pub async fn start(args: StandaloneArgs) -> Result<Running, GatewayError> {
             .then(|| Duration::from_secs(args.storage.retention_days * 24 * 3600)),
         ..Retention::default()
     };
-    let store =
-        EmbeddedStore::open(&args.storage.data_dir, retention).map_err(GatewayError::Storage)?;
+    let store = EmbeddedStore::open(&args.storage.data_dir, retention).map_err(GatewayError::Storage)?;
     let pubsub = Arc::new(LocalPubSub::new());
     let router_config = RouterConfig {
         machine_id: args.storage.machine_id,
@@ -70,21 +87,11 @@ pub async fn start(args: StandaloneArgs) -> Result<Running, GatewayError> {
         ..RouterConfig::default()
     };
     let shared = Arc::new(store.clone());
-    let (router, writer) = Router::start(
-        router_config,
-        shared.clone(),
-        shared.clone(),
-        shared,
-        pubsub.clone(),
-    )
-    .map_err(GatewayError::Router)?;
+    let (router, writer) = Router::start(router_config, shared.clone(), shared.clone(), shared, pubsub.clone())
+        .map_err(GatewayError::Router)?;
     let metrics = Metrics::new();
     let (sink, publications) = mpsc::channel(65_536);
-    let hub = Hub::new(
-        pubsub.open(sink),
-        metrics.clone(),
-        args.gateway.fanout_threshold,
-    );
+    let hub = Hub::new(pubsub.open(sink), metrics.clone(), args.gateway.fanout_threshold);
     let dispatcher = tokio::spawn(hub.clone().dispatch(router.clone(), publications));
 
     let (shutdown, shutdown_signal) = watch::channel(false);
@@ -101,25 +108,19 @@ pub async fn start(args: StandaloneArgs) -> Result<Running, GatewayError> {
     };
     let listener = bind(args.listen).await?;
     let admin_listener = bind(args.admin_listen).await?;
-    let address = listener
-        .local_addr()
-        .map_err(|source| GatewayError::Serve {
-            address: args.listen.to_string(),
-            source,
-        })?;
+    let address =
+        listener.local_addr().map_err(|source| GatewayError::Serve { address: args.listen.to_string(), source })?;
     let admin_address = admin_listener
         .local_addr()
-        .map_err(|source| GatewayError::Serve {
-            address: args.admin_listen.to_string(),
-            source,
-        })?;
+        .map_err(|source| GatewayError::Serve { address: args.admin_listen.to_string(), source })?;
     info!(%address, %admin_address, data_dir = %args.storage.data_dir.display(), "parley standalone listening");
 
     let sweeper = {
         let store = store.clone();
         let mut stop = shutdown_signal.clone();
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(600));
+            let period = Duration::from_secs(600);
+            let mut every = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             loop {
                 tokio::select! {
                     _ = every.tick() => match store.sweep(now_ms()).await {
@@ -133,6 +134,8 @@ pub async fn start(args: StandaloneArgs) -> Result<Running, GatewayError> {
         })
     };
 
+    let permits = state.permits.clone();
+    let max_connections = u32::try_from(args.gateway.max_connections).unwrap_or(u32::MAX);
     let client_app = app(state.clone()).into_make_service();
     let admin = admin_app(state);
     let task = tokio::spawn(async move {
@@ -145,23 +148,17 @@ pub async fn start(args: StandaloneArgs) -> Result<Running, GatewayError> {
             let _ = admin_stop.wait_for(|stop| *stop).await;
         });
         let (client, admin) = tokio::join!(client, admin);
-        sweeper.abort();
+        // WebSocket connections run outside the HTTP server's tracking: wait for each to finish its close.
+        let _ = tokio::time::timeout(Duration::from_secs(30), permits.acquire_many(max_connections)).await;
+        // Stop in dependency order and wait for each part, so the database is closed when this returns: the
+        // dispatcher holds the last router handle; once it is gone the writer drains its queue and ends.
         dispatcher.abort();
-        writer.abort();
-        client.map_err(|source| GatewayError::Serve {
-            address: address.to_string(),
-            source,
-        })?;
-        admin.map_err(|source| GatewayError::Serve {
-            address: admin_address.to_string(),
-            source,
-        })?;
+        let _ = dispatcher.await;
+        let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
+        let _ = sweeper.await;
+        client.map_err(|source| GatewayError::Serve { address: address.to_string(), source })?;
+        admin.map_err(|source| GatewayError::Serve { address: admin_address.to_string(), source })?;
         Ok(())
     });
-    Ok(Running {
-        address,
-        admin_address,
-        shutdown,
-        task,
-    })
+    Ok(Running { address, admin_address, shutdown, task })
 }

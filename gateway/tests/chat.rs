@@ -13,9 +13,7 @@ async fn direct_message_between_two_users() {
     let mut alice = Client::connect(&running, "alice").await;
     let mut bob = Client::connect(&running, "bob").await;
 
-    let opened = alice
-        .request(json!({"type":"open_dm","user":"bob"}), "r1")
-        .await;
+    let opened = alice.request(json!({"type":"open_dm","user":"bob"}), "r1").await;
     assert_eq!(opened["type"], "channel", "{opened}");
     assert_eq!(opened["channel"]["id"], "dm:alice:bob");
     assert_eq!(opened["channel"]["name"], "bob");
@@ -30,22 +28,15 @@ async fn direct_message_between_two_users() {
     let answer = bob.send_message("dm:alice:bob", "b1", "hi alice").await;
     assert_eq!(answer["seq"], 2, "{answer}");
     let back = alice.messages("dm:alice:bob", 2).await;
-    assert_eq!(
-        back.iter().map(|m| m["seq"].as_u64()).collect::<Vec<_>>(),
-        vec![Some(1), Some(2)]
-    );
+    assert_eq!(back.iter().map(|m| m["seq"].as_u64()).collect::<Vec<_>>(), vec![Some(1), Some(2)]);
     // A third user can neither read nor write the DM.
     let mut carol = Client::connect(&running, "carol").await;
     let denied = carol.send_message("dm:alice:bob", "c1", "let me in").await;
     assert_eq!(denied["code"], "not_a_member", "{denied}");
-    let denied = carol
-        .request(json!({"type":"history","channel":"dm:alice:bob"}), "h")
-        .await;
+    let denied = carol.request(json!({"type":"history","channel":"dm:alice:bob"}), "h").await;
     assert_eq!(denied["code"], "not_a_member", "{denied}");
     // DM with yourself is refused.
-    let refused = alice
-        .request(json!({"type":"open_dm","user":"alice"}), "self")
-        .await;
+    let refused = alice.request(json!({"type":"open_dm","user":"alice"}), "self").await;
     assert_eq!(refused["code"], "invalid_argument", "{refused}");
     stop(running).await;
 }
@@ -53,19 +44,10 @@ async fn direct_message_between_two_users() {
 #[tokio::test]
 async fn fifty_members_five_concurrent_senders_see_one_order() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let running = server(
-        dir.path(),
-        &["--send-rate-per-sec", "1000", "--send-burst", "1000"],
-    )
-    .await;
+    let running = server(dir.path(), &["--send-rate-per-sec", "1000", "--send-burst", "1000"]).await;
     let mut owner = Client::connect(&running, "u0").await;
     let members: Vec<String> = (1..50).map(|n| format!("u{n}")).collect();
-    let created = owner
-        .request(
-            json!({"type":"create_channel","name":"crowd","members":members}),
-            "c",
-        )
-        .await;
+    let created = owner.request(json!({"type":"create_channel","name":"crowd","members":members}), "c").await;
     assert_eq!(created["channel"]["members"], 50, "{created}");
     let mut clients = vec![owner];
     for n in 1..50 {
@@ -99,15 +81,7 @@ async fn fifty_members_five_concurrent_senders_see_one_order() {
         (1..=total as u64).collect::<Vec<_>>(),
         "gap-free from 1"
     );
-    assert_eq!(
-        reference
-            .iter()
-            .map(|(_, id)| id)
-            .collect::<HashSet<_>>()
-            .len(),
-        total,
-        "distinct ids"
-    );
+    assert_eq!(reference.iter().map(|(_, id)| id).collect::<HashSet<_>>().len(), total, "distinct ids");
     for order in &orders {
         assert_eq!(order, reference, "every member sees the identical order");
     }
@@ -119,41 +93,24 @@ async fn retried_send_is_idempotent() {
     let dir = tempfile::tempdir().expect("tempdir");
     let running = server(dir.path(), &[]).await;
     let mut alice = Client::connect(&running, "alice").await;
-    alice
-        .request(json!({"type":"create_channel","name":"retry"}), "c")
-        .await;
+    alice.request(json!({"type":"create_channel","name":"retry"}), "c").await;
     let first = alice.send_message("g:retry", "same-id", "once").await;
     let again = alice.send_message("g:retry", "same-id", "once").await;
     assert_eq!(first["duplicate"], false);
     assert_eq!(again["duplicate"], true, "{again}");
-    assert_eq!(
-        (first["id"].clone(), first["seq"].clone()),
-        (again["id"].clone(), again["seq"].clone())
-    );
+    assert_eq!((first["id"].clone(), first["seq"].clone()), (again["id"].clone(), again["seq"].clone()));
     // Concurrent retries in flight at the same time also collapse to one message.
     for _ in 0..5 {
-        alice
-            .send_json(
-                json!({"type":"send","channel":"g:retry","client_msg_id":"burst","text":"x"}),
-            )
-            .await;
+        alice.send_json(json!({"type":"send","channel":"g:retry","client_msg_id":"burst","text":"x"})).await;
     }
     let mut seqs = HashSet::new();
     for _ in 0..5 {
-        let reply = alice
-            .expect(|frame| frame["type"] == "send_result" && frame["client_msg_id"] == "burst")
-            .await;
+        let reply = alice.expect(|frame| frame["type"] == "send_result" && frame["client_msg_id"] == "burst").await;
         seqs.insert(reply["seq"].as_u64());
     }
     assert_eq!(seqs.len(), 1, "one message for five retries");
-    let history = alice
-        .request(json!({"type":"history","channel":"g:retry"}), "h")
-        .await;
-    assert_eq!(
-        history["messages"].as_array().map(Vec::len),
-        Some(2),
-        "{history}"
-    );
+    let history = alice.request(json!({"type":"history","channel":"g:retry"}), "h").await;
+    assert_eq!(history["messages"].as_array().map(Vec::len), Some(2), "{history}");
     stop(running).await;
 }
 
@@ -167,69 +124,31 @@ fn seqs(page: &Value) -> Vec<u64> {
 #[tokio::test]
 async fn history_pages_over_websocket_and_http_and_survives_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let running = server(
-        dir.path(),
-        &["--send-rate-per-sec", "1000", "--send-burst", "1000"],
-    )
-    .await;
+    let running = server(dir.path(), &["--send-rate-per-sec", "1000", "--send-burst", "1000"]).await;
     let mut alice = Client::connect(&running, "alice").await;
-    alice
-        .request(json!({"type":"create_channel","name":"log"}), "c")
-        .await;
+    alice.request(json!({"type":"create_channel","name":"log"}), "c").await;
     for n in 1..=45 {
-        let result = alice
-            .send_message("g:log", &format!("m{n}"), &format!("text {n}"))
-            .await;
+        let result = alice.send_message("g:log", &format!("m{n}"), &format!("text {n}")).await;
         assert_eq!(result["seq"], n);
     }
-    let newest = alice
-        .request(json!({"type":"history","channel":"g:log","limit":20}), "p1")
-        .await;
+    let newest = alice.request(json!({"type":"history","channel":"g:log","limit":20}), "p1").await;
     assert_eq!(seqs(&newest), (26..=45).collect::<Vec<_>>());
     assert_eq!(newest["has_more"], true);
-    let older = alice
-        .request(
-            json!({"type":"history","channel":"g:log","limit":20,"before":26}),
-            "p2",
-        )
-        .await;
+    let older = alice.request(json!({"type":"history","channel":"g:log","limit":20,"before":26}), "p2").await;
     assert_eq!(seqs(&older), (6..=25).collect::<Vec<_>>());
-    let oldest = alice
-        .request(
-            json!({"type":"history","channel":"g:log","limit":20,"before":6}),
-            "p3",
-        )
-        .await;
+    let oldest = alice.request(json!({"type":"history","channel":"g:log","limit":20,"before":6}), "p3").await;
     assert_eq!(seqs(&oldest), (1..=5).collect::<Vec<_>>());
     assert_eq!(oldest["has_more"], false);
-    let after = alice
-        .request(
-            json!({"type":"history","channel":"g:log","limit":10,"after":40}),
-            "p4",
-        )
-        .await;
+    let after = alice.request(json!({"type":"history","channel":"g:log","limit":10,"after":40}), "p4").await;
     assert_eq!(seqs(&after), (41..=45).collect::<Vec<_>>());
-    let too_big = alice
-        .request(
-            json!({"type":"history","channel":"g:log","limit":500}),
-            "p5",
-        )
-        .await;
+    let too_big = alice.request(json!({"type":"history","channel":"g:log","limit":500}), "p5").await;
     assert_eq!(too_big["code"], "invalid_argument");
 
-    let http = reqwest_get(
-        &running,
-        "/v1/channels/g:log/messages?limit=10&before=11",
-        "alice",
-    )
-    .await;
+    let http = reqwest_get(&running, "/v1/channels/g:log/messages?limit=10&before=11", "alice").await;
     assert_eq!(http.0, 200, "{}", http.1);
     assert_eq!(seqs(&http.1), (1..=10).collect::<Vec<_>>());
     let forbidden = reqwest_get(&running, "/v1/channels/g:log/messages", "mallory").await;
-    assert_eq!(
-        (forbidden.0, forbidden.1["code"].clone()),
-        (403, json!("not_a_member"))
-    );
+    assert_eq!((forbidden.0, forbidden.1["code"].clone()), (403, json!("not_a_member")));
     let listed = reqwest_get(&running, "/v1/channels", "alice").await;
     assert_eq!(listed.1["channels"][0]["last_seq"], 45, "{}", listed.1);
 
@@ -238,42 +157,25 @@ async fn history_pages_over_websocket_and_http_and_survives_restart() {
     let mut alice = Client::connect(&running, "alice").await;
     assert_eq!(alice.ready["channels"][0]["id"], "g:log", "{}", alice.ready);
     assert_eq!(alice.ready["channels"][0]["last_seq"], 45);
-    let page = alice
-        .request(json!({"type":"history","channel":"g:log","limit":200}), "r")
-        .await;
+    let page = alice.request(json!({"type":"history","channel":"g:log","limit":200}), "r").await;
     assert_eq!(seqs(&page), (1..=45).collect::<Vec<_>>());
     assert_eq!(page["messages"][44]["text"], "text 45");
     // The order continues after the restart with no gap and no reused id.
     let next = alice.send_message("g:log", "after-restart", "46th").await;
     assert_eq!(next["seq"], 46);
-    let last_id: u64 = page["messages"][44]["id"]
-        .as_str()
-        .and_then(|id| id.parse().ok())
-        .expect("id");
-    let next_id: u64 = next["id"]
-        .as_str()
-        .and_then(|id| id.parse().ok())
-        .expect("id");
+    let last_id: u64 = page["messages"][44]["id"].as_str().and_then(|id| id.parse().ok()).expect("id");
+    let next_id: u64 = next["id"].as_str().and_then(|id| id.parse().ok()).expect("id");
     assert!(next_id > last_id);
     // The retry key survives the restart too.
     let retry = alice.send_message("g:log", "m45", "text 45").await;
-    assert_eq!(
-        (retry["seq"].clone(), retry["duplicate"].clone()),
-        (json!(45), json!(true))
-    );
+    assert_eq!((retry["seq"].clone(), retry["duplicate"].clone()), (json!(45), json!(true)));
     stop(running).await;
 }
 
 /// A minimal HTTP/1.1 GET with a bearer token (the tests need no HTTP client crate).
-pub async fn reqwest_get(
-    running: &parley_gateway::standalone::Running,
-    path: &str,
-    user: &str,
-) -> (u16, Value) {
+pub async fn reqwest_get(running: &parley_gateway::standalone::Running, path: &str, user: &str) -> (u16, Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(running.address)
-        .await
-        .expect("connect");
+    let mut stream = tokio::net::TcpStream::connect(running.address).await.expect("connect");
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
         token(user)
@@ -282,12 +184,57 @@ pub async fn reqwest_get(
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.expect("read");
     let text = String::from_utf8_lossy(&response);
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
+    let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
     // Bodies are small; axum answers with content-length, so the body is plain JSON.
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn dev_login_tokens_survive_a_restart_and_are_off_by_default() {
+    use clap::Parser;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = |dev: bool| {
+        let mut args = vec![
+            "parley".to_owned(),
+            "--listen=127.0.0.1:0".into(),
+            "--admin-listen=127.0.0.1:0".into(),
+            format!("--data-dir={}", dir.path().display()),
+        ];
+        if dev {
+            args.push("--insecure-dev-login".into());
+        } else {
+            args.push(format!("--jwt-hs256-secret={}", common::SECRET));
+        }
+        parley_gateway::config::StandaloneArgs::parse_from(args)
+    };
+    let running = parley_gateway::standalone::start(args(true)).await.expect("start");
+    let (status, body) = http_post(&running, "/v1/dev/login", r#"{"user":"demo"}"#).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["insecure"], true);
+    let token = body["token"].as_str().expect("token").to_owned();
+    stop(running).await;
+    let running = parley_gateway::standalone::start(args(true)).await.expect("restart");
+    let url = format!("ws://{}/v1/ws?v=1&token={token}", running.address);
+    assert!(tokio_tungstenite::connect_async(url).await.is_ok(), "the old dev token still works");
+    stop(running).await;
+    let running = parley_gateway::standalone::start(args(false)).await.expect("start without dev login");
+    let (status, body) = http_post(&running, "/v1/dev/login", r#"{"user":"demo"}"#).await;
+    assert_eq!((status, body["code"].clone()), (404, json!("dev_login_disabled")));
+    stop(running).await;
+}
+
+async fn http_post(running: &parley_gateway::standalone::Running, path: &str, body: &str) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(running.address).await.expect("connect");
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read");
+    let text = String::from_utf8_lossy(&response);
+    let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    (status, serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or("")).unwrap_or(Value::Null))
 }

@@ -28,9 +28,7 @@ pub async fn server(data_dir: &Path, extra: &[&str]) -> Running {
         SECRET.into(),
     ];
     args.extend(extra.iter().map(|arg| arg.to_string()));
-    start(StandaloneArgs::parse_from(args))
-        .await
-        .expect("server starts")
+    start(StandaloneArgs::parse_from(args)).await.expect("server starts")
 }
 
 pub async fn stop(running: Running) {
@@ -39,10 +37,7 @@ pub async fn stop(running: Running) {
 }
 
 pub fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 pub fn token(user: &str) -> String {
@@ -55,6 +50,8 @@ pub struct Client {
     pub ready: Value,
     /// Frames received but not yet consumed by `expect`.
     pub backlog: Vec<Value>,
+    /// Acknowledge every message as it arrives (the protocol requires it; tests of retransmission turn it off).
+    pub auto_ack: bool,
 }
 
 impl Client {
@@ -63,26 +60,15 @@ impl Client {
         let (mut socket, _) = connect_async(url).await.expect("websocket connects");
         let ready = next_json(&mut socket).await.expect("ready frame");
         assert_eq!(ready["type"], "ready", "{ready}");
-        Client {
-            user: user.to_owned(),
-            socket,
-            ready,
-            backlog: Vec::new(),
-        }
+        Client { user: user.to_owned(), socket, ready, backlog: Vec::new(), auto_ack: true }
     }
 
     pub async fn send_json(&mut self, frame: Value) {
-        self.socket
-            .send(Message::Text(frame.to_string().into()))
-            .await
-            .expect("send");
+        self.socket.send(Message::Text(frame.to_string().into())).await.expect("send");
     }
 
     pub async fn send_raw(&mut self, text: &str) {
-        self.socket
-            .send(Message::Text(text.to_owned().into()))
-            .await
-            .expect("send");
+        self.socket.send(Message::Text(text.to_owned().into())).await.expect("send");
     }
 
     /// Waits for the first frame matching `predicate`, keeping the others in the backlog.
@@ -95,12 +81,11 @@ impl Client {
             let frame = tokio::time::timeout_at(deadline, next_json(&mut self.socket))
                 .await
                 .unwrap_or_else(|_| panic!("{}: timed out; backlog: {:?}", self.user, self.backlog))
-                .unwrap_or_else(|| {
-                    panic!(
-                        "{}: connection closed; backlog: {:?}",
-                        self.user, self.backlog
-                    )
-                });
+                .unwrap_or_else(|| panic!("{}: connection closed; backlog: {:?}", self.user, self.backlog));
+            if self.auto_ack && frame["type"] == "message" {
+                let ack = json!({"type":"ack","channel":frame["channel"],"seq":frame["seq"]});
+                self.socket.send(Message::Text(ack.to_string().into())).await.expect("ack");
+            }
             if predicate(&frame) {
                 return frame;
             }
@@ -112,19 +97,14 @@ impl Client {
         frame["req_id"] = json!(req_id);
         self.send_json(frame).await;
         let id = req_id.to_owned();
-        self.expect(move |reply| reply["req_id"] == id.as_str())
-            .await
+        self.expect(move |reply| reply["req_id"] == id.as_str()).await
     }
 
     pub async fn send_message(&mut self, channel: &str, client_msg_id: &str, text: &str) -> Value {
-        self.send_json(
-            json!({"type":"send","channel":channel,"client_msg_id":client_msg_id,"text":text}),
-        )
-        .await;
+        self.send_json(json!({"type":"send","channel":channel,"client_msg_id":client_msg_id,"text":text})).await;
         let id = client_msg_id.to_owned();
         self.expect(move |reply| {
-            (reply["type"] == "send_result" || reply["type"] == "error")
-                && reply["client_msg_id"] == id.as_str()
+            (reply["type"] == "send_result" || reply["type"] == "error") && reply["client_msg_id"] == id.as_str()
         })
         .await
     }
@@ -135,10 +115,7 @@ impl Client {
         while collected.len() < count {
             let channel = channel.to_owned();
             collected.push(
-                self.expect(move |frame| {
-                    frame["type"] == "message" && frame["channel"] == channel.as_str()
-                })
-                .await,
+                self.expect(move |frame| frame["type"] == "message" && frame["channel"] == channel.as_str()).await,
             );
         }
         collected
@@ -148,9 +125,7 @@ impl Client {
 pub async fn next_json(socket: &mut WebSocketStream<MaybeTlsStream<TcpStream>>) -> Option<Value> {
     loop {
         match socket.next().await? {
-            Ok(Message::Text(text)) => {
-                return Some(serde_json::from_str(&text).expect("server sends JSON"))
-            }
+            Ok(Message::Text(text)) => return Some(serde_json::from_str(&text).expect("server sends JSON")),
             Ok(Message::Close(_)) | Err(_) => return None,
             Ok(_) => continue,
         }

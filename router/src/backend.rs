@@ -81,10 +81,7 @@ pub trait MessageLog: Send + Sync + 'static {
     /// The last durable sequence of a channel (0 when empty), for a writer taking over.
     async fn last_seq(&self, channel: &str) -> Result<u64, BackendError>;
     /// Looks up earlier sends by (sender, client message id).
-    async fn find_sends(
-        &self,
-        keys: Vec<(String, String)>,
-    ) -> Result<Vec<Option<PriorSend>>, BackendError>;
+    async fn find_sends(&self, keys: Vec<(String, String)>) -> Result<Vec<Option<PriorSend>>, BackendError>;
 }
 
 /// Message storage for history reads.
@@ -93,11 +90,7 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Writes messages idempotently (keyed by channel and sequence; a rewrite changes nothing).
     async fn write(&self, batch: Vec<MessageView>) -> Result<(), BackendError>;
     /// Reads a page of a channel's history.
-    async fn history(
-        &self,
-        channel: &str,
-        query: HistoryQuery,
-    ) -> Result<HistoryPage, BackendError>;
+    async fn history(&self, channel: &str, query: HistoryQuery) -> Result<HistoryPage, BackendError>;
     /// The oldest sequence still retained (1 when nothing expired yet).
     async fn first_retained_seq(&self, channel: &str) -> Result<u64, BackendError>;
 }

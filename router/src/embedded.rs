@@ -6,16 +6,13 @@
 //! by (channel, sequence) and indexed by (time bucket, channel) so retention drops whole buckets.
 
 use crate::backend::{
-    ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageLog,
-    MessageStore, PriorSend,
+    ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageLog, MessageStore, PriorSend,
 };
 use crate::error::BackendError;
 use async_trait::async_trait;
 use parley_core::protocol::MessageView;
 use parley_core::sequencer::Placement;
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::Arc;
@@ -77,10 +74,7 @@ pub struct EmbeddedStore {
 
 impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("EmbeddedStore")
-            .field("retention", &self.retention)
-            .finish_non_exhaustive()
+        formatter.debug_struct("EmbeddedStore").field("retention", &self.retention).finish_non_exhaustive()
     }
 }
 
@@ -96,10 +90,7 @@ impl EmbeddedStore {
     /// Opens (or creates) the database `parley.redb` in `data_dir`.
     pub fn open(data_dir: &Path, retention: Retention) -> Result<Self, BackendError> {
         std::fs::create_dir_all(data_dir).map_err(|error| {
-            BackendError::Unavailable(format!(
-                "cannot create data dir {}: {error}",
-                data_dir.display()
-            ))
+            BackendError::Unavailable(format!("cannot create data dir {}: {error}", data_dir.display()))
         })?;
         let database = Database::create(data_dir.join("parley.redb"))?;
         let transaction = database.begin_write()?;
@@ -115,10 +106,7 @@ impl EmbeddedStore {
             transaction.open_table(USER_CHANNELS)?;
         }
         transaction.commit()?;
-        Ok(Self {
-            database: Arc::new(database),
-            retention,
-        })
+        Ok(Self { database: Arc::new(database), retention })
     }
 
     async fn blocking<T, F>(&self, work: F) -> Result<T, BackendError>
@@ -138,9 +126,7 @@ impl EmbeddedStore {
         self.blocking(move |database| {
             let mut report = SweepReport::default();
             let mut transaction = database.begin_write()?;
-            transaction
-                .set_durability(Durability::Immediate)
-                .map_err(|error| BackendError::Task(error.to_string()))?;
+            transaction.set_durability(Durability::Immediate).map_err(|error| BackendError::Task(error.to_string()))?;
             {
                 if let Some(keep) = retention.messages {
                     let bucket_ms = (retention.bucket.as_millis() as u64).max(1);
@@ -161,24 +147,18 @@ impl EmbeddedStore {
                                 report.messages += 1;
                             }
                         }
-                        let current = floor
-                            .get(channel.as_str())?
-                            .map(|value| value.value())
-                            .unwrap_or(1);
+                        let current = floor.get(channel.as_str())?.map(|value| value.value()).unwrap_or(1);
                         floor.insert(channel.as_str(), current.max(last + 1))?;
                         buckets.remove((bucket, channel.as_str()))?;
                     }
                 }
-                let idempotency_cutoff =
-                    now_ms.saturating_sub(retention.idempotency.as_millis() as u64);
+                let idempotency_cutoff = now_ms.saturating_sub(retention.idempotency.as_millis() as u64);
                 let mut sends = transaction.open_table(SENDS)?;
                 let before = sends.len()?;
-                sends.retain(
-                    |_, value| match serde_json::from_slice::<SendRecord>(value) {
-                        Ok(record) => record.ts >= idempotency_cutoff,
-                        Err(_) => false,
-                    },
-                )?;
+                sends.retain(|_, value| match serde_json::from_slice::<SendRecord>(value) {
+                    Ok(record) => record.ts >= idempotency_cutoff,
+                    Err(_) => false,
+                })?;
                 report.idempotency_keys = before - sends.len()?;
             }
             transaction.commit()?;
@@ -197,9 +177,7 @@ impl MessageLog for EmbeddedStore {
         let bucket_ms = (self.retention.bucket.as_millis() as u64).max(1);
         self.blocking(move |database| {
             let mut transaction = database.begin_write()?;
-            transaction
-                .set_durability(Durability::Immediate)
-                .map_err(|error| BackendError::Task(error.to_string()))?;
+            transaction.set_durability(Durability::Immediate).map_err(|error| BackendError::Task(error.to_string()))?;
             {
                 let mut messages = transaction.open_table(MESSAGES)?;
                 let mut last_seq = transaction.open_table(LAST_SEQ)?;
@@ -208,10 +186,7 @@ impl MessageLog for EmbeddedStore {
                 for message in &batch {
                     let channel = message.channel.as_str();
                     messages.insert((channel, message.seq), encode(message)?.as_slice())?;
-                    let previous = last_seq
-                        .get(channel)?
-                        .map(|value| value.value())
-                        .unwrap_or(0);
+                    let previous = last_seq.get(channel)?.map(|value| value.value()).unwrap_or(0);
                     last_seq.insert(channel, previous.max(message.seq))?;
                     let bucket = message.ts / bucket_ms;
                     let range = buckets.get((bucket, channel))?.map(|value| value.value());
@@ -243,18 +218,12 @@ impl MessageLog for EmbeddedStore {
         self.blocking(move |database| {
             let transaction = database.begin_read()?;
             let table = transaction.open_table(LAST_SEQ)?;
-            Ok(table
-                .get(channel.as_str())?
-                .map(|value| value.value())
-                .unwrap_or(0))
+            Ok(table.get(channel.as_str())?.map(|value| value.value()).unwrap_or(0))
         })
         .await
     }
 
-    async fn find_sends(
-        &self,
-        keys: Vec<(String, String)>,
-    ) -> Result<Vec<Option<PriorSend>>, BackendError> {
+    async fn find_sends(&self, keys: Vec<(String, String)>) -> Result<Vec<Option<PriorSend>>, BackendError> {
         self.blocking(move |database| {
             let transaction = database.begin_read()?;
             let table = transaction.open_table(SENDS)?;
@@ -265,11 +234,7 @@ impl MessageLog for EmbeddedStore {
                         let record: SendRecord = decode(value.value())?;
                         Some(PriorSend {
                             channel: record.channel,
-                            placement: Placement {
-                                id: record.id,
-                                seq: record.seq,
-                                ts: record.ts,
-                            },
+                            placement: Placement { id: record.id, seq: record.seq, ts: record.ts },
                         })
                     }
                     None => None,
@@ -288,10 +253,7 @@ impl MessageStore for EmbeddedStore {
         // The log is this same database: a message that was appended is already stored. Writing again is an
         // idempotent upsert of the same row, used when the store follows another log.
         let missing: Vec<MessageView> = {
-            let keys: Vec<(String, u64)> = batch
-                .iter()
-                .map(|message| (message.channel.clone(), message.seq))
-                .collect();
+            let keys: Vec<(String, u64)> = batch.iter().map(|message| (message.channel.clone(), message.seq)).collect();
             let present = self
                 .blocking(move |database| {
                     let transaction = database.begin_read()?;
@@ -303,21 +265,12 @@ impl MessageStore for EmbeddedStore {
                     Ok(present)
                 })
                 .await?;
-            batch
-                .into_iter()
-                .zip(present)
-                .filter(|(_, present)| !present)
-                .map(|(message, _)| message)
-                .collect()
+            batch.into_iter().zip(present).filter(|(_, present)| !present).map(|(message, _)| message).collect()
         };
         self.append(missing).await
     }
 
-    async fn history(
-        &self,
-        channel: &str,
-        query: HistoryQuery,
-    ) -> Result<HistoryPage, BackendError> {
+    async fn history(&self, channel: &str, query: HistoryQuery) -> Result<HistoryPage, BackendError> {
         let channel = channel.to_owned();
         self.blocking(move |database| {
             let transaction = database.begin_read()?;
@@ -327,9 +280,7 @@ impl MessageStore for EmbeddedStore {
             if let Some(after) = query.after {
                 let upper = query.before.unwrap_or(u64::MAX);
                 if after.saturating_add(1) < upper {
-                    for entry in
-                        table.range((channel.as_str(), after + 1)..(channel.as_str(), upper))?
-                    {
+                    for entry in table.range((channel.as_str(), after + 1)..(channel.as_str(), upper))? {
                         let (_, value) = entry?;
                         messages.push(decode::<MessageView>(value.value())?);
                         if messages.len() > limit {
@@ -342,10 +293,7 @@ impl MessageStore for EmbeddedStore {
                 Ok(HistoryPage { messages, has_more })
             } else {
                 let upper = query.before.unwrap_or(u64::MAX);
-                for entry in table
-                    .range((channel.as_str(), 0)..(channel.as_str(), upper))?
-                    .rev()
-                {
+                for entry in table.range((channel.as_str(), 0)..(channel.as_str(), upper))?.rev() {
                     let (_, value) = entry?;
                     messages.push(decode::<MessageView>(value.value())?);
                     if messages.len() > limit {
@@ -366,10 +314,7 @@ impl MessageStore for EmbeddedStore {
         self.blocking(move |database| {
             let transaction = database.begin_read()?;
             let table = transaction.open_table(FLOOR)?;
-            Ok(table
-                .get(channel.as_str())?
-                .map(|value| value.value())
-                .unwrap_or(1))
+            Ok(table.get(channel.as_str())?.map(|value| value.value()).unwrap_or(1))
         })
         .await
     }
@@ -444,28 +389,21 @@ impl MembershipStore for EmbeddedStore {
         }
         self.blocking(move |database| {
             let mut transaction = database.begin_write()?;
-            transaction
-                .set_durability(Durability::Immediate)
-                .map_err(|error| BackendError::Task(error.to_string()))?;
+            transaction.set_durability(Durability::Immediate).map_err(|error| BackendError::Task(error.to_string()))?;
             {
                 let mut channels = transaction.open_table(CHANNELS)?;
                 let mut members = transaction.open_table(MEMBERS)?;
                 let mut user_channels = transaction.open_table(USER_CHANNELS)?;
-                let adjust = |channels: &mut redb::Table<&str, &[u8]>,
-                              channel: &str,
-                              delta: i64|
-                 -> Result<(), BackendError> {
-                    let record = channels
-                        .get(channel)?
-                        .map(|value| decode::<ChannelRecord>(value.value()))
-                        .transpose()?;
-                    if let Some(mut record) = record {
-                        record.member_count =
-                            (i64::from(record.member_count) + delta).max(0) as u32;
-                        channels.insert(channel, encode(&record)?.as_slice())?;
-                    }
-                    Ok(())
-                };
+                let adjust =
+                    |channels: &mut redb::Table<&str, &[u8]>, channel: &str, delta: i64| -> Result<(), BackendError> {
+                        let record =
+                            channels.get(channel)?.map(|value| decode::<ChannelRecord>(value.value())).transpose()?;
+                        if let Some(mut record) = record {
+                            record.member_count = (i64::from(record.member_count) + delta).max(0) as u32;
+                            channels.insert(channel, encode(&record)?.as_slice())?;
+                        }
+                        Ok(())
+                    };
                 for change in &changes {
                     match change {
                         MembershipChange::Create(record) => {
@@ -474,10 +412,7 @@ impl MembershipStore for EmbeddedStore {
                             channels.insert(record.id.as_str(), encode(&record)?.as_slice())?;
                         }
                         MembershipChange::Add { channel, user } => {
-                            if members
-                                .insert((channel.as_str(), user.as_str()), ())?
-                                .is_none()
-                            {
+                            if members.insert((channel.as_str(), user.as_str()), ())?.is_none() {
                                 user_channels.insert((user.as_str(), channel.as_str()), ())?;
                                 adjust(&mut channels, channel, 1)?;
                             }
@@ -524,84 +459,31 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let store = store(dir.path(), Retention::default());
-            store
-                .append(
-                    (1..=25)
-                        .map(|seq| message("g:a", seq, 1000 + seq))
-                        .collect(),
-                )
-                .await
-                .expect("append");
-            store
-                .append(vec![message("g:b", 1, 5)])
-                .await
-                .expect("append");
+            store.append((1..=25).map(|seq| message("g:a", seq, 1000 + seq)).collect()).await.expect("append");
+            store.append(vec![message("g:b", 1, 5)]).await.expect("append");
         }
         let store = store(dir.path(), Retention::default());
         assert_eq!(store.last_seq("g:a").await.expect("last"), 25);
-        let newest = store
-            .history(
-                "g:a",
-                HistoryQuery {
-                    limit: 10,
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("page");
-        assert_eq!(
-            newest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
-            (16..=25).collect::<Vec<_>>()
-        );
+        let newest = store.history("g:a", HistoryQuery { limit: 10, ..Default::default() }).await.expect("page");
+        assert_eq!(newest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (16..=25).collect::<Vec<_>>());
         assert!(newest.has_more);
         let older = store
-            .history(
-                "g:a",
-                HistoryQuery {
-                    before: Some(16),
-                    limit: 10,
-                    ..Default::default()
-                },
-            )
+            .history("g:a", HistoryQuery { before: Some(16), limit: 10, ..Default::default() })
             .await
             .expect("page");
         assert_eq!(older.messages.first().map(|m| m.seq), Some(6));
         let oldest = store
-            .history(
-                "g:a",
-                HistoryQuery {
-                    before: Some(6),
-                    limit: 10,
-                    ..Default::default()
-                },
-            )
+            .history("g:a", HistoryQuery { before: Some(6), limit: 10, ..Default::default() })
             .await
             .expect("page");
         assert_eq!(oldest.messages.len(), 5);
         assert!(!oldest.has_more);
-        let after = store
-            .history(
-                "g:a",
-                HistoryQuery {
-                    after: Some(20),
-                    limit: 3,
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("page");
-        assert_eq!(
-            after.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
-            vec![21, 22, 23]
-        );
+        let after =
+            store.history("g:a", HistoryQuery { after: Some(20), limit: 3, ..Default::default() }).await.expect("page");
+        assert_eq!(after.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![21, 22, 23]);
         assert!(after.has_more);
-        let prior = store
-            .find_sends(vec![
-                ("alice".into(), "c7".into()),
-                ("bob".into(), "c7".into()),
-            ])
-            .await
-            .expect("find");
+        let prior =
+            store.find_sends(vec![("alice".into(), "c7".into()), ("bob".into(), "c7".into())]).await.expect("find");
         assert_eq!(prior[0].as_ref().map(|p| p.placement.seq), Some(7));
         assert!(prior[1].is_none());
     }
@@ -616,32 +498,13 @@ mod tests {
         };
         let store = store(dir.path(), retention);
         store
-            .append(vec![
-                message("g:a", 1, 1_000),
-                message("g:a", 2, 1_500),
-                message("g:a", 3, 30_000),
-            ])
+            .append(vec![message("g:a", 1, 1_000), message("g:a", 2, 1_500), message("g:a", 3, 30_000)])
             .await
             .expect("append");
         let report = store.sweep(20_000).await.expect("sweep");
-        assert_eq!(
-            report,
-            SweepReport {
-                messages: 2,
-                idempotency_keys: 2
-            }
-        );
+        assert_eq!(report, SweepReport { messages: 2, idempotency_keys: 2 });
         assert_eq!(store.first_retained_seq("g:a").await.expect("floor"), 3);
-        let page = store
-            .history(
-                "g:a",
-                HistoryQuery {
-                    limit: 10,
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("page");
+        let page = store.history("g:a", HistoryQuery { limit: 10, ..Default::default() }).await.expect("page");
         assert_eq!(page.messages.len(), 1);
     }
 
@@ -659,52 +522,20 @@ mod tests {
         store
             .apply(vec![
                 MembershipChange::Create(record),
-                MembershipChange::Add {
-                    channel: "g:a".into(),
-                    user: "alice".into(),
-                },
-                MembershipChange::Add {
-                    channel: "g:a".into(),
-                    user: "bob".into(),
-                },
-                MembershipChange::Add {
-                    channel: "g:a".into(),
-                    user: "bob".into(),
-                },
+                MembershipChange::Add { channel: "g:a".into(), user: "alice".into() },
+                MembershipChange::Add { channel: "g:a".into(), user: "bob".into() },
+                MembershipChange::Add { channel: "g:a".into(), user: "bob".into() },
             ])
             .await
             .expect("apply");
-        assert_eq!(
-            store
-                .channel("g:a")
-                .await
-                .expect("get")
-                .map(|r| r.member_count),
-            Some(2)
-        );
-        assert_eq!(
-            store.members("g:a").await.expect("members"),
-            vec!["alice", "bob"]
-        );
+        assert_eq!(store.channel("g:a").await.expect("get").map(|r| r.member_count), Some(2));
+        assert_eq!(store.members("g:a").await.expect("members"), vec!["alice", "bob"]);
         store
-            .apply(vec![MembershipChange::Remove {
-                channel: "g:a".into(),
-                user: "alice".into(),
-            }])
+            .apply(vec![MembershipChange::Remove { channel: "g:a".into(), user: "alice".into() }])
             .await
             .expect("apply");
         assert!(!store.is_member("g:a", "alice").await.expect("is member"));
-        assert_eq!(
-            store.user_channels("bob").await.expect("channels"),
-            vec!["g:a"]
-        );
-        assert_eq!(
-            store
-                .channel("g:a")
-                .await
-                .expect("get")
-                .map(|r| r.member_count),
-            Some(1)
-        );
+        assert_eq!(store.user_channels("bob").await.expect("channels"), vec!["g:a"]);
+        assert_eq!(store.channel("g:a").await.expect("get").map(|r| r.member_count), Some(1));
     }
 }

@@ -90,9 +90,7 @@ impl RouterError {
             RouterError::NoSuchChannel(_) => ErrorCode::NoSuchChannel,
             RouterError::ChannelExists(_) => ErrorCode::ChannelExists,
             RouterError::TooManyMembers { .. } => ErrorCode::TooManyMembers,
-            RouterError::Unavailable(_) | RouterError::Clock(_) | RouterError::ShuttingDown => {
-                ErrorCode::Unavailable
-            }
+            RouterError::Unavailable(_) | RouterError::Clock(_) | RouterError::ShuttingDown => ErrorCode::Unavailable,
         }
     }
 }

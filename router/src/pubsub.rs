@@ -69,8 +69,13 @@ pub enum ControlEvent {
 /// A decoded publication.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// A message: the encoded `message` frame, ready to forward.
-    Message(Bytes),
+    /// A message: its sequence, and the encoded `message` frame, ready to forward.
+    Message {
+        /// Per-channel sequence (the channel is the topic's).
+        seq: u64,
+        /// The encoded `message` frame.
+        frame: Bytes,
+    },
     /// A control event.
     Control(ControlEvent),
 }
@@ -82,9 +87,10 @@ impl Event {
     /// Encodes the event for the wire between router and gateways.
     pub fn encode(&self) -> Bytes {
         match self {
-            Event::Message(frame) => {
-                let mut buffer = BytesMut::with_capacity(frame.len() + 1);
+            Event::Message { seq, frame } => {
+                let mut buffer = BytesMut::with_capacity(frame.len() + 9);
                 buffer.put_u8(MESSAGE_TAG);
+                buffer.put_u64(*seq);
                 buffer.put_slice(frame);
                 buffer.freeze()
             }
@@ -102,10 +108,12 @@ impl Event {
     /// Decodes an event; `None` for a payload this version does not understand.
     pub fn decode(payload: &Bytes) -> Option<Event> {
         match payload.first()? {
-            &MESSAGE_TAG => Some(Event::Message(payload.slice(1..))),
-            &CONTROL_TAG => serde_json::from_slice(&payload[1..])
-                .ok()
-                .map(Event::Control),
+            &MESSAGE_TAG if payload.len() >= 9 => {
+                let mut seq = [0u8; 8];
+                seq.copy_from_slice(&payload[1..9]);
+                Some(Event::Message { seq: u64::from_be_bytes(seq), frame: payload.slice(9..) })
+            }
+            &CONTROL_TAG => serde_json::from_slice(&payload[1..]).ok().map(Event::Control),
             _ => None,
         }
     }
@@ -122,9 +130,7 @@ pub struct LocalPubSub {
 
 impl std::fmt::Debug for LocalPubSub {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("LocalPubSub")
-            .finish_non_exhaustive()
+        formatter.debug_struct("LocalPubSub").finish_non_exhaustive()
     }
 }
 
@@ -137,19 +143,14 @@ impl LocalPubSub {
 
 fn lock(topics: &Mutex<Subscribers>) -> std::sync::MutexGuard<'_, Subscribers> {
     // A poisoned lock only means another thread panicked mid-update of a plain map; keep going.
-    topics
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    topics.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[async_trait]
 impl PubSub for LocalPubSub {
     async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), BackendError> {
         let targets: Vec<mpsc::Sender<Delivery>> = match lock(&self.topics).get(topic) {
-            Some(subscribers) => subscribers
-                .iter()
-                .map(|(_, sender)| sender.clone())
-                .collect(),
+            Some(subscribers) => subscribers.iter().map(|(_, sender)| sender.clone()).collect(),
             None => return Ok(()),
         };
         let topic: Arc<str> = Arc::from(topic);
@@ -162,11 +163,7 @@ impl PubSub for LocalPubSub {
 
     fn open(&self, sink: mpsc::Sender<Delivery>) -> Arc<dyn Subscription> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        Arc::new(LocalSubscription {
-            id,
-            sink,
-            topics: self.topics.clone(),
-        })
+        Arc::new(LocalSubscription { id, sink, topics: self.topics.clone() })
     }
 }
 
@@ -222,37 +219,21 @@ mod tests {
         let bus = LocalPubSub::new();
         let (sink, mut deliveries) = mpsc::channel(8);
         let subscription = bus.open(sink);
-        subscription
-            .subscribe(vec!["ch:g:a".into()])
-            .await
-            .expect("subscribe");
-        bus.publish("ch:g:b", Bytes::from_static(b"x"))
-            .await
-            .expect("publish");
-        bus.publish("ch:g:a", Bytes::from_static(b"y"))
-            .await
-            .expect("publish");
+        subscription.subscribe(vec!["ch:g:a".into()]).await.expect("subscribe");
+        bus.publish("ch:g:b", Bytes::from_static(b"x")).await.expect("publish");
+        bus.publish("ch:g:a", Bytes::from_static(b"y")).await.expect("publish");
         let (topic, payload) = deliveries.recv().await.expect("delivery");
         assert_eq!((&*topic, &payload[..]), ("ch:g:a", &b"y"[..]));
-        subscription
-            .unsubscribe(vec!["ch:g:a".into()])
-            .await
-            .expect("unsubscribe");
-        bus.publish("ch:g:a", Bytes::from_static(b"z"))
-            .await
-            .expect("publish");
+        subscription.unsubscribe(vec!["ch:g:a".into()]).await.expect("unsubscribe");
+        bus.publish("ch:g:a", Bytes::from_static(b"z")).await.expect("publish");
         assert!(deliveries.try_recv().is_err());
     }
 
     #[test]
     fn events_round_trip() {
-        let message = Event::Message(Bytes::from_static(br#"{"type":"message"}"#));
+        let message = Event::Message { seq: 7, frame: Bytes::from_static(br#"{"type":"message"}"#) };
         assert_eq!(Event::decode(&message.encode()), Some(message));
-        let control = Event::Control(ControlEvent::Member {
-            channel: "g:a".into(),
-            user: "bob".into(),
-            joined: true,
-        });
+        let control = Event::Control(ControlEvent::Member { channel: "g:a".into(), user: "bob".into(), joined: true });
         assert_eq!(Event::decode(&control.encode()), Some(control));
         assert_eq!(Event::decode(&Bytes::from_static(b"?")), None);
         assert_eq!(Event::decode(&Bytes::new()), None);

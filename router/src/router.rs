@@ -4,8 +4,7 @@
 //! grows with load (group commit) while every channel keeps one gap-free order.
 
 use crate::backend::{
-    ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageLog,
-    MessageStore,
+    ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageLog, MessageStore,
 };
 use crate::error::{BackendError, RouterError};
 use crate::pubsub::{channel_topic, user_topic, ControlEvent, Event, PubSub};
@@ -78,34 +77,15 @@ pub struct RouterStats {
 }
 
 enum Command {
-    Send {
-        request: SendRequest,
-        reply: oneshot::Sender<Result<SendOutcome, RouterError>>,
-    },
-    Membership {
-        change: MembershipCommand,
-        reply: oneshot::Sender<Result<ChannelView, RouterError>>,
-    },
+    Send { request: SendRequest, reply: oneshot::Sender<Result<SendOutcome, RouterError>> },
+    Membership { change: MembershipCommand, reply: oneshot::Sender<Result<ChannelView, RouterError>> },
 }
 
 enum MembershipCommand {
-    Create {
-        creator: UserId,
-        channel: ChannelId,
-        members: Vec<UserId>,
-    },
-    Join {
-        user: UserId,
-        channel: ChannelId,
-    },
-    Leave {
-        user: UserId,
-        channel: ChannelId,
-    },
-    OpenDm {
-        user: UserId,
-        channel: ChannelId,
-    },
+    Create { creator: UserId, channel: ChannelId, members: Vec<UserId> },
+    Join { user: UserId, channel: ChannelId },
+    Leave { user: UserId, channel: ChannelId },
+    OpenDm { user: UserId, channel: ChannelId },
 }
 
 /// Handle to the router; cheap to clone.
@@ -121,18 +101,12 @@ pub struct Router {
 
 impl std::fmt::Debug for Router {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("Router")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
+        formatter.debug_struct("Router").field("config", &self.config).finish_non_exhaustive()
     }
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
 }
 
 impl Router {
@@ -144,8 +118,7 @@ impl Router {
         membership: Arc<dyn MembershipStore>,
         pubsub: Arc<dyn PubSub>,
     ) -> Result<(Router, tokio::task::JoinHandle<()>), RouterError> {
-        let snowflake =
-            Snowflake::new(config.machine_id, config.epoch_ms).map_err(RouterError::Clock)?;
+        let snowflake = Snowflake::new(config.machine_id, config.epoch_ms).map_err(RouterError::Clock)?;
         let (commands, queue) = mpsc::channel(config.queue.max(1));
         let stats = Arc::new(RouterStats::default());
         let writer = Writer {
@@ -160,17 +133,7 @@ impl Router {
             stats: stats.clone(),
         };
         let task = tokio::spawn(writer.run());
-        Ok((
-            Router {
-                commands,
-                log,
-                store,
-                membership,
-                config: Arc::new(config),
-                stats,
-            },
-            task,
-        ))
+        Ok((Router { commands, log, store, membership, config: Arc::new(config), stats }, task))
     }
 
     /// The writer's counters.
@@ -188,10 +151,7 @@ impl Router {
         build: impl FnOnce(oneshot::Sender<Result<T, RouterError>>) -> Command,
     ) -> Result<T, RouterError> {
         let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(build(reply))
-            .await
-            .map_err(|_| RouterError::ShuttingDown)?;
+        self.commands.send(build(reply)).await.map_err(|_| RouterError::ShuttingDown)?;
         answer.await.map_err(|_| RouterError::ShuttingDown)?
     }
 
@@ -206,20 +166,13 @@ impl Router {
     ) -> Result<SendOutcome, RouterError> {
         let channel = ChannelId::parse(channel)?;
         if client_msg_id.is_empty() || client_msg_id.len() > 64 {
-            return Err(RouterError::InvalidArgument(
-                "client_msg_id must be 1-64 bytes".into(),
-            ));
+            return Err(RouterError::InvalidArgument("client_msg_id must be 1-64 bytes".into()));
         }
         if text.is_empty() {
-            return Err(RouterError::InvalidArgument(
-                "text must not be empty".into(),
-            ));
+            return Err(RouterError::InvalidArgument("text must not be empty".into()));
         }
         if text.len() > self.config.max_text_bytes {
-            return Err(RouterError::TextTooLong {
-                actual: text.len(),
-                limit: self.config.max_text_bytes,
-            });
+            return Err(RouterError::TextTooLong { actual: text.len(), limit: self.config.max_text_bytes });
         }
         let request = SendRequest {
             channel: channel.to_string(),
@@ -252,57 +205,36 @@ impl Router {
                 limit: self.config.max_channel_members,
             });
         }
-        let change = MembershipCommand::Create {
-            creator: creator.clone(),
-            channel,
-            members: unique,
-        };
-        self.submit(|reply| Command::Membership { change, reply })
-            .await
+        let change = MembershipCommand::Create { creator: creator.clone(), channel, members: unique };
+        self.submit(|reply| Command::Membership { change, reply }).await
     }
 
     /// Joins a group channel (idempotent).
     pub async fn join(&self, user: &UserId, channel: &str) -> Result<ChannelView, RouterError> {
         let channel = ChannelId::parse(channel)?;
         if channel.kind() == ChannelKind::Dm {
-            return Err(RouterError::InvalidArgument(
-                "direct messages cannot be joined; use open_dm".into(),
-            ));
+            return Err(RouterError::InvalidArgument("direct messages cannot be joined; use open_dm".into()));
         }
-        let change = MembershipCommand::Join {
-            user: user.clone(),
-            channel,
-        };
-        self.submit(|reply| Command::Membership { change, reply })
-            .await
+        let change = MembershipCommand::Join { user: user.clone(), channel };
+        self.submit(|reply| Command::Membership { change, reply }).await
     }
 
     /// Leaves a group channel.
     pub async fn leave(&self, user: &UserId, channel: &str) -> Result<ChannelView, RouterError> {
         let channel = ChannelId::parse(channel)?;
         if channel.kind() == ChannelKind::Dm {
-            return Err(RouterError::InvalidArgument(
-                "direct messages cannot be left".into(),
-            ));
+            return Err(RouterError::InvalidArgument("direct messages cannot be left".into()));
         }
-        let change = MembershipCommand::Leave {
-            user: user.clone(),
-            channel,
-        };
-        self.submit(|reply| Command::Membership { change, reply })
-            .await
+        let change = MembershipCommand::Leave { user: user.clone(), channel };
+        self.submit(|reply| Command::Membership { change, reply }).await
     }
 
     /// Opens the DM between `user` and `other`, creating it on first use.
     pub async fn open_dm(&self, user: &UserId, other: &str) -> Result<ChannelView, RouterError> {
         let other = UserId::new(other)?;
         let channel = ChannelId::direct(user, &other)?;
-        let change = MembershipCommand::OpenDm {
-            user: user.clone(),
-            channel,
-        };
-        self.submit(|reply| Command::Membership { change, reply })
-            .await
+        let change = MembershipCommand::OpenDm { user: user.clone(), channel };
+        self.submit(|reply| Command::Membership { change, reply }).await
     }
 
     /// Reads a page of history of a channel the user is a member of.
@@ -321,19 +253,11 @@ impl Router {
             return Err(RouterError::InvalidArgument("limit must be 1-200".into()));
         }
         self.require_member(user, &channel).await?;
-        self.store
-            .history(channel.as_str(), query)
-            .await
-            .map_err(RouterError::Unavailable)
+        self.store.history(channel.as_str(), query).await.map_err(RouterError::Unavailable)
     }
 
     async fn require_member(&self, user: &UserId, channel: &ChannelId) -> Result<(), RouterError> {
-        if self
-            .membership
-            .is_member(channel.as_str(), user.as_str())
-            .await
-            .map_err(RouterError::Unavailable)?
-        {
+        if self.membership.is_member(channel.as_str(), user.as_str()).await.map_err(RouterError::Unavailable)? {
             return Ok(());
         }
         if let Some((first, second)) = channel.dm_members() {
@@ -343,12 +267,7 @@ impl Router {
             }
             return Err(RouterError::NotAMember(channel.to_string()));
         }
-        match self
-            .membership
-            .channel(channel.as_str())
-            .await
-            .map_err(RouterError::Unavailable)?
-        {
+        match self.membership.channel(channel.as_str()).await.map_err(RouterError::Unavailable)? {
             Some(_) => Err(RouterError::NotAMember(channel.to_string())),
             None => Err(RouterError::NoSuchChannel(channel.to_string())),
         }
@@ -356,11 +275,7 @@ impl Router {
 
     /// The user's channels.
     pub async fn list_channels(&self, user: &UserId) -> Result<Vec<ChannelView>, RouterError> {
-        let channels = self
-            .membership
-            .user_channels(user.as_str())
-            .await
-            .map_err(RouterError::Unavailable)?;
+        let channels = self.membership.user_channels(user.as_str()).await.map_err(RouterError::Unavailable)?;
         let mut views = Vec::with_capacity(channels.len());
         for channel in channels {
             if let Ok(id) = ChannelId::parse(channel) {
@@ -371,26 +286,11 @@ impl Router {
     }
 
     /// One channel as the user sees it.
-    pub async fn channel_view(
-        &self,
-        user: &UserId,
-        channel: &ChannelId,
-    ) -> Result<ChannelView, RouterError> {
-        let record = self
-            .membership
-            .channel(channel.as_str())
-            .await
-            .map_err(RouterError::Unavailable)?;
-        let joined = self
-            .membership
-            .is_member(channel.as_str(), user.as_str())
-            .await
-            .map_err(RouterError::Unavailable)?;
-        let last_seq = self
-            .log
-            .last_seq(channel.as_str())
-            .await
-            .map_err(RouterError::Unavailable)?;
+    pub async fn channel_view(&self, user: &UserId, channel: &ChannelId) -> Result<ChannelView, RouterError> {
+        let record = self.membership.channel(channel.as_str()).await.map_err(RouterError::Unavailable)?;
+        let joined =
+            self.membership.is_member(channel.as_str(), user.as_str()).await.map_err(RouterError::Unavailable)?;
+        let last_seq = self.log.last_seq(channel.as_str()).await.map_err(RouterError::Unavailable)?;
         Ok(ChannelView {
             id: channel.to_string(),
             kind: channel.kind(),
@@ -403,10 +303,7 @@ impl Router {
 
     /// The oldest retained sequence of a channel.
     pub async fn first_retained_seq(&self, channel: &str) -> Result<u64, RouterError> {
-        self.store
-            .first_retained_seq(channel)
-            .await
-            .map_err(RouterError::Unavailable)
+        self.store.first_retained_seq(channel).await.map_err(RouterError::Unavailable)
     }
 }
 
@@ -427,14 +324,8 @@ struct Writer {
     stats: Arc<RouterStats>,
 }
 
-type SendItem = (
-    SendRequest,
-    oneshot::Sender<Result<SendOutcome, RouterError>>,
-);
-type MembershipItem = (
-    MembershipCommand,
-    oneshot::Sender<Result<ChannelView, RouterError>>,
-);
+type SendItem = (SendRequest, oneshot::Sender<Result<SendOutcome, RouterError>>);
+type MembershipItem = (MembershipCommand, oneshot::Sender<Result<ChannelView, RouterError>>);
 
 impl Writer {
     async fn run(mut self) {
@@ -484,12 +375,7 @@ impl Writer {
         let Some(record) = self.membership.channel(channel.as_str()).await? else {
             return Ok(false);
         };
-        let members: HashSet<String> = self
-            .membership
-            .members(channel.as_str())
-            .await?
-            .into_iter()
-            .collect();
+        let members: HashSet<String> = self.membership.members(channel.as_str()).await?.into_iter().collect();
         if !self.sequencer.knows(channel.as_str()) {
             let last = self.log.last_seq(channel.as_str()).await?;
             self.sequencer.load(channel.as_str(), last);
@@ -498,13 +384,7 @@ impl Writer {
             // Bound the cache; everything in it can be reloaded from the store.
             self.channels.clear();
         }
-        self.channels.insert(
-            channel.to_string(),
-            CachedChannel {
-                kind: record.kind,
-                members,
-            },
-        );
+        self.channels.insert(channel.to_string(), CachedChannel { kind: record.kind, members });
         Ok(true)
     }
 
@@ -514,9 +394,7 @@ impl Writer {
             id: channel.to_string(),
             kind: channel.kind(),
             name: channel.display_name(viewer),
-            members: cached
-                .map(|cached| cached.members.len() as u32)
-                .unwrap_or(0),
+            members: cached.map(|cached| cached.members.len() as u32).unwrap_or(0),
             last_seq: self.sequencer.last_seq(channel.as_str()).unwrap_or(0),
             joined: cached.is_some_and(|cached| cached.members.contains(viewer.as_str())),
         }
@@ -550,15 +428,9 @@ impl Writer {
             if self.membership.apply(changes).await.is_ok() {
                 for channel in &new_dms {
                     if let Some((first, second)) = channel.dm_members() {
-                        self.cache_new(
-                            channel,
-                            ChannelKind::Dm,
-                            [first.to_string(), second.to_string()],
-                        );
-                        self.publish_membership(channel.as_str(), first.as_str(), true)
-                            .await;
-                        self.publish_membership(channel.as_str(), second.as_str(), true)
-                            .await;
+                        self.cache_new(channel, ChannelKind::Dm, [first.to_string(), second.to_string()]);
+                        self.publish_membership(channel.as_str(), first.as_str(), true).await;
+                        self.publish_membership(channel.as_str(), second.as_str(), true).await;
                     }
                 }
             }
@@ -595,18 +467,14 @@ impl Writer {
             return;
         }
 
-        let keys = accepted
-            .iter()
-            .map(|(request, _)| (request.sender.clone(), request.client_msg_id.clone()))
-            .collect();
+        let keys =
+            accepted.iter().map(|(request, _)| (request.sender.clone(), request.client_msg_id.clone())).collect();
         let prior = match self.log.find_sends(keys).await {
             Ok(prior) => prior,
             Err(error) => {
                 let message = error.to_string();
                 for (_, reply) in accepted {
-                    let _ = reply.send(Err(RouterError::Unavailable(BackendError::Unavailable(
-                        message.clone(),
-                    ))));
+                    let _ = reply.send(Err(RouterError::Unavailable(BackendError::Unavailable(message.clone()))));
                 }
                 return;
             }
@@ -616,23 +484,15 @@ impl Writer {
             .zip(prior)
             .filter_map(|((request, _), found)| {
                 found.map(|found| {
-                    (
-                        (request.sender.clone(), request.client_msg_id.clone()),
-                        (found.channel, found.placement),
-                    )
+                    ((request.sender.clone(), request.client_msg_id.clone()), (found.channel, found.placement))
                 })
             })
             .collect();
-        let requests: Vec<SendRequest> = accepted
-            .iter()
-            .map(|(request, _)| request.clone())
-            .collect();
+        let requests: Vec<SendRequest> = accepted.iter().map(|(request, _)| request.clone()).collect();
         let plan = self.sequencer.plan(
             &requests,
             |sender, client_msg_id| {
-                prior
-                    .get(&(sender.to_owned(), client_msg_id.to_owned()))
-                    .map(|(_, placement)| *placement)
+                prior.get(&(sender.to_owned(), client_msg_id.to_owned())).map(|(_, placement)| *placement)
             },
             &mut self.snowflake,
             now_ms(),
@@ -655,77 +515,44 @@ impl Writer {
             }
         }
         // Timestamps come from the ids, so they never go backwards within a channel.
-        let written = if fresh.is_empty() {
-            Ok(())
-        } else {
-            self.log.append(fresh.clone()).await
-        };
+        let written = if fresh.is_empty() { Ok(()) } else { self.log.append(fresh.clone()).await };
         if let Err(error) = &written {
-            self.stats
-                .write_failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats.write_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             warn!(%error, "durable append failed; nothing confirmed");
         } else {
             self.sequencer.commit(&plan);
-            self.stats
-                .messages
-                .fetch_add(fresh.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            self.stats
-                .batches
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats.messages.fetch_add(fresh.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.stats.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             for message in fresh {
                 let topic = channel_topic(&message.channel);
+                let seq = message.seq;
                 let frame = Bytes::from(ServerFrame::Message(message).to_json());
-                if let Err(error) = self
-                    .pubsub
-                    .publish(&topic, Event::Message(frame).encode())
-                    .await
-                {
-                    self.stats
-                        .publish_failures
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Err(error) = self.pubsub.publish(&topic, Event::Message { seq, frame }.encode()).await {
+                    self.stats.publish_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     warn!(%error, %topic, "publish failed; receivers recover the message from history");
                 }
             }
         }
-        for (((request, reply), decision), placement_channel) in accepted
-            .into_iter()
-            .zip(plan.decisions)
-            .zip(requests.iter().map(|request| request.channel.clone()))
+        for (((request, reply), decision), placement_channel) in
+            accepted.into_iter().zip(plan.decisions).zip(requests.iter().map(|request| request.channel.clone()))
         {
             let outcome = match decision {
                 Decision::New(placement) => match &written {
-                    Ok(()) => Ok(SendOutcome {
-                        channel: placement_channel,
-                        placement,
-                        duplicate: false,
-                    }),
-                    Err(error) => Err(RouterError::Unavailable(BackendError::Unavailable(
-                        error.to_string(),
-                    ))),
+                    Ok(()) => Ok(SendOutcome { channel: placement_channel, placement, duplicate: false }),
+                    Err(error) => Err(RouterError::Unavailable(BackendError::Unavailable(error.to_string()))),
                 },
                 Decision::Duplicate(placement) => {
                     if fresh_ids.contains(&placement.id) {
                         match &written {
-                            Ok(()) => Ok(SendOutcome {
-                                channel: placement_channel,
-                                placement,
-                                duplicate: true,
-                            }),
-                            Err(error) => Err(RouterError::Unavailable(BackendError::Unavailable(
-                                error.to_string(),
-                            ))),
+                            Ok(()) => Ok(SendOutcome { channel: placement_channel, placement, duplicate: true }),
+                            Err(error) => Err(RouterError::Unavailable(BackendError::Unavailable(error.to_string()))),
                         }
                     } else {
                         let channel = prior
                             .get(&(request.sender.clone(), request.client_msg_id.clone()))
                             .map(|(channel, _)| channel.clone())
                             .unwrap_or(placement_channel);
-                        Ok(SendOutcome {
-                            channel,
-                            placement,
-                            duplicate: true,
-                        })
+                        Ok(SendOutcome { channel, placement, duplicate: true })
                     }
                 }
                 Decision::Refused(error) => Err(RouterError::Clock(error)),
@@ -734,63 +561,28 @@ impl Writer {
         }
     }
 
-    fn cache_new(
-        &mut self,
-        channel: &ChannelId,
-        kind: ChannelKind,
-        members: impl IntoIterator<Item = String>,
-    ) {
-        self.sequencer.load(
-            channel.as_str(),
-            self.sequencer.last_seq(channel.as_str()).unwrap_or(0),
-        );
-        self.channels.insert(
-            channel.to_string(),
-            CachedChannel {
-                kind,
-                members: members.into_iter().collect(),
-            },
-        );
+    fn cache_new(&mut self, channel: &ChannelId, kind: ChannelKind, members: impl IntoIterator<Item = String>) {
+        self.sequencer.load(channel.as_str(), self.sequencer.last_seq(channel.as_str()).unwrap_or(0));
+        self.channels.insert(channel.to_string(), CachedChannel { kind, members: members.into_iter().collect() });
     }
 
     async fn publish_control(&self, topic: String, event: ControlEvent) {
-        if let Err(error) = self
-            .pubsub
-            .publish(&topic, Event::Control(event).encode())
-            .await
-        {
-            self.stats
-                .publish_failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Err(error) = self.pubsub.publish(&topic, Event::Control(event).encode()).await {
+            self.stats.publish_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             warn!(%error, %topic, "control publish failed");
         }
     }
 
     async fn publish_membership(&self, channel: &str, user: &str, joined: bool) {
-        self.publish_control(
-            user_topic(user),
-            ControlEvent::Membership {
-                channel: channel.to_owned(),
-                joined,
-            },
-        )
-        .await;
-        let members = self
-            .channels
-            .get(channel)
-            .map(|cached| cached.members.len())
-            .unwrap_or(0);
+        self.publish_control(user_topic(user), ControlEvent::Membership { channel: channel.to_owned(), joined }).await;
+        let members = self.channels.get(channel).map(|cached| cached.members.len()).unwrap_or(0);
         if members > self.config.fanout_threshold as usize {
             // Large channels get no per-member events: that would be quadratic in the member count.
             return;
         }
         self.publish_control(
             channel_topic(channel),
-            ControlEvent::Member {
-                channel: channel.to_owned(),
-                user: user.to_owned(),
-                joined,
-            },
+            ControlEvent::Member { channel: channel.to_owned(), user: user.to_owned(), joined },
         )
         .await;
     }
@@ -807,11 +599,7 @@ impl Writer {
         let limit = self.config.max_channel_members;
         for (command, reply) in items {
             let result = match command {
-                MembershipCommand::Create {
-                    creator,
-                    channel,
-                    members,
-                } => match self.load(&channel).await {
+                MembershipCommand::Create { creator, channel, members } => match self.load(&channel).await {
                     Err(error) => Err(RouterError::Unavailable(error)),
                     Ok(true) => Err(RouterError::ChannelExists(channel.to_string())),
                     Ok(false) => {
@@ -823,17 +611,11 @@ impl Writer {
                             member_count: 0,
                         }));
                         for member in &members {
-                            changes.push(MembershipChange::Add {
-                                channel: channel.to_string(),
-                                user: member.to_string(),
-                            });
+                            changes
+                                .push(MembershipChange::Add { channel: channel.to_string(), user: member.to_string() });
                             events.push((channel.to_string(), member.to_string(), true));
                         }
-                        self.cache_new(
-                            &channel,
-                            ChannelKind::Group,
-                            members.iter().map(|member| member.to_string()),
-                        );
+                        self.cache_new(&channel, ChannelKind::Group, members.iter().map(|member| member.to_string()));
                         touched.insert(channel.to_string());
                         Ok((channel, creator))
                     }
@@ -848,10 +630,7 @@ impl Writer {
                                 if cached.members.contains(user.as_str()) {
                                     Ok((channel, user))
                                 } else if cached.members.len() >= limit as usize {
-                                    Err(RouterError::TooManyMembers {
-                                        channel: channel.to_string(),
-                                        limit,
-                                    })
+                                    Err(RouterError::TooManyMembers { channel: channel.to_string(), limit })
                                 } else {
                                     cached.members.insert(user.to_string());
                                     changes.push(MembershipChange::Add {
@@ -863,31 +642,28 @@ impl Writer {
                                     Ok((channel, user))
                                 }
                             }
-                            _ => Err(RouterError::InvalidArgument(
-                                "only group channels can be joined".into(),
-                            )),
+                            _ => Err(RouterError::InvalidArgument("only group channels can be joined".into())),
                         }
                     }
                 },
                 MembershipCommand::Leave { user, channel } => match self.load(&channel).await {
                     Err(error) => Err(RouterError::Unavailable(error)),
                     Ok(false) => Err(RouterError::NoSuchChannel(channel.to_string())),
-                    Ok(true) => match self
-                        .channels
-                        .get_mut(channel.as_str())
-                        .map(|cached| cached.members.remove(user.as_str()))
-                    {
-                        Some(true) => {
-                            changes.push(MembershipChange::Remove {
-                                channel: channel.to_string(),
-                                user: user.to_string(),
-                            });
-                            events.push((channel.to_string(), user.to_string(), false));
-                            touched.insert(channel.to_string());
-                            Ok((channel, user))
+                    Ok(true) => {
+                        match self.channels.get_mut(channel.as_str()).map(|cached| cached.members.remove(user.as_str()))
+                        {
+                            Some(true) => {
+                                changes.push(MembershipChange::Remove {
+                                    channel: channel.to_string(),
+                                    user: user.to_string(),
+                                });
+                                events.push((channel.to_string(), user.to_string(), false));
+                                touched.insert(channel.to_string());
+                                Ok((channel, user))
+                            }
+                            _ => Err(RouterError::NotAMember(channel.to_string())),
                         }
-                        _ => Err(RouterError::NotAMember(channel.to_string())),
-                    },
+                    }
                 },
                 MembershipCommand::OpenDm { user, channel } => match self.load(&channel).await {
                     Err(error) => Err(RouterError::Unavailable(error)),
@@ -897,11 +673,7 @@ impl Writer {
                             changes.extend(dm_changes(&channel, &first, &second));
                             events.push((channel.to_string(), first.to_string(), true));
                             events.push((channel.to_string(), second.to_string(), true));
-                            self.cache_new(
-                                &channel,
-                                ChannelKind::Dm,
-                                [first.to_string(), second.to_string()],
-                            );
+                            self.cache_new(&channel, ChannelKind::Dm, [first.to_string(), second.to_string()]);
                             touched.insert(channel.to_string());
                             Ok((channel, user))
                         }
@@ -918,14 +690,11 @@ impl Writer {
                     self.publish_membership(&channel, &user, joined).await;
                 }
                 for (reply, result) in answers {
-                    let _ =
-                        reply.send(result.map(|(channel, viewer)| self.view(&channel, &viewer)));
+                    let _ = reply.send(result.map(|(channel, viewer)| self.view(&channel, &viewer)));
                 }
             }
             Err(error) => {
-                self.stats
-                    .write_failures
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.stats.write_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 warn!(%error, "membership write failed; nothing applied");
                 for channel in touched {
                     // Forget the tentative state; it is reloaded from the store on next use.
@@ -933,11 +702,9 @@ impl Writer {
                 }
                 let message = error.to_string();
                 for (reply, result) in answers {
-                    let _ = reply.send(result.and_then(|_| {
-                        Err(RouterError::Unavailable(BackendError::Unavailable(
-                            message.clone(),
-                        )))
-                    }));
+                    let _ = reply.send(
+                        result.and_then(|_| Err(RouterError::Unavailable(BackendError::Unavailable(message.clone())))),
+                    );
                 }
             }
         }
@@ -953,13 +720,7 @@ fn dm_changes(channel: &ChannelId, first: &UserId, second: &UserId) -> Vec<Membe
             created_at: now_ms(),
             member_count: 0,
         }),
-        MembershipChange::Add {
-            channel: channel.to_string(),
-            user: first.to_string(),
-        },
-        MembershipChange::Add {
-            channel: channel.to_string(),
-            user: second.to_string(),
-        },
+        MembershipChange::Add { channel: channel.to_string(), user: first.to_string() },
+        MembershipChange::Add { channel: channel.to_string(), user: second.to_string() },
     ]
 }
