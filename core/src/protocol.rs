@@ -389,6 +389,11 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         req_id: Option<String>,
     },
+    /// The instance is going away: reconnect (the load balancer picks another instance) and `sync`.
+    Reconnect {
+        /// Why.
+        reason: String,
+    },
     /// Heartbeat answer.
     Pong {
         /// Echo.

@@ -43,12 +43,29 @@ pub struct GatewayConfig {
     /// Retransmissions before the connection is closed (4010); the messages stay available to `sync`.
     #[arg(long, env = "PARLEY_MAX_RETRANSMITS", default_value_t = 3)]
     pub max_retransmits: u32,
+    /// Reconnect requests of a drain are spread over this window, in milliseconds.
+    #[arg(long, env = "PARLEY_DRAIN_WINDOW_MS", default_value_t = 20_000)]
+    pub drain_window_ms: u64,
+    /// A drain stops the instance after this long even if connections remain, in milliseconds.
+    #[arg(long, env = "PARLEY_DRAIN_DEADLINE_MS", default_value_t = 60_000)]
+    pub drain_deadline_ms: u64,
+    /// Bearer token for the admin endpoints (`POST /admin/drain`); without it they refuse every request.
+    #[arg(long, env = "PARLEY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Unacknowledged messages allowed per connection before it is closed (4010).
     #[arg(long, env = "PARLEY_MAX_UNACKED", default_value_t = 1_024)]
     pub max_unacked: usize,
 }
 
 impl GatewayConfig {
+    /// The drain plan from the settings.
+    pub fn drain_plan(&self) -> crate::drain::DrainPlan {
+        crate::drain::DrainPlan {
+            window: std::time::Duration::from_millis(self.drain_window_ms),
+            deadline: std::time::Duration::from_millis(self.drain_deadline_ms.max(self.drain_window_ms)),
+        }
+    }
+
     /// The ACK policy of connections.
     pub fn ack_policy(&self) -> parley_core::delivery::AckPolicy {
         parley_core::delivery::AckPolicy {
@@ -75,6 +92,9 @@ impl Default for GatewayConfig {
             ack_timeout_ms: 5_000,
             max_retransmits: 3,
             max_unacked: 1_024,
+            drain_window_ms: 20_000,
+            drain_deadline_ms: 60_000,
+            admin_token: None,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! loop stops reading the socket, which pushes back on the client through TCP.
 
 use crate::config::GatewayConfig;
+use crate::drain::DrainPlan;
 use crate::hub::{Hub, OutboundFrame};
 use crate::metrics::{Limit, Metrics};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
@@ -30,6 +31,8 @@ use tracing::{debug, instrument};
 pub mod close {
     /// Going away (server shutdown).
     pub const GOING_AWAY: u16 = 1001;
+    /// Service restart: the instance drains; reconnect (elsewhere) and `sync`.
+    pub const SERVICE_RESTART: u16 = 1012;
     /// Message too big.
     pub const TOO_BIG: u16 = 1009;
     /// Token expired.
@@ -55,6 +58,8 @@ pub struct ConnectionContext {
     pub config: Arc<GatewayConfig>,
     /// Flips to `true` when the process shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// Becomes `Some` when the instance starts draining.
+    pub drain: watch::Receiver<Option<DrainPlan>>,
 }
 
 /// Who is connected.
@@ -215,7 +220,7 @@ where
     S: Sink<Message> + Stream<Item = Result<Message, E>> + Unpin + Send,
     E: std::fmt::Display,
 {
-    let ConnectionContext { router, hub, metrics, config, mut shutdown } = context;
+    let ConnectionContext { router, hub, metrics, config, mut shutdown, mut drain } = context;
     let mut socket = socket;
     let (sender, mut outbound) = mpsc::channel::<OutboundFrame>(config.outbound_queue.max(1));
 
@@ -273,6 +278,12 @@ where
         Instant::now() + Duration::from_millis(remaining)
     };
     let mut armed = (last_activity + idle).min(expiry);
+    let mut drain_at: Option<Instant> = None;
+    if drain.borrow().is_some() {
+        // Connected while a drain was starting: leave right away.
+        drain_at = Some(Instant::now());
+        armed = Instant::now();
+    }
     let deadline = tokio::time::sleep_until(armed);
     tokio::pin!(deadline);
     let mut delivery = Delivery { router: &router, user: &session.user, clock: &clock, metrics: &metrics };
@@ -282,6 +293,19 @@ where
         tokio::select! {
             biased;
             _ = shutdown.changed() => break Some((close::GOING_AWAY, "server shutting down; reconnect")),
+            _ = drain.changed(), if drain_at.is_none() => {
+                let plan = *drain.borrow();
+                if let Some(plan) = plan {
+                    // A uniformly random moment in the window spreads the reconnects of all clients.
+                    let window = plan.window.as_millis().max(1) as u64;
+                    let at = Instant::now() + Duration::from_millis(rand::random_range(0..window));
+                    drain_at = Some(at);
+                    if at < armed {
+                        armed = at;
+                        deadline.as_mut().reset(armed);
+                    }
+                }
+            }
             queued = outbound.recv() => match queued {
                 Some(item) => {
                     if delivery.push(&mut socket, &mut tracker, item).await.is_err() { break None; }
@@ -357,6 +381,7 @@ where
                                 Err(()) => { failed = true; break; }
                             }
                         }
+                        metrics.resumes.get_or_create(&vec![("outcome", if failed { "failed" } else { "replayed" })]).inc();
                         if failed || socket.send(text(&ServerFrame::Synced { req_id })).await.is_err() { break None; }
                     }
                     ClientFrame::Send { req_id, channel, client_msg_id, text: body } => {
@@ -402,6 +427,11 @@ where
                 if now >= last_activity + idle {
                     break Some((close::IDLE_TIMEOUT, "no traffic within the idle timeout"));
                 }
+                if drain_at.is_some_and(|at| now >= at) {
+                    let frame = ServerFrame::Reconnect { reason: "draining".into() };
+                    let _ = socket.send(text(&frame)).await;
+                    break Some((close::SERVICE_RESTART, "instance draining; reconnect and sync"));
+                }
                 match tracker.due(clock.now_ms()) {
                     Due::Nothing => {}
                     Due::Retransmit(items) => {
@@ -417,6 +447,9 @@ where
                     }
                 }
                 armed = (last_activity + idle).min(expiry);
+                if let Some(at) = drain_at {
+                    armed = armed.min(at);
+                }
                 deadline.as_mut().reset(armed);
             }
         }

@@ -3,6 +3,7 @@
 use crate::auth::Authenticator;
 use crate::config::GatewayConfig;
 use crate::connection::{self, ConnectionContext, Session};
+use crate::drain::{DrainPlan, Drainer};
 use crate::hub::Hub;
 use crate::metrics::{Limit, Metrics};
 use axum::extract::ws::WebSocketUpgrade;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub next_conn: Arc<AtomicU64>,
     /// Whether the instance accepts connections (false while draining).
     pub accepting: Arc<AtomicBool>,
+    /// Drain control.
+    pub drainer: Arc<Drainer>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -55,7 +58,7 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+pub(crate) fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (status, Json(json!({ "code": code, "message": message.into() }))).into_response()
 }
 
@@ -70,11 +73,11 @@ fn router_error(error: RouterError) -> Response {
     api_error(status, error.code().as_str(), error.to_string())
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
 }
 
-fn authenticate(state: &AppState, token: Option<&str>) -> Result<crate::auth::Identity, Response> {
+pub(crate) fn authenticate(state: &AppState, token: Option<&str>) -> Result<crate::auth::Identity, Response> {
     let Some(token) = token else {
         return Err(api_error(StatusCode::UNAUTHORIZED, "unauthorized", "missing token"));
     };
@@ -91,12 +94,13 @@ pub fn app(state: AppState) -> AxumRouter {
         .route("/v1/dev/login", post(dev_login))
         .route("/v1/channels", get(list_channels))
         .route("/v1/channels/{id}/messages", get(history))
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(crate::fallback::routes(state))
 }
 
 /// The admin application (metrics).
 pub fn admin_app(state: AppState) -> AxumRouter {
-    AxumRouter::new().route("/metrics", get(metrics)).with_state(state)
+    AxumRouter::new().route("/metrics", get(metrics)).route("/admin/drain", post(drain)).with_state(state)
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -105,6 +109,40 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         api_error(StatusCode::SERVICE_UNAVAILABLE, "draining", "not accepting connections")
     }
+}
+
+#[derive(Deserialize, Default)]
+struct DrainRequest {
+    window_ms: Option<u64>,
+    deadline_ms: Option<u64>,
+}
+
+async fn drain(State(state): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let Some(expected) = state.config.admin_token.as_deref() else {
+        return api_error(StatusCode::FORBIDDEN, "admin_disabled", "no --admin-token is configured");
+    };
+    if bearer(&headers) != Some(expected) {
+        return api_error(StatusCode::UNAUTHORIZED, "unauthorized", "wrong or missing admin token");
+    }
+    let request: DrainRequest = if body.is_empty() {
+        DrainRequest::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(request) => request,
+            Err(error) => return api_error(StatusCode::BAD_REQUEST, "invalid_frame", error.to_string()),
+        }
+    };
+    let default = state.config.drain_plan();
+    let window = request.window_ms.map(std::time::Duration::from_millis).unwrap_or(default.window);
+    let deadline = request.deadline_ms.map(std::time::Duration::from_millis).unwrap_or(default.deadline).max(window);
+    let started = state.drainer.start(DrainPlan { window, deadline });
+    let connections = state.hub.connection_count();
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({ "draining": true, "started": started, "connections": connections,
+            "window_ms": window.as_millis() as u64, "deadline_ms": deadline.as_millis() as u64 })),
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -170,6 +208,7 @@ async fn websocket(
         metrics: state.metrics.clone(),
         config: state.config.clone(),
         shutdown: state.shutdown.clone(),
+        drain: state.drainer.subscribe(),
     };
     let max = state.config.max_frame_bytes;
     upgrade

@@ -5,14 +5,18 @@
 //! - [`hub`]: this instance's index of local connections per channel and user, fed by one pub/sub
 //!   subscription for the whole instance; it forwards each published frame to the local members' queues.
 //! - [`connection`]: the per-connection loop, generic over any `Sink`/`Stream` of WebSocket messages.
+//! - [`fallback`]: SSE and long-poll transports, which run the same connection loop over a virtual socket.
 //! - [`http`]: the axum application (`app(state)`): WebSocket upgrade, HTTP API, the demo page, health.
 //! - [`metrics`]: Prometheus metrics served on the admin port.
+//! - [`drain`]: draining an instance: reconnect requests spread over a window, then stop.
 //! - [`standalone`]: wiring of gateway + router + embedded storage into one process.
 
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod drain;
 pub mod error;
+pub mod fallback;
 pub mod http;
 pub mod hub;
 pub mod metrics;

@@ -11,12 +11,18 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
+    let drain_plan = args.gateway.drain_plan();
     let running = parley_gateway::standalone::start(args).await.context("failed to start parley")?;
     println!("parley listening on http://{} (metrics on http://{}/metrics)", running.address, running.admin_address);
     let shutdown = running.shutdown;
+    let drainer = running.drainer;
+    let plan = drain_plan;
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutting down: closing connections with 1001");
+        // The first signal drains: clients are asked to reconnect elsewhere, spread over the drain window.
+        drainer.start(plan);
+        wait_for_signal().await;
+        tracing::info!("second signal: shutting down now, closing connections with 1001");
         let _ = shutdown.send(true);
     });
     running.task.await.context("server task failed")?.context("server failed")?;

@@ -59,6 +59,10 @@ pub struct Metrics {
     pub retransmits: Counter,
     /// Gaps noticed in a connection's stream and filled from storage.
     pub gaps_filled: Counter,
+    /// 1 while the instance drains.
+    pub draining: Gauge,
+    /// Resume (`sync`) requests, by outcome.
+    pub resumes: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -75,6 +79,10 @@ impl Metrics {
         let publications = Counter::default();
         let retransmits = Counter::default();
         let gaps_filled = Counter::default();
+        let draining = Gauge::default();
+        let resumes = Family::<Labels, Counter>::default();
+        registry.register("gateway_draining", "1 while the instance drains", draining.clone());
+        registry.register("gateway_resumes", "Resume requests, by outcome", resumes.clone());
         registry.register("gateway_retransmits", "Messages retransmitted for lack of an ACK", retransmits.clone());
         registry.register("gateway_gaps_filled", "Stream gaps filled from storage", gaps_filled.clone());
         registry.register("gateway_connections", "Open client connections", connections.clone());
@@ -97,6 +105,8 @@ impl Metrics {
             publications,
             retransmits,
             gaps_filled,
+            draining,
+            resumes,
         })
     }
 

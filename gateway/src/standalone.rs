@@ -2,6 +2,7 @@
 
 use crate::auth::Authenticator;
 use crate::config::StandaloneArgs;
+use crate::drain::Drainer;
 use crate::error::GatewayError;
 use crate::http::{admin_app, app, AppState};
 use crate::hub::Hub;
@@ -27,6 +28,8 @@ pub struct Running {
     pub admin_address: SocketAddr,
     /// Send `true` to shut down gracefully.
     pub shutdown: watch::Sender<bool>,
+    /// Starts a drain (SIGTERM does this).
+    pub drainer: Arc<Drainer>,
     /// Completes when the server has stopped.
     pub task: JoinHandle<Result<(), GatewayError>>,
 }
@@ -95,6 +98,8 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
     let dispatcher = tokio::spawn(hub.clone().dispatch(router.clone(), publications));
 
     let (shutdown, shutdown_signal) = watch::channel(false);
+    let accepting = Arc::new(AtomicBool::new(true));
+    let drainer = Arc::new(Drainer::new(shutdown.clone(), accepting.clone(), hub.clone(), metrics.clone()));
     let state = AppState {
         auth,
         router,
@@ -104,7 +109,8 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
         config: Arc::new(args.gateway.clone()),
         shutdown: shutdown_signal.clone(),
         next_conn: Arc::new(AtomicU64::new(1)),
-        accepting: Arc::new(AtomicBool::new(true)),
+        accepting,
+        drainer: drainer.clone(),
     };
     let listener = bind(args.listen).await?;
     let admin_listener = bind(args.admin_listen).await?;
@@ -160,5 +166,5 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
         admin.map_err(|source| GatewayError::Serve { address: admin_address.to_string(), source })?;
         Ok(())
     });
-    Ok(Running { address, admin_address, shutdown, task })
+    Ok(Running { address, admin_address, shutdown, drainer, task })
 }
