@@ -22,7 +22,12 @@ log() { printf '[k8s-down] %s\n' "$*" >&2; }
 
 if [[ ! -d $D ]]; then log "nothing to stop: $D does not exist"; exit 0; fi
 
-alive() { kill -0 "$1" 2>/dev/null && [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]; }
+# Alive = exists and is not a zombie (an exited child of pid 1 may stay a zombie until it is reaped).
+alive() {
+  local st
+  st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+  [[ -n $st && $st != Z ]]
+}
 # The pid is ours only if its command line still runs the component's binary (guards pid reuse).
 ours() { local exe; exe=$(tr '\0' '\n' <"/proc/$1/cmdline" 2>/dev/null | head -n1); [[ $(basename "$exe") == "$2" ]]; }
 

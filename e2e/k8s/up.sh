@@ -58,8 +58,11 @@ on_exit() {
   local rc=$?
   [[ $rc -eq 0 ]] && return
   if [[ -n $CURRENT && -f $D/logs/$CURRENT.log ]]; then
+    local errs
+    errs=$(grep -E '^(Error:|[EF][0-9]{4} )|"level":"(error|fatal|panic)"' "$D/logs/$CURRENT.log" | tail -n 8 || true)
+    if [[ -n $errs ]]; then log "errors in $D/logs/$CURRENT.log:"; sed 's/^/    /' <<<"$errs" >&2; fi
     log "last lines of $D/logs/$CURRENT.log:"
-    tail -n 25 "$D/logs/$CURRENT.log" | sed 's/^/    /' >&2
+    tail -n 8 "$D/logs/$CURRENT.log" | cut -c1-300 | sed 's/^/    /' >&2
   fi
   if [[ ${PARLEY_K8S_KEEP_ON_FAILURE:-0} == 1 ]]; then
     log "processes left running (PARLEY_K8S_KEEP_ON_FAILURE=1); stop them with $HERE/down.sh $D"
@@ -185,6 +188,9 @@ start kube-apiserver "$BIN/kube-apiserver" \
   --bind-address 127.0.0.1 --secure-port "$API_PORT" --cert-dir "$D/certs" \
   --tls-cert-file "$C/apiserver.crt" --tls-private-key-file "$C/apiserver.key" \
   --client-ca-file "$C/ca.crt" \
+  --requestheader-client-ca-file "$C/ca.crt" --requestheader-allowed-names front-proxy-client \
+  --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+  --requestheader-extra-headers-prefix X-Remote-Extra- \
   --authorization-mode RBAC \
   --service-account-issuer https://kubernetes.default.svc.cluster.local \
   --service-account-key-file "$C/sa.pub" --service-account-signing-key-file "$C/sa.key" \
@@ -219,7 +225,7 @@ if command -v go >/dev/null; then
   KWOK_SRC=$(go env GOMODCACHE)/sigs.k8s.io/kwok@$KWOK_VERSION
   if [[ ! -d $KWOK_SRC/kustomize/stage ]]; then
     log "downloading sigs.k8s.io/kwok@$KWOK_VERSION for its stage YAMLs"
-    (cd "$D" && GOFLAGS=-mod=mod go mod download sigs.k8s.io/kwok@"$KWOK_VERSION") >&2 || true
+    (cd "$D" && go mod download sigs.k8s.io/kwok@"$KWOK_VERSION") >&2 || true
   fi
 fi
 [[ -d $KWOK_SRC/kustomize/stage ]] \
@@ -236,7 +242,7 @@ done
 start kwok "$BIN/kwok" --kubeconfig "$KC" \
   --config "$D/kwok/stages.yaml" \
   --manage-all-nodes=false --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
-  --server-address "127.0.0.1:$KWOK_PORT" \
+  --server-address "127.0.0.1:$KWOK_PORT" --node-lease-duration-seconds 40 \
   $(extra PARLEY_KWOK_ARGS)
 wait_for kwok "/healthz" curl_ok "http://127.0.0.1:$KWOK_PORT/healthz"
 
