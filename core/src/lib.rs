@@ -9,10 +9,12 @@
 //! - [`conversation`]: user and channel ids, the deterministic DM id, and validation;
 //! - [`sequencer`]: the per-channel single-writer sequence and send idempotency decisions;
 //! - [`ratelimit`]: a token bucket driven by an explicit clock;
-//! - [`delivery`]: per-connection ACK, retransmit and dedup decisions.
+//! - [`delivery`]: per-connection ACK, retransmit and dedup decisions;
+//! - [`presence`]: presence and the user→instance registry, fenced by instance epoch and lease.
 
 pub mod conversation;
 pub mod delivery;
+pub mod presence;
 pub mod protocol;
 pub mod ratelimit;
 pub mod sequencer;

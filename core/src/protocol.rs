@@ -145,6 +145,16 @@ pub enum ClientFrame {
         /// Last sequence the client has, per channel id.
         channels: std::collections::BTreeMap<String, u64>,
     },
+    /// Marks everything up to `seq` in a channel as read (a cursor; it never moves back).
+    Read {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Channel.
+        channel: String,
+        /// Last read sequence.
+        seq: u64,
+    },
     /// Open (create on first use) the DM with a user.
     OpenDm {
         /// Echoed in the answer.
@@ -167,14 +177,15 @@ impl ClientFrame {
             | ClientFrame::Leave { req_id, .. }
             | ClientFrame::ListChannels { req_id }
             | ClientFrame::OpenDm { req_id, .. }
-            | ClientFrame::Sync { req_id, .. } => req_id.as_deref(),
+            | ClientFrame::Sync { req_id, .. }
+            | ClientFrame::Read { req_id, .. } => req_id.as_deref(),
             ClientFrame::Ack { .. } => None,
         }
     }
 }
 
 const CLIENT_TYPES: &[&str] =
-    &["send", "history", "ack", "ping", "create_channel", "join", "leave", "list_channels", "open_dm", "sync"];
+    &["send", "history", "ack", "ping", "create_channel", "join", "leave", "list_channels", "open_dm", "sync", "read"];
 
 /// Why a client frame could not be decoded. Small on purpose: this is the hot path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -280,6 +291,12 @@ pub struct ChannelView {
     pub last_seq: u64,
     /// Whether the viewer is a member.
     pub joined: bool,
+    /// The viewer's read cursor: everything up to this sequence is read.
+    #[serde(default)]
+    pub read_seq: u64,
+    /// Messages after the read cursor.
+    #[serde(default)]
+    pub unread: u64,
 }
 
 /// Limits announced in `ready`.
@@ -382,6 +399,18 @@ pub enum ServerFrame {
         from: u64,
         /// Oldest sequence still available.
         first_available: u64,
+    },
+    /// A read receipt: `user` has read `channel` up to `seq` (also the answer to `read`).
+    Read {
+        /// Echo (only on the answer to the reader).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Channel.
+        channel: String,
+        /// Reader.
+        user: String,
+        /// Read up to this sequence.
+        seq: u64,
     },
     /// A `sync` finished: everything missed was replayed, live messages follow.
     Synced {

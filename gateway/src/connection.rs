@@ -527,6 +527,10 @@ async fn request(router: &Router, hub: &Hub, session: &Session, metrics: &Metric
         ClientFrame::ListChannels { req_id } => {
             router.list_channels(user).await.map(|channels| ServerFrame::Channels { req_id, channels })
         }
+        ClientFrame::Read { req_id, channel, seq } => router
+            .mark_read(user, &channel, seq)
+            .await
+            .map(|seq| ServerFrame::Read { req_id, channel, user: user.to_string(), seq }),
         ClientFrame::Send { .. } | ClientFrame::Ack { .. } | ClientFrame::Ping { .. } | ClientFrame::Sync { .. } => {
             Err(RouterError::InvalidArgument("handled by the connection loop".into()))
         }

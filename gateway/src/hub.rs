@@ -295,6 +295,10 @@ impl Hub {
                         self.deliver(&channel, &Utf8Bytes::from(frame), None);
                     }
                 }
+                Event::Control(ControlEvent::Read { channel, user, seq }) => {
+                    let frame = ServerFrame::Read { req_id: None, channel: channel.clone(), user, seq }.to_json();
+                    self.deliver(&channel, &Utf8Bytes::from(frame), None);
+                }
                 Event::Control(ControlEvent::Membership { channel, joined }) => {
                     let Some(user) = topic.strip_prefix("user:") else {
                         continue;

@@ -238,3 +238,32 @@ async fn http_post(running: &parley_gateway::standalone::Running, path: &str, bo
     let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
     (status, serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or("")).unwrap_or(Value::Null))
 }
+
+#[tokio::test]
+async fn read_cursor_unread_counts_and_live_receipts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let running = server(dir.path(), &[]).await;
+    let mut alice = Client::connect(&running, "alice").await;
+    alice.request(json!({"type":"create_channel","name":"reads","members":["bob"]}), "c").await;
+    for n in 1..=5 {
+        alice.send_message("g:reads", &format!("m{n}"), "hello").await;
+    }
+    let mut bob = Client::connect(&running, "bob").await;
+    assert_eq!(bob.ready["channels"][0]["unread"], 5, "{}", bob.ready);
+    let answer = bob.request(json!({"type":"read","channel":"g:reads","seq":3}), "r1").await;
+    assert_eq!((answer["type"].clone(), answer["seq"].clone()), (json!("read"), json!(3)), "{answer}");
+    // Alice sees Bob's receipt live.
+    let receipt = alice.expect(|frame| frame["type"] == "read" && frame["user"] == "bob").await;
+    assert_eq!(receipt["seq"], 3);
+    // The cursor never moves back, and is clamped to the last message.
+    let back = bob.request(json!({"type":"read","channel":"g:reads","seq":1}), "r2").await;
+    assert_eq!(back["seq"], 3);
+    let far = bob.request(json!({"type":"read","channel":"g:reads","seq":99}), "r3").await;
+    assert_eq!(far["seq"], 5);
+    let listed = bob.request(json!({"type":"list_channels"}), "l").await;
+    assert_eq!((listed["channels"][0]["read_seq"].clone(), listed["channels"][0]["unread"].clone()), (json!(5), json!(0)));
+    let mut carol = Client::connect(&running, "carol").await;
+    let refused = carol.request(json!({"type":"read","channel":"g:reads","seq":1}), "x").await;
+    assert_eq!(refused["code"], "not_a_member");
+    stop(running).await;
+}

@@ -106,6 +106,10 @@ pub trait MembershipStore: Send + Sync + 'static {
     async fn is_member(&self, channel: &str, user: &str) -> Result<bool, BackendError>;
     /// The channels a user belongs to.
     async fn user_channels(&self, user: &str) -> Result<Vec<String>, BackendError>;
+    /// Moves a user's read cursor forward (never back); returns the cursor after the call.
+    async fn set_read(&self, user: &str, channel: &str, seq: u64) -> Result<u64, BackendError>;
+    /// A user's read cursor in a channel (0 when nothing was read).
+    async fn read_seq(&self, user: &str, channel: &str) -> Result<u64, BackendError>;
     /// Applies changes durably and atomically; member counts follow the adds and removes.
     async fn apply(&self, changes: Vec<MembershipChange>) -> Result<(), BackendError>;
 }

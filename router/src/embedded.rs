@@ -26,6 +26,7 @@ const SENDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sends"
 const CHANNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("channels");
 const MEMBERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("members");
 const USER_CHANNELS: TableDefinition<(&str, &str), ()> = TableDefinition::new("user_channels");
+const READ_CURSORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("read_cursors");
 
 /// Retention settings of the embedded store.
 #[derive(Debug, Clone, Copy)]
@@ -104,6 +105,7 @@ impl EmbeddedStore {
             transaction.open_table(CHANNELS)?;
             transaction.open_table(MEMBERS)?;
             transaction.open_table(USER_CHANNELS)?;
+            transaction.open_table(READ_CURSORS)?;
         }
         transaction.commit()?;
         Ok(Self { database: Arc::new(database), retention })
@@ -379,6 +381,36 @@ impl MembershipStore for EmbeddedStore {
                 channels.push(channel.to_owned());
             }
             Ok(channels)
+        })
+        .await
+    }
+
+    async fn set_read(&self, user: &str, channel: &str, seq: u64) -> Result<u64, BackendError> {
+        let (user, channel) = (user.to_owned(), channel.to_owned());
+        self.blocking(move |database| {
+            let mut transaction = database.begin_write()?;
+            transaction.set_durability(Durability::Immediate).map_err(|error| BackendError::Task(error.to_string()))?;
+            let cursor = {
+                let mut table = transaction.open_table(READ_CURSORS)?;
+                let current = table.get((user.as_str(), channel.as_str()))?.map(|value| value.value()).unwrap_or(0);
+                let cursor = current.max(seq);
+                if cursor != current {
+                    table.insert((user.as_str(), channel.as_str()), cursor)?;
+                }
+                cursor
+            };
+            transaction.commit()?;
+            Ok(cursor)
+        })
+        .await
+    }
+
+    async fn read_seq(&self, user: &str, channel: &str) -> Result<u64, BackendError> {
+        let (user, channel) = (user.to_owned(), channel.to_owned());
+        self.blocking(move |database| {
+            let transaction = database.begin_read()?;
+            let table = transaction.open_table(READ_CURSORS)?;
+            Ok(table.get((user.as_str(), channel.as_str()))?.map(|value| value.value()).unwrap_or(0))
         })
         .await
     }

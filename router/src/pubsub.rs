@@ -57,6 +57,15 @@ pub enum ControlEvent {
         /// Joined or left.
         joined: bool,
     },
+    /// A member moved their read cursor (published on the channel topic).
+    Read {
+        /// Channel.
+        channel: String,
+        /// Reader.
+        user: String,
+        /// Read up to.
+        seq: u64,
+    },
     /// The user of this topic was added to or removed from a conversation (published on the user topic).
     Membership {
         /// Channel.

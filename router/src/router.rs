@@ -95,6 +95,7 @@ pub struct Router {
     log: Arc<dyn MessageLog>,
     store: Arc<dyn MessageStore>,
     membership: Arc<dyn MembershipStore>,
+    pubsub: Arc<dyn PubSub>,
     config: Arc<RouterConfig>,
     stats: Arc<RouterStats>,
 }
@@ -125,7 +126,7 @@ impl Router {
             queue,
             log: log.clone(),
             membership: membership.clone(),
-            pubsub,
+            pubsub: pubsub.clone(),
             sequencer: Sequencer::new(),
             snowflake,
             channels: HashMap::new(),
@@ -133,7 +134,7 @@ impl Router {
             stats: stats.clone(),
         };
         let task = tokio::spawn(writer.run());
-        Ok((Router { commands, log, store, membership, config: Arc::new(config), stats }, task))
+        Ok((Router { commands, log, store, membership, pubsub, config: Arc::new(config), stats }, task))
     }
 
     /// The writer's counters.
@@ -206,7 +207,8 @@ impl Router {
             });
         }
         let change = MembershipCommand::Create { creator: creator.clone(), channel, members: unique };
-        self.submit(|reply| Command::Membership { change, reply }).await
+        let view = self.submit(|reply| Command::Membership { change, reply }).await?;
+        self.with_read(creator, view).await
     }
 
     /// Joins a group channel (idempotent).
@@ -216,7 +218,8 @@ impl Router {
             return Err(RouterError::InvalidArgument("direct messages cannot be joined; use open_dm".into()));
         }
         let change = MembershipCommand::Join { user: user.clone(), channel };
-        self.submit(|reply| Command::Membership { change, reply }).await
+        let view = self.submit(|reply| Command::Membership { change, reply }).await?;
+        self.with_read(user, view).await
     }
 
     /// Leaves a group channel.
@@ -226,7 +229,8 @@ impl Router {
             return Err(RouterError::InvalidArgument("direct messages cannot be left".into()));
         }
         let change = MembershipCommand::Leave { user: user.clone(), channel };
-        self.submit(|reply| Command::Membership { change, reply }).await
+        let view = self.submit(|reply| Command::Membership { change, reply }).await?;
+        self.with_read(user, view).await
     }
 
     /// Opens the DM between `user` and `other`, creating it on first use.
@@ -234,7 +238,8 @@ impl Router {
         let other = UserId::new(other)?;
         let channel = ChannelId::direct(user, &other)?;
         let change = MembershipCommand::OpenDm { user: user.clone(), channel };
-        self.submit(|reply| Command::Membership { change, reply }).await
+        let view = self.submit(|reply| Command::Membership { change, reply }).await?;
+        self.with_read(user, view).await
     }
 
     /// Reads a page of history of a channel the user is a member of.
@@ -291,6 +296,8 @@ impl Router {
         let joined =
             self.membership.is_member(channel.as_str(), user.as_str()).await.map_err(RouterError::Unavailable)?;
         let last_seq = self.log.last_seq(channel.as_str()).await.map_err(RouterError::Unavailable)?;
+        let read_seq =
+            self.membership.read_seq(user.as_str(), channel.as_str()).await.map_err(RouterError::Unavailable)?;
         Ok(ChannelView {
             id: channel.to_string(),
             kind: channel.kind(),
@@ -298,7 +305,40 @@ impl Router {
             members: record.map(|record| record.member_count).unwrap_or(0),
             last_seq,
             joined,
+            read_seq,
+            unread: last_seq.saturating_sub(read_seq),
         })
+    }
+
+    /// Moves the user's read cursor forward (clamped to the last sequence) and tells the channel's members.
+    /// Returns the cursor.
+    #[instrument(skip(self), fields(user = %user))]
+    pub async fn mark_read(&self, user: &UserId, channel: &str, seq: u64) -> Result<u64, RouterError> {
+        let channel = ChannelId::parse(channel)?;
+        self.require_member(user, &channel).await?;
+        let last = self.log.last_seq(channel.as_str()).await.map_err(RouterError::Unavailable)?;
+        let cursor = self
+            .membership
+            .set_read(user.as_str(), channel.as_str(), seq.min(last))
+            .await
+            .map_err(RouterError::Unavailable)?;
+        let record = self.membership.channel(channel.as_str()).await.map_err(RouterError::Unavailable)?;
+        if record.is_none_or(|record| record.member_count <= self.config.fanout_threshold) {
+            let event = ControlEvent::Read { channel: channel.to_string(), user: user.to_string(), seq: cursor };
+            if let Err(error) = self.pubsub.publish(&channel_topic(channel.as_str()), Event::Control(event).encode()).await
+            {
+                self.stats.publish_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                warn!(%error, "read receipt publish failed");
+            }
+        }
+        Ok(cursor)
+    }
+
+    /// Adds the viewer's read cursor to a view.
+    async fn with_read(&self, user: &UserId, mut view: ChannelView) -> Result<ChannelView, RouterError> {
+        view.read_seq = self.membership.read_seq(user.as_str(), &view.id).await.map_err(RouterError::Unavailable)?;
+        view.unread = view.last_seq.saturating_sub(view.read_seq);
+        Ok(view)
     }
 
     /// The oldest retained sequence of a channel.
@@ -397,6 +437,8 @@ impl Writer {
             members: cached.map(|cached| cached.members.len() as u32).unwrap_or(0),
             last_seq: self.sequencer.last_seq(channel.as_str()).unwrap_or(0),
             joined: cached.is_some_and(|cached| cached.members.contains(viewer.as_str())),
+            read_seq: 0,
+            unread: 0,
         }
     }
 
