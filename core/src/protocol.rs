@@ -155,6 +155,33 @@ pub enum ClientFrame {
         /// Last read sequence.
         seq: u64,
     },
+    /// Watch (or stop watching) users' presence; the answer is their current state, then live `presence`.
+    SubscribePresence {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Users.
+        users: Vec<String>,
+        /// `false` to stop watching.
+        #[serde(default = "default_true")]
+        watch: bool,
+    },
+    /// Set your own presence: `online` or `away`.
+    SetPresence {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// `online` or `away`.
+        status: crate::presence::Status,
+    },
+    /// Presence of a channel's members (aggregate count above the fan-out threshold).
+    ChannelPresence {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Channel.
+        channel: String,
+    },
     /// Open (create on first use) the DM with a user.
     OpenDm {
         /// Echoed in the answer.
@@ -178,14 +205,35 @@ impl ClientFrame {
             | ClientFrame::ListChannels { req_id }
             | ClientFrame::OpenDm { req_id, .. }
             | ClientFrame::Sync { req_id, .. }
-            | ClientFrame::Read { req_id, .. } => req_id.as_deref(),
+            | ClientFrame::Read { req_id, .. }
+            | ClientFrame::SubscribePresence { req_id, .. }
+            | ClientFrame::SetPresence { req_id, .. }
+            | ClientFrame::ChannelPresence { req_id, .. } => req_id.as_deref(),
             ClientFrame::Ack { .. } => None,
         }
     }
 }
 
-const CLIENT_TYPES: &[&str] =
-    &["send", "history", "ack", "ping", "create_channel", "join", "leave", "list_channels", "open_dm", "sync", "read"];
+const CLIENT_TYPES: &[&str] = &[
+    "send",
+    "history",
+    "ack",
+    "ping",
+    "create_channel",
+    "join",
+    "leave",
+    "list_channels",
+    "open_dm",
+    "sync",
+    "read",
+    "subscribe_presence",
+    "set_presence",
+    "channel_presence",
+];
+
+fn default_true() -> bool {
+    true
+}
 
 /// Why a client frame could not be decoded. Small on purpose: this is the hot path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -411,6 +459,38 @@ pub enum ServerFrame {
         user: String,
         /// Read up to this sequence.
         seq: u64,
+    },
+    /// A watched user's presence changed.
+    Presence {
+        /// User.
+        user: String,
+        /// New state.
+        status: crate::presence::Status,
+        /// Last seen (Unix ms).
+        last_seen: u64,
+    },
+    /// Current presence of users (answer to `subscribe_presence` and `set_presence`).
+    PresenceState {
+        /// Echo.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Users.
+        users: Vec<crate::presence::PresenceView>,
+    },
+    /// Presence in a channel: per user up to the fan-out threshold, otherwise only the online count.
+    ChannelPresence {
+        /// Echo.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Channel.
+        channel: String,
+        /// Members.
+        members: u32,
+        /// Members online or away.
+        online: u32,
+        /// Per-user states (absent above the fan-out threshold).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        users: Option<Vec<crate::presence::PresenceView>>,
     },
     /// A `sync` finished: everything missed was replayed, live messages follow.
     Synced {

@@ -210,6 +210,9 @@ fn text(frame: &ServerFrame) -> Message {
     Message::Text(Utf8Bytes::from(frame.to_json()))
 }
 
+/// Most users one connection may watch the presence of.
+const MAX_WATCHED: usize = 1_000;
+
 /// Classifies a transport error: `true` when the client sent a frame or message above the size limit.
 pub type TooBig<E> = fn(&E) -> bool;
 
@@ -228,6 +231,9 @@ where
     // than the `last_seq` the client is told arrives live.
     let first = router.list_channels(&session.user).await.unwrap_or_default();
     hub.register(session.conn, &session.user, sender, first.iter().map(|view| view.id.clone()).collect()).await;
+    if let Some(presence) = hub.presence() {
+        presence.connected(session.user.as_str());
+    }
     let channels = match router.list_channels(&session.user).await {
         Ok(channels) => channels,
         Err(error) => {
@@ -468,6 +474,9 @@ where
     }
     let _ = socket.close().await;
     hub.unregister(session.conn).await;
+    if let Some(presence) = hub.presence() {
+        presence.disconnected(session.user.as_str());
+    }
 }
 
 fn close_message(code: u16, reason: &'static str) -> Message {
@@ -526,6 +535,44 @@ async fn request(router: &Router, hub: &Hub, session: &Session, metrics: &Metric
         },
         ClientFrame::ListChannels { req_id } => {
             router.list_channels(user).await.map(|channels| ServerFrame::Channels { req_id, channels })
+        }
+        ClientFrame::SubscribePresence { req_id, users, watch } => {
+            let valid: Result<Vec<String>, RouterError> =
+                users.into_iter().map(|user| UserId::new(user).map(String::from).map_err(RouterError::from)).collect();
+            match (valid, hub.presence()) {
+                (Err(error), _) => Err(error),
+                (Ok(_), None) => Err(RouterError::InvalidArgument("presence is not available".into())),
+                (Ok(users), Some(presence)) => match hub.watch(session.conn, &users, watch, MAX_WATCHED) {
+                    Err(limit) => {
+                        Err(RouterError::InvalidArgument(format!("a connection can watch at most {limit} users")))
+                    }
+                    Ok(_) => Ok(ServerFrame::PresenceState {
+                        req_id,
+                        users: if watch { presence.views(&users) } else { Vec::new() },
+                    }),
+                },
+            }
+        }
+        ClientFrame::SetPresence { req_id, status } => match (status, hub.presence()) {
+            (_, None) => Err(RouterError::InvalidArgument("presence is not available".into())),
+            (parley_core::presence::Status::Offline, _) => {
+                Err(RouterError::InvalidArgument("set online or away; offline follows from disconnecting".into()))
+            }
+            (status, Some(presence)) => {
+                let view = presence.set_away(user.as_str(), status == parley_core::presence::Status::Away);
+                Ok(ServerFrame::PresenceState { req_id, users: vec![view] })
+            }
+        },
+        ClientFrame::ChannelPresence { req_id, channel } => {
+            match (router.members(user, &channel).await, hub.presence()) {
+                (Err(error), _) => Err(error),
+                (Ok(_), None) => Err(RouterError::InvalidArgument("presence is not available".into())),
+                (Ok(members), Some(presence)) => {
+                    let online = presence.online_count(&members) as u32;
+                    let users = (members.len() as u32 <= hub.fanout_threshold()).then(|| presence.views(&members));
+                    Ok(ServerFrame::ChannelPresence { req_id, channel, members: members.len() as u32, online, users })
+                }
+            }
         }
         ClientFrame::Read { req_id, channel, seq } => router
             .mark_read(user, &channel, seq)

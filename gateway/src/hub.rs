@@ -35,6 +35,8 @@ struct ConnEntry {
     /// `None` once the connection was cut off as a slow consumer.
     sender: Option<Outbound>,
     channels: HashSet<String>,
+    /// Users whose presence this connection watches.
+    watching: HashSet<String>,
 }
 
 #[derive(Default)]
@@ -42,6 +44,8 @@ struct HubState {
     conns: HashMap<u64, ConnEntry>,
     channels: HashMap<String, HashMap<u64, Outbound>>,
     users: HashMap<String, HashSet<u64>>,
+    /// Watched user → watching connections.
+    watchers: HashMap<String, HashSet<u64>>,
     /// Topics this instance is subscribed to.
     topics: HashSet<String>,
 }
@@ -54,6 +58,7 @@ pub struct Hub {
     subscription: Arc<dyn Subscription>,
     metrics: Arc<Metrics>,
     fanout_threshold: u32,
+    presence: std::sync::OnceLock<Arc<crate::presence::Presence>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -71,6 +76,7 @@ impl Hub {
             subscription,
             metrics,
             fanout_threshold,
+            presence: std::sync::OnceLock::new(),
         })
     }
 
@@ -117,7 +123,12 @@ impl Hub {
             state.users.entry(user.to_string()).or_default().insert(conn);
             state.conns.insert(
                 conn,
-                ConnEntry { user: user.to_string(), sender: Some(sender), channels: channels.into_iter().collect() },
+                ConnEntry {
+                    user: user.to_string(),
+                    sender: Some(sender),
+                    channels: channels.into_iter().collect(),
+                    watching: HashSet::new(),
+                },
             );
         }
         self.sync_topics().await;
@@ -148,6 +159,14 @@ impl Hub {
                 for channel in &entry.channels {
                     remove_member(&mut state.channels, channel, conn);
                 }
+                for watched in &entry.watching {
+                    if let Some(conns) = state.watchers.get_mut(watched) {
+                        conns.remove(&conn);
+                        if conns.is_empty() {
+                            state.watchers.remove(watched);
+                        }
+                    }
+                }
                 if let Some(conns) = state.users.get_mut(&entry.user) {
                     conns.remove(&conn);
                     if conns.is_empty() {
@@ -157,6 +176,60 @@ impl Hub {
             }
         }
         self.sync_topics().await;
+    }
+
+    /// Starts or stops watching users' presence for a connection. Returns how many users it watches.
+    pub fn watch(&self, conn: u64, users: &[String], watch: bool, limit: usize) -> Result<usize, usize> {
+        let mut state = self.lock();
+        let Some(entry) = state.conns.get_mut(&conn) else { return Ok(0) };
+        if watch && entry.watching.len() + users.len() > limit {
+            return Err(limit);
+        }
+        for user in users {
+            if watch {
+                entry.watching.insert(user.clone());
+            } else {
+                entry.watching.remove(user);
+            }
+        }
+        let watched = entry.watching.len();
+        for user in users {
+            if watch {
+                state.watchers.entry(user.clone()).or_default().insert(conn);
+            } else if let Some(conns) = state.watchers.get_mut(user) {
+                conns.remove(&conn);
+                if conns.is_empty() {
+                    state.watchers.remove(user);
+                }
+            }
+        }
+        Ok(watched)
+    }
+
+    /// Queues a frame to every connection watching `user`.
+    pub fn deliver_to_watchers(&self, user: &str, frame: &Utf8Bytes) {
+        let state = self.lock();
+        for conn in state.watchers.get(user).into_iter().flatten() {
+            if let Some(sender) = state.conns.get(conn).and_then(|entry| entry.sender.as_ref()) {
+                // Presence is advisory: a full queue drops the update rather than the connection.
+                let _ = sender.try_send(OutboundFrame { frame: frame.clone(), message: None });
+            }
+        }
+    }
+
+    /// Attaches the presence service (once).
+    pub fn attach_presence(&self, presence: Arc<crate::presence::Presence>) {
+        let _ = self.presence.set(presence);
+    }
+
+    /// The presence service, if attached.
+    pub fn presence(&self) -> Option<&Arc<crate::presence::Presence>> {
+        self.presence.get()
+    }
+
+    /// The fan-out threshold.
+    pub fn fanout_threshold(&self) -> u32 {
+        self.fanout_threshold
     }
 
     /// Number of local connections.

@@ -8,6 +8,7 @@
 //! - [`fallback`]: SSE and long-poll transports, which run the same connection loop over a virtual socket.
 //! - [`http`]: the axum application (`app(state)`): WebSocket upgrade, HTTP API, the demo page, health.
 //! - [`metrics`]: Prometheus metrics served on the admin port.
+//! - [`presence`]: this instance's presence service over the fenced presence book.
 //! - [`drain`]: draining an instance: reconnect requests spread over a window, then stop.
 //! - [`standalone`]: wiring of gateway + router + embedded storage into one process.
 
@@ -20,6 +21,7 @@ pub mod fallback;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod presence;
 pub mod standalone;
 
 pub use error::GatewayError;

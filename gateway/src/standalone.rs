@@ -95,6 +95,7 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
     let metrics = Metrics::new();
     let (sink, publications) = mpsc::channel(65_536);
     let hub = Hub::new(pubsub.open(sink), metrics.clone(), args.gateway.fanout_threshold);
+    crate::presence::Presence::start(&hub);
     let dispatcher = tokio::spawn(hub.clone().dispatch(router.clone(), publications));
 
     let (shutdown, shutdown_signal) = watch::channel(false);

@@ -325,13 +325,21 @@ impl Router {
         let record = self.membership.channel(channel.as_str()).await.map_err(RouterError::Unavailable)?;
         if record.is_none_or(|record| record.member_count <= self.config.fanout_threshold) {
             let event = ControlEvent::Read { channel: channel.to_string(), user: user.to_string(), seq: cursor };
-            if let Err(error) = self.pubsub.publish(&channel_topic(channel.as_str()), Event::Control(event).encode()).await
+            if let Err(error) =
+                self.pubsub.publish(&channel_topic(channel.as_str()), Event::Control(event).encode()).await
             {
                 self.stats.publish_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 warn!(%error, "read receipt publish failed");
             }
         }
         Ok(cursor)
+    }
+
+    /// The members of a channel the user belongs to.
+    pub async fn members(&self, user: &UserId, channel: &str) -> Result<Vec<String>, RouterError> {
+        let channel = ChannelId::parse(channel)?;
+        self.require_member(user, &channel).await?;
+        self.membership.members(channel.as_str()).await.map_err(RouterError::Unavailable)
     }
 
     /// Adds the viewer's read cursor to a view.
