@@ -58,7 +58,7 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-pub(crate) fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (status, Json(json!({ "code": code, "message": message.into() }))).into_response()
 }
 
@@ -73,11 +73,13 @@ fn router_error(error: RouterError) -> Response {
     api_error(status, error.code().as_str(), error.to_string())
 }
 
-pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
 }
 
-pub(crate) fn authenticate(state: &AppState, token: Option<&str>) -> Result<crate::auth::Identity, Response> {
+// Handlers answer with the `Response` directly; boxing it would only move the allocation.
+#[allow(clippy::result_large_err)]
+fn authenticate(state: &AppState, token: Option<&str>) -> Result<crate::auth::Identity, Response> {
     let Some(token) = token else {
         return Err(api_error(StatusCode::UNAUTHORIZED, "unauthorized", "missing token"));
     };

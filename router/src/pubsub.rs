@@ -116,13 +116,13 @@ impl Event {
 
     /// Decodes an event; `None` for a payload this version does not understand.
     pub fn decode(payload: &Bytes) -> Option<Event> {
-        match payload.first()? {
-            &MESSAGE_TAG if payload.len() >= 9 => {
+        match *payload.first()? {
+            MESSAGE_TAG if payload.len() >= 9 => {
                 let mut seq = [0u8; 8];
                 seq.copy_from_slice(&payload[1..9]);
                 Some(Event::Message { seq: u64::from_be_bytes(seq), frame: payload.slice(9..) })
             }
-            &CONTROL_TAG => serde_json::from_slice(&payload[1..]).ok().map(Event::Control),
+            CONTROL_TAG => serde_json::from_slice(&payload[1..]).ok().map(Event::Control),
             _ => None,
         }
     }

@@ -373,6 +373,7 @@ struct Writer {
 }
 
 type SendItem = (SendRequest, oneshot::Sender<Result<SendOutcome, RouterError>>);
+type MembershipAnswer = (oneshot::Sender<Result<ChannelView, RouterError>>, Result<(ChannelId, UserId), RouterError>);
 type MembershipItem = (MembershipCommand, oneshot::Sender<Result<ChannelView, RouterError>>);
 
 impl Writer {
@@ -642,10 +643,7 @@ impl Writer {
         let mut changes: Vec<MembershipChange> = Vec::new();
         let mut events: Vec<(String, String, bool)> = Vec::new();
         let mut touched: HashSet<String> = HashSet::new();
-        let mut answers: Vec<(
-            oneshot::Sender<Result<ChannelView, RouterError>>,
-            Result<(ChannelId, UserId), RouterError>,
-        )> = Vec::new();
+        let mut answers: Vec<MembershipAnswer> = Vec::new();
         let limit = self.config.max_channel_members;
         for (command, reply) in items {
             let result = match command {
