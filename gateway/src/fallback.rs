@@ -14,8 +14,9 @@
 //! socket; a client that takes nothing blocks the loop (which then closes it as a slow consumer, 4008, like a
 //! WebSocket whose TCP window is full), and after `idle_timeout_ms` without progress the session is dropped.
 
+use crate::auth::Identity;
 use crate::connection::{self, ConnectionContext, Session};
-use crate::http::{api_error, authenticate, bearer, AppState};
+use crate::http::AppState;
 use crate::metrics::Limit;
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, Utf8Bytes};
@@ -297,6 +298,43 @@ struct PollQuery {
     wait_ms: Option<u64>,
 }
 
+/// An HTTP refusal, `{"code":..,"message":..}` like the rest of the HTTP API.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(json!({ "code": self.code, "message": self.message }))).into_response()
+    }
+}
+
+fn no_such_session(session_id: &str) -> Refusal {
+    Refusal::new(StatusCode::NOT_FOUND, "no_such_session", format!("no session {session_id}; connect again"))
+}
+
+fn internal(message: &str) -> Refusal {
+    Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+}
+
+/// Verifies the token of `?token=` or of `Authorization: Bearer`.
+fn identify(app: &AppState, token: Option<&str>, headers: &HeaderMap) -> Result<Identity, Refusal> {
+    let bearer = || headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ");
+    let Some(token) = token.or_else(bearer) else {
+        return Err(Refusal::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing token"));
+    };
+    app.auth.verify(token).map_err(|error| Refusal::new(StatusCode::UNAUTHORIZED, "unauthorized", error.to_string()))
+}
+
 /// A freshly opened session: its id, and for SSE the receiver of its frames.
 struct Opened {
     session_id: String,
@@ -310,20 +348,20 @@ fn open(
     query: &ConnectQuery,
     headers: &HeaderMap,
     transport: Transport,
-) -> Result<Opened, Response> {
+) -> Result<Opened, Refusal> {
     let app = &state.app;
     if let Some(version) = query.v {
         if version != parley_core::protocol::PROTOCOL_VERSION {
-            return Err(api_error(
+            return Err(Refusal::new(
                 StatusCode::BAD_REQUEST,
                 "unsupported_version",
                 format!("protocol version {version} is not supported; use v=1"),
             ));
         }
     }
-    let identity = authenticate(app, query.token.as_deref().or_else(|| bearer(headers)))?;
+    let identity = identify(app, query.token.as_deref(), headers)?;
     if !app.accepting.load(Ordering::Relaxed) || *app.shutdown.borrow() {
-        return Err(api_error(
+        return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining",
             "this instance is draining; connect to another",
@@ -331,7 +369,7 @@ fn open(
     }
     let Ok(permit) = app.permits.clone().try_acquire_owned() else {
         app.metrics.limit(Limit::Connections);
-        return Err(api_error(
+        return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
             "connection limit reached; retry with backoff",
@@ -359,21 +397,19 @@ fn open(
             None,
         ),
     };
-    let entry = Arc::new(Entry {
-        user: identity.user.clone(),
-        transport,
-        inbound: Mutex::new(Some(inbound_sender)),
-        queue,
-    });
+    let entry =
+        Arc::new(Entry { user: identity.user.clone(), transport, inbound: Mutex::new(Some(inbound_sender)), queue });
     state.sessions.insert(session_id.clone(), entry.clone());
 
-    let session = Session { conn, session_id: session_id.clone(), user: identity.user, expires_at: identity.expires_at };
+    let session =
+        Session { conn, session_id: session_id.clone(), user: identity.user, expires_at: identity.expires_at };
     let context = ConnectionContext {
         router: app.router.clone(),
         hub: app.hub.clone(),
         metrics: app.metrics.clone(),
         config: app.config.clone(),
         shutdown: app.shutdown.clone(),
+        drain: app.drainer.subscribe(),
     };
     let span = match transport {
         Transport::Sse => info_span!("sse"),
@@ -394,46 +430,36 @@ async fn run(
 ) {
     let metrics = context.metrics.clone();
     let idle = Duration::from_millis(context.config.idle_timeout_ms.max(1));
-    let mut shutdown = context.shutdown.clone();
     let session_id = session.session_id.clone();
     metrics.connections.inc();
     metrics.connections_total.inc();
     let serving = connection::serve(socket, context, session, never_too_big);
     tokio::pin!(serving);
-    match transport {
-        Transport::Sse => serving.await,
-        Transport::Poll => {
-            let reaping = reap(&sessions, &session_id, idle);
-            tokio::pin!(reaping);
-            let mut reaped = false;
-            tokio::select! {
-                () = &mut serving => {}
-                () = &mut reaping => {
-                    // The entry is gone, so the loop's input has ended: it closes at once.
-                    reaped = true;
-                    serving.await;
-                }
-            }
-            metrics.connections.dec();
-            drop(permit);
-            if !reaped {
-                // Keep the last frames (the close) for the client's next poll, as long as it keeps polling.
-                tokio::select! {
-                    () = reaping => {}
-                    _ = shutdown.wait_for(|stop| *stop) => {}
-                }
-            }
-            sessions.remove(&session_id);
-            return;
-        }
+    let reaping = reap(&sessions, &session_id, idle, transport);
+    tokio::pin!(reaping);
+    let reaped = tokio::select! {
+        () = &mut serving => false,
+        () = &mut reaping => true,
+    };
+    if reaped {
+        // The entry is gone, so the loop's input has ended: it closes at once.
+        serving.await;
     }
     metrics.connections.dec();
     drop(permit);
+    if !reaped {
+        // Long-poll: keep the last frames (the close) for the client's next poll, as long as it keeps polling.
+        reaping.await;
+    }
     sessions.remove(&session_id);
 }
 
-/// Removes a long-poll session once no poll has come for `idle`; returns when the session is gone.
-async fn reap(sessions: &Sessions, session_id: &str, idle: Duration) {
+/// Removes a long-poll session once no poll has come for `idle`; returns when the session is gone. SSE
+/// sessions end with their stream instead, so for them this never returns.
+async fn reap(sessions: &Sessions, session_id: &str, idle: Duration, transport: Transport) {
+    if transport == Transport::Sse {
+        return std::future::pending().await;
+    }
     loop {
         let wait = {
             let Some(entry) = sessions.get(session_id) else { return };
@@ -471,14 +497,9 @@ async fn sse_connect(
     State(state): State<FallbackState>,
     Query(query): Query<ConnectQuery>,
     headers: HeaderMap,
-) -> Response {
-    let opened = match open(&state, &query, &headers, Transport::Sse) {
-        Ok(opened) => opened,
-        Err(response) => return response,
-    };
-    let Some(receiver) = opened.outbound else {
-        return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "sse session without a stream");
-    };
+) -> Result<Response, Refusal> {
+    let opened = open(&state, &query, &headers, Transport::Sse)?;
+    let receiver = opened.outbound.ok_or_else(|| internal("an sse session without a stream"))?;
     let guard = RemoveOnDrop { sessions: state.sessions.clone(), session_id: opened.session_id };
     let events = futures_util::stream::unfold((receiver, guard, false), |(mut receiver, guard, done)| async move {
         if done {
@@ -501,26 +522,21 @@ async fn sse_connect(
     let mut response = Sse::new(events).keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE)).into_response();
     // Ask reverse proxies not to buffer the stream.
     response.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response
+    Ok(response)
 }
 
 async fn poll_connect(
     State(state): State<FallbackState>,
     Query(query): Query<ConnectQuery>,
     headers: HeaderMap,
-) -> Response {
-    let opened = match open(&state, &query, &headers, Transport::Poll) {
-        Ok(opened) => opened,
-        Err(response) => return response,
-    };
-    let Some(queue) = &opened.entry.queue else {
-        return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "poll session without a queue");
-    };
+) -> Result<Response, Refusal> {
+    let opened = open(&state, &query, &headers, Transport::Poll)?;
+    let queue = opened.entry.queue.as_ref().ok_or_else(|| internal("a poll session without a queue"))?;
     let batch = collect(queue, CONNECT_WAIT).await;
     if batch.closed.is_some() {
         state.sessions.remove(&opened.session_id);
     }
-    batch.into_response(Some(&opened.session_id))
+    Ok(batch.into_response(Some(&opened.session_id)))
 }
 
 /// Frames taken for one poll.
@@ -609,21 +625,17 @@ fn authorize(
     token: Option<&str>,
     headers: &HeaderMap,
     transport: Transport,
-) -> Result<Arc<Entry>, Response> {
-    let identity = authenticate(&state.app, token.or_else(|| bearer(headers)))?;
+) -> Result<Arc<Entry>, Refusal> {
+    let identity = identify(&state.app, token, headers)?;
     let entry = state
         .sessions
         .get(session_id)
         .filter(|entry| entry.transport == transport)
         .ok_or_else(|| no_such_session(session_id))?;
     if entry.user != identity.user {
-        return Err(api_error(StatusCode::FORBIDDEN, "forbidden", "this session belongs to another user"));
+        return Err(Refusal::new(StatusCode::FORBIDDEN, "forbidden", "this session belongs to another user"));
     }
     Ok(entry)
-}
-
-fn no_such_session(session_id: &str) -> Response {
-    api_error(StatusCode::NOT_FOUND, "no_such_session", format!("no session {session_id}; connect again"))
 }
 
 async fn poll_get(
@@ -631,20 +643,15 @@ async fn poll_get(
     Path(session_id): Path<String>,
     Query(query): Query<PollQuery>,
     headers: HeaderMap,
-) -> Response {
-    let entry = match authorize(&state, &session_id, query.token.as_deref(), &headers, Transport::Poll) {
-        Ok(entry) => entry,
-        Err(response) => return response,
-    };
-    let Some(queue) = &entry.queue else {
-        return no_such_session(&session_id);
-    };
+) -> Result<Response, Refusal> {
+    let entry = authorize(&state, &session_id, query.token.as_deref(), &headers, Transport::Poll)?;
+    let queue = entry.queue.as_ref().ok_or_else(|| no_such_session(&session_id))?;
     let wait = Duration::from_millis(query.wait_ms.unwrap_or(DEFAULT_WAIT_MS).min(MAX_WAIT_MS));
     let batch = collect(queue, wait).await;
     if batch.closed.is_some() {
         state.sessions.remove(&session_id);
     }
-    batch.into_response(None)
+    Ok(batch.into_response(None))
 }
 
 async fn poll_delete(
@@ -652,14 +659,10 @@ async fn poll_delete(
     Path(session_id): Path<String>,
     Query(query): Query<TokenQuery>,
     headers: HeaderMap,
-) -> Response {
-    match authorize(&state, &session_id, query.token.as_deref(), &headers, Transport::Poll) {
-        Ok(_) => {
-            state.sessions.remove(&session_id);
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Err(response) => response,
-    }
+) -> Result<StatusCode, Refusal> {
+    authorize(&state, &session_id, query.token.as_deref(), &headers, Transport::Poll)?;
+    state.sessions.remove(&session_id);
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn sse_post(
@@ -668,7 +671,7 @@ async fn sse_post(
     Query(query): Query<TokenQuery>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
+) -> Result<Response, Refusal> {
     post_frames(&state, &session_id, query.token.as_deref(), &headers, body, Transport::Sse).await
 }
 
@@ -678,7 +681,7 @@ async fn poll_post(
     Query(query): Query<TokenQuery>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
+) -> Result<Response, Refusal> {
     post_frames(&state, &session_id, query.token.as_deref(), &headers, body, Transport::Poll).await
 }
 
@@ -690,15 +693,12 @@ async fn post_frames(
     headers: &HeaderMap,
     body: Body,
     transport: Transport,
-) -> Response {
-    let entry = match authorize(state, session_id, token, headers, transport) {
-        Ok(entry) => entry,
-        Err(response) => return response,
-    };
+) -> Result<Response, Refusal> {
+    let entry = authorize(state, session_id, token, headers, transport)?;
     let limit = state.app.config.max_frame_bytes;
     let too_big = || {
         state.app.metrics.limit(Limit::FrameSize);
-        api_error(
+        Refusal::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "frame_too_big",
             format!("the body is larger than max_frame_bytes ({limit})"),
@@ -709,32 +709,28 @@ async fn post_frames(
         .and_then(|length| length.to_str().ok())
         .and_then(|length| length.parse::<usize>().ok());
     if declared.is_some_and(|length| length > limit) {
-        return too_big();
+        return Err(too_big());
     }
     // Past the limit reading fails; any other failure means the client is gone and sees no answer anyway.
-    let Ok(body) = axum::body::to_bytes(body, limit).await else {
-        return too_big();
-    };
+    let body = axum::body::to_bytes(body, limit).await.map_err(|_| too_big())?;
     let frames = split_frames(body);
-    let Some(inbound) = entry.inbound() else {
-        return no_such_session(session_id);
-    };
+    let inbound = entry.inbound().ok_or_else(|| no_such_session(session_id))?;
     drop(entry);
     let accepted = frames.len();
     for frame in frames {
         match tokio::time::timeout(POST_WAIT, inbound.send(frame)).await {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => return no_such_session(session_id),
+            Ok(Err(_)) => return Err(no_such_session(session_id)),
             Err(_) => {
-                return api_error(
+                return Err(Refusal::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "overloaded",
                     "the session is not reading; retry the frames not yet answered",
-                )
+                ))
             }
         }
     }
-    (StatusCode::ACCEPTED, axum::Json(json!({ "accepted": accepted }))).into_response()
+    Ok((StatusCode::ACCEPTED, axum::Json(json!({ "accepted": accepted }))).into_response())
 }
 
 /// A JSON array is a batch of frames; anything else is one frame, passed on as is so the loop answers malformed
@@ -746,9 +742,9 @@ fn split_frames(body: Bytes) -> Vec<Message> {
             return values.into_iter().map(|value| Message::Text(Utf8Bytes::from(value.to_string()))).collect();
         }
     }
-    match Utf8Bytes::try_from(body) {
+    match Utf8Bytes::try_from(body.clone()) {
         Ok(text) => vec![Message::Text(text)],
-        Err(error) => vec![Message::Binary(Bytes::from(error.into_bytes()))],
+        Err(_) => vec![Message::Binary(body)],
     }
 }
 
@@ -761,22 +757,23 @@ mod tests {
         Message::Text(Utf8Bytes::from(value))
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn the_sink_applies_backpressure_then_fails_after_the_stall_timeout() {
+        let stall = Duration::from_millis(300);
         let (_inbound_sender, inbound) = mpsc::channel(1);
         let (outbound, mut receiver) = mpsc::channel(2);
-        let mut socket = VirtualSocket::new(inbound, outbound, Duration::from_secs(5));
+        let mut socket = VirtualSocket::new(inbound, outbound, stall);
         socket.send(text("1")).await.expect("room");
         socket.send(text("2")).await.expect("room");
         // Full: the third send waits, and taking one frame lets it through.
-        let third = tokio::time::timeout(Duration::from_secs(1), socket.send(text("3"))).await;
+        let third = tokio::time::timeout(Duration::from_millis(100), socket.send(text("3"))).await;
         assert!(third.is_err(), "a full channel blocks the sender");
         assert_eq!(receiver.recv().await, Some(text("1")));
         socket.send(text("3")).await.expect("room again");
         // Nobody takes anything for the stall timeout: the send fails rather than waiting for ever.
         let started = Instant::now();
         assert_eq!(socket.send(text("4")).await, Err(ClientGone));
-        assert!(started.elapsed() >= Duration::from_secs(5));
+        assert!(started.elapsed() >= stall);
     }
 
     #[tokio::test]

@@ -261,7 +261,10 @@ async fn read_cursor_unread_counts_and_live_receipts() {
     let far = bob.request(json!({"type":"read","channel":"g:reads","seq":99}), "r3").await;
     assert_eq!(far["seq"], 5);
     let listed = bob.request(json!({"type":"list_channels"}), "l").await;
-    assert_eq!((listed["channels"][0]["read_seq"].clone(), listed["channels"][0]["unread"].clone()), (json!(5), json!(0)));
+    assert_eq!(
+        (listed["channels"][0]["read_seq"].clone(), listed["channels"][0]["unread"].clone()),
+        (json!(5), json!(0))
+    );
     let mut carol = Client::connect(&running, "carol").await;
     let refused = carol.request(json!({"type":"read","channel":"g:reads","seq":1}), "x").await;
     assert_eq!(refused["code"], "not_a_member");
