@@ -158,6 +158,9 @@ pub struct StandaloneArgs {
     /// Storage.
     #[command(flatten)]
     pub storage: StorageConfig,
+    /// Push notifications.
+    #[command(flatten)]
+    pub push: crate::push::PushConfig,
 }
 
 #[cfg(test)]

@@ -50,6 +50,8 @@ pub struct AppState {
     pub accepting: Arc<AtomicBool>,
     /// Drain control.
     pub drainer: Arc<Drainer>,
+    /// Push notifications, when a provider is configured.
+    pub push: Option<Arc<crate::push::PushService>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -95,6 +97,7 @@ pub fn app(state: AppState) -> AxumRouter {
         .route("/v1/ws", get(websocket))
         .route("/v1/dev/login", post(dev_login))
         .route("/v1/channels", get(list_channels))
+        .route("/v1/devices", post(register_device).delete(unregister_device))
         .route("/v1/channels/{id}/messages", get(history))
         .with_state(state.clone())
         .merge(crate::fallback::routes(state))
@@ -154,7 +157,23 @@ async fn metrics(State(state): State<AppState>) -> Response {
         ("router_batches", "Durable batches written", stats.batches.load(Ordering::Relaxed)),
         ("router_write_failures", "Durable writes that failed", stats.write_failures.load(Ordering::Relaxed)),
         ("router_publish_failures", "Publishes that failed", stats.publish_failures.load(Ordering::Relaxed)),
+        (
+            "router_tap_dropped",
+            "Durable messages not offered to push (queue full)",
+            stats.tap_dropped.load(Ordering::Relaxed),
+        ),
     ];
+    let push = state.push.as_ref().map(|push| push.stats()).unwrap_or_default();
+    let extra = [
+        extra.as_slice(),
+        &[
+            ("push_sent", "Push notifications accepted by a provider", push.sent),
+            ("push_failed", "Push notifications that failed", push.failed),
+            ("push_invalid_tokens", "Device tokens unregistered as invalid", push.invalid_tokens),
+            ("push_dropped", "Push notifications dropped (queue full)", push.dropped),
+        ],
+    ]
+    .concat();
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         state.metrics.encode(&extra),
@@ -289,6 +308,73 @@ async fn list_channels(State(state): State<AppState>, headers: HeaderMap) -> Res
     match state.router.list_channels(&identity.user).await {
         Ok(channels) => Json(json!({ "channels": channels })).into_response(),
         Err(error) => router_error(error),
+    }
+}
+
+#[derive(Deserialize)]
+struct DeviceBody {
+    platform: String,
+    token: String,
+}
+
+async fn device_request(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Json<DeviceBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<(UserId, parley_push::Device, Arc<crate::push::PushService>), Response> {
+    let identity = authenticate(state, bearer(headers))?;
+    let Some(push) = state.push.clone() else {
+        return Err(api_error(StatusCode::SERVICE_UNAVAILABLE, "push_disabled", "no push provider is configured"));
+    };
+    let Json(body) =
+        body.map_err(|rejection| api_error(StatusCode::BAD_REQUEST, "invalid_frame", rejection.body_text()))?;
+    let platform = match body.platform.as_str() {
+        "fcm" => parley_push::Platform::Fcm,
+        "apns" => parley_push::Platform::Apns,
+        other => {
+            return Err(api_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                format!("unknown platform {other:?}; use fcm or apns"),
+            ))
+        }
+    };
+    if body.token.is_empty() || body.token.len() > 4096 {
+        return Err(api_error(StatusCode::BAD_REQUEST, "invalid_argument", "token must be 1-4096 bytes"));
+    }
+    Ok((identity.user, parley_push::Device::new(platform, body.token), push))
+}
+
+#[allow(clippy::result_large_err)]
+async fn register_device(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<DeviceBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let (user, device, push) = match device_request(&state, &headers, body).await {
+        Ok(parts) => parts,
+        Err(response) => return response,
+    };
+    use parley_push::DeviceRegistry;
+    match push.registry.register(user.as_str(), device).await {
+        Ok(()) => (StatusCode::CREATED, Json(json!({ "registered": true }))).into_response(),
+        Err(error) => api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string()),
+    }
+}
+
+async fn unregister_device(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<DeviceBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let (_, device, push) = match device_request(&state, &headers, body).await {
+        Ok(parts) => parts,
+        Err(response) => return response,
+    };
+    use parley_push::DeviceRegistry;
+    match push.registry.unregister(device.platform, &device.token).await {
+        Ok(removed) => Json(json!({ "removed": removed })).into_response(),
+        Err(error) => api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string()),
     }
 }
 

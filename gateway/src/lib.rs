@@ -9,6 +9,7 @@
 //! - [`http`]: the axum application (`app(state)`): WebSocket upgrade, HTTP API, the demo page, health.
 //! - [`metrics`]: Prometheus metrics served on the admin port.
 //! - [`presence`]: this instance's presence service over the fenced presence book.
+//! - [`push`]: device registration and push notifications to offline members.
 //! - [`drain`]: draining an instance: reconnect requests spread over a window, then stop.
 //! - [`standalone`]: wiring of gateway + router + embedded storage into one process.
 
@@ -22,6 +23,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod presence;
+pub mod push;
 pub mod standalone;
 
 pub use error::GatewayError;

@@ -90,12 +90,19 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
         ..RouterConfig::default()
     };
     let shared = Arc::new(store.clone());
-    let (router, writer) = Router::start(router_config, shared.clone(), shared.clone(), shared, pubsub.clone())
-        .map_err(GatewayError::Router)?;
+    let push = crate::push::PushService::from_config(&args.push)?;
+    let (tap, durable) = mpsc::channel(4_096);
+    let tap = push.as_ref().map(|_| tap);
+    let (router, writer) =
+        Router::start_with_tap(router_config, shared.clone(), shared.clone(), shared, pubsub.clone(), tap)
+            .map_err(GatewayError::Router)?;
     let metrics = Metrics::new();
     let (sink, publications) = mpsc::channel(65_536);
     let hub = Hub::new(pubsub.open(sink), metrics.clone(), args.gateway.fanout_threshold);
     crate::presence::Presence::start(&hub);
+    if let Some(push) = &push {
+        tokio::spawn(push.clone().run(hub.clone(), durable));
+    }
     let dispatcher = tokio::spawn(hub.clone().dispatch(router.clone(), publications));
 
     let (shutdown, shutdown_signal) = watch::channel(false);
@@ -112,6 +119,7 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
         next_conn: Arc::new(AtomicU64::new(1)),
         accepting,
         drainer: drainer.clone(),
+        push,
     };
     let listener = bind(args.listen).await?;
     let admin_listener = bind(args.admin_listen).await?;

@@ -17,4 +17,4 @@ pub mod pubsub;
 pub mod router;
 
 pub use error::{BackendError, RouterError};
-pub use router::{Router, RouterConfig};
+pub use router::{DurableMessage, Router, RouterConfig};

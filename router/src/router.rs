@@ -74,6 +74,18 @@ pub struct RouterStats {
     pub write_failures: std::sync::atomic::AtomicU64,
     /// Publishes that failed (the messages stay durable and are recovered from history).
     pub publish_failures: std::sync::atomic::AtomicU64,
+    /// Durable messages not handed to the tap because its queue was full.
+    pub tap_dropped: std::sync::atomic::AtomicU64,
+}
+
+/// A message that became durable, with the other members of its channel (for offline notification). Only
+/// channels up to the fan-out threshold are tapped.
+#[derive(Debug, Clone)]
+pub struct DurableMessage {
+    /// The message.
+    pub message: MessageView,
+    /// Members of the channel other than the sender.
+    pub recipients: Vec<String>,
 }
 
 enum Command {
@@ -119,6 +131,19 @@ impl Router {
         membership: Arc<dyn MembershipStore>,
         pubsub: Arc<dyn PubSub>,
     ) -> Result<(Router, tokio::task::JoinHandle<()>), RouterError> {
+        Self::start_with_tap(config, log, store, membership, pubsub, None)
+    }
+
+    /// Like [`start`](Self::start), and hands every durable message of a small channel to `tap` (without
+    /// waiting: when the tap's queue is full the message is skipped and counted).
+    pub fn start_with_tap(
+        config: RouterConfig,
+        log: Arc<dyn MessageLog>,
+        store: Arc<dyn MessageStore>,
+        membership: Arc<dyn MembershipStore>,
+        pubsub: Arc<dyn PubSub>,
+        tap: Option<mpsc::Sender<DurableMessage>>,
+    ) -> Result<(Router, tokio::task::JoinHandle<()>), RouterError> {
         let snowflake = Snowflake::new(config.machine_id, config.epoch_ms).map_err(RouterError::Clock)?;
         let (commands, queue) = mpsc::channel(config.queue.max(1));
         let stats = Arc::new(RouterStats::default());
@@ -132,6 +157,7 @@ impl Router {
             channels: HashMap::new(),
             config: config.clone(),
             stats: stats.clone(),
+            durable_tap: tap,
         };
         let task = tokio::spawn(writer.run());
         Ok((Router { commands, log, store, membership, pubsub, config: Arc::new(config), stats }, task))
@@ -370,6 +396,7 @@ struct Writer {
     channels: HashMap<String, CachedChannel>,
     config: RouterConfig,
     stats: Arc<RouterStats>,
+    durable_tap: Option<mpsc::Sender<DurableMessage>>,
 }
 
 type SendItem = (SendRequest, oneshot::Sender<Result<SendOutcome, RouterError>>);
@@ -575,6 +602,18 @@ impl Writer {
             self.stats.messages.fetch_add(fresh.len() as u64, std::sync::atomic::Ordering::Relaxed);
             self.stats.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             for message in fresh {
+                if let Some(tap) = &self.durable_tap {
+                    // Offline notification is best effort and must never slow the writer: drop when full.
+                    let members = self.channels.get(&message.channel).map(|cached| &cached.members);
+                    if let Some(members) =
+                        members.filter(|members| members.len() <= self.config.fanout_threshold as usize)
+                    {
+                        let recipients = members.iter().filter(|member| **member != message.sender).cloned().collect();
+                        if tap.try_send(DurableMessage { message: message.clone(), recipients }).is_err() {
+                            self.stats.tap_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
                 let topic = channel_topic(&message.channel);
                 let seq = message.seq;
                 let frame = Bytes::from(ServerFrame::Message(message).to_json());
