@@ -448,6 +448,16 @@ pub enum ServerFrame {
         /// Oldest sequence still available.
         first_available: u64,
     },
+    /// A delivery receipt: `user`'s client received everything of `channel` up to `seq` (channels of at most 32
+    /// members).
+    Delivered {
+        /// Channel.
+        channel: String,
+        /// Recipient.
+        user: String,
+        /// Delivered up to this sequence.
+        seq: u64,
+    },
     /// A read receipt: `user` has read `channel` up to `seq` (also the answer to `read`).
     Read {
         /// Echo (only on the answer to the reader).

@@ -373,7 +373,17 @@ where
                         if socket.send(text(&ServerFrame::Pong { req_id, ts: unix_ms() })).await.is_err() { break None; }
                     }
                     ClientFrame::Ack { channel, seq } => {
-                        tracker.ack(&channel, seq);
+                        if tracker.ack(&channel, seq) > 0 {
+                            // Progress: tell the channel (the sender sees "delivered"). Best effort, off the loop.
+                            let router = &router;
+                            let user = &session.user;
+                            pending.push(Box::pin(async move {
+                                if let Err(error) = router.mark_delivered(user, &channel, seq).await {
+                                    debug!(%error, "delivery receipt not published");
+                                }
+                                None
+                            }));
+                        }
                     }
                     ClientFrame::Sync { req_id, channels } => {
                         let mut failed = false;

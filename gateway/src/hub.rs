@@ -368,6 +368,10 @@ impl Hub {
                         self.deliver(&channel, &Utf8Bytes::from(frame), None);
                     }
                 }
+                Event::Control(ControlEvent::Delivered { channel, user, seq }) => {
+                    let frame = ServerFrame::Delivered { channel: channel.clone(), user, seq }.to_json();
+                    self.deliver(&channel, &Utf8Bytes::from(frame), None);
+                }
                 Event::Control(ControlEvent::Read { channel, user, seq }) => {
                     let frame = ServerFrame::Read { req_id: None, channel: channel.clone(), user, seq }.to_json();
                     self.deliver(&channel, &Utf8Bytes::from(frame), None);

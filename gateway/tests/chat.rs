@@ -270,3 +270,21 @@ async fn read_cursor_unread_counts_and_live_receipts() {
     assert_eq!(refused["code"], "not_a_member");
     stop(running).await;
 }
+
+#[tokio::test]
+async fn sender_sees_sent_then_delivered_then_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let running = server(dir.path(), &[]).await;
+    let mut alice = Client::connect(&running, "alice").await;
+    let mut bob = Client::connect(&running, "bob").await;
+    alice.request(json!({"type":"open_dm","user":"bob"}), "dm").await;
+    let sent = alice.send_message("dm:alice:bob", "d1", "did you get this?").await;
+    assert_eq!(sent["type"], "send_result", "sent: {sent}");
+    bob.messages("dm:alice:bob", 1).await; // bob's client acknowledges on receipt
+    let delivered = alice.expect(|frame| frame["type"] == "delivered" && frame["user"] == "bob").await;
+    assert_eq!(delivered["seq"], 1, "delivered: {delivered}");
+    bob.request(json!({"type":"read","channel":"dm:alice:bob","seq":1}), "r").await;
+    let read = alice.expect(|frame| frame["type"] == "read" && frame["user"] == "bob").await;
+    assert_eq!(read["seq"], 1, "read: {read}");
+    stop(running).await;
+}

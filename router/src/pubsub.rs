@@ -57,6 +57,15 @@ pub enum ControlEvent {
         /// Joined or left.
         joined: bool,
     },
+    /// A member's connection acknowledged everything up to `seq` (published on the channel topic).
+    Delivered {
+        /// Channel.
+        channel: String,
+        /// Recipient.
+        user: String,
+        /// Delivered up to.
+        seq: u64,
+    },
     /// A member moved their read cursor (published on the channel topic).
     Read {
         /// Channel.

@@ -19,6 +19,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, instrument, warn};
 
+/// Channels up to this many members get live delivery receipts.
+pub const DELIVERY_RECEIPT_MEMBERS: u32 = 32;
+
 /// Router settings.
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
@@ -359,6 +362,23 @@ impl Router {
             }
         }
         Ok(cursor)
+    }
+
+    /// A member's client acknowledged everything up to `seq`: tell the channel (only channels of at most
+    /// [`DELIVERY_RECEIPT_MEMBERS`] members, so receipts never grow quadratically). Not stored.
+    pub async fn mark_delivered(&self, user: &UserId, channel: &str, seq: u64) -> Result<(), RouterError> {
+        let channel = ChannelId::parse(channel)?;
+        let Some(record) = self.membership.channel(channel.as_str()).await.map_err(RouterError::Unavailable)? else {
+            return Ok(());
+        };
+        if record.member_count > DELIVERY_RECEIPT_MEMBERS {
+            return Ok(());
+        }
+        let event = ControlEvent::Delivered { channel: channel.to_string(), user: user.to_string(), seq };
+        self.pubsub
+            .publish(&channel_topic(channel.as_str()), Event::Control(event).encode())
+            .await
+            .map_err(RouterError::Unavailable)
     }
 
     /// The members of a channel the user belongs to.
