@@ -147,6 +147,9 @@ test("two users chat in a channel and a DM; history survives a reload", { timeou
   await waitForCount(bob, 1);
   const dmOnBob = await shownMessages(bob);
   assert.deepEqual(dmOnBob.map((m) => [m.seq, m.text]), [[1, secret]]);
+  // alice sees her message go sent → delivered → read, and bob online.
+  await alice.waitForSelector('.msg.mine[data-seq="1"][data-status="read"]', WAIT);
+  assert.equal((await alice.textContent("#conv-sub")).trim(), "online");
 
   // bob reloads the page, logs in again, and finds the whole history of #general.
   await bob.reload();
