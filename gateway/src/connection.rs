@@ -232,7 +232,7 @@ where
     let first = router.list_channels(&session.user).await.unwrap_or_default();
     hub.register(session.conn, &session.user, sender, first.iter().map(|view| view.id.clone()).collect()).await;
     if let Some(presence) = hub.presence() {
-        presence.connected(session.user.as_str());
+        presence.connected(session.user.as_str()).await;
     }
     let channels = match router.list_channels(&session.user).await {
         Ok(channels) => channels,
@@ -485,7 +485,7 @@ where
     let _ = socket.close().await;
     hub.unregister(session.conn).await;
     if let Some(presence) = hub.presence() {
-        presence.disconnected(session.user.as_str());
+        presence.disconnected(session.user.as_str()).await;
     }
 }
 
@@ -558,7 +558,7 @@ async fn request(router: &Router, hub: &Hub, session: &Session, metrics: &Metric
                     }
                     Ok(_) => Ok(ServerFrame::PresenceState {
                         req_id,
-                        users: if watch { presence.views(&users) } else { Vec::new() },
+                        users: if watch { presence.views(&users).await } else { Vec::new() },
                     }),
                 },
             }
@@ -569,7 +569,7 @@ async fn request(router: &Router, hub: &Hub, session: &Session, metrics: &Metric
                 Err(RouterError::InvalidArgument("set online or away; offline follows from disconnecting".into()))
             }
             (status, Some(presence)) => {
-                let view = presence.set_away(user.as_str(), status == parley_core::presence::Status::Away);
+                let view = presence.set_away(user.as_str(), status == parley_core::presence::Status::Away).await;
                 Ok(ServerFrame::PresenceState { req_id, users: vec![view] })
             }
         },
@@ -578,8 +578,12 @@ async fn request(router: &Router, hub: &Hub, session: &Session, metrics: &Metric
                 (Err(error), _) => Err(error),
                 (Ok(_), None) => Err(RouterError::InvalidArgument("presence is not available".into())),
                 (Ok(members), Some(presence)) => {
-                    let online = presence.online_count(&members) as u32;
-                    let users = (members.len() as u32 <= hub.fanout_threshold()).then(|| presence.views(&members));
+                    let online = presence.online_count(&members).await as u32;
+                    let users = if members.len() as u32 <= hub.fanout_threshold() {
+                        Some(presence.views(&members).await)
+                    } else {
+                        None
+                    };
                     Ok(ServerFrame::ChannelPresence { req_id, channel, members: members.len() as u32, online, users })
                 }
             }

@@ -111,6 +111,7 @@ impl PushService {
             let Some(presence) = hub.presence() else { continue };
             let offline: Vec<String> = presence
                 .views(&recipients)
+                .await
                 .into_iter()
                 .filter(|view| view.status == Status::Offline)
                 .map(|view| view.user)

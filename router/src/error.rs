@@ -18,6 +18,15 @@ pub enum BackendError {
     /// The backend is shutting down or unreachable.
     #[error("backend unavailable: {0}")]
     Unavailable(String),
+    /// A Redis call failed (connection refused or lost, script error, unexpected reply).
+    #[error("redis {operation} failed: {source}")]
+    Redis {
+        /// What was attempted (`publish`, `subscribe`, `presence connect`, ...).
+        operation: &'static str,
+        /// The client's error.
+        #[source]
+        source: Box<redis::RedisError>,
+    },
 }
 
 macro_rules! from_redb {

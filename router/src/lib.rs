@@ -6,6 +6,9 @@
 //! - [`embedded`] is the embedded driver: one redb database on local disk, synced on every commit, which is at
 //!   once the log and the store.
 //! - [`pubsub`] holds the pub/sub trait, its in-process driver, and the event envelope gateways decode.
+//! - [`presence`] holds the [`presence::PresenceStore`] trait (the fenced presence book and user→gateway
+//!   registry of [`parley_core::presence`], async and batched) and its embedded driver.
+//! - [`redis`] holds the Redis drivers of [`pubsub::PubSub`] and [`presence::PresenceStore`].
 //! - [`router`] is the single writer: a task that takes commands in batches, decides order with
 //!   [`parley_core::sequencer`], writes the batch durably, and only then confirms and publishes.
 //! - [`error`] is the crate's error type, which maps to the protocol's stable error codes.
@@ -13,7 +16,9 @@
 pub mod backend;
 pub mod embedded;
 pub mod error;
+pub mod presence;
 pub mod pubsub;
+pub mod redis;
 pub mod router;
 
 pub use error::{BackendError, RouterError};
