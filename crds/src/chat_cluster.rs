@@ -1,0 +1,504 @@
+//! The `ChatCluster` kind: one Parley installation, its images, its gateway and router settings, its backends and
+//! the Snowflake settings shared by all of its Regions.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{CredentialsSecret, MachineIdAllocation, MachineIdBlock, SecretKeyRef};
+
+/// The desired state of a Parley chat platform. Its Regions (kind `Region`) say where and how large it runs.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[kube(
+    group = "parley.dev",
+    version = "v1alpha1",
+    kind = "ChatCluster",
+    namespaced,
+    status = "ChatClusterStatus",
+    shortname = "cc",
+    category = "parley",
+    doc = "A Parley chat platform: images, gateway and router settings, backends and Snowflake settings shared by its Regions.",
+    validation = Rule::new("self.metadata.name.size() <= 40").message("a ChatCluster name must be at most 40 characters, so that the names derived from it fit Kubernetes limits"),
+    printcolumn(name = "Version", type_ = "string", description = "Parley version the cluster runs", json_path = ".spec.version"),
+    printcolumn(name = "Regions", type_ = "string", description = "Ready Regions / all Regions", json_path = ".status.regionsReady"),
+    printcolumn(name = "Machine IDs", type_ = "integer", description = "Snowflake machine IDs allocated to Regions (of 1024)", json_path = ".status.machineIdsAllocated"),
+    printcolumn(name = "Ready", type_ = "string", description = "Whether every Region is ready", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Reason", type_ = "string", description = "Reason of the Ready condition", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
+    printcolumn(name = "Age", type_ = "date", description = "Time since creation", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatClusterSpec {
+    /// Parley version to run. It is the image tag of the gateway and router images, for example `0.1.0`.
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$')")
+        .message("version must be a valid image tag: letters, digits, '_', '.' and '-', at most 128 characters"))]
+    #[schemars(length(min = 1, max = 128))]
+    pub version: String,
+    /// Container images of the gateway and the router.
+    #[serde(default)]
+    pub images: ImagesSpec,
+    /// Settings of the WebSocket gateways (heartbeats, limits, drain).
+    #[serde(default)]
+    pub gateway: GatewaySettings,
+    /// Settings of the routers (the single writers that order each conversation).
+    #[serde(default)]
+    pub router: RouterSettings,
+    /// Channels with more members than this get no per-member join/leave events, and presence is aggregated.
+    #[serde(default = "default_fanout_threshold")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000").message("fanoutThreshold must be between 1 and 1000000"))]
+    pub fanout_threshold: i32,
+    /// Snowflake ID settings shared by every Region.
+    #[serde(default)]
+    pub snowflake: SnowflakeSpec,
+    /// Kafka, the durable message log.
+    pub kafka: KafkaSpec,
+    /// Cassandra or Scylla, the message store.
+    pub cassandra: CassandraSpec,
+    /// Redis, for pub/sub, presence and the user-to-gateway registry.
+    #[serde(default)]
+    pub redis: RedisSpec,
+    /// Client authentication.
+    pub auth: AuthSpec,
+}
+
+fn default_fanout_threshold() -> i32 {
+    1000
+}
+
+/// Container images. The tag of both images is the ChatCluster's `version`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImagesSpec {
+    /// Repository of the gateway image, without a tag, for example `registry.example.com/parley/gateway`.
+    #[serde(default = "default_gateway_image")]
+    #[x_kube(validation = Rule::new("!self.contains('@') && !self.matches(':[^/]*$')")
+        .message("images.gateway must be a repository without tag or digest; the tag is spec.version"))]
+    #[schemars(length(min = 1, max = 512))]
+    pub gateway: String,
+    /// Repository of the router image, without a tag.
+    #[serde(default = "default_router_image")]
+    #[x_kube(validation = Rule::new("!self.contains('@') && !self.matches(':[^/]*$')")
+        .message("images.router must be a repository without tag or digest; the tag is spec.version"))]
+    #[schemars(length(min = 1, max = 512))]
+    pub router: String,
+    /// When the kubelet pulls the images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_policy: Option<PullPolicy>,
+    /// Secrets with credentials for the image registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 253)))]
+    pub pull_secrets: Vec<String>,
+}
+
+impl Default for ImagesSpec {
+    fn default() -> Self {
+        Self {
+            gateway: default_gateway_image(),
+            router: default_router_image(),
+            pull_policy: None,
+            pull_secrets: vec![],
+        }
+    }
+}
+
+fn default_gateway_image() -> String {
+    "parley/gateway".to_owned()
+}
+
+fn default_router_image() -> String {
+    "parley/router".to_owned()
+}
+
+/// Image pull policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PullPolicy {
+    /// Pull on every pod start.
+    Always,
+    /// Pull only when the image is not on the node.
+    IfNotPresent,
+    /// Never pull.
+    Never,
+}
+
+impl PullPolicy {
+    /// The value Kubernetes expects in `imagePullPolicy`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
+/// Gateway settings. Each becomes a `PARLEY_*` environment variable of the gateway pods (see the README's
+/// configuration table).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.idleTimeoutMs > self.heartbeatIntervalMs").message("idleTimeoutMs must be greater than heartbeatIntervalMs, or healthy connections are closed between two heartbeats"),
+    validation = Rule::new("self.drainDeadlineMs >= self.drainWindowMs").message("drainDeadlineMs must be at least drainWindowMs, so that every client is asked to reconnect before the gateway stops"),
+    validation = Rule::new("self.connectionsPerPodTarget <= self.maxConnections").message("connectionsPerPodTarget must not exceed maxConnections"),
+    validation = Rule::new("self.maxTextBytes < self.maxFrameBytes").message("maxTextBytes must be smaller than maxFrameBytes, since a message travels inside a frame")
+)]
+pub struct GatewaySettings {
+    /// Heartbeat interval announced to clients, in milliseconds (1000-300000).
+    #[serde(default = "default_heartbeat_interval_ms")]
+    #[x_kube(validation = Rule::new("self >= 1000 && self <= 300000").message("heartbeatIntervalMs must be between 1000 and 300000"))]
+    pub heartbeat_interval_ms: i32,
+    /// Connections silent for this long are closed with 4009, in milliseconds (2000-3600000).
+    #[serde(default = "default_idle_timeout_ms")]
+    #[x_kube(validation = Rule::new("self >= 2000 && self <= 3600000").message("idleTimeoutMs must be between 2000 and 3600000"))]
+    pub idle_timeout_ms: i32,
+    /// Largest WebSocket frame in bytes; larger frames close the connection with 1009 (1024-16777216).
+    #[serde(default = "default_max_frame_bytes")]
+    #[x_kube(validation = Rule::new("self >= 1024 && self <= 16777216").message("maxFrameBytes must be between 1024 and 16777216"))]
+    pub max_frame_bytes: i32,
+    /// Largest message text in bytes (1-1048576).
+    #[serde(default = "default_max_text_bytes")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1048576").message("maxTextBytes must be between 1 and 1048576"))]
+    pub max_text_bytes: i32,
+    /// Sends per second each connection may make on average (1-10000).
+    #[serde(default = "default_send_rate_per_sec")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 10000").message("sendRatePerSec must be between 1 and 10000"))]
+    pub send_rate_per_sec: i32,
+    /// Sends a connection may make in a burst (1-100000).
+    #[serde(default = "default_send_burst")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100000").message("sendBurst must be between 1 and 100000"))]
+    pub send_burst: i32,
+    /// Frames queued per connection before it is closed with 4008 (16-65536).
+    #[serde(default = "default_outbound_queue")]
+    #[x_kube(validation = Rule::new("self >= 16 && self <= 65536").message("outboundQueue must be between 16 and 65536"))]
+    pub outbound_queue: i32,
+    /// Concurrent requests per connection before reads pause (1-4096).
+    #[serde(default = "default_max_in_flight")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 4096").message("maxInFlight must be between 1 and 4096"))]
+    pub max_in_flight: i32,
+    /// Hard limit of connections per gateway pod; above it new connections get HTTP 503 (1-1000000).
+    #[serde(default = "default_max_connections")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000").message("maxConnections must be between 1 and 1000000"))]
+    pub max_connections: i32,
+    /// Connections per gateway pod that connection-based scaling aims for (1-1000000, at most maxConnections).
+    #[serde(default = "default_connections_per_pod_target")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000").message("connectionsPerPodTarget must be between 1 and 1000000"))]
+    pub connections_per_pod_target: i32,
+    /// A drain asks clients to reconnect at random moments spread over this window, in milliseconds (0-600000).
+    #[serde(default = "default_drain_window_ms")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 600000").message("drainWindowMs must be between 0 and 600000"))]
+    pub drain_window_ms: i32,
+    /// A draining gateway stops at the latest after this, in milliseconds (1000-3600000). The pods'
+    /// terminationGracePeriodSeconds is derived from it.
+    #[serde(default = "default_drain_deadline_ms")]
+    #[x_kube(validation = Rule::new("self >= 1000 && self <= 3600000").message("drainDeadlineMs must be between 1000 and 3600000"))]
+    pub drain_deadline_ms: i32,
+    /// Seconds a terminating gateway waits before it starts draining, so that load balancers stop sending it new
+    /// connections first (0-60).
+    #[serde(default = "default_pre_stop_delay_seconds")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 60").message("preStopDelaySeconds must be between 0 and 60"))]
+    pub pre_stop_delay_seconds: i32,
+    /// Port of the WebSocket, SSE and HTTP API (1024-65535).
+    #[serde(default = "default_client_port")]
+    #[x_kube(validation = Rule::new("self >= 1024 && self <= 65535").message("port must be between 1024 and 65535 (the pods run as non-root)"))]
+    pub port: i32,
+    /// Port of the admin endpoints (/metrics, /admin/drain) (1024-65535).
+    #[serde(default = "default_admin_port")]
+    #[x_kube(validation = Rule::new("self >= 1024 && self <= 65535").message("adminPort must be between 1024 and 65535 (the pods run as non-root)"))]
+    pub admin_port: i32,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: default_heartbeat_interval_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            max_frame_bytes: default_max_frame_bytes(),
+            max_text_bytes: default_max_text_bytes(),
+            send_rate_per_sec: default_send_rate_per_sec(),
+            send_burst: default_send_burst(),
+            outbound_queue: default_outbound_queue(),
+            max_in_flight: default_max_in_flight(),
+            max_connections: default_max_connections(),
+            connections_per_pod_target: default_connections_per_pod_target(),
+            drain_window_ms: default_drain_window_ms(),
+            drain_deadline_ms: default_drain_deadline_ms(),
+            pre_stop_delay_seconds: default_pre_stop_delay_seconds(),
+            port: default_client_port(),
+            admin_port: default_admin_port(),
+        }
+    }
+}
+
+fn default_heartbeat_interval_ms() -> i32 {
+    30_000
+}
+fn default_idle_timeout_ms() -> i32 {
+    90_000
+}
+fn default_max_frame_bytes() -> i32 {
+    65_536
+}
+fn default_max_text_bytes() -> i32 {
+    4096
+}
+fn default_send_rate_per_sec() -> i32 {
+    20
+}
+fn default_send_burst() -> i32 {
+    40
+}
+fn default_outbound_queue() -> i32 {
+    512
+}
+fn default_max_in_flight() -> i32 {
+    64
+}
+fn default_max_connections() -> i32 {
+    100_000
+}
+fn default_connections_per_pod_target() -> i32 {
+    50_000
+}
+fn default_drain_window_ms() -> i32 {
+    20_000
+}
+fn default_drain_deadline_ms() -> i32 {
+    60_000
+}
+fn default_pre_stop_delay_seconds() -> i32 {
+    5
+}
+fn default_client_port() -> i32 {
+    8080
+}
+fn default_admin_port() -> i32 {
+    9090
+}
+
+/// Router settings. Each becomes a `PARLEY_*` environment variable of the router pods.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterSettings {
+    /// Unacknowledged pushes are retransmitted after this, in milliseconds (100-60000).
+    #[serde(default = "default_ack_timeout_ms")]
+    #[x_kube(validation = Rule::new("self >= 100 && self <= 60000").message("ackTimeoutMs must be between 100 and 60000"))]
+    pub ack_timeout_ms: i32,
+    /// Retransmits before the connection is closed with 4010 (0-10).
+    #[serde(default = "default_max_retransmits")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 10").message("maxRetransmits must be between 0 and 10"))]
+    pub max_retransmits: i32,
+    /// Unacknowledged messages per connection before it is closed with 4010 (1-65536).
+    #[serde(default = "default_max_unacked")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65536").message("maxUnacked must be between 1 and 65536"))]
+    pub max_unacked: i32,
+    /// Largest channel, in members (2-1000000).
+    #[serde(default = "default_max_channel_members")]
+    #[x_kube(validation = Rule::new("self >= 2 && self <= 1000000").message("maxChannelMembers must be between 2 and 1000000"))]
+    pub max_channel_members: i32,
+    /// Days messages are kept; 0 keeps them forever (0-36500).
+    #[serde(default = "default_retention_days")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 36500").message("retentionDays must be between 0 and 36500"))]
+    pub retention_days: i32,
+    /// Port of the router's admin endpoints (/metrics, health) (1024-65535).
+    #[serde(default = "default_admin_port")]
+    #[x_kube(validation = Rule::new("self >= 1024 && self <= 65535").message("adminPort must be between 1024 and 65535 (the pods run as non-root)"))]
+    pub admin_port: i32,
+}
+
+impl Default for RouterSettings {
+    fn default() -> Self {
+        Self {
+            ack_timeout_ms: default_ack_timeout_ms(),
+            max_retransmits: default_max_retransmits(),
+            max_unacked: default_max_unacked(),
+            max_channel_members: default_max_channel_members(),
+            retention_days: default_retention_days(),
+            admin_port: default_admin_port(),
+        }
+    }
+}
+
+fn default_ack_timeout_ms() -> i32 {
+    5000
+}
+fn default_max_retransmits() -> i32 {
+    3
+}
+fn default_max_unacked() -> i32 {
+    1024
+}
+fn default_max_channel_members() -> i32 {
+    10_000
+}
+fn default_retention_days() -> i32 {
+    365
+}
+
+/// Snowflake ID settings: 41 bits of milliseconds since the epoch, 10 bits of machine ID, 12 bits of sequence.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnowflakeSpec {
+    /// Epoch of the IDs, in Unix milliseconds (default 2025-01-01T00:00:00Z). It can never change once set,
+    /// since IDs already stored would then sort wrongly or repeat.
+    #[serde(default = "default_epoch_ms")]
+    #[x_kube(
+        validation = Rule::new("self == oldSelf").message("snowflake.epochMs is immutable: changing it would reorder or repeat IDs already stored"),
+        validation = Rule::new("self >= 0 && self <= 4102444800000").message("snowflake.epochMs must be between 0 and 4102444800000 (year 2100)")
+    )]
+    pub epoch_ms: i64,
+    /// Seconds a released machine ID stays unused before another pod may get it, so that a pod and its
+    /// predecessor never generate IDs with the same machine ID inside the clock-skew window (5-86400, default 60).
+    #[serde(default = "default_machine_id_quarantine_seconds")]
+    #[x_kube(validation = Rule::new("self >= 5 && self <= 86400").message("machineIdQuarantineSeconds must be between 5 and 86400"))]
+    pub machine_id_quarantine_seconds: i32,
+}
+
+impl Default for SnowflakeSpec {
+    fn default() -> Self {
+        Self { epoch_ms: default_epoch_ms(), machine_id_quarantine_seconds: default_machine_id_quarantine_seconds() }
+    }
+}
+
+/// 2025-01-01T00:00:00Z, the default epoch of `parley-core`'s Snowflake IDs.
+fn default_epoch_ms() -> i64 {
+    1_735_689_600_000
+}
+
+fn default_machine_id_quarantine_seconds() -> i32 {
+    60
+}
+
+/// Kafka, the durable log every message is appended to before it is confirmed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSpec {
+    /// Default bootstrap servers (`host:port,host:port`). A Region's `kafka.bootstrapServers` overrides it; one
+    /// of the two must be set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.size() > 0").message("kafka.bootstrapServers must not be empty"))]
+    #[schemars(length(max = 2048))]
+    pub bootstrap_servers: Option<String>,
+    /// Prefix of every topic name, so several ChatClusters can share one Kafka.
+    #[serde(default = "default_topic_prefix")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-zA-Z0-9._-]{1,64}$')")
+        .message("kafka.topicPrefix must be 1-64 letters, digits, '.', '_' or '-'"))]
+    #[schemars(length(max = 64))]
+    pub topic_prefix: String,
+    /// Connect with TLS.
+    #[serde(default)]
+    pub tls: bool,
+    /// SASL credentials, if Kafka requires them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<CredentialsSecret>,
+}
+
+fn default_topic_prefix() -> String {
+    "parley".to_owned()
+}
+
+/// Cassandra or Scylla, where messages are stored from the log. Each Region adds its datacenter.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CassandraSpec {
+    /// Contact points (`host` or `host:port`).
+    #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 253)))]
+    pub contact_points: Vec<String>,
+    /// Keyspace that holds Parley's tables. It cannot change once set.
+    #[x_kube(
+        validation = Rule::new("self.matches('^[a-z][a-z0-9_]{0,47}$')").message("cassandra.keyspace must start with a lowercase letter and have at most 48 lowercase letters, digits or '_'"),
+        validation = Rule::new("self == oldSelf").message("cassandra.keyspace is immutable")
+    )]
+    #[schemars(length(max = 48))]
+    pub keyspace: String,
+    /// Connect with TLS.
+    #[serde(default)]
+    pub tls: bool,
+    /// Username and password, if authentication is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<CredentialsSecret>,
+}
+
+/// Redis, for pub/sub between routers and gateways, presence and the user-to-gateway registry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisSpec {
+    /// Default URL (`redis://host:port` or `rediss://host:port`). A Region's `redis.url` overrides it; one of the
+    /// two must be set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('redis://') || self.startsWith('rediss://')")
+        .message("redis.url must start with redis:// or rediss://"))]
+    #[schemars(length(max = 2048))]
+    pub url: Option<String>,
+    /// Password (and optionally a username, for Redis ACLs), if Redis requires one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<CredentialsSecret>,
+}
+
+/// Client authentication.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// Algorithm of client JWTs.
+    #[serde(default)]
+    pub jwt_algorithm: JwtAlgorithm,
+    /// Secret key with the HS256 secret (at least 16 bytes) or the RS256 public key (PEM).
+    pub jwt_key_secret: SecretKeyRef,
+    /// Secret key with the bearer token of the admin endpoints (`POST /admin/drain`). Without it the admin
+    /// drain endpoint refuses every request; SIGTERM still drains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_secret: Option<SecretKeyRef>,
+}
+
+/// Algorithm of client JWTs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum JwtAlgorithm {
+    /// HMAC with SHA-256; the Secret holds the shared secret.
+    #[default]
+    HS256,
+    /// RSA with SHA-256; the Secret holds the PEM public key.
+    RS256,
+}
+
+/// What the operator observed of a ChatCluster.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatClusterStatus {
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`, each with a reason and a message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Ready Regions out of all Regions, for example `2/3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regions_ready: Option<String>,
+    /// Number of Snowflake machine IDs held by Regions (quarantined ones excluded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_ids_allocated: Option<i32>,
+    /// One summary per Region of this ChatCluster.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<RegionSummary>,
+    /// The machine-ID allocation (blocks and quarantine), written by the operator with optimistic concurrency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id_allocation: Option<MachineIdAllocation>,
+}
+
+/// A Region as seen from its ChatCluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionSummary {
+    /// Name of the Region object.
+    pub name: String,
+    /// The Region's `spec.regionName`.
+    pub region_name: String,
+    /// Gateway pods that are ready.
+    pub gateways_ready: i32,
+    /// Gateway pods wanted.
+    pub gateways_desired: i32,
+    /// Router pods that are ready.
+    pub routers_ready: i32,
+    /// Router pods wanted.
+    pub routers_desired: i32,
+    /// The Region's machine-ID block, once allocated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id_block: Option<MachineIdBlock>,
+}

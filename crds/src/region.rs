@@ -1,0 +1,259 @@
+//! The `Region` kind: where and how large one part of a ChatCluster runs, its backends' regional endpoints and
+//! which topics replicate to which other Regions.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::MachineIdBlock;
+
+/// The most gateway pods one Region may run.
+pub const MAX_GATEWAY_REPLICAS: i32 = 512;
+/// The most router pods one Region may run.
+pub const MAX_ROUTER_REPLICAS: i32 = 64;
+
+/// One region of a ChatCluster: its gateways and routers, and the regional endpoints of its backends.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[kube(
+    group = "parley.dev",
+    version = "v1alpha1",
+    kind = "Region",
+    namespaced,
+    status = "RegionStatus",
+    shortname = "rgn",
+    category = "parley",
+    doc = "One region of a ChatCluster: gateway and router replicas, regional backend endpoints and replication targets.",
+    validation = Rule::new("self.metadata.name.size() <= 40").message("a Region name must be at most 40 characters, so that the names derived from it fit Kubernetes limits"),
+    printcolumn(name = "Region", type_ = "string", description = "Region name", json_path = ".spec.regionName"),
+    printcolumn(name = "Cluster", type_ = "string", description = "The ChatCluster it belongs to", json_path = ".spec.clusterRef"),
+    printcolumn(name = "Gateways", type_ = "string", description = "Ready gateway pods / wanted", json_path = ".status.gateways"),
+    printcolumn(name = "Routers", type_ = "string", description = "Ready router pods / wanted", json_path = ".status.routers"),
+    printcolumn(name = "Machine IDs", type_ = "string", description = "Snowflake machine-ID block", json_path = ".status.machineIds"),
+    printcolumn(name = "Ready", type_ = "string", description = "Whether the Region is ready", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", description = "Time since creation", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.replication) || self.replication.all(r, !(self.regionName in r.toRegions))")
+    .message("a Region cannot replicate to itself: remove its own regionName from replication[].toRegions"))]
+pub struct RegionSpec {
+    /// Name of the ChatCluster, in the same namespace, that this Region belongs to. It cannot change.
+    #[x_kube(
+        validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("clusterRef must be the name of a ChatCluster: lowercase letters, digits and '-'"),
+        validation = Rule::new("self == oldSelf").message("clusterRef is immutable: delete the Region and create a new one")
+    )]
+    #[schemars(length(min = 1, max = 40))]
+    pub cluster_ref: String,
+    /// Name of the region, for example `eu-west`; unique within the ChatCluster. It names the Kafka topics
+    /// replicated from it and appears in metrics. It cannot change.
+    #[x_kube(
+        validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("regionName must be lowercase letters, digits and '-', starting and ending with a letter or digit"),
+        validation = Rule::new("self == oldSelf").message("regionName is immutable: delete the Region and create a new one")
+    )]
+    #[schemars(length(min = 1, max = 32))]
+    pub region_name: String,
+    /// This region's Cassandra/Scylla datacenter.
+    pub cassandra: RegionCassandra,
+    /// This region's Kafka.
+    #[serde(default)]
+    pub kafka: RegionKafka,
+    /// This region's Redis.
+    #[serde(default)]
+    pub redis: RegionRedis,
+    /// Gateway pods: a fixed number, or a range for connection-based scaling.
+    pub gateway: RegionGateway,
+    /// Router pods.
+    #[serde(default)]
+    pub router: RegionRouter,
+    /// Which topics replicate from this region to which other regions (MirrorMaker 2 flows).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub replication: Vec<ReplicationRule>,
+}
+
+/// A region's Cassandra/Scylla datacenter.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionCassandra {
+    /// Name of the datacenter, as Cassandra's snitch reports it.
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9_.-]*$')")
+        .message("cassandra.datacenter must be letters, digits, '_', '.' or '-'"))]
+    #[schemars(length(min = 1, max = 48))]
+    pub datacenter: String,
+    /// Replicas of each row in this datacenter (1-9).
+    #[serde(default = "default_replication_factor")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 9").message("cassandra.replicationFactor must be between 1 and 9"))]
+    pub replication_factor: i32,
+}
+
+fn default_replication_factor() -> i32 {
+    3
+}
+
+/// A region's Kafka.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionKafka {
+    /// Bootstrap servers of this region's Kafka (`host:port,host:port`). Defaults to the ChatCluster's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.size() > 0").message("kafka.bootstrapServers must not be empty"))]
+    #[schemars(length(max = 2048))]
+    pub bootstrap_servers: Option<String>,
+}
+
+/// A region's Redis.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionRedis {
+    /// URL of this region's Redis (`redis://` or `rediss://`). Defaults to the ChatCluster's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('redis://') || self.startsWith('rediss://')")
+        .message("redis.url must start with redis:// or rediss://"))]
+    #[schemars(length(max = 2048))]
+    pub url: Option<String>,
+}
+
+/// Gateway pods of a region. Set either `replicas`, or both `minReplicas` and `maxReplicas`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.replicas) ? !has(self.minReplicas) && !has(self.maxReplicas) : has(self.minReplicas) && has(self.maxReplicas)")
+        .message("set either gateway.replicas (a fixed count) or both gateway.minReplicas and gateway.maxReplicas (connection-based scaling)"),
+    validation = Rule::new("!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas")
+        .message("gateway.minReplicas must not exceed gateway.maxReplicas")
+)]
+pub struct RegionGateway {
+    /// A fixed number of gateway pods (1-512).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 512").message("gateway.replicas must be between 1 and 512"))]
+    pub replicas: Option<i32>,
+    /// Fewest gateway pods under connection-based scaling (1-512).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 512").message("gateway.minReplicas must be between 1 and 512"))]
+    pub min_replicas: Option<i32>,
+    /// Most gateway pods under connection-based scaling (1-512). The Region's machine-ID block is sized for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 512").message("gateway.maxReplicas must be between 1 and 512"))]
+    pub max_replicas: Option<i32>,
+    /// CPU and memory of each gateway container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Type of the client Service in front of the gateways.
+    #[serde(default)]
+    pub service_type: ServiceType,
+    /// Annotations of the client Service (for example a cloud load balancer's settings).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub service_annotations: BTreeMap<String, String>,
+}
+
+impl RegionGateway {
+    /// The number of gateway pods to run now: the fixed count, or the minimum of the range.
+    pub fn desired_replicas(&self) -> i32 {
+        self.replicas.or(self.min_replicas).unwrap_or(1)
+    }
+
+    /// The most gateway pods this Region may ever run at once under its spec.
+    pub fn max_replicas_bound(&self) -> i32 {
+        self.replicas.or(self.max_replicas).unwrap_or(1)
+    }
+}
+
+/// Type of the client Service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ServiceType {
+    /// Reachable inside the cluster only (put an Ingress or Gateway API route in front).
+    #[default]
+    ClusterIP,
+    /// Exposed on every node's port.
+    NodePort,
+    /// Exposed by a cloud load balancer.
+    LoadBalancer,
+}
+
+impl ServiceType {
+    /// The value Kubernetes expects in a Service's `type`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Router pods of a region.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionRouter {
+    /// Number of router pods (1-64).
+    #[serde(default = "default_router_replicas")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 64").message("router.replicas must be between 1 and 64"))]
+    pub replicas: i32,
+    /// CPU and memory of each router container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for RegionRouter {
+    fn default() -> Self {
+        Self { replicas: default_router_replicas(), resources: None }
+    }
+}
+
+fn default_router_replicas() -> i32 {
+    1
+}
+
+/// Topics that replicate from this region to other regions.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationRule {
+    /// Topic names without the cluster's prefix, or `*` for all of them.
+    #[x_kube(validation = Rule::new("self.all(t, t.matches('^([a-zA-Z0-9._-]{1,128}|[*])$'))")
+        .message("each topic must be 1-128 letters, digits, '.', '_' or '-', or '*'"))]
+    #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 128)))]
+    pub topics: Vec<String>,
+    /// Region names (`spec.regionName` of other Regions of the same ChatCluster) that receive the topics.
+    #[schemars(length(min = 1, max = 16), inner(length(min = 1, max = 32)))]
+    pub to_regions: Vec<String>,
+}
+
+/// What the operator observed of a Region.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionStatus {
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`, each with a reason and a message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Gateway pods that are ready.
+    #[serde(default)]
+    pub gateways_ready: i32,
+    /// Gateway pods wanted.
+    #[serde(default)]
+    pub gateways_desired: i32,
+    /// Router pods that are ready.
+    #[serde(default)]
+    pub routers_ready: i32,
+    /// Router pods wanted.
+    #[serde(default)]
+    pub routers_desired: i32,
+    /// Ready / wanted gateway pods, for example `3/3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateways: Option<String>,
+    /// Ready / wanted router pods, for example `2/2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routers: Option<String>,
+    /// The machine-ID block of this Region, once allocated. Gateway pod `i` uses `start + i`, router pod `j` uses
+    /// `start + maxGateways + j`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id_block: Option<MachineIdBlock>,
+    /// The machine-ID block as a range, for example `0-19`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_ids: Option<String>,
+}

@@ -1,0 +1,583 @@
+//! The `build` stage: turns a [`ValidatedRegion`] and its machine-ID block into the plain Kubernetes objects that
+//! `apply` will server-side apply. It is pure and deterministic: the same input always gives the same objects, so
+//! a no-op reconcile has nothing to write.
+//!
+//! Per Region:
+//! - a ConfigMap with every gateway and router setting, as the `PARLEY_*` environment variables the binaries read;
+//! - the gateways: a StatefulSet (stable ordinals give each pod its machine ID), its headless Service, the client
+//!   Service and a PodDisruptionBudget (maxUnavailable 1);
+//! - the routers: a StatefulSet, its headless Service and a PodDisruptionBudget.
+//!
+//! Every object is owned by the Region (controller ownerReference) and labelled with the cluster, the Region and
+//! the component. Pods run as non-root with a read-only root filesystem. Gateway pods get a preStop delay and a
+//! terminationGracePeriodSeconds that covers the delay plus the whole drain deadline, so SIGTERM's drain is never
+//! cut short by a SIGKILL.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
+    EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler, LocalObjectReference, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, SleepAction, TopologySpreadConstraint, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use parley_crds::chat_cluster::JwtAlgorithm;
+use parley_crds::common::{CredentialsSecret, SecretKeyRef};
+use parley_crds::MachineIdBlock;
+
+use crate::error::Error;
+use crate::machine_ids::block_size;
+use crate::validate::ValidatedRegion;
+
+/// Field manager of every server-side apply.
+pub const FIELD_MANAGER: &str = "parley-operator";
+/// Annotation on pod templates with a hash of the ConfigMap data, so a settings change rolls the pods.
+pub const CONFIG_HASH_ANNOTATION: &str = "parley.dev/config-hash";
+/// Label with the ChatCluster name.
+pub const CLUSTER_LABEL: &str = "parley.dev/cluster";
+/// Label with the Region object name.
+pub const REGION_LABEL: &str = "parley.dev/region";
+/// Label with the Region's `spec.regionName`.
+pub const REGION_NAME_LABEL: &str = "parley.dev/region-name";
+/// The standard component label (`gateway` or `router`).
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+/// Label the StatefulSet controller puts on each pod with its ordinal (Kubernetes 1.28+).
+pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
+
+/// UID and GID the containers run as (the conventional "nonroot" user of distroless images).
+const NON_ROOT_ID: i64 = 65532;
+/// Seconds added to the drain deadline for the process to exit after its last connection closed.
+const TERMINATION_MARGIN_SECONDS: i64 = 10;
+/// Where the RS256 public key Secret is mounted.
+const JWT_MOUNT_PATH: &str = "/etc/parley/jwt";
+
+/// Everything built for one Region.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RegionResources {
+    /// Gateway and router settings.
+    pub config_map: ConfigMap,
+    /// The gateways' governing headless Service.
+    pub gateway_headless_service: Service,
+    /// The Service clients connect to.
+    pub gateway_service: Service,
+    /// The gateways.
+    pub gateway_stateful_set: StatefulSet,
+    /// At most one gateway disrupted at a time.
+    pub gateway_disruption_budget: PodDisruptionBudget,
+    /// The routers' governing headless Service.
+    pub router_headless_service: Service,
+    /// The routers.
+    pub router_stateful_set: StatefulSet,
+    /// At most one router disrupted at a time.
+    pub router_disruption_budget: PodDisruptionBudget,
+}
+
+/// The two workloads of a Region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Component {
+    /// WebSocket gateways.
+    Gateway,
+    /// Routers, the per-conversation single writers.
+    Router,
+}
+
+impl Component {
+    /// The component label value and name suffix.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Component::Gateway => "gateway",
+            Component::Router => "router",
+        }
+    }
+}
+
+/// Names of the objects of a Region, derived from the Region's name (at most 40 characters, by CEL rule).
+pub fn object_name(region: &str, component: Component) -> String {
+    format!("{region}-{}", component.as_str())
+}
+
+/// Name of a component's headless Service.
+pub fn headless_service_name(region: &str, component: Component) -> String {
+    format!("{region}-{}-headless", component.as_str())
+}
+
+/// Name of the Region's ConfigMap.
+pub fn config_map_name(region: &str) -> String {
+    format!("{region}-config")
+}
+
+/// The machine IDs of one workload: pod `i` uses `base + i`, for `i < count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MachineIdRange {
+    /// ID of pod 0.
+    pub base: u32,
+    /// IDs reserved for the workload.
+    pub count: u32,
+}
+
+/// Splits a Region's block between its gateways (first, sized for the most gateway pods) and its routers.
+pub fn split_block(
+    validated: &ValidatedRegion,
+    block: MachineIdBlock,
+) -> Result<(MachineIdRange, MachineIdRange), Error> {
+    let needed = block_size(&validated.region.spec);
+    if u32::from(block.size) < needed || block.end() > u32::from(parley_crds::MACHINE_ID_SPACE) {
+        return Err(Error::InvalidMachineIdBlock { region: validated.name.clone(), size: block.size.into(), needed });
+    }
+    let gateways = u32::try_from(validated.region.spec.gateway.max_replicas_bound()).unwrap_or(0);
+    let start = u32::from(block.start);
+    Ok((
+        MachineIdRange { base: start, count: gateways },
+        MachineIdRange { base: start + gateways, count: u32::from(block.size) - gateways },
+    ))
+}
+
+/// Builds every object of a Region. `block` is the Region's machine-ID block, from [`crate::machine_ids::ensure`].
+pub fn build(validated: &ValidatedRegion, block: MachineIdBlock) -> Result<RegionResources, Error> {
+    let (gateway_ids, router_ids) = split_block(validated, block)?;
+    let config_map = config_map(validated);
+    let config_hash = config_hash(config_map.data.as_ref());
+    let gateway = Component::Gateway;
+    let router = Component::Router;
+    Ok(RegionResources {
+        gateway_headless_service: headless_service(validated, gateway),
+        gateway_service: client_service(validated),
+        gateway_stateful_set: stateful_set(validated, gateway, gateway_ids, &config_hash),
+        gateway_disruption_budget: disruption_budget(validated, gateway),
+        router_headless_service: headless_service(validated, router),
+        router_stateful_set: stateful_set(validated, router, router_ids, &config_hash),
+        router_disruption_budget: disruption_budget(validated, router),
+        config_map,
+    })
+}
+
+/// Labels that select a component's pods. They never change for the life of the Region.
+pub fn selector_labels(validated: &ValidatedRegion, component: Component) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (CLUSTER_LABEL.to_owned(), validated.cluster_name.clone()),
+        (REGION_LABEL.to_owned(), validated.name.clone()),
+        (COMPONENT_LABEL.to_owned(), component.as_str().to_owned()),
+    ])
+}
+
+/// Every label of a component's objects and pods.
+pub fn labels(validated: &ValidatedRegion, component: Option<Component>) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "parley".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), validated.cluster_name.clone()),
+        ("app.kubernetes.io/part-of".to_owned(), "parley".to_owned()),
+        ("app.kubernetes.io/managed-by".to_owned(), FIELD_MANAGER.to_owned()),
+        ("app.kubernetes.io/version".to_owned(), validated.cluster.spec.version.clone()),
+        (CLUSTER_LABEL.to_owned(), validated.cluster_name.clone()),
+        (REGION_LABEL.to_owned(), validated.name.clone()),
+        (REGION_NAME_LABEL.to_owned(), validated.region.spec.region_name.clone()),
+    ]);
+    if let Some(component) = component {
+        labels.insert(COMPONENT_LABEL.to_owned(), component.as_str().to_owned());
+    }
+    labels
+}
+
+fn metadata(validated: &ValidatedRegion, name: String, component: Option<Component>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(validated.namespace.clone()),
+        labels: Some(labels(validated, component)),
+        owner_references: Some(vec![validated.owner.clone()]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The settings every pod reads through `envFrom`. Keys are the binaries' environment variables.
+fn config_map(validated: &ValidatedRegion) -> ConfigMap {
+    let spec = &validated.cluster.spec;
+    let region = &validated.region.spec;
+    let gateway = &spec.gateway;
+    let router = &spec.router;
+    let mut data = BTreeMap::new();
+    let mut put = |key: &str, value: String| {
+        data.insert(key.to_owned(), value);
+    };
+    put("PARLEY_CLUSTER", validated.cluster_name.clone());
+    put("PARLEY_REGION", region.region_name.clone());
+    put("PARLEY_LISTEN", format!("0.0.0.0:{}", gateway.port));
+    put("PARLEY_ADMIN_LISTEN", format!("0.0.0.0:{}", gateway.admin_port));
+    put("PARLEY_HEARTBEAT_INTERVAL_MS", gateway.heartbeat_interval_ms.to_string());
+    put("PARLEY_IDLE_TIMEOUT_MS", gateway.idle_timeout_ms.to_string());
+    put("PARLEY_MAX_FRAME_BYTES", gateway.max_frame_bytes.to_string());
+    put("PARLEY_MAX_TEXT_BYTES", gateway.max_text_bytes.to_string());
+    put("PARLEY_SEND_RATE_PER_SEC", gateway.send_rate_per_sec.to_string());
+    put("PARLEY_SEND_BURST", gateway.send_burst.to_string());
+    put("PARLEY_OUTBOUND_QUEUE", gateway.outbound_queue.to_string());
+    put("PARLEY_MAX_IN_FLIGHT", gateway.max_in_flight.to_string());
+    put("PARLEY_MAX_CONNECTIONS", gateway.max_connections.to_string());
+    put("PARLEY_DRAIN_WINDOW_MS", gateway.drain_window_ms.to_string());
+    put("PARLEY_DRAIN_DEADLINE_MS", gateway.drain_deadline_ms.to_string());
+    put("PARLEY_FANOUT_THRESHOLD", spec.fanout_threshold.to_string());
+    put("PARLEY_ACK_TIMEOUT_MS", router.ack_timeout_ms.to_string());
+    put("PARLEY_MAX_RETRANSMITS", router.max_retransmits.to_string());
+    put("PARLEY_MAX_UNACKED", router.max_unacked.to_string());
+    put("PARLEY_MAX_CHANNEL_MEMBERS", router.max_channel_members.to_string());
+    put("PARLEY_RETENTION_DAYS", router.retention_days.to_string());
+    put("PARLEY_SNOWFLAKE_EPOCH_MS", spec.snowflake.epoch_ms.to_string());
+    put("PARLEY_KAFKA_BOOTSTRAP_SERVERS", validated.kafka_bootstrap_servers.clone());
+    put("PARLEY_KAFKA_TOPIC_PREFIX", spec.kafka.topic_prefix.clone());
+    put("PARLEY_KAFKA_TLS", spec.kafka.tls.to_string());
+    put("PARLEY_CASSANDRA_CONTACT_POINTS", spec.cassandra.contact_points.join(","));
+    put("PARLEY_CASSANDRA_KEYSPACE", spec.cassandra.keyspace.clone());
+    put("PARLEY_CASSANDRA_LOCAL_DATACENTER", region.cassandra.datacenter.clone());
+    put("PARLEY_CASSANDRA_REPLICATION_FACTOR", region.cassandra.replication_factor.to_string());
+    put("PARLEY_CASSANDRA_TLS", spec.cassandra.tls.to_string());
+    put("PARLEY_REDIS_URL", validated.redis_url.clone());
+    if spec.auth.jwt_algorithm == JwtAlgorithm::RS256 {
+        put("PARLEY_JWT_RS256_PUBLIC_KEY", format!("{JWT_MOUNT_PATH}/{}", spec.auth.jwt_key_secret.key));
+    }
+    ConfigMap {
+        metadata: metadata(validated, config_map_name(&validated.name), None),
+        data: Some(data),
+        ..ConfigMap::default()
+    }
+}
+
+/// FNV-1a (64 bit) over the sorted ConfigMap data: stable across Rust versions and operator restarts, unlike
+/// `DefaultHasher`, so an unchanged config never rolls the pods.
+pub fn config_hash(data: Option<&BTreeMap<String, String>>) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for (key, value) in data.into_iter().flatten() {
+        for byte in key.bytes().chain([0]).chain(value.bytes()).chain([0]) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{hash:016x}")
+}
+
+fn headless_service(validated: &ValidatedRegion, component: Component) -> Service {
+    Service {
+        metadata: metadata(validated, headless_service_name(&validated.name, component), Some(component)),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".to_owned()),
+            selector: Some(selector_labels(validated, component)),
+            ports: Some(vec![ServicePort {
+                name: Some("admin".to_owned()),
+                port: admin_port(validated, component),
+                target_port: Some(IntOrString::String("admin".to_owned())),
+                protocol: Some("TCP".to_owned()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn client_service(validated: &ValidatedRegion) -> Service {
+    let gateway = &validated.region.spec.gateway;
+    let mut metadata = metadata(validated, object_name(&validated.name, Component::Gateway), Some(Component::Gateway));
+    if !gateway.service_annotations.is_empty() {
+        metadata.annotations = Some(gateway.service_annotations.clone());
+    }
+    Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            type_: Some(gateway.service_type.as_str().to_owned()),
+            selector: Some(selector_labels(validated, Component::Gateway)),
+            ports: Some(vec![ServicePort {
+                name: Some("client".to_owned()),
+                port: validated.cluster.spec.gateway.port,
+                target_port: Some(IntOrString::String("client".to_owned())),
+                protocol: Some("TCP".to_owned()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn disruption_budget(validated: &ValidatedRegion, component: Component) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: metadata(validated, object_name(&validated.name, component), Some(component)),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(validated, component)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+fn admin_port(validated: &ValidatedRegion, component: Component) -> i32 {
+    match component {
+        Component::Gateway => validated.cluster.spec.gateway.admin_port,
+        Component::Router => validated.cluster.spec.router.admin_port,
+    }
+}
+
+/// terminationGracePeriodSeconds of gateway pods: the preStop delay, then the whole drain deadline, then a margin.
+pub fn gateway_termination_grace_seconds(validated: &ValidatedRegion) -> i64 {
+    let gateway = &validated.cluster.spec.gateway;
+    let drain_seconds = (i64::from(gateway.drain_deadline_ms) + 999) / 1000;
+    i64::from(gateway.pre_stop_delay_seconds) + drain_seconds + TERMINATION_MARGIN_SECONDS
+}
+
+fn stateful_set(
+    validated: &ValidatedRegion,
+    component: Component,
+    ids: MachineIdRange,
+    config_hash: &str,
+) -> StatefulSet {
+    let spec = &validated.region.spec;
+    let replicas = match component {
+        Component::Gateway => spec.gateway.desired_replicas(),
+        Component::Router => spec.router.replicas,
+    };
+    StatefulSet {
+        metadata: metadata(validated, object_name(&validated.name, component), Some(component)),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(replicas),
+            service_name: Some(headless_service_name(&validated.name, component)),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(validated, component)),
+                ..LabelSelector::default()
+            },
+            pod_management_policy: Some("Parallel".to_owned()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                ..StatefulSetUpdateStrategy::default()
+            }),
+            template: pod_template(validated, component, ids, config_hash),
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    }
+}
+
+fn pod_template(
+    validated: &ValidatedRegion,
+    component: Component,
+    ids: MachineIdRange,
+    config_hash: &str,
+) -> PodTemplateSpec {
+    let images = &validated.cluster.spec.images;
+    let mut volumes =
+        vec![Volume { name: "tmp".to_owned(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() }];
+    let mut mounts =
+        vec![VolumeMount { name: "tmp".to_owned(), mount_path: "/tmp".to_owned(), ..VolumeMount::default() }];
+    let auth = &validated.cluster.spec.auth;
+    if component == Component::Gateway && auth.jwt_algorithm == JwtAlgorithm::RS256 {
+        volumes.push(Volume {
+            name: "jwt".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(auth.jwt_key_secret.name.clone()),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "jwt".to_owned(),
+            mount_path: JWT_MOUNT_PATH.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    let (image, resources) = match component {
+        Component::Gateway => (&images.gateway, validated.region.spec.gateway.resources.clone()),
+        Component::Router => (&images.router, validated.region.spec.router.resources.clone()),
+    };
+    let admin_port = admin_port(validated, component);
+    let mut ports = vec![ContainerPort {
+        name: Some("admin".to_owned()),
+        container_port: admin_port,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    }];
+    let (probe_port, lifecycle, grace) = match component {
+        Component::Gateway => {
+            ports.insert(
+                0,
+                ContainerPort {
+                    name: Some("client".to_owned()),
+                    container_port: validated.cluster.spec.gateway.port,
+                    protocol: Some("TCP".to_owned()),
+                    ..ContainerPort::default()
+                },
+            );
+            let delay = i64::from(validated.cluster.spec.gateway.pre_stop_delay_seconds);
+            let lifecycle = (delay > 0).then(|| Lifecycle {
+                pre_stop: Some(LifecycleHandler {
+                    sleep: Some(SleepAction { seconds: delay }),
+                    ..LifecycleHandler::default()
+                }),
+                ..Lifecycle::default()
+            });
+            ("client", lifecycle, gateway_termination_grace_seconds(validated))
+        }
+        Component::Router => ("admin", None, 30),
+    };
+    let mut annotations = BTreeMap::from([(CONFIG_HASH_ANNOTATION.to_owned(), config_hash.to_owned())]);
+    annotations.insert("kubectl.kubernetes.io/default-container".to_owned(), component.as_str().to_owned());
+    let container = Container {
+        name: component.as_str().to_owned(),
+        image: Some(format!("{image}:{}", validated.cluster.spec.version)),
+        image_pull_policy: images.pull_policy.map(|policy| policy.as_str().to_owned()),
+        ports: Some(ports),
+        env: Some(env(validated, component, ids)),
+        env_from: Some(vec![EnvFromSource {
+            config_map_ref: Some(ConfigMapEnvSource {
+                name: config_map_name(&validated.name),
+                ..ConfigMapEnvSource::default()
+            }),
+            ..EnvFromSource::default()
+        }]),
+        readiness_probe: Some(http_probe("/readyz", probe_port, 5, 3)),
+        liveness_probe: Some(http_probe("/healthz", probe_port, 10, 6)),
+        lifecycle,
+        resources,
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), ..Capabilities::default() }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    };
+    let pull_secrets = (!images.pull_secrets.is_empty())
+        .then(|| images.pull_secrets.iter().map(|name| LocalObjectReference { name: name.clone() }).collect());
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(validated, Some(component))),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            termination_grace_period_seconds: Some(grace),
+            // The pods never call the Kubernetes API themselves.
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            image_pull_secrets: pull_secrets,
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(NON_ROOT_ID),
+                run_as_group: Some(NON_ROOT_ID),
+                fs_group: Some(NON_ROOT_ID),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".to_owned(),
+                    ..SeccompProfile::default()
+                }),
+                ..PodSecurityContext::default()
+            }),
+            topology_spread_constraints: Some(vec![TopologySpreadConstraint {
+                max_skew: 1,
+                topology_key: "kubernetes.io/hostname".to_owned(),
+                when_unsatisfiable: "ScheduleAnyway".to_owned(),
+                label_selector: Some(LabelSelector {
+                    match_labels: Some(selector_labels(validated, component)),
+                    ..LabelSelector::default()
+                }),
+                ..TopologySpreadConstraint::default()
+            }]),
+            volumes: Some(volumes),
+            ..PodSpec::default()
+        }),
+    }
+}
+
+fn http_probe(path: &str, port: &str, period_seconds: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String(port.to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period_seconds),
+        failure_threshold: Some(failure_threshold),
+        ..Probe::default()
+    }
+}
+
+fn literal(name: &str, value: String) -> EnvVar {
+    EnvVar { name: name.to_owned(), value: Some(value), ..EnvVar::default() }
+}
+
+fn field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: path.to_owned(), ..ObjectFieldSelector::default() }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn secret(name: &str, secret: &str, key: &str, optional: bool) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.to_owned(),
+                key: key.to_owned(),
+                optional: optional.then_some(true),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn secret_ref(name: &str, reference: &SecretKeyRef) -> EnvVar {
+    secret(name, &reference.name, &reference.key, false)
+}
+
+fn credentials(out: &mut Vec<EnvVar>, prefix: &str, credentials: Option<&CredentialsSecret>, username_optional: bool) {
+    if let Some(credentials) = credentials {
+        out.push(secret(
+            &format!("{prefix}_USERNAME"),
+            &credentials.secret_name,
+            &credentials.username_key,
+            username_optional,
+        ));
+        out.push(secret(&format!("{prefix}_PASSWORD"), &credentials.secret_name, &credentials.password_key, false));
+    }
+}
+
+/// Per-pod environment: identity, machine IDs and secrets. Explicit `env` entries take precedence over the
+/// ConfigMap's `envFrom`.
+///
+/// Each pod derives its Snowflake machine ID as `PARLEY_MACHINE_ID_BASE + PARLEY_POD_INDEX`, which is below
+/// `PARLEY_MACHINE_ID_BASE + PARLEY_MACHINE_ID_COUNT`.
+fn env(validated: &ValidatedRegion, component: Component, ids: MachineIdRange) -> Vec<EnvVar> {
+    let spec = &validated.cluster.spec;
+    let mut out = vec![
+        field("PARLEY_POD_NAME", "metadata.name"),
+        field("PARLEY_POD_NAMESPACE", "metadata.namespace"),
+        field("PARLEY_POD_INDEX", &format!("metadata.labels['{POD_INDEX_LABEL}']")),
+        literal("PARLEY_MACHINE_ID_BASE", ids.base.to_string()),
+        literal("PARLEY_MACHINE_ID_COUNT", ids.count.to_string()),
+    ];
+    if component == Component::Router {
+        out.push(literal("PARLEY_ADMIN_LISTEN", format!("0.0.0.0:{}", spec.router.admin_port)));
+    }
+    if component == Component::Gateway && spec.auth.jwt_algorithm == JwtAlgorithm::HS256 {
+        out.push(secret_ref("PARLEY_JWT_HS256_SECRET", &spec.auth.jwt_key_secret));
+    }
+    if let Some(admin) = &spec.auth.admin_token_secret {
+        out.push(secret_ref("PARLEY_ADMIN_TOKEN", admin));
+    }
+    credentials(&mut out, "PARLEY_KAFKA", spec.kafka.credentials.as_ref(), false);
+    credentials(&mut out, "PARLEY_CASSANDRA", spec.cassandra.credentials.as_ref(), false);
+    credentials(&mut out, "PARLEY_REDIS", spec.redis.credentials.as_ref(), true);
+    out
+}

@@ -1,0 +1,63 @@
+//! The Parley operator's core: it turns `ChatCluster` and `Region` resources (crate `parley-crds`) into the
+//! Kubernetes objects that run the platform, and allocates Snowflake machine IDs.
+//!
+//! Each Region is reconciled as a staged pipeline:
+//!
+//! ```text
+//! dereference → validate → build → apply → update_status
+//! ```
+//!
+//! - `dereference` (needs a client; not in this crate yet) reads the Region, its ChatCluster and the other
+//!   Regions into a [`validate::Dereferenced`].
+//! - [`validate`] (pure) checks the rules that span objects and CEL cannot express, such as two Regions with one
+//!   region name ([`Error::DuplicateRegion`]). An invalid Region is not applied at all.
+//! - [`machine_ids`] (pure) gives the Region its block of the ChatCluster's 1,024 machine IDs, with quarantine of
+//!   released blocks; the caller persists the allocation in the ChatCluster's status with optimistic concurrency.
+//! - [`build`] (pure) turns the validated Region and its block into plain objects: ConfigMap, StatefulSets,
+//!   Services and PodDisruptionBudgets, all owned by the Region.
+//! - `apply` and `update_status` (need a client; not in this crate yet) server-side apply the objects under the
+//!   field manager [`build::FIELD_MANAGER`], delete orphans and write conditions.
+//!
+//! [`plan`] runs the pure stages in order, so the controller's reconcile only adds the I/O around it.
+
+pub mod build;
+pub mod error;
+pub mod machine_ids;
+pub mod validate;
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use parley_crds::{MachineIdAllocation, MachineIdBlock};
+
+pub use error::Error;
+
+/// The outcome of the pure stages for one Region.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The validated Region.
+    pub validated: validate::ValidatedRegion,
+    /// Its machine-ID block.
+    pub block: MachineIdBlock,
+    /// The ChatCluster's allocation after this Region's block was ensured; persist it before applying.
+    pub allocation: MachineIdAllocation,
+    /// The objects to apply.
+    pub resources: build::RegionResources,
+}
+
+/// Runs validate, machine-ID allocation and build for one Region. `allocation` is the ChatCluster's current
+/// allocation (empty for a new ChatCluster); it is not changed when any stage fails.
+pub fn plan(input: validate::Dereferenced, allocation: &MachineIdAllocation, now: Timestamp) -> Result<Plan, Error> {
+    let validated = validate::validate(input)?;
+    let quarantine_seconds = u64::try_from(validated.cluster.spec.snowflake.machine_id_quarantine_seconds).unwrap_or(0);
+    let mut allocation = allocation.clone();
+    let block = machine_ids::ensure(
+        &mut allocation,
+        &validated.name,
+        machine_ids::block_size(&validated.region.spec),
+        now,
+        Duration::from_secs(quarantine_seconds),
+    )?;
+    let resources = build::build(&validated, block)?;
+    Ok(Plan { validated, block, allocation, resources })
+}

@@ -1,0 +1,327 @@
+//! The build stage, from YAML fixtures: the objects a Region turns into.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{cluster, eu, fixture, us};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::jiff::Timestamp;
+use parley_crds::{ChatCluster, MachineIdAllocation, MachineIdBlock};
+use parley_operator::build::{build, config_hash, RegionResources, CONFIG_HASH_ANNOTATION};
+use parley_operator::validate::{validate, Dereferenced, ValidatedRegion};
+use parley_operator::{machine_ids, plan, Error};
+
+fn validated_eu() -> ValidatedRegion {
+    validate(Dereferenced { region: eu(), cluster: Some(cluster()), regions: vec![eu(), us()] }).expect("valid")
+}
+
+/// eu needs 10 gateway IDs (maxReplicas) + 2 router IDs.
+const EU_BLOCK: MachineIdBlock = MachineIdBlock { start: 100, size: 12 };
+
+fn resources() -> RegionResources {
+    build(&validated_eu(), EU_BLOCK).expect("build")
+}
+
+fn metas(resources: &RegionResources) -> Vec<&ObjectMeta> {
+    vec![
+        &resources.config_map.metadata,
+        &resources.gateway_headless_service.metadata,
+        &resources.gateway_service.metadata,
+        &resources.gateway_stateful_set.metadata,
+        &resources.gateway_disruption_budget.metadata,
+        &resources.router_headless_service.metadata,
+        &resources.router_stateful_set.metadata,
+        &resources.router_disruption_budget.metadata,
+    ]
+}
+
+fn pod_spec(set: &StatefulSet) -> &PodSpec {
+    set.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec")
+}
+
+fn container(set: &StatefulSet) -> &Container {
+    &pod_spec(set).containers[0]
+}
+
+fn env<'a>(container: &'a Container, name: &str) -> &'a EnvVar {
+    container.env.iter().flatten().find(|e| e.name == name).unwrap_or_else(|| panic!("env {name} missing"))
+}
+
+fn literal(container: &Container, name: &str) -> String {
+    env(container, name).value.clone().unwrap_or_else(|| panic!("env {name} is not a literal"))
+}
+
+fn secret_of(container: &Container, name: &str) -> (String, String, Option<bool>) {
+    let selector =
+        env(container, name).value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).expect("secret ref");
+    (selector.name.clone(), selector.key.clone(), selector.optional)
+}
+
+#[test]
+fn every_object_is_named_labelled_and_owned_by_the_region() {
+    let resources = resources();
+    let names: Vec<&str> = metas(&resources).iter().map(|m| m.name.as_deref().expect("name")).collect();
+    assert_eq!(
+        names,
+        [
+            "chat-eu-config",
+            "chat-eu-gateway-headless",
+            "chat-eu-gateway",
+            "chat-eu-gateway",
+            "chat-eu-gateway",
+            "chat-eu-router-headless",
+            "chat-eu-router",
+            "chat-eu-router"
+        ]
+    );
+    for meta in metas(&resources) {
+        assert_eq!(meta.namespace.as_deref(), Some("parley"));
+        let owners = meta.owner_references.as_ref().expect("owners");
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners[0].kind, "Region");
+        assert_eq!(owners[0].name, "chat-eu");
+        assert_eq!(owners[0].uid, "0a9e7d10-0000-4000-8000-0000000000e1");
+        assert_eq!(owners[0].controller, Some(true));
+        let labels = meta.labels.as_ref().expect("labels");
+        assert_eq!(labels["parley.dev/cluster"], "chat");
+        assert_eq!(labels["parley.dev/region"], "chat-eu");
+        assert_eq!(labels["parley.dev/region-name"], "eu");
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "parley-operator");
+        assert_eq!(labels["app.kubernetes.io/version"], "0.1.0");
+    }
+}
+
+#[test]
+fn gateway_stateful_set() {
+    let resources = resources();
+    let set = &resources.gateway_stateful_set;
+    let spec = set.spec.as_ref().expect("spec");
+    assert_eq!(spec.replicas, Some(2), "starts at minReplicas");
+    assert_eq!(spec.service_name.as_deref(), Some("chat-eu-gateway-headless"));
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+    let selector = spec.selector.match_labels.clone().expect("selector");
+    assert_eq!(
+        selector,
+        BTreeMap::from([
+            ("app.kubernetes.io/component".to_owned(), "gateway".to_owned()),
+            ("parley.dev/cluster".to_owned(), "chat".to_owned()),
+            ("parley.dev/region".to_owned(), "chat-eu".to_owned()),
+        ])
+    );
+    let template_labels = spec.template.metadata.as_ref().and_then(|m| m.labels.as_ref()).expect("template labels");
+    for (key, value) in &selector {
+        assert_eq!(template_labels.get(key), Some(value), "pod template carries selector label {key}");
+    }
+    let container = container(set);
+    assert_eq!(container.image.as_deref(), Some("registry.example.com/parley/gateway:0.1.0"));
+    assert_eq!(container.image_pull_policy.as_deref(), Some("IfNotPresent"));
+    let ports: Vec<(Option<&str>, i32)> =
+        container.ports.iter().flatten().map(|p| (p.name.as_deref(), p.container_port)).collect();
+    assert_eq!(ports, [(Some("client"), 8080), (Some("admin"), 9090)]);
+    let readiness = container.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).expect("readiness");
+    assert_eq!(readiness.path.as_deref(), Some("/readyz"));
+    assert_eq!(container.resources.as_ref().and_then(|r| r.requests.as_ref()).map(|r| r["cpu"].0.as_str()), Some("1"));
+    let pull_secrets = pod_spec(set).image_pull_secrets.as_ref().expect("pull secrets");
+    assert_eq!(pull_secrets[0].name, "registry-credentials");
+}
+
+#[test]
+fn gateway_drain_fits_in_the_grace_period() {
+    let resources = resources();
+    let pod = pod_spec(&resources.gateway_stateful_set);
+    let pre_stop = container(&resources.gateway_stateful_set)
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.pre_stop.as_ref())
+        .and_then(|h| h.sleep.as_ref())
+        .expect("preStop sleep");
+    assert_eq!(pre_stop.seconds, 7);
+    // 7 s preStop + 90.5 s drain deadline (rounded up) + 10 s to exit.
+    assert_eq!(pod.termination_grace_period_seconds, Some(108));
+    let grace_ms = pod.termination_grace_period_seconds.expect("grace") * 1000;
+    assert!(grace_ms >= pre_stop.seconds * 1000 + 90_500, "SIGKILL would cut the drain short");
+    // Routers do not drain connections.
+    let router = container(&resources.router_stateful_set);
+    assert!(router.lifecycle.is_none());
+}
+
+#[test]
+fn pods_run_as_non_root_with_a_read_only_root_filesystem() {
+    let resources = resources();
+    for set in [&resources.gateway_stateful_set, &resources.router_stateful_set] {
+        let pod = pod_spec(set);
+        let pod_security = pod.security_context.as_ref().expect("pod security context");
+        assert_eq!(pod_security.run_as_non_root, Some(true));
+        assert_eq!(pod_security.run_as_user, Some(65532));
+        assert_eq!(pod_security.seccomp_profile.as_ref().map(|p| p.type_.as_str()), Some("RuntimeDefault"));
+        let security = container(set).security_context.as_ref().expect("container security context");
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+        assert_eq!(security.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_owned()]));
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let mounts = container(set).volume_mounts.clone().expect("mounts");
+        assert!(mounts.iter().any(|m| m.mount_path == "/tmp"), "a writable /tmp on a read-only root");
+    }
+}
+
+#[test]
+fn each_pod_derives_its_machine_id_from_the_block_and_its_ordinal() {
+    let resources = resources();
+    let gateway = container(&resources.gateway_stateful_set);
+    let router = container(&resources.router_stateful_set);
+    assert_eq!(literal(gateway, "PARLEY_MACHINE_ID_BASE"), "100");
+    assert_eq!(literal(gateway, "PARLEY_MACHINE_ID_COUNT"), "10");
+    assert_eq!(literal(router, "PARLEY_MACHINE_ID_BASE"), "110");
+    assert_eq!(literal(router, "PARLEY_MACHINE_ID_COUNT"), "2");
+    for container in [gateway, router] {
+        let index = env(container, "PARLEY_POD_INDEX").value_from.as_ref().and_then(|v| v.field_ref.as_ref());
+        assert_eq!(index.map(|f| f.field_path.as_str()), Some("metadata.labels['apps.kubernetes.io/pod-index']"));
+    }
+    let too_small = MachineIdBlock { start: 0, size: 11 };
+    let error = build(&validated_eu(), too_small).expect_err("block too small");
+    assert_eq!(error, Error::InvalidMachineIdBlock { region: "chat-eu".into(), size: 11, needed: 12 });
+}
+
+#[test]
+fn config_map_carries_the_settings_and_pods_read_it() {
+    let resources = resources();
+    let data = resources.config_map.data.as_ref().expect("data");
+    for (key, value) in [
+        ("PARLEY_REGION", "eu"),
+        ("PARLEY_CLUSTER", "chat"),
+        ("PARLEY_LISTEN", "0.0.0.0:8080"),
+        ("PARLEY_HEARTBEAT_INTERVAL_MS", "25000"),
+        ("PARLEY_IDLE_TIMEOUT_MS", "75000"),
+        ("PARLEY_DRAIN_WINDOW_MS", "30000"),
+        ("PARLEY_DRAIN_DEADLINE_MS", "90500"),
+        ("PARLEY_MAX_CONNECTIONS", "80000"),
+        ("PARLEY_FANOUT_THRESHOLD", "500"),
+        ("PARLEY_RETENTION_DAYS", "30"),
+        ("PARLEY_SNOWFLAKE_EPOCH_MS", "1735689600000"),
+        ("PARLEY_KAFKA_BOOTSTRAP_SERVERS", "kafka-eu:9093"),
+        ("PARLEY_KAFKA_TOPIC_PREFIX", "chat"),
+        ("PARLEY_CASSANDRA_CONTACT_POINTS", "cassandra-0,cassandra-1"),
+        ("PARLEY_CASSANDRA_KEYSPACE", "chat"),
+        ("PARLEY_CASSANDRA_LOCAL_DATACENTER", "eu-dc"),
+        ("PARLEY_CASSANDRA_REPLICATION_FACTOR", "3"),
+        ("PARLEY_REDIS_URL", "rediss://redis-eu:6380"),
+    ] {
+        assert_eq!(data.get(key).map(String::as_str), Some(value), "{key}");
+    }
+    for set in [&resources.gateway_stateful_set, &resources.router_stateful_set] {
+        let from = container(set).env_from.as_ref().expect("envFrom");
+        assert_eq!(from[0].config_map_ref.as_ref().map(|c| c.name.as_str()), Some("chat-eu-config"));
+        let annotations =
+            set.spec.as_ref().and_then(|s| s.template.metadata.as_ref()).and_then(|m| m.annotations.as_ref());
+        assert_eq!(annotations.map(|a| a[CONFIG_HASH_ANNOTATION].clone()), Some(config_hash(Some(data))));
+    }
+    // The router's admin listener follows the router's settings, overriding the ConfigMap's gateway value.
+    assert_eq!(literal(container(&resources.router_stateful_set), "PARLEY_ADMIN_LISTEN"), "0.0.0.0:9090");
+}
+
+#[test]
+fn secrets_are_referenced_never_copied() {
+    let resources = resources();
+    let gateway = container(&resources.gateway_stateful_set);
+    assert_eq!(secret_of(gateway, "PARLEY_JWT_HS256_SECRET"), ("chat-jwt".into(), "hs256".into(), None));
+    assert_eq!(secret_of(gateway, "PARLEY_ADMIN_TOKEN"), ("chat-admin".into(), "token".into(), None));
+    assert_eq!(secret_of(gateway, "PARLEY_KAFKA_USERNAME"), ("kafka-sasl".into(), "username".into(), None));
+    assert_eq!(secret_of(gateway, "PARLEY_CASSANDRA_USERNAME"), ("cassandra-credentials".into(), "user".into(), None));
+    assert_eq!(
+        secret_of(gateway, "PARLEY_REDIS_USERNAME"),
+        ("redis-credentials".into(), "username".into(), Some(true))
+    );
+    assert_eq!(secret_of(gateway, "PARLEY_REDIS_PASSWORD"), ("redis-credentials".into(), "password".into(), None));
+    let config = serde_json::to_string(&resources.config_map).expect("json");
+    assert!(!config.contains("hs256") && !config.contains("chat-jwt"), "no secret material in the ConfigMap");
+}
+
+#[test]
+fn rs256_key_is_mounted_from_its_secret() {
+    let cluster: ChatCluster = fixture("chatcluster-rs256.yaml");
+    let validated =
+        validate(Dereferenced { region: us(), cluster: Some(cluster), regions: vec![us()] }).expect("valid");
+    let resources = build(&validated, MachineIdBlock { start: 0, size: 4 }).expect("build");
+    let gateway = container(&resources.gateway_stateful_set);
+    assert!(gateway.env.iter().flatten().all(|e| e.name != "PARLEY_JWT_HS256_SECRET"));
+    let data = resources.config_map.data.as_ref().expect("data");
+    assert_eq!(data["PARLEY_JWT_RS256_PUBLIC_KEY"], "/etc/parley/jwt/public.pem");
+    let mount = gateway.volume_mounts.iter().flatten().find(|m| m.name == "jwt").expect("jwt mount");
+    assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/etc/parley/jwt", Some(true)));
+    let volume = pod_spec(&resources.gateway_stateful_set).volumes.iter().flatten().find(|v| v.name == "jwt");
+    assert_eq!(volume.and_then(|v| v.secret.as_ref()).and_then(|s| s.secret_name.as_deref()), Some("chat-jwt"));
+    assert_eq!(container(&resources.gateway_stateful_set).image.as_deref(), Some("parley/gateway:0.2.0"));
+    // us: 3 fixed gateways + 1 router (the default).
+    assert_eq!(literal(gateway, "PARLEY_MACHINE_ID_COUNT"), "3");
+    assert_eq!(literal(container(&resources.router_stateful_set), "PARLEY_MACHINE_ID_BASE"), "3");
+}
+
+#[test]
+fn services_and_disruption_budgets() {
+    let resources = resources();
+    let client = resources.gateway_service.spec.as_ref().expect("spec");
+    assert_eq!(client.type_.as_deref(), Some("LoadBalancer"));
+    let annotations = resources.gateway_service.metadata.annotations.as_ref().expect("annotations");
+    assert_eq!(annotations["service.beta.kubernetes.io/aws-load-balancer-type"], "nlb");
+    let port = &client.ports.as_ref().expect("ports")[0];
+    assert_eq!((port.port, port.target_port.clone()), (8080, Some(IntOrString::String("client".into()))));
+    let gateway_selector = resources.gateway_stateful_set.spec.as_ref().map(|s| s.selector.match_labels.clone());
+    assert_eq!(client.selector.clone(), gateway_selector.clone().flatten());
+    for service in [&resources.gateway_headless_service, &resources.router_headless_service] {
+        assert_eq!(service.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()), Some("None"));
+    }
+    for (budget, set) in [
+        (&resources.gateway_disruption_budget, &resources.gateway_stateful_set),
+        (&resources.router_disruption_budget, &resources.router_stateful_set),
+    ] {
+        let spec = budget.spec.as_ref().expect("pdb spec");
+        assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+        assert_eq!(
+            spec.selector.as_ref().and_then(|s| s.match_labels.clone()),
+            set.spec.as_ref().and_then(|s| s.selector.match_labels.clone())
+        );
+    }
+}
+
+#[test]
+fn build_is_deterministic_and_settings_roll_the_pods() {
+    assert_eq!(resources(), resources());
+    let mut changed = validated_eu();
+    changed.cluster.spec.gateway.heartbeat_interval_ms = 20_000;
+    let after = build(&changed, EU_BLOCK).expect("build");
+    let hash = |r: &RegionResources| {
+        r.gateway_stateful_set
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.clone())
+    };
+    assert_ne!(hash(&after), hash(&resources()));
+    let json = serde_json::to_value(&after.gateway_stateful_set).expect("json");
+    assert_eq!((json["apiVersion"].as_str(), json["kind"].as_str()), (Some("apps/v1"), Some("StatefulSet")));
+}
+
+#[test]
+fn plan_allocates_disjoint_blocks_and_changes_nothing_on_failure() {
+    let now = Timestamp::from_second(1_800_000_000).expect("time");
+    let regions = vec![eu(), us()];
+    let input = |region| Dereferenced { region, cluster: Some(cluster()), regions: regions.clone() };
+    let first = plan(input(eu()), &MachineIdAllocation::default(), now).expect("eu");
+    assert_eq!(first.block, MachineIdBlock { start: 0, size: 12 });
+    let second = plan(input(us()), &first.allocation, now).expect("us");
+    assert_eq!(second.block, MachineIdBlock { start: 12, size: 4 });
+    assert_eq!(machine_ids::allocated(&second.allocation), 16);
+    let again = plan(input(eu()), &second.allocation, now).expect("eu again");
+    assert_eq!(again.allocation, second.allocation, "a no-op reconcile allocates nothing");
+    let duplicate = fixture("region-eu-duplicate.yaml");
+    let mut all = regions.clone();
+    all.push(fixture("region-eu-duplicate.yaml"));
+    let error =
+        plan(Dereferenced { region: duplicate, cluster: Some(cluster()), regions: all }, &second.allocation, now)
+            .expect_err("duplicate");
+    assert_eq!(error.reason(), "DuplicateRegion");
+}
