@@ -125,6 +125,16 @@ pub struct StorageConfig {
     /// Snowflake machine id of this process (0-1023); unique per writer.
     #[arg(long, env = "PARLEY_MACHINE_ID", default_value_t = 0)]
     pub machine_id: u16,
+    /// First machine id of this workload's block (set by the operator); with it the machine id is
+    /// `machine_id_base + pod_index`, and `--machine-id` is ignored.
+    #[arg(long, env = "PARLEY_MACHINE_ID_BASE")]
+    pub machine_id_base: Option<u16>,
+    /// Size of the block starting at `machine_id_base`.
+    #[arg(long, env = "PARLEY_MACHINE_ID_COUNT")]
+    pub machine_id_count: Option<u16>,
+    /// This pod's ordinal in its StatefulSet (set by the operator).
+    #[arg(long, env = "PARLEY_POD_INDEX")]
+    pub pod_index: Option<u16>,
     /// Snowflake epoch in Unix milliseconds. Never change it once messages exist.
     #[arg(long, env = "PARLEY_SNOWFLAKE_EPOCH_MS", default_value_t = parley_core::snowflake::DEFAULT_EPOCH_MS)]
     pub snowflake_epoch_ms: u64,
@@ -163,6 +173,29 @@ pub struct StandaloneArgs {
     pub push: crate::push::PushConfig,
 }
 
+impl StorageConfig {
+    /// The Snowflake machine id of this process: from its block and pod ordinal when the operator assigned a
+    /// block, else `--machine-id`.
+    pub fn effective_machine_id(&self) -> Result<u16, String> {
+        let Some(base) = self.machine_id_base else {
+            return Ok(self.machine_id);
+        };
+        let index = self.pod_index.ok_or("PARLEY_MACHINE_ID_BASE is set but PARLEY_POD_INDEX is not")?;
+        if let Some(count) = self.machine_id_count {
+            if index >= count {
+                return Err(format!(
+                    "pod index {index} is outside the machine-id block of {count} ids starting at {base}"
+                ));
+            }
+        }
+        let id = u32::from(base) + u32::from(index);
+        if id > u32::from(parley_core::snowflake::MAX_MACHINE_ID) {
+            return Err(format!("machine id {id} (block {base} + pod {index}) is above 1023"));
+        }
+        Ok(id as u16)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +204,20 @@ mod tests {
     #[test]
     fn args_are_consistent() {
         StandaloneArgs::command().debug_assert();
+    }
+
+    #[test]
+    fn machine_id_from_block_and_ordinal() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["parley"];
+            args.extend_from_slice(extra);
+            StandaloneArgs::parse_from(args).storage.effective_machine_id()
+        };
+        assert_eq!(parse(&["--machine-id", "7"]), Ok(7));
+        assert_eq!(parse(&["--machine-id-base", "100", "--machine-id-count", "4", "--pod-index", "3"]), Ok(103));
+        assert!(parse(&["--machine-id-base", "100", "--machine-id-count", "4", "--pod-index", "4"]).is_err());
+        assert!(parse(&["--machine-id-base", "1020", "--pod-index", "9"]).is_err());
+        assert!(parse(&["--machine-id-base", "5"]).is_err());
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
     let store = EmbeddedStore::open(&args.storage.data_dir, retention).map_err(GatewayError::Storage)?;
     let pubsub = Arc::new(LocalPubSub::new());
     let router_config = RouterConfig {
-        machine_id: args.storage.machine_id,
+        machine_id: args.storage.effective_machine_id().map_err(GatewayError::Config)?,
         epoch_ms: args.storage.snowflake_epoch_ms,
         max_text_bytes: args.storage.max_text_bytes,
         max_channel_members: args.storage.max_channel_members,
