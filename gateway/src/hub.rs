@@ -84,20 +84,34 @@ impl Hub {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Brings the bus subscription in line with the index.
-    async fn sync_topics(&self) {
+    /// Brings the bus subscription of the given topics in line with the index. Only the topics a change
+    /// touched are examined, so a connect or disconnect costs the same with 10 or 100,000 connections.
+    async fn sync_topics(&self, candidates: Vec<String>) {
+        if candidates.is_empty() {
+            return;
+        }
         let _serial = self.topic_changes.lock().await;
         let (add, remove) = {
             let mut state = self.lock();
-            let wanted: HashSet<String> = state
-                .channels
-                .keys()
-                .map(|channel| channel_topic(channel))
-                .chain(state.users.keys().map(|user| user_topic(user)))
-                .collect();
-            let add: Vec<String> = wanted.difference(&state.topics).cloned().collect();
-            let remove: Vec<String> = state.topics.difference(&wanted).cloned().collect();
-            state.topics = wanted;
+            let mut add = Vec::new();
+            let mut remove = Vec::new();
+            for topic in candidates {
+                let wanted = if let Some(channel) = topic.strip_prefix("ch:") {
+                    state.channels.get(channel).is_some_and(|members| !members.is_empty())
+                } else if let Some(user) = topic.strip_prefix("user:") {
+                    state.users.contains_key(user)
+                } else {
+                    false
+                };
+                let subscribed = state.topics.contains(&topic);
+                if wanted && !subscribed {
+                    state.topics.insert(topic.clone());
+                    add.push(topic);
+                } else if !wanted && subscribed {
+                    state.topics.remove(&topic);
+                    remove.push(topic);
+                }
+            }
             (add, remove)
         };
         if !add.is_empty() {
@@ -115,6 +129,11 @@ impl Hub {
     /// Adds a connection with its channels, and subscribes what it needs. Publications for those channels
     /// reach it from the moment this returns.
     pub async fn register(&self, conn: u64, user: &UserId, sender: Outbound, channels: Vec<String>) {
+        let topics: Vec<String> = channels
+            .iter()
+            .map(|channel| channel_topic(channel))
+            .chain(std::iter::once(user_topic(user.as_str())))
+            .collect();
         {
             let mut state = self.lock();
             for channel in &channels {
@@ -131,11 +150,12 @@ impl Hub {
                 },
             );
         }
-        self.sync_topics().await;
+        self.sync_topics(topics).await;
     }
 
     /// Adds channels to a registered connection (e.g. channels joined while the handshake ran).
     pub async fn add_channels(&self, conn: u64, channels: Vec<String>) {
+        let topics: Vec<String> = channels.iter().map(|channel| channel_topic(channel)).collect();
         {
             let mut state = self.lock();
             let Some(sender) = state.conns.get(&conn).and_then(|entry| entry.sender.clone()) else {
@@ -148,14 +168,17 @@ impl Hub {
                 }
             }
         }
-        self.sync_topics().await;
+        self.sync_topics(topics).await;
     }
 
     /// Removes a connection.
     pub async fn unregister(&self, conn: u64) {
+        let mut topics = Vec::new();
         {
             let mut state = self.lock();
             if let Some(entry) = state.conns.remove(&conn) {
+                topics.extend(entry.channels.iter().map(|channel| channel_topic(channel)));
+                topics.push(user_topic(&entry.user));
                 for channel in &entry.channels {
                     remove_member(&mut state.channels, channel, conn);
                 }
@@ -175,7 +198,7 @@ impl Hub {
                 }
             }
         }
-        self.sync_topics().await;
+        self.sync_topics(topics).await;
     }
 
     /// Starts or stops watching users' presence for a connection. Returns how many users it watches.
@@ -324,7 +347,7 @@ impl Hub {
                 }
             }
         }
-        self.sync_topics().await;
+        self.sync_topics(vec![channel_topic(channel)]).await;
         let (Ok(user_id), Ok(channel_id)) = (UserId::new(user), ChannelId::parse(channel)) else {
             return;
         };
