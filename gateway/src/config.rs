@@ -32,7 +32,7 @@ pub struct GatewayConfig {
     #[arg(long, env = "PARLEY_IDLE_TIMEOUT_MS", default_value_t = 90_000)]
     pub idle_timeout_ms: u64,
     /// Read buffer per WebSocket in bytes (small keeps idle connections cheap).
-    #[arg(long, env = "PARLEY_WS_READ_BUFFER", default_value_t = 4096)]
+    #[arg(long, env = "PARLEY_WS_READ_BUFFER", default_value_t = 1024)]
     pub ws_read_buffer: usize,
     /// Channels with more members than this get no per-member join/leave events (aggregate only).
     #[arg(long, env = "PARLEY_FANOUT_THRESHOLD", default_value_t = 1000)]
@@ -87,7 +87,7 @@ impl Default for GatewayConfig {
             max_in_flight: 64,
             heartbeat_interval_ms: 30_000,
             idle_timeout_ms: 90_000,
-            ws_read_buffer: 4096,
+            ws_read_buffer: 1024,
             fanout_threshold: 1000,
             ack_timeout_ms: 5_000,
             max_retransmits: 3,

@@ -117,8 +117,8 @@ impl Delivery<'_> {
     where
         S: Sink<Message> + Unpin,
     {
-        let Some((channel, seq)) = item.message else {
-            return socket.feed(Message::Text(item.frame)).await.map_err(|_| ());
+        let Some((channel, seq)) = item.0.message.clone() else {
+            return socket.feed(Message::Text(item.0.frame.clone())).await.map_err(|_| ());
         };
         match tracker.admit(&channel, seq) {
             Admit::Duplicate => return Ok(()),
@@ -126,14 +126,15 @@ impl Delivery<'_> {
             Admit::Gap { from, to } => {
                 self.metrics.gaps_filled.inc();
                 // The gap is reported but the stream goes on: the client refetches with history.
-                let _ = self.replay(socket, tracker, &channel, from - 1, Some(to)).await?;
+                // Boxed: gaps are rare, and keeping this future out of line keeps every connection's task small.
+                let _ = Box::pin(self.replay(socket, tracker, &channel, from - 1, Some(to))).await?;
             }
         }
         if tracker.admit(&channel, seq) == Admit::Duplicate {
             return Ok(());
         }
-        socket.feed(Message::Text(item.frame.clone())).await.map_err(|_| ())?;
-        tracker.sent(&channel, seq, item.frame, self.clock.now_ms());
+        socket.feed(Message::Text(item.0.frame.clone())).await.map_err(|_| ())?;
+        tracker.sent(&channel, seq, item.0.frame.clone(), self.clock.now_ms());
         Ok(())
     }
 
@@ -248,6 +249,9 @@ where
         .filter(|view| !first.iter().any(|seen| seen.id == view.id))
         .map(|view| view.id.clone())
         .collect();
+    // Nothing of the handshake may stay alive across the connection's lifetime (it would live in every idle
+    // connection's task).
+    drop(first);
     if !late.is_empty() {
         hub.add_channels(session.conn, late).await;
     }
@@ -269,7 +273,8 @@ where
         },
         channels,
     };
-    if socket.send(text(&ready)).await.is_err() {
+    let ready = text(&ready);
+    if socket.send(ready).await.is_err() {
         hub.unregister(session.conn).await;
         return;
     }
@@ -388,7 +393,7 @@ where
                     ClientFrame::Sync { req_id, channels } => {
                         let mut failed = false;
                         for (channel, have) in channels {
-                            match delivery.replay(&mut socket, &mut tracker, &Arc::from(channel.as_str()), have, None).await {
+                            match Box::pin(delivery.replay(&mut socket, &mut tracker, &Arc::from(channel.as_str()), have, None)).await {
                                 Ok(Ok(())) => {}
                                 Ok(Err(error)) => {
                                     metrics.error(error.code());

@@ -19,12 +19,26 @@ use tracing::{debug, warn};
 
 /// A frame queued to one connection. Messages carry their channel and sequence so the connection can drop
 /// duplicates, fill gaps and track acknowledgements without parsing the frame.
+///
+/// One item is shared (behind an `Arc`) by every connection a publication goes to, so a queue slot is one
+/// pointer: an idle connection's queue stays small and a fan-out copies no frame.
 #[derive(Debug, Clone)]
-pub struct OutboundFrame {
+pub struct OutboundFrame(pub Arc<OutboundItem>);
+
+/// The shared part of an [`OutboundFrame`].
+#[derive(Debug)]
+pub struct OutboundItem {
     /// The encoded frame.
     pub frame: Utf8Bytes,
     /// For a `message` frame: its channel and sequence.
     pub message: Option<(Arc<str>, u64)>,
+}
+
+impl OutboundFrame {
+    /// A frame that is not a message (no ACK tracking).
+    pub fn control(frame: Utf8Bytes) -> Self {
+        Self(Arc::new(OutboundItem { frame, message: None }))
+    }
 }
 
 /// The queue of one connection.
@@ -235,7 +249,7 @@ impl Hub {
         for conn in state.watchers.get(user).into_iter().flatten() {
             if let Some(sender) = state.conns.get(conn).and_then(|entry| entry.sender.as_ref()) {
                 // Presence is advisory: a full queue drops the update rather than the connection.
-                let _ = sender.try_send(OutboundFrame { frame: frame.clone(), message: None });
+                let _ = sender.try_send(OutboundFrame::control(frame.clone()));
             }
         }
     }
@@ -264,7 +278,10 @@ impl Hub {
     pub fn deliver(&self, channel: &str, frame: &Utf8Bytes, seq: Option<u64>) -> usize {
         let mut slow = Vec::new();
         let mut delivered = 0;
-        let item = OutboundFrame { frame: frame.clone(), message: seq.map(|seq| (Arc::from(channel), seq)) };
+        let item = OutboundFrame(Arc::new(OutboundItem {
+            frame: frame.clone(),
+            message: seq.map(|seq| (Arc::from(channel), seq)),
+        }));
         {
             let state = self.lock();
             if let Some(members) = state.channels.get(channel) {
@@ -291,7 +308,7 @@ impl Hub {
             let state = self.lock();
             for conn in state.users.get(user).into_iter().flatten() {
                 if let Some(sender) = state.conns.get(conn).and_then(|entry| entry.sender.as_ref()) {
-                    let item = OutboundFrame { frame: frame.clone(), message: None };
+                    let item = OutboundFrame::control(frame.clone());
                     if let Err(mpsc::error::TrySendError::Full(_)) = sender.try_send(item) {
                         slow.push(*conn);
                     }
