@@ -378,7 +378,11 @@ where
                         if socket.send(text(&ServerFrame::Pong { req_id, ts: unix_ms() })).await.is_err() { break None; }
                     }
                     ClientFrame::Ack { channel, seq } => {
-                        if tracker.ack(&channel, seq) > 0 {
+                        // Receipts only for small channels: a channel with this many members on this instance
+                        // alone is already too large, and the check costs nothing.
+                        if tracker.ack(&channel, seq) > 0
+                            && hub.local_members(&channel) <= parley_router::router::DELIVERY_RECEIPT_MEMBERS as usize
+                        {
                             // Progress: tell the channel (the sender sees "delivered"). Best effort, off the loop.
                             let router = &router;
                             let user = &session.user;

@@ -264,6 +264,11 @@ impl Hub {
         self.presence.get()
     }
 
+    /// How many local connections are in a channel.
+    pub fn local_members(&self, channel: &str) -> usize {
+        self.lock().channels.get(channel).map(HashMap::len).unwrap_or(0)
+    }
+
     /// The fan-out threshold.
     pub fn fanout_threshold(&self) -> u32 {
         self.fanout_threshold
