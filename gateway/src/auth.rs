@@ -154,6 +154,28 @@ mod tests {
     }
 
     #[test]
+    fn rs256_tokens_verify_with_the_public_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let public = dir.path().join("rsa-public.pem");
+        std::fs::write(&public, include_str!("../../push/tests/fixtures/rsa-public.pem")).expect("write key");
+        let config = AuthConfig { jwt_rs256_public_key: Some(public), ..Default::default() };
+        let auth = Authenticator::from_config(&config).expect("auth");
+        let signer = EncodingKey::from_rsa_pem(include_str!("../../push/tests/fixtures/rsa-private.pem").as_bytes())
+            .expect("private key");
+        let claims = Claims { sub: "alice".into(), exp: now() + 60 };
+        let token = encode(&Header::new(Algorithm::RS256), &claims, &signer).expect("token");
+        assert_eq!(auth.verify(&token).expect("valid RS256").user.as_str(), "alice");
+        let expired = encode(&Header::new(Algorithm::RS256), &Claims { sub: "alice".into(), exp: now() - 60 }, &signer)
+            .expect("token");
+        assert!(auth.verify(&expired).is_err());
+        // An HS256 token is refused when only RS256 is configured (no algorithm confusion).
+        let hs = mint_hs256("0123456789abcdef-secret", "alice", now() + 60).expect("token");
+        assert!(auth.verify(&hs).is_err());
+        let missing = AuthConfig { jwt_rs256_public_key: Some(dir.path().join("nope.pem")), ..Default::default() };
+        assert!(matches!(Authenticator::from_config(&missing), Err(GatewayError::Key { .. })));
+    }
+
+    #[test]
     fn needs_some_key_and_a_long_secret() {
         assert!(Authenticator::from_config(&AuthConfig::default()).is_err());
         let short = AuthConfig { jwt_hs256_secret: Some("short".into()), ..Default::default() };
