@@ -122,6 +122,31 @@ impl EmbeddedStore {
             .map_err(|error| BackendError::Task(error.to_string()))?
     }
 
+    /// The second halves of the pair keys of `table` whose first half is `first` (members of a channel, channels
+    /// of a user).
+    async fn second_keys(
+        &self,
+        table: TableDefinition<'static, (&'static str, &'static str), ()>,
+        first: &str,
+    ) -> Result<Vec<String>, BackendError> {
+        let first = first.to_owned();
+        self.blocking(move |database| {
+            let transaction = database.begin_read()?;
+            let table = transaction.open_table(table)?;
+            let mut found = Vec::new();
+            for entry in table.range((first.as_str(), "")..)? {
+                let (key, _) = entry?;
+                let (owner, second) = key.value();
+                if owner != first {
+                    break;
+                }
+                found.push(second.to_owned());
+            }
+            Ok(found)
+        })
+        .await
+    }
+
     /// Deletes messages older than the retention period (whole time buckets) and old idempotency keys.
     pub async fn sweep(&self, now_ms: u64) -> Result<SweepReport, BackendError> {
         let retention = self.retention;
@@ -338,22 +363,7 @@ impl MembershipStore for EmbeddedStore {
     }
 
     async fn members(&self, channel: &str) -> Result<Vec<String>, BackendError> {
-        let channel = channel.to_owned();
-        self.blocking(move |database| {
-            let transaction = database.begin_read()?;
-            let table = transaction.open_table(MEMBERS)?;
-            let mut members = Vec::new();
-            for entry in table.range((channel.as_str(), "")..)? {
-                let (key, _) = entry?;
-                let (member_channel, user) = key.value();
-                if member_channel != channel {
-                    break;
-                }
-                members.push(user.to_owned());
-            }
-            Ok(members)
-        })
-        .await
+        self.second_keys(MEMBERS, channel).await
     }
 
     async fn is_member(&self, channel: &str, user: &str) -> Result<bool, BackendError> {
@@ -367,22 +377,7 @@ impl MembershipStore for EmbeddedStore {
     }
 
     async fn user_channels(&self, user: &str) -> Result<Vec<String>, BackendError> {
-        let user = user.to_owned();
-        self.blocking(move |database| {
-            let transaction = database.begin_read()?;
-            let table = transaction.open_table(USER_CHANNELS)?;
-            let mut channels = Vec::new();
-            for entry in table.range((user.as_str(), "")..)? {
-                let (key, _) = entry?;
-                let (member, channel) = key.value();
-                if member != user {
-                    break;
-                }
-                channels.push(channel.to_owned());
-            }
-            Ok(channels)
-        })
-        .await
+        self.second_keys(USER_CHANNELS, user).await
     }
 
     async fn set_read(&self, user: &str, channel: &str, seq: u64) -> Result<u64, BackendError> {
