@@ -93,6 +93,11 @@ pub trait MessageStore: Send + Sync + 'static {
     async fn history(&self, channel: &str, query: HistoryQuery) -> Result<HistoryPage, BackendError>;
     /// The oldest sequence still retained (1 when nothing expired yet).
     async fn first_retained_seq(&self, channel: &str) -> Result<u64, BackendError>;
+    /// The highest sequence of a channel that this store holds (0 when none). A log driver whose writer takes
+    /// over a channel combines it with the log's own unstored tail.
+    async fn last_stored_seq(&self, channel: &str) -> Result<u64, BackendError>;
+    /// Looks up stored sends by (sender, client message id), for idempotent retries older than the log's tail.
+    async fn find_stored_sends(&self, keys: Vec<(String, String)>) -> Result<Vec<Option<PriorSend>>, BackendError>;
 }
 
 /// Channels and their members.

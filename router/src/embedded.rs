@@ -345,6 +345,15 @@ impl MessageStore for EmbeddedStore {
         })
         .await
     }
+
+    async fn last_stored_seq(&self, channel: &str) -> Result<u64, BackendError> {
+        // The log is this same database.
+        self.last_seq(channel).await
+    }
+
+    async fn find_stored_sends(&self, keys: Vec<(String, String)>) -> Result<Vec<Option<PriorSend>>, BackendError> {
+        self.find_sends(keys).await
+    }
 }
 
 #[async_trait]
