@@ -154,6 +154,30 @@ impl Snowflake {
     }
 }
 
+/// The machine id of a pod: `machine_id` when no block is assigned, else the block's `base` plus the pod's
+/// ordinal `index`, which must lie inside the block (`count` ids) and the 10-bit space.
+pub fn machine_id_from_block(
+    machine_id: u16,
+    base: Option<u16>,
+    count: Option<u16>,
+    index: Option<u16>,
+) -> Result<u16, String> {
+    let Some(base) = base else {
+        return Ok(machine_id);
+    };
+    let index = index.ok_or("PARLEY_MACHINE_ID_BASE is set but PARLEY_POD_INDEX is not")?;
+    if let Some(count) = count {
+        if index >= count {
+            return Err(format!("pod index {index} is outside the machine-id block of {count} ids starting at {base}"));
+        }
+    }
+    let id = u32::from(base) + u32::from(index);
+    if id > u32::from(MAX_MACHINE_ID) {
+        return Err(format!("machine id {id} (block {base} + pod {index}) is above {MAX_MACHINE_ID}"));
+    }
+    Ok(id as u16)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -87,6 +87,14 @@ pub enum RouterError {
     /// The writer task is gone (shutting down).
     #[error("router is shutting down")]
     ShuttingDown,
+    /// A remote router refused or failed the call with this code.
+    #[error("{message}")]
+    Remote {
+        /// The stable code the router gave.
+        code: ErrorCode,
+        /// Its reason.
+        message: String,
+    },
 }
 
 impl RouterError {
@@ -100,6 +108,7 @@ impl RouterError {
             RouterError::ChannelExists(_) => ErrorCode::ChannelExists,
             RouterError::TooManyMembers { .. } => ErrorCode::TooManyMembers,
             RouterError::Unavailable(_) | RouterError::Clock(_) | RouterError::ShuttingDown => ErrorCode::Unavailable,
+            RouterError::Remote { code, .. } => *code,
         }
     }
 }

@@ -11,6 +11,8 @@
 //! - [`redis`] holds the Redis drivers of [`pubsub::PubSub`] and [`presence::PresenceStore`].
 //! - [`router`] is the single writer: a task that takes commands in batches, decides order with
 //!   [`parley_core::sequencer`], writes the batch durably, and only then confirms and publishes.
+//! - [`service`] is the handle callers use ([`Router`]: the in-process writer or a client of a `parley-router`
+//!   process) and the router's internal HTTP API that the `parley-router` binary serves.
 //! - [`error`] is the crate's error type, which maps to the protocol's stable error codes.
 
 pub mod backend;
@@ -20,6 +22,8 @@ pub mod presence;
 pub mod pubsub;
 pub mod redis;
 pub mod router;
+pub mod service;
 
 pub use error::{BackendError, RouterError};
-pub use router::{DurableMessage, Router, RouterConfig};
+pub use router::{DurableMessage, LocalRouter, RouterConfig};
+pub use service::{RemoteRouter, Router};

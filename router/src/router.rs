@@ -103,9 +103,10 @@ enum MembershipCommand {
     OpenDm { user: UserId, channel: ChannelId },
 }
 
-/// Handle to the router; cheap to clone.
+/// Handle to the in-process single writer; cheap to clone. Most code uses it through [`crate::Router`], which
+/// is either this or a client of a remote router process.
 #[derive(Clone)]
-pub struct Router {
+pub struct LocalRouter {
     commands: mpsc::Sender<Command>,
     log: Arc<dyn MessageLog>,
     store: Arc<dyn MessageStore>,
@@ -115,9 +116,9 @@ pub struct Router {
     stats: Arc<RouterStats>,
 }
 
-impl std::fmt::Debug for Router {
+impl std::fmt::Debug for LocalRouter {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("Router").field("config", &self.config).finish_non_exhaustive()
+        formatter.debug_struct("LocalRouter").field("config", &self.config).finish_non_exhaustive()
     }
 }
 
@@ -125,7 +126,7 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
 }
 
-impl Router {
+impl LocalRouter {
     /// Starts the writer task and returns the handle. The task ends when every handle is dropped.
     pub fn start(
         config: RouterConfig,
@@ -133,7 +134,7 @@ impl Router {
         store: Arc<dyn MessageStore>,
         membership: Arc<dyn MembershipStore>,
         pubsub: Arc<dyn PubSub>,
-    ) -> Result<(Router, tokio::task::JoinHandle<()>), RouterError> {
+    ) -> Result<(LocalRouter, tokio::task::JoinHandle<()>), RouterError> {
         Self::start_with_tap(config, log, store, membership, pubsub, None)
     }
 
@@ -146,7 +147,7 @@ impl Router {
         membership: Arc<dyn MembershipStore>,
         pubsub: Arc<dyn PubSub>,
         tap: Option<mpsc::Sender<DurableMessage>>,
-    ) -> Result<(Router, tokio::task::JoinHandle<()>), RouterError> {
+    ) -> Result<(LocalRouter, tokio::task::JoinHandle<()>), RouterError> {
         let snowflake = Snowflake::new(config.machine_id, config.epoch_ms).map_err(RouterError::Clock)?;
         let (commands, queue) = mpsc::channel(config.queue.max(1));
         let stats = Arc::new(RouterStats::default());
@@ -163,7 +164,7 @@ impl Router {
             durable_tap: tap,
         };
         let task = tokio::spawn(writer.run());
-        Ok((Router { commands, log, store, membership, pubsub, config: Arc::new(config), stats }, task))
+        Ok((LocalRouter { commands, log, store, membership, pubsub, config: Arc::new(config), stats }, task))
     }
 
     /// The writer's counters.

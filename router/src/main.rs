@@ -1,0 +1,206 @@
+//! `parley-router`: the router process of the distributed layout. It runs the single writer and serves it to the
+//! gateways over the internal API (`parley_router::service`). Delivery goes through Redis pub/sub, so any number
+//! of gateway processes (`parley --router-url ... --redis-url ...`) share one ordered stream per channel.
+
+use anyhow::Context;
+use clap::Parser;
+use parley_router::embedded::{EmbeddedStore, Retention};
+use parley_router::pubsub::PubSub;
+use parley_router::redis::{RedisConfig, RedisPubSub};
+use parley_router::{Router, RouterConfig};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing_subscriber::EnvFilter;
+
+/// Command line and environment of `parley-router`.
+#[derive(Debug, Parser)]
+#[command(name = "parley-router", version, about = "Parley router: the single writer, served to the gateways")]
+struct Args {
+    /// Address of the internal API the gateways call.
+    #[arg(long, env = "PARLEY_ROUTER_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Address of `/metrics` and `/healthz`.
+    #[arg(long, env = "PARLEY_ROUTER_ADMIN_LISTEN", default_value = "127.0.0.1:9091")]
+    admin_listen: SocketAddr,
+    /// Bearer token the gateways must present (recommended outside a private network).
+    #[arg(long, env = "PARLEY_INTERNAL_TOKEN", hide_env_values = true)]
+    internal_token: Option<String>,
+    /// Redis for pub/sub (`redis://host:port`); required, it is how deliveries reach the gateways.
+    #[arg(long, env = "PARLEY_REDIS_URL")]
+    redis_url: String,
+    /// Prefix of every Redis key and channel (must match the gateways').
+    #[arg(long, env = "PARLEY_REDIS_PREFIX", default_value = "parley:")]
+    redis_prefix: String,
+    /// Data directory of the embedded log and store.
+    #[arg(long, env = "PARLEY_DATA_DIR", default_value = "./parley-router-data")]
+    data_dir: PathBuf,
+    /// Days messages are kept (0 = forever).
+    #[arg(long, env = "PARLEY_RETENTION_DAYS", default_value_t = 365)]
+    retention_days: u64,
+    /// Snowflake machine id (when no block is assigned).
+    #[arg(long, env = "PARLEY_MACHINE_ID", default_value_t = 0)]
+    machine_id: u16,
+    /// First id of the machine-id block the operator assigned.
+    #[arg(long, env = "PARLEY_MACHINE_ID_BASE")]
+    machine_id_base: Option<u16>,
+    /// Size of that block.
+    #[arg(long, env = "PARLEY_MACHINE_ID_COUNT")]
+    machine_id_count: Option<u16>,
+    /// This pod's ordinal in its StatefulSet.
+    #[arg(long, env = "PARLEY_POD_INDEX")]
+    pod_index: Option<u16>,
+    /// Snowflake epoch (Unix ms).
+    #[arg(long, env = "PARLEY_SNOWFLAKE_EPOCH_MS", default_value_t = parley_core::snowflake::DEFAULT_EPOCH_MS)]
+    snowflake_epoch_ms: u64,
+    /// Largest message text in bytes.
+    #[arg(long, env = "PARLEY_MAX_TEXT_BYTES", default_value_t = 4096)]
+    max_text_bytes: usize,
+    /// Largest channel.
+    #[arg(long, env = "PARLEY_MAX_CHANNEL_MEMBERS", default_value_t = 10_000)]
+    max_channel_members: u32,
+    /// Channels above this many members publish no per-member events.
+    #[arg(long, env = "PARLEY_FANOUT_THRESHOLD", default_value_t = 1000)]
+    fanout_threshold: u32,
+    /// Log filter.
+    #[arg(long, env = "PARLEY_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(16)
+        .build()
+        .context("failed to start the tokio runtime")?
+        .block_on(run(Args::parse()))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let machine_id = parley_core::snowflake::machine_id_from_block(
+        args.machine_id,
+        args.machine_id_base,
+        args.machine_id_count,
+        args.pod_index,
+    )
+    .map_err(anyhow::Error::msg)
+    .context("invalid machine id settings")?;
+    let retention = Retention {
+        messages: (args.retention_days > 0).then(|| Duration::from_secs(args.retention_days * 24 * 3600)),
+        ..Retention::default()
+    };
+    let store = EmbeddedStore::open(&args.data_dir, retention)
+        .with_context(|| format!("failed to open the store in {}", args.data_dir.display()))?;
+    let redis = RedisConfig::new(args.redis_url.clone()).with_prefix(args.redis_prefix.clone());
+    let pubsub: Arc<dyn PubSub> = Arc::new(
+        RedisPubSub::connect(redis).await.with_context(|| format!("failed to reach Redis at {}", args.redis_url))?,
+    );
+    let config = RouterConfig {
+        machine_id,
+        epoch_ms: args.snowflake_epoch_ms,
+        max_text_bytes: args.max_text_bytes,
+        max_channel_members: args.max_channel_members,
+        fanout_threshold: args.fanout_threshold,
+        ..RouterConfig::default()
+    };
+    let shared = Arc::new(store.clone());
+    let (router, writer) =
+        Router::start(config, shared.clone(), shared.clone(), shared, pubsub).context("failed to start the writer")?;
+
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("failed to bind {}", args.listen))?;
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("failed to bind {}", args.admin_listen))?;
+    let address = listener.local_addr().context("no local address")?;
+    let admin_address = admin_listener.local_addr().context("no local address")?;
+    tracing::info!(%address, %admin_address, machine_id, data_dir = %args.data_dir.display(), "parley-router listening");
+    println!("parley-router listening on http://{address} (metrics on http://{admin_address}/metrics)");
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let admin = axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .with_state(router.clone());
+    let service = parley_router::service::app(router, args.internal_token.clone());
+    let mut service_stop = stopped.clone();
+    let mut admin_stop = stopped;
+    let serve = axum::serve(listener, service).with_graceful_shutdown(async move {
+        let _ = service_stop.wait_for(|stop| *stop).await;
+    });
+    let serve_admin = axum::serve(admin_listener, admin).with_graceful_shutdown(async move {
+        let _ = admin_stop.wait_for(|stop| *stop).await;
+    });
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal: finishing in-flight calls, then stopping");
+        let _ = stop.send(true);
+    });
+    let (served, admin_served) = tokio::join!(serve, serve_admin);
+    served.context("internal API failed")?;
+    admin_served.context("admin API failed")?;
+    // The servers held the last router handles: the writer drains its queue and ends, closing the store.
+    let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
+    Ok(())
+}
+
+async fn metrics(axum::extract::State(router): axum::extract::State<Router>) -> String {
+    let stats = router.stats();
+    let mut registry = Registry::with_prefix("parley_router");
+    let counters = [
+        ("messages", "Messages made durable", stats.messages.load(Ordering::Relaxed)),
+        ("batches", "Batches written", stats.batches.load(Ordering::Relaxed)),
+        (
+            "write_failures",
+            "Durable writes that failed (nothing confirmed)",
+            stats.write_failures.load(Ordering::Relaxed),
+        ),
+        (
+            "publish_failures",
+            "Publishes that failed (recovered from history)",
+            stats.publish_failures.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, value) in counters {
+        registry.register(name, help, ConstCounter::new(value));
+    }
+    let mut text = String::new();
+    if encode(&mut text, &registry).is_err() {
+        text.clear();
+    }
+    text
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn args_are_consistent() {
+        Args::command().debug_assert();
+    }
+}
