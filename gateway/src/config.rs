@@ -171,28 +171,46 @@ pub struct StandaloneArgs {
     /// Push notifications.
     #[command(flatten)]
     pub push: crate::push::PushConfig,
+    /// Distributed layout (a separate `parley-router` and Redis).
+    #[command(flatten)]
+    pub cluster: ClusterConfig,
+}
+
+/// The distributed layout: when `--router-url` is set this process is a gateway only. Sends and reads go to the
+/// `parley-router` process, and delivery, presence and the user→gateway registry go through Redis, so several
+/// gateway processes serve one chat. Without it, the process is standalone (embedded router and storage).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClusterConfig {
+    /// Base URL of the router's internal API, e.g. `http://127.0.0.1:7070`.
+    #[arg(long, env = "PARLEY_ROUTER_URL")]
+    pub router_url: Option<String>,
+    /// Redis (`redis://host:port`) for pub/sub and presence; required with `--router-url`.
+    #[arg(long, env = "PARLEY_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key and channel (must match the router's).
+    #[arg(long, env = "PARLEY_REDIS_PREFIX", default_value = "parley:")]
+    pub redis_prefix: String,
+    /// Bearer token for the router's internal API.
+    #[arg(long, env = "PARLEY_INTERNAL_TOKEN", hide_env_values = true)]
+    pub internal_token: Option<String>,
+    /// Upper bound of one router call.
+    #[arg(long, env = "PARLEY_ROUTER_TIMEOUT_MS", default_value_t = 5_000)]
+    pub router_timeout_ms: u64,
+    /// How long start-up waits for the router to answer before giving up.
+    #[arg(long, env = "PARLEY_ROUTER_CONNECT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub router_connect_timeout_ms: u64,
 }
 
 impl StorageConfig {
     /// The Snowflake machine id of this process: from its block and pod ordinal when the operator assigned a
     /// block, else `--machine-id`.
     pub fn effective_machine_id(&self) -> Result<u16, String> {
-        let Some(base) = self.machine_id_base else {
-            return Ok(self.machine_id);
-        };
-        let index = self.pod_index.ok_or("PARLEY_MACHINE_ID_BASE is set but PARLEY_POD_INDEX is not")?;
-        if let Some(count) = self.machine_id_count {
-            if index >= count {
-                return Err(format!(
-                    "pod index {index} is outside the machine-id block of {count} ids starting at {base}"
-                ));
-            }
-        }
-        let id = u32::from(base) + u32::from(index);
-        if id > u32::from(parley_core::snowflake::MAX_MACHINE_ID) {
-            return Err(format!("machine id {id} (block {base} + pod {index}) is above 1023"));
-        }
-        Ok(id as u16)
+        parley_core::snowflake::machine_id_from_block(
+            self.machine_id,
+            self.machine_id_base,
+            self.machine_id_count,
+            self.pod_index,
+        )
     }
 }
 

@@ -62,12 +62,15 @@ struct HubState {
     watchers: HashMap<String, HashSet<u64>>,
     /// Topics this instance is subscribed to.
     topics: HashSet<String>,
+    /// Topics whose subscription a caller of `sync_topics` wants re-examined (taken in groups; see there).
+    pending_topics: HashSet<String>,
 }
 
 /// The local index and dispatcher.
 pub struct Hub {
     state: Mutex<HubState>,
-    /// Serialises subscription changes so concurrent connects and disconnects never lose a subscription.
+    /// Serialises subscription changes so concurrent connects and disconnects never lose a subscription. Whoever
+    /// holds it applies every change pending at that moment in one call (group commit).
     topic_changes: tokio::sync::Mutex<()>,
     subscription: Arc<dyn Subscription>,
     metrics: Arc<Metrics>,
@@ -104,9 +107,18 @@ impl Hub {
         if candidates.is_empty() {
             return;
         }
+        // Group commit: park the candidates, then whoever holds the serial lock takes every parked candidate and
+        // applies them in one subscribe and one unsubscribe call. A caller whose candidates were taken by an
+        // earlier holder finds nothing to do once it gets the lock, and by then that holder's calls completed.
+        // So a burst of connects (a drain elsewhere, a restart) costs a few round trips to the bus, not one each.
+        self.lock().pending_topics.extend(candidates);
         let _serial = self.topic_changes.lock().await;
         let (add, remove) = {
             let mut state = self.lock();
+            let candidates = std::mem::take(&mut state.pending_topics);
+            if candidates.is_empty() {
+                return;
+            }
             let mut add = Vec::new();
             let mut remove = Vec::new();
             for topic in candidates {

@@ -8,8 +8,10 @@ use crate::http::{admin_app, app, AppState};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use parley_router::embedded::{EmbeddedStore, Retention};
+use parley_router::presence::PresenceStore;
 use parley_router::pubsub::{LocalPubSub, PubSub};
-use parley_router::{Router, RouterConfig};
+use parley_router::redis::{RedisConfig, RedisPresenceStore, RedisPubSub};
+use parley_router::{DurableMessage, RemoteRouter, Router, RouterConfig};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
@@ -32,6 +34,96 @@ pub struct Running {
     pub drainer: Arc<Drainer>,
     /// Completes when the server has stopped.
     pub task: JoinHandle<Result<(), GatewayError>>,
+}
+
+/// What the gateway runs on.
+struct Backends {
+    router: Router,
+    /// The in-process writer task (standalone only).
+    writer: Option<JoinHandle<()>>,
+    pubsub: Arc<dyn PubSub>,
+    /// A shared presence store (distributed), or `None` for this process's own book.
+    presence_store: Option<Arc<dyn PresenceStore>>,
+    /// The embedded store, swept for retention (standalone only).
+    store: Option<EmbeddedStore>,
+    /// Durable messages for push (standalone only).
+    durable: Option<mpsc::Receiver<DurableMessage>>,
+}
+
+/// Standalone: the writer and the storage in this process.
+fn embedded(args: &StandaloneArgs, push: bool) -> Result<Backends, GatewayError> {
+    let retention = Retention {
+        messages: (args.storage.retention_days > 0)
+            .then(|| Duration::from_secs(args.storage.retention_days * 24 * 3600)),
+        ..Retention::default()
+    };
+    let store = EmbeddedStore::open(&args.storage.data_dir, retention).map_err(GatewayError::Storage)?;
+    let pubsub: Arc<dyn PubSub> = Arc::new(LocalPubSub::new());
+    let router_config = RouterConfig {
+        machine_id: args.storage.effective_machine_id().map_err(GatewayError::Config)?,
+        epoch_ms: args.storage.snowflake_epoch_ms,
+        max_text_bytes: args.storage.max_text_bytes,
+        max_channel_members: args.storage.max_channel_members,
+        fanout_threshold: args.gateway.fanout_threshold,
+        ..RouterConfig::default()
+    };
+    let shared = Arc::new(store.clone());
+    let (tap, durable) = mpsc::channel(4_096);
+    let tap = push.then_some(tap);
+    let (router, writer) =
+        Router::start_with_tap(router_config, shared.clone(), shared.clone(), shared, pubsub.clone(), tap)
+            .map_err(GatewayError::Router)?;
+    Ok(Backends {
+        router,
+        writer: Some(writer),
+        pubsub,
+        presence_store: None,
+        store: Some(store),
+        durable: Some(durable),
+    })
+}
+
+/// Distributed: a gateway of a `parley-router` process, with Redis for delivery and presence.
+async fn distributed(args: &StandaloneArgs) -> Result<Backends, GatewayError> {
+    let cluster = &args.cluster;
+    let router_url = cluster.router_url.clone().unwrap_or_default();
+    let redis_url = cluster
+        .redis_url
+        .clone()
+        .ok_or_else(|| GatewayError::Config("--router-url needs --redis-url (PARLEY_REDIS_URL) as well".into()))?;
+    let redis = RedisConfig::new(redis_url.clone()).with_prefix(cluster.redis_prefix.clone());
+    let pubsub: Arc<dyn PubSub> = Arc::new(
+        RedisPubSub::connect(redis.clone())
+            .await
+            .map_err(|error| GatewayError::Config(format!("cannot reach Redis at {redis_url}: {error}")))?,
+    );
+    let presence: Arc<dyn PresenceStore> = Arc::new(
+        RedisPresenceStore::connect(redis)
+            .await
+            .map_err(|error| GatewayError::Config(format!("cannot reach Redis at {redis_url}: {error}")))?,
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(cluster.router_connect_timeout_ms);
+    let timeout = Duration::from_millis(cluster.router_timeout_ms.max(1));
+    let mut delay = Duration::from_millis(100);
+    let remote = loop {
+        match RemoteRouter::connect(&router_url, cluster.internal_token.clone(), timeout).await {
+            Ok(remote) => break remote,
+            Err(error) if tokio::time::Instant::now() + delay < deadline => {
+                warn!(%error, %router_url, "router not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(error) => return Err(GatewayError::Router(error)),
+        }
+    };
+    Ok(Backends {
+        router: Router::from(remote),
+        writer: None,
+        pubsub,
+        presence_store: Some(presence),
+        store: None,
+        durable: None,
+    })
 }
 
 async fn bind(address: SocketAddr) -> Result<TcpListener, GatewayError> {
@@ -74,35 +166,35 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
     if auth.dev_login_enabled() {
         warn!("INSECURE dev login is enabled: anyone can log in as anyone. Never use this in production.");
     }
-    let retention = Retention {
-        messages: (args.storage.retention_days > 0)
-            .then(|| Duration::from_secs(args.storage.retention_days * 24 * 3600)),
-        ..Retention::default()
-    };
-    let store = EmbeddedStore::open(&args.storage.data_dir, retention).map_err(GatewayError::Storage)?;
-    let pubsub = Arc::new(LocalPubSub::new());
-    let router_config = RouterConfig {
-        machine_id: args.storage.effective_machine_id().map_err(GatewayError::Config)?,
-        epoch_ms: args.storage.snowflake_epoch_ms,
-        max_text_bytes: args.storage.max_text_bytes,
-        max_channel_members: args.storage.max_channel_members,
-        fanout_threshold: args.gateway.fanout_threshold,
-        ..RouterConfig::default()
-    };
-    let shared = Arc::new(store.clone());
     let push = crate::push::PushService::from_config(&args.push)?;
-    let (tap, durable) = mpsc::channel(4_096);
-    let tap = push.as_ref().map(|_| tap);
-    let (router, writer) =
-        Router::start_with_tap(router_config, shared.clone(), shared.clone(), shared, pubsub.clone(), tap)
-            .map_err(GatewayError::Router)?;
+    let backends =
+        if args.cluster.router_url.is_some() { distributed(&args).await? } else { embedded(&args, push.is_some())? };
+    let Backends { router, writer, pubsub, presence_store, store, durable } = backends;
+    let push = match (push, durable) {
+        (Some(push), Some(durable)) => Some((push, durable)),
+        (Some(_), None) => {
+            warn!("push notifications are not sent by gateways of the distributed layout yet; push is off");
+            None
+        }
+        (None, _) => None,
+    };
     let metrics = Metrics::new();
     let (sink, publications) = mpsc::channel(65_536);
     let hub = Hub::new(pubsub.open(sink), metrics.clone(), args.gateway.fanout_threshold);
-    crate::presence::Presence::start(&hub);
-    if let Some(push) = &push {
-        tokio::spawn(push.clone().run(hub.clone(), durable));
+    match presence_store {
+        None => {
+            crate::presence::Presence::start(&hub);
+        }
+        Some(store) => {
+            crate::presence::Presence::start_with(&hub, store)
+                .await
+                .map_err(|error| GatewayError::Config(format!("cannot register this gateway in Redis: {error}")))?;
+        }
     }
+    let push = push.map(|(push, durable)| {
+        tokio::spawn(push.clone().run(hub.clone(), durable));
+        push
+    });
     let dispatcher = tokio::spawn(hub.clone().dispatch(router.clone(), publications));
 
     let (shutdown, shutdown_signal) = watch::channel(false);
@@ -128,10 +220,14 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
     let admin_address = admin_listener
         .local_addr()
         .map_err(|source| GatewayError::Serve { address: args.admin_listen.to_string(), source })?;
-    info!(%address, %admin_address, data_dir = %args.storage.data_dir.display(), "parley standalone listening");
+    match &args.cluster.router_url {
+        Some(router_url) => info!(%address, %admin_address, %router_url, "parley gateway listening"),
+        None => {
+            info!(%address, %admin_address, data_dir = %args.storage.data_dir.display(), "parley standalone listening")
+        }
+    }
 
-    let sweeper = {
-        let store = store.clone();
+    let sweeper = store.map(|store| {
         let mut stop = shutdown_signal.clone();
         tokio::spawn(async move {
             let period = Duration::from_secs(600);
@@ -147,7 +243,7 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
                 }
             }
         })
-    };
+    });
 
     let permits = state.permits.clone();
     let max_connections = u32::try_from(args.gateway.max_connections).unwrap_or(u32::MAX);
@@ -169,8 +265,12 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
         // dispatcher holds the last router handle; once it is gone the writer drains its queue and ends.
         dispatcher.abort();
         let _ = dispatcher.await;
-        let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
-        let _ = sweeper.await;
+        if let Some(writer) = writer {
+            let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
+        }
+        if let Some(sweeper) = sweeper {
+            let _ = sweeper.await;
+        }
         client.map_err(|source| GatewayError::Serve { address: address.to_string(), source })?;
         admin.map_err(|source| GatewayError::Serve { address: admin_address.to_string(), source })?;
         Ok(())
