@@ -33,14 +33,14 @@ impl Client {
     /// Returns the handle and the event stream. Must be called inside a Tokio runtime.
     pub async fn connect(config: ClientConfig) -> Result<(Client, mpsc::Receiver<Event>), ClientError> {
         let config = Arc::new(config);
-        let first = open(config.clone(), config.token.clone()).await?;
+        let first = open(config.clone(), config.token.clone(), 0).await?;
         Ok(Self::start(config, Some(first)))
     }
 
     /// Starts the connection task without waiting: every attempt, the first one included, is retried with
     /// backoff. Fails only on an unusable URL. Must be called inside a Tokio runtime.
     pub fn spawn(config: ClientConfig) -> Result<(Client, mpsc::Receiver<Event>), ClientError> {
-        config.endpoint()?;
+        config.endpoints()?;
         Ok(Self::start(Arc::new(config), None))
     }
 

@@ -10,6 +10,10 @@ use std::time::Duration;
 pub struct ClientConfig {
     /// Server address: `ws://host:port` (the path `/v1/ws?v=1` is added), or a full `ws://host:port/v1/ws?v=1`.
     pub url: String,
+    /// Other servers serving the same chat (e.g. every gateway instance when no load balancer sits in front).
+    /// Every reconnect moves on to the next address in `url`, then these, round-robin, so a client of a killed
+    /// or draining instance resumes on another.
+    pub alternate_urls: Vec<String>,
     /// JWT sent as the `token` query parameter.
     pub token: String,
     /// Reconnect delays.
@@ -48,6 +52,7 @@ impl ClientConfig {
     pub fn new(url: impl Into<String>, token: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            alternate_urls: Vec::new(),
             token: token.into(),
             backoff: Backoff::default(),
             ack_delay: Duration::from_millis(50),
@@ -80,7 +85,21 @@ impl ClientConfig {
 
     /// The WebSocket URL without the token, as shown in errors and logs.
     pub fn endpoint(&self) -> Result<String, ClientError> {
-        let url = self.url.trim();
+        Self::endpoint_of(&self.url)
+    }
+
+    /// How many addresses the client rotates through (`url` and the alternates).
+    pub fn endpoint_count(&self) -> usize {
+        1 + self.alternate_urls.len()
+    }
+
+    /// Every address, checked: the first error names the bad one.
+    pub fn endpoints(&self) -> Result<Vec<String>, ClientError> {
+        std::iter::once(&self.url).chain(&self.alternate_urls).map(|url| Self::endpoint_of(url)).collect()
+    }
+
+    fn endpoint_of(url: &str) -> Result<String, ClientError> {
+        let url = url.trim();
         let rest = url
             .strip_prefix("ws://")
             .ok_or(ClientError::InvalidUrl { url: url.to_owned(), reason: "only ws:// is supported" })?;
@@ -97,10 +116,26 @@ impl ClientConfig {
     }
 
     /// The URL to connect to, with `token` as a query parameter.
+    #[cfg(test)]
     pub(crate) fn connect_url(&self, token: &str) -> Result<String, ClientError> {
-        let endpoint = self.endpoint()?;
+        self.connect_url_at(token, 0)
+    }
+
+    /// The URL of address `index` (modulo [`endpoint_count`](Self::endpoint_count)) with the token.
+    pub(crate) fn connect_url_at(&self, token: &str, index: usize) -> Result<String, ClientError> {
+        let endpoint = self.endpoint_at(index)?;
         let separator = if endpoint.contains('?') { '&' } else { '?' };
         Ok(format!("{endpoint}{separator}token={}", percent_encode(token)))
+    }
+}
+
+impl ClientConfig {
+    /// Address `index` (modulo [`endpoint_count`](Self::endpoint_count)) without the token.
+    pub(crate) fn endpoint_at(&self, index: usize) -> Result<String, ClientError> {
+        match index % self.endpoint_count() {
+            0 => self.endpoint(),
+            n => Self::endpoint_of(&self.alternate_urls[n - 1]),
+        }
     }
 }
 
@@ -109,6 +144,7 @@ impl std::fmt::Debug for ClientConfig {
         formatter
             .debug_struct("ClientConfig")
             .field("url", &self.url)
+            .field("alternate_urls", &self.alternate_urls)
             .field("token", &"<redacted>")
             .field("backoff", &self.backoff)
             .field("ack_delay", &self.ack_delay)
@@ -148,6 +184,21 @@ mod tests {
     fn builds_the_v1_url_with_the_token() {
         let config = ClientConfig::new("ws://127.0.0.1:8080", "aa.bb-cc_dd");
         assert_eq!(config.endpoint().ok().as_deref(), Some("ws://127.0.0.1:8080/v1/ws?v=1"));
+        let mut rotating = config.clone();
+        rotating.alternate_urls = vec!["ws://127.0.0.2:8080".into(), "ws://127.0.0.3:1/custom?v=1".into()];
+        assert_eq!(rotating.endpoint_count(), 3);
+        let seen: Vec<String> = (0..4).filter_map(|index| rotating.endpoint_at(index).ok()).collect();
+        assert_eq!(
+            seen,
+            [
+                "ws://127.0.0.1:8080/v1/ws?v=1",
+                "ws://127.0.0.2:8080/v1/ws?v=1",
+                "ws://127.0.0.3:1/custom?v=1",
+                "ws://127.0.0.1:8080/v1/ws?v=1"
+            ]
+        );
+        rotating.alternate_urls.push("http://nope".into());
+        assert!(rotating.endpoints().is_err(), "a bad alternate is refused up front");
         assert_eq!(
             config.connect_url("aa.bb-cc_dd").ok().as_deref(),
             Some("ws://127.0.0.1:8080/v1/ws?v=1&token=aa.bb-cc_dd")

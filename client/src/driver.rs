@@ -121,9 +121,9 @@ enum End {
 const FILL_PAGE: u32 = 200;
 
 /// Opens one connection and waits for `ready`.
-pub(crate) async fn open(config: Arc<ClientConfig>, token: String) -> Result<(Ws, Ready), ClientError> {
-    let endpoint = config.endpoint()?;
-    let url = config.connect_url(&token)?;
+pub(crate) async fn open(config: Arc<ClientConfig>, token: String, index: usize) -> Result<(Ws, Ready), ClientError> {
+    let endpoint = config.endpoint_at(index)?;
+    let url = config.connect_url_at(&token, index)?;
     let settings = WebSocketConfig::default()
         .read_buffer_size(config.read_buffer_bytes.max(256))
         .write_buffer_size(0)
@@ -232,6 +232,8 @@ impl EventQueue {
 pub(crate) struct Driver {
     config: Arc<ClientConfig>,
     token: String,
+    /// The address of the current or last attempt (see [`ClientConfig::alternate_urls`]).
+    endpoint_index: usize,
     commands: mpsc::Receiver<Command>,
     events: EventQueue,
     order: OrderingBuffer,
@@ -284,6 +286,7 @@ impl Driver {
             syncing: None,
             bucket: None,
             connected_at: Instant::now(),
+            endpoint_index: 0,
             token_interval: Duration::from_millis(100),
             send_retry_at: None,
             config,
@@ -328,8 +331,10 @@ impl Driver {
                 self.offline(tokio::time::sleep(delay)).await.ok_or(ClientError::Closed)?;
             }
             wait = true;
+            // Every attempt goes to the next address: a killed or draining instance is left behind at once.
+            self.endpoint_index = self.endpoint_index.wrapping_add(1);
             // Boxed: the handshake's state is large and only lives during the attempt.
-            let attempt = Box::pin(open(self.config.clone(), self.token.clone()));
+            let attempt = Box::pin(open(self.config.clone(), self.token.clone(), self.endpoint_index));
             match self.offline(attempt).await.ok_or(ClientError::Closed)? {
                 Ok(open) => return Ok(open),
                 Err(error) => {

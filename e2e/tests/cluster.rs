@@ -1,0 +1,571 @@
+//! Two gateway processes and a router process (the distributed layout), sharing a real Redis for delivery and
+//! presence. Clients use the workspace's client library (`parley-client`), which resumes on the other gateway.
+//!
+//! - `kill_9_one_gateway_mid_stream`: `kill -9` one gateway while two senders stream into a channel; every
+//!   client ends up with exactly the stored history (zero loss, zero duplicates, same order).
+//! - `drain_one_of_two_gateways_with_1000_clients_under_load`: drain one gateway with 1,000 clients connected
+//!   and a steady send load; every client reconnects to the other within the window, spread over it (the
+//!   histogram is printed), and nothing is lost.
+//!
+//! Needs `PARLEY_REDIS_URL` (`e2e/stack/up.sh --only redis <dir>`, then source `<dir>/stack.env`) and the
+//! `parley` and `parley-router` binaries (`cargo build -p parley-gateway -p parley-router`). Without Redis the
+//! tests fail unless `PARLEY_SKIP_ENGINE_TESTS=1`.
+
+use parley_client::{Client, ClientConfig, Event, HistoryQuery};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+const SECRET: &str = "cluster-test-secret-0123456789abcdef";
+const ADMIN_TOKEN: &str = "cluster-admin-token";
+
+fn redis_url() -> Option<String> {
+    match std::env::var("PARLEY_REDIS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("PARLEY_SKIP_ENGINE_TESTS").is_ok_and(|value| value == "1") => {
+            eprintln!("SKIPPED: cluster test needs Redis (PARLEY_SKIP_ENGINE_TESTS=1)");
+            None
+        }
+        _ => panic!(
+            "PARLEY_REDIS_URL is not set, so the two-gateway tests cannot run: start Redis with \
+             `e2e/stack/up.sh --only redis /tmp/parley-stack` and `set -a; . /tmp/parley-stack/stack.env; set +a`, \
+             or set PARLEY_SKIP_ENGINE_TESTS=1"
+        ),
+    }
+}
+
+/// `target/<profile>/<name>`, next to this test's own directory (`target/<profile>/deps`).
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first with `cargo build -p parley-gateway -p parley-router`",
+        path.display()
+    );
+    path
+}
+
+fn token(user: &str) -> String {
+    #[derive(serde::Serialize)]
+    struct Claims<'a> {
+        sub: &'a str,
+        exp: u64,
+    }
+    let exp =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 3600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &Claims { sub: user, exp },
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("token")
+}
+
+/// A child process and the addresses it printed.
+struct Process {
+    child: Child,
+    address: SocketAddr,
+    admin: SocketAddr,
+}
+
+/// Starts `program` and waits for its "listening on http://A (metrics on http://B/metrics)" line.
+async fn spawn(program: PathBuf, args: &[String]) -> Process {
+    let mut child = Command::new(&program)
+        .args(args)
+        .env("PARLEY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|error| panic!("cannot start {}: {error}", program.display()));
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("listening on http://") {
+                return Some(line);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| panic!("{} did not report its address", program.display()));
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let addresses: Vec<SocketAddr> =
+        line.split("http://").skip(1).filter_map(|part| part.split([' ', '/', ')']).next()?.parse().ok()).collect();
+    assert_eq!(addresses.len(), 2, "unexpected start-up line: {line}");
+    Process { child, address: addresses[0], admin: addresses[1] }
+}
+
+/// A router and its gateways.
+struct Cluster {
+    _dir: tempfile::TempDir,
+    router: Process,
+    gateways: Vec<Process>,
+}
+
+impl Cluster {
+    async fn start(redis_url: &str, gateways: usize) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let prefix = format!("parley-cluster-test:{}:{}:", std::process::id(), rand_suffix());
+        let router = spawn(
+            binary("parley-router"),
+            &[
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--admin-listen".into(),
+                "127.0.0.1:0".into(),
+                "--redis-url".into(),
+                redis_url.into(),
+                "--redis-prefix".into(),
+                prefix.clone(),
+                "--data-dir".into(),
+                dir.path().join("router").display().to_string(),
+                "--internal-token".into(),
+                "internal-secret".into(),
+            ],
+        )
+        .await;
+        let mut started = Vec::new();
+        for n in 0..gateways {
+            started.push(
+                spawn(
+                    binary("parley"),
+                    &[
+                        "--listen".into(),
+                        "127.0.0.1:0".into(),
+                        "--admin-listen".into(),
+                        "127.0.0.1:0".into(),
+                        "--router-url".into(),
+                        format!("http://{}", router.address),
+                        "--internal-token".into(),
+                        "internal-secret".into(),
+                        "--redis-url".into(),
+                        redis_url.into(),
+                        "--redis-prefix".into(),
+                        prefix.clone(),
+                        "--jwt-hs256-secret".into(),
+                        SECRET.into(),
+                        "--admin-token".into(),
+                        ADMIN_TOKEN.into(),
+                        "--data-dir".into(),
+                        dir.path().join(format!("gateway{n}")).display().to_string(),
+                        // Generous limits: the test's senders are paced by the client library anyway.
+                        "--send-rate-per-sec".into(),
+                        "200".into(),
+                        "--send-burst".into(),
+                        "400".into(),
+                    ],
+                )
+                .await,
+            );
+        }
+        Cluster { _dir: dir, router, gateways: started }
+    }
+
+    fn url(&self, gateway: usize) -> String {
+        format!("ws://{}", self.gateways[gateway].address)
+    }
+
+    /// A client on `gateway` that rotates to the others when it reconnects.
+    fn config(&self, gateway: usize, user: &str, lightweight: bool) -> ClientConfig {
+        let mut config = if lightweight {
+            ClientConfig::lightweight(self.url(gateway), token(user))
+        } else {
+            ClientConfig::new(self.url(gateway), token(user))
+        };
+        config.alternate_urls =
+            (1..self.gateways.len()).map(|step| self.url((gateway + step) % self.gateways.len())).collect();
+        config.backoff.base = Duration::from_millis(100);
+        config.backoff.cap = Duration::from_secs(1);
+        config
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
+/// What one client saw.
+#[derive(Debug, Default)]
+struct Seen {
+    /// (channel, seq, id) in arrival order.
+    messages: Vec<(String, u64, u64)>,
+    /// When each connection came up.
+    connected: Vec<Instant>,
+    /// When each connection dropped.
+    disconnected: Vec<Instant>,
+    /// Failed connection attempts.
+    failed: Vec<String>,
+}
+
+/// Collects a client's events until the stream ends.
+fn record(mut events: mpsc::Receiver<Event>) -> Arc<Mutex<Seen>> {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let sink = seen.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            let now = Instant::now();
+            let mut seen = sink.lock().expect("seen lock");
+            match event {
+                Event::Message(message) => seen.messages.push((message.channel, message.seq, message.id)),
+                Event::Connected { .. } => seen.connected.push(now),
+                Event::Disconnected { .. } => seen.disconnected.push(now),
+                Event::ConnectFailed { error, .. } => seen.failed.push(error),
+                Event::Closed { .. } => break,
+                _ => {}
+            }
+        }
+    });
+    seen
+}
+
+/// The whole stored history of a channel, as (seq, id), oldest first.
+async fn stored(client: &Client, channel: &str) -> Vec<(u64, u64)> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = client
+            .history(channel, HistoryQuery { after: Some(after), before: None, limit: Some(200) })
+            .await
+            .expect("history");
+        all.extend(page.messages.iter().map(|message| (message.seq, message.id)));
+        match page.messages.last() {
+            Some(last) if page.has_more => after = last.seq,
+            _ => break,
+        }
+    }
+    all
+}
+
+/// Waits until every client holds `expected[channel]` messages of each of its channels, or the deadline.
+async fn wait_for_all(seen: &[(Arc<Mutex<Seen>>, String)], expected: &HashMap<String, usize>, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let missing = seen
+            .iter()
+            .filter(|(seen, channel)| {
+                let count = seen.lock().expect("seen").messages.iter().filter(|(c, _, _)| c == channel).count();
+                count < expected[channel]
+            })
+            .count();
+        if missing == 0 || Instant::now() > deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Checks that every client received exactly the stored history of its channel; returns (lost, duplicates).
+fn compare(seen: &[(Arc<Mutex<Seen>>, String)], history: &HashMap<String, Vec<(u64, u64)>>) -> (usize, usize) {
+    let mut lost = 0;
+    let mut duplicates = 0;
+    for (index, (seen, channel)) in seen.iter().enumerate() {
+        let seen = seen.lock().expect("seen");
+        let got: Vec<(u64, u64)> =
+            seen.messages.iter().filter(|(c, _, _)| c == channel).map(|(_, seq, id)| (*seq, *id)).collect();
+        let stored = &history[channel];
+        let mut unique = got.clone();
+        unique.dedup();
+        duplicates += got.len() - unique.len();
+        lost += stored.iter().filter(|message| !unique.contains(message)).count();
+        assert_eq!(&got, stored, "client {index} in {channel}: received stream differs from the stored history");
+    }
+    (lost, duplicates)
+}
+
+fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_one_gateway_mid_stream() {
+    let Some(redis_url) = redis_url() else { return };
+    let mut cluster = Cluster::start(&redis_url, 2).await;
+    const RECEIVERS: usize = 40;
+    const PER_SENDER: usize = 150;
+    let channel = "g:killtest".to_owned();
+
+    let (owner, owner_events) = Client::connect(cluster.config(1, "owner", false)).await.expect("owner connects");
+    let _owner_seen = record(owner_events);
+    let members: Vec<String> = (0..RECEIVERS).map(|n| format!("r{n}")).chain(["s0".into(), "s1".into()]).collect();
+    owner.create_channel("killtest", members.clone()).await.expect("channel created");
+
+    // Receivers alternate between the gateways; each rotates to the other when its connection drops.
+    let mut receivers = Vec::new();
+    for n in 0..RECEIVERS {
+        let (client, events) =
+            Client::connect(cluster.config(n % 2, &format!("r{n}"), false)).await.expect("receiver connects");
+        receivers.push((client, record(events), n % 2));
+    }
+    let (s0, s0_events) = Client::connect(cluster.config(0, "s0", false)).await.expect("s0 connects");
+    let (s1, s1_events) = Client::connect(cluster.config(1, "s1", false)).await.expect("s1 connects");
+    let s0_seen = record(s0_events);
+    let s1_seen = record(s1_events);
+
+    let stream = |client: Client, name: &'static str| {
+        let channel = channel.clone();
+        tokio::spawn(async move {
+            let mut receipts = Vec::with_capacity(PER_SENDER);
+            for n in 0..PER_SENDER {
+                let receipt = client
+                    .send_with_id(channel.clone(), format!("{name}-{n}"), format!("{name} message {n}"))
+                    .await
+                    .unwrap_or_else(|error| panic!("{name} send {n} failed: {error}"));
+                receipts.push(receipt);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (client, receipts)
+        })
+    };
+    let first = stream(s0, "s0");
+    let second = stream(s1, "s1");
+
+    // Mid-stream: SIGKILL gateway 0 (no drain, no goodbye).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let killed_at = Instant::now();
+    cluster.gateways[0].child.start_kill().expect("kill -9 gateway 0");
+    let _ = cluster.gateways[0].child.wait().await;
+
+    let (s0, s0_receipts) = tokio::time::timeout(Duration::from_secs(90), first).await.expect("s0 done").expect("s0");
+    let (s1, s1_receipts) = tokio::time::timeout(Duration::from_secs(90), second).await.expect("s1 done").expect("s1");
+    let mut confirmed: Vec<u64> = s0_receipts.iter().chain(&s1_receipts).map(|receipt| receipt.seq).collect();
+    confirmed.sort_unstable();
+    confirmed.dedup();
+    assert_eq!(confirmed.len(), 2 * PER_SENDER, "every send was confirmed exactly once");
+
+    let history = HashMap::from([(channel.clone(), stored(&owner, &channel).await)]);
+    assert_eq!(history[&channel].len(), 2 * PER_SENDER, "the store has every confirmed message exactly once");
+    assert_eq!(
+        history[&channel].iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        (1..=(2 * PER_SENDER) as u64).collect::<Vec<_>>(),
+        "gap-free order"
+    );
+
+    let mut seen: Vec<(Arc<Mutex<Seen>>, String)> =
+        receivers.iter().map(|(_, seen, _)| (seen.clone(), channel.clone())).collect();
+    seen.push((s0_seen.clone(), channel.clone()));
+    seen.push((s1_seen, channel.clone()));
+    let expected = HashMap::from([(channel.clone(), 2 * PER_SENDER)]);
+    wait_for_all(&seen, &expected, Duration::from_secs(30)).await;
+    let (lost, duplicates) = compare(&seen, &history);
+
+    let mut resume_times: Vec<Duration> = receivers
+        .iter()
+        .filter(|(_, _, gateway)| *gateway == 0)
+        .chain(std::iter::once(&(s0.clone(), s0_seen.clone(), 0)))
+        .filter_map(|(_, seen, _)| {
+            let seen = seen.lock().expect("seen");
+            seen.connected.iter().find(|at| **at > killed_at).map(|at| at.duration_since(killed_at))
+        })
+        .collect();
+    resume_times.sort_unstable();
+    let moved = RECEIVERS / 2 + 1;
+    println!(
+        "kill -9 figures: {} of {moved} clients of the killed gateway resumed on the other; resume time p50 {:?}, max {:?}; \
+         {} messages confirmed; lost {lost}; duplicates {duplicates}",
+        resume_times.len(),
+        percentile(&resume_times, 0.5),
+        resume_times.last().copied().unwrap_or_default(),
+        confirmed.len(),
+    );
+    assert_eq!(resume_times.len(), moved, "every client of the killed gateway reconnected to the other one");
+    assert_eq!((lost, duplicates), (0, 0));
+    for (client, _, _) in &receivers {
+        client.close().await;
+    }
+    s0.close().await;
+    s1.close().await;
+    owner.close().await;
+    let _ = cluster.router.child.start_kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_one_of_two_gateways_with_1000_clients_under_load() {
+    let Some(redis_url) = redis_url() else { return };
+    let mut cluster = Cluster::start(&redis_url, 2).await;
+    const CLIENTS: usize = 1_000;
+    const CHANNELS: usize = 10;
+    const WINDOW_MS: u64 = 5_000;
+    let per_channel = CLIENTS / CHANNELS;
+
+    // Ten channels of 100 members, half of each on either gateway. One sender per channel, on gateway 0 (the one
+    // that drains), so the senders move too.
+    let (owner, owner_events) = Client::connect(cluster.config(1, "owner", false)).await.expect("owner connects");
+    let _owner_seen = record(owner_events);
+    let channels: Vec<String> = (0..CHANNELS).map(|c| format!("g:drain{c}")).collect();
+    for (c, channel) in channels.iter().enumerate() {
+        let members: Vec<String> =
+            (0..per_channel).map(|n| format!("u{}", c * per_channel + n)).chain([format!("sender{c}")]).collect();
+        owner.create_channel(channel.trim_start_matches("g:"), members).await.expect("channel created");
+    }
+
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for n in 0..CLIENTS {
+        let gateway = n % 2;
+        let config = cluster.config(gateway, &format!("u{n}"), true);
+        let (client, events) = Client::connect(config).await.expect("client connects");
+        clients.push((client, record(events), gateway, channels[n / per_channel].clone()));
+    }
+    let mut senders = Vec::new();
+    for (c, channel) in channels.iter().enumerate() {
+        let (client, events) =
+            Client::connect(cluster.config(0, &format!("sender{c}"), false)).await.expect("sender connects");
+        senders.push((client, record(events), channel.clone()));
+    }
+
+    // Steady load: every sender sends one message every 250 ms for 12 s (40 msg/s in all, 4,000 deliveries/s).
+    let load_started = Instant::now();
+    let mut load = Vec::new();
+    for (c, (client, _, channel)) in senders.iter().enumerate() {
+        let client = client.clone();
+        let channel = channel.clone();
+        load.push(tokio::spawn(async move {
+            let mut sent = 0usize;
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            while load_started.elapsed() < Duration::from_secs(12) {
+                tick.tick().await;
+                client
+                    .send_with_id(channel.clone(), format!("m{c}-{sent}"), format!("load {c} {sent}"))
+                    .await
+                    .unwrap_or_else(|error| panic!("sender {c} send {sent} failed: {error}"));
+                sent += 1;
+            }
+            sent
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let drain_started = Instant::now();
+    let response = post_json(
+        cluster.gateways[0].admin,
+        "/admin/drain",
+        ADMIN_TOKEN,
+        &format!(r#"{{"window_ms":{WINDOW_MS},"deadline_ms":30000}}"#),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 202"), "drain accepted: {response}");
+
+    let mut sent_per_channel = HashMap::new();
+    for (task, channel) in load.into_iter().zip(&channels) {
+        let sent = tokio::time::timeout(Duration::from_secs(60), task).await.expect("load ends").expect("load task");
+        sent_per_channel.insert(channel.clone(), sent);
+    }
+    // The drained gateway exits by itself once its last connection is gone.
+    let exit = tokio::time::timeout(Duration::from_secs(40), cluster.gateways[0].child.wait()).await;
+    let drained_exit = drain_started.elapsed();
+    assert!(matches!(exit, Ok(Ok(status)) if status.success()), "the drained gateway exits cleanly: {exit:?}");
+
+    let mut history = HashMap::new();
+    for channel in &channels {
+        history.insert(channel.clone(), stored(&owner, channel).await);
+        assert_eq!(history[channel].len(), sent_per_channel[channel], "{channel}: every confirmed send is stored once");
+    }
+    let seen: Vec<(Arc<Mutex<Seen>>, String)> = clients
+        .iter()
+        .map(|(_, seen, _, channel)| (seen.clone(), channel.clone()))
+        .chain(senders.iter().map(|(_, seen, channel)| (seen.clone(), channel.clone())))
+        .collect();
+    let expected: HashMap<String, usize> = history.iter().map(|(channel, all)| (channel.clone(), all.len())).collect();
+    wait_for_all(&seen, &expected, Duration::from_secs(60)).await;
+    let (lost, duplicates) = compare(&seen, &history);
+
+    // When the drained gateway let each of its clients go, and when each was back on the other gateway, from
+    // the drain request.
+    let moved: Vec<Arc<Mutex<Seen>>> = clients
+        .iter()
+        .filter(|(_, _, gateway, _)| *gateway == 0)
+        .map(|(_, seen, _, _)| seen.clone())
+        .chain(senders.iter().map(|(_, seen, _)| seen.clone()))
+        .collect();
+    let after_drain = |pick: fn(&Seen) -> &Vec<Instant>| -> Vec<Duration> {
+        let mut times: Vec<Duration> = moved
+            .iter()
+            .filter_map(|seen| {
+                let seen = seen.lock().expect("seen");
+                pick(&seen).iter().find(|at| **at > drain_started).map(|at| at.duration_since(drain_started))
+            })
+            .collect();
+        times.sort_unstable();
+        times
+    };
+    let told = after_drain(|seen| &seen.disconnected);
+    let reconnects = after_drain(|seen| &seen.connected);
+    let failures: usize = moved.iter().map(|seen| seen.lock().expect("seen").failed.len()).sum();
+    let histogram = |times: &[Duration]| -> (usize, String) {
+        let mut buckets: BTreeMap<u128, usize> = BTreeMap::new();
+        for at in times {
+            *buckets.entry(at.as_millis() / 500).or_default() += 1;
+        }
+        let largest = buckets.values().copied().max().unwrap_or(0);
+        let rows: Vec<String> =
+            buckets.iter().map(|(slot, count)| format!("{}-{} ms: {count}", slot * 500, (slot + 1) * 500)).collect();
+        (largest, rows.join(", "))
+    };
+    let (largest_told, told_rows) = histogram(&told);
+    let (_, reconnect_rows) = histogram(&reconnects);
+    println!(
+        "drain figures: {} clients on the drained gateway (window {WINDOW_MS} ms); let go p50 {:?} p99 {:?}; back \
+         on the other gateway: {} of them, p50 {:?}, p99 {:?}, max {:?} after the drain request; failed attempts \
+         {failures}; drained gateway exited after {drained_exit:?}; messages {}; lost {lost}; duplicates \
+         {duplicates}\nlet-go histogram (500 ms buckets): {told_rows}\nreconnected histogram (500 ms buckets): \
+         {reconnect_rows}",
+        moved.len(),
+        percentile(&told, 0.5),
+        percentile(&told, 0.99),
+        reconnects.len(),
+        percentile(&reconnects, 0.5),
+        percentile(&reconnects, 0.99),
+        reconnects.last().copied().unwrap_or_default(),
+        sent_per_channel.values().sum::<usize>(),
+    );
+    assert_eq!(told.len(), moved.len(), "the drained gateway let every client go");
+    assert_eq!(reconnects.len(), moved.len(), "every client of the drained gateway reconnected to the other one");
+    assert_eq!((lost, duplicates), (0, 0));
+    // The drain spreads the reconnects: clients are let go at uniformly random moments of the window, so no
+    // 500 ms slice holds more than a quarter of them (a storm would put nearly all in the first), and every one
+    // goes within the window.
+    assert!(largest_told * 4 <= moved.len(), "clients are let go spread over the window: {told_rows}");
+    assert!(
+        told.last().is_some_and(|last| *last <= Duration::from_millis(WINDOW_MS + 1_000)),
+        "every client is let go within the window: {told_rows}"
+    );
+    for (client, _, _, _) in &clients {
+        client.close().await;
+    }
+    for (client, _, _) in &senders {
+        client.close().await;
+    }
+    owner.close().await;
+    let _ = cluster.router.child.start_kill();
+    let _ = cluster.gateways[1].child.start_kill();
+}
+
+async fn post_json(address: SocketAddr, path: &str, token: &str, body: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("admin connect");
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("admin write");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("admin read");
+    String::from_utf8_lossy(&response).into_owned()
+}
