@@ -344,7 +344,7 @@ def main():
     got = image_of(docs["digest"])
     c.check("digest: image.digest pins the image", got == f"{repository}@sha256:{'a' * 64}", f"image {got!r}")
 
-    print(f"helm-render: {c.passed} passed, {c.failed} failed")
+    print(f"check_render: {c.passed} passed, {c.failed} failed")
     return 1 if c.failed else 0
 
 

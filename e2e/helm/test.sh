@@ -96,7 +96,7 @@ set +e
   tag="$out/tag.yaml" digest="$out/digest.yaml" | tee "$out/check.log"
 set -e
 summary=$(tail -n1 "$out/check.log")
-if [[ $summary =~ ^helm-render:\ ([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then
+if [[ $summary =~ ^check_render:\ ([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then
   passed=$((passed + BASH_REMATCH[1])); failed=$((failed + BASH_REMATCH[2]))
 else
   not_ok "check_render.py did not finish (last line: $summary)"
