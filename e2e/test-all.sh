@@ -26,6 +26,22 @@ cargo fmt --all -- --check || fail "code is not formatted: run cargo fmt --all"
 step "build"
 cargo build --workspace --all-targets --locked || fail "build"
 
+# --- Helm chart render test (e2e/helm) --- begin ---
+# Builds helm from its Go module (cached under $PARLEY_CACHE/helm), lints and renders charts/parley and checks the
+# output (non-root, read-only root filesystem, least-privilege RBAC, CRDs identical to crds/*.yaml, image tag).
+# A failing render fails the run here; its counts go into the summary's totals.
+step "helm chart render test (e2e/helm/test.sh)"
+set +e
+bash e2e/helm/test.sh 2>&1 | tee "$logs/helm.log"
+helm_status=${PIPESTATUS[0]}
+set -e
+helm_line=$(grep -E '^helm-render: [0-9]+ passed, [0-9]+ failed$' "$logs/helm.log" | tail -n1)
+[[ $helm_status == 0 && -n $helm_line ]] \
+  || fail "helm chart render test (e2e/helm/test.sh): ${helm_line:-no result line}; see the FAIL lines above"
+helm_passed=$(awk '{print $2}' <<<"$helm_line")
+helm_failed=$(awk '{print $4}' <<<"$helm_line")
+# --- Helm chart render test --- end ---
+
 # --- Redis for the driver suite (router/tests/drivers.rs runs every driver test against it) --- begin ---
 # A throwaway Redis on a free loopback port (e2e/stack); PARLEY_REDIS_URL reaches cargo test through stack.env.
 # It is stopped on exit, whatever happens. Without it the Redis driver tests fail (they never pass silently).
@@ -64,5 +80,6 @@ browser_failed=$(grep -Eo '^ℹ fail [0-9]+' "$logs/browser.log" | awk '{s+=$3} 
 [[ $browser_passed -gt 0 ]] || fail "the browser suite ran no test"
 echo "cargo: $passed passed, $failed failed; browser: $browser_passed passed, $browser_failed failed"
 echo "elapsed: $(( $(date +%s) - started ))s"
-echo "total: $(( passed + browser_passed )) passed, $(( failed + browser_failed )) failed"
+echo "helm chart: $helm_passed passed, $helm_failed failed"
+echo "total: $(( passed + browser_passed + helm_passed )) passed, $(( failed + browser_failed + helm_failed )) failed"
 rm -rf "$logs"

@@ -1,0 +1,130 @@
+{{/*
+Names, labels and the operator's RBAC rules, shared by every template.
+*/}}
+
+{{/* Chart name, overridable with nameOverride. */}}
+{{- define "parley.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: <release>-<chart>, or the release name when it already contains the chart name. */}}
+{{- define "parley.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the operator's objects (Deployment, Service, PDB): <fullname>-operator. */}}
+{{- define "parley.operatorName" -}}
+{{- printf "%s-operator" (include "parley.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* chart label value. */}}
+{{- define "parley.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels that select the operator pods; they never change for the life of a release. */}}
+{{- define "parley.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "parley.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/* Labels of every object of the chart. */}}
+{{- define "parley.labels" -}}
+helm.sh/chart: {{ include "parley.chart" . }}
+{{ include "parley.selectorLabels" . }}
+app.kubernetes.io/version: {{ include "parley.imageTag" . | quote }}
+app.kubernetes.io/part-of: parley
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* ServiceAccount name. */}}
+{{- define "parley.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "parley.operatorName" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Image tag: image.tag, or the chart's appVersion when empty. */}}
+{{- define "parley.imageTag" -}}
+{{- default .Chart.AppVersion .Values.image.tag }}
+{{- end }}
+
+{{/* Full image reference: repository@digest when a digest is set, else repository:tag. */}}
+{{- define "parley.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (include "parley.imageTag" .) }}
+{{- end }}
+{{- end }}
+
+{{/* Namespace of the leader-election Lease (default: the release namespace). */}}
+{{- define "parley.leaseNamespace" -}}
+{{- default .Release.Namespace .Values.leaderElection.namespace }}
+{{- end }}
+
+{{/*
+The operator's rules on the namespaces it watches: in a ClusterRole when it watches all namespaces, in a Role
+in the watched namespace otherwise. Least privilege: no wildcards, only the kinds operator/src/build.rs builds
+(StatefulSets, Services, ConfigMaps, PodDisruptionBudgets; no Deployments, no Secrets: pods read Secrets
+through secretKeyRef/volumes, the operator never does). e2e/helm/check_render.py holds the same set and fails
+when the two drift.
+*/}}
+{{- define "parley.operatorRules" -}}
+# ChatClusters and Regions: watched, their finalizers added/removed (patch/update on the object).
+- apiGroups: ["parley.dev"]
+  resources: ["chatclusters", "regions"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+# Conditions, observedGeneration and the machine-ID allocation live in status.
+- apiGroups: ["parley.dev"]
+  resources: ["chatclusters/status", "regions/status"]
+  verbs: ["patch", "update"]
+# Owned objects carry ownerReferences with blockOwnerDeletion, which needs update on the owner's finalizers.
+- apiGroups: ["parley.dev"]
+  resources: ["chatclusters/finalizers", "regions/finalizers"]
+  verbs: ["update"]
+# Per-Region workloads (server-side apply creates through patch, hence create + patch; orphans are deleted).
+- apiGroups: ["apps"]
+  resources: ["statefulsets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["services", "configmaps"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Pods: read for readiness, patched (annotations/conditions) for the drain-aware rollouts of a later issue;
+# the operator never calls pod IPs (decision 6), it coordinates through the API.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "patch"]
+# Events about ChatClusters and Regions (kube-rs' Recorder uses events.k8s.io; core kept for older clients).
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
+
+{{/*
+Leader election, only in the Lease's namespace. get/create/update is what a Lease lock needs; patch is what
+kube-lease-manager (the crate the operator uses) sends to take and renew the Lease.
+*/}}
+{{- define "parley.leaseRules" -}}
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "create", "update", "patch"]
+{{- end }}

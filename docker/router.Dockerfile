@@ -1,0 +1,27 @@
+# syntax=docker/dockerfile:1
+# The Parley router image (binary parley-router, package parley-router).
+#
+# NOT BUILT IN CI: the build and CI machines have no Docker engine, so this file is kept minimal and is checked
+# by review only. Build it from the workspace root (the whole workspace is the build context):
+#   docker build -f docker/router.Dockerfile -t parley/router:0.1.0 .
+
+ARG RUST_VERSION=1.95
+
+FROM rust:${RUST_VERSION}-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p parley-router --bin parley-router \
+ && install -D -m 0755 target/release/parley-router /out/parley-router
+
+# distroless/cc: glibc, libgcc, CA certificates, no shell, user "nonroot" (65532).
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /out/parley-router /usr/local/bin/parley-router
+USER 65532:65532
+# Listen on all interfaces in a container; the operator sets the same variable from router.adminPort.
+ENV PARLEY_ADMIN_LISTEN=0.0.0.0:9090
+# 9090: /metrics, /healthz, /readyz. The router serves no client traffic; it talks to Kafka, Redis and Cassandra.
+EXPOSE 9090
+# Writes nothing but /tmp (an emptyDir in the pod): runs with readOnlyRootFilesystem.
+ENTRYPOINT ["/usr/local/bin/parley-router"]
