@@ -19,9 +19,12 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/parley-router /usr/local/bin/parley-router
 USER 65532:65532
-# Listen on all interfaces in a container; the operator sets the same variable from router.adminPort.
-ENV PARLEY_ADMIN_LISTEN=0.0.0.0:9090
-# 9090: /metrics, /healthz, /readyz. The router serves no client traffic; it talks to Kafka, Redis and Cassandra.
-EXPOSE 9090
-# Writes nothing but /tmp (an emptyDir in the pod): runs with readOnlyRootFilesystem.
+# Listen on all interfaces in a container. 7070: the internal API the gateways call (`--router-url`);
+# 9090: /metrics and /healthz. The router serves no client traffic.
+ENV PARLEY_ROUTER_LISTEN=0.0.0.0:7070 \
+    PARLEY_ROUTER_ADMIN_LISTEN=0.0.0.0:9090 \
+    PARLEY_DATA_DIR=/var/lib/parley-router
+EXPOSE 7070 9090
+# With the embedded log and store it writes only to PARLEY_DATA_DIR: mount a volume there, and the root
+# filesystem can stay read-only.
 ENTRYPOINT ["/usr/local/bin/parley-router"]
