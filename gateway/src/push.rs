@@ -10,8 +10,8 @@ use clap::Args;
 use parley_core::presence::Status;
 use parley_core::ChannelId;
 use parley_push::{
-    ApnsClient, ApnsConfig, DeviceRegistry, FcmClient, FcmConfig, MemoryRegistry, Notifier, NotifierConfig,
-    PushMessage, PushProvider, ServiceAccount,
+    ApnsClient, ApnsConfig, DeviceRegistry, FcmClient, FcmConfig, FileRegistry, Notifier, NotifierConfig, PushMessage,
+    PushProvider, ServiceAccount, DEFAULT_MAX_DEVICES_PER_USER,
 };
 use parley_router::DurableMessage;
 use std::path::PathBuf;
@@ -54,7 +54,7 @@ pub struct PushConfig {
 #[derive(Debug)]
 pub struct PushService {
     /// Device tokens per user.
-    pub registry: Arc<MemoryRegistry>,
+    pub registry: Arc<FileRegistry>,
     notifier: Notifier,
 }
 
@@ -64,7 +64,8 @@ fn config_error(what: &str, error: impl std::fmt::Display) -> GatewayError {
 
 impl PushService {
     /// Builds the providers that are configured; `None` when none is.
-    pub fn from_config(config: &PushConfig) -> Result<Option<Arc<Self>>, GatewayError> {
+    /// Registrations are kept in `data_dir/devices.json`, so they survive restarts.
+    pub fn from_config(config: &PushConfig, data_dir: &std::path::Path) -> Result<Option<Arc<Self>>, GatewayError> {
         let mut providers: Vec<Arc<dyn PushProvider>> = Vec::new();
         if let Some(path) = &config.fcm_service_account {
             let project =
@@ -94,7 +95,10 @@ impl PushService {
         if providers.is_empty() {
             return Ok(None);
         }
-        let registry = Arc::new(MemoryRegistry::new());
+        let registry = Arc::new(
+            FileRegistry::open(data_dir.join("devices.json"), DEFAULT_MAX_DEVICES_PER_USER)
+                .map_err(|error| config_error("device registry", error))?,
+        );
         let notifier =
             Notifier::spawn(registry.clone() as Arc<dyn DeviceRegistry>, providers, NotifierConfig::default());
         Ok(Some(Arc::new(Self { registry, notifier })))

@@ -166,7 +166,7 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
     if auth.dev_login_enabled() {
         warn!("INSECURE dev login is enabled: anyone can log in as anyone. Never use this in production.");
     }
-    let push = crate::push::PushService::from_config(&args.push)?;
+    let push = crate::push::PushService::from_config(&args.push, &args.storage.data_dir)?;
     let backends =
         if args.cluster.router_url.is_some() { distributed(&args).await? } else { embedded(&args, push.is_some())? };
     let Backends { router, writer, pubsub, presence_store, store, durable } = backends;

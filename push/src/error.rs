@@ -117,6 +117,15 @@ pub enum Error {
     #[error("unable to decode the OAuth2 token response")]
     DecodeTokenResponse(#[source] serde_json::Error),
 
+    /// The device registry file could not be read or written.
+    #[error("device registry {path}: {reason}")]
+    Registry {
+        /// The registry file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+
     /// The provider says the device token is invalid or no longer registered; it should be forgotten.
     #[error("{platform} reports the device token as invalid: {reason}")]
     InvalidToken {

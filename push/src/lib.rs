@@ -35,5 +35,5 @@ pub use fcm::{FcmClient, FcmConfig, ServiceAccount};
 pub use notifier::{Notifier, NotifierConfig, PushStats};
 pub use payload::{Notification, PushMessage};
 pub use provider::PushProvider;
-pub use registry::{Device, DeviceRegistry, MemoryRegistry, Platform};
+pub use registry::{Device, DeviceRegistry, FileRegistry, MemoryRegistry, Platform, DEFAULT_MAX_DEVICES_PER_USER};
 pub use transport::{RetryPolicy, Timeouts};

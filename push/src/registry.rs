@@ -1,4 +1,5 @@
-//! Device tokens per user: the [`DeviceRegistry`] trait and its in-memory implementation.
+//! Device tokens per user: the [`DeviceRegistry`] trait, its in-memory implementation, and [`FileRegistry`], which
+//! keeps the same state in a JSON file so registrations survive restarts.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -106,6 +107,19 @@ impl MemoryRegistry {
         MemoryRegistry { max_devices_per_user: max.max(1), state: Mutex::new(State::default()) }
     }
 
+    /// Every user's devices, oldest first (for persistence).
+    fn snapshot(&self) -> Vec<(String, Vec<Device>)> {
+        let state = self.state();
+        let mut users: Vec<(String, Vec<Device>)> = state
+            .by_user
+            .iter()
+            .filter(|(_, devices)| !devices.is_empty())
+            .map(|(u, d)| (u.clone(), d.clone()))
+            .collect();
+        users.sort_by(|left, right| left.0.cmp(&right.0));
+        users
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // The state stays consistent across a panic elsewhere (every update is a few infallible steps).
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -139,9 +153,113 @@ impl DeviceRegistry for MemoryRegistry {
     }
 }
 
+/// A [`MemoryRegistry`] written through to a JSON file after every change (to a temporary file, synced, then
+/// renamed over the old one, so a crash leaves the old or the new state, never a torn one). Meant for one process
+/// (the standalone server); the file holds `[[user, [device, ...]], ...]`.
+#[derive(Debug)]
+pub struct FileRegistry {
+    memory: MemoryRegistry,
+    path: std::path::PathBuf,
+    /// One write at a time, each with the state after every change made so far.
+    writes: tokio::sync::Mutex<()>,
+}
+
+impl FileRegistry {
+    /// Opens the registry at `path`, loading it when the file exists.
+    pub fn open(path: impl Into<std::path::PathBuf>, max_devices_per_user: usize) -> Result<Self, Error> {
+        let path = path.into();
+        let failed = |reason: String| Error::Registry { path: path.display().to_string(), reason };
+        let memory = MemoryRegistry::with_max_devices_per_user(max_devices_per_user);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let users: Vec<(String, Vec<Device>)> =
+                    serde_json::from_slice(&bytes).map_err(|error| failed(format!("cannot parse: {error}")))?;
+                let mut state = memory.state();
+                for (user, devices) in users {
+                    for device in devices {
+                        state.owner.insert(device.clone(), user.clone());
+                        state.by_user.entry(user.clone()).or_default().push(device);
+                    }
+                }
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(failed(format!("cannot read: {error}"))),
+        }
+        Ok(Self { memory, path, writes: tokio::sync::Mutex::new(()) })
+    }
+
+    async fn persist(&self) -> Result<(), Error> {
+        let _one_at_a_time = self.writes.lock().await;
+        let path = self.path.clone();
+        let bytes = serde_json::to_vec(&self.memory.snapshot()).map_err(Error::EncodeBody)?;
+        let failed = |reason: String| Error::Registry { path: path.display().to_string(), reason };
+        let target = path.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let temporary = target.with_extension("tmp");
+            let mut file = std::fs::File::create(&temporary)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, &target)
+        })
+        .await
+        .map_err(|error| failed(format!("write task failed: {error}")))?
+        .map_err(|error| failed(format!("cannot write: {error}")))
+    }
+}
+
+#[async_trait]
+impl DeviceRegistry for FileRegistry {
+    async fn register(&self, user: &str, device: Device) -> Result<(), Error> {
+        self.memory.register(user, device).await?;
+        self.persist().await
+    }
+
+    async fn unregister(&self, platform: Platform, token: &str) -> Result<bool, Error> {
+        let removed = self.memory.unregister(platform, token).await?;
+        if removed {
+            self.persist().await?;
+        }
+        Ok(removed)
+    }
+
+    async fn devices(&self, user: &str) -> Result<Vec<Device>, Error> {
+        self.memory.devices(user).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn file_registry_survives_a_restart() {
+        let dir = std::env::temp_dir().join(format!("parley-push-registry-{}", std::process::id()));
+        let path = dir.join("devices.json");
+        let _ = std::fs::remove_file(&path);
+        {
+            let registry = FileRegistry::open(&path, 2).unwrap();
+            registry.register("alice", Device::new(Platform::Fcm, "f1")).await.unwrap();
+            registry.register("alice", Device::new(Platform::Apns, "a1")).await.unwrap();
+            registry.register("bob", Device::new(Platform::Fcm, "b1")).await.unwrap();
+            assert!(registry.unregister(Platform::Fcm, "b1").await.unwrap());
+        }
+        let reopened = FileRegistry::open(&path, 2).unwrap();
+        assert_eq!(
+            reopened.devices("alice").await.unwrap(),
+            vec![Device::new(Platform::Fcm, "f1"), Device::new(Platform::Apns, "a1")]
+        );
+        assert!(reopened.devices("bob").await.unwrap().is_empty());
+        // Ownership was restored too: the token moves, and the per-user limit still holds.
+        reopened.register("bob", Device::new(Platform::Fcm, "f1")).await.unwrap();
+        assert_eq!(reopened.devices("alice").await.unwrap(), vec![Device::new(Platform::Apns, "a1")]);
+        std::fs::write(&path, b"not json").unwrap();
+        assert!(matches!(FileRegistry::open(&path, 2), Err(Error::Registry { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[tokio::test]
     async fn registers_lists_and_unregisters() {
