@@ -9,6 +9,16 @@ cd "$root"
 export PARLEY_CACHE="${PARLEY_CACHE:-$HOME/.cache/parley}"
 mkdir -p "$PARLEY_CACHE"
 logs="$(mktemp -d "${TMPDIR:-/tmp}/parley-tests.XXXXXX")"
+# Build output lives in the cache too (unless CARGO_TARGET_DIR is set), so a warm run on a fresh clone recompiles
+# only the workspace's own crates, not its few hundred dependencies (kube, rdkafka's librdkafka, scylla, ...).
+# It is wiped when it outgrows PARLEY_TARGET_MAX_GB (default 40), since every clone path adds its own artifacts.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PARLEY_CACHE/target}"
+mkdir -p "$CARGO_TARGET_DIR"
+target_kb=$(du -sk "$CARGO_TARGET_DIR" 2>/dev/null | awk '{print $1}')
+if (( ${target_kb:-0} > ${PARLEY_TARGET_MAX_GB:-40} * 1024 * 1024 )); then
+  echo "the cached build directory $CARGO_TARGET_DIR holds $(( target_kb / 1024 / 1024 )) GB: wiping it"
+  rm -rf "$CARGO_TARGET_DIR" && mkdir -p "$CARGO_TARGET_DIR"
+fi
 started=$(date +%s)
 
 step() { printf '\n=== %s (%ss) ===\n' "$*" "$(( $(date +%s) - started ))"; }
@@ -67,7 +77,7 @@ set -e
 
 step "browser test (headless Chromium)"
 set +e
-PARLEY_BIN="$root/target/debug/parley" bash e2e/browser/run.sh 2>&1 | tee "$logs/browser.log"
+PARLEY_BIN="$CARGO_TARGET_DIR/debug/parley" bash e2e/browser/run.sh 2>&1 | tee "$logs/browser.log"
 browser_status=${PIPESTATUS[0]}
 set -e
 [[ $browser_status == 0 ]] || fail "browser test (see the output above)"
