@@ -53,6 +53,10 @@ const RESYNC: Duration = Duration::from_secs(300);
 const BACKOFF_START: Duration = Duration::from_millis(500);
 /// Longest retry delay after transient errors.
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Retry step after a lost optimistic-concurrency race.
+const CONFLICT_RETRY: Duration = Duration::from_millis(100);
+/// Longest retry delay after lost races.
+const CONFLICT_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Which namespaces the controller watches.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -138,6 +142,10 @@ pub async fn run(
                 Ok(_) => {}
                 // An owned object of a Region that is already gone (its objects are being garbage-collected).
                 Err(error @ kube::runtime::controller::Error::ObjectNotFound(_)) => debug!(%error, "skipped"),
+                // error_policy has logged it.
+                Err(error @ kube::runtime::controller::Error::ReconcilerFailed(..)) => {
+                    debug!(%error, "reconcile failed")
+                }
                 Err(error) => warn!(%error, "reconcile failed"),
             }
         })
@@ -166,7 +174,7 @@ pub async fn reconcile(region: Arc<Region>, context: Arc<Context>) -> Result<Act
         }
     })
     .await
-    .map_err(from_finalizer);
+    .or_else(from_finalizer);
     context.metrics.reconciled(started.elapsed(), result.as_ref().err());
     if result.is_ok() {
         context.failures().remove(&region_key);
@@ -174,13 +182,22 @@ pub async fn reconcile(region: Arc<Region>, context: Arc<Context>) -> Result<Act
     result
 }
 
-fn from_finalizer(error: FinalizerError<Error>) -> Error {
-    match error {
+/// The finalizer helper's errors. Its patches carry a JSON-patch `test` of the finalizer list as it was read, so a
+/// reconcile that started from a cached Region older than the last finalizer change fails the test (HTTP 422): a
+/// lost race like a 409, retried at once. A Region already gone when its finalizer is removed needs nothing more.
+fn from_finalizer(error: FinalizerError<Error>) -> Result<Action, Error> {
+    Err(match error {
         FinalizerError::ApplyFailed(error) | FinalizerError::CleanupFailed(error) => error,
+        FinalizerError::AddFinalizer(kube::Error::Api(status)) if status.code == 422 => {
+            Error::Conflict { object: "the Region's finalizer list".to_owned() }
+        }
+        FinalizerError::RemoveFinalizer(kube::Error::Api(status)) if status.code == 404 => {
+            return Ok(Action::await_change())
+        }
         FinalizerError::AddFinalizer(source) => Error::kube("add the finalizer", source),
         FinalizerError::RemoveFinalizer(source) => Error::kube("remove the finalizer", source),
         other => Error::Finalizer { message: other.to_string() },
-    }
+    })
 }
 
 /// Transient errors requeue with exponential backoff per Region (a lost optimistic-concurrency race retries
@@ -190,14 +207,21 @@ pub fn error_policy(region: Arc<Region>, error: &Error, context: Arc<Context>) -
     let attempts = failures.entry(key(&region)).or_insert(0);
     *attempts = attempts.saturating_add(1);
     let delay = backoff(*attempts, error);
-    warn!(region = %key(&region), %error, attempts = *attempts, ?delay, "reconcile failed, retrying");
+    if matches!(error, Error::Conflict { .. }) {
+        debug!(region = %key(&region), %error, attempts = *attempts, ?delay, "lost a write race, retrying");
+    } else {
+        let cause = std::error::Error::source(error).map(ToString::to_string).unwrap_or_default();
+        warn!(region = %key(&region), %error, %cause, attempts = *attempts, ?delay, "reconcile failed, retrying");
+    }
     Action::requeue(delay)
 }
 
-/// The retry delay after `attempts` consecutive failures.
+/// The retry delay after `attempts` consecutive failures: exponential from 0.5 s to 60 s, except for a lost
+/// optimistic-concurrency race (another Region's reconcile wrote the ChatCluster first), which is normal and
+/// retried after 100 ms more per attempt, at most 2 s.
 pub fn backoff(attempts: u32, error: &Error) -> Duration {
-    if matches!(error, Error::Conflict { .. }) && attempts <= 3 {
-        return Duration::from_millis(100);
+    if matches!(error, Error::Conflict { .. }) {
+        return CONFLICT_RETRY.saturating_mul(attempts.max(1)).min(CONFLICT_RETRY_MAX);
     }
     let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(16));
     BACKOFF_START.saturating_mul(factor).min(BACKOFF_MAX)
@@ -281,12 +305,14 @@ async fn degrade(
     error: Error,
     context: &Context,
 ) -> Result<Action, Error> {
-    warn!(%error, reason = error.reason(), "region cannot be reconciled");
     let namespace = region.namespace().unwrap_or_default();
     let regions: Api<Region> = Api::namespaced(context.client.clone(), &namespace);
     let new_status = status::region_degraded(region, &error, Timestamp::now());
     if write_region_status(&regions, region, new_status.clone(), context).await? {
+        warn!(%error, reason = error.reason(), "region cannot be reconciled");
         publish(context, region, EventType::Warning, error.reason(), error.to_string()).await;
+    } else {
+        debug!(%error, reason = error.reason(), "region still cannot be reconciled");
     }
     if let Some(cluster) = cluster {
         let clusters: Api<ChatCluster> = Api::namespaced(context.client.clone(), &namespace);
@@ -359,9 +385,28 @@ async fn update_cluster_summary(
     let mut regions: Vec<Region> = siblings.iter().filter(|other| other.name_any() != name).cloned().collect();
     regions.push(current);
     let new_status = status::cluster(cluster, &regions, None, Timestamp::now());
-    if cluster.status.as_ref() != Some(&new_status) {
-        write_cluster_status(clusters, cluster, &new_status, context).await?;
+    let old_status = cluster.status.clone().unwrap_or_default();
+    let summary = |status: &ChatClusterStatus| {
+        (status.observed_generation, status.conditions.clone(), status.regions_ready.clone(), status.regions.clone())
+    };
+    if summary(&old_status) == summary(&new_status) {
+        return Ok(());
     }
+    // Only the summary fields, without a precondition: the allocation is never written from a possibly stale
+    // read here, so concurrent Region reconciles need not retry for each other's summaries.
+    let name = cluster.name_any();
+    let object = format!("ChatCluster {}/{name} status", cluster.namespace().unwrap_or_default());
+    let patch = serde_json::json!({ "status": {
+        "observedGeneration": new_status.observed_generation,
+        "conditions": new_status.conditions,
+        "regionsReady": new_status.regions_ready,
+        "regions": new_status.regions,
+    }});
+    clusters
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|source| Error::kube(format!("write {object} summary"), source))?;
+    context.metrics.wrote("status");
     Ok(())
 }
 
@@ -764,6 +809,7 @@ mod tests {
         assert_eq!(error.reason(), "Conflict");
         assert!(!error.is_invalid_spec());
         assert_eq!(backoff(1, &error), Duration::from_millis(100));
+        assert_eq!(backoff(50, &error), Duration::from_secs(2));
         let transient = Error::Finalizer { message: "x".into() };
         assert_eq!(backoff(1, &transient), Duration::from_millis(500));
         assert_eq!(backoff(3, &transient), Duration::from_secs(2));

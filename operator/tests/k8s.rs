@@ -422,6 +422,21 @@ async fn dev_example_reconciles_scales_and_releases_its_ids_and_a_noop_writes_no
     assert_eq!(resource_versions(&client, &ns.name).await, versions, "a restarted operator changed an object");
     assert_eq!(operator.metrics().await.writes(), 0.0, "a restarted operator wrote:\n{}", operator.metrics().await.0);
 
+    // An object labelled with the Region and controlled by it, but no longer built, is deleted as an orphan.
+    let region = get(&regions, "dev-local").await.expect("region");
+    let orphan: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "dev-local-stale", "labels": {"parley.dev/region": "dev-local",
+                     "app.kubernetes.io/managed-by": "parley-operator"},
+                     "ownerReferences": [{"apiVersion": "parley.dev/v1alpha1", "kind": "Region", "name": "dev-local",
+                                          "uid": region.uid().expect("uid"), "controller": true}]},
+        "data": {"old": "setting"}
+    }))
+    .expect("config map");
+    config_maps.create(&PostParams::default(), &orphan).await.expect("create orphan");
+    eventually("orphan deleted", || async { get(&config_maps, "dev-local-stale").await.is_none().then_some(()) }).await;
+    assert_eq!(operator.metrics().await.value("parley_operator_writes_total"), 1.0, "only the orphan's delete");
+    assert!(get(&config_maps, "dev-local-config").await.is_some(), "the desired ConfigMap stays");
+
     // The StatefulSet follows the Region's replicas.
     regions
         .patch("dev-local", &PatchParams::default(), &Patch::Merge(json!({"spec": {"gateway": {"replicas": 3}}})))
@@ -645,4 +660,99 @@ async fn only_the_lease_holder_writes_and_another_replica_takes_over() {
     let holder = get(&leases, "parley-operator").await.and_then(|lease| lease.spec?.holder_identity);
     assert_eq!(holder.as_deref(), Some(follower.identity.as_str()));
     assert_eq!(follower.metrics().await.value("parley_operator_leader"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_machine_ids_degrade_a_region_until_a_quarantined_block_expires() {
+    if !control_plane() {
+        return;
+    }
+    install_crds();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "ids").await;
+    apply_file(&ns.name, "examples/dev-chatcluster.yaml");
+    let clusters: Api<ChatCluster> = Api::namespaced(client.clone(), &ns.name);
+    clusters
+        .patch(
+            "dev",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"snowflake": {"machineIdQuarantineSeconds": 5}}})),
+        )
+        .await
+        .expect("short quarantine");
+    // Two Regions that may each grow to 512 gateways + 1 router: 513 IDs each, and dev-local holds 2 of 1024.
+    let regions: Api<Region> = Api::namespaced(client.clone(), &ns.name);
+    for (name, region_name) in [("big-a", "a"), ("big-b", "b")] {
+        let region: Region = serde_json::from_value(json!({
+            "apiVersion": "parley.dev/v1alpha1", "kind": "Region", "metadata": {"name": name},
+            "spec": {"clusterRef": "dev", "regionName": region_name, "cassandra": {"datacenter": "dc1"},
+                     "gateway": {"minReplicas": 1, "maxReplicas": 512}, "router": {"replicas": 1}}
+        }))
+        .expect("region");
+        regions.create(&PostParams::default(), &region).await.expect("create region");
+    }
+    let _operator = Operator::start(&ns.name, "ids");
+    region_ready(&regions, "dev-local").await;
+    let (winner, loser) = eventually("one big region ready and one exhausted", || async {
+        let a = get(&regions, "big-a").await?;
+        let b = get(&regions, "big-b").await?;
+        let state = |region: &Region| {
+            let conditions = region.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+            (condition(&conditions, "Ready"), condition(&conditions, "Degraded"))
+        };
+        let exhausted =
+            |region: &Region| state(region).1 == Some(("True".to_owned(), "MachineIdsExhausted".to_owned()));
+        let ready = |region: &Region| state(region).0.is_some_and(|ready| ready.0 == "True");
+        if ready(&a) && exhausted(&b) {
+            Some((a, b))
+        } else if ready(&b) && exhausted(&a) {
+            Some((b, a))
+        } else {
+            None
+        }
+    })
+    .await;
+    let loser_name = loser.name_any();
+    let message = loser
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("needs 513 contiguous machine ids"), "{message}");
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    eventually("MachineIdsExhausted Event", || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("MachineIdsExhausted")
+                    && e.regarding.and_then(|r| r.name).as_deref() == Some(loser_name.as_str())
+            })
+            .then_some(())
+    })
+    .await;
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    let theirs =
+        sets.list(&ListParams::default().labels(&format!("parley.dev/region={loser_name}"))).await.expect("list");
+    assert!(theirs.items.is_empty(), "an exhausted Region got objects");
+
+    // The winner goes; its block is quarantined for 5 s, then the other Region gets it.
+    let winner_block = winner.status.as_ref().and_then(|s| s.machine_id_block).expect("block");
+    regions.delete(&winner.name_any(), &DeleteParams::default()).await.expect("delete");
+    let deleted = Instant::now();
+    let cluster = eventually("block quarantined", || async {
+        let cluster = get(&clusters, "dev").await?;
+        let allocation = cluster.status.as_ref()?.machine_id_allocation.clone()?;
+        allocation.quarantined.iter().any(|q| q.block == winner_block).then_some(allocation)
+    })
+    .await;
+    assert!(cluster.blocks.iter().all(|held| !held.block.overlaps(&winner_block)), "quarantined block reused at once");
+    let region = region_ready(&regions, &loser_name).await;
+    assert!(deleted.elapsed() >= Duration::from_secs(4), "the block was reused within its quarantine");
+    let block = region.status.as_ref().and_then(|s| s.machine_id_block).expect("block");
+    assert_eq!(block.size, 513);
 }
