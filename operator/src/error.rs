@@ -132,6 +132,21 @@ pub enum Error {
         /// Name of the Lease.
         lease: String,
     },
+    /// The leader could not confirm a renewal of its Lease before it would expire: it stops so that it never
+    /// writes while another replica may hold the Lease.
+    #[error("lease {lease} could not be renewed in time: stopping so that two replicas never both write")]
+    LeaseExpired {
+        /// Name of the Lease.
+        lease: String,
+    },
+    /// Another replica holds the Lease this replica thought it held.
+    #[error("lease {lease} is held by {holder}: stopping so that two replicas never both write")]
+    LeaseLost {
+        /// Name of the Lease.
+        lease: String,
+        /// Its holder now (empty when none).
+        holder: String,
+    },
     /// The controller's stream ended although nothing asked it to stop.
     #[error("the controller stopped unexpectedly")]
     ControllerEnded,
@@ -158,6 +173,8 @@ impl Error {
                 | Error::Finalizer { .. }
                 | Error::LeaderElection { .. }
                 | Error::LeaseWatchEnded { .. }
+                | Error::LeaseExpired { .. }
+                | Error::LeaseLost { .. }
                 | Error::ControllerEnded
         )
     }
@@ -180,6 +197,8 @@ impl Error {
             Error::Finalizer { .. } => "FinalizerError",
             Error::LeaderElection { .. } => "LeaderElectionError",
             Error::LeaseWatchEnded { .. } => "LeaseWatchEnded",
+            Error::LeaseExpired { .. } => "LeaseExpired",
+            Error::LeaseLost { .. } => "LeaseLost",
             Error::ControllerEnded => "ControllerEnded",
             Error::DuplicateRegion { .. } => "DuplicateRegion",
             Error::ClusterNotFound { .. } => "ClusterNotFound",

@@ -5,12 +5,20 @@
 //! controller at once (every in-flight reconcile is cancelled at its next await) and waits to be elected again.
 //! On shutdown the controller finishes its in-flight reconciles, and the Lease is released so that another
 //! replica takes over without waiting for it to expire.
+//!
+//! The lease manager only reports a loss once it can read the Lease again. So that a leader that cannot renew
+//! (API server slow or unreachable for it) never writes after another replica may have taken over, a watchdog
+//! reads the Lease twice a second while leading and ends the process ([`Error::LeaseExpired`]) shortly before
+//! the last renewal it saw runs out, or at once when another replica holds the Lease. The pod is restarted and
+//! contends again.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::Client;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
+use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -83,6 +91,11 @@ pub async fn run(
                 context.metrics.leader.set(0);
                 return Err(Error::ControllerEnded);
             }
+            error = watchdog(client.clone(), &settings) => {
+                // The controller is dropped with this branch: nothing more is written.
+                context.metrics.leader.set(0);
+                return Err(error);
+            }
             lost = lost(&mut leader) => {
                 // Dropping the controller cancels every reconcile at once: nothing more is written.
                 context.metrics.leader.set(0);
@@ -114,5 +127,37 @@ async fn lost(leader: &mut watch::Receiver<bool>) -> Result<(), watch::error::Re
         if !*leader.borrow_and_update() {
             return Ok(());
         }
+    }
+}
+
+/// How often the watchdog reads the Lease.
+const WATCHDOG_PERIOD: Duration = Duration::from_millis(500);
+
+/// Resolves with an error when this replica can no longer be sure it holds the Lease: another replica holds it, or
+/// the last renewal it saw expires within the safety margin (a quarter of the grace period, 0.1 to 1 s).
+async fn watchdog(client: Client, settings: &LeaseSettings) -> Error {
+    let leases: Api<Lease> = Api::namespaced(client, &settings.namespace);
+    let margin_ms = i64::try_from((settings.grace_seconds * 1000 / 4).clamp(100, 1000)).unwrap_or(1000);
+    let duration_ms = i64::try_from(settings.duration_seconds * 1000).unwrap_or(i64::MAX);
+    // Just elected: the Lease was renewed a moment ago.
+    let mut valid_until_ms = Timestamp::now().as_millisecond().saturating_add(duration_ms - margin_ms);
+    loop {
+        if let Ok(Ok(lease)) = tokio::time::timeout(WATCHDOG_PERIOD, leases.get(&settings.name)).await {
+            let spec = lease.spec.unwrap_or_default();
+            match spec.holder_identity {
+                Some(holder) if holder == settings.identity => {
+                    if let Some(renewed) = spec.renew_time {
+                        let seconds = spec.lease_duration_seconds.map(i64::from).unwrap_or(0);
+                        valid_until_ms = renewed.0.as_millisecond().saturating_add(seconds * 1000 - margin_ms);
+                    }
+                }
+                holder => return Error::LeaseLost { lease: settings.name.clone(), holder: holder.unwrap_or_default() },
+            }
+        }
+        // A failed read keeps the last renewal seen.
+        if Timestamp::now().as_millisecond() >= valid_until_ms {
+            return Error::LeaseExpired { lease: settings.name.clone() };
+        }
+        tokio::time::sleep(WATCHDOG_PERIOD).await;
     }
 }

@@ -134,9 +134,9 @@ impl Operator {
                 "--identity",
                 identity,
                 "--lease-duration-seconds",
-                "4",
+                "6",
                 "--lease-grace-seconds",
-                "1",
+                "2",
             ])
             .env("PARLEY_OPERATOR_LOG", "info,kube=warn,parley_operator=debug")
             .stdout(Stdio::null())
@@ -643,7 +643,7 @@ async fn only_the_lease_holder_writes_and_another_replica_takes_over() {
     assert_eq!(follower_metrics.writes(), 0.0, "the follower wrote");
     assert_eq!(follower_metrics.value("parley_operator_leader"), 0.0);
 
-    // The leader dies without releasing the Lease: the follower takes over once it expires (4 s).
+    // The leader dies without releasing the Lease: the follower takes over once it expires (6 s).
     leader.kill();
     let killed = Instant::now();
     regions
@@ -660,6 +660,32 @@ async fn only_the_lease_holder_writes_and_another_replica_takes_over() {
     let holder = get(&leases, "parley-operator").await.and_then(|lease| lease.spec?.holder_identity);
     assert_eq!(holder.as_deref(), Some(follower.identity.as_str()));
     assert_eq!(follower.metrics().await.value("parley_operator_leader"), 1.0);
+
+    // Someone else takes the Lease: the holder stops at once (its watchdog sees the new holder) and exits with
+    // an error, so it never writes next to another leader.
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
+    leases
+        .patch(
+            "parley-operator",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"holderIdentity": "intruder", "renewTime": now, "leaseDurationSeconds": 60}}),
+            ),
+        )
+        .await
+        .expect("steal the lease");
+    let stolen = Instant::now();
+    let mut follower = follower;
+    let status = loop {
+        if let Some(status) = follower.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(stolen.elapsed() < Duration::from_secs(5), "the deposed leader kept running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "a deposed leader exits with an error");
+    let log = std::fs::read_to_string(&follower.log).unwrap_or_default();
+    assert!(log.contains("is held by intruder"), "{}", follower.log_tail());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
