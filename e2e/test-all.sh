@@ -68,6 +68,27 @@ set +a
 echo "PARLEY_REDIS_URL=$PARLEY_REDIS_URL"
 # --- Redis for the driver suite --- end ---
 
+# --- Kubernetes control plane for the operator e2e suite (operator/tests/k8s.rs) --- begin ---
+# A real kube-apiserver/etcd/controller-manager/scheduler plus kwok on loopback (e2e/k8s; binaries cached under
+# $PARLEY_CACHE/k8s, a no-op when warm). KUBECONFIG and PATH (kubectl) reach cargo test through its env file; the
+# operator tests run the parley-operator binary against it. Stopped (and its state deleted) on exit.
+step "kubernetes control plane for the operator e2e suite (e2e/k8s)"
+bash e2e/k8s/build.sh >/dev/null \
+  || fail "cannot build the Kubernetes binaries: see the e2e/k8s/build.sh output above (needs Go; e2e/k8s/README.md)"
+k8s_state="$(mktemp -d "${TMPDIR:-/tmp}/parley-k8s.XXXXXX")"
+k8s_previous_trap="$(trap -p EXIT)"
+eval "k8s_previous_trap_words=(${k8s_previous_trap:-})"
+trap "bash \"\$root/e2e/k8s/down.sh\" \"\$k8s_state\" --clean >/dev/null 2>&1 || true; ${k8s_previous_trap_words[2]:-true}" EXIT
+k8s_started=$(date +%s)
+bash e2e/k8s/up.sh "$k8s_state" >/dev/null \
+  || fail "the Kubernetes control plane did not start: see the e2e/k8s/up.sh output above and $k8s_state/logs/"
+set -a
+. "$k8s_state/env"
+set +a
+[[ -n "${KUBECONFIG:-}" ]] || fail "e2e/k8s/up.sh wrote no KUBECONFIG to $k8s_state/env"
+echo "control plane ready in $(( $(date +%s) - k8s_started ))s; KUBECONFIG=$KUBECONFIG"
+# --- Kubernetes control plane for the operator e2e suite --- end ---
+
 step "unit and integration tests (cargo test)"
 set +e
 cargo test --workspace --locked 2>&1 | tee "$logs/cargo-test.log"

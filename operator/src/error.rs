@@ -1,8 +1,12 @@
 //! The operator's error type. Each variant maps to the `reason` of the `Degraded` condition and of the Event the
 //! controller records, so a kubectl user sees why a Region is not reconciled.
+//!
+//! The first variants come from the pure core and mean the spec cannot be reconciled as it is
+//! ([`Error::is_invalid_spec`]): the controller marks the Region `Degraded` and waits for a change. The last ones
+//! come from talking to the API server and are transient: the controller requeues with backoff.
 
-/// Errors of the operator's pure core.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Errors of the operator.
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Two Regions of one ChatCluster use the same `spec.regionName`. The older Region keeps it.
     #[error("region {region} uses the region name {region_name}, which region {existing} of chat cluster {cluster} already uses")]
@@ -82,12 +86,120 @@ pub enum Error {
         /// The size the Region needs.
         needed: u32,
     },
+    /// A call to the Kubernetes API failed.
+    #[error("failed to {action}")]
+    Kube {
+        /// What the operator tried, for example `apply StatefulSet ns/eu-gateway`.
+        action: String,
+        /// The client's error.
+        #[source]
+        source: kube::Error,
+    },
+    /// An optimistic-concurrency write lost against another writer (HTTP 409); the reconcile is retried with the
+    /// object as it is now.
+    #[error("conflict while writing {object}: it changed since it was read")]
+    Conflict {
+        /// The object written.
+        object: String,
+    },
+    /// An object could not be turned into JSON for a patch.
+    #[error("failed to serialize {object} for a patch")]
+    Serialize {
+        /// The object.
+        object: String,
+        /// The serializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The finalizer helper refused the object (an unnamed object or an invalid finalizer name).
+    #[error("unable to run the finalizer: {message}")]
+    Finalizer {
+        /// What the helper reported.
+        message: String,
+    },
+    /// The leader-election Lease could not be set up.
+    #[error("failed to set up leader election on lease {lease}")]
+    LeaderElection {
+        /// Name of the Lease.
+        lease: String,
+        /// The lease manager's error.
+        #[source]
+        source: kube_lease_manager::LeaseManagerError,
+    },
+    /// The background task that holds the Lease stopped.
+    #[error("the leader-election task for lease {lease} stopped")]
+    LeaseWatchEnded {
+        /// Name of the Lease.
+        lease: String,
+    },
+    /// The leader could not confirm a renewal of its Lease before it would expire: it stops so that it never
+    /// writes while another replica may hold the Lease.
+    #[error("lease {lease} could not be renewed in time: stopping so that two replicas never both write")]
+    LeaseExpired {
+        /// Name of the Lease.
+        lease: String,
+    },
+    /// Another replica holds the Lease this replica thought it held.
+    #[error("lease {lease} is held by {holder}: stopping so that two replicas never both write")]
+    LeaseLost {
+        /// Name of the Lease.
+        lease: String,
+        /// Its holder now (empty when none).
+        holder: String,
+    },
+    /// The controller's stream ended although nothing asked it to stop.
+    #[error("the controller stopped unexpectedly")]
+    ControllerEnded,
 }
 
+/// Errors compare by variant and message: kube's and serde's errors are not comparable themselves.
+impl PartialEq for Error {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other) && self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for Error {}
+
 impl Error {
+    /// Whether the error means the spec cannot be reconciled as it is (the Region is `Degraded` until its spec,
+    /// or that of a related object, changes), as opposed to a transient failure that a retry may fix.
+    pub fn is_invalid_spec(&self) -> bool {
+        !matches!(
+            self,
+            Error::Kube { .. }
+                | Error::Conflict { .. }
+                | Error::Serialize { .. }
+                | Error::Finalizer { .. }
+                | Error::LeaderElection { .. }
+                | Error::LeaseWatchEnded { .. }
+                | Error::LeaseExpired { .. }
+                | Error::LeaseLost { .. }
+                | Error::ControllerEnded
+        )
+    }
+
+    /// Wraps a kube error, turning an HTTP 409 into [`Error::Conflict`].
+    pub fn kube(action: impl Into<String>, source: kube::Error) -> Self {
+        let action = action.into();
+        match &source {
+            kube::Error::Api(status) if status.code == 409 => Error::Conflict { object: action },
+            _ => Error::Kube { action, source },
+        }
+    }
+
     /// The CamelCase reason for the `Degraded` condition and the Event.
     pub fn reason(&self) -> &'static str {
         match self {
+            Error::Kube { .. } => "KubeApiError",
+            Error::Conflict { .. } => "Conflict",
+            Error::Serialize { .. } => "SerializeError",
+            Error::Finalizer { .. } => "FinalizerError",
+            Error::LeaderElection { .. } => "LeaderElectionError",
+            Error::LeaseWatchEnded { .. } => "LeaseWatchEnded",
+            Error::LeaseExpired { .. } => "LeaseExpired",
+            Error::LeaseLost { .. } => "LeaseLost",
+            Error::ControllerEnded => "ControllerEnded",
             Error::DuplicateRegion { .. } => "DuplicateRegion",
             Error::ClusterNotFound { .. } => "ClusterNotFound",
             Error::UnknownReplicationTarget { .. } => "UnknownReplicationTarget",

@@ -7,22 +7,32 @@
 //! dereference → validate → build → apply → update_status
 //! ```
 //!
-//! - `dereference` (needs a client; not in this crate yet) reads the Region, its ChatCluster and the other
-//!   Regions into a [`validate::Dereferenced`].
+//! - `dereference` ([`controller`], needs a client) reads the Region, its ChatCluster and the other Regions into
+//!   a [`validate::Dereferenced`].
 //! - [`validate`] (pure) checks the rules that span objects and CEL cannot express, such as two Regions with one
 //!   region name ([`Error::DuplicateRegion`]). An invalid Region is not applied at all.
 //! - [`machine_ids`] (pure) gives the Region its block of the ChatCluster's 1,024 machine IDs, with quarantine of
 //!   released blocks; the caller persists the allocation in the ChatCluster's status with optimistic concurrency.
 //! - [`build`] (pure) turns the validated Region and its block into plain objects: ConfigMap, StatefulSets,
 //!   Services and PodDisruptionBudgets, all owned by the Region.
-//! - `apply` and `update_status` (need a client; not in this crate yet) server-side apply the objects under the
-//!   field manager [`build::FIELD_MANAGER`], delete orphans and write conditions.
+//! - `apply` and `update_status` ([`controller`], need a client) persist the allocation with optimistic
+//!   concurrency, server-side apply the objects under the field manager [`build::FIELD_MANAGER`] (skipping those
+//!   already in place, so a no-op reconcile writes nothing), delete orphans and write conditions; [`status`]
+//!   (pure) computes those conditions and the ChatCluster's per-Region summaries.
 //!
 //! [`plan`] runs the pure stages in order, so the controller's reconcile only adds the I/O around it.
+//!
+//! Around the controller: [`leader`] runs it only while this replica holds a coordination.k8s.io Lease, and
+//! [`metrics`] counts reconciles, errors, durations and writes, served on the admin port with `/healthz`. The
+//! `parley-operator` binary (`src/main.rs`) wires them together behind the `crd` and `run` subcommands.
 
 pub mod build;
+pub mod controller;
 pub mod error;
+pub mod leader;
 pub mod machine_ids;
+pub mod metrics;
+pub mod status;
 pub mod validate;
 
 use std::time::Duration;

@@ -1,0 +1,835 @@
+//! The Region controller: the I/O around the pure stages. For each Region it runs
+//!
+//! 1. **dereference**: the Region, its ChatCluster and every Region of the namespace;
+//! 2. **validate** and **build** ([`crate::plan`]);
+//! 3. **persist** the machine-ID allocation in the ChatCluster's status with a resourceVersion precondition
+//!    (a conflict requeues), *before* anything is applied, so that two reconciles never hand out the same IDs;
+//! 4. **apply** every object by server-side apply under [`FIELD_MANAGER`] (forced), skipping objects whose live
+//!    state already holds every field the operator sets, then delete **orphans** (objects labelled with the
+//!    Region and controlled by it that are no longer built);
+//! 5. **update_status** of the Region and then of the ChatCluster, each only when it changed.
+//!
+//! A Region that fails validation or gets no machine IDs is marked `Degraded` with the error's reason, gets a
+//! Warning Event, and nothing is applied. Its finalizer [`FINALIZER`] releases its machine-ID block (the block
+//! is quarantined for the ChatCluster's `machineIdQuarantineSeconds`).
+//!
+//! The controller watches Regions, ChatClusters (mapped to their Regions) and the owned StatefulSets, Services,
+//! ConfigMaps and PodDisruptionBudgets, so a Region's status follows its pods' readiness.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{finalizer, Error as FinalizerError, Event as FinalizerEvent};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use parley_crds::{ChatCluster, ChatClusterStatus, Region, RegionStatus};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use tracing::{debug, info, instrument, warn};
+
+use crate::build::{RegionResources, COMPONENT_LABEL, FIELD_MANAGER, REGION_LABEL};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::validate::Dereferenced;
+use crate::{machine_ids, status};
+
+/// The finalizer that releases a Region's machine-ID block.
+pub const FINALIZER: &str = "parley.dev/machine-ids";
+/// How often a reconciled Region is checked again even when nothing changed.
+const RESYNC: Duration = Duration::from_secs(300);
+/// First retry delay after a transient error; it doubles per consecutive failure.
+const BACKOFF_START: Duration = Duration::from_millis(500);
+/// Longest retry delay after transient errors.
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Retry step after a lost optimistic-concurrency race.
+const CONFLICT_RETRY: Duration = Duration::from_millis(100);
+/// Longest retry delay after lost races.
+const CONFLICT_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Which namespaces the controller watches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Every namespace.
+    All,
+    /// One namespace.
+    Namespace(String),
+}
+
+impl Scope {
+    fn api<K>(&self, client: &Client) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match self {
+            Scope::All => Api::all(client.clone()),
+            Scope::Namespace(namespace) => Api::namespaced(client.clone(), namespace),
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// Publishes Events.
+    pub recorder: Recorder,
+    /// The operator's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Consecutive transient failures per Region (`namespace/name`), for the backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context whose Events name `instance` as the reporting instance.
+    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Arc<Context> {
+        let reporter = Reporter { controller: FIELD_MANAGER.to_owned(), instance };
+        Arc::new(Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Runs the controller until the stream ends (it ends when `shutdown` resolves).
+pub async fn run(
+    client: Client,
+    scope: Scope,
+    context: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let regions: Api<Region> = scope.api(&client);
+    let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
+    let controller = Controller::new(regions, watcher::Config::default());
+    let store = controller.store();
+    controller
+        .watches(scope.api::<ChatCluster>(&client), watcher::Config::default(), move |cluster| {
+            let name = cluster.name_any();
+            let namespace = cluster.namespace();
+            store
+                .state()
+                .into_iter()
+                .filter(|region| region.spec.cluster_ref == name && region.namespace() == namespace)
+                .map(|region| ObjectRef::from_obj(&*region))
+                .collect::<Vec<_>>()
+        })
+        .owns(scope.api::<StatefulSet>(&client), owned.clone())
+        .owns(scope.api::<Service>(&client), owned.clone())
+        .owns(scope.api::<ConfigMap>(&client), owned.clone())
+        .owns(scope.api::<PodDisruptionBudget>(&client), owned)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            match result {
+                Ok(_) => {}
+                // An owned object of a Region that is already gone (its objects are being garbage-collected).
+                Err(error @ kube::runtime::controller::Error::ObjectNotFound(_)) => debug!(%error, "skipped"),
+                // error_policy has logged it.
+                Err(error @ kube::runtime::controller::Error::ReconcilerFailed(..)) => {
+                    debug!(%error, "reconcile failed")
+                }
+                Err(error) => warn!(%error, "reconcile failed"),
+            }
+        })
+        .await;
+}
+
+fn key(region: &Region) -> String {
+    format!("{}/{}", region.namespace().unwrap_or_default(), region.name_any())
+}
+
+/// Reconciles one Region (with its finalizer).
+#[instrument(skip(region, context), fields(namespace = region.namespace().unwrap_or_default(), region = region.name_any()))]
+pub async fn reconcile(region: Arc<Region>, context: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let namespace = region.namespace().ok_or_else(|| Error::MissingMetadata {
+        kind: "Region",
+        name: region.name_any(),
+        field: "namespace",
+    })?;
+    let api: Api<Region> = Api::namespaced(context.client.clone(), &namespace);
+    let region_key = key(&region);
+    let result = finalizer(&api, FINALIZER, region, |event| async {
+        match event {
+            FinalizerEvent::Apply(region) => apply(region, &context).await,
+            FinalizerEvent::Cleanup(region) => cleanup(region, &context).await,
+        }
+    })
+    .await
+    .or_else(from_finalizer);
+    context.metrics.reconciled(started.elapsed(), result.as_ref().err());
+    if result.is_ok() {
+        context.failures().remove(&region_key);
+    }
+    result
+}
+
+/// The finalizer helper's errors. Its patches carry a JSON-patch `test` of the finalizer list as it was read, so a
+/// reconcile that started from a cached Region older than the last finalizer change fails the test (HTTP 422): a
+/// lost race like a 409, retried at once. A Region already gone when its finalizer is removed needs nothing more.
+fn from_finalizer(error: FinalizerError<Error>) -> Result<Action, Error> {
+    Err(match error {
+        FinalizerError::ApplyFailed(error) | FinalizerError::CleanupFailed(error) => error,
+        FinalizerError::AddFinalizer(kube::Error::Api(status)) if status.code == 422 => {
+            Error::Conflict { object: "the Region's finalizer list".to_owned() }
+        }
+        FinalizerError::RemoveFinalizer(kube::Error::Api(status)) if status.code == 404 => {
+            return Ok(Action::await_change())
+        }
+        FinalizerError::AddFinalizer(source) => Error::kube("add the finalizer", source),
+        FinalizerError::RemoveFinalizer(source) => Error::kube("remove the finalizer", source),
+        other => Error::Finalizer { message: other.to_string() },
+    })
+}
+
+/// Transient errors requeue with exponential backoff per Region (a lost optimistic-concurrency race retries
+/// almost at once).
+pub fn error_policy(region: Arc<Region>, error: &Error, context: Arc<Context>) -> Action {
+    let mut failures = context.failures();
+    let attempts = failures.entry(key(&region)).or_insert(0);
+    *attempts = attempts.saturating_add(1);
+    let delay = backoff(*attempts, error);
+    if matches!(error, Error::Conflict { .. }) {
+        debug!(region = %key(&region), %error, attempts = *attempts, ?delay, "lost a write race, retrying");
+    } else {
+        let cause = std::error::Error::source(error).map(ToString::to_string).unwrap_or_default();
+        warn!(region = %key(&region), %error, %cause, attempts = *attempts, ?delay, "reconcile failed, retrying");
+    }
+    Action::requeue(delay)
+}
+
+/// The retry delay after `attempts` consecutive failures: exponential from 0.5 s to 60 s, except for a lost
+/// optimistic-concurrency race (another Region's reconcile wrote the ChatCluster first), which is normal and
+/// retried after 100 ms more per attempt, at most 2 s.
+pub fn backoff(attempts: u32, error: &Error) -> Duration {
+    if matches!(error, Error::Conflict { .. }) {
+        return CONFLICT_RETRY.saturating_mul(attempts.max(1)).min(CONFLICT_RETRY_MAX);
+    }
+    let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(16));
+    BACKOFF_START.saturating_mul(factor).min(BACKOFF_MAX)
+}
+
+async fn apply(region: Arc<Region>, context: &Context) -> Result<Action, Error> {
+    let client = &context.client;
+    let name = region.name_any();
+    let namespace = region.namespace().unwrap_or_default();
+    let clusters: Api<ChatCluster> = Api::namespaced(client.clone(), &namespace);
+    let regions: Api<Region> = Api::namespaced(client.clone(), &namespace);
+
+    // dereference
+    let cluster = clusters
+        .get_opt(&region.spec.cluster_ref)
+        .await
+        .map_err(|source| Error::kube(format!("get ChatCluster {namespace}/{}", region.spec.cluster_ref), source))?;
+    let siblings =
+        regions.list(&ListParams::default()).await.map_err(|source| Error::kube("list Regions", source))?.items;
+    let allocation = cluster
+        .as_ref()
+        .and_then(|cluster| cluster.status.as_ref())
+        .and_then(|status| status.machine_id_allocation.clone())
+        .unwrap_or_default();
+    let input = Dereferenced { region: (*region).clone(), cluster: cluster.clone(), regions: siblings.clone() };
+
+    // validate + build
+    let plan = match crate::plan(input, &allocation, Timestamp::now()) {
+        Ok(plan) => plan,
+        Err(error) if error.is_invalid_spec() => {
+            return degrade(&region, cluster.as_ref(), &siblings, error, context).await
+        }
+        Err(error) => return Err(error),
+    };
+
+    // persist the allocation before applying anything
+    let mut cluster = plan.validated.cluster.clone();
+    let stored = cluster.status.as_ref().and_then(|status| status.machine_id_allocation.as_ref());
+    if stored != Some(&plan.allocation) {
+        let new_status = status::cluster(&cluster, &siblings, Some(plan.allocation.clone()), Timestamp::now());
+        cluster = write_cluster_status(&clusters, &cluster, &new_status, context).await?;
+        info!(block = %plan.block.display_range(), "machine ids allocated");
+        publish(
+            context,
+            &region,
+            EventType::Normal,
+            "MachineIdsAllocated",
+            format!("machine ids {} of chat cluster {}", plan.block.display_range(), plan.validated.cluster_name),
+        )
+        .await;
+    }
+
+    // apply + orphans
+    let applied = apply_resources(client, &name, &namespace, &region, &plan.resources, context).await?;
+    if !applied.changed.is_empty() {
+        publish(context, &region, EventType::Normal, "Applied", format!("applied {}", applied.changed.join(", ")))
+            .await;
+    }
+
+    // status
+    let new_status = status::region_ready(
+        &region,
+        plan.block,
+        status::Rollout::of(&applied.gateway_stateful_set),
+        status::Rollout::of(&applied.router_stateful_set),
+        Timestamp::now(),
+    );
+    write_region_status(&regions, &region, new_status.clone(), context).await?;
+    let mut current = (*region).clone();
+    current.status = Some(new_status);
+    update_cluster_summary(&clusters, &cluster, &siblings, current, context).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// A Region whose spec cannot be reconciled: Degraded status, a Warning Event when the condition changes, and
+/// nothing applied.
+async fn degrade(
+    region: &Region,
+    cluster: Option<&ChatCluster>,
+    siblings: &[Region],
+    error: Error,
+    context: &Context,
+) -> Result<Action, Error> {
+    let namespace = region.namespace().unwrap_or_default();
+    let regions: Api<Region> = Api::namespaced(context.client.clone(), &namespace);
+    let new_status = status::region_degraded(region, &error, Timestamp::now());
+    if write_region_status(&regions, region, new_status.clone(), context).await? {
+        warn!(%error, reason = error.reason(), "region cannot be reconciled");
+        publish(context, region, EventType::Warning, error.reason(), error.to_string()).await;
+    } else {
+        debug!(%error, reason = error.reason(), "region still cannot be reconciled");
+    }
+    if let Some(cluster) = cluster {
+        let clusters: Api<ChatCluster> = Api::namespaced(context.client.clone(), &namespace);
+        let mut current = region.clone();
+        current.status = Some(new_status);
+        update_cluster_summary(&clusters, cluster, siblings, current, context).await?;
+    }
+    Ok(match &error {
+        // Quarantined blocks expire with time alone: look again once the quarantine has passed.
+        Error::MachineIdsExhausted { .. } => Action::requeue(Duration::from_secs(
+            cluster
+                .map(|cluster| u64::try_from(cluster.spec.snowflake.machine_id_quarantine_seconds).unwrap_or(60))
+                .unwrap_or(60)
+                .max(5),
+        )),
+        _ => Action::await_change(),
+    })
+}
+
+/// The finalizer: releases the Region's machine-ID block into quarantine and drops it from the ChatCluster's
+/// summary. Owned objects go with the Region through their ownerReferences.
+async fn cleanup(region: Arc<Region>, context: &Context) -> Result<Action, Error> {
+    let name = region.name_any();
+    let namespace = region.namespace().unwrap_or_default();
+    let clusters: Api<ChatCluster> = Api::namespaced(context.client.clone(), &namespace);
+    let Some(cluster) = clusters
+        .get_opt(&region.spec.cluster_ref)
+        .await
+        .map_err(|source| Error::kube(format!("get ChatCluster {namespace}/{}", region.spec.cluster_ref), source))?
+    else {
+        return Ok(Action::await_change());
+    };
+    let mut allocation =
+        cluster.status.as_ref().and_then(|status| status.machine_id_allocation.clone()).unwrap_or_default();
+    let released = machine_ids::release(&mut allocation, &name, Timestamp::now());
+    let regions: Api<Region> = Api::namespaced(context.client.clone(), &namespace);
+    let siblings =
+        regions.list(&ListParams::default()).await.map_err(|source| Error::kube("list Regions", source))?.items;
+    let remaining: Vec<Region> = siblings.into_iter().filter(|other| other.name_any() != name).collect();
+    let new_status = status::cluster(&cluster, &remaining, Some(allocation), Timestamp::now());
+    if cluster.status.as_ref() != Some(&new_status) {
+        write_cluster_status(&clusters, &cluster, &new_status, context).await?;
+    }
+    if let Some(block) = released {
+        info!(block = %block.display_range(), "machine ids released into quarantine");
+        publish(
+            context,
+            &region,
+            EventType::Normal,
+            "MachineIdsReleased",
+            format!(
+                "machine ids {} released; quarantined for {}s",
+                block.display_range(),
+                cluster.spec.snowflake.machine_id_quarantine_seconds
+            ),
+        )
+        .await;
+    }
+    Ok(Action::await_change())
+}
+
+async fn update_cluster_summary(
+    clusters: &Api<ChatCluster>,
+    cluster: &ChatCluster,
+    siblings: &[Region],
+    current: Region,
+    context: &Context,
+) -> Result<(), Error> {
+    let name = current.name_any();
+    let mut regions: Vec<Region> = siblings.iter().filter(|other| other.name_any() != name).cloned().collect();
+    regions.push(current);
+    let new_status = status::cluster(cluster, &regions, None, Timestamp::now());
+    let old_status = cluster.status.clone().unwrap_or_default();
+    let summary = |status: &ChatClusterStatus| {
+        (status.observed_generation, status.conditions.clone(), status.regions_ready.clone(), status.regions.clone())
+    };
+    if summary(&old_status) == summary(&new_status) {
+        return Ok(());
+    }
+    // Only the summary fields, without a precondition: the allocation is never written from a possibly stale
+    // read here, so concurrent Region reconciles need not retry for each other's summaries.
+    let name = cluster.name_any();
+    let object = format!("ChatCluster {}/{name} status", cluster.namespace().unwrap_or_default());
+    let patch = serde_json::json!({ "status": {
+        "observedGeneration": new_status.observed_generation,
+        "conditions": new_status.conditions,
+        "regionsReady": new_status.regions_ready,
+        "regions": new_status.regions,
+    }});
+    clusters
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|source| Error::kube(format!("write {object} summary"), source))?;
+    context.metrics.wrote("status");
+    Ok(())
+}
+
+/// A JSON merge patch that turns `old` into `new` at the top level: keys missing from `new` are set to null.
+pub fn replacing_patch(old: &Value, new: &Value) -> Value {
+    let mut patch = new.clone();
+    if let (Some(old), Some(patch)) = (old.as_object(), patch.as_object_mut()) {
+        for key in old.keys() {
+            patch.entry(key.clone()).or_insert(Value::Null);
+        }
+    }
+    patch
+}
+
+/// Writes the ChatCluster's status with its resourceVersion as precondition; a conflict becomes
+/// [`Error::Conflict`] and the reconcile is retried with fresh data.
+async fn write_cluster_status(
+    clusters: &Api<ChatCluster>,
+    cluster: &ChatCluster,
+    new_status: &ChatClusterStatus,
+    context: &Context,
+) -> Result<ChatCluster, Error> {
+    let name = cluster.name_any();
+    let object = format!("ChatCluster {}/{name} status", cluster.namespace().unwrap_or_default());
+    let old =
+        serde_json::to_value(&cluster.status).map_err(|source| Error::Serialize { object: object.clone(), source })?;
+    let new = serde_json::to_value(new_status).map_err(|source| Error::Serialize { object: object.clone(), source })?;
+    let patch = serde_json::json!({
+        "metadata": { "resourceVersion": cluster.resource_version() },
+        "status": replacing_patch(&old, &new),
+    });
+    let written = clusters
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|source| Error::kube(format!("write {object}"), source))?;
+    context.metrics.wrote("status");
+    Ok(written)
+}
+
+/// Writes the Region's status when it differs from the stored one; returns whether it wrote.
+async fn write_region_status(
+    regions: &Api<Region>,
+    region: &Region,
+    new_status: RegionStatus,
+    context: &Context,
+) -> Result<bool, Error> {
+    if region.status.as_ref() == Some(&new_status) {
+        return Ok(false);
+    }
+    let name = region.name_any();
+    let object = format!("Region {}/{name} status", region.namespace().unwrap_or_default());
+    let old =
+        serde_json::to_value(&region.status).map_err(|source| Error::Serialize { object: object.clone(), source })?;
+    let new =
+        serde_json::to_value(&new_status).map_err(|source| Error::Serialize { object: object.clone(), source })?;
+    let patch = serde_json::json!({ "status": replacing_patch(&old, &new) });
+    regions
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|source| Error::kube(format!("write {object}"), source))?;
+    context.metrics.wrote("status");
+    Ok(true)
+}
+
+async fn publish(context: &Context, region: &Region, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
+    match context.recorder.publish(&event, &region.object_ref(&())).await {
+        Ok(()) => context.metrics.wrote("event"),
+        Err(error) => warn!(%error, reason, "failed to publish an event"),
+    }
+}
+
+/// What [`apply_resources`] did.
+#[derive(Debug)]
+struct Applied {
+    /// `Kind name` of every object written or deleted.
+    changed: Vec<String>,
+    /// The gateway StatefulSet as the API server has it now.
+    gateway_stateful_set: StatefulSet,
+    /// The router StatefulSet as the API server has it now.
+    router_stateful_set: StatefulSet,
+}
+
+async fn apply_resources(
+    client: &Client,
+    region_name: &str,
+    namespace: &str,
+    region: &Region,
+    resources: &RegionResources,
+    context: &Context,
+) -> Result<Applied, Error> {
+    let uid = region.uid().unwrap_or_default();
+    let mut changed = Vec::new();
+    let selector = format!("{REGION_LABEL}={region_name}");
+    sync_kind(client, namespace, &selector, &uid, vec![resources.config_map.clone()], &mut changed, context).await?;
+    sync_kind(
+        client,
+        namespace,
+        &selector,
+        &uid,
+        vec![
+            resources.gateway_headless_service.clone(),
+            resources.gateway_service.clone(),
+            resources.router_headless_service.clone(),
+        ],
+        &mut changed,
+        context,
+    )
+    .await?;
+    let stateful_sets = sync_kind(
+        client,
+        namespace,
+        &selector,
+        &uid,
+        vec![resources.gateway_stateful_set.clone(), resources.router_stateful_set.clone()],
+        &mut changed,
+        context,
+    )
+    .await?;
+    sync_kind(
+        client,
+        namespace,
+        &selector,
+        &uid,
+        vec![resources.gateway_disruption_budget.clone(), resources.router_disruption_budget.clone()],
+        &mut changed,
+        context,
+    )
+    .await?;
+    let find = |component: &str| {
+        stateful_sets
+            .iter()
+            .find(|set| set.labels().get(COMPONENT_LABEL).map(String::as_str) == Some(component))
+            .cloned()
+            .unwrap_or_default()
+    };
+    Ok(Applied { gateway_stateful_set: find("gateway"), router_stateful_set: find("router"), changed })
+}
+
+/// Server-side applies the desired objects of one kind that are not already in place, deletes the orphans of
+/// that kind (labelled with the Region, controlled by it, and no longer desired), and returns the live objects
+/// after the writes.
+async fn sync_kind<K>(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+    owner_uid: &str,
+    desired: Vec<K>,
+    changed: &mut Vec<String>,
+    context: &Context,
+) -> Result<Vec<K>, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+{
+    let kind = K::kind(&()).to_string();
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let live = api
+        .list(&ListParams::default().labels(selector))
+        .await
+        .map_err(|source| Error::kube(format!("list {kind} in {namespace}"), source))?
+        .items;
+    let live_by_name: BTreeMap<String, K> = live.into_iter().map(|object| (object.name_any(), object)).collect();
+    let mut result = Vec::new();
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    for object in &desired {
+        let name = object.name_any();
+        let wanted = serde_json::to_value(object)
+            .map_err(|source| Error::Serialize { object: format!("{kind} {name}"), source })?;
+        if let Some(current) = live_by_name.get(&name) {
+            let current_json = serde_json::to_value(current)
+                .map_err(|source| Error::Serialize { object: format!("{kind} {name}"), source })?;
+            if is_subset(&wanted, &current_json) {
+                result.push(current.clone());
+                continue;
+            }
+        }
+        let applied = api
+            .patch(&name, &params, &Patch::Apply(&wanted))
+            .await
+            .map_err(|source| Error::kube(format!("apply {kind} {namespace}/{name}"), source))?;
+        context.metrics.wrote("apply");
+        info!(kind, name, "applied");
+        changed.push(format!("{kind} {name}"));
+        result.push(applied);
+    }
+    let desired_names: Vec<String> = desired.iter().map(|object| object.name_any()).collect();
+    for (name, object) in &live_by_name {
+        let controlled =
+            object.owner_references().iter().any(|owner| owner.controller == Some(true) && owner.uid == owner_uid);
+        if desired_names.contains(name) || !controlled {
+            continue;
+        }
+        api.delete(name, &DeleteParams::background())
+            .await
+            .map_err(|source| Error::kube(format!("delete orphan {kind} {namespace}/{name}"), source))?;
+        context.metrics.wrote("delete");
+        info!(kind, name, "deleted orphan");
+        changed.push(format!("deleted {kind} {name}"));
+    }
+    Ok(result)
+}
+
+/// Whether every field of `wanted` is present in `live` with the same value. Objects may have more fields in
+/// `live` (defaults, status, metadata the server adds); lists must have the same length, element by element.
+/// When this holds, a server-side apply of `wanted` would change nothing, so it is skipped.
+pub fn is_subset(wanted: &Value, live: &Value) -> bool {
+    match (wanted, live) {
+        (Value::Object(wanted), Value::Object(live)) => wanted.iter().all(|(key, value)| match live.get(key) {
+            Some(live_value) => is_subset(value, live_value),
+            None => value.is_null() || is_empty(value),
+        }),
+        (Value::Array(wanted), Value::Array(live)) => {
+            wanted.len() == live.len() && wanted.iter().zip(live).all(|(wanted, live)| is_subset(wanted, live))
+        }
+        (wanted, live) => wanted == live,
+    }
+}
+
+/// An empty object or list, which the API server drops from the stored object.
+fn is_empty(value: &Value) -> bool {
+    match value {
+        Value::Object(map) => map.values().all(|value| value.is_null() || is_empty(value)),
+        Value::Array(items) => items.is_empty(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Method, Request, Response};
+    use kube::client::Body;
+    use parley_crds::common::AllocatedBlock;
+    use parley_crds::{MachineIdAllocation, MachineIdBlock};
+    use serde_json::json;
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn mock() -> (Arc<Context>, Handle) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "ns");
+        (Context::new(client, Metrics::new(), Some("test".to_owned())), handle)
+    }
+
+    fn cluster(allocation: MachineIdAllocation) -> ChatCluster {
+        let mut cluster: ChatCluster = serde_json::from_value(json!({
+            "apiVersion": "parley.dev/v1alpha1", "kind": "ChatCluster",
+            "metadata": {"name": "chat", "namespace": "ns", "generation": 1, "resourceVersion": "41"},
+            "spec": {"version": "0.1.0", "kafka": {}, "cassandra": {"contactPoints": ["c"], "keyspace": "k"},
+                     "snowflake": {"machineIdQuarantineSeconds": 90},
+                     "auth": {"jwtKeySecret": {"name": "s", "key": "k"}}}
+        }))
+        .expect("cluster");
+        cluster.status = Some(ChatClusterStatus { machine_id_allocation: Some(allocation), ..Default::default() });
+        cluster
+    }
+
+    fn region(name: &str) -> Region {
+        serde_json::from_value(json!({
+            "apiVersion": "parley.dev/v1alpha1", "kind": "Region",
+            "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}"), "generation": 2,
+                         "resourceVersion": "7", "finalizers": [FINALIZER],
+                         "deletionTimestamp": "2027-01-01T00:00:00Z"},
+            "spec": {"clusterRef": "chat", "regionName": name, "cassandra": {"datacenter": "dc1"},
+                     "gateway": {"replicas": 2}, "router": {"replicas": 1}}
+        }))
+        .expect("region")
+    }
+
+    fn respond(send: tower_test::mock::SendResponse<Response<Body>>, value: &Value) {
+        send.send_response(
+            Response::builder().body(Body::from(serde_json::to_vec(value).expect("json"))).expect("response"),
+        );
+    }
+
+    async fn body(request: Request<Body>) -> Value {
+        let bytes = request.into_body().collect_bytes().await.expect("body");
+        serde_json::from_slice(&bytes).expect("json body")
+    }
+
+    #[tokio::test]
+    async fn unchanged_region_status_is_not_written() {
+        let (context, _handle) = mock();
+        let regions: Api<Region> = Api::namespaced(context.client.clone(), "ns");
+        let mut eu = region("eu");
+        let status = RegionStatus { gateways_desired: 2, gateways: Some("0/2".into()), ..Default::default() };
+        eu.status = Some(status.clone());
+        // A request would wait forever for the mock's response: the timeout proves none is made.
+        let wrote = tokio::time::timeout(Duration::from_secs(1), write_region_status(&regions, &eu, status, &context))
+            .await
+            .expect("no request made")
+            .expect("ok");
+        assert!(!wrote);
+        assert!(!context.metrics.encode().contains("parley_operator_writes_total{kind=\"status\"}"));
+    }
+
+    #[tokio::test]
+    async fn changed_region_status_is_merge_patched_with_removed_fields_nulled() {
+        let (context, mut handle) = mock();
+        let regions: Api<Region> = Api::namespaced(context.client.clone(), "ns");
+        let mut eu = region("eu");
+        eu.status = Some(RegionStatus { machine_ids: Some("0-2".into()), ..Default::default() });
+        let new_status = RegionStatus { gateways_desired: 2, gateways: Some("0/2".into()), ..Default::default() };
+        let server = tokio::spawn(async move {
+            let (request, send) = handle.next_request().await.expect("request");
+            assert_eq!(request.method(), Method::PATCH);
+            assert_eq!(request.uri().path(), "/apis/parley.dev/v1alpha1/namespaces/ns/regions/eu/status");
+            let patch = body(request).await;
+            assert_eq!(patch["status"]["gateways"], "0/2");
+            assert_eq!(patch["status"]["machineIds"], Value::Null, "a dropped field is removed");
+            respond(send, &serde_json::to_value(region("eu")).expect("json"));
+        });
+        assert!(write_region_status(&regions, &eu, new_status, &context).await.expect("write"));
+        server.await.expect("server");
+    }
+
+    #[tokio::test]
+    async fn finalizer_quarantines_the_block_with_a_resource_version_precondition() {
+        let (context, mut handle) = mock();
+        let allocation = MachineIdAllocation {
+            blocks: vec![
+                AllocatedBlock { region: "eu".into(), block: MachineIdBlock { start: 0, size: 3 } },
+                AllocatedBlock { region: "us".into(), block: MachineIdBlock { start: 3, size: 3 } },
+            ],
+            quarantined: vec![],
+        };
+        let stored = cluster(allocation);
+        let server = tokio::spawn(async move {
+            let (request, send) = handle.next_request().await.expect("get cluster");
+            assert_eq!(request.method(), Method::GET);
+            assert_eq!(request.uri().path(), "/apis/parley.dev/v1alpha1/namespaces/ns/chatclusters/chat");
+            respond(send, &serde_json::to_value(&stored).expect("json"));
+
+            let (request, send) = handle.next_request().await.expect("list regions");
+            assert_eq!(request.uri().path(), "/apis/parley.dev/v1alpha1/namespaces/ns/regions");
+            respond(
+                send,
+                &json!({"apiVersion": "parley.dev/v1alpha1", "kind": "RegionList", "metadata": {},
+                                   "items": [region("eu"), region("us")]}),
+            );
+
+            let (request, send) = handle.next_request().await.expect("patch status");
+            assert_eq!(request.method(), Method::PATCH);
+            assert_eq!(request.uri().path(), "/apis/parley.dev/v1alpha1/namespaces/ns/chatclusters/chat/status");
+            let patch = body(request).await;
+            assert_eq!(patch["metadata"]["resourceVersion"], "41", "optimistic concurrency");
+            let allocation = &patch["status"]["machineIdAllocation"];
+            assert_eq!(allocation["blocks"], json!([{"region": "us", "block": {"start": 3, "size": 3}}]));
+            assert_eq!(allocation["quarantined"][0]["region"], "eu");
+            assert_eq!(allocation["quarantined"][0]["block"], json!({"start": 0, "size": 3}));
+            assert_eq!(patch["status"]["machineIdsAllocated"], 3);
+            respond(send, &serde_json::to_value(&stored).expect("json"));
+
+            let (request, send) = handle.next_request().await.expect("event");
+            assert_eq!(request.method(), Method::POST);
+            assert!(request.uri().path().ends_with("/events"), "{}", request.uri());
+            let event = body(request).await;
+            assert_eq!(event["reason"], "MachineIdsReleased");
+            assert!(event["note"].as_str().unwrap_or_default().contains("quarantined for 90s"), "{event}");
+            respond(send, &event);
+        });
+        let action = cleanup(Arc::new(region("eu")), &context).await.expect("cleanup");
+        assert_eq!(action, Action::await_change());
+        server.await.expect("server");
+        assert!(context.metrics.encode().contains("parley_operator_writes_total{kind=\"status\"} 1"));
+    }
+
+    #[tokio::test]
+    async fn a_conflict_becomes_a_quick_retry() {
+        let (context, mut handle) = mock();
+        let clusters: Api<ChatCluster> = Api::namespaced(context.client.clone(), "ns");
+        let stored = cluster(MachineIdAllocation::default());
+        let server = tokio::spawn(async move {
+            let (_request, send) = handle.next_request().await.expect("patch");
+            send.send_response(
+                Response::builder()
+                    .status(409)
+                    .body(Body::from(
+                        serde_json::to_vec(&json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "message": "the object has been modified", "reason": "Conflict", "code": 409}))
+                        .expect("json"),
+                    ))
+                    .expect("response"),
+            );
+        });
+        let error = write_cluster_status(&clusters, &stored, &ChatClusterStatus::default(), &context)
+            .await
+            .expect_err("conflict");
+        server.await.expect("server");
+        assert_eq!(error.reason(), "Conflict");
+        assert!(!error.is_invalid_spec());
+        assert_eq!(backoff(1, &error), Duration::from_millis(100));
+        assert_eq!(backoff(50, &error), Duration::from_secs(2));
+        let transient = Error::Finalizer { message: "x".into() };
+        assert_eq!(backoff(1, &transient), Duration::from_millis(500));
+        assert_eq!(backoff(3, &transient), Duration::from_secs(2));
+        assert_eq!(backoff(30, &transient), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn subset_comparison_ignores_server_defaults() {
+        let wanted = json!({"spec": {"replicas": 2, "ports": [{"port": 80}], "empty": {}, "list": []}});
+        let live =
+            json!({"spec": {"replicas": 2, "ports": [{"port": 80, "protocol": "TCP"}], "extra": 1}, "status": {}});
+        assert!(is_subset(&wanted, &live));
+        assert!(!is_subset(&json!({"spec": {"replicas": 3}}), &live));
+        assert!(!is_subset(&json!({"spec": {"ports": [{"port": 80}, {"port": 81}]}}), &live));
+        assert!(!is_subset(&json!({"metadata": {"labels": {"a": "b"}}}), &live));
+    }
+
+    #[test]
+    fn replacing_patch_nulls_dropped_keys() {
+        let patch = replacing_patch(&json!({"a": 1, "b": 2}), &json!({"a": 3}));
+        assert_eq!(patch, json!({"a": 3, "b": null}));
+    }
+}

@@ -1,0 +1,784 @@
+//! End-to-end tests of the operator on a real Kubernetes API server (kube-apiserver, etcd, controller-manager,
+//! scheduler, and kwok's fake nodes that make pods Running and Ready). Start the control plane with
+//! `e2e/k8s/up.sh /tmp/parley-k8s` and `source /tmp/parley-k8s/env` (stop it with `e2e/k8s/down.sh
+//! /tmp/parley-k8s --clean`). Without `KUBECONFIG` these tests fail, unless `PARLEY_SKIP_ENGINE_TESTS=1`.
+//!
+//! The CRDs are installed once per run; each test makes its own namespace and runs the `parley-operator` binary
+//! as a child process scoped to it (with its own Lease), and reads the operator's `/metrics` on loopback.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use parley_crds::{ChatCluster, MachineIdBlock, Region};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const START_K8S: &str = "start the control plane with `e2e/k8s/up.sh /tmp/parley-k8s` and \
+     `source /tmp/parley-k8s/env` (stop it with `e2e/k8s/down.sh /tmp/parley-k8s --clean`), or set \
+     PARLEY_SKIP_ENGINE_TESTS=1 to run only the engine-free tests";
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whether the control plane is there; panics with how to start it, unless engine tests are skipped.
+fn control_plane() -> bool {
+    match std::env::var("KUBECONFIG") {
+        Ok(path) if !path.is_empty() => true,
+        _ if std::env::var("PARLEY_SKIP_ENGINE_TESTS").is_ok_and(|value| value == "1") => {
+            eprintln!("SKIPPED: Kubernetes e2e test (PARLEY_SKIP_ENGINE_TESTS=1)");
+            false
+        }
+        _ => panic!("KUBECONFIG is not set: the operator e2e tests need a real API server; {START_K8S}"),
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".."))
+}
+
+fn kubectl(args: &[&str]) -> Output {
+    Command::new("kubectl")
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run kubectl (is it on PATH? {START_K8S}): {error}"))
+}
+
+fn kubectl_ok(args: &[&str]) -> String {
+    let output = kubectl(args);
+    assert!(
+        output.status.success(),
+        "kubectl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Installs the CRDs once per test binary, from the operator's own `crd` subcommand, and waits until they are
+/// established.
+fn install_crds() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let crds =
+            Command::new(env!("CARGO_BIN_EXE_parley-operator")).arg("crd").output().expect("parley-operator crd");
+        assert!(crds.status.success(), "parley-operator crd failed");
+        let file = std::env::temp_dir().join(format!("parley-crds-{}.yaml", std::process::id()));
+        std::fs::write(&file, &crds.stdout).expect("write crds");
+        let path = file.to_string_lossy().into_owned();
+        kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", &path]);
+        kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/chatclusters.parley.dev",
+            "crd/regions.parley.dev",
+        ]);
+        let _ = std::fs::remove_file(file);
+    });
+}
+
+/// A namespace of one test; deleted (without waiting) when dropped.
+struct TestNamespace {
+    name: String,
+}
+
+impl TestNamespace {
+    async fn new(client: &Client, test: &str) -> TestNamespace {
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let name = format!("e2e-{test}-{:x}", nanos ^ std::process::id());
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).expect("namespace");
+        namespaces.create(&PostParams::default(), &namespace).await.expect("create namespace");
+        TestNamespace { name }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+/// A `parley-operator run` child process; killed when dropped.
+struct Operator {
+    child: Child,
+    admin: SocketAddr,
+    identity: String,
+    log: PathBuf,
+}
+
+impl Operator {
+    fn start(namespace: &str, identity: &str) -> Operator {
+        let admin = free_port();
+        let log = std::env::temp_dir().join(format!("parley-operator-{namespace}-{identity}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_parley-operator"))
+            .args([
+                "run",
+                "--namespace",
+                namespace,
+                "--admin-listen",
+                &admin.to_string(),
+                "--identity",
+                identity,
+                "--lease-duration-seconds",
+                "6",
+                "--lease-grace-seconds",
+                "2",
+            ])
+            .env("PARLEY_OPERATOR_LOG", "info,kube=warn,parley_operator=debug")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start parley-operator");
+        Operator { child, admin, identity: identity.to_owned(), log }
+    }
+
+    /// SIGTERM: the operator finishes its reconciles and releases the Lease.
+    fn terminate(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(status.success(), "operator exited with {status}; log {}", self.log.display());
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("operator did not stop within 20 s of SIGTERM; log {}", self.log.display());
+    }
+
+    /// SIGKILL: nothing is released.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    async fn metrics(&self) -> Metrics {
+        let mut stream = tokio::net::TcpStream::connect(self.admin).await.expect("connect to the admin port");
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.expect("request");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.expect("response");
+        Metrics(text)
+    }
+
+    /// Waits until the admin port answers.
+    async fn ready(&self) {
+        eventually("operator admin port", || async {
+            tokio::net::TcpStream::connect(self.admin).await.ok().map(|_| ())
+        })
+        .await;
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- operator {} log ({}) ---\n{}", self.identity, self.log.display(), self.log_tail());
+        }
+    }
+}
+
+struct Metrics(String);
+
+impl Metrics {
+    /// Sum of every sample of the metric (all label sets).
+    fn value(&self, name: &str) -> f64 {
+        self.0
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter(|line| line.split([' ', '{']).next() == Some(name))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    fn reconciles(&self) -> f64 {
+        self.value("parley_operator_reconciles_total")
+    }
+
+    fn writes(&self) -> f64 {
+        self.value("parley_operator_writes_total")
+    }
+}
+
+fn free_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address")
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, for at most [`TIMEOUT`].
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {TIMEOUT:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn get<K>(api: &Api<K>, name: &str) -> Option<K>
+where
+    K: Clone + DeserializeOwned + std::fmt::Debug,
+{
+    api.get_opt(name).await.expect("get")
+}
+
+fn condition(
+    region_or_cluster_conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> Option<(String, String)> {
+    region_or_cluster_conditions
+        .iter()
+        .find(|condition| condition.type_ == type_)
+        .map(|condition| (condition.status.clone(), condition.reason.clone()))
+}
+
+async fn region_ready(regions: &Api<Region>, name: &str) -> Region {
+    eventually(&format!("Region {name} Ready"), || async {
+        let region = get(regions, name).await?;
+        let status = region.status.as_ref()?;
+        let ready = condition(&status.conditions, "Ready")?;
+        (ready.0 == "True" && status.observed_generation == region.metadata.generation).then_some(region)
+    })
+    .await
+}
+
+fn env_value(stateful_set: &StatefulSet, name: &str) -> Option<String> {
+    stateful_set.spec.as_ref()?.template.spec.as_ref()?.containers[0]
+        .env
+        .as_ref()?
+        .iter()
+        .find(|var| var.name == name)?
+        .value
+        .clone()
+}
+
+/// resourceVersions of every object owned by Regions in the namespace, and of the Regions and ChatClusters.
+async fn resource_versions(client: &Client, namespace: &str) -> BTreeMap<String, String> {
+    async fn collect<K>(client: &Client, namespace: &str, out: &mut BTreeMap<String, String>)
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let api: Api<K> = Api::namespaced(client.clone(), namespace);
+        for object in api.list(&ListParams::default()).await.expect("list").items {
+            out.insert(
+                format!("{} {}", K::kind(&()), object.name_any()),
+                object.resource_version().unwrap_or_default(),
+            );
+        }
+    }
+    let mut out = BTreeMap::new();
+    collect::<StatefulSet>(client, namespace, &mut out).await;
+    collect::<Service>(client, namespace, &mut out).await;
+    collect::<ConfigMap>(client, namespace, &mut out).await;
+    collect::<PodDisruptionBudget>(client, namespace, &mut out).await;
+    collect::<Region>(client, namespace, &mut out).await;
+    collect::<ChatCluster>(client, namespace, &mut out).await;
+    out.retain(|key, _| !key.starts_with("ConfigMap kube-root-ca.crt"));
+    out
+}
+
+/// Waits until the operator has run at least `more` reconciles beyond `since`, then until it is idle.
+async fn reconciles_after(operator: &Operator, since: f64, more: f64) {
+    eventually("more reconciles", || async { (operator.metrics().await.reconciles() >= since + more).then_some(()) })
+        .await;
+    settle(operator).await;
+}
+
+/// Waits until the reconcile counter stays still for one second.
+async fn settle(operator: &Operator) {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut last = operator.metrics().await.reconciles();
+    let mut still_since = Instant::now();
+    while still_since.elapsed() < Duration::from_secs(1) {
+        assert!(Instant::now() < deadline, "the operator kept reconciling for {TIMEOUT:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let current = operator.metrics().await.reconciles();
+        if current != last {
+            last = current;
+            still_since = Instant::now();
+        }
+    }
+}
+
+async fn client() -> Client {
+    Client::try_default().await.expect("kube client from KUBECONFIG")
+}
+
+fn apply_file(namespace: &str, file: &str) {
+    kubectl_ok(&["apply", "-n", namespace, "-f", file]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_example_reconciles_scales_and_releases_its_ids_and_a_noop_writes_nothing() {
+    if !control_plane() {
+        return;
+    }
+    install_crds();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "dev").await;
+    apply_file(&ns.name, "examples/dev-chatcluster.yaml");
+    let operator = Operator::start(&ns.name, "dev-a");
+    operator.ready().await;
+
+    // StatefulSets and Services appear with the right spec.
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    let gateway = eventually("gateway StatefulSet", || get(&sets, "dev-local-gateway")).await;
+    let spec = gateway.spec.as_ref().expect("spec");
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(spec.service_name.as_deref(), Some("dev-local-gateway-headless"));
+    let owner = &gateway.owner_references()[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("Region", "dev-local", Some(true)));
+    assert_eq!(env_value(&gateway, "PARLEY_MACHINE_ID_BASE").as_deref(), Some("0"));
+    let router = eventually("router StatefulSet", || get(&sets, "dev-local-router")).await;
+    assert_eq!(env_value(&router, "PARLEY_MACHINE_ID_BASE").as_deref(), Some("1"));
+    let headless = eventually("headless Service", || get(&services, "dev-local-gateway-headless")).await;
+    assert_eq!(headless.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()), Some("None"));
+    let client_service = eventually("client Service", || get(&services, "dev-local-gateway")).await;
+    let client_spec = client_service.spec.as_ref().expect("spec");
+    assert_eq!(client_spec.type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(client_spec.ports.as_ref().expect("ports")[0].name.as_deref(), Some("client"));
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let config = eventually("ConfigMap", || get(&config_maps, "dev-local-config")).await;
+    assert_eq!(config.data.as_ref().and_then(|d| d.get("PARLEY_REGION")).map(String::as_str), Some("local"));
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns.name);
+    eventually("gateway PDB", || get(&budgets, "dev-local-gateway")).await;
+
+    // kwok makes the pods Ready, and the status follows.
+    let regions: Api<Region> = Api::namespaced(client.clone(), &ns.name);
+    let region = region_ready(&regions, "dev-local").await;
+    let status = region.status.as_ref().expect("status");
+    assert_eq!(status.gateways.as_deref(), Some("1/1"));
+    assert_eq!(status.routers.as_deref(), Some("1/1"));
+    assert_eq!(status.machine_id_block, Some(MachineIdBlock { start: 0, size: 2 }));
+    assert_eq!(condition(&status.conditions, "Degraded").map(|c| c.0).as_deref(), Some("False"));
+    let clusters: Api<ChatCluster> = Api::namespaced(client.clone(), &ns.name);
+    let cluster = eventually("ChatCluster Ready", || async {
+        let cluster = get(&clusters, "dev").await?;
+        let status = cluster.status.as_ref()?;
+        (condition(&status.conditions, "Ready")?.0 == "True").then_some(cluster)
+    })
+    .await;
+    let cluster_status = cluster.status.as_ref().expect("status");
+    assert_eq!(cluster_status.regions_ready.as_deref(), Some("1/1"));
+    assert_eq!(cluster_status.machine_ids_allocated, Some(2));
+    assert_eq!(cluster_status.regions[0].gateways_ready, 1);
+
+    // kubectl shows the printer columns, and the category lists both kinds.
+    let table = kubectl_ok(&["get", "chatclusters,regions", "-n", &ns.name]);
+    for column in ["VERSION", "REGIONS", "MACHINE IDS", "READY", "REASON", "CLUSTER", "GATEWAYS", "ROUTERS"] {
+        assert!(table.contains(column), "missing column {column} in:\n{table}");
+    }
+    assert!(table.contains("AllRegionsReady") && table.contains("0-1") && table.contains("1/1"), "{table}");
+    let category = kubectl_ok(&["get", "parley", "-n", &ns.name]);
+    assert!(
+        category.contains("chatcluster.parley.dev/dev") && category.contains("region.parley.dev/dev-local"),
+        "{category}"
+    );
+
+    // A no-op reconcile writes nothing: touch an unrelated annotation of the ChatCluster (which reconciles its
+    // Regions), then restart the operator (which reconciles everything); no resourceVersion moves.
+    settle(&operator).await;
+    let before = operator.metrics().await;
+    kubectl_ok(&["annotate", "-n", &ns.name, "chatcluster/dev", "e2e.parley.dev/touched=1"]);
+    let versions = resource_versions(&client, &ns.name).await;
+    reconciles_after(&operator, before.reconciles(), 1.0).await;
+    assert_eq!(resource_versions(&client, &ns.name).await, versions, "a no-op reconcile changed an object");
+    assert_eq!(operator.metrics().await.writes(), before.writes(), "a no-op reconcile wrote");
+    operator.terminate();
+    let operator = Operator::start(&ns.name, "dev-b");
+    operator.ready().await;
+    reconciles_after(&operator, 0.0, 1.0).await;
+    assert_eq!(resource_versions(&client, &ns.name).await, versions, "a restarted operator changed an object");
+    assert_eq!(operator.metrics().await.writes(), 0.0, "a restarted operator wrote:\n{}", operator.metrics().await.0);
+
+    // An object labelled with the Region and controlled by it, but no longer built, is deleted as an orphan.
+    let region = get(&regions, "dev-local").await.expect("region");
+    let orphan: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "dev-local-stale", "labels": {"parley.dev/region": "dev-local",
+                     "app.kubernetes.io/managed-by": "parley-operator"},
+                     "ownerReferences": [{"apiVersion": "parley.dev/v1alpha1", "kind": "Region", "name": "dev-local",
+                                          "uid": region.uid().expect("uid"), "controller": true}]},
+        "data": {"old": "setting"}
+    }))
+    .expect("config map");
+    config_maps.create(&PostParams::default(), &orphan).await.expect("create orphan");
+    eventually("orphan deleted", || async { get(&config_maps, "dev-local-stale").await.is_none().then_some(()) }).await;
+    assert_eq!(operator.metrics().await.value("parley_operator_writes_total"), 1.0, "only the orphan's delete");
+    assert!(get(&config_maps, "dev-local-config").await.is_some(), "the desired ConfigMap stays");
+
+    // The StatefulSet follows the Region's replicas.
+    regions
+        .patch("dev-local", &PatchParams::default(), &Patch::Merge(json!({"spec": {"gateway": {"replicas": 3}}})))
+        .await
+        .expect("scale");
+    eventually("gateway StatefulSet scaled to 3", || async {
+        let set = get(&sets, "dev-local-gateway").await?;
+        (set.spec.as_ref()?.replicas == Some(3)).then_some(())
+    })
+    .await;
+    let region = eventually("Region 3/3 gateways", || async {
+        let region = get(&regions, "dev-local").await?;
+        let status = region.status.as_ref()?;
+        (status.gateways.as_deref() == Some("3/3") && condition(&status.conditions, "Ready")?.0 == "True")
+            .then_some(region)
+    })
+    .await;
+    // The block grew in place from 2 to 4 IDs (3 gateways + 1 router).
+    let block = region.status.as_ref().and_then(|s| s.machine_id_block).expect("block");
+    assert_eq!(block, MachineIdBlock { start: 0, size: 4 });
+
+    // Deleting the Region: the finalizer quarantines its block, and the owned objects go.
+    regions.delete("dev-local", &DeleteParams::default()).await.expect("delete region");
+    eventually("Region gone", || async { get(&regions, "dev-local").await.is_none().then_some(()) }).await;
+    let cluster = get(&clusters, "dev").await.expect("cluster");
+    let allocation = cluster.status.as_ref().and_then(|s| s.machine_id_allocation.clone()).expect("allocation");
+    assert!(allocation.blocks.is_empty(), "{allocation:?}");
+    assert!(
+        allocation.quarantined.iter().any(|q| q.region == "dev-local" && q.block == block),
+        "released block not quarantined: {allocation:?}"
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    let reasons: Vec<String> =
+        events.list(&ListParams::default()).await.expect("events").items.into_iter().filter_map(|e| e.reason).collect();
+    assert!(reasons.iter().any(|r| r == "MachineIdsReleased"), "{reasons:?}");
+    eventually("owned StatefulSets garbage-collected", || async {
+        sets.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_regions_get_disjoint_machine_ids_and_become_ready() {
+    if !control_plane() {
+        return;
+    }
+    install_crds();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "prod").await;
+    apply_file(&ns.name, "examples/production.yaml");
+    let _operator = Operator::start(&ns.name, "prod");
+    let regions: Api<Region> = Api::namespaced(client.clone(), &ns.name);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    let names = ["chat-eu-west", "chat-us-east", "chat-ap-south"];
+    let mut blocks = Vec::new();
+    for name in names {
+        let region = region_ready(&regions, name).await;
+        let block = region.status.as_ref().and_then(|s| s.machine_id_block).expect("block");
+        let gateway = get(&sets, &format!("{name}-gateway")).await.expect("gateway set");
+        let router = get(&sets, &format!("{name}-router")).await.expect("router set");
+        let gateway_base: u32 = env_value(&gateway, "PARLEY_MACHINE_ID_BASE").expect("base").parse().expect("number");
+        let router_base: u32 = env_value(&router, "PARLEY_MACHINE_ID_BASE").expect("base").parse().expect("number");
+        let router_count: u32 = env_value(&router, "PARLEY_MACHINE_ID_COUNT").expect("count").parse().expect("number");
+        assert_eq!(gateway_base, u32::from(block.start), "{name}");
+        assert!(router_base > gateway_base && router_base + router_count == block.end(), "{name}: {block:?}");
+        blocks.push((name, block));
+    }
+    for (i, (a, block_a)) in blocks.iter().enumerate() {
+        for (b, block_b) in &blocks[i + 1..] {
+            assert!(!block_a.overlaps(block_b), "{a} {block_a:?} overlaps {b} {block_b:?}");
+        }
+    }
+    let clusters: Api<ChatCluster> = Api::namespaced(client.clone(), &ns.name);
+    let cluster = eventually("ChatCluster 3/3 Ready", || async {
+        let cluster = get(&clusters, "chat").await?;
+        let status = cluster.status.as_ref()?;
+        (status.regions_ready.as_deref() == Some("3/3") && condition(&status.conditions, "Ready")?.0 == "True")
+            .then_some(cluster)
+    })
+    .await;
+    let status = cluster.status.expect("status");
+    let total: u32 = blocks.iter().map(|(_, block)| u32::from(block.size)).sum();
+    assert_eq!(status.machine_ids_allocated, Some(i32::try_from(total).expect("fits")));
+    assert_eq!(status.regions.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cel_rules_reject_invalid_specs_with_their_messages() {
+    if !control_plane() {
+        return;
+    }
+    install_crds();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "cel").await;
+    let region = |region_name: &str, extra: serde_json::Value| {
+        let mut spec = json!({"clusterRef": "dev", "regionName": region_name, "cassandra": {"datacenter": "dc1"},
+                              "gateway": {"replicas": 1}, "router": {"replicas": 1}});
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        serde_json::from_value::<Region>(json!({"apiVersion": "parley.dev/v1alpha1", "kind": "Region",
+            "metadata": {"name": "r"}, "spec": spec}))
+        .expect("region")
+    };
+    let regions: Api<Region> = Api::namespaced(client.clone(), &ns.name);
+    let self_replicating = region("eu", json!({"replication": [{"topics": ["*"], "toRegions": ["eu"]}]}));
+    let error = regions.create(&PostParams::default(), &self_replicating).await.expect_err("self replication");
+    assert!(error.to_string().contains("a Region cannot replicate to itself"), "{error}");
+    let too_many = region("eu", json!({"router": {"replicas": 65}}));
+    let error = regions.create(&PostParams::default(), &too_many).await.expect_err("bounds");
+    assert!(error.to_string().contains("router.replicas must be between 1 and 64"), "{error}");
+    regions.create(&PostParams::default(), &region("eu", json!({}))).await.expect("valid region");
+    let error = regions
+        .patch("r", &PatchParams::default(), &Patch::Merge(json!({"spec": {"regionName": "us"}})))
+        .await
+        .expect_err("immutable");
+    assert!(error.to_string().contains("regionName is immutable"), "{error}");
+    // kubectl shows the same message.
+    let output =
+        kubectl(&["patch", "-n", &ns.name, "region/r", "--type=merge", "-p", r#"{"spec":{"clusterRef":"other"}}"#]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("clusterRef is immutable"), "{output:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_region_name_is_degraded_with_an_event_and_nothing_applied() {
+    if !control_plane() {
+        return;
+    }
+    install_crds();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "dup").await;
+    apply_file(&ns.name, "examples/dev-chatcluster.yaml");
+    let regions: Api<Region> = Api::namespaced(client.clone(), &ns.name);
+    let mut duplicate = get(&regions, "dev-local").await.expect("dev-local");
+    duplicate.metadata = serde_json::from_value(json!({"name": "dev-local-2"})).expect("metadata");
+    duplicate.status = None;
+    regions.create(&PostParams::default(), &duplicate).await.expect("create duplicate");
+    let _operator = Operator::start(&ns.name, "dup");
+    region_ready(&regions, "dev-local").await;
+    let degraded = eventually("dev-local-2 Degraded", || async {
+        let region = get(&regions, "dev-local-2").await?;
+        let status = region.status?;
+        let degraded = status.conditions.into_iter().find(|c| c.type_ == "Degraded")?;
+        (degraded.status == "True").then_some(degraded)
+    })
+    .await;
+    assert_eq!(degraded.reason, "DuplicateRegion");
+    assert!(
+        degraded.message.contains("which region dev-local of chat cluster dev already uses"),
+        "{}",
+        degraded.message
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    eventually("DuplicateRegion Event", || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("DuplicateRegion")
+                    && e.regarding.and_then(|r| r.name).as_deref() == Some("dev-local-2")
+            })
+            .then_some(())
+    })
+    .await;
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    let theirs = sets.list(&ListParams::default().labels("parley.dev/region=dev-local-2")).await.expect("list");
+    assert!(theirs.items.is_empty(), "a degraded Region got objects");
+    let cluster = get(&Api::<ChatCluster>::namespaced(client.clone(), &ns.name), "dev").await.expect("cluster");
+    let allocation = cluster.status.and_then(|s| s.machine_id_allocation).expect("allocation");
+    assert!(allocation.blocks.iter().all(|b| b.region != "dev-local-2"), "a degraded Region got machine ids");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_writes_and_another_replica_takes_over() {
+    if !control_plane() {
+        return;
+    }
+    install_crds();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "lease").await;
+    apply_file(&ns.name, "examples/dev-chatcluster.yaml");
+    let first = Operator::start(&ns.name, "replica-a");
+    let second = Operator::start(&ns.name, "replica-b");
+    first.ready().await;
+    second.ready().await;
+    let regions: Api<Region> = Api::namespaced(client.clone(), &ns.name);
+    region_ready(&regions, "dev-local").await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+    let holder = get(&leases, "parley-operator")
+        .await
+        .and_then(|lease| lease.spec?.holder_identity)
+        .expect("the lease has a holder");
+    let (leader, follower) = if holder == first.identity { (first, second) } else { (second, first) };
+    assert_eq!(leader.identity, holder);
+    let leader_metrics = leader.metrics().await;
+    let follower_metrics = follower.metrics().await;
+    assert!(leader_metrics.reconciles() >= 1.0 && leader_metrics.writes() >= 1.0);
+    assert_eq!(leader_metrics.value("parley_operator_leader"), 1.0);
+    assert_eq!(follower_metrics.reconciles(), 0.0, "the follower reconciled");
+    assert_eq!(follower_metrics.writes(), 0.0, "the follower wrote");
+    assert_eq!(follower_metrics.value("parley_operator_leader"), 0.0);
+
+    // The leader dies without releasing the Lease: the follower takes over once it expires (6 s).
+    leader.kill();
+    let killed = Instant::now();
+    regions
+        .patch("dev-local", &PatchParams::default(), &Patch::Merge(json!({"spec": {"router": {"replicas": 2}}})))
+        .await
+        .expect("scale routers");
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    eventually("the new leader scales the routers", || async {
+        let set = get(&sets, "dev-local-router").await?;
+        (set.spec.as_ref()?.replicas == Some(2)).then_some(())
+    })
+    .await;
+    eprintln!("takeover after {:?}", killed.elapsed());
+    let holder = get(&leases, "parley-operator").await.and_then(|lease| lease.spec?.holder_identity);
+    assert_eq!(holder.as_deref(), Some(follower.identity.as_str()));
+    assert_eq!(follower.metrics().await.value("parley_operator_leader"), 1.0);
+
+    // Someone else takes the Lease: the holder stops at once (its watchdog sees the new holder) and exits with
+    // an error, so it never writes next to another leader.
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
+    leases
+        .patch(
+            "parley-operator",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"holderIdentity": "intruder", "renewTime": now, "leaseDurationSeconds": 60}}),
+            ),
+        )
+        .await
+        .expect("steal the lease");
+    let stolen = Instant::now();
+    let mut follower = follower;
+    let status = loop {
+        if let Some(status) = follower.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(stolen.elapsed() < Duration::from_secs(5), "the deposed leader kept running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "a deposed leader exits with an error");
+    let log = std::fs::read_to_string(&follower.log).unwrap_or_default();
+    assert!(log.contains("is held by intruder"), "{}", follower.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_machine_ids_degrade_a_region_until_a_quarantined_block_expires() {
+    if !control_plane() {
+        return;
+    }
+    install_crds();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "ids").await;
+    apply_file(&ns.name, "examples/dev-chatcluster.yaml");
+    let clusters: Api<ChatCluster> = Api::namespaced(client.clone(), &ns.name);
+    clusters
+        .patch(
+            "dev",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"snowflake": {"machineIdQuarantineSeconds": 5}}})),
+        )
+        .await
+        .expect("short quarantine");
+    // Two Regions that may each grow to 512 gateways + 1 router: 513 IDs each, and dev-local holds 2 of 1024.
+    let regions: Api<Region> = Api::namespaced(client.clone(), &ns.name);
+    for (name, region_name) in [("big-a", "a"), ("big-b", "b")] {
+        let region: Region = serde_json::from_value(json!({
+            "apiVersion": "parley.dev/v1alpha1", "kind": "Region", "metadata": {"name": name},
+            "spec": {"clusterRef": "dev", "regionName": region_name, "cassandra": {"datacenter": "dc1"},
+                     "gateway": {"minReplicas": 1, "maxReplicas": 512}, "router": {"replicas": 1}}
+        }))
+        .expect("region");
+        regions.create(&PostParams::default(), &region).await.expect("create region");
+    }
+    let _operator = Operator::start(&ns.name, "ids");
+    region_ready(&regions, "dev-local").await;
+    let (winner, loser) = eventually("one big region ready and one exhausted", || async {
+        let a = get(&regions, "big-a").await?;
+        let b = get(&regions, "big-b").await?;
+        let state = |region: &Region| {
+            let conditions = region.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+            (condition(&conditions, "Ready"), condition(&conditions, "Degraded"))
+        };
+        let exhausted =
+            |region: &Region| state(region).1 == Some(("True".to_owned(), "MachineIdsExhausted".to_owned()));
+        let ready = |region: &Region| state(region).0.is_some_and(|ready| ready.0 == "True");
+        if ready(&a) && exhausted(&b) {
+            Some((a, b))
+        } else if ready(&b) && exhausted(&a) {
+            Some((b, a))
+        } else {
+            None
+        }
+    })
+    .await;
+    let loser_name = loser.name_any();
+    let message = loser
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("needs 513 contiguous machine ids"), "{message}");
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    eventually("MachineIdsExhausted Event", || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("MachineIdsExhausted")
+                    && e.regarding.and_then(|r| r.name).as_deref() == Some(loser_name.as_str())
+            })
+            .then_some(())
+    })
+    .await;
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    let theirs =
+        sets.list(&ListParams::default().labels(&format!("parley.dev/region={loser_name}"))).await.expect("list");
+    assert!(theirs.items.is_empty(), "an exhausted Region got objects");
+
+    // The winner goes; its block is quarantined for 5 s, then the other Region gets it.
+    let winner_block = winner.status.as_ref().and_then(|s| s.machine_id_block).expect("block");
+    regions.delete(&winner.name_any(), &DeleteParams::default()).await.expect("delete");
+    let deleted = Instant::now();
+    let cluster = eventually("block quarantined", || async {
+        let cluster = get(&clusters, "dev").await?;
+        let allocation = cluster.status.as_ref()?.machine_id_allocation.clone()?;
+        allocation.quarantined.iter().any(|q| q.block == winner_block).then_some(allocation)
+    })
+    .await;
+    assert!(cluster.blocks.iter().all(|held| !held.block.overlaps(&winner_block)), "quarantined block reused at once");
+    let region = region_ready(&regions, &loser_name).await;
+    assert!(deleted.elapsed() >= Duration::from_secs(4), "the block was reused within its quarantine");
+    let block = region.status.as_ref().and_then(|s| s.machine_id_block).expect("block");
+    assert_eq!(block.size, 513);
+}
