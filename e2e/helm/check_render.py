@@ -38,8 +38,7 @@ OPERATOR_RULES = (
     | triples(["apps"], ["statefulsets"], ["get", "list", "watch", "create", "patch", "delete"])
     | triples(["policy"], ["poddisruptionbudgets"], ["get", "list", "watch", "create", "patch", "delete"])
     | triples([""], ["services", "configmaps"], ["get", "list", "watch", "create", "patch", "delete"])
-    | triples([""], ["pods"], ["get", "list", "watch", "patch"])
-    | triples(["events.k8s.io", ""], ["events"], ["create", "patch"])
+    | triples(["events.k8s.io"], ["events"], ["create", "patch"])
 )
 LEASE_RULES = triples(["coordination.k8s.io"], ["leases"], ["get", "create", "update", "patch"])
 
@@ -243,8 +242,8 @@ def check_deployment(c, scenario, docs, release_ns, watch_ns, lease_ns, replicas
     c.check(f"{scenario}: POD_NAME from the downward API", pod_name == "metadata.name", f"POD_NAME {env.get('POD_NAME')}")
     c.check(f"{scenario}: RUST_LOG set", bool((env.get("RUST_LOG") or {}).get("value")), f"RUST_LOG {env.get('RUST_LOG')}")
     args = container.get("args") or []
-    expected = ["run", "--metrics-address=0.0.0.0:9090", f"--leader-election-namespace={lease_ns}",
-                "--leader-election-lease-name=parley-operator", "--leader-election-identity=$(POD_NAME)"]
+    expected = ["run", "--admin-listen=0.0.0.0:9090", f"--lease-namespace={lease_ns}",
+                "--lease-name=parley-operator", "--identity=$(POD_NAME)"]
     if watch_ns:
         expected.insert(2, f"--namespace={watch_ns}")
     c.check(f"{scenario}: operator args", args == expected, f"got {args}, want {expected}")

@@ -105,16 +105,9 @@ when the two drift.
 - apiGroups: [""]
   resources: ["services", "configmaps"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Pods: read for readiness, patched (annotations/conditions) for the drain-aware rollouts of a later issue;
-# the operator never calls pod IPs (decision 6), it coordinates through the API.
-- apiGroups: [""]
-  resources: ["pods"]
-  verbs: ["get", "list", "watch", "patch"]
-# Events about ChatClusters and Regions (kube-rs' Recorder uses events.k8s.io; core kept for older clients).
+# Events about ChatClusters and Regions (kube-rs' Recorder writes events.k8s.io/v1 only). Pods are not listed:
+# readiness comes from StatefulSet status; the drain-aware rollouts of a later issue will add pod rights.
 - apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end }}
