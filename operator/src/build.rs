@@ -256,19 +256,32 @@ pub fn config_hash(data: Option<&BTreeMap<String, String>>) -> String {
     format!("{hash:016x}")
 }
 
+/// The router's internal API port (`parley-router --listen`), which the gateways call.
+pub const ROUTER_PORT: i32 = 7070;
+
 fn headless_service(validated: &ValidatedRegion, component: Component) -> Service {
+    let mut ports = vec![ServicePort {
+        name: Some("admin".to_owned()),
+        port: admin_port(validated, component),
+        target_port: Some(IntOrString::String("admin".to_owned())),
+        protocol: Some("TCP".to_owned()),
+        ..ServicePort::default()
+    }];
+    if component == Component::Router {
+        ports.push(ServicePort {
+            name: Some("internal".to_owned()),
+            port: ROUTER_PORT,
+            target_port: Some(IntOrString::String("internal".to_owned())),
+            protocol: Some("TCP".to_owned()),
+            ..ServicePort::default()
+        });
+    }
     Service {
         metadata: metadata(validated, headless_service_name(&validated.name, component), Some(component)),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".to_owned()),
             selector: Some(selector_labels(validated, component)),
-            ports: Some(vec![ServicePort {
-                name: Some("admin".to_owned()),
-                port: admin_port(validated, component),
-                target_port: Some(IntOrString::String("admin".to_owned())),
-                protocol: Some("TCP".to_owned()),
-                ..ServicePort::default()
-            }]),
+            ports: Some(ports),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -421,7 +434,18 @@ fn pod_template(
             });
             ("client", lifecycle, gateway_termination_grace_seconds(validated))
         }
-        Component::Router => ("admin", None, 30),
+        Component::Router => {
+            ports.insert(
+                0,
+                ContainerPort {
+                    name: Some("internal".to_owned()),
+                    container_port: ROUTER_PORT,
+                    protocol: Some("TCP".to_owned()),
+                    ..ContainerPort::default()
+                },
+            );
+            ("admin", None, 30)
+        }
     };
     let mut annotations = BTreeMap::from([(CONFIG_HASH_ANNOTATION.to_owned(), config_hash.to_owned())]);
     annotations.insert("kubectl.kubernetes.io/default-container".to_owned(), component.as_str().to_owned());
@@ -567,8 +591,22 @@ fn env(validated: &ValidatedRegion, component: Component, ids: MachineIdRange) -
         literal("PARLEY_MACHINE_ID_BASE", ids.base.to_string()),
         literal("PARLEY_MACHINE_ID_COUNT", ids.count.to_string()),
     ];
-    if component == Component::Router {
-        out.push(literal("PARLEY_ADMIN_LISTEN", format!("0.0.0.0:{}", spec.router.admin_port)));
+    match component {
+        Component::Router => {
+            out.push(literal("PARLEY_ROUTER_LISTEN", format!("0.0.0.0:{ROUTER_PORT}")));
+            out.push(literal("PARLEY_ROUTER_ADMIN_LISTEN", format!("0.0.0.0:{}", spec.router.admin_port)));
+        }
+        Component::Gateway => {
+            // The router's first pod is the writer (one router per Region until writers share partitions).
+            out.push(literal(
+                "PARLEY_ROUTER_URL",
+                format!(
+                    "http://{}-0.{}:{ROUTER_PORT}",
+                    object_name(&validated.name, Component::Router),
+                    headless_service_name(&validated.name, Component::Router)
+                ),
+            ));
+        }
     }
     if component == Component::Gateway && spec.auth.jwt_algorithm == JwtAlgorithm::HS256 {
         out.push(secret_ref("PARLEY_JWT_HS256_SECRET", &spec.auth.jwt_key_secret));

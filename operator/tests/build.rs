@@ -220,7 +220,17 @@ fn config_map_carries_the_settings_and_pods_read_it() {
         assert_eq!(annotations.map(|a| a[CONFIG_HASH_ANNOTATION].clone()), Some(config_hash(Some(data))));
     }
     // The router's admin listener follows the router's settings, overriding the ConfigMap's gateway value.
-    assert_eq!(literal(container(&resources.router_stateful_set), "PARLEY_ADMIN_LISTEN"), "0.0.0.0:9090");
+    let router = container(&resources.router_stateful_set);
+    assert_eq!(literal(router, "PARLEY_ROUTER_ADMIN_LISTEN"), "0.0.0.0:9090");
+    assert_eq!(literal(router, "PARLEY_ROUTER_LISTEN"), "0.0.0.0:7070");
+    assert_eq!(router.ports.as_ref().expect("router ports")[0].container_port, 7070);
+    // Gateways call the router's first pod through its headless Service.
+    let router_url = literal(container(&resources.gateway_stateful_set), "PARLEY_ROUTER_URL");
+    let router_set = resources.router_stateful_set.metadata.name.clone().expect("router name");
+    let router_service = resources.router_headless_service.metadata.name.clone().expect("router service");
+    assert_eq!(router_url, format!("http://{router_set}-0.{router_service}:7070"));
+    let internal = resources.router_headless_service.spec.as_ref().and_then(|spec| spec.ports.as_ref());
+    assert!(internal.is_some_and(|ports| ports.iter().any(|port| port.port == 7070)), "{internal:?}");
 }
 
 #[test]

@@ -129,6 +129,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let admin = axum::Router::new()
         .route("/metrics", axum::routing::get(metrics))
         .route("/healthz", axum::routing::get(|| async { "ok" }))
+        // Ready once listening: the writer and its backends were opened before the listeners were bound.
+        .route("/readyz", axum::routing::get(|| async { "ok" }))
         .with_state(router.clone());
     let service = parley_router::service::app(router, args.internal_token.clone());
     let mut service_stop = stopped.clone();
