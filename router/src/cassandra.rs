@@ -256,6 +256,8 @@ struct Statements {
 
 const MESSAGE_COLUMNS: &str = "channel, seq, id, sender, text, ts, client_msg_id";
 type MessageRow = (String, i64, i64, String, String, i64, String);
+/// `(bucket, first_seq, last_seq)` of `message_buckets`.
+type BucketRow = (i64, Option<i64>, Option<i64>);
 
 fn message_from_row(row: MessageRow) -> MessageView {
     let (channel, seq, id, sender, text, ts, client_msg_id) = row;
@@ -388,13 +390,13 @@ impl CassandraStore {
         typed.collect::<Result<Vec<T>, _>>().map_err(|error| other_error(operation, error))
     }
 
-    /// Every row of a statement, page by page.
-    async fn all_rows<T>(
+    /// The rows of a statement as a stream that fetches page after page as it is read.
+    async fn row_stream<T>(
         &self,
         operation: &'static str,
         statement: &PreparedStatement,
         values: impl SerializeRow,
-    ) -> Result<Vec<T>, BackendError>
+    ) -> Result<impl futures_util::Stream<Item = Result<T, BackendError>> + Unpin, BackendError>
     where
         T: for<'frame, 'metadata> scylla::deserialize::row::DeserializeRow<'frame, 'metadata> + 'static,
     {
@@ -406,21 +408,32 @@ impl CassandraStore {
             other => other_error(operation, other),
         })?;
         let stream = pager.rows_stream::<T>().map_err(|error| other_error(operation, error))?;
-        stream
-            .try_collect()
-            .await
-            .map_err(|error| BackendError::Unavailable(format!("cassandra {operation} failed: {error}")))
+        Ok(stream.map_err(move |error| BackendError::Unavailable(format!("cassandra {operation} failed: {error}"))))
     }
 
-    /// The buckets of a channel with their sequence bounds, newest or oldest first.
+    /// Every row of a statement, page by page.
+    async fn all_rows<T>(
+        &self,
+        operation: &'static str,
+        statement: &PreparedStatement,
+        values: impl SerializeRow,
+    ) -> Result<Vec<T>, BackendError>
+    where
+        T: for<'frame, 'metadata> scylla::deserialize::row::DeserializeRow<'frame, 'metadata> + 'static,
+    {
+        self.row_stream(operation, statement, values).await?.try_collect().await
+    }
+
+    /// The buckets of a channel with their sequence bounds, newest or oldest first, fetched page by page as the
+    /// caller reads them (a page of history usually needs only the first one or two).
     async fn buckets(
         &self,
         channel: &str,
         newest_first: bool,
-    ) -> Result<Vec<(i64, Option<i64>, Option<i64>)>, BackendError> {
+    ) -> Result<impl futures_util::Stream<Item = Result<BucketRow, BackendError>> + Unpin, BackendError> {
         let statement =
             if newest_first { &self.statements.buckets_newest_first } else { &self.statements.buckets_oldest_first };
-        self.all_rows("list buckets", statement, (channel,)).await
+        self.row_stream("list buckets", statement, (channel.to_owned(),)).await
     }
 
     /// A user's channels ordered by last activity (the newest message first; channels with no stored message
@@ -545,7 +558,7 @@ async fn prepare(session: &Session, config: &CassandraConfig) -> Result<Statemen
         statement.set_is_idempotent(true);
         statement
     };
-    Ok(Statements {
+    let mut statements = Statements {
         insert_message: idempotent(
             prepare_one(format!(
                 "INSERT INTO {keyspace}.messages (channel, bucket, seq, id, sender, text, ts, client_msg_id) \
@@ -670,7 +683,12 @@ async fn prepare(session: &Session, config: &CassandraConfig) -> Result<Statemen
         delete_user_channel: idempotent(
             prepare_one(format!("DELETE FROM {keyspace}.user_channels WHERE user = ? AND channel = ?")).await?,
         ),
-    })
+    };
+    // A page of history usually needs the newest (or oldest) one or two buckets: list them in small pages.
+    let bucket_page = page_size.min(100);
+    statements.buckets_newest_first.set_page_size(bucket_page);
+    statements.buckets_oldest_first.set_page_size(bucket_page);
+    Ok(statements)
 }
 
 #[async_trait]
@@ -786,7 +804,8 @@ impl MessageStore for CassandraStore {
         let mut messages: Vec<MessageView> = Vec::with_capacity(limit + 1);
         if let Some(after) = query.after {
             if after.saturating_add(1) < upper {
-                for (bucket, first, last) in self.buckets(channel, false).await? {
+                let mut buckets = self.buckets(channel, false).await?;
+                while let Some((bucket, first, last)) = buckets.try_next().await? {
                     if last.is_some_and(|last| (last as u64) <= after) {
                         continue;
                     }
@@ -812,7 +831,8 @@ impl MessageStore for CassandraStore {
             messages.truncate(limit);
             Ok(HistoryPage { messages, has_more })
         } else {
-            for (bucket, first, _) in self.buckets(channel, true).await? {
+            let mut buckets = self.buckets(channel, true).await?;
+            while let Some((bucket, first, _)) = buckets.try_next().await? {
                 if first.is_some_and(|first| (first as u64) >= upper) {
                     continue;
                 }
@@ -836,7 +856,8 @@ impl MessageStore for CassandraStore {
     async fn first_retained_seq(&self, channel: &str) -> Result<u64, BackendError> {
         // The oldest bucket that still has a row holds the oldest retained message. Index rows outlive their
         // messages by one bucket, so at most a few empty buckets are read before it.
-        for (bucket, _, _) in self.buckets(channel, false).await? {
+        let mut buckets = self.buckets(channel, false).await?;
+        while let Some((bucket, _, _)) = buckets.try_next().await? {
             let rows: Vec<(i64,)> =
                 self.rows("read first retained", &self.statements.first_in_bucket, (channel, bucket)).await?;
             if let Some((seq,)) = rows.first() {
