@@ -983,6 +983,9 @@ impl MembershipStore for CassandraStore {
         let mut chunk_statements = Batch::new(BatchType::Logged);
         let mut chunk_values: Vec<Vec<CqlValue>> = Vec::new();
         let mut chunk_touched: HashSet<String> = HashSet::new();
+        // The net state of each pair changed in the chunk: every statement of a batch has the same timestamp, and
+        // at equal timestamps a delete wins over an insert, so a remove and re-add must become one insert.
+        let mut chunk_pairs: BTreeMap<(String, String), bool> = BTreeMap::new();
         let mut rows_in_chunk = 0usize;
         let statements = &self.statements;
         let text = |value: &str| CqlValue::Text(value.to_owned());
@@ -999,10 +1002,7 @@ impl MembershipStore for CassandraStore {
                 }
                 MembershipChange::Add { channel, user } => {
                     if present.insert((channel.clone(), user.clone())) {
-                        chunk_statements.append_statement(statements.insert_member.clone());
-                        chunk_values.push(vec![text(channel), text(user)]);
-                        chunk_statements.append_statement(statements.insert_user_channel.clone());
-                        chunk_values.push(vec![text(user), text(channel)]);
+                        chunk_pairs.insert((channel.clone(), user.clone()), true);
                         if let Some(record) = channels.get_mut(channel).and_then(|update| update.record.as_mut()) {
                             record.member_count = record.member_count.saturating_add(1);
                         }
@@ -1011,10 +1011,7 @@ impl MembershipStore for CassandraStore {
                 }
                 MembershipChange::Remove { channel, user } => {
                     if present.remove(&(channel.clone(), user.clone())) {
-                        chunk_statements.append_statement(statements.delete_member.clone());
-                        chunk_values.push(vec![text(channel), text(user)]);
-                        chunk_statements.append_statement(statements.delete_user_channel.clone());
-                        chunk_values.push(vec![text(user), text(channel)]);
+                        chunk_pairs.insert((channel.clone(), user.clone()), false);
                         if let Some(record) = channels.get_mut(channel).and_then(|update| update.record.as_mut()) {
                             record.member_count = record.member_count.saturating_sub(1);
                         }
@@ -1024,6 +1021,17 @@ impl MembershipStore for CassandraStore {
             }
             rows_in_chunk += 1;
             if rows_in_chunk >= MEMBERSHIP_BATCH || index + 1 == changes.len() {
+                for ((channel, user), member) in std::mem::take(&mut chunk_pairs) {
+                    let (member_statement, user_statement) = if member {
+                        (&statements.insert_member, &statements.insert_user_channel)
+                    } else {
+                        (&statements.delete_member, &statements.delete_user_channel)
+                    };
+                    chunk_statements.append_statement(member_statement.clone());
+                    chunk_values.push(vec![text(&channel), text(&user)]);
+                    chunk_statements.append_statement(user_statement.clone());
+                    chunk_values.push(vec![text(&user), text(&channel)]);
+                }
                 for channel in chunk_touched.drain() {
                     let Some(update) = channels.get_mut(&channel) else { continue };
                     let Some(record) = &update.record else { continue };

@@ -384,6 +384,11 @@ async fn membership_counts_follow_adds_and_removes(engine: Engine) {
     // Removing and adding back in one change set.
     membership.apply(vec![remove("g:club", "bob"), add("g:club", "bob"), add("g:club", "alice")]).await.expect("apply");
     assert_eq!(membership.channel("g:club").await.expect("get").map(|record| record.member_count), Some(3));
+    assert_eq!(membership.members("g:club").await.expect("members"), vec!["alice", "bob", "carol"]);
+    membership.apply(vec![add("g:club", "dave"), remove("g:club", "dave")]).await.expect("apply");
+    assert!(!membership.is_member("g:club", "dave").await.expect("dave"));
+    assert!(membership.user_channels("dave").await.expect("dave").is_empty());
+    assert_eq!(membership.channel("g:club").await.expect("get").map(|record| record.member_count), Some(3));
     // A DM record keeps its kind.
     let dm = ChannelRecord { kind: ChannelKind::Dm, ..record("dm:alice:bob", "alice") };
     membership
