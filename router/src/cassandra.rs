@@ -1072,3 +1072,49 @@ fn change_channel(change: &MembershipChange) -> &str {
         MembershipChange::Add { channel, .. } | MembershipChange::Remove { channel, .. } => channel,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreachable_and_overloaded_clusters_are_unavailable() {
+        let unavailable = [
+            ExecutionError::EmptyPlan,
+            ExecutionError::RequestTimeout(Duration::from_secs(5)),
+            ExecutionError::LastAttemptError(RequestAttemptError::DbError(
+                DbError::Unavailable { consistency: Consistency::LocalQuorum, required: 2, alive: 1 },
+                "cannot achieve consistency level".into(),
+            )),
+        ];
+        for error in unavailable {
+            let mapped = execution_error("write messages", error);
+            assert!(matches!(mapped, BackendError::Unavailable(_)), "{mapped:?}");
+            assert!(mapped.to_string().starts_with("backend unavailable: cassandra write messages failed"), "{mapped}");
+        }
+        let syntax =
+            ExecutionError::LastAttemptError(RequestAttemptError::DbError(DbError::SyntaxError, "line 1".into()));
+        let mapped = execution_error("read history", syntax);
+        assert!(matches!(mapped, BackendError::Cassandra { operation: "read history", .. }), "{mapped:?}");
+    }
+
+    #[test]
+    fn config_is_validated() {
+        let valid = CassandraConfig::new(vec!["127.0.0.1:9042".into()], "parley_1");
+        assert!(valid.validate().is_ok());
+        assert_eq!(valid.message_ttl_seconds(), 365 * 24 * 3600);
+        assert_eq!(valid.bucket_ttl_seconds(), 365 * 24 * 3600 + 3600);
+        let forever = CassandraConfig { retention: None, ..valid.clone() };
+        assert_eq!((forever.message_ttl_seconds(), forever.bucket_ttl_seconds()), (0, 0));
+        for invalid in [
+            CassandraConfig { keyspace: "x".repeat(49), ..valid.clone() },
+            CassandraConfig { contact_points: vec![], ..valid.clone() },
+            CassandraConfig { bucket: Duration::from_millis(10), ..valid.clone() },
+            CassandraConfig { page_size: 0, ..valid.clone() },
+            CassandraConfig { retention: Some(Duration::from_secs(MAX_TTL_SECONDS + 1)), ..valid.clone() },
+            CassandraConfig { replication: Replication::NetworkTopology(BTreeMap::new()), ..valid.clone() },
+        ] {
+            assert!(matches!(invalid.validate(), Err(BackendError::InvalidConfig(_))), "{invalid:?}");
+        }
+    }
+}
