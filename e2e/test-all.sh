@@ -52,21 +52,36 @@ helm_passed=$(awk '{print $2}' <<<"$helm_line")
 helm_failed=$(awk '{print $4}' <<<"$helm_line")
 # --- Helm chart render test --- end ---
 
-# --- Redis for the driver suite (router/tests/drivers.rs runs every driver test against it) --- begin ---
-# A throwaway Redis on a free loopback port (e2e/stack); PARLEY_REDIS_URL reaches cargo test through stack.env.
-# It is stopped on exit, whatever happens. Without it the Redis driver tests fail (they never pass silently).
-step "redis for the driver suite (e2e/stack)"
-STACK_ONLY=redis bash e2e/stack/install.sh || fail "cannot install Redis (STACK_ONLY=redis bash e2e/stack/install.sh)"
+# --- Real engines for the driver suites (router/tests/drivers.rs: Redis; router/tests/stores.rs: Cassandra) --- begin ---
+# Throwaway engines on free loopback ports (e2e/stack); their addresses reach cargo test through stack.env.
+# They are stopped on exit, whatever happens. Without them the driver tests fail (they never pass silently).
+# stack_engines is the one list of engines to start: add an engine here (install parts follow from it).
+stack_engines="redis,cassandra"
+# Cassandra shares the machine with Kafka and a Kubernetes control plane in the same run: 1 GiB of heap is
+# enough for the test keyspaces (override with STACK_CASSANDRA_HEAP).
+export STACK_CASSANDRA_HEAP="${STACK_CASSANDRA_HEAP:-1G}"
+step "engines for the driver suites: $stack_engines (e2e/stack)"
+stack_parts="$stack_engines"
+[[ ",$stack_engines," == *,cassandra,* ]] && stack_parts="$stack_parts,cql"
+STACK_ONLY="$stack_parts" bash e2e/stack/install.sh \
+  || fail "cannot install $stack_parts (STACK_ONLY=$stack_parts bash e2e/stack/install.sh)"
 stack_state="$(mktemp -d "${TMPDIR:-/tmp}/parley-stack.XXXXXX")"
 trap 'bash "$root/e2e/stack/down.sh" --purge "$stack_state" >/dev/null 2>&1 || true' EXIT
-bash e2e/stack/up.sh --only redis "$stack_state" \
-  || fail "Redis did not start: see the e2e/stack/up.sh output above and $stack_state/redis/redis.log"
+bash e2e/stack/up.sh --only "$stack_engines" "$stack_state" \
+  || fail "$stack_engines did not all start: see the e2e/stack/up.sh output above and the logs under $stack_state \
+(redis/redis.log, cassandra1/logs/system.log)"
 set -a
 . "$stack_state/stack.env"
 set +a
 [[ -n "${PARLEY_REDIS_URL:-}" ]] || fail "e2e/stack/up.sh wrote no PARLEY_REDIS_URL to $stack_state/stack.env"
 echo "PARLEY_REDIS_URL=$PARLEY_REDIS_URL"
-# --- Redis for the driver suite --- end ---
+if [[ ",$stack_engines," == *,cassandra,* ]]; then
+  [[ -n "${PARLEY_CASSANDRA_CONTACT:-}" ]] \
+    || fail "Cassandra did not start: e2e/stack/up.sh wrote no PARLEY_CASSANDRA_CONTACT to $stack_state/stack.env \
+(see $stack_state/cassandra1/logs/system.log)"
+  echo "PARLEY_CASSANDRA_CONTACT=$PARLEY_CASSANDRA_CONTACT"
+fi
+# --- Real engines for the driver suites --- end ---
 
 # --- Kubernetes control plane for the operator e2e suite (operator/tests/k8s.rs) --- begin ---
 # A real kube-apiserver/etcd/controller-manager/scheduler plus kwok on loopback (e2e/k8s; binaries cached under

@@ -27,6 +27,22 @@ pub enum BackendError {
         #[source]
         source: Box<redis::RedisError>,
     },
+    /// A Cassandra/Scylla request failed for a reason other than unavailability (bad statement, unexpected
+    /// reply, schema error).
+    #[error("cassandra {operation} failed: {source}")]
+    Cassandra {
+        /// What was attempted (`write messages`, `read history`, `apply membership`, ...).
+        operation: &'static str,
+        /// The driver's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A backend's configuration is invalid.
+    #[error("invalid backend configuration: {0}")]
+    InvalidConfig(String),
+    /// A stored record holds a value this version cannot read.
+    #[error("corrupt stored record: {0}")]
+    Corrupt(String),
 }
 
 macro_rules! from_redb {

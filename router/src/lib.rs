@@ -9,6 +9,8 @@
 //! - [`presence`] holds the [`presence::PresenceStore`] trait (the fenced presence book and user→gateway
 //!   registry of [`parley_core::presence`], async and batched) and its embedded driver.
 //! - [`redis`] holds the Redis drivers of [`pubsub::PubSub`] and [`presence::PresenceStore`].
+//! - [`cassandra`] holds the Cassandra/ScyllaDB driver of [`backend::MessageStore`] and
+//!   [`backend::MembershipStore`], with its versioned schema.
 //! - [`router`] is the single writer: a task that takes commands in batches, decides order with
 //!   [`parley_core::sequencer`], writes the batch durably, and only then confirms and publishes.
 //! - [`service`] is the handle callers use ([`Router`]: the in-process writer or a client of a `parley-router`
@@ -16,6 +18,7 @@
 //! - [`error`] is the crate's error type, which maps to the protocol's stable error codes.
 
 pub mod backend;
+pub mod cassandra;
 pub mod embedded;
 pub mod error;
 pub mod presence;

@@ -1,0 +1,594 @@
+//! One behaviour suite for the message and membership stores, run against the embedded driver and against
+//! Cassandra.
+//!
+//! Every test body takes an [`Engine`] and runs once per driver (`<test>::embedded`, `<test>::cassandra`). The
+//! Cassandra runs need `PARLEY_CASSANDRA_CONTACT` (start one with `e2e/stack/up.sh --only cassandra <state dir>`
+//! and source `<state dir>/stack.env`); each test creates its own keyspace `parley_test_<pid>_<n>` and drops it
+//! at the end. Without the variable they fail, unless `PARLEY_SKIP_ENGINE_TESTS=1` asks for the engine-free tests
+//! only.
+
+use parley_core::protocol::MessageView;
+use parley_core::{ChannelKind, UserId};
+use parley_router::backend::{ChannelRecord, HistoryQuery, MembershipChange, MembershipStore, MessageStore};
+use parley_router::cassandra::{CassandraConfig, CassandraStore};
+use parley_router::embedded::{EmbeddedStore, Retention};
+use parley_router::pubsub::LocalPubSub;
+use parley_router::{BackendError, Router, RouterConfig};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+
+const START_CASSANDRA: &str = "start Cassandra with `e2e/stack/up.sh --only cassandra /tmp/parley-stack` and \
+     `set -a; . /tmp/parley-stack/stack.env; set +a` (stop it with `e2e/stack/down.sh /tmp/parley-stack`), or set \
+     PARLEY_SKIP_ENGINE_TESTS=1 to run only the engine-free tests";
+
+/// Width of a time bucket in these tests: short, so that a few seconds of timestamps cross many buckets.
+const BUCKET: Duration = Duration::from_secs(1);
+
+/// Retention of the retention test: short, so that Cassandra's TTL expires within the test.
+const SHORT_RETENTION: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    Embedded,
+    Cassandra,
+}
+
+fn skip_engines() -> bool {
+    std::env::var("PARLEY_SKIP_ENGINE_TESTS").is_ok_and(|value| value == "1")
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
+}
+
+fn unique_keyspace() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("parley_test_{}_{}_{}", std::process::id(), now_ms() % 1_000_000, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A Cassandra configuration with its own keyspace, or `None` when engine tests are skipped.
+fn cassandra_config(retention: Option<Duration>) -> Option<CassandraConfig> {
+    match std::env::var("PARLEY_CASSANDRA_CONTACT") {
+        Ok(contact) if !contact.is_empty() => {
+            let mut config = CassandraConfig::new(contact.split(',').map(str::to_owned).collect(), unique_keyspace());
+            config.local_datacenter = std::env::var("PARLEY_CASSANDRA_DC").ok().filter(|dc| !dc.is_empty());
+            config.retention = retention;
+            config.bucket = BUCKET;
+            config.page_size = 500;
+            config.request_timeout = Duration::from_secs(10);
+            Some(config)
+        }
+        _ if skip_engines() => {
+            eprintln!("SKIPPED: Cassandra driver test (PARLEY_SKIP_ENGINE_TESTS=1)");
+            None
+        }
+        _ => panic!("PARLEY_CASSANDRA_CONTACT is not set, so the Cassandra driver tests cannot run: {START_CASSANDRA}"),
+    }
+}
+
+async fn connect(config: CassandraConfig) -> CassandraStore {
+    let contact = config.contact_points.join(",");
+    CassandraStore::connect(config).await.unwrap_or_else(|error| {
+        panic!("cannot reach Cassandra at PARLEY_CASSANDRA_CONTACT={contact}: {error}; {START_CASSANDRA}")
+    })
+}
+
+/// The stores of one test, and what must be cleaned up after it.
+struct Stores {
+    messages: Arc<dyn MessageStore>,
+    membership: Arc<dyn MembershipStore>,
+    embedded: Option<(EmbeddedStore, tempfile::TempDir)>,
+    cassandra: Option<CassandraStore>,
+}
+
+impl Stores {
+    async fn open(engine: Engine, retention: Option<Duration>) -> Option<Stores> {
+        match engine {
+            Engine::Embedded => {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let retention = Retention {
+                    messages: retention,
+                    bucket: BUCKET,
+                    idempotency: retention.unwrap_or(Duration::from_secs(10 * 365 * 24 * 3600)),
+                };
+                let store = EmbeddedStore::open(dir.path(), retention).expect("open embedded store");
+                Some(Stores {
+                    messages: Arc::new(store.clone()),
+                    membership: Arc::new(store.clone()),
+                    embedded: Some((store, dir)),
+                    cassandra: None,
+                })
+            }
+            Engine::Cassandra => {
+                let store = connect(cassandra_config(retention)?).await;
+                Some(Stores {
+                    messages: Arc::new(store.clone()),
+                    membership: Arc::new(store.clone()),
+                    embedded: None,
+                    cassandra: Some(store),
+                })
+            }
+        }
+    }
+
+    /// Lets the messages written so far with old timestamps expire: a retention sweep for the embedded store,
+    /// the TTL running out for Cassandra.
+    async fn expire(&self) {
+        if let Some((store, _)) = &self.embedded {
+            store.sweep(now_ms()).await.expect("sweep");
+        }
+        if self.cassandra.is_some() {
+            tokio::time::sleep(SHORT_RETENTION + Duration::from_millis(1500)).await;
+        }
+    }
+
+    async fn finish(self) {
+        if let Some(store) = self.cassandra {
+            store.drop_keyspace().await.expect("drop keyspace");
+        }
+    }
+}
+
+fn message(channel: &str, seq: u64, ts: u64) -> MessageView {
+    MessageView {
+        channel: channel.into(),
+        seq,
+        id: (ts << 22) | seq,
+        sender: "alice".into(),
+        text: format!("message {seq}"),
+        ts,
+        client_msg_id: format!("{channel}-c{seq}"),
+    }
+}
+
+fn seqs(messages: &[MessageView]) -> Vec<u64> {
+    messages.iter().map(|message| message.seq).collect()
+}
+
+fn record(channel: &str, creator: &str) -> ChannelRecord {
+    ChannelRecord {
+        id: channel.into(),
+        kind: ChannelKind::Group,
+        created_by: creator.into(),
+        created_at: 7,
+        member_count: 0,
+    }
+}
+
+fn add(channel: &str, user: &str) -> MembershipChange {
+    MembershipChange::Add { channel: channel.into(), user: user.into() }
+}
+
+fn remove(channel: &str, user: &str) -> MembershipChange {
+    MembershipChange::Remove { channel: channel.into(), user: user.into() }
+}
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$name(super::Engine::Embedded).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cassandra() {
+                super::$name(super::Engine::Cassandra).await
+            }
+        }
+    )*};
+}
+
+suite!(
+    history_pages_both_ways_across_buckets,
+    rewriting_changes_nothing,
+    last_stored_seq_is_the_highest_written,
+    stored_sends_are_found_by_key,
+    retention_expires_old_messages_and_raises_the_floor,
+    membership_counts_follow_adds_and_removes,
+    user_channels_lists_every_channel_of_a_user,
+    read_cursor_never_moves_back,
+    large_channel_members_are_listed_in_full,
+    router_writer_runs_on_the_store,
+);
+
+async fn history_pages_both_ways_across_buckets(engine: Engine) {
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let store = &stores.messages;
+    // 50 messages, four per second: 13 one-second buckets. Written out of order, in several batches.
+    let base = now_ms() / 1000 * 1000;
+    let mut all: Vec<MessageView> = (1..=50).map(|seq| message("g:paging", seq, base + seq * 250)).collect();
+    all.reverse();
+    for chunk in all.chunks(9) {
+        store.write(chunk.to_vec()).await.expect("write");
+    }
+    store.write(vec![message("g:other", 1, base)]).await.expect("write other");
+
+    // Newest first, page by page, back to the start.
+    let mut before = None;
+    let mut collected = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = store.history("g:paging", HistoryQuery { before, after: None, limit: 7 }).await.expect("page");
+        pages += 1;
+        assert!(page.messages.windows(2).all(|pair| pair[0].seq + 1 == pair[1].seq), "ascending within a page");
+        let mut page_seqs = seqs(&page.messages);
+        page_seqs.extend(collected);
+        collected = page_seqs;
+        before = page.messages.first().map(|message| message.seq);
+        if !page.has_more {
+            break;
+        }
+        assert_eq!(page.messages.len(), 7);
+    }
+    assert_eq!(collected, (1..=50).collect::<Vec<_>>());
+    assert_eq!(pages, 8);
+
+    // Oldest first with `after`.
+    let mut after = 0;
+    let mut forward = Vec::new();
+    loop {
+        let page = store.history("g:paging", HistoryQuery { before: None, after: Some(after), limit: 7 }).await;
+        let page = page.expect("page");
+        forward.extend(seqs(&page.messages));
+        after = page.messages.last().map(|message| message.seq).unwrap_or(after);
+        if !page.has_more {
+            break;
+        }
+    }
+    assert_eq!(forward, (1..=50).collect::<Vec<_>>());
+
+    // Both bounds, a page that hits the upper bound exactly, an empty range, limit 0 as 1, the full message.
+    let window = store.history("g:paging", HistoryQuery { before: Some(20), after: Some(10), limit: 5 }).await;
+    let window = window.expect("window");
+    assert_eq!(seqs(&window.messages), vec![11, 12, 13, 14, 15]);
+    assert!(window.has_more);
+    let exact = store.history("g:paging", HistoryQuery { before: Some(20), after: Some(14), limit: 5 }).await;
+    let exact = exact.expect("exact");
+    assert_eq!(seqs(&exact.messages), vec![15, 16, 17, 18, 19]);
+    assert!(!exact.has_more);
+    let empty = store.history("g:paging", HistoryQuery { before: Some(5), after: Some(4), limit: 5 }).await;
+    assert_eq!(empty.expect("empty").messages, vec![]);
+    let one = store.history("g:paging", HistoryQuery { before: None, after: None, limit: 0 }).await.expect("one");
+    assert_eq!(one.messages, vec![message("g:paging", 50, base + 50 * 250)]);
+    assert!(one.has_more);
+    let newest = store.history("g:paging", HistoryQuery { before: Some(51), after: None, limit: 50 }).await;
+    let newest = newest.expect("all");
+    assert_eq!(newest.messages.len(), 50);
+    assert!(!newest.has_more);
+    let unknown = store.history("g:nothing", HistoryQuery { limit: 10, ..Default::default() }).await.expect("none");
+    assert!(unknown.messages.is_empty() && !unknown.has_more);
+    let other = store.history("g:other", HistoryQuery { limit: 10, ..Default::default() }).await.expect("other");
+    assert_eq!(seqs(&other.messages), vec![1]);
+    stores.finish().await;
+}
+
+async fn rewriting_changes_nothing(engine: Engine) {
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let store = &stores.messages;
+    let base = now_ms();
+    let batch: Vec<MessageView> = (1..=10).map(|seq| message("g:again", seq, base + seq * 300)).collect();
+    store.write(batch.clone()).await.expect("write");
+    let query = HistoryQuery { limit: 100, ..Default::default() };
+    let first = store.history("g:again", query).await.expect("history");
+    store.write(batch.clone()).await.expect("rewrite");
+    store.write(batch[3..6].to_vec()).await.expect("partial rewrite");
+    let second = store.history("g:again", query).await.expect("history");
+    assert_eq!(first, second);
+    assert_eq!(second.messages, batch);
+    assert_eq!(store.last_stored_seq("g:again").await.expect("last"), 10);
+    assert_eq!(store.first_retained_seq("g:again").await.expect("first"), 1);
+    stores.finish().await;
+}
+
+async fn last_stored_seq_is_the_highest_written(engine: Engine) {
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let store = &stores.messages;
+    let base = now_ms();
+    assert_eq!(store.last_stored_seq("g:last").await.expect("empty"), 0);
+    store.write(vec![message("g:last", 5, base + 5)]).await.expect("write 5");
+    assert_eq!(store.last_stored_seq("g:last").await.expect("after 5"), 5);
+    // An older message arriving late does not lower it.
+    store.write(vec![message("g:last", 3, base + 3), message("g:last", 4, base + 4)]).await.expect("write 3-4");
+    assert_eq!(store.last_stored_seq("g:last").await.expect("after 3"), 5);
+    store.write(vec![message("g:last", 9, base + 1900)]).await.expect("write 9");
+    assert_eq!(store.last_stored_seq("g:last").await.expect("after 9"), 9);
+    assert_eq!(store.last_stored_seq("g:elsewhere").await.expect("other"), 0);
+    stores.finish().await;
+}
+
+async fn stored_sends_are_found_by_key(engine: Engine) {
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let store = &stores.messages;
+    let base = now_ms();
+    let mut bob = message("g:sends", 2, base + 2);
+    bob.sender = "bob".into();
+    bob.client_msg_id = "same-id".into();
+    let mut alice = message("g:sends", 1, base + 1);
+    alice.client_msg_id = "same-id".into();
+    store.write(vec![alice.clone(), bob.clone(), message("g:sends", 3, base + 3)]).await.expect("write");
+    let found = store
+        .find_stored_sends(vec![
+            ("bob".into(), "same-id".into()),
+            ("carol".into(), "same-id".into()),
+            ("alice".into(), "same-id".into()),
+            ("alice".into(), "g:sends-c3".into()),
+        ])
+        .await
+        .expect("find");
+    assert_eq!(found.len(), 4);
+    let bob_found = found[0].as_ref().expect("bob's send");
+    assert_eq!(bob_found.channel, "g:sends");
+    assert_eq!((bob_found.placement.seq, bob_found.placement.id, bob_found.placement.ts), (2, bob.id, bob.ts));
+    assert!(found[1].is_none());
+    assert_eq!(found[2].as_ref().map(|prior| prior.placement.seq), Some(1));
+    assert_eq!(found[3].as_ref().map(|prior| prior.placement.seq), Some(3));
+    assert!(store.find_stored_sends(vec![]).await.expect("none").is_empty());
+    stores.finish().await;
+}
+
+async fn retention_expires_old_messages_and_raises_the_floor(engine: Engine) {
+    let Some(stores) = Stores::open(engine, Some(SHORT_RETENTION)).await else { return };
+    let store = &stores.messages;
+    let old = now_ms() - 60_000;
+    store.write(vec![message("g:kept", 1, old), message("g:kept", 2, old + 1)]).await.expect("write old");
+    store.write(vec![message("g:gone", 1, old), message("g:gone", 2, old + 1200)]).await.expect("write old");
+    assert_eq!(store.first_retained_seq("g:kept").await.expect("floor"), 1);
+    assert_eq!(store.first_retained_seq("g:never").await.expect("floor"), 1);
+    stores.expire().await;
+    store.write(vec![message("g:kept", 3, now_ms())]).await.expect("write new");
+    if let Some((embedded, _)) = &stores.embedded {
+        // The sweep only drops old buckets: the message just written stays.
+        embedded.sweep(now_ms()).await.expect("sweep");
+    }
+    assert_eq!(store.first_retained_seq("g:kept").await.expect("floor"), 3);
+    let page = store.history("g:kept", HistoryQuery { limit: 10, ..Default::default() }).await.expect("page");
+    assert_eq!(seqs(&page.messages), vec![3]);
+    assert!(!page.has_more);
+    // Every message of a channel expired: the floor is one past its last stored sequence.
+    assert_eq!(store.first_retained_seq("g:gone").await.expect("floor"), 3);
+    assert_eq!(store.last_stored_seq("g:gone").await.expect("last"), 2);
+    let empty = store.history("g:gone", HistoryQuery { limit: 10, ..Default::default() }).await.expect("page");
+    assert!(empty.messages.is_empty() && !empty.has_more);
+    // Idempotency keys expire with their messages.
+    let found = store.find_stored_sends(vec![("alice".into(), "g:gone-c1".into())]).await.expect("find");
+    assert!(found[0].is_none());
+    stores.finish().await;
+}
+
+async fn membership_counts_follow_adds_and_removes(engine: Engine) {
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let membership = &stores.membership;
+    assert_eq!(membership.channel("g:club").await.expect("missing"), None);
+    membership
+        .apply(vec![
+            MembershipChange::Create(record("g:club", "alice")),
+            add("g:club", "alice"),
+            add("g:club", "bob"),
+            add("g:club", "bob"),
+        ])
+        .await
+        .expect("create");
+    let created = membership.channel("g:club").await.expect("channel").expect("exists");
+    assert_eq!(created, ChannelRecord { member_count: 2, ..record("g:club", "alice") });
+    assert_eq!(membership.members("g:club").await.expect("members"), vec!["alice", "bob"]);
+    membership
+        .apply(vec![add("g:club", "carol"), remove("g:club", "alice"), remove("g:club", "dave")])
+        .await
+        .expect("apply");
+    assert_eq!(membership.channel("g:club").await.expect("get").map(|record| record.member_count), Some(2));
+    assert_eq!(membership.members("g:club").await.expect("members"), vec!["bob", "carol"]);
+    assert!(!membership.is_member("g:club", "alice").await.expect("alice"));
+    assert!(membership.is_member("g:club", "carol").await.expect("carol"));
+    // Removing and adding back in one change set.
+    membership.apply(vec![remove("g:club", "bob"), add("g:club", "bob"), add("g:club", "alice")]).await.expect("apply");
+    assert_eq!(membership.channel("g:club").await.expect("get").map(|record| record.member_count), Some(3));
+    assert_eq!(membership.members("g:club").await.expect("members"), vec!["alice", "bob", "carol"]);
+    membership.apply(vec![add("g:club", "dave"), remove("g:club", "dave")]).await.expect("apply");
+    assert!(!membership.is_member("g:club", "dave").await.expect("dave"));
+    assert!(membership.user_channels("dave").await.expect("dave").is_empty());
+    assert_eq!(membership.channel("g:club").await.expect("get").map(|record| record.member_count), Some(3));
+    // A DM record keeps its kind.
+    let dm = ChannelRecord { kind: ChannelKind::Dm, ..record("dm:alice:bob", "alice") };
+    membership
+        .apply(vec![MembershipChange::Create(dm.clone()), add("dm:alice:bob", "alice"), add("dm:alice:bob", "bob")])
+        .await
+        .expect("dm");
+    assert_eq!(membership.channel("dm:alice:bob").await.expect("dm"), Some(ChannelRecord { member_count: 2, ..dm }));
+    membership.apply(vec![]).await.expect("nothing");
+    stores.finish().await;
+}
+
+async fn user_channels_lists_every_channel_of_a_user(engine: Engine) {
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let membership = &stores.membership;
+    let mut changes = Vec::new();
+    for channel in ["g:c", "g:a", "g:b"] {
+        changes.push(MembershipChange::Create(record(channel, "alice")));
+        changes.push(add(channel, "alice"));
+    }
+    changes.push(add("g:b", "bob"));
+    membership.apply(changes).await.expect("apply");
+    assert_eq!(membership.user_channels("alice").await.expect("alice"), vec!["g:a", "g:b", "g:c"]);
+    assert_eq!(membership.user_channels("bob").await.expect("bob"), vec!["g:b"]);
+    membership.apply(vec![remove("g:b", "alice")]).await.expect("leave");
+    assert_eq!(membership.user_channels("alice").await.expect("alice"), vec!["g:a", "g:c"]);
+    assert!(membership.user_channels("nobody").await.expect("nobody").is_empty());
+    stores.finish().await;
+}
+
+async fn read_cursor_never_moves_back(engine: Engine) {
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let membership = &stores.membership;
+    assert_eq!(membership.read_seq("alice", "g:read").await.expect("none"), 0);
+    assert_eq!(membership.set_read("alice", "g:read", 5).await.expect("5"), 5);
+    assert_eq!(membership.set_read("alice", "g:read", 3).await.expect("3"), 5);
+    assert_eq!(membership.read_seq("alice", "g:read").await.expect("read"), 5);
+    // Out-of-order concurrent writes: the highest wins.
+    let mut order: Vec<u64> = (1..=60).collect();
+    order.reverse();
+    order.swap(0, 30);
+    let writes = order.into_iter().map(|seq| {
+        let membership = membership.clone();
+        tokio::spawn(async move { membership.set_read("alice", "g:read", seq).await })
+    });
+    for write in writes.collect::<Vec<_>>() {
+        let cursor = write.await.expect("task").expect("set read");
+        assert!(cursor >= 5, "{cursor}");
+    }
+    assert_eq!(membership.read_seq("alice", "g:read").await.expect("read"), 60);
+    assert_eq!(membership.set_read("alice", "g:read", 59).await.expect("59"), 60);
+    assert_eq!(membership.read_seq("bob", "g:read").await.expect("other user"), 0);
+    assert_eq!(membership.read_seq("alice", "g:other").await.expect("other channel"), 0);
+    stores.finish().await;
+}
+
+async fn large_channel_members_are_listed_in_full(engine: Engine) {
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let membership = &stores.membership;
+    let users: Vec<String> = (0..10_000).map(|index| format!("user{index:05}")).collect();
+    let mut changes = vec![MembershipChange::Create(record("g:big", "user00000"))];
+    changes.extend(users.iter().map(|user| add("g:big", user)));
+    membership.apply(changes).await.expect("create big");
+    assert_eq!(membership.channel("g:big").await.expect("get").map(|record| record.member_count), Some(10_000));
+    assert_eq!(membership.members("g:big").await.expect("members"), users);
+    let leaving: Vec<MembershipChange> = users.iter().step_by(100).map(|user| remove("g:big", user)).collect();
+    membership.apply(leaving).await.expect("leave");
+    assert_eq!(membership.channel("g:big").await.expect("get").map(|record| record.member_count), Some(9_900));
+    let listed = membership.members("g:big").await.expect("members");
+    assert_eq!(listed.len(), 9_900);
+    assert!(!listed.contains(&"user00100".to_owned()));
+    assert_eq!(membership.user_channels("user00101").await.expect("channels"), vec!["g:big"]);
+    assert!(membership.user_channels("user00100").await.expect("channels").is_empty());
+    stores.finish().await;
+}
+
+/// The router's single writer with the engine as its membership and message store. The log stays embedded;
+/// with Cassandra, a task writes every durable message to the store, as a log consumer would.
+async fn router_writer_runs_on_the_store(engine: Engine) {
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let log_dir = tempfile::tempdir().expect("tempdir");
+    let log = match &stores.embedded {
+        Some((store, _)) => store.clone(),
+        None => EmbeddedStore::open(log_dir.path(), Retention::default()).expect("log"),
+    };
+    let (tap, mut durable) = mpsc::channel(1024);
+    let (router, _writer) = Router::start_with_tap(
+        RouterConfig::default(),
+        Arc::new(log),
+        stores.messages.clone(),
+        stores.membership.clone(),
+        Arc::new(LocalPubSub::new()),
+        Some(tap),
+    )
+    .expect("router");
+    let store = stores.messages.clone();
+    let follow_log = engine == Engine::Cassandra;
+    let follower = tokio::spawn(async move {
+        while let Some(message) = durable.recv().await {
+            if follow_log {
+                store.write(vec![message.message]).await.expect("store write");
+            }
+        }
+    });
+    let alice = UserId::new("alice").expect("user");
+    let bob = UserId::new("bob").expect("user");
+    router.create_channel(&alice, "team", &["bob".to_owned()]).await.expect("create");
+    for index in 1..=20 {
+        let outcome = router.send(&alice, "g:team", &format!("m{index}"), &format!("hello {index}")).await;
+        assert_eq!(outcome.expect("send").placement.seq, index);
+    }
+    let retry = router.send(&alice, "g:team", "m3", "hello 3").await.expect("retry");
+    assert!(retry.duplicate && retry.placement.seq == 3);
+    let page = {
+        let mut waited = Duration::ZERO;
+        loop {
+            let page = router.history(&bob, "g:team", HistoryQuery { limit: 50, ..Default::default() }).await;
+            let page = page.expect("history");
+            if page.messages.len() == 20 || waited > Duration::from_secs(10) {
+                break page;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            waited += Duration::from_millis(50);
+        }
+    };
+    assert_eq!(seqs(&page.messages), (1..=20).collect::<Vec<_>>());
+    assert_eq!(page.messages[4].text, "hello 5");
+    assert_eq!(router.members(&bob, "g:team").await.expect("members"), vec!["alice", "bob"]);
+    router.leave(&bob, "g:team").await.expect("leave");
+    assert_eq!(router.members(&alice, "g:team").await.expect("members"), vec!["alice"]);
+    assert_eq!(router.mark_read(&alice, "g:team", 12).await.expect("read"), 12);
+    assert_eq!(router.mark_read(&alice, "g:team", 4).await.expect("read"), 12);
+    let views = router.list_channels(&alice).await.expect("channels");
+    assert_eq!(
+        views.iter().map(|view| (view.id.as_str(), view.members, view.last_seq)).collect::<Vec<_>>(),
+        vec![("g:team", 1, 20)]
+    );
+    drop(router);
+    follower.await.expect("follower");
+    stores.finish().await;
+}
+
+/// An unreachable cluster is a clear `Unavailable` error, quickly, and never a panic. Needs no engine.
+#[tokio::test]
+async fn unreachable_cassandra_is_unavailable() {
+    let mut config = CassandraConfig::new(vec!["127.0.0.1:1".into()], "parley_unreachable");
+    config.request_timeout = Duration::from_secs(2);
+    let started = std::time::Instant::now();
+    let error = CassandraStore::connect(config).await.expect_err("nothing listens on port 1");
+    assert!(matches!(error, BackendError::Unavailable(_)), "{error:?}");
+    assert!(error.to_string().contains("cannot connect to cassandra at 127.0.0.1:1"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+}
+
+/// Invalid configuration is refused before anything is sent. Needs no engine.
+#[tokio::test]
+async fn invalid_cassandra_config_is_refused() {
+    let config = CassandraConfig::new(vec!["127.0.0.1:9042".into()], "bad-name; DROP");
+    let error = CassandraStore::connect(config).await.expect_err("bad keyspace");
+    assert!(matches!(error, BackendError::InvalidConfig(_)), "{error:?}");
+    let mut config = CassandraConfig::new(vec!["127.0.0.1:9042".into()], "fine");
+    config.retention = Some(Duration::ZERO);
+    assert!(matches!(CassandraStore::connect(config).await, Err(BackendError::InvalidConfig(_))));
+    assert!(CassandraConfig::parse_consistency("local_quorum").is_ok());
+    assert!(matches!(CassandraConfig::parse_consistency("most"), Err(BackendError::InvalidConfig(_))));
+}
+
+/// Two processes starting at once both run the migrations; the schema ends up applied once, and a third
+/// connect applies nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrations_are_harmless() {
+    let Some(config) = cassandra_config(None) else { return };
+    let (first, second) = tokio::join!(connect(config.clone()), connect(config.clone()));
+    let base = now_ms();
+    first.write(vec![message("g:both", 1, base)]).await.expect("write through first");
+    let page = second.history("g:both", HistoryQuery { limit: 5, ..Default::default() }).await.expect("read");
+    assert_eq!(seqs(&page.messages), vec![1]);
+    let third = connect(config).await;
+    assert_eq!(third.last_stored_seq("g:both").await.expect("last"), 1);
+    first.drop_keyspace().await.expect("drop");
+}
+
+/// The inbox orders a user's channels by their last stored message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_orders_channels_by_last_activity() {
+    let Some(config) = cassandra_config(None) else { return };
+    let store = connect(config).await;
+    let mut changes = Vec::new();
+    for channel in ["g:quiet", "g:busy", "g:new", "g:empty"] {
+        changes.push(MembershipChange::Create(record(channel, "alice")));
+        changes.push(add(channel, "alice"));
+    }
+    store.apply(changes).await.expect("apply");
+    let base = now_ms();
+    store
+        .write(vec![message("g:quiet", 1, base), message("g:busy", 1, base + 10), message("g:new", 1, base + 20)])
+        .await
+        .expect("write");
+    store.write(vec![message("g:busy", 2, base + 30)]).await.expect("write");
+    let inbox = store.inbox("alice").await.expect("inbox");
+    let order: Vec<(&str, u64)> = inbox.iter().map(|entry| (entry.channel.as_str(), entry.last_seq)).collect();
+    assert_eq!(order, vec![("g:busy", 2), ("g:new", 1), ("g:quiet", 1), ("g:empty", 0)]);
+    store.drop_keyspace().await.expect("drop");
+}
