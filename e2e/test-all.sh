@@ -26,21 +26,33 @@ cargo fmt --all -- --check || fail "code is not formatted: run cargo fmt --all"
 step "build"
 cargo build --workspace --all-targets --locked || fail "build"
 
-# --- Redis for the driver suite (router/tests/drivers.rs runs every driver test against it) --- begin ---
-# A throwaway Redis on a free loopback port (e2e/stack); PARLEY_REDIS_URL reaches cargo test through stack.env.
-# It is stopped on exit, whatever happens. Without it the Redis driver tests fail (they never pass silently).
-step "redis for the driver suite (e2e/stack)"
-STACK_ONLY=redis bash e2e/stack/install.sh || fail "cannot install Redis (STACK_ONLY=redis bash e2e/stack/install.sh)"
+# --- Real engines for the driver suites (router/tests/drivers.rs, router/tests/kafka.rs) --- begin ---
+# Throwaway engines on free loopback ports (e2e/stack); PARLEY_REDIS_URL, PARLEY_KAFKA_BOOTSTRAP, ... reach cargo
+# test through stack.env. They are stopped on exit, whatever happens. Without them the driver tests fail (they
+# never pass silently), and an engine that does not start fails the run here.
+stack_engines="redis,kafka"
+step "engines for the driver suites: $stack_engines (e2e/stack)"
+STACK_ONLY="$stack_engines" bash e2e/stack/install.sh \
+  || fail "cannot install $stack_engines (STACK_ONLY=$stack_engines bash e2e/stack/install.sh)"
 stack_state="$(mktemp -d "${TMPDIR:-/tmp}/parley-stack.XXXXXX")"
 trap 'bash "$root/e2e/stack/down.sh" --purge "$stack_state" >/dev/null 2>&1 || true' EXIT
-bash e2e/stack/up.sh --only redis "$stack_state" \
-  || fail "Redis did not start: see the e2e/stack/up.sh output above and $stack_state/redis/redis.log"
+bash e2e/stack/up.sh --only "$stack_engines" "$stack_state" \
+  || fail "$stack_engines did not start: see the e2e/stack/up.sh output above and the logs under $stack_state \
+(redis/redis.log, kafka/kafka.log)"
 set -a
 . "$stack_state/stack.env"
 set +a
-[[ -n "${PARLEY_REDIS_URL:-}" ]] || fail "e2e/stack/up.sh wrote no PARLEY_REDIS_URL to $stack_state/stack.env"
-echo "PARLEY_REDIS_URL=$PARLEY_REDIS_URL"
-# --- Redis for the driver suite --- end ---
+for engine in ${stack_engines//,/ }; do
+  case "$engine" in
+    redis) variable=PARLEY_REDIS_URL ;;
+    kafka) variable=PARLEY_KAFKA_BOOTSTRAP ;;
+    cassandra) variable=PARLEY_CASSANDRA_CONTACT ;;
+    *) fail "unknown engine $engine in stack_engines" ;;
+  esac
+  [[ -n "${!variable:-}" ]] || fail "e2e/stack/up.sh started $engine but wrote no $variable to $stack_state/stack.env"
+  echo "$variable=${!variable}"
+done
+# --- Real engines for the driver suites --- end ---
 
 step "unit and integration tests (cargo test)"
 set +e

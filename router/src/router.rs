@@ -617,6 +617,19 @@ impl Writer {
         if let Err(error) = &written {
             self.stats.write_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             warn!(%error, "durable append failed; nothing confirmed");
+            // A log that commits per partition (Kafka) may have made part of a failed batch durable, or learn
+            // only later that a commit it could not confirm went through. Take the log's word for each
+            // channel's last sequence, so the next plan neither reuses a durable sequence nor leaves a gap.
+            let mut channels: Vec<&str> = fresh.iter().map(|message| message.channel.as_str()).collect();
+            channels.sort_unstable();
+            channels.dedup();
+            for channel in channels {
+                if let Ok(durable) = self.log.last_seq(channel).await {
+                    if self.sequencer.last_seq(channel).is_some_and(|planned| durable > planned) {
+                        self.sequencer.load(channel, durable);
+                    }
+                }
+            }
         } else {
             self.sequencer.commit(&plan);
             self.stats.messages.fetch_add(fresh.len() as u64, std::sync::atomic::Ordering::Relaxed);
