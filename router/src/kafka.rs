@@ -217,6 +217,22 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(call).await.map_err(|error| BackendError::Task(error.to_string()))?
 }
 
+/// Repeats a blocking Kafka call until it succeeds or `within` has passed (then returns the last error). For
+/// the moments after a topic or group was created, when leaders and coordinators are still being elected.
+pub(crate) fn retry_blocking<T>(
+    within: Duration,
+    mut call: impl FnMut() -> Result<T, KafkaError>,
+) -> Result<T, KafkaError> {
+    let deadline = Instant::now() + within;
+    loop {
+        match call() {
+            Ok(value) => return Ok(value),
+            Err(error) if Instant::now() >= deadline => return Err(error),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
 /// Creates `{prefix}messages`, `{prefix}receipts` and `{prefix}presence` unless they exist, then waits until
 /// the messages topic is visible with a leader for every partition. Returns its partition count (that of the
 /// existing topic when it was there already).

@@ -3,7 +3,7 @@
 
 use super::partition::{group_by_partition, partition_for};
 use super::tail::TailIndex;
-use super::{blocking, ensure_topics, kafka_error, millis, KafkaConfig};
+use super::{blocking, ensure_topics, kafka_error, millis, retry_blocking, KafkaConfig};
 use crate::backend::{MessageLog, MessageStore, PriorSend};
 use crate::error::BackendError;
 use async_trait::async_trait;
@@ -77,6 +77,21 @@ fn is_fenced_code(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+fn is_retriable(error: &KafkaError) -> bool {
+    match error {
+        KafkaError::Transaction(transaction) => transaction.is_retriable() && !transaction.is_fatal(),
+        other => matches!(
+            other.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::CoordinatorLoadInProgress
+                    | RDKafkaErrorCode::CoordinatorNotAvailable
+                    | RDKafkaErrorCode::NotCoordinator
+                    | RDKafkaErrorCode::ConcurrentTransactions
+            )
+        ),
+    }
+}
+
 impl KafkaLog {
     /// Creates the topics if needed, then acquires `owned` partitions of `{prefix}messages` (all of them when
     /// `None`, for a single writer): for each, `init_transactions` on its transactional producer (which fences
@@ -114,7 +129,7 @@ impl KafkaLog {
         };
         let acquired = join_all(log.owners.values().map(|owner| async {
             let mut owner = owner.lock().await;
-            log.acquire(&mut owner).await
+            log.acquire(&mut owner, log.config.scan_timeout).await
         }))
         .await;
         acquired.into_iter().collect::<Result<Vec<()>, BackendError>>()?;
@@ -143,7 +158,9 @@ impl KafkaLog {
     }
 
     /// (Re)acquires a partition: a new transactional producer, `init_transactions`, then the tail scan.
-    async fn acquire(&self, owner: &mut Owner) -> Result<(), BackendError> {
+    /// `patience` bounds how long retriable errors of `init_transactions` are retried (long when the log opens,
+    /// zero when an append re-acquires, so that a send fails fast while the broker is away).
+    async fn acquire(&self, owner: &mut Owner, patience: Duration) -> Result<(), BackendError> {
         let partition = owner.partition;
         if let Some(old) = owner.producer.take() {
             // librdkafka's destroy can block while it tears connections down.
@@ -165,7 +182,22 @@ impl KafkaLog {
         let initializing = producer.clone();
         let timeout = self.config.request_timeout;
         let started = Instant::now();
-        blocking(move || initializing.init_transactions(timeout).map_err(kafka_error("init transactions"))).await?;
+        blocking(move || {
+            // A fresh cluster answers COORDINATOR_LOAD_IN_PROGRESS while it creates its transaction log (seconds
+            // on a new broker); an old owner's open transaction is answered with CONCURRENT_TRANSACTIONS until it
+            // is aborted. Within `patience`, such retriable errors are retried; after it, they fail.
+            let deadline = Instant::now() + patience;
+            loop {
+                match initializing.init_transactions(timeout) {
+                    Ok(()) => return Ok(()),
+                    Err(error) if is_retriable(&error) && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(error) => return Err(kafka_error("init transactions")(error)),
+                }
+            }
+        })
+        .await?;
         debug!(partition, elapsed_ms = started.elapsed().as_millis() as u64, "transactional producer initialized");
         self.scan(partition).await?;
         owner.producer = Some(producer);
@@ -183,7 +215,8 @@ impl KafkaLog {
             for partition in &partitions {
                 list.add_partition(&topic, *partition);
             }
-            let committed = consumer.committed_offsets(list, timeout).map_err(kafka_error("committed offsets"))?;
+            let committed = retry_blocking(timeout, || consumer.committed_offsets(list.clone(), timeout))
+                .map_err(kafka_error("committed offsets"))?;
             Ok(partitions
                 .iter()
                 .map(|&partition| {
@@ -212,9 +245,11 @@ impl KafkaLog {
                 .set("enable.partition.eof", "true")
                 .create()
                 .map_err(kafka_error("tail scan consumer"))?;
-            let (low, high) = consumer
-                .fetch_watermarks(&topic, partition, config.request_timeout)
-                .map_err(kafka_error("tail scan watermarks"))?;
+            // A topic created a moment ago may not serve offsets yet (NOT_LEADER_FOR_PARTITION): retry.
+            let (low, high) = retry_blocking(config.request_timeout, || {
+                consumer.fetch_watermarks(&topic, partition, config.request_timeout)
+            })
+            .map_err(kafka_error("tail scan watermarks"))?;
             lock_index(&index).reset(partition);
             let from = committed.unwrap_or(low).max(low);
             if from >= high {
@@ -333,7 +368,7 @@ impl KafkaLog {
             None => {
                 // The last transaction's outcome was unknown: a new producer settles it, and the new scan shows
                 // whether any of it committed.
-                self.acquire(&mut owner).await?;
+                self.acquire(&mut owner, Duration::ZERO).await?;
                 self.check_sequences(&messages)?;
                 owner.producer.clone().ok_or_else(|| BackendError::Unavailable("kafka producer missing".into()))?
             }

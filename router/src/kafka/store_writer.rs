@@ -1,6 +1,6 @@
 //! [`StoreWriter`]: the consumer group that copies the messages topic into a [`MessageStore`].
 
-use super::{blocking, ensure_topics, kafka_error, KafkaConfig};
+use super::{blocking, ensure_topics, kafka_error, retry_blocking, KafkaConfig};
 use crate::backend::MessageStore;
 use crate::error::BackendError;
 use parley_core::protocol::MessageView;
@@ -129,11 +129,12 @@ pub async fn lag(config: &KafkaConfig) -> Result<u64, BackendError> {
         for partition in 0..partitions {
             list.add_partition(&topic, partition);
         }
-        let committed = consumer.committed_offsets(list, timeout).map_err(kafka_error("committed offsets"))?;
+        let committed = retry_blocking(timeout, || consumer.committed_offsets(list.clone(), timeout))
+            .map_err(kafka_error("committed offsets"))?;
         let mut total = 0u64;
         for partition in 0..partitions {
-            let (low, high) =
-                consumer.fetch_watermarks(&topic, partition, timeout).map_err(kafka_error("watermarks"))?;
+            let (low, high) = retry_blocking(timeout, || consumer.fetch_watermarks(&topic, partition, timeout))
+                .map_err(kafka_error("watermarks"))?;
             let done = match committed.find_partition(&topic, partition).map(|entry| entry.offset()) {
                 Some(Offset::Offset(offset)) => offset,
                 _ => low,
@@ -145,6 +146,9 @@ pub async fn lag(config: &KafkaConfig) -> Result<u64, BackendError> {
     .await
 }
 
+/// How long the writer waits for a record before it commits positions that moved past transaction markers.
+const IDLE_COMMIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 async fn run(
     config: KafkaConfig,
     consumer: Arc<StreamConsumer>,
@@ -152,17 +156,23 @@ async fn run(
     stats: Arc<StoreWriterStats>,
     mut stopping: watch::Receiver<bool>,
 ) -> Result<(), BackendError> {
-    let topic = config.messages_topic();
+    // What this writer committed last, per partition.
+    let mut committed: BTreeMap<i32, i64> = BTreeMap::new();
     loop {
         if *stopping.borrow() {
             break;
         }
         let mut batch: Vec<MessageView> = Vec::new();
-        // Next offset to commit per partition.
-        let mut next: BTreeMap<i32, i64> = BTreeMap::new();
         let first = tokio::select! {
             _ = stopping.changed() => break,
-            received = consumer.recv() => received,
+            received = consumer.recv() => Some(received),
+            _ = tokio::time::sleep(IDLE_COMMIT) => None,
+        };
+        let Some(first) = first else {
+            // Idle: the consumer may have moved past a commit marker after the last record; commit that so
+            // the lag reaches zero.
+            commit_positions(&config, &consumer, &mut committed, &stats).await;
+            continue;
         };
         let mut received = Some(first);
         let deadline = tokio::time::Instant::now() + config.store_batch_wait;
@@ -177,7 +187,6 @@ async fn run(
                         })?;
                         batch.push(view);
                     }
-                    next.insert(message.partition(), message.offset() + 1);
                 }
                 Err(error) => {
                     stats.consume_failures.fetch_add(1, Ordering::Relaxed);
@@ -189,9 +198,6 @@ async fn run(
                 break;
             }
             received = tokio::time::timeout_at(deadline, consumer.recv()).await.ok();
-        }
-        if next.is_empty() {
-            continue;
         }
         if !batch.is_empty() {
             let mut delay = config.retry_min;
@@ -214,21 +220,57 @@ async fn run(
             }
             stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
             stats.batches.fetch_add(1, Ordering::Relaxed);
+            debug!(messages = batch.len(), "stored");
         }
-        let mut list = TopicPartitionList::new();
-        for (partition, offset) in &next {
-            list.add_partition_offset(&topic, *partition, Offset::Offset(*offset)).map_err(kafka_error("commit"))?;
+        commit_positions(&config, &consumer, &mut committed, &stats).await;
+    }
+    Ok(())
+}
+
+/// Commits the consumer's positions that moved since the last commit. A position is the offset after the last
+/// record handed to this writer, past any transaction marker, and everything handed over is written by now.
+async fn commit_positions(
+    config: &KafkaConfig,
+    consumer: &Arc<StreamConsumer>,
+    committed: &mut BTreeMap<i32, i64>,
+    stats: &StoreWriterStats,
+) {
+    let topic = config.messages_topic();
+    let positions = match consumer.position() {
+        Ok(positions) => positions,
+        Err(error) => {
+            stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+            warn!(%error, "cannot read the consumer's positions");
+            return;
         }
-        let committing = consumer.clone();
-        let committed =
-            blocking(move || committing.commit(&list, CommitMode::Sync).map_err(kafka_error("commit"))).await;
-        match committed {
-            Ok(()) => debug!(messages = batch.len(), offsets = ?next, "stored and committed"),
-            Err(error) => {
-                stats.commit_failures.fetch_add(1, Ordering::Relaxed);
-                warn!(%error, "offset commit failed; the batch will be replayed (harmless)");
+    };
+    let mut moved = BTreeMap::new();
+    for entry in positions.elements_for_topic(&topic) {
+        if let Offset::Offset(offset) = entry.offset() {
+            if committed.get(&entry.partition()).is_none_or(|done| *done < offset) {
+                moved.insert(entry.partition(), offset);
             }
         }
     }
-    Ok(())
+    if moved.is_empty() {
+        return;
+    }
+    let mut list = TopicPartitionList::new();
+    for (partition, offset) in &moved {
+        if let Err(error) = list.add_partition_offset(&topic, *partition, Offset::Offset(*offset)) {
+            warn!(%error, "cannot build the commit");
+            return;
+        }
+    }
+    let committing = consumer.clone();
+    match blocking(move || committing.commit(&list, CommitMode::Sync).map_err(kafka_error("commit"))).await {
+        Ok(()) => {
+            debug!(offsets = ?moved, "committed");
+            committed.extend(moved);
+        }
+        Err(error) => {
+            stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+            warn!(%error, "offset commit failed; the batch will be replayed (harmless)");
+        }
+    }
 }
