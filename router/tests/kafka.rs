@@ -597,3 +597,60 @@ async fn a_stopped_broker_fails_sends_fast_and_they_recover_when_it_returns() {
     let texts: Vec<(u64, String)> = records.iter().map(|(_, message)| (message.seq, message.text.clone())).collect();
     assert_eq!(texts, vec![(1, "before the outage".to_owned()), (2, "after the outage".to_owned())]);
 }
+
+/// A batch that spans partitions commits per partition: when one partition is fenced, the other partition's part
+/// of the same batch may be durable although the send was reported failed. The router must then continue that
+/// channel after what is durable (never reuse or skip a sequence), and a retry of such a send must find it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partly_failed_batch_never_makes_the_router_reuse_or_skip_a_sequence() {
+    let Some(config) = kafka_config() else { return };
+    let (_dir, store) = store();
+    let log = Arc::new(open(&config, &store).await);
+    let (router, _task) =
+        Router::start(RouterConfig::default(), log, store.clone(), store.clone(), Arc::new(LocalPubSub::new()))
+            .expect("router");
+    let erin = UserId::new("erin").expect("user");
+    let (kept, lost) = ("kept", (0..100).map(|index| format!("lost{index}")));
+    let kept_partition = partition_for(&format!("g:{kept}"), 3);
+    let lost = lost.into_iter().find(|name| partition_for(&format!("g:{name}"), 3) != kept_partition).expect("name");
+    router.create_channel(&erin, kept, &[]).await.expect("create");
+    router.create_channel(&erin, &lost, &[]).await.expect("create");
+    router.send(&erin, "g:kept", "warm-up", "first").await.expect("confirmed");
+
+    // Another writer takes over the partition of g:lost only.
+    let lost_channel = format!("g:{lost}");
+    let _other = KafkaLog::open(config.clone(), store.clone(), Some(vec![partition_for(&lost_channel, 3)]))
+        .await
+        .expect("takeover");
+
+    let mut sends = Vec::new();
+    for index in 0..40 {
+        let router = router.clone();
+        let erin = erin.clone();
+        let channel = if index % 2 == 0 { "g:kept".to_owned() } else { lost_channel.clone() };
+        sends.push(tokio::spawn(async move {
+            let outcome = router.send(&erin, &channel, &format!("c{index}"), "concurrent").await;
+            (channel, index, outcome)
+        }));
+    }
+    let mut failed_kept = Vec::new();
+    for send in sends {
+        let (channel, index, outcome) = send.await.expect("task");
+        if channel == lost_channel {
+            assert!(matches!(outcome, Err(RouterError::Unavailable(_))), "the fenced partition confirms nothing");
+        } else if outcome.is_err() {
+            failed_kept.push(index);
+        }
+    }
+    // Retries of the failed sends of g:kept are found where they landed, or written now.
+    for index in &failed_kept {
+        router.send(&erin, "g:kept", &format!("c{index}"), "concurrent").await.expect("retry");
+    }
+    let last = router.send(&erin, "g:kept", "after", "after the takeover").await.expect("continues");
+    let records = read_committed(&config).await;
+    let channels = by_channel(&records);
+    assert_exactly_once_in_order("g:kept", &channels["g:kept"], last.placement.seq);
+    assert_eq!(last.placement.seq, 22, "1 warm-up + 20 concurrent + 1 after, each once");
+    assert!(!channels.contains_key(&lost_channel), "nothing of the fenced partition is visible");
+    eprintln!("{} sends of g:kept shared a failed batch with the fenced partition", failed_kept.len());
+}
