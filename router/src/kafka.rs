@@ -23,6 +23,8 @@
 //! for everything older, so a new owner continues each channel from its last durable sequence even when the
 //! store writer lags. The index holds at most [`KafkaConfig::max_unstored_sends`] sends: entries the store writer
 //! has committed are pruned, and an append that would exceed the limit fails with [`BackendError::TailFull`].
+//! For a channel of a partition it does not own, a log answers `last_seq` and `find_sends` from the store only
+//! (which may lag), and refuses to append ([`BackendError::NotOwner`]).
 //!
 //! # Appends
 //! An append groups its batch by partition and runs one transaction per partition (partitions concurrently):
