@@ -52,11 +52,13 @@ helm_passed=$(awk '{print $2}' <<<"$helm_line")
 helm_failed=$(awk '{print $4}' <<<"$helm_line")
 # --- Helm chart render test --- end ---
 
-# --- Real engines for the driver suites (router/tests/drivers.rs: Redis; router/tests/stores.rs: Cassandra) --- begin ---
-# Throwaway engines on free loopback ports (e2e/stack); their addresses reach cargo test through stack.env.
-# They are stopped on exit, whatever happens. Without them the driver tests fail (they never pass silently).
-# stack_engines is the one list of engines to start: add an engine here (install parts follow from it).
-stack_engines="redis,cassandra"
+# --- Real engines for the driver suites and the cluster tests --- begin ---
+# router/tests/drivers.rs (Redis), router/tests/kafka.rs (Kafka), router/tests/stores.rs (Cassandra), and
+# e2e/tests/cluster.rs (gateways and routers as processes, on Redis, and on Redis + Kafka + Cassandra).
+# Throwaway engines on free loopback ports (e2e/stack); their addresses reach cargo test through stack.env. They
+# are stopped on exit, whatever happens. Without them the engine tests fail (they never pass silently), and an
+# engine that does not start fails the run here.
+stack_engines="redis,kafka,cassandra"
 # Cassandra shares the machine with Kafka and a Kubernetes control plane in the same run: 1 GiB of heap is
 # enough for the test keyspaces (override with STACK_CASSANDRA_HEAP).
 export STACK_CASSANDRA_HEAP="${STACK_CASSANDRA_HEAP:-1G}"
@@ -69,19 +71,21 @@ stack_state="$(mktemp -d "${TMPDIR:-/tmp}/parley-stack.XXXXXX")"
 trap 'bash "$root/e2e/stack/down.sh" --purge "$stack_state" >/dev/null 2>&1 || true' EXIT
 bash e2e/stack/up.sh --only "$stack_engines" "$stack_state" \
   || fail "$stack_engines did not all start: see the e2e/stack/up.sh output above and the logs under $stack_state \
-(redis/redis.log, cassandra1/logs/system.log)"
+(redis/redis.log, kafka/kafka.log, cassandra1/logs/system.log)"
 set -a
 . "$stack_state/stack.env"
 set +a
-[[ -n "${PARLEY_REDIS_URL:-}" ]] || fail "e2e/stack/up.sh wrote no PARLEY_REDIS_URL to $stack_state/stack.env"
-echo "PARLEY_REDIS_URL=$PARLEY_REDIS_URL"
-if [[ ",$stack_engines," == *,cassandra,* ]]; then
-  [[ -n "${PARLEY_CASSANDRA_CONTACT:-}" ]] \
-    || fail "Cassandra did not start: e2e/stack/up.sh wrote no PARLEY_CASSANDRA_CONTACT to $stack_state/stack.env \
-(see $stack_state/cassandra1/logs/system.log)"
-  echo "PARLEY_CASSANDRA_CONTACT=$PARLEY_CASSANDRA_CONTACT"
-fi
-# --- Real engines for the driver suites --- end ---
+for engine in ${stack_engines//,/ }; do
+  case "$engine" in
+    redis) variable=PARLEY_REDIS_URL ;;
+    kafka) variable=PARLEY_KAFKA_BOOTSTRAP ;;
+    cassandra) variable=PARLEY_CASSANDRA_CONTACT ;;
+    *) fail "unknown engine $engine in stack_engines" ;;
+  esac
+  [[ -n "${!variable:-}" ]] || fail "e2e/stack/up.sh started $engine but wrote no $variable to $stack_state/stack.env"
+  echo "$variable=${!variable}"
+done
+# --- Real engines --- end ---
 
 # --- Kubernetes control plane for the operator e2e suite (operator/tests/k8s.rs) --- begin ---
 # A real kube-apiserver/etcd/controller-manager/scheduler plus kwok on loopback (e2e/k8s; binaries cached under

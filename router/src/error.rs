@@ -43,6 +43,63 @@ pub enum BackendError {
     /// A stored record holds a value this version cannot read.
     #[error("corrupt stored record: {0}")]
     Corrupt(String),
+    /// A Kafka call failed (broker unreachable, request timed out, transaction error, ...).
+    #[error("kafka {operation} failed: {source}")]
+    Kafka {
+        /// What was attempted (`init transactions`, `produce`, `commit transaction`, ...).
+        operation: &'static str,
+        /// The client's error.
+        #[source]
+        source: Box<rdkafka::error::KafkaError>,
+    },
+    /// A topic could not be created.
+    #[error("kafka cannot create topic {topic}: {code}")]
+    KafkaTopic {
+        /// Topic.
+        topic: String,
+        /// The broker's answer.
+        code: rdkafka::types::RDKafkaErrorCode,
+    },
+    /// A newer writer took over the partition: this writer's append was rejected and nothing of it committed.
+    #[error("writer fenced: partition {partition} of {topic} was taken over by a newer writer; nothing of this append was committed")]
+    Fenced {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+    },
+    /// The channel lives in a partition this writer does not own.
+    #[error("this writer does not own partition {partition}, where channel {channel} lives")]
+    NotOwner {
+        /// Channel.
+        channel: String,
+        /// Its partition.
+        partition: i32,
+    },
+    /// The writer's index of messages not yet in the store is full: the store writer lags too far behind.
+    #[error("{entries} sends are not in the store yet (limit {limit}); the store writer lags too far behind")]
+    TailFull {
+        /// Sends held.
+        entries: usize,
+        /// The limit (`max_unstored_sends`).
+        limit: usize,
+    },
+    /// An append does not continue a channel's sequence as the log holds it.
+    #[error("sequence conflict in {channel}: the log expects seq {expected}, the append starts at {got}")]
+    SequenceConflict {
+        /// Channel.
+        channel: String,
+        /// The next sequence per the log.
+        expected: u64,
+        /// The append's first sequence.
+        got: u64,
+    },
+    /// A record could not be encoded.
+    #[error("failed to encode record: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// A driver setting is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 macro_rules! from_redb {

@@ -8,6 +8,8 @@
 //! - [`pubsub`] holds the pub/sub trait, its in-process driver, and the event envelope gateways decode.
 //! - [`presence`] holds the [`presence::PresenceStore`] trait (the fenced presence book and user→gateway
 //!   registry of [`parley_core::presence`], async and batched) and its embedded driver.
+//! - [`kafka`] holds the Kafka driver of [`backend::MessageLog`] (a fenced transactional writer per partition)
+//!   and the store writer that copies the log into a [`backend::MessageStore`].
 //! - [`redis`] holds the Redis drivers of [`pubsub::PubSub`] and [`presence::PresenceStore`].
 //! - [`cassandra`] holds the Cassandra/ScyllaDB driver of [`backend::MessageStore`] and
 //!   [`backend::MembershipStore`], with its versioned schema.
@@ -21,6 +23,7 @@ pub mod backend;
 pub mod cassandra;
 pub mod embedded;
 pub mod error;
+pub mod kafka;
 pub mod presence;
 pub mod pubsub;
 pub mod redis;

@@ -1,10 +1,17 @@
 //! `parley-router`: the router process of the distributed layout. It runs the single writer and serves it to the
 //! gateways over the internal API (`parley_router::service`). Delivery goes through Redis pub/sub, so any number
 //! of gateway processes (`parley --router-url ... --redis-url ...`) share one ordered stream per channel.
+//!
+//! Storage: the embedded log and store by default (`--data-dir`); with `--kafka-bootstrap-servers` the durable log
+//! is Kafka (a send is confirmed once Kafka has it, acks=all), and a store writer copies the log into the store:
+//! Cassandra/Scylla with `--cassandra-contact-points`, else the embedded store.
 
 use anyhow::Context;
 use clap::Parser;
+use parley_router::backend::{MembershipStore, MessageLog, MessageStore};
+use parley_router::cassandra::{CassandraConfig, CassandraStore, Replication};
 use parley_router::embedded::{EmbeddedStore, Retention};
+use parley_router::kafka::{KafkaConfig, KafkaLog, StoreWriter};
 use parley_router::pubsub::PubSub;
 use parley_router::redis::{RedisConfig, RedisPubSub};
 use parley_router::{Router, RouterConfig};
@@ -67,9 +74,120 @@ struct Args {
     /// Channels above this many members publish no per-member events.
     #[arg(long, env = "PARLEY_FANOUT_THRESHOLD", default_value_t = 1000)]
     fanout_threshold: u32,
+    /// Kafka (`host:port[,...]`): the durable log. With it, the router writes every message to Kafka first
+    /// (fenced transactional producers, acks=all) and a store writer copies the log into the store.
+    #[arg(long, env = "PARLEY_KAFKA_BOOTSTRAP_SERVERS")]
+    kafka_bootstrap_servers: Option<String>,
+    /// Prefix of the Kafka topics, transactional ids and consumer groups.
+    #[arg(long, env = "PARLEY_KAFKA_TOPIC_PREFIX", default_value = "parley-")]
+    kafka_topic_prefix: String,
+    /// Partitions of the messages topic when the router creates it.
+    #[arg(long, env = "PARLEY_KAFKA_PARTITIONS", default_value_t = 8)]
+    kafka_partitions: i32,
+    /// Replication factor of the topics when the router creates them.
+    #[arg(long, env = "PARLEY_KAFKA_REPLICATION_FACTOR", default_value_t = 1)]
+    kafka_replication_factor: i32,
+    /// Static member id of this router's store writer in its Kafka consumer group (default
+    /// `<prefix>store-writer-<machine id>`, stable across restarts of the same pod), so a restarted router takes its
+    /// partitions back at once.
+    #[arg(long, env = "PARLEY_KAFKA_STORE_WRITER_ID")]
+    kafka_store_writer_id: Option<String>,
+    /// Cassandra/Scylla contact points (`host:port`, comma-separated): the message and membership store. Needs
+    /// `--kafka-bootstrap-servers` (the store is written from the log).
+    #[arg(long, env = "PARLEY_CASSANDRA_CONTACT_POINTS", value_delimiter = ',')]
+    cassandra_contact_points: Vec<String>,
+    /// Keyspace.
+    #[arg(long, env = "PARLEY_CASSANDRA_KEYSPACE", default_value = "parley")]
+    cassandra_keyspace: String,
+    /// Datacenter whose nodes coordinate this router's requests.
+    #[arg(long, env = "PARLEY_CASSANDRA_LOCAL_DATACENTER")]
+    cassandra_local_datacenter: Option<String>,
+    /// Replicas in the local datacenter when the router creates the keyspace.
+    #[arg(long, env = "PARLEY_CASSANDRA_REPLICATION_FACTOR", default_value_t = 1)]
+    cassandra_replication_factor: u32,
+    /// Consistency of every read and write (`LOCAL_QUORUM`, `QUORUM`, `LOCAL_ONE`, ...).
+    #[arg(long, env = "PARLEY_CASSANDRA_CONSISTENCY", default_value = "LOCAL_QUORUM")]
+    cassandra_consistency: String,
     /// Log filter.
     #[arg(long, env = "PARLEY_LOG", default_value = "info")]
     log: String,
+}
+
+/// The writer's backends.
+struct Backends {
+    log: Arc<dyn MessageLog>,
+    store: Arc<dyn MessageStore>,
+    membership: Arc<dyn MembershipStore>,
+    /// Copies the Kafka log into the store (Kafka only).
+    store_writer: Option<StoreWriter>,
+    /// Where the data lives, for the start-up line.
+    describe: String,
+}
+
+async fn backends(args: &Args, retention: Retention, machine_id: u16) -> anyhow::Result<Backends> {
+    let Some(bootstrap) = &args.kafka_bootstrap_servers else {
+        anyhow::ensure!(
+            args.cassandra_contact_points.is_empty(),
+            "--cassandra-contact-points needs --kafka-bootstrap-servers: the store is written from the Kafka log"
+        );
+        let store = Arc::new(
+            EmbeddedStore::open(&args.data_dir, retention)
+                .with_context(|| format!("failed to open the store in {}", args.data_dir.display()))?,
+        );
+        return Ok(Backends {
+            log: store.clone(),
+            store: store.clone(),
+            membership: store,
+            store_writer: None,
+            describe: format!("embedded log and store in {}", args.data_dir.display()),
+        });
+    };
+    let (store, membership, describe): (Arc<dyn MessageStore>, Arc<dyn MembershipStore>, String) = if args
+        .cassandra_contact_points
+        .is_empty()
+    {
+        let store = Arc::new(
+            EmbeddedStore::open(&args.data_dir, retention)
+                .with_context(|| format!("failed to open the store in {}", args.data_dir.display()))?,
+        );
+        (store.clone(), store, format!("Kafka log at {bootstrap}, embedded store in {}", args.data_dir.display()))
+    } else {
+        let mut config = CassandraConfig::new(args.cassandra_contact_points.clone(), args.cassandra_keyspace.clone());
+        config.local_datacenter = args.cassandra_local_datacenter.clone();
+        config.consistency = CassandraConfig::parse_consistency(&args.cassandra_consistency)
+            .context("invalid --cassandra-consistency")?;
+        config.replication = match &args.cassandra_local_datacenter {
+            Some(datacenter) => Replication::NetworkTopology(
+                [(datacenter.clone(), args.cassandra_replication_factor)].into_iter().collect(),
+            ),
+            None => Replication::Simple { factor: args.cassandra_replication_factor },
+        };
+        config.retention = retention.messages;
+        let contact = args.cassandra_contact_points.join(",");
+        let store = Arc::new(
+            CassandraStore::connect(config).await.with_context(|| format!("failed to reach Cassandra at {contact}"))?,
+        );
+        (
+            store.clone(),
+            store,
+            format!("Kafka log at {bootstrap}, Cassandra store at {contact} (keyspace {})", args.cassandra_keyspace),
+        )
+    };
+    let mut kafka = KafkaConfig::new(bootstrap.clone()).with_prefix(args.kafka_topic_prefix.clone());
+    kafka.partitions = args.kafka_partitions;
+    kafka.replication_factor = args.kafka_replication_factor;
+    kafka.store_writer_instance = Some(
+        args.kafka_store_writer_id
+            .clone()
+            .unwrap_or_else(|| format!("{}store-writer-{machine_id}", args.kafka_topic_prefix)),
+    );
+    // The log first: it creates the topics, fences any earlier writer and scans the unstored tail.
+    let log = KafkaLog::open(kafka.clone(), store.clone(), None)
+        .await
+        .with_context(|| format!("failed to open the Kafka log at {bootstrap}"))?;
+    let store_writer =
+        StoreWriter::start(kafka, store.clone()).await.context("failed to start the Kafka store writer")?;
+    Ok(Backends { log: Arc::new(log), store, membership, store_writer: Some(store_writer), describe })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -97,8 +215,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         messages: (args.retention_days > 0).then(|| Duration::from_secs(args.retention_days * 24 * 3600)),
         ..Retention::default()
     };
-    let store = EmbeddedStore::open(&args.data_dir, retention)
-        .with_context(|| format!("failed to open the store in {}", args.data_dir.display()))?;
+    let Backends { log, store, membership, store_writer, describe } = backends(&args, retention, machine_id).await?;
     let redis = RedisConfig::new(args.redis_url.clone()).with_prefix(args.redis_prefix.clone());
     let pubsub: Arc<dyn PubSub> = Arc::new(
         RedisPubSub::connect(redis).await.with_context(|| format!("failed to reach Redis at {}", args.redis_url))?,
@@ -111,9 +228,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         fanout_threshold: args.fanout_threshold,
         ..RouterConfig::default()
     };
-    let shared = Arc::new(store.clone());
     let (router, writer) =
-        Router::start(config, shared.clone(), shared.clone(), shared, pubsub).context("failed to start the writer")?;
+        Router::start(config, log, store, membership, pubsub).context("failed to start the writer")?;
 
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("failed to bind {}", args.listen))?;
@@ -122,7 +238,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("failed to bind {}", args.admin_listen))?;
     let address = listener.local_addr().context("no local address")?;
     let admin_address = admin_listener.local_addr().context("no local address")?;
-    tracing::info!(%address, %admin_address, machine_id, data_dir = %args.data_dir.display(), "parley-router listening");
+    tracing::info!(%address, %admin_address, machine_id, backends = %describe, "parley-router listening");
     println!("parley-router listening on http://{address} (metrics on http://{admin_address}/metrics)");
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -151,6 +267,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     admin_served.context("admin API failed")?;
     // The servers held the last router handles: the writer drains its queue and ends, closing the store.
     let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
+    if let Some(store_writer) = store_writer {
+        // Commits what it stored; the rest is replayed from Kafka by the next store writer.
+        if let Err(error) = store_writer.stop().await {
+            tracing::warn!(%error, "the store writer did not stop cleanly; the next one replays from Kafka");
+        }
+    }
     Ok(())
 }
 

@@ -15,9 +15,12 @@ use parley_core::snowflake::{decompose, Snowflake};
 use parley_core::{ChannelId, ChannelKind, UserId};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, instrument, warn};
+
+/// How long a history read waits for a store that trails the log (see [`LocalRouter::history`]).
+const STORE_CATCH_UP: Duration = Duration::from_secs(2);
 
 /// Channels up to this many members get live delivery receipts.
 pub const DELIVERY_RECEIPT_MEMBERS: u32 = 32;
@@ -288,7 +291,29 @@ impl LocalRouter {
             return Err(RouterError::InvalidArgument("limit must be 1-200".into()));
         }
         self.require_member(user, &channel).await?;
-        self.store.history(channel.as_str(), query).await.map_err(RouterError::Unavailable)
+        let mut page = self.store.history(channel.as_str(), query).await.map_err(RouterError::Unavailable)?;
+        if query.before.is_some() {
+            return Ok(page);
+        }
+        // A page that reaches the newest stored message must also reach the newest durable one. When the store
+        // follows a separate log (Kafka → store writer → Cassandra) it can trail by a few milliseconds: wait for
+        // it (bounded), so a client filling a gap right after a message was confirmed finds it.
+        let last = self.log.last_seq(channel.as_str()).await.map_err(RouterError::Unavailable)?;
+        let deadline = tokio::time::Instant::now() + STORE_CATCH_UP;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let reaches_end = query.after.is_none() || !page.has_more;
+            let newest = page.messages.last().map(|message| message.seq).unwrap_or(query.after.unwrap_or(0));
+            if !reaches_end || newest >= last || tokio::time::Instant::now() >= deadline {
+                if reaches_end && newest < last {
+                    warn!(channel = %channel, newest, last, "history: the store trails the log; page returned short");
+                }
+                return Ok(page);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+            page = self.store.history(channel.as_str(), query).await.map_err(RouterError::Unavailable)?;
+        }
     }
 
     async fn require_member(&self, user: &UserId, channel: &ChannelId) -> Result<(), RouterError> {
@@ -618,6 +643,19 @@ impl Writer {
         if let Err(error) = &written {
             self.stats.write_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             warn!(%error, "durable append failed; nothing confirmed");
+            // A log that commits per partition (Kafka) may have made part of a failed batch durable, or learn
+            // only later that a commit it could not confirm went through. Take the log's word for each
+            // channel's last sequence, so the next plan neither reuses a durable sequence nor leaves a gap.
+            let mut channels: Vec<&str> = fresh.iter().map(|message| message.channel.as_str()).collect();
+            channels.sort_unstable();
+            channels.dedup();
+            for channel in channels {
+                if let Ok(durable) = self.log.last_seq(channel).await {
+                    if self.sequencer.last_seq(channel).is_some_and(|planned| durable > planned) {
+                        self.sequencer.load(channel, durable);
+                    }
+                }
+            }
         } else {
             self.sequencer.commit(&plan);
             self.stats.messages.fetch_add(fresh.len() as u64, std::sync::atomic::Ordering::Relaxed);

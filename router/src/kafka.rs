@@ -1,0 +1,345 @@
+//! Kafka driver of the durable log ([`KafkaLog`]) and the store writer that fills a [`MessageStore`] from it
+//! ([`StoreWriter`]).
+//!
+//! # Topics
+//! `{prefix}messages`, `{prefix}receipts` and `{prefix}presence`, created idempotently by [`ensure_topics`].
+//! Messages are keyed by channel, and the driver places each record itself on Kafka's default partition for
+//! its key ([`partition::partition_for`], murmur2 as in the Java client), so a channel lives in one partition
+//! and its order is the partition's order.
+//!
+//! # Ownership and fencing
+//! The owner of a partition is the single writer of every channel in it. A [`KafkaLog`] is opened with the
+//! partitions it owns (all of them for a single writer). For each one it creates a transactional producer
+//! with `transactional.id = {prefix}writer-p{partition}` and calls `init_transactions`. That bumps the
+//! producer epoch of the id, so the broker rejects every later write or commit of the previous owner's
+//! producer (`PRODUCER_FENCED`): the previous owner's [`append`](MessageLog::append) fails with
+//! [`BackendError::Fenced`] and the router never confirms it; whatever that transaction had sent is aborted
+//! and never reaches a `read_committed` consumer. `init_transactions` also finishes or aborts a transaction
+//! the previous owner left open, so the new owner then reads a stable tail.
+//!
+//! Acquiring a partition then scans its committed records from the store writer's committed offset to the
+//! end of the log into a bounded in-memory index ([`tail::TailIndex`]). `last_seq` and `find_sends` answer from
+//! that index first and from the store ([`MessageStore::last_stored_seq`], [`MessageStore::find_stored_sends`])
+//! for everything older, so a new owner continues each channel from its last durable sequence even when the
+//! store writer lags. The index holds at most [`KafkaConfig::max_unstored_sends`] sends: entries the store writer
+//! has committed are pruned, and an append that would exceed the limit fails with [`BackendError::TailFull`].
+//! For a channel of a partition it does not own, a log answers `last_seq` and `find_sends` from the store only
+//! (which may lag), and refuses to append ([`BackendError::NotOwner`]).
+//!
+//! # Appends
+//! An append groups its batch by partition and runs one transaction per partition (partitions concurrently):
+//! idempotent producer, `acks=all`, records sent, then `commit_transaction`. It returns `Ok` only after every
+//! commit succeeded, so a confirmed send is acknowledged by all in-sync replicas (decision 2). A failed
+//! transaction is aborted. When neither commit nor abort could be confirmed (the broker went away in between),
+//! the partition is re-acquired before its next append (a new producer, `init_transactions`, a new tail scan),
+//! which settles the outcome. Partitions of one batch commit independently: after a failure, part of the
+//! batch may be durable, and the log tells the router so through `last_seq` (see `router.rs`). An append whose
+//! first sequence of a channel does not follow what the tail shows fails with
+//! [`BackendError::SequenceConflict`] instead of writing a second message at a sequence.
+//!
+//! # The store writer
+//! [`StoreWriter`] is a consumer group `{prefix}store-writer` on the messages topic (`read_committed`, so
+//! aborted or still-open transactions are never stored). It writes batches to the store with idempotent
+//! writes, commits offsets only after a write succeeded, and retries with backoff while the store is down, so
+//! it never skips a message. After a crash it replays from the committed offsets; the replayed writes change
+//! nothing. The database is never on the send path (decision 3).
+
+pub mod log;
+pub mod partition;
+pub mod store_writer;
+pub mod tail;
+
+pub use log::KafkaLog;
+pub use store_writer::{StoreWriter, StoreWriterStats};
+
+#[cfg(doc)]
+use crate::backend::{MessageLog, MessageStore};
+use crate::error::BackendError;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use std::time::{Duration, Instant};
+
+/// Where Kafka is, topic layout, and the driver's timeouts and limits.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port...]` (PLAINTEXT; TLS and SASL are not built in).
+    pub bootstrap_servers: String,
+    /// Prefix of every topic, transactional id and consumer group, e.g. `parley-`.
+    pub prefix: String,
+    /// Partitions of the topics when [`ensure_topics`] creates them (existing topics keep theirs).
+    pub partitions: i32,
+    /// Replication factor of the topics when [`ensure_topics`] creates them (3 in production).
+    pub replication_factor: i32,
+    /// Bound of every single Kafka call: metadata, admin, offsets, `init_transactions`, commit, abort.
+    pub request_timeout: Duration,
+    /// Bound of a whole append (its records must be acknowledged within it; librdkafka's
+    /// `message.timeout.ms`). A broker outage fails an append after at most this long.
+    pub append_timeout: Duration,
+    /// `transaction.timeout.ms`: the broker aborts a transaction its producer abandoned after this long.
+    pub transaction_timeout: Duration,
+    /// `linger.ms` of the producers (a commit flushes anyway).
+    pub linger: Duration,
+    /// Most sends a writer keeps in its index of the unstored tail.
+    pub max_unstored_sends: usize,
+    /// Bound of the tail scan when a partition is acquired.
+    pub scan_timeout: Duration,
+    /// Most messages the store writer writes in one store call.
+    pub store_batch_max: usize,
+    /// How long the store writer waits to fill a batch once it has one message.
+    pub store_batch_wait: Duration,
+    /// First delay before the store writer retries a failed store write; doubled up to `retry_max`.
+    pub retry_min: Duration,
+    /// Longest delay between store-write retries.
+    pub retry_max: Duration,
+    /// Static membership of the store writer in its consumer group (`group.instance.id`). A restarted process
+    /// with the same id takes its partitions back at once instead of waiting for the old member's session to
+    /// time out; give every router its own stable id (e.g. derived from its pod). `None`: dynamic membership.
+    pub store_writer_instance: Option<String>,
+    /// `session.timeout.ms` of the store writer: how long a member that vanished keeps its partitions.
+    pub session_timeout: Duration,
+}
+
+impl KafkaConfig {
+    /// Defaults for `bootstrap_servers`: prefix `parley-`, 8 partitions, replication factor 1, 5 s requests and
+    /// appends, 60 s transactions, 1 ms linger, 1,000,000 unstored sends, 60 s tail scan, store batches of 1024
+    /// within 5 ms, store retries after 100 ms up to 5 s.
+    pub fn new(bootstrap_servers: impl Into<String>) -> Self {
+        Self {
+            bootstrap_servers: bootstrap_servers.into(),
+            prefix: "parley-".to_owned(),
+            partitions: 8,
+            replication_factor: 1,
+            request_timeout: Duration::from_secs(5),
+            append_timeout: Duration::from_secs(5),
+            transaction_timeout: Duration::from_secs(60),
+            linger: Duration::from_millis(1),
+            max_unstored_sends: 1_000_000,
+            scan_timeout: Duration::from_secs(60),
+            store_batch_max: 1024,
+            store_batch_wait: Duration::from_millis(5),
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+            store_writer_instance: None,
+            session_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The same configuration with another prefix.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The same configuration with another partition count.
+    pub fn with_partitions(mut self, partitions: i32) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
+    /// `{prefix}messages`.
+    pub fn messages_topic(&self) -> String {
+        format!("{}messages", self.prefix)
+    }
+
+    /// `{prefix}receipts`.
+    pub fn receipts_topic(&self) -> String {
+        format!("{}receipts", self.prefix)
+    }
+
+    /// `{prefix}presence`.
+    pub fn presence_topic(&self) -> String {
+        format!("{}presence", self.prefix)
+    }
+
+    /// `{prefix}store-writer`, the store writer's consumer group.
+    pub fn store_writer_group(&self) -> String {
+        format!("{}store-writer", self.prefix)
+    }
+
+    /// `{prefix}writer-p{partition}`, the transactional id of a partition's owner.
+    pub fn transactional_id(&self, partition: i32) -> String {
+        format!("{}writer-p{partition}", self.prefix)
+    }
+
+    /// Settings every client shares.
+    fn client(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap_servers)
+            .set("socket.timeout.ms", millis(self.request_timeout.max(Duration::from_millis(10))))
+            .set("socket.connection.setup.timeout.ms", millis(self.request_timeout.max(Duration::from_millis(1000))))
+            .set("reconnect.backoff.ms", "50")
+            .set("reconnect.backoff.max.ms", "1000")
+            .set("log_level", "3");
+        config
+    }
+
+    /// A consumer that reads committed records and never commits by itself.
+    fn consumer(&self, group: &str) -> ClientConfig {
+        let mut config = self.client();
+        config
+            .set("group.id", group)
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest");
+        config
+    }
+
+    fn check(&self) -> Result<(), BackendError> {
+        if self.bootstrap_servers.is_empty() {
+            return Err(BackendError::Config("kafka bootstrap servers are empty".into()));
+        }
+        if self.partitions < 1 || self.replication_factor < 1 {
+            return Err(BackendError::Config(format!(
+                "kafka partitions ({}) and replication factor ({}) must be at least 1",
+                self.partitions, self.replication_factor
+            )));
+        }
+        if self.append_timeout > self.transaction_timeout {
+            return Err(BackendError::Config(format!(
+                "kafka append timeout ({} ms) must not exceed the transaction timeout ({} ms)",
+                self.append_timeout.as_millis(),
+                self.transaction_timeout.as_millis()
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn millis(duration: Duration) -> String {
+    duration.as_millis().to_string()
+}
+
+/// Maps a Kafka client error to a [`BackendError`].
+pub(crate) fn kafka_error(operation: &'static str) -> impl FnOnce(KafkaError) -> BackendError {
+    move |source| BackendError::Kafka { operation, source: Box::new(source) }
+}
+
+/// Runs a blocking librdkafka call on the blocking pool.
+pub(crate) async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
+) -> Result<T, BackendError> {
+    tokio::task::spawn_blocking(call).await.map_err(|error| BackendError::Task(error.to_string()))?
+}
+
+/// Repeats a blocking Kafka call until it succeeds or `within` has passed (then returns the last error). For
+/// the moments after a topic or group was created, when leaders and coordinators are still being elected.
+pub(crate) fn retry_blocking<T>(
+    within: Duration,
+    mut call: impl FnMut() -> Result<T, KafkaError>,
+) -> Result<T, KafkaError> {
+    let deadline = Instant::now() + within;
+    loop {
+        match call() {
+            Ok(value) => return Ok(value),
+            Err(error) if Instant::now() >= deadline => return Err(error),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Creates `{prefix}messages`, `{prefix}receipts` and `{prefix}presence` unless they exist, then waits until
+/// the messages topic is visible with a leader for every partition. Returns its partition count (that of the
+/// existing topic when it was there already).
+pub async fn ensure_topics(config: &KafkaConfig) -> Result<i32, BackendError> {
+    config.check()?;
+    let admin: AdminClient<DefaultClientContext> = config.client().create().map_err(kafka_error("admin client"))?;
+    let names = [config.messages_topic(), config.receipts_topic(), config.presence_topic()];
+    let min_insync = if config.replication_factor >= 3 { "2" } else { "1" };
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|name| {
+            NewTopic::new(name, config.partitions, TopicReplication::Fixed(config.replication_factor))
+                .set("min.insync.replicas", min_insync)
+        })
+        .collect();
+    let options = AdminOptions::new()
+        .request_timeout(Some(config.request_timeout))
+        .operation_timeout(Some(config.request_timeout));
+    let results = tokio::time::timeout(config.request_timeout * 2, admin.create_topics(topics.iter(), &options))
+        .await
+        .map_err(|_| unavailable("create topics", config))?
+        .map_err(kafka_error("create topics"))?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(BackendError::KafkaTopic { topic, code }),
+        }
+    }
+    partition_count(config, &config.messages_topic()).await
+}
+
+/// The partition count of `topic`, waiting (up to the request timeout) until the topic is visible and every
+/// partition has a leader.
+pub async fn partition_count(config: &KafkaConfig, topic: &str) -> Result<i32, BackendError> {
+    let consumer: BaseConsumer = config.client().create().map_err(kafka_error("metadata client"))?;
+    let topic = topic.to_owned();
+    let timeout = config.request_timeout;
+    blocking(move || {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let outcome = consumer.fetch_metadata(Some(topic.as_str()), remaining.max(Duration::from_millis(100)));
+            let last_problem = match &outcome {
+                Ok(metadata) => match metadata.topics().first() {
+                    Some(found) if found.error().is_none() && !found.partitions().is_empty() => {
+                        if found.partitions().iter().all(|partition| partition.leader() >= 0) {
+                            return Ok(found.partitions().len() as i32);
+                        }
+                        format!("topic {topic} has partitions without a leader")
+                    }
+                    Some(found) => format!("topic {topic} is not ready: {:?}", found.error()),
+                    None => format!("topic {topic} is missing"),
+                },
+                Err(error) => error.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(BackendError::Unavailable(format!(
+                    "kafka metadata of {topic}: {last_problem} after {} ms",
+                    timeout.as_millis()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+}
+
+fn unavailable(operation: &str, config: &KafkaConfig) -> BackendError {
+    BackendError::Unavailable(format!(
+        "kafka {operation} timed out after {} ms (bootstrap {})",
+        config.request_timeout.as_millis(),
+        config.bootstrap_servers
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_carry_the_prefix() {
+        let config = KafkaConfig::new("127.0.0.1:9092").with_prefix("t1-");
+        assert_eq!(config.messages_topic(), "t1-messages");
+        assert_eq!(config.receipts_topic(), "t1-receipts");
+        assert_eq!(config.presence_topic(), "t1-presence");
+        assert_eq!(config.store_writer_group(), "t1-store-writer");
+        assert_eq!(config.transactional_id(3), "t1-writer-p3");
+    }
+
+    #[test]
+    fn invalid_settings_are_refused_with_a_clear_error() {
+        assert!(KafkaConfig::new("").check().is_err());
+        assert!(KafkaConfig::new("h:1").with_partitions(0).check().is_err());
+        let mut config = KafkaConfig::new("h:1");
+        config.append_timeout = Duration::from_secs(120);
+        let error = config.check().expect_err("append longer than the transaction");
+        assert!(error.to_string().contains("transaction timeout"), "{error}");
+        assert!(KafkaConfig::new("h:1").check().is_ok());
+    }
+}

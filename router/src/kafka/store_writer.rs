@@ -1,0 +1,280 @@
+//! [`StoreWriter`]: the consumer group that copies the messages topic into a [`MessageStore`].
+
+use super::{blocking, ensure_topics, kafka_error, retry_blocking, KafkaConfig};
+use crate::backend::MessageStore;
+use crate::error::BackendError;
+use parley_core::protocol::MessageView;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, instrument, warn};
+
+/// Counters of a store writer; read them for metrics.
+#[derive(Debug, Default)]
+pub struct StoreWriterStats {
+    /// Messages written to the store (replays included).
+    pub written: AtomicU64,
+    /// Store writes that succeeded.
+    pub batches: AtomicU64,
+    /// Store writes that failed (each is retried).
+    pub store_failures: AtomicU64,
+    /// Offset commits that failed (the batch is written again after a restart or rebalance; harmless).
+    pub commit_failures: AtomicU64,
+    /// Errors while consuming.
+    pub consume_failures: AtomicU64,
+}
+
+/// The running store writer. Stop it with [`stop`](Self::stop); dropping it also stops it.
+pub struct StoreWriter {
+    config: KafkaConfig,
+    topic: String,
+    consumer: Arc<StreamConsumer>,
+    stats: Arc<StoreWriterStats>,
+    shutdown: watch::Sender<bool>,
+    task: Option<JoinHandle<Result<(), BackendError>>>,
+}
+
+impl std::fmt::Debug for StoreWriter {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("StoreWriter").field("topic", &self.topic).field("stats", &self.stats).finish()
+    }
+}
+
+impl StoreWriter {
+    /// Creates the topics if needed, joins the group `{prefix}store-writer` on `{prefix}messages`, and starts
+    /// copying committed records into `store`.
+    #[instrument(skip(config, store), fields(prefix = %config.prefix))]
+    pub async fn start(config: KafkaConfig, store: Arc<dyn MessageStore>) -> Result<Self, BackendError> {
+        ensure_topics(&config).await?;
+        let topic = config.messages_topic();
+        let mut settings = config.consumer(&config.store_writer_group());
+        settings.set("session.timeout.ms", config.session_timeout.as_millis().to_string());
+        if let Some(instance) = &config.store_writer_instance {
+            settings.set("group.instance.id", instance);
+        }
+        let consumer: StreamConsumer = settings.create().map_err(kafka_error("store writer consumer"))?;
+        consumer.subscribe(&[&topic]).map_err(kafka_error("store writer subscribe"))?;
+        let consumer = Arc::new(consumer);
+        let stats = Arc::new(StoreWriterStats::default());
+        let (shutdown, stopping) = watch::channel(false);
+        let task = tokio::spawn(run(config.clone(), consumer.clone(), store, stats.clone(), stopping));
+        info!(%topic, group = %config.store_writer_group(), "store writer started");
+        Ok(Self { config, topic, consumer, stats, shutdown, task: Some(task) })
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Arc<StoreWriterStats> {
+        &self.stats
+    }
+
+    /// Records of the messages topic not yet committed by the group: the sum over partitions of the high
+    /// watermark minus the committed offset (transaction markers count too, so it is an upper bound of the
+    /// messages still to store).
+    pub async fn lag(&self) -> Result<u64, BackendError> {
+        lag(&self.config).await
+    }
+
+    /// Finishes the batch in hand (writes it and commits, unless the store is down: then it is left for the
+    /// next writer to replay), leaves the group, and returns the error that ended the writer early, if any.
+    pub async fn stop(mut self) -> Result<(), BackendError> {
+        let _ = self.shutdown.send(true);
+        let outcome = match self.task.take() {
+            Some(task) => task.await.map_err(|error| BackendError::Task(error.to_string()))?,
+            None => Ok(()),
+        };
+        let consumer = self.consumer.clone();
+        drop(self);
+        // Closing the consumer (leaving the group) blocks in librdkafka.
+        blocking(move || {
+            drop(consumer);
+            Ok(())
+        })
+        .await?;
+        outcome
+    }
+
+    /// Stops at once, as a crash would: the batch in hand is neither finished nor committed. The next store
+    /// writer of the group replays from the committed offsets.
+    pub async fn kill(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        let consumer = self.consumer.clone();
+        drop(self);
+        let _ = blocking(move || {
+            drop(consumer);
+            Ok(())
+        })
+        .await;
+    }
+}
+
+impl Drop for StoreWriter {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// The group's lag on the messages topic (see [`StoreWriter::lag`]); any process can ask.
+pub async fn lag(config: &KafkaConfig) -> Result<u64, BackendError> {
+    let partitions = super::partition_count(config, &config.messages_topic()).await?;
+    let consumer: rdkafka::consumer::BaseConsumer =
+        config.consumer(&config.store_writer_group()).create().map_err(kafka_error("lag client"))?;
+    let topic = config.messages_topic();
+    let timeout = config.request_timeout;
+    blocking(move || {
+        let mut list = TopicPartitionList::new();
+        for partition in 0..partitions {
+            list.add_partition(&topic, partition);
+        }
+        let committed = retry_blocking(timeout, || consumer.committed_offsets(list.clone(), timeout))
+            .map_err(kafka_error("committed offsets"))?;
+        let mut total = 0u64;
+        for partition in 0..partitions {
+            let (low, high) = retry_blocking(timeout, || consumer.fetch_watermarks(&topic, partition, timeout))
+                .map_err(kafka_error("watermarks"))?;
+            let done = match committed.find_partition(&topic, partition).map(|entry| entry.offset()) {
+                Some(Offset::Offset(offset)) => offset,
+                _ => low,
+            };
+            total += high.saturating_sub(done).max(0) as u64;
+        }
+        Ok(total)
+    })
+    .await
+}
+
+/// How long the writer waits for a record before it commits positions that moved past transaction markers.
+const IDLE_COMMIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+async fn run(
+    config: KafkaConfig,
+    consumer: Arc<StreamConsumer>,
+    store: Arc<dyn MessageStore>,
+    stats: Arc<StoreWriterStats>,
+    mut stopping: watch::Receiver<bool>,
+) -> Result<(), BackendError> {
+    // What this writer committed last, per partition.
+    let mut committed: BTreeMap<i32, i64> = BTreeMap::new();
+    loop {
+        if *stopping.borrow() {
+            break;
+        }
+        let mut batch: Vec<MessageView> = Vec::new();
+        let first = tokio::select! {
+            _ = stopping.changed() => break,
+            received = consumer.recv() => Some(received),
+            _ = tokio::time::sleep(IDLE_COMMIT) => None,
+        };
+        let Some(first) = first else {
+            // Idle: the consumer may have moved past a commit marker after the last record; commit that so
+            // the lag reaches zero.
+            commit_positions(&config, &consumer, &mut committed, &stats).await;
+            continue;
+        };
+        let mut received = Some(first);
+        let deadline = tokio::time::Instant::now() + config.store_batch_wait;
+        while let Some(outcome) = received.take() {
+            match outcome {
+                Ok(message) => {
+                    if let Some(payload) = message.payload() {
+                        let view: MessageView = serde_json::from_slice(payload).map_err(|error| {
+                            error!(partition = message.partition(), offset = message.offset(), %error,
+                                "undecodable record in the messages topic; the store writer stops");
+                            BackendError::Decode(error)
+                        })?;
+                        batch.push(view);
+                    }
+                }
+                Err(error) => {
+                    stats.consume_failures.fetch_add(1, Ordering::Relaxed);
+                    warn!(%error, "store writer consume error");
+                    break;
+                }
+            }
+            if batch.len() >= config.store_batch_max.max(1) {
+                break;
+            }
+            received = tokio::time::timeout_at(deadline, consumer.recv()).await.ok();
+        }
+        if !batch.is_empty() {
+            let mut delay = config.retry_min;
+            loop {
+                match store.write(batch.clone()).await {
+                    Ok(()) => break,
+                    Err(error) => {
+                        stats.store_failures.fetch_add(1, Ordering::Relaxed);
+                        warn!(%error, retry_ms = delay.as_millis() as u64, "store write failed; retrying");
+                        tokio::select! {
+                            _ = stopping.changed() => {
+                                // Not written, so not committed: the next writer replays it.
+                                return Ok(());
+                            }
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        delay = (delay * 2).min(config.retry_max);
+                    }
+                }
+            }
+            stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            debug!(messages = batch.len(), "stored");
+        }
+        commit_positions(&config, &consumer, &mut committed, &stats).await;
+    }
+    Ok(())
+}
+
+/// Commits the consumer's positions that moved since the last commit. A position is the offset after the last
+/// record handed to this writer, past any transaction marker, and everything handed over is written by now.
+async fn commit_positions(
+    config: &KafkaConfig,
+    consumer: &Arc<StreamConsumer>,
+    committed: &mut BTreeMap<i32, i64>,
+    stats: &StoreWriterStats,
+) {
+    let topic = config.messages_topic();
+    let positions = match consumer.position() {
+        Ok(positions) => positions,
+        Err(error) => {
+            stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+            warn!(%error, "cannot read the consumer's positions");
+            return;
+        }
+    };
+    let mut moved = BTreeMap::new();
+    for entry in positions.elements_for_topic(&topic) {
+        if let Offset::Offset(offset) = entry.offset() {
+            if committed.get(&entry.partition()).is_none_or(|done| *done < offset) {
+                moved.insert(entry.partition(), offset);
+            }
+        }
+    }
+    if moved.is_empty() {
+        return;
+    }
+    let mut list = TopicPartitionList::new();
+    for (partition, offset) in &moved {
+        if let Err(error) = list.add_partition_offset(&topic, *partition, Offset::Offset(*offset)) {
+            warn!(%error, "cannot build the commit");
+            return;
+        }
+    }
+    let committing = consumer.clone();
+    match blocking(move || committing.commit(&list, CommitMode::Sync).map_err(kafka_error("commit"))).await {
+        Ok(()) => {
+            debug!(offsets = ?moved, "committed");
+            committed.extend(moved);
+        }
+        Err(error) => {
+            stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+            warn!(%error, "offset commit failed; the batch will be replayed (harmless)");
+        }
+    }
+}

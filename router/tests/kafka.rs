@@ -1,0 +1,656 @@
+//! The Kafka log driver and the store writer against a real Kafka broker.
+//!
+//! The tests need `PARLEY_KAFKA_BOOTSTRAP` (start a broker with `e2e/stack/up.sh --only kafka <state dir>` and
+//! source `<state dir>/stack.env`); each test uses its own topic prefix. Without the variable they fail, unless
+//! `PARLEY_SKIP_ENGINE_TESTS=1` asks for the engine-free tests only. The broker-outage test starts its own
+//! broker with `e2e/stack/up.sh` in a state dir of its own, stops it with `down.sh` and starts it again on the
+//! same port.
+
+use parley_core::protocol::MessageView;
+use parley_core::UserId;
+use parley_router::backend::{HistoryQuery, MessageLog, MessageStore, PriorSend};
+use parley_router::embedded::{EmbeddedStore, Retention};
+use parley_router::kafka::partition::partition_for;
+use parley_router::kafka::{KafkaConfig, KafkaLog, StoreWriter};
+use parley_router::pubsub::LocalPubSub;
+use parley_router::{BackendError, Router, RouterConfig, RouterError};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const START_KAFKA: &str = "start Kafka with `e2e/stack/up.sh --only kafka /tmp/parley-stack` and \
+     `set -a; . /tmp/parley-stack/stack.env; set +a` (stop it with `e2e/stack/down.sh /tmp/parley-stack`), or set \
+     PARLEY_SKIP_ENGINE_TESTS=1 to run only the engine-free tests";
+
+fn skip_engines() -> bool {
+    std::env::var("PARLEY_SKIP_ENGINE_TESTS").is_ok_and(|value| value == "1")
+}
+
+fn unique_prefix() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos())
+        .unwrap_or(0);
+    format!("parley-test-{}-{nanos}-{}-", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The configuration of one test (its own prefix, 3 partitions), or `None` when engine tests are skipped.
+fn kafka_config() -> Option<KafkaConfig> {
+    match std::env::var("PARLEY_KAFKA_BOOTSTRAP") {
+        Ok(bootstrap) if !bootstrap.is_empty() => Some(test_config(&bootstrap)),
+        _ if skip_engines() => {
+            eprintln!("SKIPPED: Kafka driver test (PARLEY_SKIP_ENGINE_TESTS=1)");
+            None
+        }
+        _ => panic!("PARLEY_KAFKA_BOOTSTRAP is not set, so the Kafka driver tests cannot run: {START_KAFKA}"),
+    }
+}
+
+fn test_config(bootstrap: &str) -> KafkaConfig {
+    let mut config = KafkaConfig::new(bootstrap).with_prefix(unique_prefix()).with_partitions(3);
+    config.store_batch_wait = Duration::from_millis(2);
+    config.retry_min = Duration::from_millis(20);
+    config.retry_max = Duration::from_millis(200);
+    config
+}
+
+fn store() -> (tempfile::TempDir, Arc<EmbeddedStore>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedStore::open(dir.path(), Retention::default()).expect("store");
+    (dir, Arc::new(store))
+}
+
+fn view(channel: &str, seq: u64, sender: &str, text: &str) -> MessageView {
+    MessageView {
+        channel: channel.to_owned(),
+        seq,
+        id: 1_000_000 + seq,
+        sender: sender.to_owned(),
+        text: text.to_owned(),
+        ts: 1_700_000_000_000 + seq,
+        client_msg_id: format!("{channel}/{seq}"),
+    }
+}
+
+async fn open(config: &KafkaConfig, store: &Arc<EmbeddedStore>) -> KafkaLog {
+    KafkaLog::open(config.clone(), store.clone(), None).await.unwrap_or_else(|error| {
+        panic!("cannot open the Kafka log at {}: {error}; {START_KAFKA}", config.bootstrap_servers)
+    })
+}
+
+/// Every record a `read_committed` consumer sees in the messages topic, with its partition, in offset order
+/// per partition.
+async fn read_committed(config: &KafkaConfig) -> Vec<(i32, MessageView)> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || {
+        let topic = config.messages_topic();
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &config.bootstrap_servers)
+            .set("group.id", format!("{}test-reader", config.prefix))
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create()
+            .expect("reader");
+        let metadata = consumer.fetch_metadata(Some(topic.as_str()), Duration::from_secs(5)).expect("metadata");
+        let partitions = metadata.topics()[0].partitions().len() as i32;
+        let mut list = TopicPartitionList::new();
+        for partition in 0..partitions {
+            list.add_partition_offset(&topic, partition, Offset::Beginning).expect("offset");
+        }
+        consumer.assign(&list).expect("assign");
+        let mut at_end = HashSet::new();
+        let mut records = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while at_end.len() < partitions as usize {
+            assert!(Instant::now() < deadline, "reading {topic} did not reach its end");
+            match consumer.poll(Duration::from_millis(200)) {
+                None => {}
+                Some(Err(KafkaError::PartitionEOF(partition))) => {
+                    at_end.insert(partition);
+                }
+                Some(Err(error)) => panic!("read error: {error}"),
+                Some(Ok(message)) => {
+                    let value: MessageView =
+                        serde_json::from_slice(message.payload().expect("payload")).expect("decodable record");
+                    assert_eq!(message.key(), Some(value.channel.as_bytes()), "records are keyed by channel");
+                    records.push((message.partition(), value));
+                }
+            }
+        }
+        records
+    })
+    .await
+    .expect("reader task")
+}
+
+fn by_channel(records: &[(i32, MessageView)]) -> BTreeMap<String, Vec<MessageView>> {
+    let mut channels: BTreeMap<String, Vec<MessageView>> = BTreeMap::new();
+    for (_, message) in records {
+        channels.entry(message.channel.clone()).or_default().push(message.clone());
+    }
+    channels
+}
+
+async fn history(store: &EmbeddedStore, channel: &str) -> Vec<MessageView> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store
+            .history(channel, HistoryQuery { before: None, after: Some(after), limit: 500 })
+            .await
+            .expect("history");
+        all.extend(page.messages.iter().cloned());
+        match page.messages.last() {
+            Some(last) if page.has_more => after = last.seq,
+            _ => return all,
+        }
+    }
+}
+
+/// Waits until the store holds `count` messages of `channel`.
+async fn wait_stored(store: &EmbeddedStore, channel: &str, count: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let stored = store.last_stored_seq(channel).await.expect("last stored");
+        if stored >= count {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{channel}: the store holds {stored} of {count} messages");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn assert_exactly_once_in_order(channel: &str, messages: &[MessageView], count: u64) {
+    let seqs: Vec<u64> = messages.iter().map(|message| message.seq).collect();
+    let expected: Vec<u64> = (1..=count).collect();
+    assert_eq!(seqs, expected, "{channel}: every message exactly once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_read_back_in_order_on_the_channels_partition() {
+    let Some(config) = kafka_config() else { return };
+    let (_dir, store) = store();
+    let log = open(&config, &store).await;
+    assert_eq!(log.partitions(), 3);
+    assert_eq!(log.owned(), vec![0, 1, 2]);
+    let channels = ["g:alpha", "g:beta", "g:gamma", "d:alice:bob"];
+    for round in 0..10u64 {
+        let batch: Vec<MessageView> = channels
+            .iter()
+            .flat_map(|channel| (1..=3).map(move |step| view(channel, round * 3 + step, "alice", "hello")))
+            .collect();
+        log.append(batch).await.expect("append");
+    }
+    for channel in channels {
+        assert_eq!(log.last_seq(channel).await.expect("last seq"), 30);
+    }
+    assert_eq!(log.last_seq("g:nothing").await.expect("last seq"), 0);
+    let found = log
+        .find_sends(vec![("alice".into(), "g:beta/7".into()), ("alice".into(), "g:beta/999".into())])
+        .await
+        .expect("find");
+    assert_eq!(
+        found[0].as_ref().map(|prior: &PriorSend| (prior.channel.as_str(), prior.placement.seq)),
+        Some(("g:beta", 7))
+    );
+    assert!(found[1].is_none());
+
+    let records = read_committed(&config).await;
+    assert_eq!(records.len(), 120);
+    for (partition, message) in &records {
+        assert_eq!(*partition, partition_for(&message.channel, 3), "{} is on its key's partition", message.channel);
+    }
+    for (channel, messages) in by_channel(&records) {
+        assert_exactly_once_in_order(&channel, &messages, 30);
+    }
+}
+
+/// The driver computes partitions itself; librdkafka's `murmur2_random` partitioner (the Java client's
+/// default) must put the same key on the same partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_of_a_key_matches_the_java_default_partitioner() {
+    let Some(config) = kafka_config() else { return };
+    let config = config.with_partitions(7);
+    parley_router::kafka::ensure_topics(&config).await.expect("topics");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap_servers)
+        .set("partitioner", "murmur2_random")
+        .create()
+        .expect("producer");
+    let topic = config.receipts_topic();
+    for index in 0..40 {
+        let key = format!("g:channel-{index}");
+        let delivered = producer
+            .send(FutureRecord::to(&topic).key(key.as_bytes()).payload("x"), Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|(error, _)| panic!("produce: {error}"));
+        assert_eq!(delivered.partition, partition_for(&key, 7), "{key}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_confirms_sends_and_the_store_writer_fills_history_exactly_once() {
+    let Some(config) = kafka_config() else { return };
+    let (_dir, store) = store();
+    let log = Arc::new(open(&config, &store).await);
+    let writer = StoreWriter::start(config.clone(), store.clone()).await.expect("store writer");
+    let (router, _task) =
+        Router::start(RouterConfig::default(), log, store.clone(), store.clone(), Arc::new(LocalPubSub::new()))
+            .expect("router");
+    let alice = UserId::new("alice").expect("user");
+    let rooms = ["one", "two", "three"];
+    for room in rooms {
+        router.create_channel(&alice, room, &[]).await.expect("create");
+    }
+    let mut sends = Vec::new();
+    for index in 0..300u64 {
+        let router = router.clone();
+        let alice = alice.clone();
+        let channel = format!("g:{}", rooms[(index % 3) as usize]);
+        sends.push(tokio::spawn(async move {
+            let outcome = router.send(&alice, &channel, &format!("m{index}"), &format!("text {index}")).await;
+            (channel, index, outcome)
+        }));
+    }
+    let mut confirmed: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+    for send in sends {
+        let (channel, index, outcome) = send.await.expect("send task");
+        let outcome = outcome.expect("confirmed");
+        assert!(!outcome.duplicate);
+        confirmed.entry(channel).or_default().push((outcome.placement.seq, format!("text {index}")));
+    }
+    // A retry is answered from the log without a second message.
+    let retry = router.send(&alice, "g:one", "m0", "text 0").await.expect("retry");
+    assert!(retry.duplicate);
+
+    for (channel, mut sent) in confirmed {
+        sent.sort();
+        wait_stored(&store, &channel, 100, Duration::from_secs(30)).await;
+        let stored = history(&store, &channel).await;
+        assert_exactly_once_in_order(&channel, &stored, 100);
+        let texts: Vec<(u64, String)> = stored.iter().map(|message| (message.seq, message.text.clone())).collect();
+        assert_eq!(texts, sent, "{channel}: history is what was confirmed");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while writer.lag().await.expect("lag") > 0 {
+        assert!(Instant::now() < deadline, "the store writer does not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(writer.stats().written.load(Ordering::Relaxed) >= 300);
+    writer.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_owner_fences_the_old_one_and_its_failed_append_stays_invisible() {
+    let Some(config) = kafka_config() else { return };
+    let (_dir, store) = store();
+    let old = open(&config, &store).await;
+    let channel = "g:contested";
+    old.append(vec![view(channel, 1, "alice", "from the old owner")]).await.expect("first append");
+
+    let partition = partition_for(channel, 3);
+    let new = KafkaLog::open(config.clone(), store.clone(), Some(vec![partition])).await.expect("takeover");
+    assert_eq!(new.last_seq(channel).await.expect("last seq"), 1, "the new owner continues from the tail");
+
+    let refused = old.append(vec![view(channel, 2, "alice", "stale writer")]).await;
+    match refused {
+        Err(BackendError::Fenced { partition: fenced, .. }) => assert_eq!(fenced, partition),
+        other => panic!("the deposed writer's append must fail as fenced, got {other:?}"),
+    }
+    // Fenced for good: no later append of the old owner goes through either.
+    assert!(matches!(old.append(vec![view(channel, 2, "alice", "again")]).await, Err(BackendError::Fenced { .. })));
+
+    new.append(vec![view(channel, 2, "alice", "from the new owner")]).await.expect("new owner appends");
+    let records = read_committed(&config).await;
+    let texts: Vec<(u64, String)> = records.iter().map(|(_, message)| (message.seq, message.text.clone())).collect();
+    assert_eq!(
+        texts,
+        vec![(1, "from the old owner".to_owned()), (2, "from the new owner".to_owned())],
+        "nothing of the fenced append is visible to read_committed consumers"
+    );
+    // A channel of a partition the new log does not own is refused, not written.
+    let elsewhere = (0..100).map(|index| format!("g:other-{index}")).find(|name| partition_for(name, 3) != partition);
+    let elsewhere = elsewhere.expect("a channel on another partition");
+    assert!(matches!(new.append(vec![view(&elsewhere, 1, "alice", "x")]).await, Err(BackendError::NotOwner { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_writer_continues_from_the_last_durable_seq_and_finds_earlier_sends() {
+    let Some(config) = kafka_config() else { return };
+    let (_dir, store) = store();
+    let channel = "g:handover";
+    {
+        let first = open(&config, &store).await;
+        for seq in 1..=5 {
+            first.append(vec![view(channel, seq, "alice", "before the handover")]).await.expect("append");
+        }
+    }
+    // No store writer ran: the store is empty and the new owner learns everything from the tail scan.
+    assert_eq!(store.last_stored_seq(channel).await.expect("stored"), 0);
+    let second = open(&config, &store).await;
+    assert_eq!(second.tail_len(), 5);
+    assert_eq!(second.last_seq(channel).await.expect("last seq"), 5);
+    let found = second.find_sends(vec![("alice".into(), format!("{channel}/3"))]).await.expect("find");
+    assert_eq!(found[0].as_ref().map(|prior| prior.placement.seq), Some(3));
+    assert!(matches!(
+        second.append(vec![view(channel, 5, "alice", "reused seq")]).await,
+        Err(BackendError::SequenceConflict { expected: 6, got: 5, .. })
+    ));
+    second.append(vec![view(channel, 6, "alice", "after the handover")]).await.expect("continue");
+    drop(second);
+
+    // Once the store writer has caught up, a third owner's tail is empty and the store answers.
+    let writer = StoreWriter::start(config.clone(), store.clone()).await.expect("store writer");
+    wait_stored(&store, channel, 6, Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while writer.lag().await.expect("lag") > 0 {
+        assert!(Instant::now() < deadline, "the store writer does not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    writer.stop().await.expect("stop");
+    let third = open(&config, &store).await;
+    assert_eq!(third.tail_len(), 0, "only the unstored tail is scanned");
+    assert_eq!(third.last_seq(channel).await.expect("last seq"), 6);
+    let found = third.find_sends(vec![("alice".into(), format!("{channel}/3"))]).await.expect("find");
+    assert_eq!(
+        found[0].as_ref().map(|prior| (prior.channel.clone(), prior.placement.seq)),
+        Some((channel.to_owned(), 3))
+    );
+    third.append(vec![view(channel, 7, "alice", "third owner")]).await.expect("continue");
+    assert_exactly_once_in_order(channel, &by_channel(&read_committed(&config).await)[channel], 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_writer_crash_replays_with_no_loss_and_no_duplicates() {
+    let Some(config) = kafka_config() else { return };
+    let (_dir, store) = store();
+    let log = Arc::new(open(&config, &store).await);
+    let channels = ["g:c1", "g:c2", "g:c3", "g:c4"];
+    let per_channel = 150u64;
+    let appender = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            for seq in 1..=per_channel {
+                let batch = channels.iter().map(|channel| view(channel, seq, "bob", "streamed")).collect();
+                log.append(batch).await.expect("append");
+            }
+        })
+    };
+    let first = StoreWriter::start(config.clone(), store.clone()).await.expect("store writer");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while first.stats().written.load(Ordering::Relaxed) < 100 {
+        assert!(Instant::now() < deadline, "the first store writer wrote nothing");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let written_before_crash = first.stats().written.load(Ordering::Relaxed);
+    first.kill().await;
+    appender.await.expect("appender");
+
+    let second = StoreWriter::start(config.clone(), store.clone()).await.expect("second store writer");
+    for channel in channels {
+        wait_stored(&store, channel, per_channel, Duration::from_secs(60)).await;
+        assert_exactly_once_in_order(channel, &history(&store, channel).await, per_channel);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while second.lag().await.expect("lag") > 0 {
+        assert!(Instant::now() < deadline, "the second store writer does not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let written_after = second.stats().written.load(Ordering::Relaxed);
+    eprintln!(
+        "store writer: {written_before_crash} written before the crash, {written_after} after (replays included)"
+    );
+    assert!(written_before_crash < 600, "the crash happened mid-stream");
+    assert!(written_before_crash + written_after >= 600);
+    second.stop().await.expect("stop");
+}
+
+/// A store that fails on demand, standing for a database outage (the store itself is the real embedded one).
+struct FlakyStore {
+    inner: Arc<EmbeddedStore>,
+    down: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl MessageStore for FlakyStore {
+    async fn write(&self, batch: Vec<MessageView>) -> Result<(), BackendError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(BackendError::Unavailable("database unplugged".into()));
+        }
+        self.inner.write(batch).await
+    }
+    async fn history(
+        &self,
+        channel: &str,
+        query: HistoryQuery,
+    ) -> Result<parley_router::backend::HistoryPage, BackendError> {
+        self.inner.history(channel, query).await
+    }
+    async fn first_retained_seq(&self, channel: &str) -> Result<u64, BackendError> {
+        self.inner.first_retained_seq(channel).await
+    }
+    async fn last_stored_seq(&self, channel: &str) -> Result<u64, BackendError> {
+        self.inner.last_stored_seq(channel).await
+    }
+    async fn find_stored_sends(&self, keys: Vec<(String, String)>) -> Result<Vec<Option<PriorSend>>, BackendError> {
+        self.inner.find_stored_sends(keys).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_writer_retries_while_the_store_is_down_and_skips_nothing() {
+    let Some(config) = kafka_config() else { return };
+    let (_dir, store) = store();
+    let flaky = Arc::new(FlakyStore { inner: store.clone(), down: AtomicBool::new(true) });
+    let log = KafkaLog::open(config.clone(), flaky.clone(), None).await.expect("log");
+    let writer = StoreWriter::start(config.clone(), flaky.clone()).await.expect("store writer");
+    for seq in 1..=20 {
+        log.append(vec![view("g:outage", seq, "carol", "while the database is down")]).await.expect("append");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while writer.stats().store_failures.load(Ordering::Relaxed) < 3 {
+        assert!(Instant::now() < deadline, "the store writer never tried to write");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(writer.lag().await.expect("lag") >= 20, "nothing is committed while the store is down");
+    assert_eq!(store.last_stored_seq("g:outage").await.expect("stored"), 0);
+    assert_eq!(log.last_seq("g:outage").await.expect("last seq"), 20, "the log answers from its tail meanwhile");
+    flaky.down.store(false, Ordering::SeqCst);
+    wait_stored(&store, "g:outage", 20, Duration::from_secs(30)).await;
+    assert_exactly_once_in_order("g:outage", &history(&store, "g:outage").await, 20);
+    writer.stop().await.expect("stop");
+}
+
+/// A broker of this test's own, started with `e2e/stack/up.sh` in its own state dir.
+#[derive(Clone)]
+struct OwnBroker {
+    state: PathBuf,
+    bootstrap: String,
+    command: Vec<String>,
+}
+
+/// Stops the test's broker and deletes its state dir, whatever happens.
+struct Purge(PathBuf);
+
+impl Drop for Purge {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash").arg(stack_script("down.sh")).arg("--purge").arg(&self.0).status();
+    }
+}
+
+fn stack_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("e2e").join("stack").join(name)
+}
+
+impl OwnBroker {
+    fn start() -> (Self, Purge) {
+        let state = std::env::temp_dir().join(format!("parley-kafka-outage-{}", unique_prefix()));
+        let purge = Purge(state.clone());
+        let status = std::process::Command::new("bash")
+            .arg(stack_script("up.sh"))
+            .args(["--only", "kafka"])
+            .arg(&state)
+            .status()
+            .expect("run e2e/stack/up.sh");
+        assert!(status.success(), "e2e/stack/up.sh --only kafka {} failed", state.display());
+        let env = std::fs::read_to_string(state.join("stack.env")).expect("stack.env");
+        let bootstrap = env
+            .lines()
+            .find_map(|line| line.strip_prefix("PARLEY_KAFKA_BOOTSTRAP="))
+            .expect("PARLEY_KAFKA_BOOTSTRAP in stack.env")
+            .to_owned();
+        let pid_line = std::fs::read_to_string(state.join("pids/kafka.pid")).expect("kafka pid file");
+        let pid = pid_line.split_whitespace().next().expect("pid").to_owned();
+        let command: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .expect("broker command line")
+            .split(|byte| *byte == 0)
+            .filter(|part| !part.is_empty())
+            .map(|part| String::from_utf8_lossy(part).into_owned())
+            .collect();
+        (Self { state, bootstrap, command }, purge)
+    }
+
+    fn stop(&self) {
+        let status = std::process::Command::new("bash").arg(stack_script("down.sh")).arg(&self.state).status();
+        assert!(status.is_ok_and(|status| status.success()), "e2e/stack/down.sh failed");
+    }
+
+    /// Starts the same broker again (same ports, same data) the way up.sh does, so down.sh can stop it.
+    fn restart(&self) {
+        let log = std::fs::File::create(self.state.join("kafka/kafka-restart.log")).expect("log file");
+        let mut broker = std::process::Command::new("setsid")
+            .arg("bash")
+            .arg("-c")
+            .arg(r#"echo "$$ $(cut -d" " -f22 /proc/$$/stat)" >"$0"; exec "$@""#)
+            .arg(self.state.join("pids/kafka.pid"))
+            .args(&self.command)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("restart the broker");
+        // Reap it when down.sh stops it.
+        std::thread::spawn(move || broker.wait());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_broker_fails_sends_fast_and_they_recover_when_it_returns() {
+    if kafka_config().is_none() {
+        return;
+    }
+    let (broker, _purge) = tokio::task::spawn_blocking(OwnBroker::start).await.expect("broker");
+    let mut config = test_config(&broker.bootstrap);
+    config.request_timeout = Duration::from_secs(2);
+    config.append_timeout = Duration::from_secs(2);
+    let (_dir, store) = store();
+    let log = Arc::new(open(&config, &store).await);
+    let (router, _task) =
+        Router::start(RouterConfig::default(), log, store.clone(), store.clone(), Arc::new(LocalPubSub::new()))
+            .expect("router");
+    let dave = UserId::new("dave").expect("user");
+    router.create_channel(&dave, "outage", &[]).await.expect("create");
+    let first = router.send(&dave, "g:outage", "before", "before the outage").await.expect("confirmed");
+    assert_eq!(first.placement.seq, 1);
+
+    let stopping = broker.clone();
+    tokio::task::spawn_blocking(move || stopping.stop()).await.expect("stop");
+
+    for attempt in 0..2 {
+        let started = Instant::now();
+        let failed = router.send(&dave, "g:outage", &format!("during-{attempt}"), "during the outage").await;
+        let elapsed = started.elapsed();
+        match &failed {
+            Err(error @ RouterError::Unavailable(_)) => {
+                assert_eq!(error.code(), parley_core::protocol::ErrorCode::Unavailable);
+                assert!(error.to_string().contains("kafka"), "the error names the cause: {error}");
+                eprintln!("send {attempt} during the outage failed after {} ms: {error}", elapsed.as_millis());
+            }
+            other => panic!("a send while the broker is down must fail as unavailable, got {other:?}"),
+        }
+        assert!(elapsed < Duration::from_secs(12), "failing took {} ms", elapsed.as_millis());
+    }
+
+    let restarting = broker.clone();
+    tokio::task::spawn_blocking(move || restarting.restart()).await.expect("restart");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let second = loop {
+        match router.send(&dave, "g:outage", "after", "after the outage").await {
+            Ok(outcome) => break outcome,
+            Err(error) => {
+                assert!(Instant::now() < deadline, "sends did not recover after the broker returned: {error}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    assert_eq!(second.placement.seq, 2, "no sequence was lost or reused by the failed sends");
+    let records = read_committed(&config).await;
+    let texts: Vec<(u64, String)> = records.iter().map(|(_, message)| (message.seq, message.text.clone())).collect();
+    assert_eq!(texts, vec![(1, "before the outage".to_owned()), (2, "after the outage".to_owned())]);
+}
+
+/// A batch that spans partitions commits per partition: when one partition is fenced, the other partition's part
+/// of the same batch may be durable although the send was reported failed. The router must then continue that
+/// channel after what is durable (never reuse or skip a sequence), and a retry of such a send must find it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partly_failed_batch_never_makes_the_router_reuse_or_skip_a_sequence() {
+    let Some(config) = kafka_config() else { return };
+    let (_dir, store) = store();
+    let log = Arc::new(open(&config, &store).await);
+    let (router, _task) =
+        Router::start(RouterConfig::default(), log, store.clone(), store.clone(), Arc::new(LocalPubSub::new()))
+            .expect("router");
+    let erin = UserId::new("erin").expect("user");
+    let (kept, lost) = ("kept", (0..100).map(|index| format!("lost{index}")));
+    let kept_partition = partition_for(&format!("g:{kept}"), 3);
+    let lost = lost.into_iter().find(|name| partition_for(&format!("g:{name}"), 3) != kept_partition).expect("name");
+    router.create_channel(&erin, kept, &[]).await.expect("create");
+    router.create_channel(&erin, &lost, &[]).await.expect("create");
+    router.send(&erin, "g:kept", "warm-up", "first").await.expect("confirmed");
+
+    // Another writer takes over the partition of g:lost only.
+    let lost_channel = format!("g:{lost}");
+    let _other = KafkaLog::open(config.clone(), store.clone(), Some(vec![partition_for(&lost_channel, 3)]))
+        .await
+        .expect("takeover");
+
+    let mut sends = Vec::new();
+    for index in 0..40 {
+        let router = router.clone();
+        let erin = erin.clone();
+        let channel = if index % 2 == 0 { "g:kept".to_owned() } else { lost_channel.clone() };
+        sends.push(tokio::spawn(async move {
+            let outcome = router.send(&erin, &channel, &format!("c{index}"), "concurrent").await;
+            (channel, index, outcome)
+        }));
+    }
+    let mut failed_kept = Vec::new();
+    for send in sends {
+        let (channel, index, outcome) = send.await.expect("task");
+        if channel == lost_channel {
+            assert!(matches!(outcome, Err(RouterError::Unavailable(_))), "the fenced partition confirms nothing");
+        } else if outcome.is_err() {
+            failed_kept.push(index);
+        }
+    }
+    // Retries of the failed sends of g:kept are found where they landed, or written now.
+    for index in &failed_kept {
+        router.send(&erin, "g:kept", &format!("c{index}"), "concurrent").await.expect("retry");
+    }
+    let last = router.send(&erin, "g:kept", "after", "after the takeover").await.expect("continues");
+    let records = read_committed(&config).await;
+    let channels = by_channel(&records);
+    assert_exactly_once_in_order("g:kept", &channels["g:kept"], last.placement.seq);
+    assert_eq!(last.placement.seq, 22, "1 warm-up + 20 concurrent + 1 after, each once");
+    assert!(!channels.contains_key(&lost_channel), "nothing of the fenced partition is visible");
+    eprintln!("{} sends of g:kept shared a failed batch with the fenced partition", failed_kept.len());
+}
