@@ -594,6 +594,16 @@ async fn drain_one_of_two_gateways_with_1000_clients_under_load(backend: Backend
         times.sort_unstable();
         times
     };
+    let mut gaps: Vec<Duration> = moved
+        .iter()
+        .filter_map(|seen| {
+            let seen = seen.lock().expect("seen");
+            let left = seen.disconnected.iter().find(|at| **at > drain_started)?;
+            let back = seen.connected.iter().find(|at| *at > left)?;
+            Some(back.duration_since(*left))
+        })
+        .collect();
+    gaps.sort_unstable();
     let told = after_drain(|seen| &seen.disconnected);
     let reconnects = after_drain(|seen| &seen.connected);
     let failures: usize = moved.iter().map(|seen| seen.lock().expect("seen").failed.len()).sum();
@@ -612,7 +622,7 @@ async fn drain_one_of_two_gateways_with_1000_clients_under_load(backend: Backend
     println!(
         "drain figures ({backend:?}): {} clients on the drained gateway (window {WINDOW_MS} ms); let go p50 {:?} p99 {:?}; back \
          on the other gateway: {} of them, p50 {:?}, p99 {:?}, max {:?} after the drain request; failed attempts \
-         {failures}; drained gateway exited after {drained_exit:?}; messages {}; lost {lost}; duplicates \
+         {failures}; each client's own reconnect (let go → back) p50 {:?}, p99 {:?}; drained gateway exited after {drained_exit:?}; messages {}; lost {lost}; duplicates \
          {duplicates}\nlet-go histogram (500 ms buckets): {told_rows}\nreconnected histogram (500 ms buckets): \
          {reconnect_rows}",
         moved.len(),
@@ -622,6 +632,8 @@ async fn drain_one_of_two_gateways_with_1000_clients_under_load(backend: Backend
         percentile(&reconnects, 0.5),
         percentile(&reconnects, 0.99),
         reconnects.last().copied().unwrap_or_default(),
+        percentile(&gaps, 0.5),
+        percentile(&gaps, 0.99),
         sent_per_channel.values().sum::<usize>(),
     );
     assert_eq!(told.len(), moved.len(), "the drained gateway let every client go");
