@@ -251,6 +251,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let service = parley_router::service::app(router, args.internal_token.clone());
     let mut service_stop = stopped.clone();
     let mut admin_stop = stopped;
+    // Small request/reply exchanges: without TCP_NODELAY, Nagle's algorithm and delayed ACKs add tens of
+    // milliseconds to every call a gateway makes.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+    });
     let serve = axum::serve(listener, service).with_graceful_shutdown(async move {
         let _ = service_stop.wait_for(|stop| *stop).await;
     });

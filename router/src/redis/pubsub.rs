@@ -225,29 +225,57 @@ impl Driver {
         }
     }
 
+    /// Hands one publication to the subscriber; `Err` ends the connection (`Lost` when the stream ended,
+    /// `Stop` when the subscriber is gone).
+    async fn forward(&self, message: Option<::redis::Msg>) -> Result<(), End> {
+        let Some(message) = message else { return Err(End::Lost) };
+        let Some(topic) = message.get_channel_name().strip_prefix(self.config.prefix.as_str()) else {
+            return Ok(());
+        };
+        let delivery = (Arc::from(topic), Bytes::copy_from_slice(message.get_payload_bytes()));
+        self.sink.send(delivery).await.map_err(|_| End::Stop)
+    }
+
+    /// Awaits `call` (a subscription change or a ping on the sink) while still reading publications: under
+    /// load its answer queues behind them, and a reader that waited for the answer first would stall the change
+    /// (and every gateway connect waiting on it) behind all the publications in flight.
+    async fn while_reading<T>(
+        &self,
+        stream: &mut PubSubStream,
+        call: impl std::future::Future<Output = T>,
+    ) -> Result<T, End> {
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                result = &mut call => return Ok(result),
+                message = stream.next() => self.forward(message).await?,
+            }
+        }
+    }
+
     async fn serve(&mut self, mut sink: PubSubSink, mut stream: PubSubStream) -> End {
         let period = self.config.health_check;
         let mut health = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
             tokio::select! {
                 message = stream.next() => {
-                    let Some(message) = message else { return End::Lost };
-                    let Some(topic) = message.get_channel_name().strip_prefix(self.config.prefix.as_str()) else {
-                        continue;
-                    };
-                    let delivery = (Arc::from(topic), Bytes::copy_from_slice(message.get_payload_bytes()));
-                    if self.sink.send(delivery).await.is_err() {
-                        return End::Stop;
+                    if let Err(end) = self.forward(message).await {
+                        return end;
                     }
                 }
                 command = self.commands.recv() => {
                     let Some(Command { change, topics, reply }) = command else { return End::Stop };
                     let channels = self.channels(&topics);
-                    let result = match change {
-                        Change::Subscribe => call(self.config.timeout, "subscribe", sink.subscribe(channels)).await,
-                        Change::Unsubscribe => {
-                            call(self.config.timeout, "unsubscribe", sink.unsubscribe(channels)).await
+                    let timeout = self.config.timeout;
+                    let change = async {
+                        match change {
+                            Change::Subscribe => call(timeout, "subscribe", sink.subscribe(channels)).await,
+                            Change::Unsubscribe => call(timeout, "unsubscribe", sink.unsubscribe(channels)).await,
                         }
+                    };
+                    let result = match self.while_reading(&mut stream, change).await {
+                        Ok(result) => result,
+                        Err(end) => return end,
                     };
                     let failed = result.is_err();
                     let _ = reply.send(result);
@@ -256,7 +284,12 @@ impl Driver {
                     }
                 }
                 _ = health.tick() => {
-                    if let Err(error) = call(self.config.timeout, "ping", sink.ping::<::redis::Value>()).await {
+                    let ping = call(self.config.timeout, "ping", sink.ping::<::redis::Value>());
+                    let result = match self.while_reading(&mut stream, ping).await {
+                        Ok(result) => result,
+                        Err(end) => return end,
+                    };
+                    if let Err(error) = result {
                         warn!(%error, "redis subscriber health check failed");
                         return End::Lost;
                     }
