@@ -11,7 +11,7 @@
 #   PARLEY_CACHE          cache root (default $HOME/.cache/parley)
 #   PARLEY_HELM_VERSION   helm.sh/helm/v3 version (default v3.22.0)
 #   PARLEY_BUILD_NICE     niceness of the go build (default 19)
-#   PARLEY_BUILD_P        go build -p value (default 1)
+#   PARLEY_BUILD_P        go build -p value and GOMAXPROCS (default: the number of cores)
 set -euo pipefail
 
 HELM_VERSION=${PARLEY_HELM_VERSION:-v3.22.0}
@@ -19,7 +19,7 @@ CACHE=${PARLEY_CACHE:-${HOME:?HOME is not set}/.cache/parley}
 ROOT=$CACHE/helm/$HELM_VERSION
 BIN=$ROOT/bin
 NICE=${PARLEY_BUILD_NICE:-19}
-PAR=${PARLEY_BUILD_P:-1}
+PAR=${PARLEY_BUILD_P:-$(nproc 2>/dev/null || echo 2)}
 MODULE=helm.sh/helm/v3
 STAMP="$MODULE/cmd/helm@$HELM_VERSION"
 
@@ -47,7 +47,7 @@ if command -v flock >/dev/null; then
 fi
 
 # Never let go download another toolchain; fail clearly instead.
-export GOTOOLCHAIN=local GOMAXPROCS=${GOMAXPROCS:-1}
+export GOTOOLCHAIN=local GOMAXPROCS=${GOMAXPROCS:-$PAR}
 log "go: $(go version); building $STAMP with nice -n $NICE, -p $PAR, GOMAXPROCS=$GOMAXPROCS"
 T_START=$(date +%s)
 

@@ -15,7 +15,7 @@
 #   PARLEY_ETCD_VERSION  go.etcd.io/etcd/server/v3 version (default v3.6.16)
 #   PARLEY_KWOK_VERSION  sigs.k8s.io/kwok version (default v0.8.0)
 #   PARLEY_BUILD_NICE    niceness of the go builds (default 19)
-#   PARLEY_BUILD_P       go build -p value (default 1)
+#   PARLEY_BUILD_P       go build -p value and GOMAXPROCS (default: the number of cores)
 set -euo pipefail
 
 K8S_VERSION=${PARLEY_K8S_VERSION:-v1.36.3}
@@ -25,7 +25,7 @@ CACHE=${PARLEY_CACHE:-${HOME:?HOME is not set}/.cache/parley}
 ROOT=$CACHE/k8s/$K8S_VERSION
 BIN=$ROOT/bin
 NICE=${PARLEY_BUILD_NICE:-19}
-PAR=${PARLEY_BUILD_P:-1}
+PAR=${PARLEY_BUILD_P:-$(nproc 2>/dev/null || echo 2)}
 
 K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 ALL_BINS=("${K8S_BINS[@]}" etcd kwok)
@@ -68,7 +68,7 @@ if command -v flock >/dev/null; then
 fi
 
 # Never let go switch (download) toolchains behind our back; fail clearly instead.
-export GOTOOLCHAIN=local GOMAXPROCS=${GOMAXPROCS:-1}
+export GOTOOLCHAIN=local GOMAXPROCS=${GOMAXPROCS:-$PAR}
 GOBUILD=(nice -n "$NICE" go build -p "$PAR" -trimpath)
 log "go: $(go version); building with nice -n $NICE, -p $PAR, GOMAXPROCS=$GOMAXPROCS"
 
