@@ -124,16 +124,19 @@ struct Backends {
     describe: String,
 }
 
+fn open_embedded(args: &Args, retention: Retention) -> anyhow::Result<Arc<EmbeddedStore>> {
+    let store = EmbeddedStore::open(&args.data_dir, retention)
+        .with_context(|| format!("failed to open the store in {}", args.data_dir.display()))?;
+    Ok(Arc::new(store))
+}
+
 async fn backends(args: &Args, retention: Retention, machine_id: u16) -> anyhow::Result<Backends> {
     let Some(bootstrap) = &args.kafka_bootstrap_servers else {
         anyhow::ensure!(
             args.cassandra_contact_points.is_empty(),
             "--cassandra-contact-points needs --kafka-bootstrap-servers: the store is written from the Kafka log"
         );
-        let store = Arc::new(
-            EmbeddedStore::open(&args.data_dir, retention)
-                .with_context(|| format!("failed to open the store in {}", args.data_dir.display()))?,
-        );
+        let store = open_embedded(args, retention)?;
         return Ok(Backends {
             log: store.clone(),
             store: store.clone(),
@@ -146,10 +149,7 @@ async fn backends(args: &Args, retention: Retention, machine_id: u16) -> anyhow:
         .cassandra_contact_points
         .is_empty()
     {
-        let store = Arc::new(
-            EmbeddedStore::open(&args.data_dir, retention)
-                .with_context(|| format!("failed to open the store in {}", args.data_dir.display()))?,
-        );
+        let store = open_embedded(args, retention)?;
         (store.clone(), store, format!("Kafka log at {bootstrap}, embedded store in {}", args.data_dir.display()))
     } else {
         let mut config = CassandraConfig::new(args.cassandra_contact_points.clone(), args.cassandra_keyspace.clone());

@@ -298,16 +298,21 @@ impl LocalRouter {
         // A page that reaches the newest stored message must also reach the newest durable one. When the store
         // follows a separate log (Kafka → store writer → Cassandra) it can trail by a few milliseconds: wait for
         // it (bounded), so a client filling a gap right after a message was confirmed finds it.
+        // Only such a page can be short; the others skip the extra read of the log.
+        let reaches_end = |page: &HistoryPage| query.after.is_none() || !page.has_more;
+        if !reaches_end(&page) {
+            return Ok(page);
+        }
         let last = self.log.last_seq(channel.as_str()).await.map_err(RouterError::Unavailable)?;
         let deadline = tokio::time::Instant::now() + STORE_CATCH_UP;
         let mut pause = Duration::from_millis(5);
         loop {
-            let reaches_end = query.after.is_none() || !page.has_more;
             let newest = page.messages.last().map(|message| message.seq).unwrap_or(query.after.unwrap_or(0));
-            if !reaches_end || newest >= last || tokio::time::Instant::now() >= deadline {
-                if reaches_end && newest < last {
-                    warn!(channel = %channel, newest, last, "history: the store trails the log; page returned short");
-                }
+            if !reaches_end(&page) || newest >= last {
+                return Ok(page);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                warn!(channel = %channel, newest, last, "history: the store trails the log; page returned short");
                 return Ok(page);
             }
             tokio::time::sleep(pause).await;

@@ -46,9 +46,9 @@ pub(super) fn create_migrations_table(keyspace: &str) -> String {
 /// divides it.
 fn compaction_window(bucket: Duration) -> (&'static str, u64) {
     let seconds = bucket.as_secs().max(60);
-    if seconds % 86_400 == 0 {
+    if seconds.is_multiple_of(86_400) {
         ("DAYS", seconds / 86_400)
-    } else if seconds % 3_600 == 0 {
+    } else if seconds.is_multiple_of(3_600) {
         ("HOURS", seconds / 3_600)
     } else {
         ("MINUTES", (seconds / 60).max(1))
