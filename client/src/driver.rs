@@ -40,6 +40,9 @@ pub(crate) type SendWaiter = oneshot::Sender<Result<SendReceipt, ClientError>>;
 /// Where a request's answer goes.
 pub(crate) type ReplyWaiter = oneshot::Sender<Result<Reply, ClientError>>;
 
+/// The close code of an instance that is draining (1012, service restart): reconnect elsewhere at once.
+const SERVICE_RESTART: u16 = 1012;
+
 /// A command from a [`Client`](crate::Client) handle.
 pub(crate) enum Command {
     Send(Box<SendCommand>),
@@ -308,11 +311,13 @@ impl Driver {
                 },
             };
             failures = 0;
-            immediate = false;
             match self.session(socket, ready).await {
                 End::Stop => return self.finish(ClientError::Closed),
                 End::Lost { code, reason } => {
                     debug!(?code, %reason, "connection lost");
+                    // A draining instance already spread its clients' departures over its window: go to the next
+                    // instance at once. Any other loss waits a jittered backoff, so that a crash is no storm.
+                    immediate = code == Some(SERVICE_RESTART);
                     self.lost();
                     self.events.emit(Event::Disconnected { code, reason });
                 }

@@ -228,33 +228,61 @@ where
     let mut socket = socket;
     let (sender, mut outbound) = mpsc::channel::<OutboundFrame>(config.outbound_queue.max(1));
 
-    // Subscribe before reading the channel list, so nothing published in between is missed: anything newer
-    // than the `last_seq` the client is told arrives live.
-    let first = router.list_channels(&session.user).await.unwrap_or_default();
-    hub.register(session.conn, &session.user, sender, first.iter().map(|view| view.id.clone()).collect()).await;
+    // The handshake's order is what makes it lossless without waiting on anyone in the common case:
+    // 1. the connection and its user enter the local index, so direct events for the user are kept from now on;
+    // 2. the user→gateway registry names this instance, so every membership change written after that is
+    //    published to it (the router writes memberships before it locates users);
+    // 3. the memberships are read: a change written before this read is in it, one written after reaches step 1;
+    // 4. the channels join the index. A message of theirs that this instance saw go by between 3 and 4 (or a
+    //    channel this instance had to subscribe first) makes the list stale: it is read once more, after.
+    hub.register(session.conn, &session.user, sender, Vec::new()).await;
     if let Some(presence) = hub.presence() {
         presence.connected(session.user.as_str()).await;
     }
-    let channels = match router.list_channels(&session.user).await {
+    let leave = |code: u16, reason: &'static str| {
+        let hub = &hub;
+        let session = &session;
+        async move {
+            hub.unregister(session.conn).await;
+            if let Some(presence) = hub.presence() {
+                presence.disconnected(session.user.as_str()).await;
+            }
+            (code, reason)
+        }
+    };
+    let first = match router.list_channels(&session.user).await {
         Ok(channels) => channels,
         Err(error) => {
             debug!(%error, "cannot list channels");
-            let _ = socket.send(close_message(1011, "storage unavailable")).await;
-            hub.unregister(session.conn).await;
+            let (code, reason) = leave(1011, "storage unavailable").await;
+            let _ = socket.send(close_message(code, reason)).await;
             return;
         }
     };
-    let late: Vec<String> = channels
-        .iter()
-        .filter(|view| !first.iter().any(|seen| seen.id == view.id))
-        .map(|view| view.id.clone())
-        .collect();
-    // Nothing of the handshake may stay alive across the connection's lifetime (it would live in every idle
-    // connection's task).
-    drop(first);
-    if !late.is_empty() {
-        hub.add_channels(session.conn, late).await;
-    }
+    let heads: Vec<(String, u64)> = first.iter().map(|view| (view.id.clone(), view.last_seq)).collect();
+    let channels = if hub.add_channels_since(session.conn, heads).await {
+        match router.list_channels(&session.user).await {
+            Ok(channels) => {
+                let late: Vec<String> = channels
+                    .iter()
+                    .filter(|view| !first.iter().any(|seen| seen.id == view.id))
+                    .map(|view| view.id.clone())
+                    .collect();
+                if !late.is_empty() {
+                    hub.add_channels(session.conn, late).await;
+                }
+                channels
+            }
+            Err(error) => {
+                debug!(%error, "cannot list channels");
+                let (code, reason) = leave(1011, "storage unavailable").await;
+                let _ = socket.send(close_message(code, reason)).await;
+                return;
+            }
+        }
+    } else {
+        first
+    };
     let mut tracker: DeliveryTracker<Utf8Bytes> = DeliveryTracker::new(config.ack_policy());
     for view in &channels {
         tracker.start_at(&view.id, view.last_seq);
@@ -275,7 +303,7 @@ where
     };
     let ready = text(&ready);
     if socket.send(ready).await.is_err() {
-        hub.unregister(session.conn).await;
+        leave(1011, "write failed").await;
         return;
     }
 
@@ -307,9 +335,9 @@ where
             _ = drain.changed(), if drain_at.is_none() => {
                 let plan = *drain.borrow();
                 if let Some(plan) = plan {
-                    // A uniformly random moment in the window spreads the reconnects of all clients.
-                    let window = plan.window.as_millis().max(1) as u64;
-                    let at = Instant::now() + Duration::from_millis(rand::random_range(0..window));
+                    // A uniformly random moment in the window's first part spreads the reconnects of all clients,
+                    // and the rest of the window lets the last ones land.
+                    let at = Instant::now() + plan.departure_at(rand::random::<f64>());
                     drain_at = Some(at);
                     if at < armed {
                         armed = at;

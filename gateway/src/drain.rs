@@ -13,10 +13,25 @@ use tracing::info;
 /// A drain request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DrainPlan {
-    /// Reconnect requests are spread uniformly over this window.
+    /// Every client is back on another instance within this window: reconnect requests are spread uniformly over
+    /// its first [`DEPARTURE_SHARE`], and the rest is left for the last ones to connect, resume and catch up.
     pub window: Duration,
     /// The instance stops at this point even if connections remain.
     pub deadline: Duration,
+}
+
+/// The share of a drain window over which clients are asked to leave (per mille); the remainder is the time the
+/// last of them have to land on another instance before the window ends.
+pub const DEPARTURE_SHARE: u64 = 800;
+
+impl DrainPlan {
+    /// When, after the drain started, to ask the client with the random draw `draw` (uniform in `[0, 1)`) to
+    /// leave: uniformly within the first [`DEPARTURE_SHARE`] of the window.
+    pub fn departure_at(&self, draw: f64) -> Duration {
+        let span = (self.window.as_millis() * u128::from(DEPARTURE_SHARE) / 1000).min(u128::from(u64::MAX)) as u64;
+        let draw = if draw.is_finite() { draw.clamp(0.0, 1.0) } else { 0.0 };
+        Duration::from_millis(((span as f64) * draw) as u64).min(Duration::from_millis(span))
+    }
 }
 
 /// Starts and tracks the drain of this instance.
@@ -75,5 +90,25 @@ impl Drainer {
             let _ = drainer.shutdown.send(true);
         });
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn departures_fill_the_first_part_of_the_window_and_leave_the_rest_for_landing() {
+        let plan = DrainPlan { window: Duration::from_secs(5), deadline: Duration::from_secs(30) };
+        assert_eq!(plan.departure_at(0.0), Duration::ZERO);
+        assert_eq!(plan.departure_at(0.5), Duration::from_millis(2_000));
+        assert_eq!(plan.departure_at(1.0), Duration::from_millis(4_000));
+        for draw in [f64::NAN, f64::INFINITY, -1.0, 7.0] {
+            assert!(plan.departure_at(draw) <= Duration::from_millis(4_000), "{draw}");
+        }
+        let zero = DrainPlan { window: Duration::ZERO, deadline: Duration::from_secs(1) };
+        assert_eq!(zero.departure_at(0.9), Duration::ZERO);
+        let huge = DrainPlan { window: Duration::MAX, deadline: Duration::MAX };
+        assert!(huge.departure_at(1.0) > Duration::from_secs(1_000_000));
     }
 }

@@ -10,7 +10,9 @@ use crate::metrics::{Limit, Metrics};
 use axum::extract::ws::Utf8Bytes;
 use parley_core::protocol::ServerFrame;
 use parley_core::{ChannelId, UserId};
-use parley_router::pubsub::{channel_topic, user_topic, ControlEvent, Delivery, Event, Subscription};
+use parley_router::pubsub::{
+    channel_topic, gateway_topic, ControlEvent, Delivery, Event, Subscription, ALL_GATEWAYS_TOPIC,
+};
 use parley_router::Router;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -64,6 +66,11 @@ struct HubState {
     topics: HashSet<String>,
     /// Topics whose subscription a caller of `sync_topics` wants re-examined (taken in groups; see there).
     pending_topics: HashSet<String>,
+    /// Topics whose subscribe or unsubscribe is being applied right now (their entry in `topics` is not confirmed
+    /// yet).
+    changing_topics: HashSet<String>,
+    /// The newest message sequence seen published, per subscribed channel.
+    heads: HashMap<String, u64>,
 }
 
 /// The local index and dispatcher.
@@ -102,64 +109,85 @@ impl Hub {
     }
 
     /// Brings the bus subscription of the given topics in line with the index. Only the topics a change
-    /// touched are examined, so a connect or disconnect costs the same with 10 or 100,000 connections.
-    async fn sync_topics(&self, candidates: Vec<String>) {
-        if candidates.is_empty() {
-            return;
+    /// touched are examined, so a connect or disconnect costs the same with 10 or 100,000 connections. Returns
+    /// once every given topic's subscription is confirmed as the index wants it; at once, without waiting for
+    /// anyone, when they already are (the common case: a connection to channels other local members hold).
+    async fn sync_topics(&self, candidates: Vec<String>) -> bool {
+        {
+            let mut state = self.lock();
+            let needed: Vec<String> = candidates
+                .into_iter()
+                .filter(|topic| {
+                    state.changing_topics.contains(topic) || state.wants(topic) != state.topics.contains(topic)
+                })
+                .collect();
+            if needed.is_empty() {
+                return false;
+            }
+            state.pending_topics.extend(needed);
         }
-        // Group commit: park the candidates, then whoever holds the serial lock takes every parked candidate and
-        // applies them in one subscribe and one unsubscribe call. A caller whose candidates were taken by an
-        // earlier holder finds nothing to do once it gets the lock, and by then that holder's calls completed.
-        // So a burst of connects (a drain elsewhere, a restart) costs a few round trips to the bus, not one each.
-        self.lock().pending_topics.extend(candidates);
+        // Group commit: whoever holds the serial lock takes every parked candidate and applies them in one
+        // subscribe and one unsubscribe call. A caller whose candidates were taken by an earlier holder finds
+        // nothing to do once it gets the lock, and by then that holder's calls completed. So a burst of connects
+        // (a drain elsewhere, a restart) costs a few round trips to the bus, not one each.
         let _serial = self.topic_changes.lock().await;
         let (add, remove) = {
             let mut state = self.lock();
             let candidates = std::mem::take(&mut state.pending_topics);
             if candidates.is_empty() {
-                return;
+                // An earlier holder applied them.
+                return true;
             }
             let mut add = Vec::new();
             let mut remove = Vec::new();
             for topic in candidates {
-                let wanted = if let Some(channel) = topic.strip_prefix("ch:") {
-                    state.channels.get(channel).is_some_and(|members| !members.is_empty())
-                } else if let Some(user) = topic.strip_prefix("user:") {
-                    state.users.contains_key(user)
-                } else {
-                    false
-                };
+                let wanted = state.wants(&topic);
                 let subscribed = state.topics.contains(&topic);
                 if wanted && !subscribed {
                     state.topics.insert(topic.clone());
+                    state.changing_topics.insert(topic.clone());
                     add.push(topic);
                 } else if !wanted && subscribed {
                     state.topics.remove(&topic);
+                    if let Some(channel) = topic.strip_prefix("ch:") {
+                        state.heads.remove(channel);
+                    }
+                    state.changing_topics.insert(topic.clone());
                     remove.push(topic);
                 }
             }
             (add, remove)
         };
         if !add.is_empty() {
-            if let Err(error) = self.subscription.subscribe(add).await {
+            if let Err(error) = self.subscription.subscribe(add.clone()).await {
                 warn!(%error, "subscribe failed");
             }
         }
         if !remove.is_empty() {
-            if let Err(error) = self.subscription.unsubscribe(remove).await {
+            if let Err(error) = self.subscription.unsubscribe(remove.clone()).await {
                 warn!(%error, "unsubscribe failed");
             }
         }
+        let mut state = self.lock();
+        for topic in add.iter().chain(&remove) {
+            state.changing_topics.remove(topic);
+        }
+        true
+    }
+
+    /// Subscribes this instance's direct-delivery topics: its own (`instance`, when it has a registry entry) and
+    /// the one every gateway shares. Call once at start, before serving connections.
+    pub async fn open_direct(&self, instance: Option<&str>) -> Result<(), parley_router::error::BackendError> {
+        let topics: Vec<String> =
+            std::iter::once(ALL_GATEWAYS_TOPIC.to_owned()).chain(instance.map(gateway_topic)).collect();
+        self.lock().topics.extend(topics.iter().cloned());
+        self.subscription.subscribe(topics).await
     }
 
     /// Adds a connection with its channels, and subscribes what it needs. Publications for those channels
     /// reach it from the moment this returns.
     pub async fn register(&self, conn: u64, user: &UserId, sender: Outbound, channels: Vec<String>) {
-        let topics: Vec<String> = channels
-            .iter()
-            .map(|channel| channel_topic(channel))
-            .chain(std::iter::once(user_topic(user.as_str())))
-            .collect();
+        let topics: Vec<String> = channels.iter().map(|channel| channel_topic(channel)).collect();
         {
             let mut state = self.lock();
             for channel in &channels {
@@ -177,6 +205,29 @@ impl Hub {
             );
         }
         self.sync_topics(topics).await;
+    }
+
+    /// Adds channels to a registered connection whose list was read with the given last sequences. `true` when
+    /// that list may be stale for this connection: a channel had to be subscribed first, or a message newer than
+    /// the list was published before the connection joined the channel here (read the list again, after).
+    pub async fn add_channels_since(&self, conn: u64, heads: Vec<(String, u64)>) -> bool {
+        let raced = {
+            let mut state = self.lock();
+            let Some(sender) = state.conns.get(&conn).and_then(|entry| entry.sender.clone()) else {
+                return false;
+            };
+            let mut raced = false;
+            for (channel, last_seq) in &heads {
+                raced |= state.heads.get(channel).is_some_and(|seen| seen > last_seq);
+                state.channels.entry(channel.clone()).or_default().insert(conn, sender.clone());
+                if let Some(entry) = state.conns.get_mut(&conn) {
+                    entry.channels.insert(channel.clone());
+                }
+            }
+            raced
+        };
+        let subscribed = self.sync_topics(heads.iter().map(|(channel, _)| channel_topic(channel)).collect()).await;
+        raced || subscribed
     }
 
     /// Adds channels to a registered connection (e.g. channels joined while the handshake ran).
@@ -204,7 +255,6 @@ impl Hub {
             let mut state = self.lock();
             if let Some(entry) = state.conns.remove(&conn) {
                 topics.extend(entry.channels.iter().map(|channel| channel_topic(channel)));
-                topics.push(user_topic(&entry.user));
                 for channel in &entry.channels {
                     remove_member(&mut state.channels, channel, conn);
                 }
@@ -300,7 +350,13 @@ impl Hub {
             message: seq.map(|seq| (Arc::from(channel), seq)),
         }));
         {
-            let state = self.lock();
+            let mut state = self.lock();
+            if let Some(seq) = seq {
+                if state.channels.contains_key(channel) {
+                    let head = state.heads.entry(channel.to_owned()).or_default();
+                    *head = (*head).max(seq);
+                }
+            }
             if let Some(members) = state.channels.get(channel) {
                 for (conn, sender) in members {
                     match sender.try_send(item.clone()) {
@@ -433,15 +489,28 @@ impl Hub {
                     let frame = ServerFrame::Read { req_id: None, channel: channel.clone(), user, seq }.to_json();
                     self.deliver(&channel, &Utf8Bytes::from(frame), None);
                 }
-                Event::Control(ControlEvent::Membership { channel, joined }) => {
-                    let Some(user) = topic.strip_prefix("user:") else {
-                        continue;
-                    };
-                    self.membership_changed(&router, user, &channel, joined).await;
+                Event::Control(ControlEvent::Membership { user, channel, joined }) => {
+                    // Direct events reach every instance when the router could not locate the user: keep only
+                    // this instance's users.
+                    if self.lock().users.contains_key(&user) {
+                        self.membership_changed(&router, &user, &channel, joined).await;
+                    }
                 }
             }
         }
         debug!("hub dispatcher stopped");
+    }
+}
+
+impl HubState {
+    /// Whether the index wants `topic` subscribed.
+    fn wants(&self, topic: &str) -> bool {
+        if let Some(channel) = topic.strip_prefix("ch:") {
+            self.channels.get(channel).is_some_and(|members| !members.is_empty())
+        } else {
+            // Direct topics are subscribed once at start and kept.
+            topic == ALL_GATEWAYS_TOPIC || topic.starts_with("gw:")
+        }
     }
 }
 

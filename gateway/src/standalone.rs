@@ -181,16 +181,16 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
     let metrics = Metrics::new();
     let (sink, publications) = mpsc::channel(65_536);
     let hub = Hub::new(pubsub.open(sink), metrics.clone(), args.gateway.fanout_threshold);
-    match presence_store {
-        None => {
-            crate::presence::Presence::start(&hub);
-        }
-        Some(store) => {
-            crate::presence::Presence::start_with(&hub, store)
-                .await
-                .map_err(|error| GatewayError::Config(format!("cannot register this gateway in Redis: {error}")))?;
-        }
-    }
+    let presence = match presence_store {
+        None => crate::presence::Presence::start(&hub),
+        Some(store) => crate::presence::Presence::start_with(&hub, store)
+            .await
+            .map_err(|error| GatewayError::Config(format!("cannot register this gateway in Redis: {error}")))?,
+    };
+    // Direct delivery (membership changes of this instance's users) before the first connection.
+    hub.open_direct(Some(presence.instance()))
+        .await
+        .map_err(|error| GatewayError::Config(format!("cannot subscribe this gateway's direct topic: {error}")))?;
     let push = push.map(|(push, durable)| {
         tokio::spawn(push.clone().run(hub.clone(), durable));
         push

@@ -12,8 +12,9 @@ use parley_router::backend::{MembershipStore, MessageLog, MessageStore};
 use parley_router::cassandra::{CassandraConfig, CassandraStore, Replication};
 use parley_router::embedded::{EmbeddedStore, Retention};
 use parley_router::kafka::{KafkaConfig, KafkaLog, StoreWriter};
+use parley_router::presence::PresenceStore;
 use parley_router::pubsub::PubSub;
-use parley_router::redis::{RedisConfig, RedisPubSub};
+use parley_router::redis::{RedisConfig, RedisPresenceStore, RedisPubSub};
 use parley_router::{Router, RouterConfig};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::ConstCounter;
@@ -218,7 +219,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let Backends { log, store, membership, store_writer, describe } = backends(&args, retention, machine_id).await?;
     let redis = RedisConfig::new(args.redis_url.clone()).with_prefix(args.redis_prefix.clone());
     let pubsub: Arc<dyn PubSub> = Arc::new(
-        RedisPubSub::connect(redis).await.with_context(|| format!("failed to reach Redis at {}", args.redis_url))?,
+        RedisPubSub::connect(redis.clone())
+            .await
+            .with_context(|| format!("failed to reach Redis at {}", args.redis_url))?,
+    );
+    // The gateways' user→gateway registry: membership changes go straight to the instances holding the user.
+    let directory: Arc<dyn PresenceStore> = Arc::new(
+        RedisPresenceStore::connect(redis)
+            .await
+            .with_context(|| format!("failed to reach Redis at {}", args.redis_url))?,
     );
     let config = RouterConfig {
         machine_id,
@@ -228,8 +237,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         fanout_threshold: args.fanout_threshold,
         ..RouterConfig::default()
     };
-    let (router, writer) =
-        Router::start(config, log, store, membership, pubsub).context("failed to start the writer")?;
+    let (router, writer) = Router::start_with_directory(config, log, store, membership, pubsub, directory)
+        .context("failed to start the writer")?;
 
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("failed to bind {}", args.listen))?;

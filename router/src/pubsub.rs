@@ -1,8 +1,11 @@
 //! Pub/sub for delivery: the trait, the in-process driver, and the event envelope.
 //!
-//! Topics are `ch:<channel>` (messages and member changes of a conversation) and `user:<user>` (changes to a
-//! user's own memberships). Payloads are [`Event`]s: a message event carries the already-encoded `message`
-//! frame, so a gateway forwards the same bytes to every local member without re-encoding.
+//! Topics are `ch:<channel>` (messages and member changes of a conversation, subscribed once per gateway instance
+//! that holds a member) and `gw:<instance>` (direct delivery to one gateway instance: changes to the memberships of
+//! users connected there, addressed through the user→gateway registry). `gw` reaches every gateway, for a router
+//! with no registry (the embedded mode's single gateway) or when the registry cannot be read. Payloads are
+//! [`Event`]s: a message event carries the already-encoded `message` frame, so a gateway forwards the same bytes to
+//! every local member without re-encoding.
 
 use crate::error::BackendError;
 use async_trait::async_trait;
@@ -39,10 +42,13 @@ pub fn channel_topic(channel: &str) -> String {
     format!("ch:{channel}")
 }
 
-/// The topic of a user's own membership changes.
-pub fn user_topic(user: &str) -> String {
-    format!("user:{user}")
+/// The direct-delivery topic of one gateway instance.
+pub fn gateway_topic(instance: &str) -> String {
+    format!("gw:{instance}")
 }
+
+/// The topic every gateway instance subscribes: direct events whose user cannot be located go there.
+pub const ALL_GATEWAYS_TOPIC: &str = "gw";
 
 /// A control event (everything but messages).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,8 +81,11 @@ pub enum ControlEvent {
         /// Read up to.
         seq: u64,
     },
-    /// The user of this topic was added to or removed from a conversation (published on the user topic).
+    /// A user was added to or removed from a conversation (published on the direct topics of the gateway
+    /// instances that hold the user's connections).
     Membership {
+        /// The user.
+        user: String,
         /// Channel.
         channel: String,
         /// Added or removed.

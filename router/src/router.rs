@@ -7,7 +7,8 @@ use crate::backend::{
     ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageLog, MessageStore,
 };
 use crate::error::{BackendError, RouterError};
-use crate::pubsub::{channel_topic, user_topic, ControlEvent, Event, PubSub};
+use crate::presence::PresenceStore;
+use crate::pubsub::{channel_topic, gateway_topic, ControlEvent, Event, PubSub, ALL_GATEWAYS_TOPIC};
 use bytes::Bytes;
 use parley_core::protocol::{ChannelView, MessageView, ServerFrame};
 use parley_core::sequencer::{Decision, Placement, SendRequest, Sequencer};
@@ -151,6 +152,21 @@ impl LocalRouter {
         pubsub: Arc<dyn PubSub>,
         tap: Option<mpsc::Sender<DurableMessage>>,
     ) -> Result<(LocalRouter, tokio::task::JoinHandle<()>), RouterError> {
+        Self::start_full(config, log, store, membership, pubsub, tap, None)
+    }
+
+    /// Like [`start_with_tap`](Self::start_with_tap), and addresses direct events (membership changes) to the
+    /// gateway instances that `directory` (the user→gateway registry) locates. Without one, they go to every
+    /// gateway ([`ALL_GATEWAYS_TOPIC`]), which is right for one gateway and wasteful for many.
+    pub fn start_full(
+        config: RouterConfig,
+        log: Arc<dyn MessageLog>,
+        store: Arc<dyn MessageStore>,
+        membership: Arc<dyn MembershipStore>,
+        pubsub: Arc<dyn PubSub>,
+        tap: Option<mpsc::Sender<DurableMessage>>,
+        directory: Option<Arc<dyn PresenceStore>>,
+    ) -> Result<(LocalRouter, tokio::task::JoinHandle<()>), RouterError> {
         let snowflake = Snowflake::new(config.machine_id, config.epoch_ms).map_err(RouterError::Clock)?;
         let (commands, queue) = mpsc::channel(config.queue.max(1));
         let stats = Arc::new(RouterStats::default());
@@ -165,6 +181,7 @@ impl LocalRouter {
             config: config.clone(),
             stats: stats.clone(),
             durable_tap: tap,
+            directory,
         };
         let task = tokio::spawn(writer.run());
         Ok((LocalRouter { commands, log, store, membership, pubsub, config: Arc::new(config), stats }, task))
@@ -448,6 +465,7 @@ struct Writer {
     config: RouterConfig,
     stats: Arc<RouterStats>,
     durable_tap: Option<mpsc::Sender<DurableMessage>>,
+    directory: Option<Arc<dyn PresenceStore>>,
 }
 
 type SendItem = (SendRequest, oneshot::Sender<Result<SendOutcome, RouterError>>);
@@ -555,13 +573,15 @@ impl Writer {
                 }
             }
             if self.membership.apply(changes).await.is_ok() {
+                let mut events = Vec::new();
                 for channel in &new_dms {
                     if let Some((first, second)) = channel.dm_members() {
                         self.cache_new(channel, ChannelKind::Dm, [first.to_string(), second.to_string()]);
-                        self.publish_membership(channel.as_str(), first.as_str(), true).await;
-                        self.publish_membership(channel.as_str(), second.as_str(), true).await;
+                        events.push((channel.to_string(), first.to_string(), true));
+                        events.push((channel.to_string(), second.to_string(), true));
                     }
                 }
+                self.publish_memberships(events).await;
             }
         }
 
@@ -727,18 +747,50 @@ impl Writer {
         }
     }
 
-    async fn publish_membership(&self, channel: &str, user: &str, joined: bool) {
-        self.publish_control(user_topic(user), ControlEvent::Membership { channel: channel.to_owned(), joined }).await;
-        let members = self.channels.get(channel).map(|cached| cached.members.len()).unwrap_or(0);
-        if members > self.config.fanout_threshold as usize {
-            // Large channels get no per-member events: that would be quadratic in the member count.
+    /// Where the direct events of `users` go: for each (same order), the direct topics of the gateway instances
+    /// holding their connections. Without a registry, or when it cannot be read, every gateway's topic.
+    async fn direct_topics(&self, users: &[String]) -> Vec<Vec<String>> {
+        let everyone = || vec![vec![ALL_GATEWAYS_TOPIC.to_owned()]; users.len()];
+        let Some(directory) = &self.directory else { return everyone() };
+        match directory.locate(users).await {
+            Ok(located) if located.len() == users.len() => located
+                .into_iter()
+                .map(|instances| instances.iter().map(|instance| gateway_topic(instance)).collect())
+                .collect(),
+            Ok(_) => everyone(),
+            Err(error) => {
+                // Never lose a membership change to a registry hiccup: every gateway gets it and keeps it only
+                // for its own users.
+                warn!(%error, "user→gateway registry unreadable; membership changes go to every gateway");
+                everyone()
+            }
+        }
+    }
+
+    /// Publishes membership changes: to the gateways holding each user (direct), and to the channel's members
+    /// (small channels only).
+    async fn publish_memberships(&self, events: Vec<(String, String, bool)>) {
+        if events.is_empty() {
             return;
         }
-        self.publish_control(
-            channel_topic(channel),
-            ControlEvent::Member { channel: channel.to_owned(), user: user.to_owned(), joined },
-        )
-        .await;
+        let users: Vec<String> = events.iter().map(|(_, user, _)| user.clone()).collect();
+        let targets = self.direct_topics(&users).await;
+        for ((channel, user, joined), topics) in events.into_iter().zip(targets) {
+            for topic in topics {
+                let event = ControlEvent::Membership { user: user.clone(), channel: channel.clone(), joined };
+                self.publish_control(topic, event).await;
+            }
+            let members = self.channels.get(&channel).map(|cached| cached.members.len()).unwrap_or(0);
+            if members > self.config.fanout_threshold as usize {
+                // Large channels get no per-member events: that would be quadratic in the member count.
+                continue;
+            }
+            self.publish_control(
+                channel_topic(&channel),
+                ControlEvent::Member { channel: channel.clone(), user, joined },
+            )
+            .await;
+        }
     }
 
     #[instrument(skip_all, fields(changes = items.len()))]
@@ -837,9 +889,7 @@ impl Writer {
         let written = self.membership.apply(changes).await;
         match written {
             Ok(()) => {
-                for (channel, user, joined) in events {
-                    self.publish_membership(&channel, &user, joined).await;
-                }
+                self.publish_memberships(events).await;
                 for (reply, result) in answers {
                     let _ = reply.send(result.map(|(channel, viewer)| self.view(&channel, &viewer)));
                 }

@@ -246,6 +246,20 @@ impl Router {
             .map(|(router, task)| (router.into(), task))
     }
 
+    /// Starts an in-process writer that addresses direct events through the user→gateway registry; see
+    /// [`LocalRouter::start_full`].
+    pub fn start_with_directory(
+        config: RouterConfig,
+        log: Arc<dyn crate::backend::MessageLog>,
+        store: Arc<dyn crate::backend::MessageStore>,
+        membership: Arc<dyn crate::backend::MembershipStore>,
+        pubsub: Arc<dyn crate::pubsub::PubSub>,
+        directory: Arc<dyn crate::presence::PresenceStore>,
+    ) -> Result<(Router, tokio::task::JoinHandle<()>), RouterError> {
+        LocalRouter::start_full(config, log, store, membership, pubsub, None, Some(directory))
+            .map(|(router, task)| (router.into(), task))
+    }
+
     /// Whether this handle calls a remote router process.
     pub fn is_remote(&self) -> bool {
         matches!(self.inner, Inner::Remote(_))

@@ -106,3 +106,92 @@ async fn membership_limits_and_rules() {
     assert_eq!(listed.iter().map(|view| view.id.as_str()).collect::<Vec<_>>(), vec!["dm:p:q"]);
     assert_eq!(listed[0].last_seq, 1);
 }
+
+/// Drains what a subscriber received so far, as (topic, event).
+async fn received(published: &mut mpsc::Receiver<parley_router::pubsub::Delivery>) -> Vec<(String, Event)> {
+    // Publications of the in-process bus are queued before `publish` returns.
+    tokio::task::yield_now().await;
+    let mut out = Vec::new();
+    while let Ok((topic, payload)) = published.try_recv() {
+        out.push((topic.to_string(), Event::decode(&payload).expect("decodable")));
+    }
+    out
+}
+
+#[tokio::test]
+async fn membership_changes_go_straight_to_the_gateways_holding_the_user() {
+    use parley_router::presence::{EmbeddedPresenceStore, PresenceStore};
+    use parley_router::pubsub::{gateway_topic, ControlEvent, ALL_GATEWAYS_TOPIC};
+    use parley_router::LocalRouter;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shared = Arc::new(EmbeddedStore::open(dir.path(), Retention::default()).expect("store"));
+    let bus = Arc::new(LocalPubSub::new());
+    let (sink, mut published) = mpsc::channel(64);
+    let subscription = bus.open(sink);
+    let direct = vec![gateway_topic("gw-a"), gateway_topic("gw-b"), ALL_GATEWAYS_TOPIC.to_owned()];
+    subscription.subscribe(direct).await.expect("subscribe");
+    // The registry: alice is connected on gw-a and gw-b, bob on gw-b, carol nowhere.
+    let registry = Arc::new(EmbeddedPresenceStore::new());
+    let lease = Duration::from_secs(60);
+    let a = registry.register_instance("gw-a", lease).await.expect("register").epoch;
+    let b = registry.register_instance("gw-b", lease).await.expect("register").epoch;
+    registry.connect("alice", "gw-a", a).await.expect("connect");
+    registry.connect("alice", "gw-b", b).await.expect("connect");
+    registry.connect("bob", "gw-b", b).await.expect("connect");
+    let (router, _writer) = LocalRouter::start_full(
+        RouterConfig::default(),
+        shared.clone(),
+        shared.clone(),
+        shared,
+        bus,
+        None,
+        Some(registry as Arc<dyn PresenceStore>),
+    )
+    .expect("router");
+
+    router.create_channel(&user("alice"), "room", &["bob".into(), "carol".into()]).await.expect("create");
+    let mut direct: Vec<(String, String)> = received(&mut published)
+        .await
+        .into_iter()
+        .filter_map(|(topic, event)| match event {
+            Event::Control(ControlEvent::Membership { user, channel, joined: true }) if channel == "g:room" => {
+                Some((topic, user))
+            }
+            _ => None,
+        })
+        .collect();
+    direct.sort();
+    let expected: Vec<(String, String)> = [("gw:gw-a", "alice"), ("gw:gw-b", "alice"), ("gw:gw-b", "bob")]
+        .into_iter()
+        .map(|(topic, user)| (topic.to_owned(), user.to_owned()))
+        .collect();
+    // Carol has no connection: there is no gateway to tell, and nothing goes to every gateway.
+    assert_eq!(direct, expected);
+}
+
+#[tokio::test]
+async fn without_a_registry_membership_changes_reach_every_gateway() {
+    use parley_router::pubsub::{ControlEvent, ALL_GATEWAYS_TOPIC};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shared = Arc::new(EmbeddedStore::open(dir.path(), Retention::default()).expect("store"));
+    let bus = Arc::new(LocalPubSub::new());
+    let (sink, mut published) = mpsc::channel(64);
+    let subscription = bus.open(sink);
+    subscription.subscribe(vec![ALL_GATEWAYS_TOPIC.to_owned()]).await.expect("subscribe");
+    let (router, _writer) =
+        Router::start(RouterConfig::default(), shared.clone(), shared.clone(), shared, bus).expect("router");
+    router.create_channel(&user("alice"), "room", &["bob".into()]).await.expect("create");
+    let mut users: Vec<String> = received(&mut published)
+        .await
+        .into_iter()
+        .filter_map(|(topic, event)| match event {
+            Event::Control(ControlEvent::Membership { user, .. }) if topic == ALL_GATEWAYS_TOPIC => Some(user),
+            _ => None,
+        })
+        .collect();
+    users.sort();
+    assert_eq!(users, vec!["alice".to_owned(), "bob".to_owned()]);
+}
