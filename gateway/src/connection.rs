@@ -283,6 +283,7 @@ where
     } else {
         first
     };
+    hub.note_sizes(channels.iter().map(|view| (view.id.as_str(), view.members)));
     let mut tracker: DeliveryTracker<Utf8Bytes> = DeliveryTracker::new(config.ack_policy());
     for view in &channels {
         tracker.start_at(&view.id, view.last_seq);
@@ -406,10 +407,9 @@ where
                         if socket.send(text(&ServerFrame::Pong { req_id, ts: unix_ms() })).await.is_err() { break None; }
                     }
                     ClientFrame::Ack { channel, seq } => {
-                        // Receipts only for small channels: a channel with this many members on this instance
-                        // alone is already too large, and the check costs nothing.
+                        // Receipts only for small channels (the router checks again; this spares it the calls).
                         if tracker.ack(&channel, seq) > 0
-                            && hub.local_members(&channel) <= parley_router::router::DELIVERY_RECEIPT_MEMBERS as usize
+                            && hub.small_channel(&channel, parley_router::router::DELIVERY_RECEIPT_MEMBERS)
                         {
                             // Progress: tell the channel (the sender sees "delivered"). Best effort, off the loop.
                             let router = &router;

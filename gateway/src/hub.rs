@@ -71,6 +71,8 @@ struct HubState {
     changing_topics: HashSet<String>,
     /// The newest message sequence seen published, per subscribed channel.
     heads: HashMap<String, u64>,
+    /// Member counts of subscribed channels, as last read by a connect.
+    sizes: HashMap<String, u32>,
 }
 
 /// The local index and dispatcher.
@@ -151,6 +153,7 @@ impl Hub {
                     state.topics.remove(&topic);
                     if let Some(channel) = topic.strip_prefix("ch:") {
                         state.heads.remove(channel);
+                        state.sizes.remove(channel);
                     }
                     state.changing_topics.insert(topic.clone());
                     remove.push(topic);
@@ -324,6 +327,26 @@ impl Hub {
     /// The presence service, if attached.
     pub fn presence(&self) -> Option<&Arc<crate::presence::Presence>> {
         self.presence.get()
+    }
+
+    /// Records channels' member counts, as a connect read them.
+    pub fn note_sizes<'a>(&self, sizes: impl IntoIterator<Item = (&'a str, u32)>) {
+        let mut state = self.lock();
+        for (channel, members) in sizes {
+            if state.channels.contains_key(channel) {
+                state.sizes.insert(channel.to_owned(), members);
+            }
+        }
+    }
+
+    /// Whether a channel is small enough for delivery receipts (at most `limit` members): by its member count
+    /// when a connect read it, else by its local members alone (a lower bound).
+    pub fn small_channel(&self, channel: &str, limit: u32) -> bool {
+        let state = self.lock();
+        match state.sizes.get(channel) {
+            Some(members) => *members <= limit,
+            None => state.channels.get(channel).map(HashMap::len).unwrap_or(0) <= limit as usize,
+        }
     }
 
     /// How many local connections are in a channel.
@@ -520,5 +543,84 @@ fn remove_member(channels: &mut HashMap<String, HashMap<u64, Outbound>>, channel
         if members.is_empty() {
             channels.remove(channel);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use parley_router::error::BackendError;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts subscription calls.
+    #[derive(Default)]
+    struct Counting {
+        subscribes: AtomicUsize,
+        unsubscribes: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Subscription for Counting {
+        async fn subscribe(&self, _topics: Vec<String>) -> Result<(), BackendError> {
+            self.subscribes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn unsubscribe(&self, _topics: Vec<String>) -> Result<(), BackendError> {
+            self.unsubscribes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn user(name: &str) -> UserId {
+        UserId::new(name).expect("user")
+    }
+
+    #[tokio::test]
+    async fn a_connect_to_channels_already_subscribed_calls_the_bus_not_at_all() {
+        let bus = Arc::new(Counting::default());
+        let hub = Hub::new(bus.clone(), Metrics::new(), 1_000);
+        let (first, _a) = mpsc::channel(8);
+        let (second, _b) = mpsc::channel(8);
+        hub.register(1, &user("ann"), first, Vec::new()).await;
+        assert!(hub.add_channels_since(1, vec![("g:room".into(), 0)]).await, "first member: subscribed, re-read");
+        assert_eq!(bus.subscribes.load(Ordering::SeqCst), 1);
+        hub.register(2, &user("bob"), second, Vec::new()).await;
+        assert!(!hub.add_channels_since(2, vec![("g:room".into(), 0)]).await, "nothing new, nothing raced");
+        assert_eq!(bus.subscribes.load(Ordering::SeqCst), 1, "no second subscribe");
+        hub.unregister(1).await;
+        assert_eq!(bus.unsubscribes.load(Ordering::SeqCst), 0, "bob still needs the channel");
+        hub.unregister(2).await;
+        assert_eq!(bus.unsubscribes.load(Ordering::SeqCst), 1, "the last member left");
+    }
+
+    #[tokio::test]
+    async fn a_message_newer_than_the_list_seen_before_joining_asks_for_a_re_read() {
+        let hub = Hub::new(Arc::new(Counting::default()), Metrics::new(), 1_000);
+        let (first, _a) = mpsc::channel(8);
+        let (second, _b) = mpsc::channel(8);
+        hub.register(1, &user("ann"), first, Vec::new()).await;
+        hub.add_channels_since(1, vec![("g:room".into(), 0)]).await;
+        // Bob's list said the channel ended at 4; message 5 went by before he joined the index.
+        hub.deliver("g:room", &Utf8Bytes::from_static("{}"), Some(5));
+        hub.register(2, &user("bob"), second, Vec::new()).await;
+        assert!(hub.add_channels_since(2, vec![("g:room".into(), 4)]).await);
+        let (third, _c) = mpsc::channel(8);
+        hub.register(3, &user("cid"), third, Vec::new()).await;
+        assert!(!hub.add_channels_since(3, vec![("g:room".into(), 5)]).await, "a list that has it is current");
+    }
+
+    #[tokio::test]
+    async fn receipts_follow_the_member_count_a_connect_read() {
+        let hub = Hub::new(Arc::new(Counting::default()), Metrics::new(), 1_000);
+        let (first, _a) = mpsc::channel(8);
+        hub.register(1, &user("ann"), first, Vec::new()).await;
+        hub.add_channels_since(1, vec![("g:big".into(), 0), ("g:small".into(), 0)]).await;
+        // Before any count is known, the local members (one) are the bound.
+        assert!(hub.small_channel("g:big", 32));
+        hub.note_sizes([("g:big", 500), ("g:small", 3), ("g:elsewhere", 1)]);
+        assert!(!hub.small_channel("g:big", 32));
+        assert!(hub.small_channel("g:small", 32));
+        assert!(hub.small_channel("g:elsewhere", 32), "not subscribed here: no members, no count kept");
     }
 }
