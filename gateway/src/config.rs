@@ -43,7 +43,8 @@ pub struct GatewayConfig {
     /// Retransmissions before the connection is closed (4010); the messages stay available to `sync`.
     #[arg(long, env = "PARLEY_MAX_RETRANSMITS", default_value_t = 3)]
     pub max_retransmits: u32,
-    /// Reconnect requests of a drain are spread over this window, in milliseconds.
+    /// Every client of a drain is back on another instance within this window, in milliseconds: reconnect requests
+    /// are spread over its first four fifths.
     #[arg(long, env = "PARLEY_DRAIN_WINDOW_MS", default_value_t = 20_000)]
     pub drain_window_ms: u64,
     /// A drain stops the instance after this long even if connections remain, in milliseconds.
