@@ -182,7 +182,8 @@ pub struct GatewaySettings {
     #[serde(default = "default_connections_per_pod_target")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000").message("connectionsPerPodTarget must be between 1 and 1000000"))]
     pub connections_per_pod_target: i32,
-    /// A drain asks clients to reconnect at random moments spread over this window, in milliseconds (0-600000).
+    /// A drain has every client back on another gateway within this window, in milliseconds (0-600000): it asks
+    /// them to reconnect at random moments spread over the window's first four fifths.
     #[serde(default = "default_drain_window_ms")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 600000").message("drainWindowMs must be between 0 and 600000"))]
     pub drain_window_ms: i32,
