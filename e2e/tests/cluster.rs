@@ -499,7 +499,7 @@ async fn drain_one_of_two_gateways_with_1000_clients_under_load(backend: Backend
     let Some(mut cluster) = Cluster::start(&redis_url, 2, backend).await else { return };
     const CLIENTS: usize = 1_000;
     const CHANNELS: usize = 10;
-    const WINDOW_MS: u64 = 5_000;
+    const WINDOW_MS: u64 = 15_000;
     let per_channel = CLIENTS / CHANNELS;
 
     // Ten channels of 100 members, half of each on either gateway. One sender per channel, on gateway 0 (the one
@@ -527,7 +527,8 @@ async fn drain_one_of_two_gateways_with_1000_clients_under_load(backend: Backend
         senders.push((client, record(events), channel.clone()));
     }
 
-    // Steady load: every sender sends one message every 250 ms for 12 s (40 msg/s in all, 4,000 deliveries/s).
+    // Steady load: every sender sends one message every 250 ms for 19 s (40 msg/s in all, 4,000 deliveries/s),
+    // from 2 s before the drain to past the end of its window.
     let load_started = Instant::now();
     let mut load = Vec::new();
     for (c, (client, _, channel)) in senders.iter().enumerate() {
@@ -536,7 +537,7 @@ async fn drain_one_of_two_gateways_with_1000_clients_under_load(backend: Backend
         load.push(tokio::spawn(async move {
             let mut sent = 0usize;
             let mut tick = tokio::time::interval(Duration::from_millis(250));
-            while load_started.elapsed() < Duration::from_secs(12) {
+            while load_started.elapsed() < Duration::from_secs(19) {
                 tick.tick().await;
                 client
                     .send_with_id(channel.clone(), format!("m{c}-{sent}"), format!("load {c} {sent}"))
