@@ -64,7 +64,7 @@ impl Client {
     /// Sends a message and waits until it is durable. Retried across reconnects with the same `client_msg_id`,
     /// so it is stored exactly once.
     pub async fn send(&self, channel: impl Into<String>, text: impl Into<String>) -> Result<SendReceipt, ClientError> {
-        self.send_with_id(channel, self.next_client_msg_id(), text).await
+        self.submit(channel.into(), self.next_client_msg_id(), text.into(), true).await
     }
 
     /// Like [`Client::send`] with the caller's idempotency key (1-64 bytes, unique per user). Sending the same key
@@ -75,9 +75,20 @@ impl Client {
         client_msg_id: impl Into<String>,
         text: impl Into<String>,
     ) -> Result<SendReceipt, ClientError> {
+        // The caller's key may have been sent before (by an earlier run of the application, say): always a
+        // possible retry, so the server looks for the earlier send.
+        self.submit(channel.into(), client_msg_id.into(), text.into(), false).await
+    }
+
+    async fn submit(
+        &self,
+        channel: String,
+        client_msg_id: String,
+        text: String,
+        fresh: bool,
+    ) -> Result<SendReceipt, ClientError> {
         let (reply, answer) = oneshot::channel();
-        let send =
-            SendCommand { channel: channel.into(), client_msg_id: client_msg_id.into(), text: text.into(), reply };
+        let send = SendCommand { channel, client_msg_id, text, reply, fresh };
         self.commands.send(Command::Send(Box::new(send))).await.map_err(|_| ClientError::Closed)?;
         answer.await.map_err(|_| ClientError::Closed)?
     }

@@ -56,6 +56,8 @@ pub(crate) struct SendCommand {
     pub client_msg_id: String,
     pub text: String,
     pub reply: SendWaiter,
+    /// The library generated the key: it was never sent before.
+    pub fresh: bool,
 }
 
 pub(crate) struct RequestCommand {
@@ -374,8 +376,8 @@ impl Driver {
     }
 
     fn queue_send(&mut self, send: SendCommand) {
-        let SendCommand { channel, client_msg_id, text, reply } = send;
-        self.outbox.push(channel, client_msg_id, text, reply);
+        let SendCommand { channel, client_msg_id, text, reply, fresh } = send;
+        self.outbox.push(channel, client_msg_id, text, reply, fresh);
     }
 
     /// Everything stops: fail what waits, tell the application.

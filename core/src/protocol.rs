@@ -58,6 +58,10 @@ impl ErrorCode {
     }
 }
 
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
 /// A frame from client to server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -73,6 +77,11 @@ pub enum ClientFrame {
         client_msg_id: String,
         /// Message text.
         text: String,
+        /// `true` on the first time this `client_msg_id` is sent: the server then skips looking for an earlier
+        /// send with the same key in storage, so a send never waits for the database. Absent (or `false`) means
+        /// "maybe a retry", which is always safe. A client that marks a retry as first may store it twice.
+        #[serde(default, skip_serializing_if = "is_false")]
+        first_attempt: bool,
     },
     /// Read a page of history.
     History {
@@ -560,9 +569,12 @@ mod tests {
                 req_id: None,
                 channel: "g:a".into(),
                 client_msg_id: "c1".into(),
-                text: "hi".into()
+                text: "hi".into(),
+                first_attempt: false,
             })
         );
+        let first = br#"{"type":"send","channel":"g:a","client_msg_id":"c1","text":"hi","first_attempt":true}"#;
+        assert!(matches!(decode_client(first), Ok(ClientFrame::Send { first_attempt: true, .. })));
     }
 
     #[test]

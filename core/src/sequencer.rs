@@ -20,6 +20,8 @@ pub struct SendRequest {
     pub client_msg_id: String,
     /// Text.
     pub text: String,
+    /// The sender says this key was never sent before: no need to look for an earlier send in storage.
+    pub first_attempt: bool,
 }
 
 /// Where a durable message sits.
@@ -131,7 +133,13 @@ mod tests {
     use proptest::prelude::*;
 
     fn request(channel: &str, sender: &str, id: &str) -> SendRequest {
-        SendRequest { channel: channel.into(), sender: sender.into(), client_msg_id: id.into(), text: "t".into() }
+        SendRequest {
+            channel: channel.into(),
+            sender: sender.into(),
+            client_msg_id: id.into(),
+            text: "t".into(),
+            first_attempt: false,
+        }
     }
 
     #[test]

@@ -788,6 +788,8 @@ pub async fn drive_sender(
                     channel: plan.channel.clone(),
                     client_msg_id: format!("{}{}", plan.id_prefix, next_index),
                     text,
+                    // Every load send is new (a lost connection ends the sender).
+                    first_attempt: true,
                 };
                 if let Err(error) = send_frame(&mut ws, &frame).await {
                     shared.dropped.fetch_add(1, Ordering::Relaxed);

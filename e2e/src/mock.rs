@@ -174,7 +174,7 @@ async fn connection(mut stream: TcpStream, state: Shared, key: Arc<jsonwebtoken:
                 state.channels = channels;
                 answer
             }
-            ClientFrame::Send { req_id, channel: id, client_msg_id, text } => {
+            ClientFrame::Send { req_id, channel: id, client_msg_id, text, .. } => {
                 let mut channels = std::mem::take(&mut state.channels);
                 state.next_id += 1;
                 let message_id = state.next_id.to_string();

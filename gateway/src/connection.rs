@@ -437,7 +437,7 @@ where
                         metrics.resumes.get_or_create(&vec![("outcome", if failed { "failed" } else { "replayed" })]).inc();
                         if failed || socket.send(text(&ServerFrame::Synced { req_id })).await.is_err() { break None; }
                     }
-                    ClientFrame::Send { req_id, channel, client_msg_id, text: body } => {
+                    ClientFrame::Send { req_id, channel, client_msg_id, text: body, first_attempt } => {
                         if !bucket.try_take(clock.now_ms()) {
                             metrics.limit(Limit::Rate);
                             metrics.error(ErrorCode::RateLimited);
@@ -452,7 +452,7 @@ where
                         let metrics = &metrics;
                         pending.push(Box::pin(async move {
                             let started = Instant::now();
-                            let result = router.send(user, &channel, &client_msg_id, &body).await;
+                            let result = router.send_attempt(user, &channel, &client_msg_id, &body, first_attempt).await;
                             metrics.send_seconds.observe(started.elapsed().as_secs_f64());
                             Some(match result {
                                 Ok(outcome) => ServerFrame::SendResult {

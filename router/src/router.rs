@@ -209,14 +209,28 @@ impl LocalRouter {
         answer.await.map_err(|_| RouterError::ShuttingDown)?
     }
 
-    /// Sends a message. Returns once it is durable.
-    #[instrument(skip(self, text), fields(sender = %sender))]
+    /// Sends a message (maybe a retry: an earlier send with the same key is looked up everywhere). Returns once it
+    /// is durable.
     pub async fn send(
         &self,
         sender: &UserId,
         channel: &str,
         client_msg_id: &str,
         text: &str,
+    ) -> Result<SendOutcome, RouterError> {
+        self.send_attempt(sender, channel, client_msg_id, text, false).await
+    }
+
+    /// Sends a message; `first_attempt` when the sender has never sent this key before, so no earlier send is
+    /// looked up in storage (the send never waits for the database). Returns once it is durable.
+    #[instrument(skip(self, text), fields(sender = %sender))]
+    pub async fn send_attempt(
+        &self,
+        sender: &UserId,
+        channel: &str,
+        client_msg_id: &str,
+        text: &str,
+        first_attempt: bool,
     ) -> Result<SendOutcome, RouterError> {
         let channel = ChannelId::parse(channel)?;
         if client_msg_id.is_empty() || client_msg_id.len() > 64 {
@@ -233,6 +247,7 @@ impl LocalRouter {
             sender: sender.to_string(),
             client_msg_id: client_msg_id.to_owned(),
             text: text.to_owned(),
+            first_attempt,
         };
         self.submit(|reply| Command::Send { request, reply }).await
     }
@@ -620,26 +635,34 @@ impl Writer {
             return;
         }
 
-        let keys =
-            accepted.iter().map(|(request, _)| (request.sender.clone(), request.client_msg_id.clone())).collect();
-        let prior = match self.log.find_sends(keys).await {
-            Ok(prior) => prior,
+        // Earlier sends are looked up only for keys that may be retries: a first attempt never waits for storage.
+        let retried: Vec<(String, String)> = accepted
+            .iter()
+            .filter(|(request, _)| !request.first_attempt)
+            .map(|(request, _)| (request.sender.clone(), request.client_msg_id.clone()))
+            .collect();
+        let found = if retried.is_empty() { Ok(Vec::new()) } else { self.log.find_sends(retried.clone()).await };
+        let found = match found {
+            Ok(found) => found,
             Err(error) => {
+                // Retries cannot be told from new sends now: refuse them (the client tries again), keep the rest.
                 let message = error.to_string();
-                for (_, reply) in accepted {
+                let (keep, refuse): (Vec<SendItem>, Vec<SendItem>) =
+                    accepted.into_iter().partition(|(request, _)| request.first_attempt);
+                for (_, reply) in refuse {
                     let _ = reply.send(Err(RouterError::Unavailable(BackendError::Unavailable(message.clone()))));
                 }
-                return;
+                accepted = keep;
+                if accepted.is_empty() {
+                    return;
+                }
+                Vec::new()
             }
         };
-        let prior: HashMap<(String, String), (String, Placement)> = accepted
-            .iter()
-            .zip(prior)
-            .filter_map(|((request, _), found)| {
-                found.map(|found| {
-                    ((request.sender.clone(), request.client_msg_id.clone()), (found.channel, found.placement))
-                })
-            })
+        let prior: HashMap<(String, String), (String, Placement)> = retried
+            .into_iter()
+            .zip(found)
+            .filter_map(|(key, found)| found.map(|found| (key, (found.channel, found.placement))))
             .collect();
         let requests: Vec<SendRequest> = accepted.iter().map(|(request, _)| request.clone()).collect();
         let plan = self.sequencer.plan(

@@ -50,6 +50,9 @@ pub enum Call {
         client_msg_id: String,
         /// Text.
         text: String,
+        /// The sender's first attempt with this key (absent: maybe a retry).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        first_attempt: bool,
     },
     /// [`Router::create_channel`].
     CreateChannel {
@@ -281,7 +284,7 @@ impl Router {
         }
     }
 
-    /// Sends a message; returns once it is durable.
+    /// Sends a message (maybe a retry); returns once it is durable.
     pub async fn send(
         &self,
         sender: &UserId,
@@ -289,7 +292,20 @@ impl Router {
         client_msg_id: &str,
         text: &str,
     ) -> Result<SendOutcome, RouterError> {
-        dispatch!(self.send(sender, channel, client_msg_id, text))
+        dispatch!(self.send_attempt(sender, channel, client_msg_id, text, false))
+    }
+
+    /// Sends a message, saying whether the sender sends this key for the first time (see
+    /// [`LocalRouter::send_attempt`]); returns once it is durable.
+    pub async fn send_attempt(
+        &self,
+        sender: &UserId,
+        channel: &str,
+        client_msg_id: &str,
+        text: &str,
+        first_attempt: bool,
+    ) -> Result<SendOutcome, RouterError> {
+        dispatch!(self.send_attempt(sender, channel, client_msg_id, text, first_attempt))
     }
 
     /// Creates a group channel.
@@ -369,8 +385,8 @@ impl Router {
             serde_json::to_value(value).map_err(|error| RouterError::InvalidArgument(error.to_string()))
         }
         match call {
-            Call::Send { user: sender, channel, client_msg_id, text } => {
-                let outcome = self.send(&user(sender)?, &channel, &client_msg_id, &text).await?;
+            Call::Send { user: sender, channel, client_msg_id, text, first_attempt } => {
+                let outcome = self.send_attempt(&user(sender)?, &channel, &client_msg_id, &text, first_attempt).await?;
                 json(SendReply {
                     channel: outcome.channel,
                     id: outcome.placement.id,
@@ -585,12 +601,13 @@ impl RemoteRouter {
         }
     }
 
-    async fn send(
+    async fn send_attempt(
         &self,
         sender: &UserId,
         channel: &str,
         client_msg_id: &str,
         text: &str,
+        first_attempt: bool,
     ) -> Result<SendOutcome, RouterError> {
         if text.len() > self.config.max_text_bytes {
             return Err(RouterError::TextTooLong { actual: text.len(), limit: self.config.max_text_bytes });
@@ -601,6 +618,7 @@ impl RemoteRouter {
                 channel: channel.to_owned(),
                 client_msg_id: client_msg_id.to_owned(),
                 text: text.to_owned(),
+                first_attempt,
             })
             .await?;
         Ok(SendOutcome {

@@ -195,3 +195,47 @@ async fn without_a_registry_membership_changes_reach_every_gateway() {
     users.sort();
     assert_eq!(users, vec!["alice".to_owned(), "bob".to_owned()]);
 }
+
+/// A log whose idempotency lookups fail (its store is down), counting them.
+struct NoLookups {
+    inner: EmbeddedStore,
+    lookups: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl MessageLog for NoLookups {
+    async fn append(&self, batch: Vec<MessageView>) -> Result<(), BackendError> {
+        self.inner.append(batch).await
+    }
+    async fn last_seq(&self, channel: &str) -> Result<u64, BackendError> {
+        self.inner.last_seq(channel).await
+    }
+    async fn find_sends(&self, _keys: Vec<(String, String)>) -> Result<Vec<Option<PriorSend>>, BackendError> {
+        self.lookups.fetch_add(1, Ordering::SeqCst);
+        Err(BackendError::Unavailable("message store down".into()))
+    }
+}
+
+#[tokio::test]
+async fn a_first_attempt_never_looks_for_an_earlier_send_and_a_possible_retry_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedStore::open(dir.path(), Retention::default()).expect("store");
+    let log = Arc::new(NoLookups { inner: store.clone(), lookups: Default::default() });
+    let shared = Arc::new(store);
+    let (router, _writer) =
+        Router::start(RouterConfig::default(), log.clone(), shared.clone(), shared, Arc::new(LocalPubSub::new()))
+            .expect("router");
+    let alice = user("alice");
+    router.create_channel(&alice, "room", &[]).await.expect("create");
+
+    let first = router.send_attempt(&alice, "g:room", "a", "one", true).await.expect("no lookup needed");
+    assert_eq!(first.placement.seq, 1);
+    assert_eq!(log.lookups.load(Ordering::SeqCst), 0);
+    // A send that may be a retry needs the lookup; with the store down it is refused, and confirms nothing.
+    let retry = router.send(&alice, "g:room", "b", "two").await;
+    assert!(matches!(retry, Err(RouterError::Unavailable(_))), "{retry:?}");
+    assert_eq!(log.lookups.load(Ordering::SeqCst), 1);
+    // Nothing was skipped: the next first attempt takes the next sequence.
+    let next = router.send_attempt(&alice, "g:room", "c", "three", true).await.expect("confirmed");
+    assert_eq!(next.placement.seq, 2);
+}

@@ -1,0 +1,185 @@
+//! Cassandra stops while messages flow, on the real stack (Kafka as the log, Cassandra as the store): sends are
+//! still confirmed and delivered live, the store writer lags, and once Cassandra is back it catches up with every
+//! confirmed message exactly once, in order.
+//!
+//! Cassandra is frozen with SIGSTOP (every request to it times out, as with a dead node) and thawed with SIGCONT,
+//! also when the test fails. Its pid comes from the state dir of `e2e/stack/up.sh` (`PARLEY_STACK_DIR`). This test
+//! is alone in its file, so no other test uses the frozen node meanwhile. Needs `PARLEY_KAFKA_BOOTSTRAP`,
+//! `PARLEY_CASSANDRA_CONTACT` and `PARLEY_STACK_DIR` (`e2e/stack/up.sh --only kafka,cassandra <dir>`, then source
+//! `<dir>/stack.env`); without them it fails, unless `PARLEY_SKIP_ENGINE_TESTS=1`.
+
+use parley_core::UserId;
+use parley_router::backend::{HistoryQuery, MessageStore};
+use parley_router::cassandra::{CassandraConfig, CassandraStore};
+use parley_router::kafka::{KafkaConfig, KafkaLog, StoreWriter};
+use parley_router::pubsub::{channel_topic, Event, LocalPubSub, PubSub};
+use parley_router::{Router, RouterConfig, RouterError};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+const START_STACK: &str = "start the engines with `e2e/stack/up.sh --only kafka,cassandra /tmp/parley-stack` and \
+     `set -a; . /tmp/parley-stack/stack.env; set +a`, or set PARLEY_SKIP_ENGINE_TESTS=1 to run only the \
+     engine-free tests";
+
+/// The stack's settings, or `None` when engine tests are skipped.
+fn stack() -> Option<(String, String, PathBuf)> {
+    let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+    match (var("PARLEY_KAFKA_BOOTSTRAP"), var("PARLEY_CASSANDRA_CONTACT"), var("PARLEY_STACK_DIR")) {
+        (Some(kafka), Some(cassandra), Some(dir)) => Some((kafka, cassandra, PathBuf::from(dir))),
+        _ if std::env::var("PARLEY_SKIP_ENGINE_TESTS").is_ok_and(|value| value == "1") => {
+            eprintln!("SKIPPED: Cassandra outage test (PARLEY_SKIP_ENGINE_TESTS=1)");
+            None
+        }
+        _ => panic!(
+            "PARLEY_KAFKA_BOOTSTRAP, PARLEY_CASSANDRA_CONTACT and PARLEY_STACK_DIR must be set for the Cassandra \
+             outage test: {START_STACK}"
+        ),
+    }
+}
+
+/// Sends a signal to a process with `kill`.
+fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status();
+    assert!(status.is_ok_and(|status| status.success()), "kill -{name} {pid} failed");
+}
+
+/// Thaws the frozen Cassandra when dropped, whatever happened.
+struct Thaw(u32);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+fn unique() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos())
+        .unwrap_or(0);
+    format!("{}_{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+/// Every stored message of `channel`, oldest first.
+async fn stored(store: &CassandraStore, channel: &str) -> Vec<(u64, String)> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let query = HistoryQuery { before: None, after: Some(after), limit: 500 };
+        let page = store.history(channel, query).await.expect("history");
+        all.extend(page.messages.iter().map(|message| (message.seq, message.text.clone())));
+        match page.messages.last() {
+            Some(last) if page.has_more => after = last.seq,
+            _ => return all,
+        }
+    }
+}
+
+/// The sequences of the next `count` messages published on the channel topic.
+async fn published(events: &mut mpsc::Receiver<parley_router::pubsub::Delivery>, count: usize) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while seqs.len() < count {
+        let (_, payload) = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("a live message within 10 s")
+            .expect("bus open");
+        if let Some(Event::Message { seq, .. }) = Event::decode(&payload) {
+            seqs.push(seq);
+        }
+    }
+    seqs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_cassandra_lets_sends_and_live_delivery_go_on_and_the_store_catches_up() {
+    let Some((bootstrap, contact, state)) = stack() else { return };
+    let pid_file = state.join("pids/cassandra1.pid");
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap_or_else(|error| panic!("cannot read {}: {error}; {START_STACK}", pid_file.display()))
+        .split_whitespace()
+        .next()
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {}", pid_file.display()));
+
+    let mut cassandra =
+        CassandraConfig::new(contact.split(',').map(str::to_owned).collect(), format!("parley_outage_{}", unique()));
+    cassandra.local_datacenter = std::env::var("PARLEY_CASSANDRA_DC").ok().filter(|dc| !dc.is_empty());
+    // Calls to a frozen node fail after this, like calls to a dead one.
+    cassandra.request_timeout = Duration::from_secs(2);
+    let store = Arc::new(CassandraStore::connect(cassandra).await.expect("Cassandra reachable"));
+    let mut kafka = KafkaConfig::new(&bootstrap).with_prefix(format!("parley-outage-{}-", unique())).with_partitions(3);
+    kafka.store_batch_wait = Duration::from_millis(2);
+    kafka.retry_min = Duration::from_millis(50);
+    kafka.retry_max = Duration::from_millis(500);
+    let log = Arc::new(KafkaLog::open(kafka.clone(), store.clone(), None).await.expect("Kafka log"));
+    let writer = StoreWriter::start(kafka.clone(), store.clone()).await.expect("store writer");
+    let bus = Arc::new(LocalPubSub::new());
+    let (sink, mut events) = mpsc::channel(1024);
+    let subscription = bus.open(sink);
+    subscription.subscribe(vec![channel_topic("g:outage")]).await.expect("subscribe");
+    let (router, _task) =
+        Router::start(RouterConfig::default(), log, store.clone(), store.clone(), bus).expect("router");
+    let alice = UserId::new("alice").expect("user");
+    router.create_channel(&alice, "outage", &["bob".to_owned()]).await.expect("create");
+
+    let send = |index: u64| {
+        let router = router.clone();
+        let alice = alice.clone();
+        async move { router.send_attempt(&alice, "g:outage", &format!("m{index}"), &format!("text {index}"), true).await }
+    };
+    for index in 1..=20 {
+        assert_eq!(send(index).await.expect("confirmed").placement.seq, index);
+    }
+    assert_eq!(published(&mut events, 20).await, (1..=20).collect::<Vec<u64>>());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.last_stored_seq("g:outage").await.expect("last stored") < 20 {
+        assert!(Instant::now() < deadline, "the store writer never stored the first 20");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Cassandra stops.
+    signal(pid, "STOP");
+    let thaw = Thaw(pid);
+    let frozen = Instant::now();
+    for index in 21..=70 {
+        let outcome = send(index).await.expect("a send is confirmed while Cassandra is down");
+        assert_eq!(outcome.placement.seq, index);
+    }
+    let confirming = frozen.elapsed();
+    // Delivery goes on: every message was published live, in order.
+    assert_eq!(published(&mut events, 50).await, (21..=70).collect::<Vec<u64>>());
+    // A send that may be a retry cannot be checked against storage now: refused, nothing confirmed, no gap.
+    let maybe_retry = router.send(&alice, "g:outage", "never-sent-before", "unchecked").await;
+    assert!(matches!(maybe_retry, Err(RouterError::Unavailable(_))), "{maybe_retry:?}");
+    // The consumer lags: nothing after the outage began is committed.
+    let lag = writer.lag().await.expect("lag from Kafka");
+    assert!(lag >= 50, "the store writer lags by {lag}, expected at least 50");
+    let failures = writer.stats().store_failures.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "Cassandra outage: 50 sends confirmed in {confirming:?} while it was stopped; live delivery in order; \
+         store writer lag {lag}, {failures} failed store writes so far"
+    );
+
+    // Cassandra returns; the store writer catches up with nothing lost and nothing twice.
+    drop(thaw);
+    let thawed = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        match store.last_stored_seq("g:outage").await {
+            Ok(last) if last >= 70 => break,
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "the store writer did not catch up within 90 s of Cassandra's return");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let caught_up = thawed.elapsed();
+    let expected: Vec<(u64, String)> = (1..=70).map(|index| (index, format!("text {index}"))).collect();
+    assert_eq!(stored(&store, "g:outage").await, expected, "every confirmed message exactly once, in order");
+    // The next send continues the sequence.
+    assert_eq!(send(71).await.expect("confirmed").placement.seq, 71);
+    println!("Cassandra outage: the store caught up {caught_up:?} after Cassandra returned; history 1..=70 exact");
+    writer.stop().await.expect("stop");
+    store.drop_keyspace().await.expect("drop keyspace");
+}
