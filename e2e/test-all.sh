@@ -109,6 +109,9 @@ echo "control plane ready in $(( $(date +%s) - k8s_started ))s; KUBECONFIG=$KUBE
 # --- Kubernetes control plane for the operator e2e suite --- end ---
 
 step "unit and integration tests (cargo test)"
+# The cross-process and outage tests append their figures (drain histograms, resume times, ...) here; the summary
+# prints them, since a passing test's own output is captured.
+export PARLEY_FIGURES_FILE="$logs/figures.txt"
 set +e
 cargo test --workspace --locked 2>&1 | tee "$logs/cargo-test.log"
 cargo_status=${PIPESTATUS[0]}
@@ -128,6 +131,7 @@ failed=$(grep -Eo '[0-9]+ failed' "$logs/cargo-test.log" | awk '{s+=$1} END {pri
 browser_passed=$(grep -Eo '^ℹ pass [0-9]+' "$logs/browser.log" | awk '{s+=$3} END {print s+0}')
 browser_failed=$(grep -Eo '^ℹ fail [0-9]+' "$logs/browser.log" | awk '{s+=$3} END {print s+0}')
 [[ $browser_passed -gt 0 ]] || fail "the browser suite ran no test"
+if [[ -s "$logs/figures.txt" ]]; then echo "figures:"; sed "s/^/  /" "$logs/figures.txt"; fi
 echo "cargo: $passed passed, $failed failed; browser: $browser_passed passed, $browser_failed failed"
 echo "elapsed: $(( $(date +%s) - started ))s"
 echo "helm chart: $helm_passed passed, $helm_failed failed"

@@ -23,6 +23,18 @@ const START_STACK: &str = "start the engines with `e2e/stack/up.sh --only kafka,
      `set -a; . /tmp/parley-stack/stack.env; set +a`, or set PARLEY_SKIP_ENGINE_TESTS=1 to run only the \
      engine-free tests";
 
+/// Prints a figure line, and appends it to `PARLEY_FIGURES_FILE` when set (the test command prints that file in its
+/// summary, since a passing test's output is captured).
+fn report(line: &str) {
+    println!("{line}");
+    if let Some(path) = std::env::var_os("PARLEY_FIGURES_FILE") {
+        use std::io::Write;
+        if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(file, "{line}");
+        }
+    }
+}
+
 /// The stack's settings, or `None` when engine tests are skipped.
 fn stack() -> Option<(String, String, PathBuf)> {
     let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
@@ -157,10 +169,10 @@ async fn a_stopped_cassandra_lets_sends_and_live_delivery_go_on_and_the_store_ca
     let lag = writer.lag().await.expect("lag from Kafka");
     assert!(lag >= 50, "the store writer lags by {lag}, expected at least 50");
     let failures = writer.stats().store_failures.load(std::sync::atomic::Ordering::Relaxed);
-    println!(
+    report(&format!(
         "Cassandra outage: 50 sends confirmed in {confirming:?} while it was stopped; live delivery in order; \
          store writer lag {lag}, {failures} failed store writes so far"
-    );
+    ));
 
     // Cassandra returns; the store writer catches up with nothing lost and nothing twice.
     drop(thaw);
@@ -179,7 +191,9 @@ async fn a_stopped_cassandra_lets_sends_and_live_delivery_go_on_and_the_store_ca
     assert_eq!(stored(&store, "g:outage").await, expected, "every confirmed message exactly once, in order");
     // The next send continues the sequence.
     assert_eq!(send(71).await.expect("confirmed").placement.seq, 71);
-    println!("Cassandra outage: the store caught up {caught_up:?} after Cassandra returned; history 1..=70 exact");
+    report(&format!(
+        "Cassandra outage: the store caught up {caught_up:?} after Cassandra returned; history 1..=70 exact"
+    ));
     writer.stop().await.expect("stop");
     store.drop_keyspace().await.expect("drop keyspace");
 }
