@@ -235,20 +235,8 @@ impl Hub {
 
     /// Adds channels to a registered connection (e.g. channels joined while the handshake ran).
     pub async fn add_channels(&self, conn: u64, channels: Vec<String>) {
-        let topics: Vec<String> = channels.iter().map(|channel| channel_topic(channel)).collect();
-        {
-            let mut state = self.lock();
-            let Some(sender) = state.conns.get(&conn).and_then(|entry| entry.sender.clone()) else {
-                return;
-            };
-            for channel in channels {
-                state.channels.entry(channel.clone()).or_default().insert(conn, sender.clone());
-                if let Some(entry) = state.conns.get_mut(&conn) {
-                    entry.channels.insert(channel);
-                }
-            }
-        }
-        self.sync_topics(topics).await;
+        // No list to be stale against: whatever the answer, nothing more to do.
+        self.add_channels_since(conn, channels.into_iter().map(|channel| (channel, u64::MAX)).collect()).await;
     }
 
     /// Removes a connection.
@@ -347,11 +335,6 @@ impl Hub {
             Some(members) => *members <= limit,
             None => state.channels.get(channel).map(HashMap::len).unwrap_or(0) <= limit as usize,
         }
-    }
-
-    /// How many local connections are in a channel.
-    pub fn local_members(&self, channel: &str) -> usize {
-        self.lock().channels.get(channel).map(HashMap::len).unwrap_or(0)
     }
 
     /// The fan-out threshold.
