@@ -43,7 +43,8 @@ pub struct ChatClusterSpec {
     /// Settings of the routers (the single writers that order each conversation).
     #[serde(default)]
     pub router: RouterSettings,
-    /// Channels with more members than this get no per-member join/leave events, and presence is aggregated.
+    /// Channels with more members than this are fanned out on read (a feed each gateway reads once per batch,
+    /// with a cache) instead of pushed per message; they get no per-member events, and presence is aggregated.
     #[serde(default = "default_fanout_threshold")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000").message("fanoutThreshold must be between 1 and 1000000"))]
     pub fanout_threshold: i32,

@@ -190,6 +190,11 @@ struct Cluster {
 
 impl Cluster {
     async fn start(redis_url: &str, gateways: usize, backend: Backend) -> Option<Cluster> {
+        Self::start_with(redis_url, gateways, backend, &[]).await
+    }
+
+    /// Like [`Cluster::start`], with extra router arguments.
+    async fn start_with(redis_url: &str, gateways: usize, backend: Backend, router_extra: &[&str]) -> Option<Cluster> {
         let dir = tempfile::tempdir().expect("tempdir");
         let prefix = format!("parley-cluster-test:{}:{}:", std::process::id(), rand_suffix());
         let mut router_args: Vec<String> = vec![
@@ -205,6 +210,7 @@ impl Cluster {
             "internal-secret".into(),
         ];
         router_args.extend(storage_args(backend, dir.path())?);
+        router_args.extend(router_extra.iter().map(|arg| arg.to_string()));
         let router = spawn(binary("parley-router"), &router_args).await;
         let mut started = Vec::new();
         for n in 0..gateways {
@@ -804,4 +810,128 @@ async fn post_json(address: SocketAddr, path: &str, token: &str, body: &str) -> 
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.expect("admin read");
     String::from_utf8_lossy(&response).into_owned()
+}
+
+/// A counter from a process's `/metrics`.
+async fn metric(address: SocketAddr, name: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("metrics connect");
+    let request = "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")).and_then(|value| value.trim().parse::<f64>().ok()))
+        .map(|value| value as u64)
+        .unwrap_or_else(|| panic!("metric {name} not exported:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_crossing_the_fanout_threshold_live_embedded() {
+    a_channel_crossing_the_fanout_threshold_live(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_crossing_the_fanout_threshold_live_kafka_cassandra() {
+    a_channel_crossing_the_fanout_threshold_live(Backend::KafkaCassandra).await;
+}
+
+/// Two gateways, a router whose fan-out threshold is 6, and a channel of 5 that two users join (7: fanned out
+/// on read), one leaves (6: pushed) and joins again (7) while a sender streams. Members on both gateways see
+/// every message once, in order; both gateways read the feed, and the router answered them from memory.
+async fn a_channel_crossing_the_fanout_threshold_live(backend: Backend) {
+    let _serial = SERIAL.lock().await;
+    let Some(redis_url) = redis_url() else { return };
+    let Some(cluster) = Cluster::start_with(&redis_url, 2, backend, &["--fanout-threshold", "6"]).await else {
+        return;
+    };
+    const MESSAGES: usize = 150;
+    let channel = "g:crossing".to_owned();
+    let (owner, owner_events) = Client::connect(cluster.config(1, "owner", false)).await.expect("owner connects");
+    let owner_seen = record(owner_events);
+    let members: Vec<String> = (0..4).map(|n| format!("r{n}")).collect();
+    owner.create_channel("crossing", members).await.expect("channel created");
+    let mut seen = vec![(owner_seen, channel.clone())];
+    let mut receivers = Vec::new();
+    for n in 0..4 {
+        let (client, events) =
+            Client::connect(cluster.config(n % 2, &format!("r{n}"), false)).await.expect("receiver connects");
+        seen.push((record(events), channel.clone()));
+        receivers.push(client);
+    }
+    let (j0, j0_events) = Client::connect(cluster.config(0, "j0", false)).await.expect("j0 connects");
+    let (j1, j1_events) = Client::connect(cluster.config(1, "j1", false)).await.expect("j1 connects");
+    let j0_seen = record(j0_events);
+    let j1_seen = record(j1_events);
+
+    let sender = {
+        let owner = owner.clone();
+        let channel = channel.clone();
+        tokio::spawn(async move {
+            let mut seqs = Vec::with_capacity(MESSAGES);
+            for n in 0..MESSAGES {
+                let receipt = owner
+                    .send_with_id(channel.clone(), format!("x-{n}"), format!("crossing {n}"))
+                    .await
+                    .unwrap_or_else(|error| panic!("send {n} failed: {error}"));
+                seqs.push(receipt.seq);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            seqs
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    j0.join(channel.clone()).await.expect("j0 joins");
+    j1.join(channel.clone()).await.expect("j1 joins: 7 members, above the threshold");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    j1.leave(channel.clone()).await.expect("j1 leaves: 6, pushed again");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    j1.join(channel.clone()).await.expect("j1 joins again: 7");
+    let mut confirmed =
+        tokio::time::timeout(Duration::from_secs(90), sender).await.expect("sender done").expect("task");
+    confirmed.sort_unstable();
+    assert_eq!(confirmed, (1..=MESSAGES as u64).collect::<Vec<_>>(), "every send confirmed once, gap-free");
+
+    let history = HashMap::from([(channel.clone(), stored_at_least(&owner, &channel, MESSAGES).await)]);
+    let expected = HashMap::from([(channel.clone(), MESSAGES)]);
+    wait_for_all(&seen, &expected, Duration::from_secs(30)).await;
+    let (lost, duplicates) = compare(&seen, &history);
+    for (client_seen, _) in &seen {
+        let order: Vec<u64> = client_seen.lock().expect("seen").messages.iter().map(|(_, seq, _)| *seq).collect();
+        assert_eq!(order, (1..=MESSAGES as u64).collect::<Vec<_>>(), "one order for every member all along");
+    }
+    // The joiners got a gap-free run from where they joined (j0 stayed; j1 from its last join on).
+    let j0_order: Vec<u64> = j0_seen.lock().expect("seen").messages.iter().map(|(_, seq, _)| *seq).collect();
+    let first = *j0_order.first().expect("j0 received messages");
+    assert_eq!(j0_order, (first..=MESSAGES as u64).collect::<Vec<_>>(), "j0: gap-free from its join");
+    let j1_last = j1_seen.lock().expect("seen").messages.last().map(|(_, seq, _)| *seq);
+    assert_eq!(j1_last, Some(MESSAGES as u64), "j1 follows the channel to its end");
+
+    let mut gateway_reads = Vec::new();
+    for gateway in &cluster.gateways {
+        gateway_reads.push((
+            metric(gateway.admin, "parley_gateway_feed_reads_total").await,
+            metric(gateway.admin, "parley_gateway_feed_messages_total").await,
+        ));
+    }
+    let notices = metric(cluster.router.admin, "parley_router_feed_notices_total").await;
+    let fed = metric(cluster.router.admin, "parley_router_feed_messages_total").await;
+    let from_memory = metric(cluster.router.admin, "parley_router_feed_reads_total").await;
+    let from_store = metric(cluster.router.admin, "parley_router_feed_store_reads_total").await;
+    report(&format!(
+        "threshold crossing ({backend:?}): {MESSAGES} messages, {fed} of them fanned out on read ({notices} notices); \
+         gateway feed reads (reads, messages) {gateway_reads:?}; router answered {from_memory} from memory, \
+         {from_store} from the store; lost {lost}; duplicates {duplicates}"
+    ));
+    assert_eq!((lost, duplicates), (0, 0));
+    assert!(fed > 0 && (fed as usize) < MESSAGES, "both paths were taken: {fed} of {MESSAGES} read from the feed");
+    for (reads, messages) in &gateway_reads {
+        assert!(*reads > 0, "each gateway holding members read the feed");
+        assert!(*messages <= fed, "a gateway read each fanned-out message at most once: {messages} of {fed}");
+    }
+    assert!(from_memory > 0);
+    for client in receivers.iter().chain([&j0, &j1, &owner]) {
+        client.close().await;
+    }
 }

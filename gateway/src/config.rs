@@ -34,7 +34,8 @@ pub struct GatewayConfig {
     /// Read buffer per WebSocket in bytes (small keeps idle connections cheap).
     #[arg(long, env = "PARLEY_WS_READ_BUFFER", default_value_t = 1024)]
     pub ws_read_buffer: usize,
-    /// Channels with more members than this get no per-member join/leave events (aggregate only).
+    /// Channels with more members than this are fanned out on read (the router's feed, read once per instance and
+    /// cached) and get no per-member join/leave events (presence is aggregate only).
     #[arg(long, env = "PARLEY_FANOUT_THRESHOLD", default_value_t = 1000)]
     pub fanout_threshold: u32,
     /// A pushed message not acknowledged within this time is retransmitted, in milliseconds.

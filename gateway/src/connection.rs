@@ -101,6 +101,8 @@ impl Clock {
 /// Delivery of messages to one connection: in order, without duplicates, filling gaps from history.
 struct Delivery<'a> {
     router: &'a Router,
+    hub: &'a Hub,
+    conn: u64,
     user: &'a UserId,
     clock: &'a Clock,
     metrics: &'a Metrics,
@@ -155,7 +157,12 @@ impl Delivery<'_> {
         let mut cursor = after;
         loop {
             let query = HistoryQuery { after: Some(cursor), before: upto.map(|last| last + 1), limit: 200 };
-            let page = match self.router.history(self.user, channel, query).await {
+            let cached = self.hub.cached_page(self.conn, channel, &query);
+            let read = match cached {
+                Some(page) => Ok(page),
+                None => self.router.history(self.user, channel, query).await,
+            };
+            let page = match read {
                 Ok(page) => page,
                 Err(error) => return Ok(Err(error)),
             };
@@ -326,7 +333,14 @@ where
     }
     let deadline = tokio::time::sleep_until(armed);
     tokio::pin!(deadline);
-    let mut delivery = Delivery { router: &router, user: &session.user, clock: &clock, metrics: &metrics };
+    let mut delivery = Delivery {
+        router: &router,
+        hub: &hub,
+        conn: session.conn,
+        user: &session.user,
+        clock: &clock,
+        metrics: &metrics,
+    };
 
     let reason: Option<(u16, &'static str)> = loop {
         let reading = pending.len() < config.max_in_flight;
@@ -539,7 +553,12 @@ async fn request(router: &Router, hub: &Hub, session: &Session, metrics: &Metric
             if limit == Some(0) {
                 Err(RouterError::InvalidArgument("limit must be 1-200".into()))
             } else {
-                router.history(user, &channel, query).await.map(|page| ServerFrame::History {
+                let cached = hub.cached_page(session.conn, &channel, &query);
+                let page = match cached {
+                    Some(page) => Ok(page),
+                    None => router.history(user, &channel, query).await,
+                };
+                page.map(|page| ServerFrame::History {
                     req_id,
                     channel,
                     messages: page.messages,

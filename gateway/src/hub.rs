@@ -1,5 +1,12 @@
 //! This instance's index of local connections, and the dispatcher that forwards publications to them.
 //!
+//! Small channels are pushed: each message arrives on the channel's topic and is forwarded as it is. Large ones
+//! (above the router's fan-out threshold) are fanned out on read: a notice says which sequences are new, and
+//! the instance reads them once from the router's feed, forwards them to every local member in order, and keeps
+//! the newest in a cache that answers its members' history reads and gap fills. A channel can cross the
+//! threshold either way while live: pushed messages that arrive while a read is in flight wait for it, so local
+//! members still get one order.
+//!
 //! The instance holds one pub/sub subscription. It subscribes to `ch:<channel>` while at least one local
 //! connection is a member of the channel, and to `user:<user>` while the user has a local connection, so a
 //! publication crosses the bus once per instance, not once per member. Forwarding never blocks: each connection
@@ -8,16 +15,42 @@
 
 use crate::metrics::{Limit, Metrics};
 use axum::extract::ws::Utf8Bytes;
-use parley_core::protocol::ServerFrame;
+use parley_core::protocol::{MessageView, ServerFrame};
 use parley_core::{ChannelId, UserId};
+use parley_router::backend::{HistoryPage, HistoryQuery};
 use parley_router::pubsub::{
     channel_topic, gateway_topic, ControlEvent, Delivery, Event, Subscription, ALL_GATEWAYS_TOPIC,
 };
 use parley_router::Router;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
+
+/// Messages one feed read asks for.
+const FEED_PAGE: u32 = 200;
+
+/// Messages of a large channel kept for members' history reads.
+pub const FEED_CACHE: usize = 512;
+
+/// Failed feed reads in a row before a follower gives up (connections then fill the gap from history when the
+/// next message arrives).
+const FEED_ATTEMPTS: u32 = 8;
+
+/// This instance's following of one large channel's feed.
+#[derive(Debug, Default)]
+struct FeedState {
+    /// The last sequence handed to local members.
+    head: u64,
+    /// The newest sequence announced.
+    wanted: u64,
+    /// Whether a follower task is reading.
+    reading: bool,
+    /// Pushed messages that arrived while a read was in flight (the channel became small again), in order.
+    pending: BTreeMap<u64, Utf8Bytes>,
+    /// The newest messages read, without holes, for history reads.
+    cache: VecDeque<Arc<MessageView>>,
+}
 
 /// A frame queued to one connection. Messages carry their channel and sequence so the connection can drop
 /// duplicates, fill gaps and track acknowledgements without parsing the frame.
@@ -73,6 +106,8 @@ struct HubState {
     heads: HashMap<String, u64>,
     /// Member counts of subscribed channels, as last read by a connect.
     sizes: HashMap<String, u32>,
+    /// Large channels this instance follows by reading their feed.
+    feeds: HashMap<String, FeedState>,
 }
 
 /// The local index and dispatcher.
@@ -154,6 +189,7 @@ impl Hub {
                     if let Some(channel) = topic.strip_prefix("ch:") {
                         state.heads.remove(channel);
                         state.sizes.remove(channel);
+                        state.feeds.remove(channel);
                     }
                     state.changing_topics.insert(topic.clone());
                     remove.push(topic);
@@ -350,12 +386,7 @@ impl Hub {
     /// Queues a frame to every local member of a channel. Returns how many got it.
     pub fn deliver(&self, channel: &str, frame: &Utf8Bytes, seq: Option<u64>) -> usize {
         let mut slow = Vec::new();
-        let mut delivered = 0;
-        let item = OutboundFrame(Arc::new(OutboundItem {
-            frame: frame.clone(),
-            message: seq.map(|seq| (Arc::from(channel), seq)),
-        }));
-        {
+        let delivered = {
             let mut state = self.lock();
             if let Some(seq) = seq {
                 if state.channels.contains_key(channel) {
@@ -363,21 +394,207 @@ impl Hub {
                     *head = (*head).max(seq);
                 }
             }
-            if let Some(members) = state.channels.get(channel) {
-                for (conn, sender) in members {
-                    match sender.try_send(item.clone()) {
-                        Ok(()) => delivered += 1,
-                        Err(mpsc::error::TrySendError::Full(_)) => slow.push(*conn),
-                        Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Self::deliver_in(&state, channel, frame, seq, &mut slow)
+        };
+        self.delivered(delivered, &slow);
+        delivered
+    }
+
+    /// Queues a frame to the local members of a channel, with the state held; slow connections are noted.
+    fn deliver_in(state: &HubState, channel: &str, frame: &Utf8Bytes, seq: Option<u64>, slow: &mut Vec<u64>) -> usize {
+        let Some(members) = state.channels.get(channel) else { return 0 };
+        let item = OutboundFrame(Arc::new(OutboundItem {
+            frame: frame.clone(),
+            message: seq.map(|seq| (Arc::from(channel), seq)),
+        }));
+        let mut delivered = 0;
+        for (conn, sender) in members {
+            match sender.try_send(item.clone()) {
+                Ok(()) => delivered += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => slow.push(*conn),
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        delivered
+    }
+
+    fn delivered(&self, delivered: usize, slow: &[u64]) {
+        self.metrics.deliveries.inc_by(delivered as u64);
+        if !slow.is_empty() {
+            self.cut_off(slow);
+        }
+    }
+
+    /// A pushed message. While this instance reads the channel's feed (it was large until just now), the message
+    /// waits for the read, so members get one order; otherwise it goes out at once.
+    fn pushed(&self, channel: &str, frame: Utf8Bytes, seq: u64) {
+        {
+            let mut state = self.lock();
+            if let Some(feed) = state.feeds.get_mut(channel) {
+                if feed.reading {
+                    feed.pending.insert(seq, frame);
+                    let head = state.heads.entry(channel.to_owned()).or_default();
+                    *head = (*head).max(seq);
+                    return;
+                }
+                // Pushed again: the channel is small now, and the cache would go stale.
+                state.feeds.remove(channel);
+            }
+        }
+        self.deliver(channel, &frame, Some(seq));
+    }
+
+    /// A large channel's notice: sequences `first..=last` are in its feed. Starts a follower unless one reads.
+    fn feed_notice(self: &Arc<Self>, router: &Router, channel: &str, first: u64, last: u64) {
+        {
+            let mut state = self.lock();
+            if !state.channels.contains_key(channel) {
+                return;
+            }
+            // Where local members are: what this instance last handed them, else just before this notice.
+            let seen = state.heads.get(channel).copied();
+            let head = state.heads.entry(channel.to_owned()).or_default();
+            *head = (*head).max(last);
+            let feed = state
+                .feeds
+                .entry(channel.to_owned())
+                .or_insert_with(|| FeedState { head: seen.unwrap_or(first.saturating_sub(1)), ..FeedState::default() });
+            feed.wanted = feed.wanted.max(last);
+            if feed.reading || feed.head >= feed.wanted {
+                return;
+            }
+            feed.reading = true;
+        }
+        tokio::spawn(self.clone().follow_feed(router.clone(), channel.to_owned()));
+    }
+
+    /// Reads a channel's feed until this instance has handed out everything announced, then the pushed messages
+    /// that waited for it.
+    async fn follow_feed(self: Arc<Self>, router: Router, channel: String) {
+        let mut failures = 0u32;
+        loop {
+            let after = {
+                let mut state = self.lock();
+                let Some(feed) = state.feeds.get_mut(&channel) else { return };
+                if feed.head >= feed.wanted {
+                    self.finish_feed(&mut state, &channel);
+                    return;
+                }
+                feed.head
+            };
+            let page = match router.feed(&channel, after, FEED_PAGE).await {
+                Ok(page) => page,
+                Err(error) => {
+                    self.metrics.feed_failures.inc();
+                    failures += 1;
+                    if failures >= FEED_ATTEMPTS {
+                        warn!(%error, %channel, after, "feed unreadable; members fill the gap from history later");
+                        let mut state = self.lock();
+                        self.finish_feed(&mut state, &channel);
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(25 << failures.min(5))).await;
+                    continue;
+                }
+            };
+            failures = 0;
+            self.metrics.feed_reads.inc();
+            self.metrics.feed_messages.inc_by(page.messages.len() as u64);
+            let mut slow = Vec::new();
+            let mut delivered = 0;
+            {
+                let mut state = self.lock();
+                let Some(feed) = state.feeds.get_mut(&channel) else { return };
+                if page.messages.is_empty() {
+                    // Announced but not there (the router restarted and lost it, or it trails): take the router's
+                    // word; members fill any gap from history when the next message comes.
+                    feed.wanted = feed.head;
+                    continue;
+                }
+                let mut frames = Vec::with_capacity(page.messages.len());
+                for message in page.messages {
+                    if message.seq <= feed.head {
+                        continue;
+                    }
+                    feed.head = message.seq;
+                    if feed.cache.back().is_some_and(|newest| newest.seq + 1 != message.seq) {
+                        feed.cache.clear();
+                    }
+                    let message = Arc::new(message);
+                    frames.push((message.seq, Utf8Bytes::from(ServerFrame::Message((*message).clone()).to_json())));
+                    feed.cache.push_back(message);
+                    if feed.cache.len() > FEED_CACHE {
+                        feed.cache.pop_front();
                     }
                 }
+                for (seq, frame) in &frames {
+                    delivered += Self::deliver_in(&state, &channel, frame, Some(*seq), &mut slow);
+                }
             }
+            self.delivered(delivered, &slow);
+        }
+    }
+
+    /// Ends a follower's run: the pushed messages that waited go out after what it read, in order, before anyone
+    /// else can deliver to the channel.
+    fn finish_feed(&self, state: &mut MutexGuard<'_, HubState>, channel: &str) {
+        let Some(feed) = state.feeds.get_mut(channel) else { return };
+        feed.reading = false;
+        let pending = std::mem::take(&mut feed.pending);
+        let head = feed.head;
+        let mut slow = Vec::new();
+        let mut delivered = 0;
+        let mut last = head;
+        for (seq, frame) in pending.into_iter().filter(|(seq, _)| *seq > head) {
+            delivered += Self::deliver_in(state, channel, &frame, Some(seq), &mut slow);
+            last = seq;
+        }
+        if last > head {
+            // Pushed messages followed: the channel is small again; stop following its feed.
+            state.feeds.remove(channel);
         }
         self.metrics.deliveries.inc_by(delivered as u64);
         if !slow.is_empty() {
-            self.cut_off(&slow);
+            // Cut off under the lock already held.
+            Self::cut_off_in(state, &self.metrics, &slow);
         }
-        delivered
+    }
+
+    /// A page of a large channel's history from this instance's cache, for a connection that is a local member:
+    /// `None` when the cache cannot answer it whole (then the router does). Only reads forward from a sequence.
+    pub fn cached_page(&self, conn: u64, channel: &str, query: &HistoryQuery) -> Option<HistoryPage> {
+        let after = query.after?;
+        let state = self.lock();
+        if !state.channels.get(channel)?.contains_key(&conn) {
+            return None;
+        }
+        let feed = state.feeds.get(channel)?;
+        let oldest = feed.cache.front()?.seq;
+        let newest = feed.cache.back()?.seq;
+        if after + 1 < oldest {
+            return None;
+        }
+        let end = match query.before {
+            Some(before) => before.checked_sub(1)?,
+            // To the end: only when the cache is as new as anything announced.
+            None if feed.reading || feed.head != newest || feed.wanted > newest => return None,
+            None => newest,
+        };
+        if end > newest {
+            return None;
+        }
+        let limit = query.limit.clamp(1, 200) as usize;
+        let mut messages: Vec<MessageView> = feed
+            .cache
+            .iter()
+            .filter(|message| message.seq > after && message.seq <= end)
+            .take(limit + 1)
+            .map(|message| (**message).clone())
+            .collect();
+        let has_more = messages.len() > limit;
+        messages.truncate(limit);
+        self.metrics.feed_cache_hits.inc();
+        Some(HistoryPage { messages, has_more })
     }
 
     /// Queues a frame to every local connection of a user.
@@ -402,8 +619,12 @@ impl Hub {
     /// Drops the queues of slow connections; each sees its queue end and closes with 4008.
     fn cut_off(&self, conns: &[u64]) {
         let mut state = self.lock();
+        Self::cut_off_in(&mut state, &self.metrics, conns);
+    }
+
+    fn cut_off_in(state: &mut HubState, metrics: &Metrics, conns: &[u64]) {
         for conn in conns {
-            self.metrics.limit(Limit::OutboundQueue);
+            metrics.limit(Limit::OutboundQueue);
             let channels: Vec<String> = match state.conns.get_mut(conn) {
                 Some(entry) => {
                     entry.sender = None;
@@ -474,10 +695,13 @@ impl Hub {
                         continue;
                     };
                     match Utf8Bytes::try_from(frame) {
-                        Ok(frame) => {
-                            self.deliver(channel, &frame, Some(seq));
-                        }
+                        Ok(frame) => self.pushed(channel, frame, seq),
                         Err(error) => warn!(%error, "message frame is not UTF-8"),
+                    }
+                }
+                Event::Feed { first, last } => {
+                    if let Some(channel) = topic.strip_prefix("ch:") {
+                        self.feed_notice(&router, channel, first, last);
                     }
                 }
                 Event::Control(ControlEvent::Member { channel, user, joined }) => {
@@ -605,5 +829,81 @@ mod tests {
         assert!(!hub.small_channel("g:big", 32));
         assert!(hub.small_channel("g:small", 32));
         assert!(hub.small_channel("g:elsewhere", 32), "not subscribed here: no members, no count kept");
+    }
+
+    fn seq_of(frame: &OutboundFrame) -> u64 {
+        frame.0.message.as_ref().map(|(_, seq)| *seq).expect("a message")
+    }
+
+    #[tokio::test]
+    async fn pushed_messages_wait_for_a_feed_read_in_flight_then_follow_it_in_order() {
+        let hub = Hub::new(Arc::new(Counting::default()), Metrics::new(), 3);
+        let (sender, mut queue) = mpsc::channel(16);
+        hub.register(1, &user("ann"), sender, Vec::new()).await;
+        hub.add_channels_since(1, vec![("g:town".into(), 0)]).await;
+        hub.pushed("g:town", Utf8Bytes::from_static("{}"), 1);
+        assert_eq!(seq_of(&queue.try_recv().expect("pushed at once")), 1);
+        // The channel became large: a read of 2..=3 is in flight when it becomes small again and 4, 5 are pushed.
+        hub.lock()
+            .feeds
+            .insert("g:town".into(), FeedState { head: 1, wanted: 3, reading: true, ..FeedState::default() });
+        hub.pushed("g:town", Utf8Bytes::from_static("{}"), 5);
+        hub.pushed("g:town", Utf8Bytes::from_static("{}"), 4);
+        assert!(queue.try_recv().is_err(), "they wait for the read");
+        {
+            let mut state = hub.lock();
+            // The read hands out 2 and 3 ...
+            for seq in [2, 3] {
+                let mut slow = Vec::new();
+                Hub::deliver_in(&state, "g:town", &Utf8Bytes::from_static("{}"), Some(seq), &mut slow);
+            }
+            state.feeds.get_mut("g:town").expect("followed").head = 3;
+            // ... and finishes: the waiting pushes follow, in sequence order.
+            hub.finish_feed(&mut state, "g:town");
+            assert!(!state.feeds.contains_key("g:town"), "pushed again: no longer followed");
+        }
+        let order: Vec<u64> = std::iter::from_fn(|| queue.try_recv().ok()).map(|frame| seq_of(&frame)).collect();
+        assert_eq!(order, vec![2, 3, 4, 5]);
+        assert_eq!(hub.lock().heads.get("g:town"), Some(&5));
+    }
+
+    #[tokio::test]
+    async fn the_feed_cache_answers_only_what_it_holds_whole_and_only_for_members() {
+        let hub = Hub::new(Arc::new(Counting::default()), Metrics::new(), 3);
+        let (sender, _queue) = mpsc::channel(16);
+        hub.register(1, &user("ann"), sender, Vec::new()).await;
+        hub.add_channels_since(1, vec![("g:town".into(), 0)]).await;
+        let cache = (11..=20)
+            .map(|seq| {
+                Arc::new(MessageView {
+                    channel: "g:town".into(),
+                    seq,
+                    id: seq,
+                    sender: "bob".into(),
+                    text: format!("m{seq}"),
+                    ts: 0,
+                    client_msg_id: format!("c{seq}"),
+                })
+            })
+            .collect();
+        hub.lock().feeds.insert("g:town".into(), FeedState { head: 20, wanted: 20, cache, ..FeedState::default() });
+        let query = |after: Option<u64>, before: Option<u64>, limit: u32| HistoryQuery { before, after, limit };
+        let seqs = |page: HistoryPage| page.messages.iter().map(|message| message.seq).collect::<Vec<_>>();
+        let page = hub.cached_page(1, "g:town", &query(Some(12), None, 3)).expect("held");
+        assert!(page.has_more);
+        assert_eq!(seqs(page), vec![13, 14, 15]);
+        let page = hub.cached_page(1, "g:town", &query(Some(17), None, 50)).expect("held");
+        assert!(!page.has_more);
+        assert_eq!(seqs(page), vec![18, 19, 20]);
+        assert_eq!(
+            seqs(hub.cached_page(1, "g:town", &query(Some(10), Some(13), 50)).expect("a gap fill")),
+            vec![11, 12]
+        );
+        assert!(hub.cached_page(1, "g:town", &query(Some(5), None, 50)).is_none(), "6..=10 are not held");
+        assert!(hub.cached_page(1, "g:town", &query(None, Some(15), 50)).is_none(), "backwards reads go to the router");
+        assert!(hub.cached_page(2, "g:town", &query(Some(12), None, 3)).is_none(), "not a local member");
+        hub.lock().feeds.get_mut("g:town").expect("followed").wanted = 22;
+        assert!(hub.cached_page(1, "g:town", &query(Some(12), None, 3)).is_none(), "21, 22 announced, not read yet");
+        assert!(hub.cached_page(1, "g:town", &query(Some(12), Some(16), 3)).is_some(), "a bounded read still is");
     }
 }

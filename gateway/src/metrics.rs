@@ -63,6 +63,14 @@ pub struct Metrics {
     pub draining: Gauge,
     /// Resume (`sync`) requests, by outcome.
     pub resumes: Family<Labels, Counter>,
+    /// Reads of large channels' feeds (fan-out on read), one per instance however many members it holds.
+    pub feed_reads: Counter,
+    /// Messages read from large channels' feeds.
+    pub feed_messages: Counter,
+    /// Feed reads that failed (retried with a backoff).
+    pub feed_failures: Counter,
+    /// History reads answered from this instance's cache of large channels' feeds.
+    pub feed_cache_hits: Counter,
 }
 
 impl Metrics {
@@ -81,6 +89,18 @@ impl Metrics {
         let gaps_filled = Counter::default();
         let draining = Gauge::default();
         let resumes = Family::<Labels, Counter>::default();
+        let feed_reads = Counter::default();
+        let feed_messages = Counter::default();
+        let feed_failures = Counter::default();
+        let feed_cache_hits = Counter::default();
+        registry.register("gateway_feed_reads", "Reads of large channels' feeds (fan-out on read)", feed_reads.clone());
+        registry.register("gateway_feed_messages", "Messages read from large channels' feeds", feed_messages.clone());
+        registry.register("gateway_feed_failures", "Feed reads that failed and were retried", feed_failures.clone());
+        registry.register(
+            "gateway_feed_cache_hits",
+            "History reads answered from the cache of large channels' feeds",
+            feed_cache_hits.clone(),
+        );
         registry.register("gateway_draining", "1 while the instance drains", draining.clone());
         registry.register("gateway_resumes", "Resume requests, by outcome", resumes.clone());
         registry.register("gateway_retransmits", "Messages retransmitted for lack of an ACK", retransmits.clone());
@@ -107,6 +127,10 @@ impl Metrics {
             gaps_filled,
             draining,
             resumes,
+            feed_reads,
+            feed_messages,
+            feed_failures,
+            feed_cache_hits,
         })
     }
 

@@ -13,6 +13,7 @@
 //! - [`redis`] holds the Redis drivers of [`pubsub::PubSub`] and [`presence::PresenceStore`].
 //! - [`cassandra`] holds the Cassandra/ScyllaDB driver of [`backend::MessageStore`] and
 //!   [`backend::MembershipStore`], with its versioned schema.
+//! - [`feed`] holds the in-memory feeds of large channels (fan-out on read).
 //! - [`router`] is the single writer: a task that takes commands in batches, decides order with
 //!   [`parley_core::sequencer`], writes the batch durably, and only then confirms and publishes.
 //! - [`service`] is the handle callers use ([`Router`]: the in-process writer or a client of a `parley-router`
@@ -23,6 +24,7 @@ pub mod backend;
 pub mod cassandra;
 pub mod embedded;
 pub mod error;
+pub mod feed;
 pub mod kafka;
 pub mod presence;
 pub mod pubsub;

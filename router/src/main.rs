@@ -72,7 +72,8 @@ struct Args {
     /// Largest channel.
     #[arg(long, env = "PARLEY_MAX_CHANNEL_MEMBERS", default_value_t = 10_000)]
     max_channel_members: u32,
-    /// Channels above this many members publish no per-member events.
+    /// Channels above this many members are fanned out on read (a feed each gateway reads once, announced per
+    /// batch) and publish no per-member events.
     #[arg(long, env = "PARLEY_FANOUT_THRESHOLD", default_value_t = 1000)]
     fanout_threshold: u32,
     /// Kafka (`host:port[,...]`): the durable log. With it, the router writes every message to Kafka first
@@ -307,6 +308,22 @@ async fn metrics(axum::extract::State(router): axum::extract::State<Router>) -> 
             "publish_failures",
             "Publishes that failed (recovered from history)",
             stats.publish_failures.load(Ordering::Relaxed),
+        ),
+        (
+            "feed_messages",
+            "Messages of large channels put in their feed (fan-out on read)",
+            stats.feed_messages.load(Ordering::Relaxed),
+        ),
+        (
+            "feed_notices",
+            "Feed notices published (one per large channel per batch)",
+            stats.feed_notices.load(Ordering::Relaxed),
+        ),
+        ("feed_reads", "Gateway feed reads answered from memory", stats.feed_reads.load(Ordering::Relaxed)),
+        (
+            "feed_store_reads",
+            "Gateway feed reads answered from the store (behind the feed)",
+            stats.feed_store_reads.load(Ordering::Relaxed),
         ),
     ];
     for (name, help, value) in counters {

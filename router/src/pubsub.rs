@@ -24,6 +24,14 @@ pub type Delivery = (Arc<str>, Bytes);
 pub trait PubSub: Send + Sync + 'static {
     /// Publishes a payload to every current subscriber of `topic`.
     async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), BackendError>;
+    /// Publishes several payloads in order, in one round trip where the engine allows it (a pipeline). On an
+    /// error some of them may have gone out.
+    async fn publish_batch(&self, items: Vec<(String, Bytes)>) -> Result<(), BackendError> {
+        for (topic, payload) in items {
+            self.publish(&topic, payload).await?;
+        }
+        Ok(())
+    }
     /// Opens a subscriber; its publications go to `sink` in publish order per topic.
     fn open(&self, sink: mpsc::Sender<Delivery>) -> Arc<dyn Subscription>;
 }
@@ -103,11 +111,20 @@ pub enum Event {
         /// The encoded `message` frame.
         frame: Bytes,
     },
+    /// New messages of a large channel (fan-out on read): sequences `first..=last` are durable, and readers
+    /// fetch them from the channel's feed ([`crate::feed`]) instead of receiving them here.
+    Feed {
+        /// The first new sequence.
+        first: u64,
+        /// The last new sequence.
+        last: u64,
+    },
     /// A control event.
     Control(ControlEvent),
 }
 
 const MESSAGE_TAG: u8 = b'M';
+const FEED_TAG: u8 = b'F';
 const CONTROL_TAG: u8 = b'C';
 
 impl Event {
@@ -119,6 +136,13 @@ impl Event {
                 buffer.put_u8(MESSAGE_TAG);
                 buffer.put_u64(*seq);
                 buffer.put_slice(frame);
+                buffer.freeze()
+            }
+            Event::Feed { first, last } => {
+                let mut buffer = BytesMut::with_capacity(17);
+                buffer.put_u8(FEED_TAG);
+                buffer.put_u64(*first);
+                buffer.put_u64(*last);
                 buffer.freeze()
             }
             Event::Control(control) => {
@@ -139,6 +163,13 @@ impl Event {
                 let mut seq = [0u8; 8];
                 seq.copy_from_slice(&payload[1..9]);
                 Some(Event::Message { seq: u64::from_be_bytes(seq), frame: payload.slice(9..) })
+            }
+            FEED_TAG if payload.len() == 17 => {
+                let mut first = [0u8; 8];
+                let mut last = [0u8; 8];
+                first.copy_from_slice(&payload[1..9]);
+                last.copy_from_slice(&payload[9..17]);
+                Some(Event::Feed { first: u64::from_be_bytes(first), last: u64::from_be_bytes(last) })
             }
             CONTROL_TAG => serde_json::from_slice(&payload[1..]).ok().map(Event::Control),
             _ => None,
@@ -262,6 +293,9 @@ mod tests {
         assert_eq!(Event::decode(&message.encode()), Some(message));
         let control = Event::Control(ControlEvent::Member { channel: "g:a".into(), user: "bob".into(), joined: true });
         assert_eq!(Event::decode(&control.encode()), Some(control));
+        let feed = Event::Feed { first: 4, last: 9 };
+        assert_eq!(Event::decode(&feed.encode()), Some(feed));
+        assert_eq!(Event::decode(&Bytes::from_static(b"F123")), None, "a truncated feed notice");
         assert_eq!(Event::decode(&Bytes::from_static(b"?")), None);
         assert_eq!(Event::decode(&Bytes::new()), None);
     }

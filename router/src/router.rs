@@ -7,6 +7,7 @@ use crate::backend::{
     ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageLog, MessageStore,
 };
 use crate::error::{BackendError, RouterError};
+use crate::feed::FeedBook;
 use crate::presence::PresenceStore;
 use crate::pubsub::{channel_topic, gateway_topic, ControlEvent, Event, PubSub, ALL_GATEWAYS_TOPIC};
 use bytes::Bytes;
@@ -44,7 +45,8 @@ pub struct RouterConfig {
     pub batch_max: usize,
     /// Command queue length.
     pub queue: usize,
-    /// Channels with more members than this publish no per-member join/leave events.
+    /// Channels with more members than this are fanned out on read (their messages go to a feed that each
+    /// gateway instance reads once, announced by a notice per batch) and publish no per-member events.
     pub fanout_threshold: u32,
 }
 
@@ -86,6 +88,14 @@ pub struct RouterStats {
     pub publish_failures: std::sync::atomic::AtomicU64,
     /// Durable messages not handed to the tap because its queue was full.
     pub tap_dropped: std::sync::atomic::AtomicU64,
+    /// Messages of large channels put in a feed (fan-out on read) instead of being published.
+    pub feed_messages: std::sync::atomic::AtomicU64,
+    /// Feed notices published (one per large channel per batch).
+    pub feed_notices: std::sync::atomic::AtomicU64,
+    /// Feed reads answered from memory.
+    pub feed_reads: std::sync::atomic::AtomicU64,
+    /// Feed reads the memory could not answer, sent to the store.
+    pub feed_store_reads: std::sync::atomic::AtomicU64,
 }
 
 /// A message that became durable, with the other members of its channel (for offline notification). Only
@@ -121,6 +131,7 @@ pub struct LocalRouter {
     pubsub: Arc<dyn PubSub>,
     config: Arc<RouterConfig>,
     stats: Arc<RouterStats>,
+    feeds: FeedBook,
 }
 
 impl std::fmt::Debug for LocalRouter {
@@ -173,6 +184,7 @@ impl LocalRouter {
         let snowflake = Snowflake::new(config.machine_id, config.epoch_ms).map_err(RouterError::Clock)?;
         let (commands, queue) = mpsc::channel(config.queue.max(1));
         let stats = Arc::new(RouterStats::default());
+        let feeds = FeedBook::default();
         let writer = Writer {
             queue,
             log: log.clone(),
@@ -185,9 +197,10 @@ impl LocalRouter {
             stats: stats.clone(),
             durable_tap: tap,
             directory,
+            feeds: feeds.clone(),
         };
         let task = tokio::spawn(writer.run());
-        Ok((LocalRouter { commands, log, store, membership, pubsub, config: Arc::new(config), stats }, task))
+        Ok((LocalRouter { commands, log, store, membership, pubsub, config: Arc::new(config), stats, feeds }, task))
     }
 
     /// The writer's counters.
@@ -326,6 +339,30 @@ impl LocalRouter {
             return Err(RouterError::InvalidArgument("limit must be 1-200".into()));
         }
         self.require_member(user, &channel).await?;
+        self.read_page(&channel, query).await
+    }
+
+    /// A large channel's messages after `after` (at most `limit`, 1-200), for a gateway that serves all its
+    /// members from one read (fan-out on read). Answered from the writer's in-memory feed; a reader further behind
+    /// than the feed holds (or after a restart) is answered from the store. No membership check: only gateways
+    /// call it, on behalf of members they hold.
+    #[instrument(skip(self))]
+    pub async fn feed(&self, channel: &str, after: u64, limit: u32) -> Result<HistoryPage, RouterError> {
+        let channel = ChannelId::parse(channel)?;
+        if !(1..=200).contains(&limit) {
+            return Err(RouterError::InvalidArgument("limit must be 1-200".into()));
+        }
+        if let Some(mut messages) = self.feeds.read(channel.as_str(), after, limit as usize + 1) {
+            self.stats.feed_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let has_more = messages.len() > limit as usize;
+            messages.truncate(limit as usize);
+            return Ok(HistoryPage { messages, has_more });
+        }
+        self.stats.feed_store_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.read_page(&channel, HistoryQuery { before: None, after: Some(after), limit }).await
+    }
+
+    async fn read_page(&self, channel: &ChannelId, query: HistoryQuery) -> Result<HistoryPage, RouterError> {
         let mut page = self.store.history(channel.as_str(), query).await.map_err(RouterError::Unavailable)?;
         if query.before.is_some() {
             return Ok(page);
@@ -485,6 +522,7 @@ struct Writer {
     stats: Arc<RouterStats>,
     durable_tap: Option<mpsc::Sender<DurableMessage>>,
     directory: Option<Arc<dyn PresenceStore>>,
+    feeds: FeedBook,
 }
 
 type SendItem = (SendRequest, oneshot::Sender<Result<SendOutcome, RouterError>>);
@@ -712,27 +750,7 @@ impl Writer {
             self.sequencer.commit(&plan);
             self.stats.messages.fetch_add(fresh.len() as u64, std::sync::atomic::Ordering::Relaxed);
             self.stats.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            for message in fresh {
-                if let Some(tap) = &self.durable_tap {
-                    // Offline notification is best effort and must never slow the writer: drop when full.
-                    let members = self.channels.get(&message.channel).map(|cached| &cached.members);
-                    if let Some(members) =
-                        members.filter(|members| members.len() <= self.config.fanout_threshold as usize)
-                    {
-                        let recipients = members.iter().filter(|member| **member != message.sender).cloned().collect();
-                        if tap.try_send(DurableMessage { message: message.clone(), recipients }).is_err() {
-                            self.stats.tap_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                }
-                let topic = channel_topic(&message.channel);
-                let seq = message.seq;
-                let frame = Bytes::from(ServerFrame::Message(message).to_json());
-                if let Err(error) = self.pubsub.publish(&topic, Event::Message { seq, frame }.encode()).await {
-                    self.stats.publish_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    warn!(%error, %topic, "publish failed; receivers recover the message from history");
-                }
-            }
+            self.fan_out(fresh).await;
         }
         for (((request, reply), decision), placement_channel) in
             accepted.into_iter().zip(plan.decisions).zip(requests.iter().map(|request| request.channel.clone()))
@@ -759,6 +777,62 @@ impl Writer {
                 Decision::Refused(error) => Err(RouterError::Clock(error)),
             };
             let _ = reply.send(outcome);
+        }
+    }
+
+    /// Hands a durable batch to its readers. Small channels are pushed: each message is published on its
+    /// channel's topic. Large ones are fanned out on read: their messages go to the channel's feed, and one notice
+    /// per channel says which sequences are new. Everything goes out in one pipelined publish, in order.
+    async fn fan_out(&self, fresh: Vec<MessageView>) {
+        let threshold = self.config.fanout_threshold as usize;
+        let mut publications: Vec<(String, Bytes)> = Vec::with_capacity(fresh.len());
+        let mut large: Vec<(String, Vec<MessageView>)> = Vec::new();
+        let mut small: HashSet<String> = HashSet::new();
+        for message in fresh {
+            let members = self.channels.get(&message.channel).map(|cached| &cached.members);
+            let is_large = members.is_some_and(|members| members.len() > threshold);
+            if let (Some(tap), Some(members)) = (&self.durable_tap, members.filter(|_| !is_large)) {
+                // Offline notification is best effort and must never slow the writer: drop when full.
+                let recipients = members.iter().filter(|member| **member != message.sender).cloned().collect();
+                if tap.try_send(DurableMessage { message: message.clone(), recipients }).is_err() {
+                    self.stats.tap_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            if is_large {
+                match large.iter_mut().find(|(channel, _)| *channel == message.channel) {
+                    Some((_, messages)) => messages.push(message),
+                    None => large.push((message.channel.clone(), vec![message])),
+                }
+                continue;
+            }
+            if !small.contains(&message.channel) {
+                small.insert(message.channel.clone());
+            }
+            let topic = channel_topic(&message.channel);
+            let seq = message.seq;
+            let frame = Bytes::from(ServerFrame::Message(message).to_json());
+            publications.push((topic, Event::Message { seq, frame }.encode()));
+        }
+        for channel in &small {
+            // A channel that became small again is pushed from now on; its feed would only go stale.
+            self.feeds.forget(channel);
+        }
+        for (channel, messages) in large {
+            let (Some(first), Some(last)) = (messages.first().map(|m| m.seq), messages.last().map(|m| m.seq)) else {
+                continue;
+            };
+            self.stats.feed_messages.fetch_add(messages.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.stats.feed_notices.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // The feed holds them before anyone hears of them.
+            self.feeds.push(&channel, messages);
+            publications.push((channel_topic(&channel), Event::Feed { first, last }.encode()));
+        }
+        if publications.is_empty() {
+            return;
+        }
+        if let Err(error) = self.pubsub.publish_batch(publications).await {
+            self.stats.publish_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            warn!(%error, "publish failed; receivers recover the messages from history");
         }
     }
 

@@ -139,6 +139,15 @@ pub enum Call {
         /// Channel.
         channel: String,
     },
+    /// [`Router::feed`] (a gateway reading a large channel's new messages for its members).
+    Feed {
+        /// Channel.
+        channel: String,
+        /// Only `seq > after`.
+        after: u64,
+        /// Page size.
+        limit: u32,
+    },
 }
 
 /// A reply on the wire.
@@ -368,6 +377,12 @@ impl Router {
         dispatch!(self.first_retained_seq(channel))
     }
 
+    /// A large channel's messages after `after`, for a gateway that serves its members from one read (fan-out on
+    /// read); see [`LocalRouter::feed`]. Not a member check: the gateway asks on behalf of its members.
+    pub async fn feed(&self, channel: &str, after: u64, limit: u32) -> Result<HistoryPage, RouterError> {
+        dispatch!(self.feed(channel, after, limit))
+    }
+
     /// Runs one wire call.
     #[instrument(skip(self, call), fields(op = call.op()))]
     pub async fn execute(&self, call: Call) -> Reply<serde_json::Value> {
@@ -416,6 +431,10 @@ impl Router {
             }
             Call::Members { user: name, channel } => json(self.members(&user(name)?, &channel).await?),
             Call::FirstRetainedSeq { channel } => json(self.first_retained_seq(&channel).await?),
+            Call::Feed { channel, after, limit } => {
+                let page = self.feed(&channel, after, limit).await?;
+                json(HistoryReply { messages: page.messages, has_more: page.has_more })
+            }
         }
     }
 }
@@ -436,6 +455,7 @@ impl Call {
             Call::MarkDelivered { .. } => "mark_delivered",
             Call::Members { .. } => "members",
             Call::FirstRetainedSeq { .. } => "first_retained_seq",
+            Call::Feed { .. } => "feed",
         }
     }
 }
@@ -685,5 +705,10 @@ impl RemoteRouter {
 
     async fn first_retained_seq(&self, channel: &str) -> Result<u64, RouterError> {
         self.call(&Call::FirstRetainedSeq { channel: channel.to_owned() }).await
+    }
+
+    async fn feed(&self, channel: &str, after: u64, limit: u32) -> Result<HistoryPage, RouterError> {
+        let reply: HistoryReply = self.call(&Call::Feed { channel: channel.to_owned(), after, limit }).await?;
+        Ok(HistoryPage { messages: reply.messages, has_more: reply.has_more })
     }
 }

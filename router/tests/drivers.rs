@@ -98,6 +98,7 @@ macro_rules! suite {
 
 suite!(
     pubsub_order_and_isolation,
+    pubsub_batches_keep_order,
     pubsub_unsubscribe,
     pubsub_binary_payloads,
     pubsub_dropped_subscription_ends,
@@ -159,6 +160,33 @@ async fn pubsub_order_and_isolation(engine: Engine) {
     assert_eq!(seen.keys().count(), 2, "{:?}", seen.keys());
     assert_eq!(seen["ch:a"], expected);
     assert_eq!(seen["ch:b"], expected);
+}
+
+/// A batch publish (one pipeline on Redis) delivers every item, each topic in order, and interleaves with single
+/// publishes in call order.
+async fn pubsub_batches_keep_order(engine: Engine) {
+    let Some(bus) = bus(engine).await else { return };
+    let (_sub, mut deliveries) = subscriber(&bus, &["ch:p", "ch:q"]).await;
+    publish(&bus, "ch:p", "first").await;
+    let batch: Vec<(String, Bytes)> = (0..500)
+        .map(|index| (if index % 3 == 0 { "ch:q" } else { "ch:p" }.to_owned(), Bytes::from(format!("{index}"))))
+        .collect();
+    bus.publish_batch(batch.clone()).await.expect("batch");
+    bus.publish_batch(Vec::new()).await.expect("an empty batch is nothing");
+    publish(&bus, "ch:p", "last").await;
+    let mut seen = std::collections::HashMap::<String, Vec<Bytes>>::new();
+    while seen.values().map(Vec::len).sum::<usize>() < 502 {
+        let (topic, payload) = next(&mut deliveries).await;
+        seen.entry(topic).or_default().push(payload);
+    }
+    let expected = |topic: &str| -> Vec<Bytes> {
+        batch.iter().filter(|(to, _)| to == topic).map(|(_, payload)| payload.clone()).collect()
+    };
+    let mut p = vec![Bytes::from("first")];
+    p.extend(expected("ch:p"));
+    p.push(Bytes::from("last"));
+    assert_eq!(seen["ch:p"], p);
+    assert_eq!(seen["ch:q"], expected("ch:q"));
 }
 
 /// Subscribing twice delivers once; after unsubscribe nothing more arrives from that topic; empty changes are

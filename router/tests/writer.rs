@@ -239,3 +239,69 @@ async fn a_first_attempt_never_looks_for_an_earlier_send_and_a_possible_retry_do
     let next = router.send_attempt(&alice, "g:room", "c", "three", true).await.expect("confirmed");
     assert_eq!(next.placement.seq, 2);
 }
+
+#[tokio::test]
+async fn large_channels_are_fanned_out_on_read_with_one_notice_per_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(EmbeddedStore::open(dir.path(), Retention::default()).expect("store"));
+    let bus = Arc::new(LocalPubSub::new());
+    let (sink, mut published) = mpsc::channel(1024);
+    let subscription = bus.open(sink);
+    subscription.subscribe(vec![channel_topic("g:hall")]).await.expect("subscribe");
+    let config = RouterConfig { fanout_threshold: 3, ..RouterConfig::default() };
+    let (router, _writer) = Router::start(config, store.clone(), store.clone(), store, bus).expect("router");
+    let alice = user("alice");
+    router.create_channel(&alice, "hall", &["bob".to_owned()]).await.expect("create");
+    let _ = received(&mut published).await;
+
+    // Small (2 members): every message is published.
+    router.send(&alice, "g:hall", "s1", "small").await.expect("durable");
+    let events = received(&mut published).await;
+    assert!(matches!(events.as_slice(), [(_, Event::Message { seq: 1, .. })]), "{events:?}");
+
+    // Large (4 members): a burst of concurrent sends is announced with one notice per batch, never pushed.
+    router.join(&user("carol"), "g:hall").await.expect("join");
+    router.join(&user("dave"), "g:hall").await.expect("join");
+    let _ = received(&mut published).await;
+    let sends = (0..40).map(|n| {
+        let router = router.clone();
+        let alice = alice.clone();
+        async move { router.send(&alice, "g:hall", &format!("l{n}"), "large").await.expect("durable") }
+    });
+    futures_util::future::join_all(sends).await;
+    let events = received(&mut published).await;
+    let mut announced = Vec::new();
+    for (_, event) in &events {
+        match event {
+            Event::Feed { first, last } => announced.extend(*first..=*last),
+            other => panic!("a large channel's message was pushed: {other:?}"),
+        }
+    }
+    assert_eq!(announced, (2..=41).collect::<Vec<_>>(), "each sequence announced once, in order");
+    assert!(events.len() < 40, "notices cover batches ({} for 40 sends)", events.len());
+    let stats = router.stats();
+    assert_eq!(stats.feed_messages.load(Ordering::Relaxed), 40);
+
+    // The feed answers from memory, in pages.
+    let page = router.feed("g:hall", 1, 30).await.expect("feed");
+    assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (2..=31).collect::<Vec<_>>());
+    assert!(page.has_more);
+    let page = router.feed("g:hall", 31, 200).await.expect("feed");
+    assert_eq!(page.messages.len(), 10);
+    assert!(!page.has_more);
+    assert_eq!(stats.feed_reads.load(Ordering::Relaxed), 2);
+    // What the feed does not hold (1 was pushed) comes from the store.
+    let page = router.feed("g:hall", 0, 5).await.expect("feed");
+    assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(stats.feed_store_reads.load(Ordering::Relaxed), 1);
+    assert!(matches!(router.feed("g:hall", 0, 0).await, Err(RouterError::InvalidArgument(_))));
+
+    // Back to 3 members: pushed again, and the feed is dropped.
+    router.leave(&user("dave"), "g:hall").await.expect("leave");
+    let _ = received(&mut published).await;
+    router.send(&alice, "g:hall", "s2", "small again").await.expect("durable");
+    let events = received(&mut published).await;
+    assert!(matches!(events.as_slice(), [(_, Event::Message { seq: 42, .. })]), "{events:?}");
+    router.feed("g:hall", 41, 10).await.expect("feed");
+    assert_eq!(stats.feed_store_reads.load(Ordering::Relaxed), 2, "no feed kept for a small channel");
+}

@@ -53,6 +53,19 @@ impl PubSub for RedisPubSub {
         call(self.config.timeout, "publish", command.query_async::<i64>(&mut connection)).await.map(|_receivers| ())
     }
 
+    async fn publish_batch(&self, items: Vec<(String, Bytes)>) -> Result<(), BackendError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        // One pipeline: the commands go out in order on one connection, so per-topic order holds.
+        let mut connection = self.publisher.clone();
+        let mut pipeline = ::redis::pipe();
+        for (topic, payload) in &items {
+            pipeline.cmd("PUBLISH").arg(format!("{}{topic}", self.config.prefix)).arg(payload.as_ref()).ignore();
+        }
+        call(self.config.timeout, "publish", pipeline.query_async::<()>(&mut connection)).await
+    }
+
     fn open(&self, sink: mpsc::Sender<Delivery>) -> Arc<dyn Subscription> {
         let topics = Arc::new(Mutex::new(HashSet::new()));
         let (commands, receiver) = mpsc::unbounded_channel();
