@@ -58,7 +58,7 @@ helm_failed=$(awk '{print $4}' <<<"$helm_line")
 # Throwaway engines on free loopback ports (e2e/stack); their addresses reach cargo test through stack.env. They
 # are stopped on exit, whatever happens. Without them the engine tests fail (they never pass silently), and an
 # engine that does not start fails the run here.
-stack_engines="redis,kafka,cassandra"
+stack_engines="redis,redis-cluster,kafka,cassandra"
 # Cassandra shares the machine with Kafka and a Kubernetes control plane in the same run: 1 GiB of heap is
 # enough for the test keyspaces (override with STACK_CASSANDRA_HEAP).
 export STACK_CASSANDRA_HEAP="${STACK_CASSANDRA_HEAP:-1G}"
@@ -78,6 +78,7 @@ set +a
 for engine in ${stack_engines//,/ }; do
   case "$engine" in
     redis) variable=PARLEY_REDIS_URL ;;
+    redis-cluster) variable=PARLEY_REDIS_CLUSTER_URLS ;;
     kafka) variable=PARLEY_KAFKA_BOOTSTRAP ;;
     cassandra) variable=PARLEY_CASSANDRA_CONTACT ;;
     *) fail "unknown engine $engine in stack_engines" ;;

@@ -4,7 +4,8 @@
 # until each one answers. Stop everything with e2e/stack/down.sh <state dir>.
 #
 #   up.sh [options] [STATE_DIR]        (or PARLEY_STACK_DIR; default /tmp/parley-stack)
-#     --only LIST      comma list of engines: redis,kafka,cassandra (default: all three)
+#     --only LIST      comma list of engines: redis,kafka,cassandra (default: all three), and
+#                      redis-cluster (three Redis masters in cluster mode, slots spread over them)
 #     --dc2            also start a second Cassandra node on 127.0.0.2 in datacenter dc2
 #     --kafka2         also start a second, independent Kafka broker (cluster "B")
 #     --mm2            start MirrorMaker 2 replicating Kafka A -> B (implies --kafka2)
@@ -46,7 +47,7 @@ NICE="${STACK_NICE:-0}"
 TIMEOUT="${STACK_TIMEOUT:-180}"
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 for e in ${ONLY//,/ }; do
-  case "$e" in redis|kafka|cassandra) ;; *) echo "up.sh: unknown engine '$e' (redis,kafka,cassandra)" >&2; exit 2 ;; esac
+  case "$e" in redis|redis-cluster|kafka|cassandra) ;; *) echo "up.sh: unknown engine '$e' (redis,redis-cluster,kafka,cassandra)" >&2; exit 2 ;; esac
 done
 want cassandra || DC2=0
 want kafka || { KAFKA2=0; MM2=0; }
@@ -80,7 +81,7 @@ done
 
 # Install (no-op when cached).
 parts=""
-want redis && parts+="redis,"
+{ want redis || want redis-cluster; } && parts+="redis,"
 want kafka && parts+="kafka,"
 want cassandra && parts+="cassandra,cql,"
 STACK_ONLY="${parts%,}" "$HERE/install.sh"
@@ -177,6 +178,34 @@ start_redis() {
   envline PARLEY_REDIS_URL "redis://127.0.0.1:$REDIS_PORT"
 }
 redis_ready() { [[ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping)" == PONG ]]; }
+
+# Redis Cluster: three masters, no replicas, slots spread by redis-cli --cluster create.
+start_redis_cluster() {
+  local n d
+  CLUSTER_PORTS=()
+  for n in 1 2 3; do
+    d="$STATE/redis-cluster/node$n"; mkdir -p "$d"
+    CLUSTER_PORTS+=("$(free_port)")
+    start "redis_cluster$n" "$d/redis.log" redis-server --port "${CLUSTER_PORTS[$((n - 1))]}" --bind 127.0.0.1 \
+      --save "" --appendonly no --dir "$d" --daemonize no --protected-mode yes --cluster-enabled yes \
+      --cluster-config-file "$d/nodes.conf" --cluster-node-timeout 5000
+  done
+}
+redis_cluster_node_ready() { [[ "$(redis-cli -h 127.0.0.1 -p "$1" ping)" == PONG ]]; }
+redis_cluster_ok() {
+  local port
+  for port in "${CLUSTER_PORTS[@]}"; do
+    redis-cli -h 127.0.0.1 -p "$port" cluster info | grep -q '^cluster_state:ok' || return 1
+  done
+}
+form_redis_cluster() {
+  local nodes=() port urls=""
+  for port in "${CLUSTER_PORTS[@]}"; do nodes+=("127.0.0.1:$port"); urls+="redis://127.0.0.1:$port,"; done
+  redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >"$STATE/redis-cluster/create.log" 2>&1 \
+    || { cat "$STATE/redis-cluster/create.log" >&2; die "redis-cli --cluster create failed"; }
+  WAIT_LABEL=redis-cluster-ok wait_ready redis_cluster1 redis_cluster_ok
+  envline PARLEY_REDIS_CLUSTER_URLS "${urls%,}"
+}
 
 # ---------------------------------------------------------------------------
 # Kafka (KRaft, combined broker+controller)
@@ -531,8 +560,13 @@ T0=$(now)
 want cassandra && start_cassandra cassandra1 127.0.0.1 dc1
 if want kafka; then start_kafka kafka; ((KAFKA2)) && start_kafka kafka_b; fi
 want redis && start_redis
+want redis-cluster && start_redis_cluster
 
 want redis && wait_ready redis redis_ready
+if want redis-cluster; then
+  for n in 1 2 3; do wait_ready "redis_cluster$n" redis_cluster_node_ready "${CLUSTER_PORTS[$((n - 1))]}"; done
+  form_redis_cluster
+fi
 if want kafka; then
   wait_ready kafka kafka_ready "$KAFKA_PORT_kafka"
   envline PARLEY_KAFKA_BOOTSTRAP "127.0.0.1:$KAFKA_PORT_kafka"

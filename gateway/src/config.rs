@@ -186,7 +186,8 @@ pub struct ClusterConfig {
     /// Base URL of the router's internal API, e.g. `http://127.0.0.1:7070`.
     #[arg(long, env = "PARLEY_ROUTER_URL")]
     pub router_url: Option<String>,
-    /// Redis (`redis://host:port`) for pub/sub and presence; required with `--router-url`.
+    /// Redis (`redis://host:port`, or Redis Cluster seed nodes comma-separated) for pub/sub and presence; required
+    /// with `--router-url`.
     #[arg(long, env = "PARLEY_REDIS_URL")]
     pub redis_url: Option<String>,
     /// Prefix of every Redis key and channel (must match the router's).

@@ -39,7 +39,8 @@ struct Args {
     /// Bearer token the gateways must present (recommended outside a private network).
     #[arg(long, env = "PARLEY_INTERNAL_TOKEN", hide_env_values = true)]
     internal_token: Option<String>,
-    /// Redis for pub/sub (`redis://host:port`); required, it is how deliveries reach the gateways.
+    /// Redis for pub/sub and the user→gateway registry (`redis://host:port`, or Redis Cluster seed nodes
+    /// comma-separated); required, it is how deliveries reach the gateways.
     #[arg(long, env = "PARLEY_REDIS_URL")]
     redis_url: String,
     /// Prefix of every Redis key and channel (must match the gateways').

@@ -13,8 +13,12 @@
 //! - Every call has a timeout; a timeout is reported as [`BackendError::Unavailable`], and a Redis error as
 //!   [`BackendError::Redis`].
 //!
-//! The presence scripts address keys they compute from the prefix, so they need a standalone Redis (or one
-//! Redis Cluster shard per prefix), not a cluster that spreads one prefix's keys over shards.
+//! - **Redis Cluster**: give several seed nodes, comma-separated (`redis://a:7000,redis://b:7001`). Commands then
+//!   go through a cluster connection that follows the slot map (`MOVED`/`ASK`, re-discovery). The presence
+//!   scripts change many users' keys atomically, so a deployment's presence keys carry one hash tag
+//!   (`{<prefix>presence}:`) and live on one shard. Pub/sub channels are cluster-wide (a `PUBLISH` on any node
+//!   reaches subscribers on every node); publishers and subscribers use the first seed node, so that one node
+//!   orders every channel's publications the way one Redis does.
 
 mod presence;
 mod pubsub;
@@ -23,15 +27,17 @@ pub use presence::RedisPresenceStore;
 pub use pubsub::RedisPubSub;
 
 use crate::error::BackendError;
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::RedisResult;
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster::ClusterClient;
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 use std::future::Future;
 use std::time::Duration;
 
 /// Where Redis is and how to talk to it.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://host:port[/db]` (TLS is not built in).
+    /// `redis://host:port[/db]` (TLS is not built in), or several Redis Cluster seed nodes, comma-separated.
     pub url: String,
     /// Prefix of every key and channel, e.g. `parley:`.
     pub prefix: String,
@@ -65,9 +71,45 @@ impl RedisConfig {
         self
     }
 
+    /// The node URLs given: one for a standalone Redis, several for Redis Cluster seed nodes.
+    pub fn nodes(&self) -> Vec<&str> {
+        self.url.split(',').map(str::trim).filter(|node| !node.is_empty()).collect()
+    }
+
+    /// Whether the URL names Redis Cluster seed nodes (more than one node).
+    pub fn is_cluster(&self) -> bool {
+        self.nodes().len() > 1
+    }
+
+    /// The prefix of keys a script must reach together: in a cluster, under one hash tag (one slot).
+    fn tagged(&self, name: &str) -> String {
+        if self.is_cluster() {
+            format!("{{{}{name}}}:", self.prefix)
+        } else {
+            format!("{}{name}:", self.prefix)
+        }
+    }
+
+    /// A client of the first node (pub/sub, and every command of a standalone Redis).
     fn client(&self) -> Result<::redis::Client, BackendError> {
-        ::redis::Client::open(self.url.as_str())
+        let node = self.nodes().first().copied().unwrap_or(self.url.as_str());
+        ::redis::Client::open(node)
             .map_err(|source| BackendError::Redis { operation: "open", source: Box::new(source) })
+    }
+
+    /// The command connection: a re-connecting multiplexed connection, or a cluster connection.
+    async fn connection(&self) -> Result<Connection, BackendError> {
+        if !self.is_cluster() {
+            return Ok(Connection::Single(self.connection_manager().await?));
+        }
+        let client = ClusterClient::builder(self.nodes())
+            .connection_timeout(self.timeout)
+            .response_timeout(self.timeout)
+            .retries(3)
+            .build()
+            .map_err(|source| BackendError::Redis { operation: "open", source: Box::new(source) })?;
+        let connection = call(self.timeout, "connect", client.get_async_connection()).await?;
+        Ok(Connection::Cluster(connection))
     }
 
     /// A multiplexed connection that re-connects by itself after an error.
@@ -80,6 +122,41 @@ impl RedisConfig {
             .set_max_delay(self.reconnect_max)
             .set_number_of_retries(3);
         call(self.timeout, "connect", client.get_connection_manager_with_config(manager_config)).await
+    }
+}
+
+/// A command connection to a standalone Redis or to a Redis Cluster.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(connection) => connection.req_packed_command(cmd),
+            Connection::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(connection) => connection.get_db(),
+            Connection::Cluster(connection) => connection.get_db(),
+        }
     }
 }
 

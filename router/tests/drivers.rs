@@ -1,8 +1,10 @@
-//! One behaviour suite for the pub/sub and presence drivers, run against the embedded drivers and against Redis.
+//! One behaviour suite for the pub/sub and presence drivers, run against the embedded drivers, against Redis and
+//! against a Redis Cluster of three masters.
 //!
-//! Every test body takes an [`Engine`] and runs once per driver (`<test>::embedded`, `<test>::redis`). The Redis
-//! runs need `PARLEY_REDIS_URL` (start one with `e2e/stack/up.sh --only redis <state dir>` and source
-//! `<state dir>/stack.env`); each test uses its own key prefix. Without the variable they fail, unless
+//! Every test body takes an [`Engine`] and runs once per driver (`<test>::embedded`, `<test>::redis`,
+//! `<test>::redis_cluster`). The Redis runs need `PARLEY_REDIS_URL`, the cluster runs `PARLEY_REDIS_CLUSTER_URLS`
+//! (start them with `e2e/stack/up.sh --only redis,redis-cluster <state dir>` and source `<state dir>/stack.env`);
+//! each test uses its own key prefix. Without the variable they fail, unless
 //! `PARLEY_SKIP_ENGINE_TESTS=1` asks for the engine-free tests only. The restart tests start their own
 //! `redis-server` on a free loopback port, kill it and start it again.
 
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-const START_REDIS: &str = "start Redis with `e2e/stack/up.sh --only redis /tmp/parley-stack` and \
+const START_REDIS: &str = "start Redis with `e2e/stack/up.sh --only redis,redis-cluster /tmp/parley-stack` and \
      `set -a; . /tmp/parley-stack/stack.env; set +a` (stop it with `e2e/stack/down.sh /tmp/parley-stack`), or set \
      PARLEY_SKIP_ENGINE_TESTS=1 to run only the engine-free tests";
 
@@ -27,6 +29,7 @@ const LONG: Duration = Duration::from_secs(60);
 enum Engine {
     Embedded,
     Redis,
+    RedisCluster,
 }
 
 fn skip_engines() -> bool {
@@ -34,14 +37,22 @@ fn skip_engines() -> bool {
 }
 
 /// The Redis configuration for one test (its own prefix), or `None` when engine tests are skipped.
-fn redis_config() -> Option<RedisConfig> {
-    match std::env::var("PARLEY_REDIS_URL") {
-        Ok(url) if !url.is_empty() => Some(RedisConfig::new(url).with_prefix(unique_prefix())),
+fn redis_config(engine: Engine) -> Option<RedisConfig> {
+    let variable = match engine {
+        Engine::RedisCluster => "PARLEY_REDIS_CLUSTER_URLS",
+        _ => "PARLEY_REDIS_URL",
+    };
+    match std::env::var(variable) {
+        Ok(url) if !url.is_empty() => {
+            let config = RedisConfig::new(url).with_prefix(unique_prefix());
+            assert_eq!(config.is_cluster(), matches!(engine, Engine::RedisCluster), "{variable}: {}", config.url);
+            Some(config)
+        }
         _ if skip_engines() => {
             eprintln!("SKIPPED: Redis driver test (PARLEY_SKIP_ENGINE_TESTS=1)");
             None
         }
-        _ => panic!("PARLEY_REDIS_URL is not set, so the Redis driver tests cannot run: {START_REDIS}"),
+        _ => panic!("{variable} is not set, so the Redis driver tests cannot run: {START_REDIS}"),
     }
 }
 
@@ -57,12 +68,14 @@ fn unique_prefix() -> String {
 async fn bus(engine: Engine) -> Option<Arc<dyn PubSub>> {
     match engine {
         Engine::Embedded => Some(Arc::new(LocalPubSub::new())),
-        Engine::Redis => {
-            let config = redis_config()?;
+        Engine::Redis | Engine::RedisCluster => {
+            let config = redis_config(engine)?;
             let url = config.url.clone();
-            Some(Arc::new(RedisPubSub::connect(config).await.unwrap_or_else(|error| {
-                panic!("cannot reach Redis at PARLEY_REDIS_URL={url}: {error}; {START_REDIS}")
-            })))
+            Some(Arc::new(
+                RedisPubSub::connect(config)
+                    .await
+                    .unwrap_or_else(|error| panic!("cannot reach Redis at {url}: {error}; {START_REDIS}")),
+            ))
         }
     }
 }
@@ -70,12 +83,14 @@ async fn bus(engine: Engine) -> Option<Arc<dyn PubSub>> {
 async fn presence(engine: Engine) -> Option<Arc<dyn PresenceStore>> {
     match engine {
         Engine::Embedded => Some(Arc::new(EmbeddedPresenceStore::new())),
-        Engine::Redis => {
-            let config = redis_config()?;
+        Engine::Redis | Engine::RedisCluster => {
+            let config = redis_config(engine)?;
             let url = config.url.clone();
-            Some(Arc::new(RedisPresenceStore::connect(config).await.unwrap_or_else(|error| {
-                panic!("cannot reach Redis at PARLEY_REDIS_URL={url}: {error}; {START_REDIS}")
-            })))
+            Some(Arc::new(
+                RedisPresenceStore::connect(config)
+                    .await
+                    .unwrap_or_else(|error| panic!("cannot reach Redis at {url}: {error}; {START_REDIS}")),
+            ))
         }
     }
 }
@@ -91,6 +106,10 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn redis() {
                 super::$name(super::Engine::Redis).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis_cluster() {
+                super::$name(super::Engine::RedisCluster).await
             }
         }
     )*};

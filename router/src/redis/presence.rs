@@ -1,7 +1,8 @@
 //! [`RedisPresenceStore`]: the fenced presence book kept in Redis, with the same rules as
 //! [`parley_core::presence::PresenceBook`].
 //!
-//! Keys, under `<prefix>presence:`:
+//! Keys, under `<prefix>presence:` (`{<prefix>presence}:` on Redis Cluster: one hash tag, so every script's keys
+//! share a slot; each script is sent with one key under it, so a cluster routes it to that slot's shard):
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -16,10 +17,9 @@
 //! epoch can be added after it was cleaned. Times come from the Redis server (`TIME`, `PX`), one clock for all
 //! instances. Reads of many users are pipelined in batches.
 
-use super::{call, RedisConfig};
+use super::{call, Connection, RedisConfig};
 use crate::error::BackendError;
 use crate::presence::{PresenceError, PresenceStore, Registration};
-use ::redis::aio::ConnectionManager;
 use ::redis::{Script, Value};
 use async_trait::async_trait;
 use parley_core::presence::{Fenced, PresenceView, Status};
@@ -187,8 +187,10 @@ impl Scripts {
 
 /// The presence book and user→gateway registry in Redis.
 pub struct RedisPresenceStore {
-    connection: ConnectionManager,
+    connection: Connection,
     prefix: String,
+    /// The key every script is sent with, so a cluster routes it to the shard of this deployment's hash tag.
+    anchor: String,
     timeout: Duration,
     scripts: Scripts,
 }
@@ -251,10 +253,12 @@ fn lease_ms(lease: Duration) -> u64 {
 impl RedisPresenceStore {
     /// Connects; fails if Redis cannot be reached within the timeout. Keys go under `<prefix>presence:`.
     pub async fn connect(config: RedisConfig) -> Result<Self, BackendError> {
-        let connection = config.connection_manager().await?;
+        let connection = config.connection().await?;
+        let prefix = config.tagged("presence");
         Ok(Self {
             connection,
-            prefix: format!("{}presence:", config.prefix),
+            anchor: format!("{prefix}anchor"),
+            prefix,
             timeout: config.timeout,
             scripts: Scripts::new(),
         })
@@ -262,7 +266,8 @@ impl RedisPresenceStore {
 
     async fn run(&self, operation: &'static str, script: &Script, args: &[String]) -> Result<Vec<Value>, BackendError> {
         let mut connection = self.connection.clone();
-        let mut invocation = script.arg(self.prefix.as_str());
+        let mut invocation = script.key(self.anchor.as_str());
+        invocation.arg(self.prefix.as_str());
         for arg in args {
             invocation.arg(arg.as_str());
         }
