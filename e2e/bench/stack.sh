@@ -12,7 +12,10 @@
 # seconds measured after a warm-up. Figures: sends confirmed per second, send→confirm and send→deliver latency
 # (p50/p99, every delivery to every member timed), lost/gaps/duplicates.
 #
-# Knobs: ST_MEMBERS=8 ST_SENDERS=4 ST_RATES="500 1250 2500" ST_DURATION=10 BUILD=1 OUT=dir
+# Both gateways run with --outbound-queue 8192 --max-unacked 8192: a Kafka batch delivers hundreds of messages to
+# a channel at once, and the defaults (512 queued, 1,024 unacknowledged) cut the busiest connections off (4008,
+# 4010) once the 2 cores are saturated.
+# Knobs: ST_MEMBERS=8 ST_SENDERS=4 ST_RATES="250 500 750 1250" ST_DURATION=10 ST_WARMUP=5 BUILD=1 OUT=dir
 #        With PARLEY_REDIS_URL, PARLEY_KAFKA_BOOTSTRAP and PARLEY_CASSANDRA_CONTACT set (an `e2e/stack/up.sh`
 #        stack.env sourced), those engines are used; otherwise a fresh stack is started in a temporary directory
 #        and purged at the end.
@@ -26,8 +29,9 @@ SECRET=${PARLEY_BENCH_SECRET:-bench-only-secret-not-for-production}
 TOKEN=bench-internal-token
 ST_MEMBERS=${ST_MEMBERS:-8}
 ST_SENDERS=${ST_SENDERS:-4}
-ST_RATES=${ST_RATES:-"500 1250 2500"}
+ST_RATES=${ST_RATES:-"250 500 750 1250"}
 ST_DURATION=${ST_DURATION:-10}
+ST_WARMUP=${ST_WARMUP:-5}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT=${OUT:-$TARGET/bench/stack-$(date -u +%Y%m%dT%H%M%SZ)}
 GATEWAY=$TARGET/release/parley
@@ -103,7 +107,7 @@ wait_ready() {
 start_embedded() {
     DATA=$(mktemp -d /tmp/parley-stack-bench.XXXXXX)
     "$GATEWAY" --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" --data-dir "$DATA/gateway" \
-        --jwt-hs256-secret "$SECRET" --log warn --send-rate-per-sec 100000 --send-burst 100000 \
+        --jwt-hs256-secret "$SECRET" --log warn --send-rate-per-sec 100000 --send-burst 100000 --outbound-queue 8192 --max-unacked 8192 \
         >"$OUT/gateway-$1.log" 2>&1 &
     PIDS+=($!)
     wait_ready "$!"
@@ -133,7 +137,7 @@ start_stack() {
     "$GATEWAY" --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" --data-dir "$DATA/gateway" \
         --router-url "http://127.0.0.1:$ROUTER_PORT" --internal-token "$TOKEN" \
         --redis-url "$PARLEY_REDIS_URL" --redis-prefix "bench:$unique:" \
-        --jwt-hs256-secret "$SECRET" --log warn --send-rate-per-sec 100000 --send-burst 100000 \
+        --jwt-hs256-secret "$SECRET" --log warn --send-rate-per-sec 100000 --send-burst 100000 --outbound-queue 8192 --max-unacked 8192 \
         >"$OUT/gateway-$1.log" 2>&1 &
     PIDS+=($!)
     wait_ready "$!"
@@ -148,7 +152,7 @@ for rate in $ST_RATES; do
         gateway_pid=${PIDS[-1]}
         rc=0
         PARLEY_JWT_SECRET=$SECRET timeout 300 "$LOAD" throughput --url "$URL" --members "$ST_MEMBERS" \
-            --senders "$ST_SENDERS" --rate-per-sender "$rate" --duration "$ST_DURATION" --window 256 \
+            --senders "$ST_SENDERS" --rate-per-sender "$rate" --duration "$ST_DURATION" --warmup "$ST_WARMUP" --window 256 \
             --server-pid "$gateway_pid" >"$OUT/$name.txt" 2>"$OUT/$name.err" || rc=$?
         grep -v '^{' "$OUT/$name.txt" >&2 || true
         json=$(grep '^{' "$OUT/$name.txt" | tail -n 1 || true)
