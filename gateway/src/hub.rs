@@ -500,9 +500,7 @@ impl Hub {
             failures = 0;
             self.metrics.feed_reads.inc();
             self.metrics.feed_messages.inc_by(page.messages.len() as u64);
-            let mut slow = Vec::new();
-            let mut delivered = 0;
-            {
+            let frames = {
                 let mut state = self.lock();
                 let Some(feed) = state.feeds.get_mut(&channel) else { return };
                 if page.messages.is_empty() {
@@ -527,11 +525,15 @@ impl Hub {
                         feed.cache.pop_front();
                     }
                 }
-                for (seq, frame) in &frames {
-                    delivered += Self::deliver_in(&state, &channel, frame, Some(*seq), &mut slow);
-                }
+                frames
+            };
+            // One message at a time, like pushed ones, so the index is never held for a whole page. Nothing else
+            // delivers to this channel meanwhile: pushed messages wait while `reading`.
+            for (seq, frame) in frames {
+                let mut slow = Vec::new();
+                let delivered = Self::deliver_in(&self.lock(), &channel, &frame, Some(seq), &mut slow);
+                self.delivered(delivered, &slow);
             }
-            self.delivered(delivered, &slow);
         }
     }
 
