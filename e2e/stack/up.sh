@@ -181,14 +181,16 @@ redis_ready() { [[ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping)" == PONG ]];
 
 # Redis Cluster: three masters, no replicas, slots spread by redis-cli --cluster create.
 start_redis_cluster() {
-  local n d
+  local n d bus
   CLUSTER_PORTS=()
   for n in 1 2 3; do
     d="$STATE/redis-cluster/node$n"; mkdir -p "$d"
     CLUSTER_PORTS+=("$(free_port)")
+    # The cluster bus port defaults to port + 10000, which may be taken (or in the ephemeral range): pick it too.
+    bus=$(free_port)
     start "redis_cluster$n" "$d/redis.log" redis-server --port "${CLUSTER_PORTS[$((n - 1))]}" --bind 127.0.0.1 \
       --save "" --appendonly no --dir "$d" --daemonize no --protected-mode yes --cluster-enabled yes \
-      --cluster-config-file "$d/nodes.conf" --cluster-node-timeout 5000
+      --cluster-port "$bus" --cluster-config-file "$d/nodes.conf" --cluster-node-timeout 5000
   done
 }
 redis_cluster_node_ready() { [[ "$(redis-cli -h 127.0.0.1 -p "$1" ping)" == PONG ]]; }

@@ -44,16 +44,25 @@ const SECRET: &str = "cluster-test-secret-0123456789abcdef";
 const ADMIN_TOKEN: &str = "cluster-admin-token";
 
 fn redis_url() -> Option<String> {
-    match std::env::var("PARLEY_REDIS_URL") {
+    redis_from("PARLEY_REDIS_URL")
+}
+
+/// Redis Cluster seed nodes (comma-separated), as `--redis-url` takes them.
+fn redis_cluster_urls() -> Option<String> {
+    redis_from("PARLEY_REDIS_CLUSTER_URLS")
+}
+
+fn redis_from(variable: &str) -> Option<String> {
+    match std::env::var(variable) {
         Ok(url) if !url.is_empty() => Some(url),
         _ if std::env::var("PARLEY_SKIP_ENGINE_TESTS").is_ok_and(|value| value == "1") => {
             eprintln!("SKIPPED: cluster test needs Redis (PARLEY_SKIP_ENGINE_TESTS=1)");
             None
         }
         _ => panic!(
-            "PARLEY_REDIS_URL is not set, so the two-gateway tests cannot run: start Redis with \
-             `e2e/stack/up.sh --only redis /tmp/parley-stack` and `set -a; . /tmp/parley-stack/stack.env; set +a`, \
-             or set PARLEY_SKIP_ENGINE_TESTS=1"
+            "{variable} is not set, so the two-gateway tests cannot run: start Redis with \
+             `e2e/stack/up.sh --only redis,redis-cluster /tmp/parley-stack` and \
+             `set -a; . /tmp/parley-stack/stack.env; set +a`, or set PARLEY_SKIP_ENGINE_TESTS=1"
         ),
     }
 }
@@ -837,13 +846,26 @@ async fn a_channel_crossing_the_fanout_threshold_live_kafka_cassandra() {
     a_channel_crossing_the_fanout_threshold_live(Backend::KafkaCassandra).await;
 }
 
+/// The same on a three-master Redis Cluster: the router's registry lookups, the gateways' presence and
+/// registry writes, and every publication go through the cluster drivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_crossing_the_fanout_threshold_live_redis_cluster() {
+    let Some(urls) = redis_cluster_urls() else { return };
+    crossing_on(&urls, Backend::KafkaCassandra).await;
+}
+
 /// Two gateways, a router whose fan-out threshold is 6, and a channel of 5 that two users join (7: fanned out
 /// on read), one leaves (6: pushed) and joins again (7) while a sender streams. Members on both gateways see
 /// every message once, in order; both gateways read the feed, and the router answered them from memory.
 async fn a_channel_crossing_the_fanout_threshold_live(backend: Backend) {
-    let _serial = SERIAL.lock().await;
     let Some(redis_url) = redis_url() else { return };
-    let Some(cluster) = Cluster::start_with(&redis_url, 2, backend, &["--fanout-threshold", "6"]).await else {
+    crossing_on(&redis_url, backend).await;
+}
+
+async fn crossing_on(redis_url: &str, backend: Backend) {
+    let _serial = SERIAL.lock().await;
+    let redis = if redis_url.contains(',') { "Redis Cluster" } else { "Redis" };
+    let Some(cluster) = Cluster::start_with(redis_url, 2, backend, &["--fanout-threshold", "6"]).await else {
         return;
     };
     const MESSAGES: usize = 150;
@@ -920,7 +942,7 @@ async fn a_channel_crossing_the_fanout_threshold_live(backend: Backend) {
     let from_memory = metric(cluster.router.admin, "parley_router_feed_reads_total").await;
     let from_store = metric(cluster.router.admin, "parley_router_feed_store_reads_total").await;
     report(&format!(
-        "threshold crossing ({backend:?}): {MESSAGES} messages, {fed} of them fanned out on read ({notices} notices); \
+        "threshold crossing ({backend:?}, {redis}): {MESSAGES} messages, {fed} of them fanned out on read ({notices} notices); \
          gateway feed reads (reads, messages) {gateway_reads:?}; router answered {from_memory} from memory, \
          {from_store} from the store; lost {lost}; duplicates {duplicates}"
     ));
