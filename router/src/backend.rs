@@ -73,6 +73,19 @@ pub struct PriorSend {
     pub placement: Placement,
 }
 
+/// A member's read cursor after it moved, as a log records it (`{prefix}receipts` on Kafka, keyed by channel).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadReceipt {
+    /// Channel.
+    pub channel: String,
+    /// Reader.
+    pub user: String,
+    /// The cursor: read up to this sequence.
+    pub seq: u64,
+    /// When (Unix ms, the router's clock).
+    pub ts: u64,
+}
+
 /// The durable, ordered log of messages. A send is confirmed only after [`append`](Self::append) returns.
 #[async_trait]
 pub trait MessageLog: Send + Sync + 'static {
@@ -82,6 +95,12 @@ pub trait MessageLog: Send + Sync + 'static {
     async fn last_seq(&self, channel: &str) -> Result<u64, BackendError>;
     /// Looks up earlier sends by (sender, client message id).
     async fn find_sends(&self, keys: Vec<(String, String)>) -> Result<Vec<Option<PriorSend>>, BackendError>;
+    /// Records a read cursor that moved (the store already holds it). A log that other regions mirror (Kafka)
+    /// appends it to its receipts topic, acknowledged by all in-sync replicas; the embedded log has nothing to add
+    /// to the store's cursor, which is on the same disk.
+    async fn record_read(&self, _receipt: ReadReceipt) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
 
 /// Message storage for history reads.

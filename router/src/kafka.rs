@@ -5,7 +5,10 @@
 //! `{prefix}messages`, `{prefix}receipts` and `{prefix}presence`, created idempotently by [`ensure_topics`].
 //! Messages are keyed by channel, and the driver places each record itself on Kafka's default partition for
 //! its key ([`partition::partition_for`], murmur2 as in the Java client), so a channel lives in one partition
-//! and its order is the partition's order.
+//! and its order is the partition's order. Every read cursor that moves is appended to `{prefix}receipts`
+//! (keyed by channel, same partitioner; an idempotent producer with `acks=all`, no transaction: a cursor only
+//! moves forward, so a record written twice changes nothing) before the router confirms it, so other regions can
+//! mirror it. `{prefix}presence` is created but not written yet (presence lives in Redis).
 //!
 //! # Ownership and fencing
 //! The owner of a partition is the single writer of every channel in it. A [`KafkaLog`] is opened with the

@@ -4,7 +4,7 @@
 //! grows with load (group commit) while every channel keeps one gap-free order.
 
 use crate::backend::{
-    ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageLog, MessageStore,
+    ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageLog, MessageStore, ReadReceipt,
 };
 use crate::error::{BackendError, RouterError};
 use crate::feed::FeedBook;
@@ -455,6 +455,9 @@ impl LocalRouter {
             .set_read(user.as_str(), channel.as_str(), seq.min(last))
             .await
             .map_err(RouterError::Unavailable)?;
+        // Into the log too (the receipts topic other regions mirror); a cursor is only confirmed once it is.
+        let receipt = ReadReceipt { channel: channel.to_string(), user: user.to_string(), seq: cursor, ts: now_ms() };
+        self.log.record_read(receipt).await.map_err(RouterError::Unavailable)?;
         let record = self.membership.channel(channel.as_str()).await.map_err(RouterError::Unavailable)?;
         if record.is_none_or(|record| record.member_count <= self.config.fanout_threshold) {
             let event = ControlEvent::Read { channel: channel.to_string(), user: user.to_string(), seq: cursor };

@@ -654,3 +654,91 @@ async fn a_partly_failed_batch_never_makes_the_router_reuse_or_skip_a_sequence()
     assert!(!channels.contains_key(&lost_channel), "nothing of the fenced partition is visible");
     eprintln!("{} sends of g:kept shared a failed batch with the fenced partition", failed_kept.len());
 }
+
+/// Every record of a topic (key, payload, partition), read to its end.
+async fn read_topic(config: &KafkaConfig, topic: String) -> Vec<(i32, Option<Vec<u8>>, Vec<u8>)> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &config.bootstrap_servers)
+            .set("group.id", format!("{}test-topic-reader", config.prefix))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create()
+            .expect("reader");
+        let metadata = consumer.fetch_metadata(Some(topic.as_str()), Duration::from_secs(5)).expect("metadata");
+        let partitions = metadata.topics()[0].partitions().len() as i32;
+        let mut list = TopicPartitionList::new();
+        for partition in 0..partitions {
+            list.add_partition_offset(&topic, partition, Offset::Beginning).expect("offset");
+        }
+        consumer.assign(&list).expect("assign");
+        let mut at_end = HashSet::new();
+        let mut records = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while at_end.len() < partitions as usize {
+            assert!(Instant::now() < deadline, "reading {topic} did not reach its end");
+            match consumer.poll(Duration::from_millis(200)) {
+                None => {}
+                Some(Err(KafkaError::PartitionEOF(partition))) => {
+                    at_end.insert(partition);
+                }
+                Some(Err(error)) => panic!("read error: {error}"),
+                Some(Ok(message)) => records.push((
+                    message.partition(),
+                    message.key().map(<[u8]>::to_vec),
+                    message.payload().expect("payload").to_vec(),
+                )),
+            }
+        }
+        records
+    })
+    .await
+    .expect("reader task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_cursors_are_recorded_in_the_receipts_topic_keyed_by_channel() {
+    let Some(config) = kafka_config() else { return };
+    let (_dir, store) = store();
+    let log = Arc::new(open(&config, &store).await);
+    let (router, _task) =
+        Router::start(RouterConfig::default(), log, store.clone(), store.clone(), Arc::new(LocalPubSub::new()))
+            .expect("router");
+    let alice = UserId::new("alice").expect("user");
+    let bob = UserId::new("bob").expect("user");
+    router.create_channel(&alice, "reading", &["bob".to_owned()]).await.expect("create");
+    for index in 0..3 {
+        router.send(&alice, "g:reading", &format!("r{index}"), "hello").await.expect("durable");
+    }
+    assert_eq!(router.mark_read(&bob, "g:reading", 2).await.expect("read"), 2);
+    // Past the end is clamped to the last message; the record carries the cursor that was kept.
+    assert_eq!(router.mark_read(&bob, "g:reading", 99).await.expect("read"), 3);
+    let records = read_topic(&config, config.receipts_topic()).await;
+    assert_eq!(records.len(), 2, "one record per cursor move");
+    let partitions = log_partitions(&config).await;
+    let mut cursors = Vec::new();
+    for (partition, key, payload) in records {
+        assert_eq!(key.as_deref(), Some(&b"g:reading"[..]), "keyed by channel");
+        assert_eq!(partition, partition_for("g:reading", partitions), "on the channel's partition");
+        let receipt: serde_json::Value = serde_json::from_slice(&payload).expect("json");
+        assert_eq!((receipt["channel"].as_str(), receipt["user"].as_str()), (Some("g:reading"), Some("bob")));
+        assert!(receipt["ts"].as_u64().is_some_and(|ts| ts > 0));
+        cursors.push(receipt["seq"].as_u64().expect("seq"));
+    }
+    assert_eq!(cursors, vec![2, 3]);
+}
+
+/// The partition count of the receipts topic.
+async fn log_partitions(config: &KafkaConfig) -> i32 {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", &config.bootstrap_servers).create().expect("client");
+        let topic = config.receipts_topic();
+        let metadata = consumer.fetch_metadata(Some(topic.as_str()), Duration::from_secs(5)).expect("metadata");
+        metadata.topics()[0].partitions().len() as i32
+    })
+    .await
+    .expect("metadata task")
+}

@@ -4,7 +4,7 @@
 use super::partition::{group_by_partition, partition_for};
 use super::tail::TailIndex;
 use super::{blocking, ensure_topics, kafka_error, millis, retry_blocking, KafkaConfig};
-use crate::backend::{MessageLog, MessageStore, PriorSend};
+use crate::backend::{MessageLog, MessageStore, PriorSend, ReadReceipt};
 use crate::error::BackendError;
 use async_trait::async_trait;
 use futures_util::future::join_all;
@@ -44,6 +44,9 @@ pub struct KafkaLog {
     /// A consumer of the store writer's group that never joins it: it reads the group's committed offsets.
     offsets: Arc<BaseConsumer>,
     last_prune: Mutex<Option<Instant>>,
+    /// The idempotent producer of `{prefix}receipts` (no transactions: a cursor only moves forward, so a
+    /// record written twice changes nothing).
+    receipts: FutureProducer,
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -113,6 +116,17 @@ impl KafkaLog {
         }
         let offsets: BaseConsumer =
             config.consumer(&config.store_writer_group()).create().map_err(kafka_error("offsets client"))?;
+        let receipts: FutureProducer = config
+            .client()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", millis(config.linger))
+            .set("message.timeout.ms", millis(config.append_timeout))
+            .set("request.timeout.ms", millis(config.request_timeout))
+            // Keyed records land where the Java client would put them, like the messages.
+            .set("partitioner", "murmur2_random")
+            .create()
+            .map_err(kafka_error("receipts producer"))?;
         let owners = owned
             .iter()
             .map(|&partition| (partition, tokio::sync::Mutex::new(Owner { partition, producer: None, fenced: false })))
@@ -126,6 +140,7 @@ impl KafkaLog {
             store,
             offsets: Arc::new(offsets),
             last_prune: Mutex::new(None),
+            receipts,
         };
         let acquired = join_all(log.owners.values().map(|owner| async {
             let mut owner = owner.lock().await;
@@ -533,6 +548,16 @@ impl MessageLog for KafkaLog {
         .await;
         results.into_iter().collect::<Result<Vec<()>, BackendError>>()?;
         Ok(())
+    }
+
+    async fn record_read(&self, receipt: ReadReceipt) -> Result<(), BackendError> {
+        let payload = serde_json::to_vec(&receipt).map_err(BackendError::Encode)?;
+        let topic = self.config.receipts_topic();
+        let record = FutureRecord::to(&topic).key(receipt.channel.as_bytes()).payload(&payload);
+        match self.receipts.send(record, self.config.append_timeout).await {
+            Ok(_) => Ok(()),
+            Err((error, _)) => Err(kafka_error("receipt")(error)),
+        }
     }
 
     async fn last_seq(&self, channel: &str) -> Result<u64, BackendError> {
