@@ -390,8 +390,7 @@ impl Hub {
             let mut state = self.lock();
             if let Some(seq) = seq {
                 if state.channels.contains_key(channel) {
-                    let head = state.heads.entry(channel.to_owned()).or_default();
-                    *head = (*head).max(seq);
+                    state.note_head(channel, seq);
                 }
             }
             Self::deliver_in(&state, channel, frame, seq, &mut slow)
@@ -433,8 +432,7 @@ impl Hub {
             if let Some(feed) = state.feeds.get_mut(channel) {
                 if feed.reading {
                     feed.pending.insert(seq, frame);
-                    let head = state.heads.entry(channel.to_owned()).or_default();
-                    *head = (*head).max(seq);
+                    state.note_head(channel, seq);
                     return;
                 }
                 // Pushed again: the channel is small now, and the cache would go stale.
@@ -453,8 +451,7 @@ impl Hub {
             }
             // Where local members are: what this instance last handed them, else just before this notice.
             let seen = state.heads.get(channel).copied();
-            let head = state.heads.entry(channel.to_owned()).or_default();
-            *head = (*head).max(last);
+            state.note_head(channel, last);
             let feed = state
                 .feeds
                 .entry(channel.to_owned())
@@ -735,6 +732,12 @@ impl Hub {
 }
 
 impl HubState {
+    /// Records that a channel's messages up to `seq` exist (seen published or announced).
+    fn note_head(&mut self, channel: &str, seq: u64) {
+        let head = self.heads.entry(channel.to_owned()).or_default();
+        *head = (*head).max(seq);
+    }
+
     /// Whether the index wants `topic` subscribed.
     fn wants(&self, topic: &str) -> bool {
         if let Some(channel) = topic.strip_prefix("ch:") {

@@ -789,7 +789,7 @@ impl Writer {
     async fn fan_out(&self, fresh: Vec<MessageView>) {
         let threshold = self.config.fanout_threshold as usize;
         let mut publications: Vec<(String, Bytes)> = Vec::with_capacity(fresh.len());
-        let mut large: Vec<(String, Vec<MessageView>)> = Vec::new();
+        let mut large: HashMap<String, Vec<MessageView>> = HashMap::new();
         let mut small: HashSet<String> = HashSet::new();
         for message in fresh {
             let members = self.channels.get(&message.channel).map(|cached| &cached.members);
@@ -802,10 +802,7 @@ impl Writer {
                 }
             }
             if is_large {
-                match large.iter_mut().find(|(channel, _)| *channel == message.channel) {
-                    Some((_, messages)) => messages.push(message),
-                    None => large.push((message.channel.clone(), vec![message])),
-                }
+                large.entry(message.channel.clone()).or_default().push(message);
                 continue;
             }
             if !small.contains(&message.channel) {

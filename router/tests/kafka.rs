@@ -89,47 +89,15 @@ async fn open(config: &KafkaConfig, store: &Arc<EmbeddedStore>) -> KafkaLog {
 /// Every record a `read_committed` consumer sees in the messages topic, with its partition, in offset order
 /// per partition.
 async fn read_committed(config: &KafkaConfig) -> Vec<(i32, MessageView)> {
-    let config = config.clone();
-    tokio::task::spawn_blocking(move || {
-        let topic = config.messages_topic();
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &config.bootstrap_servers)
-            .set("group.id", format!("{}test-reader", config.prefix))
-            .set("isolation.level", "read_committed")
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .create()
-            .expect("reader");
-        let metadata = consumer.fetch_metadata(Some(topic.as_str()), Duration::from_secs(5)).expect("metadata");
-        let partitions = metadata.topics()[0].partitions().len() as i32;
-        let mut list = TopicPartitionList::new();
-        for partition in 0..partitions {
-            list.add_partition_offset(&topic, partition, Offset::Beginning).expect("offset");
-        }
-        consumer.assign(&list).expect("assign");
-        let mut at_end = HashSet::new();
-        let mut records = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while at_end.len() < partitions as usize {
-            assert!(Instant::now() < deadline, "reading {topic} did not reach its end");
-            match consumer.poll(Duration::from_millis(200)) {
-                None => {}
-                Some(Err(KafkaError::PartitionEOF(partition))) => {
-                    at_end.insert(partition);
-                }
-                Some(Err(error)) => panic!("read error: {error}"),
-                Some(Ok(message)) => {
-                    let value: MessageView =
-                        serde_json::from_slice(message.payload().expect("payload")).expect("decodable record");
-                    assert_eq!(message.key(), Some(value.channel.as_bytes()), "records are keyed by channel");
-                    records.push((message.partition(), value));
-                }
-            }
-        }
-        records
-    })
-    .await
-    .expect("reader task")
+    read_topic(config, config.messages_topic())
+        .await
+        .into_iter()
+        .map(|(partition, key, payload)| {
+            let value: MessageView = serde_json::from_slice(&payload).expect("decodable record");
+            assert_eq!(key.as_deref(), Some(value.channel.as_bytes()), "records are keyed by channel");
+            (partition, value)
+        })
+        .collect()
 }
 
 fn by_channel(records: &[(i32, MessageView)]) -> BTreeMap<String, Vec<MessageView>> {
@@ -655,13 +623,15 @@ async fn a_partly_failed_batch_never_makes_the_router_reuse_or_skip_a_sequence()
     eprintln!("{} sends of g:kept shared a failed batch with the fenced partition", failed_kept.len());
 }
 
-/// Every record of a topic (key, payload, partition), read to its end.
+/// Every committed record of a topic (partition, key, payload) as a `read_committed` consumer sees it, read to its
+/// end, in offset order per partition.
 async fn read_topic(config: &KafkaConfig, topic: String) -> Vec<(i32, Option<Vec<u8>>, Vec<u8>)> {
     let config = config.clone();
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &config.bootstrap_servers)
-            .set("group.id", format!("{}test-topic-reader", config.prefix))
+            .set("group.id", format!("{}test-reader", config.prefix))
+            .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .create()
