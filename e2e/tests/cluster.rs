@@ -260,10 +260,26 @@ impl Cluster {
 
     /// SIGKILLs the router, then starts it again with the same port and data.
     async fn kill_and_restart_router(&mut self, down_for: Duration) {
+        self.kill_router().await;
+        tokio::time::sleep(down_for).await;
+        self.restart_router().await;
+    }
+
+    /// SIGKILLs the router.
+    async fn kill_router(&mut self) {
         self.router.child.start_kill().expect("kill -9 the router");
         let _ = self.router.child.wait().await;
-        tokio::time::sleep(down_for).await;
+    }
+
+    /// Starts the router again with the same port and data.
+    async fn restart_router(&mut self) {
         self.router = spawn(binary("parley-router"), &self.router_args).await;
+    }
+
+    /// The router's Kafka topic prefix (`None` on the embedded backend).
+    fn kafka_prefix(&self) -> Option<String> {
+        let at = self.router_args.iter().position(|arg| arg == "--kafka-topic-prefix")?;
+        self.router_args.get(at + 1).cloned()
     }
 
     fn url(&self, gateway: usize) -> String {
@@ -956,4 +972,112 @@ async fn crossing_on(redis_url: &str, backend: Backend) {
     for client in receivers.iter().chain([&j0, &j1, &owner]) {
         client.close().await;
     }
+}
+
+/// One record of `{prefix}presence`: (key, user, status, instance).
+type PresenceRecord = (String, String, String, String);
+
+/// Every record of a topic so far, in partition order (`read_committed`, from the beginning).
+fn read_presence_topic(bootstrap: &str, topic: &str) -> Vec<PresenceRecord> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::error::KafkaError;
+    use rdkafka::message::Message;
+    use rdkafka::{ClientConfig as KafkaClientConfig, Offset, TopicPartitionList};
+    let consumer: BaseConsumer = KafkaClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("{topic}-test-reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("Kafka reader");
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).expect("topic metadata");
+    let partitions = metadata.topics()[0].partitions().len() as i32;
+    let mut list = TopicPartitionList::new();
+    for partition in 0..partitions {
+        list.add_partition_offset(topic, partition, Offset::Beginning).expect("offset");
+    }
+    consumer.assign(&list).expect("assign");
+    let mut at_end = std::collections::HashSet::new();
+    let mut records = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while at_end.len() < partitions as usize {
+        assert!(Instant::now() < deadline, "reading {topic} did not reach its end");
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                at_end.insert(partition);
+            }
+            Some(Err(error)) => panic!("read error: {error}"),
+            Some(Ok(message)) => {
+                let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
+                let record: serde_json::Value =
+                    serde_json::from_slice(message.payload().unwrap_or_default()).expect("a JSON presence record");
+                let field = |name: &str| record[name].as_str().unwrap_or_default().to_owned();
+                records.push((key, field("user"), field("status"), field("instance")));
+            }
+        }
+    }
+    records
+}
+
+/// Polls the presence topic until `user`'s statuses are exactly `expected` (in order), at most 30 s.
+async fn presence_of(bootstrap: &str, topic: &str, user: &str, expected: &[&str]) -> Vec<PresenceRecord> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (bootstrap_owned, topic_owned) = (bootstrap.to_owned(), topic.to_owned());
+        let records = tokio::task::spawn_blocking(move || read_presence_topic(&bootstrap_owned, &topic_owned))
+            .await
+            .expect("reader task");
+        let mine: Vec<PresenceRecord> = records.into_iter().filter(|record| record.1 == user).collect();
+        let statuses: Vec<&str> = mine.iter().map(|record| record.2.as_str()).collect();
+        if statuses == expected {
+            return mine;
+        }
+        assert!(Instant::now() < deadline, "{user}'s presence records: {statuses:?}, expected {expected:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Presence changes seen by the gateway processes reach `{prefix}presence` on Kafka through the router, keyed by
+/// user and in order; a change made while the router is down (kill -9) is recorded once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_changes_reach_the_kafka_presence_topic_even_across_a_router_restart() {
+    let _serial = SERIAL.lock().await;
+    let Some(redis_url) = redis_url() else { return };
+    let Some(mut cluster) = Cluster::start(&redis_url, 2, Backend::KafkaCassandra).await else { return };
+    let bootstrap = std::env::var("PARLEY_KAFKA_BOOTSTRAP").expect("set for the Kafka + Cassandra backend");
+    let topic = format!("{}presence", cluster.kafka_prefix().expect("a Kafka prefix"));
+
+    let (alice, _alice_events) = Client::connect(cluster.config(0, "alice", false)).await.expect("alice connects");
+    let (bob, _bob_events) = Client::connect(cluster.config(1, "bob", false)).await.expect("bob connects");
+    alice.close().await;
+    let alice_records = presence_of(&bootstrap, &topic, "alice", &["online", "offline"]).await;
+    let bob_records = presence_of(&bootstrap, &topic, "bob", &["online"]).await;
+    for (key, user, _, instance) in alice_records.iter().chain(&bob_records) {
+        assert_eq!(key, user, "keyed by user");
+        assert!(instance.starts_with("gw-"), "the gateway instance that saw it: {instance}");
+    }
+    assert_ne!(alice_records[0].3, bob_records[0].3, "alice and bob were seen by different gateways");
+
+    // Carol comes online, then the router goes away and she leaves meanwhile (presence itself is in Redis). Her
+    // change waits in the gateway's journal and is recorded once the router is back, after her earlier one.
+    let (carol, _carol_events) = Client::connect(cluster.config(0, "carol", false)).await.expect("carol connects");
+    presence_of(&bootstrap, &topic, "carol", &["online"]).await;
+    cluster.kill_router().await;
+    carol.close().await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let failures = metric(cluster.gateways[0].admin, "parley_gateway_presence_journal_failures_total").await;
+    cluster.restart_router().await;
+    presence_of(&bootstrap, &topic, "carol", &["online", "offline"]).await;
+    let recorded = metric(cluster.gateways[0].admin, "parley_gateway_presence_journal_records_total").await;
+    let dropped = metric(cluster.gateways[0].admin, "parley_gateway_presence_journal_dropped_total").await;
+    report(&format!(
+        "presence journal: alice online→offline and bob online recorded by two gateways; carol's offline change \
+         made while the router was down recorded after {failures} failed attempts; gateway 0 recorded \
+         {recorded}, dropped {dropped}"
+    ));
+    assert!(failures > 0, "the journal met the dead router and kept the change");
+    assert_eq!(dropped, 0);
+    assert_eq!(recorded, 4, "alice online and offline, carol online and offline (each once)");
+    bob.close().await;
 }

@@ -9,6 +9,7 @@
 //! - [`http`]: the axum application (`app(state)`): WebSocket upgrade, HTTP API, the demo page, health.
 //! - [`metrics`]: Prometheus metrics served on the admin port.
 //! - [`presence`]: this instance's presence service over the fenced presence book.
+//! - [`journal`]: the presence journal, which hands presence changes to the router for the log (distributed).
 //! - [`push`]: device registration and push notifications to offline members.
 //! - [`drain`]: draining an instance: reconnect requests spread over a window, then stop.
 //! - [`standalone`]: wiring of gateway + router + embedded storage into one process.
@@ -21,6 +22,7 @@ pub mod error;
 pub mod fallback;
 pub mod http;
 pub mod hub;
+pub mod journal;
 pub mod metrics;
 pub mod presence;
 pub mod push;

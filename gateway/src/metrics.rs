@@ -71,6 +71,12 @@ pub struct Metrics {
     pub feed_failures: Counter,
     /// History reads answered from this instance's cache of large channels' feeds.
     pub feed_cache_hits: Counter,
+    /// Presence changes recorded in the log through the router (the presence journal).
+    pub presence_journal_records: Counter,
+    /// Presence journal batches the router could not take (sent again after a backoff).
+    pub presence_journal_failures: Counter,
+    /// Presence changes dropped by the journal (queue full while the router was away, or refused).
+    pub presence_journal_dropped: Counter,
 }
 
 impl Metrics {
@@ -93,6 +99,24 @@ impl Metrics {
         let feed_messages = Counter::default();
         let feed_failures = Counter::default();
         let feed_cache_hits = Counter::default();
+        let presence_journal_records = Counter::default();
+        let presence_journal_failures = Counter::default();
+        let presence_journal_dropped = Counter::default();
+        registry.register(
+            "gateway_presence_journal_records",
+            "Presence changes recorded in the log through the router",
+            presence_journal_records.clone(),
+        );
+        registry.register(
+            "gateway_presence_journal_failures",
+            "Presence journal batches the router could not take (sent again)",
+            presence_journal_failures.clone(),
+        );
+        registry.register(
+            "gateway_presence_journal_dropped",
+            "Presence changes the journal dropped (queue full, or refused)",
+            presence_journal_dropped.clone(),
+        );
         registry.register("gateway_feed_reads", "Reads of large channels' feeds (fan-out on read)", feed_reads.clone());
         registry.register("gateway_feed_messages", "Messages read from large channels' feeds", feed_messages.clone());
         registry.register("gateway_feed_failures", "Feed reads that failed and were retried", feed_failures.clone());
@@ -131,6 +155,9 @@ impl Metrics {
             feed_messages,
             feed_failures,
             feed_cache_hits,
+            presence_journal_records,
+            presence_journal_failures,
+            presence_journal_dropped,
         })
     }
 

@@ -8,10 +8,12 @@
 //! presence recovers within one renewal period.
 
 use crate::hub::Hub;
+use crate::journal::Journal;
 use axum::extract::ws::Utf8Bytes;
 use parley_core::presence::{PresenceView, Status};
 use parley_core::protocol::ServerFrame;
-use parley_router::presence::{EmbeddedPresenceStore, PresenceError, PresenceStore};
+use parley_router::backend::PresenceUpdate;
+use parley_router::presence::{unix_ms, EmbeddedPresenceStore, PresenceError, PresenceStore};
 use rand::RngCore;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +41,8 @@ pub struct Presence {
     local: Mutex<HashMap<String, Local>>,
     /// Writes share it; a re-registration takes it alone, so no write interleaves with the replay.
     registration: tokio::sync::RwLock<()>,
+    /// Where changes go for the log (distributed layout), besides the watchers.
+    journal: Option<Arc<Journal>>,
 }
 
 impl std::fmt::Debug for Presence {
@@ -64,17 +68,28 @@ impl Presence {
         let instance = instance_id();
         let store = EmbeddedPresenceStore::new();
         let epoch = store.register_now(&instance, LEASE).epoch;
-        Self::launch(hub, Arc::new(store), instance, epoch)
+        Self::launch(hub, Arc::new(store), instance, epoch, None)
     }
 
-    /// Like [`Presence::start`], over a shared store (e.g. Redis); fails if the store cannot register it.
-    pub async fn start_with(hub: &Arc<Hub>, store: Arc<dyn PresenceStore>) -> Result<Arc<Self>, PresenceError> {
+    /// Like [`Presence::start`], over a shared store (e.g. Redis), with every change also queued in `journal`
+    /// (for the log); fails if the store cannot register it.
+    pub async fn start_with(
+        hub: &Arc<Hub>,
+        store: Arc<dyn PresenceStore>,
+        journal: Option<Arc<Journal>>,
+    ) -> Result<Arc<Self>, PresenceError> {
         let instance = instance_id();
         let registration = store.register_instance(&instance, LEASE).await?;
-        Ok(Self::launch(hub, store, instance, registration.epoch))
+        Ok(Self::launch(hub, store, instance, registration.epoch, journal))
     }
 
-    fn launch(hub: &Arc<Hub>, store: Arc<dyn PresenceStore>, instance: String, epoch: u64) -> Arc<Self> {
+    fn launch(
+        hub: &Arc<Hub>,
+        store: Arc<dyn PresenceStore>,
+        instance: String,
+        epoch: u64,
+        journal: Option<Arc<Journal>>,
+    ) -> Arc<Self> {
         let presence = Arc::new(Self {
             store,
             instance,
@@ -82,6 +97,7 @@ impl Presence {
             hub: Arc::downgrade(hub),
             local: Mutex::new(HashMap::new()),
             registration: tokio::sync::RwLock::new(()),
+            journal,
         });
         hub.attach_presence(presence.clone());
         let weak = Arc::downgrade(&presence);
@@ -157,6 +173,15 @@ impl Presence {
     fn publish(&self, changes: impl IntoIterator<Item = PresenceView>) {
         let Some(hub) = self.hub.upgrade() else { return };
         for view in changes {
+            if let Some(journal) = &self.journal {
+                journal.push(PresenceUpdate {
+                    user: view.user.clone(),
+                    status: view.status,
+                    last_seen: view.last_seen,
+                    instance: self.instance.clone(),
+                    at: unix_ms(),
+                });
+            }
             let user = view.user.clone();
             let frame = ServerFrame::Presence { user: view.user, status: view.status, last_seen: view.last_seen };
             hub.deliver_to_watchers(&user, &Utf8Bytes::from(frame.to_json()));
@@ -259,7 +284,7 @@ mod tests {
     async fn a_fenced_instance_registers_again_and_records_its_connections() {
         let hub = hub();
         let store = Arc::new(EmbeddedPresenceStore::new());
-        let presence = Presence::start_with(&hub, store.clone()).await.expect("registered");
+        let presence = Presence::start_with(&hub, store.clone(), None).await.expect("registered");
         presence.connected("alice").await;
         presence.connected("alice").await;
         presence.connected("bob").await;

@@ -181,9 +181,11 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
     let metrics = Metrics::new();
     let (sink, publications) = mpsc::channel(65_536);
     let hub = Hub::new(pubsub.open(sink), metrics.clone(), args.gateway.fanout_threshold);
+    // Distributed: presence changes also go to the router's log (the presence topic other regions mirror).
+    let journal = router.is_remote().then(|| crate::journal::Journal::start(Arc::new(router.clone()), metrics.clone()));
     let presence = match presence_store {
         None => crate::presence::Presence::start(&hub),
-        Some(store) => crate::presence::Presence::start_with(&hub, store)
+        Some(store) => crate::presence::Presence::start_with(&hub, store, journal.clone())
             .await
             .map_err(|error| GatewayError::Config(format!("cannot register this gateway in Redis: {error}")))?,
     };
@@ -261,6 +263,10 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
         let (client, admin) = tokio::join!(client, admin);
         // WebSocket connections run outside the HTTP server's tracking: wait for each to finish its close.
         let _ = tokio::time::timeout(Duration::from_secs(30), permits.acquire_many(max_connections)).await;
+        // The drain's disconnections are presence changes too: record them before the router handle goes.
+        if let Some(journal) = &journal {
+            journal.flush(Duration::from_secs(10)).await;
+        }
         // Stop in dependency order and wait for each part, so the database is closed when this returns: the
         // dispatcher holds the last router handle; once it is gone the writer drains its queue and ends.
         dispatcher.abort();

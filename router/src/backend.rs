@@ -86,6 +86,24 @@ pub struct ReadReceipt {
     pub ts: u64,
 }
 
+/// A user's presence after it changed, as a gateway saw it; a log records it (`{prefix}presence` on Kafka, keyed by
+/// user) for other regions to mirror. Presence itself lives in the presence store (Redis): these records are its
+/// change feed, in the order each gateway saw the changes. A consumer keeps, per user, the record with the newest
+/// `at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceUpdate {
+    /// User.
+    pub user: String,
+    /// The user's status after the change (over all their connections, in every gateway).
+    pub status: parley_core::presence::Status,
+    /// Last time the user was seen connected (Unix ms, the presence store's clock; 0 if never).
+    pub last_seen: u64,
+    /// The gateway instance that saw the change.
+    pub instance: String,
+    /// When it saw it (Unix ms, the gateway's clock).
+    pub at: u64,
+}
+
 /// The durable, ordered log of messages. A send is confirmed only after [`append`](Self::append) returns.
 #[async_trait]
 pub trait MessageLog: Send + Sync + 'static {
@@ -99,6 +117,12 @@ pub trait MessageLog: Send + Sync + 'static {
     /// appends it to its receipts topic, acknowledged by all in-sync replicas; the embedded log has nothing to add
     /// to the store's cursor, which is on the same disk.
     async fn record_read(&self, _receipt: ReadReceipt) -> Result<(), BackendError> {
+        Ok(())
+    }
+    /// Records presence changes, in the order given. A log that other regions mirror (Kafka) appends them to its
+    /// presence topic, acknowledged by all in-sync replicas, keyed by user so each user's changes keep their
+    /// order; the embedded log records nothing (one process holds the whole presence book).
+    async fn record_presence(&self, _updates: Vec<PresenceUpdate>) -> Result<(), BackendError> {
         Ok(())
     }
 }

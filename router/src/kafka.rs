@@ -8,7 +8,9 @@
 //! and its order is the partition's order. Every read cursor that moves is appended to `{prefix}receipts`
 //! (keyed by channel, same partitioner; an idempotent producer with `acks=all`, no transaction: a cursor only
 //! moves forward, so a record written twice changes nothing) before the router confirms it, so other regions can
-//! mirror it. `{prefix}presence` is created but not written yet (presence lives in Redis).
+//! mirror it. Presence changes the gateways see are appended to `{prefix}presence` (keyed by user, same producer)
+//! through the router ([`MessageLog::record_presence`]); presence itself lives in Redis, and the topic is its
+//! change feed for other regions.
 //!
 //! # Ownership and fencing
 //! The owner of a partition is the single writer of every channel in it. A [`KafkaLog`] is opened with the

@@ -326,6 +326,11 @@ async fn metrics(axum::extract::State(router): axum::extract::State<Router>) -> 
             "Gateway feed reads answered from the store (behind the feed)",
             stats.feed_store_reads.load(Ordering::Relaxed),
         ),
+        (
+            "presence_records",
+            "Presence changes recorded in the log for gateways",
+            stats.presence_records.load(Ordering::Relaxed),
+        ),
     ];
     for (name, help, value) in counters {
         registry.register(name, help, ConstCounter::new(value));

@@ -4,7 +4,8 @@
 //! grows with load (group commit) while every channel keeps one gap-free order.
 
 use crate::backend::{
-    ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageLog, MessageStore, ReadReceipt,
+    ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageLog, MessageStore,
+    PresenceUpdate, ReadReceipt,
 };
 use crate::error::{BackendError, RouterError};
 use crate::feed::FeedBook;
@@ -29,6 +30,9 @@ pub const DELIVERY_RECEIPT_MEMBERS: u32 = 32;
 
 /// How many channel views one channel list reads at once.
 const LIST_CONCURRENCY: usize = 16;
+
+/// Most presence changes one [`LocalRouter::record_presence`] call takes.
+pub const MAX_PRESENCE_BATCH: usize = 1_000;
 
 /// Router settings.
 #[derive(Debug, Clone)]
@@ -96,6 +100,8 @@ pub struct RouterStats {
     pub feed_reads: std::sync::atomic::AtomicU64,
     /// Feed reads the memory could not answer, sent to the store.
     pub feed_store_reads: std::sync::atomic::AtomicU64,
+    /// Presence changes recorded in the log for gateways.
+    pub presence_records: std::sync::atomic::AtomicU64,
 }
 
 /// A message that became durable, with the other members of its channel (for offline notification). Only
@@ -360,6 +366,29 @@ impl LocalRouter {
         }
         self.stats.feed_store_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.read_page(&channel, HistoryQuery { before: None, after: Some(after), limit }).await
+    }
+
+    /// Records presence changes a gateway saw, in the order given (see [`MessageLog::record_presence`]): on
+    /// Kafka, `{prefix}presence` keyed by user. At most [`MAX_PRESENCE_BATCH`] per call; every user must be a
+    /// valid user id and every instance non-empty, or nothing is recorded. Only gateways call it.
+    #[instrument(skip(self, updates), fields(updates = updates.len()))]
+    pub async fn record_presence(&self, updates: Vec<PresenceUpdate>) -> Result<(), RouterError> {
+        if updates.len() > MAX_PRESENCE_BATCH {
+            return Err(RouterError::InvalidArgument(format!(
+                "{} presence changes in one call (at most {MAX_PRESENCE_BATCH})",
+                updates.len()
+            )));
+        }
+        for update in &updates {
+            UserId::new(update.user.as_str())?;
+            if update.instance.is_empty() || update.instance.len() > 128 {
+                return Err(RouterError::InvalidArgument("a presence change needs its instance (1-128 bytes)".into()));
+            }
+        }
+        let count = updates.len() as u64;
+        self.log.record_presence(updates).await.map_err(RouterError::Unavailable)?;
+        self.stats.presence_records.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     async fn read_page(&self, channel: &ChannelId, query: HistoryQuery) -> Result<HistoryPage, RouterError> {

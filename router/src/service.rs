@@ -11,7 +11,7 @@
 //! `Authorization: Bearer <token>`. A transport failure (router down, timeout) is `unavailable`: nothing is
 //! confirmed, and the client retries with the same `client_msg_id`, which the writer de-duplicates.
 
-use crate::backend::{HistoryPage, HistoryQuery};
+use crate::backend::{HistoryPage, HistoryQuery, PresenceUpdate};
 use crate::error::{BackendError, RouterError};
 use crate::router::{LocalRouter, RouterConfig, RouterStats, SendOutcome};
 use axum::extract::State;
@@ -147,6 +147,11 @@ pub enum Call {
         after: u64,
         /// Page size.
         limit: u32,
+    },
+    /// [`Router::record_presence`] (a gateway's presence changes, for the log).
+    Presence {
+        /// The changes, in the order the gateway saw them.
+        updates: Vec<PresenceUpdate>,
     },
 }
 
@@ -383,6 +388,11 @@ impl Router {
         dispatch!(self.feed(channel, after, limit))
     }
 
+    /// Records a gateway's presence changes in the log; see [`LocalRouter::record_presence`].
+    pub async fn record_presence(&self, updates: Vec<PresenceUpdate>) -> Result<(), RouterError> {
+        dispatch!(self.record_presence(updates))
+    }
+
     /// Runs one wire call.
     #[instrument(skip(self, call), fields(op = call.op()))]
     pub async fn execute(&self, call: Call) -> Reply<serde_json::Value> {
@@ -435,6 +445,7 @@ impl Router {
                 let page = self.feed(&channel, after, limit).await?;
                 json(HistoryReply { messages: page.messages, has_more: page.has_more })
             }
+            Call::Presence { updates } => json(self.record_presence(updates).await?),
         }
     }
 }
@@ -456,6 +467,7 @@ impl Call {
             Call::Members { .. } => "members",
             Call::FirstRetainedSeq { .. } => "first_retained_seq",
             Call::Feed { .. } => "feed",
+            Call::Presence { .. } => "presence",
         }
     }
 }
@@ -710,5 +722,9 @@ impl RemoteRouter {
     async fn feed(&self, channel: &str, after: u64, limit: u32) -> Result<HistoryPage, RouterError> {
         let reply: HistoryReply = self.call(&Call::Feed { channel: channel.to_owned(), after, limit }).await?;
         Ok(HistoryPage { messages: reply.messages, has_more: reply.has_more })
+    }
+
+    async fn record_presence(&self, updates: Vec<PresenceUpdate>) -> Result<(), RouterError> {
+        self.call(&Call::Presence { updates }).await
     }
 }

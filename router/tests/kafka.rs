@@ -6,9 +6,10 @@
 //! broker with `e2e/stack/up.sh` in a state dir of its own, stops it with `down.sh` and starts it again on the
 //! same port.
 
+use parley_core::presence::Status;
 use parley_core::protocol::MessageView;
 use parley_core::UserId;
-use parley_router::backend::{HistoryQuery, MessageLog, MessageStore, PriorSend};
+use parley_router::backend::{HistoryQuery, MessageLog, MessageStore, PresenceUpdate, PriorSend};
 use parley_router::embedded::{EmbeddedStore, Retention};
 use parley_router::kafka::partition::partition_for;
 use parley_router::kafka::{KafkaConfig, KafkaLog, StoreWriter};
@@ -699,7 +700,51 @@ async fn read_cursors_are_recorded_in_the_receipts_topic_keyed_by_channel() {
     assert_eq!(cursors, vec![2, 3]);
 }
 
-/// The partition count of the receipts topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_changes_are_recorded_in_the_presence_topic_keyed_by_user_in_order() {
+    let Some(config) = kafka_config() else { return };
+    let (_dir, store) = store();
+    let log = Arc::new(open(&config, &store).await);
+    let (router, _task) =
+        Router::start(RouterConfig::default(), log, store.clone(), store.clone(), Arc::new(LocalPubSub::new()))
+            .expect("router");
+    // Two gateways' changes: alice flaps on gw-1 (many changes in one batch keep their order), bob on gw-2.
+    let change = |user: &str, status: Status, instance: &str, at: u64| PresenceUpdate {
+        user: user.to_owned(),
+        status,
+        last_seen: at,
+        instance: instance.to_owned(),
+        at,
+    };
+    let mut first = Vec::new();
+    for at in 1..=40u64 {
+        let status = if at % 2 == 1 { Status::Online } else { Status::Offline };
+        first.push(change("alice", status, "gw-1", at));
+        if at % 10 == 0 {
+            first.push(change("bob", Status::Away, "gw-2", at));
+        }
+    }
+    router.record_presence(first.clone()).await.expect("recorded");
+    router.record_presence(vec![change("alice", Status::Online, "gw-1", 41)]).await.expect("recorded");
+    let records = read_topic(&config, config.presence_topic()).await;
+    assert_eq!(records.len(), first.len() + 1, "one record per change");
+    let partitions = log_partitions(&config).await;
+    let mut by_user: BTreeMap<String, Vec<PresenceUpdate>> = BTreeMap::new();
+    for (partition, key, payload) in records {
+        let update: PresenceUpdate = serde_json::from_slice(&payload).expect("a presence record");
+        assert_eq!(key.as_deref(), Some(update.user.as_bytes()), "keyed by user");
+        assert_eq!(partition, partition_for(&update.user, partitions), "on the user's partition");
+        by_user.entry(update.user.clone()).or_default().push(update);
+    }
+    let alice: Vec<u64> = by_user["alice"].iter().map(|update| update.at).collect();
+    assert_eq!(alice, (1..=41).collect::<Vec<_>>(), "alice's changes in the order given");
+    assert_eq!(by_user["alice"].last().map(|update| update.status), Some(Status::Online));
+    assert_eq!(by_user["bob"].len(), 4);
+    assert!(by_user["bob"].iter().all(|update| update.instance == "gw-2" && update.status == Status::Away));
+    assert_eq!(router.stats().presence_records.load(Ordering::Relaxed), 45, "every change counted");
+}
+
+/// The partition count of the receipts topic (every topic of a prefix has the same).
 async fn log_partitions(config: &KafkaConfig) -> i32 {
     let config = config.clone();
     tokio::task::spawn_blocking(move || {

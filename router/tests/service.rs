@@ -1,11 +1,13 @@
 //! The router's internal API over a real socket: a `RemoteRouter` gets the same answers and the same error codes
 //! as the in-process writer, and a wrong token or a dead router is `unavailable`, never a false confirmation.
 
+use parley_core::presence::Status;
 use parley_core::protocol::ErrorCode;
 use parley_core::UserId;
-use parley_router::backend::HistoryQuery;
+use parley_router::backend::{HistoryQuery, PresenceUpdate};
 use parley_router::embedded::{EmbeddedStore, Retention};
 use parley_router::pubsub::LocalPubSub;
+use parley_router::router::MAX_PRESENCE_BATCH;
 use parley_router::{RemoteRouter, Router, RouterConfig, RouterError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,6 +70,26 @@ async fn a_remote_router_answers_like_the_local_one() {
     assert_eq!(exists.code(), ErrorCode::ChannelExists, "{exists}");
     let bad = remote.join(&alice, "nonsense").await.expect_err("bad id");
     assert_eq!(bad.code(), ErrorCode::InvalidArgument, "{bad}");
+
+    // A gateway's presence changes: taken in one call (the embedded log has nothing to add to them); a batch
+    // with a bad user, no instance, or too many changes is refused whole.
+    let change = |user: &str, instance: &str| PresenceUpdate {
+        user: user.to_owned(),
+        status: Status::Online,
+        last_seen: 1,
+        instance: instance.to_owned(),
+        at: 2,
+    };
+    remote.record_presence(vec![change("alice", "gw-1"), change("bob", "gw-1")]).await.expect("presence");
+    remote.record_presence(Vec::new()).await.expect("an empty batch");
+    for refused in [
+        vec![change("alice", "gw-1"), change("no such user!", "gw-1")],
+        vec![change("alice", "")],
+        vec![change("alice", "gw-1"); MAX_PRESENCE_BATCH + 1],
+    ] {
+        let error = remote.record_presence(refused).await.expect_err("refused");
+        assert_eq!(error.code(), ErrorCode::InvalidArgument, "{error}");
+    }
 }
 
 #[tokio::test]

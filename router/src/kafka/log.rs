@@ -4,7 +4,7 @@
 use super::partition::{group_by_partition, partition_for};
 use super::tail::TailIndex;
 use super::{blocking, ensure_topics, kafka_error, millis, retry_blocking, KafkaConfig};
-use crate::backend::{MessageLog, MessageStore, PriorSend, ReadReceipt};
+use crate::backend::{MessageLog, MessageStore, PresenceUpdate, PriorSend, ReadReceipt};
 use crate::error::BackendError;
 use async_trait::async_trait;
 use futures_util::future::join_all;
@@ -44,9 +44,9 @@ pub struct KafkaLog {
     /// A consumer of the store writer's group that never joins it: it reads the group's committed offsets.
     offsets: Arc<BaseConsumer>,
     last_prune: Mutex<Option<Instant>>,
-    /// The idempotent producer of `{prefix}receipts` (no transactions: a cursor only moves forward, so a
-    /// record written twice changes nothing).
-    receipts: FutureProducer,
+    /// The idempotent producer of `{prefix}receipts` and `{prefix}presence` (no transactions: a cursor only moves
+    /// forward and a presence record is a snapshot, so a record written twice changes nothing).
+    records: FutureProducer,
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -116,7 +116,7 @@ impl KafkaLog {
         }
         let offsets: BaseConsumer =
             config.consumer(&config.store_writer_group()).create().map_err(kafka_error("offsets client"))?;
-        let receipts: FutureProducer = config
+        let records: FutureProducer = config
             .client()
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -126,7 +126,7 @@ impl KafkaLog {
             // Keyed records land where the Java client would put them, like the messages.
             .set("partitioner", "murmur2_random")
             .create()
-            .map_err(kafka_error("receipts producer"))?;
+            .map_err(kafka_error("receipts and presence producer"))?;
         let owners = owned
             .iter()
             .map(|&partition| (partition, tokio::sync::Mutex::new(Owner { partition, producer: None, fenced: false })))
@@ -140,7 +140,7 @@ impl KafkaLog {
             store,
             offsets: Arc::new(offsets),
             last_prune: Mutex::new(None),
-            receipts,
+            records,
         };
         let acquired = join_all(log.owners.values().map(|owner| async {
             let mut owner = owner.lock().await;
@@ -554,10 +554,33 @@ impl MessageLog for KafkaLog {
         let payload = serde_json::to_vec(&receipt).map_err(BackendError::Encode)?;
         let topic = self.config.receipts_topic();
         let record = FutureRecord::to(&topic).key(receipt.channel.as_bytes()).payload(&payload);
-        match self.receipts.send(record, self.config.append_timeout).await {
+        match self.records.send(record, self.config.append_timeout).await {
             Ok(_) => Ok(()),
             Err((error, _)) => Err(kafka_error("receipt")(error)),
         }
+    }
+
+    async fn record_presence(&self, updates: Vec<PresenceUpdate>) -> Result<(), BackendError> {
+        let topic = self.config.presence_topic();
+        // Enqueued one after another (the idempotent producer keeps that order within a partition, retries
+        // included), then awaited together: one round trip for the whole batch.
+        let mut deliveries = Vec::with_capacity(updates.len());
+        for update in &updates {
+            let payload = serde_json::to_vec(update).map_err(BackendError::Encode)?;
+            let record = FutureRecord::to(&topic).key(update.user.as_bytes()).payload(&payload);
+            match self.records.send_result(record) {
+                Ok(delivery) => deliveries.push(delivery),
+                Err((error, _)) => return Err(kafka_error("presence")(error)),
+            }
+        }
+        for delivery in join_all(deliveries).await {
+            match delivery {
+                Ok(Ok(_)) => {}
+                Ok(Err((error, _))) => return Err(kafka_error("presence")(error)),
+                Err(_) => return Err(BackendError::Unavailable("presence: the Kafka producer went away".into())),
+            }
+        }
+        Ok(())
     }
 
     async fn last_seq(&self, channel: &str) -> Result<u64, BackendError> {
