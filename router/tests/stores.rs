@@ -325,6 +325,13 @@ async fn stored_sends_are_found_by_key(engine: Engine) {
     assert_eq!(found[2].as_ref().map(|prior| prior.placement.seq), Some(1));
     assert_eq!(found[3].as_ref().map(|prior| prior.placement.seq), Some(3));
     assert!(store.find_stored_sends(vec![]).await.expect("none").is_empty());
+    // A store batch larger than one batch of keys (the Cassandra driver writes them ten at a time): every key.
+    let many: Vec<_> = (10..35).map(|seq| message("g:many-sends", seq, base + seq)).collect();
+    store.write(many.clone()).await.expect("write many");
+    let keys = many.iter().map(|sent| (sent.sender.clone(), sent.client_msg_id.clone())).collect();
+    let found = store.find_stored_sends(keys).await.expect("find many");
+    let seqs: Vec<Option<u64>> = found.iter().map(|prior| prior.as_ref().map(|prior| prior.placement.seq)).collect();
+    assert_eq!(seqs, (10..35).map(Some).collect::<Vec<_>>());
     stores.finish().await;
 }
 
