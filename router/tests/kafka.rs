@@ -87,6 +87,14 @@ async fn open(config: &KafkaConfig, store: &Arc<EmbeddedStore>) -> KafkaLog {
     })
 }
 
+/// A router (single writer, default config) on `log`, with `store` as its store and membership.
+fn router_on(log: Arc<KafkaLog>, store: &Arc<EmbeddedStore>) -> Router {
+    let (router, _task) =
+        Router::start(RouterConfig::default(), log, store.clone(), store.clone(), Arc::new(LocalPubSub::new()))
+            .expect("router");
+    router
+}
+
 /// Every record a `read_committed` consumer sees in the messages topic, with its partition, in offset order
 /// per partition.
 async fn read_committed(config: &KafkaConfig) -> Vec<(i32, MessageView)> {
@@ -212,9 +220,7 @@ async fn the_router_confirms_sends_and_the_store_writer_fills_history_exactly_on
     let (_dir, store) = store();
     let log = Arc::new(open(&config, &store).await);
     let writer = StoreWriter::start(config.clone(), store.clone()).await.expect("store writer");
-    let (router, _task) =
-        Router::start(RouterConfig::default(), log, store.clone(), store.clone(), Arc::new(LocalPubSub::new()))
-            .expect("router");
+    let router = router_on(log, &store);
     let alice = UserId::new("alice").expect("user");
     let rooms = ["one", "two", "three"];
     for room in rooms {
@@ -523,9 +529,7 @@ async fn a_stopped_broker_fails_sends_fast_and_they_recover_when_it_returns() {
     config.append_timeout = Duration::from_secs(2);
     let (_dir, store) = store();
     let log = Arc::new(open(&config, &store).await);
-    let (router, _task) =
-        Router::start(RouterConfig::default(), log, store.clone(), store.clone(), Arc::new(LocalPubSub::new()))
-            .expect("router");
+    let router = router_on(log, &store);
     let dave = UserId::new("dave").expect("user");
     router.create_channel(&dave, "outage", &[]).await.expect("create");
     let first = router.send(&dave, "g:outage", "before", "before the outage").await.expect("confirmed");
@@ -575,9 +579,7 @@ async fn a_partly_failed_batch_never_makes_the_router_reuse_or_skip_a_sequence()
     let Some(config) = kafka_config() else { return };
     let (_dir, store) = store();
     let log = Arc::new(open(&config, &store).await);
-    let (router, _task) =
-        Router::start(RouterConfig::default(), log, store.clone(), store.clone(), Arc::new(LocalPubSub::new()))
-            .expect("router");
+    let router = router_on(log, &store);
     let erin = UserId::new("erin").expect("user");
     let (kept, lost) = ("kept", (0..100).map(|index| format!("lost{index}")));
     let kept_partition = partition_for(&format!("g:{kept}"), 3);
@@ -673,9 +675,7 @@ async fn read_cursors_are_recorded_in_the_receipts_topic_keyed_by_channel() {
     let Some(config) = kafka_config() else { return };
     let (_dir, store) = store();
     let log = Arc::new(open(&config, &store).await);
-    let (router, _task) =
-        Router::start(RouterConfig::default(), log, store.clone(), store.clone(), Arc::new(LocalPubSub::new()))
-            .expect("router");
+    let router = router_on(log, &store);
     let alice = UserId::new("alice").expect("user");
     let bob = UserId::new("bob").expect("user");
     router.create_channel(&alice, "reading", &["bob".to_owned()]).await.expect("create");
@@ -705,9 +705,7 @@ async fn presence_changes_are_recorded_in_the_presence_topic_keyed_by_user_in_or
     let Some(config) = kafka_config() else { return };
     let (_dir, store) = store();
     let log = Arc::new(open(&config, &store).await);
-    let (router, _task) =
-        Router::start(RouterConfig::default(), log, store.clone(), store.clone(), Arc::new(LocalPubSub::new()))
-            .expect("router");
+    let router = router_on(log, &store);
     // Two gateways' changes: alice flaps on gw-1 (many changes in one batch keep their order), bob on gw-2.
     let change = |user: &str, status: Status, instance: &str, at: u64| PresenceUpdate {
         user: user.to_owned(),
