@@ -382,6 +382,21 @@ impl CassandraStore {
         self.session.execute_unpaged(statement, values).await.map_err(|error| execution_error(operation, error))
     }
 
+    /// One idempotent unlogged batch of `statement`, once per row of `rows`.
+    async fn run_unlogged<V: SerializeRow>(
+        &self,
+        operation: &'static str,
+        statement: &PreparedStatement,
+        rows: Vec<V>,
+    ) -> Result<(), BackendError> {
+        let mut batch = Batch::new(BatchType::Unlogged);
+        for _ in &rows {
+            batch.append_statement(statement.clone());
+        }
+        batch.set_is_idempotent(true);
+        self.session.batch(&batch, rows).await.map(|_| ()).map_err(|error| execution_error(operation, error))
+    }
+
     /// Rows of a single-page statement.
     async fn rows<T>(
         &self,
@@ -726,30 +741,23 @@ impl MessageStore for CassandraStore {
         }
         let mut work: Vec<futures_util::future::BoxFuture<'_, Result<(), BackendError>>> = Vec::new();
         for ((channel, bucket), messages) in partitions {
-            let mut statements = Batch::new(BatchType::Unlogged);
-            let mut values = Vec::with_capacity(messages.len());
-            for message in messages {
-                statements.append_statement(self.statements.insert_message.clone());
-                values.push((
-                    channel.clone(),
-                    bucket,
-                    signed(message.seq),
-                    signed(message.id),
-                    message.sender.clone(),
-                    message.text.clone(),
-                    signed(message.ts),
-                    message.client_msg_id.clone(),
-                    message_ttl,
-                ));
-            }
-            statements.set_is_idempotent(true);
-            work.push(Box::pin(async move {
-                self.session
-                    .batch(&statements, values)
-                    .await
-                    .map(|_| ())
-                    .map_err(|error| execution_error("write messages", error))
-            }));
+            let rows: Vec<_> = messages
+                .into_iter()
+                .map(|message| {
+                    (
+                        channel.clone(),
+                        bucket,
+                        signed(message.seq),
+                        signed(message.id),
+                        message.sender.clone(),
+                        message.text.clone(),
+                        signed(message.ts),
+                        message.client_msg_id.clone(),
+                        message_ttl,
+                    )
+                })
+                .collect();
+            work.push(Box::pin(self.run_unlogged("write messages", &self.statements.insert_message, rows)));
         }
         for ((channel, bucket), (first, last)) in bounds {
             work.push(Box::pin(async move {
@@ -784,28 +792,21 @@ impl MessageStore for CassandraStore {
         // Idempotency keys: each its own partition, so a few per unlogged batch (at most SENDS_PER_BATCH, under
         // the server's warning threshold for batches across partitions), which saves most of the per-request cost.
         for chunk in batch.chunks(SENDS_PER_BATCH) {
-            let mut statements = Batch::new(BatchType::Unlogged);
-            let mut values = Vec::with_capacity(chunk.len());
-            for message in chunk {
-                statements.append_statement(self.statements.insert_send.clone());
-                values.push((
-                    message.sender.as_str(),
-                    message.client_msg_id.as_str(),
-                    message.channel.as_str(),
-                    signed(message.seq),
-                    signed(message.id),
-                    signed(message.ts),
-                    message_ttl,
-                ));
-            }
-            statements.set_is_idempotent(true);
-            work.push(Box::pin(async move {
-                self.session
-                    .batch(&statements, values)
-                    .await
-                    .map(|_| ())
-                    .map_err(|error| execution_error("write idempotency keys", error))
-            }));
+            let rows: Vec<_> = chunk
+                .iter()
+                .map(|message| {
+                    (
+                        message.sender.as_str(),
+                        message.client_msg_id.as_str(),
+                        message.channel.as_str(),
+                        signed(message.seq),
+                        signed(message.id),
+                        signed(message.ts),
+                        message_ttl,
+                    )
+                })
+                .collect();
+            work.push(Box::pin(self.run_unlogged("write idempotency keys", &self.statements.insert_send, rows)));
         }
         stream::iter(work).buffer_unordered(CONCURRENCY).try_collect::<Vec<()>>().await?;
         debug!("messages stored");
