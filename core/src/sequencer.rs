@@ -25,7 +25,7 @@ pub struct SendRequest {
 }
 
 /// Where a durable message sits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Placement {
     /// Snowflake id.
     pub id: u64,

@@ -158,9 +158,9 @@ pub struct StandaloneArgs {
     /// Admin address (/metrics).
     #[arg(long, env = "PARLEY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub admin_listen: SocketAddr,
-    /// Log filter, e.g. `info` or `parley_gateway=debug`.
-    #[arg(long, env = "PARLEY_LOG", default_value = "info")]
-    pub log: String,
+    /// Identity and log settings.
+    #[command(flatten)]
+    pub telemetry: parley_telemetry::TelemetryArgs,
     /// Gateway limits.
     #[command(flatten)]
     pub gateway: GatewayConfig,

@@ -30,8 +30,18 @@ pub enum GatewayError {
     },
     /// Storage could not be opened.
     #[error("failed to open storage: {0}")]
-    Storage(#[source] parley_router::BackendError),
+    Storage(#[source] parley_api::BackendError),
     /// The router could not start.
     #[error("failed to start router: {0}")]
-    Router(#[source] parley_router::RouterError),
+    Router(#[source] parley_api::RouterError),
+}
+
+impl From<GatewayError> for parley_api::HttpError {
+    /// A refused token is `401 unauthorized`; anything else reaching an HTTP client is a bug (`500 internal`).
+    fn from(error: GatewayError) -> Self {
+        match error {
+            GatewayError::Unauthorized(_) => parley_api::HttpError::unauthorized(error.to_string()),
+            _ => parley_api::HttpError::internal(error.to_string()),
+        }
+    }
 }

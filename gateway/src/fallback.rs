@@ -1,6 +1,6 @@
 //! Fallback transports for clients that cannot use WebSocket: Server-Sent Events and long-polling.
 //!
-//! Both run the very same per-connection loop as WebSocket ([`connection::serve`]) over a [`VirtualSocket`]
+//! Both run the very same per-connection loop as WebSocket ([`crate::connection::serve`]) over a [`VirtualSocket`]
 //! made of two bounded channels, so ACK/retransmit, resume with `sync`, the idle timeout, every limit and every
 //! error frame behave exactly as over WebSocket. Only the framing differs:
 //!
@@ -9,16 +9,16 @@
 //! - Long-poll: `POST /v1/poll/connect` opens a session, `GET /v1/poll/{session_id}` waits for frames,
 //!   `POST /v1/poll/{session_id}` sends frames and `DELETE /v1/poll/{session_id}` ends the session.
 //!
-//! Sessions live in a [`Sessions`] registry and hold one of the process's connection permits, like a WebSocket.
+//! A session is admitted like a WebSocket ([`crate::admission`]): it lives in a [`Sessions`] registry and holds one
+//! of the process's connection permits.
 //! The outbound side is bounded end to end: the loop's queue, then [`OUTBOUND_FRAMES`] frames in the virtual
 //! socket; a client that takes nothing blocks the loop (which then closes it as a slow consumer, 4008, like a
 //! WebSocket whose TCP window is full), and after `idle_timeout_ms` without progress the session is dropped.
 
-use crate::auth::Identity;
-use crate::connection::{self, ConnectionContext, Session};
-use crate::http::AppState;
+use crate::admission::{token, Admission, AppState, ConnectQuery};
 use crate::metrics::Limit;
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::ws::{Message, Utf8Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -27,8 +27,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router as AxumRouter;
 use futures_util::{Sink, Stream};
+use parley_api::http::{code, HttpError};
 use parley_core::UserId;
-use rand::RngCore;
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::HashMap;
@@ -41,7 +41,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::mpsc::error::{SendError, TrySendError};
 use tokio::sync::mpsc::{self, OwnedPermit};
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 use tracing::{info_span, Instrument};
 
@@ -282,12 +282,6 @@ pub fn routes(state: AppState) -> AxumRouter {
 }
 
 #[derive(Deserialize)]
-struct ConnectQuery {
-    v: Option<u32>,
-    token: Option<String>,
-}
-
-#[derive(Deserialize)]
 struct TokenQuery {
     token: Option<String>,
 }
@@ -298,41 +292,8 @@ struct PollQuery {
     wait_ms: Option<u64>,
 }
 
-/// An HTTP refusal, `{"code":..,"message":..}` like the rest of the HTTP API.
-#[derive(Debug)]
-struct Refusal {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl Refusal {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
-    }
-}
-
-impl IntoResponse for Refusal {
-    fn into_response(self) -> Response {
-        (self.status, axum::Json(json!({ "code": self.code, "message": self.message }))).into_response()
-    }
-}
-
-fn no_such_session(session_id: &str) -> Refusal {
-    Refusal::new(StatusCode::NOT_FOUND, "no_such_session", format!("no session {session_id}; connect again"))
-}
-
-fn internal(message: &str) -> Refusal {
-    Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
-}
-
-/// Verifies the token of `?token=` or of `Authorization: Bearer`.
-fn identify(app: &AppState, token: Option<&str>, headers: &HeaderMap) -> Result<Identity, Refusal> {
-    let bearer = || headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ");
-    let Some(token) = token.or_else(bearer) else {
-        return Err(Refusal::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing token"));
-    };
-    app.auth.verify(token).map_err(|error| Refusal::new(StatusCode::UNAUTHORIZED, "unauthorized", error.to_string()))
+fn no_such_session(session_id: &str) -> HttpError {
+    HttpError::new(StatusCode::NOT_FOUND, code::NO_SUCH_SESSION, format!("no session {session_id}; connect again"))
 }
 
 /// A freshly opened session: its id, and for SSE the receiver of its frames.
@@ -342,48 +303,19 @@ struct Opened {
     entry: Arc<Entry>,
 }
 
-/// Checks the version, the token and the connection limit, registers the session and starts its loop.
+/// Admits a connection (version, token, draining, connection limit), registers its session and starts its loop.
 fn open(
     state: &FallbackState,
     query: &ConnectQuery,
     headers: &HeaderMap,
     transport: Transport,
-) -> Result<Opened, Refusal> {
-    let app = &state.app;
-    if let Some(version) = query.v {
-        if version != parley_core::protocol::PROTOCOL_VERSION {
-            return Err(Refusal::new(
-                StatusCode::BAD_REQUEST,
-                "unsupported_version",
-                format!("protocol version {version} is not supported; use v=1"),
-            ));
-        }
-    }
-    let identity = identify(app, query.token.as_deref(), headers)?;
-    if !app.accepting.load(Ordering::Relaxed) || *app.shutdown.borrow() {
-        return Err(Refusal::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "this instance is draining; connect to another",
-        ));
-    }
-    let Ok(permit) = app.permits.clone().try_acquire_owned() else {
-        app.metrics.limit(Limit::Connections);
-        return Err(Refusal::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "connection limit reached; retry with backoff",
-        ));
-    };
-    let conn = app.next_conn.fetch_add(1, Ordering::Relaxed);
-    let mut random = [0u8; 12];
-    rand::rng().fill_bytes(&mut random);
-    let session_id: String =
-        std::iter::once("s-".to_owned()).chain(random.iter().map(|byte| format!("{byte:02x}"))).collect();
-
+) -> Result<Opened, HttpError> {
+    let admission = state.app.admit(query.v, token(query.token.as_deref(), headers))?;
+    let session_id = admission.session.session_id.clone();
+    let user = admission.session.user.clone();
     let (inbound_sender, inbound) = mpsc::channel(INBOUND_FRAMES);
     let (outbound, outbound_receiver) = mpsc::channel(OUTBOUND_FRAMES);
-    let idle = Duration::from_millis(app.config.idle_timeout_ms.max(1));
+    let idle = Duration::from_millis(state.app.config.idle_timeout_ms.max(1));
     let socket = VirtualSocket::new(inbound, outbound, idle);
     let (queue, outbound_receiver) = match transport {
         Transport::Sse => (None, Some(outbound_receiver)),
@@ -397,43 +329,23 @@ fn open(
             None,
         ),
     };
-    let entry =
-        Arc::new(Entry { user: identity.user.clone(), transport, inbound: Mutex::new(Some(inbound_sender)), queue });
+    let entry = Arc::new(Entry { user, transport, inbound: Mutex::new(Some(inbound_sender)), queue });
     state.sessions.insert(session_id.clone(), entry.clone());
 
-    let session =
-        Session { conn, session_id: session_id.clone(), user: identity.user, expires_at: identity.expires_at };
-    let context = ConnectionContext {
-        router: app.router.clone(),
-        hub: app.hub.clone(),
-        metrics: app.metrics.clone(),
-        config: app.config.clone(),
-        shutdown: app.shutdown.clone(),
-        drain: app.drainer.subscribe(),
-    };
     let span = match transport {
         Transport::Sse => info_span!("sse"),
         Transport::Poll => info_span!("poll"),
     };
-    tokio::spawn(run(state.sessions.clone(), socket, context, session, permit, transport).instrument(span));
+    tokio::spawn(run(state.sessions.clone(), socket, admission, transport).instrument(span));
     Ok(Opened { session_id, outbound: outbound_receiver, entry })
 }
 
-/// Runs a session's loop, then releases its permit and (once the client has had its last frames) its entry.
-async fn run(
-    sessions: Arc<Sessions>,
-    socket: VirtualSocket,
-    context: ConnectionContext,
-    session: Session,
-    permit: OwnedSemaphorePermit,
-    transport: Transport,
-) {
-    let metrics = context.metrics.clone();
-    let idle = Duration::from_millis(context.config.idle_timeout_ms.max(1));
-    let session_id = session.session_id.clone();
-    metrics.connections.inc();
-    metrics.connections_total.inc();
-    let serving = connection::serve(socket, context, session, never_too_big);
+/// Runs a session's loop (which releases its permit when it ends), then (once the client has had its last frames)
+/// removes its entry.
+async fn run(sessions: Arc<Sessions>, socket: VirtualSocket, admission: Admission, transport: Transport) {
+    let idle = Duration::from_millis(admission.context.config.idle_timeout_ms.max(1));
+    let session_id = admission.session.session_id.clone();
+    let serving = admission.serve(socket, never_too_big);
     tokio::pin!(serving);
     let reaping = reap(&sessions, &session_id, idle, transport);
     tokio::pin!(reaping);
@@ -445,8 +357,6 @@ async fn run(
         // The entry is gone, so the loop's input has ended: it closes at once.
         serving.await;
     }
-    metrics.connections.dec();
-    drop(permit);
     if !reaped {
         // Long-poll: keep the last frames (the close) for the client's next poll, as long as it keeps polling.
         reaping.await;
@@ -495,11 +405,12 @@ fn close_json(code: u16, reason: &str) -> serde_json::Value {
 
 async fn sse_connect(
     State(state): State<FallbackState>,
-    Query(query): Query<ConnectQuery>,
+    connect: Result<Query<ConnectQuery>, QueryRejection>,
     headers: HeaderMap,
-) -> Result<Response, Refusal> {
-    let opened = open(&state, &query, &headers, Transport::Sse)?;
-    let receiver = opened.outbound.ok_or_else(|| internal("an sse session without a stream"))?;
+) -> Result<Response, HttpError> {
+    let Query(connect) = connect?;
+    let opened = open(&state, &connect, &headers, Transport::Sse)?;
+    let receiver = opened.outbound.ok_or_else(|| HttpError::internal("an sse session without a stream"))?;
     let guard = RemoveOnDrop { sessions: state.sessions.clone(), session_id: opened.session_id };
     let events = futures_util::stream::unfold((receiver, guard, false), |(mut receiver, guard, done)| async move {
         if done {
@@ -527,11 +438,12 @@ async fn sse_connect(
 
 async fn poll_connect(
     State(state): State<FallbackState>,
-    Query(query): Query<ConnectQuery>,
+    connect: Result<Query<ConnectQuery>, QueryRejection>,
     headers: HeaderMap,
-) -> Result<Response, Refusal> {
-    let opened = open(&state, &query, &headers, Transport::Poll)?;
-    let queue = opened.entry.queue.as_ref().ok_or_else(|| internal("a poll session without a queue"))?;
+) -> Result<Response, HttpError> {
+    let Query(connect) = connect?;
+    let opened = open(&state, &connect, &headers, Transport::Poll)?;
+    let queue = opened.entry.queue.as_ref().ok_or_else(|| HttpError::internal("a poll session without a queue"))?;
     let batch = collect(queue, CONNECT_WAIT).await;
     if batch.closed.is_some() {
         state.sessions.remove(&opened.session_id);
@@ -622,31 +534,33 @@ async fn collect(queue: &PollQueue, wait: Duration) -> Batch {
 fn authorize(
     state: &FallbackState,
     session_id: &str,
-    token: Option<&str>,
+    query_token: Option<&str>,
     headers: &HeaderMap,
     transport: Transport,
-) -> Result<Arc<Entry>, Refusal> {
-    let identity = identify(&state.app, token, headers)?;
+) -> Result<Arc<Entry>, HttpError> {
+    let identity = state.app.authenticate(token(query_token, headers))?;
     let entry = state
         .sessions
         .get(session_id)
         .filter(|entry| entry.transport == transport)
         .ok_or_else(|| no_such_session(session_id))?;
     if entry.user != identity.user {
-        return Err(Refusal::new(StatusCode::FORBIDDEN, "forbidden", "this session belongs to another user"));
+        return Err(HttpError::new(StatusCode::FORBIDDEN, code::FORBIDDEN, "this session belongs to another user"));
     }
     Ok(entry)
 }
 
 async fn poll_get(
     State(state): State<FallbackState>,
-    Path(session_id): Path<String>,
-    Query(query): Query<PollQuery>,
+    session_id: Result<Path<String>, PathRejection>,
+    poll: Result<Query<PollQuery>, QueryRejection>,
     headers: HeaderMap,
-) -> Result<Response, Refusal> {
-    let entry = authorize(&state, &session_id, query.token.as_deref(), &headers, Transport::Poll)?;
+) -> Result<Response, HttpError> {
+    let Path(session_id) = session_id?;
+    let Query(poll) = poll?;
+    let entry = authorize(&state, &session_id, poll.token.as_deref(), &headers, Transport::Poll)?;
     let queue = entry.queue.as_ref().ok_or_else(|| no_such_session(&session_id))?;
-    let wait = Duration::from_millis(query.wait_ms.unwrap_or(DEFAULT_WAIT_MS).min(MAX_WAIT_MS));
+    let wait = Duration::from_millis(poll.wait_ms.unwrap_or(DEFAULT_WAIT_MS).min(MAX_WAIT_MS));
     let batch = collect(queue, wait).await;
     if batch.closed.is_some() {
         state.sessions.remove(&session_id);
@@ -656,33 +570,36 @@ async fn poll_get(
 
 async fn poll_delete(
     State(state): State<FallbackState>,
-    Path(session_id): Path<String>,
-    Query(query): Query<TokenQuery>,
+    session_id: Result<Path<String>, PathRejection>,
+    token_query: Result<Query<TokenQuery>, QueryRejection>,
     headers: HeaderMap,
-) -> Result<StatusCode, Refusal> {
-    authorize(&state, &session_id, query.token.as_deref(), &headers, Transport::Poll)?;
+) -> Result<StatusCode, HttpError> {
+    let Path(session_id) = session_id?;
+    authorize(&state, &session_id, token_query?.0.token.as_deref(), &headers, Transport::Poll)?;
     state.sessions.remove(&session_id);
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn sse_post(
     State(state): State<FallbackState>,
-    Path(session_id): Path<String>,
-    Query(query): Query<TokenQuery>,
+    session_id: Result<Path<String>, PathRejection>,
+    token_query: Result<Query<TokenQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, Refusal> {
-    post_frames(&state, &session_id, query.token.as_deref(), &headers, body, Transport::Sse).await
+) -> Result<Response, HttpError> {
+    let Path(session_id) = session_id?;
+    post_frames(&state, &session_id, token_query?.0.token.as_deref(), &headers, body, Transport::Sse).await
 }
 
 async fn poll_post(
     State(state): State<FallbackState>,
-    Path(session_id): Path<String>,
-    Query(query): Query<TokenQuery>,
+    session_id: Result<Path<String>, PathRejection>,
+    token_query: Result<Query<TokenQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, Refusal> {
-    post_frames(&state, &session_id, query.token.as_deref(), &headers, body, Transport::Poll).await
+) -> Result<Response, HttpError> {
+    let Path(session_id) = session_id?;
+    post_frames(&state, &session_id, token_query?.0.token.as_deref(), &headers, body, Transport::Poll).await
 }
 
 /// Feeds the frames of a POST body into the session's loop, which answers on the downstream.
@@ -693,14 +610,14 @@ async fn post_frames(
     headers: &HeaderMap,
     body: Body,
     transport: Transport,
-) -> Result<Response, Refusal> {
+) -> Result<Response, HttpError> {
     let entry = authorize(state, session_id, token, headers, transport)?;
     let limit = state.app.config.max_frame_bytes;
     let too_big = || {
         state.app.metrics.limit(Limit::FrameSize);
-        Refusal::new(
+        HttpError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "frame_too_big",
+            code::FRAME_TOO_BIG,
             format!("the body is larger than max_frame_bytes ({limit})"),
         )
     };
@@ -722,9 +639,9 @@ async fn post_frames(
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(no_such_session(session_id)),
             Err(_) => {
-                return Err(Refusal::new(
+                return Err(HttpError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "overloaded",
+                    code::OVERLOADED,
                     "the session is not reading; retry the frames not yet answered",
                 ))
             }

@@ -1,96 +1,33 @@
-//! The axum application: WebSocket upgrade, HTTP API, demo page and health; and the admin application.
+//! The axum applications: the client-facing one (WebSocket upgrade, HTTP API, demo page, health, and the
+//! fallback transports' routes) and the admin one (metrics, drain). Every refusal is a [`HttpError`],
+//! `{"code": ..., "message": ...}`; admission and authentication are [`crate::admission`]'s.
 
-use crate::auth::Authenticator;
-use crate::config::GatewayConfig;
-use crate::connection::{self, ConnectionContext, Session};
-use crate::drain::{DrainPlan, Drainer};
-use crate::hub::Hub;
-use crate::metrics::{Limit, Metrics};
+pub use crate::admission::AppState;
+
+use crate::admission::{token, ConnectQuery};
+use crate::drain::DrainPlan;
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router as AxumRouter};
-use parley_core::protocol::ErrorCode;
+use parley_api::http::{bearer, bearer_is, code, HttpError};
+use parley_api::HistoryQuery;
 use parley_core::UserId;
-use parley_router::backend::HistoryQuery;
-use parley_router::{Router, RouterError};
-use rand::RngCore;
 use serde::Deserialize;
 use serde_json::json;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::sync::{watch, Semaphore};
 use tracing::{info_span, Instrument};
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const DEV_TOKEN_TTL_SECS: u64 = 12 * 3600;
 
-/// Shared state of the application.
-#[derive(Clone)]
-pub struct AppState {
-    /// Token verification.
-    pub auth: Arc<Authenticator>,
-    /// Router handle.
-    pub router: Router,
-    /// Local index.
-    pub hub: Arc<Hub>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Limits.
-    pub config: Arc<GatewayConfig>,
-    /// Shutdown signal.
-    pub shutdown: watch::Receiver<bool>,
-    /// Connection permits.
-    pub permits: Arc<Semaphore>,
-    /// Connection ids.
-    pub next_conn: Arc<AtomicU64>,
-    /// Whether the instance accepts connections (false while draining).
-    pub accepting: Arc<AtomicBool>,
-    /// Drain control.
-    pub drainer: Arc<Drainer>,
-    /// Push notifications, when a provider is configured.
-    pub push: Option<Arc<crate::push::PushService>>,
-}
-
-impl std::fmt::Debug for AppState {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("AppState").field("config", &self.config).finish_non_exhaustive()
-    }
-}
-
-fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "code": code, "message": message.into() }))).into_response()
-}
-
-fn router_error(error: RouterError) -> Response {
-    let status = match error.code() {
-        ErrorCode::NotAMember => StatusCode::FORBIDDEN,
-        ErrorCode::NoSuchChannel => StatusCode::NOT_FOUND,
-        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorCode::ChannelExists => StatusCode::CONFLICT,
-        _ => StatusCode::BAD_REQUEST,
-    };
-    api_error(status, error.code().as_str(), error.to_string())
-}
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
-}
-
-// Handlers answer with the `Response` directly; boxing it would only move the allocation.
-#[allow(clippy::result_large_err)]
-fn authenticate(state: &AppState, token: Option<&str>) -> Result<crate::auth::Identity, Response> {
-    let Some(token) = token else {
-        return Err(api_error(StatusCode::UNAUTHORIZED, "unauthorized", "missing token"));
-    };
-    state.auth.verify(token).map_err(|error| api_error(StatusCode::UNAUTHORIZED, "unauthorized", error.to_string()))
-}
-
 /// The client-facing application.
 pub fn app(state: AppState) -> AxumRouter {
-    AxumRouter::new()
+    let routes = AxumRouter::new()
         .route("/", get(|| async { Html(INDEX_HTML) }))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -100,19 +37,22 @@ pub fn app(state: AppState) -> AxumRouter {
         .route("/v1/devices", post(register_device).delete(unregister_device))
         .route("/v1/channels/{id}/messages", get(history))
         .with_state(state.clone())
-        .merge(crate::fallback::routes(state))
+        .merge(crate::fallback::routes(state));
+    parley_api::http::with_fallbacks(routes)
 }
 
-/// The admin application (metrics).
+/// The admin application (metrics, drain).
 pub fn admin_app(state: AppState) -> AxumRouter {
-    AxumRouter::new().route("/metrics", get(metrics)).route("/admin/drain", post(drain)).with_state(state)
+    parley_api::http::with_fallbacks(
+        AxumRouter::new().route("/metrics", get(metrics)).route("/admin/drain", post(drain)).with_state(state),
+    )
 }
 
-async fn readyz(State(state): State<AppState>) -> Response {
-    if state.accepting.load(Ordering::Relaxed) && !*state.shutdown.borrow() {
-        "ready".into_response()
+async fn readyz(State(state): State<AppState>) -> Result<&'static str, HttpError> {
+    if state.accepts_connections() {
+        Ok("ready")
     } else {
-        api_error(StatusCode::SERVICE_UNAVAILABLE, "draining", "not accepting connections")
+        Err(HttpError::new(StatusCode::SERVICE_UNAVAILABLE, code::DRAINING, "not accepting connections"))
     }
 }
 
@@ -122,133 +62,57 @@ struct DrainRequest {
     deadline_ms: Option<u64>,
 }
 
-async fn drain(State(state): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn drain(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<axum::body::Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, HttpError> {
     let Some(expected) = state.config.admin_token.as_deref() else {
-        return api_error(StatusCode::FORBIDDEN, "admin_disabled", "no --admin-token is configured");
+        return Err(HttpError::new(StatusCode::FORBIDDEN, code::ADMIN_DISABLED, "no --admin-token is configured"));
     };
-    if bearer(&headers) != Some(expected) {
-        return api_error(StatusCode::UNAUTHORIZED, "unauthorized", "wrong or missing admin token");
+    if !bearer_is(&headers, expected) {
+        return Err(HttpError::unauthorized("wrong or missing admin token"));
     }
+    let body = body?;
     let request: DrainRequest = if body.is_empty() {
         DrainRequest::default()
     } else {
-        match serde_json::from_slice(&body) {
-            Ok(request) => request,
-            Err(error) => return api_error(StatusCode::BAD_REQUEST, "invalid_frame", error.to_string()),
-        }
+        serde_json::from_slice(&body).map_err(|error| HttpError::invalid_frame(error.to_string()))?
     };
     let default = state.config.drain_plan();
     let window = request.window_ms.map(std::time::Duration::from_millis).unwrap_or(default.window);
     let deadline = request.deadline_ms.map(std::time::Duration::from_millis).unwrap_or(default.deadline).max(window);
     let started = state.drainer.start(DrainPlan { window, deadline });
     let connections = state.hub.connection_count();
-    (
+    Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "draining": true, "started": started, "connections": connections,
             "window_ms": window.as_millis() as u64, "deadline_ms": deadline.as_millis() as u64 })),
-    )
-        .into_response()
+    ))
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let stats = state.router.stats();
-    let extra = [
-        ("router_messages", "Messages made durable", stats.messages.load(Ordering::Relaxed)),
-        ("router_batches", "Durable batches written", stats.batches.load(Ordering::Relaxed)),
-        ("router_write_failures", "Durable writes that failed", stats.write_failures.load(Ordering::Relaxed)),
-        ("router_publish_failures", "Publishes that failed", stats.publish_failures.load(Ordering::Relaxed)),
-        (
-            "router_tap_dropped",
-            "Durable messages not offered to push (queue full)",
-            stats.tap_dropped.load(Ordering::Relaxed),
-        ),
-    ];
-    let push = state.push.as_ref().map(|push| push.stats()).unwrap_or_default();
-    let extra = [
-        extra.as_slice(),
-        &[
-            ("push_sent", "Push notifications accepted by a provider", push.sent),
-            ("push_failed", "Push notifications that failed", push.failed),
-            ("push_invalid_tokens", "Device tokens unregistered as invalid", push.invalid_tokens),
-            ("push_dropped", "Push notifications dropped (queue full)", push.dropped),
-        ],
-    ]
-    .concat();
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        state.metrics.encode(&extra),
-    )
-        .into_response()
-}
-
-#[derive(Deserialize)]
-struct WsQuery {
-    v: Option<u32>,
-    token: Option<String>,
+    ([(header::CONTENT_TYPE, parley_telemetry::metrics::CONTENT_TYPE)], state.metrics.encode()).into_response()
 }
 
 async fn websocket(
     State(state): State<AppState>,
-    Query(query): Query<WsQuery>,
+    connect: Result<Query<ConnectQuery>, QueryRejection>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
-) -> Response {
-    if let Some(version) = query.v {
-        if version != parley_core::protocol::PROTOCOL_VERSION {
-            return api_error(
-                StatusCode::BAD_REQUEST,
-                "unsupported_version",
-                format!("protocol version {version} is not supported; use v=1"),
-            );
-        }
-    }
-    let identity = match authenticate(&state, query.token.as_deref().or_else(|| bearer(&headers))) {
-        Ok(identity) => identity,
-        Err(response) => return response,
-    };
-    if !state.accepting.load(Ordering::Relaxed) || *state.shutdown.borrow() {
-        return api_error(StatusCode::SERVICE_UNAVAILABLE, "draining", "this instance is draining; connect to another");
-    }
-    let Ok(permit) = state.permits.clone().try_acquire_owned() else {
-        state.metrics.limit(Limit::Connections);
-        return api_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "connection limit reached; retry with backoff",
-        );
-    };
-    let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
-    let mut random = [0u8; 12];
-    rand::rng().fill_bytes(&mut random);
-    let session_id: String =
-        std::iter::once("s-".to_owned()).chain(random.iter().map(|byte| format!("{byte:02x}"))).collect();
-    let session = Session { conn, session_id, user: identity.user, expires_at: identity.expires_at };
-    let context = ConnectionContext {
-        router: state.router.clone(),
-        hub: state.hub.clone(),
-        metrics: state.metrics.clone(),
-        config: state.config.clone(),
-        shutdown: state.shutdown.clone(),
-        drain: state.drainer.subscribe(),
-    };
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, HttpError> {
+    let Query(connect) = connect?;
+    let upgrade = upgrade
+        .map_err(|rejection| HttpError::new(rejection.status(), code::UPGRADE_REQUIRED, rejection.body_text()))?;
+    let admission = state.admit(connect.v, token(connect.token.as_deref(), &headers))?;
     let max = state.config.max_frame_bytes;
-    upgrade
+    Ok(upgrade
         .read_buffer_size(state.config.ws_read_buffer)
         .write_buffer_size(0)
         .max_write_buffer_size(max.saturating_mul(4).max(256 * 1024))
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| {
-            let metrics = context.metrics.clone();
-            async move {
-                metrics.connections.inc();
-                metrics.connections_total.inc();
-                connection::serve(socket, context, session, too_big).await;
-                metrics.connections.dec();
-                drop(permit);
-            }
-            .instrument(info_span!("ws"))
-        })
+        .on_upgrade(move |socket| admission.serve(socket, too_big).instrument(info_span!("ws"))))
 }
 
 /// Whether axum's socket error is tungstenite's "message or frame too big".
@@ -270,45 +134,32 @@ struct DevLogin {
 
 async fn dev_login(
     State(state): State<AppState>,
-    body: Result<Json<DevLogin>, axum::extract::rejection::JsonRejection>,
-) -> Response {
+    body: Result<Json<DevLogin>, JsonRejection>,
+) -> Result<impl IntoResponse, HttpError> {
     if !state.auth.dev_login_enabled() {
-        return api_error(
+        return Err(HttpError::new(
             StatusCode::NOT_FOUND,
-            "dev_login_disabled",
+            code::DEV_LOGIN_DISABLED,
             "the insecure dev login is off (--insecure-dev-login)",
-        );
+        ));
     }
-    let Json(body) = match body {
-        Ok(body) => body,
-        Err(rejection) => return api_error(StatusCode::BAD_REQUEST, "invalid_frame", rejection.body_text()),
-    };
-    let user = match UserId::new(body.user) {
-        Ok(user) => user,
-        Err(error) => return api_error(StatusCode::BAD_REQUEST, "invalid_argument", error.to_string()),
-    };
+    let Json(body) = body?;
+    let user = UserId::new(body.user).map_err(|error| HttpError::invalid_argument(error.to_string()))?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|elapsed| elapsed.as_secs())
         .unwrap_or(0);
-    match state.auth.mint_dev_token(&user, now, DEV_TOKEN_TTL_SECS) {
-        Some((token, expires)) => {
-            Json(json!({ "token": token, "user": user.as_str(), "expires_at": expires * 1000, "insecure": true }))
-                .into_response()
-        }
-        None => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "could not mint a token"),
-    }
+    let (token, expires) = state
+        .auth
+        .mint_dev_token(&user, now, DEV_TOKEN_TTL_SECS)
+        .ok_or_else(|| HttpError::internal("could not mint a token"))?;
+    Ok(Json(json!({ "token": token, "user": user.as_str(), "expires_at": expires * 1000, "insecure": true })))
 }
 
-async fn list_channels(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let identity = match authenticate(&state, bearer(&headers)) {
-        Ok(identity) => identity,
-        Err(response) => return response,
-    };
-    match state.router.list_channels(&identity.user).await {
-        Ok(channels) => Json(json!({ "channels": channels })).into_response(),
-        Err(error) => router_error(error),
-    }
+async fn list_channels(State(state): State<AppState>, headers: HeaderMap) -> Result<impl IntoResponse, HttpError> {
+    let identity = state.authenticate(bearer(&headers))?;
+    let channels = state.router.list_channels(&identity.user).await?;
+    Ok(Json(json!({ "channels": channels })))
 }
 
 #[derive(Deserialize)]
@@ -320,62 +171,52 @@ struct DeviceBody {
 async fn device_request(
     state: &AppState,
     headers: &HeaderMap,
-    body: Result<Json<DeviceBody>, axum::extract::rejection::JsonRejection>,
-) -> Result<(UserId, parley_push::Device, Arc<crate::push::PushService>), Response> {
-    let identity = authenticate(state, bearer(headers))?;
+    body: Result<Json<DeviceBody>, JsonRejection>,
+) -> Result<(UserId, parley_push::Device, Arc<crate::push::PushService>), HttpError> {
+    let identity = state.authenticate(bearer(headers))?;
     let Some(push) = state.push.clone() else {
-        return Err(api_error(StatusCode::SERVICE_UNAVAILABLE, "push_disabled", "no push provider is configured"));
+        return Err(HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code::PUSH_DISABLED,
+            "no push provider is configured",
+        ));
     };
-    let Json(body) =
-        body.map_err(|rejection| api_error(StatusCode::BAD_REQUEST, "invalid_frame", rejection.body_text()))?;
+    let Json(body) = body?;
     let platform = match body.platform.as_str() {
         "fcm" => parley_push::Platform::Fcm,
         "apns" => parley_push::Platform::Apns,
-        other => {
-            return Err(api_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_argument",
-                format!("unknown platform {other:?}; use fcm or apns"),
-            ))
-        }
+        other => return Err(HttpError::invalid_argument(format!("unknown platform {other:?}; use fcm or apns"))),
     };
     if body.token.is_empty() || body.token.len() > 4096 {
-        return Err(api_error(StatusCode::BAD_REQUEST, "invalid_argument", "token must be 1-4096 bytes"));
+        return Err(HttpError::invalid_argument("token must be 1-4096 bytes"));
     }
     Ok((identity.user, parley_push::Device::new(platform, body.token), push))
 }
 
-#[allow(clippy::result_large_err)]
 async fn register_device(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<Json<DeviceBody>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let (user, device, push) = match device_request(&state, &headers, body).await {
-        Ok(parts) => parts,
-        Err(response) => return response,
-    };
+    body: Result<Json<DeviceBody>, JsonRejection>,
+) -> Result<impl IntoResponse, HttpError> {
     use parley_push::DeviceRegistry;
-    match push.registry.register(user.as_str(), device).await {
-        Ok(()) => (StatusCode::CREATED, Json(json!({ "registered": true }))).into_response(),
-        Err(error) => api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string()),
-    }
+    let (user, device, push) = device_request(&state, &headers, body).await?;
+    push.registry.register(user.as_str(), device).await.map_err(|error| HttpError::unavailable(error.to_string()))?;
+    Ok((StatusCode::CREATED, Json(json!({ "registered": true }))))
 }
 
 async fn unregister_device(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<Json<DeviceBody>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let (_, device, push) = match device_request(&state, &headers, body).await {
-        Ok(parts) => parts,
-        Err(response) => return response,
-    };
+    body: Result<Json<DeviceBody>, JsonRejection>,
+) -> Result<impl IntoResponse, HttpError> {
     use parley_push::DeviceRegistry;
-    match push.registry.unregister(device.platform, &device.token).await {
-        Ok(removed) => Json(json!({ "removed": removed })).into_response(),
-        Err(error) => api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string()),
-    }
+    let (_, device, push) = device_request(&state, &headers, body).await?;
+    let removed = push
+        .registry
+        .unregister(device.platform, &device.token)
+        .await
+        .map_err(|error| HttpError::unavailable(error.to_string()))?;
+    Ok(Json(json!({ "removed": removed })))
 }
 
 #[derive(Deserialize)]
@@ -388,25 +229,112 @@ struct HistoryParams {
 async fn history(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(channel): Path<String>,
-    params: Result<Query<HistoryParams>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let identity = match authenticate(&state, bearer(&headers)) {
-        Ok(identity) => identity,
-        Err(response) => return response,
-    };
-    let Query(params) = match params {
-        Ok(params) => params,
-        Err(rejection) => return api_error(StatusCode::BAD_REQUEST, "invalid_argument", rejection.body_text()),
-    };
+    channel: Result<Path<String>, PathRejection>,
+    params: Result<Query<HistoryParams>, QueryRejection>,
+) -> Result<impl IntoResponse, HttpError> {
+    let identity = state.authenticate(bearer(&headers))?;
+    let Path(channel) = channel?;
+    let Query(params) = params?;
     if params.limit == Some(0) {
-        return api_error(StatusCode::BAD_REQUEST, "invalid_argument", "limit must be 1-200");
+        return Err(HttpError::invalid_argument("limit must be 1-200"));
     }
     let query = HistoryQuery { before: params.before, after: params.after, limit: params.limit.unwrap_or(50) };
-    match state.router.history(&identity.user, &channel, query).await {
-        Ok(page) => {
-            Json(json!({ "channel": channel, "messages": page.messages, "has_more": page.has_more })).into_response()
+    let page = state.router.history(&identity.user, &channel, query).await?;
+    Ok(Json(json!({ "channel": channel, "messages": page.messages, "has_more": page.has_more })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::tests::{state, valid_token};
+    use crate::config::GatewayConfig;
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    async fn answer(app: AxumRouter, request: Request<Body>) -> (StatusCode, serde_json::Value) {
+        let response = app.oneshot(request).await.expect("infallible");
+        let status = response.status();
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    }
+
+    fn drain_request(token: Option<&str>) -> Request<Body> {
+        let mut request = Request::post("/admin/drain");
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
-        Err(error) => router_error(error),
+        request.body(Body::from("{\"window_ms\":1000}")).expect("request")
+    }
+
+    #[tokio::test]
+    async fn the_admin_drain_needs_the_admin_token() {
+        let (mut disabled, _shutdown) = state(8);
+        disabled.config = Arc::new(GatewayConfig { admin_token: None, ..GatewayConfig::default() });
+        let (status, body) = answer(admin_app(disabled), drain_request(Some("anything"))).await;
+        assert_eq!((status, &body["code"]), (StatusCode::FORBIDDEN, &json!("admin_disabled")), "{body}");
+
+        let (mut enabled, _shutdown) = state(8);
+        enabled.config =
+            Arc::new(GatewayConfig { admin_token: Some("admin-secret".into()), ..GatewayConfig::default() });
+        for token in [None, Some("admin-secreT"), Some("admin-secret-and-more"), Some("")] {
+            let (status, body) = answer(admin_app(enabled.clone()), drain_request(token)).await;
+            assert_eq!((status, &body["code"]), (StatusCode::UNAUTHORIZED, &json!("unauthorized")), "{token:?}");
+            assert!(body["message"].as_str().is_some_and(|message| !message.is_empty()), "{body}");
+        }
+        let (status, body) = answer(admin_app(enabled.clone()), drain_request(Some("admin-secret"))).await;
+        assert_eq!((status, &body["draining"], &body["window_ms"]), (StatusCode::ACCEPTED, &json!(true), &json!(1000)));
+        // Draining: not ready, and no new connections.
+        let readyz = Request::get("/readyz").body(Body::empty()).expect("request");
+        let (status, body) = answer(app(enabled.clone()), readyz).await;
+        assert_eq!((status, &body["code"]), (StatusCode::SERVICE_UNAVAILABLE, &json!("draining")), "{body}");
+    }
+
+    #[tokio::test]
+    async fn http_api_refusals_are_json_with_a_code_and_a_message() {
+        let (state, _shutdown) = state(8);
+        let get = |uri: &str, token: Option<&str>| {
+            let mut request = Request::get(uri);
+            if let Some(token) = token {
+                request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+            }
+            request.body(Body::empty()).expect("request")
+        };
+        let token = valid_token();
+        let cases = [
+            (get("/v1/channels", None), StatusCode::UNAUTHORIZED, "unauthorized"),
+            (get("/v1/channels", Some("garbage")), StatusCode::UNAUTHORIZED, "unauthorized"),
+            // The test router is shutting down: the router's error keeps its code.
+            (get("/v1/channels", Some(&token)), StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            (get("/v1/channels/g:room/messages?limit=0", Some(&token)), StatusCode::BAD_REQUEST, "invalid_argument"),
+            (get("/v1/channels/g:room/messages?limit=many", Some(&token)), StatusCode::BAD_REQUEST, "invalid_argument"),
+            (get("/v1/sse?v=2", Some(&token)), StatusCode::BAD_REQUEST, "unsupported_version"),
+            (get("/v1/poll/s-none?v=x", Some(&token)), StatusCode::NOT_FOUND, "no_such_session"),
+            (get("/v1/poll/s-none?wait_ms=x", Some(&token)), StatusCode::BAD_REQUEST, "invalid_argument"),
+            (get("/v1/channels/%FF/messages", Some(&token)), StatusCode::BAD_REQUEST, "invalid_argument"),
+            (get("/v1/poll/%FF", Some(&token)), StatusCode::BAD_REQUEST, "invalid_argument"),
+        ];
+        for (request, status, code) in cases {
+            let uri = request.uri().to_string();
+            let (actual, body) = answer(app(state.clone()), request).await;
+            assert_eq!((actual, &body["code"]), (status, &json!(code)), "{uri}: {body}");
+            assert!(body["message"].as_str().is_some_and(|message| !message.is_empty()), "{uri}: {body}");
+        }
+        let (status, body) = answer(app(state.clone()), get("/v1/ws?v=1", Some(&token))).await;
+        assert!(status.is_client_error() && body["code"] == json!("upgrade_required"), "{status}: {body}");
+        let login = Request::post("/v1/dev/login")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from("{\"user\":\"demo\"}"))
+            .expect("request");
+        let (status, body) = answer(app(state.clone()), login).await;
+        assert_eq!((status, &body["code"]), (StatusCode::NOT_FOUND, &json!("dev_login_disabled")), "{body}");
+        let device = Request::post("/v1/devices")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from("{\"platform\":\"fcm\",\"token\":\"t\"}"))
+            .expect("request");
+        let (status, body) = answer(app(state), device).await;
+        assert_eq!((status, &body["code"]), (StatusCode::SERVICE_UNAVAILABLE, &json!("push_disabled")), "{body}");
     }
 }

@@ -12,9 +12,9 @@
 
 use crate::metrics::Metrics;
 use async_trait::async_trait;
+use parley_api::PresenceUpdate;
+use parley_api::{Router, RouterError};
 use parley_core::protocol::ErrorCode;
-use parley_router::backend::PresenceUpdate;
-use parley_router::{Router, RouterError};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 use tracing::{info_span, warn, Instrument};
 
 /// Most changes one call to the router carries (the router takes up to
-/// [`parley_router::router::MAX_PRESENCE_BATCH`]).
+/// [`parley_api::MAX_PRESENCE_BATCH`]).
 pub const BATCH: usize = 500;
 /// Most changes waiting; beyond it the oldest are dropped.
 pub const QUEUE: usize = 100_000;
@@ -181,8 +181,8 @@ async fn send_loop(journal: std::sync::Weak<Journal>, wake: Arc<Notify>, sink: A
 #[cfg(test)]
 mod tests {
     use super::*;
+    use parley_api::BackendError;
     use parley_core::presence::Status;
-    use parley_router::BackendError;
 
     /// Records what it gets; fails the first `failures` calls with `unavailable`, and refuses batches holding
     /// the user `refused`.

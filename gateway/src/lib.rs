@@ -4,16 +4,21 @@
 //! - [`auth`]: JWT verification (HS256, RS256) and the insecure dev login.
 //! - [`hub`]: this instance's index of local connections per channel and user, fed by one pub/sub
 //!   subscription for the whole instance; it forwards each published frame to the local members' queues.
-//! - [`connection`]: the per-connection loop, generic over any `Sink`/`Stream` of WebSocket messages.
+//! - [`connection`]: the per-connection loop, generic over any `Sink`/`Stream` of WebSocket messages: the handshake,
+//!   then one handler per event (queued frames, client frames, deadlines), then the close.
+//! - [`admission`]: the application's shared state ([`AppState`]) and what a client must pass to connect (version,
+//!   token, draining, connection limit), shared by WebSocket and the fallback transports.
 //! - [`fallback`]: SSE and long-poll transports, which run the same connection loop over a virtual socket.
-//! - [`http`]: the axum application (`app(state)`): WebSocket upgrade, HTTP API, the demo page, health.
+//! - [`http`]: the axum applications (`app(state)`, `admin_app(state)`): WebSocket upgrade, HTTP API, the demo
+//!   page, health, drain; it merges the fallback transports' routes. Every HTTP refusal is a
+//!   [`parley_api::HttpError`].
 //! - [`metrics`]: Prometheus metrics served on the admin port.
 //! - [`presence`]: this instance's presence service over the fenced presence book.
 //! - [`journal`]: the presence journal, which hands presence changes to the router for the log (distributed).
 //! - [`push`]: device registration and push notifications to offline members.
 //! - [`drain`]: draining an instance: reconnect requests spread over a window, then stop.
-//! - [`standalone`]: wiring of gateway + router + embedded storage into one process.
 
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod connection;
@@ -26,7 +31,6 @@ pub mod journal;
 pub mod metrics;
 pub mod presence;
 pub mod push;
-pub mod standalone;
 
 pub use error::GatewayError;
 pub use http::{admin_app, app, AppState};

@@ -1,7 +1,9 @@
-//! Prometheus metrics of the gateway and of the embedded router, prefixed `parley_`.
+//! Prometheus metrics of a `parley` process, prefixed `parley_`: the gateway's own (`parley_gateway_*`), and
+//! whatever the process registers beside them when it starts ([`Metrics::with`]): the router's (an in-process
+//! writer's, or a remote handle's transport failures: `parley_router_*`), the Redis drivers' and push's. One
+//! registry, built once (`parley_telemetry::metrics`).
 
 use parley_core::protocol::ErrorCode;
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -53,6 +55,9 @@ pub struct Metrics {
     pub limits: Family<Labels, Counter>,
     /// Send latency from frame received to durable confirmation, in seconds.
     pub send_seconds: Histogram,
+    /// From a message's sequencing (its id's timestamp) to its frame being queued to this instance's local
+    /// members, in seconds: the fan-out part of delivery latency.
+    pub fanout_seconds: Histogram,
     /// Publications received from pub/sub.
     pub publications: Counter,
     /// Messages retransmitted for lack of an ACK.
@@ -80,8 +85,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric.
+    /// Registers every gateway metric.
     pub fn new() -> Arc<Self> {
+        Self::with(|_| {})
+    }
+
+    /// Registers every gateway metric, then lets `extra` register what else the process exports (under the
+    /// `parley` prefix: use a sub-registry for `parley_router_*` and the like).
+    pub fn with(extra: impl FnOnce(&mut Registry)) -> Arc<Self> {
         let mut registry = Registry::with_prefix("parley");
         let connections = Gauge::default();
         let connections_total = Counter::default();
@@ -90,6 +101,7 @@ impl Metrics {
         let errors = Family::<Labels, Counter>::default();
         let limits = Family::<Labels, Counter>::default();
         let send_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        let fanout_seconds = parley_telemetry::metrics::latency_histogram();
         let publications = Counter::default();
         let retransmits = Counter::default();
         let gaps_filled = Counter::default();
@@ -137,6 +149,12 @@ impl Metrics {
         registry.register("gateway_limit_hits", "Limits hit, by limit", limits.clone());
         registry.register("gateway_send_duration_seconds", "Send to durable confirmation", send_seconds.clone());
         registry.register("gateway_publications", "Publications received from pub/sub", publications.clone());
+        registry.register(
+            "gateway_fanout_seconds",
+            "From a message's sequencing to its frame being queued to this instance's local members",
+            fanout_seconds.clone(),
+        );
+        extra(&mut registry);
         Arc::new(Self {
             registry,
             connections,
@@ -146,6 +164,7 @@ impl Metrics {
             errors,
             limits,
             send_seconds,
+            fanout_seconds,
             publications,
             retransmits,
             gaps_filled,
@@ -171,22 +190,22 @@ impl Metrics {
         self.limits.get_or_create(&vec![("limit", limit.label())]).inc();
     }
 
-    /// Encodes the registry in the Prometheus text format, followed by `extra` lines.
-    pub fn encode(&self, extra: &[(&str, &str, u64)]) -> String {
-        let mut text = String::new();
-        if encode(&mut text, &self.registry).is_err() {
-            return String::from("# encoding failed\n");
+    /// Observes the fan-out latency of a message sequenced at `sequenced_ms` (Unix ms; 0 when unknown, then
+    /// nothing is observed). A clock behind the writer's counts as no delay.
+    pub fn observe_fanout(&self, sequenced_ms: u64) {
+        if sequenced_ms == 0 {
+            return;
         }
-        // Counters owned by other crates (the router's), appended in the same format before the EOF marker.
-        let eof = text.rfind("# EOF").unwrap_or(text.len());
-        let mut head = text[..eof].to_owned();
-        for (name, help, value) in extra {
-            head.push_str(&format!(
-                "# HELP parley_{name} {help}\n# TYPE parley_{name} counter\nparley_{name}_total {value}\n"
-            ));
-        }
-        head.push_str("# EOF\n");
-        head
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_millis() as u64)
+            .unwrap_or(0);
+        self.fanout_seconds.observe(now.saturating_sub(sequenced_ms) as f64 / 1000.0);
+    }
+
+    /// The registry in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        parley_telemetry::metrics::encode(&self.registry)
     }
 }
 
@@ -196,15 +215,22 @@ mod tests {
 
     #[test]
     fn encodes_registered_metrics() {
-        let metrics = Metrics::new();
+        let metrics = Metrics::with(|registry| {
+            parley_telemetry::metrics::AtomicCounters::default()
+                .counter("messages", "Messages made durable", Arc::new(7.into()))
+                .register(registry.sub_registry_with_prefix("router"));
+        });
         metrics.connections.inc();
         metrics.error(ErrorCode::NotAMember);
         metrics.limit(Limit::FrameSize);
-        let text = metrics.encode(&[("router_messages", "Messages made durable", 7)]);
+        metrics.observe_fanout(1);
+        metrics.observe_fanout(0);
+        let text = metrics.encode();
         assert!(text.contains("parley_gateway_connections 1"), "{text}");
         assert!(text.contains(r#"parley_gateway_error_frames_total{code="not_a_member"} 1"#), "{text}");
         assert!(text.contains(r#"parley_gateway_limit_hits_total{limit="frame_size"} 1"#), "{text}");
         assert!(text.contains("parley_router_messages_total 7"), "{text}");
+        assert!(text.contains("parley_gateway_fanout_seconds_count 1"), "{text}");
         assert!(text.ends_with("# EOF\n"));
     }
 }

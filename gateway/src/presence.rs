@@ -10,10 +10,10 @@
 use crate::hub::Hub;
 use crate::journal::Journal;
 use axum::extract::ws::Utf8Bytes;
+use parley_api::PresenceUpdate;
+use parley_bus::presence::{unix_ms, EmbeddedPresenceStore, PresenceError, PresenceStore};
 use parley_core::presence::{PresenceView, Status};
 use parley_core::protocol::ServerFrame;
-use parley_router::backend::PresenceUpdate;
-use parley_router::presence::{unix_ms, EmbeddedPresenceStore, PresenceError, PresenceStore};
 use rand::RngCore;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -272,7 +272,7 @@ impl Presence {
 mod tests {
     use super::*;
     use crate::metrics::Metrics;
-    use parley_router::pubsub::{LocalPubSub, PubSub};
+    use parley_bus::pubsub::{LocalPubSub, PubSub};
     use tokio::sync::mpsc;
 
     fn hub() -> Arc<Hub> {

@@ -7,13 +7,13 @@
 use crate::error::GatewayError;
 use crate::hub::Hub;
 use clap::Args;
+use parley_api::DurableMessage;
 use parley_core::presence::Status;
 use parley_core::ChannelId;
 use parley_push::{
     ApnsClient, ApnsConfig, DeviceRegistry, FcmClient, FcmConfig, FileRegistry, Notifier, NotifierConfig, PushMessage,
     PushProvider, ServiceAccount, DEFAULT_MAX_DEVICES_PER_USER,
 };
-use parley_router::DurableMessage;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -107,6 +107,26 @@ impl PushService {
     /// Counters: sent, failed, invalid tokens, dropped.
     pub fn stats(&self) -> parley_push::PushStats {
         self.notifier.stats()
+    }
+
+    /// Registers the counters in `registry` (`sent`, `failed`, `invalid_tokens`, `dropped`), read at each scrape.
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut prometheus_client::registry::Registry) {
+        use parley_telemetry::metrics::{AtomicCounters, Kind};
+        let read = |field: fn(&parley_push::PushStats) -> u64| {
+            let push = self.clone();
+            move || field(&push.stats())
+        };
+        AtomicCounters::default()
+            .read("sent", "Push notifications accepted by a provider", Kind::Counter, read(|stats| stats.sent))
+            .read("failed", "Push notifications that failed", Kind::Counter, read(|stats| stats.failed))
+            .read(
+                "invalid_tokens",
+                "Device tokens unregistered as invalid",
+                Kind::Counter,
+                read(|stats| stats.invalid_tokens),
+            )
+            .read("dropped", "Push notifications dropped (queue full)", Kind::Counter, read(|stats| stats.dropped))
+            .register(registry);
     }
 
     /// Sends pushes for durable messages to members that are offline, until the router stops.

@@ -1,8 +1,9 @@
 //! Backend traits. Each has an embedded driver ([`crate::embedded`]) and a driver for a real engine. They are
 //! async, batched and fallible so that Kafka, Cassandra/Scylla and Redis drivers fit without a rewrite.
 
-use crate::error::BackendError;
 use async_trait::async_trait;
+use parley_api::BackendError;
+pub use parley_api::{HistoryPage, HistoryQuery, PresenceUpdate};
 use parley_core::protocol::MessageView;
 use parley_core::sequencer::Placement;
 use parley_core::ChannelKind;
@@ -44,26 +45,6 @@ pub enum MembershipChange {
     },
 }
 
-/// A page query.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct HistoryQuery {
-    /// Only `seq < before`.
-    pub before: Option<u64>,
-    /// Only `seq > after` (oldest first).
-    pub after: Option<u64>,
-    /// Page size.
-    pub limit: u32,
-}
-
-/// A page of history, ascending by sequence.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct HistoryPage {
-    /// Messages by ascending sequence.
-    pub messages: Vec<MessageView>,
-    /// More exist in the direction of the query.
-    pub has_more: bool,
-}
-
 /// An earlier send found by its idempotency key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PriorSend {
@@ -84,24 +65,6 @@ pub struct ReadReceipt {
     pub seq: u64,
     /// When (Unix ms, the router's clock).
     pub ts: u64,
-}
-
-/// A user's presence after it changed, as a gateway saw it; a log records it (`{prefix}presence` on Kafka, keyed by
-/// user) for other regions to mirror. Presence itself lives in the presence store (Redis): these records are its
-/// change feed, in the order each gateway saw the changes. A consumer keeps, per user, the record with the newest
-/// `at`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PresenceUpdate {
-    /// User.
-    pub user: String,
-    /// The user's status after the change (over all their connections, in every gateway).
-    pub status: parley_core::presence::Status,
-    /// Last time the user was seen connected (Unix ms, the presence store's clock; 0 if never).
-    pub last_seen: u64,
-    /// The gateway instance that saw the change.
-    pub instance: String,
-    /// When it saw it (Unix ms, the gateway's clock).
-    pub at: u64,
 }
 
 /// The durable, ordered log of messages. A send is confirmed only after [`append`](Self::append) returns.

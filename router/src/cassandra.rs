@@ -45,9 +45,9 @@ mod schema;
 use crate::backend::{
     ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageStore, PriorSend,
 };
-use crate::error::BackendError;
 use async_trait::async_trait;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
+use parley_api::BackendError;
 use parley_core::protocol::MessageView;
 use parley_core::sequencer::Placement;
 use parley_core::ChannelKind;

@@ -8,12 +8,13 @@
 use crate::backend::{
     ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageLog, MessageStore, PriorSend,
 };
-use crate::error::BackendError;
 use async_trait::async_trait;
+use parley_api::BackendError;
 use parley_core::protocol::MessageView;
 use parley_core::sequencer::Placement;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,6 +80,46 @@ impl std::fmt::Debug for EmbeddedStore {
     }
 }
 
+/// What a step of a database transaction can fail with: redb's errors (converted by `?`) or one of ours.
+#[derive(Debug)]
+enum DbError {
+    Redb(redb::Error),
+    Backend(BackendError),
+}
+
+macro_rules! from_redb {
+    ($($kind:ty),*) => {$(
+        impl From<$kind> for DbError {
+            fn from(error: $kind) -> Self {
+                DbError::Redb(error.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+impl From<BackendError> for DbError {
+    fn from(error: BackendError) -> Self {
+        DbError::Backend(error)
+    }
+}
+
+impl From<DbError> for BackendError {
+    fn from(error: DbError) -> Self {
+        match error {
+            DbError::Redb(error) => BackendError::Embedded(Box::new(error)),
+            DbError::Backend(error) => error,
+        }
+    }
+}
+
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, BackendError> {
     serde_json::to_vec(value).map_err(BackendError::Decode)
 }
@@ -90,6 +131,10 @@ fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, BackendError> {
 impl EmbeddedStore {
     /// Opens (or creates) the database `parley.redb` in `data_dir`.
     pub fn open(data_dir: &Path, retention: Retention) -> Result<Self, BackendError> {
+        Self::open_database(data_dir, retention).map_err(BackendError::from)
+    }
+
+    fn open_database(data_dir: &Path, retention: Retention) -> Result<Self, DbError> {
         std::fs::create_dir_all(data_dir).map_err(|error| {
             BackendError::Unavailable(format!("cannot create data dir {}: {error}", data_dir.display()))
         })?;
@@ -114,12 +159,13 @@ impl EmbeddedStore {
     async fn blocking<T, F>(&self, work: F) -> Result<T, BackendError>
     where
         T: Send + 'static,
-        F: FnOnce(&Database) -> Result<T, BackendError> + Send + 'static,
+        F: FnOnce(&Database) -> Result<T, DbError> + Send + 'static,
     {
         let database = self.database.clone();
         tokio::task::spawn_blocking(move || work(&database))
             .await
             .map_err(|error| BackendError::Task(error.to_string()))?
+            .map_err(BackendError::from)
     }
 
     /// The second halves of the pair keys of `table` whose first half is `first` (members of a channel, channels
@@ -430,16 +476,8 @@ impl MembershipStore for EmbeddedStore {
                 let mut channels = transaction.open_table(CHANNELS)?;
                 let mut members = transaction.open_table(MEMBERS)?;
                 let mut user_channels = transaction.open_table(USER_CHANNELS)?;
-                let adjust =
-                    |channels: &mut redb::Table<&str, &[u8]>, channel: &str, delta: i64| -> Result<(), BackendError> {
-                        let record =
-                            channels.get(channel)?.map(|value| decode::<ChannelRecord>(value.value())).transpose()?;
-                        if let Some(mut record) = record {
-                            record.member_count = (i64::from(record.member_count) + delta).max(0) as u32;
-                            channels.insert(channel, encode(&record)?.as_slice())?;
-                        }
-                        Ok(())
-                    };
+                // Member counts change once per channel, however many members a run adds or removes.
+                let mut deltas: HashMap<&str, i64> = HashMap::new();
                 for change in &changes {
                     match change {
                         MembershipChange::Create(record) => {
@@ -450,15 +488,23 @@ impl MembershipStore for EmbeddedStore {
                         MembershipChange::Add { channel, user } => {
                             if members.insert((channel.as_str(), user.as_str()), ())?.is_none() {
                                 user_channels.insert((user.as_str(), channel.as_str()), ())?;
-                                adjust(&mut channels, channel, 1)?;
+                                *deltas.entry(channel.as_str()).or_default() += 1;
                             }
                         }
                         MembershipChange::Remove { channel, user } => {
                             if members.remove((channel.as_str(), user.as_str()))?.is_some() {
                                 user_channels.remove((user.as_str(), channel.as_str()))?;
-                                adjust(&mut channels, channel, -1)?;
+                                *deltas.entry(channel.as_str()).or_default() -= 1;
                             }
                         }
+                    }
+                }
+                for (channel, delta) in deltas {
+                    let record =
+                        channels.get(channel)?.map(|value| decode::<ChannelRecord>(value.value())).transpose()?;
+                    if let Some(mut record) = record {
+                        record.member_count = (i64::from(record.member_count) + delta).max(0) as u32;
+                        channels.insert(channel, encode(&record)?.as_slice())?;
                     }
                 }
             }

@@ -2,7 +2,7 @@
 //!
 //! A channel with more members than the fan-out threshold is not pushed message by message. The writer keeps
 //! its newest messages here, in memory, and publishes one small notice per batch on the channel's topic
-//! ([`crate::pubsub::Event::Feed`]: "sequences `first..=last` are new"). Each gateway instance that holds members
+//! ([`parley_bus::pubsub::Event::Feed`]: "sequences `first..=last` are new"). Each gateway instance that holds members
 //! reads the new messages once ([`crate::LocalRouter::feed`]) and serves all of its members from that read, so a
 //! busy 10,000-member channel costs one notice per batch on the bus and one read per gateway instance, however
 //! many messages the batch carried. Reads never wait for the database: they are answered from here, and only a

@@ -54,12 +54,12 @@ pub mod partition;
 pub mod store_writer;
 pub mod tail;
 
-pub use log::KafkaLog;
+pub use log::{KafkaLog, KafkaLogStats};
 pub use store_writer::{StoreWriter, StoreWriterStats};
 
 #[cfg(doc)]
 use crate::backend::{MessageLog, MessageStore};
-use crate::error::BackendError;
+use parley_api::BackendError;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -273,7 +273,7 @@ pub async fn ensure_topics(config: &KafkaConfig) -> Result<i32, BackendError> {
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => return Err(BackendError::KafkaTopic { topic, code }),
+            Err((topic, code)) => return Err(BackendError::KafkaTopic { topic, code: code.to_string() }),
         }
     }
     partition_count(config, &config.messages_topic()).await

@@ -8,113 +8,20 @@
 
 use anyhow::Context;
 use clap::Parser;
+use parley_bus::presence::PresenceStore;
+use parley_bus::pubsub::PubSub;
+use parley_bus::redis::{RedisConfig, RedisPresenceStore, RedisPubSub};
+use parley_router::args::Args;
 use parley_router::backend::{MembershipStore, MessageLog, MessageStore};
 use parley_router::cassandra::{CassandraConfig, CassandraStore, Replication};
 use parley_router::embedded::{EmbeddedStore, Retention};
+use parley_router::kafka::KafkaLogStats;
 use parley_router::kafka::{KafkaConfig, KafkaLog, StoreWriter};
-use parley_router::presence::PresenceStore;
-use parley_router::pubsub::PubSub;
-use parley_router::redis::{RedisConfig, RedisPresenceStore, RedisPubSub};
-use parley_router::{Router, RouterConfig};
-use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::registry::Registry;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use parley_router::metrics::RouterMetrics;
+use parley_router::RouterConfig;
+use parley_telemetry::shutdown_signal;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing_subscriber::EnvFilter;
-
-/// Command line and environment of `parley-router`.
-#[derive(Debug, Parser)]
-#[command(name = "parley-router", version, about = "Parley router: the single writer, served to the gateways")]
-struct Args {
-    /// Address of the internal API the gateways call.
-    #[arg(long, env = "PARLEY_ROUTER_LISTEN", default_value = "127.0.0.1:7070")]
-    listen: SocketAddr,
-    /// Address of `/metrics` and `/healthz`.
-    #[arg(long, env = "PARLEY_ROUTER_ADMIN_LISTEN", default_value = "127.0.0.1:9091")]
-    admin_listen: SocketAddr,
-    /// Bearer token the gateways must present (recommended outside a private network).
-    #[arg(long, env = "PARLEY_INTERNAL_TOKEN", hide_env_values = true)]
-    internal_token: Option<String>,
-    /// Redis for pub/sub and the user→gateway registry (`redis://host:port`, or Redis Cluster seed nodes
-    /// comma-separated); required, it is how deliveries reach the gateways.
-    #[arg(long, env = "PARLEY_REDIS_URL")]
-    redis_url: String,
-    /// Prefix of every Redis key and channel (must match the gateways').
-    #[arg(long, env = "PARLEY_REDIS_PREFIX", default_value = "parley:")]
-    redis_prefix: String,
-    /// Data directory of the embedded log and store.
-    #[arg(long, env = "PARLEY_DATA_DIR", default_value = "./parley-router-data")]
-    data_dir: PathBuf,
-    /// Days messages are kept (0 = forever).
-    #[arg(long, env = "PARLEY_RETENTION_DAYS", default_value_t = 365)]
-    retention_days: u64,
-    /// Snowflake machine id (when no block is assigned).
-    #[arg(long, env = "PARLEY_MACHINE_ID", default_value_t = 0)]
-    machine_id: u16,
-    /// First id of the machine-id block the operator assigned.
-    #[arg(long, env = "PARLEY_MACHINE_ID_BASE")]
-    machine_id_base: Option<u16>,
-    /// Size of that block.
-    #[arg(long, env = "PARLEY_MACHINE_ID_COUNT")]
-    machine_id_count: Option<u16>,
-    /// This pod's ordinal in its StatefulSet.
-    #[arg(long, env = "PARLEY_POD_INDEX")]
-    pod_index: Option<u16>,
-    /// Snowflake epoch (Unix ms).
-    #[arg(long, env = "PARLEY_SNOWFLAKE_EPOCH_MS", default_value_t = parley_core::snowflake::DEFAULT_EPOCH_MS)]
-    snowflake_epoch_ms: u64,
-    /// Largest message text in bytes.
-    #[arg(long, env = "PARLEY_MAX_TEXT_BYTES", default_value_t = 4096)]
-    max_text_bytes: usize,
-    /// Largest channel.
-    #[arg(long, env = "PARLEY_MAX_CHANNEL_MEMBERS", default_value_t = 10_000)]
-    max_channel_members: u32,
-    /// Channels above this many members are fanned out on read (a feed each gateway reads once, announced per
-    /// batch) and publish no per-member events.
-    #[arg(long, env = "PARLEY_FANOUT_THRESHOLD", default_value_t = 1000)]
-    fanout_threshold: u32,
-    /// Kafka (`host:port[,...]`): the durable log. With it, the router writes every message to Kafka first
-    /// (fenced transactional producers, acks=all) and a store writer copies the log into the store.
-    #[arg(long, env = "PARLEY_KAFKA_BOOTSTRAP_SERVERS")]
-    kafka_bootstrap_servers: Option<String>,
-    /// Prefix of the Kafka topics, transactional ids and consumer groups.
-    #[arg(long, env = "PARLEY_KAFKA_TOPIC_PREFIX", default_value = "parley-")]
-    kafka_topic_prefix: String,
-    /// Partitions of the messages topic when the router creates it.
-    #[arg(long, env = "PARLEY_KAFKA_PARTITIONS", default_value_t = 8)]
-    kafka_partitions: i32,
-    /// Replication factor of the topics when the router creates them.
-    #[arg(long, env = "PARLEY_KAFKA_REPLICATION_FACTOR", default_value_t = 1)]
-    kafka_replication_factor: i32,
-    /// Static member id of this router's store writer in its Kafka consumer group (default
-    /// `<prefix>store-writer-<machine id>`, stable across restarts of the same pod), so a restarted router takes its
-    /// partitions back at once.
-    #[arg(long, env = "PARLEY_KAFKA_STORE_WRITER_ID")]
-    kafka_store_writer_id: Option<String>,
-    /// Cassandra/Scylla contact points (`host:port`, comma-separated): the message and membership store. Needs
-    /// `--kafka-bootstrap-servers` (the store is written from the log).
-    #[arg(long, env = "PARLEY_CASSANDRA_CONTACT_POINTS", value_delimiter = ',')]
-    cassandra_contact_points: Vec<String>,
-    /// Keyspace.
-    #[arg(long, env = "PARLEY_CASSANDRA_KEYSPACE", default_value = "parley")]
-    cassandra_keyspace: String,
-    /// Datacenter whose nodes coordinate this router's requests.
-    #[arg(long, env = "PARLEY_CASSANDRA_LOCAL_DATACENTER")]
-    cassandra_local_datacenter: Option<String>,
-    /// Replicas in the local datacenter when the router creates the keyspace.
-    #[arg(long, env = "PARLEY_CASSANDRA_REPLICATION_FACTOR", default_value_t = 1)]
-    cassandra_replication_factor: u32,
-    /// Consistency of every read and write (`LOCAL_QUORUM`, `QUORUM`, `LOCAL_ONE`, ...).
-    #[arg(long, env = "PARLEY_CASSANDRA_CONSISTENCY", default_value = "LOCAL_QUORUM")]
-    cassandra_consistency: String,
-    /// Log filter.
-    #[arg(long, env = "PARLEY_LOG", default_value = "info")]
-    log: String,
-}
 
 /// The writer's backends.
 struct Backends {
@@ -123,6 +30,8 @@ struct Backends {
     membership: Arc<dyn MembershipStore>,
     /// Copies the Kafka log into the store (Kafka only).
     store_writer: Option<StoreWriter>,
+    /// The Kafka log's settings and counters (Kafka only).
+    kafka: Option<(KafkaConfig, Arc<KafkaLogStats>)>,
     /// Where the data lives, for the start-up line.
     describe: String,
 }
@@ -145,6 +54,7 @@ async fn backends(args: &Args, retention: Retention, machine_id: u16) -> anyhow:
             store: store.clone(),
             membership: store,
             store_writer: None,
+            kafka: None,
             describe: format!("embedded log and store in {}", args.data_dir.display()),
         });
     };
@@ -189,9 +99,13 @@ async fn backends(args: &Args, retention: Retention, machine_id: u16) -> anyhow:
         .await
         .with_context(|| format!("failed to open the Kafka log at {bootstrap}"))?;
     let store_writer =
-        StoreWriter::start(kafka, store.clone()).await.context("failed to start the Kafka store writer")?;
-    Ok(Backends { log: Arc::new(log), store, membership, store_writer: Some(store_writer), describe })
+        StoreWriter::start(kafka.clone(), store.clone()).await.context("failed to start the Kafka store writer")?;
+    let kafka = Some((kafka, log.stats().clone()));
+    Ok(Backends { log: Arc::new(log), store, membership, store_writer: Some(store_writer), kafka, describe })
 }
+
+/// How often the store writer's lag per partition is read for `/metrics`.
+const STORE_LAG_EVERY: Duration = Duration::from_secs(5);
 
 fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
@@ -203,9 +117,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
+    parley_telemetry::init("parley-router", &args.telemetry)?;
     let machine_id = parley_core::snowflake::machine_id_from_block(
         args.machine_id,
         args.machine_id_base,
@@ -218,8 +130,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         messages: (args.retention_days > 0).then(|| Duration::from_secs(args.retention_days * 24 * 3600)),
         ..Retention::default()
     };
-    let Backends { log, store, membership, store_writer, describe } = backends(&args, retention, machine_id).await?;
+    let Backends { log, store, membership, store_writer, kafka, describe } =
+        backends(&args, retention, machine_id).await?;
     let redis = RedisConfig::new(args.redis_url.clone()).with_prefix(args.redis_prefix.clone());
+    let redis_stats = redis.stats.clone();
     let pubsub: Arc<dyn PubSub> = Arc::new(
         RedisPubSub::connect(redis.clone())
             .await
@@ -239,7 +153,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         fanout_threshold: args.fanout_threshold,
         ..RouterConfig::default()
     };
-    let (router, writer) = Router::start_with_directory(config, log, store, membership, pubsub, directory)
+    let (router, writer) = parley_router::start_with_directory(config, log, store, membership, pubsub, directory)
         .context("failed to start the writer")?;
 
     let listener =
@@ -253,12 +167,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!("parley-router listening on http://{address} (metrics on http://{admin_address}/metrics)");
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut metrics = RouterMetrics::new(router.stats());
+    metrics.redis(&redis_stats);
+    if let Some(store_writer) = &store_writer {
+        metrics.store_writer(store_writer.stats());
+    }
+    if let Some((_, log_stats)) = &kafka {
+        metrics.kafka_log(log_stats);
+    }
+    let metrics = Arc::new(metrics);
+    if let Some((kafka, _)) = kafka {
+        tokio::spawn(metrics.clone().refresh_store_lag(kafka, STORE_LAG_EVERY, stopped.clone()));
+    }
     let admin = axum::Router::new()
-        .route("/metrics", axum::routing::get(metrics))
+        .route(
+            "/metrics",
+            axum::routing::get(|axum::extract::State(metrics): axum::extract::State<Arc<RouterMetrics>>| async move {
+                ([(http::header::CONTENT_TYPE, parley_telemetry::metrics::CONTENT_TYPE)], metrics.encode())
+            }),
+        )
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         // Ready once listening: the writer and its backends were opened before the listeners were bound.
         .route("/readyz", axum::routing::get(|| async { "ok" }))
-        .with_state(router.clone());
+        .with_state(metrics);
     let service = parley_router::service::app(router, args.internal_token.clone());
     let mut service_stop = stopped.clone();
     let mut admin_stop = stopped;
@@ -276,7 +207,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let _ = admin_stop.wait_for(|stop| *stop).await;
     });
     tokio::spawn(async move {
-        wait_for_signal().await;
+        shutdown_signal().await;
         tracing::info!("signal: finishing in-flight calls, then stopping");
         let _ = stop.send(true);
     });
@@ -292,69 +223,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn metrics(axum::extract::State(router): axum::extract::State<Router>) -> String {
-    let stats = router.stats();
-    let mut registry = Registry::with_prefix("parley_router");
-    let counters = [
-        ("messages", "Messages made durable", stats.messages.load(Ordering::Relaxed)),
-        ("batches", "Batches written", stats.batches.load(Ordering::Relaxed)),
-        (
-            "write_failures",
-            "Durable writes that failed (nothing confirmed)",
-            stats.write_failures.load(Ordering::Relaxed),
-        ),
-        (
-            "publish_failures",
-            "Publishes that failed (recovered from history)",
-            stats.publish_failures.load(Ordering::Relaxed),
-        ),
-        (
-            "feed_messages",
-            "Messages of large channels put in their feed (fan-out on read)",
-            stats.feed_messages.load(Ordering::Relaxed),
-        ),
-        (
-            "feed_notices",
-            "Feed notices published (one per large channel per batch)",
-            stats.feed_notices.load(Ordering::Relaxed),
-        ),
-        ("feed_reads", "Gateway feed reads answered from memory", stats.feed_reads.load(Ordering::Relaxed)),
-        (
-            "feed_store_reads",
-            "Gateway feed reads answered from the store (behind the feed)",
-            stats.feed_store_reads.load(Ordering::Relaxed),
-        ),
-        (
-            "presence_records",
-            "Presence changes recorded in the log for gateways",
-            stats.presence_records.load(Ordering::Relaxed),
-        ),
-    ];
-    for (name, help, value) in counters {
-        registry.register(name, help, ConstCounter::new(value));
-    }
-    let mut text = String::new();
-    if encode(&mut text, &registry).is_err() {
-        text.clear();
-    }
-    text
-}
-
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut terminate) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = terminate.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
 }
 
 #[cfg(test)]

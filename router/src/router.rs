@@ -1,17 +1,27 @@
 //! The single writer. Commands arrive on a bounded queue and are taken in batches; consecutive commands of one
-//! kind (sends, or membership changes) form a run that is decided in memory, written durably in one call, and
-//! only then confirmed and published. While one batch is being synced the next one queues up, so throughput
-//! grows with load (group commit) while every channel keeps one gap-free order.
+//! kind (sends, or membership changes) form a run that is decided in memory and written durably in one call.
+//! Then, in this order: the senders are confirmed, and what became durable is handed to the publisher
+//! ([`crate::publisher`]), which announces it on pub/sub in its own task. The writer never waits for pub/sub.
+//! While one batch is being synced the next one queues up, so throughput grows with load (group commit) while
+//! every channel keeps one gap-free order.
+//!
+//! A membership run's write (a channel of 10,000 members is 10,000 rows) runs in its own task while the writer
+//! goes on with sends: sends to the channels it touches wait for it (they are decided once it is durable, or
+//! refused with it), sends to every other channel do not. The next membership run starts only once the previous one
+//! is written, so membership changes keep their order too.
 
 use crate::backend::{
     ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageLog, MessageStore,
     PresenceUpdate, ReadReceipt,
 };
-use crate::error::{BackendError, RouterError};
 use crate::feed::FeedBook;
-use crate::presence::PresenceStore;
-use crate::pubsub::{channel_topic, gateway_topic, ControlEvent, Event, PubSub, ALL_GATEWAYS_TOPIC};
+use crate::publisher::{self, Job, MembershipEvent, PublisherConfig, PublisherHandle};
 use bytes::Bytes;
+use parley_api::{
+    BackendError, DurableMessage, RouterError, RouterStats, SendOutcome, DELIVERY_RECEIPT_MEMBERS, MAX_PRESENCE_BATCH,
+};
+use parley_bus::presence::PresenceStore;
+use parley_bus::pubsub::{channel_topic, ControlEvent, Event, PubSub};
 use parley_core::protocol::{ChannelView, MessageView, ServerFrame};
 use parley_core::sequencer::{Decision, Placement, SendRequest, Sequencer};
 use parley_core::snowflake::{decompose, Snowflake};
@@ -25,14 +35,8 @@ use tracing::{debug, instrument, warn};
 /// How long a history read waits for a store that trails the log (see [`LocalRouter::history`]).
 const STORE_CATCH_UP: Duration = Duration::from_secs(2);
 
-/// Channels up to this many members get live delivery receipts.
-pub const DELIVERY_RECEIPT_MEMBERS: u32 = 32;
-
 /// How many channel views one channel list reads at once.
 const LIST_CONCURRENCY: usize = 16;
-
-/// Most presence changes one [`LocalRouter::record_presence`] call takes.
-pub const MAX_PRESENCE_BATCH: usize = 1_000;
 
 /// Router settings.
 #[derive(Debug, Clone)]
@@ -52,6 +56,8 @@ pub struct RouterConfig {
     /// Channels with more members than this are fanned out on read (their messages go to a feed that each
     /// gateway instance reads once, announced by a notice per batch) and publish no per-member events.
     pub fanout_threshold: u32,
+    /// The publisher between the writer and pub/sub.
+    pub publisher: PublisherConfig,
 }
 
 impl Default for RouterConfig {
@@ -64,54 +70,9 @@ impl Default for RouterConfig {
             batch_max: 1024,
             queue: 16_384,
             fanout_threshold: 1000,
+            publisher: PublisherConfig::default(),
         }
     }
-}
-
-/// The result of a send.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SendOutcome {
-    /// Channel the message is in.
-    pub channel: String,
-    /// Where it sits.
-    pub placement: Placement,
-    /// Whether this was a retry of an earlier send.
-    pub duplicate: bool,
-}
-
-/// Counters the writer keeps; read them for metrics.
-#[derive(Debug, Default)]
-pub struct RouterStats {
-    /// Messages made durable.
-    pub messages: std::sync::atomic::AtomicU64,
-    /// Batches written.
-    pub batches: std::sync::atomic::AtomicU64,
-    /// Writes that failed.
-    pub write_failures: std::sync::atomic::AtomicU64,
-    /// Publishes that failed (the messages stay durable and are recovered from history).
-    pub publish_failures: std::sync::atomic::AtomicU64,
-    /// Durable messages not handed to the tap because its queue was full.
-    pub tap_dropped: std::sync::atomic::AtomicU64,
-    /// Messages of large channels put in a feed (fan-out on read) instead of being published.
-    pub feed_messages: std::sync::atomic::AtomicU64,
-    /// Feed notices published (one per large channel per batch).
-    pub feed_notices: std::sync::atomic::AtomicU64,
-    /// Feed reads answered from memory.
-    pub feed_reads: std::sync::atomic::AtomicU64,
-    /// Feed reads the memory could not answer, sent to the store.
-    pub feed_store_reads: std::sync::atomic::AtomicU64,
-    /// Presence changes recorded in the log for gateways.
-    pub presence_records: std::sync::atomic::AtomicU64,
-}
-
-/// A message that became durable, with the other members of its channel (for offline notification). Only
-/// channels up to the fan-out threshold are tapped.
-#[derive(Debug, Clone)]
-pub struct DurableMessage {
-    /// The message.
-    pub message: MessageView,
-    /// Members of the channel other than the sender.
-    pub recipients: Vec<String>,
 }
 
 enum Command {
@@ -177,7 +138,7 @@ impl LocalRouter {
 
     /// Like [`start_with_tap`](Self::start_with_tap), and addresses direct events (membership changes) to the
     /// gateway instances that `directory` (the user→gateway registry) locates. Without one, they go to every
-    /// gateway ([`ALL_GATEWAYS_TOPIC`]), which is right for one gateway and wasteful for many.
+    /// gateway ([`parley_bus::pubsub::ALL_GATEWAYS_TOPIC`]), which is right for one gateway and wasteful for many.
     pub fn start_full(
         config: RouterConfig,
         log: Arc<dyn MessageLog>,
@@ -191,26 +152,30 @@ impl LocalRouter {
         let (commands, queue) = mpsc::channel(config.queue.max(1));
         let stats = Arc::new(RouterStats::default());
         let feeds = FeedBook::default();
+        let (publisher, publisher_task) = publisher::start(config.publisher, pubsub.clone(), directory, stats.clone());
         let writer = Writer {
             queue,
             log: log.clone(),
             membership: membership.clone(),
-            pubsub: pubsub.clone(),
+            publisher,
             sequencer: Sequencer::new(),
             snowflake,
             channels: HashMap::new(),
             config: config.clone(),
             stats: stats.clone(),
             durable_tap: tap,
-            directory,
             feeds: feeds.clone(),
         };
-        let task = tokio::spawn(writer.run());
+        let task = tokio::spawn(async move {
+            writer.run().await;
+            // The writer dropped its publisher handle: the publisher drains what is queued, then stops.
+            let _ = publisher_task.await;
+        });
         Ok((LocalRouter { commands, log, store, membership, pubsub, config: Arc::new(config), stats, feeds }, task))
     }
 
     /// The writer's counters.
-    pub fn stats(&self) -> &RouterStats {
+    pub fn stats(&self) -> &Arc<RouterStats> {
         &self.stats
     }
 
@@ -268,7 +233,12 @@ impl LocalRouter {
             text: text.to_owned(),
             first_attempt,
         };
-        self.submit(|reply| Command::Send { request, reply }).await
+        let queued = tokio::time::Instant::now();
+        let outcome = self.submit(|reply| Command::Send { request, reply }).await;
+        if outcome.as_ref().is_ok_and(|outcome| !outcome.duplicate) {
+            self.stats.send_durable_seconds.observe(queued.elapsed().as_secs_f64());
+        }
+        outcome
     }
 
     /// Creates a group channel with the creator and `members`.
@@ -546,25 +516,58 @@ struct Writer {
     queue: mpsc::Receiver<Command>,
     log: Arc<dyn MessageLog>,
     membership: Arc<dyn MembershipStore>,
-    pubsub: Arc<dyn PubSub>,
+    publisher: PublisherHandle,
     sequencer: Sequencer,
     snowflake: Snowflake,
     channels: HashMap<String, CachedChannel>,
     config: RouterConfig,
     stats: Arc<RouterStats>,
     durable_tap: Option<mpsc::Sender<DurableMessage>>,
-    directory: Option<Arc<dyn PresenceStore>>,
     feeds: FeedBook,
 }
 
 type SendItem = (SendRequest, oneshot::Sender<Result<SendOutcome, RouterError>>);
+
+/// A membership run whose write is in flight.
+struct PendingMembership {
+    /// The write, in its own task.
+    write: tokio::task::JoinHandle<Result<(), BackendError>>,
+    /// The channels it changes: their sends wait for it.
+    touched: HashSet<String>,
+    /// The callers, answered once it is written (or has failed).
+    answers: Vec<MembershipAnswer>,
+    /// What to announce once it is written.
+    events: Vec<(String, String, bool)>,
+    /// Sends to the touched channels that arrived meanwhile, in arrival order.
+    held: Vec<SendItem>,
+}
 type MembershipAnswer = (oneshot::Sender<Result<ChannelView, RouterError>>, Result<(ChannelId, UserId), RouterError>);
 type MembershipItem = (MembershipCommand, oneshot::Sender<Result<ChannelView, RouterError>>);
 
 impl Writer {
     async fn run(mut self) {
         let mut batch = Vec::with_capacity(self.config.batch_max);
-        while let Some(first) = self.queue.recv().await {
+        let mut pending: Option<PendingMembership> = None;
+        loop {
+            let first = tokio::select! {
+                biased;
+                written = async {
+                    match pending.as_mut() {
+                        Some(waiting) => (&mut waiting.write).await,
+                        None => std::future::pending().await,
+                    }
+                }, if pending.is_some() =>
+                {
+                    if let Some(done) = pending.take() {
+                        self.finish_membership(done, written).await;
+                    }
+                    continue;
+                }
+                command = self.queue.recv() => match command {
+                    Some(command) => command,
+                    None => break,
+                },
+            };
             batch.push(first);
             while batch.len() < self.config.batch_max {
                 match self.queue.try_recv() {
@@ -579,9 +582,14 @@ impl Writer {
                 match command {
                     Command::Send { request, reply } => {
                         if !changes.is_empty() {
-                            self.membership_run(std::mem::take(&mut changes)).await;
+                            self.start_membership(&mut pending, std::mem::take(&mut changes)).await;
                         }
-                        sends.push((request, reply));
+                        match pending.as_mut() {
+                            Some(waiting) if waiting.touched.contains(&request.channel) => {
+                                waiting.held.push((request, reply))
+                            }
+                            _ => sends.push((request, reply)),
+                        }
                     }
                     Command::Membership { change, reply } => {
                         if !sends.is_empty() {
@@ -595,8 +603,13 @@ impl Writer {
                 self.send_run(sends).await;
             }
             if !changes.is_empty() {
-                self.membership_run(changes).await;
+                self.start_membership(&mut pending, changes).await;
             }
+        }
+        // The queue is closed: the write in flight still answers its callers and releases its held sends.
+        if let Some(mut done) = pending.take() {
+            let written = (&mut done.write).await;
+            self.finish_membership(done, written).await;
         }
         debug!("router writer stopped");
     }
@@ -670,7 +683,8 @@ impl Writer {
                         events.push((channel.to_string(), second.to_string(), true));
                     }
                 }
-                self.publish_memberships(events).await;
+                // Announced before the batch's messages: the publisher keeps the order it is given.
+                self.announce_memberships(events).await;
             }
         }
 
@@ -782,7 +796,6 @@ impl Writer {
             self.sequencer.commit(&plan);
             self.stats.messages.fetch_add(fresh.len() as u64, std::sync::atomic::Ordering::Relaxed);
             self.stats.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.fan_out(fresh).await;
         }
         for (((request, reply), decision), placement_channel) in
             accepted.into_iter().zip(plan.decisions).zip(requests.iter().map(|request| request.channel.clone()))
@@ -810,11 +823,15 @@ impl Writer {
             };
             let _ = reply.send(outcome);
         }
+        if written.is_ok() {
+            // Confirmed first, then announced.
+            self.fan_out(fresh).await;
+        }
     }
 
     /// Hands a durable batch to its readers. Small channels are pushed: each message is published on its
     /// channel's topic. Large ones are fanned out on read: their messages go to the channel's feed, and one notice
-    /// per channel says which sequences are new. Everything goes out in one pipelined publish, in order.
+    /// per channel says which sequences are new. The publisher sends it all in one pipelined publish, in order.
     async fn fan_out(&self, fresh: Vec<MessageView>) {
         let threshold = self.config.fanout_threshold as usize;
         let mut publications: Vec<(String, Bytes)> = Vec::with_capacity(fresh.len());
@@ -838,9 +855,9 @@ impl Writer {
                 small.insert(message.channel.clone());
             }
             let topic = channel_topic(&message.channel);
-            let seq = message.seq;
+            let (seq, ts) = (message.seq, message.ts);
             let frame = Bytes::from(ServerFrame::Message(message).to_json());
-            publications.push((topic, Event::Message { seq, frame }.encode()));
+            publications.push((topic, Event::Message { seq, ts, frame }.encode()));
         }
         for channel in &small {
             // A channel that became small again is pushed from now on; its feed would only go stale.
@@ -859,10 +876,7 @@ impl Writer {
         if publications.is_empty() {
             return;
         }
-        if let Err(error) = self.pubsub.publish_batch(publications).await {
-            self.stats.publish_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            warn!(%error, "publish failed; receivers recover the messages from history");
-        }
+        self.publisher.submit(Job::Publications(publications)).await;
     }
 
     fn cache_new(&mut self, channel: &ChannelId, kind: ChannelKind, members: impl IntoIterator<Item = String>) {
@@ -870,61 +884,30 @@ impl Writer {
         self.channels.insert(channel.to_string(), CachedChannel { kind, members: members.into_iter().collect() });
     }
 
-    async fn publish_control(&self, topic: String, event: ControlEvent) {
-        if let Err(error) = self.pubsub.publish(&topic, Event::Control(event).encode()).await {
-            self.stats.publish_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            warn!(%error, %topic, "control publish failed");
-        }
-    }
-
-    /// Where the direct events of `users` go: for each (same order), the direct topics of the gateway instances
-    /// holding their connections. Without a registry, or when it cannot be read, every gateway's topic.
-    async fn direct_topics(&self, users: &[String]) -> Vec<Vec<String>> {
-        let everyone = || vec![vec![ALL_GATEWAYS_TOPIC.to_owned()]; users.len()];
-        let Some(directory) = &self.directory else { return everyone() };
-        match directory.locate(users).await {
-            Ok(located) if located.len() == users.len() => located
-                .into_iter()
-                .map(|instances| instances.iter().map(|instance| gateway_topic(instance)).collect())
-                .collect(),
-            Ok(_) => everyone(),
-            Err(error) => {
-                // Never lose a membership change to a registry hiccup: every gateway gets it and keeps it only
-                // for its own users.
-                warn!(%error, "user→gateway registry unreadable; membership changes go to every gateway");
-                everyone()
-            }
-        }
-    }
-
-    /// Publishes membership changes: to the gateways holding each user (direct), and to the channel's members
-    /// (small channels only).
-    async fn publish_memberships(&self, events: Vec<(String, String, bool)>) {
+    /// Hands membership changes to the publisher: each goes to the gateways holding the user, and small
+    /// channels' members hear of it too (large channels get no per-member events: that would be quadratic).
+    async fn announce_memberships(&self, events: Vec<(String, String, bool)>) {
         if events.is_empty() {
             return;
         }
-        let users: Vec<String> = events.iter().map(|(_, user, _)| user.clone()).collect();
-        let targets = self.direct_topics(&users).await;
-        for ((channel, user, joined), topics) in events.into_iter().zip(targets) {
-            for topic in topics {
-                let event = ControlEvent::Membership { user: user.clone(), channel: channel.clone(), joined };
-                self.publish_control(topic, event).await;
-            }
-            let members = self.channels.get(&channel).map(|cached| cached.members.len()).unwrap_or(0);
-            if members > self.config.fanout_threshold as usize {
-                // Large channels get no per-member events: that would be quadratic in the member count.
-                continue;
-            }
-            self.publish_control(
-                channel_topic(&channel),
-                ControlEvent::Member { channel: channel.clone(), user, joined },
-            )
-            .await;
-        }
+        let threshold = self.config.fanout_threshold as usize;
+        let events = events
+            .into_iter()
+            .map(|(channel, user, joined)| {
+                let members = self.channels.get(&channel).map(|cached| cached.members.len()).unwrap_or(0);
+                MembershipEvent { tell_members: members <= threshold, channel, user, joined }
+            })
+            .collect();
+        self.publisher.submit(Job::Memberships(events)).await;
     }
 
+    /// Decides a membership run and starts its write, once the write before it (if any) is done.
     #[instrument(skip_all, fields(changes = items.len()))]
-    async fn membership_run(&mut self, items: Vec<MembershipItem>) {
+    async fn start_membership(&mut self, pending: &mut Option<PendingMembership>, items: Vec<MembershipItem>) {
+        if let Some(mut previous) = pending.take() {
+            let written = (&mut previous.write).await;
+            self.finish_membership(previous, written).await;
+        }
         let mut changes: Vec<MembershipChange> = Vec::new();
         let mut events: Vec<(String, String, bool)> = Vec::new();
         let mut touched: HashSet<String> = HashSet::new();
@@ -1016,13 +999,38 @@ impl Writer {
             };
             answers.push((reply, result));
         }
-        let written = self.membership.apply(changes).await;
+        let store = self.membership.clone();
+        let write = tokio::spawn(async move { store.apply(changes).await });
+        *pending = Some(PendingMembership { write, touched, answers, events, held: Vec::new() });
+    }
+
+    /// A membership run's write ended: answer its callers (views of the channels as written), announce it, then
+    /// decide the sends that waited for it. A failed write applies nothing: its tentative state is forgotten and its
+    /// callers get `unavailable`; the held sends are decided against the store as it is.
+    #[instrument(skip_all, fields(changes = done.answers.len(), held = done.held.len()))]
+    async fn finish_membership(
+        &mut self,
+        done: PendingMembership,
+        written: Result<Result<(), BackendError>, tokio::task::JoinError>,
+    ) {
+        let PendingMembership { touched, answers, events, held, .. } = done;
+        let written = written.unwrap_or_else(|error| Err(BackendError::Task(error.to_string())));
         match written {
             Ok(()) => {
-                self.publish_memberships(events).await;
                 for (reply, result) in answers {
-                    let _ = reply.send(result.map(|(channel, viewer)| self.view(&channel, &viewer)));
+                    let result = match result {
+                        Ok((channel, viewer)) => {
+                            // Reloaded if the cache was cleared meanwhile (it is bounded).
+                            if let Err(error) = self.load(&channel).await {
+                                warn!(%error, channel = %channel, "cannot reload a channel just written");
+                            }
+                            Ok(self.view(&channel, &viewer))
+                        }
+                        Err(error) => Err(error),
+                    };
+                    let _ = reply.send(result);
                 }
+                self.announce_memberships(events).await;
             }
             Err(error) => {
                 self.stats.write_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1038,6 +1046,9 @@ impl Writer {
                     );
                 }
             }
+        }
+        if !held.is_empty() {
+            self.send_run(held).await;
         }
     }
 }

@@ -5,9 +5,9 @@ use super::partition::{group_by_partition, partition_for};
 use super::tail::TailIndex;
 use super::{blocking, ensure_topics, kafka_error, millis, retry_blocking, KafkaConfig};
 use crate::backend::{MessageLog, MessageStore, PresenceUpdate, PriorSend, ReadReceipt};
-use crate::error::BackendError;
 use async_trait::async_trait;
 use futures_util::future::join_all;
+use parley_api::BackendError;
 use parley_core::protocol::MessageView;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -33,8 +33,27 @@ struct Owner {
     fenced: bool,
 }
 
+/// What a [`KafkaLog`] counts; the router exports it (`parley_router_kafka_*`).
+#[derive(Debug, Default)]
+pub struct KafkaLogStats {
+    /// Produce or transaction failures of the message log, receipts and presence (each is an append refused to
+    /// the writer, which confirms nothing of it).
+    pub producer_errors: std::sync::atomic::AtomicU64,
+    /// Appends whose transaction did not finish within the append deadline.
+    pub append_timeouts: std::sync::atomic::AtomicU64,
+    /// Partitions this log lost to a newer writer (fenced).
+    pub fenced_partitions: std::sync::atomic::AtomicU64,
+}
+
+impl KafkaLogStats {
+    fn count(counter: &std::sync::atomic::AtomicU64) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The Kafka [`MessageLog`] of a writer that owns some partitions of `{prefix}messages`.
 pub struct KafkaLog {
+    stats: Arc<KafkaLogStats>,
     config: KafkaConfig,
     topic: String,
     partitions: i32,
@@ -108,6 +127,11 @@ fn is_retriable(error: &KafkaError) -> bool {
 }
 
 impl KafkaLog {
+    /// What this log counts.
+    pub fn stats(&self) -> &Arc<KafkaLogStats> {
+        &self.stats
+    }
+
     /// Creates the topics if needed, then acquires `owned` partitions of `{prefix}messages` (all of them when
     /// `None`, for a single writer): for each, `init_transactions` on its transactional producer (which fences
     /// any previous owner) and a scan of its unstored tail. `store` is where the store writer puts messages;
@@ -153,6 +177,7 @@ impl KafkaLog {
             offsets: Arc::new(offsets),
             last_prune: Mutex::new(None),
             records,
+            stats: Arc::new(KafkaLogStats::default()),
         };
         let acquired = join_all(log.owners.values().map(|owner| async {
             let mut owner = owner.lock().await;
@@ -410,7 +435,9 @@ impl KafkaLog {
                 Ok(())
             }
             Ok(Err(Failed { error, settled })) => {
+                KafkaLogStats::count(&self.stats.producer_errors);
                 if matches!(error, BackendError::Fenced { .. }) {
+                    KafkaLogStats::count(&self.stats.fenced_partitions);
                     warn!(partition, "fenced: a newer writer owns this partition");
                     owner.fenced = true;
                     if let Some(old) = owner.producer.take() {
@@ -425,6 +452,7 @@ impl KafkaLog {
                 Err(error)
             }
             Err(_) => {
+                KafkaLogStats::count(&self.stats.append_timeouts);
                 if let Some(old) = owner.producer.take() {
                     tokio::task::spawn_blocking(move || drop(old));
                 }
@@ -572,7 +600,10 @@ impl MessageLog for KafkaLog {
         let record = FutureRecord::to(&topic).key(receipt.channel.as_bytes()).payload(&payload);
         match self.records.send(record, self.config.append_timeout).await {
             Ok(_) => Ok(()),
-            Err((error, _)) => Err(kafka_error("receipt")(error)),
+            Err((error, _)) => {
+                KafkaLogStats::count(&self.stats.producer_errors);
+                Err(kafka_error("receipt")(error))
+            }
         }
     }
 
@@ -586,13 +617,19 @@ impl MessageLog for KafkaLog {
             let record = FutureRecord::to(&topic).key(update.user.as_bytes()).payload(&payload);
             match self.records.send_result(record) {
                 Ok(delivery) => deliveries.push(delivery),
-                Err((error, _)) => return Err(kafka_error("presence")(error)),
+                Err((error, _)) => {
+                    KafkaLogStats::count(&self.stats.producer_errors);
+                    return Err(kafka_error("presence")(error));
+                }
             }
         }
         for delivery in join_all(deliveries).await {
             match delivery {
                 Ok(Ok(_)) => {}
-                Ok(Err((error, _))) => return Err(kafka_error("presence")(error)),
+                Ok(Err((error, _))) => {
+                    KafkaLogStats::count(&self.stats.producer_errors);
+                    return Err(kafka_error("presence")(error));
+                }
                 Err(_) => return Err(BackendError::Unavailable("presence: the Kafka producer went away".into())),
             }
         }

@@ -2,7 +2,7 @@
 
 use super::{blocking, ensure_topics, kafka_error, retry_blocking, KafkaConfig};
 use crate::backend::MessageStore;
-use crate::error::BackendError;
+use parley_api::BackendError;
 use parley_core::protocol::MessageView;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
@@ -79,6 +79,11 @@ impl StoreWriter {
         lag(&self.config).await
     }
 
+    /// The lag of each partition (see [`partition_lags`]).
+    pub async fn partition_lags(&self) -> Result<Vec<(i32, u64)>, BackendError> {
+        partition_lags(&self.config).await
+    }
+
     /// Finishes the batch in hand (writes it and commits, unless the store is down: then it is left for the
     /// next writer to replay), leaves the group, and returns the error that ended the writer early, if any.
     pub async fn stop(mut self) -> Result<(), BackendError> {
@@ -123,6 +128,12 @@ impl Drop for StoreWriter {
 
 /// The group's lag on the messages topic (see [`StoreWriter::lag`]); any process can ask.
 pub async fn lag(config: &KafkaConfig) -> Result<u64, BackendError> {
+    Ok(partition_lags(config).await?.into_iter().map(|(_, lag)| lag).sum())
+}
+
+/// The group's lag on each partition of the messages topic: its high watermark minus the group's committed offset
+/// (the low watermark when nothing is committed). Transaction markers count too, so each is an upper bound.
+pub async fn partition_lags(config: &KafkaConfig) -> Result<Vec<(i32, u64)>, BackendError> {
     let partitions = super::partition_count(config, &config.messages_topic()).await?;
     let consumer: rdkafka::consumer::BaseConsumer =
         config.consumer(&config.store_writer_group()).create().map_err(kafka_error("lag client"))?;
@@ -135,7 +146,7 @@ pub async fn lag(config: &KafkaConfig) -> Result<u64, BackendError> {
         }
         let committed = retry_blocking(timeout, || consumer.committed_offsets(list.clone(), timeout))
             .map_err(kafka_error("committed offsets"))?;
-        let mut total = 0u64;
+        let mut lags = Vec::with_capacity(partitions as usize);
         for partition in 0..partitions {
             let (low, high) = retry_blocking(timeout, || consumer.fetch_watermarks(&topic, partition, timeout))
                 .map_err(kafka_error("watermarks"))?;
@@ -143,9 +154,9 @@ pub async fn lag(config: &KafkaConfig) -> Result<u64, BackendError> {
                 Some(Offset::Offset(offset)) => offset,
                 _ => low,
             };
-            total += high.saturating_sub(done).max(0) as u64;
+            lags.push((partition, high.saturating_sub(done).max(0) as u64));
         }
-        Ok(total)
+        Ok(lags)
     })
     .await
 }

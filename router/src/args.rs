@@ -1,0 +1,96 @@
+//! The command line and environment of the `parley-router` binary. It lives in the library so that the
+//! operator's contract test can read the variables it declares.
+
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Command line and environment of `parley-router`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "parley-router", version, about = "Parley router: the single writer, served to the gateways")]
+pub struct Args {
+    /// Address of the internal API the gateways call.
+    #[arg(long, env = "PARLEY_ROUTER_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Address of `/metrics` and `/healthz`.
+    #[arg(long, env = "PARLEY_ROUTER_ADMIN_LISTEN", default_value = "127.0.0.1:9091")]
+    pub admin_listen: SocketAddr,
+    /// Bearer token the gateways must present (recommended outside a private network).
+    #[arg(long, env = "PARLEY_INTERNAL_TOKEN", hide_env_values = true)]
+    pub internal_token: Option<String>,
+    /// Redis for pub/sub and the user→gateway registry (`redis://host:port`, or Redis Cluster seed nodes
+    /// comma-separated); required, it is how deliveries reach the gateways.
+    #[arg(long, env = "PARLEY_REDIS_URL")]
+    pub redis_url: String,
+    /// Prefix of every Redis key and channel (must match the gateways').
+    #[arg(long, env = "PARLEY_REDIS_PREFIX", default_value = "parley:")]
+    pub redis_prefix: String,
+    /// Data directory of the embedded log and store.
+    #[arg(long, env = "PARLEY_DATA_DIR", default_value = "./parley-router-data")]
+    pub data_dir: PathBuf,
+    /// Days messages are kept (0 = forever).
+    #[arg(long, env = "PARLEY_RETENTION_DAYS", default_value_t = 365)]
+    pub retention_days: u64,
+    /// Snowflake machine id (when no block is assigned).
+    #[arg(long, env = "PARLEY_MACHINE_ID", default_value_t = 0)]
+    pub machine_id: u16,
+    /// First id of the machine-id block the operator assigned.
+    #[arg(long, env = "PARLEY_MACHINE_ID_BASE")]
+    pub machine_id_base: Option<u16>,
+    /// Size of that block.
+    #[arg(long, env = "PARLEY_MACHINE_ID_COUNT")]
+    pub machine_id_count: Option<u16>,
+    /// This pod's ordinal in its StatefulSet.
+    #[arg(long, env = "PARLEY_POD_INDEX")]
+    pub pod_index: Option<u16>,
+    /// Snowflake epoch (Unix ms).
+    #[arg(long, env = "PARLEY_SNOWFLAKE_EPOCH_MS", default_value_t = parley_core::snowflake::DEFAULT_EPOCH_MS)]
+    pub snowflake_epoch_ms: u64,
+    /// Largest message text in bytes.
+    #[arg(long, env = "PARLEY_MAX_TEXT_BYTES", default_value_t = 4096)]
+    pub max_text_bytes: usize,
+    /// Largest channel.
+    #[arg(long, env = "PARLEY_MAX_CHANNEL_MEMBERS", default_value_t = 10_000)]
+    pub max_channel_members: u32,
+    /// Channels above this many members are fanned out on read (a feed each gateway reads once, announced per
+    /// batch) and publish no per-member events.
+    #[arg(long, env = "PARLEY_FANOUT_THRESHOLD", default_value_t = 1000)]
+    pub fanout_threshold: u32,
+    /// Kafka (`host:port[,...]`): the durable log. With it, the router writes every message to Kafka first
+    /// (fenced transactional producers, acks=all) and a store writer copies the log into the store.
+    #[arg(long, env = "PARLEY_KAFKA_BOOTSTRAP_SERVERS")]
+    pub kafka_bootstrap_servers: Option<String>,
+    /// Prefix of the Kafka topics, transactional ids and consumer groups.
+    #[arg(long, env = "PARLEY_KAFKA_TOPIC_PREFIX", default_value = "parley-")]
+    pub kafka_topic_prefix: String,
+    /// Partitions of the messages topic when the router creates it.
+    #[arg(long, env = "PARLEY_KAFKA_PARTITIONS", default_value_t = 8)]
+    pub kafka_partitions: i32,
+    /// Replication factor of the topics when the router creates them.
+    #[arg(long, env = "PARLEY_KAFKA_REPLICATION_FACTOR", default_value_t = 1)]
+    pub kafka_replication_factor: i32,
+    /// Static member id of this router's store writer in its Kafka consumer group (default
+    /// `<prefix>store-writer-<machine id>`, stable across restarts of the same pod), so a restarted router takes its
+    /// partitions back at once.
+    #[arg(long, env = "PARLEY_KAFKA_STORE_WRITER_ID")]
+    pub kafka_store_writer_id: Option<String>,
+    /// Cassandra/Scylla contact points (`host:port`, comma-separated): the message and membership store. Needs
+    /// `--kafka-bootstrap-servers` (the store is written from the log).
+    #[arg(long, env = "PARLEY_CASSANDRA_CONTACT_POINTS", value_delimiter = ',')]
+    pub cassandra_contact_points: Vec<String>,
+    /// Keyspace.
+    #[arg(long, env = "PARLEY_CASSANDRA_KEYSPACE", default_value = "parley")]
+    pub cassandra_keyspace: String,
+    /// Datacenter whose nodes coordinate this router's requests.
+    #[arg(long, env = "PARLEY_CASSANDRA_LOCAL_DATACENTER")]
+    pub cassandra_local_datacenter: Option<String>,
+    /// Replicas in the local datacenter when the router creates the keyspace.
+    #[arg(long, env = "PARLEY_CASSANDRA_REPLICATION_FACTOR", default_value_t = 1)]
+    pub cassandra_replication_factor: u32,
+    /// Consistency of every read and write (`LOCAL_QUORUM`, `QUORUM`, `LOCAL_ONE`, ...).
+    #[arg(long, env = "PARLEY_CASSANDRA_CONSISTENCY", default_value = "LOCAL_QUORUM")]
+    pub cassandra_consistency: String,
+    /// Identity and log settings.
+    #[command(flatten)]
+    pub telemetry: parley_telemetry::TelemetryArgs,
+}

@@ -1,0 +1,182 @@
+//! The `parley-router` process's metrics: one registry (prefix `parley_router`), built at start-up and served on
+//! the admin port. It holds the writer's counters and latencies ([`RouterStats`]: send→durable, durable→published),
+//! the Kafka log's producer errors, the store writer's counters and its lag per partition (refreshed in the
+//! background), and the Redis drivers' connection losses and re-connections.
+
+use crate::kafka::store_writer::partition_lags;
+use crate::kafka::{KafkaConfig, KafkaLogStats, StoreWriterStats};
+use parley_api::RouterStats;
+use parley_bus::redis::RedisStats;
+use parley_telemetry::metrics::{AtomicCounters, Kind};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::debug;
+
+/// Labels of the per-partition store-writer lag.
+type PartitionLabel = Vec<(&'static str, String)>;
+
+/// The router's registry.
+#[derive(Debug)]
+pub struct RouterMetrics {
+    registry: Registry,
+    store_lag: Family<PartitionLabel, Gauge>,
+}
+
+impl RouterMetrics {
+    /// A registry with the writer's metrics.
+    pub fn new(stats: &Arc<RouterStats>) -> Self {
+        let mut registry = Registry::with_prefix("parley_router");
+        stats.register(&mut registry);
+        Self { registry, store_lag: Family::default() }
+    }
+
+    /// Adds the Kafka log's counters (`kafka_*`).
+    pub fn kafka_log(&mut self, stats: &Arc<KafkaLogStats>) {
+        let read = |field: fn(&KafkaLogStats) -> &AtomicU64| {
+            let stats = stats.clone();
+            move || field(&stats).load(Ordering::Relaxed)
+        };
+        AtomicCounters::default()
+            .read(
+                "kafka_producer_errors",
+                "Kafka produce or transaction failures (the writer confirmed nothing of them)",
+                Kind::Counter,
+                read(|stats| &stats.producer_errors),
+            )
+            .read(
+                "kafka_append_timeouts",
+                "Kafka appends that missed their deadline",
+                Kind::Counter,
+                read(|stats| &stats.append_timeouts),
+            )
+            .read(
+                "kafka_fenced_partitions",
+                "Partitions this router lost to a newer writer",
+                Kind::Counter,
+                read(|stats| &stats.fenced_partitions),
+            )
+            .register(&mut self.registry);
+    }
+
+    /// Adds the store writer's counters (`store_writer_*`) and its lag per partition
+    /// (`store_writer_lag{partition}`, set by [`RouterMetrics::refresh_store_lag`]).
+    pub fn store_writer(&mut self, stats: &Arc<StoreWriterStats>) {
+        let read = |field: fn(&StoreWriterStats) -> &AtomicU64| {
+            let stats = stats.clone();
+            move || field(&stats).load(Ordering::Relaxed)
+        };
+        AtomicCounters::default()
+            .read(
+                "store_writer_messages",
+                "Messages the store writer wrote to the store (replays included)",
+                Kind::Counter,
+                read(|stats| &stats.written),
+            )
+            .read("store_writer_batches", "Store writes that succeeded", Kind::Counter, read(|stats| &stats.batches))
+            .read(
+                "store_writer_store_failures",
+                "Store writes that failed (each is retried)",
+                Kind::Counter,
+                read(|stats| &stats.store_failures),
+            )
+            .read(
+                "store_writer_commit_failures",
+                "Offset commits that failed (the batch is written again later; harmless)",
+                Kind::Counter,
+                read(|stats| &stats.commit_failures),
+            )
+            .read(
+                "store_writer_consume_failures",
+                "Errors while consuming the log",
+                Kind::Counter,
+                read(|stats| &stats.consume_failures),
+            )
+            .register(&mut self.registry);
+        self.registry.register(
+            "store_writer_lag",
+            "Records of each log partition not yet in the store (high watermark minus the committed offset)",
+            self.store_lag.clone(),
+        );
+    }
+
+    /// Adds the Redis drivers' counters (`redis_*`).
+    pub fn redis(&mut self, stats: &Arc<RedisStats>) {
+        parley_bus::redis::register_metrics(&mut self.registry, stats);
+    }
+
+    /// Sets the store writer's lag per partition.
+    pub fn set_store_lag(&self, lags: &[(i32, u64)]) {
+        for (partition, lag) in lags {
+            self.store_lag
+                .get_or_create(&vec![("partition", partition.to_string())])
+                .set(i64::try_from(*lag).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Reads the store writer group's lag (of the log `config` names) every `every` and sets it, until `stop`
+    /// turns true. Each read is bounded by the configuration's request timeout.
+    pub async fn refresh_store_lag(
+        self: Arc<Self>,
+        config: KafkaConfig,
+        every: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+            match partition_lags(&config).await {
+                Ok(lags) => self.set_store_lag(&lags),
+                Err(error) => debug!(%error, "cannot read the store writer's lag"),
+            }
+        }
+    }
+
+    /// The registry as OpenMetrics text.
+    pub fn encode(&self) -> String {
+        parley_telemetry::metrics::encode(&self.registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_registry_is_built_once_and_read_at_each_scrape() {
+        let stats = Arc::new(RouterStats::default());
+        let mut metrics = RouterMetrics::new(&stats);
+        let kafka = Arc::new(KafkaLogStats::default());
+        metrics.kafka_log(&kafka);
+        metrics.store_writer(&Arc::new(StoreWriterStats::default()));
+        let redis = Arc::new(RedisStats::default());
+        metrics.redis(&redis);
+        stats.messages.fetch_add(3, Ordering::Relaxed);
+        stats.send_durable_seconds.observe(0.004);
+        kafka.producer_errors.fetch_add(2, Ordering::Relaxed);
+        redis.connection_losses.fetch_add(1, Ordering::Relaxed);
+        metrics.set_store_lag(&[(0, 5), (1, 0)]);
+        let text = metrics.encode();
+        for expected in [
+            "parley_router_messages_total 3",
+            "parley_router_send_durable_seconds_count 1",
+            "parley_router_durable_published_seconds_count 0",
+            "parley_router_kafka_producer_errors_total 2",
+            "parley_router_redis_connection_losses_total 1",
+            "parley_router_store_writer_lag{partition=\"0\"} 5",
+            "parley_router_store_writer_lag{partition=\"1\"} 0",
+            "parley_router_publish_queue_jobs 0",
+        ] {
+            assert!(text.contains(expected), "{expected} missing from\n{text}");
+        }
+        stats.messages.fetch_add(1, Ordering::Relaxed);
+        assert!(metrics.encode().contains("parley_router_messages_total 4"));
+    }
+}

@@ -1,0 +1,315 @@
+//! The `parley` server: the wiring of a gateway to what it runs on.
+//!
+//! - Standalone (the default): the writer ([`parley_router::LocalRouter`]) and the embedded storage run in this
+//!   process, delivery goes through the in-process pub/sub, and presence is this process's own book.
+//! - Distributed (`--router-url`): the gateway calls `parley-router` processes ([`parley_api::RemoteRouter`]),
+//!   with Redis for delivery and the shared presence book ([`parley_bus::redis`]).
+//!
+//! [`start`] opens storage, starts the writer if it is local, and binds both listeners.
+
+use parley_api::{DurableMessage, RemoteRouter, Router};
+use parley_bus::presence::PresenceStore;
+use parley_bus::pubsub::{LocalPubSub, PubSub};
+use parley_bus::redis::{RedisConfig, RedisPresenceStore, RedisPubSub, RedisStats};
+use parley_gateway::auth::Authenticator;
+use parley_gateway::config::StandaloneArgs;
+use parley_gateway::drain::Drainer;
+use parley_gateway::error::GatewayError;
+use parley_gateway::http::{admin_app, app, AppState};
+use parley_gateway::hub::Hub;
+use parley_gateway::metrics::Metrics;
+use parley_router::embedded::{EmbeddedStore, Retention};
+use parley_router::RouterConfig;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+/// A running standalone server.
+#[derive(Debug)]
+pub struct Running {
+    /// Client address actually bound.
+    pub address: SocketAddr,
+    /// Admin address actually bound.
+    pub admin_address: SocketAddr,
+    /// Send `true` to shut down gracefully.
+    pub shutdown: watch::Sender<bool>,
+    /// Starts a drain (SIGTERM does this).
+    pub drainer: Arc<Drainer>,
+    /// Completes when the server has stopped.
+    pub task: JoinHandle<Result<(), GatewayError>>,
+}
+
+/// What the gateway runs on.
+struct Backends {
+    router: Router,
+    /// The in-process writer task (standalone only).
+    writer: Option<JoinHandle<()>>,
+    pubsub: Arc<dyn PubSub>,
+    /// A shared presence store (distributed), or `None` for this process's own book.
+    presence_store: Option<Arc<dyn PresenceStore>>,
+    /// The embedded store, swept for retention (standalone only).
+    store: Option<EmbeddedStore>,
+    /// Durable messages for push (standalone only).
+    durable: Option<mpsc::Receiver<DurableMessage>>,
+    /// What the Redis drivers count (distributed only).
+    redis: Option<Arc<RedisStats>>,
+}
+
+/// Standalone: the writer and the storage in this process.
+fn embedded(args: &StandaloneArgs, push: bool) -> Result<Backends, GatewayError> {
+    let retention = Retention {
+        messages: (args.storage.retention_days > 0)
+            .then(|| Duration::from_secs(args.storage.retention_days * 24 * 3600)),
+        ..Retention::default()
+    };
+    let store = EmbeddedStore::open(&args.storage.data_dir, retention).map_err(GatewayError::Storage)?;
+    let pubsub: Arc<dyn PubSub> = Arc::new(LocalPubSub::new());
+    let router_config = RouterConfig {
+        machine_id: args.storage.effective_machine_id().map_err(GatewayError::Config)?,
+        epoch_ms: args.storage.snowflake_epoch_ms,
+        max_text_bytes: args.storage.max_text_bytes,
+        max_channel_members: args.storage.max_channel_members,
+        fanout_threshold: args.gateway.fanout_threshold,
+        ..RouterConfig::default()
+    };
+    let shared = Arc::new(store.clone());
+    let (tap, durable) = mpsc::channel(4_096);
+    let tap = push.then_some(tap);
+    let (router, writer) =
+        parley_router::start_with_tap(router_config, shared.clone(), shared.clone(), shared, pubsub.clone(), tap)
+            .map_err(GatewayError::Router)?;
+    Ok(Backends {
+        router,
+        writer: Some(writer),
+        pubsub,
+        presence_store: None,
+        store: Some(store),
+        durable: Some(durable),
+        redis: None,
+    })
+}
+
+/// Distributed: a gateway of a `parley-router` process, with Redis for delivery and presence.
+async fn distributed(args: &StandaloneArgs) -> Result<Backends, GatewayError> {
+    let cluster = &args.cluster;
+    let router_url = cluster.router_url.clone().unwrap_or_default();
+    let redis_url = cluster
+        .redis_url
+        .clone()
+        .ok_or_else(|| GatewayError::Config("--router-url needs --redis-url (PARLEY_REDIS_URL) as well".into()))?;
+    let redis = RedisConfig::new(redis_url.clone()).with_prefix(cluster.redis_prefix.clone());
+    let redis_stats = redis.stats.clone();
+    let pubsub: Arc<dyn PubSub> = Arc::new(
+        RedisPubSub::connect(redis.clone())
+            .await
+            .map_err(|error| GatewayError::Config(format!("cannot reach Redis at {redis_url}: {error}")))?,
+    );
+    let presence: Arc<dyn PresenceStore> = Arc::new(
+        RedisPresenceStore::connect(redis)
+            .await
+            .map_err(|error| GatewayError::Config(format!("cannot reach Redis at {redis_url}: {error}")))?,
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(cluster.router_connect_timeout_ms);
+    let timeout = Duration::from_millis(cluster.router_timeout_ms.max(1));
+    let mut delay = Duration::from_millis(100);
+    let remote = loop {
+        match RemoteRouter::connect(&router_url, cluster.internal_token.clone(), timeout).await {
+            Ok(remote) => break remote,
+            Err(error) if tokio::time::Instant::now() + delay < deadline => {
+                warn!(%error, %router_url, "router not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(error) => return Err(GatewayError::Router(error)),
+        }
+    };
+    Ok(Backends {
+        router: Router::new(remote),
+        writer: None,
+        pubsub,
+        presence_store: Some(presence),
+        store: None,
+        durable: None,
+        redis: Some(redis_stats),
+    })
+}
+
+async fn bind(address: SocketAddr) -> Result<TcpListener, GatewayError> {
+    TcpListener::bind(address).await.map_err(|source| GatewayError::Serve { address: address.to_string(), source })
+}
+
+/// Reads, or creates on first use, the dev-login signing secret in the data directory.
+fn dev_secret(data_dir: &std::path::Path) -> Result<String, GatewayError> {
+    use rand::RngCore;
+    let path = data_dir.join("dev-login.secret");
+    let failed =
+        |error: std::io::Error| GatewayError::Key { path: path.display().to_string(), reason: error.to_string() };
+    if let Ok(secret) = std::fs::read_to_string(&path) {
+        if secret.trim().len() >= 16 {
+            return Ok(secret.trim().to_owned());
+        }
+    }
+    std::fs::create_dir_all(data_dir).map_err(failed)?;
+    let mut random = [0u8; 32];
+    rand::rng().fill_bytes(&mut random);
+    let secret: String = random.iter().map(|byte| format!("{byte:02x}")).collect();
+    std::fs::write(&path, &secret).map_err(failed)?;
+    Ok(secret)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Opens storage, starts the router and binds both listeners. Returns once the server accepts connections.
+pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
+    if args.auth.insecure_dev_login && args.auth.jwt_hs256_secret.is_none() {
+        // Keep dev tokens valid across restarts: the dev signing secret lives beside the data.
+        args.auth.jwt_hs256_secret = Some(dev_secret(&args.storage.data_dir)?);
+    }
+    let auth = Arc::new(Authenticator::from_config(&args.auth)?);
+    if auth.dev_login_enabled() {
+        warn!("INSECURE dev login is enabled: anyone can log in as anyone. Never use this in production.");
+    }
+    let push = parley_gateway::push::PushService::from_config(&args.push, &args.storage.data_dir)?;
+    let backends =
+        if args.cluster.router_url.is_some() { distributed(&args).await? } else { embedded(&args, push.is_some())? };
+    let Backends { router, writer, pubsub, presence_store, store, durable, redis } = backends;
+    let push = match (push, durable) {
+        (Some(push), Some(durable)) => Some((push, durable)),
+        (Some(_), None) => {
+            warn!("push notifications are not sent by gateways of the distributed layout yet; push is off");
+            None
+        }
+        (None, _) => None,
+    };
+    let metrics = Metrics::with(|registry| {
+        // An in-process writer's counters and latencies, or a remote handle's transport failures.
+        router.stats().register(registry.sub_registry_with_prefix("router"));
+        if let Some(redis) = &redis {
+            parley_bus::redis::register_metrics(registry.sub_registry_with_prefix("gateway"), redis);
+        }
+        if let Some((push, _)) = &push {
+            push.register_metrics(registry.sub_registry_with_prefix("push"));
+        }
+    });
+    let (sink, publications) = mpsc::channel(65_536);
+    let hub = Hub::new(pubsub.open(sink), metrics.clone(), args.gateway.fanout_threshold);
+    // Distributed: presence changes also go to the router's log (the presence topic other regions mirror).
+    let journal =
+        router.is_remote().then(|| parley_gateway::journal::Journal::start(Arc::new(router.clone()), metrics.clone()));
+    let presence = match presence_store {
+        None => parley_gateway::presence::Presence::start(&hub),
+        Some(store) => parley_gateway::presence::Presence::start_with(&hub, store, journal.clone())
+            .await
+            .map_err(|error| GatewayError::Config(format!("cannot register this gateway in Redis: {error}")))?,
+    };
+    // Direct delivery (membership changes of this instance's users) before the first connection.
+    hub.open_direct(Some(presence.instance()))
+        .await
+        .map_err(|error| GatewayError::Config(format!("cannot subscribe this gateway's direct topic: {error}")))?;
+    let push = push.map(|(push, durable)| {
+        tokio::spawn(push.clone().run(hub.clone(), durable));
+        push
+    });
+    let dispatcher = tokio::spawn(hub.clone().dispatch(router.clone(), publications));
+
+    let (shutdown, shutdown_signal) = watch::channel(false);
+    let accepting = Arc::new(AtomicBool::new(true));
+    let drainer = Arc::new(Drainer::new(shutdown.clone(), accepting.clone(), hub.clone(), metrics.clone()));
+    let state = AppState {
+        auth,
+        router,
+        hub,
+        metrics,
+        permits: Arc::new(Semaphore::new(args.gateway.max_connections)),
+        config: Arc::new(args.gateway.clone()),
+        shutdown: shutdown_signal.clone(),
+        next_conn: Arc::new(AtomicU64::new(1)),
+        accepting,
+        drainer: drainer.clone(),
+        push,
+    };
+    let listener = bind(args.listen).await?;
+    let admin_listener = bind(args.admin_listen).await?;
+    let address =
+        listener.local_addr().map_err(|source| GatewayError::Serve { address: args.listen.to_string(), source })?;
+    let admin_address = admin_listener
+        .local_addr()
+        .map_err(|source| GatewayError::Serve { address: args.admin_listen.to_string(), source })?;
+    match &args.cluster.router_url {
+        Some(router_url) => info!(%address, %admin_address, %router_url, "parley gateway listening"),
+        None => {
+            info!(%address, %admin_address, data_dir = %args.storage.data_dir.display(), "parley standalone listening")
+        }
+    }
+
+    let sweeper = store.map(|store| {
+        let mut stop = shutdown_signal.clone();
+        tokio::spawn(async move {
+            let period = Duration::from_secs(600);
+            let mut every = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => match store.sweep(now_ms()).await {
+                        Ok(report) if report.messages > 0 || report.idempotency_keys > 0 => info!(?report, "retention sweep"),
+                        Ok(_) => {}
+                        Err(error) => warn!(%error, "retention sweep failed"),
+                    },
+                    _ = stop.changed() => break,
+                }
+            }
+        })
+    });
+
+    let permits = state.permits.clone();
+    let max_connections = u32::try_from(args.gateway.max_connections).unwrap_or(u32::MAX);
+    let client_app = app(state.clone()).into_make_service();
+    let admin = admin_app(state);
+    let task = tokio::spawn(async move {
+        let mut client_stop = shutdown_signal.clone();
+        let mut admin_stop = shutdown_signal.clone();
+        // Realtime frames are small: without TCP_NODELAY, Nagle's algorithm and the peer's delayed ACKs hold a
+        // frame back for tens of milliseconds whenever an earlier one is unacknowledged.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        });
+        let client = axum::serve(listener, client_app).with_graceful_shutdown(async move {
+            let _ = client_stop.wait_for(|stop| *stop).await;
+        });
+        let admin = axum::serve(admin_listener, admin).with_graceful_shutdown(async move {
+            let _ = admin_stop.wait_for(|stop| *stop).await;
+        });
+        let (client, admin) = tokio::join!(client, admin);
+        // WebSocket connections run outside the HTTP server's tracking: wait for each to finish its close.
+        let _ = tokio::time::timeout(Duration::from_secs(30), permits.acquire_many(max_connections)).await;
+        // The drain's disconnections are presence changes too: record them before the router handle goes.
+        if let Some(journal) = &journal {
+            journal.flush(Duration::from_secs(10)).await;
+        }
+        // Stop in dependency order and wait for each part, so the database is closed when this returns: the
+        // dispatcher holds the last router handle; once it is gone the writer drains its queue and ends.
+        dispatcher.abort();
+        let _ = dispatcher.await;
+        if let Some(writer) = writer {
+            let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
+        }
+        if let Some(sweeper) = sweeper {
+            let _ = sweeper.await;
+        }
+        client.map_err(|source| GatewayError::Serve { address: address.to_string(), source })?;
+        admin.map_err(|source| GatewayError::Serve { address: admin_address.to_string(), source })?;
+        Ok(())
+    });
+    Ok(Running { address, admin_address, shutdown, drainer, task })
+}
