@@ -39,6 +39,7 @@ async fn a_restarted_server_is_resumed_with_sync_and_nothing_is_lost_or_repeated
             let mut receipts = Vec::new();
             for n in 0..total {
                 receipts.push(alice.send("g:restart", format!("m{n}")).await.expect("send survives the restart"));
+                // Pacing: spreads the sends over the restart.
                 tokio::time::sleep(Duration::from_millis(15)).await;
             }
             receipts
@@ -48,7 +49,11 @@ async fn a_restarted_server_is_resumed_with_sync_and_nothing_is_lost_or_repeated
     until(&mut bob_events, &mut bob_seen, Duration::from_secs(20), |seen| seen.count("g:restart") >= 10).await;
 
     stop(running).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The server stays down until bob's client has seen it go away, then comes back on the same address.
+    until(&mut bob_events, &mut bob_seen, Duration::from_secs(20), |seen| {
+        seen.any(|event| matches!(event, Event::Disconnected { code: Some(1001), .. }))
+    })
+    .await;
     let running = server_at(dir.path(), address, &[]).await;
 
     let receipts: Vec<SendReceipt> = sender.await.expect("sender task");
@@ -99,6 +104,7 @@ async fn a_client_closed_with_4010_resumes_while_another_keeps_sending() {
         tokio::spawn(async move {
             for n in 0..total {
                 alice.send("g:slow", format!("m{n}")).await.expect("send");
+                // Pacing: a steady stream while bob's connections are closed and resumed.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
@@ -127,18 +133,25 @@ async fn unconfirmed_sends_are_retried_after_reconnect_without_duplicates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let running = server(dir.path(), &[]).await;
     let address = running.address;
-    let (alice, _alice_events) = Client::connect(config(address, "alice")).await.expect("alice");
+    let (alice, mut alice_events) = Client::connect(config(address, "alice")).await.expect("alice");
     alice.create_channel("retry", Vec::<String>::new()).await.expect("create");
 
-    // Fire a burst and pull the server away while the sends are in flight.
+    // Fire a burst and pull the server away while the sends are in flight: as soon as the first is confirmed.
     let total = 30usize;
+    let (confirmed, mut first_confirmed) = tokio::sync::mpsc::unbounded_channel();
     let sends: Vec<_> = (0..total)
         .map(|n| {
             let alice = alice.clone();
-            tokio::spawn(async move { alice.send_with_id("g:retry", format!("burst-{n}"), format!("m{n}")).await })
+            let confirmed = confirmed.clone();
+            tokio::spawn(async move {
+                let receipt = alice.send_with_id("g:retry", format!("burst-{n}"), format!("m{n}")).await;
+                let _ = confirmed.send(());
+                receipt
+            })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    tokio::time::timeout(Duration::from_secs(30), first_confirmed.recv()).await.expect("a send is confirmed in time");
+    let in_flight = sends.iter().filter(|send| !send.is_finished()).count();
     stop(running).await;
     let running = server_at(dir.path(), address, &[]).await;
 
@@ -148,6 +161,13 @@ async fn unconfirmed_sends_are_retried_after_reconnect_without_duplicates() {
     }
     let seqs: BTreeSet<u64> = receipts.iter().map(|receipt| receipt.seq).collect();
     assert_eq!(seqs.len(), total, "distinct messages: {receipts:?}");
+    // The sends may all have been answered before the old server closed the connection; history is read over the
+    // new one, so wait until the client is back (a request is not queued while it is offline).
+    let mut alice_seen = Seen::default();
+    until(&mut alice_events, &mut alice_seen, Duration::from_secs(20), |seen| {
+        seen.events.iter().filter(|event| matches!(event, Event::Connected { .. })).count() >= 2
+    })
+    .await;
     let stored = all_messages(&alice, "g:retry").await;
     assert_eq!(stored.len(), total, "stored exactly once each");
     let ids: BTreeSet<&str> = stored.iter().map(|message| message.client_msg_id.as_str()).collect();
@@ -157,7 +177,8 @@ async fn unconfirmed_sends_are_retried_after_reconnect_without_duplicates() {
         assert_eq!((message.id, &message.client_msg_id), (receipt.id, &receipt.client_msg_id));
     }
     eprintln!(
-        "{} of {total} sends were answered as duplicates after the reconnect",
+        "{in_flight} of {total} sends were in flight when the server stopped; {} were answered as duplicates after \
+         the reconnect",
         receipts.iter().filter(|receipt| receipt.duplicate).count()
     );
 

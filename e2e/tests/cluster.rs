@@ -11,31 +11,19 @@
 //! figures they print describe one cluster.
 //!
 //! Needs `PARLEY_REDIS_URL` (`e2e/stack/up.sh --only redis <dir>`, then source `<dir>/stack.env`) and the
-//! `parley` and `parley-router` binaries (`cargo build -p parley-gateway -p parley-router`). Without Redis the
-//! tests fail unless `PARLEY_SKIP_ENGINE_TESTS=1`.
+//! `parley` and `parley-router` binaries (`cargo build --workspace`). Without Redis a plain `cargo test` skips
+//! them and the full test command fails them (`parley_test_support::engines`). Every process binds port 0 and
+//! reports the address it got.
 
 use parley_client::{Client, ClientConfig, Event, HistoryQuery};
+use parley_test_support::{binary, engine, report, Engine, Spawned};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::mpsc;
-
-/// Prints a figure line, and appends it to `PARLEY_FIGURES_FILE` when set (the test command prints that file in its
-/// summary, since a passing test's output is captured).
-fn report(line: &str) {
-    println!("{line}");
-    if let Some(path) = std::env::var_os("PARLEY_FIGURES_FILE") {
-        use std::io::Write;
-        if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = writeln!(file, "{line}");
-        }
-    }
-}
 
 /// One test of this file at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -44,56 +32,16 @@ const SECRET: &str = "cluster-test-secret-0123456789abcdef";
 const ADMIN_TOKEN: &str = "cluster-admin-token";
 
 fn redis_url() -> Option<String> {
-    redis_from("PARLEY_REDIS_URL")
+    engine(Engine::Redis)
 }
 
 /// Redis Cluster seed nodes (comma-separated), as `--redis-url` takes them.
 fn redis_cluster_urls() -> Option<String> {
-    redis_from("PARLEY_REDIS_CLUSTER_URLS")
-}
-
-fn redis_from(variable: &str) -> Option<String> {
-    match std::env::var(variable) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("PARLEY_SKIP_ENGINE_TESTS").is_ok_and(|value| value == "1") => {
-            eprintln!("SKIPPED: cluster test needs Redis (PARLEY_SKIP_ENGINE_TESTS=1)");
-            None
-        }
-        _ => panic!(
-            "{variable} is not set, so the two-gateway tests cannot run: start Redis with \
-             `e2e/stack/up.sh --only redis,redis-cluster /tmp/parley-stack` and \
-             `set -a; . /tmp/parley-stack/stack.env; set +a`, or set PARLEY_SKIP_ENGINE_TESTS=1"
-        ),
-    }
-}
-
-/// `target/<profile>/<name>`, next to this test's own directory (`target/<profile>/deps`).
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target directory");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build it first with `cargo build -p parley-gateway -p parley-router`",
-        path.display()
-    );
-    path
+    engine(Engine::RedisCluster)
 }
 
 fn token(user: &str) -> String {
-    #[derive(serde::Serialize)]
-    struct Claims<'a> {
-        sub: &'a str,
-        exp: u64,
-    }
-    let exp =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 3600;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &Claims { sub: user, exp },
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("token")
+    parley_test_support::hs256_token(SECRET, user, Duration::from_secs(3600))
 }
 
 /// A child process and the addresses it printed.
@@ -103,36 +51,10 @@ struct Process {
     admin: SocketAddr,
 }
 
-/// Starts `program` and waits for its "listening on http://A (metrics on http://B/metrics)" line.
+/// Starts `program` (its ports at 0) and reads back the addresses it bound.
 async fn spawn(program: PathBuf, args: &[String]) -> Process {
-    let mut child = Command::new(&program)
-        .args(args)
-        .env("PARLEY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|error| panic!("cannot start {}: {error}", program.display()));
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("listening on http://") {
-                return Some(line);
-            }
-        }
-        None
-    })
-    .await
-    .ok()
-    .flatten()
-    .unwrap_or_else(|| panic!("{} did not report its address", program.display()));
-    // Keep draining stdout so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let addresses: Vec<SocketAddr> =
-        line.split("http://").skip(1).filter_map(|part| part.split([' ', '/', ')']).next()?.parse().ok()).collect();
-    assert_eq!(addresses.len(), 2, "unexpected start-up line: {line}");
-    Process { child, address: addresses[0], admin: addresses[1] }
+    let spawned = Spawned::server(program, args).await;
+    Process { child: spawned.child, address: spawned.addresses[0], admin: spawned.addresses[1] }
 }
 
 /// Where the router keeps its data.
@@ -151,20 +73,9 @@ fn storage_args(backend: Backend, dir: &std::path::Path) -> Option<Vec<String>> 
     if backend == Backend::Embedded {
         return Some(args);
     }
-    let kafka = std::env::var("PARLEY_KAFKA_BOOTSTRAP").ok().filter(|value| !value.is_empty());
-    let cassandra = std::env::var("PARLEY_CASSANDRA_CONTACT").ok().filter(|value| !value.is_empty());
-    let (Some(kafka), Some(cassandra)) = (kafka, cassandra) else {
-        if std::env::var("PARLEY_SKIP_ENGINE_TESTS").is_ok_and(|value| value == "1") {
-            eprintln!("SKIPPED: cluster test on Kafka + Cassandra (PARLEY_SKIP_ENGINE_TESTS=1)");
-            return None;
-        }
-        panic!(
-            "PARLEY_KAFKA_BOOTSTRAP and PARLEY_CASSANDRA_CONTACT must be set for the cluster tests on the real \
-             stack: start them with `e2e/stack/up.sh --only redis,kafka,cassandra /tmp/parley-stack` and \
-             `set -a; . /tmp/parley-stack/stack.env; set +a`, or set PARLEY_SKIP_ENGINE_TESTS=1"
-        );
-    };
-    let unique = format!("{}_{}", std::process::id(), rand_suffix() % 1_000_000_007);
+    let kafka = engine(Engine::Kafka)?;
+    let cassandra = engine(Engine::Cassandra)?;
+    let unique = parley_test_support::unique("").replace('-', "_");
     args.extend([
         "--kafka-bootstrap-servers".into(),
         kafka,
@@ -178,14 +89,6 @@ fn storage_args(backend: Backend, dir: &std::path::Path) -> Option<Vec<String>> 
         format!("parley_ct_{unique}"),
     ]);
     Some(args)
-}
-
-/// A free loopback port (bound and released at once).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|a| a.port())
-        .expect("port")
 }
 
 /// A router and its gateways.
@@ -205,10 +108,10 @@ impl Cluster {
     /// Like [`Cluster::start`], with extra router arguments.
     async fn start_with(redis_url: &str, gateways: usize, backend: Backend, router_extra: &[&str]) -> Option<Cluster> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let prefix = format!("parley-cluster-test:{}:{}:", std::process::id(), rand_suffix());
+        let prefix = parley_test_support::unique("parley-cluster-test:") + ":";
         let mut router_args: Vec<String> = vec![
             "--listen".into(),
-            format!("127.0.0.1:{}", free_port()),
+            "127.0.0.1:0".into(),
             "--admin-listen".into(),
             "127.0.0.1:0".into(),
             "--redis-url".into(),
@@ -221,6 +124,10 @@ impl Cluster {
         router_args.extend(storage_args(backend, dir.path())?);
         router_args.extend(router_extra.iter().map(|arg| arg.to_string()));
         let router = spawn(binary("parley-router"), &router_args).await;
+        // A restart comes back on the port the router bound, where the gateways look for it.
+        if let Some(at) = router_args.iter().position(|arg| arg == "--listen") {
+            router_args[at + 1] = router.address.to_string();
+        }
         let mut started = Vec::new();
         for n in 0..gateways {
             started.push(
@@ -258,9 +165,10 @@ impl Cluster {
         Some(Cluster { _dir: dir, router, router_args, gateways: started })
     }
 
-    /// SIGKILLs the router, then starts it again with the same port and data.
+    /// SIGKILLs the router, then starts it again with the same port and data after `down_for`.
     async fn kill_and_restart_router(&mut self, down_for: Duration) {
         self.kill_router().await;
+        // The outage's length: a deliberate time with no router, not a wait for something.
         tokio::time::sleep(down_for).await;
         self.restart_router().await;
     }
@@ -299,10 +207,6 @@ impl Cluster {
         config.backoff.cap = Duration::from_secs(1);
         config
     }
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
 }
 
 /// What one client saw.
@@ -366,6 +270,7 @@ async fn stored_at_least(client: &Client, channel: &str, expected: usize) -> Vec
         if all.len() >= expected || Instant::now() > deadline {
             return all;
         }
+        // The poll interval of a bounded wait.
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -384,8 +289,20 @@ async fn wait_for_all(seen: &[(Arc<Mutex<Seen>>, String)], expected: &HashMap<St
         if missing == 0 || Instant::now() > deadline {
             return;
         }
+        // The poll interval of a bounded wait.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until `seen` holds at least `count` messages (its channels' senders are that far into their streams), at
+/// most 60 s.
+async fn received_at_least(seen: &Arc<Mutex<Seen>>, count: usize) {
+    let what = format!("a client to receive {count} messages");
+    parley_test_support::eventually(&what, Duration::from_secs(60), || {
+        let received = seen.lock().expect("seen").messages.len();
+        async move { (received >= count).then_some(()) }
+    })
+    .await;
 }
 
 /// Checks that every client received exactly the stored history of its channel; returns (lost, duplicates).
@@ -459,6 +376,7 @@ async fn kill_9_one_gateway_mid_stream(backend: Backend) {
                     .await
                     .unwrap_or_else(|error| panic!("{name} send {n} failed: {error}"));
                 receipts.push(receipt);
+                // Pacing: a stream over seconds, so that the kill lands in its middle.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             (client, receipts)
@@ -467,8 +385,8 @@ async fn kill_9_one_gateway_mid_stream(backend: Backend) {
     let first = stream(s0, "s0");
     let second = stream(s1, "s1");
 
-    // Mid-stream: SIGKILL gateway 0 (no drain, no goodbye).
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Mid-stream (60 of the 300 messages through, so 240 to go): SIGKILL gateway 0 (no drain, no goodbye).
+    received_at_least(&s0_seen, 60).await;
     let killed_at = Instant::now();
     cluster.gateways[0].child.start_kill().expect("kill -9 gateway 0");
     let _ = cluster.gateways[0].child.wait().await;
@@ -570,17 +488,19 @@ async fn drain_one_of_two_gateways_with_1000_clients_under_load(backend: Backend
         senders.push((client, record(events), channel.clone()));
     }
 
-    // Steady load: every sender sends one message every 250 ms for 33 s (40 msg/s in all, 4,000 deliveries/s),
-    // from 2 s before the drain to past the end of its window.
-    let load_started = Instant::now();
+    // Steady load: every sender sends one message every 250 ms (40 msg/s in all, 4,000 deliveries/s), from before
+    // the drain to 1 s past the end of its window.
+    let drain_at: Arc<std::sync::OnceLock<Instant>> = Arc::default();
+    let load_ends = Duration::from_millis(WINDOW_MS + 1_000);
     let mut load = Vec::new();
     for (c, (client, _, channel)) in senders.iter().enumerate() {
         let client = client.clone();
         let channel = channel.clone();
+        let drain_at = drain_at.clone();
         load.push(tokio::spawn(async move {
             let mut sent = 0usize;
             let mut tick = tokio::time::interval(Duration::from_millis(250));
-            while load_started.elapsed() < Duration::from_secs(33) {
+            while drain_at.get().is_none_or(|at| at.elapsed() < load_ends) {
                 tick.tick().await;
                 client
                     .send_with_id(channel.clone(), format!("m{c}-{sent}"), format!("load {c} {sent}"))
@@ -592,16 +512,16 @@ async fn drain_one_of_two_gateways_with_1000_clients_under_load(backend: Backend
         }));
     }
 
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The drain starts once the load flows: every sender has received 8 of its own messages (2 s of load).
+    for (_, seen, _) in &senders {
+        received_at_least(seen, 8).await;
+    }
     let drain_started = Instant::now();
-    let response = post_json(
-        cluster.gateways[0].admin,
-        "/admin/drain",
-        ADMIN_TOKEN,
-        &format!(r#"{{"window_ms":{WINDOW_MS},"deadline_ms":60000}}"#),
-    )
-    .await;
-    assert!(response.starts_with("HTTP/1.1 202"), "drain accepted: {response}");
+    drain_at.set(drain_started).expect("the drain starts once");
+    let body = format!(r#"{{"window_ms":{WINDOW_MS},"deadline_ms":60000}}"#);
+    let admin = cluster.gateways[0].admin;
+    let response = parley_test_support::http::request(admin, "POST", "/admin/drain", Some(ADMIN_TOKEN), &body).await;
+    assert_eq!(response.status, 202, "drain accepted: {response:?}");
 
     let mut sent_per_channel = HashMap::new();
     for (task, channel) in load.into_iter().zip(&channels) {
@@ -772,16 +692,19 @@ async fn kill_9_the_router_mid_stream(backend: Backend) {
                         Err(error) => {
                             assert!(Instant::now() < deadline, "{name} send {n} never succeeded: {error}");
                             refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            // The retry interval while the router is down (the loop ends at a confirmation).
                             tokio::time::sleep(Duration::from_millis(200)).await;
                         }
                     }
                 }
+                // Pacing: a stream over seconds, so that the kill lands in its middle.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             (client, seqs)
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Mid-stream (40 of the 200 messages through): kill the router, for 500 ms.
+    received_at_least(&seen[0].0, 40).await;
     let killed_at = Instant::now();
     cluster.kill_and_restart_router(Duration::from_millis(500)).await;
     let back_after = killed_at.elapsed();
@@ -823,33 +746,9 @@ async fn kill_9_the_router_mid_stream(backend: Backend) {
     owner.close().await;
 }
 
-async fn post_json(address: SocketAddr, path: &str, token: &str, body: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await.expect("admin connect");
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.expect("admin write");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.expect("admin read");
-    String::from_utf8_lossy(&response).into_owned()
-}
-
 /// A counter from a process's `/metrics`.
 async fn metric(address: SocketAddr, name: &str) -> u64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await.expect("metrics connect");
-    let request = "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.expect("read");
-    let text = String::from_utf8_lossy(&response).into_owned();
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")).and_then(|value| value.trim().parse::<f64>().ok()))
-        .map(|value| value as u64)
-        .unwrap_or_else(|| panic!("metric {name} not exported:\n{text}"))
+    parley_test_support::metric(address, name).await as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -903,29 +802,47 @@ async fn crossing_on(redis_url: &str, backend: Backend) {
     let j0_seen = record(j0_events);
     let j1_seen = record(j1_events);
 
+    // The membership changes come at points of the stream: j0 and j1 join after 30 messages (7 members: fanned
+    // out on read), j1 leaves after 70 (6: pushed) and joins again after 110 (7). The sender streams on meanwhile,
+    // but holds at 40, 80 and 120 until the change before is made, so that every phase has messages however
+    // loaded the machine.
+    let (progress, mut sent) = tokio::sync::watch::channel(0usize);
+    let (allow, allowed) = tokio::sync::watch::channel(40usize);
     let sender = {
         let owner = owner.clone();
         let channel = channel.clone();
+        let mut allowed = allowed;
         tokio::spawn(async move {
             let mut seqs = Vec::with_capacity(MESSAGES);
             for n in 0..MESSAGES {
+                allowed.wait_for(|limit| n < *limit).await.expect("the test holds the limit");
                 let receipt = owner
                     .send_with_id(channel.clone(), format!("x-{n}"), format!("crossing {n}"))
                     .await
                     .unwrap_or_else(|error| panic!("send {n} failed: {error}"));
                 seqs.push(receipt.seq);
+                let _ = progress.send(n + 1);
+                // Pacing: a stream, not a burst.
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             seqs
         })
     };
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut reached = async |count: usize| {
+        let waited = tokio::time::timeout(Duration::from_secs(60), sent.wait_for(|sent| *sent >= count)).await;
+        let reached = waited.is_ok_and(|sent| sent.is_ok());
+        assert!(reached, "the sender did not reach {count} messages");
+    };
+    reached(30).await;
     j0.join(channel.clone()).await.expect("j0 joins");
     j1.join(channel.clone()).await.expect("j1 joins: 7 members, above the threshold");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    allow.send_replace(80);
+    reached(70).await;
     j1.leave(channel.clone()).await.expect("j1 leaves: 6, pushed again");
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    allow.send_replace(120);
+    reached(110).await;
     j1.join(channel.clone()).await.expect("j1 joins again: 7");
+    allow.send_replace(MESSAGES);
     let mut confirmed =
         tokio::time::timeout(Duration::from_secs(90), sender).await.expect("sender done").expect("task");
     confirmed.sort_unstable();
@@ -1034,6 +951,7 @@ async fn presence_of(bootstrap: &str, topic: &str, user: &str, expected: &[&str]
             return mine;
         }
         assert!(Instant::now() < deadline, "{user}'s presence records: {statuses:?}, expected {expected:?}");
+        // The poll interval of a bounded wait.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -1065,8 +983,13 @@ async fn presence_changes_reach_the_kafka_presence_topic_even_across_a_router_re
     presence_of(&bootstrap, &topic, "carol", &["online"]).await;
     cluster.kill_router().await;
     carol.close().await;
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let failures = metric(cluster.gateways[0].admin, "parley_gateway_presence_journal_failures_total").await;
+    let admin = cluster.gateways[0].admin;
+    let failures =
+        parley_test_support::eventually("the journal to meet the dead router", Duration::from_secs(60), || async {
+            let failures = metric(admin, "parley_gateway_presence_journal_failures_total").await;
+            (failures > 0).then_some(failures)
+        })
+        .await;
     cluster.restart_router().await;
     presence_of(&bootstrap, &topic, "carol", &["online", "offline"]).await;
     let recorded = metric(cluster.gateways[0].admin, "parley_gateway_presence_journal_records_total").await;

@@ -6,49 +6,34 @@
 //! also when the test fails. Its pid comes from the state dir of `e2e/stack/up.sh` (`PARLEY_STACK_DIR`). This test
 //! is alone in its file, so no other test uses the frozen node meanwhile. Needs `PARLEY_KAFKA_BOOTSTRAP`,
 //! `PARLEY_CASSANDRA_CONTACT` and `PARLEY_STACK_DIR` (`e2e/stack/up.sh --only kafka,cassandra <dir>`, then source
-//! `<dir>/stack.env`); without them it fails, unless `PARLEY_SKIP_ENGINE_TESTS=1`.
+//! `<dir>/stack.env`); without them a plain `cargo test` skips it and the full test command fails it.
 
+use parley_api::RouterError;
+use parley_bus::pubsub::{channel_topic, Event, LocalPubSub, PubSub};
 use parley_core::UserId;
 use parley_router::backend::{HistoryQuery, MessageStore};
 use parley_router::cassandra::{CassandraConfig, CassandraStore};
 use parley_router::kafka::{KafkaConfig, KafkaLog, StoreWriter};
-use parley_router::pubsub::{channel_topic, Event, LocalPubSub, PubSub};
-use parley_router::{Router, RouterConfig, RouterError};
+use parley_router::RouterConfig;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 const START_STACK: &str = "start the engines with `e2e/stack/up.sh --only kafka,cassandra /tmp/parley-stack` and \
-     `set -a; . /tmp/parley-stack/stack.env; set +a`, or set PARLEY_SKIP_ENGINE_TESTS=1 to run only the \
-     engine-free tests";
+     `set -a; . /tmp/parley-stack/stack.env; set +a`";
 
-/// Prints a figure line, and appends it to `PARLEY_FIGURES_FILE` when set (the test command prints that file in its
-/// summary, since a passing test's output is captured).
-fn report(line: &str) {
-    println!("{line}");
-    if let Some(path) = std::env::var_os("PARLEY_FIGURES_FILE") {
-        use std::io::Write;
-        if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = writeln!(file, "{line}");
-        }
-    }
-}
+use parley_test_support::{eventually, report};
 
 /// The stack's settings, or `None` when engine tests are skipped.
 fn stack() -> Option<(String, String, PathBuf)> {
-    let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
-    match (var("PARLEY_KAFKA_BOOTSTRAP"), var("PARLEY_CASSANDRA_CONTACT"), var("PARLEY_STACK_DIR")) {
-        (Some(kafka), Some(cassandra), Some(dir)) => Some((kafka, cassandra, PathBuf::from(dir))),
-        _ if std::env::var("PARLEY_SKIP_ENGINE_TESTS").is_ok_and(|value| value == "1") => {
-            eprintln!("SKIPPED: Cassandra outage test (PARLEY_SKIP_ENGINE_TESTS=1)");
-            None
-        }
-        _ => panic!(
-            "PARLEY_KAFKA_BOOTSTRAP, PARLEY_CASSANDRA_CONTACT and PARLEY_STACK_DIR must be set for the Cassandra \
-             outage test: {START_STACK}"
-        ),
-    }
+    use parley_test_support::{engine, Engine};
+    let kafka = engine(Engine::Kafka)?;
+    let cassandra = engine(Engine::Cassandra)?;
+    let dir = std::env::var("PARLEY_STACK_DIR").ok().filter(|dir| !dir.is_empty()).unwrap_or_else(|| {
+        panic!("PARLEY_STACK_DIR must name the e2e/stack state dir (its stack.env sets it): {START_STACK}")
+    });
+    Some((kafka, cassandra, PathBuf::from(dir)))
 }
 
 /// Sends a signal to a process with `kill`.
@@ -64,14 +49,6 @@ impl Drop for Thaw {
     fn drop(&mut self) {
         signal(self.0, "CONT");
     }
-}
-
-fn unique() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_nanos())
-        .unwrap_or(0);
-    format!("{}_{}", std::process::id(), nanos % 1_000_000_000)
 }
 
 /// Every stored message of `channel`, oldest first.
@@ -90,7 +67,7 @@ async fn stored(store: &CassandraStore, channel: &str) -> Vec<(u64, String)> {
 }
 
 /// The sequences of the next `count` messages published on the channel topic.
-async fn published(events: &mut mpsc::Receiver<parley_router::pubsub::Delivery>, count: usize) -> Vec<u64> {
+async fn published(events: &mut mpsc::Receiver<parley_bus::pubsub::Delivery>, count: usize) -> Vec<u64> {
     let mut seqs = Vec::new();
     while seqs.len() < count {
         let (_, payload) = tokio::time::timeout(Duration::from_secs(10), events.recv())
@@ -115,13 +92,17 @@ async fn a_stopped_cassandra_lets_sends_and_live_delivery_go_on_and_the_store_ca
         .and_then(|pid| pid.parse().ok())
         .unwrap_or_else(|| panic!("no pid in {}", pid_file.display()));
 
-    let mut cassandra =
-        CassandraConfig::new(contact.split(',').map(str::to_owned).collect(), format!("parley_outage_{}", unique()));
+    let mut cassandra = CassandraConfig::new(
+        contact.split(',').map(str::to_owned).collect(),
+        parley_test_support::unique("parley_outage_").replace('-', "_"),
+    );
     cassandra.local_datacenter = std::env::var("PARLEY_CASSANDRA_DC").ok().filter(|dc| !dc.is_empty());
     // Calls to a frozen node fail after this, like calls to a dead one.
     cassandra.request_timeout = Duration::from_secs(2);
     let store = Arc::new(CassandraStore::connect(cassandra).await.expect("Cassandra reachable"));
-    let mut kafka = KafkaConfig::new(&bootstrap).with_prefix(format!("parley-outage-{}-", unique())).with_partitions(3);
+    let mut kafka = KafkaConfig::new(&bootstrap)
+        .with_prefix(parley_test_support::unique("parley-outage-") + "-")
+        .with_partitions(3);
     kafka.store_batch_wait = Duration::from_millis(2);
     kafka.retry_min = Duration::from_millis(50);
     kafka.retry_max = Duration::from_millis(500);
@@ -132,7 +113,7 @@ async fn a_stopped_cassandra_lets_sends_and_live_delivery_go_on_and_the_store_ca
     let subscription = bus.open(sink);
     subscription.subscribe(vec![channel_topic("g:outage")]).await.expect("subscribe");
     let (router, _task) =
-        Router::start(RouterConfig::default(), log, store.clone(), store.clone(), bus).expect("router");
+        parley_router::start(RouterConfig::default(), log, store.clone(), store.clone(), bus).expect("router");
     let alice = UserId::new("alice").expect("user");
     router.create_channel(&alice, "outage", &["bob".to_owned()]).await.expect("create");
 
@@ -145,11 +126,10 @@ async fn a_stopped_cassandra_lets_sends_and_live_delivery_go_on_and_the_store_ca
         assert_eq!(send(index).await.expect("confirmed").placement.seq, index);
     }
     assert_eq!(published(&mut events, 20).await, (1..=20).collect::<Vec<u64>>());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while store.last_stored_seq("g:outage").await.expect("last stored") < 20 {
-        assert!(Instant::now() < deadline, "the store writer never stored the first 20");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually("the store writer to store the first 20", Duration::from_secs(30), || async {
+        (store.last_stored_seq("g:outage").await.expect("last stored") >= 20).then_some(())
+    })
+    .await;
 
     // Cassandra stops.
     signal(pid, "STOP");
@@ -177,15 +157,12 @@ async fn a_stopped_cassandra_lets_sends_and_live_delivery_go_on_and_the_store_ca
     // Cassandra returns; the store writer catches up with nothing lost and nothing twice.
     drop(thaw);
     let thawed = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        match store.last_stored_seq("g:outage").await {
-            Ok(last) if last >= 70 => break,
-            _ => {}
-        }
-        assert!(Instant::now() < deadline, "the store writer did not catch up within 90 s of Cassandra's return");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let what = "the store writer to catch up within 90 s of Cassandra's return";
+    eventually(what, Duration::from_secs(90), || async {
+        // Errors are expected while Cassandra comes back.
+        store.last_stored_seq("g:outage").await.ok().filter(|last| *last >= 70)
+    })
+    .await;
     let caught_up = thawed.elapsed();
     let expected: Vec<(u64, String)> = (1..=70).map(|index| (index, format!("text {index}"))).collect();
     assert_eq!(stored(&store, "g:outage").await, expected, "every confirmed message exactly once, in order");

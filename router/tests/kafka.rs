@@ -1,11 +1,13 @@
 //! The Kafka log driver and the store writer against a real Kafka broker.
 //!
 //! The tests need `PARLEY_KAFKA_BOOTSTRAP` (start a broker with `e2e/stack/up.sh --only kafka <state dir>` and
-//! source `<state dir>/stack.env`); each test uses its own topic prefix. Without the variable they fail, unless
-//! `PARLEY_SKIP_ENGINE_TESTS=1` asks for the engine-free tests only. The broker-outage test starts its own
+//! source `<state dir>/stack.env`); each test uses its own topic prefix. Without the variable a plain `cargo test`
+//! skips them and the full test command fails them (`parley_test_support::engines`). The broker-outage test starts its own
 //! broker with `e2e/stack/up.sh` in a state dir of its own, stops it with `down.sh` and starts it again on the
 //! same port.
 
+use parley_api::{BackendError, Router, RouterError};
+use parley_bus::pubsub::LocalPubSub;
 use parley_core::presence::Status;
 use parley_core::protocol::MessageView;
 use parley_core::UserId;
@@ -13,8 +15,8 @@ use parley_router::backend::{HistoryQuery, MessageLog, MessageStore, PresenceUpd
 use parley_router::embedded::{EmbeddedStore, Retention};
 use parley_router::kafka::partition::partition_for;
 use parley_router::kafka::{KafkaConfig, KafkaLog, StoreWriter};
-use parley_router::pubsub::LocalPubSub;
-use parley_router::{BackendError, Router, RouterConfig, RouterError};
+use parley_router::RouterConfig;
+use parley_test_support::eventually;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -22,37 +24,20 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const START_KAFKA: &str = "start Kafka with `e2e/stack/up.sh --only kafka /tmp/parley-stack` and \
-     `set -a; . /tmp/parley-stack/stack.env; set +a` (stop it with `e2e/stack/down.sh /tmp/parley-stack`), or set \
-     PARLEY_SKIP_ENGINE_TESTS=1 to run only the engine-free tests";
-
-fn skip_engines() -> bool {
-    std::env::var("PARLEY_SKIP_ENGINE_TESTS").is_ok_and(|value| value == "1")
-}
+     `set -a; . /tmp/parley-stack/stack.env; set +a` (stop it with `e2e/stack/down.sh /tmp/parley-stack`)";
 
 fn unique_prefix() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_nanos())
-        .unwrap_or(0);
-    format!("parley-test-{}-{nanos}-{}-", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    parley_test_support::unique("parley-test-") + "-"
 }
 
 /// The configuration of one test (its own prefix, 3 partitions), or `None` when engine tests are skipped.
 fn kafka_config() -> Option<KafkaConfig> {
-    match std::env::var("PARLEY_KAFKA_BOOTSTRAP") {
-        Ok(bootstrap) if !bootstrap.is_empty() => Some(test_config(&bootstrap)),
-        _ if skip_engines() => {
-            eprintln!("SKIPPED: Kafka driver test (PARLEY_SKIP_ENGINE_TESTS=1)");
-            None
-        }
-        _ => panic!("PARLEY_KAFKA_BOOTSTRAP is not set, so the Kafka driver tests cannot run: {START_KAFKA}"),
-    }
+    parley_test_support::engine(parley_test_support::Engine::Kafka).map(|bootstrap| test_config(&bootstrap))
 }
 
 fn test_config(bootstrap: &str) -> KafkaConfig {
@@ -90,7 +75,7 @@ async fn open(config: &KafkaConfig, store: &Arc<EmbeddedStore>) -> KafkaLog {
 /// A router (single writer, default config) on `log`, with `store` as its store and membership.
 fn router_on(log: Arc<KafkaLog>, store: &Arc<EmbeddedStore>) -> Router {
     let (router, _task) =
-        Router::start(RouterConfig::default(), log, store.clone(), store.clone(), Arc::new(LocalPubSub::new()))
+        parley_router::start(RouterConfig::default(), log, store.clone(), store.clone(), Arc::new(LocalPubSub::new()))
             .expect("router");
     router
 }
@@ -135,15 +120,19 @@ async fn history(store: &EmbeddedStore, channel: &str) -> Vec<MessageView> {
 
 /// Waits until the store holds `count` messages of `channel`.
 async fn wait_stored(store: &EmbeddedStore, channel: &str, count: u64, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let stored = store.last_stored_seq(channel).await.expect("last stored");
-        if stored >= count {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{channel}: the store holds {stored} of {count} messages");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("{channel}: the store to hold {count} messages");
+    eventually(&what, within, || async {
+        (store.last_stored_seq(channel).await.expect("last stored") >= count).then_some(())
+    })
+    .await;
+}
+
+/// Waits until `writer` has stored everything of its topics (no consumer lag).
+async fn caught_up(writer: &StoreWriter) {
+    eventually("the store writer to catch up", Duration::from_secs(30), || async {
+        (writer.lag().await.expect("lag") == 0).then_some(())
+    })
+    .await;
 }
 
 fn assert_exactly_once_in_order(channel: &str, messages: &[MessageView], count: u64) {
@@ -255,11 +244,7 @@ async fn the_router_confirms_sends_and_the_store_writer_fills_history_exactly_on
         let texts: Vec<(u64, String)> = stored.iter().map(|message| (message.seq, message.text.clone())).collect();
         assert_eq!(texts, sent, "{channel}: history is what was confirmed");
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while writer.lag().await.expect("lag") > 0 {
-        assert!(Instant::now() < deadline, "the store writer does not catch up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    caught_up(&writer).await;
     assert!(writer.stats().written.load(Ordering::Relaxed) >= 300);
     writer.stop().await.expect("clean stop");
 }
@@ -326,11 +311,7 @@ async fn a_new_writer_continues_from_the_last_durable_seq_and_finds_earlier_send
     // Once the store writer has caught up, a third owner's tail is empty and the store answers.
     let writer = StoreWriter::start(config.clone(), store.clone()).await.expect("store writer");
     wait_stored(&store, channel, 6, Duration::from_secs(30)).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while writer.lag().await.expect("lag") > 0 {
-        assert!(Instant::now() < deadline, "the store writer does not catch up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    caught_up(&writer).await;
     writer.stop().await.expect("stop");
     let third = open(&config, &store).await;
     assert_eq!(third.tail_len(), 0, "only the unstored tail is scanned");
@@ -361,11 +342,11 @@ async fn a_store_writer_crash_replays_with_no_loss_and_no_duplicates() {
         })
     };
     let first = StoreWriter::start(config.clone(), store.clone()).await.expect("store writer");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while first.stats().written.load(Ordering::Relaxed) < 100 {
-        assert!(Instant::now() < deadline, "the first store writer wrote nothing");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Kill the first store writer mid-stream: once it has written 100 of the 600.
+    eventually("the first store writer to write 100 messages", Duration::from_secs(30), || async {
+        (first.stats().written.load(Ordering::Relaxed) >= 100).then_some(())
+    })
+    .await;
     let written_before_crash = first.stats().written.load(Ordering::Relaxed);
     first.kill().await;
     appender.await.expect("appender");
@@ -375,11 +356,7 @@ async fn a_store_writer_crash_replays_with_no_loss_and_no_duplicates() {
         wait_stored(&store, channel, per_channel, Duration::from_secs(60)).await;
         assert_exactly_once_in_order(channel, &history(&store, channel).await, per_channel);
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while second.lag().await.expect("lag") > 0 {
-        assert!(Instant::now() < deadline, "the second store writer does not catch up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    caught_up(&second).await;
     let written_after = second.stats().written.load(Ordering::Relaxed);
     eprintln!(
         "store writer: {written_before_crash} written before the crash, {written_after} after (replays included)"
@@ -431,11 +408,10 @@ async fn the_store_writer_retries_while_the_store_is_down_and_skips_nothing() {
     for seq in 1..=20 {
         log.append(vec![view("g:outage", seq, "carol", "while the database is down")]).await.expect("append");
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while writer.stats().store_failures.load(Ordering::Relaxed) < 3 {
-        assert!(Instant::now() < deadline, "the store writer never tried to write");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the store writer to try (and fail) three writes", Duration::from_secs(30), || async {
+        (writer.stats().store_failures.load(Ordering::Relaxed) >= 3).then_some(())
+    })
+    .await;
     assert!(writer.lag().await.expect("lag") >= 20, "nothing is committed while the store is down");
     assert_eq!(store.last_stored_seq("g:outage").await.expect("stored"), 0);
     assert_eq!(log.last_seq("g:outage").await.expect("last seq"), 20, "the log answers from its tail meanwhile");
@@ -561,6 +537,7 @@ async fn a_stopped_broker_fails_sends_fast_and_they_recover_when_it_returns() {
             Ok(outcome) => break outcome,
             Err(error) => {
                 assert!(Instant::now() < deadline, "sends did not recover after the broker returned: {error}");
+                // The retry interval while the broker comes back (the loop ends at the first confirmed send).
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }

@@ -1,14 +1,15 @@
 //! The router's internal API over a real socket: a `RemoteRouter` gets the same answers and the same error codes
 //! as the in-process writer, and a wrong token or a dead router is `unavailable`, never a false confirmation.
 
+use parley_api::MAX_PRESENCE_BATCH;
+use parley_api::{RemoteRouter, Router, RouterError};
+use parley_bus::pubsub::LocalPubSub;
 use parley_core::presence::Status;
 use parley_core::protocol::ErrorCode;
 use parley_core::UserId;
 use parley_router::backend::{HistoryQuery, PresenceUpdate};
 use parley_router::embedded::{EmbeddedStore, Retention};
-use parley_router::pubsub::LocalPubSub;
-use parley_router::router::MAX_PRESENCE_BATCH;
-use parley_router::{RemoteRouter, Router, RouterConfig, RouterError};
+use parley_router::RouterConfig;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,10 +22,16 @@ async fn serve(token: Option<&str>) -> (std::net::SocketAddr, tempfile::TempDir,
     let store = Arc::new(EmbeddedStore::open(dir.path(), Retention::default()).expect("store"));
     let config = RouterConfig { max_text_bytes: 64, ..RouterConfig::default() };
     let (router, _writer) =
-        Router::start(config, store.clone(), store.clone(), store, Arc::new(LocalPubSub::new())).expect("router");
+        parley_router::start(config, store.clone(), store.clone(), store, Arc::new(LocalPubSub::new()))
+            .expect("router");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
     let app = parley_router::service::app(router, token.map(str::to_owned));
+    // TCP_NODELAY, as `parley-router` sets it: besides the latency, a Nagle delay is invisible to tokio's paused
+    // clock, which would jump to the next timer (the call timeout) meanwhile.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
+        let _ = stream.set_nodelay(true);
+    });
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
@@ -38,7 +45,7 @@ async fn a_remote_router_answers_like_the_local_one() {
     let remote: Router =
         RemoteRouter::connect(&base, Some("secret".into()), Duration::from_secs(5)).await.expect("connects").into();
     assert!(remote.is_remote());
-    assert_eq!(remote.config().max_text_bytes, 64, "the router's limits travel to the gateway");
+    assert_eq!(remote.limits().max_text_bytes, 64, "the router's limits travel to the gateway");
 
     let alice = user("alice");
     let bob = user("bob");
@@ -92,7 +99,9 @@ async fn a_remote_router_answers_like_the_local_one() {
     }
 }
 
-#[tokio::test]
+// On tokio's paused clock: "fails fast" is measured in tokio time, so it holds however loaded the machine is, and
+// a call that waited for its 5 s timeout would still fail the bound.
+#[tokio::test(start_paused = true)]
 async fn a_wrong_token_or_a_dead_router_is_unavailable() {
     let (address, _dir, server) = serve(Some("secret")).await;
     let base = format!("http://{address}");
@@ -106,9 +115,9 @@ async fn a_wrong_token_or_a_dead_router_is_unavailable() {
     server.abort();
     let _ = server.await;
     // The listener is gone: a send fails fast and says so; nothing was confirmed.
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let failed = remote.send(&alice, "g:room", "m1", "hello").await.expect_err("router down");
     assert_eq!(failed.code(), ErrorCode::Unavailable, "{failed}");
-    assert!(started.elapsed() < Duration::from_secs(5), "bounded by the call timeout");
+    assert!(started.elapsed() < Duration::from_secs(5), "fails fast, not at the call timeout: {:?}", started.elapsed());
     assert!(remote.stats().write_failures.load(std::sync::atomic::Ordering::Relaxed) >= 1);
 }

@@ -4,24 +4,23 @@
 //! Every test body takes an [`Engine`] and runs once per driver (`<test>::embedded`, `<test>::cassandra`). The
 //! Cassandra runs need `PARLEY_CASSANDRA_CONTACT` (start one with `e2e/stack/up.sh --only cassandra <state dir>`
 //! and source `<state dir>/stack.env`); each test creates its own keyspace `parley_test_<pid>_<n>` and drops it
-//! at the end. Without the variable they fail, unless `PARLEY_SKIP_ENGINE_TESTS=1` asks for the engine-free tests
-//! only.
+//! at the end. Without the variable a plain `cargo test` skips them and the full test command fails them
+//! (`parley_test_support::engines`).
 
+use parley_api::BackendError;
+use parley_bus::pubsub::LocalPubSub;
 use parley_core::protocol::MessageView;
 use parley_core::{ChannelKind, UserId};
 use parley_router::backend::{ChannelRecord, HistoryQuery, MembershipChange, MembershipStore, MessageStore};
 use parley_router::cassandra::{CassandraConfig, CassandraStore};
 use parley_router::embedded::{EmbeddedStore, Retention};
-use parley_router::pubsub::LocalPubSub;
-use parley_router::{BackendError, Router, RouterConfig};
-use std::sync::atomic::{AtomicU64, Ordering};
+use parley_router::RouterConfig;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 const START_CASSANDRA: &str = "start Cassandra with `e2e/stack/up.sh --only cassandra /tmp/parley-stack` and \
-     `set -a; . /tmp/parley-stack/stack.env; set +a` (stop it with `e2e/stack/down.sh /tmp/parley-stack`), or set \
-     PARLEY_SKIP_ENGINE_TESTS=1 to run only the engine-free tests";
+     `set -a; . /tmp/parley-stack/stack.env; set +a` (stop it with `e2e/stack/down.sh /tmp/parley-stack`)";
 
 /// Width of a time bucket in these tests: short, so that a few seconds of timestamps cross many buckets.
 const BUCKET: Duration = Duration::from_secs(1);
@@ -35,37 +34,24 @@ enum Engine {
     Cassandra,
 }
 
-fn skip_engines() -> bool {
-    std::env::var("PARLEY_SKIP_ENGINE_TESTS").is_ok_and(|value| value == "1")
-}
-
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
 }
 
 fn unique_keyspace() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!("parley_test_{}_{}_{}", std::process::id(), now_ms() % 1_000_000, NEXT.fetch_add(1, Ordering::Relaxed))
+    parley_test_support::unique("parley_test_").replace('-', "_")
 }
 
 /// A Cassandra configuration with its own keyspace, or `None` when engine tests are skipped.
 fn cassandra_config(retention: Option<Duration>) -> Option<CassandraConfig> {
-    match std::env::var("PARLEY_CASSANDRA_CONTACT") {
-        Ok(contact) if !contact.is_empty() => {
-            let mut config = CassandraConfig::new(contact.split(',').map(str::to_owned).collect(), unique_keyspace());
-            config.local_datacenter = std::env::var("PARLEY_CASSANDRA_DC").ok().filter(|dc| !dc.is_empty());
-            config.retention = retention;
-            config.bucket = BUCKET;
-            config.page_size = 500;
-            config.request_timeout = Duration::from_secs(10);
-            Some(config)
-        }
-        _ if skip_engines() => {
-            eprintln!("SKIPPED: Cassandra driver test (PARLEY_SKIP_ENGINE_TESTS=1)");
-            None
-        }
-        _ => panic!("PARLEY_CASSANDRA_CONTACT is not set, so the Cassandra driver tests cannot run: {START_CASSANDRA}"),
-    }
+    let contact = parley_test_support::engine(parley_test_support::Engine::Cassandra)?;
+    let mut config = CassandraConfig::new(contact.split(',').map(str::to_owned).collect(), unique_keyspace());
+    config.local_datacenter = std::env::var("PARLEY_CASSANDRA_DC").ok().filter(|dc| !dc.is_empty());
+    config.retention = retention;
+    config.bucket = BUCKET;
+    config.page_size = 500;
+    config.request_timeout = Duration::from_secs(10);
+    Some(config)
 }
 
 async fn connect(config: CassandraConfig) -> CassandraStore {
@@ -113,14 +99,29 @@ impl Stores {
         }
     }
 
-    /// Lets the messages written so far with old timestamps expire: a retention sweep for the embedded store,
-    /// the TTL running out for Cassandra.
-    async fn expire(&self) {
+    /// Lets the messages written so far with old timestamps expire: a retention sweep for the embedded store; for
+    /// Cassandra, waits until their TTL has run out (Cassandra's own clock: polled, up to 60 s) and `channels` show
+    /// none of them.
+    async fn expire(&self, channels: &[&str]) {
         if let Some((store, _)) = &self.embedded {
             store.sweep(now_ms()).await.expect("sweep");
         }
         if self.cassandra.is_some() {
-            tokio::time::sleep(SHORT_RETENTION + Duration::from_millis(1500)).await;
+            parley_test_support::eventually(
+                "Cassandra's TTL to drop the old messages",
+                Duration::from_secs(60),
+                || async {
+                    for channel in channels {
+                        let page =
+                            self.messages.history(channel, HistoryQuery { limit: 10, ..Default::default() }).await;
+                        if !page.expect("history").messages.is_empty() {
+                            return None;
+                        }
+                    }
+                    Some(())
+                },
+            )
+            .await;
         }
     }
 
@@ -165,22 +166,8 @@ fn remove(channel: &str, user: &str) -> MembershipChange {
     MembershipChange::Remove { channel: channel.into(), user: user.into() }
 }
 
-macro_rules! suite {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                super::$name(super::Engine::Embedded).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn cassandra() {
-                super::$name(super::Engine::Cassandra).await
-            }
-        }
-    )*};
-}
-
-suite!(
+parley_test_support::engine_suite!(
+    [embedded => Embedded, cassandra => Cassandra];
     history_pages_both_ways_across_buckets,
     rewriting_changes_nothing,
     last_stored_seq_is_the_highest_written,
@@ -343,7 +330,7 @@ async fn retention_expires_old_messages_and_raises_the_floor(engine: Engine) {
     store.write(vec![message("g:gone", 1, old), message("g:gone", 2, old + 1200)]).await.expect("write old");
     assert_eq!(store.first_retained_seq("g:kept").await.expect("floor"), 1);
     assert_eq!(store.first_retained_seq("g:never").await.expect("floor"), 1);
-    stores.expire().await;
+    stores.expire(&["g:kept", "g:gone"]).await;
     store.write(vec![message("g:kept", 3, now_ms())]).await.expect("write new");
     if let Some((embedded, _)) = &stores.embedded {
         // The sweep only drops old buckets: the message just written stays.
@@ -481,7 +468,7 @@ async fn router_writer_runs_on_the_store(engine: Engine) {
         None => EmbeddedStore::open(log_dir.path(), Retention::default()).expect("log"),
     };
     let (tap, mut durable) = mpsc::channel(1024);
-    let (router, _writer) = Router::start_with_tap(
+    let (router, _writer) = parley_router::start_with_tap(
         RouterConfig::default(),
         Arc::new(log),
         stores.messages.clone(),
@@ -508,18 +495,12 @@ async fn router_writer_runs_on_the_store(engine: Engine) {
     }
     let retry = router.send(&alice, "g:team", "m3", "hello 3").await.expect("retry");
     assert!(retry.duplicate && retry.placement.seq == 3);
-    let page = {
-        let mut waited = Duration::ZERO;
-        loop {
-            let page = router.history(&bob, "g:team", HistoryQuery { limit: 50, ..Default::default() }).await;
-            let page = page.expect("history");
-            if page.messages.len() == 20 || waited > Duration::from_secs(10) {
-                break page;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            waited += Duration::from_millis(50);
-        }
-    };
+    // The history is read from the store, which the follower (Cassandra) fills from the log.
+    let page = parley_test_support::eventually("the 20 messages in the history", Duration::from_secs(30), || async {
+        let page = router.history(&bob, "g:team", HistoryQuery { limit: 50, ..Default::default() }).await;
+        Some(page.expect("history")).filter(|page| page.messages.len() == 20)
+    })
+    .await;
     assert_eq!(seqs(&page.messages), (1..=20).collect::<Vec<_>>());
     assert_eq!(page.messages[4].text, "hello 5");
     assert_eq!(router.members(&bob, "g:team").await.expect("members"), vec!["alice", "bob"]);
@@ -537,12 +518,14 @@ async fn router_writer_runs_on_the_store(engine: Engine) {
     stores.finish().await;
 }
 
-/// An unreachable cluster is a clear `Unavailable` error, quickly, and never a panic. Needs no engine.
-#[tokio::test]
+/// An unreachable cluster is a clear `Unavailable` error, quickly (within the connect timeout, twice the 2 s
+/// request timeout), and never a panic. Needs no engine. On tokio's paused clock: the time is measured in tokio
+/// time, which the driver's timers follow, so the bound holds however loaded the machine is.
+#[tokio::test(start_paused = true)]
 async fn unreachable_cassandra_is_unavailable() {
     let mut config = CassandraConfig::new(vec!["127.0.0.1:1".into()], "parley_unreachable");
     config.request_timeout = Duration::from_secs(2);
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let error = CassandraStore::connect(config).await.expect_err("nothing listens on port 1");
     assert!(matches!(error, BackendError::Unavailable(_)), "{error:?}");
     assert!(error.to_string().contains("cannot connect to cassandra at 127.0.0.1:1"), "{error}");

@@ -2,12 +2,13 @@
 //! idempotency, membership rules, and publication order.
 
 use async_trait::async_trait;
+use parley_api::{BackendError, RouterError};
+use parley_bus::pubsub::{channel_topic, Event, LocalPubSub, PubSub};
 use parley_core::protocol::MessageView;
 use parley_core::UserId;
 use parley_router::backend::{HistoryQuery, MessageLog, PriorSend};
 use parley_router::embedded::{EmbeddedStore, Retention};
-use parley_router::pubsub::{channel_topic, Event, LocalPubSub, PubSub};
-use parley_router::{BackendError, Router, RouterConfig, RouterError};
+use parley_router::RouterConfig;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -49,7 +50,7 @@ async fn a_failed_write_confirms_nothing_and_leaves_no_gap() {
     let subscription = bus.open(sink);
     subscription.subscribe(vec![channel_topic("g:room")]).await.expect("subscribe");
     let (router, _writer) =
-        Router::start(RouterConfig::default(), log.clone(), shared.clone(), shared, bus).expect("router");
+        parley_router::start(RouterConfig::default(), log.clone(), shared.clone(), shared, bus).expect("router");
     let alice = user("alice");
     router.create_channel(&alice, "room", &[]).await.expect("create");
 
@@ -83,7 +84,7 @@ async fn membership_limits_and_rules() {
     let store = Arc::new(EmbeddedStore::open(dir.path(), Retention::default()).expect("store"));
     let config = RouterConfig { max_channel_members: 3, ..RouterConfig::default() };
     let (router, _writer) =
-        Router::start(config, store.clone(), store.clone(), store.clone(), Arc::new(LocalPubSub::new()))
+        parley_router::start(config, store.clone(), store.clone(), store.clone(), Arc::new(LocalPubSub::new()))
             .expect("router");
     let owner = user("owner");
     let created =
@@ -108,7 +109,7 @@ async fn membership_limits_and_rules() {
 }
 
 /// Drains what a subscriber received so far, as (topic, event).
-async fn received(published: &mut mpsc::Receiver<parley_router::pubsub::Delivery>) -> Vec<(String, Event)> {
+async fn received(published: &mut mpsc::Receiver<parley_bus::pubsub::Delivery>) -> Vec<(String, Event)> {
     // Publications of the in-process bus are queued before `publish` returns.
     tokio::task::yield_now().await;
     let mut out = Vec::new();
@@ -120,8 +121,8 @@ async fn received(published: &mut mpsc::Receiver<parley_router::pubsub::Delivery
 
 #[tokio::test]
 async fn membership_changes_go_straight_to_the_gateways_holding_the_user() {
-    use parley_router::presence::{EmbeddedPresenceStore, PresenceStore};
-    use parley_router::pubsub::{gateway_topic, ControlEvent, ALL_GATEWAYS_TOPIC};
+    use parley_bus::presence::{EmbeddedPresenceStore, PresenceStore};
+    use parley_bus::pubsub::{gateway_topic, ControlEvent, ALL_GATEWAYS_TOPIC};
     use parley_router::LocalRouter;
     use std::time::Duration;
 
@@ -173,7 +174,7 @@ async fn membership_changes_go_straight_to_the_gateways_holding_the_user() {
 
 #[tokio::test]
 async fn without_a_registry_membership_changes_reach_every_gateway() {
-    use parley_router::pubsub::{ControlEvent, ALL_GATEWAYS_TOPIC};
+    use parley_bus::pubsub::{ControlEvent, ALL_GATEWAYS_TOPIC};
 
     let dir = tempfile::tempdir().expect("tempdir");
     let shared = Arc::new(EmbeddedStore::open(dir.path(), Retention::default()).expect("store"));
@@ -182,7 +183,7 @@ async fn without_a_registry_membership_changes_reach_every_gateway() {
     let subscription = bus.open(sink);
     subscription.subscribe(vec![ALL_GATEWAYS_TOPIC.to_owned()]).await.expect("subscribe");
     let (router, _writer) =
-        Router::start(RouterConfig::default(), shared.clone(), shared.clone(), shared, bus).expect("router");
+        parley_router::start(RouterConfig::default(), shared.clone(), shared.clone(), shared, bus).expect("router");
     router.create_channel(&user("alice"), "room", &["bob".into()]).await.expect("create");
     let mut users: Vec<String> = received(&mut published)
         .await
@@ -222,9 +223,14 @@ async fn a_first_attempt_never_looks_for_an_earlier_send_and_a_possible_retry_do
     let store = EmbeddedStore::open(dir.path(), Retention::default()).expect("store");
     let log = Arc::new(NoLookups { inner: store.clone(), lookups: Default::default() });
     let shared = Arc::new(store);
-    let (router, _writer) =
-        Router::start(RouterConfig::default(), log.clone(), shared.clone(), shared, Arc::new(LocalPubSub::new()))
-            .expect("router");
+    let (router, _writer) = parley_router::start(
+        RouterConfig::default(),
+        log.clone(),
+        shared.clone(),
+        shared,
+        Arc::new(LocalPubSub::new()),
+    )
+    .expect("router");
     let alice = user("alice");
     router.create_channel(&alice, "room", &[]).await.expect("create");
 
@@ -249,7 +255,7 @@ async fn large_channels_are_fanned_out_on_read_with_one_notice_per_batch() {
     let subscription = bus.open(sink);
     subscription.subscribe(vec![channel_topic("g:hall")]).await.expect("subscribe");
     let config = RouterConfig { fanout_threshold: 3, ..RouterConfig::default() };
-    let (router, _writer) = Router::start(config, store.clone(), store.clone(), store, bus).expect("router");
+    let (router, _writer) = parley_router::start(config, store.clone(), store.clone(), store, bus).expect("router");
     let alice = user("alice");
     router.create_channel(&alice, "hall", &["bob".to_owned()]).await.expect("create");
     let _ = received(&mut published).await;
@@ -304,4 +310,131 @@ async fn large_channels_are_fanned_out_on_read_with_one_notice_per_batch() {
     assert!(matches!(events.as_slice(), [(_, Event::Message { seq: 42, .. })]), "{events:?}");
     router.feed("g:hall", 41, 10).await.expect("feed");
     assert_eq!(stats.feed_store_reads.load(Ordering::Relaxed), 2, "no feed kept for a small channel");
+}
+
+/// A membership store whose large writes (more than 100 changes) wait until released, and then succeed or fail:
+/// it stands for a slow store (10,000 rows to Cassandra) under a large channel's creation.
+struct GatedMembership {
+    inner: EmbeddedStore,
+    release: tokio::sync::Semaphore,
+    fail: AtomicBool,
+    started: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl parley_router::backend::MembershipStore for GatedMembership {
+    async fn channel(&self, channel: &str) -> Result<Option<parley_router::backend::ChannelRecord>, BackendError> {
+        self.inner.channel(channel).await
+    }
+    async fn members(&self, channel: &str) -> Result<Vec<String>, BackendError> {
+        self.inner.members(channel).await
+    }
+    async fn is_member(&self, channel: &str, user: &str) -> Result<bool, BackendError> {
+        self.inner.is_member(channel, user).await
+    }
+    async fn user_channels(&self, user: &str) -> Result<Vec<String>, BackendError> {
+        self.inner.user_channels(user).await
+    }
+    async fn set_read(&self, user: &str, channel: &str, seq: u64) -> Result<u64, BackendError> {
+        self.inner.set_read(user, channel, seq).await
+    }
+    async fn read_seq(&self, user: &str, channel: &str) -> Result<u64, BackendError> {
+        self.inner.read_seq(user, channel).await
+    }
+    async fn apply(&self, changes: Vec<parley_router::backend::MembershipChange>) -> Result<(), BackendError> {
+        if changes.len() > 100 {
+            self.started.notify_one();
+            let _permit = self.release.acquire().await.map_err(|_| BackendError::Unavailable("closed".into()))?;
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(BackendError::Unavailable("store unplugged".into()));
+            }
+        }
+        self.inner.apply(changes).await
+    }
+}
+
+/// The writer on a gated membership store, with one small channel `g:small` of `alice` ready.
+async fn gated_writer(fail: bool) -> (tempfile::TempDir, Arc<GatedMembership>, parley_api::Router) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedStore::open(dir.path(), Retention::default()).expect("store");
+    let membership = Arc::new(GatedMembership {
+        inner: store.clone(),
+        release: tokio::sync::Semaphore::new(0),
+        fail: AtomicBool::new(fail),
+        started: tokio::sync::Notify::new(),
+    });
+    let shared = Arc::new(store);
+    let (router, _writer) = parley_router::start(
+        RouterConfig::default(),
+        shared.clone(),
+        shared,
+        membership.clone(),
+        Arc::new(LocalPubSub::new()),
+    )
+    .expect("router");
+    router.create_channel(&user("alice"), "small", &["bob".into()]).await.expect("small channel");
+    (dir, membership, router)
+}
+
+#[tokio::test]
+async fn a_large_membership_write_holds_only_the_sends_of_its_own_channel() {
+    let (_dir, membership, router) = gated_writer(false).await;
+    let owner = user("owner");
+    let members: Vec<String> = (0..5_000).map(|n| format!("member{n}")).collect();
+    let creating = tokio::spawn({
+        let (router, owner) = (router.clone(), owner.clone());
+        async move { router.create_channel(&owner, "large", &members).await }
+    });
+    membership.started.notified().await;
+    // The large write is in flight: a send to the large channel waits for it...
+    let held = tokio::spawn({
+        let (router, owner) = (router.clone(), owner.clone());
+        async move { router.send(&owner, "g:large", "first", "into the large channel").await }
+    });
+    // ...while sends to other channels go through, one after another, without it.
+    // (Bounded only to fail instead of hanging: a writer that waited for the large write would never answer.)
+    for n in 0..20 {
+        let (alice, key) = (user("alice"), format!("s{n}"));
+        let send = router.send(&alice, "g:small", &key, "meanwhile");
+        let sent = tokio::time::timeout(std::time::Duration::from_secs(30), send)
+            .await
+            .expect("a send to another channel is not held behind the large write")
+            .expect("durable");
+        assert_eq!(sent.placement.seq, n + 1);
+    }
+    assert!(!creating.is_finished(), "the creation is still being written");
+    assert!(!held.is_finished(), "the send to the channel being written waits for it");
+    membership.release.add_permits(1);
+    let created = creating.await.expect("task").expect("created once written");
+    assert_eq!(created.members, 5_001);
+    let sent = held.await.expect("task").expect("decided once the channel is written");
+    assert_eq!(sent.placement.seq, 1);
+}
+
+#[tokio::test]
+async fn sends_held_behind_a_failed_membership_write_are_refused_and_nothing_is_applied() {
+    let (_dir, membership, router) = gated_writer(true).await;
+    let owner = user("owner");
+    let members: Vec<String> = (0..500).map(|n| format!("member{n}")).collect();
+    let creating = tokio::spawn({
+        let (router, owner) = (router.clone(), owner.clone());
+        async move { router.create_channel(&owner, "large", &members).await }
+    });
+    membership.started.notified().await;
+    let held = tokio::spawn({
+        let (router, owner) = (router.clone(), owner.clone());
+        async move { router.send(&owner, "g:large", "first", "into a channel that will not exist").await }
+    });
+    router.send(&user("alice"), "g:small", "s", "meanwhile").await.expect("not held");
+    membership.release.add_permits(1);
+    let created = creating.await.expect("task");
+    assert!(matches!(created, Err(RouterError::Unavailable(_))), "{created:?}");
+    let sent = held.await.expect("task");
+    assert!(matches!(sent, Err(RouterError::NoSuchChannel(_))), "{sent:?}");
+    // Nothing of the failed run is left: the name is free, and a second try creates it.
+    membership.fail.store(false, Ordering::SeqCst);
+    membership.release.add_permits(1);
+    let members: Vec<String> = (0..500).map(|n| format!("member{n}")).collect();
+    let again = router.create_channel(&owner, "large", &members).await.expect("created on the second try");
+    assert_eq!(again.members, 501);
 }

@@ -1,62 +1,26 @@
 //! Shared helpers: the real Parley server in-process on 127.0.0.1, tokens, and event collection.
 
-#![allow(dead_code, missing_docs)]
+// Each test file uses its own part of these helpers.
+#![allow(dead_code, missing_docs, unused_imports)]
 
-use clap::Parser;
 use parley_client::{Backoff, ClientConfig, Event, MessageView};
-use parley_gateway::config::StandaloneArgs;
-use parley_gateway::standalone::{start, Running};
+use parley_test_support::server::ANY_PORT;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-pub const SECRET: &str = "client-test-secret-0123456789";
+pub use parley_test_support::server::{stop, token, Running, SECRET};
 
-/// Starts the server on `listen` (use `127.0.0.1:0` for any port) with `data_dir`.
+/// Starts the server on `listen` (a restart on the address of a server that just stopped) with `data_dir`.
 pub async fn server_at(data_dir: &Path, listen: SocketAddr, extra: &[&str]) -> Running {
-    let mut args = vec![
-        "parley".to_owned(),
-        "--listen".into(),
-        listen.to_string(),
-        "--admin-listen".into(),
-        "127.0.0.1:0".into(),
-        "--data-dir".into(),
-        data_dir.display().to_string(),
-        "--jwt-hs256-secret".into(),
-        SECRET.into(),
-        "--log".into(),
-        "warn".into(),
-    ];
-    args.extend(extra.iter().map(|arg| arg.to_string()));
-    // The port of a server that just stopped may take a moment to be free again.
-    let mut attempts = 0;
-    loop {
-        match start(StandaloneArgs::parse_from(args.clone())).await {
-            Ok(running) => return running,
-            Err(error) if attempts < 50 => {
-                attempts += 1;
-                eprintln!("server start failed ({error}); retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(error) => panic!("server does not start: {error}"),
-        }
-    }
+    parley_test_support::server::start(data_dir, Some(SECRET), listen, extra).await
 }
 
+/// Starts the server on any port with `data_dir`.
 pub async fn server(data_dir: &Path, extra: &[&str]) -> Running {
-    server_at(data_dir, "127.0.0.1:0".parse().expect("address"), extra).await
-}
-
-pub async fn stop(running: Running) {
-    let _ = running.shutdown.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
-}
-
-pub fn token(user: &str) -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    parley_gateway::auth::mint_hs256(SECRET, user, now + 3600).expect("token")
+    server_at(data_dir, ANY_PORT, extra).await
 }
 
 /// A client configuration for tests: quick reconnects and acknowledgements.
