@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The Parley gateway image (binary `parley`, package parley-gateway).
+# The Parley gateway image (binary `parley`, package parley-server: the gateway library is parley-gateway).
 #
 # NOT BUILT IN CI: the build and CI machines have no Docker engine, so this file is kept minimal and is checked
 # by review only. Build it from the workspace root (the whole workspace is the build context):
@@ -18,7 +18,7 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p parley-gateway --bin parley \
+    cargo build --release --locked -p parley-server --bin parley \
  && install -D -m 0755 target/release/parley /out/parley \
  && install -d -m 0750 /out/data
 
@@ -28,8 +28,9 @@ COPY --from=build /out/parley /usr/local/bin/parley
 # The embedded-mode data directory, owned by the runtime user (used only when no volume is mounted over it).
 COPY --from=build --chown=65532:65532 /out/data /var/lib/parley
 USER 65532:65532
-# Listen on all interfaces in a container (the binary's own defaults are loopback); the operator's ConfigMap
-# sets the same variables from the ChatCluster's gateway.port and gateway.adminPort.
+# Listen on all interfaces in a container (the binary's own defaults are loopback); the operator's gateway
+# ConfigMap (<region>-gateway-config) sets the same variables from the ChatCluster's gateway.port and
+# gateway.adminPort.
 ENV PARLEY_LISTEN=0.0.0.0:8080 \
     PARLEY_ADMIN_LISTEN=0.0.0.0:9090 \
     PARLEY_DATA_DIR=/var/lib/parley

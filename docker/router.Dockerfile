@@ -20,7 +20,8 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/parley-router /usr/local/bin/parley-router
 USER 65532:65532
 # Listen on all interfaces in a container. 7070: the internal API the gateways call (`--router-url`);
-# 9090: /metrics and /healthz. The router serves no client traffic.
+# 9090: /metrics, /healthz and /readyz. The router serves no client traffic. The operator's router ConfigMap
+# (<region>-router-config) sets the same listeners from the ChatCluster's router.adminPort.
 ENV PARLEY_ROUTER_LISTEN=0.0.0.0:7070 \
     PARLEY_ROUTER_ADMIN_LISTEN=0.0.0.0:9090 \
     PARLEY_DATA_DIR=/var/lib/parley-router

@@ -40,7 +40,8 @@ pub struct ChatClusterSpec {
     /// Settings of the WebSocket gateways (heartbeats, limits, drain).
     #[serde(default)]
     pub gateway: GatewaySettings,
-    /// Settings of the routers (the single writers that order each conversation).
+    /// Settings of the routers (the single writers that order each conversation), and the gateways' per-connection
+    /// delivery settings.
     #[serde(default)]
     pub router: RouterSettings,
     /// Channels with more members than this are fanned out on read (a feed each gateway reads once per batch,
@@ -132,8 +133,11 @@ impl PullPolicy {
     }
 }
 
-/// Gateway settings. Each becomes a `PARLEY_*` environment variable of the gateway pods (see the README's
-/// configuration table).
+/// Gateway settings. Most become a `PARLEY_*` setting of the gateway pods, in their ConfigMap
+/// `<region>-gateway-config` (see the README's configuration table), so changing one rolls the gateways only. The
+/// exceptions: `maxTextBytes` goes to the router pods, which enforce it (a gateway of a router reads it from the
+/// router); `preStopDelaySeconds` is the pods' preStop sleep and, with `drainDeadlineMs`, sets their
+/// terminationGracePeriodSeconds; `connectionsPerPodTarget` is not used.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
@@ -155,7 +159,8 @@ pub struct GatewaySettings {
     #[serde(default = "default_max_frame_bytes")]
     #[x_kube(validation = Rule::new("self >= 1024 && self <= 16777216").message("maxFrameBytes must be between 1024 and 16777216"))]
     pub max_frame_bytes: i32,
-    /// Largest message text in bytes (1-1048576).
+    /// Largest message text in bytes (1-1048576). The router enforces it (`PARLEY_MAX_TEXT_BYTES` of the router
+    /// pods), and the gateways read it from the router, so changing it rolls the router, not the gateways.
     #[serde(default = "default_max_text_bytes")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 1048576").message("maxTextBytes must be between 1 and 1048576"))]
     pub max_text_bytes: i32,
@@ -179,7 +184,9 @@ pub struct GatewaySettings {
     #[serde(default = "default_max_connections")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000").message("maxConnections must be between 1 and 1000000"))]
     pub max_connections: i32,
-    /// Connections per gateway pod that connection-based scaling aims for (1-1000000, at most maxConnections).
+    /// Not used by the operator today: gateways run at the Region's `gateway.minReplicas` (or `gateway.replicas`)
+    /// whatever their connection count, and this value reaches no pod. It is only validated (1-1000000, at most
+    /// maxConnections).
     #[serde(default = "default_connections_per_pod_target")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000").message("connectionsPerPodTarget must be between 1 and 1000000"))]
     pub connections_per_pod_target: i32,
@@ -276,23 +283,29 @@ fn default_admin_port() -> i32 {
     9090
 }
 
-/// Router settings. Each becomes a `PARLEY_*` environment variable of the router pods.
+/// Settings under `router`. `maxChannelMembers`, `retentionDays` and `adminPort` are settings of the router pods, in
+/// their ConfigMap `<region>-router-config`. `ackTimeoutMs`, `maxRetransmits` and `maxUnacked` are not: they are the
+/// gateways' per-connection delivery settings (each gateway retransmits the pushes its own clients have not
+/// acknowledged), read only by the gateway pods, so changing them rolls the gateways and never the router.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RouterSettings {
-    /// Unacknowledged pushes are retransmitted after this, in milliseconds (100-60000).
+    /// Per connection, on the gateways (`PARLEY_ACK_TIMEOUT_MS` of the gateway pods): a push its client has not
+    /// acknowledged within this is retransmitted, in milliseconds (100-60000).
     #[serde(default = "default_ack_timeout_ms")]
     #[x_kube(validation = Rule::new("self >= 100 && self <= 60000").message("ackTimeoutMs must be between 100 and 60000"))]
     pub ack_timeout_ms: i32,
-    /// Retransmits before the connection is closed with 4010 (0-10).
+    /// Per connection, on the gateways (`PARLEY_MAX_RETRANSMITS` of the gateway pods): retransmits of a push before
+    /// the connection is closed with 4010 (0-10); the messages stay available to `sync`.
     #[serde(default = "default_max_retransmits")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 10").message("maxRetransmits must be between 0 and 10"))]
     pub max_retransmits: i32,
-    /// Unacknowledged messages per connection before it is closed with 4010 (1-65536).
+    /// Per connection, on the gateways (`PARLEY_MAX_UNACKED` of the gateway pods): unacknowledged pushes before the
+    /// connection is closed with 4010 (1-65536).
     #[serde(default = "default_max_unacked")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 65536").message("maxUnacked must be between 1 and 65536"))]
     pub max_unacked: i32,
-    /// Largest channel, in members (2-1000000).
+    /// Largest channel, in members (2-1000000). The router enforces it; the gateways read it from the router.
     #[serde(default = "default_max_channel_members")]
     #[x_kube(validation = Rule::new("self >= 2 && self <= 1000000").message("maxChannelMembers must be between 2 and 1000000"))]
     pub max_channel_members: i32,
@@ -372,6 +385,12 @@ fn default_machine_id_quarantine_seconds() -> i32 {
 /// Kafka, the durable log every message is appended to before it is confirmed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.tls) || !self.tls")
+        .message("kafka.tls: true is refused: the router connects to Kafka in plaintext only (keep Kafka on a private network)"),
+    validation = Rule::new("!has(self.credentials)")
+        .message("kafka.credentials is refused: the router does not authenticate to Kafka (SASL is not supported)")
+)]
 pub struct KafkaSpec {
     /// Default bootstrap servers (`host:port,host:port`). A Region's `kafka.bootstrapServers` overrides it; one
     /// of the two must be set.
@@ -379,16 +398,21 @@ pub struct KafkaSpec {
     #[x_kube(validation = Rule::new("self.size() > 0").message("kafka.bootstrapServers must not be empty"))]
     #[schemars(length(max = 2048))]
     pub bootstrap_servers: Option<String>,
-    /// Prefix of every topic name, so several ChatClusters can share one Kafka.
+    /// Prefix of the router's Kafka names, so several ChatClusters can share one Kafka. The operator gives it to the
+    /// router with a `-` appended: the topics are `<topicPrefix>-messages`, `<topicPrefix>-receipts` and
+    /// `<topicPrefix>-presence` (`parley-messages`... with the default), the store writer's consumer group is
+    /// `<topicPrefix>-store-writer` and the transactional ids are `<topicPrefix>-writer-p<partition>`. Changing it
+    /// points the router at other, possibly new and empty, topics. Avoid `.`: MirrorMaker 2's default replication
+    /// policy uses it to name replicated topics (`<source>.<topic>`).
     #[serde(default = "default_topic_prefix")]
     #[x_kube(validation = Rule::new("self.matches('^[a-zA-Z0-9._-]{1,64}$')")
         .message("kafka.topicPrefix must be 1-64 letters, digits, '.', '_' or '-'"))]
     #[schemars(length(max = 64))]
     pub topic_prefix: String,
-    /// Connect with TLS.
+    /// Connect with TLS. Must be false: the router speaks plaintext to Kafka.
     #[serde(default)]
     pub tls: bool,
-    /// SASL credentials, if Kafka requires them.
+    /// SASL credentials. Must be absent: the router does not authenticate to Kafka.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<CredentialsSecret>,
 }
@@ -400,6 +424,12 @@ fn default_topic_prefix() -> String {
 /// Cassandra or Scylla, where messages are stored from the log. Each Region adds its datacenter.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.tls) || !self.tls")
+        .message("cassandra.tls: true is refused: the router connects to Cassandra in plaintext only (keep it on a private network)"),
+    validation = Rule::new("!has(self.credentials)")
+        .message("cassandra.credentials is refused: the router does not authenticate to Cassandra")
+)]
 pub struct CassandraSpec {
     /// Contact points (`host` or `host:port`).
     #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 253)))]
@@ -411,10 +441,10 @@ pub struct CassandraSpec {
     )]
     #[schemars(length(max = 48))]
     pub keyspace: String,
-    /// Connect with TLS.
+    /// Connect with TLS. Must be false: the router speaks plaintext to Cassandra.
     #[serde(default)]
     pub tls: bool,
-    /// Username and password, if authentication is on.
+    /// Username and password. Must be absent: the router does not authenticate to Cassandra.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<CredentialsSecret>,
 }
@@ -422,15 +452,18 @@ pub struct CassandraSpec {
 /// Redis, for pub/sub between routers and gateways, presence and the user-to-gateway registry.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.credentials)")
+    .message("redis.credentials is refused: the gateways and routers do not authenticate to Redis"))]
 pub struct RedisSpec {
-    /// Default URL (`redis://host:port` or `rediss://host:port`). A Region's `redis.url` overrides it; one of the
-    /// two must be set.
+    /// Default URL (`redis://host:port`; TLS, `rediss://`, is refused: the binaries speak plaintext to Redis). A
+    /// Region's `redis.url` overrides it; one of the two must be set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self.startsWith('redis://') || self.startsWith('rediss://')")
-        .message("redis.url must start with redis:// or rediss://"))]
+    #[x_kube(validation = Rule::new("self.startsWith('redis://')")
+        .message("redis.url must start with redis:// (rediss:// is refused: the binaries connect to Redis without TLS)"))]
     #[schemars(length(max = 2048))]
     pub url: Option<String>,
-    /// Password (and optionally a username, for Redis ACLs), if Redis requires one.
+    /// Password (and optionally a username, for Redis ACLs). Must be absent: the binaries do not authenticate to
+    /// Redis.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<CredentialsSecret>,
 }

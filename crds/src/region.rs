@@ -1,5 +1,5 @@
 //! The `Region` kind: where and how large one part of a ChatCluster runs, its backends' regional endpoints and
-//! which topics replicate to which other Regions.
+//! which topics should replicate to which other Regions (validated only: the operator deploys no replication).
 
 use std::collections::BTreeMap;
 
@@ -47,8 +47,8 @@ pub struct RegionSpec {
     )]
     #[schemars(length(min = 1, max = 40))]
     pub cluster_ref: String,
-    /// Name of the region, for example `eu-west`; unique within the ChatCluster. It names the Kafka topics
-    /// replicated from it and appears in metrics. It cannot change.
+    /// Name of the region, for example `eu-west`; unique within the ChatCluster. The pods get it as `PARLEY_REGION`
+    /// (in their logs and metrics), and other Regions' `replication[].toRegions` name it. It cannot change.
     #[x_kube(
         validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("regionName must be lowercase letters, digits and '-', starting and ending with a letter or digit"),
         validation = Rule::new("self == oldSelf").message("regionName is immutable: delete the Region and create a new one")
@@ -63,12 +63,16 @@ pub struct RegionSpec {
     /// This region's Redis.
     #[serde(default)]
     pub redis: RegionRedis,
-    /// Gateway pods: a fixed number, or a range for connection-based scaling.
+    /// Gateway pods: a fixed number, or a range. The operator does not scale gateways: with a range it runs
+    /// `minReplicas` pods.
     pub gateway: RegionGateway,
     /// Router pods.
     #[serde(default)]
     pub router: RegionRouter,
-    /// Which topics replicate from this region to which other regions (MirrorMaker 2 flows).
+    /// Which topics should replicate from this region's Kafka to which other regions. Not acted on by the operator
+    /// today: it validates each target (the `regionName` of another Region of the ChatCluster, else the Region is
+    /// Degraded with `UnknownReplicationTarget`) but deploys no MirrorMaker 2 and replicates nothing; run the flows
+    /// it describes yourself.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub replication: Vec<ReplicationRule>,
@@ -108,20 +112,22 @@ pub struct RegionKafka {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegionRedis {
-    /// URL of this region's Redis (`redis://` or `rediss://`). Defaults to the ChatCluster's.
+    /// URL of this region's Redis (`redis://host:port`; `rediss://` is refused). Defaults to the ChatCluster's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self.startsWith('redis://') || self.startsWith('rediss://')")
-        .message("redis.url must start with redis:// or rediss://"))]
+    #[x_kube(validation = Rule::new("self.startsWith('redis://')")
+        .message("redis.url must start with redis:// (rediss:// is refused: the binaries connect to Redis without TLS)"))]
     #[schemars(length(max = 2048))]
     pub url: Option<String>,
 }
 
-/// Gateway pods of a region. Set either `replicas`, or both `minReplicas` and `maxReplicas`.
+/// Gateway pods of a region. Set either `replicas`, or both `minReplicas` and `maxReplicas`. The operator does not
+/// scale gateways today: with a range the StatefulSet runs `minReplicas` pods (change it to scale), and
+/// `maxReplicas` sizes the Region's machine-ID block.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("has(self.replicas) ? !has(self.minReplicas) && !has(self.maxReplicas) : has(self.minReplicas) && has(self.maxReplicas)")
-        .message("set either gateway.replicas (a fixed count) or both gateway.minReplicas and gateway.maxReplicas (connection-based scaling)"),
+        .message("set either gateway.replicas (a fixed count) or both gateway.minReplicas and gateway.maxReplicas (a range; the operator runs minReplicas pods)"),
     validation = Rule::new("!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas")
         .message("gateway.minReplicas must not exceed gateway.maxReplicas")
 )]
@@ -130,11 +136,13 @@ pub struct RegionGateway {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 512").message("gateway.replicas must be between 1 and 512"))]
     pub replicas: Option<i32>,
-    /// Fewest gateway pods under connection-based scaling (1-512).
+    /// Lower end of the range (1-512): the number of gateway pods the operator runs. Nothing scales them above it
+    /// today.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 512").message("gateway.minReplicas must be between 1 and 512"))]
     pub min_replicas: Option<i32>,
-    /// Most gateway pods under connection-based scaling (1-512). The Region's machine-ID block is sized for it.
+    /// Upper end of the range (1-512). The operator uses it only to size the Region's machine-ID block (one ID per
+    /// possible gateway pod); the gateways run at `minReplicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 512").message("gateway.maxReplicas must be between 1 and 512"))]
     pub max_replicas: Option<i32>,
@@ -188,9 +196,10 @@ impl ServiceType {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegionRouter {
-    /// Number of router pods (1-64).
+    /// Number of router pods. Must be 1: one router writes every channel of a Region, and it fences any other
+    /// (routers do not share partitions).
     #[serde(default = "default_router_replicas")]
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 64").message("router.replicas must be between 1 and 64"))]
+    #[x_kube(validation = Rule::new("self == 1").message("router.replicas must be 1: one router writes every channel of a Region and fences any other, so more replicas would only stand idle"))]
     pub replicas: i32,
     /// CPU and memory of each router container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -207,11 +216,13 @@ fn default_router_replicas() -> i32 {
     1
 }
 
-/// Topics that replicate from this region to other regions.
+/// One replication flow: topics of this region's Kafka and the regions that should receive them. The operator only
+/// validates it (see `replication`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicationRule {
-    /// Topic names without the cluster's prefix, or `*` for all of them.
+    /// Topic names without the ChatCluster's `kafka.topicPrefix` and its `-` (`messages`, `receipts`, `presence`),
+    /// or `*` for all of them.
     #[x_kube(validation = Rule::new("self.all(t, t.matches('^([a-zA-Z0-9._-]{1,128}|[*])$'))")
         .message("each topic must be 1-128 letters, digits, '.', '_' or '-', or '*'"))]
     #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 128)))]

@@ -110,7 +110,17 @@ fn gateway_replicas_fixed_or_range() {
 fn bounds() {
     assert_rejected::<Region>(&with(region(), "/spec/gateway/replicas", json!(513)), None, "between 1 and 512");
     assert_rejected::<Region>(&with(region(), "/spec/gateway/replicas", json!(0)), None, "between 1 and 512");
-    assert_rejected::<Region>(&with(region(), "/spec/router", json!({"replicas": 65})), None, "between 1 and 64");
+    assert_rejected::<Region>(
+        &with(region(), "/spec/router", json!({"replicas": 2})),
+        None,
+        "router.replicas must be 1",
+    );
+    assert_rejected::<Region>(
+        &with(region(), "/spec/router", json!({"replicas": 0})),
+        None,
+        "router.replicas must be 1",
+    );
+    assert_eq!(failures::<Region>(&with(region(), "/spec/router", json!({"replicas": 1})), None), Vec::<String>::new());
     let heartbeat = with(cluster(), "/spec/gateway", json!({"heartbeatIntervalMs": 10}));
     assert_rejected::<ChatCluster>(&heartbeat, None, "heartbeatIntervalMs must be between 1000 and 300000");
     let quarantine = with(cluster(), "/spec/snowflake", json!({"machineIdQuarantineSeconds": 1}));
@@ -147,4 +157,23 @@ fn formats_and_names() {
     assert_rejected::<ChatCluster>(&long, None, "a ChatCluster name must be at most 40 characters");
     let region_name = with(region(), "/spec/regionName", json!("EU_West"));
     assert_rejected::<Region>(&region_name, None, "regionName must be lowercase letters");
+}
+
+#[test]
+fn settings_no_binary_honours_are_refused() {
+    for (pointer, value, expected) in [
+        ("/spec/kafka/tls", json!(true), "kafka.tls: true is refused"),
+        ("/spec/cassandra/tls", json!(true), "cassandra.tls: true is refused"),
+        ("/spec/kafka/credentials", json!({"secretName": "k"}), "kafka.credentials is refused"),
+        ("/spec/cassandra/credentials", json!({"secretName": "c"}), "cassandra.credentials is refused"),
+        ("/spec/redis/credentials", json!({"secretName": "r"}), "redis.credentials is refused"),
+        ("/spec/redis/url", json!("rediss://redis:6380"), "rediss:// is refused"),
+    ] {
+        assert_rejected::<ChatCluster>(&with(cluster(), pointer, value), None, expected);
+    }
+    // Spelling out the defaults is fine.
+    let explicit = with(with(cluster(), "/spec/kafka/tls", json!(false)), "/spec/cassandra/tls", json!(false));
+    assert_eq!(failures::<ChatCluster>(&explicit, None), Vec::<String>::new());
+    let region_tls = with(region(), "/spec/redis", json!({"url": "rediss://redis-eu:6380"}));
+    assert_rejected::<Region>(&region_tls, None, "rediss:// is refused");
 }

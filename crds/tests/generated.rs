@@ -148,7 +148,9 @@ fn cel_rules_are_in_the_schema() {
         "has(self.replicas) ? !has(self.minReplicas) && !has(self.maxReplicas) : has(self.minReplicas) && has(self.maxReplicas)",
     );
     has(&region, ".spec", "!has(self.replication) || self.replication.all(r, !(self.regionName in r.toRegions))");
-    has(&region, ".spec.router.replicas", "self >= 1 && self <= 64");
+    has(&region, ".spec.router.replicas", "self == 1");
+    has(&cluster, ".spec.kafka", "!has(self.tls) || !self.tls");
+    has(&cluster, ".spec.redis", "!has(self.credentials)");
 }
 
 #[test]

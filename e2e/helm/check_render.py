@@ -240,7 +240,9 @@ def check_deployment(c, scenario, docs, release_ns, watch_ns, lease_ns, replicas
     env = {e["name"]: e for e in container.get("env") or []}
     pod_name = ((env.get("POD_NAME") or {}).get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath")
     c.check(f"{scenario}: POD_NAME from the downward API", pod_name == "metadata.name", f"POD_NAME {env.get('POD_NAME')}")
-    c.check(f"{scenario}: RUST_LOG set", bool((env.get("RUST_LOG") or {}).get("value")), f"RUST_LOG {env.get('RUST_LOG')}")
+    c.check(f"{scenario}: PARLEY_OPERATOR_LOG (the operator's --log-filter) set from logFilter",
+            bool((env.get("PARLEY_OPERATOR_LOG") or {}).get("value")) and "RUST_LOG" not in env,
+            f"PARLEY_OPERATOR_LOG {env.get('PARLEY_OPERATOR_LOG')}, RUST_LOG {env.get('RUST_LOG')}")
     args = container.get("args") or []
     expected = ["run", "--admin-listen=0.0.0.0:9090", f"--lease-namespace={lease_ns}",
                 "--lease-name=parley-operator", "--identity=$(POD_NAME)"]

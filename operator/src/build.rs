@@ -3,7 +3,11 @@
 //! a no-op reconcile has nothing to write.
 //!
 //! Per Region:
-//! - a ConfigMap with every gateway and router setting, as the `PARLEY_*` environment variables the binaries read;
+//! - one ConfigMap per component (`<region>-gateway-config`, `<region>-router-config`) with that component's
+//!   settings only, as the `PARLEY_*` environment variables its binary reads (`parley` for the gateways,
+//!   `parley-router` for the routers). Each pod template carries a hash of its own component's ConfigMap, so a
+//!   gateway-only setting rolls only the gateways and a router-only setting rolls only the router (the single
+//!   writer); a setting both read (`fanoutThreshold`, the Region's Redis) rolls both;
 //! - the gateways: a StatefulSet (stable ordinals give each pod its machine ID), its headless Service, the client
 //!   Service and a PodDisruptionBudget (maxUnavailable 1);
 //! - the routers: a StatefulSet, its headless Service and a PodDisruptionBudget.
@@ -26,7 +30,7 @@ use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec}
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use parley_crds::chat_cluster::JwtAlgorithm;
-use parley_crds::common::{CredentialsSecret, SecretKeyRef};
+use parley_crds::common::SecretKeyRef;
 use parley_crds::MachineIdBlock;
 
 use crate::error::Error;
@@ -35,7 +39,8 @@ use crate::validate::ValidatedRegion;
 
 /// Field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "parley-operator";
-/// Annotation on pod templates with a hash of the ConfigMap data, so a settings change rolls the pods.
+/// Annotation on pod templates with a hash of their component's ConfigMap data, so a settings change rolls the pods
+/// that read it, and only those.
 pub const CONFIG_HASH_ANNOTATION: &str = "parley.dev/config-hash";
 /// Label with the ChatCluster name.
 pub const CLUSTER_LABEL: &str = "parley.dev/cluster";
@@ -58,8 +63,10 @@ const JWT_MOUNT_PATH: &str = "/etc/parley/jwt";
 /// Everything built for one Region.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RegionResources {
-    /// Gateway and router settings.
-    pub config_map: ConfigMap,
+    /// The gateways' settings, read by the gateway pods through `envFrom`.
+    pub gateway_config_map: ConfigMap,
+    /// The routers' settings, read by the router pods through `envFrom`.
+    pub router_config_map: ConfigMap,
     /// The gateways' governing headless Service.
     pub gateway_headless_service: Service,
     /// The Service clients connect to.
@@ -105,9 +112,19 @@ pub fn headless_service_name(region: &str, component: Component) -> String {
     format!("{region}-{}-headless", component.as_str())
 }
 
-/// Name of the Region's ConfigMap.
-pub fn config_map_name(region: &str) -> String {
-    format!("{region}-config")
+/// Name of a component's ConfigMap. (Operator versions before the per-component split built one ConfigMap,
+/// `<region>-config`, for both; an upgraded operator deletes it as an orphan once both StatefulSets have rolled
+/// onto their own ConfigMaps.)
+pub fn config_map_name(region: &str, component: Component) -> String {
+    format!("{region}-{}-config", component.as_str())
+}
+
+/// The value of the router's `PARLEY_KAFKA_TOPIC_PREFIX` for a ChatCluster's `kafka.topicPrefix`: the prefix and a
+/// `-`, since `parley-router` appends the names directly (`{prefix}messages`). Topics are then
+/// `<topicPrefix>-messages`, `<topicPrefix>-receipts` and `<topicPrefix>-presence`. Not `.`: MirrorMaker 2's default
+/// replication policy uses it to name remote topics (`<source>.<topic>`).
+pub fn kafka_topic_prefix(topic_prefix: &str) -> String {
+    format!("{topic_prefix}-")
 }
 
 /// The machine IDs of one workload: pod `i` uses `base + i`, for `i < count`.
@@ -139,19 +156,22 @@ pub fn split_block(
 /// Builds every object of a Region. `block` is the Region's machine-ID block, from [`crate::machine_ids::ensure`].
 pub fn build(validated: &ValidatedRegion, block: MachineIdBlock) -> Result<RegionResources, Error> {
     let (gateway_ids, router_ids) = split_block(validated, block)?;
-    let config_map = config_map(validated);
-    let config_hash = config_hash(config_map.data.as_ref());
     let gateway = Component::Gateway;
     let router = Component::Router;
+    let gateway_config_map = config_map(validated, gateway);
+    let router_config_map = config_map(validated, router);
+    let gateway_hash = config_hash(gateway_config_map.data.as_ref());
+    let router_hash = config_hash(router_config_map.data.as_ref());
     Ok(RegionResources {
         gateway_headless_service: headless_service(validated, gateway),
         gateway_service: client_service(validated),
-        gateway_stateful_set: stateful_set(validated, gateway, gateway_ids, &config_hash),
+        gateway_stateful_set: stateful_set(validated, gateway, gateway_ids, &gateway_hash),
         gateway_disruption_budget: disruption_budget(validated, gateway),
         router_headless_service: headless_service(validated, router),
-        router_stateful_set: stateful_set(validated, router, router_ids, &config_hash),
+        router_stateful_set: stateful_set(validated, router, router_ids, &router_hash),
         router_disruption_budget: disruption_budget(validated, router),
-        config_map,
+        gateway_config_map,
+        router_config_map,
     })
 }
 
@@ -192,8 +212,18 @@ fn metadata(validated: &ValidatedRegion, name: String, component: Option<Compone
     }
 }
 
-/// The settings every pod reads through `envFrom`. Keys are the binaries' environment variables.
-fn config_map(validated: &ValidatedRegion) -> ConfigMap {
+/// The settings a component's pods read through `envFrom`: the environment variables of its binary that it reads
+/// in cluster mode, and nothing else. Keys are the binaries' environment variables.
+///
+/// - Both: the cluster and region names (logs, metrics), the Region's Redis, and `fanoutThreshold` (the router
+///   decides which channels are fanned out on read, the gateways read their feeds).
+/// - The gateways (`parley`): the listeners, the router's URL, the connection limits and timings, the drain, the
+///   per-connection delivery settings (`spec.router.ackTimeoutMs`, `maxRetransmits`, `maxUnacked`: each gateway
+///   retransmits what its own clients have not acknowledged) and the RS256 key's path.
+/// - The router (`parley-router`): its listeners, the message limits it enforces (`spec.gateway.maxTextBytes`,
+///   `spec.router.maxChannelMembers`; a gateway of a router reads them from the router), retention, the Snowflake
+///   epoch, Kafka and Cassandra.
+fn config_map(validated: &ValidatedRegion, component: Component) -> ConfigMap {
     let spec = &validated.cluster.spec;
     let region = &validated.region.spec;
     let gateway = &spec.gateway;
@@ -204,40 +234,55 @@ fn config_map(validated: &ValidatedRegion) -> ConfigMap {
     };
     put("PARLEY_CLUSTER", validated.cluster_name.clone());
     put("PARLEY_REGION", region.region_name.clone());
-    put("PARLEY_LISTEN", format!("0.0.0.0:{}", gateway.port));
-    put("PARLEY_ADMIN_LISTEN", format!("0.0.0.0:{}", gateway.admin_port));
-    put("PARLEY_HEARTBEAT_INTERVAL_MS", gateway.heartbeat_interval_ms.to_string());
-    put("PARLEY_IDLE_TIMEOUT_MS", gateway.idle_timeout_ms.to_string());
-    put("PARLEY_MAX_FRAME_BYTES", gateway.max_frame_bytes.to_string());
-    put("PARLEY_MAX_TEXT_BYTES", gateway.max_text_bytes.to_string());
-    put("PARLEY_SEND_RATE_PER_SEC", gateway.send_rate_per_sec.to_string());
-    put("PARLEY_SEND_BURST", gateway.send_burst.to_string());
-    put("PARLEY_OUTBOUND_QUEUE", gateway.outbound_queue.to_string());
-    put("PARLEY_MAX_IN_FLIGHT", gateway.max_in_flight.to_string());
-    put("PARLEY_MAX_CONNECTIONS", gateway.max_connections.to_string());
-    put("PARLEY_DRAIN_WINDOW_MS", gateway.drain_window_ms.to_string());
-    put("PARLEY_DRAIN_DEADLINE_MS", gateway.drain_deadline_ms.to_string());
-    put("PARLEY_FANOUT_THRESHOLD", spec.fanout_threshold.to_string());
-    put("PARLEY_ACK_TIMEOUT_MS", router.ack_timeout_ms.to_string());
-    put("PARLEY_MAX_RETRANSMITS", router.max_retransmits.to_string());
-    put("PARLEY_MAX_UNACKED", router.max_unacked.to_string());
-    put("PARLEY_MAX_CHANNEL_MEMBERS", router.max_channel_members.to_string());
-    put("PARLEY_RETENTION_DAYS", router.retention_days.to_string());
-    put("PARLEY_SNOWFLAKE_EPOCH_MS", spec.snowflake.epoch_ms.to_string());
-    put("PARLEY_KAFKA_BOOTSTRAP_SERVERS", validated.kafka_bootstrap_servers.clone());
-    put("PARLEY_KAFKA_TOPIC_PREFIX", spec.kafka.topic_prefix.clone());
-    put("PARLEY_KAFKA_TLS", spec.kafka.tls.to_string());
-    put("PARLEY_CASSANDRA_CONTACT_POINTS", spec.cassandra.contact_points.join(","));
-    put("PARLEY_CASSANDRA_KEYSPACE", spec.cassandra.keyspace.clone());
-    put("PARLEY_CASSANDRA_LOCAL_DATACENTER", region.cassandra.datacenter.clone());
-    put("PARLEY_CASSANDRA_REPLICATION_FACTOR", region.cassandra.replication_factor.to_string());
-    put("PARLEY_CASSANDRA_TLS", spec.cassandra.tls.to_string());
     put("PARLEY_REDIS_URL", validated.redis_url.clone());
-    if spec.auth.jwt_algorithm == JwtAlgorithm::RS256 {
-        put("PARLEY_JWT_RS256_PUBLIC_KEY", format!("{JWT_MOUNT_PATH}/{}", spec.auth.jwt_key_secret.key));
+    put("PARLEY_FANOUT_THRESHOLD", spec.fanout_threshold.to_string());
+    match component {
+        Component::Gateway => {
+            put("PARLEY_LISTEN", format!("0.0.0.0:{}", gateway.port));
+            put("PARLEY_ADMIN_LISTEN", format!("0.0.0.0:{}", gateway.admin_port));
+            // The router's first pod is the writer (one router per Region until writers share partitions).
+            put(
+                "PARLEY_ROUTER_URL",
+                format!(
+                    "http://{}-0.{}:{ROUTER_PORT}",
+                    object_name(&validated.name, Component::Router),
+                    headless_service_name(&validated.name, Component::Router)
+                ),
+            );
+            put("PARLEY_HEARTBEAT_INTERVAL_MS", gateway.heartbeat_interval_ms.to_string());
+            put("PARLEY_IDLE_TIMEOUT_MS", gateway.idle_timeout_ms.to_string());
+            put("PARLEY_MAX_FRAME_BYTES", gateway.max_frame_bytes.to_string());
+            put("PARLEY_SEND_RATE_PER_SEC", gateway.send_rate_per_sec.to_string());
+            put("PARLEY_SEND_BURST", gateway.send_burst.to_string());
+            put("PARLEY_OUTBOUND_QUEUE", gateway.outbound_queue.to_string());
+            put("PARLEY_MAX_IN_FLIGHT", gateway.max_in_flight.to_string());
+            put("PARLEY_MAX_CONNECTIONS", gateway.max_connections.to_string());
+            put("PARLEY_DRAIN_WINDOW_MS", gateway.drain_window_ms.to_string());
+            put("PARLEY_DRAIN_DEADLINE_MS", gateway.drain_deadline_ms.to_string());
+            put("PARLEY_ACK_TIMEOUT_MS", router.ack_timeout_ms.to_string());
+            put("PARLEY_MAX_RETRANSMITS", router.max_retransmits.to_string());
+            put("PARLEY_MAX_UNACKED", router.max_unacked.to_string());
+            if spec.auth.jwt_algorithm == JwtAlgorithm::RS256 {
+                put("PARLEY_JWT_RS256_PUBLIC_KEY", format!("{JWT_MOUNT_PATH}/{}", spec.auth.jwt_key_secret.key));
+            }
+        }
+        Component::Router => {
+            put("PARLEY_ROUTER_LISTEN", format!("0.0.0.0:{ROUTER_PORT}"));
+            put("PARLEY_ROUTER_ADMIN_LISTEN", format!("0.0.0.0:{}", router.admin_port));
+            put("PARLEY_MAX_TEXT_BYTES", gateway.max_text_bytes.to_string());
+            put("PARLEY_MAX_CHANNEL_MEMBERS", router.max_channel_members.to_string());
+            put("PARLEY_RETENTION_DAYS", router.retention_days.to_string());
+            put("PARLEY_SNOWFLAKE_EPOCH_MS", spec.snowflake.epoch_ms.to_string());
+            put("PARLEY_KAFKA_BOOTSTRAP_SERVERS", validated.kafka_bootstrap_servers.clone());
+            put("PARLEY_KAFKA_TOPIC_PREFIX", kafka_topic_prefix(&spec.kafka.topic_prefix));
+            put("PARLEY_CASSANDRA_CONTACT_POINTS", spec.cassandra.contact_points.join(","));
+            put("PARLEY_CASSANDRA_KEYSPACE", spec.cassandra.keyspace.clone());
+            put("PARLEY_CASSANDRA_LOCAL_DATACENTER", region.cassandra.datacenter.clone());
+            put("PARLEY_CASSANDRA_REPLICATION_FACTOR", region.cassandra.replication_factor.to_string());
+        }
     }
     ConfigMap {
-        metadata: metadata(validated, config_map_name(&validated.name), None),
+        metadata: metadata(validated, config_map_name(&validated.name, component), Some(component)),
         data: Some(data),
         ..ConfigMap::default()
     }
@@ -457,7 +502,7 @@ fn pod_template(
         env: Some(env(validated, component, ids)),
         env_from: Some(vec![EnvFromSource {
             config_map_ref: Some(ConfigMapEnvSource {
-                name: config_map_name(&validated.name),
+                name: config_map_name(&validated.name, component),
                 ..ConfigMapEnvSource::default()
             }),
             ..EnvFromSource::default()
@@ -565,25 +610,13 @@ fn secret_ref(name: &str, reference: &SecretKeyRef) -> EnvVar {
     secret(name, &reference.name, &reference.key, false)
 }
 
-fn credentials(out: &mut Vec<EnvVar>, prefix: &str, credentials: Option<&CredentialsSecret>, username_optional: bool) {
-    if let Some(credentials) = credentials {
-        out.push(secret(
-            &format!("{prefix}_USERNAME"),
-            &credentials.secret_name,
-            &credentials.username_key,
-            username_optional,
-        ));
-        out.push(secret(&format!("{prefix}_PASSWORD"), &credentials.secret_name, &credentials.password_key, false));
-    }
-}
-
-/// Per-pod environment: identity, machine IDs and secrets. Explicit `env` entries take precedence over the
-/// ConfigMap's `envFrom`.
+/// Per-pod environment: identity, machine IDs and secrets (the settings are in the component's ConfigMap). Explicit
+/// `env` entries take precedence over the ConfigMap's `envFrom`.
 ///
 /// Each pod derives its Snowflake machine ID as `PARLEY_MACHINE_ID_BASE + PARLEY_POD_INDEX`, which is below
 /// `PARLEY_MACHINE_ID_BASE + PARLEY_MACHINE_ID_COUNT`.
 fn env(validated: &ValidatedRegion, component: Component, ids: MachineIdRange) -> Vec<EnvVar> {
-    let spec = &validated.cluster.spec;
+    let auth = &validated.cluster.spec.auth;
     let mut out = vec![
         field("PARLEY_POD_NAME", "metadata.name"),
         field("PARLEY_POD_NAMESPACE", "metadata.namespace"),
@@ -591,31 +624,15 @@ fn env(validated: &ValidatedRegion, component: Component, ids: MachineIdRange) -
         literal("PARLEY_MACHINE_ID_BASE", ids.base.to_string()),
         literal("PARLEY_MACHINE_ID_COUNT", ids.count.to_string()),
     ];
-    match component {
-        Component::Router => {
-            out.push(literal("PARLEY_ROUTER_LISTEN", format!("0.0.0.0:{ROUTER_PORT}")));
-            out.push(literal("PARLEY_ROUTER_ADMIN_LISTEN", format!("0.0.0.0:{}", spec.router.admin_port)));
+    // Only the gateways authenticate clients and serve admin endpoints (`POST /admin/drain`); the router has
+    // neither, so its pods reference no Secret.
+    if component == Component::Gateway {
+        if auth.jwt_algorithm == JwtAlgorithm::HS256 {
+            out.push(secret_ref("PARLEY_JWT_HS256_SECRET", &auth.jwt_key_secret));
         }
-        Component::Gateway => {
-            // The router's first pod is the writer (one router per Region until writers share partitions).
-            out.push(literal(
-                "PARLEY_ROUTER_URL",
-                format!(
-                    "http://{}-0.{}:{ROUTER_PORT}",
-                    object_name(&validated.name, Component::Router),
-                    headless_service_name(&validated.name, Component::Router)
-                ),
-            ));
+        if let Some(admin) = &auth.admin_token_secret {
+            out.push(secret_ref("PARLEY_ADMIN_TOKEN", admin));
         }
     }
-    if component == Component::Gateway && spec.auth.jwt_algorithm == JwtAlgorithm::HS256 {
-        out.push(secret_ref("PARLEY_JWT_HS256_SECRET", &spec.auth.jwt_key_secret));
-    }
-    if let Some(admin) = &spec.auth.admin_token_secret {
-        out.push(secret_ref("PARLEY_ADMIN_TOKEN", admin));
-    }
-    credentials(&mut out, "PARLEY_KAFKA", spec.kafka.credentials.as_ref(), false);
-    credentials(&mut out, "PARLEY_CASSANDRA", spec.cassandra.credentials.as_ref(), false);
-    credentials(&mut out, "PARLEY_REDIS", spec.redis.credentials.as_ref(), true);
     out
 }

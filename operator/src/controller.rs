@@ -6,7 +6,9 @@
 //!    (a conflict requeues), *before* anything is applied, so that two reconciles never hand out the same IDs;
 //! 4. **apply** every object by server-side apply under [`FIELD_MANAGER`] (forced), skipping objects whose live
 //!    state already holds every field the operator sets, then delete **orphans** (objects labelled with the
-//!    Region and controlled by it that are no longer built);
+//!    Region and controlled by it that are no longer built). An orphan ConfigMap is deleted only once both
+//!    StatefulSets have rolled out, since pods of the previous revision may still read it through `envFrom` (the
+//!    single `<region>-config` of operator versions before the per-component ConfigMaps goes this way on upgrade);
 //! 5. **update_status** of the Region and then of the ChatCluster, each only when it changed.
 //!
 //! A Region that fails validation or gets no machine IDs is marked `Degraded` with the error's reason, gets a
@@ -42,6 +44,7 @@ use tracing::{debug, info, instrument, warn};
 use crate::build::{RegionResources, COMPONENT_LABEL, FIELD_MANAGER, REGION_LABEL};
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::status::Rollout;
 use crate::validate::Dereferenced;
 use crate::{machine_ids, status};
 
@@ -507,8 +510,17 @@ async fn apply_resources(
     let uid = region.uid().unwrap_or_default();
     let mut changed = Vec::new();
     let selector = format!("{REGION_LABEL}={region_name}");
-    sync_kind(client, namespace, &selector, &uid, vec![resources.config_map.clone()], &mut changed, context).await?;
-    sync_kind(
+    let config_maps = apply_kind(
+        client,
+        namespace,
+        &selector,
+        &uid,
+        vec![resources.gateway_config_map.clone(), resources.router_config_map.clone()],
+        &mut changed,
+        context,
+    )
+    .await?;
+    let services = apply_kind(
         client,
         namespace,
         &selector,
@@ -522,7 +534,8 @@ async fn apply_resources(
         context,
     )
     .await?;
-    let stateful_sets = sync_kind(
+    delete_orphans::<Service>(client, namespace, &services.orphans, &mut changed, context).await?;
+    let stateful_sets = apply_kind(
         client,
         namespace,
         &selector,
@@ -532,7 +545,8 @@ async fn apply_resources(
         context,
     )
     .await?;
-    sync_kind(
+    delete_orphans::<StatefulSet>(client, namespace, &stateful_sets.orphans, &mut changed, context).await?;
+    let budgets = apply_kind(
         client,
         namespace,
         &selector,
@@ -542,20 +556,48 @@ async fn apply_resources(
         context,
     )
     .await?;
+    delete_orphans::<PodDisruptionBudget>(client, namespace, &budgets.orphans, &mut changed, context).await?;
     let find = |component: &str| {
         stateful_sets
+            .live
             .iter()
             .find(|set| set.labels().get(COMPONENT_LABEL).map(String::as_str) == Some(component))
             .cloned()
             .unwrap_or_default()
     };
-    Ok(Applied { gateway_stateful_set: find("gateway"), router_stateful_set: find("router"), changed })
+    let (gateway_stateful_set, router_stateful_set) = (find("gateway"), find("router"));
+    // Pods read their ConfigMap through envFrom whenever a container starts: a ConfigMap that is no longer built
+    // (such as the single `<region>-config` of earlier operator versions) may still be needed by a pod of the
+    // previous revision. Delete it once both StatefulSets have rolled out; their status changes, which the
+    // controller watches, bring the reconcile that does.
+    if !config_maps.orphans.is_empty() {
+        if config_map_orphans_deletable(&gateway_stateful_set, &router_stateful_set) {
+            delete_orphans::<ConfigMap>(client, namespace, &config_maps.orphans, &mut changed, context).await?;
+        } else {
+            debug!(orphans = ?config_maps.orphans, "orphan ConfigMaps kept until both StatefulSets have rolled out");
+        }
+    }
+    Ok(Applied { gateway_stateful_set, router_stateful_set, changed })
 }
 
-/// Server-side applies the desired objects of one kind that are not already in place, deletes the orphans of
-/// that kind (labelled with the Region, controlled by it, and no longer desired), and returns the live objects
-/// after the writes.
-async fn sync_kind<K>(
+/// Whether orphan ConfigMaps may be deleted: both StatefulSets (as the API server has them after this reconcile's
+/// writes) have every wanted pod ready on their latest template, so no pod still reads a ConfigMap that is no
+/// longer built.
+pub fn config_map_orphans_deletable(gateway: &StatefulSet, router: &StatefulSet) -> bool {
+    Rollout::of(gateway).done() && Rollout::of(router).done()
+}
+
+/// What [`apply_kind`] found and did for one kind.
+struct Synced<K> {
+    /// The desired objects as the API server has them after the writes.
+    live: Vec<K>,
+    /// The kind's orphans (see [`orphans`]), not deleted yet.
+    orphans: Vec<String>,
+}
+
+/// Server-side applies the desired objects of one kind that are not already in place, and returns the live objects
+/// after the writes with the names of the kind's orphans, which it leaves to [`delete_orphans`].
+async fn apply_kind<K>(
     client: &Client,
     namespace: &str,
     selector: &str,
@@ -563,7 +605,7 @@ async fn sync_kind<K>(
     desired: Vec<K>,
     changed: &mut Vec<String>,
     context: &Context,
-) -> Result<Vec<K>, Error>
+) -> Result<Synced<K>, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -578,6 +620,7 @@ where
         .await
         .map_err(|source| Error::kube(format!("list {kind} in {namespace}"), source))?
         .items;
+    let orphans = orphans(&live, &desired, owner_uid);
     let live_by_name: BTreeMap<String, K> = live.into_iter().map(|object| (object.name_any(), object)).collect();
     let mut result = Vec::new();
     let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -602,13 +645,37 @@ where
         changed.push(format!("{kind} {name}"));
         result.push(applied);
     }
+    Ok(Synced { live: result, orphans })
+}
+
+/// The names of the `live` objects (listed by the Region's label) that the Region controls (a controller
+/// ownerReference with its uid) and that are not `desired`. An object the Region does not control is never an
+/// orphan, whatever its labels.
+pub fn orphans<K: Resource>(live: &[K], desired: &[K], owner_uid: &str) -> Vec<String> {
     let desired_names: Vec<String> = desired.iter().map(|object| object.name_any()).collect();
-    for (name, object) in &live_by_name {
-        let controlled =
-            object.owner_references().iter().any(|owner| owner.controller == Some(true) && owner.uid == owner_uid);
-        if desired_names.contains(name) || !controlled {
-            continue;
-        }
+    live.iter()
+        .filter(|object| {
+            object.owner_references().iter().any(|owner| owner.controller == Some(true) && owner.uid == owner_uid)
+        })
+        .map(|object| object.name_any())
+        .filter(|name| !desired_names.contains(name))
+        .collect()
+}
+
+/// Deletes the named orphans of one kind.
+async fn delete_orphans<K>(
+    client: &Client,
+    namespace: &str,
+    names: &[String],
+    changed: &mut Vec<String>,
+    context: &Context,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + Debug + DeserializeOwned,
+{
+    let kind = K::kind(&()).to_string();
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    for name in names {
         api.delete(name, &DeleteParams::background())
             .await
             .map_err(|source| Error::kube(format!("delete orphan {kind} {namespace}/{name}"), source))?;
@@ -616,7 +683,7 @@ where
         info!(kind, name, "deleted orphan");
         changed.push(format!("deleted {kind} {name}"));
     }
-    Ok(result)
+    Ok(())
 }
 
 /// Whether every field of `wanted` is present in `live` with the same value. Objects may have more fields in
@@ -825,6 +892,53 @@ mod tests {
         assert!(!is_subset(&json!({"spec": {"replicas": 3}}), &live));
         assert!(!is_subset(&json!({"spec": {"ports": [{"port": 80}, {"port": 81}]}}), &live));
         assert!(!is_subset(&json!({"metadata": {"labels": {"a": "b"}}}), &live));
+    }
+
+    fn config_map(name: &str, controller_uid: Option<&str>) -> ConfigMap {
+        let owners = controller_uid.map(|uid| {
+            json!([{"apiVersion": "parley.dev/v1alpha1", "kind": "Region", "name": "eu", "uid": uid,
+                    "controller": true}])
+        });
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "ns", "labels": {REGION_LABEL: "eu"}, "ownerReferences": owners}
+        }))
+        .expect("config map")
+    }
+
+    #[test]
+    fn the_single_config_map_of_earlier_versions_is_an_orphan() {
+        let desired =
+            vec![config_map("eu-gateway-config", Some("uid-eu")), config_map("eu-router-config", Some("uid-eu"))];
+        let live = vec![
+            config_map("eu-config", Some("uid-eu")),
+            config_map("eu-gateway-config", Some("uid-eu")),
+            config_map("eu-router-config", Some("uid-eu")),
+            config_map("eu-labelled-by-hand", None),
+            config_map("eu-of-another-owner", Some("uid-other")),
+        ];
+        assert_eq!(orphans(&live, &desired, "uid-eu"), ["eu-config"]);
+        assert!(orphans(&desired, &desired, "uid-eu").is_empty());
+    }
+
+    #[test]
+    fn orphan_config_maps_wait_for_both_rollouts() {
+        let set = |generation: i64, observed: i64, ready: i32, updated: i32| -> StatefulSet {
+            serde_json::from_value(json!({
+                "metadata": {"name": "s", "generation": generation},
+                "spec": {"replicas": 2, "serviceName": "s", "selector": {}, "template": {}},
+                "status": {"replicas": 2, "observedGeneration": observed, "readyReplicas": ready,
+                           "updatedReplicas": updated}
+            }))
+            .expect("stateful set")
+        };
+        let done = set(3, 3, 2, 2);
+        assert!(config_map_orphans_deletable(&done, &done));
+        // Just applied with a new template: the StatefulSet controller has not seen it yet.
+        assert!(!config_map_orphans_deletable(&set(4, 3, 2, 2), &done));
+        // Rolling: a pod still runs the previous template.
+        assert!(!config_map_orphans_deletable(&done, &set(3, 3, 2, 1)));
+        // A pod is not ready (it may be restarting).
+        assert!(!config_map_orphans_deletable(&done, &set(3, 3, 1, 2)));
     }
 
     #[test]

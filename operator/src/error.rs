@@ -54,6 +54,15 @@ pub enum Error {
         /// The Region.
         region: String,
     },
+    /// The ChatCluster or Region asks for a setting no Parley binary honours (TLS, credentials, `rediss://`).
+    /// The CRDs refuse these with CEL rules; this catches objects admitted under an older CRD.
+    #[error("region {region} cannot be built: {setting} is not supported by the gateway and router binaries")]
+    Unsupported {
+        /// The Region.
+        region: String,
+        /// The refused setting, e.g. `kafka.tls` on chat cluster `chat`.
+        setting: String,
+    },
     /// An object lacks metadata the API server always sets (name, namespace or uid).
     #[error("{kind} {name} has no metadata.{field}")]
     MissingMetadata {
@@ -205,6 +214,7 @@ impl Error {
             Error::UnknownReplicationTarget { .. } => "UnknownReplicationTarget",
             Error::MissingKafkaBootstrap { .. } => "MissingKafkaBootstrap",
             Error::MissingRedisUrl { .. } => "MissingRedisUrl",
+            Error::Unsupported { .. } => "Unsupported",
             Error::MissingMetadata { .. } => "MissingMetadata",
             Error::MachineIdsExhausted { .. } => "MachineIdsExhausted",
             Error::InvalidMachineIdBlock { .. } => "InvalidMachineIdBlock",

@@ -13,8 +13,8 @@
 //!   region name ([`Error::DuplicateRegion`]). An invalid Region is not applied at all.
 //! - [`machine_ids`] (pure) gives the Region its block of the ChatCluster's 1,024 machine IDs, with quarantine of
 //!   released blocks; the caller persists the allocation in the ChatCluster's status with optimistic concurrency.
-//! - [`build`] (pure) turns the validated Region and its block into plain objects: ConfigMap, StatefulSets,
-//!   Services and PodDisruptionBudgets, all owned by the Region.
+//! - [`build`] (pure) turns the validated Region and its block into plain objects: a ConfigMap per component,
+//!   StatefulSets, Services and PodDisruptionBudgets, all owned by the Region.
 //! - `apply` and `update_status` ([`controller`], need a client) persist the allocation with optimistic
 //!   concurrency, server-side apply the objects under the field manager [`build::FIELD_MANAGER`] (skipping those
 //!   already in place, so a no-op reconcile writes nothing), delete orphans and write conditions; [`status`]

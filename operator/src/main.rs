@@ -86,14 +86,13 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log_filter)
-                .with_context(|| format!("invalid --log-filter {:?}", args.log_filter))?,
-        )
-        .init();
+    let identity = parley_telemetry::TelemetryArgs {
+        pod_name: std::env::var("POD_NAME").ok(),
+        pod_namespace: std::env::var("POD_NAMESPACE").ok(),
+        ..parley_telemetry::TelemetryArgs::default()
+    };
+    parley_telemetry::init_with_filter("parley-operator", &args.log_filter, &identity)
+        .context("invalid --log-filter")?;
     if args.lease.lease_grace_seconds >= args.lease.lease_duration_seconds {
         anyhow::bail!(
             "--lease-grace-seconds ({}) must be less than --lease-duration-seconds ({})",
@@ -122,7 +121,10 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     let listener = metrics::bind(args.admin_listen)
         .await
         .with_context(|| format!("unable to bind the admin address {}", args.admin_listen))?;
-    info!(address = %listener.local_addr().context("admin address")?, "admin server listening");
+    let admin_address = listener.local_addr().context("admin address")?;
+    info!(address = %admin_address, "admin server listening");
+    // On stdout too, like the other binaries: a supervisor (or a test) that asked for port 0 learns the port here.
+    println!("parley-operator admin listening on http://{admin_address} (metrics on http://{admin_address}/metrics)");
     let admin = tokio::spawn(metrics::serve(listener, metrics.clone()));
 
     let context = Context::new(client.clone(), metrics, Some(identity.clone()));
@@ -139,18 +141,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
+    parley_telemetry::shutdown_signal().await;
     info!("shutting down");
 }
 

@@ -108,6 +108,20 @@ pub fn validate(input: Dereferenced) -> Result<ValidatedRegion, Error> {
         .clone()
         .or_else(|| cluster.spec.redis.url.clone())
         .ok_or_else(|| Error::MissingRedisUrl { region: name.clone() })?;
+    let spec = &cluster.spec;
+    let on_cluster = |setting: &str| format!("{setting} on chat cluster {cluster_name}");
+    let refused = [
+        (spec.kafka.tls, on_cluster("kafka.tls")),
+        (spec.kafka.credentials.is_some(), on_cluster("kafka.credentials")),
+        (spec.cassandra.tls, on_cluster("cassandra.tls")),
+        (spec.cassandra.credentials.is_some(), on_cluster("cassandra.credentials")),
+        (spec.redis.credentials.is_some(), on_cluster("redis.credentials")),
+        (redis_url.starts_with("rediss://"), "a rediss:// (TLS) redis url".to_owned()),
+        (region.spec.router.replicas != 1, format!("router.replicas {}", region.spec.router.replicas)),
+    ];
+    if let Some((_, setting)) = refused.into_iter().find(|(set, _)| *set) {
+        return Err(Error::Unsupported { region: name, setting });
+    }
     Ok(ValidatedRegion { region, cluster, name, namespace, cluster_name, owner, kafka_bootstrap_servers, redis_url })
 }
 

@@ -4,6 +4,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use clap::CommandFactory;
 use common::{cluster, eu, fixture, us};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec};
@@ -19,8 +20,8 @@ fn validated_eu() -> ValidatedRegion {
     validate(Dereferenced { region: eu(), cluster: Some(cluster()), regions: vec![eu(), us()] }).expect("valid")
 }
 
-/// eu needs 10 gateway IDs (maxReplicas) + 2 router IDs.
-const EU_BLOCK: MachineIdBlock = MachineIdBlock { start: 100, size: 12 };
+/// eu needs 10 gateway IDs (maxReplicas) + 1 router ID.
+const EU_BLOCK: MachineIdBlock = MachineIdBlock { start: 100, size: 11 };
 
 fn resources() -> RegionResources {
     build(&validated_eu(), EU_BLOCK).expect("build")
@@ -28,7 +29,8 @@ fn resources() -> RegionResources {
 
 fn metas(resources: &RegionResources) -> Vec<&ObjectMeta> {
     vec![
-        &resources.config_map.metadata,
+        &resources.gateway_config_map.metadata,
+        &resources.router_config_map.metadata,
         &resources.gateway_headless_service.metadata,
         &resources.gateway_service.metadata,
         &resources.gateway_stateful_set.metadata,
@@ -68,7 +70,8 @@ fn every_object_is_named_labelled_and_owned_by_the_region() {
     assert_eq!(
         names,
         [
-            "chat-eu-config",
+            "chat-eu-gateway-config",
+            "chat-eu-router-config",
             "chat-eu-gateway-headless",
             "chat-eu-gateway",
             "chat-eu-gateway",
@@ -176,61 +179,160 @@ fn each_pod_derives_its_machine_id_from_the_block_and_its_ordinal() {
     assert_eq!(literal(gateway, "PARLEY_MACHINE_ID_BASE"), "100");
     assert_eq!(literal(gateway, "PARLEY_MACHINE_ID_COUNT"), "10");
     assert_eq!(literal(router, "PARLEY_MACHINE_ID_BASE"), "110");
-    assert_eq!(literal(router, "PARLEY_MACHINE_ID_COUNT"), "2");
+    assert_eq!(literal(router, "PARLEY_MACHINE_ID_COUNT"), "1");
     for container in [gateway, router] {
         let index = env(container, "PARLEY_POD_INDEX").value_from.as_ref().and_then(|v| v.field_ref.as_ref());
         assert_eq!(index.map(|f| f.field_path.as_str()), Some("metadata.labels['apps.kubernetes.io/pod-index']"));
     }
-    let too_small = MachineIdBlock { start: 0, size: 11 };
+    let too_small = MachineIdBlock { start: 0, size: 10 };
     let error = build(&validated_eu(), too_small).expect_err("block too small");
-    assert_eq!(error, Error::InvalidMachineIdBlock { region: "chat-eu".into(), size: 11, needed: 12 });
+    assert_eq!(error, Error::InvalidMachineIdBlock { region: "chat-eu".into(), size: 10, needed: 11 });
+}
+
+fn keys(data: &BTreeMap<String, String>) -> Vec<&str> {
+    data.keys().map(String::as_str).collect()
+}
+
+fn template_hash(set: &StatefulSet) -> String {
+    let annotations = set.spec.as_ref().and_then(|s| s.template.metadata.as_ref()).and_then(|m| m.annotations.as_ref());
+    annotations.map(|a| a[CONFIG_HASH_ANNOTATION].clone()).expect("config hash annotation")
 }
 
 #[test]
-fn config_map_carries_the_settings_and_pods_read_it() {
+fn each_component_reads_its_own_config_map_with_only_its_settings() {
     let resources = resources();
-    let data = resources.config_map.data.as_ref().expect("data");
+    let gateway_data = resources.gateway_config_map.data.as_ref().expect("gateway data");
+    let router_data = resources.router_config_map.data.as_ref().expect("router data");
+    // Exactly what `parley` reads as a gateway of a router: no Kafka, Cassandra, retention or Snowflake epoch (the
+    // router's), no message limits (a gateway reads them from the router).
+    assert_eq!(
+        keys(gateway_data),
+        [
+            "PARLEY_ACK_TIMEOUT_MS",
+            "PARLEY_ADMIN_LISTEN",
+            "PARLEY_CLUSTER",
+            "PARLEY_DRAIN_DEADLINE_MS",
+            "PARLEY_DRAIN_WINDOW_MS",
+            "PARLEY_FANOUT_THRESHOLD",
+            "PARLEY_HEARTBEAT_INTERVAL_MS",
+            "PARLEY_IDLE_TIMEOUT_MS",
+            "PARLEY_LISTEN",
+            "PARLEY_MAX_CONNECTIONS",
+            "PARLEY_MAX_FRAME_BYTES",
+            "PARLEY_MAX_IN_FLIGHT",
+            "PARLEY_MAX_RETRANSMITS",
+            "PARLEY_MAX_UNACKED",
+            "PARLEY_OUTBOUND_QUEUE",
+            "PARLEY_REDIS_URL",
+            "PARLEY_REGION",
+            "PARLEY_ROUTER_URL",
+            "PARLEY_SEND_BURST",
+            "PARLEY_SEND_RATE_PER_SEC",
+        ]
+    );
+    // Exactly what `parley-router` reads: no client listener, connection limit, drain or delivery setting.
+    assert_eq!(
+        keys(router_data),
+        [
+            "PARLEY_CASSANDRA_CONTACT_POINTS",
+            "PARLEY_CASSANDRA_KEYSPACE",
+            "PARLEY_CASSANDRA_LOCAL_DATACENTER",
+            "PARLEY_CASSANDRA_REPLICATION_FACTOR",
+            "PARLEY_CLUSTER",
+            "PARLEY_FANOUT_THRESHOLD",
+            "PARLEY_KAFKA_BOOTSTRAP_SERVERS",
+            "PARLEY_KAFKA_TOPIC_PREFIX",
+            "PARLEY_MAX_CHANNEL_MEMBERS",
+            "PARLEY_MAX_TEXT_BYTES",
+            "PARLEY_REDIS_URL",
+            "PARLEY_REGION",
+            "PARLEY_RETENTION_DAYS",
+            "PARLEY_ROUTER_ADMIN_LISTEN",
+            "PARLEY_ROUTER_LISTEN",
+            "PARLEY_SNOWFLAKE_EPOCH_MS",
+        ]
+    );
     for (key, value) in [
         ("PARLEY_REGION", "eu"),
         ("PARLEY_CLUSTER", "chat"),
         ("PARLEY_LISTEN", "0.0.0.0:8080"),
+        ("PARLEY_ADMIN_LISTEN", "0.0.0.0:9090"),
         ("PARLEY_HEARTBEAT_INTERVAL_MS", "25000"),
         ("PARLEY_IDLE_TIMEOUT_MS", "75000"),
         ("PARLEY_DRAIN_WINDOW_MS", "30000"),
         ("PARLEY_DRAIN_DEADLINE_MS", "90500"),
         ("PARLEY_MAX_CONNECTIONS", "80000"),
         ("PARLEY_FANOUT_THRESHOLD", "500"),
+        ("PARLEY_ACK_TIMEOUT_MS", "5000"),
+        ("PARLEY_MAX_RETRANSMITS", "3"),
+        ("PARLEY_MAX_UNACKED", "1024"),
+        ("PARLEY_REDIS_URL", "redis://redis-eu:6380"),
+    ] {
+        assert_eq!(gateway_data.get(key).map(String::as_str), Some(value), "gateway {key}");
+    }
+    for (key, value) in [
+        ("PARLEY_REGION", "eu"),
+        ("PARLEY_CLUSTER", "chat"),
+        ("PARLEY_ROUTER_LISTEN", "0.0.0.0:7070"),
+        ("PARLEY_ROUTER_ADMIN_LISTEN", "0.0.0.0:9090"),
+        ("PARLEY_FANOUT_THRESHOLD", "500"),
+        ("PARLEY_MAX_TEXT_BYTES", "4096"),
+        ("PARLEY_MAX_CHANNEL_MEMBERS", "10000"),
         ("PARLEY_RETENTION_DAYS", "30"),
         ("PARLEY_SNOWFLAKE_EPOCH_MS", "1735689600000"),
         ("PARLEY_KAFKA_BOOTSTRAP_SERVERS", "kafka-eu:9093"),
-        ("PARLEY_KAFKA_TOPIC_PREFIX", "chat"),
         ("PARLEY_CASSANDRA_CONTACT_POINTS", "cassandra-0,cassandra-1"),
         ("PARLEY_CASSANDRA_KEYSPACE", "chat"),
         ("PARLEY_CASSANDRA_LOCAL_DATACENTER", "eu-dc"),
         ("PARLEY_CASSANDRA_REPLICATION_FACTOR", "3"),
-        ("PARLEY_REDIS_URL", "rediss://redis-eu:6380"),
+        ("PARLEY_REDIS_URL", "redis://redis-eu:6380"),
     ] {
-        assert_eq!(data.get(key).map(String::as_str), Some(value), "{key}");
+        assert_eq!(router_data.get(key).map(String::as_str), Some(value), "router {key}");
     }
-    for set in [&resources.gateway_stateful_set, &resources.router_stateful_set] {
+    for (set, config_map) in [
+        (&resources.gateway_stateful_set, &resources.gateway_config_map),
+        (&resources.router_stateful_set, &resources.router_config_map),
+    ] {
         let from = container(set).env_from.as_ref().expect("envFrom");
-        assert_eq!(from[0].config_map_ref.as_ref().map(|c| c.name.as_str()), Some("chat-eu-config"));
-        let annotations =
-            set.spec.as_ref().and_then(|s| s.template.metadata.as_ref()).and_then(|m| m.annotations.as_ref());
-        assert_eq!(annotations.map(|a| a[CONFIG_HASH_ANNOTATION].clone()), Some(config_hash(Some(data))));
+        assert_eq!(from.len(), 1, "one ConfigMap per container");
+        assert_eq!(from[0].config_map_ref.as_ref().map(|c| &c.name), config_map.metadata.name.as_ref());
+        assert_eq!(template_hash(set), config_hash(config_map.data.as_ref()));
+        let component = set.metadata.labels.as_ref().map(|labels| &labels["app.kubernetes.io/component"]);
+        assert_eq!(config_map.metadata.labels.as_ref().map(|labels| &labels["app.kubernetes.io/component"]), component);
     }
-    // The router's admin listener follows the router's settings, overriding the ConfigMap's gateway value.
-    let router = container(&resources.router_stateful_set);
-    assert_eq!(literal(router, "PARLEY_ROUTER_ADMIN_LISTEN"), "0.0.0.0:9090");
-    assert_eq!(literal(router, "PARLEY_ROUTER_LISTEN"), "0.0.0.0:7070");
-    assert_eq!(router.ports.as_ref().expect("router ports")[0].container_port, 7070);
+    assert_ne!(template_hash(&resources.gateway_stateful_set), template_hash(&resources.router_stateful_set));
+    assert_eq!(router_data["PARLEY_ROUTER_LISTEN"], format!("0.0.0.0:{}", container_port(&resources, "internal")));
     // Gateways call the router's first pod through its headless Service.
-    let router_url = literal(container(&resources.gateway_stateful_set), "PARLEY_ROUTER_URL");
     let router_set = resources.router_stateful_set.metadata.name.clone().expect("router name");
     let router_service = resources.router_headless_service.metadata.name.clone().expect("router service");
-    assert_eq!(router_url, format!("http://{router_set}-0.{router_service}:7070"));
+    assert_eq!(gateway_data["PARLEY_ROUTER_URL"], format!("http://{router_set}-0.{router_service}:7070"));
     let internal = resources.router_headless_service.spec.as_ref().and_then(|spec| spec.ports.as_ref());
     assert!(internal.is_some_and(|ports| ports.iter().any(|port| port.port == 7070)), "{internal:?}");
+}
+
+fn container_port(resources: &RegionResources, name: &str) -> i32 {
+    let ports = container(&resources.router_stateful_set).ports.clone().expect("router ports");
+    ports.iter().find(|port| port.name.as_deref() == Some(name)).expect("port").container_port
+}
+
+#[test]
+fn kafka_topics_are_named_prefix_dash_name() {
+    // `kafka.topicPrefix: chat` gives the router `chat-`, so its topics are `chat-messages`, `chat-receipts` and
+    // `chat-presence` (the router appends the names to the prefix as is).
+    let resources = resources();
+    let data = resources.router_config_map.data.as_ref().expect("data");
+    assert_eq!(data["PARLEY_KAFKA_TOPIC_PREFIX"], "chat-");
+    // The CRD's default prefix gives the router's own default, `parley-`.
+    let mut defaults = validated_eu();
+    defaults.cluster.spec.kafka = serde_json::from_value(serde_json::json!({})).expect("kafka defaults");
+    let resources = build(&defaults, EU_BLOCK).expect("build");
+    let data = resources.router_config_map.data.as_ref().expect("data");
+    assert_eq!(data["PARLEY_KAFKA_TOPIC_PREFIX"], "parley-");
+    let router_default = parley_router::args::Args::command()
+        .get_arguments()
+        .find(|arg| arg.get_env().is_some_and(|env| env == "PARLEY_KAFKA_TOPIC_PREFIX"))
+        .map(|arg| arg.get_default_values().iter().map(|v| v.to_string_lossy().into_owned()).collect::<Vec<_>>());
+    assert_eq!(router_default, Some(vec!["parley-".to_owned()]));
 }
 
 #[test]
@@ -239,15 +341,15 @@ fn secrets_are_referenced_never_copied() {
     let gateway = container(&resources.gateway_stateful_set);
     assert_eq!(secret_of(gateway, "PARLEY_JWT_HS256_SECRET"), ("chat-jwt".into(), "hs256".into(), None));
     assert_eq!(secret_of(gateway, "PARLEY_ADMIN_TOKEN"), ("chat-admin".into(), "token".into(), None));
-    assert_eq!(secret_of(gateway, "PARLEY_KAFKA_USERNAME"), ("kafka-sasl".into(), "username".into(), None));
-    assert_eq!(secret_of(gateway, "PARLEY_CASSANDRA_USERNAME"), ("cassandra-credentials".into(), "user".into(), None));
-    assert_eq!(
-        secret_of(gateway, "PARLEY_REDIS_USERNAME"),
-        ("redis-credentials".into(), "username".into(), Some(true))
-    );
-    assert_eq!(secret_of(gateway, "PARLEY_REDIS_PASSWORD"), ("redis-credentials".into(), "password".into(), None));
-    let config = serde_json::to_string(&resources.config_map).expect("json");
-    assert!(!config.contains("hs256") && !config.contains("chat-jwt"), "no secret material in the ConfigMap");
+    // The router serves no client and no admin endpoint: its pods reference no Secret.
+    let router = container(&resources.router_stateful_set);
+    for env in router.env.iter().flatten() {
+        assert!(env.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).is_none(), "router env {}", env.name);
+    }
+    for config_map in [&resources.gateway_config_map, &resources.router_config_map] {
+        let config = serde_json::to_string(config_map).expect("json");
+        assert!(!config.contains("hs256") && !config.contains("chat-jwt"), "no secret material in the ConfigMap");
+    }
 }
 
 #[test]
@@ -258,8 +360,12 @@ fn rs256_key_is_mounted_from_its_secret() {
     let resources = build(&validated, MachineIdBlock { start: 0, size: 4 }).expect("build");
     let gateway = container(&resources.gateway_stateful_set);
     assert!(gateway.env.iter().flatten().all(|e| e.name != "PARLEY_JWT_HS256_SECRET"));
-    let data = resources.config_map.data.as_ref().expect("data");
+    let data = resources.gateway_config_map.data.as_ref().expect("data");
     assert_eq!(data["PARLEY_JWT_RS256_PUBLIC_KEY"], "/etc/parley/jwt/public.pem");
+    let router_data = resources.router_config_map.data.as_ref().expect("router data");
+    assert!(!router_data.contains_key("PARLEY_JWT_RS256_PUBLIC_KEY"));
+    let router_pod = pod_spec(&resources.router_stateful_set);
+    assert!(router_pod.volumes.iter().flatten().all(|v| v.name != "jwt"), "the router mounts no key");
     let mount = gateway.volume_mounts.iter().flatten().find(|m| m.name == "jwt").expect("jwt mount");
     assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/etc/parley/jwt", Some(true)));
     let volume = pod_spec(&resources.gateway_stateful_set).volumes.iter().flatten().find(|v| v.name == "jwt");
@@ -298,21 +404,52 @@ fn services_and_disruption_budgets() {
 }
 
 #[test]
-fn build_is_deterministic_and_settings_roll_the_pods() {
+fn build_is_deterministic() {
     assert_eq!(resources(), resources());
-    let mut changed = validated_eu();
-    changed.cluster.spec.gateway.heartbeat_interval_ms = 20_000;
-    let after = build(&changed, EU_BLOCK).expect("build");
-    let hash = |r: &RegionResources| {
-        r.gateway_stateful_set
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.metadata.as_ref())
-            .and_then(|m| m.annotations.clone())
-    };
-    assert_ne!(hash(&after), hash(&resources()));
-    let json = serde_json::to_value(&after.gateway_stateful_set).expect("json");
+    let json = serde_json::to_value(&resources().gateway_stateful_set).expect("json");
     assert_eq!((json["apiVersion"].as_str(), json["kind"].as_str()), (Some("apps/v1"), Some("StatefulSet")));
+}
+
+/// Whether `change` changes the config hash of the gateway's pod template, and of the router's (which rolls them).
+fn rolled(change: impl FnOnce(&mut ValidatedRegion)) -> (bool, bool) {
+    let before = resources();
+    let mut changed = validated_eu();
+    change(&mut changed);
+    let after = build(&changed, EU_BLOCK).expect("build");
+    (
+        template_hash(&after.gateway_stateful_set) != template_hash(&before.gateway_stateful_set),
+        template_hash(&after.router_stateful_set) != template_hash(&before.router_stateful_set),
+    )
+}
+
+#[test]
+fn a_gateway_only_setting_rolls_only_the_gateways() {
+    let only_gateways = (true, false);
+    assert_eq!(rolled(|v| v.cluster.spec.gateway.heartbeat_interval_ms = 20_000), only_gateways);
+    assert_eq!(rolled(|v| v.cluster.spec.gateway.max_connections = 1_000), only_gateways);
+    assert_eq!(rolled(|v| v.cluster.spec.gateway.drain_window_ms = 10_000), only_gateways);
+    // spec.router's delivery settings are per connection, on the gateways: they never restart the writer.
+    assert_eq!(rolled(|v| v.cluster.spec.router.ack_timeout_ms = 2_000), only_gateways);
+    assert_eq!(rolled(|v| v.cluster.spec.router.max_retransmits = 5), only_gateways);
+    assert_eq!(rolled(|v| v.cluster.spec.router.max_unacked = 10), only_gateways);
+}
+
+#[test]
+fn a_router_only_setting_rolls_only_the_router() {
+    let only_router = (false, true);
+    assert_eq!(rolled(|v| v.cluster.spec.router.retention_days = 7), only_router);
+    assert_eq!(rolled(|v| v.cluster.spec.router.max_channel_members = 50), only_router);
+    assert_eq!(rolled(|v| v.cluster.spec.kafka.topic_prefix = "other".to_owned()), only_router);
+    assert_eq!(rolled(|v| v.kafka_bootstrap_servers = "kafka-eu-2:9093".to_owned()), only_router);
+    assert_eq!(rolled(|v| v.region.spec.cassandra.replication_factor = 5), only_router);
+    // The router enforces the text limit; gateways of a router read it from the router.
+    assert_eq!(rolled(|v| v.cluster.spec.gateway.max_text_bytes = 1_000), only_router);
+}
+
+#[test]
+fn a_setting_both_read_rolls_both() {
+    assert_eq!(rolled(|v| v.cluster.spec.fanout_threshold = 100), (true, true));
+    assert_eq!(rolled(|v| v.redis_url = "redis://redis-eu-2:6380".to_owned()), (true, true));
 }
 
 #[test]
@@ -321,10 +458,10 @@ fn plan_allocates_disjoint_blocks_and_changes_nothing_on_failure() {
     let regions = vec![eu(), us()];
     let input = |region| Dereferenced { region, cluster: Some(cluster()), regions: regions.clone() };
     let first = plan(input(eu()), &MachineIdAllocation::default(), now).expect("eu");
-    assert_eq!(first.block, MachineIdBlock { start: 0, size: 12 });
+    assert_eq!(first.block, MachineIdBlock { start: 0, size: 11 });
     let second = plan(input(us()), &first.allocation, now).expect("us");
-    assert_eq!(second.block, MachineIdBlock { start: 12, size: 4 });
-    assert_eq!(machine_ids::allocated(&second.allocation), 16);
+    assert_eq!(second.block, MachineIdBlock { start: 11, size: 4 });
+    assert_eq!(machine_ids::allocated(&second.allocation), 15);
     let again = plan(input(eu()), &second.allocation, now).expect("eu again");
     assert_eq!(again.allocation, second.allocation, "a no-op reconcile allocates nothing");
     let duplicate = fixture("region-eu-duplicate.yaml");

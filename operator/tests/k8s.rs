@@ -1,7 +1,8 @@
 //! End-to-end tests of the operator on a real Kubernetes API server (kube-apiserver, etcd, controller-manager,
 //! scheduler, and kwok's fake nodes that make pods Running and Ready). Start the control plane with
 //! `e2e/k8s/up.sh /tmp/parley-k8s` and `source /tmp/parley-k8s/env` (stop it with `e2e/k8s/down.sh
-//! /tmp/parley-k8s --clean`). Without `KUBECONFIG` these tests fail, unless `PARLEY_SKIP_ENGINE_TESTS=1`.
+//! /tmp/parley-k8s --clean`). Without `KUBECONFIG` a plain `cargo test` skips these tests and the full test
+//! command fails them (`parley_test_support::engines`).
 //!
 //! The CRDs are installed once per run; each test makes its own namespace and runs the `parley-operator` binary
 //! as a child process scoped to it (with its own Lease), and reads the operator's `/metrics` on loopback.
@@ -26,20 +27,13 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const START_K8S: &str = "start the control plane with `e2e/k8s/up.sh /tmp/parley-k8s` and \
-     `source /tmp/parley-k8s/env` (stop it with `e2e/k8s/down.sh /tmp/parley-k8s --clean`), or set \
-     PARLEY_SKIP_ENGINE_TESTS=1 to run only the engine-free tests";
+     `source /tmp/parley-k8s/env` (stop it with `e2e/k8s/down.sh /tmp/parley-k8s --clean`)";
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Whether the control plane is there; panics with how to start it, unless engine tests are skipped.
+/// Whether the control plane is there (`parley_test_support::engines`: a plain `cargo test` skips these tests
+/// without it, the full test command fails them).
 fn control_plane() -> bool {
-    match std::env::var("KUBECONFIG") {
-        Ok(path) if !path.is_empty() => true,
-        _ if std::env::var("PARLEY_SKIP_ENGINE_TESTS").is_ok_and(|value| value == "1") => {
-            eprintln!("SKIPPED: Kubernetes e2e test (PARLEY_SKIP_ENGINE_TESTS=1)");
-            false
-        }
-        _ => panic!("KUBECONFIG is not set: the operator e2e tests need a real API server; {START_K8S}"),
-    }
+    parley_test_support::engine(parley_test_support::Engine::Kubernetes).is_some()
 }
 
 fn root() -> PathBuf {
@@ -121,16 +115,15 @@ struct Operator {
 
 impl Operator {
     fn start(namespace: &str, identity: &str) -> Operator {
-        let admin = free_port();
         let log = std::env::temp_dir().join(format!("parley-operator-{namespace}-{identity}.log"));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_parley-operator"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_parley-operator"))
             .args([
                 "run",
                 "--namespace",
                 namespace,
                 "--admin-listen",
-                &admin.to_string(),
+                "127.0.0.1:0",
                 "--identity",
                 identity,
                 "--lease-duration-seconds",
@@ -139,10 +132,24 @@ impl Operator {
                 "2",
             ])
             .env("PARLEY_OPERATOR_LOG", "info,kube=warn,parley_operator=debug")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(file)
             .spawn()
             .expect("start parley-operator");
+        // The operator binds port 0 and prints what it got; stdout goes on being read so it never blocks.
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (found, address) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(admin) = parley_test_support::process::addresses(&line).first() {
+                    let _ = found.send(*admin);
+                }
+            }
+        });
+        let admin = address
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("the operator did not report its admin address; log {}", log.display()));
         Operator { child, admin, identity: identity.to_owned(), log }
     }
 
@@ -229,11 +236,6 @@ impl Metrics {
             .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
-}
-
-fn free_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address")
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, for at most [`TIMEOUT`].
@@ -379,8 +381,13 @@ async fn dev_example_reconciles_scales_and_releases_its_ids_and_a_noop_writes_no
     assert_eq!(client_spec.type_.as_deref(), Some("ClusterIP"));
     assert_eq!(client_spec.ports.as_ref().expect("ports")[0].name.as_deref(), Some("client"));
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
-    let config = eventually("ConfigMap", || get(&config_maps, "dev-local-config")).await;
+    let config = eventually("gateway ConfigMap", || get(&config_maps, "dev-local-gateway-config")).await;
     assert_eq!(config.data.as_ref().and_then(|d| d.get("PARLEY_REGION")).map(String::as_str), Some("local"));
+    let config = eventually("router ConfigMap", || get(&config_maps, "dev-local-router-config")).await;
+    assert_eq!(
+        config.data.as_ref().and_then(|d| d.get("PARLEY_KAFKA_TOPIC_PREFIX")).map(String::as_str),
+        Some("parley-")
+    );
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns.name);
     eventually("gateway PDB", || get(&budgets, "dev-local-gateway")).await;
 
@@ -450,7 +457,9 @@ async fn dev_example_reconciles_scales_and_releases_its_ids_and_a_noop_writes_no
     let metrics = operator.metrics().await;
     assert_eq!(metrics.writes_of("delete"), 1.0, "the orphan's delete:\n{}", metrics.0);
     assert_eq!(metrics.writes_of("apply"), 0.0, "nothing else applied:\n{}", metrics.0);
-    assert!(get(&config_maps, "dev-local-config").await.is_some(), "the desired ConfigMap stays");
+    for name in ["dev-local-gateway-config", "dev-local-router-config"] {
+        assert!(get(&config_maps, name).await.is_some(), "the desired ConfigMap {name} stays");
+    }
 
     // The StatefulSet follows the Region's replicas.
     regions
@@ -560,9 +569,20 @@ async fn cel_rules_reject_invalid_specs_with_their_messages() {
     let self_replicating = region("eu", json!({"replication": [{"topics": ["*"], "toRegions": ["eu"]}]}));
     let error = regions.create(&PostParams::default(), &self_replicating).await.expect_err("self replication");
     assert!(error.to_string().contains("a Region cannot replicate to itself"), "{error}");
-    let too_many = region("eu", json!({"router": {"replicas": 65}}));
-    let error = regions.create(&PostParams::default(), &too_many).await.expect_err("bounds");
-    assert!(error.to_string().contains("router.replicas must be between 1 and 64"), "{error}");
+    let too_many = region("eu", json!({"router": {"replicas": 2}}));
+    let error = regions.create(&PostParams::default(), &too_many).await.expect_err("one router");
+    assert!(error.to_string().contains("router.replicas must be 1"), "{error}");
+    let clusters: Api<ChatCluster> = Api::namespaced(client.clone(), &ns.name);
+    let secured: ChatCluster = serde_json::from_value(json!({"apiVersion": "parley.dev/v1alpha1",
+        "kind": "ChatCluster", "metadata": {"name": "secured"}, "spec": {"version": "0.1.0",
+        "kafka": {"bootstrapServers": "kafka:9092", "tls": true},
+        "cassandra": {"contactPoints": ["cassandra"], "keyspace": "chat"},
+        "redis": {"url": "redis://redis:6379", "credentials": {"secretName": "redis"}},
+        "auth": {"jwtAlgorithm": "HS256", "jwtKeySecret": {"name": "jwt", "key": "hs256"}}}}))
+    .expect("cluster");
+    let error = clusters.create(&PostParams::default(), &secured).await.expect_err("tls and credentials");
+    assert!(error.to_string().contains("kafka.tls: true is refused"), "{error}");
+    assert!(error.to_string().contains("redis.credentials is refused"), "{error}");
     regions.create(&PostParams::default(), &region("eu", json!({}))).await.expect("valid region");
     let error = regions
         .patch("r", &PatchParams::default(), &Patch::Merge(json!({"spec": {"regionName": "us"}})))
@@ -662,12 +682,12 @@ async fn only_the_lease_holder_writes_and_another_replica_takes_over() {
     leader.kill();
     let killed = Instant::now();
     regions
-        .patch("dev-local", &PatchParams::default(), &Patch::Merge(json!({"spec": {"router": {"replicas": 2}}})))
+        .patch("dev-local", &PatchParams::default(), &Patch::Merge(json!({"spec": {"gateway": {"replicas": 2}}})))
         .await
-        .expect("scale routers");
+        .expect("scale gateways");
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
-    eventually("the new leader scales the routers", || async {
-        let set = get(&sets, "dev-local-router").await?;
+    eventually("the new leader scales the gateways", || async {
+        let set = get(&sets, "dev-local-gateway").await?;
         (set.spec.as_ref()?.replicas == Some(2)).then_some(())
     })
     .await;

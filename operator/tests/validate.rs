@@ -19,7 +19,7 @@ fn a_valid_region_resolves_its_endpoints_and_owner() {
     assert_eq!(validated.cluster_name, "chat");
     // The Region's own endpoints win over the ChatCluster's defaults...
     assert_eq!(validated.kafka_bootstrap_servers, "kafka-eu:9093");
-    assert_eq!(validated.redis_url, "rediss://redis-eu:6380");
+    assert_eq!(validated.redis_url, "redis://redis-eu:6380");
     // ...which apply when the Region gives none.
     let us = validate(input(us(), vec![eu(), us()])).expect("valid");
     assert_eq!(us.kafka_bootstrap_servers, "kafka-default:9092");
@@ -89,6 +89,24 @@ fn endpoints_must_come_from_the_region_or_its_cluster() {
     let error = validate(Dereferenced { region: us(), cluster: Some(cluster), regions: vec![eu(), us()] })
         .expect_err("no redis");
     assert_eq!(error.reason(), "MissingRedisUrl");
+}
+
+#[test]
+fn settings_no_binary_honours_are_refused() {
+    let mut tls = cluster();
+    tls.spec.kafka.tls = true;
+    let error =
+        validate(Dereferenced { region: us(), cluster: Some(tls), regions: vec![eu(), us()] }).expect_err("kafka tls");
+    assert_eq!(error.reason(), "Unsupported");
+    assert!(error.to_string().contains("kafka.tls on chat cluster chat"), "{error}");
+    let mut secured = eu();
+    secured.spec.redis.url = Some("rediss://redis-eu:6380".into());
+    let error = validate(input(secured, vec![eu(), us()])).expect_err("rediss");
+    assert!(error.to_string().contains("rediss://"), "{error}");
+    let mut routers = eu();
+    routers.spec.router.replicas = 2;
+    let error = validate(input(routers, vec![eu(), us()])).expect_err("two routers");
+    assert!(error.to_string().contains("router.replicas 2"), "{error}");
 }
 
 #[test]
