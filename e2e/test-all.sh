@@ -13,6 +13,8 @@ logs="$(mktemp -d "${TMPDIR:-/tmp}/parley-tests.XXXXXX")"
 # only the workspace's own crates, not its few hundred dependencies (kube, rdkafka's librdkafka, scylla, ...).
 # It is wiped when it outgrows PARLEY_TARGET_MAX_GB (default 40), since every clone path adds its own artifacts.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PARLEY_CACHE/target}"
+# One build per run: incremental compilation data would only fill the disk (tens of GB across clones).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 mkdir -p "$CARGO_TARGET_DIR"
 target_kb=$(du -sk "$CARGO_TARGET_DIR" 2>/dev/null | awk '{print $1}')
 if (( ${target_kb:-0} > ${PARLEY_TARGET_MAX_GB:-40} * 1024 * 1024 )); then
@@ -30,31 +32,28 @@ command -v node >/dev/null || fail "node is not installed (Node.js 20+ is needed
 cargo --version
 node --version
 
+# Every engine test runs here: a test whose engine is missing fails instead of skipping
+# (parley_test_support::engines), and the switch that skips them is refused.
+if [[ -n ${PARLEY_SKIP_ENGINE_TESTS:-} ]]; then
+  fail "PARLEY_SKIP_ENGINE_TESTS is set (to '${PARLEY_SKIP_ENGINE_TESTS}'): the full test command runs every engine \
+test; unset it (plain \`cargo test\` is the way to run only the engine-free tests)"
+fi
+export PARLEY_REQUIRE_ENGINES=1
+
 step "format check"
 cargo fmt --all -- --check || fail "code is not formatted: run cargo fmt --all"
 
 step "build"
 cargo build --workspace --all-targets --locked || fail "build"
 
-# --- Helm chart render test (e2e/helm) --- begin ---
-# Builds helm from its Go module (cached under $PARLEY_CACHE/helm), lints and renders charts/parley and checks the
-# output (non-root, read-only root filesystem, least-privilege RBAC, CRDs identical to crds/*.yaml, image tag).
-# A failing render fails the run here; its counts go into the summary's totals.
-step "helm chart render test (e2e/helm/test.sh)"
-set +e
-bash e2e/helm/test.sh 2>&1 | tee "$logs/helm.log"
-helm_status=${PIPESTATUS[0]}
-set -e
-helm_line=$(grep -E '^helm-render: [0-9]+ passed, [0-9]+ failed$' "$logs/helm.log" | tail -n1)
-[[ $helm_status == 0 && -n $helm_line ]] \
-  || fail "helm chart render test (e2e/helm/test.sh): ${helm_line:-no result line}; see the FAIL lines above"
-helm_passed=$(awk '{print $2}' <<<"$helm_line")
-helm_failed=$(awk '{print $4}' <<<"$helm_line")
-# --- Helm chart render test --- end ---
+step "lints (cargo clippy, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings || fail "cargo clippy found problems (see above)"
+
 
 # --- Real engines for the driver suites and the cluster tests --- begin ---
-# router/tests/drivers.rs (Redis), router/tests/kafka.rs (Kafka), router/tests/stores.rs (Cassandra), and
-# e2e/tests/cluster.rs (gateways and routers as processes, on Redis, and on Redis + Kafka + Cassandra).
+# bus/tests/drivers.rs (Redis, Redis Cluster), router/tests/kafka.rs (Kafka), router/tests/stores.rs (Cassandra),
+# router/tests/cassandra_outage.rs, and e2e/tests/cluster.rs (gateways and routers as processes, on Redis, and on
+# Redis + Kafka + Cassandra).
 # Throwaway engines on free loopback ports (e2e/stack); their addresses reach cargo test through stack.env. They
 # are stopped on exit, whatever happens. Without them the engine tests fail (they never pass silently), and an
 # engine that does not start fails the run here.
@@ -108,6 +107,23 @@ set +a
 [[ -n "${KUBECONFIG:-}" ]] || fail "e2e/k8s/up.sh wrote no KUBECONFIG to $k8s_state/env"
 echo "control plane ready in $(( $(date +%s) - k8s_started ))s; KUBECONFIG=$KUBECONFIG"
 # --- Kubernetes control plane for the operator e2e suite --- end ---
+
+# --- Helm chart render test (e2e/helm) --- begin ---
+# Builds helm from its Go module (cached under $PARLEY_CACHE/helm), lints and renders charts/parley and checks the
+# output (non-root, read-only root filesystem, least-privilege RBAC, CRDs identical to crds/*.yaml, image tag), then
+# applies it with --dry-run=server to the control plane started above (required here: PARLEY_REQUIRE_ENGINES=1).
+# A failing render fails the run here; its counts go into the summary's totals.
+step "helm chart render test (e2e/helm/test.sh)"
+set +e
+bash e2e/helm/test.sh 2>&1 | tee "$logs/helm.log"
+helm_status=${PIPESTATUS[0]}
+set -e
+helm_line=$(grep -E '^helm-render: [0-9]+ passed, [0-9]+ failed$' "$logs/helm.log" | tail -n1)
+[[ $helm_status == 0 && -n $helm_line ]] \
+  || fail "helm chart render test (e2e/helm/test.sh): ${helm_line:-no result line}; see the FAIL lines above"
+helm_passed=$(awk '{print $2}' <<<"$helm_line")
+helm_failed=$(awk '{print $4}' <<<"$helm_line")
+# --- Helm chart render test --- end ---
 
 step "unit and integration tests (cargo test)"
 # The cross-process and outage tests append their figures (drain histograms, resume times, ...) here; the summary

@@ -55,7 +55,7 @@ wait_for_quiet_cpu() {
 
 if [ "${BUILD:-1}" = 1 ]; then
     log "building release binaries"
-    cargo build --release -p parley-gateway -p parley-e2e
+    cargo build --release -p parley-server -p parley-e2e
 fi
 [ -x "$SERVER" ] || { log "no server binary at $SERVER"; exit 1; }
 [ -x "$LOAD" ] || { log "no load tool at $LOAD"; exit 1; }

@@ -47,7 +47,7 @@ log() { printf '[stack-bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 if [ "${BUILD:-1}" = 1 ]; then
     log "building release binaries"
-    cargo build --release -p parley-gateway -p parley-router -p parley-e2e
+    cargo build --release -p parley-server -p parley-router -p parley-e2e
 fi
 for binary in "$GATEWAY" "$ROUTER" "$LOAD"; do
     [ -x "$binary" ] || { log "missing $binary (build with BUILD=1)"; exit 1; }

@@ -35,7 +35,7 @@ fi
 
 # --- server --------------------------------------------------------------------------------------
 if [[ ! -x "$PARLEY_BIN" ]]; then
-  log "server binary not found: $PARLEY_BIN (build it with: cargo build -p parley-gateway --bin parley)"
+  log "server binary not found: $PARLEY_BIN (build it with: cargo build -p parley-server --bin parley)"
   exit 2
 fi
 

@@ -6,8 +6,9 @@
 #   3. helm template for five scenarios, checked by check_render.py (PyYAML, in a cached venv): every workload
 #      non-root with a read-only root filesystem and no privilege escalation, RBAC exactly the least-privilege
 #      set (no wildcards), CRDs byte-identical to crds/*.yaml, image tag = appVersion by default, ...;
-#   4. only when KUBECONFIG is set and the API server answers (e.g. e2e/k8s/up.sh): kubectl apply
-#      --dry-run=server of the rendered output (optional; skipped with a message otherwise).
+#   4. kubectl apply --dry-run=server of the rendered output against the API server KUBECONFIG names (e.g.
+#      e2e/k8s/up.sh). With PARLEY_REQUIRE_ENGINES=1 (the full test command) it is required: a missing or silent
+#      API server fails the run. Otherwise it is skipped with a message when there is none.
 # The last line is "helm-render: N passed, M failed"; the exit status is non-zero when anything failed.
 #
 # Environment: PARLEY_CACHE (default ~/.cache/parley), PARLEY_HELM_VERSION (see build.sh).
@@ -102,7 +103,7 @@ else
   not_ok "check_render.py did not finish (last line: $summary)"
 fi
 
-# 4. optional: server-side dry run against a real API server (admission, schema and RBAC escalation checks).
+# 4. server-side dry run against a real API server (admission, schema and RBAC escalation checks).
 # The two namespaces the scenarios install into are created when missing (and deleted afterwards): a dry run
 # into a namespace that does not exist is refused by the NamespaceLifecycle admission plugin.
 if [[ -n ${KUBECONFIG:-} ]] && command -v kubectl >/dev/null && kubectl get --raw /readyz >/dev/null 2>&1; then
@@ -120,8 +121,11 @@ if [[ -n ${KUBECONFIG:-} ]] && command -v kubectl >/dev/null && kubectl get --ra
     fi
   done
   for ns in "${created[@]}"; do kubectl delete namespace "$ns" --wait=false >/dev/null 2>&1 || true; done
+elif [[ ${PARLEY_REQUIRE_ENGINES:-} == 1 ]]; then
+  not_ok "kubectl apply --dry-run=server: required (PARLEY_REQUIRE_ENGINES=1), but KUBECONFIG is not set, kubectl \
+is not on PATH or the API server does not answer /readyz (start one with e2e/k8s/up.sh)"
 else
-  say "KUBECONFIG not set or API server not reachable: skipping the optional kubectl --dry-run=server step"
+  say "KUBECONFIG not set or API server not reachable: skipping the kubectl --dry-run=server step"
 fi
 
 echo "helm-render: $passed passed, $failed failed"
