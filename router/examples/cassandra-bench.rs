@@ -76,7 +76,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             if !pending.is_empty() {
                 store.write(pending).await?;
             }
-            Ok::<_, parley_router::BackendError>(latencies)
+            Ok::<_, parley_api::BackendError>(latencies)
         }));
     }
     let mut write_latencies = Vec::new();

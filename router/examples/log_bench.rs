@@ -11,12 +11,13 @@
 //! With the Kafka log, a store writer copies the topic into the embedded store during the run (as in
 //! production), and the run ends by checking that the store holds every confirmed message.
 
+use parley_api::Router;
+use parley_bus::pubsub::LocalPubSub;
 use parley_core::UserId;
 use parley_router::backend::{MessageLog, MessageStore};
 use parley_router::embedded::{EmbeddedStore, Retention};
 use parley_router::kafka::{KafkaConfig, KafkaLog, StoreWriter};
-use parley_router::pubsub::LocalPubSub;
-use parley_router::{Router, RouterConfig};
+use parley_router::RouterConfig;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -141,7 +142,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if run("embedded") {
         let dir = tempfile::tempdir()?;
         let store = Arc::new(EmbeddedStore::open(dir.path(), Retention::default())?);
-        let (router, _task) = Router::start(
+        let (router, _task) = parley_router::start(
             RouterConfig::default(),
             store.clone(),
             store.clone(),
@@ -165,8 +166,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let store = Arc::new(EmbeddedStore::open(dir.path(), Retention::default())?);
         let log: Arc<dyn MessageLog> = Arc::new(KafkaLog::open(config.clone(), store.clone(), None).await?);
         let writer = StoreWriter::start(config.clone(), store.clone()).await?;
-        let (router, _task) =
-            Router::start(RouterConfig::default(), log, store.clone(), store.clone(), Arc::new(LocalPubSub::new()))?;
+        let (router, _task) = parley_router::start(
+            RouterConfig::default(),
+            log,
+            store.clone(),
+            store.clone(),
+            Arc::new(LocalPubSub::new()),
+        )?;
         let (users, channels) = setup(&router, &options).await?;
         let outcome = drive(router, &options, &users, &channels).await;
         report("kafka", &options, &outcome);
