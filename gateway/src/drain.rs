@@ -82,8 +82,11 @@ impl Drainer {
         let _ = self.plan.send(Some(plan));
         let drainer = self.clone();
         tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + plan.deadline;
-            while drainer.hub.connection_count() > 0 && tokio::time::Instant::now() < deadline {
+            // A deadline past what the clock holds (an absurd `deadline_ms`) is no deadline.
+            let deadline = tokio::time::Instant::now().checked_add(plan.deadline);
+            while drainer.hub.connection_count() > 0
+                && deadline.is_none_or(|deadline| tokio::time::Instant::now() < deadline)
+            {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             info!(remaining = drainer.hub.connection_count(), "drain finished; stopping");

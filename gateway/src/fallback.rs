@@ -12,15 +12,16 @@
 //! A session is admitted like a WebSocket ([`crate::admission`]): it lives in a [`Sessions`] registry and holds one
 //! of the process's connection permits.
 //! The outbound side is bounded end to end: the loop's queue, then [`OUTBOUND_FRAMES`] frames in the virtual
-//! socket; a client that takes nothing blocks the loop (which then closes it as a slow consumer, 4008, like a
-//! WebSocket whose TCP window is full), and after `idle_timeout_ms` without progress the session is dropped.
+//! socket; a client that takes nothing blocks the loop's writes, which fail after `write_timeout_ms` (a slow
+//! consumer, 4008, like a WebSocket whose TCP window stays full), and the virtual socket itself gives up after
+//! `idle_timeout_ms` without progress.
 
-use crate::admission::{token, Admission, AppState, ConnectQuery};
+use crate::admission::{parse_connect_query, token, Admission, AppState, ConnectQuery};
 use crate::metrics::Limit;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::ws::{Message, Utf8Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -165,7 +166,8 @@ impl Sink<Message> for VirtualSocket {
     }
 }
 
-fn never_too_big(error: &Infallible) -> bool {
+/// The virtual socket never fails a read.
+fn never_fails(error: &Infallible) -> crate::connection::ReadFailure {
     match *error {}
 }
 
@@ -304,13 +306,13 @@ struct Opened {
 }
 
 /// Admits a connection (version, token, draining, connection limit), registers its session and starts its loop.
-fn open(
+async fn open(
     state: &FallbackState,
     query: &ConnectQuery,
     headers: &HeaderMap,
     transport: Transport,
 ) -> Result<Opened, HttpError> {
-    let admission = state.app.admit(query.v, token(query.token.as_deref(), headers))?;
+    let admission = state.app.admit(query.v, token(query.token.as_deref(), headers)).await?;
     let session_id = admission.session.session_id.clone();
     let user = admission.session.user.clone();
     let (inbound_sender, inbound) = mpsc::channel(INBOUND_FRAMES);
@@ -345,7 +347,10 @@ fn open(
 async fn run(sessions: Arc<Sessions>, socket: VirtualSocket, admission: Admission, transport: Transport) {
     let idle = Duration::from_millis(admission.context.config.idle_timeout_ms.max(1));
     let session_id = admission.session.session_id.clone();
-    let serving = admission.serve(socket, never_too_big);
+    // However this task ends (a panic included), the session goes from the registry.
+    let _remove = RemoveOnDrop { sessions: sessions.clone(), session_id: session_id.clone() };
+    // No kernel socket under the virtual one: nothing to linger for after a close.
+    let serving = admission.serve(socket, crate::connection::Transport::in_memory(never_fails));
     tokio::pin!(serving);
     let reaping = reap(&sessions, &session_id, idle, transport);
     tokio::pin!(reaping);
@@ -361,7 +366,6 @@ async fn run(sessions: Arc<Sessions>, socket: VirtualSocket, admission: Admissio
         // Long-poll: keep the last frames (the close) for the client's next poll, as long as it keeps polling.
         reaping.await;
     }
-    sessions.remove(&session_id);
 }
 
 /// Removes a long-poll session once no poll has come for `idle`; returns when the session is gone. SSE
@@ -405,11 +409,11 @@ fn close_json(code: u16, reason: &str) -> serde_json::Value {
 
 async fn sse_connect(
     State(state): State<FallbackState>,
-    connect: Result<Query<ConnectQuery>, QueryRejection>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, HttpError> {
-    let Query(connect) = connect?;
-    let opened = open(&state, &connect, &headers, Transport::Sse)?;
+    let connect = parse_connect_query(query.as_deref().unwrap_or_default())?;
+    let opened = open(&state, &connect, &headers, Transport::Sse).await?;
     let receiver = opened.outbound.ok_or_else(|| HttpError::internal("an sse session without a stream"))?;
     let guard = RemoveOnDrop { sessions: state.sessions.clone(), session_id: opened.session_id };
     let events = futures_util::stream::unfold((receiver, guard, false), |(mut receiver, guard, done)| async move {
@@ -438,11 +442,11 @@ async fn sse_connect(
 
 async fn poll_connect(
     State(state): State<FallbackState>,
-    connect: Result<Query<ConnectQuery>, QueryRejection>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, HttpError> {
-    let Query(connect) = connect?;
-    let opened = open(&state, &connect, &headers, Transport::Poll)?;
+    let connect = parse_connect_query(query.as_deref().unwrap_or_default())?;
+    let opened = open(&state, &connect, &headers, Transport::Poll).await?;
     let queue = opened.entry.queue.as_ref().ok_or_else(|| HttpError::internal("a poll session without a queue"))?;
     let batch = collect(queue, CONNECT_WAIT).await;
     if batch.closed.is_some() {
@@ -531,14 +535,14 @@ async fn collect(queue: &PollQueue, wait: Duration) -> Batch {
 }
 
 /// Looks up a session of `transport` and checks that the caller is its user.
-fn authorize(
+async fn authorize(
     state: &FallbackState,
     session_id: &str,
     query_token: Option<&str>,
     headers: &HeaderMap,
     transport: Transport,
 ) -> Result<Arc<Entry>, HttpError> {
-    let identity = state.app.authenticate(token(query_token, headers))?;
+    let identity = state.app.authenticate(token(query_token, headers)).await?;
     let entry = state
         .sessions
         .get(session_id)
@@ -558,7 +562,7 @@ async fn poll_get(
 ) -> Result<Response, HttpError> {
     let Path(session_id) = session_id?;
     let Query(poll) = poll?;
-    let entry = authorize(&state, &session_id, poll.token.as_deref(), &headers, Transport::Poll)?;
+    let entry = authorize(&state, &session_id, poll.token.as_deref(), &headers, Transport::Poll).await?;
     let queue = entry.queue.as_ref().ok_or_else(|| no_such_session(&session_id))?;
     let wait = Duration::from_millis(poll.wait_ms.unwrap_or(DEFAULT_WAIT_MS).min(MAX_WAIT_MS));
     let batch = collect(queue, wait).await;
@@ -575,7 +579,7 @@ async fn poll_delete(
     headers: HeaderMap,
 ) -> Result<StatusCode, HttpError> {
     let Path(session_id) = session_id?;
-    authorize(&state, &session_id, token_query?.0.token.as_deref(), &headers, Transport::Poll)?;
+    authorize(&state, &session_id, token_query?.0.token.as_deref(), &headers, Transport::Poll).await?;
     state.sessions.remove(&session_id);
     Ok(StatusCode::NO_CONTENT)
 }
@@ -611,7 +615,7 @@ async fn post_frames(
     body: Body,
     transport: Transport,
 ) -> Result<Response, HttpError> {
-    let entry = authorize(state, session_id, token, headers, transport)?;
+    let entry = authorize(state, session_id, token, headers, transport).await?;
     let limit = state.app.config.max_frame_bytes;
     let too_big = || {
         state.app.metrics.limit(Limit::FrameSize);

@@ -20,8 +20,10 @@ pub enum Limit {
     FrameSize,
     /// Send rate.
     Rate,
-    /// Outbound queue overflow (slow consumer).
+    /// Outbound queue overflow, in frames or bytes (slow consumer).
     OutboundQueue,
+    /// A socket write that did not complete within the write timeout (slow consumer).
+    WriteTimeout,
     /// Connection cap.
     Connections,
 }
@@ -32,6 +34,7 @@ impl Limit {
             Limit::FrameSize => "frame_size",
             Limit::Rate => "send_rate",
             Limit::OutboundQueue => "outbound_queue",
+            Limit::WriteTimeout => "write_timeout",
             Limit::Connections => "connections",
         }
     }

@@ -140,12 +140,18 @@ async fn bad_tokens_and_versions_are_refused_before_the_upgrade() {
         (format!("v=1&token={expired}"), 401, "expired"),
         (format!("v=1&token={forged}"), 401, "unauthorized"),
         (format!("v=2&token={}", token("alice")), 400, "unsupported_version"),
+        (format!("v=abc&token={}", token("alice")), 400, "unsupported_version"),
+        (format!("v=&token={}", token("alice")), 400, "unsupported_version"),
+        (format!("v=1&v=2&token={}", token("alice")), 400, "unsupported_version"),
+        (format!("v=99999999999&token={}", token("alice")), 400, "unsupported_version"),
     ] {
         let (actual, body) = handshake_status(&running, &query).await;
         assert_eq!(actual, status, "{query}: {body}");
         assert!(body.contains(needle), "{query}: {body}");
     }
     assert_eq!(handshake_status(&running, &format!("token={}", token("alice"))).await.0, 101, "v defaults to 1");
+    let cache_buster = format!("v=1&_=1764296000000&token={}&", token("alice"));
+    assert_eq!(handshake_status(&running, &cache_buster).await.0, 101, "unknown parameters are ignored");
     stop(running).await;
 }
 
@@ -289,5 +295,44 @@ async fn garbage_from_one_client_never_disturbs_another() {
     assert_eq!(received.iter().filter_map(|m| m["seq"].as_u64()).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
     let pong = fuzzer.request(json!({"type":"ping"}), "fuzzer-alive").await;
     assert_eq!(pong["type"], "pong");
+    stop(running).await;
+}
+
+#[tokio::test]
+async fn sequences_at_the_end_of_the_number_space_are_answered_and_the_connection_lives_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let running = server(dir.path(), &[]).await;
+    let admin = running.admin_address;
+    let mut watcher = Client::connect(&running, "watcher").await;
+    let mut alice = Client::connect(&running, "alice").await;
+    alice.request(json!({"type":"create_channel","name":"edge"}), "c").await;
+    let sent = alice.send_message("g:edge", "m1", "hello").await;
+    assert_eq!(sent["type"], "send_result", "{sent}");
+    let last = u64::MAX;
+    for (frame, answer) in [
+        (json!({"type":"sync","channels":{"g:edge": last}}), "synced"),
+        (json!({"type":"sync","channels":{"g:edge": last - 1}}), "synced"),
+        (json!({"type":"history","channel":"g:edge","after": last}), "history"),
+        (json!({"type":"history","channel":"g:edge","after": last - 1, "before": last}), "history"),
+        (json!({"type":"history","channel":"g:edge","before": 0}), "history"),
+        (json!({"type":"read","channel":"g:edge","seq": last}), "read"),
+    ] {
+        let reply = alice.request(frame.clone(), "edge").await;
+        assert_eq!(reply["type"], answer, "{frame} -> {reply}");
+    }
+    alice.send_json(json!({"type":"ack","channel":"g:edge","seq": last})).await;
+    let pong = alice.request(json!({"type":"ping"}), "alive").await;
+    assert_eq!(pong["type"], "pong");
+    // Leaving undoes everything the connection held: its count and its presence.
+    let watched = watcher.request(json!({"type":"subscribe_presence","users":["alice"]}), "w").await;
+    assert_eq!(watched["users"][0]["status"], "online", "{watched}");
+    assert_eq!(parley_test_support::metric(admin, "parley_gateway_connections").await, 2.0);
+    drop(alice);
+    let offline = watcher.expect(|frame| frame["type"] == "presence" && frame["user"] == "alice").await;
+    assert_eq!(offline["status"], "offline", "{offline}");
+    parley_test_support::eventually("alice's connection to be uncounted", Duration::from_secs(10), || async {
+        (parley_test_support::metric(admin, "parley_gateway_connections").await == 1.0).then_some(())
+    })
+    .await;
     stop(running).await;
 }

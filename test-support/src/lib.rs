@@ -15,6 +15,8 @@
 //! - [`engine_suite!`]: one behaviour suite run once per driver (embedded, Redis, Cassandra, ...).
 //! - [`figures`]: figure lines that the test command prints in its summary.
 //! - [`unique`]: names no other test (or earlier run) uses: key prefixes, topics, keyspaces.
+//! - [`wire`]: a raw WebSocket client over TCP, for tests of the wire itself (close codes, a client that stops
+//!   reading).
 
 pub mod engines;
 pub mod figures;
@@ -26,12 +28,13 @@ pub mod server;
 mod suite;
 pub mod tokens;
 pub mod wait;
+pub mod wire;
 
 pub use engines::{engine, Engine};
 pub use figures::report;
 pub use metrics::{metric, scrape, Scrape};
 pub use process::{binary, Spawned};
-pub use tokens::hs256_token;
+pub use tokens::{hs256_token, hs256_token_with};
 pub use wait::eventually;
 
 /// A name no other test of this run, nor of an earlier run, uses: `{prefix}{pid}-{nanos}-{n}`, made of ASCII

@@ -4,7 +4,7 @@
 
 use super::requests::{error_frame, request, router_error};
 use super::timers::unix_ms;
-use super::{close, Connection, Ending, Shared, Step};
+use super::{close, Connection, Ending, ReadFailure, Shared, Step};
 use crate::metrics::Limit;
 use axum::extract::ws::Message;
 use futures_util::{Sink, Stream};
@@ -19,17 +19,34 @@ where
     S: Sink<Message> + Stream<Item = Result<Message, E>> + Unpin + Send,
     E: std::fmt::Display,
 {
-    /// What the socket gave: a message, or the end of the connection (the client left, the read failed, or the
-    /// frame was too big).
-    pub(super) fn received(&self, incoming: Option<Result<Message, E>>) -> Result<Message, Ending> {
-        match incoming {
-            None => Err(Ending::Gone),
-            Some(Ok(message)) => Ok(message),
-            Some(Err(error)) if (self.too_big)(&error) => {
+    /// What the socket gave: a message, or the end of the connection: the client left or the read failed (no
+    /// close), or the client broke a rule of the wire, closed with its code (RFC 6455 §7.4.1): a frame too big
+    /// (1009), a frame that breaks the protocol (1002), a text frame that is not UTF-8 (1007).
+    pub(super) fn received(&mut self, incoming: Option<Result<Message, E>>) -> Result<Message, Ending> {
+        let error = match incoming {
+            Some(Ok(message)) => return Ok(message),
+            None => {
+                self.read_failed = true;
+                return Err(Ending::Gone);
+            }
+            Some(Err(error)) => error,
+        };
+        // The stream reads nothing more after an error.
+        self.read_failed = true;
+        match (self.transport.classify)(&error) {
+            ReadFailure::TooBig => {
                 self.shared.metrics.limit(Limit::FrameSize);
                 Err(Ending::Close(close::TOO_BIG, "frame too big: the limit is max_frame_bytes"))
             }
-            Some(Err(error)) => {
+            ReadFailure::Protocol => {
+                debug!(%error, "protocol error");
+                Err(Ending::Close(close::PROTOCOL_ERROR, "protocol error: a frame breaks RFC 6455"))
+            }
+            ReadFailure::InvalidUtf8 => {
+                debug!(%error, "invalid UTF-8");
+                Err(Ending::Close(close::INVALID_PAYLOAD, "invalid payload: a text frame that is not UTF-8"))
+            }
+            ReadFailure::Gone => {
                 debug!(%error, "read failed");
                 Err(Ending::Gone)
             }
@@ -37,7 +54,8 @@ where
     }
 
     /// A message from the client: any traffic counts against the idle timeout; text and binary messages are
-    /// decoded as client frames, and an undecodable one is answered with an error frame.
+    /// decoded as client frames (a binary frame's payload is read as UTF-8 JSON too), and an undecodable one is
+    /// answered with an error frame.
     pub(super) async fn on_message(&mut self, message: Message) -> Step {
         self.deadlines.touch();
         let bytes = match message {
@@ -76,9 +94,11 @@ where
     }
 
     /// A cumulative acknowledgement. Progress in a small channel is published as a delivery receipt (the sender
-    /// sees "delivered"), best effort and off the loop.
+    /// sees "delivered"), best effort and off the loop. The receipt says no more than this connection delivered:
+    /// `seq` is the client's number, and may be anything.
     fn on_ack(&mut self, channel: String, seq: u64) {
         let Shared { router, hub, session, .. } = self.shared;
+        let seq = seq.min(self.tracker.delivered(&channel).unwrap_or(seq));
         // Receipts only for small channels (the router checks again; this spares it the calls).
         if self.tracker.ack(&channel, seq) > 0 && hub.small_channel(&channel, parley_api::DELIVERY_RECEIPT_MEMBERS) {
             self.pending.push(Box::pin(async move {

@@ -12,9 +12,17 @@
 //!    membership; `requests`) run concurrently up to `max_in_flight`, so a client that pipelines sends is not
 //!    serialised behind each disk sync; past that limit the loop stops reading the socket, which pushes back on
 //!    the client through TCP.
-//! 3. `Connection::finish`: the close frame (when the socket still works), then the connection leaves the hub.
+//! 3. `Connection::finish`: the close frame (when the socket still works), the connection leaves the hub and
+//!    presence, and the socket lingers until the client's close (see [`Linger`]).
 //!
 //! Every handler answers a `Step`: `Ok` to go on, or the `Ending` of the connection.
+//!
+//! What a connection may pin is bounded: its queue from the hub in frames and bytes (`--outbound-queue`,
+//! `--max-outbound-bytes`), every socket write by the write timeout (`--write-timeout-ms`: a client that takes no
+//! data is gone within it, and its close does not wait on the blocked socket), and the linger after a close in time
+//! and bytes. Whatever ends the task (a close, a failed socket, even a panic), the connection leaves the hub and
+//! presence: a panic in the loop is caught and closes with 1011, and a drop guard undoes the registration if the
+//! task ends any other way.
 
 mod inbound;
 mod outbound;
@@ -26,29 +34,35 @@ mod tests;
 
 use crate::config::GatewayConfig;
 use crate::drain::DrainPlan;
-use crate::hub::{Hub, Outbound, OutboundFrame};
-use crate::metrics::Metrics;
+use crate::hub::{Hub, Outbound, OutboundQueue};
+use crate::metrics::{Limit, Metrics};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::stream::FuturesUnordered;
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use parley_api::Router;
 use parley_core::delivery::DeliveryTracker;
 use parley_core::protocol::{ChannelView, LimitsView, ServerFrame, PROTOCOL_VERSION};
 use parley_core::ratelimit::TokenBucket;
 use parley_core::UserId;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use timers::{Clock, Deadlines, Lapse};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{debug, instrument};
+use tracing::{debug, error, instrument};
 
 /// Close codes of protocol v1.
 pub mod close {
     /// Going away (server shutdown).
     pub const GOING_AWAY: u16 = 1001;
+    /// Protocol error: a frame that breaks RFC 6455 (reserved bits, an unknown opcode, an unmasked client frame, a
+    /// fragmented control frame).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// Invalid payload data: a text frame that is not UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// Message too big.
     pub const TOO_BIG: u16 = 1009;
     /// Internal error: the connection could not be set up (storage unavailable during the handshake).
@@ -57,7 +71,12 @@ pub mod close {
     pub const SERVICE_RESTART: u16 = 1012;
     /// Token expired.
     pub const TOKEN_EXPIRED: u16 = 4001;
-    /// Slow consumer: the outbound queue overflowed.
+    /// Disconnected by the server: the application's backend closed the user's sessions (server API); the client may
+    /// reconnect.
+    pub const DISCONNECTED: u16 = 4003;
+    /// Token revoked by the application's backend (server API): get a new token before reconnecting.
+    pub const TOKEN_REVOKED: u16 = 4004;
+    /// Slow consumer: the outbound queue overflowed, or the socket took no data within the write timeout.
     pub const SLOW_CONSUMER: u16 = 4008;
     /// No traffic for the idle timeout.
     pub const IDLE_TIMEOUT: u16 = 4009;
@@ -99,27 +118,168 @@ pub struct Session {
     pub user: UserId,
     /// Token expiry, Unix seconds.
     pub expires_at: u64,
+    /// When the token was issued (its `iat`), Unix seconds: a revocation of the user's tokens issued before a time
+    /// closes the connection when this is earlier (or absent).
+    pub issued_at: Option<u64>,
 }
 
-/// Classifies a transport error: `true` when the client sent a frame or message above the size limit.
-pub type TooBig<E> = fn(&E) -> bool;
+/// How a read from the socket failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFailure {
+    /// A frame or message above `max_frame_bytes`: close 1009.
+    TooBig,
+    /// A frame that breaks RFC 6455 (reserved bits, an unknown opcode, an unmasked client frame, a fragmented
+    /// control frame): close 1002.
+    Protocol,
+    /// A text frame that is not UTF-8: close 1007.
+    InvalidUtf8,
+    /// The connection failed or ended: no close frame can go out.
+    Gone,
+}
+
+/// Classifies a transport's read error.
+pub type Classify<E> = fn(&E) -> ReadFailure;
+
+/// After the server's close frame, how long and how many bytes of the client's the socket keeps reading (and
+/// discarding) until the client's close or the end of the stream. Closing a TCP socket with the client's data unread
+/// makes the kernel reset the connection, and a reset can overtake the close frame: the client would never see why
+/// it was closed (a 1009 after a frame too big, typically).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Linger {
+    /// At most this long.
+    pub time: Duration,
+    /// At most this much of the client's data.
+    pub bytes: usize,
+}
+
+impl Linger {
+    /// Two seconds, 1 MiB.
+    pub const DEFAULT: Linger = Linger { time: Duration::from_secs(2), bytes: 1024 * 1024 };
+}
+
+/// What the loop needs to know about its transport, besides the socket.
+pub struct Transport<E> {
+    /// Classifies read errors.
+    pub classify: Classify<E>,
+    /// The linger after a close; `None` for a transport without a kernel socket (the fallbacks' virtual one).
+    pub linger: Option<Linger>,
+}
+
+impl<E> Transport<E> {
+    /// A WebSocket over TCP: read errors classified by `classify`, and [`Linger::DEFAULT`] after a close.
+    pub fn websocket(classify: Classify<E>) -> Self {
+        Self { classify, linger: Some(Linger::DEFAULT) }
+    }
+
+    /// A socket that needs no linger (in memory): read errors classified by `classify`.
+    pub fn in_memory(classify: Classify<E>) -> Self {
+        Self { classify, linger: None }
+    }
+}
+
+impl<E> Clone for Transport<E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<E> Copy for Transport<E> {}
+
+impl<E> std::fmt::Debug for Transport<E> {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Transport").field("linger", &self.linger).finish_non_exhaustive()
+    }
+}
 
 /// Runs one connection to the end. `socket` is the upgraded WebSocket (or a test double).
 #[instrument(name = "connection", skip_all, fields(conn = session.conn, user = %session.user))]
-pub async fn serve<S, E>(socket: S, context: ConnectionContext, session: Session, too_big: TooBig<E>)
+pub async fn serve<S, E>(socket: S, context: ConnectionContext, session: Session, transport: Transport<E>)
 where
     S: Sink<Message> + Stream<Item = Result<Message, E>> + Unpin + Send,
     E: std::fmt::Display,
 {
     let ConnectionContext { router, hub, metrics, config, shutdown, drain } = context;
+    let mut registration = Registration::new(hub.clone(), &session);
     let shared = Shared { router: &router, hub: &hub, metrics: &metrics, config: &config, session: &session };
-    let (sender, outbound) = mpsc::channel::<OutboundFrame>(config.outbound_queue.max(1));
-    let mut connection = Connection::new(shared, socket, too_big, outbound, shutdown, drain);
-    let ending = match connection.open(sender).await {
-        Ok(()) => connection.run().await,
-        Err(ending) => ending,
-    };
-    connection.finish(ending).await;
+    let (sender, outbound) = Outbound::channel(config.outbound_queue, config.max_outbound_bytes);
+    let mut connection = Connection::new(shared, socket, transport, outbound, shutdown, drain);
+    let lived = AssertUnwindSafe(async {
+        match connection.open(sender, &mut registration).await {
+            Ok(()) => connection.run().await,
+            Err(ending) => ending,
+        }
+    })
+    .catch_unwind()
+    .await;
+    let ending = lived.unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|what| what.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        error!(panic = %what, "the connection loop panicked; closing with 1011");
+        Ending::Close(close::INTERNAL_ERROR, "internal error; reconnect and sync")
+    });
+    connection.finish(ending, registration).await;
+}
+
+/// What a connection holds in the process (its place in the hub, and in presence once counted there), given back
+/// however the connection ends: by [`Registration::release`] when it finishes, or when dropped if its task ended
+/// any other way (a panic past the loop, the task dropped): the index at once, the rest in a task of its own.
+struct Registration {
+    hub: Arc<Hub>,
+    conn: u64,
+    user: UserId,
+    /// Topics left to re-examine after the connection left the index.
+    topics: Vec<String>,
+    /// Whether the connection is in the index (or may be).
+    indexed: bool,
+    /// Whether presence counts the connection (or may: set before the call).
+    present: bool,
+}
+
+impl Registration {
+    fn new(hub: Arc<Hub>, session: &Session) -> Self {
+        Self { hub, conn: session.conn, user: session.user.clone(), topics: Vec::new(), indexed: true, present: false }
+    }
+
+    /// Leaves the hub and presence.
+    async fn release(mut self) {
+        if self.indexed {
+            self.topics = self.hub.detach(self.conn);
+            self.indexed = false;
+        }
+        self.hub.release_topics(self.topics.clone()).await;
+        self.topics.clear();
+        if self.present {
+            // Cleared first: a second `disconnected` (if this is cut short) would count another connection out.
+            self.present = false;
+            if let Some(presence) = self.hub.presence() {
+                presence.disconnected(self.user.as_str()).await;
+            }
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if self.indexed {
+            self.topics = self.hub.detach(self.conn);
+        }
+        if self.topics.is_empty() && !self.present {
+            return;
+        }
+        let (hub, topics, present, user) =
+            (self.hub.clone(), std::mem::take(&mut self.topics), self.present, self.user.clone());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                hub.release_topics(topics).await;
+                if let Some(presence) = hub.presence().filter(|_| present) {
+                    presence.disconnected(user.as_str()).await;
+                }
+            });
+        }
+    }
 }
 
 /// Why a connection ends.
@@ -129,7 +289,16 @@ enum Ending {
     Gone,
     /// Close with this code and reason.
     Close(u16, &'static str),
+    /// The socket took no data within the write timeout (4008): the close goes out only if the socket takes it at
+    /// once, and nothing waits on the socket any more.
+    Stalled,
 }
+
+/// The reason of the close of a connection whose token was revoked.
+const TOKEN_REVOKED_REASON: &str = "token revoked; get a new token";
+
+/// The reason of a close for a stalled socket.
+const STALLED: &str = "slow consumer: the socket took no data within write_timeout_ms; reconnect and sync";
 
 /// What a handler answers: `Err` ends the connection.
 type Step = Result<(), Ending>;
@@ -155,9 +324,11 @@ const OUTBOUND_BATCH: usize = 64;
 struct Connection<'a, S, E> {
     shared: Shared<'a>,
     socket: S,
-    too_big: TooBig<E>,
-    /// Frames the hub queued for this connection; ends when the hub cuts the connection off as a slow consumer.
-    outbound: mpsc::Receiver<OutboundFrame>,
+    transport: Transport<E>,
+    /// Whether reading the socket failed or ended: its stream gives nothing more.
+    read_failed: bool,
+    /// Frames the hub queued for this connection; closed when the hub cuts the connection off as a slow consumer.
+    outbound: OutboundQueue,
     shutdown: watch::Receiver<bool>,
     drain: watch::Receiver<Option<DrainPlan>>,
     /// Set once the drain signal's sender is gone (no drain can start any more).
@@ -177,8 +348,8 @@ where
     fn new(
         shared: Shared<'a>,
         socket: S,
-        too_big: TooBig<E>,
-        outbound: mpsc::Receiver<OutboundFrame>,
+        transport: Transport<E>,
+        outbound: OutboundQueue,
         shutdown: watch::Receiver<bool>,
         drain: watch::Receiver<Option<DrainPlan>>,
     ) -> Self {
@@ -189,7 +360,8 @@ where
         Self {
             shared,
             socket,
-            too_big,
+            transport,
+            read_failed: false,
             outbound,
             shutdown,
             drain,
@@ -210,10 +382,18 @@ where
     /// 4. the channels join the index (see [`Connection::join_channels`]).
     ///
     /// Then the channels' last sequences start the delivery tracking, and `ready` goes out.
-    async fn open(&mut self, sender: Outbound) -> Step {
+    async fn open(&mut self, sender: Outbound, registration: &mut Registration) -> Step {
         let Shared { hub, session, .. } = self.shared;
         hub.register(session.conn, &session.user, sender, Vec::new()).await;
+        // A revocation heard after the admission read the store and before this registration: refused now (from
+        // the registration on, revocations reach the connection through its queue).
+        if let Some(before) = hub.recent_revocation(session.user.as_str()) {
+            if parley_bus::revocation::is_revoked(session.issued_at, before) {
+                return Err(Ending::Close(close::TOKEN_REVOKED, TOKEN_REVOKED_REASON));
+            }
+        }
         if let Some(presence) = hub.presence() {
+            registration.present = true;
             presence.connected(session.user.as_str()).await;
         }
         let channels = self.join_channels().await?;
@@ -316,7 +496,7 @@ where
         if let Some(plan) = plan {
             // A uniformly random moment in the window's first part spreads the reconnects of all clients, and the
             // rest of the window lets the last ones land.
-            let at = Instant::now() + plan.departure_at(rand::random::<f64>());
+            let at = timers::after(Instant::now(), plan.departure_at(rand::random::<f64>()));
             self.deadlines.leave_at(at);
         }
     }
@@ -330,7 +510,7 @@ where
             }
             Some(Lapse::Idle) => Err(Ending::Close(close::IDLE_TIMEOUT, "no traffic within the idle timeout")),
             Some(Lapse::Departure) => {
-                let _ = self.send(&ServerFrame::Reconnect { reason: "draining".into() }).await;
+                self.send(&ServerFrame::Reconnect { reason: "draining".into() }).await?;
                 Err(Ending::Close(close::SERVICE_RESTART, "instance draining; reconnect and sync"))
             }
             None => {
@@ -341,34 +521,97 @@ where
         }
     }
 
-    /// Sends the close frame (when the socket still works), closes the socket and leaves the hub.
-    async fn finish(mut self, ending: Ending) {
+    /// Sends the close frame (when the socket still takes data), leaves the hub and presence, and lets the socket
+    /// linger until the client's close; every step bounded.
+    async fn finish(mut self, ending: Ending, registration: Registration) {
         // Requests still in flight are abandoned: nobody would read their answers.
         self.pending.clear();
         debug!(?ending, "connection ends");
-        if let Ending::Close(code, reason) = ending {
-            let _ = self.socket.send(close_message(code, reason)).await;
+        let Shared { config, metrics, .. } = self.shared;
+        let limit = config.write_timeout();
+        // Whether the close went out, and whether the socket stopped taking data.
+        let (closed, stalled) = match ending {
+            Ending::Gone => (false, false),
+            Ending::Stalled => {
+                // The socket takes nothing: the close goes out only if it fits at once.
+                let _ = self.socket.send(close_message(close::SLOW_CONSUMER, STALLED)).now_or_never();
+                (false, true)
+            }
+            Ending::Close(code, reason) => {
+                match tokio::time::timeout(limit, self.socket.send(close_message(code, reason))).await {
+                    Ok(Ok(())) => (true, false),
+                    Ok(Err(_)) => (false, false),
+                    Err(_) => {
+                        metrics.limit(Limit::WriteTimeout);
+                        (false, true)
+                    }
+                }
+            }
+        };
+        registration.release().await;
+        if closed {
+            self.linger().await;
         }
-        let _ = self.socket.close().await;
-        let Shared { hub, session, .. } = self.shared;
-        hub.unregister(session.conn).await;
-        if let Some(presence) = hub.presence() {
-            presence.disconnected(session.user.as_str()).await;
+        if !stalled {
+            // Flushes an answer to the client's own close, if any.
+            let _ = tokio::time::timeout(limit, self.socket.close()).await;
         }
     }
 
-    /// Sends one frame and flushes.
+    /// After the server's close: reads and discards what the client still sends until its close or the end of the
+    /// stream, within the transport's [`Linger`]. A stream that failed reads nothing more: then the socket is only
+    /// kept open for that time, for the client to read the close.
+    async fn linger(&mut self) {
+        let Some(linger) = self.transport.linger else { return };
+        let deadline = timers::after(Instant::now(), linger.time);
+        if self.read_failed {
+            tokio::time::sleep_until(deadline).await;
+            return;
+        }
+        let mut budget = linger.bytes;
+        while let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, self.socket.next()).await {
+            let size = match &message {
+                Message::Text(text) => text.len(),
+                Message::Binary(bytes) | Message::Ping(bytes) | Message::Pong(bytes) => bytes.len(),
+                Message::Close(_) => break,
+            };
+            match budget.checked_sub(size) {
+                Some(left) => budget = left,
+                None => break,
+            }
+        }
+    }
+
+    /// Sends one frame and flushes, within the write timeout.
     async fn send(&mut self, frame: &ServerFrame) -> Step {
-        self.socket.send(text(frame)).await.map_err(|_| Ending::Gone)
+        let Shared { config, metrics, .. } = self.shared;
+        within(config, metrics, self.socket.send(text(frame))).await
     }
 
-    /// Queues one message on the socket without flushing.
+    /// Queues one message on the socket without flushing, within the write timeout.
     async fn feed(&mut self, message: Message) -> Step {
-        self.socket.feed(message).await.map_err(|_| Ending::Gone)
+        let Shared { config, metrics, .. } = self.shared;
+        within(config, metrics, self.socket.feed(message)).await
     }
 
+    /// Flushes the socket, within the write timeout.
     async fn flush(&mut self) -> Step {
-        self.socket.flush().await.map_err(|_| Ending::Gone)
+        let Shared { config, metrics, .. } = self.shared;
+        within(config, metrics, self.socket.flush()).await
+    }
+}
+
+/// Runs one socket write within the write timeout: a failed write means the client is gone, a write still waiting
+/// at the deadline a stalled socket (counted as a `write_timeout` limit hit).
+async fn within<T, X>(config: &GatewayConfig, metrics: &Metrics, write: impl Future<Output = Result<T, X>>) -> Step {
+    match tokio::time::timeout(config.write_timeout(), write).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(_)) => Err(Ending::Gone),
+        Err(_) => {
+            metrics.limit(Limit::WriteTimeout);
+            debug!("the socket took no data within the write timeout");
+            Err(Ending::Stalled)
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! cursors), each answered with one frame: its result, or an error frame with the request's id.
 
 use super::Shared;
-use parley_api::{HistoryQuery, RouterError};
+use parley_api::{ChannelAction, ChannelSettings, HistoryQuery, RouterError};
 use parley_core::presence::Status;
 use parley_core::protocol::{ClientFrame, ErrorCode, ServerFrame};
 use parley_core::UserId;
@@ -40,13 +40,38 @@ pub(super) async fn request(shared: Shared<'_>, frame: ClientFrame) -> ServerFra
             let query = HistoryQuery { before, after, limit: limit.unwrap_or(DEFAULT_HISTORY_LIMIT) };
             history(shared, req_id, channel, query, limit == Some(0)).await
         }
-        ClientFrame::CreateChannel { req_id, name, members } => {
+        ClientFrame::CreateChannel { req_id, name, members, visibility, posting } => {
             let limit = router.limits().max_channel_members;
             if members.len() > limit as usize {
                 Err(RouterError::TooManyMembers { channel: format!("g:{name}"), limit })
             } else {
-                joined(shared, req_id, router.create_channel(user, &name, &members).await).await
+                let settings = ChannelSettings {
+                    visibility: visibility.unwrap_or_default(),
+                    posting: posting.unwrap_or_default(),
+                };
+                joined(shared, req_id, router.create_channel_with(user, &name, &members, settings).await).await
             }
+        }
+        ClientFrame::Invite { req_id, channel, user: other } => {
+            manage(shared, req_id, channel, ChannelAction::Invite { user: other }).await
+        }
+        ClientFrame::RemoveMember { req_id, channel, user: other } => {
+            manage(shared, req_id, channel, ChannelAction::Remove { user: other }).await
+        }
+        ClientFrame::Ban { req_id, channel, user: other } => {
+            manage(shared, req_id, channel, ChannelAction::Ban { user: other }).await
+        }
+        ClientFrame::Unban { req_id, channel, user: other } => {
+            manage(shared, req_id, channel, ChannelAction::Unban { user: other }).await
+        }
+        ClientFrame::SetRole { req_id, channel, user: other, role } => {
+            manage(shared, req_id, channel, ChannelAction::SetRole { user: other, role }).await
+        }
+        ClientFrame::UpdateChannel { req_id, channel, visibility, posting } => {
+            manage(shared, req_id, channel, ChannelAction::Update { visibility, posting }).await
+        }
+        ClientFrame::Block { req_id, user: other, blocked } => {
+            router.block(user, &other, blocked).await.map(|()| ServerFrame::BlockState { req_id, user: other, blocked })
         }
         ClientFrame::Join { req_id, channel } => joined(shared, req_id, router.join(user, &channel).await).await,
         ClientFrame::Leave { req_id, channel } => {
@@ -91,6 +116,17 @@ async fn history(
         None => shared.router.history(&shared.session.user, &channel, query).await?,
     };
     Ok(ServerFrame::History { req_id, channel, messages: page.messages, has_more: page.has_more })
+}
+
+/// An owner's or admin's action on a group channel; answered with the channel as the actor sees it.
+async fn manage(
+    shared: Shared<'_>,
+    req_id: Option<String>,
+    channel: String,
+    action: ChannelAction,
+) -> Result<ServerFrame, RouterError> {
+    let channel = shared.router.manage_channel(&shared.session.user, &channel, action).await?;
+    Ok(ServerFrame::Channel { req_id, channel })
 }
 
 /// The connection joined a channel (created, joined or a DM opened): its messages reach the connection from now.

@@ -2,6 +2,7 @@
 //! small in-test service, and every timer (idle, token expiry, retransmission) runs on tokio's paused clock.
 
 use super::*;
+use crate::hub::Directive;
 use crate::metrics::Metrics;
 use async_trait::async_trait;
 use futures::channel::mpsc as socket_channel;
@@ -38,7 +39,37 @@ struct TestRouter {
     /// Fail `list_channels`, as an unreachable store would.
     unavailable: bool,
     sends: AtomicU64,
+    /// [`ROOM`]'s history: messages `1..=stored` (as [`view`] makes them).
+    stored: u64,
+    /// When set, each history read passes through it (the test holds the read in flight).
+    history_gate: Option<Arc<Gate>>,
+    /// Panic on a history read, as a bug in the loop's task would.
+    panic_on_history: bool,
+    /// The sequences of the delivery receipts published.
+    receipts: Arc<std::sync::Mutex<Vec<u64>>>,
     stats: Arc<RouterStats>,
+}
+
+impl TestRouter {
+    /// A page of [`ROOM`]'s history, as the store answers it.
+    fn page(&self, before: Option<u64>, after: Option<u64>, limit: u32) -> HistoryPage {
+        let upper = before.unwrap_or(u64::MAX).min(self.stored.saturating_add(1));
+        let seqs: Vec<u64> = match after {
+            Some(after) => (after.saturating_add(1)..upper).take(limit as usize + 1).collect(),
+            None => {
+                let mut newest: Vec<u64> = (1..upper).rev().take(limit as usize + 1).collect();
+                newest.reverse();
+                newest
+            }
+        };
+        let has_more = seqs.len() > limit as usize;
+        let seqs = if after.is_some() {
+            &seqs[..seqs.len().min(limit as usize)]
+        } else {
+            &seqs[seqs.len().saturating_sub(limit as usize)..]
+        };
+        HistoryPage { messages: seqs.iter().map(|seq| view(*seq)).collect(), has_more }
+    }
 }
 
 fn room_view() -> ChannelView {
@@ -51,6 +82,9 @@ fn room_view() -> ChannelView {
         joined: true,
         read_seq: 0,
         unread: 0,
+        visibility: Default::default(),
+        posting: Default::default(),
+        role: None,
     }
 }
 
@@ -67,8 +101,19 @@ impl RouterService for TestRouter {
                 let placement = Placement { id: 1_000 + seq, seq, ts: 0 };
                 Ok(Answer::Sent(SendOutcome { channel, placement, duplicate: false }))
             }
-            Call::History { .. } => Ok(Answer::Page(HistoryPage::default())),
-            Call::MarkDelivered { .. } => Ok(Answer::Done),
+            Call::History { .. } if self.panic_on_history => panic!("a bug in a request"),
+            Call::History { before, after, limit, .. } => {
+                if let Some(gate) = &self.history_gate {
+                    gate.entered.add_permits(1);
+                    gate.release.acquire().await.expect("the gate stays open").forget();
+                }
+                Ok(Answer::Page(self.page(before, after, limit)))
+            }
+            Call::FirstRetainedSeq { .. } => Ok(Answer::Seq(1)),
+            Call::MarkDelivered { seq, .. } => {
+                self.receipts.lock().expect("receipts").push(seq);
+                Ok(Answer::Done)
+            }
             other => Err(RouterError::InvalidArgument(format!("the test router does not answer {}", other.op()))),
         }
     }
@@ -82,20 +127,18 @@ impl RouterService for TestRouter {
     }
 }
 
-/// A read error of the test socket.
+/// A read error of the test socket: what a WebSocket's would be classified as.
 #[derive(Debug)]
-struct ReadError {
-    too_big: bool,
-}
+struct ReadError(ReadFailure);
 
 impl std::fmt::Display for ReadError {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str(if self.too_big { "frame too big" } else { "read failed" })
+        write!(formatter, "read failed: {:?}", self.0)
     }
 }
 
-fn read_too_big(error: &ReadError) -> bool {
-    error.too_big
+fn classify(error: &ReadError) -> ReadFailure {
+    error.0
 }
 
 /// The server's side of an in-memory WebSocket: client messages come from an unbounded channel, server messages
@@ -154,8 +197,8 @@ impl TestClient {
         self.to_server.unbounded_send(Ok(Message::Text(Utf8Bytes::from(json)))).expect("server reading");
     }
 
-    fn fail_read(&self, too_big: bool) {
-        self.to_server.unbounded_send(Err(ReadError { too_big })).expect("server reading");
+    fn fail_read(&self, failure: ReadFailure) {
+        self.to_server.unbounded_send(Err(ReadError(failure))).expect("server reading");
     }
 
     /// The next thing the server sent. Paused time makes the hour pass at once if the server never sends.
@@ -178,12 +221,14 @@ impl TestClient {
         }
     }
 
-    /// The close code, after which the socket ends.
+    /// The close code; the client answers the close, as WebSocket clients do, after which the socket ends.
     async fn close(&mut self) -> u16 {
         let code = match self.next().await {
             Seen::Close(code) => code,
             other => panic!("expected a close, saw {other:?}"),
         };
+        // The server may have stopped reading.
+        let _ = self.to_server.unbounded_send(Ok(Message::Close(None)));
         assert_eq!(self.next().await, Seen::Ended, "nothing after the close");
         code
     }
@@ -193,6 +238,7 @@ impl TestClient {
 struct Harness {
     client: TestClient,
     hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
     drain: watch::Sender<Option<DrainPlan>>,
     task: JoinHandle<()>,
@@ -205,16 +251,24 @@ impl Harness {
         self.hub.deliver(ROOM, &Utf8Bytes::from(message(seq).to_json()), Some(seq))
     }
 
-    /// Waits for the connection to end, and checks it left the hub.
-    async fn ended(self) {
-        self.task.await.expect("the connection task ends cleanly");
+    /// Waits for the connection to end, and checks it left the hub and presence.
+    async fn ended(mut self) {
+        (&mut self.task).await.expect("the connection task ends cleanly");
         assert_eq!(self.hub.connection_count(), 0, "unregistered from the hub");
+        assert_eq!(self.online().await, 0, "alice went offline");
         drop((self.shutdown, self.drain));
+    }
+
+    /// How many of `alice`'s connections presence counts (0 or 1 here).
+    async fn online(&self) -> usize {
+        let presence = self.hub.presence().expect("presence attached");
+        presence.online_count(&["alice".to_owned()]).await
     }
 }
 
-fn message(seq: u64) -> ServerFrame {
-    ServerFrame::Message(MessageView {
+/// Message `seq` of [`ROOM`].
+fn view(seq: u64) -> MessageView {
+    MessageView {
         channel: ROOM.into(),
         seq,
         id: 1_000 + seq,
@@ -222,7 +276,11 @@ fn message(seq: u64) -> ServerFrame {
         text: format!("m{seq}"),
         ts: 0,
         client_msg_id: format!("c{seq}"),
-    })
+    }
+}
+
+fn message(seq: u64) -> ServerFrame {
+    ServerFrame::Message(view(seq))
 }
 
 fn unix_secs() -> u64 {
@@ -237,14 +295,31 @@ fn quiet() -> GatewayConfig {
 /// Starts a connection for `alice` whose token expires `expires_in` from now, over a socket that holds
 /// `socket_buffer` unread messages.
 fn start(config: GatewayConfig, router: TestRouter, expires_in: Duration, socket_buffer: usize) -> Harness {
+    start_on(new_hub(&config), config, router, expires_in, socket_buffer, None)
+}
+
+/// A hub on a bus that is never called, with its metrics.
+fn new_hub(config: &GatewayConfig) -> (Arc<Hub>, Arc<Metrics>) {
     let metrics = Metrics::new();
-    let hub = Hub::new(Arc::new(NoBus), metrics.clone(), config.fanout_threshold);
+    (Hub::new(Arc::new(NoBus), metrics.clone(), config.fanout_threshold), metrics)
+}
+
+/// Like [`start`], on a hub of [`new_hub`], with a token issued at `issued_at` (its `iat`).
+fn start_on(
+    (hub, metrics): (Arc<Hub>, Arc<Metrics>),
+    config: GatewayConfig,
+    router: TestRouter,
+    expires_in: Duration,
+    socket_buffer: usize,
+    issued_at: Option<u64>,
+) -> Harness {
+    crate::presence::Presence::start(&hub);
     let (shutdown, shutdown_signal) = watch::channel(false);
     let (drain, drain_signal) = watch::channel(None);
     let context = ConnectionContext {
         router: Router::new(router),
         hub: hub.clone(),
-        metrics,
+        metrics: metrics.clone(),
         config: Arc::new(config),
         shutdown: shutdown_signal,
         drain: drain_signal,
@@ -254,13 +329,15 @@ fn start(config: GatewayConfig, router: TestRouter, expires_in: Duration, socket
         session_id: "s-test".into(),
         user: UserId::new("alice").expect("user"),
         expires_at: unix_secs() + expires_in.as_secs(),
+        issued_at,
     };
     let (to_server, from_client) = socket_channel::unbounded();
     // A bounded channel holds its buffer plus one message per sender.
     let (to_client, from_server) = socket_channel::channel(socket_buffer.saturating_sub(1));
     let socket = TestSocket { from_client, to_client };
-    let task = tokio::spawn(serve(socket, context, session, read_too_big));
-    Harness { client: TestClient { to_server, from_server }, hub, shutdown, drain, task }
+    // With the linger of a WebSocket over TCP, on the paused clock.
+    let task = tokio::spawn(serve(socket, context, session, Transport::websocket(classify)));
+    Harness { client: TestClient { to_server, from_server }, hub, metrics, shutdown, drain, task }
 }
 
 /// Starts a connection and reads its `ready`.
@@ -359,7 +436,50 @@ async fn an_expired_token_closes_the_connection_with_4001() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_client_that_stops_reading_overflows_its_queue_and_is_closed_as_a_slow_consumer() {
+async fn a_disconnect_closes_with_4003_after_the_frames_queued_before_it() {
+    let mut harness = ready(quiet()).await;
+    assert_eq!(harness.publish(1), 1);
+    assert_eq!(harness.hub.direct_user("alice", Directive::Close(close::DISCONNECTED, "disconnected")), 1);
+    assert_eq!(harness.publish(2), 1, "queued behind the directive");
+    assert_eq!(harness.client.frame().await, message(1), "what was queued before the directive goes out first");
+    assert_eq!(harness.client.close().await, close::DISCONNECTED);
+    assert_eq!(harness.hub.direct_user("bob", Directive::Close(close::DISCONNECTED, "disconnected")), 0);
+    harness.ended().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revocation_closes_with_4004_only_a_connection_whose_token_it_revokes() {
+    let issued = unix_secs() - 60;
+    let mut harness =
+        start_on(new_hub(&quiet()), quiet(), TestRouter::default(), Duration::from_secs(3_600), 64, Some(issued));
+    assert!(matches!(harness.client.frame().await, ServerFrame::Ready { .. }));
+    // Tokens issued before `issued` are revoked: not this one, which stays open.
+    assert_eq!(harness.hub.revoked("alice", issued), 1);
+    harness.client.send(&ClientFrame::Ping { req_id: Some("p".into()) });
+    assert!(matches!(harness.client.frame().await, ServerFrame::Pong { .. }), "still open");
+    assert_eq!(harness.hub.revoked("alice", issued + 1), 1);
+    assert_eq!(harness.client.close().await, close::TOKEN_REVOKED);
+    harness.ended().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_registering_after_a_revocation_it_was_admitted_before_is_closed_with_4004() {
+    let (hub, metrics) = new_hub(&quiet());
+    // Heard after the admission read the store, before the connection registered: no connection got it.
+    let now = unix_secs();
+    assert_eq!(hub.revoked("alice", now), 0);
+    assert_eq!(hub.recent_revocation("alice"), Some(now));
+    let mut harness =
+        start_on((hub.clone(), metrics.clone()), quiet(), TestRouter::default(), Duration::from_secs(3_600), 64, None);
+    assert_eq!(harness.client.close().await, close::TOKEN_REVOKED, "no iat: revoked by any revocation");
+    harness.ended().await;
+    let mut later =
+        start_on((hub, metrics), quiet(), TestRouter::default(), Duration::from_secs(3_600), 64, Some(now + 1));
+    assert!(matches!(later.client.frame().await, ServerFrame::Ready { .. }), "a token issued after it connects");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_cut_off_as_a_slow_consumer_is_closed_with_4008_without_draining_its_queue() {
     let config = GatewayConfig { outbound_queue: 4, ..quiet() };
     let mut harness = start(config, TestRouter::default(), Duration::from_secs(3_600), 2);
     assert!(matches!(harness.client.frame().await, ServerFrame::Ready { .. }));
@@ -375,13 +495,54 @@ async fn a_client_that_stops_reading_overflows_its_queue_and_is_closed_as_a_slow
     }
     // The socket took the first frames, the loop waits to hand it the next, and the queue holds 4 more.
     assert!(published > 4, "the loop blocked on the socket before the queue filled, saw {published}");
-    assert_eq!(harness.hub.connection_count(), 1, "cut off, but the connection is still draining its queue");
-    // Once the client reads again: everything that was queued, in order, then the close.
-    for seq in 1..=published {
-        assert_eq!(harness.client.frame().await, message(seq));
-    }
-    assert_eq!(harness.client.close().await, close::SLOW_CONSUMER);
+    assert_eq!(harness.hub.connection_count(), 1, "cut off, but the connection is still writing a frame");
+    // Once the client reads again (well within the write timeout): what the socket held and the frame being
+    // written, in order, then the close; not the rest of the queue, which the client fills with `sync`.
+    let mut seen = Vec::new();
+    let code = loop {
+        match harness.client.next().await {
+            Seen::Frame(frame) => seen.push(frame),
+            Seen::Close(code) => break code,
+            Seen::Ended => panic!("ended without a close after {seen:?}"),
+        }
+    };
+    assert_eq!(code, close::SLOW_CONSUMER);
+    assert_eq!(seen, (1..=seen.len() as u64).map(message).collect::<Vec<_>>());
+    assert!((seen.len() as u64) < published, "the queue was drained: {} of {published} frames", seen.len());
+    assert_eq!(harness.client.next().await, Seen::Ended);
+    assert!(harness.metrics.encode().contains(r#"parley_gateway_limit_hits_total{limit="outbound_queue"} 1"#));
     harness.ended().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_takes_nothing_is_gone_within_the_write_timeout() {
+    // Default limits: the write timeout is 10 s.
+    let mut harness = start(quiet(), TestRouter::default(), Duration::from_secs(3_600), 2);
+    assert!(matches!(harness.client.frame().await, ServerFrame::Ready { .. }));
+    assert_eq!(harness.online().await, 1);
+    // The client reads nothing more: the socket takes two frames and the loop's third write waits on it, while
+    // the queue (512 frames) is far from full, so the hub never cuts the connection off.
+    for seq in 1..=5 {
+        assert_eq!(harness.publish(seq), 1);
+        tokio::task::yield_now().await;
+    }
+    let stalled = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(11), &mut harness.task).await;
+    assert!(
+        matches!(ended, Ok(Ok(()))),
+        "still connected {:?} after its socket stopped taking frames",
+        stalled.elapsed()
+    );
+    let gone = stalled.elapsed();
+    assert!(gone >= Duration::from_secs(10) && gone < Duration::from_millis(10_100), "gone after {gone:?}");
+    assert_eq!(harness.hub.connection_count(), 0, "unregistered from the hub");
+    assert_eq!(harness.online().await, 0, "offline");
+    assert!(harness.metrics.encode().contains(r#"parley_gateway_limit_hits_total{limit="write_timeout"} 1"#));
+    // What the socket held reaches the client, then the end: the close could not be written, and nothing waited
+    // for it.
+    assert_eq!(harness.client.frame().await, message(1));
+    assert_eq!(harness.client.frame().await, message(2));
+    assert_eq!(harness.client.next().await, Seen::Ended);
 }
 
 #[tokio::test(start_paused = true)]
@@ -397,15 +558,61 @@ async fn a_drain_asks_the_client_to_reconnect_and_closes_with_1012() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_frame_too_big_closes_with_1009_and_a_failed_read_ends_without_a_close() {
-    let mut harness = ready(quiet()).await;
-    harness.client.fail_read(true);
-    assert_eq!(harness.client.close().await, close::TOO_BIG);
-    harness.ended().await;
+async fn a_broken_frame_closes_with_its_code_and_a_failed_read_ends_without_a_close() {
+    let cases = [
+        (ReadFailure::TooBig, close::TOO_BIG),
+        (ReadFailure::Protocol, close::PROTOCOL_ERROR),
+        (ReadFailure::InvalidUtf8, close::INVALID_PAYLOAD),
+    ];
+    for (failure, code) in cases {
+        let mut harness = ready(quiet()).await;
+        harness.client.fail_read(failure);
+        let failed = Instant::now();
+        assert_eq!(harness.client.close().await, code, "{failure:?}");
+        // The stream reads nothing more: the socket stays open for the linger, for the client to read the close.
+        assert_eq!(failed.elapsed(), Linger::DEFAULT.time, "{failure:?}");
+        harness.ended().await;
+    }
 
     let mut harness = ready(quiet()).await;
-    harness.client.fail_read(false);
+    harness.client.fail_read(ReadFailure::Gone);
     assert_eq!(harness.client.next().await, Seen::Ended);
+    harness.ended().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_its_close_the_server_reads_until_the_clients_close_within_the_linger() {
+    // The client answers the close at once: the socket ends then.
+    let mut harness = ready(quiet()).await;
+    harness.client.send(&ClientFrame::Ping { req_id: None });
+    assert!(matches!(harness.client.frame().await, ServerFrame::Pong { .. }));
+    harness.shutdown.send(true).expect("connection watching");
+    assert_eq!(harness.client.next().await, Seen::Close(close::GOING_AWAY));
+    let closed = Instant::now();
+    harness.client.send(&ClientFrame::Ping { req_id: None });
+    harness.client.to_server.unbounded_send(Ok(close_message(1000, "bye"))).expect("server reading");
+    assert_eq!(harness.client.next().await, Seen::Ended);
+    assert_eq!(closed.elapsed(), Duration::ZERO, "no linger past the client's close");
+    harness.ended().await;
+
+    // A client that never closes is let go at the end of the linger, and one that keeps sending at its byte bound.
+    let mut harness = ready(quiet()).await;
+    harness.shutdown.send(true).expect("connection watching");
+    assert_eq!(harness.client.next().await, Seen::Close(close::GOING_AWAY));
+    let closed = Instant::now();
+    assert_eq!(harness.client.next().await, Seen::Ended);
+    assert_eq!(closed.elapsed(), Linger::DEFAULT.time);
+    harness.ended().await;
+    let mut harness = ready(quiet()).await;
+    harness.shutdown.send(true).expect("connection watching");
+    assert_eq!(harness.client.next().await, Seen::Close(close::GOING_AWAY));
+    let closed = Instant::now();
+    let chunk = Utf8Bytes::from("x".repeat(64 * 1024));
+    for _ in 0..=Linger::DEFAULT.bytes / chunk.len() {
+        harness.client.to_server.unbounded_send(Ok(Message::Text(chunk.clone()))).expect("server reading");
+    }
+    assert_eq!(harness.client.next().await, Seen::Ended);
+    assert_eq!(closed.elapsed(), Duration::ZERO, "the byte bound ends the linger before its time");
     harness.ended().await;
 }
 
@@ -414,5 +621,111 @@ async fn a_handshake_without_storage_closes_with_1011_before_ready() {
     let router = TestRouter { unavailable: true, ..TestRouter::default() };
     let mut harness = start(quiet(), router, Duration::from_secs(3_600), 64);
     assert_eq!(harness.client.close().await, close::INTERNAL_ERROR);
+    harness.ended().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sync_at_the_end_of_the_sequence_space_is_answered_and_the_connection_lives_on() {
+    let router = TestRouter { stored: 3, ..TestRouter::default() };
+    let mut harness = start(quiet(), router, Duration::from_secs(3_600), 64);
+    assert!(matches!(harness.client.frame().await, ServerFrame::Ready { .. }));
+    for have in [u64::MAX, u64::MAX - 1] {
+        let channels = [(ROOM.to_owned(), have), ("g:other".to_owned(), have)].into_iter().collect();
+        harness.client.send(&ClientFrame::Sync { req_id: Some("s".into()), channels });
+        assert_eq!(harness.client.frame().await, ServerFrame::Synced { req_id: Some("s".into()) }, "from {have}");
+    }
+    harness.client.send(&ClientFrame::Ack { channel: ROOM.into(), seq: u64::MAX });
+    harness.client.send(&ClientFrame::Ping { req_id: Some("p".into()) });
+    assert!(matches!(harness.client.frame().await, ServerFrame::Pong { .. }));
+    // Live messages still go out.
+    assert_eq!(harness.publish(1), 1);
+    assert_eq!(harness.client.frame().await, message(1));
+    harness.shutdown.send(true).expect("connection watching");
+    assert_eq!(harness.client.close().await, close::GOING_AWAY);
+    harness.ended().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_the_connection_task_still_closes_unregisters_and_goes_offline() {
+    let router = TestRouter { panic_on_history: true, ..TestRouter::default() };
+    let mut harness = start(quiet(), router, Duration::from_secs(3_600), 64);
+    assert!(matches!(harness.client.frame().await, ServerFrame::Ready { .. }));
+    assert_eq!((harness.hub.connection_count(), harness.online().await), (1, 1));
+    let history =
+        ClientFrame::History { req_id: Some("h".into()), channel: ROOM.into(), before: None, after: None, limit: None };
+    harness.client.send(&history);
+    assert_eq!(harness.client.close().await, close::INTERNAL_ERROR);
+    harness.ended().await;
+}
+
+/// Holds a history read in flight: the router says when the read started, and answers when the test lets it.
+#[derive(Debug)]
+struct Gate {
+    entered: tokio::sync::Semaphore,
+    release: tokio::sync::Semaphore,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self { entered: tokio::sync::Semaphore::new(0), release: tokio::sync::Semaphore::new(0) }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_message_and_a_sync_replay_of_the_same_range_send_each_sequence_once() {
+    let gate = Arc::new(Gate::default());
+    let router = TestRouter { stored: 3, history_gate: Some(gate.clone()), ..TestRouter::default() };
+    let mut harness = start(quiet(), router, Duration::from_secs(3_600), 64);
+    assert!(matches!(harness.client.frame().await, ServerFrame::Ready { .. }));
+    // Message 1 goes out live before the client's `sync` is read.
+    assert_eq!(harness.publish(1), 1);
+    assert_eq!(harness.client.frame().await, message(1));
+    // The client resumes from nothing; while the replay's read is in flight, 2 and 3 are pushed live.
+    let channels = [(ROOM.to_owned(), 0)].into_iter().collect();
+    harness.client.send(&ClientFrame::Sync { req_id: Some("s".into()), channels });
+    gate.entered.acquire().await.expect("the replay reads history").forget();
+    assert_eq!((harness.publish(2), harness.publish(3)), (1, 1));
+    gate.release.add_permits(1);
+    // Each sequence exactly once: 1 was sent already, the replay sends 2 and 3, the live copies are dropped.
+    assert_eq!(harness.client.frame().await, message(2));
+    assert_eq!(harness.client.frame().await, message(3));
+    assert_eq!(harness.client.frame().await, ServerFrame::Synced { req_id: Some("s".into()) });
+    let quiet_period = tokio::time::timeout(Duration::from_secs(1), harness.client.next()).await;
+    assert!(quiet_period.is_err(), "nothing more: {quiet_period:?}");
+    // Live messages go on after the replay, once each.
+    assert_eq!(harness.publish(4), 1);
+    assert_eq!(harness.client.frame().await, message(4));
+    harness.shutdown.send(true).expect("connection watching");
+    assert_eq!(harness.client.close().await, close::GOING_AWAY);
+    harness.ended().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delivery_receipt_says_no_more_than_the_connection_delivered() {
+    let router = TestRouter::default();
+    let receipts = router.receipts.clone();
+    let mut harness = start(quiet(), router, Duration::from_secs(3_600), 64);
+    assert!(matches!(harness.client.frame().await, ServerFrame::Ready { .. }));
+    assert_eq!(harness.publish(1), 1);
+    assert_eq!(harness.client.frame().await, message(1));
+    harness.client.send(&ClientFrame::Ack { channel: ROOM.into(), seq: u64::MAX });
+    harness.client.send(&ClientFrame::Ping { req_id: None });
+    assert!(matches!(harness.client.frame().await, ServerFrame::Pong { .. }));
+    tokio::task::yield_now().await;
+    assert_eq!(*receipts.lock().expect("receipts"), vec![1], "not u64::MAX");
+    harness.shutdown.send(true).expect("connection watching");
+    assert_eq!(harness.client.close().await, close::GOING_AWAY);
+    harness.ended().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_window_past_what_the_clock_holds_never_fires_and_never_panics() {
+    let mut harness = ready(quiet()).await;
+    let endless = Duration::from_millis(u64::MAX);
+    harness.drain.send(Some(DrainPlan { window: endless, deadline: endless })).expect("connection watching");
+    harness.client.send(&ClientFrame::Ping { req_id: Some("p".into()) });
+    assert!(matches!(harness.client.frame().await, ServerFrame::Pong { .. }), "still served");
+    harness.shutdown.send(true).expect("connection watching");
+    assert_eq!(harness.client.close().await, close::GOING_AWAY);
     harness.ended().await;
 }

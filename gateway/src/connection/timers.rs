@@ -4,6 +4,15 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::{Instant, Sleep};
 
+/// About a century: what stands for "never" where a deadline would lie past what the clock can hold.
+const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `at + duration`, or a moment about a century on when that is past what the clock can hold (a duration from a
+/// client's, an operator's or a token's number: it must not panic).
+pub(crate) fn after(at: Instant, duration: Duration) -> Instant {
+    at.checked_add(duration).or_else(|| at.checked_add(FAR)).unwrap_or(at)
+}
+
 /// Wall-clock Unix milliseconds.
 pub(super) fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
@@ -26,7 +35,7 @@ impl Clock {
 
     /// The instant `ms` milliseconds after the clock started.
     pub(super) fn instant(&self, ms: u64) -> Instant {
-        self.origin + Duration::from_millis(ms)
+        after(self.origin, Duration::from_millis(ms))
     }
 }
 
@@ -57,8 +66,8 @@ impl Deadlines {
     pub(super) fn new(idle: Duration, expires_at: u64) -> Self {
         let now = Instant::now();
         let remaining = expires_at.saturating_mul(1000).saturating_sub(unix_ms());
-        let expiry = now + Duration::from_millis(remaining);
-        let armed = (now + idle).min(expiry);
+        let expiry = after(now, Duration::from_millis(remaining));
+        let armed = after(now, idle).min(expiry);
         Self {
             idle,
             last_activity: now,
@@ -104,7 +113,7 @@ impl Deadlines {
     /// Arms the timer for the earliest deadline (activity moves the idle one without re-arming: the timer then
     /// fires early, finds nothing lapsed and is re-armed here).
     pub(super) fn rearm(&mut self) {
-        let mut at = (self.last_activity + self.idle).min(self.expiry);
+        let mut at = after(self.last_activity, self.idle).min(self.expiry);
         if let Some(departure) = self.departure {
             at = at.min(departure);
         }
@@ -125,7 +134,7 @@ impl Deadlines {
     pub(super) fn lapsed(&self, now: Instant) -> Option<Lapse> {
         if now >= self.expiry {
             Some(Lapse::TokenExpired)
-        } else if now >= self.last_activity + self.idle {
+        } else if now >= after(self.last_activity, self.idle) {
             Some(Lapse::Idle)
         } else if self.departure.is_some_and(|at| now >= at) {
             Some(Lapse::Departure)

@@ -1,8 +1,11 @@
 //! Event dispatch: publications from the bus become frames queued to the local connections they concern (a
-//! channel's members, a user's connections), and membership changes of local users update the index.
+//! channel's members, a user's connections), membership changes of local users update the index, and the server
+//! API's disconnects and token revocations (on the all-gateways topic) become [`Directive`]s queued to the user's
+//! local connections, behind the frames already queued to them.
 
 use super::index::remove_member;
-use super::{Hub, HubState, OutboundFrame, OutboundItem};
+use super::{Directive, Hub, HubState, OutboundFrame, OutboundItem};
+use crate::connection::close;
 use axum::extract::ws::Utf8Bytes;
 use parley_api::Router;
 use parley_bus::pubsub::{channel_topic, ControlEvent, Delivery, Event};
@@ -11,6 +14,13 @@ use parley_core::{ChannelId, UserId};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
+
+/// How long a hub remembers a revocation it heard of, for connections that were being admitted meanwhile (an
+/// admission, from its read of the revocation store to its registration in the hub, takes far less).
+pub const RECENT_REVOCATION: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The reason of the close of a connection the server API disconnected.
+const DISCONNECTED_REASON: &str = "disconnected by the server; you may reconnect";
 
 impl Hub {
     /// Queues a frame to every local member of a channel. Returns how many got it.
@@ -41,6 +51,7 @@ impl Hub {
         let item = OutboundFrame(Arc::new(OutboundItem {
             frame: frame.clone(),
             message: seq.map(|seq| (Arc::from(channel), seq)),
+            directive: None,
         }));
         let mut delivered = 0;
         for (conn, sender) in members {
@@ -62,14 +73,26 @@ impl Hub {
 
     /// Queues a frame to every local connection of a user.
     pub fn deliver_to_user(&self, user: &str, frame: &Utf8Bytes) {
+        self.queue_to_user(user, OutboundFrame::control(frame.clone()));
+    }
+
+    /// Queues a directive to every local connection of a user, behind what is queued already; returns how many
+    /// connections got it. A connection whose queue is full is cut off (4008) instead.
+    pub fn direct_user(&self, user: &str, directive: Directive) -> usize {
+        self.queue_to_user(user, OutboundFrame::directive(directive))
+    }
+
+    fn queue_to_user(&self, user: &str, item: OutboundFrame) -> usize {
         let mut slow = Vec::new();
+        let mut queued = 0;
         {
             let state = self.lock();
             for conn in state.users.get(user).into_iter().flatten() {
                 if let Some(sender) = state.conns.get(conn).and_then(|entry| entry.sender.as_ref()) {
-                    let item = OutboundFrame::control(frame.clone());
-                    if let Err(mpsc::error::TrySendError::Full(_)) = sender.try_send(item) {
-                        slow.push(*conn);
+                    match sender.try_send(item.clone()) {
+                        Ok(()) => queued += 1,
+                        Err(mpsc::error::TrySendError::Full(_)) => slow.push(*conn),
+                        Err(mpsc::error::TrySendError::Closed(_)) => {}
                     }
                 }
             }
@@ -77,6 +100,29 @@ impl Hub {
         if !slow.is_empty() {
             self.cut_off(&slow);
         }
+        queued
+    }
+
+    /// The server API revoked the user's tokens issued before `before`: remembered for a while (for connections
+    /// registering right now), and told to the user's local connections, each of which closes (4004) if its token
+    /// is revoked.
+    pub fn revoked(&self, user: &str, before: u64) -> usize {
+        {
+            let mut state = self.lock();
+            let now = std::time::Instant::now();
+            state.revocations.retain(|_, (_, heard)| now.duration_since(*heard) < RECENT_REVOCATION);
+            let entry = state.revocations.entry(user.to_owned()).or_insert((before, now));
+            *entry = (entry.0.max(before), now);
+        }
+        self.direct_user(user, Directive::Revoke { before })
+    }
+
+    /// The newest revocation of the user's tokens this instance heard of within [`RECENT_REVOCATION`]. A connection
+    /// checks it once it is registered: a revocation heard between its admission (which read the revocation store)
+    /// and its registration (from which on it gets the directive) is found here.
+    pub fn recent_revocation(&self, user: &str) -> Option<u64> {
+        let state = self.lock();
+        state.revocations.get(user).filter(|(_, heard)| heard.elapsed() < RECENT_REVOCATION).map(|(before, _)| *before)
     }
 
     /// A user's membership changed: update the index for the user's local connections, subscribe or
@@ -159,6 +205,18 @@ impl Hub {
                 Event::Control(ControlEvent::Read { channel, user, seq }) => {
                     let frame = ServerFrame::Read { req_id: None, channel: channel.clone(), user, seq }.to_json();
                     self.deliver(&channel, &Utf8Bytes::from(frame), None);
+                }
+                Event::Control(ControlEvent::Invited { user, channel, by }) => {
+                    let frame = ServerFrame::Invited { channel, by }.to_json();
+                    self.deliver_to_user(&user, &Utf8Bytes::from(frame));
+                }
+                Event::Control(ControlEvent::Disconnect { user }) => {
+                    let closed = self.direct_user(&user, Directive::Close(close::DISCONNECTED, DISCONNECTED_REASON));
+                    debug!(%user, closed, "server API disconnect");
+                }
+                Event::Control(ControlEvent::Revoked { user, before }) => {
+                    let told = self.revoked(&user, before);
+                    debug!(%user, before, told, "server API token revocation");
                 }
                 Event::Control(ControlEvent::Membership { user, channel, joined }) => {
                     // Direct events reach every instance when the router could not locate the user: keep only

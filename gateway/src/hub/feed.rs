@@ -124,7 +124,7 @@ impl Hub {
                         continue;
                     }
                     feed.head = message.seq;
-                    if feed.cache.back().is_some_and(|newest| newest.seq + 1 != message.seq) {
+                    if feed.cache.back().is_some_and(|newest| newest.seq.checked_add(1) != Some(message.seq)) {
                         feed.cache.clear();
                     }
                     let message = Arc::new(message);
@@ -184,7 +184,8 @@ impl Hub {
         let feed = state.feeds.get(channel)?;
         let oldest = feed.cache.front()?.seq;
         let newest = feed.cache.back()?.seq;
-        if after + 1 < oldest {
+        // `after` and `before` are the client's numbers: any u64.
+        if after.saturating_add(1) < oldest {
             return None;
         }
         let end = match query.before {

@@ -73,6 +73,14 @@ impl Hub {
 
     /// Removes a connection.
     pub async fn unregister(&self, conn: u64) {
+        let topics = self.detach(conn);
+        self.release_topics(topics).await;
+    }
+
+    /// Removes a connection from the index at once (no frame is queued to it any more, its queue's receiver sees it
+    /// closed once empty), and gives the topics whose subscription [`Hub::release_topics`] must re-examine. The
+    /// synchronous half of [`Hub::unregister`], for a connection that ends where it cannot wait (a drop).
+    pub fn detach(&self, conn: u64) -> Vec<String> {
         let mut topics = Vec::new();
         {
             let mut state = self.lock();
@@ -97,6 +105,11 @@ impl Hub {
                 }
             }
         }
+        topics
+    }
+
+    /// Brings the subscription of topics a [`Hub::detach`] gave in line with the index.
+    pub async fn release_topics(&self, topics: Vec<String>) {
         self.sync_topics(topics).await;
     }
 

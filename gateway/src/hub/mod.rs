@@ -10,15 +10,16 @@
 //! The instance holds one pub/sub subscription. It subscribes to `ch:<channel>` while at least one local
 //! connection is a member of the channel, and to its direct topics (its own and the one every gateway shares) for
 //! events addressed to its users, so a publication crosses the bus once per instance, not once per member.
-//! Forwarding never blocks: each connection has a bounded queue, and a connection whose queue is full is cut off
-//! (it sees close 4008, reconnects and fills the gap from history) so that one slow client never delays the
-//! others.
+//! Forwarding never blocks: each connection has a queue bounded in frames and in bytes ([`Outbound`]), and a
+//! connection whose queue is full is cut off (it sees close 4008, reconnects and fills the gap from history) so that
+//! one slow client never delays the others.
 //!
 //! One [`Hub`] holds one state behind one lock; its methods are grouped by concern:
 //!
 //! - `index`: the local connections, their users and channels; cutting off slow consumers.
 //! - `topics`: the bus subscription, kept in line with the index (group commit of subscription changes).
-//! - `dispatch`: publications from the bus queued to the connections they concern; membership changes.
+//! - `dispatch`: publications from the bus queued to the connections they concern; membership changes; the server
+//!   API's disconnects and token revocations, as [`Directive`]s queued to a user's connections.
 //! - `feed`: fan-out on read of large channels, and the cache of their newest messages.
 //! - `watchers`: which connections watch which users' presence.
 
@@ -39,6 +40,7 @@ use feed::FeedState;
 use index::ConnEntry;
 use parley_bus::pubsub::Subscription;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 
@@ -53,21 +55,115 @@ pub struct OutboundFrame(pub Arc<OutboundItem>);
 /// The shared part of an [`OutboundFrame`].
 #[derive(Debug)]
 pub struct OutboundItem {
-    /// The encoded frame.
+    /// The encoded frame (empty for a [`Directive`]).
     pub frame: Utf8Bytes,
     /// For a `message` frame: its channel and sequence.
     pub message: Option<(Arc<str>, u64)>,
+    /// Instead of a frame: what the connection must do (close).
+    pub directive: Option<Directive>,
+}
+
+/// What the hub tells one connection to do, in order with its frames (it travels through the same queue).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Directive {
+    /// Close now with this code and reason (the server API disconnected the user: 4003).
+    Close(u16, &'static str),
+    /// The user's tokens issued before this time (Unix seconds) were revoked: close with 4004 if this connection's
+    /// token is one of them (or has no `iat`).
+    Revoke {
+        /// Tokens issued before this are revoked.
+        before: u64,
+    },
 }
 
 impl OutboundFrame {
     /// A frame that is not a message (no ACK tracking).
     pub fn control(frame: Utf8Bytes) -> Self {
-        Self(Arc::new(OutboundItem { frame, message: None }))
+        Self(Arc::new(OutboundItem { frame, message: None, directive: None }))
+    }
+
+    /// A directive to the connection.
+    pub fn directive(directive: Directive) -> Self {
+        Self(Arc::new(OutboundItem { frame: Utf8Bytes::from_static(""), message: None, directive: Some(directive) }))
     }
 }
 
-/// The queue of one connection.
-pub type Outbound = mpsc::Sender<OutboundFrame>;
+/// The hub's end of one connection's queue, bounded in frames (the channel's capacity) and in bytes (what the
+/// frames waiting in it hold). A frame that does not fit is refused as `Full`: the hub then cuts the connection off
+/// as a slow consumer.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    sender: mpsc::Sender<OutboundFrame>,
+    bytes: Arc<QueuedBytes>,
+}
+
+/// The connection's end of its queue.
+#[derive(Debug)]
+pub struct OutboundQueue {
+    receiver: mpsc::Receiver<OutboundFrame>,
+    bytes: Arc<QueuedBytes>,
+}
+
+/// The bytes waiting in one queue, and their bound.
+#[derive(Debug)]
+struct QueuedBytes {
+    queued: AtomicUsize,
+    max: usize,
+}
+
+impl Outbound {
+    /// A queue of at most `frames` frames and `max_bytes` bytes (one frame of any size fits an empty queue).
+    pub fn channel(frames: usize, max_bytes: usize) -> (Outbound, OutboundQueue) {
+        let (sender, receiver) = mpsc::channel(frames.max(1));
+        let bytes = Arc::new(QueuedBytes { queued: AtomicUsize::new(0), max: max_bytes });
+        (Outbound { sender, bytes: bytes.clone() }, OutboundQueue { receiver, bytes })
+    }
+
+    /// Queues a frame unless the queue is full (in frames or bytes) or closed.
+    pub fn try_send(&self, item: OutboundFrame) -> Result<(), mpsc::error::TrySendError<OutboundFrame>> {
+        let size = item.0.frame.len();
+        let before = self.bytes.queued.fetch_add(size, Ordering::AcqRel);
+        if before > 0 && before.saturating_add(size) > self.bytes.max {
+            self.bytes.queued.fetch_sub(size, Ordering::AcqRel);
+            return Err(mpsc::error::TrySendError::Full(item));
+        }
+        self.sender.try_send(item).inspect_err(|_| {
+            self.bytes.queued.fetch_sub(size, Ordering::AcqRel);
+        })
+    }
+}
+
+impl OutboundQueue {
+    /// The next frame; `None` once the hub let go of the queue and it is empty.
+    pub async fn recv(&mut self) -> Option<OutboundFrame> {
+        let item = self.receiver.recv().await;
+        self.taken(item.as_ref());
+        item
+    }
+
+    /// The next frame if one is waiting.
+    pub fn try_recv(&mut self) -> Result<OutboundFrame, mpsc::error::TryRecvError> {
+        let item = self.receiver.try_recv();
+        self.taken(item.as_ref().ok());
+        item
+    }
+
+    /// Whether the hub let go of the queue: it cut the connection off as a slow consumer (or unregistered it).
+    pub fn is_closed(&self) -> bool {
+        self.receiver.is_closed()
+    }
+
+    /// Bytes waiting in the queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes.queued.load(Ordering::Acquire)
+    }
+
+    fn taken(&self, item: Option<&OutboundFrame>) {
+        if let Some(item) = item {
+            self.bytes.queued.fetch_sub(item.0.frame.len(), Ordering::AcqRel);
+        }
+    }
+}
 
 #[derive(Default)]
 struct HubState {
@@ -89,6 +185,9 @@ struct HubState {
     sizes: HashMap<String, u32>,
     /// Large channels this instance follows by reading their feed.
     feeds: HashMap<String, FeedState>,
+    /// Revocations this instance heard of lately (user → the newest `before`, and when it was heard), so a connection
+    /// admitted just before one and registered just after it still finds it (see `Hub::recent_revocation`).
+    revocations: HashMap<String, (u64, std::time::Instant)>,
 }
 
 /// The local index and dispatcher.

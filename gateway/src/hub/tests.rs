@@ -35,8 +35,8 @@ fn user(name: &str) -> UserId {
 async fn a_connect_to_channels_already_subscribed_calls_the_bus_not_at_all() {
     let bus = Arc::new(Counting::default());
     let hub = Hub::new(bus.clone(), Metrics::new(), 1_000);
-    let (first, _a) = mpsc::channel(8);
-    let (second, _b) = mpsc::channel(8);
+    let (first, _a) = Outbound::channel(8, usize::MAX);
+    let (second, _b) = Outbound::channel(8, usize::MAX);
     hub.register(1, &user("ann"), first, Vec::new()).await;
     assert!(hub.add_channels_since(1, vec![("g:room".into(), 0)]).await, "first member: subscribed, re-read");
     assert_eq!(bus.subscribes.load(Ordering::SeqCst), 1);
@@ -52,15 +52,15 @@ async fn a_connect_to_channels_already_subscribed_calls_the_bus_not_at_all() {
 #[tokio::test]
 async fn a_message_newer_than_the_list_seen_before_joining_asks_for_a_re_read() {
     let hub = Hub::new(Arc::new(Counting::default()), Metrics::new(), 1_000);
-    let (first, _a) = mpsc::channel(8);
-    let (second, _b) = mpsc::channel(8);
+    let (first, _a) = Outbound::channel(8, usize::MAX);
+    let (second, _b) = Outbound::channel(8, usize::MAX);
     hub.register(1, &user("ann"), first, Vec::new()).await;
     hub.add_channels_since(1, vec![("g:room".into(), 0)]).await;
     // Bob's list said the channel ended at 4; message 5 went by before he joined the index.
     hub.deliver("g:room", &Utf8Bytes::from_static("{}"), Some(5));
     hub.register(2, &user("bob"), second, Vec::new()).await;
     assert!(hub.add_channels_since(2, vec![("g:room".into(), 4)]).await);
-    let (third, _c) = mpsc::channel(8);
+    let (third, _c) = Outbound::channel(8, usize::MAX);
     hub.register(3, &user("cid"), third, Vec::new()).await;
     assert!(!hub.add_channels_since(3, vec![("g:room".into(), 5)]).await, "a list that has it is current");
 }
@@ -68,7 +68,7 @@ async fn a_message_newer_than_the_list_seen_before_joining_asks_for_a_re_read() 
 #[tokio::test]
 async fn receipts_follow_the_member_count_a_connect_read() {
     let hub = Hub::new(Arc::new(Counting::default()), Metrics::new(), 1_000);
-    let (first, _a) = mpsc::channel(8);
+    let (first, _a) = Outbound::channel(8, usize::MAX);
     hub.register(1, &user("ann"), first, Vec::new()).await;
     hub.add_channels_since(1, vec![("g:big".into(), 0), ("g:small".into(), 0)]).await;
     // Before any count is known, the local members (one) are the bound.
@@ -86,7 +86,7 @@ fn seq_of(frame: &OutboundFrame) -> u64 {
 #[tokio::test]
 async fn pushed_messages_wait_for_a_feed_read_in_flight_then_follow_it_in_order() {
     let hub = Hub::new(Arc::new(Counting::default()), Metrics::new(), 3);
-    let (sender, mut queue) = mpsc::channel(16);
+    let (sender, mut queue) = Outbound::channel(16, usize::MAX);
     hub.register(1, &user("ann"), sender, Vec::new()).await;
     hub.add_channels_since(1, vec![("g:town".into(), 0)]).await;
     hub.pushed("g:town", Utf8Bytes::from_static("{}"), 1);
@@ -116,7 +116,7 @@ async fn pushed_messages_wait_for_a_feed_read_in_flight_then_follow_it_in_order(
 #[tokio::test]
 async fn the_feed_cache_answers_only_what_it_holds_whole_and_only_for_members() {
     let hub = Hub::new(Arc::new(Counting::default()), Metrics::new(), 3);
-    let (sender, _queue) = mpsc::channel(16);
+    let (sender, _queue) = Outbound::channel(16, usize::MAX);
     hub.register(1, &user("ann"), sender, Vec::new()).await;
     hub.add_channels_since(1, vec![("g:town".into(), 0)]).await;
     let cache = (11..=20)
@@ -148,4 +148,37 @@ async fn the_feed_cache_answers_only_what_it_holds_whole_and_only_for_members() 
     hub.lock().feeds.get_mut("g:town").expect("followed").wanted = 22;
     assert!(hub.cached_page(1, "g:town", &query(Some(12), None, 3)).is_none(), "21, 22 announced, not read yet");
     assert!(hub.cached_page(1, "g:town", &query(Some(12), Some(16), 3)).is_some(), "a bounded read still is");
+    // The ends of the number space (a client's `after` and `before`) answer, nothing more.
+    let page = hub.cached_page(1, "g:town", &query(Some(u64::MAX), Some(16), 3)).expect("nothing after the last");
+    assert_eq!(seqs(page), Vec::<u64>::new());
+    assert!(hub.cached_page(1, "g:town", &query(Some(12), Some(0), 3)).is_none(), "before 0: the router says");
+}
+
+#[tokio::test]
+async fn a_queue_is_bounded_in_bytes_as_well_as_in_frames() {
+    let metrics = Metrics::new();
+    let hub = Hub::new(Arc::new(Counting::default()), metrics.clone(), 1_000);
+    let (sender, mut queue) = Outbound::channel(16, 100);
+    hub.register(1, &user("ann"), sender, Vec::new()).await;
+    hub.add_channels_since(1, vec![("g:room".into(), 0)]).await;
+    let forty = Utf8Bytes::from("x".repeat(40));
+    assert_eq!(hub.deliver("g:room", &forty, None), 1);
+    assert_eq!(hub.deliver("g:room", &forty, None), 1);
+    assert_eq!(queue.queued_bytes(), 80);
+    // Taking one frame gives its bytes back.
+    assert!(queue.try_recv().is_ok());
+    assert_eq!(queue.queued_bytes(), 40);
+    assert_eq!(hub.deliver("g:room", &forty, None), 1);
+    // 120 bytes would not fit in 100: the connection is cut off, counted as an outbound queue overflow.
+    assert_eq!(hub.deliver("g:room", &forty, None), 0);
+    assert!(metrics.encode().contains(r#"parley_gateway_limit_hits_total{limit="outbound_queue"} 1"#));
+    assert!(queue.is_closed(), "the hub let go of the queue");
+    assert_eq!(hub.deliver("g:room", &forty, None), 0, "and queues nothing more");
+    // One frame larger than the bound still fits an empty queue.
+    let (sender, mut queue) = Outbound::channel(16, 100);
+    hub.register(2, &user("bob"), sender, Vec::new()).await;
+    hub.add_channels_since(2, vec![("g:big".into(), 0)]).await;
+    assert_eq!(hub.deliver("g:big", &Utf8Bytes::from("y".repeat(500)), None), 1);
+    assert_eq!(queue.try_recv().map(|frame| frame.0.frame.len()).ok(), Some(500));
+    assert_eq!(queue.queued_bytes(), 0);
 }
