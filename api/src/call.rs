@@ -5,7 +5,8 @@
 //! [`Reply`] whose `ok` is the [`Answer`]'s value, decoded by the call's [`AnswerKind`].
 
 use crate::error::RouterError;
-use crate::types::{HistoryPage, PresenceUpdate, SendOutcome};
+use crate::types::{ChannelAction, HistoryPage, PresenceUpdate, SendOutcome, ServerOp};
+use parley_core::access::{Posting, Visibility};
 use parley_core::protocol::{ChannelView, ErrorCode};
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +36,35 @@ pub enum Call {
         name: String,
         /// Other members.
         members: Vec<String>,
+        /// Who may join.
+        #[serde(default)]
+        visibility: Visibility,
+        /// Who may post.
+        #[serde(default)]
+        posting: Posting,
+    },
+    /// [`crate::Router::manage_channel`]: invite, remove, ban, unban, set a role, change settings.
+    ManageChannel {
+        /// Who acts.
+        user: String,
+        /// Channel.
+        channel: String,
+        /// What.
+        action: ChannelAction,
+    },
+    /// [`crate::Router::server`]: an operation of the application's backend.
+    Server {
+        /// The operation.
+        operation: ServerOp,
+    },
+    /// [`crate::Router::block`].
+    Block {
+        /// Who blocks (or unblocks).
+        user: String,
+        /// Whom.
+        other: String,
+        /// Blocked or not.
+        blocked: bool,
     },
     /// [`crate::Router::join`].
     Join {
@@ -158,6 +188,14 @@ impl Call {
         match self {
             Call::Send { .. } => ("send", AnswerKind::Sent),
             Call::CreateChannel { .. } => ("create_channel", AnswerKind::Channel),
+            Call::ManageChannel { .. } => ("manage_channel", AnswerKind::Channel),
+            Call::Block { .. } => ("block", AnswerKind::Done),
+            Call::Server { operation: ServerOp::CreateChannel { .. } } => {
+                ("server_create_channel", AnswerKind::Channel)
+            }
+            Call::Server { operation: ServerOp::DeleteChannel { .. } } => ("server_delete_channel", AnswerKind::Done),
+            Call::Server { operation: ServerOp::Manage { .. } } => ("server_manage", AnswerKind::Channel),
+            Call::Server { operation: ServerOp::Post { .. } } => ("server_post", AnswerKind::Sent),
             Call::Join { .. } => ("join", AnswerKind::Channel),
             Call::Leave { .. } => ("leave", AnswerKind::Channel),
             Call::OpenDm { .. } => ("open_dm", AnswerKind::Channel),

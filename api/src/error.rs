@@ -136,6 +136,15 @@ pub enum RouterError {
         /// Limit.
         limit: u32,
     },
+    /// The caller's role (or the channel's privacy) does not allow the action.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The caller is banned from the channel.
+    #[error("you are banned from {0}")]
+    Banned(String),
+    /// A block between the two users of a direct message.
+    #[error("{0}")]
+    Blocked(String),
     /// The backend could not take the write; nothing was confirmed.
     #[error("storage unavailable, nothing was written: {0}")]
     Unavailable(#[source] BackendError),
@@ -171,9 +180,23 @@ impl RouterError {
             RouterError::NoSuchChannel(_) => ErrorCode::NoSuchChannel,
             RouterError::ChannelExists(_) => ErrorCode::ChannelExists,
             RouterError::TooManyMembers { .. } => ErrorCode::TooManyMembers,
+            RouterError::Forbidden(_) => ErrorCode::Forbidden,
+            RouterError::Banned(_) => ErrorCode::Banned,
+            RouterError::Blocked(_) => ErrorCode::Blocked,
             RouterError::Unavailable(_) | RouterError::Clock(_) | RouterError::ShuttingDown => ErrorCode::Unavailable,
             RouterError::UnexpectedAnswer { .. } => ErrorCode::Internal,
             RouterError::Remote { code, .. } => *code,
+        }
+    }
+}
+
+impl From<parley_core::access::Denied> for RouterError {
+    fn from(denied: parley_core::access::Denied) -> Self {
+        use parley_core::access::Denied;
+        match denied {
+            Denied::Banned(channel) => RouterError::Banned(channel),
+            Denied::Invalid(message) => RouterError::InvalidArgument(message),
+            other => RouterError::Forbidden(other.to_string()),
         }
     }
 }

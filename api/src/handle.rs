@@ -2,7 +2,10 @@
 
 use crate::call::{Answer, Call, Reply};
 use crate::error::RouterError;
-use crate::types::{HistoryPage, HistoryQuery, Limits, PresenceUpdate, RouterStats, SendOutcome};
+use crate::types::{
+    ChannelAction, ChannelSettings, HistoryPage, HistoryQuery, Limits, PresenceUpdate, RouterStats, SendOutcome,
+    ServerOp,
+};
 use async_trait::async_trait;
 use parley_core::protocol::ChannelView;
 use parley_core::{ChannelId, UserId};
@@ -106,9 +109,51 @@ impl Router {
         name: &str,
         members: &[String],
     ) -> Result<ChannelView, RouterError> {
-        self.call(Call::CreateChannel { user: creator.to_string(), name: name.to_owned(), members: members.to_vec() })
+        self.create_channel_with(creator, name, members, ChannelSettings::default()).await
+    }
+
+    /// Creates a group channel with these settings.
+    pub async fn create_channel_with(
+        &self,
+        creator: &UserId,
+        name: &str,
+        members: &[String],
+        settings: ChannelSettings,
+    ) -> Result<ChannelView, RouterError> {
+        self.call(Call::CreateChannel {
+            user: creator.to_string(),
+            name: name.to_owned(),
+            members: members.to_vec(),
+            visibility: settings.visibility,
+            posting: settings.posting,
+        })
+        .await?
+        .into_channel("create_channel")
+    }
+
+    /// Invites, removes, bans, unbans, sets a role or changes a group channel's settings; answers the channel as
+    /// `user` (who acts) sees it.
+    pub async fn manage_channel(
+        &self,
+        user: &UserId,
+        channel: &str,
+        action: ChannelAction,
+    ) -> Result<ChannelView, RouterError> {
+        self.call(Call::ManageChannel { user: user.to_string(), channel: channel.to_owned(), action })
             .await?
-            .into_channel("create_channel")
+            .into_channel("manage_channel")
+    }
+
+    /// Runs an operation of the application's backend (see [`ServerOp`]); the answer's kind follows the operation
+    /// (a channel, a send's placement, or done).
+    pub async fn server(&self, operation: ServerOp) -> Result<Answer, RouterError> {
+        self.call(Call::Server { operation }).await
+    }
+
+    /// Blocks (or unblocks) `other`: direct messages between the two are refused while either blocks the other.
+    pub async fn block(&self, user: &UserId, other: &str, blocked: bool) -> Result<(), RouterError> {
+        self.call(Call::Block { user: user.to_string(), other: other.to_owned(), blocked }).await?;
+        Ok(())
     }
 
     /// Joins a group channel.

@@ -8,7 +8,8 @@
 //! Axum's extractor rejections convert into it, so a handler takes `Result<Query<T>, QueryRejection>` (or a
 //! body, path or JSON) and uses `?`.
 //!
-//! [`constant_time_eq`] compares secrets (the admin token, the router's internal token) without an early exit.
+//! [`constant_time_eq`] compares secrets (the admin token, the router's internal token, the server API keys) without
+//! an early exit; [`bearer_is_any`] checks a bearer token against several accepted ones (keys being rotated).
 
 use crate::error::RouterError;
 use ::http::header::AUTHORIZATION;
@@ -45,6 +46,10 @@ pub mod code {
     pub const NOT_FOUND: &str = "not_found";
     /// The endpoint exists but not with this method.
     pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    /// The token was revoked by the application's backend (server API): get a new token.
+    pub const TOKEN_REVOKED: &str = "token_revoked";
+    /// The server API is off (no server API key is configured).
+    pub const SERVER_API_DISABLED: &str = "server_api_disabled";
 }
 
 /// Adds the JSON answers for unknown paths (404 `not_found`) and wrong methods (405 `method_not_allowed`) to an
@@ -99,6 +104,12 @@ impl HttpError {
         Self::from_code(ErrorCode::Unauthorized, message)
     }
 
+    /// `401 token_revoked`: the token is valid but was revoked (issued before its user's revocation, or without
+    /// `iat` while one is in force).
+    pub fn token_revoked(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, code::TOKEN_REVOKED, message)
+    }
+
     /// `400 invalid_frame`: a body is not the JSON the endpoint takes.
     pub fn invalid_frame(message: impl Into<String>) -> Self {
         Self::from_code(ErrorCode::InvalidFrame, message)
@@ -135,7 +146,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::TextTooLong
         | ErrorCode::TooManyMembers => StatusCode::BAD_REQUEST,
         ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
-        ErrorCode::NotAMember => StatusCode::FORBIDDEN,
+        ErrorCode::NotAMember | ErrorCode::Forbidden | ErrorCode::Banned | ErrorCode::Blocked => StatusCode::FORBIDDEN,
         ErrorCode::NoSuchChannel => StatusCode::NOT_FOUND,
         ErrorCode::ChannelExists => StatusCode::CONFLICT,
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -201,6 +212,15 @@ pub fn bearer_is(headers: &HeaderMap, expected: &str) -> bool {
     bearer(headers).is_some_and(|presented| constant_time_eq(presented.as_bytes(), expected.as_bytes()))
 }
 
+/// Whether the request's bearer token is one of `accepted`, each compared in constant time, and all of them every
+/// time (which one matched, if any, does not change how long the check takes).
+pub fn bearer_is_any<'a>(headers: &HeaderMap, accepted: impl IntoIterator<Item = &'a str>) -> bool {
+    let Some(presented) = bearer(headers) else { return false };
+    accepted
+        .into_iter()
+        .fold(false, |matched, expected| constant_time_eq(presented.as_bytes(), expected.as_bytes()) | matched)
+}
+
 /// Whether two byte strings are equal, in a time that depends on their lengths only, not on where they differ.
 /// For comparing secrets: an early exit at the first difference would tell an attacker how much of a guess is
 /// right. (The length itself may leak.)
@@ -262,6 +282,11 @@ mod tests {
         assert_eq!(bearer(&headers), Some("token"));
         assert!(bearer_is(&headers, "token"));
         assert!(!bearer_is(&headers, "token2"));
+        assert!(bearer_is_any(&headers, ["old-key", "token"]), "any of several keys");
+        assert!(bearer_is_any(&headers, ["token", "new-key"]));
+        assert!(!bearer_is_any(&headers, ["old-key", "new-key"]));
+        assert!(!bearer_is_any(&headers, []), "no key accepts nothing");
+        assert!(!bearer_is_any(&HeaderMap::new(), ["token"]), "no header");
     }
 
     #[test]

@@ -23,6 +23,6 @@ pub use error::{BackendError, RouterError};
 pub use handle::{Router, RouterService};
 pub use remote::RemoteRouter;
 pub use types::{
-    DurableMessage, HistoryPage, HistoryQuery, Limits, PresenceUpdate, RouterStats, SendOutcome,
-    DELIVERY_RECEIPT_MEMBERS, MAX_PRESENCE_BATCH,
+    ChannelAction, ChannelSettings, DurableMessage, HistoryPage, HistoryQuery, Limits, PresenceUpdate, RouterStats,
+    SendOutcome, ServerOp, DELIVERY_RECEIPT_MEMBERS, MAX_PRESENCE_BATCH, SERVER_SENDER,
 };

@@ -48,6 +48,105 @@ pub const DELIVERY_RECEIPT_MEMBERS: u32 = 32;
 /// Most presence changes one `record_presence` call takes.
 pub const MAX_PRESENCE_BATCH: usize = 1_000;
 
+/// What an owner or admin does to a group channel (see `parley_core::access` for who may do what).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum ChannelAction {
+    /// Invite a user (a member at once, or invited, as the membership policy says).
+    Invite {
+        /// The user.
+        user: String,
+    },
+    /// Remove a member.
+    Remove {
+        /// The member.
+        user: String,
+    },
+    /// Ban a user (removed if a member).
+    Ban {
+        /// The user.
+        user: String,
+    },
+    /// Lift a ban.
+    Unban {
+        /// The user.
+        user: String,
+    },
+    /// Give a member a role.
+    SetRole {
+        /// The member.
+        user: String,
+        /// The role.
+        role: parley_core::access::Role,
+    },
+    /// Change who may join or post.
+    Update {
+        /// New visibility.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        visibility: Option<parley_core::access::Visibility>,
+        /// New posting rule.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        posting: Option<parley_core::access::Posting>,
+    },
+}
+
+/// The sender of messages the application's backend posts through the server API. No user id can take it (user ids
+/// have no `@`).
+pub const SERVER_SENDER: &str = "@server";
+
+/// What the application's backend does through the server API, with full authority over channels: no role is
+/// checked, and named users become members at once whatever the membership policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ServerOp {
+    /// Creates a group channel, or answers it unchanged when it exists with the same settings (idempotent).
+    CreateChannel {
+        /// Group name.
+        name: String,
+        /// Its owner (none: the channel is managed by the backend alone).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
+        /// Initial members.
+        #[serde(default)]
+        members: Vec<String>,
+        /// Settings.
+        #[serde(default)]
+        settings: ChannelSettings,
+    },
+    /// Deletes a group channel: every member leaves it, and its history is no longer readable.
+    DeleteChannel {
+        /// Channel.
+        channel: String,
+    },
+    /// Adds, removes, bans, unbans, sets a role or changes settings.
+    Manage {
+        /// Channel.
+        channel: String,
+        /// What.
+        action: ChannelAction,
+    },
+    /// Posts a message from [`SERVER_SENDER`] (idempotent on `client_msg_id`).
+    Post {
+        /// Channel.
+        channel: String,
+        /// Idempotency key.
+        client_msg_id: String,
+        /// Text.
+        text: String,
+    },
+}
+
+/// The settings a group channel is created with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelSettings {
+    /// Who may join.
+    #[serde(default)]
+    pub visibility: parley_core::access::Visibility,
+    /// Who may post.
+    #[serde(default)]
+    pub posting: parley_core::access::Posting,
+}
+
 /// The result of a send. On the wire: `{"channel", "id", "seq", "ts", "duplicate"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SendOutcome {

@@ -99,6 +99,31 @@ pub enum ControlEvent {
         /// Added or removed.
         joined: bool,
     },
+    /// A user was invited to a channel (published on the direct topics of the user's gateway instances).
+    Invited {
+        /// The user.
+        user: String,
+        /// Channel.
+        channel: String,
+        /// Who invited.
+        by: String,
+    },
+    /// The application's backend disconnects a user (server API): every gateway closes each live connection of the
+    /// user with 4003 (published on [`ALL_GATEWAYS_TOPIC`]).
+    Disconnect {
+        /// The user.
+        user: String,
+    },
+    /// The application's backend revoked the user's tokens issued before `before` (server API): every gateway
+    /// closes each live connection of the user whose token was issued before then (or carries no `iat`) with 4004
+    /// (published on [`ALL_GATEWAYS_TOPIC`]; the revocation itself is kept in a
+    /// [`crate::revocation::RevocationStore`]).
+    Revoked {
+        /// The user.
+        user: String,
+        /// Tokens issued before this time (Unix seconds) are revoked.
+        before: u64,
+    },
 }
 
 /// A decoded publication.
@@ -305,6 +330,10 @@ mod tests {
         assert_eq!(Event::decode(&message.encode()), Some(message));
         let control = Event::Control(ControlEvent::Member { channel: "g:a".into(), user: "bob".into(), joined: true });
         assert_eq!(Event::decode(&control.encode()), Some(control));
+        let disconnect = Event::Control(ControlEvent::Disconnect { user: "bob".into() });
+        assert_eq!(Event::decode(&disconnect.encode()), Some(disconnect));
+        let revoked = Event::Control(ControlEvent::Revoked { user: "bob".into(), before: 1_764_296_000 });
+        assert_eq!(Event::decode(&revoked.encode()), Some(revoked));
         let feed = Event::Feed { first: 4, last: 9 };
         assert_eq!(Event::decode(&feed.encode()), Some(feed));
         assert_eq!(Event::decode(&Bytes::from_static(b"F123")), None, "a truncated feed notice");

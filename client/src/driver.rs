@@ -82,7 +82,9 @@ impl Request {
             Request::History { channel, query } => {
                 ClientFrame::History { req_id, channel, before: query.before, after: query.after, limit: query.limit }
             }
-            Request::CreateChannel { name, members } => ClientFrame::CreateChannel { req_id, name, members },
+            Request::CreateChannel { name, members } => {
+                ClientFrame::CreateChannel { req_id, name, members, visibility: None, posting: None }
+            }
             Request::Join { channel } => ClientFrame::Join { req_id, channel },
             Request::Leave { channel } => ClientFrame::Leave { req_id, channel },
             Request::OpenDm { user } => ClientFrame::OpenDm { req_id, user },

@@ -10,8 +10,10 @@
 //! - [`sequencer`]: the per-channel single-writer sequence and send idempotency decisions;
 //! - [`ratelimit`]: a token bucket driven by an explicit clock;
 //! - [`delivery`]: per-connection ACK, retransmit and dedup decisions;
-//! - [`presence`]: presence and the user→instance registry, fenced by instance epoch and lease.
+//! - [`presence`]: presence and the user→instance registry, fenced by instance epoch and lease;
+//! - [`access`]: who may join, post, invite, remove, ban and set roles in a group channel, and DM blocks.
 
+pub mod access;
 pub mod conversation;
 pub mod delivery;
 pub mod presence;

@@ -33,6 +33,12 @@ pub enum ErrorCode {
     Unavailable,
     /// Authentication failed.
     Unauthorized,
+    /// The caller's role (or the channel's privacy) does not allow the action.
+    Forbidden,
+    /// The caller is banned from the channel.
+    Banned,
+    /// The other user of a direct message blocked the caller, or the caller blocked them.
+    Blocked,
     /// A bug.
     Internal,
 }
@@ -53,6 +59,9 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Banned => "banned",
+            ErrorCode::Blocked => "blocked",
             ErrorCode::Internal => "internal",
         }
     }
@@ -120,9 +129,15 @@ pub enum ClientFrame {
         req_id: Option<String>,
         /// Channel name.
         name: String,
-        /// Other initial members.
+        /// Other initial members (added at once, or invited, as the deployment's membership policy says).
         #[serde(default)]
         members: Vec<String>,
+        /// `public` (default: anyone may join) or `private` (by invitation).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        visibility: Option<crate::access::Visibility>,
+        /// `everyone` (default) or `admins` (an announcement channel).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        posting: Option<crate::access::Posting>,
     },
     /// Join a group channel.
     Join {
@@ -199,6 +214,84 @@ pub enum ClientFrame {
         /// The other user.
         user: String,
     },
+    /// Invite a user to a group channel (owners and admins): a member at once, or invited, as the deployment's
+    /// membership policy says.
+    Invite {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Channel.
+        channel: String,
+        /// The user.
+        user: String,
+    },
+    /// Remove a member (owners: anyone but owners; admins: plain members).
+    RemoveMember {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Channel.
+        channel: String,
+        /// The member.
+        user: String,
+    },
+    /// Ban a user (removed if a member; cannot join or be invited until unbanned).
+    Ban {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Channel.
+        channel: String,
+        /// The user.
+        user: String,
+    },
+    /// Lift a ban.
+    Unban {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Channel.
+        channel: String,
+        /// The user.
+        user: String,
+    },
+    /// Give a member a role (owners only).
+    SetRole {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Channel.
+        channel: String,
+        /// The member.
+        user: String,
+        /// `owner`, `admin` or `member`.
+        role: crate::access::Role,
+    },
+    /// Change who may join or post (owners and admins).
+    UpdateChannel {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// Channel.
+        channel: String,
+        /// New visibility.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        visibility: Option<crate::access::Visibility>,
+        /// New posting rule.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        posting: Option<crate::access::Posting>,
+    },
+    /// Refuse direct messages from a user (existing and new ones), or accept them again.
+    Block {
+        /// Echoed in the answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// The user.
+        user: String,
+        /// `false` to unblock.
+        #[serde(default = "default_true")]
+        blocked: bool,
+    },
 }
 
 impl ClientFrame {
@@ -217,7 +310,14 @@ impl ClientFrame {
             | ClientFrame::Read { req_id, .. }
             | ClientFrame::SubscribePresence { req_id, .. }
             | ClientFrame::SetPresence { req_id, .. }
-            | ClientFrame::ChannelPresence { req_id, .. } => req_id.as_deref(),
+            | ClientFrame::ChannelPresence { req_id, .. }
+            | ClientFrame::Invite { req_id, .. }
+            | ClientFrame::RemoveMember { req_id, .. }
+            | ClientFrame::Ban { req_id, .. }
+            | ClientFrame::Unban { req_id, .. }
+            | ClientFrame::SetRole { req_id, .. }
+            | ClientFrame::UpdateChannel { req_id, .. }
+            | ClientFrame::Block { req_id, .. } => req_id.as_deref(),
             ClientFrame::Ack { .. } => None,
         }
     }
@@ -238,6 +338,13 @@ const CLIENT_TYPES: &[&str] = &[
     "subscribe_presence",
     "set_presence",
     "channel_presence",
+    "invite",
+    "remove_member",
+    "ban",
+    "unban",
+    "set_role",
+    "update_channel",
+    "block",
 ];
 
 fn default_true() -> bool {
@@ -255,38 +362,184 @@ pub struct DecodeError {
     pub req_id: Option<String>,
 }
 
+/// The deepest nesting of objects and arrays a client frame may have, its own object included. It holds inside
+/// unknown fields too (they are parsed, then ignored): serde_json's recursion limit, named here so the refusal is
+/// clear (`invalid_json`, "frame nests deeper than 127 levels").
+pub const MAX_DEPTH: usize = 127;
+
 /// Decodes one client frame. Pure; never panics on any input.
+///
+/// Only a JSON object is a frame (`invalid_json` otherwise, and for nesting deeper than [`MAX_DEPTH`]). An object
+/// that does not decode is answered by its `type`: `unknown_type` when it names no frame, else `invalid_frame`
+/// with the reason (a missing field, a wrong type, a number out of range such as `1e400` or a 1,000-digit
+/// integer); either way with its `req_id` when that is a string of at most 64 bytes.
 pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
+    // serde's internally tagged enums also take an array whose first element is the tag: refuse it first.
+    if bytes.iter().find(|byte| !matches!(byte, b' ' | b'\t' | b'\n' | b'\r')) != Some(&b'{') {
+        return Err(invalid_json("frame is not a JSON object".to_owned()));
+    }
     match serde_json::from_slice::<ClientFrame>(bytes) {
         Ok(frame) => Ok(frame),
-        Err(error) => {
-            let mut probe = match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(bytes) {
-                Ok(probe) => probe,
-                Err(_) => {
-                    return Err(DecodeError {
-                        code: ErrorCode::InvalidJson,
-                        message: "frame is not a JSON object".to_owned(),
-                        req_id: None,
-                    })
-                }
-            };
-            let req_id = match probe.remove("req_id") {
-                Some(serde_json::Value::String(id)) if id.len() <= 64 => Some(id),
-                _ => None,
-            };
-            let (code, message) = match probe.remove("type") {
-                None => (ErrorCode::InvalidFrame, "missing field `type`".to_owned()),
-                Some(serde_json::Value::String(kind)) if !CLIENT_TYPES.contains(&kind.as_str()) => {
-                    let shown: String = kind.chars().take(32).collect();
-                    (ErrorCode::UnknownType, format!("unknown frame type {shown:?}"))
-                }
-                Some(serde_json::Value::String(kind)) => {
-                    (ErrorCode::InvalidFrame, format!("invalid {kind} frame: {}", strip_position(&error.to_string())))
-                }
-                Some(_) => (ErrorCode::InvalidFrame, "field `type` must be a string".to_owned()),
-            };
-            Err(DecodeError { code, message, req_id })
+        Err(error) => Err(refusal(bytes, &error)),
+    }
+}
+
+fn invalid_json(message: String) -> DecodeError {
+    DecodeError { code: ErrorCode::InvalidJson, message, req_id: None }
+}
+
+/// Why an object did not decode, and what of it can still be echoed.
+fn refusal(bytes: &[u8], error: &serde_json::Error) -> DecodeError {
+    if nesting_depth(bytes) > MAX_DEPTH {
+        return invalid_json(format!("frame nests deeper than {MAX_DEPTH} levels of objects and arrays"));
+    }
+    let probe = match serde_json::from_slice::<Probe>(bytes) {
+        Ok(probe) => probe,
+        Err(probe_error) => {
+            return invalid_json(format!("frame is not a JSON object: {}", strip_position(&probe_error.to_string())))
         }
+    };
+    let req_id = match probe.req_id {
+        Some(Field::Text(id)) if id.len() <= 64 => Some(id),
+        _ => None,
+    };
+    let (code, message) = match probe.kind {
+        None => (ErrorCode::InvalidFrame, "missing field `type`".to_owned()),
+        Some(Field::Text(kind)) if !CLIENT_TYPES.contains(&kind.as_str()) => {
+            let shown: String = kind.chars().take(32).collect();
+            (ErrorCode::UnknownType, format!("unknown frame type {shown:?}"))
+        }
+        Some(Field::Text(kind)) => {
+            (ErrorCode::InvalidFrame, format!("invalid {kind} frame: {}", strip_position(&error.to_string())))
+        }
+        Some(Field::Other) => (ErrorCode::InvalidFrame, "field `type` must be a string".to_owned()),
+    };
+    DecodeError { code, message, req_id }
+}
+
+/// The deepest nesting of objects and arrays in `bytes` (outside strings); stops counting past [`MAX_DEPTH`].
+fn nesting_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &byte in bytes {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+                if deepest > MAX_DEPTH {
+                    break;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// What a frame that did not decode still tells: its `type` and `req_id`. Every other value is skipped unread,
+/// so a number no type can hold (`1e400`) elsewhere in the frame does not hide them.
+struct Probe {
+    kind: Option<Field>,
+    req_id: Option<Field>,
+}
+
+/// A probed field: a string, or anything else.
+enum Field {
+    Text(String),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Probe {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ProbeVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for ProbeVisitor {
+            type Value = Probe;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Probe, A::Error> {
+                let mut probe = Probe { kind: None, req_id: None };
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "type" if probe.kind.is_none() => probe.kind = Some(map.next_value()?),
+                        "req_id" if probe.req_id.is_none() => probe.req_id = Some(map.next_value()?),
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(probe)
+            }
+        }
+
+        deserializer.deserialize_map(ProbeVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Field {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for FieldVisitor {
+            type Value = Field;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str("any JSON value")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Field, E> {
+                Ok(Field::Text(value.to_owned()))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, value: String) -> Result<Field, E> {
+                Ok(Field::Text(value))
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, _value: bool) -> Result<Field, E> {
+                Ok(Field::Other)
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, _value: i64) -> Result<Field, E> {
+                Ok(Field::Other)
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, _value: u64) -> Result<Field, E> {
+                Ok(Field::Other)
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, _value: f64) -> Result<Field, E> {
+                Ok(Field::Other)
+            }
+
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Field, E> {
+                Ok(Field::Other)
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Field, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Field::Other)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Field, A::Error> {
+                while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Field::Other)
+            }
+        }
+
+        deserializer.deserialize_any(FieldVisitor)
     }
 }
 
@@ -354,6 +607,15 @@ pub struct ChannelView {
     /// Messages after the read cursor.
     #[serde(default)]
     pub unread: u64,
+    /// Who may join a group channel (`public` for DMs).
+    #[serde(default)]
+    pub visibility: crate::access::Visibility,
+    /// Who may post in a group channel (`everyone` for DMs).
+    #[serde(default)]
+    pub posting: crate::access::Posting,
+    /// The viewer's role in a group channel they are a member of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<crate::access::Role>,
 }
 
 /// Limits announced in `ready`.
@@ -447,6 +709,23 @@ pub enum ServerFrame {
         user: String,
         /// Joined (true) or left (false).
         joined: bool,
+    },
+    /// The user was invited to a channel (membership policy `invite`): `join` it to accept.
+    Invited {
+        /// Channel.
+        channel: String,
+        /// Who invited.
+        by: String,
+    },
+    /// Answer to `block`: whether the caller now refuses direct messages from `user`.
+    BlockState {
+        /// Echo.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+        /// The user.
+        user: String,
+        /// Blocked or not.
+        blocked: bool,
     },
     /// A gap that cannot be filled (retention expired): refetch the channel's history.
     ResyncRequired {
@@ -582,6 +861,8 @@ mod tests {
         let code = |bytes: &[u8]| decode_client(bytes).map_err(|error| error.code).err();
         assert_eq!(code(b"not json"), Some(ErrorCode::InvalidJson));
         assert_eq!(code(b"[1,2]"), Some(ErrorCode::InvalidJson));
+        assert_eq!(code(br#"["ack","g:a",3]"#), Some(ErrorCode::InvalidJson), "an array is not a frame");
+        assert_eq!(code(br#"  "ping" "#), Some(ErrorCode::InvalidJson));
         assert_eq!(code(br#"{"type":"teleport"}"#), Some(ErrorCode::UnknownType));
         assert_eq!(code(br#"{"type":"send","channel":"g:a"}"#), Some(ErrorCode::InvalidFrame));
         assert_eq!(code(br#"{"channel":"g:a"}"#), Some(ErrorCode::InvalidFrame));
@@ -589,6 +870,39 @@ mod tests {
         let error = decode_client(br#"{"type":"history","req_id":"r9","limit":"x"}"#).expect_err("invalid");
         assert_eq!(error.req_id.as_deref(), Some("r9"));
         assert!(error.message.starts_with("invalid history frame: "), "{}", error.message);
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_invalid_frames_that_keep_the_req_id() {
+        let long = "9".repeat(1_000);
+        let cases = [
+            r#"{"type":"history","req_id":"r1","channel":"g:a","limit":1e400}"#.to_owned(),
+            format!(r#"{{"type":"ack","req_id":"r1","channel":"g:a","seq":{long}}}"#),
+            format!(r#"{{"type":"sync","req_id":"r1","channels":{{"g:a":{long}}}}}"#),
+            r#"{"req_id":"r1","type":"read","channel":"g:a","seq":-1e999}"#.to_owned(),
+            r#"{"type":"ping","req_id":"r1","unknown":[1e400]}"#.to_owned(),
+        ];
+        for raw in cases {
+            let error = decode_client(raw.as_bytes()).expect_err("refused");
+            assert_eq!((error.code, error.req_id.as_deref()), (ErrorCode::InvalidFrame, Some("r1")), "{raw}");
+            assert!(error.message.contains("number out of range"), "{raw}: {}", error.message);
+        }
+        let error = decode_client(br#"{"type":"teleport","req_id":"r1","n":1e400}"#).expect_err("refused");
+        assert_eq!((error.code, error.req_id.as_deref()), (ErrorCode::UnknownType, Some("r1")));
+    }
+
+    #[test]
+    fn nesting_deeper_than_the_limit_is_invalid_json_even_in_an_unknown_field() {
+        let nested = |depth: usize| {
+            let inner = depth - 1;
+            format!(r#"{{"type":"ping","req_id":"p","unknown":{}{}}}"#, "[".repeat(inner), "]".repeat(inner))
+        };
+        assert!(decode_client(nested(MAX_DEPTH).as_bytes()).is_ok(), "{MAX_DEPTH} levels are fine");
+        for depth in [MAX_DEPTH + 1, 10_000] {
+            let error = decode_client(nested(depth).as_bytes()).expect_err("too deep");
+            assert_eq!(error.code, ErrorCode::InvalidJson, "{depth}");
+            assert!(error.message.contains(&format!("deeper than {MAX_DEPTH} levels")), "{}", error.message);
+        }
     }
 
     #[test]

@@ -49,6 +49,12 @@ pub struct ChatClusterSpec {
     #[serde(default = "default_fanout_threshold")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000").message("fanoutThreshold must be between 1 and 1000000"))]
     pub fanout_threshold: i32,
+    /// What happens to users a channel's owner or admin names (at creation, or with `invite`): `Direct` makes them
+    /// members at once (workspaces, where everyone is a colleague); `Invite` invites them, and they become members
+    /// when they join (internet-facing deployments). Private channels are joined only by members' invitation
+    /// either way.
+    #[serde(default)]
+    pub membership_policy: MembershipPolicy,
     /// Snowflake ID settings shared by every Region.
     #[serde(default)]
     pub snowflake: SnowflakeSpec,
@@ -481,6 +487,26 @@ pub struct AuthSpec {
     /// drain endpoint refuses every request; SIGTERM still drains.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token_secret: Option<SecretKeyRef>,
+}
+
+/// How channels take the users their owners and admins name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum MembershipPolicy {
+    /// Named users become members at once.
+    #[default]
+    Direct,
+    /// Named users are invited, and join to accept.
+    Invite,
+}
+
+impl MembershipPolicy {
+    /// The value of the router's `--membership-policy`.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            MembershipPolicy::Direct => "direct",
+            MembershipPolicy::Invite => "invite",
+        }
+    }
 }
 
 /// Algorithm of client JWTs.

@@ -271,6 +271,7 @@ fn config_map(validated: &ValidatedRegion, component: Component) -> ConfigMap {
             put("PARLEY_ROUTER_ADMIN_LISTEN", format!("0.0.0.0:{}", router.admin_port));
             put("PARLEY_MAX_TEXT_BYTES", gateway.max_text_bytes.to_string());
             put("PARLEY_MAX_CHANNEL_MEMBERS", router.max_channel_members.to_string());
+            put("PARLEY_MEMBERSHIP_POLICY", spec.membership_policy.as_arg().to_owned());
             put("PARLEY_RETENTION_DAYS", router.retention_days.to_string());
             put("PARLEY_SNOWFLAKE_EPOCH_MS", spec.snowflake.epoch_ms.to_string());
             put("PARLEY_KAFKA_BOOTSTRAP_SERVERS", validated.kafka_bootstrap_servers.clone());

@@ -244,6 +244,7 @@ fn each_component_reads_its_own_config_map_with_only_its_settings() {
             "PARLEY_KAFKA_TOPIC_PREFIX",
             "PARLEY_MAX_CHANNEL_MEMBERS",
             "PARLEY_MAX_TEXT_BYTES",
+            "PARLEY_MEMBERSHIP_POLICY",
             "PARLEY_REDIS_URL",
             "PARLEY_REGION",
             "PARLEY_RETENTION_DAYS",
@@ -444,6 +445,8 @@ fn a_router_only_setting_rolls_only_the_router() {
     assert_eq!(rolled(|v| v.region.spec.cassandra.replication_factor = 5), only_router);
     // The router enforces the text limit; gateways of a router read it from the router.
     assert_eq!(rolled(|v| v.cluster.spec.gateway.max_text_bytes = 1_000), only_router);
+    let invite = parley_crds::chat_cluster::MembershipPolicy::Invite;
+    assert_eq!(rolled(|v| v.cluster.spec.membership_policy = invite), only_router);
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! operator's contract test can read the variables it declares.
 
 use clap::Parser;
+use parley_core::access::MembershipPolicy;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -56,6 +57,11 @@ pub struct Args {
     /// batch) and publish no per-member events.
     #[arg(long, env = "PARLEY_FANOUT_THRESHOLD", default_value_t = 1000)]
     pub fanout_threshold: u32,
+    /// What happens to users an owner or admin names (at a channel's creation, or with `invite`): `direct` makes
+    /// them members at once (workspaces, where everyone is a colleague); `invite` invites them, and they become
+    /// members when they `join` (internet-facing deployments).
+    #[arg(long, env = "PARLEY_MEMBERSHIP_POLICY", default_value_t = MembershipPolicy::Direct)]
+    pub membership_policy: MembershipPolicy,
     /// Kafka (`host:port[,...]`): the durable log. With it, the router writes every message to Kafka first
     /// (fenced transactional producers, acks=all) and a store writer copies the log into the store.
     #[arg(long, env = "PARLEY_KAFKA_BOOTSTRAP_SERVERS")]

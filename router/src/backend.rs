@@ -4,6 +4,7 @@
 use async_trait::async_trait;
 use parley_api::BackendError;
 pub use parley_api::{HistoryPage, HistoryQuery, PresenceUpdate};
+use parley_core::access::{Access, Posting, Visibility};
 use parley_core::protocol::MessageView;
 use parley_core::sequencer::Placement;
 use parley_core::ChannelKind;
@@ -22,6 +23,16 @@ pub struct ChannelRecord {
     pub created_at: u64,
     /// Number of members.
     pub member_count: u32,
+    /// Who may join (group channels).
+    #[serde(default)]
+    pub visibility: Visibility,
+    /// Who may post (group channels).
+    #[serde(default)]
+    pub posting: Posting,
+    /// The first sequence its members may read (0: all). A channel created again after a deletion continues the
+    /// old sequence (a sequence is never reused) and hides the old messages.
+    #[serde(default)]
+    pub history_from: u64,
 }
 
 /// A membership change, applied in a batch.
@@ -43,6 +54,54 @@ pub enum MembershipChange {
         /// User.
         user: String,
     },
+    /// Set (or, with `None`, clear) what a channel remembers about a user: a role, an invitation or a ban.
+    SetAccess {
+        /// Channel.
+        channel: String,
+        /// User.
+        user: String,
+        /// The access.
+        access: Option<Access>,
+    },
+    /// Change who may join or post.
+    Configure {
+        /// Channel.
+        channel: String,
+        /// Visibility.
+        visibility: Visibility,
+        /// Posting rule.
+        posting: Posting,
+    },
+    /// Delete a channel: its record, settings, members (and their channel lists) and access entries. Its messages
+    /// stay until retention removes them, readable by no one.
+    Delete {
+        /// Channel.
+        channel: String,
+    },
+    /// `user` blocks (or unblocks) `other` for direct messages.
+    SetBlock {
+        /// Who blocks.
+        user: String,
+        /// Whom.
+        other: String,
+        /// Blocked or not.
+        blocked: bool,
+    },
+}
+
+impl MembershipChange {
+    /// The channel a change is about (`None` for a block, which is about two users).
+    pub fn channel(&self) -> Option<&str> {
+        match self {
+            MembershipChange::Create(record) => Some(&record.id),
+            MembershipChange::Add { channel, .. }
+            | MembershipChange::Remove { channel, .. }
+            | MembershipChange::SetAccess { channel, .. }
+            | MembershipChange::Configure { channel, .. }
+            | MembershipChange::Delete { channel } => Some(channel),
+            MembershipChange::SetBlock { .. } => None,
+        }
+    }
 }
 
 /// An earlier send found by its idempotency key.
@@ -121,6 +180,12 @@ pub trait MembershipStore: Send + Sync + 'static {
     async fn set_read(&self, user: &str, channel: &str, seq: u64) -> Result<u64, BackendError>;
     /// A user's read cursor in a channel (0 when nothing was read).
     async fn read_seq(&self, user: &str, channel: &str) -> Result<u64, BackendError>;
+    /// What a channel remembers about users besides membership: roles, invitations, bans.
+    async fn access(&self, channel: &str) -> Result<Vec<(String, Access)>, BackendError>;
+    /// What a channel remembers about one user.
+    async fn access_of(&self, channel: &str, user: &str) -> Result<Option<Access>, BackendError>;
+    /// The users `user` blocked.
+    async fn blocked(&self, user: &str) -> Result<Vec<String>, BackendError>;
     /// Applies changes durably and atomically; member counts follow the adds and removes.
     async fn apply(&self, changes: Vec<MembershipChange>) -> Result<(), BackendError>;
 }

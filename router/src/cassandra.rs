@@ -48,6 +48,7 @@ use crate::backend::{
 use async_trait::async_trait;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use parley_api::BackendError;
+use parley_core::access::{Access, Posting, Visibility};
 use parley_core::protocol::MessageView;
 use parley_core::sequencer::Placement;
 use parley_core::ChannelKind;
@@ -260,12 +261,51 @@ struct Statements {
     delete_member: PreparedStatement,
     insert_user_channel: PreparedStatement,
     delete_user_channel: PreparedStatement,
+    select_settings: PreparedStatement,
+    write_settings: PreparedStatement,
+    select_access: PreparedStatement,
+    select_access_of: PreparedStatement,
+    write_access: PreparedStatement,
+    delete_access: PreparedStatement,
+    select_blocked: PreparedStatement,
+    insert_block: PreparedStatement,
+    delete_block: PreparedStatement,
+    delete_members: PreparedStatement,
+    delete_all_access: PreparedStatement,
+    delete_settings: PreparedStatement,
+    delete_channel: PreparedStatement,
 }
 
 const MESSAGE_COLUMNS: &str = "channel, seq, id, sender, text, ts, client_msg_id";
 type MessageRow = (String, i64, i64, String, String, i64, String);
 /// `(bucket, first_seq, last_seq)` of `message_buckets`.
 type BucketRow = (i64, Option<i64>, Option<i64>);
+/// `(kind, created_by, created_at, member_count)` of `channels`.
+type ChannelRows = Vec<(Option<String>, Option<String>, Option<i64>, Option<i32>)>;
+/// `(visibility, posting, history_from)` of `channel_settings`.
+type SettingsRows = Vec<(Option<String>, Option<String>, Option<i64>)>;
+
+/// The write timestamp of an idempotency key: lower for later messages (Snowflake ids grow with time), so that
+/// Cassandra's last-write-wins keeps the first message a key named, without a read or a lightweight transaction.
+/// A client that sends a used key again as a first attempt gets a second message, but the key keeps naming the
+/// first. Nothing else writes the `sends` table, so its timestamps need not be clock times.
+fn first_wins_timestamp(id: u64) -> i64 {
+    i64::MAX - signed(id)
+}
+
+fn visibility_name(visibility: Visibility) -> &'static str {
+    match visibility {
+        Visibility::Public => "public",
+        Visibility::Private => "private",
+    }
+}
+
+fn posting_name(posting: Posting) -> &'static str {
+    match posting {
+        Posting::Everyone => "everyone",
+        Posting::Admins => "admins",
+    }
+}
 
 fn message_from_row(row: MessageRow) -> MessageView {
     let (channel, seq, id, sender, text, ts, client_msg_id) = row;
@@ -613,7 +653,7 @@ async fn prepare(session: &Session, config: &CassandraConfig) -> Result<Statemen
         insert_send: idempotent(
             prepare_one(format!(
                 "INSERT INTO {keyspace}.sends (sender, client_msg_id, channel, seq, id, ts) \
-                 VALUES (?, ?, ?, ?, ?, ?) USING TTL ?"
+                 VALUES (?, ?, ?, ?, ?, ?) USING TTL ? AND TIMESTAMP ?"
             ))
             .await?,
         ),
@@ -706,6 +746,49 @@ async fn prepare(session: &Session, config: &CassandraConfig) -> Result<Statemen
         delete_user_channel: idempotent(
             prepare_one(format!("DELETE FROM {keyspace}.user_channels WHERE user = ? AND channel = ?")).await?,
         ),
+        select_settings: idempotent(
+            prepare_one(format!(
+                "SELECT visibility, posting, history_from FROM {keyspace}.channel_settings WHERE channel = ?"
+            ))
+            .await?,
+        ),
+        write_settings: idempotent(
+            prepare_one(format!(
+                "INSERT INTO {keyspace}.channel_settings (channel, visibility, posting, history_from) \
+                 VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+        ),
+        select_access: idempotent(
+            prepare_one(format!("SELECT user, access FROM {keyspace}.channel_access WHERE channel = ?")).await?,
+        ),
+        select_access_of: idempotent(
+            prepare_one(format!("SELECT access FROM {keyspace}.channel_access WHERE channel = ? AND user = ?")).await?,
+        ),
+        write_access: idempotent(
+            prepare_one(format!("INSERT INTO {keyspace}.channel_access (channel, user, access) VALUES (?, ?, ?)"))
+                .await?,
+        ),
+        delete_access: idempotent(
+            prepare_one(format!("DELETE FROM {keyspace}.channel_access WHERE channel = ? AND user = ?")).await?,
+        ),
+        select_blocked: idempotent(
+            prepare_one(format!("SELECT blocked FROM {keyspace}.user_blocks WHERE user = ?")).await?,
+        ),
+        insert_block: idempotent(
+            prepare_one(format!("INSERT INTO {keyspace}.user_blocks (user, blocked) VALUES (?, ?)")).await?,
+        ),
+        delete_block: idempotent(
+            prepare_one(format!("DELETE FROM {keyspace}.user_blocks WHERE user = ? AND blocked = ?")).await?,
+        ),
+        delete_members: idempotent(prepare_one(format!("DELETE FROM {keyspace}.members WHERE channel = ?")).await?),
+        delete_all_access: idempotent(
+            prepare_one(format!("DELETE FROM {keyspace}.channel_access WHERE channel = ?")).await?,
+        ),
+        delete_settings: idempotent(
+            prepare_one(format!("DELETE FROM {keyspace}.channel_settings WHERE channel = ?")).await?,
+        ),
+        delete_channel: idempotent(prepare_one(format!("DELETE FROM {keyspace}.channels WHERE channel = ?")).await?),
     };
     // A page of history usually needs the newest (or oldest) one or two buckets: list them in small pages.
     let bucket_page = page_size.min(100);
@@ -803,6 +886,7 @@ impl MessageStore for CassandraStore {
                         signed(message.id),
                         signed(message.ts),
                         message_ttl,
+                        first_wins_timestamp(message.id),
                     )
                 })
                 .collect();
@@ -917,23 +1001,54 @@ struct ChannelUpdate {
     record: Option<ChannelRecord>,
     /// Whether the whole record must be written (created in this change set).
     created: bool,
+    /// Whether the settings must be written (created or configured in this change set).
+    configured: bool,
 }
 
 #[async_trait]
 impl MembershipStore for CassandraStore {
     async fn channel(&self, channel: &str) -> Result<Option<ChannelRecord>, BackendError> {
-        let rows: Vec<(Option<String>, Option<String>, Option<i64>, Option<i32>)> =
-            self.rows("read channel", &self.statements.select_channel, (channel,)).await?;
+        let (rows, settings): (ChannelRows, SettingsRows) = tokio::try_join!(
+            self.rows("read channel", &self.statements.select_channel, (channel,)),
+            self.rows("read channel settings", &self.statements.select_settings, (channel,)),
+        )?;
         let Some((kind, created_by, created_at, member_count)) = rows.into_iter().next() else {
             return Ok(None);
         };
+        let (visibility, posting, history_from) = settings.into_iter().next().unwrap_or((None, None, None));
         Ok(Some(ChannelRecord {
             id: channel.to_owned(),
             kind: kind_from_name(kind.as_deref().unwrap_or("group"))?,
             created_by: created_by.unwrap_or_default(),
             created_at: created_at.unwrap_or(0) as u64,
             member_count: member_count.unwrap_or(0).max(0) as u32,
+            visibility: match visibility.as_deref() {
+                Some("private") => Visibility::Private,
+                _ => Visibility::Public,
+            },
+            posting: match posting.as_deref() {
+                Some("admins") => Posting::Admins,
+                _ => Posting::Everyone,
+            },
+            history_from: history_from.unwrap_or(0).max(0) as u64,
         }))
+    }
+
+    async fn access(&self, channel: &str) -> Result<Vec<(String, Access)>, BackendError> {
+        let rows: Vec<(String, Option<String>)> =
+            self.all_rows("list channel access", &self.statements.select_access, (channel,)).await?;
+        Ok(rows.into_iter().filter_map(|(user, access)| Some((user, Access::parse(access.as_deref()?)?))).collect())
+    }
+
+    async fn access_of(&self, channel: &str, user: &str) -> Result<Option<Access>, BackendError> {
+        let rows: Vec<(Option<String>,)> =
+            self.rows("read channel access", &self.statements.select_access_of, (channel, user)).await?;
+        Ok(rows.into_iter().next().and_then(|(access,)| Access::parse(access.as_deref()?)))
+    }
+
+    async fn blocked(&self, user: &str) -> Result<Vec<String>, BackendError> {
+        let rows: Vec<(String,)> = self.all_rows("list blocks", &self.statements.select_blocked, (user,)).await?;
+        Ok(rows.into_iter().map(|(blocked,)| blocked).collect())
     }
 
     async fn members(&self, channel: &str) -> Result<Vec<String>, BackendError> {
@@ -973,6 +1088,54 @@ impl MembershipStore for CassandraStore {
 
     #[instrument(skip(self, changes), fields(changes = changes.len()))]
     async fn apply(&self, changes: Vec<MembershipChange>) -> Result<(), BackendError> {
+        // A channel's deletion splits the changes: what comes before it is written first, then the deletion,
+        // then what comes after (which reads the store again, as the deletion left it).
+        let mut run = Vec::new();
+        for change in changes {
+            match change {
+                MembershipChange::Delete { channel } => {
+                    self.apply_run(std::mem::take(&mut run)).await?;
+                    self.delete_channel(&channel).await?;
+                }
+                other => run.push(other),
+            }
+        }
+        self.apply_run(run).await
+    }
+}
+
+impl CassandraStore {
+    /// Deletes a channel's record, settings, members (with their channel lists) and access entries.
+    async fn delete_channel(&self, channel: &str) -> Result<(), BackendError> {
+        let members = self.members(channel).await?;
+        let text = |value: &str| CqlValue::Text(value.to_owned());
+        for chunk in members.chunks(MEMBERSHIP_BATCH) {
+            let mut batch = Batch::new(BatchType::Unlogged);
+            let mut values: Vec<Vec<CqlValue>> = Vec::new();
+            for user in chunk {
+                batch.append_statement(self.statements.delete_user_channel.clone());
+                values.push(vec![text(user), text(channel)]);
+            }
+            self.session.batch(&batch, values).await.map_err(|error| execution_error("delete channel", error))?;
+        }
+        // Then the channel's own partitions; the record last, so a failure part way leaves the channel in place
+        // (deleting it again finishes the job).
+        for statement in [
+            &self.statements.delete_members,
+            &self.statements.delete_all_access,
+            &self.statements.delete_settings,
+            &self.statements.delete_channel,
+        ] {
+            self.session
+                .execute_unpaged(statement, (channel,))
+                .await
+                .map_err(|error| execution_error("delete channel", error))?;
+        }
+        Ok(())
+    }
+
+    /// Applies changes with no deletion among them.
+    async fn apply_run(&self, changes: Vec<MembershipChange>) -> Result<(), BackendError> {
         if changes.is_empty() {
             return Ok(());
         }
@@ -981,16 +1144,13 @@ impl MembershipStore for CassandraStore {
         let mut pairs = HashSet::new();
         let mut channels: BTreeMap<String, ChannelUpdate> = BTreeMap::new();
         for change in &changes {
-            let channel = match change {
-                MembershipChange::Create(record) => &record.id,
-                MembershipChange::Add { channel, user } | MembershipChange::Remove { channel, user } => {
-                    pairs.insert((channel.clone(), user.clone()));
-                    channel
-                }
-            };
+            if let MembershipChange::Add { channel, user } | MembershipChange::Remove { channel, user } = change {
+                pairs.insert((channel.clone(), user.clone()));
+            }
+            let Some(channel) = change.channel() else { continue };
             if !channels.contains_key(channel) {
                 let record = self.channel(channel).await?;
-                channels.insert(channel.clone(), ChannelUpdate { record, created: false });
+                channels.insert(channel.to_owned(), ChannelUpdate { record, created: false, configured: false });
             }
         }
         let mut present = self.current_members(&pairs).await?;
@@ -1002,6 +1162,9 @@ impl MembershipStore for CassandraStore {
         // The net state of each pair changed in the chunk: every statement of a batch has the same timestamp, and
         // at equal timestamps a delete wins over an insert, so a remove and re-add must become one insert.
         let mut chunk_pairs: BTreeMap<(String, String), bool> = BTreeMap::new();
+        // Likewise the net access of each (channel, user) and the net block of each (user, other) in the chunk.
+        let mut chunk_access: BTreeMap<(String, String), Option<Access>> = BTreeMap::new();
+        let mut chunk_blocks: BTreeMap<(String, String), bool> = BTreeMap::new();
         let mut rows_in_chunk = 0usize;
         let statements = &self.statements;
         let text = |value: &str| CqlValue::Text(value.to_owned());
@@ -1010,11 +1173,15 @@ impl MembershipStore for CassandraStore {
                 MembershipChange::Create(record) => {
                     let mut record = record.clone();
                     record.member_count = 0;
-                    let entry =
-                        channels.entry(record.id.clone()).or_insert(ChannelUpdate { record: None, created: false });
+                    let entry = channels.entry(record.id.clone()).or_insert(ChannelUpdate {
+                        record: None,
+                        created: false,
+                        configured: false,
+                    });
                     entry.record = Some(record);
                     entry.created = true;
-                    chunk_touched.insert(change_channel(change).to_owned());
+                    entry.configured = true;
+                    chunk_touched.insert(entry_channel(change));
                 }
                 MembershipChange::Add { channel, user } => {
                     if present.insert((channel.clone(), user.clone())) {
@@ -1034,6 +1201,25 @@ impl MembershipStore for CassandraStore {
                         chunk_touched.insert(channel.clone());
                     }
                 }
+                MembershipChange::SetAccess { channel, user, access } => {
+                    chunk_access.insert((channel.clone(), user.clone()), *access);
+                }
+                MembershipChange::Configure { channel, visibility, posting } => {
+                    if let Some(update) = channels.get_mut(channel) {
+                        if let Some(record) = update.record.as_mut() {
+                            record.visibility = *visibility;
+                            record.posting = *posting;
+                            update.configured = true;
+                            chunk_touched.insert(channel.clone());
+                        }
+                    }
+                }
+                MembershipChange::SetBlock { user, other, blocked } => {
+                    chunk_blocks.insert((user.clone(), other.clone()), *blocked);
+                }
+                MembershipChange::Delete { .. } => {
+                    // `apply` writes deletions apart.
+                }
             }
             rows_in_chunk += 1;
             if rows_in_chunk >= MEMBERSHIP_BATCH || index + 1 == changes.len() {
@@ -1048,9 +1234,36 @@ impl MembershipStore for CassandraStore {
                     chunk_statements.append_statement(user_statement.clone());
                     chunk_values.push(vec![text(&user), text(&channel)]);
                 }
+                for ((channel, user), access) in std::mem::take(&mut chunk_access) {
+                    match access {
+                        Some(access) => {
+                            chunk_statements.append_statement(statements.write_access.clone());
+                            chunk_values.push(vec![text(&channel), text(&user), text(access.as_str())]);
+                        }
+                        None => {
+                            chunk_statements.append_statement(statements.delete_access.clone());
+                            chunk_values.push(vec![text(&channel), text(&user)]);
+                        }
+                    }
+                }
+                for ((user, other), blocked) in std::mem::take(&mut chunk_blocks) {
+                    let statement = if blocked { &statements.insert_block } else { &statements.delete_block };
+                    chunk_statements.append_statement(statement.clone());
+                    chunk_values.push(vec![text(&user), text(&other)]);
+                }
                 for channel in chunk_touched.drain() {
                     let Some(update) = channels.get_mut(&channel) else { continue };
                     let Some(record) = &update.record else { continue };
+                    if update.configured {
+                        chunk_statements.append_statement(statements.write_settings.clone());
+                        chunk_values.push(vec![
+                            text(&record.id),
+                            text(visibility_name(record.visibility)),
+                            text(posting_name(record.posting)),
+                            CqlValue::BigInt(signed(record.history_from)),
+                        ]);
+                        update.configured = false;
+                    }
                     let count = i32::try_from(record.member_count).unwrap_or(i32::MAX);
                     if update.created {
                         chunk_statements.append_statement(statements.insert_channel.clone());
@@ -1082,11 +1295,9 @@ impl MembershipStore for CassandraStore {
     }
 }
 
-fn change_channel(change: &MembershipChange) -> &str {
-    match change {
-        MembershipChange::Create(record) => &record.id,
-        MembershipChange::Add { channel, .. } | MembershipChange::Remove { channel, .. } => channel,
-    }
+/// The channel of a change that has one, owned.
+fn entry_channel(change: &MembershipChange) -> String {
+    change.channel().unwrap_or_default().to_owned()
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use crate::backend::{
 };
 use async_trait::async_trait;
 use parley_api::BackendError;
+use parley_core::access::Access;
 use parley_core::protocol::MessageView;
 use parley_core::sequencer::Placement;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -28,6 +29,10 @@ const CHANNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("channels");
 const MEMBERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("members");
 const USER_CHANNELS: TableDefinition<(&str, &str), ()> = TableDefinition::new("user_channels");
 const READ_CURSORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("read_cursors");
+/// (channel, user) → the access's name (`owner`, `admin`, `invited`, `banned`); plain members have none.
+const ACCESS: TableDefinition<(&str, &str), &str> = TableDefinition::new("channel_access");
+/// (user, blocked user).
+const BLOCKS: TableDefinition<(&str, &str), ()> = TableDefinition::new("user_blocks");
 
 /// Retention settings of the embedded store.
 #[derive(Debug, Clone, Copy)]
@@ -151,6 +156,8 @@ impl EmbeddedStore {
             transaction.open_table(MEMBERS)?;
             transaction.open_table(USER_CHANNELS)?;
             transaction.open_table(READ_CURSORS)?;
+            transaction.open_table(ACCESS)?;
+            transaction.open_table(BLOCKS)?;
         }
         transaction.commit()?;
         Ok(Self { database: Arc::new(database), retention })
@@ -274,10 +281,16 @@ impl MessageLog for EmbeddedStore {
                         seq: message.seq,
                         ts: message.ts,
                     };
-                    sends.insert(
-                        (message.sender.as_str(), message.client_msg_id.as_str()),
-                        encode(&record)?.as_slice(),
-                    )?;
+                    // A key names its first message (the lowest id) for good: a client that sends a used key again
+                    // as a first attempt gets a second message, but the key keeps naming the first.
+                    let key = (message.sender.as_str(), message.client_msg_id.as_str());
+                    let earlier = match sends.get(key)? {
+                        Some(value) => decode::<SendRecord>(value.value())?.id <= message.id,
+                        None => false,
+                    };
+                    if !earlier {
+                        sends.insert(key, encode(&record)?.as_slice())?;
+                    }
                 }
             }
             transaction.commit()?;
@@ -435,6 +448,41 @@ impl MembershipStore for EmbeddedStore {
         self.second_keys(USER_CHANNELS, user).await
     }
 
+    async fn access(&self, channel: &str) -> Result<Vec<(String, Access)>, BackendError> {
+        let channel = channel.to_owned();
+        self.blocking(move |database| {
+            let transaction = database.begin_read()?;
+            let table = transaction.open_table(ACCESS)?;
+            let mut found = Vec::new();
+            for entry in table.range((channel.as_str(), "")..)? {
+                let (key, value) = entry?;
+                let (owner, user) = key.value();
+                if owner != channel {
+                    break;
+                }
+                if let Some(access) = Access::parse(value.value()) {
+                    found.push((user.to_owned(), access));
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn access_of(&self, channel: &str, user: &str) -> Result<Option<Access>, BackendError> {
+        let (channel, user) = (channel.to_owned(), user.to_owned());
+        self.blocking(move |database| {
+            let transaction = database.begin_read()?;
+            let table = transaction.open_table(ACCESS)?;
+            Ok(table.get((channel.as_str(), user.as_str()))?.and_then(|value| Access::parse(value.value())))
+        })
+        .await
+    }
+
+    async fn blocked(&self, user: &str) -> Result<Vec<String>, BackendError> {
+        self.second_keys(BLOCKS, user).await
+    }
+
     async fn set_read(&self, user: &str, channel: &str, seq: u64) -> Result<u64, BackendError> {
         let (user, channel) = (user.to_owned(), channel.to_owned());
         self.blocking(move |database| {
@@ -476,6 +524,8 @@ impl MembershipStore for EmbeddedStore {
                 let mut channels = transaction.open_table(CHANNELS)?;
                 let mut members = transaction.open_table(MEMBERS)?;
                 let mut user_channels = transaction.open_table(USER_CHANNELS)?;
+                let mut access_table = transaction.open_table(ACCESS)?;
+                let mut blocks = transaction.open_table(BLOCKS)?;
                 // Member counts change once per channel, however many members a run adds or removes.
                 let mut deltas: HashMap<&str, i64> = HashMap::new();
                 for change in &changes {
@@ -495,6 +545,59 @@ impl MembershipStore for EmbeddedStore {
                             if members.remove((channel.as_str(), user.as_str()))?.is_some() {
                                 user_channels.remove((user.as_str(), channel.as_str()))?;
                                 *deltas.entry(channel.as_str()).or_default() -= 1;
+                            }
+                        }
+                        MembershipChange::SetAccess { channel, user, access } => match access {
+                            Some(access) => {
+                                access_table.insert((channel.as_str(), user.as_str()), access.as_str())?;
+                            }
+                            None => {
+                                access_table.remove((channel.as_str(), user.as_str()))?;
+                            }
+                        },
+                        MembershipChange::Configure { channel, visibility, posting } => {
+                            let record =
+                                channels.get(channel.as_str())?.map(|value| decode::<ChannelRecord>(value.value()));
+                            if let Some(mut record) = record.transpose()? {
+                                record.visibility = *visibility;
+                                record.posting = *posting;
+                                channels.insert(channel.as_str(), encode(&record)?.as_slice())?;
+                            }
+                        }
+                        MembershipChange::Delete { channel } => {
+                            channels.remove(channel.as_str())?;
+                            let mut gone = Vec::new();
+                            for entry in members.range((channel.as_str(), "")..)? {
+                                let (key, _) = entry?;
+                                let (owner, user) = key.value();
+                                if owner != channel.as_str() {
+                                    break;
+                                }
+                                gone.push(user.to_owned());
+                            }
+                            for user in &gone {
+                                members.remove((channel.as_str(), user.as_str()))?;
+                                user_channels.remove((user.as_str(), channel.as_str()))?;
+                            }
+                            let mut remembered = Vec::new();
+                            for entry in access_table.range((channel.as_str(), "")..)? {
+                                let (key, _) = entry?;
+                                let (owner, user) = key.value();
+                                if owner != channel.as_str() {
+                                    break;
+                                }
+                                remembered.push(user.to_owned());
+                            }
+                            for user in &remembered {
+                                access_table.remove((channel.as_str(), user.as_str()))?;
+                            }
+                            deltas.remove(channel.as_str());
+                        }
+                        MembershipChange::SetBlock { user, other, blocked } => {
+                            if *blocked {
+                                blocks.insert((user.as_str(), other.as_str()), ())?;
+                            } else {
+                                blocks.remove((user.as_str(), other.as_str()))?;
                             }
                         }
                     }
@@ -600,6 +703,9 @@ mod tests {
             created_by: "alice".into(),
             created_at: 1,
             member_count: 0,
+            visibility: Default::default(),
+            posting: Default::default(),
+            history_from: 0,
         };
         store
             .apply(vec![

@@ -151,6 +151,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_text_bytes: args.max_text_bytes,
         max_channel_members: args.max_channel_members,
         fanout_threshold: args.fanout_threshold,
+        membership_policy: args.membership_policy,
         ..RouterConfig::default()
     };
     let (router, writer) = parley_router::start_with_directory(config, log, store, membership, pubsub, directory)

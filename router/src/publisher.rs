@@ -45,6 +45,8 @@ pub struct MembershipEvent {
     /// Whether the channel's members hear of it too (small channels only: per-member events in a large
     /// channel would be quadratic in its member count).
     pub tell_members: bool,
+    /// An invitation (by this user) rather than a membership change: only the invited user hears of it.
+    pub invited_by: Option<String>,
 }
 
 /// What the writer hands over, in durable order.
@@ -193,6 +195,14 @@ impl Publisher {
 /// user), then, for small channels, a member event on the channel's topic.
 pub fn membership_publications(event: &MembershipEvent, direct: Vec<String>) -> Vec<(String, Bytes)> {
     let mut publications = Vec::with_capacity(direct.len() + 1);
+    if let Some(by) = &event.invited_by {
+        for topic in direct {
+            let control =
+                ControlEvent::Invited { user: event.user.clone(), channel: event.channel.clone(), by: by.clone() };
+            publications.push((topic, Event::Control(control).encode()));
+        }
+        return publications;
+    }
     for topic in direct {
         let control =
             ControlEvent::Membership { user: event.user.clone(), channel: event.channel.clone(), joined: event.joined };
@@ -253,7 +263,7 @@ mod tests {
     }
 
     fn event(channel: &str, user: &str, tell_members: bool) -> MembershipEvent {
-        MembershipEvent { channel: channel.into(), user: user.into(), joined: true, tell_members }
+        MembershipEvent { channel: channel.into(), user: user.into(), joined: true, tell_members, invited_by: None }
     }
 
     #[test]
@@ -265,6 +275,11 @@ mod tests {
         assert_eq!(topics, vec!["gw:1".to_owned(), channel_topic("g:a")]);
         let large = membership_publications(&event("g:a", "bob", false), vec!["gw:1".into(), "gw:2".into()]);
         assert_eq!(large.len(), 2, "no member event for a large channel");
+        let invitation = MembershipEvent { invited_by: Some("ann".into()), ..event("g:a", "bob", true) };
+        let published = membership_publications(&invitation, vec!["gw:1".into()]);
+        assert_eq!(published.len(), 1, "only the invited user hears of an invitation");
+        let expected = ControlEvent::Invited { user: "bob".into(), channel: "g:a".into(), by: "ann".into() };
+        assert_eq!(Event::decode(&published[0].1), Some(Event::Control(expected)));
     }
 
     #[tokio::test]

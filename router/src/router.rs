@@ -17,11 +17,13 @@ use crate::backend::{
 use crate::feed::FeedBook;
 use crate::publisher::{self, Job, MembershipEvent, PublisherConfig, PublisherHandle};
 use bytes::Bytes;
+use parley_api::{Answer, ChannelAction, ChannelSettings, ServerOp, SERVER_SENDER};
 use parley_api::{
     BackendError, DurableMessage, RouterError, RouterStats, SendOutcome, DELIVERY_RECEIPT_MEMBERS, MAX_PRESENCE_BATCH,
 };
 use parley_bus::presence::PresenceStore;
 use parley_bus::pubsub::{channel_topic, ControlEvent, Event, PubSub};
+use parley_core::access::{Access, MembershipPolicy, Posting, Role, Visibility};
 use parley_core::protocol::{ChannelView, MessageView, ServerFrame};
 use parley_core::sequencer::{Decision, Placement, SendRequest, Sequencer};
 use parley_core::snowflake::{decompose, Snowflake};
@@ -58,6 +60,8 @@ pub struct RouterConfig {
     pub fanout_threshold: u32,
     /// The publisher between the writer and pub/sub.
     pub publisher: PublisherConfig,
+    /// Whether users an owner or admin names become members at once or are invited.
+    pub membership_policy: MembershipPolicy,
 }
 
 impl Default for RouterConfig {
@@ -71,20 +75,79 @@ impl Default for RouterConfig {
             queue: 16_384,
             fanout_threshold: 1000,
             publisher: PublisherConfig::default(),
+            membership_policy: MembershipPolicy::default(),
         }
     }
 }
 
 enum Command {
     Send { request: SendRequest, reply: oneshot::Sender<Result<SendOutcome, RouterError>> },
-    Membership { change: MembershipCommand, reply: oneshot::Sender<Result<ChannelView, RouterError>> },
+    Membership { change: MembershipCommand, reply: oneshot::Sender<Result<MembershipOutcome, RouterError>> },
 }
 
 enum MembershipCommand {
-    Create { creator: UserId, channel: ChannelId, members: Vec<UserId> },
+    Create { creator: UserId, channel: ChannelId, members: Vec<UserId>, settings: ChannelSettings },
     Join { user: UserId, channel: ChannelId },
     Leave { user: UserId, channel: ChannelId },
     OpenDm { user: UserId, channel: ChannelId },
+    Manage { actor: Actor, channel: ChannelId, action: ChannelAction },
+    ServerCreate { channel: ChannelId, owner: Option<UserId>, members: Vec<UserId>, settings: ChannelSettings },
+    Delete { channel: ChannelId },
+    Block { user: UserId, other: UserId, blocked: bool },
+}
+
+/// Who acts on a channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Actor {
+    /// A user, within their role.
+    User(UserId),
+    /// The application's backend (server API): every action, no role needed.
+    Server,
+}
+
+impl Actor {
+    fn name(&self) -> &str {
+        match self {
+            Actor::User(user) => user.as_str(),
+            Actor::Server => SERVER_SENDER,
+        }
+    }
+
+    fn user(&self) -> Option<&UserId> {
+        match self {
+            Actor::User(user) => Some(user),
+            Actor::Server => None,
+        }
+    }
+}
+
+/// What a membership command answers.
+enum MembershipOutcome {
+    /// The channel as the caller sees it.
+    View(ChannelView),
+    /// Done (a block).
+    Done,
+}
+
+/// What a membership command will answer once its run is durable.
+enum Answered {
+    /// The view of this channel as this user (or the backend, `None`) sees it.
+    View(ChannelId, Option<UserId>),
+    /// Done.
+    Done,
+}
+
+/// What to announce about a user and a channel once a membership run is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Announce {
+    /// Joined or added: to the user's gateways, and to the members of a small channel.
+    Joined,
+    /// Left, removed or banned: likewise.
+    Left,
+    /// Invited by this user: to the user's gateways only.
+    Invited(String),
+    /// The user's role changed: their gateways send them the channel again.
+    Updated,
 }
 
 /// Handle to the in-process single writer; cheap to clone. Most code uses it through [`crate::Router`], which
@@ -165,6 +228,7 @@ impl LocalRouter {
             stats: stats.clone(),
             durable_tap: tap,
             feeds: feeds.clone(),
+            blocks: HashMap::new(),
         };
         let task = tokio::spawn(async move {
             writer.run().await;
@@ -217,6 +281,19 @@ impl LocalRouter {
         first_attempt: bool,
     ) -> Result<SendOutcome, RouterError> {
         let channel = ChannelId::parse(channel)?;
+        let request = self.send_request(&channel, sender.as_str(), client_msg_id, text, first_attempt)?;
+        self.submit_send(request).await
+    }
+
+    /// A send's request, once its key and text are checked.
+    fn send_request(
+        &self,
+        channel: &ChannelId,
+        sender: &str,
+        client_msg_id: &str,
+        text: &str,
+        first_attempt: bool,
+    ) -> Result<SendRequest, RouterError> {
         if client_msg_id.is_empty() || client_msg_id.len() > 64 {
             return Err(RouterError::InvalidArgument("client_msg_id must be 1-64 bytes".into()));
         }
@@ -226,13 +303,17 @@ impl LocalRouter {
         if text.len() > self.config.max_text_bytes {
             return Err(RouterError::TextTooLong { actual: text.len(), limit: self.config.max_text_bytes });
         }
-        let request = SendRequest {
+        Ok(SendRequest {
             channel: channel.to_string(),
-            sender: sender.to_string(),
+            sender: sender.to_owned(),
             client_msg_id: client_msg_id.to_owned(),
             text: text.to_owned(),
             first_attempt,
-        };
+        })
+    }
+
+    /// Hands a send to the writer; returns once it is durable (or refused).
+    async fn submit_send(&self, request: SendRequest) -> Result<SendOutcome, RouterError> {
         let queued = tokio::time::Instant::now();
         let outcome = self.submit(|reply| Command::Send { request, reply }).await;
         if outcome.as_ref().is_ok_and(|outcome| !outcome.duplicate) {
@@ -247,6 +328,17 @@ impl LocalRouter {
         creator: &UserId,
         name: &str,
         members: &[String],
+    ) -> Result<ChannelView, RouterError> {
+        self.create_channel_with(creator, name, members, ChannelSettings::default()).await
+    }
+
+    /// Creates a group channel with these settings; the creator is its owner.
+    pub async fn create_channel_with(
+        &self,
+        creator: &UserId,
+        name: &str,
+        members: &[String],
+        settings: ChannelSettings,
     ) -> Result<ChannelView, RouterError> {
         let channel = ChannelId::group(name)?;
         let mut unique: Vec<UserId> = Vec::with_capacity(members.len() + 1);
@@ -263,9 +355,92 @@ impl LocalRouter {
                 limit: self.config.max_channel_members,
             });
         }
-        let change = MembershipCommand::Create { creator: creator.clone(), channel, members: unique };
-        let view = self.submit(|reply| Command::Membership { change, reply }).await?;
+        let change = MembershipCommand::Create { creator: creator.clone(), channel, members: unique, settings };
+        let view = self.membership_view(change).await?;
         self.with_read(creator, view).await
+    }
+
+    /// An owner's or admin's action on a group channel (see `parley_core::access`); answers the channel as the
+    /// actor sees it.
+    pub async fn manage_channel(
+        &self,
+        actor: &UserId,
+        channel: &str,
+        action: ChannelAction,
+    ) -> Result<ChannelView, RouterError> {
+        let channel = ChannelId::parse(channel)?;
+        if channel.kind() == ChannelKind::Dm {
+            return Err(RouterError::InvalidArgument("direct messages have no roles, invitations or bans".into()));
+        }
+        let change = MembershipCommand::Manage { actor: Actor::User(actor.clone()), channel, action };
+        let view = self.membership_view(change).await?;
+        self.with_read(actor, view).await
+    }
+
+    /// `user` blocks (or unblocks) `other`: sends between them in their direct message are refused while either
+    /// blocks the other.
+    pub async fn block(&self, user: &UserId, other: &str, blocked: bool) -> Result<(), RouterError> {
+        let other = UserId::new(other)?;
+        if &other == user {
+            return Err(RouterError::InvalidArgument("you cannot block yourself".into()));
+        }
+        let change = MembershipCommand::Block { user: user.clone(), other, blocked };
+        self.submit(|reply| Command::Membership { change, reply }).await?;
+        Ok(())
+    }
+
+    /// Runs an operation of the application's backend (server API), with full authority over channels.
+    pub async fn server(&self, operation: ServerOp) -> Result<Answer, RouterError> {
+        let group = |channel: &str| -> Result<ChannelId, RouterError> {
+            let channel = ChannelId::parse(channel)?;
+            if channel.kind() == ChannelKind::Dm {
+                return Err(RouterError::InvalidArgument("the server API manages group channels only".into()));
+            }
+            Ok(channel)
+        };
+        match operation {
+            ServerOp::CreateChannel { name, owner, members, settings } => {
+                let channel = ChannelId::group(&name)?;
+                let owner = owner.map(UserId::new).transpose()?;
+                let mut unique: Vec<UserId> = Vec::with_capacity(members.len());
+                let mut seen: HashSet<UserId> = owner.iter().cloned().collect();
+                for member in members {
+                    let member = UserId::new(member)?;
+                    if seen.insert(member.clone()) {
+                        unique.push(member);
+                    }
+                }
+                if seen.len() > self.config.max_channel_members as usize {
+                    return Err(RouterError::TooManyMembers {
+                        channel: channel.to_string(),
+                        limit: self.config.max_channel_members,
+                    });
+                }
+                let change = MembershipCommand::ServerCreate { channel, owner, members: unique, settings };
+                Ok(Answer::Channel(self.membership_view(change).await?))
+            }
+            ServerOp::DeleteChannel { channel } => {
+                let change = MembershipCommand::Delete { channel: group(&channel)? };
+                self.submit(|reply| Command::Membership { change, reply }).await?;
+                Ok(Answer::Done)
+            }
+            ServerOp::Manage { channel, action } => {
+                let change = MembershipCommand::Manage { actor: Actor::Server, channel: group(&channel)?, action };
+                Ok(Answer::Channel(self.membership_view(change).await?))
+            }
+            ServerOp::Post { channel, client_msg_id, text } => {
+                let request = self.send_request(&group(&channel)?, SERVER_SENDER, &client_msg_id, &text, false)?;
+                Ok(Answer::Sent(self.submit_send(request).await?))
+            }
+        }
+    }
+
+    /// Runs a membership command that answers a channel view.
+    async fn membership_view(&self, change: MembershipCommand) -> Result<ChannelView, RouterError> {
+        match self.submit(|reply| Command::Membership { change, reply }).await? {
+            MembershipOutcome::View(view) => Ok(view),
+            MembershipOutcome::Done => Err(RouterError::UnexpectedAnswer { op: "membership" }),
+        }
     }
 
     /// Joins a group channel (idempotent).
@@ -275,7 +450,7 @@ impl LocalRouter {
             return Err(RouterError::InvalidArgument("direct messages cannot be joined; use open_dm".into()));
         }
         let change = MembershipCommand::Join { user: user.clone(), channel };
-        let view = self.submit(|reply| Command::Membership { change, reply }).await?;
+        let view = self.membership_view(change).await?;
         self.with_read(user, view).await
     }
 
@@ -286,7 +461,7 @@ impl LocalRouter {
             return Err(RouterError::InvalidArgument("direct messages cannot be left".into()));
         }
         let change = MembershipCommand::Leave { user: user.clone(), channel };
-        let view = self.submit(|reply| Command::Membership { change, reply }).await?;
+        let view = self.membership_view(change).await?;
         self.with_read(user, view).await
     }
 
@@ -295,7 +470,7 @@ impl LocalRouter {
         let other = UserId::new(other)?;
         let channel = ChannelId::direct(user, &other)?;
         let change = MembershipCommand::OpenDm { user: user.clone(), channel };
-        let view = self.submit(|reply| Command::Membership { change, reply }).await?;
+        let view = self.membership_view(change).await?;
         self.with_read(user, view).await
     }
 
@@ -315,7 +490,33 @@ impl LocalRouter {
             return Err(RouterError::InvalidArgument("limit must be 1-200".into()));
         }
         self.require_member(user, &channel).await?;
-        self.read_page(&channel, query).await
+        let from = self.history_from(&channel).await?;
+        if from <= 1 {
+            return self.read_page(&channel, query).await;
+        }
+        // A channel created again after a deletion: nothing before `from` is readable.
+        if query.before.is_some_and(|before| before <= from) {
+            return Ok(HistoryPage { messages: Vec::new(), has_more: false });
+        }
+        if let Some(after) = query.after {
+            query.after = Some(after.max(from - 1));
+        }
+        let mut page = self.read_page(&channel, query).await?;
+        let before = page.messages.len();
+        page.messages.retain(|message| message.seq >= from);
+        if page.messages.len() < before {
+            page.has_more = false;
+        }
+        Ok(page)
+    }
+
+    /// The first readable sequence of a channel (1 for most; later for a channel created again after a deletion).
+    async fn history_from(&self, channel: &ChannelId) -> Result<u64, RouterError> {
+        if channel.kind() == ChannelKind::Dm {
+            return Ok(1);
+        }
+        let record = self.membership.channel(channel.as_str()).await.map_err(RouterError::Unavailable)?;
+        Ok(record.map(|record| record.history_from).unwrap_or(0).max(1))
     }
 
     /// A large channel's messages after `after` (at most `limit`, 1-200), for a gateway that serves all its
@@ -423,22 +624,28 @@ impl LocalRouter {
 
     /// One channel as the user sees it (its four reads in parallel).
     pub async fn channel_view(&self, user: &UserId, channel: &ChannelId) -> Result<ChannelView, RouterError> {
-        let (record, joined, last_seq, read_seq) = tokio::try_join!(
+        let (record, joined, last_seq, read_seq, access) = tokio::try_join!(
             self.membership.channel(channel.as_str()),
             self.membership.is_member(channel.as_str(), user.as_str()),
             self.log.last_seq(channel.as_str()),
             self.membership.read_seq(user.as_str(), channel.as_str()),
+            self.membership.access_of(channel.as_str(), user.as_str()),
         )
         .map_err(RouterError::Unavailable)?;
+        let group = channel.kind() == ChannelKind::Group;
+        let read_seq = read_seq.max(record.as_ref().map(|record| record.history_from).unwrap_or(0).saturating_sub(1));
         Ok(ChannelView {
             id: channel.to_string(),
             kind: channel.kind(),
             name: channel.display_name(user),
-            members: record.map(|record| record.member_count).unwrap_or(0),
+            members: record.as_ref().map(|record| record.member_count).unwrap_or(0),
             last_seq,
             joined,
             read_seq,
             unread: last_seq.saturating_sub(read_seq),
+            visibility: record.as_ref().map(|record| record.visibility).unwrap_or_default(),
+            posting: record.as_ref().map(|record| record.posting).unwrap_or_default(),
+            role: (joined && group).then(|| Access::role(access)),
         })
     }
 
@@ -471,9 +678,12 @@ impl LocalRouter {
     }
 
     /// A member's client acknowledged everything up to `seq`: tell the channel (only channels of at most
-    /// [`DELIVERY_RECEIPT_MEMBERS`] members, so receipts never grow quadratically). Not stored.
+    /// [`DELIVERY_RECEIPT_MEMBERS`] members, so receipts never grow quadratically). Not stored. Only a member may
+    /// (like [`LocalRouter::mark_read`]): a receipt from anyone else is refused (`not_a_member`, or
+    /// `no_such_channel`) and nothing is published.
     pub async fn mark_delivered(&self, user: &UserId, channel: &str, seq: u64) -> Result<(), RouterError> {
         let channel = ChannelId::parse(channel)?;
+        self.require_member(user, &channel).await?;
         let Some(record) = self.membership.channel(channel.as_str()).await.map_err(RouterError::Unavailable)? else {
             return Ok(());
         };
@@ -496,20 +706,55 @@ impl LocalRouter {
 
     /// Adds the viewer's read cursor to a view.
     async fn with_read(&self, user: &UserId, mut view: ChannelView) -> Result<ChannelView, RouterError> {
-        view.read_seq = self.membership.read_seq(user.as_str(), &view.id).await.map_err(RouterError::Unavailable)?;
+        let read = self.membership.read_seq(user.as_str(), &view.id).await.map_err(RouterError::Unavailable)?;
+        // Nothing hidden counts as unread (a channel created again after a deletion).
+        let from = match ChannelId::parse(view.id.as_str()) {
+            Ok(id) => self.history_from(&id).await?,
+            Err(_) => 1,
+        };
+        view.read_seq = read.max(from - 1);
         view.unread = view.last_seq.saturating_sub(view.read_seq);
         Ok(view)
     }
 
     /// The oldest retained sequence of a channel.
     pub async fn first_retained_seq(&self, channel: &str) -> Result<u64, RouterError> {
-        self.store.first_retained_seq(channel).await.map_err(RouterError::Unavailable)
+        let retained = self.store.first_retained_seq(channel).await.map_err(RouterError::Unavailable)?;
+        let from = match ChannelId::parse(channel) {
+            Ok(id) => self.history_from(&id).await?,
+            Err(_) => 1,
+        };
+        Ok(retained.max(from))
     }
 }
 
 struct CachedChannel {
     kind: ChannelKind,
     members: HashSet<String>,
+    visibility: Visibility,
+    posting: Posting,
+    /// Roles, invitations and bans (group channels).
+    access: HashMap<String, Access>,
+}
+
+impl CachedChannel {
+    fn new(kind: ChannelKind, members: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            kind,
+            members: members.into_iter().collect(),
+            visibility: Visibility::default(),
+            posting: Posting::default(),
+            access: HashMap::new(),
+        }
+    }
+
+    fn role(&self, user: &str) -> Role {
+        Access::role(self.access.get(user).copied())
+    }
+
+    fn owners(&self) -> usize {
+        self.access.values().filter(|access| **access == Access::Owner).count()
+    }
 }
 
 struct Writer {
@@ -524,6 +769,8 @@ struct Writer {
     stats: Arc<RouterStats>,
     durable_tap: Option<mpsc::Sender<DurableMessage>>,
     feeds: FeedBook,
+    /// The users each user blocked (loaded on demand, bounded like the channel cache).
+    blocks: HashMap<String, HashSet<String>>,
 }
 
 type SendItem = (SendRequest, oneshot::Sender<Result<SendOutcome, RouterError>>);
@@ -537,12 +784,43 @@ struct PendingMembership {
     /// The callers, answered once it is written (or has failed).
     answers: Vec<MembershipAnswer>,
     /// What to announce once it is written.
-    events: Vec<(String, String, bool)>,
+    events: Vec<(String, String, Announce)>,
+    /// Users whose blocks it changes (their cached block lists are dropped once it ends).
+    blockers: Vec<String>,
     /// Sends to the touched channels that arrived meanwhile, in arrival order.
     held: Vec<SendItem>,
 }
-type MembershipAnswer = (oneshot::Sender<Result<ChannelView, RouterError>>, Result<(ChannelId, UserId), RouterError>);
-type MembershipItem = (MembershipCommand, oneshot::Sender<Result<ChannelView, RouterError>>);
+type MembershipAnswer = (oneshot::Sender<Result<MembershipOutcome, RouterError>>, Result<Answered, RouterError>);
+type MembershipItem = (MembershipCommand, oneshot::Sender<Result<MembershipOutcome, RouterError>>);
+
+/// What one membership run changes and announces.
+#[derive(Default)]
+struct Run {
+    changes: Vec<MembershipChange>,
+    events: Vec<(String, String, Announce)>,
+    touched: HashSet<String>,
+    blockers: Vec<String>,
+}
+
+impl Run {
+    fn add(&mut self, channel: &str, user: &str) {
+        self.changes.push(MembershipChange::Add { channel: channel.to_owned(), user: user.to_owned() });
+        self.announce(channel, user, Announce::Joined);
+    }
+
+    fn remove(&mut self, channel: &str, user: &str) {
+        self.changes.push(MembershipChange::Remove { channel: channel.to_owned(), user: user.to_owned() });
+        self.announce(channel, user, Announce::Left);
+    }
+
+    fn set_access(&mut self, channel: &str, user: &str, access: Option<Access>) {
+        self.changes.push(MembershipChange::SetAccess { channel: channel.to_owned(), user: user.to_owned(), access });
+    }
+
+    fn announce(&mut self, channel: &str, user: &str, announce: Announce) {
+        self.events.push((channel.to_owned(), user.to_owned(), announce));
+    }
+}
 
 impl Writer {
     async fn run(mut self) {
@@ -623,6 +901,10 @@ impl Writer {
             return Ok(false);
         };
         let members: HashSet<String> = self.membership.members(channel.as_str()).await?.into_iter().collect();
+        let access = match record.kind {
+            ChannelKind::Group => self.membership.access(channel.as_str()).await?.into_iter().collect(),
+            ChannelKind::Dm => HashMap::new(),
+        };
         if !self.sequencer.knows(channel.as_str()) {
             let last = self.log.last_seq(channel.as_str()).await?;
             self.sequencer.load(channel.as_str(), last);
@@ -631,21 +913,71 @@ impl Writer {
             // Bound the cache; everything in it can be reloaded from the store.
             self.channels.clear();
         }
-        self.channels.insert(channel.to_string(), CachedChannel { kind: record.kind, members });
+        let cached = CachedChannel {
+            kind: record.kind,
+            members,
+            visibility: record.visibility,
+            posting: record.posting,
+            access,
+        };
+        self.channels.insert(channel.to_string(), cached);
         Ok(true)
     }
 
-    fn view(&self, channel: &ChannelId, viewer: &UserId) -> ChannelView {
+    /// Whether `user` blocked `other` (the user's block list is loaded once, then kept).
+    async fn blocks(&mut self, user: &str, other: &str) -> Result<bool, BackendError> {
+        if !self.blocks.contains_key(user) {
+            let blocked: HashSet<String> = self.membership.blocked(user).await?.into_iter().collect();
+            if self.blocks.len() >= 100_000 {
+                self.blocks.clear();
+            }
+            self.blocks.insert(user.to_owned(), blocked);
+        }
+        Ok(self.blocks.get(user).is_some_and(|blocked| blocked.contains(other)))
+    }
+
+    /// Whether `sender` may post in `channel` (a member): its posting rule, or the DM's blocks.
+    async fn may_post(&mut self, channel: &ChannelId, sender: &str) -> Result<(), RouterError> {
+        match channel.dm_members() {
+            Some((first, second)) => {
+                let other = if first.as_str() == sender { second } else { first };
+                let recipient_blocked = self.blocks(other.as_str(), sender).await.map_err(RouterError::Unavailable)?;
+                let sender_blocked = self.blocks(sender, other.as_str()).await.map_err(RouterError::Unavailable)?;
+                parley_core::access::can_send_dm(recipient_blocked, sender_blocked)
+                    .map_err(|reason| RouterError::Blocked(reason.to_owned()))
+            }
+            None => match self.channels.get(channel.as_str()) {
+                Some(cached) => {
+                    Ok(parley_core::access::can_post(channel.as_str(), cached.posting, cached.role(sender))?)
+                }
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// The channel as `viewer` sees it (`None`: as the backend sees it, a member of nothing).
+    fn view(&self, channel: &ChannelId, viewer: Option<&UserId>) -> ChannelView {
         let cached = self.channels.get(channel.as_str());
+        let name = match viewer {
+            Some(viewer) => channel.display_name(viewer),
+            None => channel.as_str().strip_prefix("g:").unwrap_or(channel.as_str()).to_owned(),
+        };
+        let member = |cached: &CachedChannel| viewer.is_some_and(|viewer| cached.members.contains(viewer.as_str()));
         ChannelView {
             id: channel.to_string(),
             kind: channel.kind(),
-            name: channel.display_name(viewer),
+            name,
             members: cached.map(|cached| cached.members.len() as u32).unwrap_or(0),
             last_seq: self.sequencer.last_seq(channel.as_str()).unwrap_or(0),
-            joined: cached.is_some_and(|cached| cached.members.contains(viewer.as_str())),
+            joined: cached.is_some_and(member),
             read_seq: 0,
             unread: 0,
+            visibility: cached.map(|cached| cached.visibility).unwrap_or_default(),
+            posting: cached.map(|cached| cached.posting).unwrap_or_default(),
+            role: cached
+                .filter(|cached| cached.kind == ChannelKind::Group && member(cached))
+                .zip(viewer)
+                .map(|(cached, viewer)| cached.role(viewer.as_str())),
         }
     }
 
@@ -679,8 +1011,8 @@ impl Writer {
                 for channel in &new_dms {
                     if let Some((first, second)) = channel.dm_members() {
                         self.cache_new(channel, ChannelKind::Dm, [first.to_string(), second.to_string()]);
-                        events.push((channel.to_string(), first.to_string(), true));
-                        events.push((channel.to_string(), second.to_string(), true));
+                        events.push((channel.to_string(), first.to_string(), Announce::Joined));
+                        events.push((channel.to_string(), second.to_string(), Announce::Joined));
                     }
                 }
                 // Announced before the batch's messages: the publisher keeps the order it is given.
@@ -695,13 +1027,15 @@ impl Writer {
                 Ok(channel) => match self.load(&channel).await {
                     Err(error) => Err(RouterError::Unavailable(error)),
                     Ok(false) => Err(RouterError::NoSuchChannel(request.channel.clone())),
+                    // The backend posts into any group channel (the server API checks the channel kind).
+                    Ok(true) if request.sender == SERVER_SENDER => Ok(()),
                     Ok(true) => {
                         let member = self
                             .channels
                             .get(channel.as_str())
                             .is_some_and(|cached| cached.members.contains(&request.sender));
                         if member {
-                            Ok(())
+                            self.may_post(&channel, &request.sender).await
                         } else {
                             Err(RouterError::NotAMember(request.channel.clone()))
                         }
@@ -881,21 +1215,28 @@ impl Writer {
 
     fn cache_new(&mut self, channel: &ChannelId, kind: ChannelKind, members: impl IntoIterator<Item = String>) {
         self.sequencer.load(channel.as_str(), self.sequencer.last_seq(channel.as_str()).unwrap_or(0));
-        self.channels.insert(channel.to_string(), CachedChannel { kind, members: members.into_iter().collect() });
+        self.channels.insert(channel.to_string(), CachedChannel::new(kind, members));
     }
 
     /// Hands membership changes to the publisher: each goes to the gateways holding the user, and small
     /// channels' members hear of it too (large channels get no per-member events: that would be quadratic).
-    async fn announce_memberships(&self, events: Vec<(String, String, bool)>) {
+    async fn announce_memberships(&self, events: Vec<(String, String, Announce)>) {
         if events.is_empty() {
             return;
         }
         let threshold = self.config.fanout_threshold as usize;
         let events = events
             .into_iter()
-            .map(|(channel, user, joined)| {
+            .map(|(channel, user, announce)| {
                 let members = self.channels.get(&channel).map(|cached| cached.members.len()).unwrap_or(0);
-                MembershipEvent { tell_members: members <= threshold, channel, user, joined }
+                let small = members <= threshold;
+                let (joined, tell_members, invited_by) = match announce {
+                    Announce::Joined => (true, small, None),
+                    Announce::Left => (false, small, None),
+                    Announce::Invited(by) => (false, false, Some(by)),
+                    Announce::Updated => (true, false, None),
+                };
+                MembershipEvent { channel, user, joined, tell_members, invited_by }
             })
             .collect();
         self.publisher.submit(Job::Memberships(events)).await;
@@ -908,100 +1249,331 @@ impl Writer {
             let written = (&mut previous.write).await;
             self.finish_membership(previous, written).await;
         }
-        let mut changes: Vec<MembershipChange> = Vec::new();
-        let mut events: Vec<(String, String, bool)> = Vec::new();
-        let mut touched: HashSet<String> = HashSet::new();
+        let mut run = Run::default();
         let mut answers: Vec<MembershipAnswer> = Vec::new();
-        let limit = self.config.max_channel_members;
         for (command, reply) in items {
-            let result = match command {
-                MembershipCommand::Create { creator, channel, members } => match self.load(&channel).await {
-                    Err(error) => Err(RouterError::Unavailable(error)),
-                    Ok(true) => Err(RouterError::ChannelExists(channel.to_string())),
-                    Ok(false) => {
-                        changes.push(MembershipChange::Create(ChannelRecord {
-                            id: channel.to_string(),
-                            kind: ChannelKind::Group,
-                            created_by: creator.to_string(),
-                            created_at: now_ms(),
-                            member_count: 0,
-                        }));
-                        for member in &members {
-                            changes
-                                .push(MembershipChange::Add { channel: channel.to_string(), user: member.to_string() });
-                            events.push((channel.to_string(), member.to_string(), true));
-                        }
-                        self.cache_new(&channel, ChannelKind::Group, members.iter().map(|member| member.to_string()));
-                        touched.insert(channel.to_string());
-                        Ok((channel, creator))
-                    }
-                },
-                MembershipCommand::Join { user, channel } => match self.load(&channel).await {
-                    Err(error) => Err(RouterError::Unavailable(error)),
-                    Ok(false) => Err(RouterError::NoSuchChannel(channel.to_string())),
-                    Ok(true) => {
-                        let cached = self.channels.get_mut(channel.as_str());
-                        match cached {
-                            Some(cached) if cached.kind == ChannelKind::Group => {
-                                if cached.members.contains(user.as_str()) {
-                                    Ok((channel, user))
-                                } else if cached.members.len() >= limit as usize {
-                                    Err(RouterError::TooManyMembers { channel: channel.to_string(), limit })
-                                } else {
-                                    cached.members.insert(user.to_string());
-                                    changes.push(MembershipChange::Add {
-                                        channel: channel.to_string(),
-                                        user: user.to_string(),
-                                    });
-                                    events.push((channel.to_string(), user.to_string(), true));
-                                    touched.insert(channel.to_string());
-                                    Ok((channel, user))
-                                }
-                            }
-                            _ => Err(RouterError::InvalidArgument("only group channels can be joined".into())),
-                        }
-                    }
-                },
-                MembershipCommand::Leave { user, channel } => match self.load(&channel).await {
-                    Err(error) => Err(RouterError::Unavailable(error)),
-                    Ok(false) => Err(RouterError::NoSuchChannel(channel.to_string())),
-                    Ok(true) => {
-                        match self.channels.get_mut(channel.as_str()).map(|cached| cached.members.remove(user.as_str()))
-                        {
-                            Some(true) => {
-                                changes.push(MembershipChange::Remove {
-                                    channel: channel.to_string(),
-                                    user: user.to_string(),
-                                });
-                                events.push((channel.to_string(), user.to_string(), false));
-                                touched.insert(channel.to_string());
-                                Ok((channel, user))
-                            }
-                            _ => Err(RouterError::NotAMember(channel.to_string())),
-                        }
-                    }
-                },
-                MembershipCommand::OpenDm { user, channel } => match self.load(&channel).await {
-                    Err(error) => Err(RouterError::Unavailable(error)),
-                    Ok(true) => Ok((channel, user)),
-                    Ok(false) => match channel.dm_members() {
-                        Some((first, second)) => {
-                            changes.extend(dm_changes(&channel, &first, &second));
-                            events.push((channel.to_string(), first.to_string(), true));
-                            events.push((channel.to_string(), second.to_string(), true));
-                            self.cache_new(&channel, ChannelKind::Dm, [first.to_string(), second.to_string()]);
-                            touched.insert(channel.to_string());
-                            Ok((channel, user))
-                        }
-                        None => Err(RouterError::InvalidArgument("not a direct message".into())),
-                    },
-                },
-            };
+            let result = self.decide(command, &mut run).await;
             answers.push((reply, result));
         }
+        let Run { changes, events, touched, blockers } = run;
         let store = self.membership.clone();
         let write = tokio::spawn(async move { store.apply(changes).await });
-        *pending = Some(PendingMembership { write, touched, answers, events, held: Vec::new() });
+        *pending = Some(PendingMembership { write, touched, answers, events, blockers, held: Vec::new() });
+    }
+
+    /// Decides one membership command: its changes and announcements go into `run`, the cache takes its tentative
+    /// state (forgotten if the run's write fails).
+    async fn decide(&mut self, command: MembershipCommand, run: &mut Run) -> Result<Answered, RouterError> {
+        let limit = self.config.max_channel_members;
+        let policy = self.config.membership_policy;
+        match command {
+            MembershipCommand::Create { creator, channel, members, settings } => {
+                if self.load(&channel).await.map_err(RouterError::Unavailable)? {
+                    return Err(RouterError::ChannelExists(channel.to_string()));
+                }
+                let id = channel.to_string();
+                let last = self.log.last_seq(&id).await.map_err(RouterError::Unavailable)?;
+                run.changes.push(MembershipChange::Create(ChannelRecord {
+                    id: id.clone(),
+                    kind: ChannelKind::Group,
+                    created_by: creator.to_string(),
+                    created_at: now_ms(),
+                    member_count: 0,
+                    visibility: settings.visibility,
+                    posting: settings.posting,
+                    history_from: history_from(last),
+                }));
+                let mut cached = CachedChannel::new(ChannelKind::Group, []);
+                cached.visibility = settings.visibility;
+                cached.posting = settings.posting;
+                for member in &members {
+                    if member == &creator || policy == MembershipPolicy::Direct {
+                        run.add(&id, member.as_str());
+                        cached.members.insert(member.to_string());
+                    } else {
+                        run.set_access(&id, member.as_str(), Some(Access::Invited));
+                        run.announce(&id, member.as_str(), Announce::Invited(creator.to_string()));
+                        cached.access.insert(member.to_string(), Access::Invited);
+                    }
+                }
+                run.set_access(&id, creator.as_str(), Some(Access::Owner));
+                cached.access.insert(creator.to_string(), Access::Owner);
+                self.sequencer.load(&id, last);
+                self.channels.insert(id.clone(), cached);
+                run.touched.insert(id);
+                Ok(Answered::View(channel, Some(creator)))
+            }
+            MembershipCommand::Join { user, channel } => {
+                let cached = self.group(&channel).await?;
+                if cached.members.contains(user.as_str()) {
+                    return Ok(Answered::View(channel, Some(user)));
+                }
+                let access = cached.access.get(user.as_str()).copied();
+                parley_core::access::can_join(channel.as_str(), cached.visibility, access)?;
+                if cached.members.len() >= limit as usize {
+                    return Err(RouterError::TooManyMembers { channel: channel.to_string(), limit });
+                }
+                cached.members.insert(user.to_string());
+                if access == Some(Access::Invited) {
+                    cached.access.remove(user.as_str());
+                    run.set_access(channel.as_str(), user.as_str(), None);
+                }
+                run.add(channel.as_str(), user.as_str());
+                run.touched.insert(channel.to_string());
+                Ok(Answered::View(channel, Some(user)))
+            }
+            MembershipCommand::Leave { user, channel } => {
+                if !self.load(&channel).await.map_err(RouterError::Unavailable)? {
+                    return Err(RouterError::NoSuchChannel(channel.to_string()));
+                }
+                let Some(cached) = self.channels.get_mut(channel.as_str()) else {
+                    return Err(RouterError::NotAMember(channel.to_string()));
+                };
+                if !cached.members.contains(user.as_str()) {
+                    return Err(RouterError::NotAMember(channel.to_string()));
+                }
+                let role = cached.role(user.as_str());
+                parley_core::access::can_leave(channel.as_str(), role, cached.owners(), cached.members.len())?;
+                cached.members.remove(user.as_str());
+                if cached.access.remove(user.as_str()).is_some() {
+                    run.set_access(channel.as_str(), user.as_str(), None);
+                }
+                run.remove(channel.as_str(), user.as_str());
+                run.touched.insert(channel.to_string());
+                Ok(Answered::View(channel, Some(user)))
+            }
+            MembershipCommand::OpenDm { user, channel } => {
+                if self.load(&channel).await.map_err(RouterError::Unavailable)? {
+                    return Ok(Answered::View(channel, Some(user)));
+                }
+                let Some((first, second)) = channel.dm_members() else {
+                    return Err(RouterError::InvalidArgument("not a direct message".into()));
+                };
+                run.changes.extend(dm_changes(&channel, &first, &second));
+                run.announce(channel.as_str(), first.as_str(), Announce::Joined);
+                run.announce(channel.as_str(), second.as_str(), Announce::Joined);
+                self.cache_new(&channel, ChannelKind::Dm, [first.to_string(), second.to_string()]);
+                run.touched.insert(channel.to_string());
+                Ok(Answered::View(channel, Some(user)))
+            }
+            MembershipCommand::Manage { actor, channel, action } => {
+                let cached = self.group(&channel).await?;
+                let server = actor == Actor::Server;
+                if !server && !cached.members.contains(actor.name()) {
+                    return Err(RouterError::NotAMember(channel.to_string()));
+                }
+                let id = channel.to_string();
+                // The backend has every right; it adds users directly whatever the membership policy.
+                let role = if server { Role::Owner } else { cached.role(actor.name()) };
+                let policy = if server { MembershipPolicy::Direct } else { policy };
+                match action {
+                    ChannelAction::Invite { user } => {
+                        let target = UserId::new(user)?;
+                        if cached.members.contains(target.as_str()) {
+                            return Ok(Answered::View(channel, actor.user().cloned()));
+                        }
+                        let access = cached.access.get(target.as_str()).copied();
+                        parley_core::access::can_invite(&id, role, access)?;
+                        match policy {
+                            MembershipPolicy::Direct => {
+                                if cached.members.len() >= limit as usize {
+                                    return Err(RouterError::TooManyMembers { channel: id, limit });
+                                }
+                                cached.members.insert(target.to_string());
+                                if cached.access.remove(target.as_str()).is_some() {
+                                    run.set_access(&id, target.as_str(), None);
+                                }
+                                run.add(&id, target.as_str());
+                            }
+                            MembershipPolicy::Invite => {
+                                cached.access.insert(target.to_string(), Access::Invited);
+                                run.set_access(&id, target.as_str(), Some(Access::Invited));
+                                run.announce(&id, target.as_str(), Announce::Invited(actor.name().to_owned()));
+                            }
+                        }
+                    }
+                    ChannelAction::Remove { user } => {
+                        let target = UserId::new(user)?;
+                        if !cached.members.contains(target.as_str()) {
+                            return Err(RouterError::InvalidArgument(format!("{target} is not a member of {id}")));
+                        }
+                        let target_role = cached.role(target.as_str());
+                        if !server {
+                            parley_core::access::can_moderate(
+                                "removing",
+                                &id,
+                                actor.name(),
+                                role,
+                                target.as_str(),
+                                target_role,
+                            )?;
+                        }
+                        cached.members.remove(target.as_str());
+                        if cached.access.remove(target.as_str()).is_some() {
+                            run.set_access(&id, target.as_str(), None);
+                        }
+                        run.remove(&id, target.as_str());
+                    }
+                    ChannelAction::Ban { user } => {
+                        let target = UserId::new(user)?;
+                        let member = cached.members.contains(target.as_str());
+                        let target_role = if member { cached.role(target.as_str()) } else { Role::Member };
+                        if !server {
+                            parley_core::access::can_moderate(
+                                "banning",
+                                &id,
+                                actor.name(),
+                                role,
+                                target.as_str(),
+                                target_role,
+                            )?;
+                        }
+                        if member {
+                            cached.members.remove(target.as_str());
+                            run.remove(&id, target.as_str());
+                        }
+                        cached.access.insert(target.to_string(), Access::Banned);
+                        run.set_access(&id, target.as_str(), Some(Access::Banned));
+                    }
+                    ChannelAction::Unban { user } => {
+                        let target = UserId::new(user)?;
+                        if role < Role::Admin {
+                            return Err(RouterError::Forbidden(format!("unbanning in {id} needs the admin role")));
+                        }
+                        if cached.access.get(target.as_str()) == Some(&Access::Banned) {
+                            cached.access.remove(target.as_str());
+                            run.set_access(&id, target.as_str(), None);
+                        }
+                    }
+                    ChannelAction::SetRole { user, role: wanted } => {
+                        let target = UserId::new(user)?;
+                        if !cached.members.contains(target.as_str()) {
+                            return Err(RouterError::InvalidArgument(format!("{target} is not a member of {id}")));
+                        }
+                        let current = cached.role(target.as_str());
+                        let owners = cached.owners();
+                        if !server {
+                            parley_core::access::can_set_role(
+                                &id,
+                                actor.name(),
+                                role,
+                                target.as_str(),
+                                current,
+                                wanted,
+                                owners,
+                            )?;
+                        }
+                        if current != wanted {
+                            let access = Access::of_role(wanted);
+                            match access {
+                                Some(access) => cached.access.insert(target.to_string(), access),
+                                None => cached.access.remove(target.as_str()),
+                            };
+                            run.set_access(&id, target.as_str(), access);
+                            run.announce(&id, target.as_str(), Announce::Updated);
+                        }
+                    }
+                    ChannelAction::Update { visibility, posting } => {
+                        parley_core::access::can_configure(&id, role)?;
+                        cached.visibility = visibility.unwrap_or(cached.visibility);
+                        cached.posting = posting.unwrap_or(cached.posting);
+                        run.changes.push(MembershipChange::Configure {
+                            channel: id.clone(),
+                            visibility: cached.visibility,
+                            posting: cached.posting,
+                        });
+                    }
+                }
+                run.touched.insert(id);
+                Ok(Answered::View(channel, actor.user().cloned()))
+            }
+            MembershipCommand::ServerCreate { channel, owner, members, settings } => {
+                if self.load(&channel).await.map_err(RouterError::Unavailable)? {
+                    // Idempotent: the same channel again is answered as it is; other settings are a conflict.
+                    let same = self.channels.get(channel.as_str()).is_some_and(|cached| {
+                        cached.visibility == settings.visibility && cached.posting == settings.posting
+                    });
+                    return if same {
+                        Ok(Answered::View(channel, None))
+                    } else {
+                        Err(RouterError::ChannelExists(format!("{channel} (with other settings)")))
+                    };
+                }
+                let id = channel.to_string();
+                let last = self.log.last_seq(&id).await.map_err(RouterError::Unavailable)?;
+                run.changes.push(MembershipChange::Create(ChannelRecord {
+                    id: id.clone(),
+                    kind: ChannelKind::Group,
+                    created_by: owner.as_ref().map(|owner| owner.as_str()).unwrap_or(SERVER_SENDER).to_owned(),
+                    created_at: now_ms(),
+                    member_count: 0,
+                    visibility: settings.visibility,
+                    posting: settings.posting,
+                    history_from: history_from(last),
+                }));
+                let mut cached = CachedChannel::new(ChannelKind::Group, []);
+                cached.visibility = settings.visibility;
+                cached.posting = settings.posting;
+                for member in owner.iter().chain(members.iter()) {
+                    if cached.members.insert(member.to_string()) {
+                        run.add(&id, member.as_str());
+                    }
+                }
+                if let Some(owner) = &owner {
+                    run.set_access(&id, owner.as_str(), Some(Access::Owner));
+                    cached.access.insert(owner.to_string(), Access::Owner);
+                }
+                self.sequencer.load(&id, last);
+                self.channels.insert(id.clone(), cached);
+                run.touched.insert(id);
+                Ok(Answered::View(channel, None))
+            }
+            MembershipCommand::Delete { channel } => {
+                let cached = self.group(&channel).await?;
+                let members: Vec<String> = cached.members.iter().cloned().collect();
+                let id = channel.to_string();
+                for member in &members {
+                    run.announce(&id, member, Announce::Left);
+                }
+                run.changes.push(MembershipChange::Delete { channel: id.clone() });
+                self.channels.remove(&id);
+                self.feeds.forget(&id);
+                run.touched.insert(id);
+                Ok(Answered::Done)
+            }
+            MembershipCommand::Block { user, other, blocked } => {
+                if let Some(list) = self.blocks.get_mut(user.as_str()) {
+                    if blocked {
+                        list.insert(other.to_string());
+                    } else {
+                        list.remove(other.as_str());
+                    }
+                }
+                run.changes.push(MembershipChange::SetBlock {
+                    user: user.to_string(),
+                    other: other.to_string(),
+                    blocked,
+                });
+                // Sends in their DM wait for the block to be durable.
+                if let Ok(dm) = ChannelId::direct(&user, &other) {
+                    run.touched.insert(dm.to_string());
+                }
+                run.blockers.push(user.to_string());
+                Ok(Answered::Done)
+            }
+        }
+    }
+
+    /// A group channel, loaded: `no_such_channel` when it does not exist, `invalid_argument` for a DM.
+    async fn group(&mut self, channel: &ChannelId) -> Result<&mut CachedChannel, RouterError> {
+        if !self.load(channel).await.map_err(RouterError::Unavailable)? {
+            return Err(RouterError::NoSuchChannel(channel.to_string()));
+        }
+        match self.channels.get_mut(channel.as_str()) {
+            Some(cached) if cached.kind == ChannelKind::Group => Ok(cached),
+            Some(_) => Err(RouterError::InvalidArgument("only group channels can be joined or managed".into())),
+            None => Err(RouterError::NoSuchChannel(channel.to_string())),
+        }
     }
 
     /// A membership run's write ended: answer its callers (views of the channels as written), announce it, then
@@ -1013,19 +1585,24 @@ impl Writer {
         done: PendingMembership,
         written: Result<Result<(), BackendError>, tokio::task::JoinError>,
     ) {
-        let PendingMembership { touched, answers, events, held, .. } = done;
+        let PendingMembership { touched, answers, events, held, blockers, .. } = done;
+        // Block lists are read again from the store, as the run left it.
+        for user in blockers {
+            self.blocks.remove(&user);
+        }
         let written = written.unwrap_or_else(|error| Err(BackendError::Task(error.to_string())));
         match written {
             Ok(()) => {
                 for (reply, result) in answers {
                     let result = match result {
-                        Ok((channel, viewer)) => {
+                        Ok(Answered::View(channel, viewer)) => {
                             // Reloaded if the cache was cleared meanwhile (it is bounded).
                             if let Err(error) = self.load(&channel).await {
                                 warn!(%error, channel = %channel, "cannot reload a channel just written");
                             }
-                            Ok(self.view(&channel, &viewer))
+                            Ok(MembershipOutcome::View(self.view(&channel, viewer.as_ref())))
                         }
+                        Ok(Answered::Done) => Ok(MembershipOutcome::Done),
                         Err(error) => Err(error),
                     };
                     let _ = reply.send(result);
@@ -1053,6 +1630,16 @@ impl Writer {
     }
 }
 
+/// The first readable sequence of a channel created when its id already has `last` messages (from before a
+/// deletion): the old messages stay hidden, and the sequence goes on.
+fn history_from(last: u64) -> u64 {
+    if last == 0 {
+        0
+    } else {
+        last + 1
+    }
+}
+
 fn dm_changes(channel: &ChannelId, first: &UserId, second: &UserId) -> Vec<MembershipChange> {
     vec![
         MembershipChange::Create(ChannelRecord {
@@ -1061,6 +1648,9 @@ fn dm_changes(channel: &ChannelId, first: &UserId, second: &UserId) -> Vec<Membe
             created_by: first.to_string(),
             created_at: now_ms(),
             member_count: 0,
+            visibility: Visibility::Public,
+            posting: Posting::Everyone,
+            history_from: 0,
         }),
         MembershipChange::Add { channel: channel.to_string(), user: first.to_string() },
         MembershipChange::Add { channel: channel.to_string(), user: second.to_string() },

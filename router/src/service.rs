@@ -73,8 +73,17 @@ impl RouterService for LocalRouter {
             Call::Send { user: sender, channel, client_msg_id, text, first_attempt } => {
                 Answer::Sent(self.send_attempt(&user(sender)?, &channel, &client_msg_id, &text, first_attempt).await?)
             }
-            Call::CreateChannel { user: creator, name, members } => {
-                Answer::Channel(self.create_channel(&user(creator)?, &name, &members).await?)
+            Call::CreateChannel { user: creator, name, members, visibility, posting } => {
+                let settings = parley_api::ChannelSettings { visibility, posting };
+                Answer::Channel(self.create_channel_with(&user(creator)?, &name, &members, settings).await?)
+            }
+            Call::ManageChannel { user: actor, channel, action } => {
+                Answer::Channel(self.manage_channel(&user(actor)?, &channel, action).await?)
+            }
+            Call::Server { operation } => self.server(operation).await?,
+            Call::Block { user: name, other, blocked } => {
+                self.block(&user(name)?, &other, blocked).await?;
+                Answer::Done
             }
             Call::Join { user: name, channel } => Answer::Channel(self.join(&user(name)?, &channel).await?),
             Call::Leave { user: name, channel } => Answer::Channel(self.leave(&user(name)?, &channel).await?),

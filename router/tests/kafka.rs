@@ -732,3 +732,28 @@ async fn log_partitions(config: &KafkaConfig) -> i32 {
     .await
     .expect("metadata task")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_reused_as_a_first_attempt_keeps_naming_its_first_message() {
+    let Some(config) = kafka_config() else { return };
+    let (_dir, store) = store();
+    let writer = StoreWriter::start(config.clone(), store.clone()).await.expect("store writer");
+    let alice = UserId::new("alice").expect("user");
+    {
+        let router = router_on(Arc::new(open(&config, &store).await), &store);
+        router.create_channel(&alice, "room", &[]).await.expect("create");
+        let first = router.send_attempt(&alice, "g:room", "k", "one", true).await.expect("first");
+        let again = router.send_attempt(&alice, "g:room", "k", "one again", true).await.expect("second");
+        assert_eq!((first.placement.seq, again.placement.seq), (1, 2), "a used key as a first attempt: a 2nd message");
+        // From the log's unstored tail: the key names the first message.
+        let retry = router.send_attempt(&alice, "g:room", "k", "one", false).await.expect("retry");
+        assert_eq!((retry.placement.seq, retry.duplicate), (1, true), "{retry:?}");
+    }
+    wait_stored(&store, "g:room", 2, Duration::from_secs(30)).await;
+    caught_up(&writer).await;
+    // A new writer (the old one fenced): its tail is empty, the store answers, and still names the first.
+    let router = router_on(Arc::new(open(&config, &store).await), &store);
+    let retry = router.send_attempt(&alice, "g:room", "k", "one", false).await.expect("retry from the store");
+    assert_eq!((retry.placement.seq, retry.duplicate), (1, true), "{retry:?}");
+    writer.stop().await.expect("clean stop");
+}

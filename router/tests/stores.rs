@@ -155,6 +155,9 @@ fn record(channel: &str, creator: &str) -> ChannelRecord {
         created_by: creator.into(),
         created_at: 7,
         member_count: 0,
+        visibility: Default::default(),
+        posting: Default::default(),
+        history_from: 0,
     }
 }
 
@@ -178,7 +181,128 @@ parley_test_support::engine_suite!(
     read_cursor_never_moves_back,
     large_channel_members_are_listed_in_full,
     router_writer_runs_on_the_store,
+    access_settings_and_blocks_are_stored,
+    a_key_names_its_first_message_whatever_the_write_order,
+    a_deleted_channel_leaves_no_member_list_or_access_behind,
 );
+
+async fn a_deleted_channel_leaves_no_member_list_or_access_behind(engine: Engine) {
+    use parley_core::access::Access;
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let membership = &stores.membership;
+    let mut changes = vec![MembershipChange::Create(record("g:gone", "alice"))];
+    // More members than one Cassandra batch holds.
+    let users: Vec<String> = (0..250).map(|n| format!("user{n:03}")).collect();
+    changes.extend(users.iter().map(|user| add("g:gone", user)));
+    changes.push(MembershipChange::SetAccess {
+        channel: "g:gone".into(),
+        user: "user000".into(),
+        access: Some(Access::Owner),
+    });
+    changes.push(MembershipChange::Create(record("g:kept", "alice")));
+    changes.push(add("g:kept", "user001"));
+    membership.apply(changes).await.expect("create");
+    membership
+        .apply(vec![MembershipChange::Delete { channel: "g:gone".into() }, add("g:kept", "user002")])
+        .await
+        .expect("delete");
+    assert_eq!(membership.channel("g:gone").await.expect("read"), None);
+    assert!(membership.members("g:gone").await.expect("members").is_empty());
+    assert!(membership.access("g:gone").await.expect("access").is_empty());
+    assert_eq!(membership.user_channels("user001").await.expect("channels"), vec!["g:kept"]);
+    assert!(membership.user_channels("user100").await.expect("channels").is_empty());
+    assert_eq!(membership.members("g:kept").await.expect("kept"), vec!["user001", "user002"], "after it, in order");
+    // Created again: a fresh record, counted from zero.
+    let again = ChannelRecord { history_from: 7, ..record("g:gone", "bob") };
+    membership.apply(vec![MembershipChange::Create(again.clone()), add("g:gone", "bob")]).await.expect("again");
+    assert_eq!(membership.channel("g:gone").await.expect("read"), Some(ChannelRecord { member_count: 1, ..again }));
+}
+
+async fn a_key_names_its_first_message_whatever_the_write_order(engine: Engine) {
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let store = &stores.messages;
+    let base = now_ms();
+    let mut first = message("g:keys", 1, base);
+    let mut second = message("g:keys", 2, base + 1);
+    let mut third = message("g:keys", 3, base + 2);
+    for message in [&mut first, &mut second, &mut third] {
+        message.client_msg_id = "reused".into();
+    }
+    // The later message is written before the earlier one (a replay after a crash can do that).
+    store.write(vec![second.clone()]).await.expect("write second");
+    store.write(vec![first.clone()]).await.expect("write first");
+    store.write(vec![third]).await.expect("write third");
+    let found = store.find_stored_sends(vec![(first.sender.clone(), "reused".into())]).await.expect("find");
+    let found = found.into_iter().next().flatten().expect("the key is stored");
+    assert_eq!((found.placement.seq, found.placement.id), (1, first.id), "the key names its first message");
+}
+
+async fn access_settings_and_blocks_are_stored(engine: Engine) {
+    use parley_core::access::{Access, Posting, Visibility};
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let membership = &stores.membership;
+    let private = ChannelRecord { visibility: Visibility::Private, ..record("g:vault", "alice") };
+    let access = |user: &str, access: Option<Access>| MembershipChange::SetAccess {
+        channel: "g:vault".into(),
+        user: user.into(),
+        access,
+    };
+    membership
+        .apply(vec![
+            MembershipChange::Create(private.clone()),
+            add("g:vault", "alice"),
+            add("g:vault", "bob"),
+            access("alice", Some(Access::Owner)),
+            access("carol", Some(Access::Invited)),
+            access("mallory", Some(Access::Banned)),
+            // Set and cleared in one change set: nothing stays.
+            access("dave", Some(Access::Admin)),
+            access("dave", None),
+        ])
+        .await
+        .expect("create");
+    let stored = membership.channel("g:vault").await.expect("channel").expect("exists");
+    assert_eq!((stored.visibility, stored.posting, stored.member_count), (Visibility::Private, Posting::Everyone, 2));
+    let mut listed = membership.access("g:vault").await.expect("access");
+    listed.sort_by(|left, right| left.0.cmp(&right.0));
+    assert_eq!(
+        listed,
+        vec![
+            ("alice".to_owned(), Access::Owner),
+            ("carol".to_owned(), Access::Invited),
+            ("mallory".to_owned(), Access::Banned)
+        ]
+    );
+    assert_eq!(membership.access_of("g:vault", "bob").await.expect("bob"), None, "a plain member");
+    assert_eq!(membership.access_of("g:vault", "dave").await.expect("dave"), None);
+    membership
+        .apply(vec![
+            access("bob", Some(Access::Admin)),
+            access("carol", None),
+            MembershipChange::Configure {
+                channel: "g:vault".into(),
+                visibility: Visibility::Public,
+                posting: Posting::Admins,
+            },
+            MembershipChange::SetBlock { user: "alice".into(), other: "eve".into(), blocked: true },
+            MembershipChange::SetBlock { user: "alice".into(), other: "mallory".into(), blocked: true },
+        ])
+        .await
+        .expect("update");
+    assert_eq!(membership.access_of("g:vault", "bob").await.expect("bob"), Some(Access::Admin));
+    assert_eq!(membership.access_of("g:vault", "carol").await.expect("carol"), None);
+    let stored = membership.channel("g:vault").await.expect("channel").expect("exists");
+    assert_eq!((stored.visibility, stored.posting, stored.member_count), (Visibility::Public, Posting::Admins, 2));
+    let mut blocked = membership.blocked("alice").await.expect("blocked");
+    blocked.sort();
+    assert_eq!(blocked, vec!["eve", "mallory"]);
+    membership
+        .apply(vec![MembershipChange::SetBlock { user: "alice".into(), other: "eve".into(), blocked: false }])
+        .await
+        .expect("unblock");
+    assert_eq!(membership.blocked("alice").await.expect("blocked"), vec!["mallory"]);
+    assert!(membership.blocked("eve").await.expect("none").is_empty());
+}
 
 async fn history_pages_both_ways_across_buckets(engine: Engine) {
     let Some(stores) = Stores::open(engine, None).await else { return };

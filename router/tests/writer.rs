@@ -341,6 +341,15 @@ impl parley_router::backend::MembershipStore for GatedMembership {
     async fn read_seq(&self, user: &str, channel: &str) -> Result<u64, BackendError> {
         self.inner.read_seq(user, channel).await
     }
+    async fn access(&self, channel: &str) -> Result<Vec<(String, parley_core::access::Access)>, BackendError> {
+        self.inner.access(channel).await
+    }
+    async fn access_of(&self, channel: &str, user: &str) -> Result<Option<parley_core::access::Access>, BackendError> {
+        self.inner.access_of(channel, user).await
+    }
+    async fn blocked(&self, user: &str) -> Result<Vec<String>, BackendError> {
+        self.inner.blocked(user).await
+    }
     async fn apply(&self, changes: Vec<parley_router::backend::MembershipChange>) -> Result<(), BackendError> {
         if changes.len() > 100 {
             self.started.notify_one();
@@ -437,4 +446,27 @@ async fn sends_held_behind_a_failed_membership_write_are_refused_and_nothing_is_
     let members: Vec<String> = (0..500).map(|n| format!("member{n}")).collect();
     let again = router.create_channel(&owner, "large", &members).await.expect("created on the second try");
     assert_eq!(again.members, 501);
+}
+
+#[tokio::test]
+async fn a_key_reused_as_a_first_attempt_keeps_naming_its_first_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(EmbeddedStore::open(dir.path(), Retention::default()).expect("store"));
+    let (router, _writer) = parley_router::start(
+        RouterConfig::default(),
+        store.clone(),
+        store.clone(),
+        store,
+        Arc::new(LocalPubSub::new()),
+    )
+    .expect("router");
+    let alice = user("alice");
+    router.create_channel(&alice, "room", &[]).await.expect("create");
+    let first = router.send_attempt(&alice, "g:room", "k", "one", true).await.expect("first");
+    // A misbehaving client says "first attempt" again with a used key: it costs itself a second message...
+    let again = router.send_attempt(&alice, "g:room", "k", "one again", true).await.expect("second");
+    assert_eq!((first.placement.seq, again.placement.seq), (1, 2));
+    // ...but the key still names the first message: an honest retry gets it back.
+    let retry = router.send_attempt(&alice, "g:room", "k", "one", false).await.expect("retry");
+    assert_eq!((retry.placement.seq, retry.duplicate), (1, true), "{retry:?}");
 }

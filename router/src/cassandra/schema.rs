@@ -60,65 +60,87 @@ pub(super) fn migrations(config: &CassandraConfig) -> Vec<Migration> {
     let keyspace = &config.keyspace;
     let ttl = config.message_ttl_seconds();
     let (window_unit, window_size) = compaction_window(config.bucket);
-    vec![Migration {
-        version: 1,
-        description: "messages, bucket index, channel state, idempotency keys, channels, members, read cursors",
-        statements: vec![
-            // History rows. One partition per channel and time bucket keeps partitions bounded; rows are
-            // clustered newest first, which is the common read (the latest page). TWCS with a window equal
-            // to the bucket width puts each bucket's rows in the same SSTables, so expired buckets are dropped
-            // as whole files instead of being compacted tombstone by tombstone.
-            format!(
-                "CREATE TABLE IF NOT EXISTS {keyspace}.messages (channel text, bucket bigint, seq bigint, \
+    vec![
+        Migration {
+            version: 1,
+            description: "messages, bucket index, channel state, idempotency keys, channels, members, read cursors",
+            statements: vec![
+                // History rows. One partition per channel and time bucket keeps partitions bounded; rows are
+                // clustered newest first, which is the common read (the latest page). TWCS with a window equal
+                // to the bucket width puts each bucket's rows in the same SSTables, so expired buckets are dropped
+                // as whole files instead of being compacted tombstone by tombstone.
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.messages (channel text, bucket bigint, seq bigint, \
                      id bigint, sender text, text text, ts bigint, client_msg_id text, \
                      PRIMARY KEY ((channel, bucket), seq)) WITH CLUSTERING ORDER BY (seq DESC) \
                      AND compaction = {{'class': 'TimeWindowCompactionStrategy', \
                      'compaction_window_unit': '{window_unit}', 'compaction_window_size': {window_size}}} \
                      AND default_time_to_live = {ttl} AND gc_grace_seconds = 3600"
-            ),
-            // The buckets a channel has, newest first, with the first and last sequence in each, so paging
-            // crosses buckets and skips those that cannot match. `first_seq` is written with timestamp
-            // `FIRST_SEQ_EPOCH - seq` and `last_seq` with timestamp `seq`: last-write-wins keeps the minimum
-            // and the maximum without a read or a lightweight transaction.
-            format!(
-                "CREATE TABLE IF NOT EXISTS {keyspace}.message_buckets (channel text, bucket bigint, \
+                ),
+                // The buckets a channel has, newest first, with the first and last sequence in each, so paging
+                // crosses buckets and skips those that cannot match. `first_seq` is written with timestamp
+                // `FIRST_SEQ_EPOCH - seq` and `last_seq` with timestamp `seq`: last-write-wins keeps the minimum
+                // and the maximum without a read or a lightweight transaction.
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.message_buckets (channel text, bucket bigint, \
                      first_seq bigint, last_seq bigint, PRIMARY KEY (channel, bucket)) \
                      WITH CLUSTERING ORDER BY (bucket DESC)"
-            ),
-            // Highest stored sequence of each channel and its message's time and id (written with timestamp
-            // `seq`, so the row always describes the newest message): `last_stored_seq` and the inbox order.
-            format!(
-                "CREATE TABLE IF NOT EXISTS {keyspace}.channel_state (channel text PRIMARY KEY, \
+                ),
+                // Highest stored sequence of each channel and its message's time and id (written with timestamp
+                // `seq`, so the row always describes the newest message): `last_stored_seq` and the inbox order.
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.channel_state (channel text PRIMARY KEY, \
                      last_seq bigint, last_ts bigint, last_id bigint)"
-            ),
-            // Idempotency keys: (sender, client message id) → where the message went. Same TTL as messages.
-            format!(
-                "CREATE TABLE IF NOT EXISTS {keyspace}.sends (sender text, client_msg_id text, channel text, \
+                ),
+                // Idempotency keys: (sender, client message id) → where the message went. Same TTL as messages.
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.sends (sender text, client_msg_id text, channel text, \
                      seq bigint, id bigint, ts bigint, PRIMARY KEY ((sender, client_msg_id))) \
                      WITH default_time_to_live = {ttl}"
-            ),
-            // Channels with their member count. The count is a regular column that the single writer of
-            // the channel rewrites in the same logged batch as the member rows (counters cannot join such a
-            // batch).
-            format!(
-                "CREATE TABLE IF NOT EXISTS {keyspace}.channels (channel text PRIMARY KEY, kind text, \
+                ),
+                // Channels with their member count. The count is a regular column that the single writer of
+                // the channel rewrites in the same logged batch as the member rows (counters cannot join such a
+                // batch).
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.channels (channel text PRIMARY KEY, kind text, \
                      created_by text, created_at bigint, member_count int)"
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {keyspace}.members (channel text, user text, \
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.members (channel text, user text, \
                      PRIMARY KEY (channel, user))"
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {keyspace}.user_channels (user text, channel text, \
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.user_channels (user text, channel text, \
                      PRIMARY KEY (user, channel))"
-            ),
-            // Read cursors, written with `USING TIMESTAMP <seq>`: see `CassandraStore::set_read`.
-            format!(
-                "CREATE TABLE IF NOT EXISTS {keyspace}.read_cursors (user text, channel text, seq bigint, \
+                ),
+                // Read cursors, written with `USING TIMESTAMP <seq>`: see `CassandraStore::set_read`.
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.read_cursors (user text, channel text, seq bigint, \
                      PRIMARY KEY (user, channel))"
-            ),
-        ],
-    }]
+                ),
+            ],
+        },
+        Migration {
+            version: 2,
+            description: "channel settings, roles, invitations and bans, user blocks",
+            statements: vec![
+                // Who may join and post; no row means public, everyone.
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.channel_settings (channel text PRIMARY KEY, \
+                     visibility text, posting text, history_from bigint)"
+                ),
+                // What a channel remembers about a user besides membership: owner, admin, invited, banned.
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.channel_access (channel text, user text, access text, \
+                     PRIMARY KEY (channel, user))"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.user_blocks (user text, blocked text, \
+                     PRIMARY KEY (user, blocked))"
+                ),
+            ],
+        },
+    ]
 }
 
 #[cfg(test)]
