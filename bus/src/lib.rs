@@ -4,10 +4,14 @@
 //!   ([`pubsub::Event`]) that the writer encodes once and gateways decode, and the in-process driver.
 //! - [`presence`]: the [`presence::PresenceStore`] trait (the fenced presence book and user→gateway registry of
 //!   [`parley_core::presence`], async and batched) and its embedded driver.
-//! - [`redis`]: the Redis drivers of both traits, standalone or Redis Cluster.
+//! - [`revocation`]: the [`revocation::RevocationStore`] trait (which users' tokens issued before a time are
+//!   revoked, shared by every gateway and kept across restarts) and its embedded driver (in memory, persisted in a
+//!   file of the data directory).
+//! - [`redis`]: the Redis drivers of the three traits, standalone or Redis Cluster.
 //!
 //! The router publishes through this crate and gateways subscribe through it; neither needs the other's crate.
 
 pub mod presence;
 pub mod pubsub;
 pub mod redis;
+pub mod revocation;

@@ -1,5 +1,6 @@
-//! Redis drivers: pub/sub for delivery ([`RedisPubSub`]) and the fenced presence book with the user→gateway
-//! registry ([`RedisPresenceStore`]), behind the same traits as the embedded drivers.
+//! Redis drivers: pub/sub for delivery ([`RedisPubSub`]), the fenced presence book with the user→gateway
+//! registry ([`RedisPresenceStore`]) and token revocations ([`RedisRevocationStore`]), behind the same traits as the
+//! embedded drivers.
 //!
 //! - Commands (`PUBLISH`, presence scripts and reads) go over one multiplexed connection that reconnects by
 //!   itself (`redis::aio::ConnectionManager`). A call made while Redis is away fails with a [`BackendError`];
@@ -24,9 +25,11 @@
 
 mod presence;
 mod pubsub;
+mod revocation;
 
 pub use presence::RedisPresenceStore;
 pub use pubsub::RedisPubSub;
+pub use revocation::RedisRevocationStore;
 
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClient;

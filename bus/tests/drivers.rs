@@ -1,5 +1,5 @@
-//! One behaviour suite for the pub/sub and presence drivers, run against the embedded drivers, against Redis and
-//! against a Redis Cluster of three masters.
+//! One behaviour suite for the pub/sub, presence and token-revocation drivers, run against the embedded drivers,
+//! against Redis and against a Redis Cluster of three masters.
 //!
 //! Every test body takes an [`Engine`] and runs once per driver (`<test>::embedded`, `<test>::redis`,
 //! `<test>::redis_cluster`). The Redis runs need `PARLEY_REDIS_URL`, the cluster runs `PARLEY_REDIS_CLUSTER_URLS`
@@ -11,7 +11,8 @@
 use bytes::Bytes;
 use parley_bus::presence::{EmbeddedPresenceStore, PresenceError, PresenceStore, Registration};
 use parley_bus::pubsub::{Delivery, Event, LocalPubSub, PubSub, Subscription};
-use parley_bus::redis::{RedisConfig, RedisPresenceStore, RedisPubSub};
+use parley_bus::redis::{RedisConfig, RedisPresenceStore, RedisPubSub, RedisRevocationStore};
+use parley_bus::revocation::{unix_secs, EmbeddedRevocationStore, RevocationStore};
 use parley_core::presence::{Fenced, PresenceView, Status};
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,6 +88,9 @@ parley_test_support::engine_suite!(
     presence_lapsed_lease_goes_offline,
     presence_reregistration_fences_old_epoch,
     presence_locate_and_online_count,
+    revocation_keeps_the_latest_time_per_user,
+    revocation_entries_expire_after_the_ttl,
+    revocation_survives_a_restart,
 );
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -395,6 +399,95 @@ async fn presence_locate_and_online_count(engine: Engine) {
 
     assert_eq!(store.online_count(&[]).await.expect("count"), 0);
     assert_eq!(store.views(&[]).await.expect("views"), Vec::new());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Token revocations
+
+/// The revocations of one test: a store, and another on the same data (the embedded driver's file, or the same
+/// Redis prefix), as a restarted gateway opens it.
+struct Revocations {
+    redis: Option<RedisConfig>,
+    /// The embedded driver's directory (its file is `revoked.json` there).
+    directory: Option<tempfile::TempDir>,
+    ttl: Duration,
+}
+
+impl Revocations {
+    /// `None` when engine tests are skipped.
+    fn new(engine: Engine, ttl: Duration) -> Option<Self> {
+        Some(match engine {
+            Engine::Embedded => {
+                Self { redis: None, directory: Some(tempfile::tempdir().expect("temporary directory")), ttl }
+            }
+            Engine::Redis | Engine::RedisCluster => Self { redis: Some(redis_config(engine)?), directory: None, ttl },
+        })
+    }
+
+    async fn open(&self) -> Arc<dyn RevocationStore> {
+        match (&self.redis, &self.directory) {
+            (Some(config), _) => Arc::new(
+                RedisRevocationStore::connect(config.clone(), self.ttl)
+                    .await
+                    .unwrap_or_else(|error| panic!("cannot reach Redis at {}: {error}; {START_REDIS}", config.url)),
+            ),
+            (None, Some(directory)) => Arc::new(
+                EmbeddedRevocationStore::open(directory.path().join("revoked.json"), self.ttl).expect("open the file"),
+            ),
+            (None, None) => unreachable!("a store is either embedded or on Redis"),
+        }
+    }
+}
+
+/// One entry per user: the latest time wins, an earlier one changes nothing, other users are untouched.
+async fn revocation_keeps_the_latest_time_per_user(engine: Engine) {
+    let Some(revocations) = Revocations::new(engine, LONG * 60) else { return };
+    let store = revocations.open().await;
+    let now = unix_secs();
+    assert_eq!(store.revoked_before("alice").await.expect("read"), None, "nothing revoked yet");
+    assert_eq!(store.revoke("alice", now - 100).await.expect("revoke"), now - 100);
+    assert_eq!(store.revoke("alice", now - 500).await.expect("revoke"), now - 100, "an earlier time changes nothing");
+    assert_eq!(store.revoked_before("alice").await.expect("read"), Some(now - 100));
+    assert_eq!(store.revoke("alice", now).await.expect("revoke"), now, "a later time moves the entry on");
+    assert_eq!(store.revoked_before("alice").await.expect("read"), Some(now));
+    assert_eq!(store.revoked_before("bob").await.expect("read"), None, "other users are untouched");
+    store.revoke("bob", now - 1).await.expect("revoke");
+    assert_eq!(store.revoked_before("bob").await.expect("read"), Some(now - 1));
+    assert_eq!(store.revoked_before("alice").await.expect("read"), Some(now));
+}
+
+/// An entry is dropped once its time is more than the TTL ago: no token issued before it can still be valid.
+async fn revocation_entries_expire_after_the_ttl(engine: Engine) {
+    let ttl = Duration::from_secs(3_600);
+    let Some(revocations) = Revocations::new(engine, ttl) else { return };
+    let store = revocations.open().await;
+    let now = unix_secs();
+    store.revoke("old", now - 7_200).await.expect("revoke");
+    assert_eq!(store.revoked_before("old").await.expect("read"), None, "two hours ago, with a TTL of one hour");
+    store.revoke("recent", now - 600).await.expect("revoke");
+    assert_eq!(store.revoked_before("recent").await.expect("read"), Some(now - 600));
+    // An expired entry does not hold a new revocation back.
+    assert_eq!(store.revoke("old", now - 60).await.expect("revoke"), now - 60);
+    assert_eq!(store.revoked_before("old").await.expect("read"), Some(now - 60));
+}
+
+/// A store opened again on the same data (a restarted gateway, or another gateway) sees every entry.
+async fn revocation_survives_a_restart(engine: Engine) {
+    let Some(revocations) = Revocations::new(engine, LONG * 60) else { return };
+    let now = unix_secs();
+    {
+        let store = revocations.open().await;
+        store.revoke("alice", now - 5).await.expect("revoke");
+        store.revoke("bob", now).await.expect("revoke");
+    }
+    let reopened = revocations.open().await;
+    assert_eq!(reopened.revoked_before("alice").await.expect("read"), Some(now - 5));
+    assert_eq!(reopened.revoked_before("bob").await.expect("read"), Some(now));
+    assert_eq!(reopened.revoked_before("carol").await.expect("read"), None);
+    reopened.revoke("carol", now).await.expect("revoke after the restart");
+    let again = revocations.open().await;
+    assert_eq!(again.revoked_before("carol").await.expect("read"), Some(now));
+    assert_eq!(again.revoked_before("alice").await.expect("read"), Some(now - 5), "earlier entries kept");
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,14 @@ pub struct GatewayConfig {
     /// Frames queued for one connection before it is closed as a slow consumer (4008).
     #[arg(long, env = "PARLEY_OUTBOUND_QUEUE", default_value_t = 512)]
     pub outbound_queue: usize,
+    /// Bytes of frames queued for one connection before it is closed as a slow consumer (4008), whichever of this
+    /// and `--outbound-queue` comes first. A single frame is always taken into an empty queue.
+    #[arg(long, env = "PARLEY_MAX_OUTBOUND_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_outbound_bytes: usize,
+    /// A socket write (one frame, or a flush) that does not complete within this closes the connection as a slow
+    /// consumer (4008) without waiting on the socket any longer, in milliseconds.
+    #[arg(long, env = "PARLEY_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub write_timeout_ms: u64,
     /// Most concurrent connections of this process; more are refused with HTTP 503.
     #[arg(long, env = "PARLEY_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -68,6 +76,11 @@ impl GatewayConfig {
         }
     }
 
+    /// The write deadline of a connection's socket (at least a millisecond).
+    pub fn write_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.write_timeout_ms.max(1))
+    }
+
     /// The ACK policy of connections.
     pub fn ack_policy(&self) -> parley_core::delivery::AckPolicy {
         parley_core::delivery::AckPolicy {
@@ -85,6 +98,8 @@ impl Default for GatewayConfig {
             send_rate_per_sec: 20,
             send_burst: 40,
             outbound_queue: 512,
+            max_outbound_bytes: 4 * 1024 * 1024,
+            write_timeout_ms: 10_000,
             max_connections: 100_000,
             max_in_flight: 64,
             heartbeat_interval_ms: 30_000,
@@ -101,18 +116,68 @@ impl Default for GatewayConfig {
     }
 }
 
-/// Authentication settings.
+/// Authentication settings. Both key settings take one key or several, comma-separated, each optionally
+/// `kid=key`: a token whose header names a `kid` is verified with that key only, one without `kid` with the key
+/// given without one (see [`crate::auth`]).
 #[derive(Debug, Clone, Args, Default)]
 pub struct AuthConfig {
-    /// Shared secret for HS256 tokens.
+    /// Shared secret(s) for HS256 tokens (at least 16 bytes each): `secret`, or several comma-separated, each
+    /// optionally `kid=secret` (key rotation).
     #[arg(long, env = "PARLEY_JWT_HS256_SECRET", hide_env_values = true)]
     pub jwt_hs256_secret: Option<String>,
-    /// PEM file with the RSA public key for RS256 tokens.
+    /// PEM file(s) with the RSA public key for RS256 tokens: `path`, or several comma-separated, each optionally
+    /// `kid=path` (key rotation).
     #[arg(long, env = "PARLEY_JWT_RS256_PUBLIC_KEY")]
     pub jwt_rs256_public_key: Option<PathBuf>,
     /// INSECURE: serve POST /v1/dev/login, which mints a token for any user name. For local demos only.
     #[arg(long, env = "PARLEY_INSECURE_DEV_LOGIN")]
     pub insecure_dev_login: bool,
+}
+
+/// The server API (`/server/v1/...` on the client port), for the application's backend.
+#[derive(Debug, Clone, Args)]
+pub struct ServerApiConfig {
+    /// API key(s) of the server API (`Authorization: Bearer <key>`), comma-separated so a key can be rotated (add the
+    /// new key, move the backend to it, remove the old one); at least 16 bytes each. Without it the server API
+    /// answers 404 `server_api_disabled`.
+    #[arg(long, env = "PARLEY_SERVER_API_KEY", hide_env_values = true)]
+    pub server_api_key: Option<String>,
+    /// How long a token revocation is kept, in days: at least the longest lifetime of the tokens the backend issues
+    /// (a token issued before a revocation is accepted again once the revocation expired).
+    #[arg(long, env = "PARLEY_REVOCATION_TTL_DAYS", default_value_t = 30)]
+    pub revocation_ttl_days: u64,
+}
+
+impl Default for ServerApiConfig {
+    fn default() -> Self {
+        Self { server_api_key: None, revocation_ttl_days: 30 }
+    }
+}
+
+impl ServerApiConfig {
+    /// The accepted API keys (none: the server API is off); refuses keys shorter than 16 bytes.
+    pub fn keys(&self) -> Result<Vec<String>, String> {
+        let keys: Vec<String> = self
+            .server_api_key
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .filter(|key| !key.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if keys.iter().any(|key| key.len() < 16) {
+            return Err("--server-api-key: every key must be at least 16 bytes".into());
+        }
+        if self.server_api_key.is_some() && keys.is_empty() {
+            return Err("--server-api-key is empty".into());
+        }
+        Ok(keys)
+    }
+
+    /// How long a revocation is kept (at least a day).
+    pub fn revocation_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.revocation_ttl_days.max(1).saturating_mul(24 * 3600))
+    }
 }
 
 /// Storage and ordering settings of the embedded router.
@@ -143,6 +208,11 @@ pub struct StorageConfig {
     /// Largest message text in bytes.
     #[arg(long, env = "PARLEY_MAX_TEXT_BYTES", default_value_t = 4096)]
     pub max_text_bytes: usize,
+    /// What happens to users a channel's owner or admin names (at creation, or with `invite`): `direct` makes them
+    /// members at once; `invite` invites them, and they join to accept. (A gateway of a router: the router's
+    /// setting applies.)
+    #[arg(long, env = "PARLEY_MEMBERSHIP_POLICY", default_value_t = parley_core::access::MembershipPolicy::Direct)]
+    pub membership_policy: parley_core::access::MembershipPolicy,
     /// Largest channel.
     #[arg(long, env = "PARLEY_MAX_CHANNEL_MEMBERS", default_value_t = 10_000)]
     pub max_channel_members: u32,
@@ -167,6 +237,9 @@ pub struct StandaloneArgs {
     /// Authentication.
     #[command(flatten)]
     pub auth: AuthConfig,
+    /// The server API for the application's backend.
+    #[command(flatten)]
+    pub server_api: ServerApiConfig,
     /// Storage.
     #[command(flatten)]
     pub storage: StorageConfig,
@@ -245,7 +318,33 @@ mod tests {
     fn defaults_match() {
         let args = StandaloneArgs::parse_from(["parley"]);
         assert_eq!(args.gateway.max_frame_bytes, GatewayConfig::default().max_frame_bytes);
+        assert_eq!(args.gateway.write_timeout_ms, GatewayConfig::default().write_timeout_ms);
+        assert_eq!(args.gateway.max_outbound_bytes, GatewayConfig::default().max_outbound_bytes);
+        assert!(args.gateway.write_timeout() <= std::time::Duration::from_secs(10), "a stuck client goes within 10 s");
         assert_eq!(args.storage.max_channel_members, 10_000);
         assert!(!args.auth.insecure_dev_login);
+        assert_eq!(args.server_api.revocation_ttl_days, ServerApiConfig::default().revocation_ttl_days);
+        assert_eq!(args.server_api.keys(), Ok(Vec::new()), "the server API is off by default");
+    }
+
+    #[test]
+    fn server_api_keys_are_comma_separated_and_long() {
+        let keys = |value: &str| ServerApiConfig { server_api_key: Some(value.into()), ..Default::default() }.keys();
+        assert_eq!(
+            keys("old-key-0123456789,new-key-0123456789"),
+            Ok(vec!["old-key-0123456789".into(), "new-key-0123456789".into()])
+        );
+        assert_eq!(keys("only-key-0123456789,"), Ok(vec!["only-key-0123456789".into()]));
+        assert!(keys("short").is_err());
+        assert!(keys(",").is_err());
+        let parsed = StandaloneArgs::parse_from([
+            "parley",
+            "--server-api-key",
+            "a-key-of-16-bytes!",
+            "--revocation-ttl-days",
+            "7",
+        ]);
+        assert_eq!(parsed.server_api.keys(), Ok(vec!["a-key-of-16-bytes!".into()]));
+        assert_eq!(parsed.server_api.revocation_ttl(), std::time::Duration::from_secs(7 * 24 * 3600));
     }
 }

@@ -1,15 +1,16 @@
-//! The axum applications: the client-facing one (WebSocket upgrade, HTTP API, demo page, health, and the
-//! fallback transports' routes) and the admin one (metrics, drain). Every refusal is a [`HttpError`],
+//! The axum applications: the client-facing one (WebSocket upgrade, HTTP API, demo page, health, the fallback
+//! transports' routes and the server API's, [`crate::server_api`]) and the admin one (metrics, drain). Every refusal is a [`HttpError`],
 //! `{"code": ..., "message": ...}`; admission and authentication are [`crate::admission`]'s.
 
 pub use crate::admission::AppState;
 
-use crate::admission::{token, ConnectQuery};
+use crate::admission::{parse_connect_query, token};
+use crate::connection::{ReadFailure, Transport};
 use crate::drain::DrainPlan;
 use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -37,6 +38,7 @@ pub fn app(state: AppState) -> AxumRouter {
         .route("/v1/devices", post(register_device).delete(unregister_device))
         .route("/v1/channels/{id}/messages", get(history))
         .with_state(state.clone())
+        .merge(crate::server_api::routes(state.clone()))
         .merge(crate::fallback::routes(state));
     parley_api::http::with_fallbacks(routes)
 }
@@ -97,14 +99,14 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 async fn websocket(
     State(state): State<AppState>,
-    connect: Result<Query<ConnectQuery>, QueryRejection>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, HttpError> {
-    let Query(connect) = connect?;
+    let connect = parse_connect_query(query.as_deref().unwrap_or_default())?;
     let upgrade = upgrade
         .map_err(|rejection| HttpError::new(rejection.status(), code::UPGRADE_REQUIRED, rejection.body_text()))?;
-    let admission = state.admit(connect.v, token(connect.token.as_deref(), &headers))?;
+    let admission = state.admit(connect.v, token(connect.token.as_deref(), &headers)).await?;
     let max = state.config.max_frame_bytes;
     Ok(upgrade
         .read_buffer_size(state.config.ws_read_buffer)
@@ -112,19 +114,33 @@ async fn websocket(
         .max_write_buffer_size(max.saturating_mul(4).max(256 * 1024))
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| admission.serve(socket, too_big).instrument(info_span!("ws"))))
+        .on_upgrade(move |socket| admission.serve(socket, Transport::websocket(classify)).instrument(info_span!("ws"))))
 }
 
-/// Whether axum's socket error is tungstenite's "message or frame too big".
-fn too_big(error: &axum::Error) -> bool {
+/// What a read error of axum's socket was, from tungstenite's error beneath it: a frame or message too big
+/// (1009), a protocol violation (1002), a text frame that is not UTF-8 (1007), or the connection failing.
+fn classify(error: &axum::Error) -> ReadFailure {
+    use tungstenite::error::ProtocolError;
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = source {
-        if let Some(tungstenite::Error::Capacity(_)) = current.downcast_ref::<tungstenite::Error>() {
-            return true;
+        if let Some(error) = current.downcast_ref::<tungstenite::Error>() {
+            return match error {
+                tungstenite::Error::Capacity(_) => ReadFailure::TooBig,
+                tungstenite::Error::Utf8(_) => ReadFailure::InvalidUtf8,
+                // The TCP connection ended without a close frame, or something came after the closing handshake:
+                // nothing to answer.
+                tungstenite::Error::Protocol(
+                    ProtocolError::ResetWithoutClosingHandshake
+                    | ProtocolError::ReceivedAfterClosing
+                    | ProtocolError::SendAfterClosing,
+                ) => ReadFailure::Gone,
+                tungstenite::Error::Protocol(_) => ReadFailure::Protocol,
+                _ => ReadFailure::Gone,
+            };
         }
         source = current.source();
     }
-    false
+    ReadFailure::Gone
 }
 
 #[derive(Deserialize)]
@@ -157,7 +173,7 @@ async fn dev_login(
 }
 
 async fn list_channels(State(state): State<AppState>, headers: HeaderMap) -> Result<impl IntoResponse, HttpError> {
-    let identity = state.authenticate(bearer(&headers))?;
+    let identity = state.authenticate(bearer(&headers)).await?;
     let channels = state.router.list_channels(&identity.user).await?;
     Ok(Json(json!({ "channels": channels })))
 }
@@ -173,7 +189,7 @@ async fn device_request(
     headers: &HeaderMap,
     body: Result<Json<DeviceBody>, JsonRejection>,
 ) -> Result<(UserId, parley_push::Device, Arc<crate::push::PushService>), HttpError> {
-    let identity = state.authenticate(bearer(headers))?;
+    let identity = state.authenticate(bearer(headers)).await?;
     let Some(push) = state.push.clone() else {
         return Err(HttpError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -232,7 +248,7 @@ async fn history(
     channel: Result<Path<String>, PathRejection>,
     params: Result<Query<HistoryParams>, QueryRejection>,
 ) -> Result<impl IntoResponse, HttpError> {
-    let identity = state.authenticate(bearer(&headers))?;
+    let identity = state.authenticate(bearer(&headers)).await?;
     let Path(channel) = channel?;
     let Query(params) = params?;
     if params.limit == Some(0) {
@@ -289,6 +305,46 @@ mod tests {
         let readyz = Request::get("/readyz").body(Body::empty()).expect("request");
         let (status, body) = answer(app(enabled.clone()), readyz).await;
         assert_eq!((status, &body["code"]), (StatusCode::SERVICE_UNAVAILABLE, &json!("draining")), "{body}");
+    }
+
+    #[test]
+    fn read_errors_are_classified_by_their_close_code() {
+        use tungstenite::error::{CapacityError, ProtocolError};
+        let cases = [
+            (tungstenite::Error::Capacity(CapacityError::MessageTooLong { size: 2, max_size: 1 }), ReadFailure::TooBig),
+            (tungstenite::Error::Protocol(ProtocolError::NonZeroReservedBits), ReadFailure::Protocol),
+            (tungstenite::Error::Protocol(ProtocolError::UnmaskedFrameFromClient), ReadFailure::Protocol),
+            (tungstenite::Error::Protocol(ProtocolError::UnknownDataFrameType(3)), ReadFailure::Protocol),
+            (tungstenite::Error::Utf8("invalid".into()), ReadFailure::InvalidUtf8),
+            (tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake), ReadFailure::Gone),
+            (tungstenite::Error::ConnectionClosed, ReadFailure::Gone),
+            (tungstenite::Error::Io(std::io::ErrorKind::ConnectionReset.into()), ReadFailure::Gone),
+        ];
+        for (error, failure) in cases {
+            let shown = error.to_string();
+            assert_eq!(classify(&axum::Error::new(error)), failure, "{shown}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_malformed_version_is_unsupported_version_on_every_connect() {
+        let (state, _shutdown) = state(8);
+        let token = valid_token();
+        for query in ["v=abc", "v=", "v=1&v=2", "v=-1", "v=99999999999", "v=1.0"] {
+            for (method, path) in [("GET", "/v1/ws"), ("GET", "/v1/sse"), ("POST", "/v1/poll/connect")] {
+                let request = Request::builder()
+                    .method(method)
+                    .uri(format!("{path}?{query}&token={token}"))
+                    .body(Body::empty())
+                    .expect("request");
+                let (status, body) = answer(app(state.clone()), request).await;
+                assert_eq!(
+                    (status, &body["code"]),
+                    (StatusCode::BAD_REQUEST, &json!("unsupported_version")),
+                    "{path}?{query}: {body}"
+                );
+            }
+        }
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! The Parley gateway: the edge that clients connect to.
 //!
 //! - [`config`]: command-line and environment settings, including every limit.
-//! - [`auth`]: JWT verification (HS256, RS256) and the insecure dev login.
+//! - [`auth`]: JWT verification (HS256, RS256, several keys told apart by `kid`) and the insecure dev login.
 //! - [`hub`]: this instance's index of local connections per channel and user, fed by one pub/sub
 //!   subscription for the whole instance; it forwards each published frame to the local members' queues.
 //! - [`connection`]: the per-connection loop, generic over any `Sink`/`Stream` of WebSocket messages: the handshake,
@@ -9,6 +9,8 @@
 //! - [`admission`]: the application's shared state ([`AppState`]) and what a client must pass to connect (version,
 //!   token, draining, connection limit), shared by WebSocket and the fallback transports.
 //! - [`fallback`]: SSE and long-poll transports, which run the same connection loop over a virtual socket.
+//! - [`server_api`]: the server API for the application's backend (`/server/v1/...`, API keys): channels with full
+//!   authority, system messages, disconnects, token revocations, presence.
 //! - [`http`]: the axum applications (`app(state)`, `admin_app(state)`): WebSocket upgrade, HTTP API, the demo
 //!   page, health, drain; it merges the fallback transports' routes. Every HTTP refusal is a
 //!   [`parley_api::HttpError`].
@@ -31,6 +33,7 @@ pub mod journal;
 pub mod metrics;
 pub mod presence;
 pub mod push;
+pub mod server_api;
 
 pub use error::GatewayError;
 pub use http::{admin_app, app, AppState};

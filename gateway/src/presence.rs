@@ -254,6 +254,11 @@ impl Presence {
         })
     }
 
+    /// Current views of users, or why the store cannot answer.
+    pub async fn try_views(&self, users: &[String]) -> Result<Vec<PresenceView>, PresenceError> {
+        self.store.views(users).await
+    }
+
     /// How many of `users` are online or away; 0 if the store cannot answer.
     pub async fn online_count(&self, users: &[String]) -> usize {
         self.store.online_count(users).await.unwrap_or_else(|error| {

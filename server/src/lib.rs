@@ -10,7 +10,8 @@
 use parley_api::{DurableMessage, RemoteRouter, Router};
 use parley_bus::presence::PresenceStore;
 use parley_bus::pubsub::{LocalPubSub, PubSub};
-use parley_bus::redis::{RedisConfig, RedisPresenceStore, RedisPubSub, RedisStats};
+use parley_bus::redis::{RedisConfig, RedisPresenceStore, RedisPubSub, RedisRevocationStore, RedisStats};
+use parley_bus::revocation::{EmbeddedRevocationStore, RevocationStore};
 use parley_gateway::auth::Authenticator;
 use parley_gateway::config::StandaloneArgs;
 use parley_gateway::drain::Drainer;
@@ -58,6 +59,8 @@ struct Backends {
     durable: Option<mpsc::Receiver<DurableMessage>>,
     /// What the Redis drivers count (distributed only).
     redis: Option<Arc<RedisStats>>,
+    /// Token revocations: a file in the data directory (standalone) or a Redis hash (distributed).
+    revocations: Arc<dyn RevocationStore>,
 }
 
 /// Standalone: the writer and the storage in this process.
@@ -68,6 +71,9 @@ fn embedded(args: &StandaloneArgs, push: bool) -> Result<Backends, GatewayError>
         ..Retention::default()
     };
     let store = EmbeddedStore::open(&args.storage.data_dir, retention).map_err(GatewayError::Storage)?;
+    let revocations =
+        EmbeddedRevocationStore::open(args.storage.data_dir.join(REVOCATIONS_FILE), args.server_api.revocation_ttl())
+            .map_err(GatewayError::Storage)?;
     let pubsub: Arc<dyn PubSub> = Arc::new(LocalPubSub::new());
     let router_config = RouterConfig {
         machine_id: args.storage.effective_machine_id().map_err(GatewayError::Config)?,
@@ -75,6 +81,7 @@ fn embedded(args: &StandaloneArgs, push: bool) -> Result<Backends, GatewayError>
         max_text_bytes: args.storage.max_text_bytes,
         max_channel_members: args.storage.max_channel_members,
         fanout_threshold: args.gateway.fanout_threshold,
+        membership_policy: args.storage.membership_policy,
         ..RouterConfig::default()
     };
     let shared = Arc::new(store.clone());
@@ -91,6 +98,7 @@ fn embedded(args: &StandaloneArgs, push: bool) -> Result<Backends, GatewayError>
         store: Some(store),
         durable: Some(durable),
         redis: None,
+        revocations: Arc::new(revocations),
     })
 }
 
@@ -110,7 +118,12 @@ async fn distributed(args: &StandaloneArgs) -> Result<Backends, GatewayError> {
             .map_err(|error| GatewayError::Config(format!("cannot reach Redis at {redis_url}: {error}")))?,
     );
     let presence: Arc<dyn PresenceStore> = Arc::new(
-        RedisPresenceStore::connect(redis)
+        RedisPresenceStore::connect(redis.clone())
+            .await
+            .map_err(|error| GatewayError::Config(format!("cannot reach Redis at {redis_url}: {error}")))?,
+    );
+    let revocations: Arc<dyn RevocationStore> = Arc::new(
+        RedisRevocationStore::connect(redis, args.server_api.revocation_ttl())
             .await
             .map_err(|error| GatewayError::Config(format!("cannot reach Redis at {redis_url}: {error}")))?,
     );
@@ -136,12 +149,16 @@ async fn distributed(args: &StandaloneArgs) -> Result<Backends, GatewayError> {
         store: None,
         durable: None,
         redis: Some(redis_stats),
+        revocations,
     })
 }
 
 async fn bind(address: SocketAddr) -> Result<TcpListener, GatewayError> {
     TcpListener::bind(address).await.map_err(|source| GatewayError::Serve { address: address.to_string(), source })
 }
+
+/// The file of the data directory that holds token revocations (standalone layout).
+pub const REVOCATIONS_FILE: &str = "revoked.json";
 
 /// Reads, or creates on first use, the dev-login signing secret in the data directory.
 fn dev_secret(data_dir: &std::path::Path) -> Result<String, GatewayError> {
@@ -179,10 +196,12 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
     if auth.dev_login_enabled() {
         warn!("INSECURE dev login is enabled: anyone can log in as anyone. Never use this in production.");
     }
+    let server_api_keys: Arc<[String]> = Arc::from(args.server_api.keys().map_err(GatewayError::Config)?);
+    info!(jwt_keys = ?auth.key_ids(), server_api = !server_api_keys.is_empty(), "authentication configured");
     let push = parley_gateway::push::PushService::from_config(&args.push, &args.storage.data_dir)?;
     let backends =
         if args.cluster.router_url.is_some() { distributed(&args).await? } else { embedded(&args, push.is_some())? };
-    let Backends { router, writer, pubsub, presence_store, store, durable, redis } = backends;
+    let Backends { router, writer, pubsub, presence_store, store, durable, redis, revocations } = backends;
     let push = match (push, durable) {
         (Some(push), Some(durable)) => Some((push, durable)),
         (Some(_), None) => {
@@ -237,6 +256,9 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
         accepting,
         drainer: drainer.clone(),
         push,
+        revocations,
+        bus: pubsub,
+        server_api_keys,
     };
     let listener = bind(args.listen).await?;
     let admin_listener = bind(args.admin_listen).await?;

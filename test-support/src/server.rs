@@ -76,6 +76,11 @@ pub fn token(user: &str) -> String {
     crate::hs256_token(SECRET, user, Duration::from_secs(3600))
 }
 
+/// Like [`token`], issued at `iat` (Unix seconds; the `iat` claim revocations compare).
+pub fn token_issued_at(user: &str, iat: u64) -> String {
+    crate::hs256_token_with(SECRET, None, user, Some(iat), Duration::from_secs(3600))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

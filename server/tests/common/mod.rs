@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{connect_async, MaybeTlsStream, WebSocketStream};
 
-pub use parley_test_support::server::{stop, token, Running, SECRET};
+pub use parley_test_support::server::{stop, token, token_issued_at, Running, SECRET};
 
 /// A server on any port with `data_dir`, the test secret and `extra` arguments.
 pub async fn server(data_dir: &Path, extra: &[&str]) -> Running {
@@ -31,11 +31,53 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(running: &Running, user: &str) -> Client {
-        let url = format!("ws://{}/v1/ws?v=1&token={}", running.address, token(user));
-        let (mut socket, _) = connect_async(url).await.expect("websocket connects");
+        Client::connect_with(running, user, &token(user)).await
+    }
+
+    /// Connects `user` with this token.
+    pub async fn connect_with(running: &Running, user: &str, token: &str) -> Client {
+        match Client::try_connect(running, user, token).await {
+            Ok(client) => client,
+            Err((status, body)) => panic!("{user}: the connect was refused with {status}: {body}"),
+        }
+    }
+
+    /// Connects `user` with this token; a refusal before the upgrade is its HTTP status and body.
+    pub async fn try_connect(running: &Running, user: &str, token: &str) -> Result<Client, (u16, String)> {
+        use tokio_tungstenite::tungstenite::Error;
+        let url = format!("ws://{}/v1/ws?v=1&token={token}", running.address);
+        let mut socket = match connect_async(url).await {
+            Ok((socket, _)) => socket,
+            Err(Error::Http(response)) => {
+                let body = response.body().as_ref().map(|body| String::from_utf8_lossy(body).into_owned());
+                return Err((response.status().as_u16(), body.unwrap_or_default()));
+            }
+            Err(error) => panic!("{user}: the connect failed: {error}"),
+        };
         let ready = next_json(&mut socket).await.expect("ready frame");
         assert_eq!(ready["type"], "ready", "{ready}");
-        Client { user: user.to_owned(), socket, ready, backlog: Vec::new(), auto_ack: true }
+        Ok(Client { user: user.to_owned(), socket, ready, backlog: Vec::new(), auto_ack: true })
+    }
+
+    /// Reads (and keeps in the backlog) frames until the server closes; the close code and reason (0 without a
+    /// close frame).
+    pub async fn closed(&mut self) -> (u16, String) {
+        let read = async {
+            loop {
+                match self.socket.next().await {
+                    Some(Ok(Message::Close(Some(frame)))) => return (u16::from(frame.code), frame.reason.to_string()),
+                    Some(Ok(Message::Close(None))) | None => return (0, String::new()),
+                    Some(Ok(Message::Text(text))) => {
+                        self.backlog.push(serde_json::from_str(&text).expect("server sends JSON"));
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(error)) => return (1, error.to_string()),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), read)
+            .await
+            .unwrap_or_else(|_| panic!("{}: the server did not close within 20 s", self.user))
     }
 
     pub async fn send_json(&mut self, frame: Value) {
@@ -105,4 +147,15 @@ pub async fn next_json(socket: &mut WebSocketStream<MaybeTlsStream<TcpStream>>) 
             Ok(_) => continue,
         }
     }
+}
+
+/// One request to the server's HTTP API (`bearer`: a token or a server API key).
+pub async fn http(
+    running: &Running,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: &str,
+) -> parley_test_support::http::Response {
+    parley_test_support::http::request(running.address, method, path, bearer, body).await
 }
