@@ -476,7 +476,13 @@ async fn create_channel(
     timeout: Duration,
 ) -> anyhow::Result<(String, u64)> {
     let (first, rest) = conns.split_first_mut().ok_or_else(|| anyhow!("no sender connection"))?;
-    let create = ClientFrame::CreateChannel { req_id: Some("c".into()), name: name.to_owned(), members: Vec::new() };
+    let create = ClientFrame::CreateChannel {
+        req_id: Some("c".into()),
+        name: name.to_owned(),
+        members: Vec::new(),
+        visibility: None,
+        posting: None,
+    };
     let (id, last_seq) = match client::request(&mut first.0, &create, timeout).await? {
         ServerFrame::Channel { channel, .. } => (channel.id, channel.last_seq),
         other => bail!("create_channel answered {other:?}"),

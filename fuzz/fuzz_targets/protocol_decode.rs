@@ -1,0 +1,8 @@
+//! `protocol_decode`: see `targets::protocol_decode` (fuzz/targets.rs, shared with the corpus replay on stable).
+#![no_main]
+
+#[allow(dead_code)]
+#[path = "../targets.rs"]
+mod targets;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| targets::protocol_decode(data));
