@@ -90,6 +90,12 @@ impl RouterMetrics {
                 read(|stats| &stats.commit_failures),
             )
             .read(
+                "store_writer_consumer_restarts",
+                "Store writer consumers replaced after a fatal error (fenced after a broker outage)",
+                Kind::Counter,
+                read(|stats| &stats.consumer_restarts),
+            )
+            .read(
                 "store_writer_consume_failures",
                 "Errors while consuming the log",
                 Kind::Counter,

@@ -757,3 +757,47 @@ async fn a_key_reused_as_a_first_attempt_keeps_naming_its_first_message() {
     assert_eq!((retry.placement.seq, retry.duplicate), (1, true), "{retry:?}");
     writer.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_store_writer_replaces_its_consumer_and_stores_on() {
+    let Some(mut config) = kafka_config() else { return };
+    // A static member, as the router runs it: a newer member with the same instance id fences this one, which is
+    // what a broker outage longer than the session can lead to (librdkafka's fatal FencedInstanceId).
+    config.store_writer_instance = Some(format!("{}store-writer-0", config.prefix));
+    let (_dir, store) = store();
+    let log = Arc::new(open(&config, &store).await);
+    let writer = StoreWriter::start(config.clone(), store.clone()).await.expect("store writer");
+    let router = router_on(log, &store);
+    let alice = UserId::new("alice").expect("user");
+    router.create_channel(&alice, "room", &[]).await.expect("create");
+    for n in 1..=10u64 {
+        router.send(&alice, "g:room", &format!("a{n}"), "before").await.expect("send");
+    }
+    wait_stored(&store, "g:room", 10, Duration::from_secs(30)).await;
+
+    // The impostor joins with the writer's instance id and stays a moment: the writer's consumer is fenced.
+    let impostor: rdkafka::consumer::StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap_servers)
+        .set("group.id", config.store_writer_group())
+        .set("group.instance.id", config.store_writer_instance.as_deref().unwrap_or_default())
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("impostor");
+    impostor.subscribe(&[&config.messages_topic()]).expect("subscribe");
+    let _ = tokio::time::timeout(Duration::from_secs(5), impostor.recv()).await;
+    tokio::task::spawn_blocking(move || drop(impostor)).await.expect("impostor leaves");
+    for n in 11..=20u64 {
+        router.send(&alice, "g:room", &format!("a{n}"), "after").await.expect("send");
+    }
+    // The writer notices, replaces its consumer, and stores what came after (and nothing twice).
+    wait_stored(&store, "g:room", 20, Duration::from_secs(60)).await;
+    assert_exactly_once_in_order("g:room", &history(&store, "g:room").await, 20);
+    caught_up(&writer).await;
+    assert!(
+        writer.stats().consumer_restarts.load(Ordering::Relaxed) >= 1,
+        "the fenced consumer was replaced (consume failures: {})",
+        writer.stats().consume_failures.load(Ordering::Relaxed)
+    );
+    writer.stop().await.expect("clean stop");
+}

@@ -5,6 +5,7 @@ use crate::backend::MessageStore;
 use parley_api::BackendError;
 use parley_core::protocol::MessageView;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
@@ -27,13 +28,51 @@ pub struct StoreWriterStats {
     pub commit_failures: AtomicU64,
     /// Errors while consuming.
     pub consume_failures: AtomicU64,
+    /// Consumers replaced after a fatal error (e.g. fenced by a newer member with the same instance id after a
+    /// broker outage longer than the session): the writer goes on with a new one.
+    pub consumer_restarts: AtomicU64,
+}
+
+/// The consumer a store writer uses now: the writer's task replaces it after a fatal error, and
+/// [`StoreWriter::stop`] and [`StoreWriter::kill`] close the one in place.
+type ConsumerSlot = Arc<std::sync::Mutex<Option<Arc<StreamConsumer>>>>;
+
+fn slot_take(slot: &ConsumerSlot) -> Option<Arc<StreamConsumer>> {
+    slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+}
+
+fn slot_put(slot: &ConsumerSlot, consumer: Arc<StreamConsumer>) -> Option<Arc<StreamConsumer>> {
+    slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).replace(consumer)
+}
+
+/// A member of the group `{prefix}store-writer`, subscribed to `{prefix}messages`.
+fn consumer(config: &KafkaConfig) -> Result<StreamConsumer, BackendError> {
+    let mut settings = config.consumer(&config.store_writer_group());
+    settings.set("session.timeout.ms", config.session_timeout.as_millis().to_string());
+    if let Some(instance) = &config.store_writer_instance {
+        settings.set("group.instance.id", instance);
+    }
+    let consumer: StreamConsumer = settings.create().map_err(kafka_error("store writer consumer"))?;
+    consumer.subscribe(&[&config.messages_topic()]).map_err(kafka_error("store writer subscribe"))?;
+    Ok(consumer)
+}
+
+/// Closes a consumer (leaving the group blocks in librdkafka).
+async fn close(consumer: Option<Arc<StreamConsumer>>) {
+    if let Some(consumer) = consumer {
+        let _ = blocking(move || {
+            drop(consumer);
+            Ok(())
+        })
+        .await;
+    }
 }
 
 /// The running store writer. Stop it with [`stop`](Self::stop); dropping it also stops it.
 pub struct StoreWriter {
     config: KafkaConfig,
     topic: String,
-    consumer: Arc<StreamConsumer>,
+    consumer: ConsumerSlot,
     stats: Arc<StoreWriterStats>,
     shutdown: watch::Sender<bool>,
     task: Option<JoinHandle<Result<(), BackendError>>>,
@@ -52,14 +91,7 @@ impl StoreWriter {
     pub async fn start(config: KafkaConfig, store: Arc<dyn MessageStore>) -> Result<Self, BackendError> {
         ensure_topics(&config).await?;
         let topic = config.messages_topic();
-        let mut settings = config.consumer(&config.store_writer_group());
-        settings.set("session.timeout.ms", config.session_timeout.as_millis().to_string());
-        if let Some(instance) = &config.store_writer_instance {
-            settings.set("group.instance.id", instance);
-        }
-        let consumer: StreamConsumer = settings.create().map_err(kafka_error("store writer consumer"))?;
-        consumer.subscribe(&[&topic]).map_err(kafka_error("store writer subscribe"))?;
-        let consumer = Arc::new(consumer);
+        let consumer: ConsumerSlot = Arc::new(std::sync::Mutex::new(Some(Arc::new(consumer(&config)?))));
         let stats = Arc::new(StoreWriterStats::default());
         let (shutdown, stopping) = watch::channel(false);
         let task = tokio::spawn(run(config.clone(), consumer.clone(), store, stats.clone(), stopping));
@@ -92,14 +124,9 @@ impl StoreWriter {
             Some(task) => task.await.map_err(|error| BackendError::Task(error.to_string()))?,
             None => Ok(()),
         };
-        let consumer = self.consumer.clone();
+        let consumer = slot_take(&self.consumer);
         drop(self);
-        // Closing the consumer (leaving the group) blocks in librdkafka.
-        blocking(move || {
-            drop(consumer);
-            Ok(())
-        })
-        .await?;
+        close(consumer).await;
         outcome
     }
 
@@ -110,13 +137,9 @@ impl StoreWriter {
             task.abort();
             let _ = task.await;
         }
-        let consumer = self.consumer.clone();
+        let consumer = slot_take(&self.consumer);
         drop(self);
-        let _ = blocking(move || {
-            drop(consumer);
-            Ok(())
-        })
-        .await;
+        close(consumer).await;
     }
 }
 
@@ -166,13 +189,16 @@ const IDLE_COMMIT: std::time::Duration = std::time::Duration::from_millis(200);
 
 async fn run(
     config: KafkaConfig,
-    consumer: Arc<StreamConsumer>,
+    slot: ConsumerSlot,
     store: Arc<dyn MessageStore>,
     stats: Arc<StoreWriterStats>,
     mut stopping: watch::Receiver<bool>,
 ) -> Result<(), BackendError> {
     // What this writer committed last, per partition.
     let mut committed: BTreeMap<i32, i64> = BTreeMap::new();
+    let Some(mut consumer) = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone() else {
+        return Ok(());
+    };
     loop {
         if *stopping.borrow() {
             break;
@@ -190,6 +216,7 @@ async fn run(
             continue;
         };
         let mut received = Some(first);
+        let mut fatal = false;
         let deadline = tokio::time::Instant::now() + config.store_batch_wait;
         while let Some(outcome) = received.take() {
             match outcome {
@@ -206,6 +233,7 @@ async fn run(
                 Err(error) => {
                     stats.consume_failures.fetch_add(1, Ordering::Relaxed);
                     warn!(%error, "store writer consume error");
+                    fatal = matches!(error, KafkaError::MessageConsumptionFatal(_));
                     break;
                 }
             }
@@ -237,9 +265,52 @@ async fn run(
             stats.batches.fetch_add(1, Ordering::Relaxed);
             debug!(messages = batch.len(), "stored");
         }
+        if fatal {
+            // The consumer cannot go on (librdkafka's fatal state): what it handed over is written, what it did
+            // not commit is replayed by the new member, so nothing is lost or skipped.
+            match replace_consumer(consumer, &config, &slot, &stats, &mut stopping).await {
+                Some(fresh) => {
+                    consumer = fresh;
+                    committed.clear();
+                    continue;
+                }
+                None => break,
+            }
+        }
         commit_positions(&config, &consumer, &mut committed, &stats).await;
     }
     Ok(())
+}
+
+/// Closes `old` (the consumer in `slot`) and puts a new member of the group in its place, retrying with a backoff
+/// until it can (or until the writer stops: `None`).
+async fn replace_consumer(
+    old: Arc<StreamConsumer>,
+    config: &KafkaConfig,
+    slot: &ConsumerSlot,
+    stats: &StoreWriterStats,
+    stopping: &mut watch::Receiver<bool>,
+) -> Option<Arc<StreamConsumer>> {
+    drop(slot_take(slot));
+    close(Some(old)).await;
+    let mut delay = config.retry_min;
+    loop {
+        match consumer(config) {
+            Ok(fresh) => {
+                let fresh = Arc::new(fresh);
+                close(slot_put(slot, fresh.clone())).await;
+                stats.consumer_restarts.fetch_add(1, Ordering::Relaxed);
+                warn!("store writer consumer replaced after a fatal error; replaying from the committed offsets");
+                return Some(fresh);
+            }
+            Err(error) => warn!(%error, retry_ms = delay.as_millis() as u64, "cannot create the store writer consumer"),
+        }
+        tokio::select! {
+            _ = stopping.changed() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(config.retry_max);
+    }
 }
 
 /// Commits the consumer's positions that moved since the last commit. A position is the offset after the last
