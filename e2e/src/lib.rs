@@ -5,10 +5,14 @@
 //! - [`worker`]: child processes that each hold a share of the connections;
 //! - [`hist`]: a mergeable latency histogram;
 //! - [`sys`]: RSS, CPU time and file limits from `/proc`;
-//! - [`mock`]: a tiny in-memory server, only for checking the tool itself.
+//! - [`mock`]: a tiny in-memory server, only for checking the tool itself;
+//! - [`history`]: the history checker of the chaos run (pure): every client's log against the stored history;
+//! - [`chaos`]: the chaos run (`parley-chaos`, `e2e/chaos/run.sh`): kills and restarts under load, then the checker.
 
+pub mod chaos;
 pub mod client;
 pub mod hist;
+pub mod history;
 pub mod mock;
 pub mod sys;
 pub mod worker;

@@ -1,5 +1,5 @@
-//! What the workspace's tests share, so that no test file carries its own copy. A dev-dependency only: no binary
-//! links it.
+//! What the workspace's tests share, so that no test file carries its own copy. The tests and the e2e tools
+//! (`parley-chaos`) use it; no product binary links it.
 //!
 //! - [`engines`]: whether a test that needs a real engine (Redis, Kafka, Cassandra, Kubernetes) runs, is skipped
 //!   with one clear line (plain `cargo test`), or fails (the full test command, which sets
