@@ -1,6 +1,7 @@
 //! The `ChatCluster` kind: one Parley installation, its images, its gateway and router settings, its backends and
 //! the Snowflake settings shared by all of its Regions.
 
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -65,6 +66,9 @@ pub struct ChatClusterSpec {
     /// Redis, for pub/sub, presence and the user-to-gateway registry.
     #[serde(default)]
     pub redis: RedisSpec,
+    /// The NetworkPolicies of each Region's pods.
+    #[serde(default)]
+    pub network_policy: NetworkPolicySettings,
     /// Client authentication.
     pub auth: AuthSpec,
 }
@@ -388,14 +392,15 @@ fn default_machine_id_quarantine_seconds() -> i32 {
     60
 }
 
-/// Kafka, the durable log every message is appended to before it is confirmed.
+/// Kafka, the durable log every message is appended to before it is confirmed. The router pods connect to it (the
+/// gateways never do).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("!has(self.tls) || !self.tls")
-        .message("kafka.tls: true is refused: the router connects to Kafka in plaintext only (keep Kafka on a private network)"),
-    validation = Rule::new("!has(self.credentials)")
-        .message("kafka.credentials is refused: the router does not authenticate to Kafka (SASL is not supported)")
+    validation = Rule::new("!has(self.tlsCaSecret) || (has(self.tls) && self.tls)")
+        .message("kafka.tlsCaSecret needs kafka.tls: true (the CA bundle only verifies the brokers' TLS certificates); set tls: true or remove tlsCaSecret"),
+    validation = Rule::new("!has(self.saslMechanism) || has(self.credentials)")
+        .message("kafka.saslMechanism needs kafka.credentials (SASL is used only with a username and password); set credentials or remove saslMechanism")
 )]
 pub struct KafkaSpec {
     /// Default bootstrap servers (`host:port,host:port`). A Region's `kafka.bootstrapServers` overrides it; one
@@ -415,27 +420,62 @@ pub struct KafkaSpec {
         .message("kafka.topicPrefix must be 1-64 letters, digits, '.', '_' or '-'"))]
     #[schemars(length(max = 64))]
     pub topic_prefix: String,
-    /// Connect with TLS. Must be false: the router speaks plaintext to Kafka.
+    /// Connect to the brokers with TLS (`PARLEY_KAFKA_TLS` of the router pods; with `credentials` the protocol is
+    /// SASL_SSL). The brokers' certificates are verified against `tlsCaSecret`, or the system's roots without it.
     #[serde(default)]
     pub tls: bool,
-    /// SASL credentials. Must be absent: the router does not authenticate to Kafka.
+    /// A Secret key holding the PEM bundle of the CA(s) that sign the brokers' certificates; without it the
+    /// system's roots are trusted. Needs `tls: true`. It is mounted read-only into the router pods as
+    /// `/etc/parley/tls/kafka/ca.crt` (`PARLEY_KAFKA_TLS_CA_FILE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_secret: Option<SecretKeyRef>,
+    /// SASL mechanism used with `credentials` (`PARLEY_KAFKA_SASL_MECHANISM`): `SCRAM-SHA-512` (the default when
+    /// unset), `SCRAM-SHA-256` or `PLAIN`. Needs `credentials`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// SASL username and password (a Secret's keys), given to the router pods as `PARLEY_KAFKA_SASL_USERNAME` and
+    /// `PARLEY_KAFKA_SASL_PASSWORD` through `secretKeyRef`. Allowed without `tls`, but then the session is not
+    /// encrypted and, with `PLAIN`, the password crosses the network in clear text: use it with `tls: true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<CredentialsSecret>,
+}
+
+/// How the router authenticates to Kafka with its `credentials`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SaslMechanism {
+    /// SCRAM with SHA-512 (the default).
+    #[default]
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+    /// SCRAM with SHA-256.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// The password itself, sent to the broker (only safe over TLS).
+    #[serde(rename = "PLAIN")]
+    Plain,
+}
+
+impl SaslMechanism {
+    /// The value of the router's `PARLEY_KAFKA_SASL_MECHANISM`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::Plain => "PLAIN",
+        }
+    }
 }
 
 fn default_topic_prefix() -> String {
     "parley".to_owned()
 }
 
-/// Cassandra or Scylla, where messages are stored from the log. Each Region adds its datacenter.
+/// Cassandra or Scylla, where messages are stored from the log. Each Region adds its datacenter. The router pods
+/// connect to it (the gateways never do).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(
-    validation = Rule::new("!has(self.tls) || !self.tls")
-        .message("cassandra.tls: true is refused: the router connects to Cassandra in plaintext only (keep it on a private network)"),
-    validation = Rule::new("!has(self.credentials)")
-        .message("cassandra.credentials is refused: the router does not authenticate to Cassandra")
-)]
+#[x_kube(validation = Rule::new("!has(self.tlsCaSecret) || (has(self.tls) && self.tls)")
+    .message("cassandra.tlsCaSecret needs cassandra.tls: true (the CA bundle only verifies the nodes' TLS certificates); set tls: true or remove tlsCaSecret"))]
 pub struct CassandraSpec {
     /// Contact points (`host` or `host:port`).
     #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 253)))]
@@ -447,31 +487,86 @@ pub struct CassandraSpec {
     )]
     #[schemars(length(max = 48))]
     pub keyspace: String,
-    /// Connect with TLS. Must be false: the router speaks plaintext to Cassandra.
+    /// Connect to the nodes with TLS (`PARLEY_CASSANDRA_TLS` of the router pods). Their certificates are verified
+    /// against `tlsCaSecret`, or the system's roots without it.
     #[serde(default)]
     pub tls: bool,
-    /// Username and password. Must be absent: the router does not authenticate to Cassandra.
+    /// A Secret key holding the PEM bundle of the CA(s) that sign the nodes' certificates; without it the system's
+    /// roots are trusted. Needs `tls: true`. It is mounted read-only into the router pods as
+    /// `/etc/parley/tls/cassandra/ca.crt` (`PARLEY_CASSANDRA_TLS_CA_FILE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_secret: Option<SecretKeyRef>,
+    /// Username and password for Cassandra's PasswordAuthenticator (a Secret's keys), given to the router pods as
+    /// `PARLEY_CASSANDRA_USERNAME` and `PARLEY_CASSANDRA_PASSWORD` through `secretKeyRef`. Allowed without `tls`,
+    /// but then the password crosses the network in clear text: use it with `tls: true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<CredentialsSecret>,
 }
 
-/// Redis, for pub/sub between routers and gateways, presence and the user-to-gateway registry.
+/// Redis, for pub/sub between routers and gateways, presence and the user-to-gateway registry. Both the gateway and
+/// the router pods connect to it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.credentials)")
-    .message("redis.credentials is refused: the gateways and routers do not authenticate to Redis"))]
+#[x_kube(validation = Rule::new("!has(self.tlsCaSecret) || !has(self.url) || self.url.startsWith('rediss://')")
+    .message("redis.tlsCaSecret needs a rediss:// (TLS) redis.url: the CA bundle only verifies TLS connections; use rediss:// or remove tlsCaSecret"))]
 pub struct RedisSpec {
-    /// Default URL (`redis://host:port`; TLS, `rediss://`, is refused: the binaries speak plaintext to Redis). A
-    /// Region's `redis.url` overrides it; one of the two must be set.
+    /// Default URL: `redis://host:port`, or `rediss://host:port` for TLS; for a Redis Cluster, comma-separated seed
+    /// URLs, all of one scheme. A Region's `redis.url` overrides it; one of the two must be set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self.startsWith('redis://')")
-        .message("redis.url must start with redis:// (rediss:// is refused: the binaries connect to Redis without TLS)"))]
+    #[x_kube(validation = Rule::new(REDIS_URL_RULE).message(REDIS_URL_MESSAGE))]
     #[schemars(length(max = 2048))]
     pub url: Option<String>,
-    /// Password (and optionally a username, for Redis ACLs). Must be absent: the binaries do not authenticate to
-    /// Redis.
+    /// A Secret key holding the PEM bundle of the CA(s) that sign the Redis servers' certificates; without it the
+    /// system's roots are trusted. Only used with a `rediss://` URL (every Region of the ChatCluster must then use
+    /// one). It is mounted read-only into the gateway and router pods as `/etc/parley/tls/redis/ca.crt`
+    /// (`PARLEY_REDIS_TLS_CA_FILE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_secret: Option<SecretKeyRef>,
+    /// Password and, for Redis ACLs, username (a Secret's keys), given to the gateway and router pods as
+    /// `PARLEY_REDIS_PASSWORD` and `PARLEY_REDIS_USERNAME` through `secretKeyRef`. The username key may be absent
+    /// from the Secret (Redis' `default` user is used then). Allowed with a `redis://` URL, but then the password
+    /// crosses the network in clear text: use `rediss://`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<CredentialsSecret>,
+}
+
+/// The CEL rule of every Redis URL: one `redis://` or `rediss://` URL, or several comma-separated ones (Redis
+/// Cluster seeds) of one scheme.
+pub const REDIS_URL_RULE: &str =
+    "self.matches('^redis://[^,]+(,\\\\s*redis://[^,]+)*$') || self.matches('^rediss://[^,]+(,\\\\s*rediss://[^,]+)*$')";
+/// The message of [`REDIS_URL_RULE`].
+pub const REDIS_URL_MESSAGE: &str = "redis.url must be redis://host:port, or rediss://host:port for TLS; several \
+                                     comma-separated Redis Cluster seed URLs must all use the same scheme";
+
+/// NetworkPolicies the operator creates for each Region (ingress only; egress stays open, since Kafka, Cassandra
+/// and Redis run outside the Region).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySettings {
+    /// Create a NetworkPolicy for the gateway pods and one for the router pods of each Region
+    /// (`<region>-gateway`, `<region>-router`): the routers' internal port only from that Region's gateway pods,
+    /// the gateways' client port from anywhere, the admin ports (metrics, `/admin/drain`, health) from `adminFrom`.
+    /// A network plugin that enforces NetworkPolicies then drops every other ingress to those pods. False: none
+    /// (the operator deletes those it made; bring your own).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Who may reach the gateways' and routers' admin ports, as NetworkPolicy peers (pod and namespace selectors,
+    /// IP blocks). Empty (the default): every pod in the Region's namespace. To let a Prometheus in another
+    /// namespace scrape them, name its namespace here (a `namespaceSelector`). The kubelet's probes are allowed
+    /// either way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub admin_from: Vec<NetworkPolicyPeer>,
+}
+
+impl Default for NetworkPolicySettings {
+    fn default() -> Self {
+        Self { enabled: true, admin_from: Vec::new() }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Client authentication.

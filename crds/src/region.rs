@@ -9,6 +9,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::chat_cluster::{REDIS_URL_MESSAGE, REDIS_URL_RULE};
 use crate::common::MachineIdBlock;
 
 /// The most gateway pods one Region may run.
@@ -112,10 +113,11 @@ pub struct RegionKafka {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegionRedis {
-    /// URL of this region's Redis (`redis://host:port`; `rediss://` is refused). Defaults to the ChatCluster's.
+    /// URL of this region's Redis: `redis://host:port`, or `rediss://host:port` for TLS; for a Redis Cluster,
+    /// comma-separated seed URLs, all of one scheme. Defaults to the ChatCluster's. The ChatCluster's
+    /// `redis.tlsCaSecret` and `redis.credentials` apply to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self.startsWith('redis://')")
-        .message("redis.url must start with redis:// (rediss:// is refused: the binaries connect to Redis without TLS)"))]
+    #[x_kube(validation = Rule::new(REDIS_URL_RULE).message(REDIS_URL_MESSAGE))]
     #[schemars(length(max = 2048))]
     pub url: Option<String>,
 }
@@ -196,10 +198,12 @@ impl ServiceType {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegionRouter {
-    /// Number of router pods. Must be 1: one router writes every channel of a Region, and it fences any other
-    /// (routers do not share partitions).
+    /// Number of router pods (1-64). The routers share the Region's Kafka partitions: each partition, and so each
+    /// channel, has one writer at a time, the router that owns it. Each router publishes the partitions it owns,
+    /// with its own URL (`PARLEY_ROUTER_ADVERTISE_URL`), in Redis, and the gateways send each call to the owner of
+    /// its channel's partition. More routers than the topics have partitions would stand idle.
     #[serde(default = "default_router_replicas")]
-    #[x_kube(validation = Rule::new("self == 1").message("router.replicas must be 1: one router writes every channel of a Region and fences any other, so more replicas would only stand idle"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 64").message("router.replicas must be between 1 and 64"))]
     pub replicas: i32,
     /// CPU and memory of each router container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -267,4 +271,11 @@ pub struct RegionStatus {
     /// The machine-ID block as a range, for example `0-19`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_ids: Option<String>,
+    /// The Secret with the token the Region's gateways and routers authenticate their calls with
+    /// (`PARLEY_INTERNAL_TOKEN`), once it exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_token_secret: Option<String>,
+    /// The NetworkPolicies applied to the Region's pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_policies: Vec<String>,
 }

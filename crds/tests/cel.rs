@@ -110,17 +110,15 @@ fn gateway_replicas_fixed_or_range() {
 fn bounds() {
     assert_rejected::<Region>(&with(region(), "/spec/gateway/replicas", json!(513)), None, "between 1 and 512");
     assert_rejected::<Region>(&with(region(), "/spec/gateway/replicas", json!(0)), None, "between 1 and 512");
-    assert_rejected::<Region>(
-        &with(region(), "/spec/router", json!({"replicas": 2})),
-        None,
-        "router.replicas must be 1",
-    );
-    assert_rejected::<Region>(
-        &with(region(), "/spec/router", json!({"replicas": 0})),
-        None,
-        "router.replicas must be 1",
-    );
-    assert_eq!(failures::<Region>(&with(region(), "/spec/router", json!({"replicas": 1})), None), Vec::<String>::new());
+    for replicas in [0, 65] {
+        let routers = with(region(), "/spec/router", json!({ "replicas": replicas }));
+        assert_rejected::<Region>(&routers, None, "router.replicas must be between 1 and 64");
+    }
+    // Several routers share the Region's partitions.
+    for replicas in [1, 3, 64] {
+        let routers = with(region(), "/spec/router", json!({ "replicas": replicas }));
+        assert_eq!(failures::<Region>(&routers, None), Vec::<String>::new(), "{replicas} routers");
+    }
     let heartbeat = with(cluster(), "/spec/gateway", json!({"heartbeatIntervalMs": 10}));
     assert_rejected::<ChatCluster>(&heartbeat, None, "heartbeatIntervalMs must be between 1000 and 300000");
     let quarantine = with(cluster(), "/spec/snowflake", json!({"machineIdQuarantineSeconds": 1}));
@@ -148,7 +146,7 @@ fn formats_and_names() {
     let keyspace = with(cluster(), "/spec/cassandra/keyspace", json!("Bad-Keyspace"));
     assert_rejected::<ChatCluster>(&keyspace, None, "cassandra.keyspace must start with a lowercase letter");
     let redis = with(cluster(), "/spec/redis/url", json!("http://redis:6379"));
-    assert_rejected::<ChatCluster>(&redis, None, "redis.url must start with redis://");
+    assert_rejected::<ChatCluster>(&redis, None, "redis.url must be redis://host:port, or rediss://host:port");
     let image = with(cluster(), "/spec/images", json!({"gateway": "parley/gateway:latest"}));
     assert_rejected::<ChatCluster>(&image, None, "images.gateway must be a repository without tag");
     let registry_port = with(cluster(), "/spec/images", json!({"gateway": "registry:5000/parley/gateway"}));
@@ -159,21 +157,81 @@ fn formats_and_names() {
     assert_rejected::<Region>(&region_name, None, "regionName must be lowercase letters");
 }
 
+/// TLS and credentials for every engine, as a production ChatCluster sets them.
+fn secured_cluster() -> Value {
+    let cluster = with(
+        cluster(),
+        "/spec/kafka",
+        json!({"bootstrapServers": "kafka:9093", "tls": true, "tlsCaSecret": {"name": "kafka-ca", "key": "ca.crt"},
+               "saslMechanism": "SCRAM-SHA-256", "credentials": {"secretName": "kafka-user"}}),
+    );
+    let cluster = with(
+        cluster,
+        "/spec/cassandra",
+        json!({"contactPoints": ["cassandra"], "keyspace": "parley", "tls": true,
+               "tlsCaSecret": {"name": "cassandra-ca", "key": "ca.pem"},
+               "credentials": {"secretName": "cassandra-user", "usernameKey": "user", "passwordKey": "pass"}}),
+    );
+    with(
+        cluster,
+        "/spec/redis",
+        json!({"url": "rediss://redis:6380", "tlsCaSecret": {"name": "redis-ca", "key": "ca.crt"},
+               "credentials": {"secretName": "redis-user"}}),
+    )
+}
+
 #[test]
-fn settings_no_binary_honours_are_refused() {
-    for (pointer, value, expected) in [
-        ("/spec/kafka/tls", json!(true), "kafka.tls: true is refused"),
-        ("/spec/cassandra/tls", json!(true), "cassandra.tls: true is refused"),
-        ("/spec/kafka/credentials", json!({"secretName": "k"}), "kafka.credentials is refused"),
-        ("/spec/cassandra/credentials", json!({"secretName": "c"}), "cassandra.credentials is refused"),
-        ("/spec/redis/credentials", json!({"secretName": "r"}), "redis.credentials is refused"),
-        ("/spec/redis/url", json!("rediss://redis:6380"), "rediss:// is refused"),
-    ] {
-        assert_rejected::<ChatCluster>(&with(cluster(), pointer, value), None, expected);
+fn tls_and_credentials_are_accepted_for_every_engine() {
+    assert_eq!(failures::<ChatCluster>(&secured_cluster(), None), Vec::<String>::new());
+    // TLS without a CA bundle trusts the system's roots.
+    let system_roots = with(secured_cluster(), "/spec/kafka/tlsCaSecret", Value::Null);
+    assert_eq!(failures::<ChatCluster>(&system_roots, None), Vec::<String>::new());
+    // Credentials without TLS are allowed (the field documentation warns).
+    let plaintext = with(cluster(), "/spec/kafka/credentials", json!({"secretName": "kafka-user"}));
+    let plaintext = with(plaintext, "/spec/cassandra/credentials", json!({"secretName": "cassandra-user"}));
+    let plaintext = with(plaintext, "/spec/redis/credentials", json!({"secretName": "redis-user"}));
+    assert_eq!(failures::<ChatCluster>(&plaintext, None), Vec::<String>::new());
+    for mechanism in ["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] {
+        let sasl = with(secured_cluster(), "/spec/kafka/saslMechanism", json!(mechanism));
+        assert_eq!(failures::<ChatCluster>(&sasl, None), Vec::<String>::new(), "{mechanism}");
     }
-    // Spelling out the defaults is fine.
-    let explicit = with(with(cluster(), "/spec/kafka/tls", json!(false)), "/spec/cassandra/tls", json!(false));
-    assert_eq!(failures::<ChatCluster>(&explicit, None), Vec::<String>::new());
+    // A Region picks TLS for its own Redis with a rediss:// URL; a Redis Cluster lists its seeds.
     let region_tls = with(region(), "/spec/redis", json!({"url": "rediss://redis-eu:6380"}));
-    assert_rejected::<Region>(&region_tls, None, "rediss:// is refused");
+    assert_eq!(failures::<Region>(&region_tls, None), Vec::<String>::new());
+    let seeds = with(region(), "/spec/redis", json!({"url": "rediss://a:6380,rediss://b:6380, rediss://c:6380"}));
+    assert_eq!(failures::<Region>(&seeds, None), Vec::<String>::new());
+}
+
+#[test]
+fn inconsistent_tls_settings_are_refused_with_what_to_do() {
+    for (pointer, value, expected) in [
+        ("/spec/kafka/tls", json!(false), "kafka.tlsCaSecret needs kafka.tls: true"),
+        ("/spec/cassandra/tls", json!(false), "cassandra.tlsCaSecret needs cassandra.tls: true"),
+        ("/spec/redis/url", json!("redis://redis:6379"), "redis.tlsCaSecret needs a rediss:// (TLS) redis.url"),
+        ("/spec/kafka/credentials", Value::Null, "kafka.saslMechanism needs kafka.credentials"),
+    ] {
+        assert_rejected::<ChatCluster>(&with(secured_cluster(), pointer, value), None, expected);
+    }
+    // Absent tls (the API server defaults it to false) is no TLS either.
+    let kafka = with(cluster(), "/spec/kafka/tlsCaSecret", json!({"name": "kafka-ca", "key": "ca.crt"}));
+    assert_rejected::<ChatCluster>(&kafka, None, "kafka.tlsCaSecret needs kafka.tls: true");
+    let mixed = with(secured_cluster(), "/spec/redis/url", json!("rediss://a:6380,redis://b:6379"));
+    assert_rejected::<ChatCluster>(&mixed, None, "must all use the same scheme");
+    let region_mixed = with(region(), "/spec/redis", json!({"url": "redis://a:6379,rediss://b:6380"}));
+    assert_rejected::<Region>(&region_mixed, None, "must all use the same scheme");
+}
+
+#[test]
+fn network_policy_admin_peers_are_network_policy_peers() {
+    let peers = with(
+        cluster(),
+        "/spec/networkPolicy",
+        json!({"enabled": true, "adminFrom": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+            {"ipBlock": {"cidr": "10.0.0.0/8"}}
+        ]}),
+    );
+    assert_eq!(failures::<ChatCluster>(&peers, None), Vec::<String>::new());
+    let off = with(cluster(), "/spec/networkPolicy", json!({"enabled": false}));
+    assert_eq!(failures::<ChatCluster>(&off, None), Vec::<String>::new());
 }

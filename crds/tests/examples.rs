@@ -74,4 +74,14 @@ fn production_example_has_three_regions_replicating_to_each_other() {
         }
     }
     assert_eq!(clusters[0].spec.auth.jwt_algorithm, JwtAlgorithm::RS256);
+    // Production reaches every engine over TLS with credentials, and runs several routers per Region.
+    let spec = &clusters[0].spec;
+    assert!(spec.kafka.tls && spec.kafka.tls_ca_secret.is_some() && spec.kafka.credentials.is_some());
+    assert!(spec.cassandra.tls && spec.cassandra.tls_ca_secret.is_some() && spec.cassandra.credentials.is_some());
+    assert!(spec.redis.tls_ca_secret.is_some() && spec.redis.credentials.is_some());
+    for region in &regions {
+        let url = region.spec.redis.url.as_deref().unwrap_or_default();
+        assert!(url.starts_with("rediss://"), "{}: {url}", region.spec.region_name);
+        assert!(region.spec.router.replicas > 1, "{}: one router", region.spec.region_name);
+    }
 }

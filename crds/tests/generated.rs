@@ -148,9 +148,17 @@ fn cel_rules_are_in_the_schema() {
         "has(self.replicas) ? !has(self.minReplicas) && !has(self.maxReplicas) : has(self.minReplicas) && has(self.maxReplicas)",
     );
     has(&region, ".spec", "!has(self.replication) || self.replication.all(r, !(self.regionName in r.toRegions))");
-    has(&region, ".spec.router.replicas", "self == 1");
-    has(&cluster, ".spec.kafka", "!has(self.tls) || !self.tls");
-    has(&cluster, ".spec.redis", "!has(self.credentials)");
+    has(&region, ".spec.router.replicas", "self >= 1 && self <= 64");
+    has(&cluster, ".spec.kafka", "!has(self.tlsCaSecret) || (has(self.tls) && self.tls)");
+    has(&cluster, ".spec.kafka", "!has(self.saslMechanism) || has(self.credentials)");
+    has(&cluster, ".spec.cassandra", "!has(self.tlsCaSecret) || (has(self.tls) && self.tls)");
+    has(&cluster, ".spec.redis", "!has(self.tlsCaSecret) || !has(self.url) || self.url.startsWith('rediss://')");
+    has(&cluster, ".spec.redis.url", parley_crds::chat_cluster::REDIS_URL_RULE);
+    has(&region, ".spec.redis.url", parley_crds::chat_cluster::REDIS_URL_RULE);
+    // Nothing refuses what the binaries now support.
+    for (path, rule, _) in cluster.iter().chain(&region) {
+        assert!(!rule.contains("!has(self.credentials)") && rule != "self == 1", "left-over refusal {rule} at {path}");
+    }
 }
 
 #[test]

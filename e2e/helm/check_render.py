@@ -2,7 +2,8 @@
 """Checks the output of `helm template` for the Parley chart (run by e2e/helm/test.sh).
 
 Usage:
-    check_render.py --chart charts/parley --crds crds --namespace NS --release R --watch-namespace W SCENARIO=FILE...
+    check_render.py --chart charts/parley --crds crds --namespace NS --release R --watch-namespace W
+                    --namespaced-values FILE SCENARIO=FILE...
 
 Scenarios (each FILE is one `helm template --include-crds` output, rendered by test.sh with the values named):
     default      default values: all namespaces (ClusterRole), 2 replicas, PDB
@@ -10,6 +11,7 @@ Scenarios (each FILE is one `helm template --include-crds` output, rendered by t
     single       replicaCount=1: no PodDisruptionBudget
     tag          image.tag=9.9.9-test
     digest       image.digest=sha256:<64 hex>
+    no-netpol    networkPolicy.enabled=false: no NetworkPolicy
 
 Every check prints "ok - ..." or "FAIL - ...: why"; the last line is "helm-render: N passed, M failed" and the
 exit status is 1 when any check failed.
@@ -23,7 +25,8 @@ import yaml
 
 # The least-privilege rule set the operator needs, as (apiGroup, resource, verb) triples. The chart's
 # templates/_helpers.tpl (parley.operatorRules / parley.leaseRules) must grant exactly these; anything more or
-# less fails. Kinds follow operator/src/build.rs: StatefulSets, Services, ConfigMaps, PodDisruptionBudgets.
+# less fails. Kinds follow operator/src/build.rs: StatefulSets, Services, ConfigMaps, PodDisruptionBudgets,
+# NetworkPolicies; Secrets only created (each Region's internal token), never read.
 CR_RESOURCES = ["chatclusters", "regions"]
 
 
@@ -38,9 +41,14 @@ OPERATOR_RULES = (
     | triples(["apps"], ["statefulsets"], ["get", "list", "watch", "create", "patch", "delete"])
     | triples(["policy"], ["poddisruptionbudgets"], ["get", "list", "watch", "create", "patch", "delete"])
     | triples([""], ["services", "configmaps"], ["get", "list", "watch", "create", "patch", "delete"])
+    | triples(["networking.k8s.io"], ["networkpolicies"], ["get", "list", "watch", "create", "patch", "delete"])
+    | triples([""], ["secrets"], ["create"])
     | triples(["events.k8s.io"], ["events"], ["create", "patch"])
 )
 LEASE_RULES = triples(["coordination.k8s.io"], ["leases"], ["get", "create", "update", "patch"])
+# Lease verbs limited to the named Lease (resourceNames); create cannot be, since a create is authorized before
+# the object has a name.
+LEASE_NAMED_VERBS = {"get", "update", "patch"}
 
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod"}
 
@@ -85,7 +93,8 @@ def pod_spec(doc):
 
 
 def rule_triples(rules):
-    """Expands RBAC rules into (group, resource, verb) triples; returns (triples, problems)."""
+    """Expands RBAC rules into (group, resource, verb) triples; returns (triples, problems). resourceNames are only
+    expected on Lease rules (checked by check_lease_names)."""
     out, problems = set(), []
     for rule in rules or []:
         groups, resources, verbs = rule.get("apiGroups", []), rule.get("resources", []), rule.get("verbs", [])
@@ -94,10 +103,23 @@ def rule_triples(rules):
                 problems.append(f"wildcard in {field}: {rule}")
         if rule.get("nonResourceURLs"):
             problems.append(f"nonResourceURLs granted: {rule}")
-        if rule.get("resourceNames"):
+        if rule.get("resourceNames") and resources != ["leases"]:
             problems.append(f"unexpected resourceNames: {rule}")
         out |= triples(groups, resources, verbs)
     return out, problems
+
+
+def check_lease_names(c, scenario, role, lease_name):
+    """get/update/patch on leases only for the named Lease; create (which cannot be limited by name) on its own."""
+    names = {}
+    for rule in role.get("rules") or []:
+        for verb in rule.get("verbs", []):
+            names.setdefault(verb, set()).add(tuple(rule.get("resourceNames") or ()))
+    for verb in sorted(LEASE_NAMED_VERBS):
+        c.check(f"{scenario}: Lease {verb} only on the Lease {lease_name}", names.get(verb) == {(lease_name,)},
+                f"{verb} resourceNames {names.get(verb)}")
+    c.check(f"{scenario}: Lease create in a rule of its own (a create cannot be limited by name)",
+            names.get("create") == {()}, f"create resourceNames {names.get('create')}")
 
 
 def describe(diff):
@@ -135,12 +157,12 @@ def check_workloads(c, scenario, docs):
                     "ALL" in (caps.get("drop") or []) and not caps.get("add"), f"capabilities {caps}")
 
 
-def check_rbac(c, scenario, docs, release_ns, watch_ns, lease_ns, service_account):
+def check_rbac(c, scenario, docs, release_ns, watch_ns, lease_ns, lease_name, service_account):
     cluster_roles, roles = by_kind(docs, "ClusterRole"), by_kind(docs, "Role")
     for doc in cluster_roles + roles:
         _, problems = rule_triples(doc.get("rules"))
-        c.check(f"{scenario}: {ident(doc)} has no wildcards, nonResourceURLs or resourceNames", not problems,
-                "; ".join(problems))
+        c.check(f"{scenario}: {ident(doc)} has no wildcards, nonResourceURLs or resourceNames (but the Lease's)",
+                not problems, "; ".join(problems))
     lease_roles = [r for r in roles if rule_triples(r.get("rules"))[0] == LEASE_RULES]
     operator_roles = [r for r in roles if r not in lease_roles]
     if watch_ns:
@@ -168,6 +190,7 @@ def check_rbac(c, scenario, docs, release_ns, watch_ns, lease_ns, service_accoun
                + "; ".join(f"{ident(r)}: {describe(rule_triples(r.get('rules'))[0])}" for r in roles)):
         ns = lease_roles[0]["metadata"].get("namespace")
         c.check(f"{scenario}: Lease Role is in the Lease namespace only", ns == lease_ns, f"namespace {ns!r}")
+        check_lease_names(c, scenario, lease_roles[0], lease_name)
     leases_elsewhere = [d for d in cluster_roles if any(r == "leases" for _, r, _ in rule_triples(d.get("rules"))[0])]
     c.check(f"{scenario}: no cluster-wide Lease rights", not leases_elsewhere, f"in {[ident(d) for d in leases_elsewhere]}")
 
@@ -288,6 +311,31 @@ def check_deployment(c, scenario, docs, release_ns, watch_ns, lease_ns, replicas
             f"found {[ident(a) for a in accounts]}")
 
 
+def check_network_policy(c, scenario, docs, metrics_from):
+    """The operator's NetworkPolicy: its pods, ingress on the metrics port only (from metrics_from, or anyone when
+    it is None), egress open. metrics_from False: no NetworkPolicy at all."""
+    policies = by_kind(docs, "NetworkPolicy")
+    if metrics_from is False:
+        c.check(f"{scenario}: no NetworkPolicy when networkPolicy.enabled is false", not policies,
+                f"found {[ident(p) for p in policies]}")
+        return
+    if not c.check(f"{scenario}: one NetworkPolicy", len(policies) == 1, f"found {[ident(p) for p in policies]}"):
+        return
+    spec = policies[0].get("spec") or {}
+    deployments = by_kind(docs, "Deployment")
+    selector = deployments[0]["spec"]["selector"]["matchLabels"] if deployments else None
+    c.check(f"{scenario}: NetworkPolicy selects the operator pods", spec.get("podSelector") == {"matchLabels": selector},
+            f"podSelector {spec.get('podSelector')}")
+    c.check(f"{scenario}: NetworkPolicy restricts ingress only (egress open for the API server)",
+            spec.get("policyTypes") == ["Ingress"] and "egress" not in spec, f"policyTypes {spec.get('policyTypes')}")
+    rule = {"ports": [{"port": 9090, "protocol": "TCP"}]}
+    if metrics_from is not None:
+        rule["from"] = metrics_from
+    c.check(f"{scenario}: NetworkPolicy admits the metrics port only"
+            + (" from networkPolicy.metricsFrom" if metrics_from is not None else ", from anyone"),
+            spec.get("ingress") == [rule], f"ingress {spec.get('ingress')}, want [{rule}]")
+
+
 def image_of(docs):
     deployment = by_kind(docs, "Deployment")
     containers = pod_spec(deployment[0])["containers"] if deployment else []
@@ -301,17 +349,22 @@ def main():
     parser.add_argument("--namespace", required=True, help="release namespace the scenarios were rendered in")
     parser.add_argument("--release", required=True, help="release name the scenarios were rendered with")
     parser.add_argument("--watch-namespace", required=True, help="watchNamespace of the namespaced scenario")
+    parser.add_argument("--namespaced-values", required=True, help="values file of the namespaced scenario")
     parser.add_argument("scenarios", nargs="+", metavar="SCENARIO=FILE")
     args = parser.parse_args()
     files = dict(s.split("=", 1) for s in args.scenarios)
-    known = {"default", "namespaced", "single", "tag", "digest"}
+    known = {"default", "namespaced", "single", "tag", "digest", "no-netpol"}
     if set(files) != known:
         parser.error(f"need exactly the scenarios {sorted(known)}, got {sorted(files)}")
 
     with open(os.path.join(args.chart, "Chart.yaml"), encoding="utf-8") as handle:
         app_version = str(yaml.safe_load(handle)["appVersion"])
     with open(os.path.join(args.chart, "values.yaml"), encoding="utf-8") as handle:
-        repository = yaml.safe_load(handle)["image"]["repository"]
+        values = yaml.safe_load(handle)
+    repository = values["image"]["repository"]
+    lease_name = values["leaderElection"]["leaseName"]
+    with open(args.namespaced_values, encoding="utf-8") as handle:
+        namespaced_values = yaml.safe_load(handle)
 
     c = Checker()
     service_account = f"{args.release}-operator" if "parley" in args.release else f"{args.release}-parley-operator"
@@ -331,11 +384,18 @@ def main():
         check_crds(c, scenario, docs[scenario], args.chart, args.crds)
 
     ns_chat = args.watch_namespace
-    check_rbac(c, "default", docs["default"], args.namespace, "", args.namespace, service_account)
+    check_rbac(c, "default", docs["default"], args.namespace, "", args.namespace, lease_name, service_account)
     check_deployment(c, "default", docs["default"], args.namespace, "", args.namespace, 2, service_account)
-    check_rbac(c, "namespaced", docs["namespaced"], args.namespace, ns_chat, args.namespace, service_account)
+    check_rbac(c, "namespaced", docs["namespaced"], args.namespace, ns_chat, args.namespace, lease_name,
+               service_account)
     check_deployment(c, "namespaced", docs["namespaced"], args.namespace, ns_chat, args.namespace, 3, service_account)
     check_deployment(c, "single", docs["single"], args.namespace, "", args.namespace, 1, service_account)
+    check_network_policy(c, "default", docs["default"], None)
+    metrics_from = (namespaced_values.get("networkPolicy") or {}).get("metricsFrom")
+    c.check("namespaced: the scenario's values set networkPolicy.metricsFrom", bool(metrics_from),
+            f"{args.namespaced_values} sets no networkPolicy.metricsFrom")
+    check_network_policy(c, "namespaced", docs["namespaced"], metrics_from)
+    check_network_policy(c, "no-netpol", docs["no-netpol"], False)
 
     want = f"{repository}:{app_version}"
     got = image_of(docs["default"])

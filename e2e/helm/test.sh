@@ -3,9 +3,10 @@
 # (e2e/helm/build.sh), then:
 #   1. helm lint, with default and with namespace-scoped values (the values schema is enforced);
 #   2. values that the chart must refuse (root, writable root filesystem, 0 replicas) make helm fail;
-#   3. helm template for five scenarios, checked by check_render.py (PyYAML, in a cached venv): every workload
+#   3. helm template for six scenarios, checked by check_render.py (PyYAML, in a cached venv): every workload
 #      non-root with a read-only root filesystem and no privilege escalation, RBAC exactly the least-privilege
-#      set (no wildcards), CRDs byte-identical to crds/*.yaml, image tag = appVersion by default, ...;
+#      set (no wildcards; Lease rights limited to the named Lease), the operator's NetworkPolicy, CRDs
+#      byte-identical to crds/*.yaml, image tag = appVersion by default, ...;
 #   4. kubectl apply --dry-run=server of the rendered output against the API server KUBECONFIG names (e.g.
 #      e2e/k8s/up.sh). With PARLEY_REQUIRE_ENGINES=1 (the full test command) it is required: a missing or silent
 #      API server fails the run. Otherwise it is skipped with a message when there is none.
@@ -74,6 +75,8 @@ refuse "runAsNonRoot false" --set securityContext.runAsNonRoot=false
 refuse "privilege escalation" --set securityContext.allowPrivilegeEscalation=true
 refuse "zero replicas" --set replicaCount=0
 refuse "unknown top-level key" --set replicas=3
+refuse "networkPolicy.enabled not a boolean" --set networkPolicy.enabled=maybe
+refuse "unknown networkPolicy key" --set networkPolicy.egress=true
 
 # 3. render the scenarios and check them
 render() {
@@ -89,12 +92,13 @@ render namespaced -f e2e/helm/values-namespaced.yaml
 render single --set replicaCount=1
 render tag --set image.tag=9.9.9-test
 render digest --set "image.digest=sha256:$(printf 'a%.0s' {1..64})"
+render no-netpol --set networkPolicy.enabled=false
 
 set +e
 "$venv/bin/python" e2e/helm/check_render.py --chart "$chart" --crds crds --namespace "$namespace" --release "$release" \
-  --watch-namespace "$watch_namespace" \
+  --watch-namespace "$watch_namespace" --namespaced-values e2e/helm/values-namespaced.yaml \
   default="$out/default.yaml" namespaced="$out/namespaced.yaml" single="$out/single.yaml" \
-  tag="$out/tag.yaml" digest="$out/digest.yaml" | tee "$out/check.log"
+  tag="$out/tag.yaml" digest="$out/digest.yaml" no-netpol="$out/no-netpol.yaml" | tee "$out/check.log"
 set -e
 summary=$(tail -n1 "$out/check.log")
 if [[ $summary =~ ^check_render:\ ([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then

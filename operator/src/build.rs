@@ -6,11 +6,23 @@
 //! - one ConfigMap per component (`<region>-gateway-config`, `<region>-router-config`) with that component's
 //!   settings only, as the `PARLEY_*` environment variables its binary reads (`parley` for the gateways,
 //!   `parley-router` for the routers). Each pod template carries a hash of its own component's ConfigMap, so a
-//!   gateway-only setting rolls only the gateways and a router-only setting rolls only the router (the single
-//!   writer); a setting both read (`fanoutThreshold`, the Region's Redis) rolls both;
+//!   gateway-only setting rolls only the gateways and a router-only setting rolls only the routers; a setting both
+//!   read (`fanoutThreshold`, the Region's Redis) rolls both;
 //! - the gateways: a StatefulSet (stable ordinals give each pod its machine ID), its headless Service, the client
 //!   Service and a PodDisruptionBudget (maxUnavailable 1);
-//! - the routers: a StatefulSet, its headless Service and a PodDisruptionBudget.
+//! - the routers: a StatefulSet, its headless Service and a PodDisruptionBudget. Every router pod is a writer of
+//!   the Kafka partitions it owns; it advertises its own URL (`PARLEY_ROUTER_ADVERTISE_URL`, its pod's DNS name
+//!   under the headless Service), and the gateways' `PARLEY_ROUTER_URL` names the headless Service itself (every
+//!   router), their bootstrap and fallback;
+//! - a NetworkPolicy per component (unless `spec.networkPolicy.enabled` is false): the routers' internal port only
+//!   from the Region's gateway pods, the gateways' client port from anywhere, the admin ports from
+//!   `spec.networkPolicy.adminFrom` (default: the Region's namespace); egress is left open.
+//!
+//! Backend TLS and credentials: booleans and file paths go into the component's ConfigMap, usernames and passwords
+//! into `secretKeyRef` env entries (never into a ConfigMap), and each CA bundle is a Secret volume mounted
+//! read-only at `/etc/parley/tls/<kafka|cassandra|redis>/ca.crt`. Kafka and Cassandra reach the router pods only;
+//! Redis reaches both. Both also get the Region's internal token (`PARLEY_INTERNAL_TOKEN`) from the Secret of
+//! [`crate::internal_token`], which the controller creates before it applies anything.
 //!
 //! Every object is owned by the Region (controller ownerReference) and labelled with the cluster, the Region and
 //! the component. Pods run as non-root with a read-only root filesystem. Gateway pods get a preStop delay and a
@@ -22,18 +34,22 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
-    EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler, LocalObjectReference, ObjectFieldSelector,
+    EnvVarSource, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, LocalObjectReference, ObjectFieldSelector,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecretVolumeSource,
     SecurityContext, Service, ServicePort, ServiceSpec, SleepAction, TopologySpreadConstraint, Volume, VolumeMount,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use parley_crds::chat_cluster::JwtAlgorithm;
-use parley_crds::common::SecretKeyRef;
+use parley_crds::common::{CredentialsSecret, SecretKeyRef};
 use parley_crds::MachineIdBlock;
 
 use crate::error::Error;
+use crate::internal_token;
 use crate::machine_ids::block_size;
 use crate::validate::ValidatedRegion;
 
@@ -59,6 +75,10 @@ const NON_ROOT_ID: i64 = 65532;
 const TERMINATION_MARGIN_SECONDS: i64 = 10;
 /// Where the RS256 public key Secret is mounted.
 const JWT_MOUNT_PATH: &str = "/etc/parley/jwt";
+/// Under which directory each backend's CA bundle is mounted, one directory per backend.
+pub const TLS_MOUNT_ROOT: &str = "/etc/parley/tls";
+/// The file name of a mounted CA bundle, whatever its key in the Secret.
+pub const CA_FILE_NAME: &str = "ca.crt";
 
 /// Everything built for one Region.
 #[derive(Clone, Debug, PartialEq)]
@@ -81,6 +101,9 @@ pub struct RegionResources {
     pub router_stateful_set: StatefulSet,
     /// At most one router disrupted at a time.
     pub router_disruption_budget: PodDisruptionBudget,
+    /// The gateways' and the routers' NetworkPolicies, in that order; none when `spec.networkPolicy.enabled` is
+    /// false.
+    pub network_policies: Vec<NetworkPolicy>,
 }
 
 /// The two workloads of a Region.
@@ -100,6 +123,66 @@ impl Component {
             Component::Router => "router",
         }
     }
+}
+
+/// A backend whose CA bundle may be mounted into pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Kafka (router pods).
+    Kafka,
+    /// Cassandra or Scylla (router pods).
+    Cassandra,
+    /// Redis (gateway and router pods).
+    Redis,
+}
+
+impl Backend {
+    /// The name of the backend's mount directory and volume prefix.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Backend::Kafka => "kafka",
+            Backend::Cassandra => "cassandra",
+            Backend::Redis => "redis",
+        }
+    }
+
+    /// The binaries' environment variable with the path of the backend's CA bundle.
+    pub fn ca_file_variable(&self) -> &'static str {
+        match self {
+            Backend::Kafka => "PARLEY_KAFKA_TLS_CA_FILE",
+            Backend::Cassandra => "PARLEY_CASSANDRA_TLS_CA_FILE",
+            Backend::Redis => "PARLEY_REDIS_TLS_CA_FILE",
+        }
+    }
+}
+
+/// The directory a backend's CA bundle is mounted at, read-only.
+pub fn tls_mount_path(backend: Backend) -> String {
+    format!("{TLS_MOUNT_ROOT}/{}", backend.as_str())
+}
+
+/// The path of a backend's mounted CA bundle, for example `/etc/parley/tls/kafka/ca.crt`.
+pub fn tls_ca_file(backend: Backend) -> String {
+    format!("{}/{CA_FILE_NAME}", tls_mount_path(backend))
+}
+
+/// The CA bundles a component's pods mount: Kafka's and Cassandra's (with `tls`) for the routers, Redis' (with a
+/// `rediss://` URL) for both.
+pub fn tls_ca_secrets(validated: &ValidatedRegion, component: Component) -> Vec<(Backend, &SecretKeyRef)> {
+    let spec = &validated.cluster.spec;
+    let mut out = Vec::new();
+    if component == Component::Router {
+        if let Some(ca) = spec.kafka.tls_ca_secret.as_ref().filter(|_| spec.kafka.tls) {
+            out.push((Backend::Kafka, ca));
+        }
+        if let Some(ca) = spec.cassandra.tls_ca_secret.as_ref().filter(|_| spec.cassandra.tls) {
+            out.push((Backend::Cassandra, ca));
+        }
+    }
+    if let Some(ca) = spec.redis.tls_ca_secret.as_ref().filter(|_| validated.redis_tls) {
+        out.push((Backend::Redis, ca));
+    }
+    out
 }
 
 /// Names of the objects of a Region, derived from the Region's name (at most 40 characters, by CEL rule).
@@ -125,6 +208,26 @@ pub fn config_map_name(region: &str, component: Component) -> String {
 /// replication policy uses it to name remote topics (`<source>.<topic>`).
 pub fn kafka_topic_prefix(topic_prefix: &str) -> String {
     format!("{topic_prefix}-")
+}
+
+/// The URL the gateways bootstrap from and fall back to: the routers' headless Service, which resolves to every
+/// ready router pod. Each call goes to the owner of its channel's partition, from the map the routers publish.
+pub fn router_service_url(validated: &ValidatedRegion) -> String {
+    format!(
+        "http://{}.{}.svc:{ROUTER_PORT}",
+        headless_service_name(&validated.name, Component::Router),
+        validated.namespace
+    )
+}
+
+/// The URL each router pod advertises (`PARLEY_ROUTER_ADVERTISE_URL`): its own DNS name under the headless Service.
+/// `$(PARLEY_POD_NAME)` is expanded by the kubelet from the env entry before it.
+pub fn router_advertise_url(validated: &ValidatedRegion) -> String {
+    format!(
+        "http://$(PARLEY_POD_NAME).{}.{}.svc:{ROUTER_PORT}",
+        headless_service_name(&validated.name, Component::Router),
+        validated.namespace
+    )
 }
 
 /// The machine IDs of one workload: pod `i` uses `base + i`, for `i < count`.
@@ -170,6 +273,11 @@ pub fn build(validated: &ValidatedRegion, block: MachineIdBlock) -> Result<Regio
         router_headless_service: headless_service(validated, router),
         router_stateful_set: stateful_set(validated, router, router_ids, &router_hash),
         router_disruption_budget: disruption_budget(validated, router),
+        network_policies: if validated.cluster.spec.network_policy.enabled {
+            vec![network_policy(validated, gateway), network_policy(validated, router)]
+        } else {
+            Vec::new()
+        },
         gateway_config_map,
         router_config_map,
     })
@@ -222,7 +330,9 @@ fn metadata(validated: &ValidatedRegion, name: String, component: Option<Compone
 ///   retransmits what its own clients have not acknowledged) and the RS256 key's path.
 /// - The router (`parley-router`): its listeners, the message limits it enforces (`spec.gateway.maxTextBytes`,
 ///   `spec.router.maxChannelMembers`; a gateway of a router reads them from the router), retention, the Snowflake
-///   epoch, Kafka and Cassandra.
+///   epoch, Kafka and Cassandra (with their TLS switches and the SASL mechanism).
+/// - Each mounted CA bundle's path ([`tls_ca_secrets`]). Usernames and passwords are never here: they are
+///   `secretKeyRef` env entries ([`env`]).
 fn config_map(validated: &ValidatedRegion, component: Component) -> ConfigMap {
     let spec = &validated.cluster.spec;
     let region = &validated.region.spec;
@@ -240,15 +350,8 @@ fn config_map(validated: &ValidatedRegion, component: Component) -> ConfigMap {
         Component::Gateway => {
             put("PARLEY_LISTEN", format!("0.0.0.0:{}", gateway.port));
             put("PARLEY_ADMIN_LISTEN", format!("0.0.0.0:{}", gateway.admin_port));
-            // The router's first pod is the writer (one router per Region until writers share partitions).
-            put(
-                "PARLEY_ROUTER_URL",
-                format!(
-                    "http://{}-0.{}:{ROUTER_PORT}",
-                    object_name(&validated.name, Component::Router),
-                    headless_service_name(&validated.name, Component::Router)
-                ),
-            );
+            // Every router: the gateways send each call to its partition's owner, from the map the routers publish.
+            put("PARLEY_ROUTER_URL", router_service_url(validated));
             put("PARLEY_HEARTBEAT_INTERVAL_MS", gateway.heartbeat_interval_ms.to_string());
             put("PARLEY_IDLE_TIMEOUT_MS", gateway.idle_timeout_ms.to_string());
             put("PARLEY_MAX_FRAME_BYTES", gateway.max_frame_bytes.to_string());
@@ -280,7 +383,19 @@ fn config_map(validated: &ValidatedRegion, component: Component) -> ConfigMap {
             put("PARLEY_CASSANDRA_KEYSPACE", spec.cassandra.keyspace.clone());
             put("PARLEY_CASSANDRA_LOCAL_DATACENTER", region.cassandra.datacenter.clone());
             put("PARLEY_CASSANDRA_REPLICATION_FACTOR", region.cassandra.replication_factor.to_string());
+            if spec.kafka.tls {
+                put("PARLEY_KAFKA_TLS", "true".to_owned());
+            }
+            if spec.kafka.credentials.is_some() {
+                put("PARLEY_KAFKA_SASL_MECHANISM", spec.kafka.sasl_mechanism.unwrap_or_default().as_str().to_owned());
+            }
+            if spec.cassandra.tls {
+                put("PARLEY_CASSANDRA_TLS", "true".to_owned());
+            }
         }
+    }
+    for (backend, _) in tls_ca_secrets(validated, component) {
+        put(backend.ca_file_variable(), tls_ca_file(backend));
     }
     ConfigMap {
         metadata: metadata(validated, config_map_name(&validated.name, component), Some(component)),
@@ -373,6 +488,49 @@ fn disruption_budget(validated: &ValidatedRegion, component: Component) -> PodDi
     }
 }
 
+/// The NetworkPolicy of a component's pods (ingress only; egress stays open, since the backends are outside the
+/// Region). Gateways: the client port from anywhere, the admin port from the admin peers. Routers: the internal port
+/// only from the Region's gateway pods, the admin port from the admin peers. The admin peers are
+/// `spec.networkPolicy.adminFrom`, or every pod of the Region's namespace when it is empty.
+fn network_policy(validated: &ValidatedRegion, component: Component) -> NetworkPolicy {
+    let settings = &validated.cluster.spec.network_policy;
+    let tcp = |port: i32| NetworkPolicyPort {
+        port: Some(IntOrString::Int(port)),
+        protocol: Some("TCP".to_owned()),
+        ..NetworkPolicyPort::default()
+    };
+    let pods =
+        |labels: BTreeMap<String, String>| LabelSelector { match_labels: Some(labels), ..LabelSelector::default() };
+    let admin_from = if settings.admin_from.is_empty() {
+        vec![NetworkPolicyPeer { pod_selector: Some(LabelSelector::default()), ..NetworkPolicyPeer::default() }]
+    } else {
+        settings.admin_from.clone()
+    };
+    let service_rule = match component {
+        Component::Gateway => {
+            NetworkPolicyIngressRule { from: None, ports: Some(vec![tcp(validated.cluster.spec.gateway.port)]) }
+        }
+        Component::Router => NetworkPolicyIngressRule {
+            from: Some(vec![NetworkPolicyPeer {
+                pod_selector: Some(pods(selector_labels(validated, Component::Gateway))),
+                ..NetworkPolicyPeer::default()
+            }]),
+            ports: Some(vec![tcp(ROUTER_PORT)]),
+        },
+    };
+    let admin_rule =
+        NetworkPolicyIngressRule { from: Some(admin_from), ports: Some(vec![tcp(admin_port(validated, component))]) };
+    NetworkPolicy {
+        metadata: metadata(validated, object_name(&validated.name, component), Some(component)),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(pods(selector_labels(validated, component))),
+            policy_types: Some(vec!["Ingress".to_owned()]),
+            ingress: Some(vec![service_rule, admin_rule]),
+            ..NetworkPolicySpec::default()
+        }),
+    }
+}
+
 fn admin_port(validated: &ValidatedRegion, component: Component) -> i32 {
     match component {
         Component::Gateway => validated.cluster.spec.gateway.admin_port,
@@ -444,6 +602,25 @@ fn pod_template(
         mounts.push(VolumeMount {
             name: "jwt".to_owned(),
             mount_path: JWT_MOUNT_PATH.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    for (backend, ca) in tls_ca_secrets(validated, component) {
+        let name = format!("{}-tls-ca", backend.as_str());
+        volumes.push(Volume {
+            name: name.clone(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(ca.name.clone()),
+                items: Some(vec![KeyToPath { key: ca.key.clone(), path: CA_FILE_NAME.to_owned(), mode: None }]),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name,
+            mount_path: tls_mount_path(backend),
             read_only: Some(true),
             ..VolumeMount::default()
         });
@@ -611,28 +788,61 @@ fn secret_ref(name: &str, reference: &SecretKeyRef) -> EnvVar {
     secret(name, &reference.name, &reference.key, false)
 }
 
+/// The username and password env entries of a backend's credentials. With `username_optional` a Secret without the
+/// username key still starts the pod (Redis then uses its `default` user).
+fn credentials(
+    out: &mut Vec<EnvVar>,
+    variables: (&str, &str),
+    credentials: &CredentialsSecret,
+    username_optional: bool,
+) {
+    let (username, password) = variables;
+    out.push(secret(username, &credentials.secret_name, &credentials.username_key, username_optional));
+    out.push(secret(password, &credentials.secret_name, &credentials.password_key, false));
+}
+
 /// Per-pod environment: identity, machine IDs and secrets (the settings are in the component's ConfigMap). Explicit
 /// `env` entries take precedence over the ConfigMap's `envFrom`.
 ///
 /// Each pod derives its Snowflake machine ID as `PARLEY_MACHINE_ID_BASE + PARLEY_POD_INDEX`, which is below
-/// `PARLEY_MACHINE_ID_BASE + PARLEY_MACHINE_ID_COUNT`.
+/// `PARLEY_MACHINE_ID_BASE + PARLEY_MACHINE_ID_COUNT`. A router's `PARLEY_ROUTER_ADVERTISE_URL` follows
+/// `PARLEY_POD_NAME`, which it names as `$(PARLEY_POD_NAME)` (the kubelet expands references to earlier entries
+/// only). Secrets, all through `secretKeyRef`: the Region's internal token (both), the backends' usernames and
+/// passwords (Kafka and Cassandra: routers; Redis: both), the JWT key and the admin token (gateways).
 fn env(validated: &ValidatedRegion, component: Component, ids: MachineIdRange) -> Vec<EnvVar> {
-    let auth = &validated.cluster.spec.auth;
-    let mut out = vec![
-        field("PARLEY_POD_NAME", "metadata.name"),
+    let spec = &validated.cluster.spec;
+    let auth = &spec.auth;
+    let mut out = vec![field("PARLEY_POD_NAME", "metadata.name")];
+    if component == Component::Router {
+        out.push(literal("PARLEY_ROUTER_ADVERTISE_URL", router_advertise_url(validated)));
+    }
+    out.extend([
         field("PARLEY_POD_NAMESPACE", "metadata.namespace"),
         field("PARLEY_POD_INDEX", &format!("metadata.labels['{POD_INDEX_LABEL}']")),
         literal("PARLEY_MACHINE_ID_BASE", ids.base.to_string()),
         literal("PARLEY_MACHINE_ID_COUNT", ids.count.to_string()),
-    ];
-    // Only the gateways authenticate clients and serve admin endpoints (`POST /admin/drain`); the router has
-    // neither, so its pods reference no Secret.
-    if component == Component::Gateway {
-        if auth.jwt_algorithm == JwtAlgorithm::HS256 {
-            out.push(secret_ref("PARLEY_JWT_HS256_SECRET", &auth.jwt_key_secret));
+        secret("PARLEY_INTERNAL_TOKEN", &internal_token::secret_name(&validated.name), internal_token::KEY, false),
+    ]);
+    if let Some(redis) = &spec.redis.credentials {
+        credentials(&mut out, ("PARLEY_REDIS_USERNAME", "PARLEY_REDIS_PASSWORD"), redis, true);
+    }
+    match component {
+        Component::Router => {
+            if let Some(kafka) = &spec.kafka.credentials {
+                credentials(&mut out, ("PARLEY_KAFKA_SASL_USERNAME", "PARLEY_KAFKA_SASL_PASSWORD"), kafka, false);
+            }
+            if let Some(cassandra) = &spec.cassandra.credentials {
+                credentials(&mut out, ("PARLEY_CASSANDRA_USERNAME", "PARLEY_CASSANDRA_PASSWORD"), cassandra, false);
+            }
         }
-        if let Some(admin) = &auth.admin_token_secret {
-            out.push(secret_ref("PARLEY_ADMIN_TOKEN", admin));
+        // Only the gateways authenticate clients and serve admin endpoints (`POST /admin/drain`).
+        Component::Gateway => {
+            if auth.jwt_algorithm == JwtAlgorithm::HS256 {
+                out.push(secret_ref("PARLEY_JWT_HS256_SECRET", &auth.jwt_key_secret));
+            }
+            if let Some(admin) = &auth.admin_token_secret {
+                out.push(secret_ref("PARLEY_ADMIN_TOKEN", admin));
+            }
         }
     }
     out

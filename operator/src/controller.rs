@@ -4,19 +4,26 @@
 //! 2. **validate** and **build** ([`crate::plan`]);
 //! 3. **persist** the machine-ID allocation in the ChatCluster's status with a resourceVersion precondition
 //!    (a conflict requeues), *before* anything is applied, so that two reconciles never hand out the same IDs;
-//! 4. **apply** every object by server-side apply under [`FIELD_MANAGER`] (forced), skipping objects whose live
+//! 4. **create the internal token Secret** ([`crate::internal_token`]) unless it exists: a plain create, whose
+//!    409 means it exists and is kept (the operator may create Secrets but never read them). When it cannot be
+//!    created the Region is `Degraded` with reason `InternalTokenSecretFailed`, nothing is applied (no pod could
+//!    start without it), and the reconcile is retried with backoff. A Secret known to exist is not asked for again
+//!    for [`TOKEN_RECHECK`], so a deleted one is re-created within it;
+//! 5. **apply** every object by server-side apply under [`FIELD_MANAGER`] (forced), skipping objects whose live
 //!    state already holds every field the operator sets, then delete **orphans** (objects labelled with the
 //!    Region and controlled by it that are no longer built). An orphan ConfigMap is deleted only once both
 //!    StatefulSets have rolled out, since pods of the previous revision may still read it through `envFrom` (the
 //!    single `<region>-config` of operator versions before the per-component ConfigMaps goes this way on upgrade);
-//! 5. **update_status** of the Region and then of the ChatCluster, each only when it changed.
+//! 6. **update_status** of the Region and then of the ChatCluster, each only when it changed.
 //!
 //! A Region that fails validation or gets no machine IDs is marked `Degraded` with the error's reason, gets a
 //! Warning Event, and nothing is applied. Its finalizer [`FINALIZER`] releases its machine-ID block (the block
 //! is quarantined for the ChatCluster's `machineIdQuarantineSeconds`).
 //!
 //! The controller watches Regions, ChatClusters (mapped to their Regions) and the owned StatefulSets, Services,
-//! ConfigMaps and PodDisruptionBudgets, so a Region's status follows its pods' readiness.
+//! ConfigMaps, PodDisruptionBudgets and NetworkPolicies, so a Region's status follows its pods' readiness. The
+//! internal token Secret is owned by the Region too (garbage-collected with it) but not watched: the operator has no
+//! right to read Secrets.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
@@ -25,10 +32,11 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Error as FinalizerError, Event as FinalizerEvent};
@@ -45,8 +53,8 @@ use crate::build::{RegionResources, COMPONENT_LABEL, FIELD_MANAGER, REGION_LABEL
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::status::Rollout;
-use crate::validate::Dereferenced;
-use crate::{machine_ids, status};
+use crate::validate::{Dereferenced, ValidatedRegion};
+use crate::{internal_token, machine_ids, status};
 
 /// The finalizer that releases a Region's machine-ID block.
 pub const FINALIZER: &str = "parley.dev/machine-ids";
@@ -60,6 +68,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const CONFLICT_RETRY: Duration = Duration::from_millis(100);
 /// Longest retry delay after lost races.
 const CONFLICT_RETRY_MAX: Duration = Duration::from_secs(2);
+/// How long a Region's internal token Secret, once created or found to exist, is not asked for again.
+pub const TOKEN_RECHECK: Duration = RESYNC;
 
 /// Which namespaces the controller watches.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +103,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive transient failures per Region (`namespace/name`), for the backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// When each internal token Secret (`namespace/name/region uid`) was last created or found to exist.
+    tokens: Mutex<HashMap<String, Instant>>,
 }
 
 impl Context {
@@ -104,11 +116,16 @@ impl Context {
             client,
             metrics,
             failures: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(HashMap::new()),
         })
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
         self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn tokens(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.tokens.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -137,7 +154,8 @@ pub async fn run(
         .owns(scope.api::<StatefulSet>(&client), owned.clone())
         .owns(scope.api::<Service>(&client), owned.clone())
         .owns(scope.api::<ConfigMap>(&client), owned.clone())
-        .owns(scope.api::<PodDisruptionBudget>(&client), owned)
+        .owns(scope.api::<PodDisruptionBudget>(&client), owned.clone())
+        .owns(scope.api::<NetworkPolicy>(&client), owned)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
@@ -277,6 +295,12 @@ async fn apply(region: Arc<Region>, context: &Context) -> Result<Action, Error> 
         .await;
     }
 
+    // the internal token, which every pod reads: nothing is applied without it
+    if let Err(error) = ensure_internal_token(&plan.validated, context).await {
+        record_degraded(&region, Some(&cluster), &siblings, &error, context).await?;
+        return Err(error);
+    }
+
     // apply + orphans
     let applied = apply_resources(client, &name, &namespace, &region, &plan.resources, context).await?;
     if !applied.changed.is_empty() {
@@ -290,6 +314,10 @@ async fn apply(region: Arc<Region>, context: &Context) -> Result<Action, Error> 
         plan.block,
         status::Rollout::of(&applied.gateway_stateful_set),
         status::Rollout::of(&applied.router_stateful_set),
+        status::AppliedObjects {
+            internal_token_secret: internal_token::secret_name(&name),
+            network_policies: plan.resources.network_policies.iter().map(ResourceExt::name_any).collect(),
+        },
         Timestamp::now(),
     );
     write_region_status(&regions, &region, new_status.clone(), context).await?;
@@ -308,9 +336,31 @@ async fn degrade(
     error: Error,
     context: &Context,
 ) -> Result<Action, Error> {
+    record_degraded(region, cluster, siblings, &error, context).await?;
+    Ok(match &error {
+        // Quarantined blocks expire with time alone: look again once the quarantine has passed.
+        Error::MachineIdsExhausted { .. } => Action::requeue(Duration::from_secs(
+            cluster
+                .map(|cluster| u64::try_from(cluster.spec.snowflake.machine_id_quarantine_seconds).unwrap_or(60))
+                .unwrap_or(60)
+                .max(5),
+        )),
+        _ => Action::await_change(),
+    })
+}
+
+/// Writes the Degraded status of a Region that cannot be reconciled (with a Warning Event when the condition
+/// changes) and the ChatCluster's summary of it.
+async fn record_degraded(
+    region: &Region,
+    cluster: Option<&ChatCluster>,
+    siblings: &[Region],
+    error: &Error,
+    context: &Context,
+) -> Result<(), Error> {
     let namespace = region.namespace().unwrap_or_default();
     let regions: Api<Region> = Api::namespaced(context.client.clone(), &namespace);
-    let new_status = status::region_degraded(region, &error, Timestamp::now());
+    let new_status = status::region_degraded(region, error, Timestamp::now());
     if write_region_status(&regions, region, new_status.clone(), context).await? {
         warn!(%error, reason = error.reason(), "region cannot be reconciled");
         publish(context, region, EventType::Warning, error.reason(), error.to_string()).await;
@@ -323,16 +373,47 @@ async fn degrade(
         current.status = Some(new_status);
         update_cluster_summary(&clusters, cluster, siblings, current, context).await?;
     }
-    Ok(match &error {
-        // Quarantined blocks expire with time alone: look again once the quarantine has passed.
-        Error::MachineIdsExhausted { .. } => Action::requeue(Duration::from_secs(
-            cluster
-                .map(|cluster| u64::try_from(cluster.spec.snowflake.machine_id_quarantine_seconds).unwrap_or(60))
-                .unwrap_or(60)
-                .max(5),
-        )),
-        _ => Action::await_change(),
-    })
+    Ok(())
+}
+
+/// Creates the Region's internal token Secret unless it is known to exist. A 409 (it exists, made earlier or by a
+/// person) keeps it as it is; the operator never reads, updates or overwrites it.
+async fn ensure_internal_token(validated: &ValidatedRegion, context: &Context) -> Result<(), Error> {
+    let namespace = &validated.namespace;
+    let secret_name = internal_token::secret_name(&validated.name);
+    let key = format!("{namespace}/{secret_name}/{}", validated.owner.uid);
+    if context.tokens().get(&key).is_some_and(|checked| checked.elapsed() < TOKEN_RECHECK) {
+        return Ok(());
+    }
+    let failed = |message: String, source: Option<Box<kube::Error>>| Error::InternalTokenSecret {
+        region: validated.name.clone(),
+        namespace: namespace.clone(),
+        secret: secret_name.clone(),
+        message,
+        source,
+    };
+    let token = internal_token::generate()
+        .ok_or_else(|| failed("the operating system gave no random bytes for the token".to_owned(), None))?;
+    let secrets: Api<Secret> = Api::namespaced(context.client.clone(), namespace);
+    let params = PostParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..PostParams::default() };
+    match secrets.create(&params, &internal_token::secret(validated, &token)).await {
+        Ok(_) => {
+            context.metrics.wrote("create");
+            info!(secret = %secret_name, "internal token secret created");
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            debug!(secret = %secret_name, "internal token secret exists: kept");
+        }
+        Err(source) => {
+            let message = match &source {
+                kube::Error::Api(status) => format!("{} (HTTP {})", status.message, status.code),
+                other => other.to_string(),
+            };
+            return Err(failed(message, Some(Box::new(source))));
+        }
+    }
+    context.tokens().insert(key, Instant::now());
+    Ok(())
 }
 
 /// The finalizer: releases the Region's machine-ID block into quarantine and drops it from the ChatCluster's
@@ -557,6 +638,10 @@ async fn apply_resources(
     )
     .await?;
     delete_orphans::<PodDisruptionBudget>(client, namespace, &budgets.orphans, &mut changed, context).await?;
+    let policies =
+        apply_kind(client, namespace, &selector, &uid, resources.network_policies.clone(), &mut changed, context)
+            .await?;
+    delete_orphans::<NetworkPolicy>(client, namespace, &policies.orphans, &mut changed, context).await?;
     let find = |component: &str| {
         stateful_sets
             .live
@@ -945,5 +1030,97 @@ mod tests {
     fn replacing_patch_nulls_dropped_keys() {
         let patch = replacing_patch(&json!({"a": 1, "b": 2}), &json!({"a": 3}));
         assert_eq!(patch, json!({"a": 3, "b": null}));
+    }
+
+    fn validated(name: &str) -> ValidatedRegion {
+        let mut cluster = cluster(MachineIdAllocation::default());
+        cluster.status = None;
+        let region = region(name);
+        let owner = region.controller_owner_ref(&()).expect("owner");
+        ValidatedRegion {
+            region,
+            cluster,
+            name: name.to_owned(),
+            namespace: "ns".to_owned(),
+            cluster_name: "chat".to_owned(),
+            owner,
+            kafka_bootstrap_servers: "kafka:9092".to_owned(),
+            redis_url: "redis://redis:6379".to_owned(),
+            redis_tls: false,
+        }
+    }
+
+    fn status_response(send: tower_test::mock::SendResponse<Response<Body>>, code: u16, reason: &str, message: &str) {
+        let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message,
+                            "reason": reason, "code": code});
+        send.send_response(
+            Response::builder()
+                .status(code)
+                .body(Body::from(serde_json::to_vec(&status).expect("json")))
+                .expect("response"),
+        );
+    }
+
+    #[tokio::test]
+    async fn the_token_secret_is_created_once_and_then_not_asked_for() {
+        let (context, mut handle) = mock();
+        let server = tokio::spawn(async move {
+            let (request, send) = handle.next_request().await.expect("create");
+            assert_eq!(request.method(), Method::POST);
+            assert_eq!(request.uri().path(), "/api/v1/namespaces/ns/secrets");
+            assert!(request.uri().query().unwrap_or_default().contains("fieldManager=parley-operator"));
+            let secret = body(request).await;
+            assert_eq!(secret["metadata"]["name"], "eu-internal-token");
+            assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], "uid-eu");
+            assert_eq!(secret["metadata"]["ownerReferences"][0]["controller"], true);
+            assert_eq!(secret["immutable"], true);
+            // 43 characters of base64url, base64-encoded again as Secret data.
+            assert_eq!(secret["data"]["token"].as_str().map(str::len), Some(60), "{secret}");
+            respond(send, &secret);
+        });
+        ensure_internal_token(&validated("eu"), &context).await.expect("created");
+        server.await.expect("server");
+        assert!(context.metrics.encode().contains("parley_operator_writes_total{kind=\"create\"} 1"));
+        // Known to exist: no request at all (the mock would wait forever for a response).
+        tokio::time::timeout(Duration::from_secs(1), ensure_internal_token(&validated("eu"), &context))
+            .await
+            .expect("no request made")
+            .expect("ok");
+    }
+
+    #[tokio::test]
+    async fn an_existing_token_secret_is_kept() {
+        let (context, mut handle) = mock();
+        let server = tokio::spawn(async move {
+            let (request, send) = handle.next_request().await.expect("create");
+            assert_eq!(request.method(), Method::POST);
+            status_response(send, 409, "AlreadyExists", "secrets \"eu-internal-token\" already exists");
+        });
+        ensure_internal_token(&validated("eu"), &context).await.expect("an existing Secret is fine");
+        server.await.expect("server");
+        assert!(!context.metrics.encode().contains("kind=\"create\""), "nothing was written");
+    }
+
+    #[tokio::test]
+    async fn a_refused_create_is_reported_and_asked_again() {
+        let (context, mut handle) = mock();
+        let server = tokio::spawn(async move {
+            for _ in 0..2 {
+                let (request, send) = handle.next_request().await.expect("create");
+                assert_eq!(request.method(), Method::POST);
+                status_response(send, 403, "Forbidden", "secrets is forbidden: User \"x\" cannot create resource");
+            }
+        });
+        let error = ensure_internal_token(&validated("eu"), &context).await.expect_err("forbidden");
+        assert_eq!(error.reason(), "InternalTokenSecretFailed");
+        assert!(!error.is_invalid_spec(), "retried with backoff");
+        assert_eq!(
+            error.to_string(),
+            "region eu has no internal token: creating Secret ns/eu-internal-token failed: secrets is forbidden: \
+             User \"x\" cannot create resource (HTTP 403)"
+        );
+        // Not remembered: the next reconcile tries again.
+        ensure_internal_token(&validated("eu"), &context).await.expect_err("still forbidden");
+        server.await.expect("server");
     }
 }

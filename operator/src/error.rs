@@ -54,14 +54,14 @@ pub enum Error {
         /// The Region.
         region: String,
     },
-    /// The ChatCluster or Region asks for a setting no Parley binary honours (TLS, credentials, `rediss://`).
-    /// The CRDs refuse these with CEL rules; this catches objects admitted under an older CRD.
-    #[error("region {region} cannot be built: {setting} is not supported by the gateway and router binaries")]
-    Unsupported {
+    /// Backend settings that contradict each other across the ChatCluster and the Region (CEL checks what it can
+    /// within one object), such as a Redis CA bundle for a Region whose Redis URL is not `rediss://`.
+    #[error("region {region} cannot be built: {problem}")]
+    InvalidBackendSettings {
         /// The Region.
         region: String,
-        /// The refused setting, e.g. `kafka.tls` on chat cluster `chat`.
-        setting: String,
+        /// What contradicts what, and how to fix it.
+        problem: String,
     },
     /// An object lacks metadata the API server always sets (name, namespace or uid).
     #[error("{kind} {name} has no metadata.{field}")]
@@ -94,6 +94,22 @@ pub enum Error {
         size: u32,
         /// The size the Region needs.
         needed: u32,
+    },
+    /// The Region's internal token Secret does not exist and could not be created (for example, the operator may
+    /// not create Secrets). Nothing is applied until it exists: without it no gateway or router pod could start.
+    #[error("region {region} has no internal token: creating Secret {namespace}/{secret} failed: {message}")]
+    InternalTokenSecret {
+        /// The Region.
+        region: String,
+        /// Namespace of the Secret.
+        namespace: String,
+        /// Name of the Secret.
+        secret: String,
+        /// What the API server answered (or why no token could be made).
+        message: String,
+        /// The client's error, when the API server refused.
+        #[source]
+        source: Option<Box<kube::Error>>,
     },
     /// A call to the Kubernetes API failed.
     #[error("failed to {action}")]
@@ -177,6 +193,7 @@ impl Error {
         !matches!(
             self,
             Error::Kube { .. }
+                | Error::InternalTokenSecret { .. }
                 | Error::Conflict { .. }
                 | Error::Serialize { .. }
                 | Error::Finalizer { .. }
@@ -201,6 +218,7 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Error::Kube { .. } => "KubeApiError",
+            Error::InternalTokenSecret { .. } => "InternalTokenSecretFailed",
             Error::Conflict { .. } => "Conflict",
             Error::Serialize { .. } => "SerializeError",
             Error::Finalizer { .. } => "FinalizerError",
@@ -214,7 +232,7 @@ impl Error {
             Error::UnknownReplicationTarget { .. } => "UnknownReplicationTarget",
             Error::MissingKafkaBootstrap { .. } => "MissingKafkaBootstrap",
             Error::MissingRedisUrl { .. } => "MissingRedisUrl",
-            Error::Unsupported { .. } => "Unsupported",
+            Error::InvalidBackendSettings { .. } => "InvalidBackendSettings",
             Error::MissingMetadata { .. } => "MissingMetadata",
             Error::MachineIdsExhausted { .. } => "MachineIdsExhausted",
             Error::InvalidMachineIdBlock { .. } => "InvalidMachineIdBlock",

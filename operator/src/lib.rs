@@ -14,11 +14,13 @@
 //! - [`machine_ids`] (pure) gives the Region its block of the ChatCluster's 1,024 machine IDs, with quarantine of
 //!   released blocks; the caller persists the allocation in the ChatCluster's status with optimistic concurrency.
 //! - [`build`] (pure) turns the validated Region and its block into plain objects: a ConfigMap per component,
-//!   StatefulSets, Services and PodDisruptionBudgets, all owned by the Region.
+//!   StatefulSets, Services, PodDisruptionBudgets and NetworkPolicies, all owned by the Region, with the backends'
+//!   TLS and credentials wired into the pods.
 //! - `apply` and `update_status` ([`controller`], need a client) persist the allocation with optimistic
-//!   concurrency, server-side apply the objects under the field manager [`build::FIELD_MANAGER`] (skipping those
-//!   already in place, so a no-op reconcile writes nothing), delete orphans and write conditions; [`status`]
-//!   (pure) computes those conditions and the ChatCluster's per-Region summaries.
+//!   concurrency, create the Region's internal token Secret once ([`internal_token`]), server-side apply the
+//!   objects under the field manager [`build::FIELD_MANAGER`] (skipping those already in place, so a no-op
+//!   reconcile writes nothing), delete orphans and write conditions; [`status`] (pure) computes those conditions
+//!   and the ChatCluster's per-Region summaries.
 //!
 //! [`plan`] runs the pure stages in order, so the controller's reconcile only adds the I/O around it.
 //!
@@ -29,6 +31,7 @@
 pub mod build;
 pub mod controller;
 pub mod error;
+pub mod internal_token;
 pub mod leader;
 pub mod machine_ids;
 pub mod metrics;

@@ -30,7 +30,8 @@ pub struct Metrics {
     pub errors: Family<Labels, Counter>,
     /// Reconcile duration in seconds.
     pub duration: Histogram,
-    /// Writes to the API server, by kind (`apply`, `status`, `delete`, `event`). A no-op reconcile adds none.
+    /// Writes to the API server, by kind (`apply`, `create`, `status`, `delete`, `event`). A no-op reconcile adds
+    /// none.
     pub writes: Family<Labels, Counter>,
     /// 1 while this replica holds the leader Lease (and so runs the controller), else 0.
     pub leader: Gauge,

@@ -97,12 +97,22 @@ pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
     conditions.iter().any(|condition| condition.type_ == type_ && condition.status == "True")
 }
 
+/// What was applied for a Region besides its workloads, for its status.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppliedObjects {
+    /// Name of the internal token Secret.
+    pub internal_token_secret: String,
+    /// Names of the NetworkPolicies.
+    pub network_policies: Vec<String>,
+}
+
 /// The status of a Region whose objects were applied: Ready when both StatefulSets are rolled out.
 pub fn region_ready(
     region: &Region,
     block: MachineIdBlock,
     gateways: Rollout,
     routers: Rollout,
+    objects: AppliedObjects,
     now: Timestamp,
 ) -> RegionStatus {
     let previous = region.status.as_ref().map(|status| status.conditions.as_slice()).unwrap_or_default();
@@ -142,20 +152,28 @@ pub fn region_ready(
         routers: Some(format!("{}/{}", routers.ready, routers.desired)),
         machine_id_block: Some(block),
         machine_ids: Some(block.display_range()),
+        internal_token_secret: Some(objects.internal_token_secret),
+        network_policies: objects.network_policies,
     }
 }
 
-/// The status of a Region whose spec cannot be reconciled: Degraded with the error's reason. Pod counts and the
-/// machine-ID block stay as they were, since nothing was applied.
+/// The status of a Region that cannot be reconciled: Degraded with the error's reason. Pod counts and the
+/// machine-ID block stay as they were, since nothing was applied. For an invalid spec the Region waits for a change;
+/// otherwise (for example, its internal token Secret could not be created) the reconcile is retried.
 pub fn region_degraded(region: &Region, error: &Error, now: Timestamp) -> RegionStatus {
     let old = region.status.clone().unwrap_or_default();
+    let waiting = if error.is_invalid_spec() {
+        "nothing is applied until the spec is fixed"
+    } else {
+        "nothing is applied until this is resolved; retrying with backoff"
+    };
     let updates = vec![
         ConditionUpdate { type_: CONDITION_READY, status: false, reason: error.reason(), message: error.to_string() },
         ConditionUpdate {
             type_: CONDITION_PROGRESSING,
             status: false,
             reason: error.reason(),
-            message: "nothing is applied until the spec is fixed".to_owned(),
+            message: waiting.to_owned(),
         },
         ConditionUpdate { type_: CONDITION_DEGRADED, status: true, reason: error.reason(), message: error.to_string() },
     ];
@@ -265,6 +283,13 @@ mod tests {
         Timestamp::from_second(1_800_000_000 + seconds).expect("timestamp")
     }
 
+    fn objects() -> AppliedObjects {
+        AppliedObjects {
+            internal_token_secret: "eu-internal-token".into(),
+            network_policies: vec!["eu-gateway".into(), "eu-router".into()],
+        }
+    }
+
     fn region(name: &str) -> Region {
         let mut region = Region::new(
             name,
@@ -284,21 +309,41 @@ mod tests {
         let mut eu = region("eu");
         let block = MachineIdBlock { start: 0, size: 3 };
         let rolled = Rollout { desired: 2, ready: 2, updated: 2, observed: true };
-        let first =
-            region_ready(&eu, block, rolled, Rollout { desired: 1, ready: 1, updated: 1, observed: true }, at(0));
+        let first = region_ready(
+            &eu,
+            block,
+            rolled,
+            Rollout { desired: 1, ready: 1, updated: 1, observed: true },
+            objects(),
+            at(0),
+        );
         assert!(is_true(&first.conditions, CONDITION_READY));
         eu.status = Some(first.clone());
-        let again =
-            region_ready(&eu, block, rolled, Rollout { desired: 1, ready: 1, updated: 1, observed: true }, at(50));
+        let again = region_ready(
+            &eu,
+            block,
+            rolled,
+            Rollout { desired: 1, ready: 1, updated: 1, observed: true },
+            objects(),
+            at(50),
+        );
         assert_eq!(again, first, "recomputing an unchanged status gives the same value");
-        let scaling =
-            region_ready(&eu, block, rolled, Rollout { desired: 1, ready: 0, updated: 1, observed: true }, at(60));
+        let scaling = region_ready(
+            &eu,
+            block,
+            rolled,
+            Rollout { desired: 1, ready: 0, updated: 1, observed: true },
+            objects(),
+            at(60),
+        );
         assert!(!is_true(&scaling.conditions, CONDITION_READY));
         assert!(is_true(&scaling.conditions, CONDITION_PROGRESSING));
         let ready = scaling.conditions.iter().find(|c| c.type_ == CONDITION_READY).expect("ready");
         assert_eq!(ready.last_transition_time, Time(at(60)));
         assert_eq!(ready.reason, "PodsNotReady");
         assert_eq!(scaling.routers.as_deref(), Some("0/1"));
+        assert_eq!(scaling.internal_token_secret.as_deref(), Some("eu-internal-token"));
+        assert_eq!(scaling.network_policies, ["eu-gateway", "eu-router"]);
     }
 
     #[test]
@@ -306,7 +351,7 @@ mod tests {
         let mut eu = region("eu");
         let block = MachineIdBlock { start: 4, size: 3 };
         let rolled = Rollout { desired: 2, ready: 2, updated: 2, observed: true };
-        eu.status = Some(region_ready(&eu, block, rolled, rolled, at(0)));
+        eu.status = Some(region_ready(&eu, block, rolled, rolled, objects(), at(0)));
         let error = Error::MachineIdsExhausted { region: "eu".into(), requested: 9, largest_free: 2 };
         let degraded = region_degraded(&eu, &error, at(5));
         assert!(is_true(&degraded.conditions, CONDITION_DEGRADED));
@@ -315,6 +360,30 @@ mod tests {
         assert!(condition.message.contains("largest free run"), "{}", condition.message);
         assert_eq!(degraded.machine_ids.as_deref(), Some("4-6"));
         assert_eq!(degraded.gateways_ready, 2);
+        let progressing = degraded.conditions.iter().find(|c| c.type_ == CONDITION_PROGRESSING).expect("progressing");
+        assert_eq!(progressing.message, "nothing is applied until the spec is fixed");
+    }
+
+    #[test]
+    fn a_missing_internal_token_is_degraded_and_retried() {
+        let mut eu = region("eu");
+        let block = MachineIdBlock { start: 4, size: 3 };
+        let rolled = Rollout { desired: 2, ready: 2, updated: 2, observed: true };
+        eu.status = Some(region_ready(&eu, block, rolled, rolled, objects(), at(0)));
+        let forbidden = kube::Error::Api(Box::new(kube::core::Status::failure("secrets is forbidden", "Forbidden")));
+        let error = Error::InternalTokenSecret {
+            region: "eu".into(),
+            namespace: "ns".into(),
+            secret: "eu-internal-token".into(),
+            message: "secrets is forbidden".into(),
+            source: Some(Box::new(forbidden)),
+        };
+        let degraded = region_degraded(&eu, &error, at(5));
+        let condition = degraded.conditions.iter().find(|c| c.type_ == CONDITION_DEGRADED).expect("degraded");
+        assert_eq!((condition.status.as_str(), condition.reason.as_str()), ("True", "InternalTokenSecretFailed"));
+        assert!(condition.message.contains("creating Secret ns/eu-internal-token failed: secrets is forbidden"));
+        let progressing = degraded.conditions.iter().find(|c| c.type_ == CONDITION_PROGRESSING).expect("progressing");
+        assert!(progressing.message.contains("retrying"), "{}", progressing.message);
     }
 
     #[test]
@@ -328,10 +397,10 @@ mod tests {
         .expect("cluster");
         let rolled = Rollout { desired: 2, ready: 2, updated: 2, observed: true };
         let mut eu = region("eu");
-        eu.status = Some(region_ready(&eu, MachineIdBlock { start: 0, size: 3 }, rolled, rolled, at(0)));
+        eu.status = Some(region_ready(&eu, MachineIdBlock { start: 0, size: 3 }, rolled, rolled, objects(), at(0)));
         let mut us = region("us");
         let waiting = Rollout { desired: 2, ready: 0, updated: 0, observed: true };
-        us.status = Some(region_ready(&us, MachineIdBlock { start: 3, size: 3 }, waiting, rolled, at(0)));
+        us.status = Some(region_ready(&us, MachineIdBlock { start: 3, size: 3 }, waiting, rolled, objects(), at(0)));
         let mut other = region("other");
         other.spec.cluster_ref = "another".into();
         let status = cluster(&chat, &[us.clone(), eu.clone(), other], None, at(1));
@@ -339,7 +408,7 @@ mod tests {
         assert_eq!(status.regions.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["eu", "us"]);
         assert!(!is_true(&status.conditions, CONDITION_READY));
         assert!(is_true(&status.conditions, CONDITION_PROGRESSING));
-        us.status = Some(region_ready(&us, MachineIdBlock { start: 3, size: 3 }, rolled, rolled, at(2)));
+        us.status = Some(region_ready(&us, MachineIdBlock { start: 3, size: 3 }, rolled, rolled, objects(), at(2)));
         let status = cluster(&chat, &[us, eu], None, at(3));
         assert!(is_true(&status.conditions, CONDITION_READY));
         assert_eq!(status.regions[1].machine_id_block, Some(MachineIdBlock { start: 3, size: 3 }));

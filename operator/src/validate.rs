@@ -40,6 +40,8 @@ pub struct ValidatedRegion {
     pub kafka_bootstrap_servers: String,
     /// Redis URL: the Region's, or else the ChatCluster's.
     pub redis_url: String,
+    /// Whether that URL uses TLS (`rediss://`).
+    pub redis_tls: bool,
 }
 
 /// Checks the cross-object rules for one Region:
@@ -49,7 +51,11 @@ pub struct ValidatedRegion {
 ///   first keeps the name, so a running region is never disturbed by a newcomer);
 /// - each replication target is the region name of another Region of the ChatCluster
 ///   ([`Error::UnknownReplicationTarget`]);
-/// - Kafka bootstrap servers and a Redis URL are given by the Region or its ChatCluster.
+/// - Kafka bootstrap servers and a Redis URL are given by the Region or its ChatCluster
+///   ([`Error::MissingKafkaBootstrap`], [`Error::MissingRedisUrl`]);
+/// - the backend settings agree with each other ([`Error::InvalidBackendSettings`]): a CA bundle only with TLS
+///   (for Redis: a `rediss://` URL, which may come from the Region), a SASL mechanism only with credentials, Redis
+///   Cluster seeds of one scheme.
 pub fn validate(input: Dereferenced) -> Result<ValidatedRegion, Error> {
     let Dereferenced { region, cluster, regions } = input;
     let name = metadata(&region, "name", region.metadata.name.as_deref())?;
@@ -108,21 +114,74 @@ pub fn validate(input: Dereferenced) -> Result<ValidatedRegion, Error> {
         .clone()
         .or_else(|| cluster.spec.redis.url.clone())
         .ok_or_else(|| Error::MissingRedisUrl { region: name.clone() })?;
-    let spec = &cluster.spec;
-    let on_cluster = |setting: &str| format!("{setting} on chat cluster {cluster_name}");
-    let refused = [
-        (spec.kafka.tls, on_cluster("kafka.tls")),
-        (spec.kafka.credentials.is_some(), on_cluster("kafka.credentials")),
-        (spec.cassandra.tls, on_cluster("cassandra.tls")),
-        (spec.cassandra.credentials.is_some(), on_cluster("cassandra.credentials")),
-        (spec.redis.credentials.is_some(), on_cluster("redis.credentials")),
-        (redis_url.starts_with("rediss://"), "a rediss:// (TLS) redis url".to_owned()),
-        (region.spec.router.replicas != 1, format!("router.replicas {}", region.spec.router.replicas)),
-    ];
-    if let Some((_, setting)) = refused.into_iter().find(|(set, _)| *set) {
-        return Err(Error::Unsupported { region: name, setting });
+    let redis_tls = redis_scheme_is_tls(&redis_url).ok_or_else(|| Error::InvalidBackendSettings {
+        region: name.clone(),
+        problem: format!(
+            "its redis url {redis_url} must be redis:// or rediss:// (TLS) URLs, several ones (Redis Cluster seeds) \
+             all of one scheme"
+        ),
+    })?;
+    if let Some(problem) = backend_problem(&cluster, &cluster_name, &redis_url, redis_tls) {
+        return Err(Error::InvalidBackendSettings { region: name, problem });
     }
-    Ok(ValidatedRegion { region, cluster, name, namespace, cluster_name, owner, kafka_bootstrap_servers, redis_url })
+    Ok(ValidatedRegion {
+        region,
+        cluster,
+        name,
+        namespace,
+        cluster_name,
+        owner,
+        kafka_bootstrap_servers,
+        redis_url,
+        redis_tls,
+    })
+}
+
+/// Whether a Redis URL (or comma-separated Redis Cluster seed URLs) uses TLS (`rediss://`); `None` when a URL has
+/// another scheme or the seeds mix schemes.
+pub fn redis_scheme_is_tls(url: &str) -> Option<bool> {
+    let mut schemes = url.split(',').map(str::trim).map(|seed| {
+        if seed.starts_with("rediss://") {
+            Some(true)
+        } else if seed.starts_with("redis://") {
+            Some(false)
+        } else {
+            None
+        }
+    });
+    let first = schemes.next().flatten()?;
+    schemes.all(|scheme| scheme == Some(first)).then_some(first)
+}
+
+/// The first backend setting of the ChatCluster that contradicts another, or the Region's Redis URL. The CRD's CEL
+/// rules refuse the same within one object; the Redis URL may come from the Region, which CEL cannot see.
+fn backend_problem(cluster: &ChatCluster, cluster_name: &str, redis_url: &str, redis_tls: bool) -> Option<String> {
+    let spec = &cluster.spec;
+    if spec.kafka.tls_ca_secret.is_some() && !spec.kafka.tls {
+        return Some(format!(
+            "kafka.tlsCaSecret on chat cluster {cluster_name} needs kafka.tls: true (the CA bundle only verifies \
+             the brokers' TLS certificates)"
+        ));
+    }
+    if spec.kafka.sasl_mechanism.is_some() && spec.kafka.credentials.is_none() {
+        return Some(format!(
+            "kafka.saslMechanism on chat cluster {cluster_name} needs kafka.credentials (SASL is used only with a \
+             username and password)"
+        ));
+    }
+    if spec.cassandra.tls_ca_secret.is_some() && !spec.cassandra.tls {
+        return Some(format!(
+            "cassandra.tlsCaSecret on chat cluster {cluster_name} needs cassandra.tls: true (the CA bundle only \
+             verifies the nodes' TLS certificates)"
+        ));
+    }
+    if spec.redis.tls_ca_secret.is_some() && !redis_tls {
+        return Some(format!(
+            "redis.tlsCaSecret on chat cluster {cluster_name} is only used with TLS, but the region's redis url \
+             {redis_url} is not rediss://: use rediss:// or remove redis.tlsCaSecret"
+        ));
+    }
+    None
 }
 
 fn metadata(region: &Region, field: &'static str, value: Option<&str>) -> Result<String, Error> {

@@ -5,16 +5,18 @@ mod common;
 use std::collections::BTreeMap;
 
 use clap::CommandFactory;
-use common::{cluster, eu, fixture, us};
+use common::{cluster, eu, fixture, secured, us};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec};
+use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, Volume};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 use parley_crds::{ChatCluster, MachineIdAllocation, MachineIdBlock};
 use parley_operator::build::{build, config_hash, RegionResources, CONFIG_HASH_ANNOTATION};
 use parley_operator::validate::{validate, Dereferenced, ValidatedRegion};
-use parley_operator::{machine_ids, plan, Error};
+use parley_operator::{internal_token, machine_ids, plan, Error};
+use serde_json::json;
 
 fn validated_eu() -> ValidatedRegion {
     validate(Dereferenced { region: eu(), cluster: Some(cluster()), regions: vec![eu(), us()] }).expect("valid")
@@ -38,6 +40,8 @@ fn metas(resources: &RegionResources) -> Vec<&ObjectMeta> {
         &resources.router_headless_service.metadata,
         &resources.router_stateful_set.metadata,
         &resources.router_disruption_budget.metadata,
+        &resources.network_policies[0].metadata,
+        &resources.network_policies[1].metadata,
     ]
 }
 
@@ -78,6 +82,8 @@ fn every_object_is_named_labelled_and_owned_by_the_region() {
             "chat-eu-gateway",
             "chat-eu-router-headless",
             "chat-eu-router",
+            "chat-eu-router",
+            "chat-eu-gateway",
             "chat-eu-router"
         ]
     );
@@ -303,10 +309,9 @@ fn each_component_reads_its_own_config_map_with_only_its_settings() {
     }
     assert_ne!(template_hash(&resources.gateway_stateful_set), template_hash(&resources.router_stateful_set));
     assert_eq!(router_data["PARLEY_ROUTER_LISTEN"], format!("0.0.0.0:{}", container_port(&resources, "internal")));
-    // Gateways call the router's first pod through its headless Service.
-    let router_set = resources.router_stateful_set.metadata.name.clone().expect("router name");
+    // Gateways bootstrap from every router, through the routers' headless Service.
     let router_service = resources.router_headless_service.metadata.name.clone().expect("router service");
-    assert_eq!(gateway_data["PARLEY_ROUTER_URL"], format!("http://{router_set}-0.{router_service}:7070"));
+    assert_eq!(gateway_data["PARLEY_ROUTER_URL"], format!("http://{router_service}.parley.svc:7070"));
     let internal = resources.router_headless_service.spec.as_ref().and_then(|spec| spec.ports.as_ref());
     assert!(internal.is_some_and(|ports| ports.iter().any(|port| port.port == 7070)), "{internal:?}");
 }
@@ -336,17 +341,28 @@ fn kafka_topics_are_named_prefix_dash_name() {
     assert_eq!(router_default, Some(vec!["parley-".to_owned()]));
 }
 
+/// The names of a container's env entries that come from a Secret.
+fn secret_env(container: &Container) -> Vec<&str> {
+    container
+        .env
+        .iter()
+        .flatten()
+        .filter(|env| env.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).is_some())
+        .map(|env| env.name.as_str())
+        .collect()
+}
+
 #[test]
 fn secrets_are_referenced_never_copied() {
     let resources = resources();
     let gateway = container(&resources.gateway_stateful_set);
     assert_eq!(secret_of(gateway, "PARLEY_JWT_HS256_SECRET"), ("chat-jwt".into(), "hs256".into(), None));
     assert_eq!(secret_of(gateway, "PARLEY_ADMIN_TOKEN"), ("chat-admin".into(), "token".into(), None));
-    // The router serves no client and no admin endpoint: its pods reference no Secret.
+    assert_eq!(secret_env(gateway), ["PARLEY_INTERNAL_TOKEN", "PARLEY_JWT_HS256_SECRET", "PARLEY_ADMIN_TOKEN"]);
+    // The router serves no client and no admin endpoint: without backend credentials its only Secret is the
+    // internal token.
     let router = container(&resources.router_stateful_set);
-    for env in router.env.iter().flatten() {
-        assert!(env.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).is_none(), "router env {}", env.name);
-    }
+    assert_eq!(secret_env(router), ["PARLEY_INTERNAL_TOKEN"]);
     for config_map in [&resources.gateway_config_map, &resources.router_config_map] {
         let config = serde_json::to_string(config_map).expect("json");
         assert!(!config.contains("hs256") && !config.contains("chat-jwt"), "no secret material in the ConfigMap");
@@ -474,4 +490,303 @@ fn plan_allocates_disjoint_blocks_and_changes_nothing_on_failure() {
         plan(Dereferenced { region: duplicate, cluster: Some(cluster()), regions: all }, &second.allocation, now)
             .expect_err("duplicate");
     assert_eq!(error.reason(), "DuplicateRegion");
+}
+
+fn validated_secured() -> ValidatedRegion {
+    validate(Dereferenced { region: us(), cluster: Some(secured()), regions: vec![us()] }).expect("valid")
+}
+
+/// us: 3 gateways + 1 router.
+const US_BLOCK: MachineIdBlock = MachineIdBlock { start: 0, size: 4 };
+
+fn secured_resources() -> RegionResources {
+    build(&validated_secured(), US_BLOCK).expect("build")
+}
+
+fn volume<'a>(set: &'a StatefulSet, name: &str) -> Option<&'a Volume> {
+    pod_spec(set).volumes.iter().flatten().find(|volume| volume.name == name)
+}
+
+fn env_names(container: &Container) -> Vec<&str> {
+    container.env.iter().flatten().map(|env| env.name.as_str()).collect()
+}
+
+#[test]
+fn tls_switches_and_ca_paths_go_to_the_config_maps_of_the_pods_that_connect() {
+    let resources = secured_resources();
+    let router = resources.router_config_map.data.as_ref().expect("router data");
+    let gateway = resources.gateway_config_map.data.as_ref().expect("gateway data");
+    for (key, value) in [
+        ("PARLEY_KAFKA_TLS", "true"),
+        ("PARLEY_KAFKA_TLS_CA_FILE", "/etc/parley/tls/kafka/ca.crt"),
+        ("PARLEY_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256"),
+        ("PARLEY_CASSANDRA_TLS", "true"),
+        ("PARLEY_CASSANDRA_TLS_CA_FILE", "/etc/parley/tls/cassandra/ca.crt"),
+        ("PARLEY_REDIS_TLS_CA_FILE", "/etc/parley/tls/redis/ca.crt"),
+        ("PARLEY_REDIS_URL", "rediss://redis-default:6380"),
+    ] {
+        assert_eq!(router.get(key).map(String::as_str), Some(value), "router {key}");
+    }
+    // Gateways talk to Redis only.
+    assert_eq!(gateway.get("PARLEY_REDIS_TLS_CA_FILE").map(String::as_str), Some("/etc/parley/tls/redis/ca.crt"));
+    assert_eq!(gateway.get("PARLEY_REDIS_URL").map(String::as_str), Some("rediss://redis-default:6380"));
+    let backend_keys: Vec<&str> =
+        keys(gateway).into_iter().filter(|key| key.contains("KAFKA") || key.contains("CASSANDRA")).collect();
+    assert!(backend_keys.is_empty(), "gateway ConfigMap has {backend_keys:?}");
+    // No credential reaches a ConfigMap, neither a Secret's name nor a key.
+    for config_map in [&resources.router_config_map, &resources.gateway_config_map] {
+        let text = serde_json::to_string(config_map).expect("json");
+        for secret in ["kafka-user", "cassandra-user", "redis-user", "USERNAME", "PASSWORD", "\"pass\""] {
+            assert!(!text.contains(secret), "{secret} in ConfigMap {:?}", config_map.metadata.name);
+        }
+    }
+}
+
+#[test]
+fn credentials_are_secret_key_refs_of_the_pods_that_connect() {
+    let resources = secured_resources();
+    let router = container(&resources.router_stateful_set);
+    let gateway = container(&resources.gateway_stateful_set);
+    assert_eq!(secret_of(router, "PARLEY_KAFKA_SASL_USERNAME"), ("kafka-user".into(), "username".into(), None));
+    assert_eq!(secret_of(router, "PARLEY_KAFKA_SASL_PASSWORD"), ("kafka-user".into(), "password".into(), None));
+    assert_eq!(secret_of(router, "PARLEY_CASSANDRA_USERNAME"), ("cassandra-user".into(), "user".into(), None));
+    assert_eq!(secret_of(router, "PARLEY_CASSANDRA_PASSWORD"), ("cassandra-user".into(), "pass".into(), None));
+    for container in [router, gateway] {
+        // Redis' username is optional: a Secret with only a password uses the `default` user.
+        assert_eq!(secret_of(container, "PARLEY_REDIS_USERNAME"), ("redis-user".into(), "username".into(), Some(true)));
+        assert_eq!(secret_of(container, "PARLEY_REDIS_PASSWORD"), ("redis-user".into(), "password".into(), None));
+        for env in container.env.iter().flatten().filter(|env| env.name.ends_with("PASSWORD")) {
+            assert!(env.value.is_none(), "{} is a literal", env.name);
+        }
+    }
+    assert_eq!(
+        secret_env(gateway),
+        ["PARLEY_INTERNAL_TOKEN", "PARLEY_REDIS_USERNAME", "PARLEY_REDIS_PASSWORD", "PARLEY_JWT_HS256_SECRET"]
+    );
+    assert_eq!(
+        secret_env(router),
+        [
+            "PARLEY_INTERNAL_TOKEN",
+            "PARLEY_REDIS_USERNAME",
+            "PARLEY_REDIS_PASSWORD",
+            "PARLEY_KAFKA_SASL_USERNAME",
+            "PARLEY_KAFKA_SASL_PASSWORD",
+            "PARLEY_CASSANDRA_USERNAME",
+            "PARLEY_CASSANDRA_PASSWORD"
+        ]
+    );
+}
+
+#[test]
+fn ca_bundles_are_secret_volumes_mounted_read_only_where_the_config_points() {
+    let resources = secured_resources();
+    let cases = [
+        (&resources.router_stateful_set, &resources.router_config_map, "kafka", "kafka-ca", "ca.pem"),
+        (&resources.router_stateful_set, &resources.router_config_map, "cassandra", "cassandra-ca", "bundle.crt"),
+        (&resources.router_stateful_set, &resources.router_config_map, "redis", "redis-ca", "ca.crt"),
+        (&resources.gateway_stateful_set, &resources.gateway_config_map, "redis", "redis-ca", "ca.crt"),
+    ];
+    for (set, config_map, backend, secret_name, key) in cases {
+        let name = format!("{backend}-tls-ca");
+        let source = volume(set, &name).and_then(|v| v.secret.as_ref()).unwrap_or_else(|| panic!("volume {name}"));
+        assert_eq!(source.secret_name.as_deref(), Some(secret_name));
+        let items = source.items.clone().expect("items");
+        assert_eq!(items.len(), 1);
+        assert_eq!((items[0].key.as_str(), items[0].path.as_str()), (key, "ca.crt"), "the key becomes ca.crt");
+        let mount = container(set).volume_mounts.iter().flatten().find(|m| m.name == name).expect("mount");
+        assert_eq!(mount.read_only, Some(true));
+        assert_eq!(mount.mount_path, format!("/etc/parley/tls/{backend}"));
+        let variable = format!("PARLEY_{}_TLS_CA_FILE", backend.to_uppercase());
+        let data = config_map.data.as_ref().expect("data");
+        assert_eq!(data[&variable], format!("{}/{}", mount.mount_path, items[0].path), "{variable}");
+    }
+    // Gateways mount no Kafka or Cassandra CA.
+    assert!(volume(&resources.gateway_stateful_set, "kafka-tls-ca").is_none());
+    assert!(volume(&resources.gateway_stateful_set, "cassandra-tls-ca").is_none());
+}
+
+#[test]
+fn without_tls_or_credentials_nothing_of_them_reaches_the_pods() {
+    let resources = resources();
+    for (set, config_map) in [
+        (&resources.gateway_stateful_set, &resources.gateway_config_map),
+        (&resources.router_stateful_set, &resources.router_config_map),
+    ] {
+        let data = config_map.data.as_ref().expect("data");
+        let tls: Vec<&str> = keys(data).into_iter().filter(|key| key.contains("TLS") || key.contains("SASL")).collect();
+        assert!(tls.is_empty(), "{tls:?}");
+        let volumes: Vec<&str> = pod_spec(set).volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+        assert_eq!(volumes, ["tmp"]);
+        let names = env_names(container(set));
+        assert!(names.iter().all(|name| !name.contains("USERNAME") && !name.contains("PASSWORD")), "{names:?}");
+    }
+}
+
+#[test]
+fn tls_with_the_system_roots_and_the_default_sasl_mechanism() {
+    let mut validated = validated_secured();
+    validated.cluster.spec.kafka.tls_ca_secret = None;
+    validated.cluster.spec.kafka.sasl_mechanism = None;
+    validated.cluster.spec.cassandra.tls_ca_secret = None;
+    let resources = build(&validated, US_BLOCK).expect("build");
+    let data = resources.router_config_map.data.as_ref().expect("data");
+    assert_eq!(data["PARLEY_KAFKA_TLS"], "true");
+    assert_eq!(data["PARLEY_CASSANDRA_TLS"], "true");
+    assert_eq!(data["PARLEY_KAFKA_SASL_MECHANISM"], "SCRAM-SHA-512", "the default mechanism");
+    assert!(!data.contains_key("PARLEY_KAFKA_TLS_CA_FILE") && !data.contains_key("PARLEY_CASSANDRA_TLS_CA_FILE"));
+    let router = &resources.router_stateful_set;
+    assert!(volume(router, "kafka-tls-ca").is_none() && volume(router, "cassandra-tls-ca").is_none());
+    // Credentials without TLS: the credentials still reach the pods (the CRD documentation warns).
+    validated.cluster.spec.kafka.tls = false;
+    let resources = build(&validated, US_BLOCK).expect("build");
+    let data = resources.router_config_map.data.as_ref().expect("data");
+    assert!(!data.contains_key("PARLEY_KAFKA_TLS"));
+    assert!(env_names(container(&resources.router_stateful_set)).contains(&"PARLEY_KAFKA_SASL_PASSWORD"));
+}
+
+#[test]
+fn routers_advertise_their_own_pod_and_all_of_them_run() {
+    let mut validated = validated_eu();
+    validated.region.spec.router.replicas = 3;
+    // eu: 10 gateway IDs + 3 router IDs.
+    let block = MachineIdBlock { start: 100, size: 13 };
+    let resources = build(&validated, block).expect("build");
+    let set = &resources.router_stateful_set;
+    assert_eq!(set.spec.as_ref().and_then(|s| s.replicas), Some(3), "router.replicas means what it says");
+    let router = container(set);
+    assert_eq!(literal(router, "PARLEY_MACHINE_ID_BASE"), "110");
+    assert_eq!(literal(router, "PARLEY_MACHINE_ID_COUNT"), "3");
+    // PARLEY_ROUTER_ADVERTISE_URL comes right after PARLEY_POD_NAME, which it references (the kubelet expands
+    // $(VAR) from earlier entries only).
+    let names = env_names(router);
+    assert_eq!(names[..2], ["PARLEY_POD_NAME", "PARLEY_ROUTER_ADVERTISE_URL"]);
+    assert_eq!(
+        literal(router, "PARLEY_ROUTER_ADVERTISE_URL"),
+        "http://$(PARLEY_POD_NAME).chat-eu-router-headless.parley.svc:7070"
+    );
+    assert_eq!(
+        router.ports.iter().flatten().find(|p| p.name.as_deref() == Some("internal")).map(|p| p.container_port),
+        Some(7070)
+    );
+    assert!(env_names(container(&resources.gateway_stateful_set)).iter().all(|n| *n != "PARLEY_ROUTER_ADVERTISE_URL"));
+    let data = resources.gateway_config_map.data.as_ref().expect("gateway data");
+    assert_eq!(data["PARLEY_ROUTER_URL"], "http://chat-eu-router-headless.parley.svc:7070", "every router");
+    // At most one router down at a time in a voluntary disruption.
+    let budget = resources.router_disruption_budget.spec.as_ref().expect("pdb");
+    assert_eq!(budget.max_unavailable, Some(IntOrString::Int(1)));
+    // Only the StatefulSet's replicas and the machine IDs change with the router count.
+    let one = build(&validated_eu(), EU_BLOCK).expect("build");
+    assert_eq!(one.router_config_map, resources.router_config_map);
+    assert_eq!(one.gateway_config_map, resources.gateway_config_map);
+}
+
+#[test]
+fn both_components_read_the_internal_token_from_the_regions_secret() {
+    let resources = resources();
+    for set in [&resources.gateway_stateful_set, &resources.router_stateful_set] {
+        assert_eq!(
+            secret_of(container(set), "PARLEY_INTERNAL_TOKEN"),
+            ("chat-eu-internal-token".into(), "token".into(), None)
+        );
+    }
+    assert_eq!(internal_token::secret_name("chat-eu"), "chat-eu-internal-token");
+}
+
+#[test]
+fn the_internal_token_secret_is_owned_immutable_and_holds_the_token() {
+    let validated = validated_eu();
+    let token = internal_token::generate().expect("random token");
+    let secret = internal_token::secret(&validated, &token);
+    assert_eq!(secret.metadata.name.as_deref(), Some("chat-eu-internal-token"));
+    assert_eq!(secret.metadata.namespace.as_deref(), Some("parley"));
+    let owners = secret.metadata.owner_references.as_ref().expect("owners");
+    assert_eq!((owners[0].kind.as_str(), owners[0].name.as_str()), ("Region", "chat-eu"));
+    assert_eq!(owners[0].controller, Some(true), "garbage-collected with the Region");
+    let labels = secret.metadata.labels.as_ref().expect("labels");
+    assert_eq!(labels["parley.dev/region"], "chat-eu");
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "parley-operator");
+    assert_eq!(secret.immutable, Some(true), "never overwritten");
+    let data = secret.data.as_ref().expect("data");
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["token"]);
+    assert_eq!(data["token"].0, token.as_bytes());
+    let json = serde_json::to_value(&secret).expect("json");
+    assert_eq!((json["apiVersion"].as_str(), json["kind"].as_str()), (Some("v1"), Some("Secret")));
+}
+
+#[test]
+fn internal_tokens_are_32_random_bytes_in_base64url() {
+    let token = internal_token::generate().expect("random token");
+    assert_eq!(token.len(), 43, "32 bytes, base64url without padding: {token}");
+    assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "{token}");
+    assert_ne!(internal_token::generate().expect("random token"), token);
+    // RFC 4648's test vectors, in the URL-safe alphabet without padding.
+    for (input, expected) in [
+        (&b""[..], ""),
+        (b"f", "Zg"),
+        (b"fo", "Zm8"),
+        (b"foo", "Zm9v"),
+        (b"foob", "Zm9vYg"),
+        (b"fooba", "Zm9vYmE"),
+        (b"foobar", "Zm9vYmFy"),
+        (&[0xfb, 0xff, 0xbf], "-_-_"),
+    ] {
+        assert_eq!(internal_token::base64url(input), expected, "{input:?}");
+    }
+}
+
+fn policy<'a>(resources: &'a RegionResources, name: &str) -> &'a NetworkPolicy {
+    resources.network_policies.iter().find(|p| p.metadata.name.as_deref() == Some(name)).expect("policy")
+}
+
+#[test]
+fn network_policies_open_the_client_port_and_keep_the_routers_to_their_gateways() {
+    let resources = resources();
+    assert_eq!(resources.network_policies.len(), 2);
+    let gateway = serde_json::to_value(policy(&resources, "chat-eu-gateway")).expect("json");
+    assert_eq!(gateway["apiVersion"], "networking.k8s.io/v1");
+    let selector = |component: &str| {
+        json!({"matchLabels": {"app.kubernetes.io/component": component, "parley.dev/cluster": "chat",
+                               "parley.dev/region": "chat-eu"}})
+    };
+    // Egress is not restricted: only Ingress is a policy type.
+    assert_eq!(
+        gateway["spec"],
+        json!({
+            "podSelector": selector("gateway"),
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"ports": [{"port": 8080, "protocol": "TCP"}]},
+                {"from": [{"podSelector": {}}], "ports": [{"port": 9090, "protocol": "TCP"}]}
+            ]
+        })
+    );
+    let router = serde_json::to_value(policy(&resources, "chat-eu-router")).expect("json");
+    assert_eq!(
+        router["spec"],
+        json!({
+            "podSelector": selector("router"),
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": selector("gateway")}], "ports": [{"port": 7070, "protocol": "TCP"}]},
+                {"from": [{"podSelector": {}}], "ports": [{"port": 9090, "protocol": "TCP"}]}
+            ]
+        })
+    );
+    // The selectors are the workloads' own.
+    let gateway_pods = resources.gateway_stateful_set.spec.as_ref().map(|s| s.selector.clone());
+    assert_eq!(policy(&resources, "chat-eu-gateway").spec.as_ref().and_then(|s| s.pod_selector.clone()), gateway_pods);
+}
+
+#[test]
+fn network_policy_admin_peers_and_switch() {
+    let resources = secured_resources();
+    let monitoring = json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]);
+    for name in ["chat-us-gateway", "chat-us-router"] {
+        let policy = serde_json::to_value(policy(&resources, name)).expect("json");
+        assert_eq!(policy["spec"]["ingress"][1]["from"], monitoring, "{name}");
+    }
+    let mut validated = validated_eu();
+    validated.cluster.spec.network_policy.enabled = false;
+    let resources = build(&validated, EU_BLOCK).expect("build");
+    assert!(resources.network_policies.is_empty(), "disabled: none built, so the operator deletes its own");
 }

@@ -6,6 +6,12 @@
 //!
 //! The CRDs are installed once per run; each test makes its own namespace and runs the `parley-operator` binary
 //! as a child process scoped to it (with its own Lease), and reads the operator's `/metrics` on loopback.
+//!
+//! The operator runs as the Helm chart's ServiceAccount with exactly the chart's RBAC: each test namespace gets the
+//! chart's ServiceAccount, Roles and RoleBindings as `helm template` renders them for an operator watching that
+//! namespace (helm from `e2e/helm/build.sh`), and the operator's kubeconfig holds a token of that ServiceAccount
+//! from the TokenRequest API. A right the operator uses but the chart does not grant fails the tests that need it;
+//! `the_chart_grants_the_operator_exactly_what_it_uses` fails on a right granted beyond what it uses.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,14 +21,18 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::Role;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use parley_crds::{ChatCluster, MachineIdBlock, Region};
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -82,9 +92,83 @@ fn install_crds() {
     });
 }
 
-/// A namespace of one test; deleted (without waiting) when dropped.
+/// The chart's release name in the tests; its ServiceAccount is `parley-operator`.
+const RELEASE: &str = "parley";
+/// The ServiceAccount the chart renders for [`RELEASE`].
+const SERVICE_ACCOUNT: &str = "parley-operator";
+
+/// The helm binary, from `e2e/helm/build.sh` (built once and cached; a no-op when warm).
+fn helm() -> &'static Path {
+    static HELM: OnceLock<PathBuf> = OnceLock::new();
+    HELM.get_or_init(|| {
+        let output = Command::new("bash")
+            .arg("e2e/helm/build.sh")
+            .current_dir(root())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run e2e/helm/build.sh");
+        assert!(output.status.success(), "e2e/helm/build.sh failed (it builds helm from its Go module)");
+        PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+    })
+}
+
+/// The chart's ServiceAccount and RBAC templates as `helm template` renders them, for the release [`RELEASE`] (or
+/// `release`) in `namespace`, with `values` (`key=value`, for `--set`).
+fn chart_rbac(release: &str, namespace: &str, values: &[String]) -> String {
+    let mut command = Command::new(helm());
+    command.args(["template", release, "charts/parley", "--namespace", namespace]);
+    for value in values {
+        command.args(["--set", value]);
+    }
+    command.args(["--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml"]);
+    let output = command.current_dir(root()).output().expect("run helm template");
+    assert!(output.status.success(), "helm template failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Applies YAML with kubectl (as the admin of the control plane).
+fn kubectl_apply(yaml: &str, what: &str) {
+    let file = std::env::temp_dir().join(format!("parley-{what}-{}.yaml", std::process::id()));
+    std::fs::write(&file, yaml).expect("write yaml");
+    kubectl_ok(&["apply", "-f", &file.to_string_lossy()]);
+    let _ = std::fs::remove_file(file);
+}
+
+/// Writes a kubeconfig that authenticates as `namespace`'s ServiceAccount `account` with a token from the
+/// TokenRequest API, for the API server the admin kubeconfig names, and returns its path.
+fn service_account_kubeconfig(namespace: &str, account: &str) -> PathBuf {
+    let token = kubectl_ok(&["create", "token", account, "-n", namespace, "--duration=2h"]).trim().to_owned();
+    let admin: serde_json::Value =
+        serde_json::from_str(&kubectl_ok(&["config", "view", "--raw", "--minify", "-o", "json"])).expect("kubeconfig");
+    let cluster = &admin["clusters"][0]["cluster"];
+    let kubeconfig = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "e2e", "cluster": {"server": cluster["server"],
+                      "certificate-authority-data": cluster["certificate-authority-data"]}}],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": account, "namespace": namespace}}],
+        "current-context": "e2e"
+    });
+    let path = std::env::temp_dir().join(format!("parley-kubeconfig-{namespace}-{account}.json"));
+    std::fs::write(&path, kubeconfig.to_string()).expect("write kubeconfig");
+    path
+}
+
+/// A kube client authenticated by a kubeconfig file.
+async fn client_from(kubeconfig: &Path) -> Client {
+    let config = kube::config::Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(config, &kube::config::KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig");
+    Client::try_from(config).expect("client")
+}
+
+/// A namespace of one test, with the chart's ServiceAccount and RBAC for an operator watching it, and a kubeconfig
+/// of that ServiceAccount; deleted (without waiting) when dropped.
 struct TestNamespace {
     name: String,
+    /// The operator's kubeconfig: the chart's ServiceAccount, by a TokenRequest token.
+    kubeconfig: PathBuf,
 }
 
 impl TestNamespace {
@@ -95,13 +179,16 @@ impl TestNamespace {
         let namespaces: Api<Namespace> = Api::all(client.clone());
         let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).expect("namespace");
         namespaces.create(&PostParams::default(), &namespace).await.expect("create namespace");
-        TestNamespace { name }
+        kubectl_apply(&chart_rbac(RELEASE, &name, &[format!("watchNamespace={name}")]), &name);
+        let kubeconfig = service_account_kubeconfig(&name, SERVICE_ACCOUNT);
+        TestNamespace { name, kubeconfig }
     }
 }
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
         let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+        let _ = std::fs::remove_file(&self.kubeconfig);
     }
 }
 
@@ -114,7 +201,10 @@ struct Operator {
 }
 
 impl Operator {
-    fn start(namespace: &str, identity: &str) -> Operator {
+    /// Starts the operator on `namespace` as the chart's ServiceAccount.
+    fn start(namespace: &TestNamespace, identity: &str) -> Operator {
+        let kubeconfig = &namespace.kubeconfig;
+        let namespace = namespace.name.as_str();
         let log = std::env::temp_dir().join(format!("parley-operator-{namespace}-{identity}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_parley-operator"))
@@ -132,6 +222,7 @@ impl Operator {
                 "2",
             ])
             .env("PARLEY_OPERATOR_LOG", "info,kube=warn,parley_operator=debug")
+            .env("KUBECONFIG", kubeconfig)
             .stdout(Stdio::piped())
             .stderr(file)
             .spawn()
@@ -313,6 +404,8 @@ async fn resource_versions(client: &Client, namespace: &str) -> BTreeMap<String,
     collect::<Service>(client, namespace, &mut out).await;
     collect::<ConfigMap>(client, namespace, &mut out).await;
     collect::<PodDisruptionBudget>(client, namespace, &mut out).await;
+    collect::<NetworkPolicy>(client, namespace, &mut out).await;
+    collect::<Secret>(client, namespace, &mut out).await;
     collect::<Region>(client, namespace, &mut out).await;
     collect::<ChatCluster>(client, namespace, &mut out).await;
     out.retain(|key, _| !key.starts_with("ConfigMap kube-root-ca.crt"));
@@ -346,6 +439,13 @@ async fn client() -> Client {
     Client::try_default().await.expect("kube client from KUBECONFIG")
 }
 
+/// The token in a Region's internal token Secret, if the Secret exists.
+async fn internal_token(secrets: &Api<Secret>, region: &str) -> Option<String> {
+    let secret = get(secrets, &format!("{region}-internal-token")).await?;
+    let token = secret.data.as_ref()?.get("token")?;
+    Some(String::from_utf8_lossy(&token.0).into_owned())
+}
+
 fn apply_file(namespace: &str, file: &str) {
     kubectl_ok(&["apply", "-n", namespace, "-f", file]);
 }
@@ -359,7 +459,7 @@ async fn dev_example_reconciles_scales_and_releases_its_ids_and_a_noop_writes_no
     let client = client().await;
     let ns = TestNamespace::new(&client, "dev").await;
     apply_file(&ns.name, "examples/dev-chatcluster.yaml");
-    let operator = Operator::start(&ns.name, "dev-a");
+    let operator = Operator::start(&ns, "dev-a");
     operator.ready().await;
 
     // StatefulSets and Services appear with the right spec.
@@ -390,6 +490,30 @@ async fn dev_example_reconciles_scales_and_releases_its_ids_and_a_noop_writes_no
     );
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns.name);
     eventually("gateway PDB", || get(&budgets, "dev-local-gateway")).await;
+    // The gateways bootstrap from every router; each router advertises its own pod.
+    let gateway_config = get(&config_maps, "dev-local-gateway-config").await.expect("gateway ConfigMap");
+    let router_url = gateway_config.data.as_ref().and_then(|d| d.get("PARLEY_ROUTER_URL")).cloned();
+    assert_eq!(router_url, Some(format!("http://dev-local-router-headless.{}.svc:7070", ns.name)));
+    assert_eq!(
+        env_value(&router, "PARLEY_ROUTER_ADVERTISE_URL"),
+        Some(format!("http://$(PARLEY_POD_NAME).dev-local-router-headless.{}.svc:7070", ns.name))
+    );
+
+    // The internal token: created once by the operator (which may not read it back), owned by the Region.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let token = eventually("internal token Secret", || internal_token(&secrets, "dev-local")).await;
+    assert_eq!(token.len(), 43, "32 random bytes, base64url: {token}");
+    let secret = get(&secrets, "dev-local-internal-token").await.expect("secret");
+    let owner = &secret.owner_references()[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("Region", "dev-local", Some(true)));
+    assert_eq!(secret.immutable, Some(true));
+    // The NetworkPolicies: the routers' internal port only from the Region's gateways.
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns.name);
+    let router_policy = eventually("router NetworkPolicy", || get(&policies, "dev-local-router")).await;
+    let ingress = router_policy.spec.as_ref().and_then(|s| s.ingress.clone()).expect("ingress");
+    let from = ingress[0].from.as_ref().and_then(|from| from[0].pod_selector.as_ref()?.match_labels.clone());
+    assert_eq!(from.as_ref().map(|labels| labels["app.kubernetes.io/component"].as_str()), Some("gateway"));
+    eventually("gateway NetworkPolicy", || get(&policies, "dev-local-gateway")).await;
 
     // kwok makes the pods Ready, and the status follows.
     let regions: Api<Region> = Api::namespaced(client.clone(), &ns.name);
@@ -399,6 +523,8 @@ async fn dev_example_reconciles_scales_and_releases_its_ids_and_a_noop_writes_no
     assert_eq!(status.routers.as_deref(), Some("1/1"));
     assert_eq!(status.machine_id_block, Some(MachineIdBlock { start: 0, size: 2 }));
     assert_eq!(condition(&status.conditions, "Degraded").map(|c| c.0).as_deref(), Some("False"));
+    assert_eq!(status.internal_token_secret.as_deref(), Some("dev-local-internal-token"));
+    assert_eq!(status.network_policies, ["dev-local-gateway", "dev-local-router"]);
     let clusters: Api<ChatCluster> = Api::namespaced(client.clone(), &ns.name);
     let cluster = eventually("ChatCluster Ready", || async {
         let cluster = get(&clusters, "dev").await?;
@@ -433,11 +559,12 @@ async fn dev_example_reconciles_scales_and_releases_its_ids_and_a_noop_writes_no
     assert_eq!(resource_versions(&client, &ns.name).await, versions, "a no-op reconcile changed an object");
     assert_eq!(operator.metrics().await.writes(), before.writes(), "a no-op reconcile wrote");
     operator.terminate();
-    let operator = Operator::start(&ns.name, "dev-b");
+    let operator = Operator::start(&ns, "dev-b");
     operator.ready().await;
     reconciles_after(&operator, 0.0, 1.0).await;
     assert_eq!(resource_versions(&client, &ns.name).await, versions, "a restarted operator changed an object");
     assert_eq!(operator.metrics().await.writes(), 0.0, "a restarted operator wrote:\n{}", operator.metrics().await.0);
+    assert_eq!(internal_token(&secrets, "dev-local").await, Some(token), "the token Secret is never overwritten");
 
     // An object labelled with the Region and controlled by it, but no longer built, is deleted as an orphan.
     let region = get(&regions, "dev-local").await.expect("region");
@@ -482,6 +609,16 @@ async fn dev_example_reconciles_scales_and_releases_its_ids_and_a_noop_writes_no
     let block = region.status.as_ref().and_then(|s| s.machine_id_block).expect("block");
     assert_eq!(block, MachineIdBlock { start: 0, size: 4 });
 
+    // NetworkPolicies turned off: the operator deletes the ones it made.
+    let off = json!({"spec": {"networkPolicy": {"enabled": false}}});
+    clusters.patch("dev", &PatchParams::default(), &Patch::Merge(off)).await.expect("turn NetworkPolicies off");
+    eventually("NetworkPolicies deleted", || async {
+        let none = policies.list(&ListParams::default()).await.ok()?.items.is_empty();
+        let status = get(&regions, "dev-local").await?.status?;
+        (none && status.network_policies.is_empty()).then_some(())
+    })
+    .await;
+
     // Deleting the Region: the finalizer quarantines its block, and the owned objects go.
     regions.delete("dev-local", &DeleteParams::default()).await.expect("delete region");
     eventually("Region gone", || async { get(&regions, "dev-local").await.is_none().then_some(()) }).await;
@@ -500,6 +637,12 @@ async fn dev_example_reconciles_scales_and_releases_its_ids_and_a_noop_writes_no
         sets.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(())
     })
     .await;
+    eventually("the token Secret and the NetworkPolicies garbage-collected", || async {
+        let gone = get(&secrets, "dev-local-internal-token").await.is_none()
+            && policies.list(&ListParams::default()).await.ok()?.items.is_empty();
+        gone.then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -511,7 +654,14 @@ async fn production_regions_get_disjoint_machine_ids_and_become_ready() {
     let client = client().await;
     let ns = TestNamespace::new(&client, "prod").await;
     apply_file(&ns.name, "examples/production.yaml");
-    let _operator = Operator::start(&ns.name, "prod");
+    // A token Secret that exists before the operator (made by a person, say) is kept as it is.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let preset: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "chat-us-east-internal-token"}, "stringData": {"token": "a-token-made-by-a-person"}
+    }))
+    .expect("secret");
+    secrets.create(&PostParams::default(), &preset).await.expect("create the token Secret");
+    let _operator = Operator::start(&ns, "prod");
     let regions: Api<Region> = Api::namespaced(client.clone(), &ns.name);
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
     let names = ["chat-eu-west", "chat-us-east", "chat-ap-south"];
@@ -526,6 +676,23 @@ async fn production_regions_get_disjoint_machine_ids_and_become_ready() {
         let router_count: u32 = env_value(&router, "PARLEY_MACHINE_ID_COUNT").expect("count").parse().expect("number");
         assert_eq!(gateway_base, u32::from(block.start), "{name}");
         assert!(router_base > gateway_base && router_base + router_count == block.end(), "{name}: {block:?}");
+        // Several routers per Region, each with one machine ID; the API server accepted the TLS volumes.
+        let replicas = region.spec.router.replicas;
+        assert_eq!(router.spec.as_ref().and_then(|s| s.replicas), Some(replicas), "{name}");
+        assert_eq!(router_count, u32::try_from(replicas).expect("positive"), "{name}");
+        assert!(replicas > 1, "{name}: the production example runs several routers");
+        let volumes: Vec<String> = router
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref()?.volumes.clone())
+            .into_iter()
+            .flatten()
+            .map(|v| v.name)
+            .collect();
+        for volume in ["kafka-tls-ca", "cassandra-tls-ca", "redis-tls-ca"] {
+            assert!(volumes.iter().any(|v| v == volume), "{name}: no {volume} in {volumes:?}");
+        }
+        assert!(internal_token(&secrets, name).await.is_some(), "{name}: no internal token Secret");
         blocks.push((name, block));
     }
     for (i, (a, block_a)) in blocks.iter().enumerate() {
@@ -541,6 +708,7 @@ async fn production_regions_get_disjoint_machine_ids_and_become_ready() {
             .then_some(cluster)
     })
     .await;
+    assert_eq!(internal_token(&secrets, "chat-us-east").await.as_deref(), Some("a-token-made-by-a-person"));
     let status = cluster.status.expect("status");
     let total: u32 = blocks.iter().map(|(_, block)| u32::from(block.size)).sum();
     assert_eq!(status.machine_ids_allocated, Some(i32::try_from(total).expect("fits")));
@@ -569,20 +737,55 @@ async fn cel_rules_reject_invalid_specs_with_their_messages() {
     let self_replicating = region("eu", json!({"replication": [{"topics": ["*"], "toRegions": ["eu"]}]}));
     let error = regions.create(&PostParams::default(), &self_replicating).await.expect_err("self replication");
     assert!(error.to_string().contains("a Region cannot replicate to itself"), "{error}");
-    let too_many = region("eu", json!({"router": {"replicas": 2}}));
-    let error = regions.create(&PostParams::default(), &too_many).await.expect_err("one router");
-    assert!(error.to_string().contains("router.replicas must be 1"), "{error}");
+    let none = region("eu", json!({"router": {"replicas": 0}}));
+    let error = regions.create(&PostParams::default(), &none).await.expect_err("no router");
+    assert!(error.to_string().contains("router.replicas must be between 1 and 64"), "{error}");
+    let mixed = region("eu", json!({"redis": {"url": "redis://a:6379,rediss://b:6380"}}));
+    let error = regions.create(&PostParams::default(), &mixed).await.expect_err("mixed schemes");
+    assert!(error.to_string().contains("must all use the same scheme"), "{error}");
     let clusters: Api<ChatCluster> = Api::namespaced(client.clone(), &ns.name);
-    let secured: ChatCluster = serde_json::from_value(json!({"apiVersion": "parley.dev/v1alpha1",
-        "kind": "ChatCluster", "metadata": {"name": "secured"}, "spec": {"version": "0.1.0",
-        "kafka": {"bootstrapServers": "kafka:9092", "tls": true},
-        "cassandra": {"contactPoints": ["cassandra"], "keyspace": "chat"},
-        "redis": {"url": "redis://redis:6379", "credentials": {"secretName": "redis"}},
-        "auth": {"jwtAlgorithm": "HS256", "jwtKeySecret": {"name": "jwt", "key": "hs256"}}}}))
-    .expect("cluster");
-    let error = clusters.create(&PostParams::default(), &secured).await.expect_err("tls and credentials");
-    assert!(error.to_string().contains("kafka.tls: true is refused"), "{error}");
-    assert!(error.to_string().contains("redis.credentials is refused"), "{error}");
+    let cluster = |name: &str, kafka: serde_json::Value, redis: serde_json::Value| -> ChatCluster {
+        serde_json::from_value(json!({"apiVersion": "parley.dev/v1alpha1",
+            "kind": "ChatCluster", "metadata": {"name": name}, "spec": {"version": "0.1.0", "kafka": kafka,
+            "cassandra": {"contactPoints": ["cassandra"], "keyspace": "chat", "tls": true,
+                          "tlsCaSecret": {"name": "cassandra-ca", "key": "ca.crt"},
+                          "credentials": {"secretName": "cassandra"}},
+            "redis": redis, "auth": {"jwtAlgorithm": "HS256", "jwtKeySecret": {"name": "jwt", "key": "hs256"}}}}))
+        .expect("cluster")
+    };
+    // TLS and credentials for every engine are accepted (and the API server defaults tls to false).
+    let secured = cluster(
+        "secured",
+        json!({"bootstrapServers": "kafka:9093", "tls": true, "tlsCaSecret": {"name": "kafka-ca", "key": "ca.crt"},
+               "saslMechanism": "SCRAM-SHA-256", "credentials": {"secretName": "kafka"}}),
+        json!({"url": "rediss://redis:6380", "tlsCaSecret": {"name": "redis-ca", "key": "ca.crt"},
+               "credentials": {"secretName": "redis"}}),
+    );
+    clusters.create(&PostParams::default(), &secured).await.expect("TLS and credentials are accepted");
+    let inconsistent = cluster(
+        "inconsistent",
+        json!({"bootstrapServers": "kafka:9092", "tlsCaSecret": {"name": "kafka-ca", "key": "ca.crt"},
+               "saslMechanism": "PLAIN"}),
+        json!({"url": "redis://redis:6379", "tlsCaSecret": {"name": "redis-ca", "key": "ca.crt"}}),
+    );
+    let error = clusters.create(&PostParams::default(), &inconsistent).await.expect_err("CA bundles without TLS");
+    for message in [
+        "kafka.tlsCaSecret needs kafka.tls: true",
+        "kafka.saslMechanism needs kafka.credentials",
+        "redis.tlsCaSecret needs a rediss:// (TLS) redis.url",
+    ] {
+        assert!(error.to_string().contains(message), "{message}: {error}");
+    }
+    // A mechanism the router does not know (the Rust type cannot even hold it, so kubectl sends it).
+    let mut unknown = serde_json::to_value(&secured).expect("json");
+    unknown["metadata"] = json!({"name": "unknown", "namespace": ns.name});
+    unknown["spec"]["kafka"]["saslMechanism"] = json!("GSSAPI");
+    let file = std::env::temp_dir().join(format!("parley-unknown-sasl-{}.json", ns.name));
+    std::fs::write(&file, unknown.to_string()).expect("write");
+    let output = kubectl(&["create", "-f", &file.to_string_lossy()]);
+    let _ = std::fs::remove_file(&file);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("saslMechanism") && stderr.contains("GSSAPI"), "{stderr}");
     regions.create(&PostParams::default(), &region("eu", json!({}))).await.expect("valid region");
     let error = regions
         .patch("r", &PatchParams::default(), &Patch::Merge(json!({"spec": {"regionName": "us"}})))
@@ -610,7 +813,7 @@ async fn duplicate_region_name_is_degraded_with_an_event_and_nothing_applied() {
     duplicate.metadata = serde_json::from_value(json!({"name": "dev-local-2"})).expect("metadata");
     duplicate.status = None;
     regions.create(&PostParams::default(), &duplicate).await.expect("create duplicate");
-    let _operator = Operator::start(&ns.name, "dup");
+    let _operator = Operator::start(&ns, "dup");
     region_ready(&regions, "dev-local").await;
     let degraded = eventually("dev-local-2 Degraded", || async {
         let region = get(&regions, "dev-local-2").await?;
@@ -657,8 +860,8 @@ async fn only_the_lease_holder_writes_and_another_replica_takes_over() {
     let client = client().await;
     let ns = TestNamespace::new(&client, "lease").await;
     apply_file(&ns.name, "examples/dev-chatcluster.yaml");
-    let first = Operator::start(&ns.name, "replica-a");
-    let second = Operator::start(&ns.name, "replica-b");
+    let first = Operator::start(&ns, "replica-a");
+    let second = Operator::start(&ns, "replica-b");
     first.ready().await;
     second.ready().await;
     let regions: Api<Region> = Api::namespaced(client.clone(), &ns.name);
@@ -752,7 +955,7 @@ async fn exhausted_machine_ids_degrade_a_region_until_a_quarantined_block_expire
         .expect("region");
         regions.create(&PostParams::default(), &region).await.expect("create region");
     }
-    let _operator = Operator::start(&ns.name, "ids");
+    let _operator = Operator::start(&ns, "ids");
     region_ready(&regions, "dev-local").await;
     let (winner, loser) = eventually("one big region ready and one exhausted", || async {
         let a = get(&regions, "big-a").await?;
@@ -816,4 +1019,252 @@ async fn exhausted_machine_ids_degrade_a_region_until_a_quarantined_block_expire
     assert!(deleted.elapsed() >= Duration::from_secs(4), "the block was reused within its quarantine");
     let block = region.status.as_ref().and_then(|s| s.machine_id_block).expect("block");
     assert_eq!(block.size, 513);
+}
+
+/// Whether the client's user may do `verb` on `resource` (`resource/subresource`) of `group` in `namespace` (empty:
+/// all namespaces, or a cluster-scoped resource), on the object `name` (empty: any), by a SelfSubjectAccessReview.
+async fn can(client: &Client, verb: &str, group: &str, resource: &str, namespace: &str, name: &str) -> bool {
+    let (resource, subresource) = resource.split_once('/').map_or((resource, None), |(r, s)| (r, Some(s)));
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.to_owned()),
+                group: Some(group.to_owned()),
+                resource: Some(resource.to_owned()),
+                subresource: subresource.map(str::to_owned),
+                namespace: (!namespace.is_empty()).then(|| namespace.to_owned()),
+                name: (!name.is_empty()).then(|| name.to_owned()),
+                ..ResourceAttributes::default()
+            }),
+            ..SelfSubjectAccessReviewSpec::default()
+        },
+        ..SelfSubjectAccessReview::default()
+    };
+    let reviews: Api<SelfSubjectAccessReview> = Api::all(client.clone());
+    let answer = reviews.create(&PostParams::default(), &review).await.expect("SelfSubjectAccessReview");
+    answer.status.is_some_and(|status| status.allowed)
+}
+
+const MANAGE: &[&str] = &["get", "list", "watch", "create", "patch", "delete"];
+
+/// What the operator uses in the namespaces it watches, as (API group, resource, verbs): exactly what the chart must
+/// grant there.
+const USED: &[(&str, &str, &[&str])] = &[
+    ("parley.dev", "chatclusters", &["get", "list", "watch", "patch", "update"]),
+    ("parley.dev", "regions", &["get", "list", "watch", "patch", "update"]),
+    ("parley.dev", "chatclusters/status", &["patch", "update"]),
+    ("parley.dev", "regions/status", &["patch", "update"]),
+    ("parley.dev", "chatclusters/finalizers", &["update"]),
+    ("parley.dev", "regions/finalizers", &["update"]),
+    ("apps", "statefulsets", MANAGE),
+    ("policy", "poddisruptionbudgets", MANAGE),
+    ("", "services", MANAGE),
+    ("", "configmaps", MANAGE),
+    ("networking.k8s.io", "networkpolicies", MANAGE),
+    // Each Region's internal token Secret, created once and never read.
+    ("", "secrets", &["create"]),
+    ("events.k8s.io", "events", &["create", "patch"]),
+];
+
+/// The operator's Lease (the chart's `leaderElection.leaseName`, the operator's `--lease-name` default).
+const LEASE: &str = "parley-operator";
+
+/// Every (group, resource, verb, resourceNames) the rendered Roles and ClusterRoles grant.
+fn granted(rendered: &str) -> Vec<(String, String, String, Vec<String>)> {
+    let mut out = Vec::new();
+    for document in serde_yaml_ng::Deserializer::from_str(rendered) {
+        let value = serde_json::Value::deserialize(document).expect("rendered YAML");
+        if !matches!(value["kind"].as_str(), Some("Role" | "ClusterRole")) {
+            continue;
+        }
+        for rule in value["rules"].as_array().into_iter().flatten() {
+            let strings = |field: &str| -> Vec<String> {
+                rule[field].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_owned)).collect()
+            };
+            for group in strings("apiGroups") {
+                for resource in strings("resources") {
+                    for verb in strings("verbs") {
+                        out.push((group.clone(), resource.clone(), verb, strings("resourceNames")));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Deletes cluster-scoped objects when dropped.
+struct ClusterScoped(Vec<String>);
+
+impl Drop for ClusterScoped {
+    fn drop(&mut self) {
+        for object in &self.0 {
+            let _ = kubectl(&["delete", object, "--ignore-not-found", "--wait=false"]);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_grants_the_operator_exactly_what_it_uses() {
+    if !control_plane() {
+        return;
+    }
+    install_crds();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "rbac").await;
+    let operator = client_from(&ns.kubeconfig).await;
+    let namespace = ns.name.as_str();
+
+    // Everything the operator uses is granted in its namespace...
+    let mut missing = Vec::new();
+    for (group, resource, verbs) in USED {
+        for verb in *verbs {
+            if !can(&operator, verb, group, resource, namespace, "").await {
+                missing.push(format!("{verb} {group}/{resource}"));
+            }
+        }
+    }
+    for verb in ["get", "update", "patch"] {
+        if !can(&operator, verb, "coordination.k8s.io", "leases", namespace, LEASE).await {
+            missing.push(format!("{verb} lease {LEASE}"));
+        }
+    }
+    if !can(&operator, "create", "coordination.k8s.io", "leases", namespace, "").await {
+        missing.push("create leases".to_owned());
+    }
+    assert!(missing.is_empty(), "the chart's ServiceAccount may not: {missing:?}");
+
+    // ...and the chart grants nothing else: every rule it renders is one of those.
+    let rendered = chart_rbac(RELEASE, namespace, &[format!("watchNamespace={namespace}")]);
+    let extra: Vec<_> = granted(&rendered)
+        .into_iter()
+        .filter(|(group, resource, verb, names)| {
+            let used = USED.iter().any(|(g, r, verbs)| g == group && r == resource && verbs.contains(&verb.as_str()));
+            let lease = group == "coordination.k8s.io"
+                && resource == "leases"
+                && match verb.as_str() {
+                    "get" | "update" | "patch" => names == &[LEASE.to_owned()],
+                    "create" => names.is_empty(),
+                    _ => false,
+                };
+            !used && !lease
+        })
+        .collect();
+    assert!(extra.is_empty(), "the chart grants rights the operator does not use: {extra:?}");
+
+    // Rights the operator must not have, checked on the API server.
+    let own_token = "dev-local-internal-token";
+    let denied: &[(&str, &str, &str, &str, &str)] = &[
+        ("get", "", "secrets", namespace, own_token),
+        ("get", "", "secrets", namespace, ""),
+        ("list", "", "secrets", namespace, ""),
+        ("watch", "", "secrets", namespace, ""),
+        ("update", "", "secrets", namespace, own_token),
+        ("patch", "", "secrets", namespace, own_token),
+        ("delete", "", "secrets", namespace, own_token),
+        ("list", "", "secrets", "", ""),
+        ("list", "", "pods", "", ""),
+        ("list", "", "pods", namespace, ""),
+        ("create", "", "pods", namespace, ""),
+        ("create", "", "serviceaccounts/token", namespace, SERVICE_ACCOUNT),
+        ("list", "parley.dev", "regions", "", ""),
+        ("get", "parley.dev", "regions", "default", ""),
+        ("create", "apps", "statefulsets", "default", ""),
+        ("create", "apps", "deployments", namespace, ""),
+        ("update", "apps", "statefulsets", namespace, ""),
+        ("get", "coordination.k8s.io", "leases", namespace, "another-lease"),
+        ("update", "coordination.k8s.io", "leases", namespace, "another-lease"),
+        ("patch", "coordination.k8s.io", "leases", namespace, "another-lease"),
+        ("delete", "coordination.k8s.io", "leases", namespace, LEASE),
+        ("list", "coordination.k8s.io", "leases", namespace, ""),
+        ("get", "coordination.k8s.io", "leases", "kube-system", LEASE),
+        ("create", "rbac.authorization.k8s.io", "rolebindings", namespace, ""),
+        ("escalate", "rbac.authorization.k8s.io", "roles", namespace, ""),
+    ];
+    let mut excess = Vec::new();
+    for (verb, group, resource, where_, name) in denied {
+        if can(&operator, verb, group, resource, where_, name).await {
+            excess.push(format!("{verb} {group}/{resource} {name} in {where_:?}"));
+        }
+    }
+    assert!(excess.is_empty(), "the chart's ServiceAccount may: {excess:?}");
+
+    // The default install watches every namespace, with a ClusterRole: the same rules everywhere, the Lease rights
+    // still only in the release namespace, and still no Secret to read or pod to list anywhere.
+    let release = format!("parley-rbac-{:x}", std::process::id());
+    let account = format!("{release}-operator");
+    let _cluster_scoped =
+        ClusterScoped(vec![format!("clusterrole/{account}"), format!("clusterrolebinding/{account}")]);
+    kubectl_apply(&chart_rbac(&release, namespace, &[]), &release);
+    let kubeconfig = service_account_kubeconfig(namespace, &account);
+    let everywhere = client_from(&kubeconfig).await;
+    let _ = std::fs::remove_file(&kubeconfig);
+    assert!(can(&everywhere, "list", "parley.dev", "regions", "", "").await, "list Regions in every namespace");
+    assert!(can(&everywhere, "patch", "apps", "statefulsets", "default", "").await);
+    assert!(can(&everywhere, "get", "coordination.k8s.io", "leases", namespace, LEASE).await);
+    for (verb, group, resource, where_, name) in [
+        ("list", "", "pods", "", ""),
+        ("get", "", "secrets", "default", ""),
+        ("list", "", "secrets", "", ""),
+        ("watch", "", "secrets", "", ""),
+        ("create", "apps", "deployments", "default", ""),
+        ("get", "coordination.k8s.io", "leases", "default", LEASE),
+        ("create", "coordination.k8s.io", "leases", "default", ""),
+    ] {
+        assert!(!can(&everywhere, verb, group, resource, where_, name).await, "ClusterRole: may {verb} {resource}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_that_may_not_create_the_token_secret_says_so_and_applies_nothing() {
+    if !control_plane() {
+        return;
+    }
+    install_crds();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "token").await;
+    // The chart's Role without its Secret rule.
+    let roles: Api<Role> = Api::namespaced(client.clone(), &ns.name);
+    let complete = get(&roles, SERVICE_ACCOUNT).await.expect("the chart's Role");
+    let mut without = complete.clone();
+    let rules = without.rules.get_or_insert_with(Vec::new);
+    rules.retain(|rule| !rule.resources.iter().flatten().any(|resource| resource == "secrets"));
+    roles.replace(SERVICE_ACCOUNT, &PostParams::default(), &without).await.expect("drop the Secret rule");
+    apply_file(&ns.name, "examples/dev-chatcluster.yaml");
+    let _operator = Operator::start(&ns, "token");
+
+    let regions: Api<Region> = Api::namespaced(client.clone(), &ns.name);
+    let degraded = eventually("dev-local Degraded for its token", || async {
+        let status = get(&regions, "dev-local").await?.status?;
+        let degraded = status.conditions.into_iter().find(|c| c.type_ == "Degraded")?;
+        (degraded.status == "True").then_some(degraded)
+    })
+    .await;
+    assert_eq!(degraded.reason, "InternalTokenSecretFailed");
+    assert!(
+        degraded.message.contains("creating Secret")
+            && degraded.message.contains("dev-local-internal-token")
+            && degraded.message.contains("forbidden")
+            && degraded.message.contains("HTTP 403"),
+        "{}",
+        degraded.message
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    eventually("InternalTokenSecretFailed Event", || async {
+        let items = events.list(&ListParams::default()).await.ok()?.items;
+        items.iter().any(|e| e.reason.as_deref() == Some("InternalTokenSecretFailed")).then_some(())
+    })
+    .await;
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    assert!(sets.list(&ListParams::default()).await.expect("list").items.is_empty(), "pods that cannot start");
+
+    // Granted again: the retry creates the Secret, and the Region becomes Ready.
+    let mut restored = get(&roles, SERVICE_ACCOUNT).await.expect("Role");
+    restored.rules = complete.rules;
+    roles.replace(SERVICE_ACCOUNT, &PostParams::default(), &restored).await.expect("restore the Secret rule");
+    let region = region_ready(&regions, "dev-local").await;
+    let status = region.status.expect("status");
+    assert_eq!(condition(&status.conditions, "Degraded"), Some(("False".to_owned(), "Reconciled".to_owned())));
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    assert!(internal_token(&secrets, "dev-local").await.is_some());
 }

@@ -2,9 +2,9 @@
 
 mod common;
 
-use common::{cluster, eu, fixture, us};
-use parley_crds::Region;
-use parley_operator::validate::{validate, Dereferenced};
+use common::{cluster, eu, fixture, secured, us};
+use parley_crds::{ChatCluster, Region};
+use parley_operator::validate::{redis_scheme_is_tls, validate, Dereferenced};
 use parley_operator::Error;
 
 fn input(region: Region, regions: Vec<Region>) -> Dereferenced {
@@ -92,21 +92,64 @@ fn endpoints_must_come_from_the_region_or_its_cluster() {
 }
 
 #[test]
-fn settings_no_binary_honours_are_refused() {
-    let mut tls = cluster();
-    tls.spec.kafka.tls = true;
-    let error =
-        validate(Dereferenced { region: us(), cluster: Some(tls), regions: vec![eu(), us()] }).expect_err("kafka tls");
-    assert_eq!(error.reason(), "Unsupported");
-    assert!(error.to_string().contains("kafka.tls on chat cluster chat"), "{error}");
-    let mut secured = eu();
-    secured.spec.redis.url = Some("rediss://redis-eu:6380".into());
-    let error = validate(input(secured, vec![eu(), us()])).expect_err("rediss");
-    assert!(error.to_string().contains("rediss://"), "{error}");
+fn several_routers_tls_and_credentials_are_valid() {
     let mut routers = eu();
-    routers.spec.router.replicas = 2;
-    let error = validate(input(routers, vec![eu(), us()])).expect_err("two routers");
-    assert!(error.to_string().contains("router.replicas 2"), "{error}");
+    routers.spec.router.replicas = 3;
+    let validated = validate(input(routers, vec![eu(), us()])).expect("three routers");
+    assert_eq!(validated.region.spec.router.replicas, 3);
+    // The secured ChatCluster's Redis is rediss://, which a Region may also choose for itself.
+    let tls = validate(Dereferenced { region: us(), cluster: Some(secured()), regions: vec![us()] }).expect("tls");
+    assert!(tls.redis_tls);
+    let mut own = eu();
+    own.spec.redis.url = Some("rediss://redis-eu:6380,rediss://redis-eu-2:6380".into());
+    let validated = validate(Dereferenced { region: own, cluster: Some(secured()), regions: vec![eu(), us()] })
+        .expect("the region's own rediss:// url");
+    assert!(validated.redis_tls);
+    assert!(!validate(input(eu(), vec![eu(), us()])).expect("plain").redis_tls);
+}
+
+/// The problem `validate` reports for `cluster` with the Region `region`, which must be an invalid backend setting.
+fn backend_problem(cluster: ChatCluster, region: Region) -> String {
+    let error = validate(Dereferenced { region, cluster: Some(cluster), regions: vec![eu(), us()] })
+        .expect_err("inconsistent backend settings");
+    assert_eq!(error.reason(), "InvalidBackendSettings", "{error}");
+    error.to_string()
+}
+
+#[test]
+fn inconsistent_backend_settings_are_refused_with_what_to_do() {
+    let mut kafka = secured();
+    kafka.spec.kafka.tls = false;
+    let message = backend_problem(kafka, us());
+    assert!(message.contains("kafka.tlsCaSecret on chat cluster chat needs kafka.tls: true"), "{message}");
+    let mut sasl = secured();
+    sasl.spec.kafka.credentials = None;
+    let message = backend_problem(sasl, us());
+    assert!(message.contains("kafka.saslMechanism on chat cluster chat needs kafka.credentials"), "{message}");
+    let mut cassandra = secured();
+    cassandra.spec.cassandra.tls = false;
+    let message = backend_problem(cassandra, us());
+    assert!(message.contains("cassandra.tlsCaSecret on chat cluster chat needs cassandra.tls: true"), "{message}");
+    // The ChatCluster's Redis CA bundle with a Region whose own Redis URL is plain: CEL cannot see both.
+    let message = backend_problem(secured(), eu());
+    assert_eq!(
+        message,
+        "region chat-eu cannot be built: redis.tlsCaSecret on chat cluster chat is only used with TLS, but the \
+         region's redis url redis://redis-eu:6380 is not rediss://: use rediss:// or remove redis.tlsCaSecret"
+    );
+    let mut mixed = eu();
+    mixed.spec.redis.url = Some("redis://a:6379,rediss://b:6380".into());
+    let message = backend_problem(cluster(), mixed);
+    assert!(message.contains("all of one scheme"), "{message}");
+}
+
+#[test]
+fn redis_schemes() {
+    assert_eq!(redis_scheme_is_tls("redis://a:6379"), Some(false));
+    assert_eq!(redis_scheme_is_tls("rediss://a:6380"), Some(true));
+    assert_eq!(redis_scheme_is_tls("rediss://a:6380, rediss://b:6380"), Some(true));
+    assert_eq!(redis_scheme_is_tls("redis://a:6379,rediss://b:6380"), None);
+    assert_eq!(redis_scheme_is_tls("http://a"), None);
 }
 
 #[test]

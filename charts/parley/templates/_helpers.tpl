@@ -78,9 +78,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/*
 The operator's rules on the namespaces it watches: in a ClusterRole when it watches all namespaces, in a Role
 in the watched namespace otherwise. Least privilege: no wildcards, only the kinds operator/src/build.rs builds
-(StatefulSets, Services, ConfigMaps, PodDisruptionBudgets; no Deployments, no Secrets: pods read Secrets
-through secretKeyRef/volumes, the operator never does). e2e/helm/check_render.py holds the same set and fails
-when the two drift.
+(StatefulSets, Services, ConfigMaps, PodDisruptionBudgets, NetworkPolicies; no Deployments). Secrets: create
+only, for each Region's internal token Secret; the operator never reads, lists, updates or deletes a Secret (pods
+read Secrets through secretKeyRef/volumes, and the token Secret goes with its Region by garbage collection).
+e2e/helm/check_render.py and operator/tests/k8s.rs hold the same set and fail when they drift.
 */}}
 {{- define "parley.operatorRules" -}}
 # ChatClusters and Regions: watched, their finalizers added/removed (patch/update on the object).
@@ -105,6 +106,14 @@ when the two drift.
 - apiGroups: [""]
   resources: ["services", "configmaps"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Each Region's internal token Secret is created once; an existing one (409) is kept. Nothing else: no get, list
+# or watch, so the operator cannot read any Secret, its own included.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create"]
 # Events about ChatClusters and Regions (kube-rs' Recorder writes events.k8s.io/v1 only). Pods are not listed:
 # readiness comes from StatefulSet status; the drain-aware rollouts of a later issue will add pod rights.
 - apiGroups: ["events.k8s.io"]
@@ -113,11 +122,16 @@ when the two drift.
 {{- end }}
 
 {{/*
-Leader election, only in the Lease's namespace. get/create/update is what a Lease lock needs; patch is what
-kube-lease-manager (the crate the operator uses) sends to take and renew the Lease.
+Leader election, only in the Lease's namespace and only on the named Lease: get/update/patch carry its name in
+resourceNames (patch is what kube-lease-manager, the crate the operator uses, sends to take and renew it). create
+cannot be limited by name (the name is not known when a create is authorized), so it has its own rule.
 */}}
 {{- define "parley.leaseRules" -}}
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
-  verbs: ["get", "create", "update", "patch"]
+  resourceNames: [{{ .Values.leaderElection.leaseName | quote }}]
+  verbs: ["get", "update", "patch"]
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["create"]
 {{- end }}

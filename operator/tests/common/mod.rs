@@ -17,7 +17,12 @@ pub fn cluster() -> ChatCluster {
     fixture("chatcluster.yaml")
 }
 
-/// The Region `chat-eu` (gateways 2-10, 2 routers, replicates to `us`).
+/// The ChatCluster `chat` with TLS and credentials for Kafka, Cassandra and Redis (`rediss://`).
+pub fn secured() -> ChatCluster {
+    fixture("chatcluster-secured.yaml")
+}
+
+/// The Region `chat-eu` (gateways 2-10, 1 router, its own Kafka and Redis, replicates to `us`).
 pub fn eu() -> Region {
     fixture("region-eu.yaml")
 }
