@@ -174,6 +174,51 @@ pub enum Reply<T> {
 }
 
 impl Call {
+    /// The channel the call is about, which decides the router that must take it (the owner of the channel's
+    /// partition): a group's `g:<name>` for a creation, the direct-message channel of the two users for
+    /// `open_dm` and `block`. `None` for calls about no channel (any router takes them) and for names that are
+    /// not valid (the router refuses them).
+    pub fn channel_key(&self) -> Option<String> {
+        use parley_core::conversation::{ChannelId, UserId};
+        let direct = |first: &str, second: &str| {
+            let first = UserId::new(first).ok()?;
+            let second = UserId::new(second).ok()?;
+            ChannelId::direct(&first, &second).ok().map(|channel| channel.as_str().to_owned())
+        };
+        match self {
+            Call::Send { channel, .. }
+            | Call::ManageChannel { channel, .. }
+            | Call::Join { channel, .. }
+            | Call::Leave { channel, .. }
+            | Call::History { channel, .. }
+            | Call::ChannelView { channel, .. }
+            | Call::MarkRead { channel, .. }
+            | Call::MarkDelivered { channel, .. }
+            | Call::Members { channel, .. }
+            | Call::FirstRetainedSeq { channel }
+            | Call::Feed { channel, .. }
+            | Call::Server { operation: ServerOp::DeleteChannel { channel } }
+            | Call::Server { operation: ServerOp::Manage { channel, .. } }
+            | Call::Server { operation: ServerOp::Post { channel, .. } } => Some(channel.clone()),
+            Call::CreateChannel { name, .. } | Call::Server { operation: ServerOp::CreateChannel { name, .. } } => {
+                ChannelId::group(name).ok().map(|channel| channel.as_str().to_owned())
+            }
+            Call::OpenDm { user, other } | Call::Block { user, other, .. } => direct(user, other),
+            Call::ListChannels { .. } | Call::Presence { .. } => None,
+        }
+    }
+
+    /// Marks a send as possibly seen already: a call retried after its outcome was lost must be looked up by
+    /// its key before it is written again.
+    pub fn into_retry(self) -> Self {
+        match self {
+            Call::Send { user, channel, client_msg_id, text, .. } => {
+                Call::Send { user, channel, client_msg_id, text, first_attempt: false }
+            }
+            other => other,
+        }
+    }
+
     /// The operation's name, for spans and metrics.
     pub fn op(&self) -> &'static str {
         self.describe().0

@@ -103,6 +103,18 @@ pub enum BackendError {
     /// A driver setting is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// An engine refused this client: it rejected the credentials, or the TLS handshake failed (a certificate no
+    /// trusted CA signed, say). Retrying does not help; the configuration must change.
+    #[error("{engine} at {address}: {reason}")]
+    Refused {
+        /// The engine (`Kafka`, `Cassandra`, ...).
+        engine: &'static str,
+        /// Where it was reached (bootstrap servers, contact points, URL).
+        address: String,
+        /// What failed, first what it was: `SASL authentication failed: ...`, `TLS handshake failed: ...`,
+        /// `authentication failed: ...`.
+        reason: String,
+    },
 }
 
 /// Why the router refused or failed a request. Each maps to a stable protocol error code.
@@ -183,10 +195,18 @@ impl RouterError {
             RouterError::Forbidden(_) => ErrorCode::Forbidden,
             RouterError::Banned(_) => ErrorCode::Banned,
             RouterError::Blocked(_) => ErrorCode::Blocked,
+            RouterError::Unavailable(BackendError::NotOwner { .. } | BackendError::Fenced { .. }) => {
+                ErrorCode::NotOwner
+            }
             RouterError::Unavailable(_) | RouterError::Clock(_) | RouterError::ShuttingDown => ErrorCode::Unavailable,
             RouterError::UnexpectedAnswer { .. } => ErrorCode::Internal,
             RouterError::Remote { code, .. } => *code,
         }
+    }
+
+    /// Whether another router owns the channel now (a gateway refreshes its map and calls the owner).
+    pub fn is_not_owner(&self) -> bool {
+        self.code() == ErrorCode::NotOwner
     }
 }
 

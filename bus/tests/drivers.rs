@@ -5,8 +5,14 @@
 //! `<test>::redis_cluster`). The Redis runs need `PARLEY_REDIS_URL`, the cluster runs `PARLEY_REDIS_CLUSTER_URLS`
 //! (start them with `e2e/stack/up.sh --only redis,redis-cluster <state dir>` and source `<state dir>/stack.env`);
 //! each test uses its own key prefix. Without the variable a plain `cargo test` skips them (one line each on stderr)
-//! and the full test command fails them (`parley_test_support::engines`). The restart tests start their own
-//! `redis-server` on a loopback port, kill it and start it again on the same port.
+//! and the full test command fails them (`parley_test_support::engines`). The drivers connect as the binaries do
+//! with that environment (`parley_test_support::redis_config`): over TLS (`rediss://`, trusting
+//! `PARLEY_REDIS_TLS_CA_FILE`) as the ACL user `PARLEY_REDIS_USERNAME` with `PARLEY_REDIS_PASSWORD`.
+//!
+//! The restart tests start their own `redis-server` (TLS with a CA of their own, made with the `openssl` command, and
+//! an ACL user) on a loopback port, kill it and start it again on the same port. The set-up tests (`redis_setup`)
+//! check that a wrong password, a certificate from another CA and `rediss://` without a CA file (the system's roots,
+//! which do not hold the test CA) each end `connect` at once with an error naming Redis, the node and the cause.
 
 use bytes::Bytes;
 use parley_bus::presence::{EmbeddedPresenceStore, PresenceError, PresenceStore, Registration};
@@ -37,8 +43,7 @@ fn redis_config(engine: Engine) -> Option<RedisConfig> {
         Engine::RedisCluster => parley_test_support::Engine::RedisCluster,
         _ => parley_test_support::Engine::Redis,
     };
-    let url = parley_test_support::engine(needed)?;
-    let config = RedisConfig::new(url).with_prefix(unique_prefix());
+    let config = parley_test_support::redis_config(needed)?.with_prefix(unique_prefix());
     assert_eq!(config.is_cluster(), matches!(engine, Engine::RedisCluster), "{}: {}", needed.variable(), config.url);
     Some(config)
 }
@@ -493,9 +498,80 @@ async fn revocation_survives_a_restart(engine: Engine) {
 // ---------------------------------------------------------------------------------------------------------------
 // Redis restarts (Redis driver only: the embedded drivers live and die with the process)
 
-/// A `redis-server` of this test's own, on a fixed loopback port, that can be killed and started again.
+/// Runs `openssl` with `args` in `directory`; panics with its output when it fails.
+fn openssl(directory: &std::path::Path, args: &[&str]) {
+    let output = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(directory)
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run openssl ({error}); install it (`apt-get install -y openssl`)"));
+    assert!(
+        output.status.success(),
+        "openssl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A CA of the test's own, and a server certificate it signs for 127.0.0.1 and localhost (P-256 keys, one day), in
+/// a temporary directory: `ca.crt`, `server.crt`, `server.key`.
+struct OwnCa {
+    directory: tempfile::TempDir,
+}
+
+impl OwnCa {
+    fn new(name: &str) -> Self {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let path = directory.path();
+        let key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let subject = format!("/CN={name}");
+        let mut ca = vec!["req", "-x509", "-days", "1", "-subj", &subject, "-keyout", "ca.key", "-out", "ca.crt"];
+        ca.extend(key);
+        openssl(path, &ca);
+        let mut request = vec!["req", "-subj", "/CN=redis", "-keyout", "server.key", "-out", "server.csr"];
+        request.extend(key);
+        openssl(path, &request);
+        std::fs::write(
+            path.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("write the extensions");
+        openssl(
+            path,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-out",
+                "server.crt",
+                "-extfile",
+                "server.ext",
+            ],
+        );
+        Self { directory }
+    }
+
+    fn file(&self, name: &str) -> std::path::PathBuf {
+        self.directory.path().join(name)
+    }
+}
+
+/// The ACL user and password of [`OwnRedis`].
+const OWN_USER: (&str, &str) = ("parley-test", "own-redis-secret");
+
+/// A `redis-server` of this test's own, on a fixed loopback port, that can be killed and started again: TLS only
+/// (its own CA), the `default` user off and one ACL user ([`OWN_USER`]).
 struct OwnRedis {
     port: u16,
+    ca: OwnCa,
     directory: tempfile::TempDir,
     child: Option<tokio::process::Child>,
 }
@@ -506,18 +582,40 @@ impl OwnRedis {
         // The full test command installs redis-server with the other engines.
         parley_test_support::engine(parley_test_support::Engine::Redis)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
-        let mut redis = Self { port, directory: tempfile::tempdir().expect("temporary directory"), child: None };
+        let mut redis = Self {
+            port,
+            ca: OwnCa::new("parley test own-redis CA"),
+            directory: tempfile::tempdir().expect("temporary directory"),
+            child: None,
+        };
         redis.launch().await;
         Some(redis)
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("rediss://127.0.0.1:{}", self.port)
+    }
+
+    /// A configuration that reaches it (its CA, its user), with its own prefix.
+    fn config(&self) -> RedisConfig {
+        RedisConfig::new(self.url())
+            .with_prefix(unique_prefix())
+            .with_credentials(Some(OWN_USER.0.to_owned()), Some(OWN_USER.1.to_owned()))
+            .with_tls_ca_file(self.ca.file("ca.crt"))
     }
 
     async fn launch(&mut self) {
+        let password = format!(">{}", OWN_USER.1);
         let child = tokio::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", "0", "--tls-port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--tls-auth-clients", "no"])
+            .arg("--tls-cert-file")
+            .arg(self.ca.file("server.crt"))
+            .arg("--tls-key-file")
+            .arg(self.ca.file("server.key"))
+            .arg("--tls-ca-cert-file")
+            .arg(self.ca.file("ca.crt"))
+            .args(["--user", "default", "off", "--user", OWN_USER.0, "on", &password, "~*", "&*", "+@all"])
             .arg("--dir")
             .arg(self.directory.path())
             .stdout(std::process::Stdio::null())
@@ -530,13 +628,9 @@ impl OwnRedis {
                 )
             });
         self.child = Some(child);
-        let client = redis::Client::open(self.url()).expect("url");
-        let answered = |client: redis::Client| async move {
-            let mut connection = client.get_multiplexed_async_connection().await.ok()?;
-            redis::cmd("PING").query_async::<String>(&mut connection).await.ok()
-        };
-        let what = format!("redis-server on port {} to answer PING", self.port);
-        parley_test_support::eventually(&what, Duration::from_secs(30), || answered(client.clone())).await;
+        let config = self.config();
+        let what = format!("redis-server on port {} to answer PING over TLS as {}", self.port, OWN_USER.0);
+        parley_test_support::eventually(&what, Duration::from_secs(30), || async { config.check().await.ok() }).await;
     }
 
     async fn kill(&mut self) {
@@ -552,7 +646,7 @@ impl OwnRedis {
 }
 
 fn restart_config(redis: &OwnRedis) -> RedisConfig {
-    let mut config = RedisConfig::new(redis.url()).with_prefix(unique_prefix());
+    let mut config = redis.config();
     config.timeout = Duration::from_millis(500);
     config.reconnect_max = Duration::from_millis(300);
     config.health_check = Duration::from_millis(500);
@@ -643,5 +737,124 @@ mod redis_restart {
         let again = store.register_instance("gw-a", LONG).await.expect("register").epoch;
         store.connect("alice", "gw-a", again).await.expect("live");
         assert_eq!(summary(&store.views(&users).await.expect("views")), vec![("alice", Status::Online)]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Set-up failures (Redis driver only): each ends `connect` at once with an error naming Redis, the node and the cause
+
+mod redis_setup {
+    use super::*;
+    use parley_bus::redis::RedisSetupError;
+    use std::time::Instant;
+
+    /// The environment's Redis (standalone or cluster), which the test stack runs with TLS and an ACL user.
+    fn stack_config(engine: Engine) -> Option<RedisConfig> {
+        let mut config = redis_config(engine)?;
+        assert!(
+            config.is_tls() && config.password.is_some() && config.tls_ca_file.is_some(),
+            "the test stack's Redis speaks TLS and wants a password (e2e/stack/up.sh writes PARLEY_REDIS_URL=rediss://..., \
+             PARLEY_REDIS_PASSWORD and PARLEY_REDIS_TLS_CA_FILE); got {config:?}"
+        );
+        config.timeout = Duration::from_secs(5);
+        Some(config)
+    }
+
+    /// Checks and connects every driver with `config`: each must fail before the timeout with a message holding
+    /// every one of `expected`. Returns the check's error.
+    async fn refused(config: RedisConfig, expected: &[&str]) -> RedisSetupError {
+        let timeout = config.timeout;
+        let assert_message = |message: String, took: Duration, what: &str| {
+            for wanted in expected {
+                assert!(message.contains(wanted), "{what}: {message:?} does not say {wanted:?}");
+            }
+            assert!(took < timeout, "{what} took {took:?}, not less than the timeout {timeout:?}: {message}");
+        };
+        let started = Instant::now();
+        let error = config.check().await.expect_err("the check refuses the settings");
+        assert_message(error.to_string(), started.elapsed(), "the check");
+
+        let started = Instant::now();
+        let result = RedisPubSub::connect(config.clone()).await.map(drop);
+        assert_message(result.expect_err("refused").to_string(), started.elapsed(), "pub/sub connect");
+        let started = Instant::now();
+        let result = RedisPresenceStore::connect(config.clone()).await.map(drop);
+        assert_message(result.expect_err("refused").to_string(), started.elapsed(), "presence connect");
+        let started = Instant::now();
+        let result = RedisRevocationStore::connect(config, LONG).await.map(drop);
+        assert_message(result.expect_err("refused").to_string(), started.elapsed(), "revocations connect");
+        error
+    }
+
+    async fn a_wrong_password_fails_fast_with_a_clear_error(engine: Engine) {
+        let Some(config) = stack_config(engine) else { return };
+        let node = config.nodes()[0].to_owned();
+        let wrong = config.clone().with_credentials(config.username.clone(), Some("not-the-password".into()));
+        let error = refused(wrong, &[&format!("Redis at {node}: authentication failed (WRONGPASS")]).await;
+        assert!(matches!(error, RedisSetupError::Authentication { .. }), "{error:?}");
+
+        // No credentials at all, with the `default` user off: the server asks for them, and the message says how.
+        let none = config.clone().with_credentials(None, None);
+        let error =
+            refused(none, &[&format!("Redis at {node}: authentication failed (NOAUTH"), "--redis-password"]).await;
+        assert!(matches!(error, RedisSetupError::Authentication { .. }), "{error:?}");
+
+        // The right ones pass.
+        config.check().await.expect("the environment's settings pass the check");
+    }
+
+    async fn a_certificate_from_another_ca_fails_fast_with_a_clear_error(engine: Engine) {
+        let Some(config) = stack_config(engine) else { return };
+        let node = config.nodes()[0].to_owned();
+        let other = OwnCa::new("parley test other CA");
+        let error = refused(
+            config.clone().with_tls_ca_file(other.file("ca.crt")),
+            &[&format!("Redis at {node}: TLS handshake failed: "), "certificate", "UnknownIssuer"],
+        )
+        .await;
+        assert!(matches!(error, RedisSetupError::Tls { .. }), "{error:?}");
+        assert!(error.to_string().contains(&other.file("ca.crt").display().to_string()), "names the CA file: {error}");
+    }
+
+    async fn rediss_without_a_ca_file_trusts_the_system_roots_only(engine: Engine) {
+        let Some(mut config) = stack_config(engine) else { return };
+        let node = config.nodes()[0].to_owned();
+        config.tls_ca_file = None;
+        let error = refused(
+            config,
+            &[&format!("Redis at {node}: TLS handshake failed: "), "certificate", "system's root certificates"],
+        )
+        .await;
+        assert!(matches!(error, RedisSetupError::Tls { .. }), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_password_fails_fast_with_a_clear_error_standalone() {
+        a_wrong_password_fails_fast_with_a_clear_error(Engine::Redis).await;
+    }
+
+    #[tokio::test]
+    async fn a_wrong_password_fails_fast_with_a_clear_error_cluster() {
+        a_wrong_password_fails_fast_with_a_clear_error(Engine::RedisCluster).await;
+    }
+
+    #[tokio::test]
+    async fn a_certificate_from_another_ca_fails_fast_with_a_clear_error_standalone() {
+        a_certificate_from_another_ca_fails_fast_with_a_clear_error(Engine::Redis).await;
+    }
+
+    #[tokio::test]
+    async fn a_certificate_from_another_ca_fails_fast_with_a_clear_error_cluster() {
+        a_certificate_from_another_ca_fails_fast_with_a_clear_error(Engine::RedisCluster).await;
+    }
+
+    #[tokio::test]
+    async fn rediss_without_a_ca_file_trusts_the_system_roots_only_standalone() {
+        rediss_without_a_ca_file_trusts_the_system_roots_only(Engine::Redis).await;
+    }
+
+    #[tokio::test]
+    async fn rediss_without_a_ca_file_trusts_the_system_roots_only_cluster() {
+        rediss_without_a_ca_file_trusts_the_system_roots_only(Engine::RedisCluster).await;
     }
 }

@@ -16,6 +16,7 @@
 pub mod access;
 pub mod conversation;
 pub mod delivery;
+pub mod partition;
 pub mod presence;
 pub mod protocol;
 pub mod ratelimit;

@@ -41,6 +41,9 @@ pub enum ErrorCode {
     Blocked,
     /// A bug.
     Internal,
+    /// Between gateways and routers only, never sent to a client: the router does not own the partition the
+    /// channel lives in (it was just handed to another router). The gateway refreshes its map and retries.
+    NotOwner,
 }
 
 impl ErrorCode {
@@ -63,6 +66,7 @@ impl ErrorCode {
             ErrorCode::Banned => "banned",
             ErrorCode::Blocked => "blocked",
             ErrorCode::Internal => "internal",
+            ErrorCode::NotOwner => "not_owner",
         }
     }
 }

@@ -19,9 +19,14 @@
 # Writes $STATE/stack.env (PARLEY_REDIS_URL, PARLEY_KAFKA_BOOTSTRAP, PARLEY_CASSANDRA_CONTACT,
 # PARLEY_CASSANDRA_DC, and with the options PARLEY_CASSANDRA_CONTACT_DC2,
 # PARLEY_KAFKA_B_BOOTSTRAP) and helper commands in $STATE/bin:
+#   Kafka listens with SASL_SSL (SCRAM-SHA-512, user parley) and Cassandra with TLS and PasswordAuthenticator
+#   (role parley); stack.env names the CA and the credentials (PARLEY_KAFKA_TLS_CA_FILE,
+#   PARLEY_KAFKA_SASL_USERNAME/PASSWORD, PARLEY_CASSANDRA_TLS_CA_FILE, PARLEY_CASSANDRA_USERNAME/PASSWORD) and
+#   PARLEY_KAFKA_CLIENT_PROPERTIES, the Java clients' properties (--command-config of the Kafka tools).
 #   kafka-run CLASS ARGS...   run a Kafka tool class (e.g. org.apache.kafka.tools.TopicCommand)
-#   cql [-h host] [-p port] [--dc DC] STATEMENT...   run CQL, print rows (python driver)
+#   cql [-h host] [-p port] [--dc DC] STATEMENT...   run CQL over TLS as role parley, print rows (python driver)
 #   nodetool [-p JMX_PORT] ARGS...                    Cassandra's nodetool over local JMX
+#   redis-cli [-p PORT] ARGS...                       redis-cli over TLS as the stack's Redis ACL user
 # Exit status 0 once every engine asked for is ready; 1 (with the engine's name and log
 # file) otherwise.
 set -euo pipefail
@@ -169,49 +174,168 @@ ENV="$STATE/stack.env"
 envline() { echo "$1=$2" >>"$ENV.tmp"; }
 
 # ---------------------------------------------------------------------------
-# Redis
+# TLS: a throwaway CA per run ($STATE/tls/ca.crt, never reused), and server certificates it signs for
+# localhost, 127.0.0.1 and 127.0.0.2 (PEM, unencrypted keys; PKCS#12 copies for the JVMs).
+TLS="$STATE/tls"
+tls_init() {
+  rm -rf "$TLS"; mkdir -p "$TLS"; chmod 700 "$TLS"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=parley test CA $(date +%s%N)" \
+    -keyout "$TLS/ca.key" -out "$TLS/ca.crt" >"$TLS/openssl.log" 2>&1 || die "openssl could not make the test CA (see $TLS/openssl.log)"
+  envline PARLEY_TLS_CA_FILE "$TLS/ca.crt"
+}
+# issue_cert NAME -> $TLS/NAME.crt, $TLS/NAME.key, $TLS/NAME.p12 (password: parley-test)
+issue_cert() {
+  local n=$1
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=$n" -keyout "$TLS/$n.key" -out "$TLS/$n.csr" >>"$TLS/openssl.log" 2>&1 \
+    && openssl x509 -req -in "$TLS/$n.csr" -CA "$TLS/ca.crt" -CAkey "$TLS/ca.key" -CAcreateserial -days 2 \
+      -out "$TLS/$n.crt" -extfile <(printf 'subjectAltName=DNS:localhost,IP:127.0.0.1,IP:127.0.0.2\nextendedKeyUsage=serverAuth,clientAuth\n') \
+      >>"$TLS/openssl.log" 2>&1 \
+    && openssl pkcs12 -export -in "$TLS/$n.crt" -inkey "$TLS/$n.key" -certfile "$TLS/ca.crt" -name "$n" \
+      -passout pass:parley-test -out "$TLS/$n.p12" >>"$TLS/openssl.log" 2>&1 \
+    || die "openssl could not issue the certificate of $n (see $TLS/openssl.log)"
+  chmod 644 "$TLS/$n.key"
+}
+tls_init
+
+# ---------------------------------------------------------------------------
+# Redis: TLS only (`port 0`, a TLS port; the certificate from issue_cert redis; clients are not asked for one), the
+# `default` user off and one ACL user with a password made per run. Each server reads its settings from a
+# redis.conf in its dir (the chaos command starts Redis again from it: Redis rewrites its /proc command line).
+REDIS_USER=parley
+REDIS_PASSWORD=""
+# redis_common DIR: the settings every Redis of the stack shares (TLS, users, no persistence).
+redis_common() {
+  cat <<EOF
+bind 127.0.0.1
+port 0
+tls-cert-file $TLS/redis.crt
+tls-key-file $TLS/redis.key
+tls-ca-cert-file $TLS/ca.crt
+tls-auth-clients no
+user default off
+user $REDIS_USER on >$REDIS_PASSWORD ~* &* +@all
+save ""
+appendonly no
+dir $1
+daemonize no
+protected-mode yes
+EOF
+}
+# redis_init: the certificate, the password and their stack.env lines, once for every Redis of the stack.
+redis_init() {
+  [[ -z "$REDIS_PASSWORD" ]] || return 0
+  issue_cert redis
+  REDIS_PASSWORD="parley-$(openssl rand -hex 16)" || die "openssl could not make the Redis password"
+  envline PARLEY_REDIS_USERNAME "$REDIS_USER"
+  envline PARLEY_REDIS_PASSWORD "$REDIS_PASSWORD"
+  envline PARLEY_REDIS_TLS_CA_FILE "$TLS/ca.crt"
+}
+# rcli PORT ARGS...: redis-cli over TLS as the stack's user (the password through REDISCLI_AUTH, not argv).
+rcli() {
+  local port=$1; shift
+  REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli --tls --cacert "$TLS/ca.crt" --user "$REDIS_USER" -h 127.0.0.1 -p "$port" "$@"
+}
+# write_redis_cli PORT: bin/redis-cli, the same for a person (default port: the standalone Redis, else the first
+# cluster node).
+write_redis_cli() {
+  {
+    echo '#!/usr/bin/env bash'
+    echo "# redis-cli over TLS as the stack's ACL user: redis-cli [-p PORT] ARGS... (default port $1)"
+    printf 'export REDISCLI_AUTH=%q\n' "$REDIS_PASSWORD"
+    printf 'exec redis-cli --tls --cacert %q --user %q -h 127.0.0.1 -p %q "$@"\n' "$TLS/ca.crt" "$REDIS_USER" "$1"
+  } >"$STATE/bin/redis-cli"
+  chmod 700 "$STATE/bin/redis-cli"
+}
 start_redis() {
   local d="$STATE/redis"; mkdir -p "$d"
+  redis_init
   REDIS_PORT=$(free_port)
-  start redis "$d/redis.log" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" \
-    --appendonly no --dir "$d" --daemonize no --protected-mode yes
-  envline PARLEY_REDIS_URL "redis://127.0.0.1:$REDIS_PORT"
+  { redis_common "$d"; echo "tls-port $REDIS_PORT"; } >"$d/redis.conf"
+  chmod 600 "$d/redis.conf"
+  start redis "$d/redis.log" redis-server "$d/redis.conf"
+  envline PARLEY_REDIS_URL "rediss://127.0.0.1:$REDIS_PORT"
+  write_redis_cli "$REDIS_PORT"
 }
-redis_ready() { [[ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping)" == PONG ]]; }
+redis_ready() { [[ "$(rcli "$REDIS_PORT" ping)" == PONG ]]; }
 
-# Redis Cluster: three masters, no replicas, slots spread by redis-cli --cluster create.
+# Redis Cluster: three masters, no replicas, slots spread by redis-cli --cluster create; TLS on the cluster bus too.
 start_redis_cluster() {
   local n d bus
+  redis_init
   CLUSTER_PORTS=()
   for n in 1 2 3; do
     d="$STATE/redis-cluster/node$n"; mkdir -p "$d"
     CLUSTER_PORTS+=("$(free_port)")
     # The cluster bus port defaults to port + 10000, which may be taken (or in the ephemeral range): pick it too.
     bus=$(free_port)
-    start "redis_cluster$n" "$d/redis.log" redis-server --port "${CLUSTER_PORTS[$((n - 1))]}" --bind 127.0.0.1 \
-      --save "" --appendonly no --dir "$d" --daemonize no --protected-mode yes --cluster-enabled yes \
-      --cluster-port "$bus" --cluster-config-file "$d/nodes.conf" --cluster-node-timeout 5000
+    {
+      redis_common "$d"
+      echo "tls-port ${CLUSTER_PORTS[$((n - 1))]}"
+      echo "tls-cluster yes"
+      echo "tls-replication yes"
+      echo "cluster-enabled yes"
+      echo "cluster-port $bus"
+      echo "cluster-config-file $d/nodes.conf"
+      echo "cluster-node-timeout 5000"
+    } >"$d/redis.conf"
+    chmod 600 "$d/redis.conf"
+    start "redis_cluster$n" "$d/redis.log" redis-server "$d/redis.conf"
   done
+  want redis || write_redis_cli "${CLUSTER_PORTS[0]}"
 }
-redis_cluster_node_ready() { [[ "$(redis-cli -h 127.0.0.1 -p "$1" ping)" == PONG ]]; }
+redis_cluster_node_ready() { [[ "$(rcli "$1" ping)" == PONG ]]; }
 redis_cluster_ok() {
   local port
   for port in "${CLUSTER_PORTS[@]}"; do
-    redis-cli -h 127.0.0.1 -p "$port" cluster info | grep -q '^cluster_state:ok' || return 1
+    rcli "$port" cluster info | grep -q '^cluster_state:ok' || return 1
   done
 }
 form_redis_cluster() {
   local nodes=() port urls=""
-  for port in "${CLUSTER_PORTS[@]}"; do nodes+=("127.0.0.1:$port"); urls+="redis://127.0.0.1:$port,"; done
-  redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >"$STATE/redis-cluster/create.log" 2>&1 \
+  for port in "${CLUSTER_PORTS[@]}"; do nodes+=("127.0.0.1:$port"); urls+="rediss://127.0.0.1:$port,"; done
+  rcli "${CLUSTER_PORTS[0]}" --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes \
+    >"$STATE/redis-cluster/create.log" 2>&1 \
     || { cat "$STATE/redis-cluster/create.log" >&2; die "redis-cli --cluster create failed"; }
   WAIT_LABEL=redis-cluster-ok wait_ready redis_cluster1 redis_cluster_ok
   envline PARLEY_REDIS_CLUSTER_URLS "${urls%,}"
 }
 
 # ---------------------------------------------------------------------------
-# Kafka (KRaft, combined broker+controller)
+# Passwords of the stack's Kafka and Cassandra users: made once per state dir and kept in $STATE/secrets, since
+# the engines keep their users in their data, which outlives a restart of the stack.
+SECRETS="$STATE/secrets"
+engine_password() { # NAME
+  local f="$SECRETS/$1"
+  if [[ ! -s "$f" ]]; then
+    mkdir -p "$SECRETS" && chmod 700 "$SECRETS" && openssl rand -hex 16 >"$f" || return 1
+  fi
+  cat "$f"
+}
+
+# ---------------------------------------------------------------------------
+# Kafka (KRaft, combined broker+controller). Clients and the broker itself (inter-broker) use one SASL_SSL
+# listener: SCRAM-SHA-512, users parley (clients, tools, MirrorMaker) and admin (inter-broker), both made at
+# storage format time; the certificate comes from issue_cert kafka. The controller listener stays PLAINTEXT on
+# loopback. No authorizer: an authenticated user may do anything.
 KAFKA_JAVA="${KAFKA_JAVA:-java}"
+KAFKA_CLIENT_PROPERTIES="$STATE/kafka-client.properties"
+if want kafka; then
+  if [[ ! -s "$SECRETS/kafka-parley" ]] && compgen -G "$STATE/kafka*/data/meta.properties" >/dev/null; then
+    die "kafka: $STATE holds Kafka data formatted without SASL users; remove it first (e2e/stack/down.sh --purge $STATE)"
+  fi
+  KAFKA_PASSWORD=$(engine_password kafka-parley) && KAFKA_ADMIN_PASSWORD=$(engine_password kafka-admin) \
+    || die "kafka: could not make the SASL passwords in $SECRETS"
+  issue_cert kafka
+  # For the Java clients (the tools' --command-config, MirrorMaker); librdkafka gets the same from stack.env.
+  cat >"$KAFKA_CLIENT_PROPERTIES" <<EOF
+security.protocol=SASL_SSL
+sasl.mechanism=SCRAM-SHA-512
+sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="parley" password="$KAFKA_PASSWORD";
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS/ca.crt
+EOF
+  chmod 600 "$KAFKA_CLIENT_PROPERTIES"
+fi
 cat >"$STATE/bin/kafka-log4j2.properties" <<'EOF'
 status = warn
 appender.err.type = Console
@@ -224,8 +348,10 @@ rootLogger.appenderRef.err.ref = STDERR
 EOF
 cat >"$STATE/bin/kafka-run" <<EOF
 #!/usr/bin/env bash
-# Runs a Kafka class with the stack's Kafka jars, e.g.
-#   kafka-run org.apache.kafka.tools.TopicCommand --bootstrap-server \$PARLEY_KAFKA_BOOTSTRAP --list
+# Runs a Kafka class with the stack's Kafka jars; the brokers want SASL_SSL, so give the tool the client
+# properties (--command-config, --producer.config, --consumer.config ...), e.g.
+#   kafka-run org.apache.kafka.tools.TopicCommand --bootstrap-server \$PARLEY_KAFKA_BOOTSTRAP \\
+#     --command-config \$PARLEY_KAFKA_CLIENT_PROPERTIES --list
 cls=\$1; shift
 exec "$KAFKA_JAVA" -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \\
   -Dlog4j2.configurationFile="$STATE/bin/kafka-log4j2.properties" \\
@@ -241,11 +367,21 @@ start_kafka() { # NAME -> sets KAFKA_PORT_<NAME>
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$cp
-listeners=PLAINTEXT://127.0.0.1:$bp,CONTROLLER://127.0.0.1:$cp
-advertised.listeners=PLAINTEXT://127.0.0.1:$bp
+listeners=SASL_SSL://127.0.0.1:$bp,CONTROLLER://127.0.0.1:$cp
+advertised.listeners=SASL_SSL://127.0.0.1:$bp
 controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=SASL_SSL
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$KAFKA_ADMIN_PASSWORD";
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$TLS/kafka.p12
+ssl.keystore.password=parley-test
+ssl.key.password=parley-test
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS/ca.crt
+ssl.client.auth=none
 log.dirs=$d/data
 num.partitions=1
 default.replication.factor=1
@@ -266,6 +402,7 @@ num.recovery.threads.per.data.dir=1
 log.retention.hours=24
 log.segment.bytes=67108864
 EOF
+  chmod 600 "$d/server.properties"
   cat >"$d/log4j2.properties" <<'EOF'
 status = warn
 appender.out.type = Console
@@ -293,18 +430,22 @@ while True:
     u=base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
     if not u.startswith("-"): print(u); break')
     [[ -n "$cid" ]] || die "kafka ($name): StorageTool random-uuid printed nothing"
+    # The SCRAM users go into the bootstrap metadata, so the broker knows them (admin: inter-broker) from its start.
     nice -n "$NICE" "${jvm[@]}" -XX:TieredStopAtLevel=1 kafka.tools.StorageTool format -t "$cid" -c "$d/server.properties" -g \
+      --add-scram "SCRAM-SHA-512=[name=admin,password=$KAFKA_ADMIN_PASSWORD]" \
+      --add-scram "SCRAM-SHA-512=[name=parley,password=$KAFKA_PASSWORD]" \
       >"$d/format.log" 2>&1 || { cat "$d/format.log" >&2; die "kafka ($name): storage format failed; log: $d/format.log"; }
   fi
   start "$name" "$d/kafka.log" "${jvm[@]}" kafka.Kafka "$d/server.properties"
   printf -v "KAFKA_PORT_${name//-/_}" '%s' "$bp"
 }
-kafka_ready() { # PORT
+kafka_ready() { # PORT: answers over TLS and takes user parley's password
   port_open 127.0.0.1 "$1" || return 1
   "$STATE/bin/kafka-run" org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$1" \
+    --command-config "$KAFKA_CLIENT_PROPERTIES" \
     --create --if-not-exists --topic parley-stack-ready --partitions 1 --replication-factor 1 >/dev/null 2>&1 || return 1
-  "$STATE/bin/kafka-run" org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$1" --list 2>/dev/null \
-    | grep -qx parley-stack-ready
+  "$STATE/bin/kafka-run" org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$1" \
+    --command-config "$KAFKA_CLIENT_PROPERTIES" --list 2>/dev/null | grep -qx parley-stack-ready
 }
 
 start_mm2() {
@@ -313,6 +454,11 @@ start_mm2() {
 clusters=A,B
 A.bootstrap.servers=127.0.0.1:$KAFKA_PORT_kafka
 B.bootstrap.servers=127.0.0.1:$KAFKA_PORT_kafka_b
+EOF
+  # Every client of each cluster (consumers, producers, admin, the Connect worker on B) as user parley over TLS.
+  local cluster
+  for cluster in A B; do sed "s/^/$cluster./" "$KAFKA_CLIENT_PROPERTIES" >>"$d/mm2.properties"; done
+  cat >>"$d/mm2.properties" <<EOF
 A->B.enabled=true
 A->B.topics=.*
 B->A.enabled=false
@@ -330,6 +476,7 @@ sync.topic.acls.enabled=false
 emit.checkpoints.interval.seconds=5
 tasks.max=1
 EOF
+  chmod 600 "$d/mm2.properties"
   cp "$STATE/kafka/log4j2.properties" "$d/log4j2.properties"
   start mm2 "$d/mm2.log" "$KAFKA_JAVA" -Xms128m -Xmx512m -XX:+UseG1GC -Djava.net.preferIPv4Stack=true \
     "-Dlog4j2.configurationFile=$d/log4j2.properties" -cp "$MM2_LIB/*" \
@@ -386,10 +533,12 @@ CASS_JPMS=(
 
 CQL_PY="$STATE/bin/cql.py"
 cat >"$CQL_PY" <<'EOF'
-"""Tiny cqlsh stand-in: cql.py [-h HOST] [-p PORT] [--dc DC] STATEMENT...; prints rows."""
-import argparse, sys, warnings
+"""Tiny cqlsh stand-in: cql.py [-h HOST] [-p PORT] [--dc DC] [--ca PEM] [-u USER (--password P | --password-file F)]
+STATEMENT...; prints rows. With --ca: TLS, the node's certificate checked against that CA and the node's address."""
+import argparse, ssl, sys, warnings
 warnings.filterwarnings("ignore")
 import logging; logging.basicConfig(level=logging.CRITICAL)
+from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import Cluster, ExecutionProfile, EXEC_PROFILE_DEFAULT
 from cassandra.policies import DCAwareRoundRobinPolicy, WhiteListRoundRobinPolicy
 ap = argparse.ArgumentParser(add_help=False)
@@ -398,15 +547,28 @@ ap.add_argument("-p", "--port", type=int, default=9042)
 ap.add_argument("--dc")
 ap.add_argument("--only-host", action="store_true", help="talk to --host alone")
 ap.add_argument("--timeout", type=float, default=30)
+ap.add_argument("--ca", help="PEM file of the CA to trust: connect with TLS")
+ap.add_argument("-u", "--user")
+ap.add_argument("--password")
+ap.add_argument("--password-file")
 ap.add_argument("stmts", nargs="+")
 a = ap.parse_args()
+security = {}
+if a.ca:
+    security["ssl_context"] = ssl.create_default_context(cafile=a.ca)
+if a.user:
+    password = a.password
+    if password is None:
+        with open(a.password_file) as f:
+            password = f.read().strip()
+    security["auth_provider"] = PlainTextAuthProvider(username=a.user, password=password)
 if a.only_host:
     lb = WhiteListRoundRobinPolicy([a.host])
 else:
     lb = DCAwareRoundRobinPolicy(local_dc=a.dc) if a.dc else DCAwareRoundRobinPolicy()
 prof = ExecutionProfile(load_balancing_policy=lb, request_timeout=a.timeout)
 c = Cluster([a.host], port=a.port, execution_profiles={EXEC_PROFILE_DEFAULT: prof},
-            protocol_version=5, connect_timeout=5, control_connection_timeout=5)
+            protocol_version=5, connect_timeout=5, control_connection_timeout=5, **security)
 try:
     s = c.connect()
     for st in a.stmts:
@@ -415,11 +577,16 @@ try:
 finally:
     c.shutdown()
 EOF
+# As role parley over TLS; later options win (e.g. --user cassandra --password cassandra, the default superuser).
 cat >"$STATE/bin/cql" <<EOF
 #!/usr/bin/env bash
-exec "$PY" "$CQL_PY" "\$@"
+exec "$PY" "$CQL_PY" --ca "$TLS/ca.crt" --user parley --password-file "$SECRETS/cassandra-parley" "\$@"
 EOF
 chmod +x "$STATE/bin/cql"
+if want cassandra; then
+  CASS_PASSWORD=$(engine_password cassandra-parley) || die "cassandra: could not make the password in $SECRETS"
+  issue_cert cassandra
+fi
 
 cat >"$STATE/bin/tools-logback.xml" <<'EOF'
 <configuration>
@@ -485,10 +652,19 @@ commitlog_sync: periodic
 commitlog_sync_period: 10000ms
 commitlog_segment_size: 8MiB
 commitlog_total_space: 256MiB
-authenticator: AllowAllAuthenticator
+authenticator: PasswordAuthenticator
 authorizer: AllowAllAuthorizer
 role_manager: CassandraRoleManager
 network_authorizer: AllowAllNetworkAuthorizer
+# Roles live in system_auth, kept in dc1 (see setup_cassandra_roles): a dc2 node reads them from dc1.
+auth_read_consistency_level: ONE
+client_encryption_options:
+  enabled: true
+  optional: false
+  keystore: $TLS/cassandra.p12
+  keystore_password: parley-test
+  store_type: PKCS12
+  require_client_auth: false
 concurrent_reads: 8
 concurrent_writes: 8
 concurrent_counter_writes: 4
@@ -545,10 +721,24 @@ EOF
   start "$name" "$d/logs/stdout.log" "$java" "${opts[@]}"
   printf -v "CASS_JMX_${name}" '%s' "$jmx"
 }
-cassandra_ready() { # IP
-  port_open "$1" "$CASS_NATIVE_PORT" || return 1
-  "$STATE/bin/cql" -h "$1" -p "$CASS_NATIVE_PORT" --only-host --timeout 10 \
+cassandra_ready() { # IP [cql options, e.g. the user]: answers over TLS, as role parley unless told otherwise
+  local ip=$1; shift
+  port_open "$ip" "$CASS_NATIVE_PORT" || return 1
+  "$STATE/bin/cql" -h "$ip" -p "$CASS_NATIVE_PORT" --only-host --timeout 10 "$@" \
     "SELECT release_version FROM system.local" | grep -q '^5\.'
+}
+# As the default superuser (cassandra/cassandra, which the test stack keeps): system_auth gets
+# NetworkTopologyStrategy in dc1 only (a dc2 node joins without streaming, so a replica of the roles there would
+# come up empty; it reads them from dc1 at ONE), and role parley gets its password (again on a restart).
+setup_cassandra_roles() {
+  local superuser=("$STATE/bin/cql" -h 127.0.0.1 -p "$CASS_NATIVE_PORT" --only-host --user cassandra --password cassandra)
+  local role="CREATE ROLE parley WITH PASSWORD = '$CASS_PASSWORD' AND LOGIN = true" log="$STATE/cassandra1/roles.log"
+  # (a password may change once per 5 s: ALTER only a role that exists)
+  if "${superuser[@]}" "SELECT role FROM system_auth.roles WHERE role = 'parley'" 2>"$log" | grep -qx parley; then
+    role="ALTER ROLE parley WITH PASSWORD = '$CASS_PASSWORD' AND LOGIN = true"
+  fi
+  "${superuser[@]}" "ALTER KEYSPACE system_auth WITH replication = {'class': 'NetworkTopologyStrategy', 'dc1': 1}" \
+    "$role" >>"$log" 2>&1 || { cat "$log" >&2; die "cassandra: could not create role parley; log: $log"; }
 }
 dc2_joined() { # node 1 sees 127.0.0.2 in dc2
   "$STATE/bin/cql" -h 127.0.0.1 -p "$CASS_NATIVE_PORT" --only-host \
@@ -578,10 +768,20 @@ if want kafka; then
   fi
   envline PARLEY_KAFKA_LIB "$KAFKA_LIB"
   envline PARLEY_KAFKA_RUN "$STATE/bin/kafka-run"
+  envline PARLEY_KAFKA_CLIENT_PROPERTIES "$KAFKA_CLIENT_PROPERTIES"
+  envline PARLEY_KAFKA_TLS_CA_FILE "$TLS/ca.crt"
+  envline PARLEY_KAFKA_SASL_MECHANISM SCRAM-SHA-512
+  envline PARLEY_KAFKA_SASL_USERNAME parley
+  envline PARLEY_KAFKA_SASL_PASSWORD "$KAFKA_PASSWORD"
 fi
 if want cassandra; then
-  wait_ready cassandra1 cassandra_ready 127.0.0.1
+  WAIT_LABEL=cassandra1 wait_ready cassandra1 cassandra_ready 127.0.0.1 --user cassandra --password cassandra
+  setup_cassandra_roles
+  WAIT_LABEL=cassandra1-role-parley wait_ready cassandra1 cassandra_ready 127.0.0.1
   envline PARLEY_CASSANDRA_CONTACT "127.0.0.1:$CASS_NATIVE_PORT"
+  envline PARLEY_CASSANDRA_TLS_CA_FILE "$TLS/ca.crt"
+  envline PARLEY_CASSANDRA_USERNAME parley
+  envline PARLEY_CASSANDRA_PASSWORD "$CASS_PASSWORD"
   envline PARLEY_CASSANDRA_DC dc1
   envline PARLEY_CASSANDRA_JMX_PORT "$CASS_JMX_cassandra1"
   envline PARLEY_CQL "$STATE/bin/cql"

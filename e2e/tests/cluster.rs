@@ -899,9 +899,10 @@ fn read_presence_topic(bootstrap: &str, topic: &str) -> Vec<PresenceRecord> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::error::KafkaError;
     use rdkafka::message::Message;
-    use rdkafka::{ClientConfig as KafkaClientConfig, Offset, TopicPartitionList};
-    let consumer: BaseConsumer = KafkaClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    use rdkafka::{Offset, TopicPartitionList};
+    // The router's settings for this broker: TLS and SASL as the environment (stack.env) says.
+    let consumer: BaseConsumer = parley_test_support::kafka_config(bootstrap)
+        .client_config()
         .set("group.id", format!("{topic}-test-reader"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")

@@ -259,13 +259,11 @@ pub struct ClusterConfig {
     /// Base URL of the router's internal API, e.g. `http://127.0.0.1:7070`.
     #[arg(long, env = "PARLEY_ROUTER_URL")]
     pub router_url: Option<String>,
-    /// Redis (`redis://host:port`, or Redis Cluster seed nodes comma-separated) for pub/sub and presence; required
-    /// with `--router-url`.
-    #[arg(long, env = "PARLEY_REDIS_URL")]
-    pub redis_url: Option<String>,
-    /// Prefix of every Redis key and channel (must match the router's).
-    #[arg(long, env = "PARLEY_REDIS_PREFIX", default_value = "parley:")]
-    pub redis_prefix: String,
+    /// Redis for pub/sub, presence and token revocations (`--redis-url`, required with `--router-url`; TLS with
+    /// `rediss://`; `--redis-username`, `--redis-password`, `--redis-tls-ca-file`, `--redis-prefix`, which must match
+    /// the router's).
+    #[command(flatten)]
+    pub redis: parley_bus::args::RedisArgs,
     /// Bearer token for the router's internal API.
     #[arg(long, env = "PARLEY_INTERNAL_TOKEN", hide_env_values = true)]
     pub internal_token: Option<String>,

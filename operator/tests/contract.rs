@@ -218,6 +218,11 @@ fn installations() -> Vec<Installation> {
         regions: vec![fixture("region-eu.yaml"), fixture("region-us.yaml")],
     });
     installations.push(Installation {
+        source: "tests/fixtures/chatcluster-secured.yaml".into(),
+        cluster: fixture("chatcluster-secured.yaml"),
+        regions: vec![fixture("region-us.yaml")],
+    });
+    installations.push(Installation {
         source: "tests/fixtures/chatcluster-rs256.yaml".into(),
         cluster: fixture("chatcluster-rs256.yaml"),
         regions: vec![fixture("region-us.yaml")],
@@ -316,8 +321,32 @@ fn config_map_of(resources: &RegionResources, component: Component) -> &ConfigMa
     }
 }
 
+/// `value` with each `$(NAME)` of a variable already in `environment` replaced by its value, as the kubelet does
+/// (a reference to an unknown variable, or `$$(NAME)`, stays as it is).
+fn expand(value: &str, environment: &BTreeMap<String, String>) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("$(") {
+        let escaped = rest[..start].ends_with('$');
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        match after.find(')').map(|end| (&after[..end], &after[end + 1..])) {
+            Some((name, tail)) if !escaped && environment.contains_key(name) => {
+                out.push_str(&environment[name]);
+                rest = tail;
+            }
+            _ => {
+                out.push_str("$(");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The environment a container starts with: its component's ConfigMap's keys (`envFrom`), overridden by its `env`
-/// entries.
+/// entries, in order, each with the `$(NAME)` references to earlier ones expanded.
 fn environment(
     resources: &RegionResources,
     component: Component,
@@ -335,7 +364,8 @@ fn environment(
         }
     }
     for env in container.env.iter().flatten() {
-        environment.insert(env.name.clone(), env_value(env, set));
+        let value = expand(&env_value(env, set), &environment);
+        environment.insert(env.name.clone(), value);
     }
     environment
 }
@@ -410,7 +440,8 @@ fn every_variable_a_container_gets_is_declared_by_its_binary() {
 }
 
 /// What each component needs in cluster mode, beyond the arguments its parser marks as required: its listen
-/// addresses (the binaries default to loopback), its Snowflake machine-ID block, and its backends.
+/// addresses (the binaries default to loopback), its Snowflake machine-ID block, its backends, the internal token
+/// (gateways and routers authenticate each other's calls) and, for a router, the URL it advertises to the gateways.
 fn needed_in_cluster_mode(component: Component) -> &'static [&'static str] {
     match component {
         Component::Gateway => &[
@@ -421,6 +452,7 @@ fn needed_in_cluster_mode(component: Component) -> &'static [&'static str] {
             "PARLEY_POD_INDEX",
             "PARLEY_ROUTER_URL",
             "PARLEY_REDIS_URL",
+            "PARLEY_INTERNAL_TOKEN",
         ],
         Component::Router => &[
             "PARLEY_ROUTER_LISTEN",
@@ -432,6 +464,8 @@ fn needed_in_cluster_mode(component: Component) -> &'static [&'static str] {
             "PARLEY_KAFKA_BOOTSTRAP_SERVERS",
             "PARLEY_CASSANDRA_CONTACT_POINTS",
             "PARLEY_CASSANDRA_LOCAL_DATACENTER",
+            "PARLEY_INTERNAL_TOKEN",
+            "PARLEY_ROUTER_ADVERTISE_URL",
         ],
     }
 }
@@ -496,7 +530,7 @@ fn each_binary_gets_what_it_needs_in_cluster_mode() {
                                     args.storage.effective_machine_id()
                                 ));
                             }
-                            if args.cluster.router_url.is_none() || args.cluster.redis_url.is_none() {
+                            if args.cluster.router_url.is_none() || args.cluster.redis.url.is_none() {
                                 problems.push(format!("{what} does not run as a gateway of parley-router"));
                             }
                             if args.auth.jwt_hs256_secret.is_none() && args.auth.jwt_rs256_public_key.is_none() {
@@ -697,6 +731,7 @@ fn objects(resources: &RegionResources) -> Vec<(&'static str, Value)> {
         ("router headless Service", json(&resources.router_headless_service)),
         ("router StatefulSet", json(&resources.router_stateful_set)),
         ("router PodDisruptionBudget", json(&resources.router_disruption_budget)),
+        ("NetworkPolicies", json(&resources.network_policies)),
     ]
 }
 
@@ -736,8 +771,6 @@ fn first_difference(before: &RegionResources, after: &RegionResources) -> Option
 struct Reach {
     /// The first change to the built objects: the value, the base, and where.
     changes: Option<String>,
-    /// A value the operator refused (`Unsupported`), with the base.
-    refused: Option<String>,
     /// Every value tried.
     tried: BTreeSet<String>,
 }
@@ -759,17 +792,10 @@ fn reach(kind: &str, schema: &Value, leaf: &Leaf, bases: &[Base]) -> Reach {
                 let Some(region) = changed(&base.region, schema, &leaf.path, &value) else { continue };
                 build(&base.cluster, &region, &base.regions)
             };
-            match result {
-                Ok(resources) => {
-                    if let Some(place) = first_difference(&base.resources, &resources) {
-                        reach.changes = Some(format!("changing it to {value} changes {place} [{}]", base.label));
-                        return reach;
-                    }
-                }
-                Err(error) if error.reason() == "Unsupported" => {
-                    reach.refused.get_or_insert_with(|| format!("{value} is refused: {error} [{}]", base.label));
-                }
-                Err(_) => {}
+            // A value that contradicts another setting (or a bound only CEL checks) builds nothing.
+            if let Some(place) = result.ok().and_then(|resources| first_difference(&base.resources, &resources)) {
+                reach.changes = Some(format!("changing it to {value} changes {place} [{}]", base.label));
+                return reach;
             }
         }
     }
@@ -825,9 +851,9 @@ fn every_crd_field_reaches_the_pods_or_is_documented() {
     let mut problems = Vec::new();
     let mut seen = BTreeSet::new();
     for row in &documented {
-        if !["operator-only", "refused", "unused"].contains(&row.status.as_str()) {
+        if !["operator-only", "unused"].contains(&row.status.as_str()) {
             problems.push(format!(
-                "{FIELDS_DOC}: {} {} has status {:?}; use operator-only, refused or unused",
+                "{FIELDS_DOC}: {} {} has status {:?}; use operator-only or unused",
                 row.kind, row.field, row.status
             ));
         }
@@ -863,10 +889,6 @@ fn every_crd_field_reaches_the_pods_or_is_documented() {
                 (Some(row), Some(change)) => problems.push(format!(
                     "{FIELDS_DOC} lists {kind} spec.{name} as {} ({}), but {change}; remove it from the list",
                     row.status, row.field
-                )),
-                (Some(row), None) if row.status == "refused" && reach.refused.is_none() => problems.push(format!(
-                    "{FIELDS_DOC} lists {kind} spec.{name} as refused, but the operator accepts every value \
-                         tried ({tried})"
                 )),
                 (Some(row), None) => summary.push(format!("{kind} spec.{name}: {} ({})", row.status, row.field)),
             }

@@ -11,7 +11,7 @@
 
 use parley_core::protocol::MessageView;
 use parley_router::backend::{HistoryQuery, MessageStore};
-use parley_router::cassandra::{CassandraConfig, CassandraStore};
+use parley_router::cassandra::CassandraStore;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,10 +36,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let reads = argument(5, 2_000);
     let contact = std::env::var("PARLEY_CASSANDRA_CONTACT")
         .map_err(|_| "PARLEY_CASSANDRA_CONTACT is not set: start Cassandra with e2e/stack/up.sh --only cassandra")?;
-    let mut config = CassandraConfig::new(
-        contact.split(',').map(str::to_owned).collect(),
-        format!("parley_bench_{}", std::process::id()),
-    );
+    // With the TLS and credentials of the environment (stack.env).
+    let mut config = parley_test_support::cassandra_config(&contact, format!("parley_bench_{}", std::process::id()));
     config.local_datacenter = std::env::var("PARLEY_CASSANDRA_DC").ok();
     config.request_timeout = Duration::from_secs(10);
     let store = Arc::new(CassandraStore::connect(config).await?);

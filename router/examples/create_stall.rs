@@ -22,9 +22,9 @@ use parley_api::Router;
 use parley_bus::pubsub::{LocalPubSub, PubSub};
 use parley_bus::redis::{RedisConfig, RedisPubSub};
 use parley_core::UserId;
-use parley_router::cassandra::{CassandraConfig, CassandraStore};
+use parley_router::cassandra::CassandraStore;
 use parley_router::embedded::{EmbeddedStore, Retention};
-use parley_router::kafka::{KafkaConfig, KafkaLog, StoreWriter};
+use parley_router::kafka::{KafkaLog, StoreWriter};
 use parley_router::RouterConfig;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -147,11 +147,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pubsub: Arc<dyn PubSub> = match options.pubsub.as_str() {
         "local" => Arc::new(LocalPubSub::new()),
         "redis" => {
-            let url = std::env::var("PARLEY_REDIS_URL").map_err(|_| {
-                "PARLEY_REDIS_URL is not set: start Redis with `e2e/stack/up.sh --only redis /tmp/parley-bench-redis` \
-                 and source its stack.env (or pass --pubsub local)"
-            })?;
-            Arc::new(RedisPubSub::connect(RedisConfig::new(url).with_prefix("parley-bench:")).await?)
+            // The URL, and the TLS CA file and ACL user the stack's Redis wants, from the environment (stack.env).
+            let redis = parley_bus::args::RedisArgs::from_env();
+            if redis.url().is_none() {
+                return Err("PARLEY_REDIS_URL is not set: start Redis with `e2e/stack/up.sh --only redis \
+                            /tmp/parley-bench-redis` and source its stack.env (or pass --pubsub local)"
+                    .into());
+            }
+            let config: RedisConfig = redis.config()?.with_prefix("parley-bench:");
+            Arc::new(RedisPubSub::connect(config).await?)
         }
         other => return Err(format!("--pubsub {other}: expected redis or local").into()),
     };
@@ -172,10 +176,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let (bootstrap, contact) = (variable("PARLEY_KAFKA_BOOTSTRAP")?, variable("PARLEY_CASSANDRA_CONTACT")?);
             let unique =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() % 1_000_000_000;
-            let cassandra =
-                CassandraConfig::new(contact.split(',').map(str::to_owned).collect(), format!("bench_{unique}"));
+            // With the TLS and credentials of the environment (stack.env).
+            let cassandra = parley_test_support::cassandra_config(&contact, format!("bench_{unique}"));
             let store = Arc::new(CassandraStore::connect(cassandra).await?);
-            let kafka = KafkaConfig::new(bootstrap).with_prefix(format!("bench-{unique}-"));
+            let kafka = parley_test_support::kafka_config(&bootstrap).with_prefix(format!("bench-{unique}-"));
             let log = Arc::new(KafkaLog::open(kafka.clone(), store.clone(), None).await?);
             _store_writer = Some(StoreWriter::start(kafka, store.clone()).await?);
             parley_router::start(config, log, store.clone(), store, pubsub)?

@@ -16,7 +16,7 @@ use parley_bus::pubsub::LocalPubSub;
 use parley_core::UserId;
 use parley_router::backend::{MessageLog, MessageStore};
 use parley_router::embedded::{EmbeddedStore, Retention};
-use parley_router::kafka::{KafkaConfig, KafkaLog, StoreWriter};
+use parley_router::kafka::{KafkaLog, StoreWriter};
 use parley_router::RouterConfig;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -159,7 +159,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
              and source its stack.env (or pass --only embedded)"
         })?;
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
-        let config = KafkaConfig::new(bootstrap)
+        // With the TLS and SASL of the environment (stack.env).
+        let config = parley_test_support::kafka_config(&bootstrap)
             .with_prefix(format!("parley-bench-{nanos}-"))
             .with_partitions(options.partitions);
         let dir = tempfile::tempdir()?;

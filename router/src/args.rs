@@ -1,6 +1,7 @@
 //! The command line and environment of the `parley-router` binary. It lives in the library so that the
 //! operator's contract test can read the variables it declares.
 
+use crate::kafka::SaslMechanism;
 use clap::Parser;
 use parley_core::access::MembershipPolicy;
 use std::net::SocketAddr;
@@ -9,6 +10,7 @@ use std::path::PathBuf;
 /// Command line and environment of `parley-router`.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "parley-router", version, about = "Parley router: the single writer, served to the gateways")]
+#[command(mut_arg("redis_url", |arg| arg.required(true)))]
 pub struct Args {
     /// Address of the internal API the gateways call.
     #[arg(long, env = "PARLEY_ROUTER_LISTEN", default_value = "127.0.0.1:7070")]
@@ -19,13 +21,16 @@ pub struct Args {
     /// Bearer token the gateways must present (recommended outside a private network).
     #[arg(long, env = "PARLEY_INTERNAL_TOKEN", hide_env_values = true)]
     pub internal_token: Option<String>,
-    /// Redis for pub/sub and the user→gateway registry (`redis://host:port`, or Redis Cluster seed nodes
-    /// comma-separated); required, it is how deliveries reach the gateways.
-    #[arg(long, env = "PARLEY_REDIS_URL")]
-    pub redis_url: String,
-    /// Prefix of every Redis key and channel (must match the gateways').
-    #[arg(long, env = "PARLEY_REDIS_PREFIX", default_value = "parley:")]
-    pub redis_prefix: String,
+    /// The URL gateways reach this router at (`http://host:port`), published with the Kafka partitions it owns so
+    /// that each gateway calls the owner of a channel. Default: `http://` and the `--listen` address, unless that
+    /// is unspecified (`0.0.0.0`); then nothing is published and gateways call their `--router-url` for
+    /// everything, which is right for one router only.
+    #[arg(long, env = "PARLEY_ROUTER_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+    /// Redis for pub/sub and the user→gateway registry (`--redis-url`, required: it is how deliveries reach the
+    /// gateways; TLS with `rediss://`; `--redis-username`, `--redis-password`, `--redis-tls-ca-file`, `--redis-prefix`).
+    #[command(flatten)]
+    pub redis: parley_bus::args::RedisArgs,
     /// Data directory of the embedded log and store.
     #[arg(long, env = "PARLEY_DATA_DIR", default_value = "./parley-router-data")]
     pub data_dir: PathBuf,
@@ -80,6 +85,22 @@ pub struct Args {
     /// partitions back at once.
     #[arg(long, env = "PARLEY_KAFKA_STORE_WRITER_ID")]
     pub kafka_store_writer_id: Option<String>,
+    /// Connect to Kafka with TLS, checking the brokers' certificates against `--kafka-tls-ca-file` (or the
+    /// system's roots).
+    #[arg(long, env = "PARLEY_KAFKA_TLS")]
+    pub kafka_tls: bool,
+    /// PEM file of the CA(s) that sign the Kafka brokers' certificates; implies `--kafka-tls`.
+    #[arg(long, env = "PARLEY_KAFKA_TLS_CA_FILE")]
+    pub kafka_tls_ca_file: Option<PathBuf>,
+    /// SASL mechanism of Kafka (`SCRAM-SHA-512`, `SCRAM-SHA-256` or `PLAIN`), used with `--kafka-sasl-username`.
+    #[arg(long, env = "PARLEY_KAFKA_SASL_MECHANISM", default_value_t = SaslMechanism::ScramSha512)]
+    pub kafka_sasl_mechanism: SaslMechanism,
+    /// Kafka SASL user: turns SASL on (with TLS, `SASL_SSL`).
+    #[arg(long, env = "PARLEY_KAFKA_SASL_USERNAME", requires = "kafka_sasl_password")]
+    pub kafka_sasl_username: Option<String>,
+    /// Password of the Kafka SASL user (prefer the environment variable to the flag).
+    #[arg(long, env = "PARLEY_KAFKA_SASL_PASSWORD", hide_env_values = true)]
+    pub kafka_sasl_password: Option<String>,
     /// Cassandra/Scylla contact points (`host:port`, comma-separated): the message and membership store. Needs
     /// `--kafka-bootstrap-servers` (the store is written from the log).
     #[arg(long, env = "PARLEY_CASSANDRA_CONTACT_POINTS", value_delimiter = ',')]
@@ -96,6 +117,19 @@ pub struct Args {
     /// Consistency of every read and write (`LOCAL_QUORUM`, `QUORUM`, `LOCAL_ONE`, ...).
     #[arg(long, env = "PARLEY_CASSANDRA_CONSISTENCY", default_value = "LOCAL_QUORUM")]
     pub cassandra_consistency: String,
+    /// Connect to Cassandra with TLS (client-to-node encryption), checking the nodes' certificates against
+    /// `--cassandra-tls-ca-file` (or the system's roots).
+    #[arg(long, env = "PARLEY_CASSANDRA_TLS")]
+    pub cassandra_tls: bool,
+    /// PEM file of the CA(s) that sign the Cassandra nodes' certificates; implies `--cassandra-tls`.
+    #[arg(long, env = "PARLEY_CASSANDRA_TLS_CA_FILE")]
+    pub cassandra_tls_ca_file: Option<PathBuf>,
+    /// Cassandra role (`PasswordAuthenticator`).
+    #[arg(long, env = "PARLEY_CASSANDRA_USERNAME", requires = "cassandra_password")]
+    pub cassandra_username: Option<String>,
+    /// Password of the Cassandra role (prefer the environment variable to the flag).
+    #[arg(long, env = "PARLEY_CASSANDRA_PASSWORD", hide_env_values = true)]
+    pub cassandra_password: Option<String>,
     /// Identity and log settings.
     #[command(flatten)]
     pub telemetry: parley_telemetry::TelemetryArgs,

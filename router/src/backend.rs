@@ -147,6 +147,16 @@ pub trait MessageLog: Send + Sync + 'static {
     async fn record_presence(&self, _updates: Vec<PresenceUpdate>) -> Result<(), BackendError> {
         Ok(())
     }
+    /// Whether this writer owns `channel` now: `Err(BackendError::NotOwner)` when another writer does (several
+    /// routers share a Kafka log by partition). A log with one writer owns everything.
+    fn check_owner(&self, _channel: &str) -> Result<(), BackendError> {
+        Ok(())
+    }
+    /// A number that changes whenever the set of channels this writer owns changes, so that it drops what it
+    /// cached about channels another writer may have written meanwhile.
+    fn ownership_version(&self) -> u64 {
+        0
+    }
 }
 
 /// Message storage for history reads.

@@ -37,8 +37,13 @@
 //! - Every statement is prepared once in [`CassandraStore::connect`], runs with the configured consistency
 //!   (LOCAL_QUORUM by default), a request timeout, and prefers the local datacenter. Listings page with the
 //!   configured page size.
-//! - Errors: an unreachable cluster, a timeout or too few replicas is [`BackendError::Unavailable`]; any other
-//!   failure is [`BackendError::Cassandra`]. Nothing panics.
+//! - Errors: an unreachable cluster, a timeout or too few replicas is [`BackendError::Unavailable`]; rejected
+//!   credentials or a failed TLS handshake when connecting is [`BackendError::Refused`] (`Cassandra at <contact
+//!   points>: authentication failed: ...`, `... TLS handshake failed: ...`); any other failure is
+//!   [`BackendError::Cassandra`]. Nothing panics.
+//! - Security: client-to-node TLS ([`CassandraConfig::tls`], [`CassandraConfig::tls_ca_file`]) through OpenSSL,
+//!   checking each node's certificate against the CA file (or the system's roots) and the node's IP address; and
+//!   `PasswordAuthenticator` credentials ([`CassandraConfig::credentials`]).
 
 mod schema;
 
@@ -55,7 +60,10 @@ use parley_core::ChannelKind;
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
-use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
+use scylla::errors::{
+    ConnectionError, ConnectionPoolError, ConnectionSetupRequestErrorKind, DbError, ExecutionError, MetadataError,
+    NewSessionError, RequestAttemptError,
+};
 use scylla::policies::load_balancing::DefaultPolicy;
 use scylla::response::query_result::QueryResult;
 use scylla::serialize::row::SerializeRow;
@@ -64,6 +72,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, Statement};
 use scylla::value::CqlValue;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
 use std::time::Duration;
 use tracing::{debug, info, instrument};
 
@@ -117,11 +126,38 @@ pub struct CassandraConfig {
     pub request_timeout: Duration,
     /// Rows per page of listings (members, user channels, buckets).
     pub page_size: i32,
+    /// Encrypt every connection with TLS, checking each node's certificate against
+    /// [`CassandraConfig::tls_ca_file`] (or the system's roots without one) and the node's IP address.
+    pub tls: bool,
+    /// PEM file of the CA(s) that sign the nodes' certificates, the only ones trusted. Setting it implies TLS.
+    pub tls_ca_file: Option<PathBuf>,
+    /// `PasswordAuthenticator` credentials; `None`: none (a cluster that requires them refuses the connection).
+    pub credentials: Option<CassandraCredentials>,
+}
+
+/// A Cassandra role's name and password. `Debug` does not show the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CassandraCredentials {
+    /// The role.
+    pub username: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for CassandraCredentials {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("CassandraCredentials")
+            .field("username", &self.username)
+            .field("password", &"<hidden>")
+            .finish()
+    }
 }
 
 impl CassandraConfig {
     /// Defaults for `contact_points` and `keyspace`: LOCAL_QUORUM, `SimpleStrategy` with one replica, 365 days of
-    /// retention, one-hour buckets, 5 s request timeout, 1,000 rows per page, no preferred datacenter.
+    /// retention, one-hour buckets, 5 s request timeout, 1,000 rows per page, no preferred datacenter; no TLS, no
+    /// credentials.
     pub fn new(contact_points: Vec<String>, keyspace: impl Into<String>) -> Self {
         Self {
             contact_points,
@@ -133,7 +169,44 @@ impl CassandraConfig {
             bucket: Duration::from_secs(3600),
             request_timeout: Duration::from_secs(5),
             page_size: 1000,
+            tls: false,
+            tls_ca_file: None,
+            credentials: None,
         }
+    }
+
+    /// Whether connections use TLS ([`CassandraConfig::tls`], or a CA file).
+    pub fn uses_tls(&self) -> bool {
+        self.tls || self.tls_ca_file.is_some()
+    }
+
+    /// The OpenSSL context of the connections: peer verification on, trusting only the CA file's certificates when
+    /// there is one.
+    fn tls_context(&self) -> Result<Option<scylla::client::session::TlsContext>, BackendError> {
+        use openssl::ssl::{SslConnector, SslMethod};
+        if !self.uses_tls() {
+            return Ok(None);
+        }
+        let failed = |what: &str, error: &dyn std::fmt::Display| {
+            BackendError::InvalidConfig(format!("cassandra TLS: {what}: {error}"))
+        };
+        let mut builder = SslConnector::builder(SslMethod::tls_client())
+            .map_err(|error| failed("cannot make an OpenSSL context", &error))?;
+        if let Some(ca_file) = &self.tls_ca_file {
+            let what = format!("cannot read the CA file {}", ca_file.display());
+            let pem = std::fs::read(ca_file).map_err(|error| failed(&what, &error))?;
+            let certificates = openssl::x509::X509::stack_from_pem(&pem).map_err(|error| failed(&what, &error))?;
+            if certificates.is_empty() {
+                return Err(failed(&what, &"no PEM certificate in it"));
+            }
+            let mut store = openssl::x509::store::X509StoreBuilder::new()
+                .map_err(|error| failed("cannot make a certificate store", &error))?;
+            for certificate in certificates {
+                store.add_cert(certificate).map_err(|error| failed(&what, &error))?;
+            }
+            builder.set_cert_store(store.build());
+        }
+        Ok(Some(scylla::client::session::TlsContext::from(builder)))
     }
 
     /// Parses a consistency name (`LOCAL_QUORUM`, `QUORUM`, `ONE`, `LOCAL_ONE`, `ALL`, `EACH_QUORUM`, `TWO`,
@@ -175,6 +248,9 @@ impl CassandraConfig {
         }
         if self.page_size < 1 {
             return Err(BackendError::InvalidConfig("cassandra page size must be at least 1".into()));
+        }
+        if self.credentials.as_ref().is_some_and(|credentials| credentials.username.is_empty()) {
+            return Err(BackendError::InvalidConfig("cassandra username is empty".into()));
         }
         if let Replication::NetworkTopology(factors) = &self.replication {
             if factors.is_empty() || factors.keys().any(|datacenter| datacenter.contains('\'')) {
@@ -228,6 +304,49 @@ fn execution_error(operation: &'static str, error: ExecutionError) -> BackendErr
     } else {
         BackendError::Cassandra { operation, source: Box::new(error) }
     }
+}
+
+/// Maps a failed connect: rejected credentials and failed TLS handshakes are [`BackendError::Refused`], anything
+/// else [`BackendError::Unavailable`].
+fn connect_error(config: &CassandraConfig, error: NewSessionError) -> BackendError {
+    let contact = config.contact_points.join(",");
+    let last_connection_error = match &error {
+        NewSessionError::MetadataError(MetadataError::ConnectionPoolError(ConnectionPoolError::Broken {
+            last_connection_error,
+        })) => Some(last_connection_error),
+        _ => None,
+    };
+    let refused = |reason: String| BackendError::Refused { engine: "Cassandra", address: contact.clone(), reason };
+    match last_connection_error {
+        Some(ConnectionError::ConnectionSetupRequestError(setup)) => match setup.get_error() {
+            ConnectionSetupRequestErrorKind::DbError(DbError::AuthenticationError, message) => {
+                let user = config.credentials.as_ref().map(|credentials| credentials.username.as_str()).unwrap_or("");
+                return refused(format!("authentication failed (user {user}): {message}"));
+            }
+            ConnectionSetupRequestErrorKind::MissingAuthentication => {
+                return refused(
+                    "authentication failed: the cluster requires credentials (set a username and password)".into(),
+                );
+            }
+            _ => {}
+        },
+        Some(ConnectionError::IoError(io)) => {
+            if let Some(ssl) = io.get_ref().and_then(|inner| inner.downcast_ref::<openssl::ssl::Error>()) {
+                let trusted = match &config.tls_ca_file {
+                    Some(ca_file) => format!("a CA in {}", ca_file.display()),
+                    None => "a CA of the system's roots".to_owned(),
+                };
+                let hint = if ssl.to_string().contains("certificate verify failed") {
+                    format!(" (the node's certificate is not signed by {trusted}, or does not name its address)")
+                } else {
+                    String::new()
+                };
+                return refused(format!("TLS handshake failed: {ssl}{hint}"));
+            }
+        }
+        _ => {}
+    }
+    BackendError::Unavailable(format!("cannot connect to cassandra at {contact}: {error}"))
 }
 
 fn other_error(operation: &'static str, error: impl std::error::Error + Send + Sync + 'static) -> BackendError {
@@ -359,7 +478,8 @@ impl std::fmt::Debug for CassandraStore {
 
 impl CassandraStore {
     /// Connects, creates the keyspace when missing, applies pending schema migrations and prepares every
-    /// statement. An unreachable cluster is [`BackendError::Unavailable`].
+    /// statement. An unreachable cluster is [`BackendError::Unavailable`]; rejected credentials or a failed TLS
+    /// handshake, [`BackendError::Refused`].
     #[instrument(skip(config), fields(keyspace = %config.keyspace))]
     pub async fn connect(config: CassandraConfig) -> Result<Self, BackendError> {
         config.validate()?;
@@ -372,18 +492,20 @@ impl CassandraStore {
             .request_timeout(Some(config.request_timeout))
             .load_balancing_policy(policy.build())
             .build();
-        let builder = SessionBuilder::new()
+        let mut builder = SessionBuilder::new()
             .known_nodes(&config.contact_points)
             .connection_timeout(config.request_timeout)
             .default_execution_profile_handle(profile.into_handle())
-            .schema_agreement_timeout(Duration::from_secs(30));
+            .schema_agreement_timeout(Duration::from_secs(30))
+            .tls_context(config.tls_context()?);
+        if let Some(credentials) = &config.credentials {
+            builder = builder.user(&credentials.username, &credentials.password);
+        }
         let connecting = builder.build();
         let contact = config.contact_points.join(",");
         let session = match tokio::time::timeout(config.request_timeout * 2, connecting).await {
             Ok(Ok(session)) => session,
-            Ok(Err(error)) => {
-                return Err(BackendError::Unavailable(format!("cannot connect to cassandra at {contact}: {error}")))
-            }
+            Ok(Err(error)) => return Err(connect_error(&config, error)),
             Err(_) => {
                 return Err(BackendError::Unavailable(format!(
                     "cannot connect to cassandra at {contact}: timed out after {} ms",
@@ -1340,8 +1462,36 @@ mod tests {
             CassandraConfig { page_size: 0, ..valid.clone() },
             CassandraConfig { retention: Some(Duration::from_secs(MAX_TTL_SECONDS + 1)), ..valid.clone() },
             CassandraConfig { replication: Replication::NetworkTopology(BTreeMap::new()), ..valid.clone() },
+            CassandraConfig {
+                credentials: Some(CassandraCredentials { username: String::new(), password: "p".into() }),
+                ..valid.clone()
+            },
         ] {
             assert!(matches!(invalid.validate(), Err(BackendError::InvalidConfig(_))), "{invalid:?}");
         }
+    }
+
+    #[test]
+    fn tls_settings_and_the_hidden_password() {
+        let mut config = CassandraConfig::new(vec!["127.0.0.1:9042".into()], "parley_1");
+        assert!(!config.uses_tls());
+        assert!(config.tls_context().expect("no TLS").is_none());
+        config.tls = true;
+        assert!(config.tls_context().expect("the system's roots").is_some());
+        config.credentials = Some(CassandraCredentials { username: "parley".into(), password: "s3cret".into() });
+        let shown = format!("{config:?}");
+        assert!(shown.contains("parley") && !shown.contains("s3cret"), "{shown}");
+
+        let dir = std::env::temp_dir().join(format!("parley-cassandra-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let not_pem = dir.join("not-a-ca.pem");
+        std::fs::write(&not_pem, "hello").expect("write");
+        let with_file = |path: PathBuf| CassandraConfig { tls: false, tls_ca_file: Some(path), ..config.clone() };
+        assert!(with_file(not_pem.clone()).uses_tls(), "a CA file implies TLS");
+        for path in [not_pem, dir.join("missing.pem")] {
+            let error = with_file(path.clone()).tls_context().map(|_| ()).expect_err("not a CA file");
+            assert!(error.to_string().contains(&path.display().to_string()), "{error}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -115,6 +115,11 @@ impl FeedBook {
         self.lock().channels.remove(channel);
     }
 
+    /// Forgets every channel (the writer's partitions changed hands: another writer may have written them).
+    pub fn clear(&self) {
+        self.lock().channels.clear();
+    }
+
     /// How many channels have a feed.
     pub fn len(&self) -> usize {
         self.lock().channels.len()

@@ -8,18 +8,22 @@
 
 use anyhow::Context;
 use clap::Parser;
+use parley_api::routing::RouterDirectory;
 use parley_bus::presence::PresenceStore;
 use parley_bus::pubsub::PubSub;
+use parley_bus::redis::RedisRouterDirectory;
 use parley_bus::redis::{RedisConfig, RedisPresenceStore, RedisPubSub};
 use parley_router::args::Args;
 use parley_router::backend::{MembershipStore, MessageLog, MessageStore};
 use parley_router::cassandra::{CassandraConfig, CassandraStore, Replication};
 use parley_router::embedded::{EmbeddedStore, Retention};
+use parley_router::kafka::ownership;
 use parley_router::kafka::KafkaLogStats;
-use parley_router::kafka::{KafkaConfig, KafkaLog, StoreWriter};
+use parley_router::kafka::{KafkaConfig, KafkaLog, OwnershipGroup, StoreWriter};
 use parley_router::metrics::RouterMetrics;
 use parley_router::RouterConfig;
 use parley_telemetry::shutdown_signal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +36,8 @@ struct Backends {
     store_writer: Option<StoreWriter>,
     /// The Kafka log's settings and counters (Kafka only).
     kafka: Option<(KafkaConfig, Arc<KafkaLogStats>)>,
+    /// The Kafka log itself, which owns only the partitions the ownership group gives this router (Kafka only).
+    kafka_log: Option<Arc<KafkaLog>>,
     /// Where the data lives, for the start-up line.
     describe: String,
 }
@@ -55,6 +61,7 @@ async fn backends(args: &Args, retention: Retention, machine_id: u16) -> anyhow:
             membership: store,
             store_writer: None,
             kafka: None,
+            kafka_log: None,
             describe: format!("embedded log and store in {}", args.data_dir.display()),
         });
     };
@@ -76,10 +83,17 @@ async fn backends(args: &Args, retention: Retention, machine_id: u16) -> anyhow:
             None => Replication::Simple { factor: args.cassandra_replication_factor },
         };
         config.retention = retention.messages;
+        config.tls = args.cassandra_tls;
+        config.tls_ca_file = args.cassandra_tls_ca_file.clone();
+        config.credentials = match (&args.cassandra_username, &args.cassandra_password) {
+            (Some(username), Some(password)) => Some(parley_router::cassandra::CassandraCredentials {
+                username: username.clone(),
+                password: password.clone(),
+            }),
+            _ => None,
+        };
         let contact = args.cassandra_contact_points.join(",");
-        let store = Arc::new(
-            CassandraStore::connect(config).await.with_context(|| format!("failed to reach Cassandra at {contact}"))?,
-        );
+        let store = Arc::new(CassandraStore::connect(config).await.context("failed to open the Cassandra store")?);
         (
             store.clone(),
             store,
@@ -94,15 +108,47 @@ async fn backends(args: &Args, retention: Retention, machine_id: u16) -> anyhow:
             .clone()
             .unwrap_or_else(|| format!("{}store-writer-{machine_id}", args.kafka_topic_prefix)),
     );
-    // The log first: it creates the topics, fences any earlier writer and scans the unstored tail.
-    let log = KafkaLog::open(kafka.clone(), store.clone(), None)
-        .await
-        .with_context(|| format!("failed to open the Kafka log at {bootstrap}"))?;
+    kafka.tls = args.kafka_tls;
+    kafka.tls_ca_file = args.kafka_tls_ca_file.clone();
+    kafka.sasl = match (&args.kafka_sasl_username, &args.kafka_sasl_password) {
+        (Some(username), Some(password)) => Some(parley_router::kafka::KafkaSasl {
+            mechanism: args.kafka_sasl_mechanism,
+            username: username.clone(),
+            password: password.clone(),
+        }),
+        _ => None,
+    };
+    // The log first: it creates the topics, fences any earlier writer and scans the unstored tail. Rejected
+    // credentials or an untrusted certificate end it at once ("Kafka at <bootstrap>: SASL authentication failed").
+    // It owns no partition yet: the ownership group assigns them (see `run`).
+    let log = Arc::new(
+        KafkaLog::open(kafka.clone(), store.clone(), Some(Vec::new())).await.context("failed to open the Kafka log")?,
+    );
     let store_writer =
         StoreWriter::start(kafka.clone(), store.clone()).await.context("failed to start the Kafka store writer")?;
     let kafka = Some((kafka, log.stats().clone()));
-    Ok(Backends { log: Arc::new(log), store, membership, store_writer: Some(store_writer), kafka, describe })
+    Ok(Backends {
+        log: log.clone(),
+        store,
+        membership,
+        store_writer: Some(store_writer),
+        kafka,
+        kafka_log: Some(log),
+        describe,
+    })
 }
+
+/// The URL this router publishes: `--advertise-url`, else `http://<listen address>` unless it is unspecified.
+fn advertise_url(configured: Option<&str>, listening: std::net::SocketAddr) -> Option<String> {
+    match configured.map(str::trim).filter(|url| !url.is_empty()) {
+        Some(url) => Some(url.trim_end_matches('/').to_owned()),
+        None if listening.ip().is_unspecified() => None,
+        None => Some(format!("http://{listening}")),
+    }
+}
+
+/// How long start-up waits for the ownership group's first assignment before it serves anyway.
+const FIRST_ASSIGNMENT_WAIT: Duration = Duration::from_secs(30);
 
 /// How often the store writer's lag per partition is read for `/metrics`.
 const STORE_LAG_EVERY: Duration = Duration::from_secs(5);
@@ -130,20 +176,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         messages: (args.retention_days > 0).then(|| Duration::from_secs(args.retention_days * 24 * 3600)),
         ..Retention::default()
     };
-    let Backends { log, store, membership, store_writer, kafka, describe } =
+    let Backends { log, store, membership, store_writer, kafka, kafka_log, describe } =
         backends(&args, retention, machine_id).await?;
-    let redis = RedisConfig::new(args.redis_url.clone()).with_prefix(args.redis_prefix.clone());
+    let redis: RedisConfig = args.redis.config().context("invalid Redis settings")?;
+    // A wrong password or an untrusted certificate ends start-up here, named ("Redis at rediss://...: authentication
+    // failed (WRONGPASS ...)"), within the Redis timeout.
+    redis.check().await.context("failed to connect to Redis")?;
     let redis_stats = redis.stats.clone();
     let pubsub: Arc<dyn PubSub> = Arc::new(
-        RedisPubSub::connect(redis.clone())
-            .await
-            .with_context(|| format!("failed to reach Redis at {}", args.redis_url))?,
+        RedisPubSub::connect(redis.clone()).await.with_context(|| format!("failed to reach Redis at {}", redis.url))?,
     );
     // The gateways' user→gateway registry: membership changes go straight to the instances holding the user.
     let directory: Arc<dyn PresenceStore> = Arc::new(
-        RedisPresenceStore::connect(redis)
+        RedisPresenceStore::connect(redis.clone())
             .await
-            .with_context(|| format!("failed to reach Redis at {}", args.redis_url))?,
+            .with_context(|| format!("failed to reach Redis at {}", redis.url))?,
     );
     let config = RouterConfig {
         machine_id,
@@ -164,10 +211,53 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("failed to bind {}", args.admin_listen))?;
     let address = listener.local_addr().context("no local address")?;
     let admin_address = admin_listener.local_addr().context("no local address")?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    // Several routers share the partitions: the group decides which ones this router owns, and the map of
+    // owners is published in Redis for the gateways.
+    let ready = Arc::new(AtomicBool::new(kafka_log.is_none()));
+    let ownership = match (&kafka_log, &kafka) {
+        (Some(log), Some((kafka_config, _))) => {
+            let group = OwnershipGroup::start(kafka_config.clone(), log.clone())
+                .context("failed to join the Kafka group that assigns partitions to routers")?;
+            match advertise_url(args.advertise_url.as_deref(), address) {
+                Some(url) => {
+                    let routers: Arc<dyn RouterDirectory> = Arc::new(
+                        RedisRouterDirectory::connect(redis.clone())
+                            .await
+                            .with_context(|| format!("failed to reach Redis at {}", redis.url))?,
+                    );
+                    tracing::info!(%url, "publishing the partitions this router owns");
+                    tokio::spawn(ownership::publish(log.clone(), routers, url, group.changed(), stopped.clone()));
+                }
+                None => tracing::warn!(
+                    "--listen is {address} and --advertise-url is not set: the partitions this router owns are not \
+                     published, so gateways call their --router-url for every channel (right for one router only)"
+                ),
+            }
+            let mut changed = group.changed();
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                if changed.wait_for(|version| *version > 0).await.is_ok() {
+                    ready.store(true, Ordering::Relaxed);
+                }
+            });
+            Some(group)
+        }
+        _ => None,
+    };
+    if let Some(group) = &ownership {
+        // Listening is announced once the group gave this router its share, so that a caller that waits for the
+        // announcement finds the router owning its partitions (connections made meanwhile wait in the backlog).
+        if !group.wait_first_assignment(FIRST_ASSIGNMENT_WAIT).await {
+            tracing::warn!(
+                "the Kafka group assigned no partitions within {} s; serving anyway (not ready until it does)",
+                FIRST_ASSIGNMENT_WAIT.as_secs()
+            );
+        }
+    }
     tracing::info!(%address, %admin_address, machine_id, backends = %describe, "parley-router listening");
     println!("parley-router listening on http://{address} (metrics on http://{admin_address}/metrics)");
 
-    let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut metrics = RouterMetrics::new(router.stats());
     metrics.redis(&redis_stats);
     if let Some(store_writer) = &store_writer {
@@ -175,6 +265,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some((_, log_stats)) = &kafka {
         metrics.kafka_log(log_stats);
+    }
+    if let Some(log) = &kafka_log {
+        metrics.ownership(log);
     }
     let metrics = Arc::new(metrics);
     if let Some((kafka, _)) = kafka {
@@ -188,8 +281,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }),
         )
         .route("/healthz", axum::routing::get(|| async { "ok" }))
-        // Ready once listening: the writer and its backends were opened before the listeners were bound.
-        .route("/readyz", axum::routing::get(|| async { "ok" }))
+        // Ready once listening (the writer and its backends were opened before the listeners were bound) and, with
+        // Kafka, once the ownership group gave this router its share of the partitions (possibly none).
+        .route(
+            "/readyz",
+            axum::routing::get(move || async move {
+                if ready.load(Ordering::Relaxed) {
+                    (http::StatusCode::OK, "ok")
+                } else {
+                    (http::StatusCode::SERVICE_UNAVAILABLE, "waiting for the partitions this router owns")
+                }
+            }),
+        )
         .with_state(metrics);
     let service = parley_router::service::app(router, args.internal_token.clone());
     let mut service_stop = stopped.clone();
@@ -209,7 +312,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     tokio::spawn(async move {
         shutdown_signal().await;
-        tracing::info!("signal: finishing in-flight calls, then stopping");
+        tracing::info!("signal: giving partitions up, finishing in-flight calls, then stopping");
+        if let Some(group) = ownership {
+            // The other routers take the partitions over at once; calls still arriving here are refused with
+            // `not_owner`, and the gateways retry them at the new owners.
+            group.stop().await;
+        }
         let _ = stop.send(true);
     });
     let (served, admin_served) = tokio::join!(serve, serve_admin);

@@ -62,6 +62,26 @@ impl RouterMetrics {
             .register(&mut self.registry);
     }
 
+    /// Exports the partitions `log` owns now (`parley_router_owned_partitions`, a gauge) and the changes of its
+    /// ownership (`parley_router_ownership_changes_total`).
+    pub fn ownership(&mut self, log: &Arc<crate::kafka::KafkaLog>) {
+        let (owned, changes) = (log.clone(), log.clone());
+        AtomicCounters::default()
+            .read(
+                "owned_partitions",
+                "Partitions of the messages topic this router owns (the single writer of their channels)",
+                Kind::Gauge,
+                move || owned.owned().len() as u64,
+            )
+            .read(
+                "ownership_changes",
+                "Times partitions were acquired or released by this router",
+                Kind::Counter,
+                move || changes.ownership_changes(),
+            )
+            .register(&mut self.registry);
+    }
+
     /// Adds the store writer's counters (`store_writer_*`) and its lag per partition
     /// (`store_writer_lag{partition}`, set by [`RouterMetrics::refresh_store_lag`]).
     pub fn store_writer(&mut self, stats: &Arc<StoreWriterStats>) {

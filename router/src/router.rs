@@ -229,6 +229,7 @@ impl LocalRouter {
             durable_tap: tap,
             feeds: feeds.clone(),
             blocks: HashMap::new(),
+            ownership_seen: log.ownership_version(),
         };
         let task = tokio::spawn(async move {
             writer.run().await;
@@ -246,6 +247,11 @@ impl LocalRouter {
     /// The configuration.
     pub fn config(&self) -> &RouterConfig {
         &self.config
+    }
+
+    /// Refuses a call about a channel whose partition another router owns (see [`MessageLog::check_owner`]).
+    pub fn check_owner(&self, channel: &str) -> Result<(), RouterError> {
+        self.log.check_owner(channel).map_err(RouterError::Unavailable)
     }
 
     async fn submit<T>(
@@ -771,6 +777,8 @@ struct Writer {
     feeds: FeedBook,
     /// The users each user blocked (loaded on demand, bounded like the channel cache).
     blocks: HashMap<String, HashSet<String>>,
+    /// The log's ownership version the caches above were filled under.
+    ownership_seen: u64,
 }
 
 type SendItem = (SendRequest, oneshot::Sender<Result<SendOutcome, RouterError>>);
@@ -853,6 +861,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.sync_ownership();
             // Split into runs of one kind, keeping arrival order between runs.
             let mut sends: Vec<SendItem> = Vec::new();
             let mut changes: Vec<MembershipItem> = Vec::new();
@@ -890,6 +899,22 @@ impl Writer {
             self.finish_membership(done, written).await;
         }
         debug!("router writer stopped");
+    }
+
+    /// Drops everything cached about channels when the log's partitions changed hands: channels this writer
+    /// gained were written by another writer meanwhile (their sequences, members and feeds are reloaded from the
+    /// log and the store), and those it lost are no longer its to cache.
+    fn sync_ownership(&mut self) {
+        let version = self.log.ownership_version();
+        if version == self.ownership_seen {
+            return;
+        }
+        self.ownership_seen = version;
+        self.sequencer = Sequencer::new();
+        self.channels.clear();
+        self.blocks.clear();
+        self.feeds.clear();
+        debug!(version, "partitions changed hands: the writer's caches were dropped");
     }
 
     /// Loads a channel's members and last sequence into memory; `Ok(false)` when it does not exist.
@@ -1022,8 +1047,13 @@ impl Writer {
 
         let mut accepted: Vec<SendItem> = Vec::with_capacity(items.len());
         for (request, reply) in items {
-            let verdict = match ChannelId::parse(request.channel.clone()) {
-                Err(error) => Err(RouterError::from(error)),
+            // The channel's partition may have changed hands since the call was checked on arrival.
+            let owned = ChannelId::parse(request.channel.clone()).map_err(RouterError::from).and_then(|channel| {
+                self.log.check_owner(channel.as_str()).map_err(RouterError::Unavailable)?;
+                Ok(channel)
+            });
+            let verdict = match owned {
+                Err(error) => Err(error),
                 Ok(channel) => match self.load(&channel).await {
                     Err(error) => Err(RouterError::Unavailable(error)),
                     Ok(false) => Err(RouterError::NoSuchChannel(request.channel.clone())),
@@ -1137,13 +1167,13 @@ impl Writer {
             let outcome = match decision {
                 Decision::New(placement) => match &written {
                     Ok(()) => Ok(SendOutcome { channel: placement_channel, placement, duplicate: false }),
-                    Err(error) => Err(RouterError::Unavailable(BackendError::Unavailable(error.to_string()))),
+                    Err(error) => Err(refused(error, &placement_channel)),
                 },
                 Decision::Duplicate(placement) => {
                     if fresh_ids.contains(&placement.id) {
                         match &written {
                             Ok(()) => Ok(SendOutcome { channel: placement_channel, placement, duplicate: true }),
-                            Err(error) => Err(RouterError::Unavailable(BackendError::Unavailable(error.to_string()))),
+                            Err(error) => Err(refused(error, &placement_channel)),
                         }
                     } else {
                         let channel = prior
@@ -1632,6 +1662,17 @@ impl Writer {
 
 /// The first readable sequence of a channel created when its id already has `last` messages (from before a
 /// deletion): the old messages stay hidden, and the sequence goes on.
+/// What a send of a failed append is told: `not_owner` when the log lost (or never had) the channel's partition,
+/// so that the gateway retries at the owner; `unavailable` otherwise. Nothing of the append is confirmed either way.
+fn refused(error: &BackendError, channel: &str) -> RouterError {
+    match error {
+        BackendError::Fenced { partition, .. } | BackendError::NotOwner { partition, .. } => {
+            RouterError::Unavailable(BackendError::NotOwner { channel: channel.to_owned(), partition: *partition })
+        }
+        other => RouterError::Unavailable(BackendError::Unavailable(other.to_string())),
+    }
+}
+
 fn history_from(last: u64) -> u64 {
     if last == 0 {
         0

@@ -69,6 +69,11 @@ fn user(name: String) -> Result<UserId, RouterError> {
 #[async_trait]
 impl RouterService for LocalRouter {
     async fn call(&self, call: Call) -> Result<Answer, RouterError> {
+        // Several routers share a Region's channels by partition: a call about a channel another router owns is
+        // refused before it reads or changes anything (the gateway retries at the owner).
+        if let Some(channel) = call.channel_key() {
+            self.check_owner(&channel)?;
+        }
         Ok(match call {
             Call::Send { user: sender, channel, client_msg_id, text, first_attempt } => {
                 Answer::Sent(self.send_attempt(&user(sender)?, &channel, &client_msg_id, &text, first_attempt).await?)

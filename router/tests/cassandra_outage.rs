@@ -12,8 +12,8 @@ use parley_api::RouterError;
 use parley_bus::pubsub::{channel_topic, Event, LocalPubSub, PubSub};
 use parley_core::UserId;
 use parley_router::backend::{HistoryQuery, MessageStore};
-use parley_router::cassandra::{CassandraConfig, CassandraStore};
-use parley_router::kafka::{KafkaConfig, KafkaLog, StoreWriter};
+use parley_router::cassandra::CassandraStore;
+use parley_router::kafka::{KafkaLog, StoreWriter};
 use parley_router::RouterConfig;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -92,15 +92,15 @@ async fn a_stopped_cassandra_lets_sends_and_live_delivery_go_on_and_the_store_ca
         .and_then(|pid| pid.parse().ok())
         .unwrap_or_else(|| panic!("no pid in {}", pid_file.display()));
 
-    let mut cassandra = CassandraConfig::new(
-        contact.split(',').map(str::to_owned).collect(),
+    let mut cassandra = parley_test_support::cassandra_config(
+        &contact,
         parley_test_support::unique("parley_outage_").replace('-', "_"),
     );
     cassandra.local_datacenter = std::env::var("PARLEY_CASSANDRA_DC").ok().filter(|dc| !dc.is_empty());
     // Calls to a frozen node fail after this, like calls to a dead one.
     cassandra.request_timeout = Duration::from_secs(2);
     let store = Arc::new(CassandraStore::connect(cassandra).await.expect("Cassandra reachable"));
-    let mut kafka = KafkaConfig::new(&bootstrap)
+    let mut kafka = parley_test_support::kafka_config(&bootstrap)
         .with_prefix(parley_test_support::unique("parley-outage-") + "-")
         .with_partitions(3);
     kafka.store_batch_wait = Duration::from_millis(2);

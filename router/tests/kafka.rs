@@ -21,7 +21,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,7 +41,7 @@ fn kafka_config() -> Option<KafkaConfig> {
 }
 
 fn test_config(bootstrap: &str) -> KafkaConfig {
-    let mut config = KafkaConfig::new(bootstrap).with_prefix(unique_prefix()).with_partitions(3);
+    let mut config = parley_test_support::kafka_config(bootstrap).with_prefix(unique_prefix()).with_partitions(3);
     config.store_batch_wait = Duration::from_millis(2);
     config.retry_min = Duration::from_millis(20);
     config.retry_max = Duration::from_millis(200);
@@ -187,11 +187,8 @@ async fn the_partition_of_a_key_matches_the_java_default_partitioner() {
     let Some(config) = kafka_config() else { return };
     let config = config.with_partitions(7);
     parley_router::kafka::ensure_topics(&config).await.expect("topics");
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &config.bootstrap_servers)
-        .set("partitioner", "murmur2_random")
-        .create()
-        .expect("producer");
+    let producer: FutureProducer =
+        config.client_config().set("partitioner", "murmur2_random").create().expect("producer");
     let topic = config.receipts_topic();
     for index in 0..40 {
         let key = format!("g:channel-{index}");
@@ -427,6 +424,8 @@ struct OwnBroker {
     state: PathBuf,
     bootstrap: String,
     command: Vec<String>,
+    /// Its stack.env: its own CA and SASL password.
+    env: parley_test_support::router::StackEnv,
 }
 
 /// Stops the test's broker and deletes its state dir, whatever happens.
@@ -467,7 +466,8 @@ impl OwnBroker {
             .filter(|part| !part.is_empty())
             .map(|part| String::from_utf8_lossy(part).into_owned())
             .collect();
-        (Self { state, bootstrap, command }, purge)
+        let env = parley_test_support::router::StackEnv::read(&state).expect("stack.env");
+        (Self { state, bootstrap, command, env }, purge)
     }
 
     fn stop(&self) {
@@ -501,6 +501,8 @@ async fn a_stopped_broker_fails_sends_fast_and_they_recover_when_it_returns() {
     }
     let (broker, _purge) = tokio::task::spawn_blocking(OwnBroker::start).await.expect("broker");
     let mut config = test_config(&broker.bootstrap);
+    let own = parley_test_support::router::kafka_config_with(&broker.bootstrap, |name| broker.env.get(name));
+    (config.tls_ca_file, config.sasl) = (own.tls_ca_file, own.sasl);
     config.request_timeout = Duration::from_secs(2);
     config.append_timeout = Duration::from_secs(2);
     let (_dir, store) = store();
@@ -608,8 +610,8 @@ async fn a_partly_failed_batch_never_makes_the_router_reuse_or_skip_a_sequence()
 async fn read_topic(config: &KafkaConfig, topic: String) -> Vec<(i32, Option<Vec<u8>>, Vec<u8>)> {
     let config = config.clone();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &config.bootstrap_servers)
+        let consumer: BaseConsumer = config
+            .client_config()
             .set("group.id", format!("{}test-reader", config.prefix))
             .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
@@ -723,8 +725,7 @@ async fn presence_changes_are_recorded_in_the_presence_topic_keyed_by_user_in_or
 async fn log_partitions(config: &KafkaConfig) -> i32 {
     let config = config.clone();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer =
-            ClientConfig::new().set("bootstrap.servers", &config.bootstrap_servers).create().expect("client");
+        let consumer: BaseConsumer = config.client_config().create().expect("client");
         let topic = config.receipts_topic();
         let metadata = consumer.fetch_metadata(Some(topic.as_str()), Duration::from_secs(5)).expect("metadata");
         metadata.topics()[0].partitions().len() as i32
@@ -776,8 +777,8 @@ async fn a_fenced_store_writer_replaces_its_consumer_and_stores_on() {
     wait_stored(&store, "g:room", 10, Duration::from_secs(30)).await;
 
     // The impostor joins with the writer's instance id and stays a moment: the writer's consumer is fenced.
-    let impostor: rdkafka::consumer::StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.bootstrap_servers)
+    let impostor: rdkafka::consumer::StreamConsumer = config
+        .client_config()
         .set("group.id", config.store_writer_group())
         .set("group.instance.id", config.store_writer_instance.as_deref().unwrap_or_default())
         .set("enable.auto.commit", "false")

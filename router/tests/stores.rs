@@ -45,7 +45,8 @@ fn unique_keyspace() -> String {
 /// A Cassandra configuration with its own keyspace, or `None` when engine tests are skipped.
 fn cassandra_config(retention: Option<Duration>) -> Option<CassandraConfig> {
     let contact = parley_test_support::engine(parley_test_support::Engine::Cassandra)?;
-    let mut config = CassandraConfig::new(contact.split(',').map(str::to_owned).collect(), unique_keyspace());
+    // With the TLS and credentials of the environment (stack.env), as a router started with it connects.
+    let mut config = parley_test_support::cassandra_config(&contact, unique_keyspace());
     config.local_datacenter = std::env::var("PARLEY_CASSANDRA_DC").ok().filter(|dc| !dc.is_empty());
     config.retention = retention;
     config.bucket = BUCKET;

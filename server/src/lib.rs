@@ -7,10 +7,12 @@
 //!
 //! [`start`] opens storage, starts the writer if it is local, and binds both listeners.
 
-use parley_api::{DurableMessage, RemoteRouter, Router};
+use parley_api::{DurableMessage, PoolConfig, PoolStats, RemoteRouter, Router, RouterDirectory, RouterPool};
 use parley_bus::presence::PresenceStore;
 use parley_bus::pubsub::{LocalPubSub, PubSub};
-use parley_bus::redis::{RedisConfig, RedisPresenceStore, RedisPubSub, RedisRevocationStore, RedisStats};
+use parley_bus::redis::{
+    RedisConfig, RedisPresenceStore, RedisPubSub, RedisRevocationStore, RedisRouterDirectory, RedisStats,
+};
 use parley_bus::revocation::{EmbeddedRevocationStore, RevocationStore};
 use parley_gateway::auth::Authenticator;
 use parley_gateway::config::StandaloneArgs;
@@ -59,6 +61,8 @@ struct Backends {
     durable: Option<mpsc::Receiver<DurableMessage>>,
     /// What the Redis drivers count (distributed only).
     redis: Option<Arc<RedisStats>>,
+    /// What the client of the Region's routers counts (distributed only).
+    pool: Option<Arc<PoolStats>>,
     /// Token revocations: a file in the data directory (standalone) or a Redis hash (distributed).
     revocations: Arc<dyn RevocationStore>,
 }
@@ -98,6 +102,7 @@ fn embedded(args: &StandaloneArgs, push: bool) -> Result<Backends, GatewayError>
         store: Some(store),
         durable: Some(durable),
         redis: None,
+        pool: None,
         revocations: Arc::new(revocations),
     })
 }
@@ -106,11 +111,14 @@ fn embedded(args: &StandaloneArgs, push: bool) -> Result<Backends, GatewayError>
 async fn distributed(args: &StandaloneArgs) -> Result<Backends, GatewayError> {
     let cluster = &args.cluster;
     let router_url = cluster.router_url.clone().unwrap_or_default();
-    let redis_url = cluster
-        .redis_url
-        .clone()
-        .ok_or_else(|| GatewayError::Config("--router-url needs --redis-url (PARLEY_REDIS_URL) as well".into()))?;
-    let redis = RedisConfig::new(redis_url.clone()).with_prefix(cluster.redis_prefix.clone());
+    if cluster.redis.url().is_none() {
+        return Err(GatewayError::Config("--router-url needs --redis-url (PARLEY_REDIS_URL) as well".into()));
+    }
+    let redis: RedisConfig = cluster.redis.config().map_err(|error| GatewayError::Config(error.to_string()))?;
+    // A wrong password or an untrusted certificate ends start-up here, named ("Redis at rediss://...: authentication
+    // failed (WRONGPASS ...)"), within the Redis timeout.
+    redis.check().await.map_err(|error| GatewayError::Config(error.to_string()))?;
+    let redis_url = redis.url.clone();
     let redis_stats = redis.stats.clone();
     let pubsub: Arc<dyn PubSub> = Arc::new(
         RedisPubSub::connect(redis.clone())
@@ -123,7 +131,7 @@ async fn distributed(args: &StandaloneArgs) -> Result<Backends, GatewayError> {
             .map_err(|error| GatewayError::Config(format!("cannot reach Redis at {redis_url}: {error}")))?,
     );
     let revocations: Arc<dyn RevocationStore> = Arc::new(
-        RedisRevocationStore::connect(redis, args.server_api.revocation_ttl())
+        RedisRevocationStore::connect(redis.clone(), args.server_api.revocation_ttl())
             .await
             .map_err(|error| GatewayError::Config(format!("cannot reach Redis at {redis_url}: {error}")))?,
     );
@@ -141,8 +149,18 @@ async fn distributed(args: &StandaloneArgs) -> Result<Backends, GatewayError> {
             Err(error) => return Err(GatewayError::Router(error)),
         }
     };
+    // Several routers share the channels by partition: each call goes to the owner of its channel, as the routers
+    // publish it in Redis; the URL given is for calls while no router publishes (one router without Kafka).
+    let routers: Arc<dyn RouterDirectory> = Arc::new(
+        RedisRouterDirectory::connect(redis)
+            .await
+            .map_err(|error| GatewayError::Config(format!("cannot reach Redis at {redis_url}: {error}")))?,
+    );
+    let pool = RouterPool::start(remote, routers, cluster.internal_token.clone(), timeout, PoolConfig::default()).await;
+    let pool_stats = pool.pool_stats().clone();
     Ok(Backends {
-        router: Router::new(remote),
+        pool: Some(pool_stats),
+        router: Router::new(pool),
         writer: None,
         pubsub,
         presence_store: Some(presence),
@@ -201,7 +219,7 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
     let push = parley_gateway::push::PushService::from_config(&args.push, &args.storage.data_dir)?;
     let backends =
         if args.cluster.router_url.is_some() { distributed(&args).await? } else { embedded(&args, push.is_some())? };
-    let Backends { router, writer, pubsub, presence_store, store, durable, redis, revocations } = backends;
+    let Backends { router, writer, pubsub, presence_store, store, durable, redis, pool, revocations } = backends;
     let push = match (push, durable) {
         (Some(push), Some(durable)) => Some((push, durable)),
         (Some(_), None) => {
@@ -215,6 +233,9 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
         router.stats().register(registry.sub_registry_with_prefix("router"));
         if let Some(redis) = &redis {
             parley_bus::redis::register_metrics(registry.sub_registry_with_prefix("gateway"), redis);
+        }
+        if let Some(pool) = &pool {
+            pool.register(registry.sub_registry_with_prefix("gateway"));
         }
         if let Some((push, _)) = &push {
             push.register_metrics(registry.sub_registry_with_prefix("push"));

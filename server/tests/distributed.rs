@@ -3,8 +3,8 @@
 //! other: channel changes and system messages through the router, disconnects and revocations through the
 //! all-gateways topic, and revoked tokens are refused by every gateway (the revocation lives in Redis).
 //!
-//! Needs Redis (`PARLEY_REDIS_URL`; `e2e/stack/up.sh --only redis DIR`, then `set -a; . DIR/stack.env; set +a`);
-//! a plain `cargo test` skips it with one line.
+//! Needs Redis (`PARLEY_REDIS_URL`, with the stack's TLS CA file, ACL user and password; `e2e/stack/up.sh --only
+//! redis DIR`, then `set -a; . DIR/stack.env; set +a`); a plain `cargo test` skips it with one line.
 
 mod common;
 
@@ -24,10 +24,9 @@ fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|since| since.as_secs()).unwrap_or(0)
 }
 
-/// Starts a router on the embedded store in `dir`, publishing on Redis under `prefix`; returns its internal API's
-/// base URL.
-async fn router(dir: &std::path::Path, redis_url: &str, prefix: &str) -> String {
-    let redis = RedisConfig::new(redis_url).with_prefix(prefix);
+/// Starts a router on the embedded store in `dir`, publishing on Redis (`redis`, with its prefix); returns its
+/// internal API's base URL.
+async fn router(dir: &std::path::Path, redis: RedisConfig) -> String {
     let pubsub: Arc<dyn PubSub> = Arc::new(RedisPubSub::connect(redis.clone()).await.expect("Redis for pub/sub"));
     let directory: Arc<dyn PresenceStore> =
         Arc::new(RedisPresenceStore::connect(redis).await.expect("Redis for the registry"));
@@ -56,10 +55,11 @@ async fn gateway(dir: &std::path::Path, router_url: &str, redis_url: &str, prefi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_on_one_gateway_reaches_the_users_of_another() {
-    let Some(redis_url) = parley_test_support::engine(parley_test_support::Engine::Redis) else { return };
+    let Some(redis) = parley_test_support::redis_config(parley_test_support::Engine::Redis) else { return };
+    let redis_url = redis.url.clone();
     let prefix = parley_test_support::unique("parley-test:") + ":";
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
-    let router_url = router(dirs[0].path(), &redis_url, &prefix).await;
+    let router_url = router(dirs[0].path(), redis.with_prefix(prefix.clone())).await;
     let first = gateway(dirs[1].path(), &router_url, &redis_url, &prefix).await;
     let second = gateway(dirs[2].path(), &router_url, &redis_url, &prefix).await;
     let api = |method: &'static str, path: String, body: serde_json::Value| {
@@ -109,4 +109,32 @@ async fn a_call_on_one_gateway_reaches_the_users_of_another() {
     assert_eq!(listed.status, 200, "bob was disconnected, not revoked: {listed:?}");
     stop(first).await;
     stop(second).await;
+}
+
+/// A gateway whose Redis password is wrong does not start: in-process, `start` fails at once naming Redis, the node
+/// and the server's refusal; the `parley` binary exits non-zero with that message on stderr.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_redis_password_stops_the_gateway_at_start_up() {
+    use clap::Parser;
+    let Some(redis) = parley_test_support::redis_config(parley_test_support::Engine::Redis) else { return };
+    let expected = format!("Redis at {}: authentication failed (WRONGPASS", redis.url);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra =
+        ["--router-url", "http://127.0.0.1:1", "--redis-url", &redis.url, "--redis-password", "not-the-password"];
+    let args = parley_test_support::server::arguments(dir.path(), Some(SECRET), ANY_PORT, &extra);
+    let started = std::time::Instant::now();
+    let refused = parley_server::start(parley_gateway::config::StandaloneArgs::parse_from(&args)).await;
+    let message = refused.expect_err("a wrong password stops the start").to_string();
+    assert!(message.contains(&expected), "{message}");
+    assert!(started.elapsed() < redis.timeout, "refused within the Redis timeout, not after retries: {message}");
+
+    let binary =
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_parley")).args(&args[1..]).kill_on_drop(true).output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(30), binary)
+        .await
+        .expect("parley exits at once")
+        .expect("parley runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "parley exits non-zero: {:?}", output.status);
+    assert!(stderr.contains(&expected), "parley says why: {stderr}");
 }

@@ -12,7 +12,11 @@
 //! - [`http`]: one plain HTTP/1.1 request (admin endpoints, long-poll, device registration).
 //! - `server` (feature `server`): the `parley` server in the test's own process, stopped gracefully, and tokens it
 //!   accepts; the integration tests of `parley-server` and `parley-client` start it.
+//! - `redis` (feature `redis`): the test environment's Redis (URL, ACL user, password, TLS CA file) as a
+//!   `RedisConfig`, as the binaries read it.
 //! - [`engine_suite!`]: one behaviour suite run once per driver (embedded, Redis, Cassandra, ...).
+//! - `router` (feature `router`): the router's `KafkaConfig` and `CassandraConfig` from the test environment, with
+//!   the TLS and credentials `e2e/stack/up.sh` sets up.
 //! - [`figures`]: figure lines that the test command prints in its summary.
 //! - [`unique`]: names no other test (or earlier run) uses: key prefixes, topics, keyspaces.
 //! - [`wire`]: a raw WebSocket client over TCP, for tests of the wire itself (close codes, a client that stops
@@ -23,6 +27,10 @@ pub mod figures;
 pub mod http;
 pub mod metrics;
 pub mod process;
+#[cfg(feature = "redis")]
+pub mod redis;
+#[cfg(feature = "router")]
+pub mod router;
 #[cfg(feature = "server")]
 pub mod server;
 mod suite;
@@ -34,6 +42,10 @@ pub use engines::{engine, Engine};
 pub use figures::report;
 pub use metrics::{metric, scrape, Scrape};
 pub use process::{binary, Spawned};
+#[cfg(feature = "redis")]
+pub use redis::redis_config;
+#[cfg(feature = "router")]
+pub use router::{cassandra_config, kafka_config};
 pub use tokens::{hs256_token, hs256_token_with};
 pub use wait::eventually;
 

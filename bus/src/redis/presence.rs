@@ -253,8 +253,10 @@ fn lease_ms(lease: Duration) -> u64 {
 }
 
 impl RedisPresenceStore {
-    /// Connects; fails if Redis cannot be reached within the timeout. Keys go under `<prefix>presence:`.
+    /// Connects; fails if Redis cannot be reached within the timeout, or refuses the TLS handshake or the
+    /// credentials ([`RedisConfig::check`]). Keys go under `<prefix>presence:`.
     pub async fn connect(config: RedisConfig) -> Result<Self, BackendError> {
+        config.check().await?;
         let connection = config.connection().await?;
         let prefix = config.tagged("presence");
         Ok(Self {

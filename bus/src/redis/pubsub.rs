@@ -29,8 +29,10 @@ impl std::fmt::Debug for RedisPubSub {
 }
 
 impl RedisPubSub {
-    /// Connects the publishing connection; fails if Redis cannot be reached within the timeout.
+    /// Connects the publishing connection; fails if Redis cannot be reached within the timeout, or refuses the TLS
+    /// handshake or the credentials ([`RedisConfig::check`]).
     pub async fn connect(config: RedisConfig) -> Result<Self, BackendError> {
+        config.check().await?;
         let client = config.client()?;
         let publisher = config.connection_manager().await?;
         Ok(Self { client, publisher, config: Arc::new(config) })

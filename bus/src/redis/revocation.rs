@@ -60,9 +60,11 @@ impl std::fmt::Debug for RedisRevocationStore {
 }
 
 impl RedisRevocationStore {
-    /// Connects; fails if Redis cannot be reached within the timeout. Entries live in `<prefix>revoked` and are
-    /// dropped `ttl` after their time (at least a second).
+    /// Connects; fails if Redis cannot be reached within the timeout, or refuses the TLS handshake or the
+    /// credentials ([`RedisConfig::check`]). Entries live in `<prefix>revoked` and are dropped `ttl` after their time
+    /// (at least a second).
     pub async fn connect(config: RedisConfig, ttl: Duration) -> Result<Self, BackendError> {
+        config.check().await?;
         let connection = config.connection().await?;
         Ok(Self {
             connection,

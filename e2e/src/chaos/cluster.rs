@@ -21,6 +21,8 @@ pub struct Node {
     program: PathBuf,
     /// Its arguments; `--listen` holds the bound address after the first start.
     args: Vec<String>,
+    /// Its environment, beyond this process's own.
+    env: Vec<(String, String)>,
     log: PathBuf,
     child: Option<Child>,
     /// The client (or internal API) address.
@@ -30,13 +32,20 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts `program` with `args` (which bind `--listen 127.0.0.1:0`), its stderr appended to `log`.
-    pub async fn start(name: &str, program: &Path, args: Vec<String>, log: PathBuf) -> Result<Node, String> {
-        let spawned = spawn(program, &args, &log, START_TIMEOUT).await?;
+    /// Starts `program` with `args` (which bind `--listen 127.0.0.1:0`) and `env`, its stderr appended to `log`.
+    pub async fn start(
+        name: &str,
+        program: &Path,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        log: PathBuf,
+    ) -> Result<Node, String> {
+        let spawned = spawn(program, &args, &env, &log, START_TIMEOUT).await?;
         let mut node = Node {
             name: name.to_owned(),
             program: program.to_owned(),
             args,
+            env,
             log,
             address: spawned.addresses[0],
             admin: spawned.addresses[1],
@@ -61,7 +70,7 @@ impl Node {
         let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(5));
-            match spawn(&self.program, &self.args, &self.log, left.min(START_TIMEOUT)).await {
+            match spawn(&self.program, &self.args, &self.env, &self.log, left.min(START_TIMEOUT)).await {
                 Ok(spawned) => {
                     self.admin = spawned.addresses[1];
                     self.child = Some(spawned.child);
@@ -88,13 +97,20 @@ impl Node {
     }
 }
 
-async fn spawn(program: &Path, args: &[String], log: &Path, within: Duration) -> Result<Spawned, String> {
+async fn spawn(
+    program: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    log: &Path,
+    within: Duration,
+) -> Result<Spawned, String> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .map_err(|error| format!("cannot open {}: {error}", log.display()))?;
-    Spawned::try_start(program, args, &[], "listening on http://", 2, Stdio::from(file), within).await
+    let env: Vec<(&str, &str)> = env.iter().map(|(key, value)| (key.as_str(), value.as_str())).collect();
+    Spawned::try_start(program, args, &env, "listening on http://", 2, Stdio::from(file), within).await
 }
 
 /// Adds a line of the run's own to a process log.
@@ -126,6 +142,8 @@ pub struct Settings {
     pub work_dir: PathBuf,
     /// Channels above this many members are fanned out on read.
     pub fanout_threshold: u32,
+    /// The environment of every process (the engines' credentials and CA files, [`super::Stack::env`]).
+    pub env: Vec<(String, String)>,
 }
 
 /// The router and gateways of a run.
@@ -176,7 +194,8 @@ impl Cluster {
         .iter()
         .map(|arg| arg.to_string())
         .collect();
-        let router = Node::start("router", &settings.router, router_args, logs.join("router.log")).await?;
+        let router =
+            Node::start("router", &settings.router, router_args, settings.env.clone(), logs.join("router.log")).await?;
         let mut started = Vec::new();
         for n in 0..gateways {
             let args: Vec<String> = [
@@ -203,7 +222,8 @@ impl Cluster {
             .map(|arg| arg.to_string())
             .collect();
             let name = format!("gateway{n}");
-            started.push(Node::start(&name, &settings.parley, args, logs.join(format!("{name}.log"))).await?);
+            let log = logs.join(format!("{name}.log"));
+            started.push(Node::start(&name, &settings.parley, args, settings.env.clone(), log).await?);
         }
         Ok(Cluster { router, gateways: started })
     }

@@ -3,15 +3,16 @@
 //! `e2e/stack/up.sh` starts each engine as the leader of its own session and writes `pids/<name>.pid` ("pid
 //! starttime"); `down.sh` signals that process group after checking the start time. An engine is stopped the same
 //! way here (SIGKILL for Redis; for Kafka SIGTERM, a clean stop as `down.sh` does, then SIGKILL after 30 s), and
-//! started again as `router/tests/kafka.rs` restarts its broker: the same command line (read from `/proc`), in a
-//! new session, writing the pid file again, so `down.sh` still stops it. Stopping an engine that is no longer
-//! the one of the pid file (its start time differs) is refused.
+//! started again as `router/tests/kafka.rs` restarts its broker: the same command line (read from `/proc`; for Redis,
+//! which rewrites it, `redis-server <state>/redis/redis.conf`, the file `up.sh` started it from: TLS, ACL user and
+//! all), in a new session, writing the pid file again, so `down.sh` still stops it. Stopping an engine that is no
+//! longer the one of the pid file (its start time differs) is refused. Redis is back when `<state>/bin/redis-cli
+//! ping` (TLS, the stack's user) answers `PONG`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// How long a clean stop may take before SIGKILL (as `down.sh`'s `STACK_STOP_TIMEOUT`).
@@ -54,16 +55,13 @@ impl StackEngine {
             return Err(format!("{name} (pid {pid}) has no command line"));
         }
         let address: SocketAddr = address
+            .trim_start_matches("rediss://")
             .trim_start_matches("redis://")
             .parse()
             .map_err(|error| format!("{name}: cannot parse the address {address:?}: {error}"))?;
         // Redis replaces its command line with a title ("redis-server 127.0.0.1:6379"): start it again the way
-        // up.sh does.
-        let mut command = if name == "redis" && command.len() == 1 {
-            redis_command(address.port(), &state.join("redis"))
-        } else {
-            command
-        };
+        // up.sh does, from its redis.conf.
+        let mut command = if name == "redis" && command.len() == 1 { redis_command(state)? } else { command };
         // up.sh runs the engines under `nice -n $STACK_NICE`, which is not in the command line: keep the niceness.
         if let Some(nice) = niceness(pid).filter(|nice| *nice != 0) {
             command.splice(0..0, ["nice".to_owned(), "-n".to_owned(), nice.to_string()]);
@@ -142,20 +140,23 @@ impl StackEngine {
         }
     }
 
-    /// Whether it takes connections (and, for Redis, answers PING).
+    /// Whether it takes connections (and, for Redis, answers PING over TLS as the stack's user).
     async fn answers(&self) -> bool {
         let connect = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(self.address)).await;
-        let Ok(Ok(mut stream)) = connect else { return false };
+        let Ok(Ok(_stream)) = connect else { return false };
         if self.name != "redis" {
             return true;
         }
-        let ping = async {
-            stream.write_all(b"PING\r\n").await.ok()?;
-            let mut answer = [0u8; 7];
-            stream.read_exact(&mut answer).await.ok()?;
-            Some(&answer == b"+PONG\r\n")
-        };
-        matches!(tokio::time::timeout(Duration::from_secs(2), ping).await, Ok(Some(true)))
+        let ping = tokio::process::Command::new(self.state.join("bin").join("redis-cli"))
+            .args(["-p", &self.address.port().to_string(), "ping"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(Duration::from_secs(5), ping).await {
+            Ok(Ok(output)) => output.status.success() && String::from_utf8_lossy(&output.stdout).trim() == "PONG",
+            _ => false,
+        }
     }
 
     /// Starts it again, synchronously, if a stop left it down (a run that ends early must not leave the shared
@@ -184,30 +185,17 @@ impl Drop for StackEngine {
     }
 }
 
-/// `up.sh`'s command line of its Redis.
-fn redis_command(port: u16, dir: &Path) -> Vec<String> {
-    let port = port.to_string();
-    let dir = dir.display().to_string();
-    [
-        "redis-server",
-        "--port",
-        &port,
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        &dir,
-        "--daemonize",
-        "no",
-        "--protected-mode",
-        "yes",
-    ]
-    .iter()
-    .map(|arg| arg.to_string())
-    .collect()
+/// `up.sh`'s command line of its Redis: `redis-server <state>/redis/redis.conf`.
+fn redis_command(state: &Path) -> Result<Vec<String>, String> {
+    let conf = state.join("redis").join("redis.conf");
+    if !conf.is_file() {
+        return Err(format!(
+            "{} is missing: Redis cannot be started again with the settings up.sh gave it (start the stack with \
+             e2e/stack/up.sh)",
+            conf.display()
+        ));
+    }
+    Ok(vec!["redis-server".to_owned(), conf.display().to_string()])
 }
 
 /// "pid starttime" (the start time may be missing).

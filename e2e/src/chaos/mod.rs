@@ -47,21 +47,56 @@ pub struct Stack {
     pub kafka_state: PathBuf,
     /// `PARLEY_CASSANDRA_CONTACT`.
     pub cassandra_contact: String,
+    /// What else the binaries need to reach the engines, from the same `stack.env` as the engine's address
+    /// ([`Stack::SETTINGS`]): Redis's ACL user, password and TLS CA file; Kafka's CA file and SASL user; Cassandra's CA
+    /// file and role. Given to the router and the gateways as their environment.
+    pub env: Vec<(String, String)>,
 }
 
 impl Stack {
+    /// The settings of an engine's `stack.env` that go with its address (variable of the address, then the
+    /// variables the binaries read), all taken from the dir that names the address.
+    pub const SETTINGS: &[(&str, &[&str])] = &[
+        ("PARLEY_REDIS_URL", &["PARLEY_REDIS_USERNAME", "PARLEY_REDIS_PASSWORD", "PARLEY_REDIS_TLS_CA_FILE"]),
+        (
+            "PARLEY_KAFKA_BOOTSTRAP",
+            &[
+                "PARLEY_KAFKA_TLS",
+                "PARLEY_KAFKA_TLS_CA_FILE",
+                "PARLEY_KAFKA_SASL_MECHANISM",
+                "PARLEY_KAFKA_SASL_USERNAME",
+                "PARLEY_KAFKA_SASL_PASSWORD",
+            ],
+        ),
+        (
+            "PARLEY_CASSANDRA_CONTACT",
+            &[
+                "PARLEY_CASSANDRA_TLS",
+                "PARLEY_CASSANDRA_TLS_CA_FILE",
+                "PARLEY_CASSANDRA_USERNAME",
+                "PARLEY_CASSANDRA_PASSWORD",
+            ],
+        ),
+    ];
+
     /// Reads `stack.env` of each dir; each engine comes from the first dir that names it (one dir holding all
-    /// three, or one dir per engine).
+    /// three, or one dir per engine), with its [`Stack::SETTINGS`] from that same dir.
     pub fn from_dirs(dirs: &[PathBuf]) -> Result<Stack, String> {
         let mut found: HashMap<&str, (String, PathBuf)> = HashMap::new();
+        let mut env = Vec::new();
         for dir in dirs {
             let path = dir.join("stack.env");
             let text =
                 std::fs::read_to_string(&path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-            for (key, value) in parse_env(&text) {
+            let lines = parse_env(&text);
+            for (key, value) in &lines {
                 for wanted in ["PARLEY_REDIS_URL", "PARLEY_KAFKA_BOOTSTRAP", "PARLEY_CASSANDRA_CONTACT"] {
-                    if key == wanted {
-                        found.entry(wanted).or_insert_with(|| (value.clone(), dir.clone()));
+                    if key == wanted && !found.contains_key(wanted) {
+                        found.insert(wanted, (value.clone(), dir.clone()));
+                        let settings = Self::SETTINGS.iter().filter(|(address, _)| *address == wanted);
+                        for name in settings.flat_map(|(_, names)| names.iter()) {
+                            env.extend(lines.iter().filter(|(key, _)| key == name).cloned());
+                        }
                     }
                 }
             }
@@ -74,7 +109,7 @@ impl Stack {
         let (redis_url, redis_state) = take("PARLEY_REDIS_URL")?;
         let (kafka_bootstrap, kafka_state) = take("PARLEY_KAFKA_BOOTSTRAP")?;
         let (cassandra_contact, _) = take("PARLEY_CASSANDRA_CONTACT")?;
-        Ok(Stack { redis_url, redis_state, kafka_bootstrap, kafka_state, cassandra_contact })
+        Ok(Stack { redis_url, redis_state, kafka_bootstrap, kafka_state, cassandra_contact, env })
     }
 }
 
@@ -430,6 +465,7 @@ pub async fn run(config: Config) -> Summary {
         secret: SECRET.to_owned(),
         work_dir: config.work_dir.clone(),
         fanout_threshold: config.fanout_threshold,
+        env: config.stack.env.clone(),
     };
     progress.say(&format!(
         "seed {}; starting the router (Kafka {}, Cassandra {}) and {} gateways (Redis {}); logs in {}",
@@ -929,22 +965,33 @@ mod tests {
         let (one, two) = (root.join("one"), root.join("two"));
         std::fs::create_dir_all(&one).expect("dir");
         std::fs::create_dir_all(&two).expect("dir");
-        std::fs::write(one.join("stack.env"), "PARLEY_STACK_DIR=/x\nPARLEY_REDIS_URL=redis://127.0.0.1:1\n")
-            .expect("write");
+        std::fs::write(
+            one.join("stack.env"),
+            "PARLEY_STACK_DIR=/x\nPARLEY_REDIS_USERNAME=u1\nPARLEY_REDIS_URL=rediss://127.0.0.1:1\n\
+             PARLEY_REDIS_PASSWORD=p1\n",
+        )
+        .expect("write");
         std::fs::write(
             two.join("stack.env"),
-            "PARLEY_REDIS_URL=redis://127.0.0.1:2\nPARLEY_KAFKA_BOOTSTRAP=127.0.0.1:3\nPARLEY_CASSANDRA_CONTACT=127.0.0.1:4\n",
+            "PARLEY_REDIS_URL=redis://127.0.0.1:2\nPARLEY_REDIS_PASSWORD=p2\nPARLEY_KAFKA_BOOTSTRAP=127.0.0.1:3\n\
+             PARLEY_KAFKA_SASL_PASSWORD=k2\nPARLEY_CASSANDRA_CONTACT=127.0.0.1:4\nPARLEY_CASSANDRA_USERNAME=c2\n",
         )
         .expect("write");
         let stack = Stack::from_dirs(&[one.clone(), two.clone()]).expect("stack");
         assert_eq!(
             stack,
             Stack {
-                redis_url: "redis://127.0.0.1:1".into(),
+                redis_url: "rediss://127.0.0.1:1".into(),
                 redis_state: one.clone(),
                 kafka_bootstrap: "127.0.0.1:3".into(),
                 kafka_state: two.clone(),
                 cassandra_contact: "127.0.0.1:4".into(),
+                env: vec![
+                    ("PARLEY_REDIS_USERNAME".into(), "u1".into()),
+                    ("PARLEY_REDIS_PASSWORD".into(), "p1".into()),
+                    ("PARLEY_KAFKA_SASL_PASSWORD".into(), "k2".into()),
+                    ("PARLEY_CASSANDRA_USERNAME".into(), "c2".into()),
+                ],
             }
         );
         let missing = Stack::from_dirs(&[one]).expect_err("no Kafka");

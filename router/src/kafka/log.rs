@@ -31,6 +31,14 @@ struct Owner {
     producer: Option<Arc<FutureProducer>>,
     /// A newer writer took the partition over; this log never writes to it again.
     fenced: bool,
+    /// This log gave the partition up (it was assigned to another router); appends are refused as `NotOwner`.
+    released: bool,
+}
+
+/// An owned partition: its producer, and when it was acquired.
+struct Slot {
+    owner: Arc<tokio::sync::Mutex<Owner>>,
+    since_ms: u64,
 }
 
 /// What a [`KafkaLog`] counts; the router exports it (`parley_router_kafka_*`).
@@ -57,7 +65,11 @@ pub struct KafkaLog {
     config: KafkaConfig,
     topic: String,
     partitions: i32,
-    owners: BTreeMap<i32, tokio::sync::Mutex<Owner>>,
+    /// The partitions this log owns now (changed by [`KafkaLog::acquire_partitions`] and
+    /// [`KafkaLog::release_partitions`]).
+    owners: std::sync::RwLock<BTreeMap<i32, Slot>>,
+    /// Bumped on every change of `owners`.
+    version: std::sync::atomic::AtomicU64,
     index: Arc<Mutex<TailIndex>>,
     store: Arc<dyn MessageStore>,
     /// A consumer of the store writer's group that never joins it: it reads the group's committed offsets.
@@ -74,7 +86,7 @@ impl std::fmt::Debug for KafkaLog {
             .debug_struct("KafkaLog")
             .field("topic", &self.topic)
             .field("partitions", &self.partitions)
-            .field("owned", &self.owners.keys().collect::<Vec<_>>())
+            .field("owned", &self.owned())
             .finish_non_exhaustive()
     }
 }
@@ -83,6 +95,13 @@ impl std::fmt::Debug for KafkaLog {
 struct Failed {
     error: BackendError,
     settled: bool,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn lock_index(index: &Mutex<TailIndex>) -> MutexGuard<'_, TailIndex> {
@@ -163,15 +182,12 @@ impl KafkaLog {
             .set("partitioner", "murmur2_random")
             .create()
             .map_err(kafka_error("receipts and presence producer"))?;
-        let owners = owned
-            .iter()
-            .map(|&partition| (partition, tokio::sync::Mutex::new(Owner { partition, producer: None, fenced: false })))
-            .collect();
         let log = Self {
             topic: config.messages_topic(),
             config,
             partitions,
-            owners,
+            owners: std::sync::RwLock::new(BTreeMap::new()),
+            version: std::sync::atomic::AtomicU64::new(0),
             index: Arc::new(Mutex::new(TailIndex::new())),
             store,
             offsets: Arc::new(offsets),
@@ -179,12 +195,10 @@ impl KafkaLog {
             records,
             stats: Arc::new(KafkaLogStats::default()),
         };
-        let acquired = join_all(log.owners.values().map(|owner| async {
-            let mut owner = owner.lock().await;
-            log.acquire(&mut owner, log.config.scan_timeout).await
-        }))
-        .await;
-        acquired.into_iter().collect::<Result<Vec<()>, BackendError>>()?;
+        let failed = log.acquire_partitions(&owned).await;
+        if let Some((_, error)) = failed.into_iter().next() {
+            return Err(error);
+        }
         info!(topic = %log.topic, partitions, owned = ?owned, tail = log.tail_len(), "kafka log acquired its partitions");
         Ok(log)
     }
@@ -196,7 +210,115 @@ impl KafkaLog {
 
     /// The partitions this log owns.
     pub fn owned(&self) -> Vec<i32> {
-        self.owners.keys().copied().collect()
+        self.read_owners().keys().copied().collect()
+    }
+
+    /// How many times partitions were acquired or released.
+    pub fn ownership_changes(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The partitions this log owns, each with the time (Unix ms) it was acquired.
+    pub fn owned_since(&self) -> Vec<(i32, u64)> {
+        self.read_owners().iter().map(|(partition, slot)| (*partition, slot.since_ms)).collect()
+    }
+
+    fn read_owners(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<i32, Slot>> {
+        self.owners.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_owners(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<i32, Slot>> {
+        self.owners.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn owner(&self, partition: i32) -> Option<Arc<tokio::sync::Mutex<Owner>>> {
+        self.read_owners().get(&partition).map(|slot| slot.owner.clone())
+    }
+
+    /// Takes `partitions` over (those not owned yet), concurrently: for each, `init_transactions` on its
+    /// transactional producer, which fences the previous owner (its later appends and commits fail, and a
+    /// transaction it left open is aborted), then a scan of the partition's unstored tail. A partition is owned
+    /// (appends to it are accepted) only once both succeeded. Returns the partitions that could not be acquired,
+    /// with why; the caller retries them.
+    #[instrument(skip(self))]
+    pub async fn acquire_partitions(&self, partitions: &[i32]) -> Vec<(i32, BackendError)> {
+        let wanted: Vec<i32> = {
+            let owners = self.read_owners();
+            let mut wanted: Vec<i32> = partitions.iter().copied().filter(|p| !owners.contains_key(p)).collect();
+            wanted.sort_unstable();
+            wanted.dedup();
+            wanted
+        };
+        let mut failed = Vec::new();
+        for partition in &wanted {
+            if !(0..self.partitions).contains(partition) {
+                failed.push((
+                    *partition,
+                    BackendError::Config(format!(
+                        "partition {partition} is outside {} (partitions 0..{})",
+                        self.topic, self.partitions
+                    )),
+                ));
+            }
+        }
+        let wanted: Vec<i32> =
+            wanted.into_iter().filter(|partition| (0..self.partitions).contains(partition)).collect();
+        let acquired = join_all(wanted.iter().map(|&partition| async move {
+            let mut owner = Owner { partition, producer: None, fenced: false, released: false };
+            let result = self.acquire(&mut owner, self.config.scan_timeout).await;
+            (partition, owner, result)
+        }))
+        .await;
+        let mut gained = Vec::new();
+        {
+            let mut owners = self.write_owners();
+            for (partition, owner, result) in acquired {
+                match result {
+                    Ok(()) => {
+                        owners.insert(
+                            partition,
+                            Slot { owner: Arc::new(tokio::sync::Mutex::new(owner)), since_ms: now_ms() },
+                        );
+                        gained.push(partition);
+                    }
+                    Err(error) => {
+                        lock_index(&self.index).reset(partition);
+                        failed.push((partition, error));
+                    }
+                }
+            }
+        }
+        if !gained.is_empty() {
+            self.version.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            info!(topic = %self.topic, gained = ?gained, owned = ?self.owned(), "kafka log acquired partitions");
+        }
+        failed
+    }
+
+    /// Gives `partitions` up: they are no longer owned (appends to them are refused as `NotOwner` at once),
+    /// an append in flight on one of them finishes first (it commits before the next owner can fence this log,
+    /// or fails), then its producer is closed and its tail forgotten. Returns once every one is released, so that
+    /// the group hands them on only after this log stopped writing them.
+    #[instrument(skip(self))]
+    pub async fn release_partitions(&self, partitions: &[i32]) {
+        let removed: Vec<(i32, Slot)> = {
+            let mut owners = self.write_owners();
+            partitions.iter().filter_map(|partition| owners.remove(partition).map(|slot| (*partition, slot))).collect()
+        };
+        if removed.is_empty() {
+            return;
+        }
+        self.version.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        for (partition, slot) in &removed {
+            let mut owner = slot.owner.lock().await;
+            owner.released = true;
+            if let Some(old) = owner.producer.take() {
+                tokio::task::spawn_blocking(move || drop(old));
+            }
+            lock_index(&self.index).reset(*partition);
+        }
+        let released: Vec<i32> = removed.iter().map(|(partition, _)| *partition).collect();
+        info!(topic = %self.topic, released = ?released, owned = ?self.owned(), "kafka log released partitions");
     }
 
     /// The partition a channel lives in.
@@ -369,7 +491,8 @@ impl KafkaLog {
         };
         if (held > limit / 4 && due) || held + incoming > limit {
             *self.last_prune.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
-            let committed = self.committed(self.owned()).await?;
+            let owned = self.owned();
+            let committed = if owned.is_empty() { Vec::new() } else { self.committed(owned).await? };
             let mut index = lock_index(&self.index);
             for (partition, offset) in committed {
                 if let Some(offset) = offset {
@@ -407,11 +530,15 @@ impl KafkaLog {
 
     #[instrument(skip(self, messages), fields(messages = messages.len()))]
     async fn append_partition(&self, partition: i32, messages: Vec<MessageView>) -> Result<(), BackendError> {
-        let owner = self.owners.get(&partition).ok_or_else(|| BackendError::NotOwner {
+        let not_owner = || BackendError::NotOwner {
             channel: messages.first().map(|message| message.channel.clone()).unwrap_or_default(),
             partition,
-        })?;
+        };
+        let owner = self.owner(partition).ok_or_else(not_owner)?;
         let mut owner = owner.lock().await;
+        if owner.released {
+            return Err(not_owner());
+        }
         if owner.fenced {
             return Err(BackendError::Fenced { topic: self.topic.clone(), partition });
         }
@@ -576,7 +703,7 @@ impl MessageLog for KafkaLog {
         let count = batch.len();
         let groups = group_by_partition(batch, self.partitions);
         for (partition, messages) in &groups {
-            if !self.owners.contains_key(partition) {
+            if !self.read_owners().contains_key(partition) {
                 let channel = messages.first().map(|message| message.channel.clone()).unwrap_or_default();
                 return Err(BackendError::NotOwner { channel, partition: *partition });
             }
@@ -634,6 +761,19 @@ impl MessageLog for KafkaLog {
             }
         }
         Ok(())
+    }
+
+    fn check_owner(&self, channel: &str) -> Result<(), BackendError> {
+        let partition = self.partition_of(channel);
+        if self.read_owners().contains_key(&partition) {
+            Ok(())
+        } else {
+            Err(BackendError::NotOwner { channel: channel.to_owned(), partition })
+        }
+    }
+
+    fn ownership_version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     async fn last_seq(&self, channel: &str) -> Result<u64, BackendError> {
