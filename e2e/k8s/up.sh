@@ -197,6 +197,7 @@ start kube-apiserver "$BIN/kube-apiserver" \
   --service-cluster-ip-range 10.0.0.0/24 \
   --endpoint-reconciler-type none \
   --allow-privileged=true --profiling=false \
+  --enable-admission-plugins PodNodeSelector,PodTolerationRestriction \
   $(extra PARLEY_APISERVER_ARGS)
 wait_for kube-apiserver "/readyz" curl_ok --cacert "$C/ca.crt" --cert "$C/admin.crt" --key "$C/admin.key" \
   "https://127.0.0.1:$API_PORT/readyz"

@@ -14,5 +14,6 @@ pub mod client;
 pub mod hist;
 pub mod history;
 pub mod mock;
+pub mod runner;
 pub mod sys;
 pub mod worker;
