@@ -16,6 +16,12 @@ use crate::common::MachineIdBlock;
 pub const MAX_GATEWAY_REPLICAS: i32 = 512;
 /// The most router pods one Region may run.
 pub const MAX_ROUTER_REPLICAS: i32 = 64;
+/// The gateway pods a Region's machine-ID block is sized for when `gateway.replicas` is set without
+/// `gateway.maxReplicas` (or `replicas`, when that is larger).
+pub const DEFAULT_MAX_GATEWAY_REPLICAS: i32 = 8;
+/// The router pods a Region's machine-ID block is sized for when `router.maxReplicas` is not set (or
+/// `router.replicas`, when that is larger).
+pub const DEFAULT_MAX_ROUTER_REPLICAS: i32 = 8;
 
 /// One region of a ChatCluster: its gateways and routers, and the regional endpoints of its backends.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
@@ -65,9 +71,9 @@ pub struct RegionSpec {
     #[serde(default)]
     pub redis: RegionRedis,
     /// Gateway pods: a fixed number, or a range. The operator does not scale gateways: with a range it runs
-    /// `minReplicas` pods.
+    /// `minReplicas` pods. `maxReplicas` sizes the gateways' part of the Region's machine-ID block.
     pub gateway: RegionGateway,
-    /// Router pods.
+    /// Router pods. `maxReplicas` sizes the routers' part of the Region's machine-ID block.
     #[serde(default)]
     pub router: RegionRouter,
     /// Which topics should replicate from this region's Kafka to which other regions. Not acted on by the operator
@@ -122,16 +128,23 @@ pub struct RegionRedis {
     pub url: Option<String>,
 }
 
-/// Gateway pods of a region. Set either `replicas`, or both `minReplicas` and `maxReplicas`. The operator does not
-/// scale gateways today: with a range the StatefulSet runs `minReplicas` pods (change it to scale), and
-/// `maxReplicas` sizes the Region's machine-ID block.
+/// Gateway pods of a region. Set either `replicas` (a fixed count), or both `minReplicas` and `maxReplicas` (a
+/// range). The operator does not scale gateways today: with a range the StatefulSet runs `minReplicas` pods (change
+/// it to scale).
+///
+/// The Region's machine-ID block holds one ID per gateway pod the Region may ever run: `maxReplicas`, or, with
+/// `replicas` and no `maxReplicas`, `replicas` or 8, whichever is larger. Changing `replicas` or `minReplicas`
+/// within that bound changes nothing but the StatefulSet's `replicas`: no other pod restarts. Changing the bound
+/// resizes the block, which restarts every gateway and router pod of the Region.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("has(self.replicas) ? !has(self.minReplicas) && !has(self.maxReplicas) : has(self.minReplicas) && has(self.maxReplicas)")
-        .message("set either gateway.replicas (a fixed count) or both gateway.minReplicas and gateway.maxReplicas (a range; the operator runs minReplicas pods)"),
+    validation = Rule::new("has(self.replicas) ? !has(self.minReplicas) : has(self.minReplicas) && has(self.maxReplicas)")
+        .message("set either gateway.replicas (a fixed count, optionally with gateway.maxReplicas) or both gateway.minReplicas and gateway.maxReplicas (a range; the operator runs minReplicas pods)"),
     validation = Rule::new("!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas")
-        .message("gateway.minReplicas must not exceed gateway.maxReplicas")
+        .message("gateway.minReplicas must not exceed gateway.maxReplicas"),
+    validation = Rule::new("!has(self.replicas) || !has(self.maxReplicas) || self.replicas <= self.maxReplicas")
+        .message("gateway.replicas must not exceed gateway.maxReplicas")
 )]
 pub struct RegionGateway {
     /// A fixed number of gateway pods (1-512).
@@ -143,8 +156,10 @@ pub struct RegionGateway {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 512").message("gateway.minReplicas must be between 1 and 512"))]
     pub min_replicas: Option<i32>,
-    /// Upper end of the range (1-512). The operator uses it only to size the Region's machine-ID block (one ID per
-    /// possible gateway pod); the gateways run at `minReplicas`.
+    /// The most gateway pods (1-512; at least `replicas` or `minReplicas`): upper end of a range, or the bound of a
+    /// fixed count. The operator uses it only to size the Region's machine-ID block (one ID per possible gateway
+    /// pod), so that scaling up to it restarts no pod. Required with `minReplicas`; with `replicas` it defaults to
+    /// `replicas` or 8, whichever is larger. Changing it restarts the Region's gateways and routers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 512").message("gateway.maxReplicas must be between 1 and 512"))]
     pub max_replicas: Option<i32>,
@@ -165,9 +180,12 @@ impl RegionGateway {
         self.replicas.or(self.min_replicas).unwrap_or(1)
     }
 
-    /// The most gateway pods this Region may ever run at once under its spec.
+    /// The most gateway pods this Region may run under its spec, which sizes the gateways' machine IDs:
+    /// `maxReplicas`, else [`DEFAULT_MAX_GATEWAY_REPLICAS`] or the pods it runs, whichever is larger. It does not
+    /// depend on `replicas` or `minReplicas` while they stay within it, and it is never below the pods it runs.
     pub fn max_replicas_bound(&self) -> i32 {
-        self.replicas.or(self.max_replicas).unwrap_or(1)
+        let desired = self.desired_replicas();
+        self.max_replicas.unwrap_or(DEFAULT_MAX_GATEWAY_REPLICAS).max(desired)
     }
 }
 
@@ -195,8 +213,16 @@ impl ServiceType {
 }
 
 /// Router pods of a region.
+///
+/// The Region's machine-ID block holds one ID per router pod the Region may ever run: `maxReplicas`, or `replicas`
+/// or 8, whichever is larger. Changing `replicas` within that bound changes nothing but the router StatefulSet's
+/// `replicas`: the gateways and the remaining routers keep running.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.maxReplicas) || !has(self.replicas) || self.replicas <= self.maxReplicas")
+        .message("router.replicas must not exceed router.maxReplicas")
+)]
 pub struct RegionRouter {
     /// Number of router pods (1-64). The routers share the Region's Kafka partitions: each partition, and so each
     /// channel, has one writer at a time, the router that owns it. Each router publishes the partitions it owns,
@@ -205,14 +231,29 @@ pub struct RegionRouter {
     #[serde(default = "default_router_replicas")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 64").message("router.replicas must be between 1 and 64"))]
     pub replicas: i32,
+    /// The most router pods (1-64; at least `replicas`). The operator uses it only to size the Region's machine-ID
+    /// block (one ID per possible router pod), so that scaling the routers up to it restarts no pod. Defaults to
+    /// `replicas` or 8, whichever is larger. Changing it restarts the Region's gateways and routers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 64").message("router.maxReplicas must be between 1 and 64"))]
+    pub max_replicas: Option<i32>,
     /// CPU and memory of each router container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 }
 
+impl RegionRouter {
+    /// The most router pods this Region may run under its spec, which sizes the routers' machine IDs: `maxReplicas`,
+    /// else [`DEFAULT_MAX_ROUTER_REPLICAS`] or `replicas`, whichever is larger. It does not depend on `replicas`
+    /// while `replicas` stays within it, and it is never below `replicas`.
+    pub fn max_replicas_bound(&self) -> i32 {
+        self.max_replicas.unwrap_or(DEFAULT_MAX_ROUTER_REPLICAS).max(self.replicas)
+    }
+}
+
 impl Default for RegionRouter {
     fn default() -> Self {
-        Self { replicas: default_router_replicas(), resources: None }
+        Self { replicas: default_router_replicas(), max_replicas: None, resources: None }
     }
 }
 
@@ -265,7 +306,7 @@ pub struct RegionStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routers: Option<String>,
     /// The machine-ID block of this Region, once allocated. Gateway pod `i` uses `start + i`, router pod `j` uses
-    /// `start + maxGateways + j`.
+    /// `start + G + j`, where `G` is the most gateway pods the block is sized for (see `gateway.maxReplicas`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_id_block: Option<MachineIdBlock>,
     /// The machine-ID block as a range, for example `0-19`.

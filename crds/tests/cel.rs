@@ -104,6 +104,25 @@ fn gateway_replicas_fixed_or_range() {
     assert_rejected::<Region>(&neither, None, "set either gateway.replicas");
     let inverted = with(region(), "/spec/gateway", json!({"minReplicas": 5, "maxReplicas": 2}));
     assert_rejected::<Region>(&inverted, None, "gateway.minReplicas must not exceed gateway.maxReplicas");
+    // A fixed count may declare the maximum its machine IDs are sized for, but not exceed it.
+    let bounded = with(region(), "/spec/gateway", json!({"replicas": 3, "maxReplicas": 12}));
+    assert_eq!(failures::<Region>(&bounded, None), Vec::<String>::new());
+    let over = with(region(), "/spec/gateway", json!({"replicas": 13, "maxReplicas": 12}));
+    assert_rejected::<Region>(&over, None, "gateway.replicas must not exceed gateway.maxReplicas");
+}
+
+#[test]
+fn router_replicas_within_their_maximum() {
+    for router in [json!({"replicas": 3}), json!({"replicas": 3, "maxReplicas": 3}), json!({"maxReplicas": 64})] {
+        let region = with(region(), "/spec/router", router.clone());
+        assert_eq!(failures::<Region>(&region, None), Vec::<String>::new(), "{router}");
+    }
+    let over = with(region(), "/spec/router", json!({"replicas": 5, "maxReplicas": 4}));
+    assert_rejected::<Region>(&over, None, "router.replicas must not exceed router.maxReplicas");
+    for max in [0, 65] {
+        let region = with(region(), "/spec/router", json!({"replicas": 1, "maxReplicas": max}));
+        assert_rejected::<Region>(&region, None, "router.maxReplicas must be between 1 and 64");
+    }
 }
 
 #[test]

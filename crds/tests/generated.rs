@@ -145,8 +145,11 @@ fn cel_rules_are_in_the_schema() {
     has(
         &region,
         ".spec.gateway",
-        "has(self.replicas) ? !has(self.minReplicas) && !has(self.maxReplicas) : has(self.minReplicas) && has(self.maxReplicas)",
+        "has(self.replicas) ? !has(self.minReplicas) : has(self.minReplicas) && has(self.maxReplicas)",
     );
+    has(&region, ".spec.gateway", "!has(self.replicas) || !has(self.maxReplicas) || self.replicas <= self.maxReplicas");
+    has(&region, ".spec.router", "!has(self.maxReplicas) || !has(self.replicas) || self.replicas <= self.maxReplicas");
+    has(&region, ".spec.router.maxReplicas", "self >= 1 && self <= 64");
     has(&region, ".spec", "!has(self.replication) || self.replication.all(r, !(self.regionName in r.toRegions))");
     has(&region, ".spec.router.replicas", "self >= 1 && self <= 64");
     has(&cluster, ".spec.kafka", "!has(self.tlsCaSecret) || (has(self.tls) && self.tls)");

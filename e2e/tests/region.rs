@@ -10,10 +10,13 @@
 //! - `three_gateways_and_one_router_survive_a_router_deletion_and_gateway_scaling`: 3 gateways, 1 router,
 //!   200 clients in 20 channels; the router pod is deleted mid-stream (`kubectl delete pod`), then the gateways are
 //!   scaled 3→2→3 through the Region's `spec.gateway.minReplicas` (a range of 3: the Region's machine-ID block stays
-//!   as it is; the drained clients move to the other gateways).
-//! - `three_gateways_and_three_routers_survive_a_router_deletion_and_router_scaling` (ignored until several routers
-//!   per Region are declared done): the same load on 3 routers; a router pod deleted, then routers scaled 3→2→3
-//!   through `spec.router.replicas`. Run it with `cargo test -p parley-e2e --test region -- --ignored`.
+//!   as it is; the drained clients move to the other gateways, and the router and the other gateways do not
+//!   restart).
+//! - `three_gateways_and_three_routers_survive_a_router_deletion_and_router_scaling`: the same load on 3 routers; a
+//!   router pod deleted, then routers scaled 3→2→3 through `spec.router.replicas` (within the default
+//!   `router.maxReplicas` of 8, so the machine-ID block stays): no gateway pod restarts (same UIDs, restartCount 0)
+//!   and the surviving routers neither; it reports how long the operator took from each Region patch to the
+//!   StatefulSet change.
 //! - `the_runner_runs_pods_like_a_kubelet`: the runner alone (needs only the control plane), with `parley` and
 //!   `parley-router` as images: environment, volumes, hosts file, read-only root, probes, restarts, waiting reasons
 //!   and deletion, checked through the API and `/proc/<pid>`.
@@ -36,6 +39,7 @@
 //! `PARLEY_REGION_KEEP=1` keeps them after a pass too.
 
 use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -441,12 +445,64 @@ impl RegionTest {
         self.note(&format!("kubectl delete pod {name}"));
     }
 
-    /// Patches the Region's `spec.<component>.<field>`.
-    async fn scale(&mut self, component: &str, field: &str, replicas: i32) {
+    /// Patches the Region's `spec.<component>.<field>`; returns how long the operator took to set the component's
+    /// StatefulSet to `replicas` after the patch (polled every 50 ms).
+    async fn scale(&mut self, component: &str, field: &str, replicas: i32) -> Duration {
         let regions: Api<Region> = Api::namespaced(self.client.clone(), &self.namespace);
+        let sets: Api<StatefulSet> = Api::namespaced(self.client.clone(), &self.namespace);
+        let set_name = format!("{}-{component}", self.region);
         let patch = json!({"spec": {component: {field: replicas}}});
         regions.patch(&self.region, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch the Region");
+        let patched = Instant::now();
         self.note(&format!("Region spec.{component}.{field} = {replicas}"));
+        loop {
+            let set = sets.get_opt(&set_name).await.ok().flatten();
+            if set.and_then(|set| set.spec?.replicas) == Some(replicas) {
+                break;
+            }
+            assert!(
+                patched.elapsed() < READY_WITHIN,
+                "StatefulSet {set_name} not at {replicas} replicas {READY_WITHIN:?} after the Region patch\n{}",
+                self.diagnose().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let took = patched.elapsed();
+        self.note(&format!(
+            "StatefulSet {set_name} at {replicas} replicas {:.2} s after the patch",
+            took.as_secs_f64()
+        ));
+        took
+    }
+
+    /// Each pod of a component (not being deleted), by name: its UID and its container's restart count.
+    async fn incarnations(&self, component: &str) -> BTreeMap<String, (String, i32)> {
+        self.pods(component)
+            .await
+            .iter()
+            .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+            .map(|pod| (pod.name_any(), (pod.uid().unwrap_or_default(), container_status(pod).restart_count)))
+            .collect()
+    }
+
+    /// Asserts that each pod of `before` still runs as the same pod (same UID) and has not restarted since.
+    async fn assert_not_restarted(&self, component: &str, before: &BTreeMap<String, (String, i32)>, what: &str) {
+        let now = self.incarnations(component).await;
+        for (name, (uid, restarts)) in before {
+            let current = now.get(name);
+            assert_eq!(
+                current.map(|(uid, _)| uid),
+                Some(uid),
+                "{what}: {component} pod {name} was replaced (before: {before:?}, now: {now:?})\ntimeline:\n{}",
+                self.timeline()
+            );
+            assert_eq!(
+                current.map(|(_, restarts)| restarts),
+                Some(restarts),
+                "{what}: {component} pod {name} restarted (before: {before:?}, now: {now:?})\ntimeline:\n{}",
+                self.timeline()
+            );
+        }
     }
 
     /// What the pods say, and the tails of the logs, for a failure message.
@@ -759,19 +815,34 @@ async fn three_gateways_and_one_router_survive_a_router_deletion_and_gateway_sca
     let took = chat.progress(40, Duration::from_secs(120), "sends after the router deletion").await;
     test.note(&format!("sends confirmed again ({:.1} s after the router was ready)", took.as_secs_f64()));
 
-    test.scale("gateway", "minReplicas", 2).await;
+    // Scaling the gateways within maxReplicas restarts no other pod: the router and the gateways that stay keep
+    // running.
+    let mut gateways = test.incarnations("gateway").await;
+    let routers = test.incarnations("router").await;
+    let down = test.scale("gateway", "minReplicas", 2).await;
     test.wait_ready(2, 1, READY_WITHIN).await;
     test.note("gateway-2 drained and gone");
+    gateways.remove(&format!("{}-gateway-2", test.region));
+    test.assert_not_restarted("gateway", &gateways, "gateways 3→2").await;
+    test.assert_not_restarted("router", &routers, "gateways 3→2").await;
     chat.progress(40, Duration::from_secs(60), "sends on 2 gateways").await;
-    test.scale("gateway", "minReplicas", 3).await;
+    let up = test.scale("gateway", "minReplicas", 3).await;
     test.wait_ready(3, 1, READY_WITHIN).await;
     test.note("gateway-2 back and ready");
+    test.assert_not_restarted("gateway", &gateways, "gateways 2→3").await;
+    test.assert_not_restarted("router", &routers, "gateways 2→3").await;
     chat.progress(40, Duration::from_secs(60), "sends on 3 gateways again").await;
 
     let (checked, attempts) = chat.finish().await;
     test.note("settled; history checked");
     let line = assert_clean(&test, &checked, attempts, "region of 3 gateways and 1 router");
-    report(&format!("{line}; router deleted, gateways 3→2→3; {:.0} s", started.elapsed().as_secs_f64()));
+    report(&format!(
+        "{line}; router deleted, gateways 3→2→3 with no other pod restarted (Region patch to StatefulSet: {:.2} s \
+         down, {:.2} s up); {:.0} s",
+        down.as_secs_f64(),
+        up.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    ));
     eprintln!("{}", test.timeline());
 }
 
@@ -792,19 +863,38 @@ async fn three_gateways_and_three_routers_survive_a_router_deletion_and_router_s
     test.note("router-1 back and ready");
     chat.progress(40, Duration::from_secs(120), "sends after the router deletion").await;
 
-    test.scale("router", "replicas", 2).await;
+    // Scaling the routers within router.maxReplicas (8 by default) changes only the router StatefulSet's replicas:
+    // no gateway restarts (each keeps its clients), and neither do the routers that stay.
+    let gateways = test.incarnations("gateway").await;
+    assert_eq!(gateways.len(), 3, "{gateways:?}");
+    assert!(gateways.values().all(|(_, restarts)| *restarts == 0), "a gateway restarted before scaling: {gateways:?}");
+    let mut routers = test.incarnations("router").await;
+    let down = test.scale("router", "replicas", 2).await;
     test.wait_ready(3, 2, READY_WITHIN).await;
     test.note("router-2 gone");
+    routers.remove(&format!("{}-router-2", test.region));
+    test.assert_not_restarted("gateway", &gateways, "routers 3→2").await;
+    test.assert_not_restarted("router", &routers, "routers 3→2").await;
     chat.progress(40, Duration::from_secs(120), "sends on 2 routers").await;
-    test.scale("router", "replicas", 3).await;
+    let up = test.scale("router", "replicas", 3).await;
     test.wait_ready(3, 3, READY_WITHIN).await;
     test.note("router-2 back and ready");
+    test.assert_not_restarted("gateway", &gateways, "routers 2→3").await;
+    test.assert_not_restarted("router", &routers, "routers 2→3").await;
     chat.progress(40, Duration::from_secs(120), "sends on 3 routers again").await;
+    test.assert_not_restarted("gateway", &gateways, "after the load").await;
+    test.note("no gateway and no surviving router restarted");
 
     let (checked, attempts) = chat.finish().await;
     test.note("settled; history checked");
     let line = assert_clean(&test, &checked, attempts, "region of 3 gateways and 3 routers");
-    report(&format!("{line}; router deleted, routers 3→2→3; {:.0} s", started.elapsed().as_secs_f64()));
+    report(&format!(
+        "{line}; router deleted, routers 3→2→3 with no gateway or surviving router restarted (Region patch to \
+         StatefulSet: {:.2} s down, {:.2} s up); {:.0} s",
+        down.as_secs_f64(),
+        up.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    ));
     eprintln!("{}", test.timeline());
 }
 

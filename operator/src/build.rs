@@ -24,6 +24,11 @@
 //! Redis reaches both. Both also get the Region's internal token (`PARLEY_INTERNAL_TOKEN`) from the Secret of
 //! [`crate::internal_token`], which the controller creates before it applies anything.
 //!
+//! Scaling: the replica counts (`gateway.replicas` or `minReplicas`, `router.replicas`) reach only the
+//! StatefulSets' `spec.replicas`. Nothing in a pod template or a ConfigMap depends on them (the machine-ID ranges
+//! follow the declared maximums, see [`split_block`]), so scaling within the maximums starts or stops pods and
+//! restarts none.
+//!
 //! Every object is owned by the Region (controller ownerReference) and labelled with the cluster, the Region and
 //! the component. Pods run as non-root with a read-only root filesystem. Gateway pods get a preStop delay and a
 //! terminationGracePeriodSeconds that covers the delay plus the whole drain deadline, so SIGTERM's drain is never
@@ -239,7 +244,9 @@ pub struct MachineIdRange {
     pub count: u32,
 }
 
-/// Splits a Region's block between its gateways (first, sized for the most gateway pods) and its routers.
+/// Splits a Region's block between its gateways (first, sized for the most gateway pods) and its routers (the rest,
+/// sized for the most router pods). Both ranges depend on the block and the declared bounds only, never on the
+/// replica counts, so scaling within the bounds leaves every pod template as it is.
 pub fn split_block(
     validated: &ValidatedRegion,
     block: MachineIdBlock,

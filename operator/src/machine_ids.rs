@@ -1,5 +1,7 @@
 //! Snowflake machine-ID allocation: the 10-bit space (1,024 IDs) of one ChatCluster is shared by its Regions,
-//! each holding one contiguous block sized for its most gateway pods plus its router pods.
+//! each holding one contiguous block sized for the most gateway pods plus the most router pods it may run
+//! (`gateway.maxReplicas` and `router.maxReplicas`, or their defaults). The block depends on those bounds only, not
+//! on the replica counts: scaling within them keeps the block, and so every pod's machine ID.
 //!
 //! The functions here are pure: they change a [`MachineIdAllocation`] (persisted in the ChatCluster's status and
 //! written back with optimistic concurrency) and take the current time as an argument. Invariants:
@@ -9,7 +11,8 @@
 //!   before the quarantine has passed since its release;
 //! - when no free run is large enough, the Region gets [`Error::MachineIdsExhausted`] and nothing changes.
 //!
-//! Gateway pod `i` of a Region uses ID `start + i`; router pod `j` uses `start + maxGateways + j`.
+//! Gateway pod `i` of a Region uses ID `start + i`; router pod `j` uses `start + G + j`, where `G` is the gateway
+//! bound ([`parley_crds::region::RegionGateway::max_replicas_bound`]).
 
 use std::time::Duration;
 
@@ -21,10 +24,12 @@ use parley_crds::{MachineIdAllocation, MachineIdBlock, MACHINE_ID_SPACE};
 
 use crate::error::Error;
 
-/// The number of IDs a Region needs: its most gateway pods plus its router pods.
+/// The number of IDs a Region needs: the most gateway pods plus the most router pods its spec allows
+/// ([`parley_crds::region::RegionGateway::max_replicas_bound`], [`parley_crds::region::RegionRouter::max_replicas_bound`]).
+/// It does not change when `replicas` (or `minReplicas`) changes within those bounds.
 pub fn block_size(spec: &RegionSpec) -> u32 {
     let gateways = u32::try_from(spec.gateway.max_replicas_bound()).unwrap_or(0);
-    let routers = u32::try_from(spec.router.replicas).unwrap_or(0);
+    let routers = u32::try_from(spec.router.max_replicas_bound()).unwrap_or(0);
     gateways + routers
 }
 

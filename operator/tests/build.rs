@@ -7,23 +7,24 @@ use std::collections::BTreeMap;
 use clap::CommandFactory;
 use common::{cluster, eu, fixture, secured, us};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, Volume};
+use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, PodTemplateSpec, Volume};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
-use parley_crds::{ChatCluster, MachineIdAllocation, MachineIdBlock};
+use parley_crds::region::RegionSpec;
+use parley_crds::{ChatCluster, MachineIdAllocation, MachineIdBlock, Region};
 use parley_operator::build::{build, config_hash, RegionResources, CONFIG_HASH_ANNOTATION};
 use parley_operator::validate::{validate, Dereferenced, ValidatedRegion};
-use parley_operator::{internal_token, machine_ids, plan, Error};
+use parley_operator::{internal_token, machine_ids, plan, Error, Plan};
 use serde_json::json;
 
 fn validated_eu() -> ValidatedRegion {
     validate(Dereferenced { region: eu(), cluster: Some(cluster()), regions: vec![eu(), us()] }).expect("valid")
 }
 
-/// eu needs 10 gateway IDs (maxReplicas) + 1 router ID.
-const EU_BLOCK: MachineIdBlock = MachineIdBlock { start: 100, size: 11 };
+/// eu needs 10 gateway IDs (gateway.maxReplicas) + 4 router IDs (router.maxReplicas).
+const EU_BLOCK: MachineIdBlock = MachineIdBlock { start: 100, size: 14 };
 
 fn resources() -> RegionResources {
     build(&validated_eu(), EU_BLOCK).expect("build")
@@ -185,14 +186,14 @@ fn each_pod_derives_its_machine_id_from_the_block_and_its_ordinal() {
     assert_eq!(literal(gateway, "PARLEY_MACHINE_ID_BASE"), "100");
     assert_eq!(literal(gateway, "PARLEY_MACHINE_ID_COUNT"), "10");
     assert_eq!(literal(router, "PARLEY_MACHINE_ID_BASE"), "110");
-    assert_eq!(literal(router, "PARLEY_MACHINE_ID_COUNT"), "1");
+    assert_eq!(literal(router, "PARLEY_MACHINE_ID_COUNT"), "4");
     for container in [gateway, router] {
         let index = env(container, "PARLEY_POD_INDEX").value_from.as_ref().and_then(|v| v.field_ref.as_ref());
         assert_eq!(index.map(|f| f.field_path.as_str()), Some("metadata.labels['apps.kubernetes.io/pod-index']"));
     }
-    let too_small = MachineIdBlock { start: 0, size: 10 };
+    let too_small = MachineIdBlock { start: 0, size: 13 };
     let error = build(&validated_eu(), too_small).expect_err("block too small");
-    assert_eq!(error, Error::InvalidMachineIdBlock { region: "chat-eu".into(), size: 10, needed: 11 });
+    assert_eq!(error, Error::InvalidMachineIdBlock { region: "chat-eu".into(), size: 13, needed: 14 });
 }
 
 fn keys(data: &BTreeMap<String, String>) -> Vec<&str> {
@@ -374,7 +375,7 @@ fn rs256_key_is_mounted_from_its_secret() {
     let cluster: ChatCluster = fixture("chatcluster-rs256.yaml");
     let validated =
         validate(Dereferenced { region: us(), cluster: Some(cluster), regions: vec![us()] }).expect("valid");
-    let resources = build(&validated, MachineIdBlock { start: 0, size: 4 }).expect("build");
+    let resources = build(&validated, US_BLOCK).expect("build");
     let gateway = container(&resources.gateway_stateful_set);
     assert!(gateway.env.iter().flatten().all(|e| e.name != "PARLEY_JWT_HS256_SECRET"));
     let data = resources.gateway_config_map.data.as_ref().expect("data");
@@ -388,9 +389,10 @@ fn rs256_key_is_mounted_from_its_secret() {
     let volume = pod_spec(&resources.gateway_stateful_set).volumes.iter().flatten().find(|v| v.name == "jwt");
     assert_eq!(volume.and_then(|v| v.secret.as_ref()).and_then(|s| s.secret_name.as_deref()), Some("chat-jwt"));
     assert_eq!(container(&resources.gateway_stateful_set).image.as_deref(), Some("parley/gateway:0.2.0"));
-    // us: 3 fixed gateways + 1 router (the default).
-    assert_eq!(literal(gateway, "PARLEY_MACHINE_ID_COUNT"), "3");
-    assert_eq!(literal(container(&resources.router_stateful_set), "PARLEY_MACHINE_ID_BASE"), "3");
+    // us: 3 fixed gateways and 1 router without declared maximums: IDs for 8 of each.
+    assert_eq!(literal(gateway, "PARLEY_MACHINE_ID_COUNT"), "8");
+    assert_eq!(literal(container(&resources.router_stateful_set), "PARLEY_MACHINE_ID_BASE"), "8");
+    assert_eq!(literal(container(&resources.router_stateful_set), "PARLEY_MACHINE_ID_COUNT"), "8");
 }
 
 #[test]
@@ -477,10 +479,10 @@ fn plan_allocates_disjoint_blocks_and_changes_nothing_on_failure() {
     let regions = vec![eu(), us()];
     let input = |region| Dereferenced { region, cluster: Some(cluster()), regions: regions.clone() };
     let first = plan(input(eu()), &MachineIdAllocation::default(), now).expect("eu");
-    assert_eq!(first.block, MachineIdBlock { start: 0, size: 11 });
+    assert_eq!(first.block, MachineIdBlock { start: 0, size: 14 });
     let second = plan(input(us()), &first.allocation, now).expect("us");
-    assert_eq!(second.block, MachineIdBlock { start: 11, size: 4 });
-    assert_eq!(machine_ids::allocated(&second.allocation), 15);
+    assert_eq!(second.block, MachineIdBlock { start: 14, size: 16 });
+    assert_eq!(machine_ids::allocated(&second.allocation), 30);
     let again = plan(input(eu()), &second.allocation, now).expect("eu again");
     assert_eq!(again.allocation, second.allocation, "a no-op reconcile allocates nothing");
     let duplicate = fixture("region-eu-duplicate.yaml");
@@ -496,8 +498,8 @@ fn validated_secured() -> ValidatedRegion {
     validate(Dereferenced { region: us(), cluster: Some(secured()), regions: vec![us()] }).expect("valid")
 }
 
-/// us: 3 gateways + 1 router.
-const US_BLOCK: MachineIdBlock = MachineIdBlock { start: 0, size: 4 };
+/// us: 3 fixed gateways and 1 router, without declared maximums: 8 gateway IDs + 8 router IDs.
+const US_BLOCK: MachineIdBlock = MachineIdBlock { start: 0, size: 16 };
 
 fn secured_resources() -> RegionResources {
     build(&validated_secured(), US_BLOCK).expect("build")
@@ -648,14 +650,13 @@ fn tls_with_the_system_roots_and_the_default_sasl_mechanism() {
 fn routers_advertise_their_own_pod_and_all_of_them_run() {
     let mut validated = validated_eu();
     validated.region.spec.router.replicas = 3;
-    // eu: 10 gateway IDs + 3 router IDs.
-    let block = MachineIdBlock { start: 100, size: 13 };
-    let resources = build(&validated, block).expect("build");
+    // eu: 10 gateway IDs + 4 router IDs (router.maxReplicas), whatever router.replicas is.
+    let resources = build(&validated, EU_BLOCK).expect("build");
     let set = &resources.router_stateful_set;
     assert_eq!(set.spec.as_ref().and_then(|s| s.replicas), Some(3), "router.replicas means what it says");
     let router = container(set);
     assert_eq!(literal(router, "PARLEY_MACHINE_ID_BASE"), "110");
-    assert_eq!(literal(router, "PARLEY_MACHINE_ID_COUNT"), "3");
+    assert_eq!(literal(router, "PARLEY_MACHINE_ID_COUNT"), "4");
     // PARLEY_ROUTER_ADVERTISE_URL comes right after PARLEY_POD_NAME, which it references (the kubelet expands
     // $(VAR) from earlier entries only).
     let names = env_names(router);
@@ -674,10 +675,158 @@ fn routers_advertise_their_own_pod_and_all_of_them_run() {
     // At most one router down at a time in a voluntary disruption.
     let budget = resources.router_disruption_budget.spec.as_ref().expect("pdb");
     assert_eq!(budget.max_unavailable, Some(IntOrString::Int(1)));
-    // Only the StatefulSet's replicas and the machine IDs change with the router count.
+    // Only the StatefulSet's replicas change with the router count.
     let one = build(&validated_eu(), EU_BLOCK).expect("build");
-    assert_eq!(one.router_config_map, resources.router_config_map);
-    assert_eq!(one.gateway_config_map, resources.gateway_config_map);
+    assert_eq!(without_replicas(&one), without_replicas(&resources));
+}
+
+/// The objects with both StatefulSets' `spec.replicas` cleared: everything that must stay as it is when a Region
+/// scales within its maximums.
+fn without_replicas(resources: &RegionResources) -> RegionResources {
+    let mut resources = resources.clone();
+    for set in [&mut resources.gateway_stateful_set, &mut resources.router_stateful_set] {
+        if let Some(spec) = set.spec.as_mut() {
+            spec.replicas = None;
+        }
+    }
+    resources
+}
+
+fn replicas(set: &StatefulSet) -> Option<i32> {
+    set.spec.as_ref().and_then(|s| s.replicas)
+}
+
+fn template(set: &StatefulSet) -> &PodTemplateSpec {
+    &set.spec.as_ref().expect("spec").template
+}
+
+/// A named change of a Region's spec.
+type Step<'a> = (&'a str, &'a dyn Fn(&mut RegionSpec));
+
+/// Plans `region` once per step (each changing its spec) in turn, as the controller reconciles a Region that is
+/// edited: each plan starts from the allocation the previous one left, a minute later.
+fn plans(region: Region, steps: &[Step]) -> Vec<(String, Plan)> {
+    let mut allocation = MachineIdAllocation::default();
+    let mut out = Vec::new();
+    for (second, (what, step)) in (0..).step_by(60).zip(steps) {
+        let mut region = region.clone();
+        step(&mut region.spec);
+        // eu replicates to us: both exist.
+        let other = if region.metadata.name.as_deref() == Some("chat-eu") { us() } else { eu() };
+        let regions = vec![region.clone(), other];
+        let input = Dereferenced { region, cluster: Some(cluster()), regions };
+        let now = Timestamp::from_second(1_800_000_000 + second).expect("time");
+        let plan = plan(input, &allocation, now).unwrap_or_else(|error| panic!("{what}: {error}"));
+        allocation = plan.allocation.clone();
+        out.push(((*what).to_owned(), plan));
+    }
+    out
+}
+
+/// Every plan has the first one's block, allocation, pod templates, ConfigMaps and objects, `spec.replicas` of the
+/// StatefulSets aside; no ID was released.
+fn assert_only_replicas_change(plans: &[(String, Plan)]) {
+    let (_, first) = &plans[0];
+    for (what, plan) in plans {
+        let (before, after) = (&first.resources, &plan.resources);
+        assert_eq!(plan.block, first.block, "{what}: the machine-ID block");
+        assert_eq!(plan.allocation, first.allocation, "{what}: the allocation");
+        assert!(plan.allocation.quarantined.is_empty(), "{what}: no ID released");
+        assert_eq!(after.gateway_config_map, before.gateway_config_map, "{what}: gateway ConfigMap");
+        assert_eq!(after.router_config_map, before.router_config_map, "{what}: router ConfigMap");
+        assert_eq!(
+            template(&after.gateway_stateful_set),
+            template(&before.gateway_stateful_set),
+            "{what}: gateway pod template"
+        );
+        assert_eq!(
+            template(&after.router_stateful_set),
+            template(&before.router_stateful_set),
+            "{what}: router pod template"
+        );
+        assert_eq!(without_replicas(after), without_replicas(before), "{what}: anything but spec.replicas");
+    }
+}
+
+#[test]
+fn scaling_the_routers_within_their_maximum_changes_only_the_router_replicas() {
+    // eu declares router.maxReplicas 4; us declares none (8 by default).
+    for region in [eu(), us()] {
+        let to = |count: i32| move |spec: &mut RegionSpec| spec.router.replicas = count;
+        let steps: [Step; 5] =
+            [("3 routers", &to(3)), ("2 routers", &to(2)), ("3 again", &to(3)), ("1 router", &to(1)), ("4", &to(4))];
+        let scaled = plans(region, &steps);
+        assert_only_replicas_change(&scaled);
+        let counts: Vec<Option<i32>> = scaled.iter().map(|(_, p)| replicas(&p.resources.router_stateful_set)).collect();
+        assert_eq!(counts, [Some(3), Some(2), Some(3), Some(1), Some(4)]);
+        let gateways: Vec<_> = scaled.iter().map(|(_, p)| p.resources.gateway_stateful_set.clone()).collect();
+        assert!(gateways.iter().all(|set| *set == gateways[0]), "the gateway StatefulSet is never touched");
+    }
+    let eu_plans = plans(eu(), &[("eu", &|_: &mut RegionSpec| {})]);
+    assert_eq!(eu_plans[0].1.block, MachineIdBlock { start: 0, size: 14 }, "10 gateway + 4 router IDs");
+    let us_plans = plans(us(), &[("us", &|_: &mut RegionSpec| {})]);
+    assert_eq!(us_plans[0].1.block, MachineIdBlock { start: 0, size: 16 }, "8 gateway + 8 router IDs");
+}
+
+#[test]
+fn scaling_the_gateways_within_their_maximum_changes_only_the_gateway_replicas() {
+    // eu: a range of 2-10, run at minReplicas.
+    let min = |count: i32| move |spec: &mut RegionSpec| spec.gateway.min_replicas = Some(count);
+    let steps: [Step; 4] = [("min 3", &min(3)), ("min 2", &min(2)), ("min 3 again", &min(3)), ("min 10", &min(10))];
+    let ranged = plans(eu(), &steps);
+    assert_only_replicas_change(&ranged);
+    let counts: Vec<Option<i32>> = ranged.iter().map(|(_, p)| replicas(&p.resources.gateway_stateful_set)).collect();
+    assert_eq!(counts, [Some(3), Some(2), Some(3), Some(10)]);
+    // us: a fixed count without maxReplicas, sized for 8; and the same with a declared maxReplicas.
+    for max in [None, Some(5)] {
+        let fixed = move |count: i32| {
+            move |spec: &mut RegionSpec| {
+                spec.gateway.replicas = Some(count);
+                spec.gateway.max_replicas = max;
+            }
+        };
+        let steps: [Step; 4] =
+            [("3 gateways", &fixed(3)), ("2 gateways", &fixed(2)), ("3 again", &fixed(3)), ("5", &fixed(5))];
+        let fixed_plans = plans(us(), &steps);
+        assert_only_replicas_change(&fixed_plans);
+        let counts: Vec<Option<i32>> =
+            fixed_plans.iter().map(|(_, p)| replicas(&p.resources.gateway_stateful_set)).collect();
+        assert_eq!(counts, [Some(3), Some(2), Some(3), Some(5)], "maxReplicas {max:?}");
+        let routers: Vec<_> = fixed_plans.iter().map(|(_, p)| p.resources.router_stateful_set.clone()).collect();
+        assert!(routers.iter().all(|set| *set == routers[0]), "the router StatefulSet is never touched");
+        let gateway = container(&fixed_plans[0].1.resources.gateway_stateful_set);
+        assert_eq!(literal(gateway, "PARLEY_MACHINE_ID_COUNT"), max.unwrap_or(8).to_string());
+    }
+}
+
+#[test]
+fn only_a_changed_maximum_resizes_the_block() {
+    let block = |change: &dyn Fn(&mut RegionSpec)| plans(us(), &[("us", change)])[0].1.block;
+    let size = |change: &dyn Fn(&mut RegionSpec)| block(change).size;
+    assert_eq!(size(&|_| {}), 16, "8 gateways and 8 routers by default");
+    assert_eq!(size(&|spec| spec.router.max_replicas = Some(64)), 72);
+    assert_eq!(size(&|spec| spec.gateway.max_replicas = Some(100)), 108);
+    // Beyond the default bound without a declared maximum, the count itself sizes the block (so such a Region
+    // should declare its maximum to scale without restarts).
+    assert_eq!(size(&|spec| spec.router.replicas = 9), 17);
+    assert_eq!(size(&|spec| spec.gateway.replicas = Some(12)), 20);
+    // The bound never falls below the pods the Region runs, even if CEL were bypassed.
+    assert_eq!(
+        size(&|spec| {
+            spec.router.replicas = 5;
+            spec.router.max_replicas = Some(2);
+        }),
+        13
+    );
+    // Declaring the maximums as the counts a Region had keeps the block an operator sized by counts gave it (3
+    // fixed gateways + 1 router: 4 IDs), so upgrading to bound-sized blocks restarts nothing.
+    assert_eq!(
+        size(&|spec| {
+            spec.gateway.max_replicas = Some(3);
+            spec.router.max_replicas = Some(1);
+        }),
+        4
+    );
 }
 
 #[test]

@@ -473,7 +473,8 @@ async fn dev_example_reconciles_scales_and_releases_its_ids_and_a_noop_writes_no
     assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("Region", "dev-local", Some(true)));
     assert_eq!(env_value(&gateway, "PARLEY_MACHINE_ID_BASE").as_deref(), Some("0"));
     let router = eventually("router StatefulSet", || get(&sets, "dev-local-router")).await;
-    assert_eq!(env_value(&router, "PARLEY_MACHINE_ID_BASE").as_deref(), Some("1"));
+    // 1 gateway and 1 router without declared maximums: IDs for 8 of each.
+    assert_eq!(env_value(&router, "PARLEY_MACHINE_ID_BASE").as_deref(), Some("8"));
     let headless = eventually("headless Service", || get(&services, "dev-local-gateway-headless")).await;
     assert_eq!(headless.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()), Some("None"));
     let client_service = eventually("client Service", || get(&services, "dev-local-gateway")).await;
@@ -521,7 +522,7 @@ async fn dev_example_reconciles_scales_and_releases_its_ids_and_a_noop_writes_no
     let status = region.status.as_ref().expect("status");
     assert_eq!(status.gateways.as_deref(), Some("1/1"));
     assert_eq!(status.routers.as_deref(), Some("1/1"));
-    assert_eq!(status.machine_id_block, Some(MachineIdBlock { start: 0, size: 2 }));
+    assert_eq!(status.machine_id_block, Some(MachineIdBlock { start: 0, size: 16 }));
     assert_eq!(condition(&status.conditions, "Degraded").map(|c| c.0).as_deref(), Some("False"));
     assert_eq!(status.internal_token_secret.as_deref(), Some("dev-local-internal-token"));
     assert_eq!(status.network_policies, ["dev-local-gateway", "dev-local-router"]);
@@ -534,7 +535,7 @@ async fn dev_example_reconciles_scales_and_releases_its_ids_and_a_noop_writes_no
     .await;
     let cluster_status = cluster.status.as_ref().expect("status");
     assert_eq!(cluster_status.regions_ready.as_deref(), Some("1/1"));
-    assert_eq!(cluster_status.machine_ids_allocated, Some(2));
+    assert_eq!(cluster_status.machine_ids_allocated, Some(16));
     assert_eq!(cluster_status.regions[0].gateways_ready, 1);
 
     // kubectl shows the printer columns, and the category lists both kinds.
@@ -542,7 +543,7 @@ async fn dev_example_reconciles_scales_and_releases_its_ids_and_a_noop_writes_no
     for column in ["VERSION", "REGIONS", "MACHINE IDS", "READY", "REASON", "CLUSTER", "GATEWAYS", "ROUTERS"] {
         assert!(table.contains(column), "missing column {column} in:\n{table}");
     }
-    assert!(table.contains("AllRegionsReady") && table.contains("0-1") && table.contains("1/1"), "{table}");
+    assert!(table.contains("AllRegionsReady") && table.contains("0-15") && table.contains("1/1"), "{table}");
     let category = kubectl_ok(&["get", "parley", "-n", &ns.name]);
     assert!(
         category.contains("chatcluster.parley.dev/dev") && category.contains("region.parley.dev/dev-local"),
@@ -588,26 +589,56 @@ async fn dev_example_reconciles_scales_and_releases_its_ids_and_a_noop_writes_no
         assert!(get(&config_maps, name).await.is_some(), "the desired ConfigMap {name} stays");
     }
 
-    // The StatefulSet follows the Region's replicas.
-    regions
-        .patch("dev-local", &PatchParams::default(), &Patch::Merge(json!({"spec": {"gateway": {"replicas": 3}}})))
-        .await
-        .expect("scale");
-    eventually("gateway StatefulSet scaled to 3", || async {
-        let set = get(&sets, "dev-local-gateway").await?;
-        (set.spec.as_ref()?.replicas == Some(3)).then_some(())
-    })
-    .await;
-    let region = eventually("Region 3/3 gateways", || async {
-        let region = get(&regions, "dev-local").await?;
-        let status = region.status.as_ref()?;
-        (status.gateways.as_deref() == Some("3/3") && condition(&status.conditions, "Ready")?.0 == "True")
-            .then_some(region)
-    })
-    .await;
-    // The block grew in place from 2 to 4 IDs (3 gateways + 1 router).
-    let block = region.status.as_ref().and_then(|s| s.machine_id_block).expect("block");
-    assert_eq!(block, MachineIdBlock { start: 0, size: 4 });
+    // The StatefulSet follows the Region's replicas, and scaling within the maximums changes nothing else: the
+    // other StatefulSet and both ConfigMaps keep their resourceVersion, the pod template stays as it was (so no pod
+    // restarts), and the machine-ID block stays.
+    for (component, replicas, other) in [("gateway", 3, "router"), ("router", 2, "gateway")] {
+        let set_name = format!("dev-local-{component}");
+        let before = get(&sets, &set_name).await.expect("StatefulSet");
+        let other_before = get(&sets, &format!("dev-local-{other}")).await.expect("other StatefulSet");
+        let config_versions = |maps: Vec<ConfigMap>| -> Vec<Option<String>> {
+            maps.iter().map(|map| map.metadata.resource_version.clone()).collect()
+        };
+        let config_before = config_versions(config_maps.list(&ListParams::default()).await.expect("list").items);
+        let patched = Instant::now();
+        regions
+            .patch(
+                "dev-local",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {component: {"replicas": replicas}}})),
+            )
+            .await
+            .expect("scale");
+        let after = eventually(&format!("{component} StatefulSet scaled to {replicas}"), || async {
+            let set = get(&sets, &set_name).await?;
+            (set.spec.as_ref()?.replicas == Some(replicas)).then_some(set)
+        })
+        .await;
+        eprintln!("{component} StatefulSet scaled {:.2} s after the Region patch", patched.elapsed().as_secs_f64());
+        let region = eventually(&format!("Region with {replicas} ready {component}s"), || async {
+            let region = get(&regions, "dev-local").await?;
+            let status = region.status.as_ref()?;
+            let wanted = format!("{replicas}/{replicas}");
+            let counts = if component == "gateway" { &status.gateways } else { &status.routers };
+            (counts.as_deref() == Some(wanted.as_str())
+                && status.observed_generation == region.metadata.generation
+                && condition(&status.conditions, "Ready")?.0 == "True")
+                .then_some(region)
+        })
+        .await;
+        let template = |set: &StatefulSet| set.spec.as_ref().map(|spec| spec.template.clone());
+        assert_eq!(template(&after), template(&before), "scaling the {component}s changed their pod template");
+        let other_after = get(&sets, &format!("dev-local-{other}")).await.expect("other StatefulSet");
+        assert_eq!(
+            other_after.metadata.resource_version, other_before.metadata.resource_version,
+            "scaling the {component}s wrote the {other} StatefulSet"
+        );
+        let config_after = config_versions(config_maps.list(&ListParams::default()).await.expect("list").items);
+        assert_eq!(config_after, config_before, "scaling the {component}s wrote a ConfigMap");
+        let block = region.status.as_ref().and_then(|s| s.machine_id_block);
+        assert_eq!(block, Some(MachineIdBlock { start: 0, size: 16 }), "scaling the {component}s moved the block");
+    }
+    let block = MachineIdBlock { start: 0, size: 16 };
 
     // NetworkPolicies turned off: the operator deletes the ones it made.
     let off = json!({"spec": {"networkPolicy": {"enabled": false}}});
@@ -676,10 +707,16 @@ async fn production_regions_get_disjoint_machine_ids_and_become_ready() {
         let router_count: u32 = env_value(&router, "PARLEY_MACHINE_ID_COUNT").expect("count").parse().expect("number");
         assert_eq!(gateway_base, u32::from(block.start), "{name}");
         assert!(router_base > gateway_base && router_base + router_count == block.end(), "{name}: {block:?}");
-        // Several routers per Region, each with one machine ID; the API server accepted the TLS volumes.
+        // Several routers per Region, with machine IDs for as many as it may run; the API server accepted the TLS
+        // volumes.
         let replicas = region.spec.router.replicas;
         assert_eq!(router.spec.as_ref().and_then(|s| s.replicas), Some(replicas), "{name}");
-        assert_eq!(router_count, u32::try_from(replicas).expect("positive"), "{name}");
+        let bound = region.spec.router.max_replicas_bound();
+        assert_eq!(router_count, u32::try_from(bound).expect("positive"), "{name}");
+        assert_eq!(
+            router_base - gateway_base,
+            u32::try_from(region.spec.gateway.max_replicas_bound()).expect("positive")
+        );
         assert!(replicas > 1, "{name}: the production example runs several routers");
         let volumes: Vec<String> = router
             .spec
@@ -944,7 +981,8 @@ async fn exhausted_machine_ids_degrade_a_region_until_a_quarantined_block_expire
         )
         .await
         .expect("short quarantine");
-    // Two Regions that may each grow to 512 gateways + 1 router: 513 IDs each, and dev-local holds 2 of 1024.
+    // Two Regions that may each grow to 512 gateways + 8 routers (the default bound): 520 IDs each, and dev-local
+    // holds 16 of 1024.
     let regions: Api<Region> = Api::namespaced(client.clone(), &ns.name);
     for (name, region_name) in [("big-a", "a"), ("big-b", "b")] {
         let region: Region = serde_json::from_value(json!({
@@ -983,7 +1021,7 @@ async fn exhausted_machine_ids_degrade_a_region_until_a_quarantined_block_expire
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"))
         .map(|c| c.message.clone())
         .unwrap_or_default();
-    assert!(message.contains("needs 513 contiguous machine ids"), "{message}");
+    assert!(message.contains("needs 520 contiguous machine ids"), "{message}");
     let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
     eventually("MachineIdsExhausted Event", || async {
         events
@@ -1018,7 +1056,7 @@ async fn exhausted_machine_ids_degrade_a_region_until_a_quarantined_block_expire
     let region = region_ready(&regions, &loser_name).await;
     assert!(deleted.elapsed() >= Duration::from_secs(4), "the block was reused within its quarantine");
     let block = region.status.as_ref().and_then(|s| s.machine_id_block).expect("block");
-    assert_eq!(block.size, 513);
+    assert_eq!(block.size, 520);
 }
 
 /// Whether the client's user may do `verb` on `resource` (`resource/subresource`) of `group` in `namespace` (empty:

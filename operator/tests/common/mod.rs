@@ -22,12 +22,12 @@ pub fn secured() -> ChatCluster {
     fixture("chatcluster-secured.yaml")
 }
 
-/// The Region `chat-eu` (gateways 2-10, 1 router, its own Kafka and Redis, replicates to `us`).
+/// The Region `chat-eu` (gateways 2-10, 1 router of at most 4, its own Kafka and Redis, replicates to `us`).
 pub fn eu() -> Region {
     fixture("region-eu.yaml")
 }
 
-/// The Region `chat-us` (3 fixed gateways).
+/// The Region `chat-us` (3 fixed gateways, 1 router, no declared maximums: 8 and 8 by default).
 pub fn us() -> Region {
     fixture("region-us.yaml")
 }
