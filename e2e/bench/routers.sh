@@ -16,7 +16,9 @@
 #        RT_WARMUP=3 BUILD=1 OUT=dir. With PARLEY_REDIS_URL, PARLEY_KAFKA_BOOTSTRAP and PARLEY_CASSANDRA_CONTACT set
 #        (an `e2e/stack/up.sh` stack.env sourced, with its TLS and credential variables), those engines are used;
 #        otherwise a fresh stack is started in a temporary directory and purged at the end.
-# Results: $OUT/results.jsonl (one line per router count), $OUT/summary.txt.
+# Then, with the largest count, the takeover: kill -9 of one router, then SIGTERM of another, each timed until
+# the remaining routers own every partition (RT_FAILOVER=0 skips it).
+# Results: $OUT/results.jsonl (one line per router count), $OUT/takeover.jsonl, $OUT/summary.txt.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -202,11 +204,51 @@ for n in $RT_ROUTERS; do
     stop_all
 done
 
+# Takeover after a crash: with the largest router count, kill -9 one router and time how long until the others
+# own every partition (its group session must time out first), then stop it cleanly and time that handover too.
+n=$(echo "$RT_ROUTERS" | tr ' ' '\n' | sort -n | tail -n 1)
+if [ "${RT_FAILOVER:-1}" = 1 ] && [ "$n" -ge 2 ]; then
+    log "takeover: $n routers, kill -9 of router 1, then SIGTERM of router 0"
+    start "$n"
+    owned_by_others() {
+        local total=0 i count
+        for i in "$@"; do
+            count=$(curl -fsS "http://127.0.0.1:$((ROUTER_BASE_PORT + 2 * i + 1))/metrics" 2>/dev/null \
+                | awk '$1 == "parley_router_owned_partitions" { print $2 }')
+            total=$((total + ${count:-0}))
+        done
+        echo "$total"
+    }
+    # time_until_owned INDEX... : milliseconds until those routers own every partition (bounded at 60 s).
+    time_until_owned() {
+        local from=$(date +%s%N)
+        for _ in $(seq 1 1200); do
+            [ "$(owned_by_others "$@")" -ge "$RT_PARTITIONS" ] && break
+            sleep 0.05
+        done
+        echo $((($(date +%s%N) - from) / 1000000))
+    }
+    kill -KILL "${ROUTER_PIDS[1]}"
+    others=(0); for i in $(seq 2 $((n - 1))); do others+=("$i"); done
+    crash_ms=$(time_until_owned "${others[@]}")
+    kill -TERM "${ROUTER_PIDS[0]}"
+    rest=(); for i in $(seq 2 $((n - 1))); do rest+=("$i"); done
+    clean_ms=null
+    [ ${#rest[@]} -gt 0 ] && clean_ms=$(time_until_owned "${rest[@]}")
+    printf '{"takeover": true, "routers": %d, "after_kill_9_ms": %s, "after_sigterm_ms": %s}\n' "$n" "$crash_ms" "$clean_ms" \
+        | tee -a "$OUT/takeover.jsonl" >&2
+    stop_all
+fi
+
 log "results in $OUT/results.jsonl"
 {
     echo "| routers | partitions owned | confirmed sends/s | send→confirm p50 / p99 ms (worst channel) | router CPU µs per message | lost |"
     echo "|---:|---|---:|---:|---:|---:|"
     jq -r '"| \(.routers) | \(.partitions_owned) | \(.sends_per_sec | floor) | \(.confirm_p50_ms) / \(.confirm_p99_ms) | \(.router_cpu_us_per_message // 0 | floor) | \(.lost) |"' \
         "$OUT/results.jsonl"
+    if [ -s "$OUT/takeover.jsonl" ]; then
+        echo
+        jq -r '"Takeover with \(.routers) routers: every partition owned again \(.after_kill_9_ms) ms after a kill -9, \(.after_sigterm_ms) ms after a SIGTERM."' "$OUT/takeover.jsonl"
+    fi
 } | tee "$OUT/summary.txt"
 exit $((FAILURES > 0))
