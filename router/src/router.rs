@@ -338,18 +338,17 @@ impl LocalRouter {
         self.create_channel_with(creator, name, members, ChannelSettings::default()).await
     }
 
-    /// Creates a group channel with these settings; the creator is its owner.
-    pub async fn create_channel_with(
+    /// The members of a new channel: `first` (if any) then `members`, each a valid user id, each once; refused when
+    /// they are more than the channel limit.
+    fn new_members(
         &self,
-        creator: &UserId,
-        name: &str,
-        members: &[String],
-        settings: ChannelSettings,
-    ) -> Result<ChannelView, RouterError> {
-        let channel = ChannelId::group(name)?;
-        let mut unique: Vec<UserId> = Vec::with_capacity(members.len() + 1);
-        let mut seen = HashSet::new();
-        for member in std::iter::once(creator.to_string()).chain(members.iter().cloned()) {
+        channel: &ChannelId,
+        first: Option<&UserId>,
+        members: impl IntoIterator<Item = String>,
+    ) -> Result<Vec<UserId>, RouterError> {
+        let mut unique: Vec<UserId> = first.into_iter().cloned().collect();
+        let mut seen: HashSet<UserId> = unique.iter().cloned().collect();
+        for member in members {
             let member = UserId::new(member)?;
             if seen.insert(member.clone()) {
                 unique.push(member);
@@ -361,6 +360,19 @@ impl LocalRouter {
                 limit: self.config.max_channel_members,
             });
         }
+        Ok(unique)
+    }
+
+    /// Creates a group channel with these settings; the creator is its owner.
+    pub async fn create_channel_with(
+        &self,
+        creator: &UserId,
+        name: &str,
+        members: &[String],
+        settings: ChannelSettings,
+    ) -> Result<ChannelView, RouterError> {
+        let channel = ChannelId::group(name)?;
+        let unique = self.new_members(&channel, Some(creator), members.iter().cloned())?;
         let change = MembershipCommand::Create { creator: creator.clone(), channel, members: unique, settings };
         let view = self.membership_view(change).await?;
         self.with_read(creator, view).await
@@ -408,19 +420,10 @@ impl LocalRouter {
             ServerOp::CreateChannel { name, owner, members, settings } => {
                 let channel = ChannelId::group(&name)?;
                 let owner = owner.map(UserId::new).transpose()?;
-                let mut unique: Vec<UserId> = Vec::with_capacity(members.len());
-                let mut seen: HashSet<UserId> = owner.iter().cloned().collect();
-                for member in members {
-                    let member = UserId::new(member)?;
-                    if seen.insert(member.clone()) {
-                        unique.push(member);
-                    }
-                }
-                if seen.len() > self.config.max_channel_members as usize {
-                    return Err(RouterError::TooManyMembers {
-                        channel: channel.to_string(),
-                        limit: self.config.max_channel_members,
-                    });
+                let mut unique = self.new_members(&channel, owner.as_ref(), members)?;
+                if owner.is_some() {
+                    // The owner is passed on its own.
+                    unique.remove(0);
                 }
                 let change = MembershipCommand::ServerCreate { channel, owner, members: unique, settings };
                 Ok(Answer::Channel(self.membership_view(change).await?))

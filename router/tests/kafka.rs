@@ -103,19 +103,7 @@ fn by_channel(records: &[(i32, MessageView)]) -> BTreeMap<String, Vec<MessageVie
 }
 
 async fn history(store: &EmbeddedStore, channel: &str) -> Vec<MessageView> {
-    let mut all = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = store
-            .history(channel, HistoryQuery { before: None, after: Some(after), limit: 500 })
-            .await
-            .expect("history");
-        all.extend(page.messages.iter().cloned());
-        match page.messages.last() {
-            Some(last) if page.has_more => after = last.seq,
-            _ => return all,
-        }
-    }
+    parley_test_support::router::stored_history(store, channel).await
 }
 
 /// Waits until the store holds `count` messages of `channel`.

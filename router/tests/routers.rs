@@ -9,7 +9,6 @@ use parley_api::{PoolConfig, RemoteRouter, Router, RouterError, RouterPool};
 use parley_bus::pubsub::LocalPubSub;
 use parley_core::protocol::{ErrorCode, MessageView};
 use parley_core::UserId;
-use parley_router::backend::{HistoryQuery, MessageStore};
 use parley_router::embedded::{EmbeddedStore, Retention};
 use parley_router::kafka::partition::partition_for;
 use parley_router::kafka::{ownership, KafkaConfig, KafkaLog, OwnershipGroup};
@@ -58,19 +57,7 @@ fn channel_in(partition: i32, stem: &str) -> String {
 }
 
 async fn history(store: &EmbeddedStore, channel: &str) -> Vec<MessageView> {
-    let mut all = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = store
-            .history(channel, HistoryQuery { before: None, after: Some(after), limit: 500 })
-            .await
-            .expect("history");
-        all.extend(page.messages.iter().cloned());
-        match page.messages.last() {
-            Some(last) if page.has_more => after = last.seq,
-            _ => return all,
-        }
-    }
+    parley_test_support::router::stored_history(store, channel).await
 }
 
 /// Waits until the store writer stored `count` messages of `channel`.

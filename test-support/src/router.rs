@@ -102,6 +102,24 @@ pub fn cassandra_config_with(
     config
 }
 
+/// Every message `store` holds of `channel`, oldest first (read page by page). Panics if a read fails.
+pub async fn stored_history(
+    store: &impl parley_router::backend::MessageStore,
+    channel: &str,
+) -> Vec<parley_core::protocol::MessageView> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let query = parley_router::backend::HistoryQuery { before: None, after: Some(after), limit: 500 };
+        let page = store.history(channel, query).await.unwrap_or_else(|error| panic!("history of {channel}: {error}"));
+        all.extend(page.messages.iter().cloned());
+        match page.messages.last() {
+            Some(last) if page.has_more => after = last.seq,
+            _ => return all,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
