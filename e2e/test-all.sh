@@ -58,18 +58,23 @@ cargo clippy --workspace --all-targets --locked -- -D warnings || fail "cargo cl
 # are stopped on exit, whatever happens. Without them the engine tests fail (they never pass silently), and an
 # engine that does not start fails the run here.
 stack_engines="redis,redis-cluster,kafka,cassandra"
+# The multi-region tests also need a second region's engines (--region2: a second Redis, a second Kafka, Cassandra
+# dc2 on 127.0.0.2; MirrorMaker 2 runs from bin/mm2-run, PARLEY_MM2_RUN) and a Toxiproxy server for WAN latency
+# (--toxiproxy). They add ~20 s to the engines' start (Cassandra's second node starts after the first).
+stack_options=(--region2 --toxiproxy)
 # Cassandra shares the machine with Kafka and a Kubernetes control plane in the same run: 1 GiB of heap is
 # enough for the test keyspaces (override with STACK_CASSANDRA_HEAP).
 export STACK_CASSANDRA_HEAP="${STACK_CASSANDRA_HEAP:-1G}"
-step "engines for the driver suites: $stack_engines (e2e/stack)"
+step "engines for the driver suites: $stack_engines ${stack_options[*]} (e2e/stack)"
 stack_parts="$stack_engines"
 [[ ",$stack_engines," == *,cassandra,* ]] && stack_parts="$stack_parts,cql"
+stack_parts="$stack_parts,mm2,toxiproxy"
 STACK_ONLY="$stack_parts" bash e2e/stack/install.sh \
   || fail "cannot install $stack_parts (STACK_ONLY=$stack_parts bash e2e/stack/install.sh)"
 stack_state="$(mktemp -d "${TMPDIR:-/tmp}/parley-stack.XXXXXX")"
 trap 'bash "$root/e2e/stack/down.sh" --purge "$stack_state" >/dev/null 2>&1 || true' EXIT
-bash e2e/stack/up.sh --only "$stack_engines" "$stack_state" \
-  || fail "$stack_engines did not all start: see the e2e/stack/up.sh output above and the logs under $stack_state \
+bash e2e/stack/up.sh --only "$stack_engines" "${stack_options[@]}" "$stack_state" \
+  || fail "$stack_engines ${stack_options[*]} did not all start: see the e2e/stack/up.sh output above and the logs under $stack_state \
 (redis/redis.log, kafka/kafka.log, cassandra1/logs/system.log)"
 set -a
 . "$stack_state/stack.env"
@@ -83,6 +88,12 @@ for engine in ${stack_engines//,/ }; do
     *) fail "unknown engine $engine in stack_engines" ;;
   esac
   [[ -n "${!variable:-}" ]] || fail "e2e/stack/up.sh started $engine but wrote no $variable to $stack_state/stack.env"
+  echo "$variable=${!variable}"
+done
+# What --region2 and --toxiproxy add.
+for variable in PARLEY_REDIS_B_URL PARLEY_KAFKA_B_BOOTSTRAP PARLEY_CASSANDRA_CONTACT_DC2 PARLEY_MM2_RUN \
+  PARLEY_TOXIPROXY_URL; do
+  [[ -n "${!variable:-}" ]] || fail "e2e/stack/up.sh ${stack_options[*]} wrote no $variable to $stack_state/stack.env"
   echo "$variable=${!variable}"
 done
 # --- Real engines --- end ---

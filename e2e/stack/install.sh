@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# Installs what e2e/stack/up.sh runs: Redis (Debian package), Apache Kafka 4.x and
-# Apache Cassandra 5.0.x (jars from Maven Central, collected with Maven), and a small
-# Python venv with cassandra-driver for CQL checks.
+# Installs what e2e/stack/up.sh runs: Redis (Debian package), Apache Kafka 4.x, its
+# MirrorMaker 2 and Apache Cassandra 5.0.x (jars from Maven Central, collected with Maven),
+# a small Python venv with cassandra-driver for CQL checks, and Toxiproxy (built from its
+# Go module through the Go module proxy).
 #
 # Idempotent: every part writes a marker file when it is complete; a second run only
 # checks the markers and exits (well under a second).
 #
-#   PARLEY_CACHE   cache root (default: ~/.cache/parley); jars go to $PARLEY_CACHE/stack
-#   STACK_ONLY     comma list of parts to install (redis,kafka,cassandra,cql); default all
+#   PARLEY_CACHE   cache root (default: ~/.cache/parley); jars go to $PARLEY_CACHE/stack,
+#                  Toxiproxy to $PARLEY_CACHE/toxiproxy/<version>/bin
+#   STACK_ONLY     comma list of parts to install (redis,kafka,mm2,cassandra,cql,toxiproxy);
+#                  default all
 #   STACK_FORCE=1  ignore markers and reinstall
+#   TOXIPROXY_VERSION  github.com/Shopify/toxiproxy/v2 version (default v2.5.0)
+#   PARLEY_BUILD_NICE  niceness of the Go build (default 19)
 set -euo pipefail
 
 CACHE="${PARLEY_CACHE:-$HOME/.cache/parley}/stack"
-ONLY="${STACK_ONLY:-redis,kafka,cassandra,cql}"
+ONLY="${STACK_ONLY:-redis,kafka,mm2,cassandra,cql,toxiproxy}"
 FORCE="${STACK_FORCE:-0}"
 mkdir -p "$CACHE"
 
@@ -123,18 +128,28 @@ resolve_kafka() {
 
 install_kafka() {
   local d="$CACHE/kafka"
-  if done_marker kafka; then log "kafka: cached (broker $(cat "$d/version"), mirrormaker $(cat "$d/mm2/version" 2>/dev/null || echo none))"; return; fi
+  if done_marker kafka; then log "kafka: cached (broker $(cat "$d/version"))"; return; fi
   need_mvn
   rm -rf "$d"; mkdir -p "$d"
   # Broker + command-line tools (StorageTool is in kafka_2.13, TopicCommand and the
   # console producer/consumer in kafka-tools).
   resolve_kafka "$d/broker" kafka_2.13 kafka-tools || exit 1
   cp "$d/broker/version" "$d/version"; ln -sfn broker/lib "$d/lib"
-  # MirrorMaker 2 (connect-mirror) is published later than the broker for some
-  # releases (4.4.0 was missing when this was written), so it gets its own classpath,
-  # at the newest version not above the broker's that resolves. Optional.
-  MAXV=$(cat "$d/version") resolve_kafka "$d/mm2" connect-mirror \
-    || { log "kafka: connect-mirror did not resolve; MirrorMaker 2 unavailable"; rm -rf "$d/mm2"; }
+  touch "$d/.installed"
+}
+
+# MirrorMaker 2 (connect-mirror) is published later than the broker for some releases
+# (4.4.0 was missing when this was written), so it gets its own classpath, at the newest
+# version not above the broker's that resolves. Needs the broker part (its version).
+install_mm2() {
+  local d="$CACHE/kafka/mm2"
+  [[ -f "$CACHE/kafka/version" ]] || { log "mm2: the kafka part is not installed (STACK_ONLY=kafka,mm2)"; exit 1; }
+  if [[ "$FORCE" != 1 && -f "$d/.installed" ]]; then log "mm2: cached (connect-mirror $(cat "$d/version"))"; return; fi
+  # A cache from before MirrorMaker had its own marker: its jars are complete when the version file exists.
+  if [[ "$FORCE" != 1 && -f "$d/version" && -d "$d/lib" ]]; then touch "$d/.installed"; log "mm2: cached (connect-mirror $(cat "$d/version"))"; return; fi
+  need_mvn
+  MAXV=$(cat "$CACHE/kafka/version") resolve_kafka "$d" connect-mirror \
+    || { log "mm2: connect-mirror did not resolve; see $d/mvn.log"; rm -rf "$d/lib"; exit 1; }
   touch "$d/.installed"
 }
 
@@ -173,8 +188,39 @@ install_cql() {
   log "cql: cassandra-driver $(cat "$d/version")"
 }
 
+# Toxiproxy (server and CLI), from the Go module through the proxy, like e2e/k8s/build.sh builds kwok:
+# `go install pkg@version` with GOBIN in the cache (the module has no replace directives).
+TOXIPROXY_VERSION="${TOXIPROXY_VERSION:-v2.5.0}"
+install_toxiproxy() {
+  local root="${PARLEY_CACHE:-$HOME/.cache/parley}/toxiproxy/$TOXIPROXY_VERSION" stamp
+  local bin="$root/bin"
+  stamp="github.com/Shopify/toxiproxy/v2@$TOXIPROXY_VERSION"
+  if [[ "$FORCE" != 1 && -x "$bin/toxiproxy-server" && -x "$bin/toxiproxy-cli" && "$(cat "$bin/.stamp" 2>/dev/null)" == "$stamp" ]]; then
+    log "toxiproxy: cached ($TOXIPROXY_VERSION, $bin)"; return
+  fi
+  command -v go >/dev/null || { log "toxiproxy: go is not on PATH (needed to build $stamp)"; exit 1; }
+  local par gobin rc=0
+  par=$(nproc 2>/dev/null || echo 2)
+  gobin="$root/gobin.tmp"; rm -rf "$gobin"; mkdir -p "$gobin" "$bin"
+  log "toxiproxy: building $stamp (cmd/server, cmd/cli)"
+  # Never let go download another toolchain; fail clearly instead.
+  (cd "$root" && GOTOOLCHAIN=local GOBIN="$gobin" CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -p=$par -trimpath" \
+     nice -n "${PARLEY_BUILD_NICE:-19}" go install -ldflags "-s -w -X github.com/Shopify/toxiproxy/v2.Version=$TOXIPROXY_VERSION" \
+       "github.com/Shopify/toxiproxy/v2/cmd/server@$TOXIPROXY_VERSION" "github.com/Shopify/toxiproxy/v2/cmd/cli@$TOXIPROXY_VERSION") \
+    >"$root/build.log" 2>&1 || rc=$?
+  if [[ $rc != 0 || ! -x "$gobin/server" || ! -x "$gobin/cli" ]]; then
+    tail -n 20 "$root/build.log" >&2
+    log "toxiproxy: build failed (exit $rc); log: $root/build.log"; rm -rf "$gobin"; exit 1
+  fi
+  mv -f "$gobin/server" "$bin/toxiproxy-server"; mv -f "$gobin/cli" "$bin/toxiproxy-cli"; rm -rf "$gobin"
+  echo "$stamp" >"$bin/.stamp"
+  log "toxiproxy: built $("$bin/toxiproxy-server" -version 2>&1 | head -n1) in $bin"
+}
+
 want redis && install_redis
 want kafka && install_kafka
+want mm2 && install_mm2
 want cassandra && install_cassandra
 want cql && install_cql
+want toxiproxy && install_toxiproxy
 log "done ($CACHE)"

@@ -9,16 +9,21 @@
 #     --dc2            also start a second Cassandra node on 127.0.0.2 in datacenter dc2
 #     --kafka2         also start a second, independent Kafka broker (cluster "B")
 #     --mm2            start MirrorMaker 2 replicating Kafka A -> B (implies --kafka2)
+#     --region2        a second region's engines, for each engine of --only: a second, independent Redis
+#                      (same TLS and ACL user; PARLEY_REDIS_B_URL), the second Kafka (as --kafka2) and
+#                      Cassandra dc2 (as --dc2). MirrorMaker 2 is installed, not started: see bin/mm2-run
+#     --toxiproxy      also start a Toxiproxy server (its API on a free loopback port: PARLEY_TOXIPROXY_URL)
 #
 #   Environment: PARLEY_CACHE (as for install.sh), STACK_NICE (niceness of the engines,
 #   default 0), STACK_TIMEOUT (seconds per engine, default 180),
 #   STACK_KAFKA_HEAP (default 512m), STACK_CASSANDRA_HEAP (default 1G),
 #   CASSANDRA_JAVA (a JDK 17 java; found automatically), KAFKA_JAVA (default: java),
-#   STACK_KEEP_ON_FAIL=1 (leave engines running when one fails to start; default: stop them).
+#   STACK_KEEP_ON_FAIL=1 (leave engines running when one fails to start; default: stop them),
+#   TOXIPROXY_VERSION (default v2.5.0, as install.sh builds it).
 #
 # Writes $STATE/stack.env (PARLEY_REDIS_URL, PARLEY_KAFKA_BOOTSTRAP, PARLEY_CASSANDRA_CONTACT,
 # PARLEY_CASSANDRA_DC, and with the options PARLEY_CASSANDRA_CONTACT_DC2,
-# PARLEY_KAFKA_B_BOOTSTRAP) and helper commands in $STATE/bin:
+# PARLEY_KAFKA_B_BOOTSTRAP, PARLEY_REDIS_B_URL, PARLEY_TOXIPROXY_URL) and helper commands in $STATE/bin:
 #   Kafka listens with SASL_SSL (SCRAM-SHA-512, user parley) and Cassandra with TLS and PasswordAuthenticator
 #   (role parley); stack.env names the CA and the credentials (PARLEY_KAFKA_TLS_CA_FILE,
 #   PARLEY_KAFKA_SASL_USERNAME/PASSWORD, PARLEY_CASSANDRA_TLS_CA_FILE, PARLEY_CASSANDRA_USERNAME/PASSWORD) and
@@ -27,6 +32,9 @@
 #   cql [-h host] [-p port] [--dc DC] STATEMENT...   run CQL over TLS as role parley, print rows (python driver)
 #   nodetool [-p JMX_PORT] ARGS...                    Cassandra's nodetool over local JMX
 #   redis-cli [-p PORT] ARGS...                       redis-cli over TLS as the stack's Redis ACL user
+#   mm2-run MM2_PROPERTIES [--clusters ALIAS...]      MirrorMaker 2 (dedicated mode) in the foreground, with the
+#                                                     cached connect-mirror jars; logs to stdout (PARLEY_MM2_RUN)
+#   toxiproxy-cli ARGS...                             Toxiproxy's CLI against the stack's server (--toxiproxy)
 # Exit status 0 once every engine asked for is ready; 1 (with the engine's name and log
 # file) otherwise.
 set -euo pipefail
@@ -34,7 +42,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${PARLEY_CACHE:-$HOME/.cache/parley}/stack"
 ONLY="redis,kafka,cassandra"
-DC2=0; KAFKA2=0; MM2=0; STATE=""
+DC2=0; KAFKA2=0; MM2=0; REGION2=0; TOXIPROXY=0; STATE=""
 while (($#)); do
   case "$1" in
     --only) ONLY="$2"; shift 2 ;;
@@ -42,6 +50,8 @@ while (($#)); do
     --dc2) DC2=1; shift ;;
     --kafka2) KAFKA2=1; shift ;;
     --mm2) MM2=1; KAFKA2=1; shift ;;
+    --region2) REGION2=1; KAFKA2=1; DC2=1; shift ;;
+    --toxiproxy) TOXIPROXY=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     -*) echo "up.sh: unknown option $1" >&2; exit 2 ;;
     *) STATE="$1"; shift ;;
@@ -56,6 +66,7 @@ for e in ${ONLY//,/ }; do
 done
 want cassandra || DC2=0
 want kafka || { KAFKA2=0; MM2=0; }
+REDIS2=0; if ((REGION2)) && want redis; then REDIS2=1; fi
 
 log() { printf '[stack-up %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() {
@@ -88,7 +99,10 @@ done
 parts=""
 { want redis || want redis-cluster; } && parts+="redis,"
 want kafka && parts+="kafka,"
+# MirrorMaker 2 with any second Kafka: --mm2 runs it, and a --region2 (or --kafka2) test runs it through bin/mm2-run.
+((KAFKA2)) && parts+="mm2,"
 want cassandra && parts+="cassandra,cql,"
+((TOXIPROXY)) && parts+="toxiproxy,"
 STACK_ONLY="${parts%,}" "$HERE/install.sh"
 
 KAFKA_LIB="$CACHE/kafka/broker/lib"
@@ -257,6 +271,17 @@ start_redis() {
   write_redis_cli "$REDIS_PORT"
 }
 redis_ready() { [[ "$(rcli "$REDIS_PORT" ping)" == PONG ]]; }
+# The second region's Redis (--region2): independent of the first, the same certificate, CA, user and password.
+start_redis_b() {
+  local d="$STATE/redis_b"; mkdir -p "$d"
+  redis_init
+  REDIS_B_PORT=$(free_port)
+  { redis_common "$d"; echo "tls-port $REDIS_B_PORT"; } >"$d/redis.conf"
+  chmod 600 "$d/redis.conf"
+  start redis_b "$d/redis.log" redis-server "$d/redis.conf"
+  envline PARLEY_REDIS_B_URL "rediss://127.0.0.1:$REDIS_B_PORT"
+}
+redis_b_ready() { [[ "$(rcli "$REDIS_B_PORT" ping)" == PONG ]]; }
 
 # Redis Cluster: three masters, no replicas, slots spread by redis-cli --cluster create; TLS on the cluster bus too.
 start_redis_cluster() {
@@ -448,6 +473,40 @@ kafka_ready() { # PORT: answers over TLS and takes user parley's password
     --command-config "$KAFKA_CLIENT_PROPERTIES" --list 2>/dev/null | grep -qx parley-stack-ready
 }
 
+# bin/mm2-run: MirrorMaker 2 in dedicated mode, in the foreground, from any mm2.properties (what up.sh --mm2 starts,
+# and what a test or the pod runner starts for an apache/kafka pod running connect-mirror-maker.sh). Like Kafka's
+# scripts it reads KAFKA_HEAP_OPTS and KAFKA_OPTS; it logs INFO to stdout with the stack's log4j2 configuration.
+MM2_LOG4J="$STATE/bin/mm2-log4j2.properties"
+write_mm2_run() {
+  local java; java=$(command -v "$KAFKA_JAVA") || die "mm2: $KAFKA_JAVA not found (set KAFKA_JAVA)"
+  cat >"$MM2_LOG4J" <<'EOF'
+status = warn
+appender.out.type = Console
+appender.out.name = STDOUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = info
+rootLogger.appenderRef.out.ref = STDOUT
+logger.reflections.name = org.reflections
+logger.reflections.level = error
+EOF
+  cat >"$STATE/bin/mm2-run" <<EOF
+#!/usr/bin/env bash
+# MirrorMaker 2 (org.apache.kafka.connect.mirror.MirrorMaker, dedicated mode) in the foreground, as Apache Kafka's
+# connect-mirror-maker.sh runs it:  mm2-run MM2_PROPERTIES [--clusters ALIAS...]
+# Jars: $MM2_LIB (connect-mirror $(cat "$CACHE/kafka/mm2/version" 2>/dev/null)).
+# KAFKA_HEAP_OPTS (default -Xms128m -Xmx512m) and KAFKA_OPTS are read as Kafka's scripts read them.
+if [[ \$# -lt 1 || "\$1" == -* ]]; then
+  echo "usage: mm2-run MM2_PROPERTIES [--clusters ALIAS...]" >&2; exit 2
+fi
+[[ -r "\$1" ]] || { echo "mm2-run: cannot read the MirrorMaker 2 properties \$1" >&2; exit 2; }
+exec "$java" \${KAFKA_HEAP_OPTS:--Xms128m -Xmx512m} -XX:+UseG1GC -XX:-UsePerfData -Djava.awt.headless=true \\
+  -Djava.net.preferIPv4Stack=true -Dlog4j2.configurationFile="$MM2_LOG4J" \${KAFKA_OPTS:-} \\
+  -cp "$MM2_LIB/*" org.apache.kafka.connect.mirror.MirrorMaker "\$@"
+EOF
+  chmod 755 "$STATE/bin/mm2-run"
+}
+
 start_mm2() {
   local d="$STATE/mm2"; mkdir -p "$d"
   cat >"$d/mm2.properties" <<EOF
@@ -477,10 +536,7 @@ emit.checkpoints.interval.seconds=5
 tasks.max=1
 EOF
   chmod 600 "$d/mm2.properties"
-  cp "$STATE/kafka/log4j2.properties" "$d/log4j2.properties"
-  start mm2 "$d/mm2.log" "$KAFKA_JAVA" -Xms128m -Xmx512m -XX:+UseG1GC -Djava.net.preferIPv4Stack=true \
-    "-Dlog4j2.configurationFile=$d/log4j2.properties" -cp "$MM2_LIB/*" \
-    org.apache.kafka.connect.mirror.MirrorMaker "$d/mm2.properties" --clusters B
+  start mm2 "$d/mm2.log" "$STATE/bin/mm2-run" "$d/mm2.properties" --clusters B
   envline PARLEY_MM2_SOURCE_ALIAS A
 }
 mm2_ready() { grep -q "MirrorSourceConnector" "$STATE/mm2/mm2.log" && grep -qiE "Kafka MirrorMaker started|MirrorMaker started" "$STATE/mm2/mm2.log"; }
@@ -746,15 +802,40 @@ dc2_joined() { # node 1 sees 127.0.0.2 in dc2
 }
 
 # ---------------------------------------------------------------------------
+# Toxiproxy (--toxiproxy): the server's API on a free loopback port. Tests make their proxies through the API
+# (POST /proxies with "listen": "127.0.0.1:0" picks a free port); proxies live as long as the server.
+TOXIPROXY_BIN="${PARLEY_CACHE:-$HOME/.cache/parley}/toxiproxy/${TOXIPROXY_VERSION:-v2.5.0}/bin"
+start_toxiproxy() {
+  local d="$STATE/toxiproxy"; mkdir -p "$d"
+  TOXIPROXY_PORT=$(free_port)
+  start toxiproxy "$d/toxiproxy.log" "$TOXIPROXY_BIN/toxiproxy-server" -host 127.0.0.1 -port "$TOXIPROXY_PORT"
+  cat >"$STATE/bin/toxiproxy-cli" <<EOF
+#!/usr/bin/env bash
+# Toxiproxy's CLI against the stack's server, e.g. toxiproxy-cli list
+exec "$TOXIPROXY_BIN/toxiproxy-cli" --host "http://127.0.0.1:$TOXIPROXY_PORT" "\$@"
+EOF
+  chmod +x "$STATE/bin/toxiproxy-cli"
+  envline PARLEY_TOXIPROXY_URL "http://127.0.0.1:$TOXIPROXY_PORT"
+}
+toxiproxy_ready() {
+  python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2).read()' \
+    "http://127.0.0.1:$TOXIPROXY_PORT/version"
+}
+
+# ---------------------------------------------------------------------------
 T0=$(now)
 # Launch everything first (the JVMs start in parallel), then wait for each.
 # Slowest first; Kafka's storage format runs in the foreground (a few seconds).
 want cassandra && start_cassandra cassandra1 127.0.0.1 dc1
 if want kafka; then start_kafka kafka; ((KAFKA2)) && start_kafka kafka_b; fi
 want redis && start_redis
+((REDIS2)) && start_redis_b
 want redis-cluster && start_redis_cluster
+((TOXIPROXY)) && start_toxiproxy
 
 want redis && wait_ready redis redis_ready
+((REDIS2)) && wait_ready redis_b redis_b_ready
+((TOXIPROXY)) && wait_ready toxiproxy toxiproxy_ready
 if want redis-cluster; then
   for n in 1 2 3; do wait_ready "redis_cluster$n" redis_cluster_node_ready "${CLUSTER_PORTS[$((n - 1))]}"; done
   form_redis_cluster
@@ -773,6 +854,10 @@ if want kafka; then
   envline PARLEY_KAFKA_SASL_MECHANISM SCRAM-SHA-512
   envline PARLEY_KAFKA_SASL_USERNAME parley
   envline PARLEY_KAFKA_SASL_PASSWORD "$KAFKA_PASSWORD"
+  if [[ -d "$MM2_LIB" ]]; then
+    write_mm2_run
+    envline PARLEY_MM2_RUN "$STATE/bin/mm2-run"
+  fi
 fi
 if want cassandra; then
   WAIT_LABEL=cassandra1 wait_ready cassandra1 cassandra_ready 127.0.0.1 --user cassandra --password cassandra
@@ -794,12 +879,10 @@ if want cassandra; then
   fi
 fi
 if ((MM2)); then
-  if [[ -d "$MM2_LIB" ]]; then
-    start_mm2
-    wait_ready mm2 mm2_ready
-  else
-    log "mm2: connect-mirror jars not installed ($MM2_LIB); MirrorMaker 2 not started"
-  fi
+  [[ -x "$STATE/bin/mm2-run" ]] \
+    || die "mm2: the connect-mirror jars are not installed ($MM2_LIB; STACK_ONLY=kafka,mm2 e2e/stack/install.sh)"
+  start_mm2
+  wait_ready mm2 mm2_ready
 fi
 
 mv "$ENV.tmp" "$ENV"

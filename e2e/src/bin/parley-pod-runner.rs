@@ -65,6 +65,11 @@ struct RunArgs {
     #[arg(long = "image")]
     images: Vec<String>,
 
+    /// MirrorMaker 2 pods, `[REPOSITORY=]LAUNCHER` (repeatable; REPOSITORY defaults to apache/kafka): a container of
+    /// that image running /opt/kafka/bin/connect-mirror-maker.sh runs LAUNCHER (e2e/stack's bin/mm2-run) instead.
+    #[arg(long = "mm2-launcher", env = "PARLEY_MM2_RUN", value_delimiter = ',')]
+    mm2_launchers: Vec<String>,
+
     /// First two octets of the pod addresses, in 127/8.
     #[arg(long, default_value = "127.1")]
     address_prefix: String,
@@ -106,6 +111,9 @@ fn config(args: &RunArgs) -> anyhow::Result<runner::Config> {
     let mut images = ImageMap::builtin();
     for spec in &args.images {
         images.add(spec).map_err(anyhow::Error::msg)?;
+    }
+    for spec in &args.mm2_launchers {
+        images.add_mirror_maker(spec).map_err(anyhow::Error::msg)?;
     }
     let labels: BTreeMap<String, String> = args
         .node_labels
@@ -206,6 +214,8 @@ mod tests {
             "r/x=parley",
             "--address-prefix",
             "127.9",
+            "--mm2-launcher",
+            "/st/bin/mm2-run",
         ])
         .expect("parse");
         let Command::Run(run) = args.command else { panic!("expected run") };
@@ -213,6 +223,10 @@ mod tests {
         assert_eq!(config.nodes.names, vec!["t-0".to_owned(), "t-1".to_owned()]);
         assert_eq!(config.address_prefix, [127, 9]);
         assert!(config.images.lookup("r/x:1").is_some());
+        assert_eq!(
+            config.images.lookup("apache/kafka:4.1.0").map(|entry| entry.binary.as_str()),
+            Some("/st/bin/mm2-run")
+        );
         assert_eq!(config.backoff, Duration::from_secs(10));
     }
 }

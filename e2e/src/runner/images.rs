@@ -12,18 +12,32 @@
 //!
 //! More come from `--image REPOSITORY=BINARY` (entrypoint `/usr/local/bin/BINARY`, no `ENV`). A unit test checks the
 //! built-in entries against the Dockerfiles.
+//!
+//! MirrorMaker 2 pods run Apache Kafka's image (`apache/kafka`) with `command:
+//! [/opt/kafka/bin/connect-mirror-maker.sh, <mm2.properties>, --clusters, <alias>]`. `--mm2-launcher
+//! [REPOSITORY=]LAUNCHER` ([`ImageMap::add_mirror_maker`]) maps that script of that image (by default `apache/kafka`)
+//! to a launcher outside the binaries directory, `e2e/stack`'s `bin/mm2-run`, which takes the same arguments. Such
+//! an entry has no `ENTRYPOINT` or `CMD` of its own: the container must name the script in `command`.
 
 use std::path::{Path, PathBuf};
+
+/// The repository of the Apache Kafka image, whose `connect-mirror-maker.sh` runs MirrorMaker 2.
+pub const MIRROR_MAKER_REPOSITORY: &str = "apache/kafka";
+/// The script of the Apache Kafka image that starts MirrorMaker 2 in dedicated mode.
+pub const MIRROR_MAKER_SCRIPT: &str = "/opt/kafka/bin/connect-mirror-maker.sh";
 
 /// What stands in for one image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageEntry {
     /// Repository, without tag or digest (`parley/gateway`).
     pub repository: String,
-    /// The workspace binary that is run (a file of the binaries directory).
+    /// What is run: a file name of the binaries directory (a workspace binary), or an absolute path (a launcher
+    /// such as `e2e/stack`'s `bin/mm2-run`).
     pub binary: String,
     /// The image's `ENTRYPOINT` executable, as a container's `command` would name it.
     pub entrypoint: String,
+    /// The image's own `ENTRYPOINT`/`CMD` are not provided: a container must name `entrypoint` in its `command`.
+    pub command_required: bool,
     /// The image's `CMD` (arguments when the container gives neither `command` nor `args`).
     pub cmd: Vec<String>,
     /// The image's `ENV`, in order; the container's own environment overrides it.
@@ -49,6 +63,7 @@ impl ImageMap {
                     repository: "parley/gateway".to_owned(),
                     binary: "parley".to_owned(),
                     entrypoint: "/usr/local/bin/parley".to_owned(),
+                    command_required: false,
                     cmd: Vec::new(),
                     env: pairs(&[
                         ("PARLEY_LISTEN", "0.0.0.0:8080"),
@@ -60,6 +75,7 @@ impl ImageMap {
                     repository: "parley/router".to_owned(),
                     binary: "parley-router".to_owned(),
                     entrypoint: "/usr/local/bin/parley-router".to_owned(),
+                    command_required: false,
                     cmd: Vec::new(),
                     env: pairs(&[
                         ("PARLEY_ROUTER_LISTEN", "0.0.0.0:7070"),
@@ -83,6 +99,34 @@ impl ImageMap {
             entrypoint: format!("/usr/local/bin/{binary}"),
             repository,
             binary: binary.to_owned(),
+            command_required: false,
+            cmd: Vec::new(),
+            env: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Adds (or replaces) a MirrorMaker 2 image, from `[REPOSITORY=]LAUNCHER`: a container of `REPOSITORY` (default
+    /// [`MIRROR_MAKER_REPOSITORY`]) whose `command` starts with [`MIRROR_MAKER_SCRIPT`] runs `LAUNCHER`, an absolute
+    /// path, with the container's arguments (`<mm2.properties> --clusters <alias>`).
+    pub fn add_mirror_maker(&mut self, spec: &str) -> Result<(), String> {
+        let (repository, launcher) = match spec.split_once('=') {
+            Some((repository, launcher)) if !repository.starts_with('/') => (repository, launcher),
+            _ => (MIRROR_MAKER_REPOSITORY, spec),
+        };
+        if repository.is_empty() || !launcher.starts_with('/') || launcher.ends_with('/') {
+            return Err(format!(
+                "--mm2-launcher takes [REPOSITORY=]LAUNCHER, LAUNCHER an absolute path (e2e/stack's bin/mm2-run), not \
+                 {spec:?}"
+            ));
+        }
+        let repository = self::repository(repository).to_owned();
+        self.entries.retain(|entry| entry.repository != repository);
+        self.entries.push(ImageEntry {
+            repository,
+            binary: launcher.to_owned(),
+            entrypoint: MIRROR_MAKER_SCRIPT.to_owned(),
+            command_required: true,
             cmd: Vec::new(),
             env: Vec::new(),
         });
@@ -101,6 +145,22 @@ impl ImageMap {
     }
 }
 
+impl ImageEntry {
+    /// The file that is run: `binaries/<binary>`, or `binary` itself when it is an absolute path.
+    pub fn program(&self, binaries: &Path) -> PathBuf {
+        if self.binary.starts_with('/') {
+            PathBuf::from(&self.binary)
+        } else {
+            binaries.join(&self.binary)
+        }
+    }
+}
+
+/// The last component of a path.
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
 /// The repository of an image reference: without `@digest`, without `:tag` (a `:` after the last `/`), and without
 /// a `docker.io/` or `index.docker.io/` prefix (and `library/` after it).
 pub fn repository(image: &str) -> &str {
@@ -116,7 +176,8 @@ pub fn repository(image: &str) -> &str {
 
 /// The program and arguments of a container, the way a container runtime combines them with the image: `command`
 /// replaces the `ENTRYPOINT` (and drops the `CMD`), `args` replace the `CMD`. The program must be the image's
-/// entrypoint (by path or by file name): it becomes `binaries/<binary>`, with the image path as `argv[0]`.
+/// entrypoint (by path or by file name, or the binary's file name): it becomes [`ImageEntry::program`], with the
+/// image path as `argv[0]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invocation {
     /// The file to execute.
@@ -136,20 +197,27 @@ pub fn invocation(
 ) -> Result<Invocation, String> {
     let (program, mut rest) = match command.split_first() {
         Some((program, rest)) => (program.clone(), rest.to_vec()),
+        None if entry.command_required => {
+            return Err(format!(
+                "the container of image {} has no command: the runner runs only {:?} of it (as {}), named as the \
+                 container's command",
+                entry.repository, entry.entrypoint, entry.binary
+            ))
+        }
         None => (entry.entrypoint.clone(), if args.is_some() { Vec::new() } else { entry.cmd.clone() }),
     };
     if let Some(args) = args {
         rest.extend(args.iter().cloned());
     }
-    let file_name = program.rsplit('/').next().unwrap_or(&program);
-    if program != entry.entrypoint && file_name != entry.binary {
+    let name = file_name(&program);
+    if program != entry.entrypoint && name != file_name(&entry.entrypoint) && name != file_name(&entry.binary) {
         return Err(format!(
             "the container runs {program:?}, which image {} does not provide here: the runner only runs its entrypoint \
-             {:?} (binary {})",
+             {:?} (as {})",
             entry.repository, entry.entrypoint, entry.binary
         ));
     }
-    Ok(Invocation { program: binaries.join(&entry.binary), arg0: program, args: rest })
+    Ok(Invocation { program: entry.program(binaries), arg0: program, args: rest })
 }
 
 #[cfg(test)]
@@ -194,6 +262,44 @@ mod tests {
         assert_eq!((with_command.arg0.as_str(), with_command.args.len()), ("parley-router", 2));
         let error = invocation(entry, bin, &["/bin/sh".to_owned()], None).expect_err("no shell in the image");
         assert!(error.contains("/bin/sh") && error.contains("parley-router"), "{error}");
+    }
+
+    #[test]
+    fn mirror_maker_pods_run_the_launcher_with_their_arguments() {
+        let mut map = ImageMap::builtin();
+        assert!(map.lookup("apache/kafka:4.1.0").is_none(), "not mapped without --mm2-launcher");
+        map.add_mirror_maker("/st/bin/mm2-run").expect("default repository");
+        map.add_mirror_maker("registry.example.com/apache/kafka=/st/bin/mm2-run").expect("own repository");
+        for image in ["apache/kafka:4.1.0", "docker.io/apache/kafka@sha256:ab", "registry.example.com/apache/kafka:4"] {
+            let entry = map.lookup(image).expect(image);
+            assert_eq!((entry.binary.as_str(), entry.command_required), ("/st/bin/mm2-run", true), "{image}");
+        }
+        let entry = map.lookup("apache/kafka:4.1.0").expect("entry");
+        let command: Vec<String> = [MIRROR_MAKER_SCRIPT, "/etc/mm2/mm2.properties", "--clusters", "us"]
+            .iter()
+            .map(|word| (*word).to_owned())
+            .collect();
+        let run = invocation(entry, Path::new("/b"), &command, None).expect("the script");
+        assert_eq!(run.program, Path::new("/st/bin/mm2-run"), "the launcher, not a file of the binaries directory");
+        assert_eq!(run.arg0, MIRROR_MAKER_SCRIPT);
+        assert_eq!(run.args, command[1..].to_vec(), "the arguments pass through");
+        // command + args combine as for any image; the script may be named by its file name.
+        let split = invocation(
+            entry,
+            Path::new("/b"),
+            &["connect-mirror-maker.sh".to_owned()],
+            Some(&["/p".to_owned(), "--clusters".to_owned(), "eu".to_owned()]),
+        )
+        .expect("by file name, with args");
+        assert_eq!((split.program.as_path(), split.args.len()), (Path::new("/st/bin/mm2-run"), 3));
+        let error = invocation(entry, Path::new("/b"), &[], Some(&["/p".to_owned()])).expect_err("no command");
+        assert!(error.contains("apache/kafka") && error.contains(MIRROR_MAKER_SCRIPT), "{error}");
+        let error = invocation(entry, Path::new("/b"), &["/opt/kafka/bin/kafka-server-start.sh".to_owned()], None)
+            .expect_err("another script of the image");
+        assert!(error.contains("kafka-server-start.sh") && error.contains(MIRROR_MAKER_SCRIPT), "{error}");
+        for bad in ["mm2-run", "apache/kafka=mm2-run", "=/st/bin/mm2-run", "/st/bin/"] {
+            assert!(map.add_mirror_maker(bad).is_err(), "{bad}");
+        }
     }
 
     /// `ENV`, `ENTRYPOINT` and `CMD` of the final stage of a Dockerfile (the subset the workspace's use).

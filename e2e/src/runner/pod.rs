@@ -446,7 +446,7 @@ async fn prepare(shared: &Shared, container: &Container) -> Result<Prepared, Fai
                 .join(", ")
         ),
     })?;
-    let binary = context.binaries.join(&entry.binary);
+    let binary = entry.program(&context.binaries);
     if !binary.is_file() {
         return Err(Failure {
             reason: "ErrImagePull",
