@@ -33,6 +33,10 @@ pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// The path of the call endpoint.
 pub const CALL_PATH: &str = "/internal/v1/call";
 
+/// The path of the call endpoint for another region's routers: the router that receives a call there passes it
+/// to the owner of its channel in its own region (see `parley_router::global`).
+pub const PEER_CALL_PATH: &str = "/internal/v1/peer-call";
+
 /// The path of the limits endpoint.
 pub const CONFIG_PATH: &str = "/internal/v1/config";
 
@@ -45,6 +49,7 @@ pub struct RemoteRouter {
     timeout: Duration,
     limits: Limits,
     stats: Arc<RouterStats>,
+    call_path: &'static str,
 }
 
 impl std::fmt::Debug for RemoteRouter {
@@ -67,9 +72,16 @@ impl RemoteRouter {
             timeout,
             limits: Limits::default(),
             stats: Arc::new(RouterStats::default()),
+            call_path: CALL_PATH,
         };
         remote.limits = remote.request(http::Method::GET, CONFIG_PATH, None).await?;
         Ok(remote)
+    }
+
+    /// This client, sending its calls to `path` instead of [`CALL_PATH`] (for example [`PEER_CALL_PATH`]).
+    pub fn with_call_path(mut self, path: &'static str) -> Self {
+        self.call_path = path;
+        self
     }
 
     fn unavailable(&self, reason: impl std::fmt::Display) -> RouterError {
@@ -134,7 +146,7 @@ impl RemoteRouter {
 
     async fn call_json(&self, call: &Call) -> Result<serde_json::Value, RouterError> {
         let body = serde_json::to_vec(call).map_err(|error| RouterError::InvalidArgument(error.to_string()))?;
-        match self.request::<Reply<serde_json::Value>>(http::Method::POST, CALL_PATH, Some(body)).await? {
+        match self.request::<Reply<serde_json::Value>>(http::Method::POST, self.call_path, Some(body)).await? {
             Reply::Ok(value) => Ok(value),
             Reply::Error { code, message } => {
                 if code == ErrorCode::Unavailable {

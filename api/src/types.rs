@@ -184,6 +184,8 @@ pub struct RouterStats {
     pub publish_queue: std::sync::atomic::AtomicU64,
     /// Durable messages not handed to the tap because its queue was full.
     pub tap_dropped: std::sync::atomic::AtomicU64,
+    /// Membership changes that could not be recorded for other regions.
+    pub memberships_unrecorded: std::sync::atomic::AtomicU64,
     /// Messages of large channels put in a feed (fan-out on read) instead of being published.
     pub feed_messages: std::sync::atomic::AtomicU64,
     /// Feed notices published (one per large channel per batch).
@@ -211,6 +213,7 @@ impl Default for RouterStats {
             publish_timeouts: Default::default(),
             publish_queue: Default::default(),
             tap_dropped: Default::default(),
+            memberships_unrecorded: Default::default(),
             feed_messages: Default::default(),
             feed_notices: Default::default(),
             feed_reads: Default::default(),
@@ -272,6 +275,9 @@ const COUNTERS: &[CounterField] = &[
     ("publish_failures", "Publications that failed (recovered from history)", |stats| &stats.publish_failures),
     ("publish_timeouts", "Publications whose publish missed its deadline", |stats| &stats.publish_timeouts),
     ("tap_dropped", "Durable messages not offered to push (queue full)", |stats| &stats.tap_dropped),
+    ("memberships_unrecorded", "Membership changes not recorded for other regions", |stats| {
+        &stats.memberships_unrecorded
+    }),
     ("feed_messages", "Messages of large channels put in their feed (fan-out on read)", |stats| &stats.feed_messages),
     ("feed_notices", "Feed notices published (one per large channel per batch)", |stats| &stats.feed_notices),
     ("feed_reads", "Gateway feed reads answered from memory", |stats| &stats.feed_reads),

@@ -27,6 +27,20 @@ pub struct Args {
     /// everything, which is right for one router only.
     #[arg(long, env = "PARLEY_ROUTER_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
+    /// The other regions' routers, `name=url[,name=url...]`: calls about channels homed there are carried to that
+    /// URL (any router of the region), with `--peer-token`. Needs `--region` (`PARLEY_REGION`): channels this router
+    /// creates are homed in its region.
+    #[arg(long, env = "PARLEY_PEER_ROUTERS", default_value = "")]
+    pub peer_routers: String,
+    /// The regions whose topics MirrorMaker 2 copies into this region's Kafka (`<region>.<prefix>messages`,
+    /// `<region>.<prefix>memberships`), comma-separated: this router delivers their messages and membership
+    /// changes to this region's gateways. Needs `--region` and Kafka.
+    #[arg(long, env = "PARLEY_MIRRORED_REGIONS", default_value = "")]
+    pub mirrored_regions: String,
+    /// The token routers of different regions present to each other (the same in every region). Without it this
+    /// router neither carries calls to other regions nor takes theirs.
+    #[arg(long, env = "PARLEY_PEER_TOKEN", hide_env_values = true)]
+    pub peer_token: Option<String>,
     /// Redis for pub/sub and the user→gateway registry (`--redis-url`, required: it is how deliveries reach the
     /// gateways; TLS with `rediss://`; `--redis-username`, `--redis-password`, `--redis-tls-ca-file`, `--redis-prefix`).
     #[command(flatten)]

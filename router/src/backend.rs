@@ -33,6 +33,20 @@ pub struct ChannelRecord {
     /// old sequence (a sequence is never reused) and hides the old messages.
     #[serde(default)]
     pub history_from: u64,
+    /// The channel's home: the region whose router orders it ([`crate::global`]). `None` for a channel created
+    /// before regions existed, or by a router without a region: its home is the region that reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<Home>,
+}
+
+/// Where a channel is ordered: the region whose writer owns its sequence, and the epoch of that ownership. A
+/// channel is created with its creator's region at epoch 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Home {
+    /// Region name (`PARLEY_REGION` of its routers).
+    pub region: String,
+    /// Bumped each time the home moves; records of an older epoch come from a deposed home.
+    pub epoch: u64,
 }
 
 /// A membership change, applied in a batch.
@@ -141,6 +155,12 @@ pub trait MessageLog: Send + Sync + 'static {
     async fn record_read(&self, _receipt: ReadReceipt) -> Result<(), BackendError> {
         Ok(())
     }
+    /// Records membership changes that became durable, in order, for other regions. A log that other regions
+    /// mirror (Kafka) appends them to its memberships topic, keyed by channel; the embedded log records nothing.
+    async fn record_memberships(&self, _events: Vec<crate::publisher::MembershipEvent>) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Records presence changes, in the order given. A log that other regions mirror (Kafka) appends them to its
     /// presence topic, acknowledged by all in-sync replicas, keyed by user so each user's changes keep their
     /// order; the embedded log records nothing (one process holds the whole presence book).

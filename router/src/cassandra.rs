@@ -48,7 +48,7 @@
 mod schema;
 
 use crate::backend::{
-    ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageStore, PriorSend,
+    ChannelRecord, HistoryPage, HistoryQuery, Home, MembershipChange, MembershipStore, MessageStore, PriorSend,
 };
 use async_trait::async_trait;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
@@ -382,6 +382,8 @@ struct Statements {
     delete_user_channel: PreparedStatement,
     select_settings: PreparedStatement,
     write_settings: PreparedStatement,
+    select_home: PreparedStatement,
+    write_home: PreparedStatement,
     select_access: PreparedStatement,
     select_access_of: PreparedStatement,
     write_access: PreparedStatement,
@@ -403,6 +405,8 @@ type BucketRow = (i64, Option<i64>, Option<i64>);
 type ChannelRows = Vec<(Option<String>, Option<String>, Option<i64>, Option<i32>)>;
 /// `(visibility, posting, history_from)` of `channel_settings`.
 type SettingsRows = Vec<(Option<String>, Option<String>, Option<i64>)>;
+/// `channel_homes` rows: region, epoch.
+type HomeRows = Vec<(Option<String>, Option<i64>)>;
 
 /// The write timestamp of an idempotency key: lower for later messages (Snowflake ids grow with time), so that
 /// Cassandra's last-write-wins keeps the first message a key named, without a read or a lightweight transaction.
@@ -874,6 +878,13 @@ async fn prepare(session: &Session, config: &CassandraConfig) -> Result<Statemen
             ))
             .await?,
         ),
+        select_home: idempotent(
+            prepare_one(format!("SELECT region, epoch FROM {keyspace}.channel_homes WHERE channel = ?")).await?,
+        ),
+        write_home: idempotent(
+            prepare_one(format!("INSERT INTO {keyspace}.channel_homes (channel, region, epoch) VALUES (?, ?, ?)"))
+                .await?,
+        ),
         write_settings: idempotent(
             prepare_one(format!(
                 "INSERT INTO {keyspace}.channel_settings (channel, visibility, posting, history_from) \
@@ -1130,9 +1141,10 @@ struct ChannelUpdate {
 #[async_trait]
 impl MembershipStore for CassandraStore {
     async fn channel(&self, channel: &str) -> Result<Option<ChannelRecord>, BackendError> {
-        let (rows, settings): (ChannelRows, SettingsRows) = tokio::try_join!(
+        let (rows, settings, homes): (ChannelRows, SettingsRows, HomeRows) = tokio::try_join!(
             self.rows("read channel", &self.statements.select_channel, (channel,)),
             self.rows("read channel settings", &self.statements.select_settings, (channel,)),
+            self.rows("read channel home", &self.statements.select_home, (channel,)),
         )?;
         let Some((kind, created_by, created_at, member_count)) = rows.into_iter().next() else {
             return Ok(None);
@@ -1153,6 +1165,10 @@ impl MembershipStore for CassandraStore {
                 _ => Posting::Everyone,
             },
             history_from: history_from.unwrap_or(0).max(0) as u64,
+            home: homes
+                .into_iter()
+                .next()
+                .and_then(|(region, epoch)| Some(Home { region: region?, epoch: epoch.unwrap_or(1).max(1) as u64 })),
         }))
     }
 
@@ -1396,6 +1412,14 @@ impl CassandraStore {
                             CqlValue::BigInt(signed(record.created_at)),
                             CqlValue::Int(count),
                         ]);
+                        if let Some(home) = &record.home {
+                            chunk_statements.append_statement(statements.write_home.clone());
+                            chunk_values.push(vec![
+                                text(&record.id),
+                                text(&home.region),
+                                CqlValue::BigInt(signed(home.epoch)),
+                            ]);
+                        }
                         update.created = false;
                     } else {
                         chunk_statements.append_statement(statements.update_count.clone());

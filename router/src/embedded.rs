@@ -706,6 +706,7 @@ mod tests {
             visibility: Default::default(),
             posting: Default::default(),
             history_from: 0,
+            home: None,
         };
         store
             .apply(vec![

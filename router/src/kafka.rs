@@ -65,6 +65,7 @@
 //! ...`).
 
 pub mod log;
+pub mod mirror;
 pub mod ownership;
 pub mod partition;
 pub mod store_writer;
@@ -271,6 +272,22 @@ impl KafkaConfig {
     /// `{prefix}presence`.
     pub fn presence_topic(&self) -> String {
         format!("{}presence", self.prefix)
+    }
+
+    /// `{prefix}memberships`: membership changes, keyed by channel, for other regions.
+    pub fn memberships_topic(&self) -> String {
+        format!("{}memberships", self.prefix)
+    }
+
+    /// `{source}.{topic}`: `topic` of region `source` as MirrorMaker 2's default replication policy names it in
+    /// this region's Kafka.
+    pub fn mirrored(source: &str, topic: &str) -> String {
+        format!("{source}.{topic}")
+    }
+
+    /// `{prefix}mirror`, the consumer group of the routers that deliver other regions' mirrored records.
+    pub fn mirror_group(&self) -> String {
+        format!("{}mirror", self.prefix)
     }
 
     /// `{prefix}store-writer`, the store writer's consumer group.
@@ -524,7 +541,7 @@ pub async fn ensure_topics(config: &KafkaConfig) -> Result<i32, BackendError> {
     config.check()?;
     reach_brokers(config).await?;
     let admin: AdminClient<DefaultClientContext> = config.client().create().map_err(kafka_error("admin client"))?;
-    let names = [config.messages_topic(), config.receipts_topic(), config.presence_topic()];
+    let names = [config.messages_topic(), config.receipts_topic(), config.presence_topic(), config.memberships_topic()];
     let min_insync = if config.replication_factor >= 3 { "2" } else { "1" };
     let topics: Vec<NewTopic<'_>> = names
         .iter()

@@ -26,6 +26,7 @@ pub mod backend;
 pub mod cassandra;
 pub mod embedded;
 pub mod feed;
+pub mod global;
 pub mod kafka;
 pub mod metrics;
 pub mod publisher;

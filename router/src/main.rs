@@ -9,6 +9,7 @@
 use anyhow::Context;
 use clap::Parser;
 use parley_api::routing::RouterDirectory;
+use parley_api::{Router, RouterStats};
 use parley_bus::presence::PresenceStore;
 use parley_bus::pubsub::PubSub;
 use parley_bus::redis::RedisRouterDirectory;
@@ -147,6 +148,18 @@ fn advertise_url(configured: Option<&str>, listening: std::net::SocketAddr) -> O
     }
 }
 
+/// How long a call carried to another region (or from it to this region's owner) may take.
+const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `address` with an unspecified IP replaced by loopback: how this process reaches itself.
+fn loopback_of(address: std::net::SocketAddr) -> std::net::SocketAddr {
+    if address.ip().is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), address.port())
+    } else {
+        address
+    }
+}
+
 /// How long start-up waits for the ownership group's first assignment before it serves anyway.
 const FIRST_ASSIGNMENT_WAIT: Duration = Duration::from_secs(30);
 
@@ -192,7 +205,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("failed to reach Redis at {}", redis.url))?,
     );
+    let region =
+        args.telemetry.region.clone().map(|region| region.trim().to_owned()).filter(|region| !region.is_empty());
+    let local_region = region.clone().unwrap_or_default();
+    if let Some(region) = &region {
+        anyhow::ensure!(
+            parley_router::global::valid_region_name(region),
+            "invalid --region {region:?}: use lowercase letters, digits and '-' (at most 32)"
+        );
+    }
+    let peers =
+        parley_router::global::parse_peers(&args.peer_routers, &local_region).context("invalid --peer-routers")?;
+    let mirrored = parley_router::global::parse_regions(&args.mirrored_regions, &local_region)
+        .context("invalid --mirrored-regions")?;
+    let peer_token = args.peer_token.clone().filter(|token| !token.is_empty());
+    anyhow::ensure!(
+        region.is_some() || (peers.is_empty() && mirrored.is_empty()),
+        "--peer-routers and --mirrored-regions need --region (this router's region)"
+    );
+    anyhow::ensure!(peers.is_empty() || peer_token.is_some(), "--peer-routers needs --peer-token");
+    anyhow::ensure!(
+        mirrored.is_empty() || kafka.is_some(),
+        "--mirrored-regions needs --kafka-bootstrap-servers: other regions' records arrive in this region's Kafka"
+    );
+    let global_membership = membership.clone();
+    let mirror_pubsub = pubsub.clone();
+    let mirror_directory = directory.clone();
     let config = RouterConfig {
+        region: region.clone(),
         machine_id,
         epoch_ms: args.snowflake_epoch_ms,
         max_text_bytes: args.max_text_bytes,
@@ -215,6 +255,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Several routers share the partitions: the group decides which ones this router owns, and the map of
     // owners is published in Redis for the gateways.
     let ready = Arc::new(AtomicBool::new(kafka_log.is_none()));
+    let mut routers_directory: Option<Arc<dyn RouterDirectory>> = None;
     let ownership = match (&kafka_log, &kafka) {
         (Some(log), Some((kafka_config, _))) => {
             let group = OwnershipGroup::start(kafka_config.clone(), log.clone())
@@ -226,6 +267,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                             .await
                             .with_context(|| format!("failed to reach Redis at {}", redis.url))?,
                     );
+                    routers_directory = Some(routers.clone());
                     tracing::info!(%url, "publishing the partitions this router owns");
                     tokio::spawn(ownership::publish(log.clone(), routers, url, group.changed(), stopped.clone()));
                 }
@@ -258,7 +300,70 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(%address, %admin_address, machine_id, backends = %describe, "parley-router listening");
     println!("parley-router listening on http://{address} (metrics on http://{admin_address}/metrics)");
 
+    let mut mirror_metrics = None;
+    let mut global_metrics = None;
+    let (stop_mirror, mirror_stopping) = tokio::sync::watch::channel(false);
+    let mut mirror_task = None;
+    if let (false, Some((kafka_config, _))) = (mirrored.is_empty(), &kafka) {
+        // Other regions' messages and membership changes reach this region's gateways through a publisher of their
+        // own, like the writer's.
+        let mirror_stats = Arc::new(RouterStats::default());
+        let (publisher, _publisher_task) = parley_router::publisher::start(
+            parley_router::publisher::PublisherConfig::default(),
+            mirror_pubsub,
+            Some(mirror_directory),
+            mirror_stats,
+        );
+        let stats = Arc::new(parley_router::kafka::mirror::MirrorStats::default());
+        mirror_metrics = Some(stats.clone());
+        mirror_task = Some(
+            parley_router::kafka::mirror::start(
+                kafka_config.clone(),
+                mirrored.clone(),
+                publisher,
+                stats,
+                mirror_stopping,
+            )
+            .context("failed to start reading other regions' mirrored topics")?,
+        );
+    }
+    let (router, peer_entry) = match &region {
+        Some(region) if !peers.is_empty() || peer_token.is_some() => {
+            let global = parley_router::global::GlobalRouter::new(
+                region.clone(),
+                router.clone(),
+                global_membership,
+                Arc::default(),
+                peers.clone(),
+                peer_token.clone(),
+                PEER_TIMEOUT,
+            );
+            global_metrics = Some(global.global_stats().clone());
+            let entry = peer_token.clone().map(|token| {
+                let own = format!("http://{}", loopback_of(address));
+                parley_router::service::PeerEntry {
+                    router: Router::new(parley_router::global::PeerEntry::new(
+                        own,
+                        routers_directory.clone(),
+                        args.internal_token.clone(),
+                        PEER_TIMEOUT,
+                        router.limits(),
+                    )),
+                    token: Arc::from(token),
+                }
+            });
+            tracing::info!(region, peers = ?peers.keys().collect::<Vec<_>>(), mirrored = ?mirrored, "serving as one region of several");
+            (Router::new(global), entry)
+        }
+        _ => (router, None),
+    };
     let mut metrics = RouterMetrics::new(router.stats());
+    if let Some(stats) = &mirror_metrics {
+        metrics.mirror(stats);
+    }
+    if let Some(stats) = &global_metrics {
+        metrics.global(stats);
+    }
     metrics.redis(&redis_stats);
     if let Some(store_writer) = &store_writer {
         metrics.store_writer(store_writer.stats());
@@ -294,7 +399,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }),
         )
         .with_state(metrics);
-    let service = parley_router::service::app(router, args.internal_token.clone());
+    let service = parley_router::service::app_with_peers(router, args.internal_token.clone(), peer_entry);
     let mut service_stop = stopped.clone();
     let mut admin_stop = stopped;
     // Small request/reply exchanges: without TCP_NODELAY, Nagle's algorithm and delayed ACKs add tens of
@@ -319,10 +424,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             group.stop().await;
         }
         let _ = stop.send(true);
+        let _ = stop_mirror.send(true);
     });
     let (served, admin_served) = tokio::join!(serve, serve_admin);
     served.context("internal API failed")?;
     admin_served.context("admin API failed")?;
+    if let Some(task) = mirror_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     // The servers held the last router handles: the writer drains its queue and ends, closing the store.
     let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
     if let Some(store_writer) = store_writer {

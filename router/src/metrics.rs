@@ -82,6 +82,53 @@ impl RouterMetrics {
             .register(&mut self.registry);
     }
 
+    /// Registers the counters of calls carried to other regions.
+    pub fn global(&mut self, stats: &Arc<crate::global::GlobalStats>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (forwarded, failures, reads) = (stats.clone(), stats.clone(), stats.clone());
+        AtomicCounters::default()
+            .read("peer_calls", "Calls carried to a channel's home region", Kind::Counter, move || {
+                forwarded.forwarded.load(Relaxed)
+            })
+            .read("peer_call_failures", "Carried calls that did not reach the home region", Kind::Counter, move || {
+                failures.forward_failures.load(Relaxed)
+            })
+            .read("home_reads", "Channel homes read from the store", Kind::Counter, move || {
+                reads.home_reads.load(Relaxed)
+            })
+            .register(&mut self.registry);
+    }
+
+    /// Registers the counters of the reader of other regions' mirrored topics.
+    pub fn mirror(&mut self, stats: &Arc<crate::kafka::mirror::MirrorStats>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (messages, memberships, undecodable, failures, delay) =
+            (stats.clone(), stats.clone(), stats.clone(), stats.clone(), stats.clone());
+        AtomicCounters::default()
+            .read("mirrored_messages", "Other regions' messages delivered in this region", Kind::Counter, move || {
+                messages.messages.load(Relaxed)
+            })
+            .read(
+                "mirrored_memberships",
+                "Other regions' membership changes delivered in this region",
+                Kind::Counter,
+                move || memberships.memberships.load(Relaxed),
+            )
+            .read("mirrored_undecodable", "Mirrored records skipped as undecodable", Kind::Counter, move || {
+                undecodable.undecodable.load(Relaxed)
+            })
+            .read("mirror_consume_failures", "Errors reading the mirrored topics", Kind::Counter, move || {
+                failures.consume_failures.load(Relaxed)
+            })
+            .read(
+                "mirror_delay_ms",
+                "Milliseconds from the home's append to delivery here, of the last mirrored message",
+                Kind::Gauge,
+                move || delay.last_delay_ms.load(Relaxed),
+            )
+            .register(&mut self.registry);
+    }
+
     /// Adds the store writer's counters (`store_writer_*`) and its lag per partition
     /// (`store_writer_lag{partition}`, set by [`RouterMetrics::refresh_store_lag`]).
     pub fn store_writer(&mut self, stats: &Arc<StoreWriterStats>) {

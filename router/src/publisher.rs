@@ -33,8 +33,8 @@ impl Default for PublisherConfig {
     }
 }
 
-/// One membership change to announce.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One membership change to announce. Serialized into `{prefix}memberships` for other regions.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MembershipEvent {
     /// The channel.
     pub channel: String,
@@ -46,6 +46,7 @@ pub struct MembershipEvent {
     /// channel would be quadratic in its member count).
     pub tell_members: bool,
     /// An invitation (by this user) rather than a membership change: only the invited user hears of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub invited_by: Option<String>,
 }
 

@@ -11,7 +11,7 @@
 //! is written, so membership changes keep their order too.
 
 use crate::backend::{
-    ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageLog, MessageStore,
+    ChannelRecord, HistoryPage, HistoryQuery, Home, MembershipChange, MembershipStore, MessageLog, MessageStore,
     PresenceUpdate, ReadReceipt,
 };
 use crate::feed::FeedBook;
@@ -62,6 +62,8 @@ pub struct RouterConfig {
     pub publisher: PublisherConfig,
     /// Whether users an owner or admin names become members at once or are invited.
     pub membership_policy: MembershipPolicy,
+    /// This router's region (`PARLEY_REGION`): the home of the channels it creates. `None` without regions.
+    pub region: Option<String>,
 }
 
 impl Default for RouterConfig {
@@ -76,6 +78,7 @@ impl Default for RouterConfig {
             fanout_threshold: 1000,
             publisher: PublisherConfig::default(),
             membership_policy: MembershipPolicy::default(),
+            region: None,
         }
     }
 }
@@ -230,6 +233,11 @@ impl LocalRouter {
             feeds: feeds.clone(),
             blocks: HashMap::new(),
             ownership_seen: log.ownership_version(),
+            membership_records: config.region.as_ref().map(|_| {
+                let (records, batches) = mpsc::channel(MEMBERSHIP_RECORD_QUEUE);
+                tokio::spawn(record_memberships(log.clone(), batches, stats.clone()));
+                records
+            }),
         };
         let task = tokio::spawn(async move {
             writer.run().await;
@@ -782,6 +790,39 @@ struct Writer {
     blocks: HashMap<String, HashSet<String>>,
     /// The log's ownership version the caches above were filled under.
     ownership_seen: u64,
+    /// Durable membership changes for other regions ([`MessageLog::record_memberships`]), in order, when the writer
+    /// has a region.
+    membership_records: Option<mpsc::Sender<Vec<MembershipEvent>>>,
+}
+
+/// How many batches of membership changes may wait for the log before new ones are dropped (and counted).
+const MEMBERSHIP_RECORD_QUEUE: usize = 1024;
+
+/// Appends membership changes for other regions, in order, retrying each batch a few times: a batch that cannot be
+/// recorded is logged and counted, and the other regions' gateways learn of those changes at their users' next
+/// channel list.
+async fn record_memberships(
+    log: Arc<dyn MessageLog>,
+    mut batches: mpsc::Receiver<Vec<MembershipEvent>>,
+    stats: Arc<RouterStats>,
+) {
+    while let Some(events) = batches.recv().await {
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=5 {
+            match log.record_memberships(events.clone()).await {
+                Ok(()) => break,
+                Err(error) if attempt == 5 => {
+                    stats.memberships_unrecorded.fetch_add(events.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    warn!(%error, changes = events.len(), "membership changes were not recorded for other regions");
+                }
+                Err(error) => {
+                    debug!(%error, attempt, "recording membership changes failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+    }
 }
 
 type SendItem = (SendRequest, oneshot::Sender<Result<SendOutcome, RouterError>>);
@@ -1031,7 +1072,7 @@ impl Writer {
             let mut changes = Vec::new();
             for channel in &new_dms {
                 if let Some((first, second)) = channel.dm_members() {
-                    changes.extend(dm_changes(channel, &first, &second));
+                    changes.extend(dm_changes(channel, &first, &second, self.new_home()));
                 }
             }
             if self.membership.apply(changes).await.is_ok() {
@@ -1246,6 +1287,11 @@ impl Writer {
         self.publisher.submit(Job::Publications(publications)).await;
     }
 
+    /// The home of a channel this writer creates: its region, at epoch 1.
+    fn new_home(&self) -> Option<Home> {
+        self.config.region.clone().map(|region| Home { region, epoch: 1 })
+    }
+
     fn cache_new(&mut self, channel: &ChannelId, kind: ChannelKind, members: impl IntoIterator<Item = String>) {
         self.sequencer.load(channel.as_str(), self.sequencer.last_seq(channel.as_str()).unwrap_or(0));
         self.channels.insert(channel.to_string(), CachedChannel::new(kind, members));
@@ -1271,7 +1317,13 @@ impl Writer {
                 };
                 MembershipEvent { channel, user, joined, tell_members, invited_by }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        if let Some(records) = &self.membership_records {
+            if records.try_send(events.clone()).is_err() {
+                self.stats.memberships_unrecorded.fetch_add(events.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                warn!(changes = events.len(), "too many membership changes wait for the log; these are not recorded");
+            }
+        }
         self.publisher.submit(Job::Memberships(events)).await;
     }
 
@@ -1315,6 +1367,7 @@ impl Writer {
                     visibility: settings.visibility,
                     posting: settings.posting,
                     history_from: history_from(last),
+                    home: self.new_home(),
                 }));
                 let mut cached = CachedChannel::new(ChannelKind::Group, []);
                 cached.visibility = settings.visibility;
@@ -1382,7 +1435,7 @@ impl Writer {
                 let Some((first, second)) = channel.dm_members() else {
                     return Err(RouterError::InvalidArgument("not a direct message".into()));
                 };
-                run.changes.extend(dm_changes(&channel, &first, &second));
+                run.changes.extend(dm_changes(&channel, &first, &second, self.new_home()));
                 run.announce(channel.as_str(), first.as_str(), Announce::Joined);
                 run.announce(channel.as_str(), second.as_str(), Announce::Joined);
                 self.cache_new(&channel, ChannelKind::Dm, [first.to_string(), second.to_string()]);
@@ -1543,6 +1596,7 @@ impl Writer {
                     visibility: settings.visibility,
                     posting: settings.posting,
                     history_from: history_from(last),
+                    home: self.new_home(),
                 }));
                 let mut cached = CachedChannel::new(ChannelKind::Group, []);
                 cached.visibility = settings.visibility;
@@ -1684,7 +1738,7 @@ fn history_from(last: u64) -> u64 {
     }
 }
 
-fn dm_changes(channel: &ChannelId, first: &UserId, second: &UserId) -> Vec<MembershipChange> {
+fn dm_changes(channel: &ChannelId, first: &UserId, second: &UserId, home: Option<Home>) -> Vec<MembershipChange> {
     vec![
         MembershipChange::Create(ChannelRecord {
             id: channel.to_string(),
@@ -1695,6 +1749,7 @@ fn dm_changes(channel: &ChannelId, first: &UserId, second: &UserId) -> Vec<Membe
             visibility: Visibility::Public,
             posting: Posting::Everyone,
             history_from: 0,
+            home,
         }),
         MembershipChange::Add { channel: channel.to_string(), user: first.to_string() },
         MembershipChange::Add { channel: channel.to_string(), user: second.to_string() },

@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use axum::Json;
 use bytes::Bytes;
 use parley_api::http::{bearer_is, HttpError};
-use parley_api::remote::{CALL_PATH, CONFIG_PATH, MAX_BODY_BYTES};
+use parley_api::remote::{CALL_PATH, CONFIG_PATH, MAX_BODY_BYTES, PEER_CALL_PATH};
 use parley_api::{Answer, Call, DurableMessage, Limits, Reply, Router, RouterError, RouterService, RouterStats};
 use parley_bus::presence::PresenceStore;
 use parley_bus::pubsub::PubSub;
@@ -137,13 +137,31 @@ impl RouterService for LocalRouter {
 struct ServiceState {
     router: Router,
     token: Option<Arc<str>>,
+    peers: Option<PeerEntry>,
+}
+
+/// How calls from other regions' routers are taken: with their token, and passed to the owner of their channel in
+/// this region.
+#[derive(Clone, Debug)]
+pub struct PeerEntry {
+    /// Runs the calls (a pool over this region's routers, or the writer itself when it is the only one).
+    pub router: Router,
+    /// The token other regions' routers present.
+    pub token: Arc<str>,
 }
 
 /// The router's internal HTTP API (`/internal/v1/call`, `/internal/v1/config`, `/healthz`).
 pub fn app(router: Router, token: Option<String>) -> axum::Router {
-    let state = ServiceState { router, token: token.filter(|token| !token.is_empty()).map(Arc::from) };
+    app_with_peers(router, token, None)
+}
+
+/// [`app`], and `/internal/v1/peer-call` for other regions' routers when `peers` is given (see
+/// [`crate::global`]).
+pub fn app_with_peers(router: Router, token: Option<String>, peers: Option<PeerEntry>) -> axum::Router {
+    let state = ServiceState { router, token: token.filter(|token| !token.is_empty()).map(Arc::from), peers };
     let routes = axum::Router::new()
         .route(CALL_PATH, post(call_handler))
+        .route(PEER_CALL_PATH, post(peer_call_handler))
         .route(CONFIG_PATH, get(config_handler))
         .route("/healthz", get(|| async { "ok" }))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -174,7 +192,31 @@ async fn call_handler(
     Ok(Json(state.router.execute(call).await))
 }
 
+/// Runs one call from another region's router: only with the peer token, and at the owner of its channel here.
+async fn peer_call_handler(
+    State(state): State<ServiceState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Reply<Answer>>, HttpError> {
+    let Some(peers) = &state.peers else {
+        return Err(HttpError::unauthorized("this router takes no calls from other regions (no peer token)"));
+    };
+    if !bearer_is(&headers, &peers.token) {
+        return Err(HttpError::unauthorized("missing or wrong peer token"));
+    }
+    let body = body?;
+    let call: Call =
+        serde_json::from_slice(&body).map_err(|error| HttpError::invalid_frame(format!("invalid call: {error}")))?;
+    Ok(Json(peers.router.execute(call).await))
+}
+
 async fn config_handler(State(state): State<ServiceState>, headers: HeaderMap) -> Result<Json<Limits>, HttpError> {
+    // Other regions' routers read the limits with the peer token.
+    if let Some(peers) = &state.peers {
+        if bearer_is(&headers, &peers.token) {
+            return Ok(Json(state.router.limits()));
+        }
+    }
     authorize(&state, &headers)?;
     Ok(Json(state.router.limits()))
 }
@@ -208,7 +250,7 @@ mod tests {
     }
 
     fn state() -> ServiceState {
-        ServiceState { router: Router::new(Refusing::default()), token: Some(Arc::from("secret")) }
+        ServiceState { router: Router::new(Refusing::default()), token: Some(Arc::from("secret")), peers: None }
     }
 
     fn headers(token: Option<&'static str>) -> HeaderMap {

@@ -11,7 +11,7 @@ use parley_api::BackendError;
 use parley_bus::pubsub::LocalPubSub;
 use parley_core::protocol::MessageView;
 use parley_core::{ChannelKind, UserId};
-use parley_router::backend::{ChannelRecord, HistoryQuery, MembershipChange, MembershipStore, MessageStore};
+use parley_router::backend::{ChannelRecord, HistoryQuery, Home, MembershipChange, MembershipStore, MessageStore};
 use parley_router::cassandra::{CassandraConfig, CassandraStore};
 use parley_router::embedded::{EmbeddedStore, Retention};
 use parley_router::RouterConfig;
@@ -159,6 +159,7 @@ fn record(channel: &str, creator: &str) -> ChannelRecord {
         visibility: Default::default(),
         posting: Default::default(),
         history_from: 0,
+        home: Some(Home { region: "eu-west".into(), epoch: 1 }),
     }
 }
 

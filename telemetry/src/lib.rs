@@ -36,7 +36,8 @@ pub struct TelemetryArgs {
     /// Name of the ChatCluster this process serves (set by the operator; logged at start-up).
     #[arg(long, env = "PARLEY_CLUSTER")]
     pub cluster: Option<String>,
-    /// Region this process serves (set by the operator; logged at start-up).
+    /// Region this process serves (set by the operator; logged at start-up). A router homes the channels it creates in
+    /// it (see the router's `--peer-routers`).
     #[arg(long, env = "PARLEY_REGION")]
     pub region: Option<String>,
     /// Name of this pod (set by the operator from the downward API; logged at start-up).

@@ -26,6 +26,10 @@ pub enum Engine {
     Cassandra,
     /// A Kubernetes API server with kwok (`KUBECONFIG`, and `kubectl` on `PATH`).
     Kubernetes,
+    /// A second region's engines next to the first's: a second Kafka (`PARLEY_KAFKA_B_BOOTSTRAP`), a second Redis
+    /// (`PARLEY_REDIS_B_URL`), Cassandra's second datacenter (`PARLEY_CASSANDRA_CONTACT_DC2`) and MirrorMaker 2
+    /// (`PARLEY_MM2_RUN`).
+    SecondRegion,
 }
 
 impl Engine {
@@ -37,6 +41,7 @@ impl Engine {
             Engine::Kafka => "PARLEY_KAFKA_BOOTSTRAP",
             Engine::Cassandra => "PARLEY_CASSANDRA_CONTACT",
             Engine::Kubernetes => "KUBECONFIG",
+            Engine::SecondRegion => "PARLEY_KAFKA_B_BOOTSTRAP",
         }
     }
 
@@ -48,6 +53,7 @@ impl Engine {
             Engine::Kafka => "Kafka",
             Engine::Cassandra => "Cassandra",
             Engine::Kubernetes => "a Kubernetes control plane",
+            Engine::SecondRegion => "a second region (Kafka B, Redis B, Cassandra dc2, MirrorMaker 2)",
         }
     }
 
@@ -59,6 +65,10 @@ impl Engine {
                  `set -a; . /tmp/parley-stack/stack.env; set +a`"
             }
             Engine::Kubernetes => "start it with `e2e/k8s/up.sh /tmp/parley-k8s` and `. /tmp/parley-k8s/env`",
+            Engine::SecondRegion => {
+                "start it with `e2e/stack/up.sh --only redis,kafka,cassandra --region2 /tmp/parley-stack` and \
+                 `set -a; . /tmp/parley-stack/stack.env; set +a`"
+            }
         }
     }
 }

@@ -140,6 +140,14 @@ pub(super) fn migrations(config: &CassandraConfig) -> Vec<Migration> {
                 ),
             ],
         },
+        Migration {
+            version: 3,
+            description: "channel homes (the region that orders each channel, and its epoch)",
+            statements: vec![format!(
+                "CREATE TABLE IF NOT EXISTS {keyspace}.channel_homes (channel text PRIMARY KEY, region text, \
+                 epoch bigint)"
+            )],
+        },
     ]
 }
 

@@ -5,6 +5,7 @@ use super::partition::{group_by_partition, partition_for};
 use super::tail::TailIndex;
 use super::{blocking, ensure_topics, kafka_error, millis, retry_blocking, KafkaConfig};
 use crate::backend::{MessageLog, MessageStore, PresenceUpdate, PriorSend, ReadReceipt};
+use crate::publisher::MembershipEvent;
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use parley_api::BackendError;
@@ -732,6 +733,33 @@ impl MessageLog for KafkaLog {
                 Err(kafka_error("receipt")(error))
             }
         }
+    }
+
+    async fn record_memberships(&self, events: Vec<MembershipEvent>) -> Result<(), BackendError> {
+        let topic = self.config.memberships_topic();
+        let mut deliveries = Vec::with_capacity(events.len());
+        for event in &events {
+            let payload = serde_json::to_vec(event).map_err(BackendError::Encode)?;
+            let record = FutureRecord::to(&topic).key(event.channel.as_bytes()).payload(&payload);
+            match self.records.send_result(record) {
+                Ok(delivery) => deliveries.push(delivery),
+                Err((error, _)) => {
+                    KafkaLogStats::count(&self.stats.producer_errors);
+                    return Err(kafka_error("membership")(error));
+                }
+            }
+        }
+        for delivery in join_all(deliveries).await {
+            match delivery {
+                Ok(Ok(_)) => {}
+                Ok(Err((error, _))) => {
+                    KafkaLogStats::count(&self.stats.producer_errors);
+                    return Err(kafka_error("membership")(error));
+                }
+                Err(_) => return Err(BackendError::Unavailable("membership: the Kafka producer went away".into())),
+            }
+        }
+        Ok(())
     }
 
     async fn record_presence(&self, updates: Vec<PresenceUpdate>) -> Result<(), BackendError> {

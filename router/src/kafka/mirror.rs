@@ -1,0 +1,238 @@
+//! Delivery of other regions' records: MirrorMaker 2 copies each region's `{prefix}messages` and
+//! `{prefix}memberships` into this region's Kafka as `<region>.{prefix}messages` and `<region>.{prefix}memberships`;
+//! the routers of this region read them (consumer group `{prefix}mirror`, `read_committed`, so nothing a fenced
+//! writer aborted is delivered) and hand them to their publisher, which puts them on this region's pub/sub exactly
+//! as the home's writer does in its own region. Each partition is read in order, so each channel keeps its order.
+//!
+//! Delivery is at least once: a record's offset is stored only after its publication was queued, and a router
+//! that restarts reads again from the last committed offset (a client ignores a sequence it has). A group that
+//! starts for the first time reads from the beginning, so records mirrored before the routers started are
+//! delivered too.
+
+use super::{kafka_error, KafkaConfig};
+use crate::publisher::{Job, MembershipEvent, PublisherHandle};
+use bytes::Bytes;
+use parley_api::BackendError;
+use parley_bus::pubsub::{channel_topic, Event};
+use parley_core::protocol::{MessageView, ServerFrame};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message, Timestamp};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+use tracing::{debug, info, instrument, warn};
+
+/// How often the consumer looks for mirrored topics that appeared (MirrorMaker 2 creates them when it starts).
+const TOPIC_REFRESH: Duration = Duration::from_secs(5);
+/// Most records handed over in one job.
+const BATCH_MAX: usize = 512;
+
+/// What the mirror reader counts.
+#[derive(Debug, Default)]
+pub struct MirrorStats {
+    /// Messages of other regions handed to the publisher.
+    pub messages: AtomicU64,
+    /// Membership changes of other regions handed to the publisher.
+    pub memberships: AtomicU64,
+    /// Records that could not be decoded (skipped, logged).
+    pub undecodable: AtomicU64,
+    /// Consume errors.
+    pub consume_failures: AtomicU64,
+    /// Milliseconds from the home's append to the hand-over here, of the last message (the regions' clocks
+    /// included).
+    pub last_delay_ms: AtomicU64,
+}
+
+/// The topics this region reads for `sources`.
+pub fn mirrored_topics(config: &KafkaConfig, sources: &[String]) -> Vec<String> {
+    sources
+        .iter()
+        .flat_map(|source| {
+            [
+                KafkaConfig::mirrored(source, &config.messages_topic()),
+                KafkaConfig::mirrored(source, &config.memberships_topic()),
+            ]
+        })
+        .collect()
+}
+
+/// What one mirrored record is.
+#[derive(Debug, PartialEq)]
+enum Mirrored {
+    Message(MessageView),
+    Membership(MembershipEvent),
+}
+
+/// Decodes a record of `topic` (a mirrored messages or memberships topic).
+fn decode(config: &KafkaConfig, topic: &str, payload: &[u8]) -> Result<Mirrored, serde_json::Error> {
+    if topic.ends_with(&config.memberships_topic()) {
+        serde_json::from_slice(payload).map(Mirrored::Membership)
+    } else {
+        serde_json::from_slice(payload).map(Mirrored::Message)
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
+}
+
+/// Starts the reader of `sources`' mirrored topics; it runs until `stopping` turns true.
+pub fn start(
+    config: KafkaConfig,
+    sources: Vec<String>,
+    publisher: PublisherHandle,
+    stats: Arc<MirrorStats>,
+    stopping: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, BackendError> {
+    let topics = mirrored_topics(&config, &sources);
+    let mut settings = config.consumer(&config.mirror_group());
+    settings
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("topic.metadata.refresh.interval.ms", TOPIC_REFRESH.as_millis().to_string());
+    let consumer: StreamConsumer = settings.create().map_err(kafka_error("mirror consumer"))?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names).map_err(kafka_error("mirror subscribe"))?;
+    info!(?topics, "reading other regions' mirrored topics");
+    Ok(tokio::spawn(run(config, consumer, publisher, stats, stopping)))
+}
+
+#[instrument(skip_all)]
+async fn run(
+    config: KafkaConfig,
+    consumer: StreamConsumer,
+    publisher: PublisherHandle,
+    stats: Arc<MirrorStats>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    loop {
+        let first = tokio::select! {
+            _ = stopping.changed() => break,
+            received = consumer.recv() => received,
+        };
+        let mut received = Some(first);
+        let mut publications: Vec<(String, Bytes)> = Vec::new();
+        let mut memberships: Vec<MembershipEvent> = Vec::new();
+        let mut handled = 0usize;
+        while let Some(outcome) = received.take() {
+            match outcome {
+                Ok(record) => {
+                    take(&config, &record, &stats, &mut publications, &mut memberships, &publisher).await;
+                    if let Err(error) = consumer.store_offset_from_message(&record) {
+                        debug!(%error, "cannot store a mirrored record's offset");
+                    }
+                    handled += 1;
+                }
+                Err(error) => {
+                    // A mirrored topic that does not exist yet is reported until MirrorMaker 2 creates it.
+                    stats.consume_failures.fetch_add(1, Ordering::Relaxed);
+                    debug!(%error, "mirror consume error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    break;
+                }
+            }
+            if handled >= BATCH_MAX {
+                break;
+            }
+            received = futures_util::FutureExt::now_or_never(consumer.recv());
+        }
+        if !publications.is_empty() {
+            publisher.submit(Job::Publications(publications)).await;
+        }
+        if !memberships.is_empty() {
+            publisher.submit(Job::Memberships(memberships)).await;
+        }
+    }
+    if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
+        debug!(%error, "committing the mirror reader's offsets on stop");
+    }
+}
+
+/// Adds one record to what is handed over, keeping the order of messages and membership changes: a membership
+/// change after messages hands the messages over first.
+async fn take(
+    config: &KafkaConfig,
+    record: &BorrowedMessage<'_>,
+    stats: &MirrorStats,
+    publications: &mut Vec<(String, Bytes)>,
+    memberships: &mut Vec<MembershipEvent>,
+    publisher: &PublisherHandle,
+) {
+    let Some(payload) = record.payload() else { return };
+    match decode(config, record.topic(), payload) {
+        Ok(Mirrored::Message(message)) => {
+            if !memberships.is_empty() {
+                publisher.submit(Job::Memberships(std::mem::take(memberships))).await;
+            }
+            if let Timestamp::CreateTime(at) | Timestamp::LogAppendTime(at) = record.timestamp() {
+                stats.last_delay_ms.store(now_ms().saturating_sub(at.max(0) as u64), Ordering::Relaxed);
+            }
+            stats.messages.fetch_add(1, Ordering::Relaxed);
+            let topic = channel_topic(&message.channel);
+            let (seq, ts) = (message.seq, message.ts);
+            let frame = Bytes::from(ServerFrame::Message(message).to_json());
+            publications.push((topic, Event::Message { seq, ts, frame }.encode()));
+        }
+        Ok(Mirrored::Membership(event)) => {
+            if !publications.is_empty() {
+                publisher.submit(Job::Publications(std::mem::take(publications))).await;
+            }
+            stats.memberships.fetch_add(1, Ordering::Relaxed);
+            memberships.push(event);
+        }
+        Err(error) => {
+            stats.undecodable.fetch_add(1, Ordering::Relaxed);
+            warn!(topic = record.topic(), partition = record.partition(), offset = record.offset(), %error,
+                "undecodable mirrored record skipped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirrored_topics_follow_the_default_replication_policy() {
+        let config = KafkaConfig::new("127.0.0.1:9092");
+        let topics = mirrored_topics(&config, &["eu".to_owned(), "us-east".to_owned()]);
+        assert_eq!(
+            topics,
+            vec![
+                format!("eu.{}", config.messages_topic()),
+                format!("eu.{}", config.memberships_topic()),
+                format!("us-east.{}", config.messages_topic()),
+                format!("us-east.{}", config.memberships_topic()),
+            ]
+        );
+    }
+
+    #[test]
+    fn records_are_decoded_by_topic() {
+        let config = KafkaConfig::new("127.0.0.1:9092");
+        let event = MembershipEvent {
+            channel: "g:a".into(),
+            user: "bob".into(),
+            joined: true,
+            tell_members: true,
+            invited_by: None,
+        };
+        let topic = format!("eu.{}", config.memberships_topic());
+        let payload = serde_json::to_vec(&event).expect("encode");
+        assert_eq!(decode(&config, &topic, &payload).expect("decode"), Mirrored::Membership(event));
+        let message = MessageView {
+            channel: "g:a".into(),
+            seq: 3,
+            id: 9,
+            sender: "bob".into(),
+            text: "hi".into(),
+            ts: 1,
+            client_msg_id: "c1".into(),
+        };
+        let topic = format!("eu.{}", config.messages_topic());
+        let payload = serde_json::to_vec(&message).expect("encode");
+        assert_eq!(decode(&config, &topic, &payload).expect("decode"), Mirrored::Message(message));
+        assert!(decode(&config, &topic, b"{").is_err());
+    }
+}
