@@ -5,7 +5,7 @@
 //! [`Reply`] whose `ok` is the [`Answer`]'s value, decoded by the call's [`AnswerKind`].
 
 use crate::error::RouterError;
-use crate::types::{ChannelAction, HistoryPage, PresenceUpdate, SendOutcome, ServerOp};
+use crate::types::{ChannelAction, HistoryPage, HomeStep, PresenceUpdate, SendOutcome, ServerOp};
 use parley_core::access::{Posting, Visibility};
 use parley_core::protocol::{ChannelView, ErrorCode};
 use serde::{Deserialize, Serialize};
@@ -156,6 +156,11 @@ pub enum Call {
         /// The changes, in the order the gateway saw them.
         updates: Vec<PresenceUpdate>,
     },
+    /// A step of moving a channel's home, between the routers of two regions.
+    Home {
+        /// The step.
+        step: HomeStep,
+    },
 }
 
 /// A reply on the wire.
@@ -199,7 +204,11 @@ impl Call {
             | Call::Feed { channel, .. }
             | Call::Server { operation: ServerOp::DeleteChannel { channel } }
             | Call::Server { operation: ServerOp::Manage { channel, .. } }
-            | Call::Server { operation: ServerOp::Post { channel, .. } } => Some(channel.clone()),
+            | Call::Server { operation: ServerOp::Post { channel, .. } }
+            | Call::Server { operation: ServerOp::MoveHome { channel, .. } }
+            | Call::Home { step: HomeStep::Freeze { channel } | HomeStep::Release { channel } } => {
+                Some(channel.clone())
+            }
             Call::CreateChannel { name, .. } | Call::Server { operation: ServerOp::CreateChannel { name, .. } } => {
                 ChannelId::group(name).ok().map(|channel| channel.as_str().to_owned())
             }
@@ -241,6 +250,9 @@ impl Call {
             Call::Server { operation: ServerOp::DeleteChannel { .. } } => ("server_delete_channel", AnswerKind::Done),
             Call::Server { operation: ServerOp::Manage { .. } } => ("server_manage", AnswerKind::Channel),
             Call::Server { operation: ServerOp::Post { .. } } => ("server_post", AnswerKind::Sent),
+            Call::Server { operation: ServerOp::MoveHome { .. } } => ("server_move_home", AnswerKind::Seq),
+            Call::Home { step: HomeStep::Freeze { .. } } => ("home_freeze", AnswerKind::Seq),
+            Call::Home { step: HomeStep::Release { .. } } => ("home_release", AnswerKind::Done),
             Call::Join { .. } => ("join", AnswerKind::Channel),
             Call::Leave { .. } => ("leave", AnswerKind::Channel),
             Call::OpenDm { .. } => ("open_dm", AnswerKind::Channel),

@@ -30,6 +30,6 @@ pub use pool::{PoolConfig, PoolStats, RouterPool};
 pub use remote::RemoteRouter;
 pub use routing::{MemoryRouterDirectory, OwnedPartition, OwnerTable, RouterDirectory, RouterEntry};
 pub use types::{
-    ChannelAction, ChannelSettings, DurableMessage, HistoryPage, HistoryQuery, Limits, PresenceUpdate, RouterStats,
-    SendOutcome, ServerOp, DELIVERY_RECEIPT_MEMBERS, MAX_PRESENCE_BATCH, SERVER_SENDER,
+    ChannelAction, ChannelSettings, DurableMessage, HistoryPage, HistoryQuery, HomeStep, Limits, PresenceUpdate,
+    RouterStats, SendOutcome, ServerOp, DELIVERY_RECEIPT_MEMBERS, MAX_PRESENCE_BATCH, SERVER_SENDER,
 };

@@ -134,6 +134,33 @@ pub enum ServerOp {
         /// Text.
         text: String,
     },
+    /// Moves a channel's home (the region whose writer orders it) to `region`, without losing or reordering a
+    /// message: the current home stops taking the channel's calls (they wait), `region` waits until it has
+    /// delivered everything mirrored from the old home, the home's epoch is bumped, and the channel continues at
+    /// the next sequence in `region`. Answers the last sequence ordered by the old home.
+    MoveHome {
+        /// Channel.
+        channel: String,
+        /// The new home region.
+        region: String,
+    },
+}
+
+/// Calls between the routers of different regions that move a channel's home (see [`ServerOp::MoveHome`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum HomeStep {
+    /// To the current home: stop taking the channel's calls (they wait) and answer its last durable sequence.
+    Freeze {
+        /// Channel.
+        channel: String,
+    },
+    /// To the former home: the move is over (done or abandoned); the calls that waited go on, to the home the
+    /// store names now.
+    Release {
+        /// Channel.
+        channel: String,
+    },
 }
 
 /// The settings a group channel is created with.

@@ -15,6 +15,7 @@
 //! The router publishes through this crate and gateways subscribe through it; neither needs the other's crate.
 
 pub mod args;
+pub mod mirrored;
 pub mod presence;
 pub mod pubsub;
 pub mod redis;

@@ -32,11 +32,13 @@
 //!   authentication refused by the server, no answer), so a wrong password or an untrusted certificate ends start-up
 //!   with a message naming it instead of a re-connection loop.
 
+mod mirrored;
 mod presence;
 mod pubsub;
 mod revocation;
 mod routers;
 
+pub use mirrored::RedisMirrorPositions;
 pub use presence::RedisPresenceStore;
 pub use pubsub::RedisPubSub;
 pub use revocation::RedisRevocationStore;

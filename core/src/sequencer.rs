@@ -76,6 +76,11 @@ impl Sequencer {
         self.last_seq.insert(channel.to_owned(), last_seq);
     }
 
+    /// Forgets a channel: its last sequence is loaded again before its next send (after its home moved).
+    pub fn forget(&mut self, channel: &str) {
+        self.last_seq.remove(channel);
+    }
+
     /// The last durable sequence of a channel, if known.
     pub fn last_seq(&self, channel: &str) -> Option<u64> {
         self.last_seq.get(channel).copied()

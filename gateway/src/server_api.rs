@@ -31,7 +31,7 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router as AxumRouter};
 use parley_api::http::{bearer_is_any, code, HttpError};
 use parley_api::{ChannelAction, ChannelSettings, Router, ServerOp};
@@ -65,6 +65,7 @@ pub fn routes(state: AppState) -> AxumRouter {
         .route("/server/v1/channels/{id}/bans", post(ban))
         .route("/server/v1/channels/{id}/bans/{user}", delete(unban))
         .route("/server/v1/channels/{id}/messages", post(post_message))
+        .route("/server/v1/channels/{id}/home", put(move_home))
         .route("/server/v1/users/{user}/disconnect", post(disconnect))
         .route("/server/v1/users/{user}/revoke", post(revoke))
         .route("/server/v1/presence", get(presence))
@@ -284,6 +285,27 @@ async fn post_message(
         "ts": sent.placement.ts,
         "duplicate": sent.duplicate,
     })))
+}
+
+#[derive(Deserialize)]
+struct MoveHome {
+    region: String,
+}
+
+/// `PUT /server/v1/channels/{id}/home` with `{"region": "<region>"}`: moves the channel's home (the region whose
+/// writer orders it) there without losing or reordering a message; answers `{"channel","region","last_seq"}`, the
+/// last sequence the old home ordered (the new home continues after it).
+async fn move_home(
+    _: Backend,
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Json<MoveHome>, JsonRejection>,
+) -> Result<impl IntoResponse, HttpError> {
+    let Path(id) = id?;
+    let Json(body) = body?;
+    let operation = ServerOp::MoveHome { channel: id.clone(), region: body.region.clone() };
+    let last = state.router.server(operation).await?.into_seq("server_move_home")?;
+    Ok(Json(json!({ "channel": id, "region": body.region, "last_seq": last })))
 }
 
 /// Publishes an event to every gateway instance; `unavailable` when the bus refuses it.

@@ -47,6 +47,9 @@ pub struct Home {
     pub region: String,
     /// Bumped each time the home moves; records of an older epoch come from a deposed home.
     pub epoch: u64,
+    /// The last sequence the former home ordered (0 for the first home): this home continues after it.
+    #[serde(default)]
+    pub base_seq: u64,
 }
 
 /// A membership change, applied in a batch.
@@ -161,6 +164,11 @@ pub trait MessageLog: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Remembers the home of a channel, which a log that other regions mirror (Kafka) writes into each of the
+    /// channel's records (the `parley-home` header, `<region>:<epoch>`), so that readers can drop the records of a
+    /// deposed home. The embedded log ignores it.
+    fn set_home(&self, _channel: &str, _home: &Home) {}
+
     /// Records presence changes, in the order given. A log that other regions mirror (Kafka) appends them to its
     /// presence topic, acknowledged by all in-sync replicas, keyed by user so each user's changes keep their
     /// order; the embedded log records nothing (one process holds the whole presence book).
@@ -218,4 +226,13 @@ pub trait MembershipStore: Send + Sync + 'static {
     async fn blocked(&self, user: &str) -> Result<Vec<String>, BackendError>;
     /// Applies changes durably and atomically; member counts follow the adds and removes.
     async fn apply(&self, changes: Vec<MembershipChange>) -> Result<(), BackendError>;
+    /// Moves a channel's home from `from` to `to`, only if the store still names `from` (compare-and-set: two
+    /// regions that move the same channel at once cannot both win). `Ok(false)` when it names another home.
+    async fn move_home(&self, channel: &str, from: &Home, to: &Home) -> Result<bool, BackendError>;
+    /// A channel's home as the last [`move_home`](Self::move_home) left it, wherever that ran (a linearizable read:
+    /// on Cassandra at SERIAL consistency, across the datacenters). [`channel`](Self::channel) reads the home of the
+    /// local datacenter, which may trail a move made in another one.
+    async fn home_now(&self, channel: &str) -> Result<Option<Home>, BackendError> {
+        Ok(self.channel(channel).await?.and_then(|record| record.home))
+    }
 }

@@ -383,7 +383,9 @@ struct Statements {
     select_settings: PreparedStatement,
     write_settings: PreparedStatement,
     select_home: PreparedStatement,
+    select_home_serial: PreparedStatement,
     write_home: PreparedStatement,
+    move_home: PreparedStatement,
     select_access: PreparedStatement,
     select_access_of: PreparedStatement,
     write_access: PreparedStatement,
@@ -405,8 +407,8 @@ type BucketRow = (i64, Option<i64>, Option<i64>);
 type ChannelRows = Vec<(Option<String>, Option<String>, Option<i64>, Option<i32>)>;
 /// `(visibility, posting, history_from)` of `channel_settings`.
 type SettingsRows = Vec<(Option<String>, Option<String>, Option<i64>)>;
-/// `channel_homes` rows: region, epoch.
-type HomeRows = Vec<(Option<String>, Option<i64>)>;
+/// `channel_homes` rows: region, epoch, base sequence.
+type HomeRows = Vec<(Option<String>, Option<i64>, Option<i64>)>;
 
 /// The write timestamp of an idempotency key: lower for later messages (Snowflake ids grow with time), so that
 /// Cassandra's last-write-wins keeps the first message a key named, without a read or a lightweight transaction.
@@ -879,12 +881,35 @@ async fn prepare(session: &Session, config: &CassandraConfig) -> Result<Statemen
             .await?,
         ),
         select_home: idempotent(
-            prepare_one(format!("SELECT region, epoch FROM {keyspace}.channel_homes WHERE channel = ?")).await?,
-        ),
-        write_home: idempotent(
-            prepare_one(format!("INSERT INTO {keyspace}.channel_homes (channel, region, epoch) VALUES (?, ?, ?)"))
+            prepare_one(format!("SELECT region, epoch, base_seq FROM {keyspace}.channel_homes WHERE channel = ?"))
                 .await?,
         ),
+        // The home as the last move left it: a Paxos read across the datacenters.
+        select_home_serial: {
+            let mut statement = idempotent(
+                prepare_one(format!("SELECT region, epoch, base_seq FROM {keyspace}.channel_homes WHERE channel = ?"))
+                    .await?,
+            );
+            statement.set_consistency(scylla::statement::Consistency::Serial);
+            statement
+        },
+        write_home: idempotent(
+            prepare_one(format!(
+                "INSERT INTO {keyspace}.channel_homes (channel, region, epoch, base_seq) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+        ),
+        // A lightweight transaction at SERIAL consistency (Paxos across the datacenters): of two regions that move
+        // a channel at once, one wins.
+        move_home: {
+            let mut statement = prepare_one(format!(
+                "UPDATE {keyspace}.channel_homes SET region = ?, epoch = ?, base_seq = ? WHERE channel = ? \
+                 IF region = ? AND epoch = ?"
+            ))
+            .await?;
+            statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::Serial));
+            statement
+        },
         write_settings: idempotent(
             prepare_one(format!(
                 "INSERT INTO {keyspace}.channel_settings (channel, visibility, posting, history_from) \
@@ -1165,10 +1190,13 @@ impl MembershipStore for CassandraStore {
                 _ => Posting::Everyone,
             },
             history_from: history_from.unwrap_or(0).max(0) as u64,
-            home: homes
-                .into_iter()
-                .next()
-                .and_then(|(region, epoch)| Some(Home { region: region?, epoch: epoch.unwrap_or(1).max(1) as u64 })),
+            home: homes.into_iter().next().and_then(|(region, epoch, base_seq)| {
+                Some(Home {
+                    region: region?,
+                    epoch: epoch.unwrap_or(1).max(1) as u64,
+                    base_seq: base_seq.unwrap_or(0).max(0) as u64,
+                })
+            }),
         }))
     }
 
@@ -1222,6 +1250,47 @@ impl MembershipStore for CassandraStore {
         let rows: Vec<(Option<i64>,)> =
             self.rows("read read cursor", &self.statements.select_cursor, (user, channel)).await?;
         Ok(rows.first().and_then(|(seq,)| *seq).unwrap_or(0).max(0) as u64)
+    }
+
+    async fn home_now(&self, channel: &str) -> Result<Option<Home>, BackendError> {
+        let rows: HomeRows =
+            self.rows("read channel home (serial)", &self.statements.select_home_serial, (channel,)).await?;
+        Ok(rows.into_iter().next().and_then(|(region, epoch, base_seq)| {
+            Some(Home {
+                region: region?,
+                epoch: epoch.unwrap_or(1).max(1) as u64,
+                base_seq: base_seq.unwrap_or(0).max(0) as u64,
+            })
+        }))
+    }
+
+    #[instrument(skip(self, from, to), fields(to = %to.region, epoch = to.epoch))]
+    async fn move_home(&self, channel: &str, from: &Home, to: &Home) -> Result<bool, BackendError> {
+        let values = (
+            to.region.as_str(),
+            signed(to.epoch),
+            signed(to.base_seq),
+            channel,
+            from.region.as_str(),
+            signed(from.epoch),
+        );
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.move_home, values)
+            .await
+            .map_err(|error| execution_error("move channel home", error))?;
+        // The first column of a conditional update's row is `[applied]` (the current values follow when not).
+        let operation = "move channel home";
+        let rows = result.into_rows_result().map_err(|error| other_error(operation, error))?;
+        let applied = rows
+            .rows::<scylla::value::Row>()
+            .map_err(|error| other_error(operation, error))?
+            .next()
+            .transpose()
+            .map_err(|error| other_error(operation, error))?
+            .and_then(|row| row.columns.into_iter().next().flatten())
+            .map(|value| matches!(value, CqlValue::Boolean(true)));
+        Ok(applied.unwrap_or(false))
     }
 
     #[instrument(skip(self, changes), fields(changes = changes.len()))]
@@ -1418,6 +1487,7 @@ impl CassandraStore {
                                 text(&record.id),
                                 text(&home.region),
                                 CqlValue::BigInt(signed(home.epoch)),
+                                CqlValue::BigInt(signed(home.base_seq)),
                             ]);
                         }
                         update.created = false;

@@ -6,7 +6,8 @@
 //! by (channel, sequence) and indexed by (time bucket, channel) so retention drops whole buckets.
 
 use crate::backend::{
-    ChannelRecord, HistoryPage, HistoryQuery, MembershipChange, MembershipStore, MessageLog, MessageStore, PriorSend,
+    ChannelRecord, HistoryPage, HistoryQuery, Home, MembershipChange, MembershipStore, MessageLog, MessageStore,
+    PriorSend,
 };
 use async_trait::async_trait;
 use parley_api::BackendError;
@@ -509,6 +510,32 @@ impl MembershipStore for EmbeddedStore {
             let transaction = database.begin_read()?;
             let table = transaction.open_table(READ_CURSORS)?;
             Ok(table.get((user.as_str(), channel.as_str()))?.map(|value| value.value()).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn move_home(&self, channel: &str, from: &Home, to: &Home) -> Result<bool, BackendError> {
+        let (channel, from, to) = (channel.to_owned(), from.clone(), to.clone());
+        self.blocking(move |database| {
+            let mut transaction = database.begin_write()?;
+            transaction.set_durability(Durability::Immediate).map_err(|error| BackendError::Task(error.to_string()))?;
+            let moved = {
+                let mut channels = transaction.open_table(CHANNELS)?;
+                let record: Option<ChannelRecord> = match channels.get(channel.as_str())? {
+                    Some(value) => Some(decode(value.value())?),
+                    None => None,
+                };
+                match record {
+                    Some(mut record) if record.home.as_ref() == Some(&from) => {
+                        record.home = Some(to);
+                        channels.insert(channel.as_str(), encode(&record)?.as_slice())?;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            transaction.commit()?;
+            Ok(moved)
         })
         .await
     }

@@ -20,15 +20,19 @@
 //! gateway learns that one of its users joined a channel homed elsewhere.
 
 use crate::backend::{Home, MembershipStore};
+use crate::router::LocalRouter;
 use async_trait::async_trait;
 use parley_api::remote::PEER_CALL_PATH;
-use parley_api::{Answer, BackendError, Call, Limits, RemoteRouter, Router, RouterError, RouterService, RouterStats};
+use parley_api::{
+    Answer, BackendError, Call, HomeStep, Limits, RemoteRouter, RouterError, RouterService, RouterStats, ServerOp,
+};
+use parley_bus::mirrored::MirrorPositions;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use thiserror::Error;
-use tracing::{debug, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
 /// Most channel homes a router remembers; the oldest half is forgotten beyond it.
 const MAX_CACHED_HOMES: usize = 100_000;
@@ -117,22 +121,39 @@ pub struct GlobalStats {
     pub forward_failures: AtomicU64,
     /// Channel homes read from the store.
     pub home_reads: AtomicU64,
+    /// Homes moved to this region.
+    pub homes_taken: AtomicU64,
+    /// Calls that waited while their channel's home moved.
+    pub held_calls: AtomicU64,
 }
 
-/// The known channel homes, read once from the store (a home changes only with its epoch).
+/// How long a remembered home is trusted for routing before it is read again (a home that moved is found by then
+/// even by a region that took no part in the move).
+const HOME_TTL: Duration = Duration::from_secs(30);
+/// How long a frozen channel waits for the region that is taking it before it reads its home again and goes on.
+const FREEZE_LIMIT: Duration = Duration::from_secs(30);
+/// How long a move waits for the calls in flight at the old home, and for the mirrored copy to catch up.
+const MOVE_WAIT: Duration = Duration::from_secs(30);
+
+/// The known channel homes, read from the store (a home changes only with its epoch).
 #[derive(Debug, Default)]
 pub struct HomeBook {
-    homes: Mutex<HashMap<String, Home>>,
+    homes: Mutex<HashMap<String, (Home, Instant)>>,
 }
 
 impl HomeBook {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Home>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Home, Instant)>> {
         self.homes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The home remembered for `channel`.
+    /// The home remembered for `channel`, however old.
     pub fn get(&self, channel: &str) -> Option<Home> {
-        self.lock().get(channel).cloned()
+        self.lock().get(channel).map(|(home, _)| home.clone())
+    }
+
+    /// The home remembered for `channel` if it was read or learned within `ttl`.
+    pub fn get_fresh(&self, channel: &str, ttl: Duration) -> Option<Home> {
+        self.lock().get(channel).filter(|(_, at)| at.elapsed() < ttl).map(|(home, _)| home.clone())
     }
 
     /// Remembers `home` unless a newer epoch is known.
@@ -144,12 +165,18 @@ impl HomeBook {
                 homes.remove(&channel);
             }
         }
-        match homes.get(channel) {
-            Some(known) if known.epoch > home.epoch => {}
+        match homes.get_mut(channel) {
+            // A read that trails a move (an older epoch) confirms the newer home known here.
+            Some((known, at)) if known.epoch > home.epoch => *at = Instant::now(),
             _ => {
-                homes.insert(channel.to_owned(), home);
+                homes.insert(channel.to_owned(), (home, Instant::now()));
             }
         }
+    }
+
+    /// Forgets `channel`'s home: the next call reads it from the store.
+    pub fn forget(&self, channel: &str) {
+        self.lock().remove(channel);
     }
 }
 
@@ -160,16 +187,30 @@ struct Peer {
     client: tokio::sync::Mutex<Option<RemoteRouter>>,
 }
 
+/// What a router tracks of a channel while calls about it run: how many, and whether it is frozen (its home is
+/// moving away; calls wait until the gate opens).
+#[derive(Debug, Default)]
+struct ChannelCalls {
+    in_flight: usize,
+    gate: Option<tokio::sync::watch::Sender<bool>>,
+}
+
 /// A region's router service: the writer for channels homed here, the home region's routers for the others; see the
 /// [module docs](self).
 pub struct GlobalRouter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     region: String,
-    local: Router,
+    local: LocalRouter,
     membership: Arc<dyn MembershipStore>,
     homes: Arc<HomeBook>,
+    positions: Arc<dyn MirrorPositions>,
     peers: HashMap<String, Peer>,
     peer_token: Option<String>,
     timeout: Duration,
+    calls: Mutex<HashMap<String, ChannelCalls>>,
     stats: Arc<GlobalStats>,
 }
 
@@ -177,81 +218,160 @@ impl std::fmt::Debug for GlobalRouter {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
             .debug_struct("GlobalRouter")
-            .field("region", &self.region)
-            .field("peers", &self.peers.keys().collect::<Vec<_>>())
+            .field("region", &self.inner.region)
+            .field("peers", &self.inner.peers.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
 
+/// Counts a call about a channel as in flight until dropped.
+struct InFlight {
+    inner: Arc<Inner>,
+    channel: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut calls = self.inner.lock_calls();
+        if let Some(state) = calls.get_mut(&self.channel) {
+            state.in_flight = state.in_flight.saturating_sub(1);
+            if state.in_flight == 0 && state.gate.is_none() {
+                calls.remove(&self.channel);
+            }
+        }
+    }
+}
+
+fn unavailable(message: String) -> RouterError {
+    RouterError::Unavailable(BackendError::Unavailable(message))
+}
+
 impl GlobalRouter {
-    /// A router for `region` in front of `local`, with the other regions' router URLs.
+    /// A router for `region` in front of `local`, with the other regions' router URLs, the channels' homes and this
+    /// region's mirrored positions.
     pub fn new(
         region: String,
-        local: Router,
-        membership: Arc<dyn MembershipStore>,
+        local: LocalRouter,
         homes: Arc<HomeBook>,
+        positions: Arc<dyn MirrorPositions>,
         peers: BTreeMap<String, String>,
         peer_token: Option<String>,
         timeout: Duration,
     ) -> Self {
         let peers =
             peers.into_iter().map(|(name, url)| (name, Peer { url, client: tokio::sync::Mutex::new(None) })).collect();
+        let membership = local.membership_store();
         Self {
-            region,
-            local,
-            membership,
-            homes,
-            peers,
-            peer_token: peer_token.filter(|token| !token.is_empty()),
-            timeout,
-            stats: Arc::default(),
+            inner: Arc::new(Inner {
+                region,
+                local,
+                membership,
+                homes,
+                positions,
+                peers,
+                peer_token: peer_token.filter(|token| !token.is_empty()),
+                timeout,
+                calls: Mutex::new(HashMap::new()),
+                stats: Arc::default(),
+            }),
         }
     }
 
     /// What it counts.
     pub fn global_stats(&self) -> &Arc<GlobalStats> {
-        &self.stats
+        &self.inner.stats
+    }
+}
+
+impl Inner {
+    fn lock_calls(&self) -> std::sync::MutexGuard<'_, HashMap<String, ChannelCalls>> {
+        self.calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The home of `channel`: remembered, else read from the store (`None`: no such channel, or no home).
+    /// The home of `channel`: remembered (recently), else read from the store (`None`: no such channel, or no home).
     async fn home(&self, channel: &str) -> Result<Option<Home>, RouterError> {
-        if let Some(home) = self.homes.get(channel) {
+        if let Some(home) = self.homes.get_fresh(channel, HOME_TTL) {
             return Ok(Some(home));
         }
+        self.read_home(channel).await
+    }
+
+    /// The home of `channel` as this region's store has it (which may trail a move made in another region: a
+    /// call routed on it to a former home is carried on from there).
+    async fn read_home(&self, channel: &str) -> Result<Option<Home>, RouterError> {
         self.stats.home_reads.fetch_add(1, Ordering::Relaxed);
         let record = self.membership.channel(channel).await.map_err(RouterError::Unavailable)?;
-        let home = record.and_then(|record| record.home);
-        if let Some(home) = &home {
-            self.homes.learn(channel, home.clone());
+        self.remember(channel, record.and_then(|record| record.home))
+    }
+
+    /// The home of `channel` as the last move left it, wherever it ran: what a freeze, a release and a move decide
+    /// on, so that a former home never orders the channel again.
+    async fn read_home_now(&self, channel: &str) -> Result<Option<Home>, RouterError> {
+        self.stats.home_reads.fetch_add(1, Ordering::Relaxed);
+        let home = self.membership.home_now(channel).await.map_err(RouterError::Unavailable)?;
+        self.remember(channel, home)
+    }
+
+    fn remember(&self, channel: &str, home: Option<Home>) -> Result<Option<Home>, RouterError> {
+        match &home {
+            Some(home) => self.homes.learn(channel, home.clone()),
+            None => self.homes.forget(channel),
         }
         Ok(home)
     }
 
-    async fn forward(&self, region: &str, call: Call) -> Result<Answer, RouterError> {
-        let Some(peer) = self.peers.get(region) else {
-            return Err(RouterError::Unavailable(BackendError::Unavailable(format!(
-                "the channel's home region {region:?} is not among this router's peer regions (--peer-routers)"
-            ))));
-        };
-        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-        let client = {
-            let mut slot = peer.client.lock().await;
-            match slot.as_ref() {
-                Some(client) => client.clone(),
-                None => {
-                    let client = RemoteRouter::connect(&peer.url, self.peer_token.clone(), self.timeout)
-                        .await
-                        .map_err(|error| {
-                            self.stats.forward_failures.fetch_add(1, Ordering::Relaxed);
-                            warn!(region, url = %peer.url, %error, "cannot reach the home region's routers");
-                            error
-                        })?
-                        .with_call_path(PEER_CALL_PATH);
-                    *slot = Some(client.clone());
-                    client
+    /// Counts a call about `channel` as in flight, first waiting (at most [`FREEZE_LIMIT`]) while the channel is
+    /// frozen.
+    async fn enter(self: &Arc<Self>, channel: &str) -> Result<InFlight, RouterError> {
+        let deadline = Instant::now() + FREEZE_LIMIT + MOVE_WAIT;
+        let mut counted_hold = false;
+        loop {
+            let mut opened = {
+                let mut calls = self.lock_calls();
+                let state = calls.entry(channel.to_owned()).or_default();
+                match &state.gate {
+                    None => {
+                        state.in_flight += 1;
+                        return Ok(InFlight { inner: self.clone(), channel: channel.to_owned() });
+                    }
+                    Some(gate) => gate.subscribe(),
                 }
+            };
+            if !counted_hold {
+                counted_hold = true;
+                self.stats.held_calls.fetch_add(1, Ordering::Relaxed);
             }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(remaining, opened.wait_for(|open| *open)).await.is_err() {
+                return Err(unavailable(format!("{channel} is moving to another region; retry")));
+            }
+        }
+    }
+
+    async fn peer(&self, region: &str) -> Result<RemoteRouter, RouterError> {
+        let Some(peer) = self.peers.get(region) else {
+            return Err(unavailable(format!(
+                "the channel's home region {region:?} is not among this router's peer regions (--peer-routers)"
+            )));
         };
+        let mut slot = peer.client.lock().await;
+        if let Some(client) = slot.as_ref() {
+            return Ok(client.clone());
+        }
+        let client = RemoteRouter::connect(&peer.url, self.peer_token.clone(), self.timeout)
+            .await
+            .inspect_err(|error| {
+                self.stats.forward_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(region, url = %peer.url, %error, "cannot reach the home region's routers");
+            })?
+            .with_call_path(PEER_CALL_PATH);
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    async fn forward(&self, region: &str, call: Call) -> Result<Answer, RouterError> {
+        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        let client = self.peer(region).await?;
         client.call(call).await.inspect_err(|error| {
             if matches!(error, RouterError::Unavailable(_)) {
                 self.stats.forward_failures.fetch_add(1, Ordering::Relaxed);
@@ -259,27 +379,206 @@ impl GlobalRouter {
             }
         })
     }
+
+    /// At the current home: stops taking the channel's calls (they wait), waits for those in flight, and answers the
+    /// last durable sequence. The gate opens at [`Self::release`], or by itself after [`FREEZE_LIMIT`].
+    async fn freeze(self: &Arc<Self>, channel: &str) -> Result<u64, RouterError> {
+        match self.read_home_now(channel).await? {
+            Some(home) if home.region == self.region => {}
+            other => {
+                return Err(RouterError::InvalidArgument(format!(
+                    "{channel} is not homed in {} (its home: {:?})",
+                    self.region,
+                    other.map(|home| home.region)
+                )))
+            }
+        }
+        {
+            let mut calls = self.lock_calls();
+            let state = calls.entry(channel.to_owned()).or_default();
+            if state.gate.is_some() {
+                return Err(unavailable(format!("{channel} is already moving")));
+            }
+            state.gate = Some(tokio::sync::watch::channel(false).0);
+        }
+        let deadline = Instant::now() + MOVE_WAIT;
+        loop {
+            let busy = self.lock_calls().get(channel).map(|state| state.in_flight).unwrap_or(0);
+            if busy == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                self.open(channel);
+                return Err(unavailable(format!("{channel}: {busy} calls still running; the move was abandoned")));
+            }
+            // The poll interval of a bounded wait for calls in flight.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let last = match self.local.last_durable_seq(channel).await {
+            Ok(last) => last,
+            Err(error) => {
+                self.open(channel);
+                return Err(error);
+            }
+        };
+        let inner = self.clone();
+        let frozen = channel.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(FREEZE_LIMIT).await;
+            let still = inner.lock_calls().get(&frozen).is_some_and(|state| state.gate.is_some());
+            if still {
+                warn!(channel = %frozen, "no release came for a frozen channel; going on with the home the store names");
+                inner.release(&frozen).await;
+            }
+        });
+        info!(channel, last, "frozen: the channel's home is moving away");
+        Ok(last)
+    }
+
+    /// Opens a frozen channel's gate.
+    fn open(&self, channel: &str) {
+        let mut calls = self.lock_calls();
+        if let Some(state) = calls.get_mut(channel) {
+            if let Some(gate) = state.gate.take() {
+                let _ = gate.send(true);
+            }
+            if state.in_flight == 0 {
+                calls.remove(channel);
+            }
+        }
+    }
+
+    /// At the former home: the move is over. The writer forgets the channel, the home is read again, and the calls
+    /// that waited go on (to the new home).
+    async fn release(&self, channel: &str) {
+        if let Err(error) = self.local.forget(channel).await {
+            warn!(channel, %error, "the writer could not forget a channel whose home moved");
+        }
+        if let Err(error) = self.read_home_now(channel).await {
+            warn!(channel, %error, "cannot read a moved channel's home; the calls that waited will read it again");
+            self.homes.forget(channel);
+        }
+        self.open(channel);
+    }
+
+    /// Moves `channel`'s home to this region; see [`ServerOp::MoveHome`].
+    async fn take(self: &Arc<Self>, channel: &str) -> Result<u64, RouterError> {
+        let Some(from) = self.read_home_now(channel).await? else {
+            return Err(RouterError::InvalidArgument(format!(
+                "{channel} has no home to move (no such channel, or created by a router without a region)"
+            )));
+        };
+        if from.region == self.region {
+            return self.local.last_durable_seq(channel).await;
+        }
+        let started = Instant::now();
+        let last = match self
+            .forward(&from.region, Call::Home { step: HomeStep::Freeze { channel: channel.into() } })
+            .await?
+        {
+            Answer::Seq(last) => last,
+            _ => return Err(RouterError::UnexpectedAnswer { op: "home_freeze" }),
+        };
+        let old_home = from.region.clone();
+        let abandon = |reason: String| async move {
+            let release = Call::Home { step: HomeStep::Release { channel: channel.into() } };
+            if let Err(error) = self.forward(&old_home, release).await {
+                warn!(channel, %error, "cannot release an abandoned move; the old home goes on by itself");
+            }
+            unavailable(reason)
+        };
+        // Everything the old home ordered must have been delivered here before this region orders the next one.
+        let deadline = Instant::now() + MOVE_WAIT;
+        loop {
+            match self.positions.position(&from.region, channel).await {
+                Ok(position) if position >= last => break,
+                Ok(position) if Instant::now() > deadline => {
+                    return Err(abandon(format!(
+                        "{channel}: the mirrored copy reached {position} of {last} within {} s; the move was abandoned",
+                        MOVE_WAIT.as_secs()
+                    ))
+                    .await)
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    return Err(abandon(format!("{channel}: cannot read the mirrored position: {error}")).await)
+                }
+            }
+            // The poll interval of a bounded wait for the mirror.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let to = Home { region: self.region.clone(), epoch: from.epoch + 1, base_seq: last };
+        match self.membership.move_home(channel, &from, &to).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(abandon(format!("{channel}: its home changed meanwhile; the move was abandoned")).await)
+            }
+            Err(error) => return Err(abandon(format!("{channel}: cannot store the new home: {error}")).await),
+        }
+        self.homes.learn(channel, to.clone());
+        self.local.forget(channel).await?;
+        self.stats.homes_taken.fetch_add(1, Ordering::Relaxed);
+        let release = Call::Home { step: HomeStep::Release { channel: channel.into() } };
+        if let Err(error) = self.forward(&from.region, release).await {
+            warn!(channel, %error, "the old home did not hear of the move; it reads the new home within its freeze limit");
+        }
+        info!(channel, from = %from.region, epoch = to.epoch, last, elapsed_ms = started.elapsed().as_millis() as u64,
+            "the channel's home moved here");
+        Ok(last)
+    }
 }
 
 #[async_trait]
 impl RouterService for GlobalRouter {
-    #[instrument(skip_all, fields(op = call.op(), region = %self.region))]
+    #[instrument(skip_all, fields(op = call.op(), region = %self.inner.region))]
     async fn call(&self, call: Call) -> Result<Answer, RouterError> {
+        let inner = &self.inner;
+        match &call {
+            Call::Home { step: HomeStep::Freeze { channel } } => return inner.freeze(channel).await.map(Answer::Seq),
+            Call::Home { step: HomeStep::Release { channel } } => {
+                inner.release(channel).await;
+                return Ok(Answer::Done);
+            }
+            Call::Server { operation: ServerOp::MoveHome { channel, region } } => {
+                if region == &inner.region {
+                    return inner.take(channel).await.map(Answer::Seq);
+                }
+                if !inner.peers.contains_key(region) {
+                    return Err(RouterError::InvalidArgument(format!(
+                        "unknown region {region:?}: this region is {:?}, its peers {:?}",
+                        inner.region,
+                        inner.peers.keys().collect::<Vec<_>>()
+                    )));
+                }
+                return inner.forward(region, call.clone()).await;
+            }
+            _ => {}
+        }
         let Some(channel) = call.channel_key() else {
-            return self.local.call(call).await;
+            return RouterService::call(&inner.local, call).await;
         };
-        match destination(&self.region, self.home(&channel).await?.as_ref()) {
-            Destination::Local => self.local.call(call).await,
-            Destination::Peer(region) => self.forward(&region, call).await,
+        let in_flight = inner.enter(&channel).await?;
+        let destination = destination(&inner.region, inner.home(&channel).await?.as_ref());
+        match destination {
+            Destination::Local => {
+                let answer = RouterService::call(&inner.local, call).await;
+                drop(in_flight);
+                answer
+            }
+            Destination::Peer(region) => {
+                // Not counted: the home region orders it, and a freeze here is about calls this writer runs.
+                drop(in_flight);
+                inner.forward(&region, call).await
+            }
         }
     }
 
     fn limits(&self) -> Limits {
-        self.local.limits()
+        RouterService::limits(&self.inner.local)
     }
 
     fn stats(&self) -> &Arc<RouterStats> {
-        self.local.stats()
+        self.inner.local.stats()
     }
 }
 
@@ -377,7 +676,7 @@ mod tests {
 
     #[test]
     fn calls_go_to_the_home_region() {
-        let home = |region: &str| Home { region: region.into(), epoch: 1 };
+        let home = |region: &str| Home { region: region.into(), epoch: 1, base_seq: 0 };
         assert_eq!(destination("eu", None), Destination::Local);
         assert_eq!(destination("eu", Some(&home("eu"))), Destination::Local);
         assert_eq!(destination("eu", Some(&home("us"))), Destination::Peer("us".into()));
@@ -386,10 +685,12 @@ mod tests {
     #[test]
     fn the_book_keeps_the_newest_epoch() {
         let book = HomeBook::default();
-        book.learn("g:a", Home { region: "us".into(), epoch: 2 });
-        book.learn("g:a", Home { region: "eu".into(), epoch: 1 });
-        assert_eq!(book.get("g:a"), Some(Home { region: "us".into(), epoch: 2 }));
-        book.learn("g:a", Home { region: "eu".into(), epoch: 3 });
+        book.learn("g:a", Home { region: "us".into(), epoch: 2, base_seq: 10 });
+        book.learn("g:a", Home { region: "eu".into(), epoch: 1, base_seq: 0 });
+        assert_eq!(book.get("g:a"), Some(Home { region: "us".into(), epoch: 2, base_seq: 10 }));
+        assert!(book.get_fresh("g:a", Duration::from_secs(30)).is_some());
+        assert!(book.get_fresh("g:a", Duration::ZERO).is_none(), "an old entry is read again for routing");
+        book.learn("g:a", Home { region: "eu".into(), epoch: 3, base_seq: 20 });
         assert_eq!(book.get("g:a").map(|home| home.region), Some("eu".into()));
         assert_eq!(book.get("g:b"), None);
     }

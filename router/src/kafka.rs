@@ -538,10 +538,16 @@ const PROBE_STEP: Duration = Duration::from_millis(200);
 /// existing topic when it was there already). Rejected credentials or a failed TLS handshake fail it at once
 /// ([`BackendError::Refused`]); brokers that do not answer, after the request timeout.
 pub async fn ensure_topics(config: &KafkaConfig) -> Result<i32, BackendError> {
+    let names = [config.messages_topic(), config.receipts_topic(), config.presence_topic(), config.memberships_topic()];
+    create_topics(config, &names).await?;
+    partition_count(config, &config.messages_topic()).await
+}
+
+/// Creates `names` (each with the configured partitions and replication factor) unless they exist.
+pub async fn create_topics(config: &KafkaConfig, names: &[String]) -> Result<(), BackendError> {
     config.check()?;
     reach_brokers(config).await?;
     let admin: AdminClient<DefaultClientContext> = config.client().create().map_err(kafka_error("admin client"))?;
-    let names = [config.messages_topic(), config.receipts_topic(), config.presence_topic(), config.memberships_topic()];
     let min_insync = if config.replication_factor >= 3 { "2" } else { "1" };
     let topics: Vec<NewTopic<'_>> = names
         .iter()
@@ -563,7 +569,7 @@ pub async fn ensure_topics(config: &KafkaConfig) -> Result<i32, BackendError> {
             Err((topic, code)) => return Err(BackendError::KafkaTopic { topic, code: code.to_string() }),
         }
     }
-    partition_count(config, &config.messages_topic()).await
+    Ok(())
 }
 
 /// The partition count of `topic`, waiting (up to the request timeout) until the topic is visible and every

@@ -228,7 +228,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         mirrored.is_empty() || kafka.is_some(),
         "--mirrored-regions needs --kafka-bootstrap-servers: other regions' records arrive in this region's Kafka"
     );
-    let global_membership = membership.clone();
     let mirror_pubsub = pubsub.clone();
     let mirror_directory = directory.clone();
     let config = RouterConfig {
@@ -241,8 +240,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         membership_policy: args.membership_policy,
         ..RouterConfig::default()
     };
-    let (router, writer) = parley_router::start_with_directory(config, log, store, membership, pubsub, directory)
-        .context("failed to start the writer")?;
+    let (local, writer) =
+        parley_router::LocalRouter::start_full(config, log, store, membership, pubsub, None, Some(directory))
+            .context("failed to start the writer")?;
+    let router = Router::new(local.clone());
 
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("failed to bind {}", args.listen))?;
@@ -304,55 +305,60 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut global_metrics = None;
     let (stop_mirror, mirror_stopping) = tokio::sync::watch::channel(false);
     let mut mirror_task = None;
+    // What this region delivered of other regions' channels, and the channels' homes known here.
+    let homes = Arc::new(parley_router::global::HomeBook::default());
+    let positions: Arc<dyn parley_bus::mirrored::MirrorPositions> = Arc::new(
+        parley_bus::redis::RedisMirrorPositions::connect(redis.clone())
+            .await
+            .with_context(|| format!("failed to reach Redis at {}", redis.url))?,
+    );
     if let (false, Some((kafka_config, _))) = (mirrored.is_empty(), &kafka) {
         // Other regions' messages and membership changes reach this region's gateways through a publisher of their
         // own, like the writer's.
-        let mirror_stats = Arc::new(RouterStats::default());
         let (publisher, _publisher_task) = parley_router::publisher::start(
             parley_router::publisher::PublisherConfig::default(),
             mirror_pubsub,
             Some(mirror_directory),
-            mirror_stats,
+            Arc::new(RouterStats::default()),
         );
         let stats = Arc::new(parley_router::kafka::mirror::MirrorStats::default());
         mirror_metrics = Some(stats.clone());
+        let context = parley_router::kafka::mirror::MirrorContext {
+            publisher,
+            homes: homes.clone(),
+            positions: positions.clone(),
+            stats,
+        };
         mirror_task = Some(
-            parley_router::kafka::mirror::start(
-                kafka_config.clone(),
-                mirrored.clone(),
-                publisher,
-                stats,
-                mirror_stopping,
-            )
-            .context("failed to start reading other regions' mirrored topics")?,
+            parley_router::kafka::mirror::start(kafka_config.clone(), mirrored.clone(), context, mirror_stopping)
+                .await
+                .context("failed to start reading other regions' mirrored topics")?,
         );
     }
     let (router, peer_entry) = match &region {
         Some(region) if !peers.is_empty() || peer_token.is_some() => {
             let global = parley_router::global::GlobalRouter::new(
                 region.clone(),
-                router.clone(),
-                global_membership,
-                Arc::default(),
+                local,
+                homes,
+                positions,
                 peers.clone(),
                 peer_token.clone(),
                 PEER_TIMEOUT,
             );
             global_metrics = Some(global.global_stats().clone());
-            let entry = peer_token.clone().map(|token| {
-                let own = format!("http://{}", loopback_of(address));
-                parley_router::service::PeerEntry {
-                    router: Router::new(parley_router::global::PeerEntry::new(
-                        own,
-                        routers_directory.clone(),
-                        args.internal_token.clone(),
-                        PEER_TIMEOUT,
-                        router.limits(),
-                    )),
-                    token: Arc::from(token),
-                }
+            let entry = peer_token.clone().map(|token| parley_router::service::PeerEntry {
+                router: Router::new(parley_router::global::PeerEntry::new(
+                    format!("http://{}", loopback_of(address)),
+                    routers_directory.clone(),
+                    args.internal_token.clone(),
+                    PEER_TIMEOUT,
+                    router.limits(),
+                )),
+                token: Arc::from(token),
             });
-            tracing::info!(region, peers = ?peers.keys().collect::<Vec<_>>(), mirrored = ?mirrored, "serving as one region of several");
+            tracing::info!(region, peers = ?peers.keys().collect::<Vec<_>>(), mirrored = ?mirrored,
+                "serving as one region of several");
             (Router::new(global), entry)
         }
         _ => (router, None),

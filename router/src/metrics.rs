@@ -85,7 +85,8 @@ impl RouterMetrics {
     /// Registers the counters of calls carried to other regions.
     pub fn global(&mut self, stats: &Arc<crate::global::GlobalStats>) {
         use std::sync::atomic::Ordering::Relaxed;
-        let (forwarded, failures, reads) = (stats.clone(), stats.clone(), stats.clone());
+        let (forwarded, failures, reads, taken, held) =
+            (stats.clone(), stats.clone(), stats.clone(), stats.clone(), stats.clone());
         AtomicCounters::default()
             .read("peer_calls", "Calls carried to a channel's home region", Kind::Counter, move || {
                 forwarded.forwarded.load(Relaxed)
@@ -96,6 +97,12 @@ impl RouterMetrics {
             .read("home_reads", "Channel homes read from the store", Kind::Counter, move || {
                 reads.home_reads.load(Relaxed)
             })
+            .read("homes_taken", "Channel homes moved to this region", Kind::Counter, move || {
+                taken.homes_taken.load(Relaxed)
+            })
+            .read("held_calls", "Calls that waited while their channel's home moved", Kind::Counter, move || {
+                held.held_calls.load(Relaxed)
+            })
             .register(&mut self.registry);
     }
 
@@ -104,6 +111,7 @@ impl RouterMetrics {
         use std::sync::atomic::Ordering::Relaxed;
         let (messages, memberships, undecodable, failures, delay) =
             (stats.clone(), stats.clone(), stats.clone(), stats.clone(), stats.clone());
+        let (deposed, positions) = (stats.clone(), stats.clone());
         AtomicCounters::default()
             .read("mirrored_messages", "Other regions' messages delivered in this region", Kind::Counter, move || {
                 messages.messages.load(Relaxed)
@@ -120,6 +128,15 @@ impl RouterMetrics {
             .read("mirror_consume_failures", "Errors reading the mirrored topics", Kind::Counter, move || {
                 failures.consume_failures.load(Relaxed)
             })
+            .read("mirrored_deposed", "Mirrored messages of a deposed home, dropped", Kind::Counter, move || {
+                deposed.deposed.load(Relaxed)
+            })
+            .read(
+                "mirror_position_failures",
+                "Failures to record how far mirrored channels were delivered",
+                Kind::Counter,
+                move || positions.position_failures.load(Relaxed),
+            )
             .read(
                 "mirror_delay_ms",
                 "Milliseconds from the home's append to delivery here, of the last mirrored message",

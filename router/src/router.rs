@@ -85,6 +85,7 @@ impl Default for RouterConfig {
 
 enum Command {
     Send { request: SendRequest, reply: oneshot::Sender<Result<SendOutcome, RouterError>> },
+    Forget { channel: String, reply: oneshot::Sender<Result<(), RouterError>> },
     Membership { change: MembershipCommand, reply: oneshot::Sender<Result<MembershipOutcome, RouterError>> },
 }
 
@@ -449,7 +450,27 @@ impl LocalRouter {
                 let request = self.send_request(&group(&channel)?, SERVER_SENDER, &client_msg_id, &text, false)?;
                 Ok(Answer::Sent(self.submit_send(request).await?))
             }
+            ServerOp::MoveHome { channel, .. } => Err(RouterError::InvalidArgument(format!(
+                "cannot move the home of {channel}: this router serves no regions (set PARLEY_REGION, \
+                 --peer-routers and --peer-token)"
+            ))),
         }
+    }
+
+    /// The last durable sequence of `channel` in this writer's log (its store for what the log no longer holds).
+    pub async fn last_durable_seq(&self, channel: &str) -> Result<u64, RouterError> {
+        self.log.last_seq(channel).await.map_err(RouterError::Unavailable)
+    }
+
+    /// The membership store (where channel homes are kept).
+    pub fn membership_store(&self) -> Arc<dyn MembershipStore> {
+        self.membership.clone()
+    }
+
+    /// Forgets what the writer remembers of `channel` (its members, settings and last sequence): the next call
+    /// reads it again from the store and the log. Used when the channel's home changes.
+    pub async fn forget(&self, channel: &str) -> Result<(), RouterError> {
+        self.submit(|reply| Command::Forget { channel: channel.to_owned(), reply }).await
     }
 
     /// Runs a membership command that answers a channel view.
@@ -928,6 +949,22 @@ impl Writer {
                         }
                         changes.push((change, reply));
                     }
+                    Command::Forget { channel, reply } => {
+                        // Everything before it is done first, so nothing decided under the old state is left.
+                        if !sends.is_empty() {
+                            self.send_run(std::mem::take(&mut sends)).await;
+                        }
+                        if !changes.is_empty() {
+                            self.start_membership(&mut pending, std::mem::take(&mut changes)).await;
+                        }
+                        if let Some(mut done) = pending.take() {
+                            let written = (&mut done.write).await;
+                            self.finish_membership(done, written).await;
+                        }
+                        self.channels.remove(&channel);
+                        self.sequencer.forget(&channel);
+                        let _ = reply.send(Ok(()));
+                    }
                 }
             }
             if !sends.is_empty() {
@@ -976,7 +1013,15 @@ impl Writer {
         };
         if !self.sequencer.knows(channel.as_str()) {
             let last = self.log.last_seq(channel.as_str()).await?;
-            self.sequencer.load(channel.as_str(), last);
+            // A channel whose home moved here continues after the last sequence of its former home.
+            let base = match (&record.home, &self.config.region) {
+                (Some(home), Some(region)) if &home.region == region => home.base_seq,
+                _ => 0,
+            };
+            self.sequencer.load(channel.as_str(), last.max(base));
+        }
+        if let Some(home) = &record.home {
+            self.log.set_home(channel.as_str(), home);
         }
         if self.channels.len() >= 100_000 {
             // Bound the cache; everything in it can be reloaded from the store.
@@ -1289,10 +1334,13 @@ impl Writer {
 
     /// The home of a channel this writer creates: its region, at epoch 1.
     fn new_home(&self) -> Option<Home> {
-        self.config.region.clone().map(|region| Home { region, epoch: 1 })
+        self.config.region.clone().map(|region| Home { region, epoch: 1, base_seq: 0 })
     }
 
     fn cache_new(&mut self, channel: &ChannelId, kind: ChannelKind, members: impl IntoIterator<Item = String>) {
+        if let Some(home) = self.new_home() {
+            self.log.set_home(channel.as_str(), &home);
+        }
         self.sequencer.load(channel.as_str(), self.sequencer.last_seq(channel.as_str()).unwrap_or(0));
         self.channels.insert(channel.to_string(), CachedChannel::new(kind, members));
     }

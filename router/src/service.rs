@@ -115,6 +115,11 @@ impl RouterService for LocalRouter {
                 self.record_presence(updates).await?;
                 Answer::Done
             }
+            Call::Home { .. } => {
+                return Err(RouterError::InvalidArgument(
+                    "moving a channel's home needs a router that serves regions (PARLEY_REGION, --peer-token)".into(),
+                ))
+            }
         })
     }
 

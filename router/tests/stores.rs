@@ -159,7 +159,7 @@ fn record(channel: &str, creator: &str) -> ChannelRecord {
         visibility: Default::default(),
         posting: Default::default(),
         history_from: 0,
-        home: Some(Home { region: "eu-west".into(), epoch: 1 }),
+        home: Some(Home { region: "eu-west".into(), epoch: 1, base_seq: 0 }),
     }
 }
 
@@ -186,7 +186,22 @@ parley_test_support::engine_suite!(
     access_settings_and_blocks_are_stored,
     a_key_names_its_first_message_whatever_the_write_order,
     a_deleted_channel_leaves_no_member_list_or_access_behind,
+    a_home_moves_only_from_the_home_the_store_names,
 );
+
+async fn a_home_moves_only_from_the_home_the_store_names(engine: Engine) {
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let membership = &stores.membership;
+    membership.apply(vec![MembershipChange::Create(record("g:moving", "alice"))]).await.expect("create");
+    let first = Home { region: "eu-west".into(), epoch: 1, base_seq: 0 };
+    assert_eq!(membership.channel("g:moving").await.expect("read").and_then(|record| record.home), Some(first.clone()));
+    let second = Home { region: "us-east".into(), epoch: 2, base_seq: 41 };
+    assert!(membership.move_home("g:moving", &first, &second).await.expect("move"), "the first move wins");
+    let third = Home { region: "ap-south".into(), epoch: 2, base_seq: 41 };
+    assert!(!membership.move_home("g:moving", &first, &third).await.expect("move"), "a move from a stale home loses");
+    assert_eq!(membership.channel("g:moving").await.expect("read").and_then(|record| record.home), Some(second));
+    assert!(!membership.move_home("g:none", &first, &third).await.expect("move"), "no such channel");
+}
 
 async fn a_deleted_channel_leaves_no_member_list_or_access_behind(engine: Engine) {
     use parley_core::access::Access;

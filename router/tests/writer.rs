@@ -360,6 +360,14 @@ impl parley_router::backend::MembershipStore for GatedMembership {
         }
         self.inner.apply(changes).await
     }
+    async fn move_home(
+        &self,
+        channel: &str,
+        from: &parley_router::backend::Home,
+        to: &parley_router::backend::Home,
+    ) -> Result<bool, BackendError> {
+        self.inner.move_home(channel, from, to).await
+    }
 }
 
 /// The writer on a gated membership store, with one small channel `g:small` of `alice` ready.

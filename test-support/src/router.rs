@@ -99,6 +99,12 @@ pub fn cassandra_config_with(
         let password = lookup("PARLEY_CASSANDRA_PASSWORD").unwrap_or_default();
         config.credentials = Some(CassandraCredentials { username, password });
     }
+    // On a cluster of several datacenters a test keyspace lives in the contact point's datacenter alone (written
+    // and read at LOCAL_QUORUM there), as the router does with `PARLEY_CASSANDRA_LOCAL_DATACENTER`.
+    if let Some(datacenter) = lookup("PARLEY_CASSANDRA_LOCAL_DATACENTER").filter(|datacenter| !datacenter.is_empty()) {
+        config.replication = parley_router::cassandra::Replication::NetworkTopology([(datacenter.clone(), 1)].into());
+        config.local_datacenter = Some(datacenter);
+    }
     config
 }
 

@@ -145,7 +145,7 @@ pub(super) fn migrations(config: &CassandraConfig) -> Vec<Migration> {
             description: "channel homes (the region that orders each channel, and its epoch)",
             statements: vec![format!(
                 "CREATE TABLE IF NOT EXISTS {keyspace}.channel_homes (channel text PRIMARY KEY, region text, \
-                 epoch bigint)"
+                 epoch bigint, base_seq bigint)"
             )],
         },
     ]

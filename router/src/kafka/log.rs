@@ -4,7 +4,7 @@
 use super::partition::{group_by_partition, partition_for};
 use super::tail::TailIndex;
 use super::{blocking, ensure_topics, kafka_error, millis, retry_blocking, KafkaConfig};
-use crate::backend::{MessageLog, MessageStore, PresenceUpdate, PriorSend, ReadReceipt};
+use crate::backend::{Home, MessageLog, MessageStore, PresenceUpdate, PriorSend, ReadReceipt};
 use crate::publisher::MembershipEvent;
 use async_trait::async_trait;
 use futures_util::future::join_all;
@@ -12,7 +12,7 @@ use parley_api::BackendError;
 use parley_core::protocol::MessageView;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
@@ -79,6 +79,22 @@ pub struct KafkaLog {
     /// The idempotent producer of `{prefix}receipts` and `{prefix}presence` (no transactions: a cursor only moves
     /// forward and a presence record is a snapshot, so a record written twice changes nothing).
     records: FutureProducer,
+    /// The homes of the channels this log writes, as the writer set them ([`MessageLog::set_home`]): each record
+    /// carries its channel's in the [`HOME_HEADER`].
+    homes: Mutex<HashMap<String, (String, u64)>>,
+}
+
+/// The record header with the home of the record's channel when it was written: `<region>:<epoch>`.
+pub const HOME_HEADER: &str = "parley-home";
+
+/// Most channel homes a log remembers (the writer sets them again when it loads a channel).
+const MAX_HOMES: usize = 100_000;
+
+/// Parses a [`HOME_HEADER`] value: region and epoch.
+pub fn parse_home_header(value: &[u8]) -> Option<(String, u64)> {
+    let text = std::str::from_utf8(value).ok()?;
+    let (region, epoch) = text.rsplit_once(':')?;
+    Some((region.to_owned(), epoch.parse().ok()?))
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -194,6 +210,7 @@ impl KafkaLog {
             offsets: Arc::new(offsets),
             last_prune: Mutex::new(None),
             records,
+            homes: Mutex::new(HashMap::new()),
             stats: Arc::new(KafkaLogStats::default()),
         };
         let failed = log.acquire_partitions(&owned).await;
@@ -511,13 +528,17 @@ impl KafkaLog {
     /// Refuses a group whose first sequence of a channel does not continue what the tail shows.
     fn check_sequences(&self, messages: &[MessageView]) -> Result<(), BackendError> {
         let index = lock_index(&self.index);
+        let homes = self.homes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut seen: HashMap<&str, ()> = HashMap::new();
         for message in messages {
             if seen.insert(message.channel.as_str(), ()).is_some() {
                 continue;
             }
             if let Some(last) = index.last_seq(&message.channel) {
-                if message.seq != last + 1 {
+                // A channel whose home came back here continues after the other home's last sequence.
+                let base = homes.get(&message.channel).map(|(_, base)| *base).unwrap_or(0);
+                let continues = message.seq == last + 1 || (base > last && message.seq == base + 1);
+                if !continues {
                     return Err(BackendError::SequenceConflict {
                         channel: message.channel.clone(),
                         expected: last + 1,
@@ -613,8 +634,17 @@ impl KafkaLog {
                     break;
                 }
             };
-            let record =
+            let home = self
+                .homes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&message.channel)
+                .map(|(header, _)| header.clone());
+            let mut record =
                 FutureRecord::to(&self.topic).partition(partition).key(message.channel.as_bytes()).payload(&payload);
+            if let Some(home) = &home {
+                record = record.headers(OwnedHeaders::new().insert(Header { key: HOME_HEADER, value: Some(home) }));
+            }
             match producer.send_result(record) {
                 Ok(delivery) => deliveries.push(delivery),
                 Err((error, _)) => {
@@ -733,6 +763,14 @@ impl MessageLog for KafkaLog {
                 Err(kafka_error("receipt")(error))
             }
         }
+    }
+
+    fn set_home(&self, channel: &str, home: &Home) {
+        let mut homes = self.homes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if homes.len() >= MAX_HOMES {
+            homes.clear();
+        }
+        homes.insert(channel.to_owned(), (format!("{}:{}", home.region, home.epoch), home.base_seq));
     }
 
     async fn record_memberships(&self, events: Vec<MembershipEvent>) -> Result<(), BackendError> {

@@ -9,21 +9,26 @@
 //! starts for the first time reads from the beginning, so records mirrored before the routers started are
 //! delivered too.
 
+use super::log::{parse_home_header, HOME_HEADER};
 use super::{kafka_error, KafkaConfig};
+use crate::global::HomeBook;
 use crate::publisher::{Job, MembershipEvent, PublisherHandle};
 use bytes::Bytes;
 use parley_api::BackendError;
+use parley_bus::mirrored::MirrorPositions;
 use parley_bus::pubsub::{channel_topic, Event};
 use parley_core::protocol::{MessageView, ServerFrame};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Headers;
 use rdkafka::message::{BorrowedMessage, Message, Timestamp};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tracing::{debug, info, instrument, warn};
 
-/// How often the consumer looks for mirrored topics that appeared (MirrorMaker 2 creates them when it starts).
+/// How often the consumer reads the topics' metadata (partitions added to a mirrored topic).
 const TOPIC_REFRESH: Duration = Duration::from_secs(5);
 /// Most records handed over in one job.
 const BATCH_MAX: usize = 512;
@@ -37,6 +42,10 @@ pub struct MirrorStats {
     pub memberships: AtomicU64,
     /// Records that could not be decoded (skipped, logged).
     pub undecodable: AtomicU64,
+    /// Records of a deposed home (an epoch older than the channel's), dropped.
+    pub deposed: AtomicU64,
+    /// Failures to record how far the mirrored channels were delivered.
+    pub position_failures: AtomicU64,
     /// Consume errors.
     pub consume_failures: AtomicU64,
     /// Milliseconds from the home's append to the hand-over here, of the last message (the regions' clocks
@@ -77,15 +86,43 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
 }
 
-/// Starts the reader of `sources`' mirrored topics; it runs until `stopping` turns true.
-pub fn start(
+/// What the mirror reader works with besides Kafka.
+#[derive(Clone, Debug)]
+pub struct MirrorContext {
+    /// Where delivered records go (this region's pub/sub).
+    pub publisher: PublisherHandle,
+    /// The channels' homes known to this router: records of an older epoch are dropped.
+    pub homes: Arc<HomeBook>,
+    /// Where the delivered positions are recorded.
+    pub positions: Arc<dyn MirrorPositions>,
+    /// Counters.
+    pub stats: Arc<MirrorStats>,
+}
+
+/// The source region of a mirrored topic (`<source>.<topic>`).
+fn source_of(topic: &str) -> &str {
+    topic.split_once('.').map(|(source, _)| source).unwrap_or(topic)
+}
+
+/// Whether a record written by `record_home` is from a deposed home, given the home `known` here.
+pub fn deposed(record_home: Option<&(String, u64)>, known: Option<&crate::backend::Home>) -> bool {
+    match (record_home, known) {
+        (Some((_, epoch)), Some(known)) => *epoch < known.epoch,
+        _ => false,
+    }
+}
+
+/// Starts the reader of `sources`' mirrored topics; it runs until `stopping` turns true. The topics are created
+/// first when missing, with this region's partitions and replication factor (MirrorMaker 2 copies into them; the
+/// regions' topics have the same partitions, so each partition of the copy holds the same channels as at home).
+pub async fn start(
     config: KafkaConfig,
     sources: Vec<String>,
-    publisher: PublisherHandle,
-    stats: Arc<MirrorStats>,
+    context: MirrorContext,
     stopping: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, BackendError> {
     let topics = mirrored_topics(&config, &sources);
+    super::create_topics(&config, &topics).await?;
     let mut settings = config.consumer(&config.mirror_group());
     settings
         .set("enable.auto.commit", "true")
@@ -95,17 +132,17 @@ pub fn start(
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names).map_err(kafka_error("mirror subscribe"))?;
     info!(?topics, "reading other regions' mirrored topics");
-    Ok(tokio::spawn(run(config, consumer, publisher, stats, stopping)))
+    Ok(tokio::spawn(run(config, consumer, context, stopping)))
 }
 
 #[instrument(skip_all)]
 async fn run(
     config: KafkaConfig,
     consumer: StreamConsumer,
-    publisher: PublisherHandle,
-    stats: Arc<MirrorStats>,
+    context: MirrorContext,
     mut stopping: watch::Receiver<bool>,
 ) {
+    let MirrorContext { publisher, homes, positions, stats } = context;
     loop {
         let first = tokio::select! {
             _ = stopping.changed() => break,
@@ -114,11 +151,17 @@ async fn run(
         let mut received = Some(first);
         let mut publications: Vec<(String, Bytes)> = Vec::new();
         let mut memberships: Vec<MembershipEvent> = Vec::new();
+        let mut delivered: HashMap<(String, String), u64> = HashMap::new();
         let mut handled = 0usize;
         while let Some(outcome) = received.take() {
             match outcome {
                 Ok(record) => {
-                    take(&config, &record, &stats, &mut publications, &mut memberships, &publisher).await;
+                    let batch = Batch {
+                        publications: &mut publications,
+                        memberships: &mut memberships,
+                        delivered: &mut delivered,
+                    };
+                    take(&config, &record, &stats, &homes, batch, &publisher).await;
                     if let Err(error) = consumer.store_offset_from_message(&record) {
                         debug!(%error, "cannot store a mirrored record's offset");
                     }
@@ -143,10 +186,28 @@ async fn run(
         if !memberships.is_empty() {
             publisher.submit(Job::Memberships(memberships)).await;
         }
+        let mut by_source: HashMap<String, Vec<(String, u64)>> = HashMap::new();
+        for ((source, channel), seq) in delivered {
+            by_source.entry(source).or_default().push((channel, seq));
+        }
+        for (source, channels) in by_source {
+            if let Err(error) = positions.record(&source, channels).await {
+                stats.position_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(%error, source, "cannot record how far mirrored channels were delivered");
+            }
+        }
     }
     if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
         debug!(%error, "committing the mirror reader's offsets on stop");
     }
+}
+
+/// What one pass hands over.
+struct Batch<'a> {
+    publications: &'a mut Vec<(String, Bytes)>,
+    memberships: &'a mut Vec<MembershipEvent>,
+    /// The last sequence of each (source, channel).
+    delivered: &'a mut HashMap<(String, String), u64>,
 }
 
 /// Adds one record to what is handed over, keeping the order of messages and membership changes: a membership
@@ -155,13 +216,27 @@ async fn take(
     config: &KafkaConfig,
     record: &BorrowedMessage<'_>,
     stats: &MirrorStats,
-    publications: &mut Vec<(String, Bytes)>,
-    memberships: &mut Vec<MembershipEvent>,
+    homes: &HomeBook,
+    batch: Batch<'_>,
     publisher: &PublisherHandle,
 ) {
+    let Batch { publications, memberships, delivered } = batch;
     let Some(payload) = record.payload() else { return };
     match decode(config, record.topic(), payload) {
         Ok(Mirrored::Message(message)) => {
+            let home = record
+                .headers()
+                .and_then(|headers| headers.iter().find(|header| header.key == HOME_HEADER))
+                .and_then(|header| parse_home_header(header.value?));
+            if deposed(home.as_ref(), homes.get(&message.channel).as_ref()) {
+                stats.deposed.fetch_add(1, Ordering::Relaxed);
+                warn!(channel = %message.channel, seq = message.seq, ?home,
+                    "dropped a mirrored message of a deposed home");
+                return;
+            }
+            let key = (source_of(record.topic()).to_owned(), message.channel.clone());
+            let entry = delivered.entry(key).or_default();
+            *entry = (*entry).max(message.seq);
             if !memberships.is_empty() {
                 publisher.submit(Job::Memberships(std::mem::take(memberships))).await;
             }
@@ -206,6 +281,16 @@ mod tests {
                 format!("us-east.{}", config.memberships_topic()),
             ]
         );
+    }
+
+    #[test]
+    fn records_of_a_deposed_home_are_recognized() {
+        let home = |epoch| crate::backend::Home { region: "us".into(), epoch, base_seq: 0 };
+        assert!(deposed(Some(&("eu".into(), 1)), Some(&home(2))));
+        assert!(!deposed(Some(&("us".into(), 2)), Some(&home(2))));
+        assert!(!deposed(None, Some(&home(2))), "a record without a home header is not judged");
+        assert!(!deposed(Some(&("eu".into(), 1)), None), "nor one of a channel whose home is unknown here");
+        assert_eq!(source_of("eu.parley-messages"), "eu");
     }
 
     #[test]
