@@ -1,6 +1,7 @@
 //! The `ChatCluster` kind: one Parley installation, its images, its gateway and router settings, its backends and
 //! the Snowflake settings shared by all of its Regions.
 
+use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
@@ -69,6 +70,10 @@ pub struct ChatClusterSpec {
     /// The NetworkPolicies of each Region's pods.
     #[serde(default)]
     pub network_policy: NetworkPolicySettings,
+    /// The MirrorMaker 2 the operator runs in each Region that receives topics from other Regions (see the Region's
+    /// `replication`).
+    #[serde(default)]
+    pub mirror_maker: MirrorMakerSettings,
     /// Client authentication.
     pub auth: AuthSpec,
 }
@@ -77,7 +82,7 @@ fn default_fanout_threshold() -> i32 {
     1000
 }
 
-/// Container images. The tag of both images is the ChatCluster's `version`.
+/// Container images. The tag of the gateway and router images is the ChatCluster's `version`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ImagesSpec {
@@ -93,6 +98,12 @@ pub struct ImagesSpec {
         .message("images.router must be a repository without tag or digest; the tag is spec.version"))]
     #[schemars(length(min = 1, max = 512))]
     pub router: String,
+    /// The whole image (with its tag) of MirrorMaker 2: an Apache Kafka 4.x image that has
+    /// `/opt/kafka/bin/connect-mirror-maker.sh`, like the official `apache/kafka` images. It does not follow
+    /// `version`.
+    #[serde(default = "default_mirror_maker_image")]
+    #[schemars(length(min = 1, max = 512))]
+    pub mirror_maker: String,
     /// When the kubelet pulls the images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull_policy: Option<PullPolicy>,
@@ -107,6 +118,7 @@ impl Default for ImagesSpec {
         Self {
             gateway: default_gateway_image(),
             router: default_router_image(),
+            mirror_maker: default_mirror_maker_image(),
             pull_policy: None,
             pull_secrets: vec![],
         }
@@ -119,6 +131,53 @@ fn default_gateway_image() -> String {
 
 fn default_router_image() -> String {
     "parley/router".to_owned()
+}
+
+/// The MirrorMaker 2 image when `images.mirrorMaker` is not set.
+pub const DEFAULT_MIRROR_MAKER_IMAGE: &str = "apache/kafka:4.1.0";
+
+fn default_mirror_maker_image() -> String {
+    DEFAULT_MIRROR_MAKER_IMAGE.to_owned()
+}
+
+/// The MirrorMaker 2 of each Region that receives topics: a Deployment `<region>-mirrormaker` running
+/// `connect-mirror-maker.sh` in dedicated mode for that Region only (`--clusters <regionName>`), with its
+/// `mm2.properties` in the ConfigMap `<region>-mirrormaker-config`. The Kafka TLS and SASL settings are the
+/// ChatCluster's `kafka` ones, for every Region's Kafka.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorMakerSettings {
+    /// MirrorMaker 2 pods per receiving Region (1-16). With 2 or more, the pods share the work (`tasks.max` is the
+    /// number of pods) and talk to each other over MirrorMaker 2's internal REST port 8083.
+    #[serde(default = "default_mirror_maker_replicas")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 16").message("mirrorMaker.replicas must be between 1 and 16"))]
+    pub replicas: i32,
+    /// How often MirrorMaker 2 looks for new topics and partitions to mirror, in seconds (5-60). A topic created
+    /// later replicates at most this long after it appears.
+    #[serde(default = "default_refresh_topics_interval_seconds")]
+    #[x_kube(validation = Rule::new("self >= 5 && self <= 60").message("mirrorMaker.refreshTopicsIntervalSeconds must be between 5 and 60"))]
+    pub refresh_topics_interval_seconds: i32,
+    /// CPU and memory of each MirrorMaker 2 container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for MirrorMakerSettings {
+    fn default() -> Self {
+        Self {
+            replicas: default_mirror_maker_replicas(),
+            refresh_topics_interval_seconds: default_refresh_topics_interval_seconds(),
+            resources: None,
+        }
+    }
+}
+
+fn default_mirror_maker_replicas() -> i32 {
+    1
+}
+
+fn default_refresh_topics_interval_seconds() -> i32 {
+    30
 }
 
 /// Image pull policy.
@@ -470,8 +529,12 @@ fn default_topic_prefix() -> String {
     "parley".to_owned()
 }
 
-/// Cassandra or Scylla, where messages are stored from the log. Each Region adds its datacenter. The router pods
-/// connect to it (the gateways never do).
+/// Cassandra or Scylla, where messages are stored from the log. The router pods connect to it (the gateways never
+/// do). The operator connects to it too, with the same contact points, TLS CA and credentials (it reads those two
+/// Secrets through the API server), to keep the keyspace's replication a `NetworkTopologyStrategy` with each
+/// Region's datacenter and replication factor: it adds a Region's datacenter once a node of it is in the cluster
+/// (`system.local`, `system.peers_v2`), never removes one on its own, and refuses to delete a Region whose datacenter
+/// the keyspace still replicates to (see the Region's `cassandra`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.tlsCaSecret) || (has(self.tls) && self.tls)")

@@ -1,5 +1,6 @@
 //! The `Region` kind: where and how large one part of a ChatCluster runs, its backends' regional endpoints and
-//! which topics should replicate to which other Regions (validated only: the operator deploys no replication).
+//! which topics replicate to which other Regions. The operator runs one MirrorMaker 2 per Region that receives
+//! topics, and keeps the ChatCluster's Cassandra keyspace replicated to every Region's datacenter.
 
 use std::collections::BTreeMap;
 
@@ -62,7 +63,15 @@ pub struct RegionSpec {
     )]
     #[schemars(length(min = 1, max = 32))]
     pub region_name: String,
-    /// This region's Cassandra/Scylla datacenter.
+    /// This region's Cassandra/Scylla datacenter. The operator adds it to the keyspace's replication
+    /// (`ALTER KEYSPACE ... NetworkTopologyStrategy`) once a node of it has joined the cluster; until then the
+    /// Region's `CassandraReplication` condition says it is absent. When it is added to a keyspace that already
+    /// replicates elsewhere, the Region gets the condition `CassandraRebuildRequired` with the `nodetool rebuild`
+    /// command to run on each node of the new datacenter; set the annotation
+    /// `parley.dev/cassandra-rebuilt: "<datacenter>"` on the Region once it has run. Deleting the Region waits
+    /// while the keyspace still replicates to the datacenter: move the data away, then set
+    /// `parley.dev/cassandra-release-datacenter: "<datacenter>"` and the operator drops it from the replication
+    /// and lets the Region go.
     pub cassandra: RegionCassandra,
     /// This region's Kafka.
     #[serde(default)]
@@ -76,10 +85,12 @@ pub struct RegionSpec {
     /// Router pods. `maxReplicas` sizes the routers' part of the Region's machine-ID block.
     #[serde(default)]
     pub router: RegionRouter,
-    /// Which topics should replicate from this region's Kafka to which other regions. Not acted on by the operator
-    /// today: it validates each target (the `regionName` of another Region of the ChatCluster, else the Region is
-    /// Degraded with `UnknownReplicationTarget`) but deploys no MirrorMaker 2 and replicates nothing; run the flows
-    /// it describes yourself.
+    /// Which topics replicate from this region's Kafka to which other regions. Each target must be the `regionName`
+    /// of another Region of the ChatCluster (else this Region is Degraded with `UnknownReplicationTarget`). For each
+    /// Region that at least one rule targets, the operator runs MirrorMaker 2 in that target Region
+    /// (`<target>-mirrormaker`, a Deployment with its ConfigMap `<target>-mirrormaker-config`), which copies exactly
+    /// the named topics from every source into the target's Kafka as `<source regionName>.<topic>`, and tells the
+    /// target's routers which regions it mirrors (`PARLEY_MIRRORED_REGIONS`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub replication: Vec<ReplicationRule>,
@@ -105,7 +116,7 @@ fn default_replication_factor() -> i32 {
 }
 
 /// A region's Kafka.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegionKafka {
     /// Bootstrap servers of this region's Kafka (`host:port,host:port`). Defaults to the ChatCluster's.
@@ -113,6 +124,22 @@ pub struct RegionKafka {
     #[x_kube(validation = Rule::new("self.size() > 0").message("kafka.bootstrapServers must not be empty"))]
     #[schemars(length(max = 2048))]
     pub bootstrap_servers: Option<String>,
+    /// Replicas of each topic partition MirrorMaker 2 creates in this region's Kafka when this Region receives
+    /// topics (1-9): the mirrored topics and MirrorMaker 2's own (heartbeats, offset-syncs, checkpoints, and its
+    /// Connect offsets, status and configs). Use 1 only for a single-broker Kafka.
+    #[serde(default = "default_kafka_replication_factor")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 9").message("kafka.replicationFactor must be between 1 and 9"))]
+    pub replication_factor: i32,
+}
+
+impl Default for RegionKafka {
+    fn default() -> Self {
+        Self { bootstrap_servers: None, replication_factor: default_kafka_replication_factor() }
+    }
+}
+
+fn default_kafka_replication_factor() -> i32 {
+    3
 }
 
 /// A region's Redis.
@@ -240,6 +267,16 @@ pub struct RegionRouter {
     /// CPU and memory of each router container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// A URL at which the routers of the other Regions reach any router of this Region (`http://` or `https://`),
+    /// for a Region whose routers run in another Kubernetes cluster or behind a gateway. Without it the other
+    /// Regions use this Region's router headless Service
+    /// (`http://<region>-router-headless.<namespace>.svc:7070`). It reaches the other Regions' routers as part of
+    /// their `PARLEY_PEER_ROUTERS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^/\\\\s?#]+(/[^\\\\s]*)?$')")
+        .message("router.peerUrl must be an http:// or https:// URL"))]
+    #[schemars(length(min = 1, max = 2048))]
+    pub peer_url: Option<String>,
 }
 
 impl RegionRouter {
@@ -253,7 +290,7 @@ impl RegionRouter {
 
 impl Default for RegionRouter {
     fn default() -> Self {
-        Self { replicas: default_router_replicas(), max_replicas: None, resources: None }
+        Self { replicas: default_router_replicas(), max_replicas: None, resources: None, peer_url: None }
     }
 }
 
@@ -261,13 +298,14 @@ fn default_router_replicas() -> i32 {
     1
 }
 
-/// One replication flow: topics of this region's Kafka and the regions that should receive them. The operator only
-/// validates it (see `replication`).
+/// One replication flow: topics of this region's Kafka and the regions that receive them, through the MirrorMaker 2
+/// the operator runs in each receiving Region (see `replication`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicationRule {
-    /// Topic names without the ChatCluster's `kafka.topicPrefix` and its `-` (`messages`, `receipts`, `presence`),
-    /// or `*` for all of them.
+    /// Topic names without the ChatCluster's `kafka.topicPrefix` and its `-` (`messages`, `receipts`, `presence`,
+    /// `memberships`), or `*` for all of them. The receiving regions deliver a channel's messages and membership
+    /// changes from the copies of `messages` and `memberships`: a rule for the chat to cross regions names both.
     #[x_kube(validation = Rule::new("self.all(t, t.matches('^([a-zA-Z0-9._-]{1,128}|[*])$'))")
         .message("each topic must be 1-128 letters, digits, '.', '_' or '-', or '*'"))]
     #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 128)))]
@@ -319,4 +357,10 @@ pub struct RegionStatus {
     /// The NetworkPolicies applied to the Region's pods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network_policies: Vec<String>,
+    /// The regions whose topics this Region's MirrorMaker 2 mirrors into it, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrored_regions: Vec<String>,
+    /// Ready / wanted MirrorMaker 2 pods, for example `2/2`, when this Region receives topics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_maker: Option<String>,
 }

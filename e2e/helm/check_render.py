@@ -38,7 +38,7 @@ OPERATOR_RULES = (
     triples(["parley.dev"], CR_RESOURCES, ["get", "list", "watch", "patch", "update"])
     | triples(["parley.dev"], [f"{r}/status" for r in CR_RESOURCES], ["patch", "update"])
     | triples(["parley.dev"], [f"{r}/finalizers" for r in CR_RESOURCES], ["update"])
-    | triples(["apps"], ["statefulsets"], ["get", "list", "watch", "create", "patch", "delete"])
+    | triples(["apps"], ["statefulsets", "deployments"], ["get", "list", "watch", "create", "patch", "delete"])
     | triples(["policy"], ["poddisruptionbudgets"], ["get", "list", "watch", "create", "patch", "delete"])
     | triples([""], ["services", "configmaps"], ["get", "list", "watch", "create", "patch", "delete"])
     | triples(["networking.k8s.io"], ["networkpolicies"], ["get", "list", "watch", "create", "patch", "delete"])

@@ -18,6 +18,12 @@
 //!   from the Region's gateway pods, the gateways' client port from anywhere, the admin ports from
 //!   `spec.networkPolicy.adminFrom` (default: the Region's namespace); egress is left open.
 //!
+//! - the MirrorMaker 2 of a Region that other Regions replicate topics into ([`crate::mm2`]): a ConfigMap with its
+//!   `mm2.properties` and a Deployment;
+//! - the routers' view of the other Regions: `PARLEY_PEER_ROUTERS` ([`peer_routers`]), `PARLEY_MIRRORED_REGIONS`
+//!   and the ChatCluster's peer token `PARLEY_PEER_TOKEN`; their NetworkPolicy also admits the other Regions'
+//!   routers of the namespace.
+//!
 //! Backend TLS and credentials: booleans and file paths go into the component's ConfigMap, usernames and passwords
 //! into `secretKeyRef` env entries (never into a ConfigMap), and each CA bundle is a Secret volume mounted
 //! read-only at `/etc/parley/tls/<kafka|cassandra|redis>/ca.crt`. Kafka and Cassandra reach the router pods only;
@@ -109,6 +115,8 @@ pub struct RegionResources {
     /// The gateways' and the routers' NetworkPolicies, in that order; none when `spec.networkPolicy.enabled` is
     /// false.
     pub network_policies: Vec<NetworkPolicy>,
+    /// The Region's MirrorMaker 2 ([`crate::mm2`]), when another Region replicates topics into it.
+    pub mirror_maker: Option<crate::mm2::MirrorMakerResources>,
 }
 
 /// The two workloads of a Region.
@@ -235,6 +243,26 @@ pub fn router_advertise_url(validated: &ValidatedRegion) -> String {
     )
 }
 
+/// The URL at which the routers of other Regions reach any router of `peer`: its `spec.router.peerUrl`, else its
+/// routers' headless Service, like the gateways' `PARLEY_ROUTER_URL`.
+pub fn peer_router_url(peer: &parley_crds::Region, namespace: &str) -> String {
+    peer.spec.router.peer_url.clone().unwrap_or_else(|| {
+        let name = peer.metadata.name.as_deref().unwrap_or_default();
+        format!("http://{}.{namespace}.svc:{ROUTER_PORT}", headless_service_name(name, Component::Router))
+    })
+}
+
+/// The routers' `PARLEY_PEER_ROUTERS`: `regionName=url` for every other Region of the ChatCluster, sorted by region
+/// name; empty for a ChatCluster of one Region.
+pub fn peer_routers(validated: &ValidatedRegion) -> String {
+    validated
+        .peers
+        .iter()
+        .map(|peer| format!("{}={}", peer.spec.region_name, peer_router_url(peer, &validated.namespace)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The machine IDs of one workload: pod `i` uses `base + i`, for `i < count`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MachineIdRange {
@@ -287,6 +315,7 @@ pub fn build(validated: &ValidatedRegion, block: MachineIdBlock) -> Result<Regio
         },
         gateway_config_map,
         router_config_map,
+        mirror_maker: crate::mm2::build(validated)?,
     })
 }
 
@@ -398,6 +427,14 @@ fn config_map(validated: &ValidatedRegion, component: Component) -> ConfigMap {
             }
             if spec.cassandra.tls {
                 put("PARLEY_CASSANDRA_TLS", "true".to_owned());
+            }
+            let peers = peer_routers(validated);
+            if !peers.is_empty() {
+                put("PARLEY_PEER_ROUTERS", peers);
+            }
+            let mirrored = crate::mm2::mirrored_regions(validated);
+            if !mirrored.is_empty() {
+                put("PARLEY_MIRRORED_REGIONS", mirrored.join(","));
             }
         }
     }
@@ -517,11 +554,22 @@ fn network_policy(validated: &ValidatedRegion, component: Component) -> NetworkP
         Component::Gateway => {
             NetworkPolicyIngressRule { from: None, ports: Some(vec![tcp(validated.cluster.spec.gateway.port)]) }
         }
+        // The Region's gateways, and the routers of the ChatCluster's other Regions in the namespace (their calls
+        // between Regions, with the peer token).
         Component::Router => NetworkPolicyIngressRule {
-            from: Some(vec![NetworkPolicyPeer {
-                pod_selector: Some(pods(selector_labels(validated, Component::Gateway))),
-                ..NetworkPolicyPeer::default()
-            }]),
+            from: Some(vec![
+                NetworkPolicyPeer {
+                    pod_selector: Some(pods(selector_labels(validated, Component::Gateway))),
+                    ..NetworkPolicyPeer::default()
+                },
+                NetworkPolicyPeer {
+                    pod_selector: Some(pods(BTreeMap::from([
+                        (CLUSTER_LABEL.to_owned(), validated.cluster_name.clone()),
+                        (COMPONENT_LABEL.to_owned(), Component::Router.as_str().to_owned()),
+                    ]))),
+                    ..NetworkPolicyPeer::default()
+                },
+            ]),
             ports: Some(vec![tcp(ROUTER_PORT)]),
         },
     };
@@ -835,6 +883,12 @@ fn env(validated: &ValidatedRegion, component: Component, ids: MachineIdRange) -
     }
     match component {
         Component::Router => {
+            out.push(secret(
+                "PARLEY_PEER_TOKEN",
+                &internal_token::peer_secret_name(&validated.cluster_name),
+                internal_token::KEY,
+                false,
+            ));
             if let Some(kafka) = &spec.kafka.credentials {
                 credentials(&mut out, ("PARLEY_KAFKA_SASL_USERNAME", "PARLEY_KAFKA_SASL_PASSWORD"), kafka, false);
             }

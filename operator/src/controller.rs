@@ -14,16 +14,25 @@
 //!    Region and controlled by it that are no longer built). An orphan ConfigMap is deleted only once both
 //!    StatefulSets have rolled out, since pods of the previous revision may still read it through `envFrom` (the
 //!    single `<region>-config` of operator versions before the per-component ConfigMaps goes this way on upgrade);
-//! 6. **update_status** of the Region and then of the ChatCluster, each only when it changed.
+//! 6. **keyspace**: add the Region's datacenter to the Cassandra keyspace's replication ([`crate::keyspace`]), one
+//!    Region at a time; the outcome is the Region's `CassandraReplication` (and `CassandraRebuildRequired`)
+//!    condition, never a failed reconcile;
+//! 7. **update_status** of the Region and then of the ChatCluster, each only when it changed.
 //!
 //! A Region that fails validation or gets no machine IDs is marked `Degraded` with the error's reason, gets a
-//! Warning Event, and nothing is applied. Its finalizer [`FINALIZER`] releases its machine-ID block (the block
-//! is quarantined for the ChatCluster's `machineIdQuarantineSeconds`).
+//! Warning Event, and nothing is applied. Its finalizer [`FINALIZER`] first waits while the keyspace replicates to
+//! the Region's datacenter (until the user releases it with [`crate::keyspace::RELEASE_ANNOTATION`]), then
+//! releases its machine-ID block (the block is quarantined for the ChatCluster's `machineIdQuarantineSeconds`).
 //!
-//! The controller watches Regions, ChatClusters (mapped to their Regions) and the owned StatefulSets, Services,
-//! ConfigMaps, PodDisruptionBudgets and NetworkPolicies, so a Region's status follows its pods' readiness. The
-//! internal token Secret is owned by the Region too (garbage-collected with it) but not watched: the operator has no
-//! right to read Secrets.
+//! The ChatCluster's peer token Secret is created like the internal token (owned by the ChatCluster). The
+//! Cassandra CA and credentials Secrets are the only Secrets the operator reads (`get`, when the chart's
+//! `rbac.readableSecrets` names them).
+//!
+//! The controller watches Regions (each also mapped to the other Regions of its ChatCluster, whose MirrorMaker 2 and
+//! router peers it shapes), ChatClusters (mapped to their Regions) and the owned StatefulSets, Deployments,
+//! Services, ConfigMaps, PodDisruptionBudgets and NetworkPolicies, so a Region's status follows its pods'
+//! readiness. The
+//! internal token Secret is owned by the Region too (garbage-collected with it) but not watched.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
@@ -31,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -51,10 +60,11 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::build::{RegionResources, COMPONENT_LABEL, FIELD_MANAGER, REGION_LABEL};
 use crate::error::Error;
+use crate::keyspace::{self, CassandraAccess, CassandraAdmin, Decision, Release};
 use crate::metrics::Metrics;
 use crate::status::Rollout;
 use crate::validate::{Dereferenced, ValidatedRegion};
-use crate::{internal_token, machine_ids, status};
+use crate::{internal_token, machine_ids, mm2, status};
 
 /// The finalizer that releases a Region's machine-ID block.
 pub const FINALIZER: &str = "parley.dev/machine-ids";
@@ -70,6 +80,10 @@ const CONFLICT_RETRY: Duration = Duration::from_millis(100);
 const CONFLICT_RETRY_MAX: Duration = Duration::from_secs(2);
 /// How long a Region's internal token Secret, once created or found to exist, is not asked for again.
 pub const TOKEN_RECHECK: Duration = RESYNC;
+/// How soon a Region whose datacenter is not (yet) in the keyspace's replication is checked again.
+const KEYSPACE_RECHECK: Duration = Duration::from_secs(60);
+/// Timeout of the operator's Cassandra connection and of each of its requests.
+const CASSANDRA_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Which namespaces the controller watches.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,6 +119,9 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// When each internal token Secret (`namespace/name/region uid`) was last created or found to exist.
     tokens: Mutex<HashMap<String, Instant>>,
+    /// One lock per ChatCluster (`namespace/name`), held across each read-modify-write of its keyspace's
+    /// replication, so that two Regions' reconciles never overwrite each other's datacenter.
+    keyspaces: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Context {
@@ -117,6 +134,7 @@ impl Context {
             metrics,
             failures: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
+            keyspaces: Mutex::new(HashMap::new()),
         })
     }
 
@@ -126,6 +144,12 @@ impl Context {
 
     fn tokens(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
         self.tokens.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The keyspace lock of a ChatCluster.
+    fn keyspace_lock(&self, namespace: &str, cluster: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.keyspaces.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        locks.entry(format!("{namespace}/{cluster}")).or_default().clone()
     }
 }
 
@@ -140,6 +164,7 @@ pub async fn run(
     let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
     let controller = Controller::new(regions, watcher::Config::default());
     let store = controller.store();
+    let siblings = controller.store();
     controller
         .watches(scope.api::<ChatCluster>(&client), watcher::Config::default(), move |cluster| {
             let name = cluster.name_any();
@@ -151,7 +176,23 @@ pub async fn run(
                 .map(|region| ObjectRef::from_obj(&*region))
                 .collect::<Vec<_>>()
         })
+        // A Region's replication rules, peer URL and Kafka shape the other Regions' MirrorMaker 2 and routers.
+        .watches(scope.api::<Region>(&client), watcher::Config::default(), move |changed| {
+            let name = changed.name_any();
+            let namespace = changed.namespace();
+            siblings
+                .state()
+                .into_iter()
+                .filter(|region| {
+                    region.spec.cluster_ref == changed.spec.cluster_ref
+                        && region.namespace() == namespace
+                        && region.name_any() != name
+                })
+                .map(|region| ObjectRef::from_obj(&*region))
+                .collect::<Vec<_>>()
+        })
         .owns(scope.api::<StatefulSet>(&client), owned.clone())
+        .owns(scope.api::<Deployment>(&client), owned.clone())
         .owns(scope.api::<Service>(&client), owned.clone())
         .owns(scope.api::<ConfigMap>(&client), owned.clone())
         .owns(scope.api::<PodDisruptionBudget>(&client), owned.clone())
@@ -295,8 +336,12 @@ async fn apply(region: Arc<Region>, context: &Context) -> Result<Action, Error> 
         .await;
     }
 
-    // the internal token, which every pod reads: nothing is applied without it
-    if let Err(error) = ensure_internal_token(&plan.validated, context).await {
+    // the internal and peer tokens, which the pods read: nothing is applied without them
+    let tokens = match ensure_internal_token(&plan.validated, context).await {
+        Ok(()) => ensure_peer_token(&plan.validated, context).await,
+        Err(error) => Err(error),
+    };
+    if let Err(error) = tokens {
         record_degraded(&region, Some(&cluster), &siblings, &error, context).await?;
         return Err(error);
     }
@@ -308,6 +353,30 @@ async fn apply(region: Arc<Region>, context: &Context) -> Result<Action, Error> 
             .await;
     }
 
+    // the keyspace's replication to the Region's datacenter
+    let outcome = reconcile_keyspace(&plan.validated, context).await;
+    match &outcome {
+        Ok(Decision::Create { statement } | Decision::Alter { statement, .. }) => {
+            info!(%statement, "keyspace replication changed");
+            publish(context, &region, EventType::Normal, "KeyspaceReplicationChanged", format!("ran {statement}"))
+                .await;
+        }
+        Ok(_) => {}
+        Err(error) => debug!(%error, "keyspace replication not checked"),
+    }
+    let outcome = outcome.map_err(|error| describe(&error));
+    let spec = &region.spec;
+    let previous = region.status.as_ref().map(|status| status.conditions.as_slice()).unwrap_or_default();
+    let keyspace_conditions = keyspace::conditions(
+        previous,
+        &plan.validated.cluster.spec.cassandra.keyspace,
+        &spec.cassandra.datacenter,
+        spec.cassandra.replication_factor,
+        &outcome,
+        region.annotations().get(keyspace::REBUILT_ANNOTATION).map(String::as_str),
+    );
+    let recheck = keyspace_conditions.first().is_some_and(|condition| !condition.status);
+
     // status
     let new_status = status::region_ready(
         &region,
@@ -317,14 +386,90 @@ async fn apply(region: Arc<Region>, context: &Context) -> Result<Action, Error> 
         status::AppliedObjects {
             internal_token_secret: internal_token::secret_name(&name),
             network_policies: plan.resources.network_policies.iter().map(ResourceExt::name_any).collect(),
+            mirrored_regions: mm2::mirrored_regions(&plan.validated),
+            mirror_maker: applied.mirror_maker.as_ref().map(|deployment| {
+                let wanted = deployment.spec.as_ref().and_then(|spec| spec.replicas).unwrap_or(1);
+                let ready = deployment.status.as_ref().and_then(|status| status.ready_replicas).unwrap_or(0);
+                (ready, wanted)
+            }),
         },
+        keyspace_conditions,
         Timestamp::now(),
     );
     write_region_status(&regions, &region, new_status.clone(), context).await?;
     let mut current = (*region).clone();
     current.status = Some(new_status);
     update_cluster_summary(&clusters, &cluster, &siblings, current, context).await?;
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(if recheck { KEYSPACE_RECHECK } else { RESYNC }))
+}
+
+/// An error with its causes, for a condition's message.
+fn describe(error: &Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Reads one key of a Secret of the namespace.
+async fn secret_value(client: &Client, namespace: &str, name: &str, key: &str) -> Result<Vec<u8>, Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret =
+        secrets.get(name).await.map_err(|source| Error::kube(format!("get Secret {namespace}/{name}"), source))?;
+    secret.data.and_then(|mut data| data.remove(key)).map(|value| value.0).ok_or_else(|| Error::Cassandra {
+        action: format!("read key {key} of Secret {namespace}/{name}"),
+        message: "the Secret has no such key".to_owned(),
+    })
+}
+
+/// How the operator reaches the ChatCluster's Cassandra: its contact points, TLS CA and credentials, the Secrets
+/// read through the API server.
+async fn cassandra_access(cluster: &ChatCluster, namespace: &str, client: &Client) -> Result<CassandraAccess, Error> {
+    let spec = &cluster.spec.cassandra;
+    let ca_pem = match spec.tls_ca_secret.as_ref().filter(|_| spec.tls) {
+        Some(ca) => Some(secret_value(client, namespace, &ca.name, &ca.key).await?),
+        None => None,
+    };
+    let credentials = match &spec.credentials {
+        Some(credentials) => {
+            let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).into_owned();
+            let username =
+                text(secret_value(client, namespace, &credentials.secret_name, &credentials.username_key).await?);
+            let password =
+                text(secret_value(client, namespace, &credentials.secret_name, &credentials.password_key).await?);
+            Some((username, password))
+        }
+        None => None,
+    };
+    Ok(CassandraAccess {
+        contact_points: spec.contact_points.clone(),
+        tls: spec.tls,
+        ca_pem,
+        credentials,
+        timeout: CASSANDRA_TIMEOUT,
+    })
+}
+
+/// Adds the Region's datacenter to the keyspace's replication (or creates the keyspace), one Region at a time.
+async fn reconcile_keyspace(validated: &ValidatedRegion, context: &Context) -> Result<Decision, Error> {
+    let spec = &validated.region.spec.cassandra;
+    let keyspace_name = &validated.cluster.spec.cassandra.keyspace;
+    let lock = context.keyspace_lock(&validated.namespace, &validated.cluster_name);
+    let _one_at_a_time = lock.lock().await;
+    let access = cassandra_access(&validated.cluster, &validated.namespace, &context.client).await?;
+    let admin = CassandraAdmin::connect(&access).await?;
+    let present = admin.datacenters().await?;
+    let current = admin.replication(keyspace_name).await?;
+    let decision =
+        keyspace::decide(keyspace_name, current.as_ref(), &spec.datacenter, spec.replication_factor, &present);
+    if let Decision::Create { statement } | Decision::Alter { statement, .. } = &decision {
+        admin.execute(statement).await?;
+    }
+    Ok(decision)
 }
 
 /// A Region whose spec cannot be reconciled: Degraded status, a Warning Event when the condition changes, and
@@ -416,8 +561,137 @@ async fn ensure_internal_token(validated: &ValidatedRegion, context: &Context) -
     Ok(())
 }
 
-/// The finalizer: releases the Region's machine-ID block into quarantine and drops it from the ChatCluster's
-/// summary. Owned objects go with the Region through their ownerReferences.
+/// Creates the ChatCluster's peer token Secret unless it is known to exist, like [`ensure_internal_token`].
+async fn ensure_peer_token(validated: &ValidatedRegion, context: &Context) -> Result<(), Error> {
+    let namespace = &validated.namespace;
+    let secret_name = internal_token::peer_secret_name(&validated.cluster_name);
+    let cluster_uid = validated.cluster.metadata.uid.clone().unwrap_or_default();
+    let key = format!("{namespace}/{secret_name}/{cluster_uid}");
+    if context.tokens().get(&key).is_some_and(|checked| checked.elapsed() < TOKEN_RECHECK) {
+        return Ok(());
+    }
+    let failed = |message: String, source: Option<Box<kube::Error>>| Error::PeerTokenSecret {
+        cluster: validated.cluster_name.clone(),
+        namespace: namespace.clone(),
+        secret: secret_name.clone(),
+        message,
+        source,
+    };
+    let token = internal_token::generate()
+        .ok_or_else(|| failed("the operating system gave no random bytes for the token".to_owned(), None))?;
+    let secret = internal_token::peer_secret(validated, &token)
+        .ok_or_else(|| failed("the chat cluster has no uid to own the Secret".to_owned(), None))?;
+    let secrets: Api<Secret> = Api::namespaced(context.client.clone(), namespace);
+    let params = PostParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..PostParams::default() };
+    match secrets.create(&params, &secret).await {
+        Ok(_) => {
+            context.metrics.wrote("create");
+            info!(secret = %secret_name, "peer token secret created");
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            debug!(secret = %secret_name, "peer token secret exists: kept");
+        }
+        Err(source) => {
+            let message = match &source {
+                kube::Error::Api(status) => format!("{} (HTTP {})", status.message, status.code),
+                other => other.to_string(),
+            };
+            return Err(failed(message, Some(Box::new(source))));
+        }
+    }
+    context.tokens().insert(key, Instant::now());
+    Ok(())
+}
+
+/// Whether a Region being deleted may go as far as the keyspace is concerned: yes when the keyspace does not
+/// replicate to its datacenter, or once the user released the datacenter with [`keyspace::RELEASE_ANNOTATION`]
+/// (then it is dropped from the replication first). Otherwise [`Error::DeletionBlocked`], with the Region's
+/// `DeletionBlocked` condition and a Warning Event that say what to do.
+async fn release_datacenter(region: &Region, cluster: &ChatCluster, context: &Context) -> Result<(), Error> {
+    let namespace = region.namespace().unwrap_or_default();
+    let datacenter = &region.spec.cassandra.datacenter;
+    let keyspace_name = &cluster.spec.cassandra.keyspace;
+    let released = region.annotations().get(keyspace::RELEASE_ANNOTATION).map(String::as_str);
+    let lock = context.keyspace_lock(&namespace, &region.spec.cluster_ref);
+    let _one_at_a_time = lock.lock().await;
+    let checked: Result<(Release, Option<CassandraAdmin>), Error> = async {
+        let access = cassandra_access(cluster, &namespace, &context.client).await?;
+        let admin = CassandraAdmin::connect(&access).await?;
+        let current = admin.replication(keyspace_name).await?;
+        Ok((keyspace::release(keyspace_name, current.as_ref(), datacenter, released), Some(admin)))
+    }
+    .await;
+    let (reason, message) = match checked {
+        Ok((Release::NotReplicated, _)) => return Ok(()),
+        Ok((Release::LastDatacenter, _)) => {
+            publish(
+                context,
+                region,
+                EventType::Normal,
+                "CassandraDatacenterReleased",
+                format!(
+                    "datacenter {datacenter} is the only datacenter of keyspace {keyspace_name}: the keyspace is left \
+                     as it is"
+                ),
+            )
+            .await;
+            return Ok(());
+        }
+        Ok((Release::Drop { statement }, Some(admin))) => match admin.execute(&statement).await {
+            Ok(()) => {
+                info!(%statement, "datacenter dropped from the keyspace's replication");
+                publish(context, region, EventType::Normal, "CassandraDatacenterReleased", format!("ran {statement}"))
+                    .await;
+                return Ok(());
+            }
+            Err(error) => ("CassandraUnavailable", format!("running `{statement}` failed: {}", describe(&error))),
+        },
+        Ok((Release::Blocked { message }, _)) => ("CassandraDatacenterInUse", message),
+        Ok((Release::Drop { .. }, None)) => ("CassandraUnavailable", "no connection".to_owned()),
+        Err(error) if released == Some(datacenter.as_str()) => {
+            let note = format!(
+                "could not check or change keyspace {keyspace_name} ({}); datacenter {datacenter} was released with \
+                 {}, so the Region is deleted: drop the datacenter from the keyspace's replication yourself if it is \
+                 still there",
+                describe(&error),
+                keyspace::RELEASE_ANNOTATION
+            );
+            warn!(%note, "region deleted without checking the keyspace");
+            publish(context, region, EventType::Warning, "CassandraUnchecked", note).await;
+            return Ok(());
+        }
+        Err(error) => (
+            "CassandraUnavailable",
+            format!(
+                "cannot check whether keyspace {keyspace_name} still replicates to datacenter {datacenter}: {}. The \
+                 operator retries; if this Cassandra is gone for good, set the annotation {}: \"{datacenter}\" on \
+                 this Region to delete it anyway",
+                describe(&error),
+                keyspace::RELEASE_ANNOTATION
+            ),
+        ),
+    };
+    let regions: Api<Region> = Api::namespaced(context.client.clone(), &namespace);
+    let mut new_status = region.status.clone().unwrap_or_default();
+    let previous = new_status.conditions.clone();
+    let update = status::ConditionUpdate {
+        type_: keyspace::CONDITION_DELETION_BLOCKED,
+        status: true,
+        reason,
+        message: message.clone(),
+    };
+    let blocked = status::conditions(&previous, vec![update], region.metadata.generation, Timestamp::now());
+    new_status.conditions.retain(|condition| condition.type_ != keyspace::CONDITION_DELETION_BLOCKED);
+    new_status.conditions.extend(blocked);
+    if write_region_status(&regions, region, new_status, context).await? {
+        publish(context, region, EventType::Warning, reason, message.clone()).await;
+    }
+    Err(Error::DeletionBlocked { region: region.name_any(), message })
+}
+
+/// The finalizer: waits until the keyspace no longer replicates to the Region's datacenter (or the user released
+/// it, see [`release_datacenter`]), then releases the Region's machine-ID block into quarantine and drops it from the
+/// ChatCluster's summary. Owned objects go with the Region through their ownerReferences.
 async fn cleanup(region: Arc<Region>, context: &Context) -> Result<Action, Error> {
     let name = region.name_any();
     let namespace = region.namespace().unwrap_or_default();
@@ -429,6 +703,7 @@ async fn cleanup(region: Arc<Region>, context: &Context) -> Result<Action, Error
     else {
         return Ok(Action::await_change());
     };
+    release_datacenter(&region, &cluster, context).await?;
     let mut allocation =
         cluster.status.as_ref().and_then(|status| status.machine_id_allocation.clone()).unwrap_or_default();
     let released = machine_ids::release(&mut allocation, &name, Timestamp::now());
@@ -578,6 +853,8 @@ struct Applied {
     gateway_stateful_set: StatefulSet,
     /// The router StatefulSet as the API server has it now.
     router_stateful_set: StatefulSet,
+    /// The MirrorMaker 2 Deployment as the API server has it now, when the Region has one.
+    mirror_maker: Option<Deployment>,
 }
 
 async fn apply_resources(
@@ -591,16 +868,9 @@ async fn apply_resources(
     let uid = region.uid().unwrap_or_default();
     let mut changed = Vec::new();
     let selector = format!("{REGION_LABEL}={region_name}");
-    let config_maps = apply_kind(
-        client,
-        namespace,
-        &selector,
-        &uid,
-        vec![resources.gateway_config_map.clone(), resources.router_config_map.clone()],
-        &mut changed,
-        context,
-    )
-    .await?;
+    let mut config_maps = vec![resources.gateway_config_map.clone(), resources.router_config_map.clone()];
+    config_maps.extend(resources.mirror_maker.as_ref().map(|mirror_maker| mirror_maker.config_map.clone()));
+    let config_maps = apply_kind(client, namespace, &selector, &uid, config_maps, &mut changed, context).await?;
     let services = apply_kind(
         client,
         namespace,
@@ -642,6 +912,14 @@ async fn apply_resources(
         apply_kind(client, namespace, &selector, &uid, resources.network_policies.clone(), &mut changed, context)
             .await?;
     delete_orphans::<NetworkPolicy>(client, namespace, &policies.orphans, &mut changed, context).await?;
+    let mirror_makers = resources.mirror_maker.iter().map(|mirror_maker| mirror_maker.deployment.clone()).collect();
+    let deployments = apply_kind(client, namespace, &selector, &uid, mirror_makers, &mut changed, context).await?;
+    delete_orphans::<Deployment>(client, namespace, &deployments.orphans, &mut changed, context).await?;
+    // A MirrorMaker 2 ConfigMap is read by its Deployment only, which is gone now.
+    let (mirror_maker_config_maps, config_map_orphans): (Vec<String>, Vec<String>) =
+        config_maps.orphans.iter().cloned().partition(|orphan| orphan == &mm2::config_map_name(region_name));
+    delete_orphans::<ConfigMap>(client, namespace, &mirror_maker_config_maps, &mut changed, context).await?;
+    let config_maps = Synced { live: config_maps.live, orphans: config_map_orphans };
     let find = |component: &str| {
         stateful_sets
             .live
@@ -662,7 +940,12 @@ async fn apply_resources(
             debug!(orphans = ?config_maps.orphans, "orphan ConfigMaps kept until both StatefulSets have rolled out");
         }
     }
-    Ok(Applied { gateway_stateful_set, router_stateful_set, changed })
+    Ok(Applied {
+        gateway_stateful_set,
+        router_stateful_set,
+        mirror_maker: deployments.live.into_iter().next(),
+        changed,
+    })
 }
 
 /// Whether orphan ConfigMaps may be deleted: both StatefulSets (as the API server has them after this reconcile's
@@ -772,11 +1055,17 @@ where
 }
 
 /// Whether every field of `wanted` is present in `live` with the same value. Objects may have more fields in
-/// `live` (defaults, status, metadata the server adds); lists must have the same length, element by element.
-/// When this holds, a server-side apply of `wanted` would change nothing, so it is skipped.
+/// `live` (defaults, status, metadata the server adds); lists must have the same length, element by element. A
+/// ConfigMap's `data` must have exactly the wanted keys: a setting the operator no longer sets (such as
+/// `PARLEY_MIRRORED_REGIONS` once nothing is mirrored) must go. When this holds, a server-side apply of `wanted`
+/// would change nothing, so it is skipped.
 pub fn is_subset(wanted: &Value, live: &Value) -> bool {
     match (wanted, live) {
         (Value::Object(wanted), Value::Object(live)) => wanted.iter().all(|(key, value)| match live.get(key) {
+            Some(Value::Object(live_data)) if key == "data" && value.is_object() => {
+                value.as_object().is_some_and(|wanted_data| wanted_data.len() == live_data.len())
+                    && is_subset(value, &Value::Object(live_data.clone()))
+            }
             Some(live_value) => is_subset(value, live_value),
             None => value.is_null() || is_empty(value),
         }),
@@ -817,7 +1106,9 @@ mod tests {
         let mut cluster: ChatCluster = serde_json::from_value(json!({
             "apiVersion": "parley.dev/v1alpha1", "kind": "ChatCluster",
             "metadata": {"name": "chat", "namespace": "ns", "generation": 1, "resourceVersion": "41"},
-            "spec": {"version": "0.1.0", "kafka": {}, "cassandra": {"contactPoints": ["c"], "keyspace": "k"},
+            "spec": {"version": "0.1.0", "kafka": {},
+                     // Nothing listens there: Cassandra is unreachable.
+                     "cassandra": {"contactPoints": ["127.0.0.1:1"], "keyspace": "k"},
                      "snowflake": {"machineIdQuarantineSeconds": 90},
                      "auth": {"jwtKeySecret": {"name": "s", "key": "k"}}}
         }))
@@ -902,6 +1193,14 @@ mod tests {
             assert_eq!(request.uri().path(), "/apis/parley.dev/v1alpha1/namespaces/ns/chatclusters/chat");
             respond(send, &serde_json::to_value(&stored).expect("json"));
 
+            // Cassandra cannot be checked, but the datacenter was released: a Warning, and the Region goes.
+            let (request, send) = handle.next_request().await.expect("event");
+            assert!(request.uri().path().ends_with("/events"), "{}", request.uri());
+            let event = body(request).await;
+            assert_eq!(event["reason"], "CassandraUnchecked");
+            assert_eq!(event["type"], "Warning");
+            respond(send, &event);
+
             let (request, send) = handle.next_request().await.expect("list regions");
             assert_eq!(request.uri().path(), "/apis/parley.dev/v1alpha1/namespaces/ns/regions");
             respond(
@@ -930,10 +1229,47 @@ mod tests {
             assert!(event["note"].as_str().unwrap_or_default().contains("quarantined for 90s"), "{event}");
             respond(send, &event);
         });
-        let action = cleanup(Arc::new(region("eu")), &context).await.expect("cleanup");
+        let mut eu = region("eu");
+        eu.metadata.annotations = Some([(keyspace::RELEASE_ANNOTATION.to_owned(), "dc1".to_owned())].into());
+        let action = cleanup(Arc::new(eu), &context).await.expect("cleanup");
         assert_eq!(action, Action::await_change());
         server.await.expect("server");
         assert!(context.metrics.encode().contains("parley_operator_writes_total{kind=\"status\"} 1"));
+    }
+
+    #[tokio::test]
+    async fn a_region_whose_keyspace_cannot_be_checked_is_kept_with_a_condition_that_says_what_to_do() {
+        let (context, mut handle) = mock();
+        let stored = cluster(MachineIdAllocation::default());
+        let server = tokio::spawn(async move {
+            let (request, send) = handle.next_request().await.expect("get cluster");
+            assert_eq!(request.method(), Method::GET);
+            respond(send, &serde_json::to_value(&stored).expect("json"));
+
+            let (request, send) = handle.next_request().await.expect("patch status");
+            assert_eq!(request.method(), Method::PATCH);
+            assert_eq!(request.uri().path(), "/apis/parley.dev/v1alpha1/namespaces/ns/regions/eu/status");
+            let patch = body(request).await;
+            let condition = &patch["status"]["conditions"][0];
+            assert_eq!(condition["type"], "DeletionBlocked");
+            assert_eq!(condition["status"], "True");
+            assert_eq!(condition["reason"], "CassandraUnavailable");
+            let message = condition["message"].as_str().unwrap_or_default();
+            assert!(message.contains("parley.dev/cassandra-release-datacenter: \"dc1\""), "{message}");
+            respond(send, &serde_json::to_value(region("eu")).expect("json"));
+
+            let (request, send) = handle.next_request().await.expect("event");
+            let event = body(request).await;
+            assert_eq!(
+                (event["reason"].as_str(), event["type"].as_str()),
+                (Some("CassandraUnavailable"), Some("Warning"))
+            );
+            respond(send, &event);
+        });
+        let error = cleanup(Arc::new(region("eu")), &context).await.expect_err("kept");
+        server.await.expect("server");
+        assert_eq!(error.reason(), "DeletionBlocked");
+        assert!(!error.is_invalid_spec(), "retried with backoff");
     }
 
     #[tokio::test]
@@ -977,6 +1313,10 @@ mod tests {
         assert!(!is_subset(&json!({"spec": {"replicas": 3}}), &live));
         assert!(!is_subset(&json!({"spec": {"ports": [{"port": 80}, {"port": 81}]}}), &live));
         assert!(!is_subset(&json!({"metadata": {"labels": {"a": "b"}}}), &live));
+        // A ConfigMap key the operator no longer sets is a difference.
+        let config_map = json!({"metadata": {"name": "c"}, "data": {"A": "1", "B": "2"}});
+        assert!(is_subset(&json!({"data": {"A": "1", "B": "2"}}), &config_map));
+        assert!(!is_subset(&json!({"data": {"A": "1"}}), &config_map));
     }
 
     fn config_map(name: &str, controller_uid: Option<&str>) -> ConfigMap {
@@ -1047,6 +1387,7 @@ mod tests {
             kafka_bootstrap_servers: "kafka:9092".to_owned(),
             redis_url: "redis://redis:6379".to_owned(),
             redis_tls: false,
+            peers: Vec::new(),
         }
     }
 

@@ -111,6 +111,22 @@ pub enum Error {
         #[source]
         source: Option<Box<kube::Error>>,
     },
+    /// The ChatCluster's peer token Secret (`PARLEY_PEER_TOKEN` of every router) does not exist and could not be
+    /// created. Nothing is applied until it exists: the routers read it when they start.
+    #[error("chat cluster {cluster} has no peer token: creating Secret {namespace}/{secret} failed: {message}")]
+    PeerTokenSecret {
+        /// The ChatCluster.
+        cluster: String,
+        /// Namespace of the Secret.
+        namespace: String,
+        /// Name of the Secret.
+        secret: String,
+        /// What the API server answered (or why no token could be made).
+        message: String,
+        /// The client's error, when the API server refused.
+        #[source]
+        source: Option<Box<kube::Error>>,
+    },
     /// A call to the Kubernetes API failed.
     #[error("failed to {action}")]
     Kube {
@@ -175,6 +191,23 @@ pub enum Error {
     /// The controller's stream ended although nothing asked it to stop.
     #[error("the controller stopped unexpectedly")]
     ControllerEnded,
+    /// Cassandra could not be reached, or a statement or query on it failed.
+    #[error("failed to {action}: {message}")]
+    Cassandra {
+        /// What the operator tried.
+        action: String,
+        /// The driver's error.
+        message: String,
+    },
+    /// A Region that is being deleted stays: its datacenter still holds replicas of the keyspace, or whether it does
+    /// cannot be checked. The message says what to do.
+    #[error("region {region} is not deleted yet: {message}")]
+    DeletionBlocked {
+        /// The Region.
+        region: String,
+        /// Why, and what to do.
+        message: String,
+    },
 }
 
 /// Errors compare by variant and message: kube's and serde's errors are not comparable themselves.
@@ -194,6 +227,7 @@ impl Error {
             self,
             Error::Kube { .. }
                 | Error::InternalTokenSecret { .. }
+                | Error::PeerTokenSecret { .. }
                 | Error::Conflict { .. }
                 | Error::Serialize { .. }
                 | Error::Finalizer { .. }
@@ -202,6 +236,8 @@ impl Error {
                 | Error::LeaseExpired { .. }
                 | Error::LeaseLost { .. }
                 | Error::ControllerEnded
+                | Error::Cassandra { .. }
+                | Error::DeletionBlocked { .. }
         )
     }
 
@@ -219,6 +255,7 @@ impl Error {
         match self {
             Error::Kube { .. } => "KubeApiError",
             Error::InternalTokenSecret { .. } => "InternalTokenSecretFailed",
+            Error::PeerTokenSecret { .. } => "PeerTokenSecretFailed",
             Error::Conflict { .. } => "Conflict",
             Error::Serialize { .. } => "SerializeError",
             Error::Finalizer { .. } => "FinalizerError",
@@ -227,6 +264,8 @@ impl Error {
             Error::LeaseExpired { .. } => "LeaseExpired",
             Error::LeaseLost { .. } => "LeaseLost",
             Error::ControllerEnded => "ControllerEnded",
+            Error::Cassandra { .. } => "CassandraUnavailable",
+            Error::DeletionBlocked { .. } => "DeletionBlocked",
             Error::DuplicateRegion { .. } => "DuplicateRegion",
             Error::ClusterNotFound { .. } => "ClusterNotFound",
             Error::UnknownReplicationTarget { .. } => "UnknownReplicationTarget",

@@ -8,6 +8,9 @@
 //!
 //! Pods read the token through `secretKeyRef` when their containers start. To rotate it, delete the Secret (the
 //! operator creates a new one) and restart the Region's gateways and routers.
+//!
+//! The ChatCluster's peer token (`PARLEY_PEER_TOKEN` of the routers of every Region, for the calls between Regions)
+//! is made the same way, in a Secret `<cluster>-peer-token` (key `token`) owned by the ChatCluster.
 
 use std::collections::BTreeMap;
 
@@ -23,6 +26,37 @@ use crate::validate::ValidatedRegion;
 pub const KEY: &str = "token";
 /// Random bytes in a token.
 pub const TOKEN_BYTES: usize = 32;
+
+/// Name of a ChatCluster's peer token Secret (`PARLEY_PEER_TOKEN` of every router of the ChatCluster, for the calls
+/// between Regions).
+pub fn peer_secret_name(cluster: &str) -> String {
+    format!("{cluster}-peer-token")
+}
+
+/// The Secret that holds the peer `token` of a ChatCluster: owned by the ChatCluster (it goes with it), immutable,
+/// made once like the internal tokens.
+pub fn peer_secret(validated: &ValidatedRegion, token: &str) -> Option<Secret> {
+    let cluster = &validated.cluster;
+    let owner = kube::Resource::controller_owner_ref(cluster, &()).filter(|owner| !owner.uid.is_empty())?;
+    Some(Secret {
+        metadata: ObjectMeta {
+            name: Some(peer_secret_name(&validated.cluster_name)),
+            namespace: Some(validated.namespace.clone()),
+            labels: Some(BTreeMap::from([
+                ("app.kubernetes.io/name".to_owned(), "parley".to_owned()),
+                ("app.kubernetes.io/instance".to_owned(), validated.cluster_name.clone()),
+                ("app.kubernetes.io/managed-by".to_owned(), build::FIELD_MANAGER.to_owned()),
+                (build::CLUSTER_LABEL.to_owned(), validated.cluster_name.clone()),
+            ])),
+            owner_references: Some(vec![owner]),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".to_owned()),
+        immutable: Some(true),
+        data: Some(BTreeMap::from([(KEY.to_owned(), ByteString(token.as_bytes().to_vec()))])),
+        ..Secret::default()
+    })
+}
 
 /// Name of a Region's internal token Secret.
 pub fn secret_name(region: &str) -> String {

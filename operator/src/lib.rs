@@ -16,6 +16,13 @@
 //! - [`build`] (pure) turns the validated Region and its block into plain objects: a ConfigMap per component,
 //!   StatefulSets, Services, PodDisruptionBudgets and NetworkPolicies, all owned by the Region, with the backends'
 //!   TLS and credentials wired into the pods.
+//! - [`mm2`] (pure, part of `build`) derives the MirrorMaker 2 of a Region that other Regions replicate topics
+//!   into: its `mm2.properties` and Deployment; `build` also gives the routers their peers
+//!   (`PARLEY_PEER_ROUTERS`), the regions mirrored into them (`PARLEY_MIRRORED_REGIONS`) and the ChatCluster's
+//!   peer token (`PARLEY_PEER_TOKEN`).
+//! - [`keyspace`] decides the Cassandra keyspace's `NetworkTopologyStrategy` map (pure) and runs it over CQL (its
+//!   `CassandraAdmin` adapter): each Region adds its own datacenter once it has nodes, and a Region being deleted
+//!   waits while the keyspace replicates to its datacenter.
 //! - `apply` and `update_status` ([`controller`], need a client) persist the allocation with optimistic
 //!   concurrency, create the Region's internal token Secret once ([`internal_token`]), server-side apply the
 //!   objects under the field manager [`build::FIELD_MANAGER`] (skipping those already in place, so a no-op
@@ -32,9 +39,11 @@ pub mod build;
 pub mod controller;
 pub mod error;
 pub mod internal_token;
+pub mod keyspace;
 pub mod leader;
 pub mod machine_ids;
 pub mod metrics;
+pub mod mm2;
 pub mod status;
 pub mod validate;
 

@@ -104,15 +104,22 @@ pub struct AppliedObjects {
     pub internal_token_secret: String,
     /// Names of the NetworkPolicies.
     pub network_policies: Vec<String>,
+    /// The regions mirrored into the Region.
+    pub mirrored_regions: Vec<String>,
+    /// Ready and wanted pods of its MirrorMaker 2, when it has one.
+    pub mirror_maker: Option<(i32, i32)>,
 }
 
-/// The status of a Region whose objects were applied: Ready when both StatefulSets are rolled out.
+/// The status of a Region whose objects were applied: Ready when both StatefulSets are rolled out. `extra` are
+/// the conditions beyond `Ready`, `Progressing` and `Degraded` (the keyspace's, see [`crate::keyspace::conditions`]);
+/// they do not change `Ready`.
 pub fn region_ready(
     region: &Region,
     block: MachineIdBlock,
     gateways: Rollout,
     routers: Rollout,
     objects: AppliedObjects,
+    extra: Vec<ConditionUpdate<'_>>,
     now: Timestamp,
 ) -> RegionStatus {
     let previous = region.status.as_ref().map(|status| status.conditions.as_slice()).unwrap_or_default();
@@ -141,6 +148,8 @@ pub fn region_ready(
             message: "the spec is valid and applied".to_owned(),
         },
     ];
+    let mut updates = updates;
+    updates.extend(extra);
     RegionStatus {
         observed_generation: region.metadata.generation,
         conditions: conditions(previous, updates, region.metadata.generation, now),
@@ -154,11 +163,14 @@ pub fn region_ready(
         machine_ids: Some(block.display_range()),
         internal_token_secret: Some(objects.internal_token_secret),
         network_policies: objects.network_policies,
+        mirrored_regions: objects.mirrored_regions,
+        mirror_maker: objects.mirror_maker.map(|(ready, wanted)| format!("{ready}/{wanted}")),
     }
 }
 
-/// The status of a Region that cannot be reconciled: Degraded with the error's reason. Pod counts and the
-/// machine-ID block stay as they were, since nothing was applied. For an invalid spec the Region waits for a change;
+/// The status of a Region that cannot be reconciled: Degraded with the error's reason. Pod counts, the
+/// machine-ID block and the conditions other than `Ready`, `Progressing` and `Degraded` stay as they were, since
+/// nothing was applied. For an invalid spec the Region waits for a change;
 /// otherwise (for example, its internal token Secret could not be created) the reconcile is retried.
 pub fn region_degraded(region: &Region, error: &Error, now: Timestamp) -> RegionStatus {
     let old = region.status.clone().unwrap_or_default();
@@ -177,11 +189,17 @@ pub fn region_degraded(region: &Region, error: &Error, now: Timestamp) -> Region
         },
         ConditionUpdate { type_: CONDITION_DEGRADED, status: true, reason: error.reason(), message: error.to_string() },
     ];
-    RegionStatus {
-        observed_generation: region.metadata.generation,
-        conditions: conditions(&old.conditions, updates, region.metadata.generation, now),
-        ..old
-    }
+    let mut new_conditions = conditions(&old.conditions, updates, region.metadata.generation, now);
+    // The others (the keyspace's, such as a pending `CassandraRebuildRequired`) stay as they were.
+    new_conditions.extend(
+        old.conditions
+            .iter()
+            .filter(|condition| {
+                ![CONDITION_READY, CONDITION_PROGRESSING, CONDITION_DEGRADED].contains(&condition.type_.as_str())
+            })
+            .cloned(),
+    );
+    RegionStatus { observed_generation: region.metadata.generation, conditions: new_conditions, ..old }
 }
 
 /// The ChatCluster's status: one summary per Region of it (from `regions`, whose statuses are the latest known),
@@ -287,6 +305,8 @@ mod tests {
         AppliedObjects {
             internal_token_secret: "eu-internal-token".into(),
             network_policies: vec!["eu-gateway".into(), "eu-router".into()],
+            mirrored_regions: vec!["us".into()],
+            mirror_maker: Some((1, 2)),
         }
     }
 
@@ -315,6 +335,7 @@ mod tests {
             rolled,
             Rollout { desired: 1, ready: 1, updated: 1, observed: true },
             objects(),
+            Vec::new(),
             at(0),
         );
         assert!(is_true(&first.conditions, CONDITION_READY));
@@ -325,6 +346,7 @@ mod tests {
             rolled,
             Rollout { desired: 1, ready: 1, updated: 1, observed: true },
             objects(),
+            Vec::new(),
             at(50),
         );
         assert_eq!(again, first, "recomputing an unchanged status gives the same value");
@@ -334,6 +356,7 @@ mod tests {
             rolled,
             Rollout { desired: 1, ready: 0, updated: 1, observed: true },
             objects(),
+            Vec::new(),
             at(60),
         );
         assert!(!is_true(&scaling.conditions, CONDITION_READY));
@@ -351,9 +374,17 @@ mod tests {
         let mut eu = region("eu");
         let block = MachineIdBlock { start: 4, size: 3 };
         let rolled = Rollout { desired: 2, ready: 2, updated: 2, observed: true };
-        eu.status = Some(region_ready(&eu, block, rolled, rolled, objects(), at(0)));
+        let rebuild = ConditionUpdate {
+            type_: "CassandraRebuildRequired",
+            status: true,
+            reason: "DatacenterAdded",
+            message: "run nodetool rebuild".to_owned(),
+        };
+        eu.status = Some(region_ready(&eu, block, rolled, rolled, objects(), vec![rebuild], at(0)));
         let error = Error::MachineIdsExhausted { region: "eu".into(), requested: 9, largest_free: 2 };
         let degraded = region_degraded(&eu, &error, at(5));
+        let kept = degraded.conditions.iter().find(|c| c.type_ == "CassandraRebuildRequired").expect("kept");
+        assert_eq!((kept.status.as_str(), kept.message.as_str()), ("True", "run nodetool rebuild"));
         assert!(is_true(&degraded.conditions, CONDITION_DEGRADED));
         let condition = degraded.conditions.iter().find(|c| c.type_ == CONDITION_DEGRADED).expect("degraded");
         assert_eq!(condition.reason, "MachineIdsExhausted");
@@ -369,7 +400,7 @@ mod tests {
         let mut eu = region("eu");
         let block = MachineIdBlock { start: 4, size: 3 };
         let rolled = Rollout { desired: 2, ready: 2, updated: 2, observed: true };
-        eu.status = Some(region_ready(&eu, block, rolled, rolled, objects(), at(0)));
+        eu.status = Some(region_ready(&eu, block, rolled, rolled, objects(), Vec::new(), at(0)));
         let forbidden = kube::Error::Api(Box::new(kube::core::Status::failure("secrets is forbidden", "Forbidden")));
         let error = Error::InternalTokenSecret {
             region: "eu".into(),
@@ -397,10 +428,19 @@ mod tests {
         .expect("cluster");
         let rolled = Rollout { desired: 2, ready: 2, updated: 2, observed: true };
         let mut eu = region("eu");
-        eu.status = Some(region_ready(&eu, MachineIdBlock { start: 0, size: 3 }, rolled, rolled, objects(), at(0)));
+        eu.status =
+            Some(region_ready(&eu, MachineIdBlock { start: 0, size: 3 }, rolled, rolled, objects(), Vec::new(), at(0)));
         let mut us = region("us");
         let waiting = Rollout { desired: 2, ready: 0, updated: 0, observed: true };
-        us.status = Some(region_ready(&us, MachineIdBlock { start: 3, size: 3 }, waiting, rolled, objects(), at(0)));
+        us.status = Some(region_ready(
+            &us,
+            MachineIdBlock { start: 3, size: 3 },
+            waiting,
+            rolled,
+            objects(),
+            Vec::new(),
+            at(0),
+        ));
         let mut other = region("other");
         other.spec.cluster_ref = "another".into();
         let status = cluster(&chat, &[us.clone(), eu.clone(), other], None, at(1));
@@ -408,7 +448,8 @@ mod tests {
         assert_eq!(status.regions.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["eu", "us"]);
         assert!(!is_true(&status.conditions, CONDITION_READY));
         assert!(is_true(&status.conditions, CONDITION_PROGRESSING));
-        us.status = Some(region_ready(&us, MachineIdBlock { start: 3, size: 3 }, rolled, rolled, objects(), at(2)));
+        us.status =
+            Some(region_ready(&us, MachineIdBlock { start: 3, size: 3 }, rolled, rolled, objects(), Vec::new(), at(2)));
         let status = cluster(&chat, &[us, eu], None, at(3));
         assert!(is_true(&status.conditions, CONDITION_READY));
         assert_eq!(status.regions[1].machine_id_block, Some(MachineIdBlock { start: 3, size: 3 }));

@@ -42,6 +42,10 @@ pub struct ValidatedRegion {
     pub redis_url: String,
     /// Whether that URL uses TLS (`rediss://`).
     pub redis_tls: bool,
+    /// The other Regions of the ChatCluster that are not being deleted, one per region name (the oldest, as for
+    /// [`Error::DuplicateRegion`]), sorted by region name: the peers its routers call and the sources its
+    /// MirrorMaker 2 mirrors from.
+    pub peers: Vec<Region>,
 }
 
 /// Checks the cross-object rules for one Region:
@@ -124,6 +128,7 @@ pub fn validate(input: Dereferenced) -> Result<ValidatedRegion, Error> {
     if let Some(problem) = backend_problem(&cluster, &cluster_name, &redis_url, redis_tls) {
         return Err(Error::InvalidBackendSettings { region: name, problem });
     }
+    let peers = peers(&siblings, &region);
     Ok(ValidatedRegion {
         region,
         cluster,
@@ -134,7 +139,36 @@ pub fn validate(input: Dereferenced) -> Result<ValidatedRegion, Error> {
         kafka_bootstrap_servers,
         redis_url,
         redis_tls,
+        peers,
     })
+}
+
+/// The Regions among `siblings` (other Regions of the same ChatCluster) that are not being deleted and do not use
+/// `region`'s name, the oldest of each region name, sorted by region name.
+fn peers(siblings: &[&Region], region: &Region) -> Vec<Region> {
+    let mut peers: Vec<Region> = Vec::new();
+    let mut candidates: Vec<&Region> = siblings
+        .iter()
+        .copied()
+        .filter(|other| other.metadata.deletion_timestamp.is_none())
+        .filter(|other| other.spec.region_name != region.spec.region_name)
+        .collect();
+    candidates.sort_by(|a, b| {
+        if created_before(a, b) {
+            Ordering::Less
+        } else if created_before(b, a) {
+            Ordering::Greater
+        } else {
+            Ordering::Equal
+        }
+    });
+    for candidate in candidates {
+        if !peers.iter().any(|peer| peer.spec.region_name == candidate.spec.region_name) {
+            peers.push(candidate.clone());
+        }
+    }
+    peers.sort_by(|a, b| a.spec.region_name.cmp(&b.spec.region_name));
+    peers
 }
 
 /// Whether a Redis URL (or comma-separated Redis Cluster seed URLs) uses TLS (`rediss://`); `None` when a URL has

@@ -252,6 +252,7 @@ fn each_component_reads_its_own_config_map_with_only_its_settings() {
             "PARLEY_MAX_CHANNEL_MEMBERS",
             "PARLEY_MAX_TEXT_BYTES",
             "PARLEY_MEMBERSHIP_POLICY",
+            "PARLEY_PEER_ROUTERS",
             "PARLEY_REDIS_URL",
             "PARLEY_REGION",
             "PARLEY_RETENTION_DAYS",
@@ -360,10 +361,11 @@ fn secrets_are_referenced_never_copied() {
     assert_eq!(secret_of(gateway, "PARLEY_JWT_HS256_SECRET"), ("chat-jwt".into(), "hs256".into(), None));
     assert_eq!(secret_of(gateway, "PARLEY_ADMIN_TOKEN"), ("chat-admin".into(), "token".into(), None));
     assert_eq!(secret_env(gateway), ["PARLEY_INTERNAL_TOKEN", "PARLEY_JWT_HS256_SECRET", "PARLEY_ADMIN_TOKEN"]);
-    // The router serves no client and no admin endpoint: without backend credentials its only Secret is the
-    // internal token.
+    // The router serves no client and no admin endpoint: without backend credentials its only Secrets are the
+    // Region's internal token and the ChatCluster's peer token.
     let router = container(&resources.router_stateful_set);
-    assert_eq!(secret_env(router), ["PARLEY_INTERNAL_TOKEN"]);
+    assert_eq!(secret_env(router), ["PARLEY_INTERNAL_TOKEN", "PARLEY_PEER_TOKEN"]);
+    assert_eq!(secret_of(router, "PARLEY_PEER_TOKEN"), ("chat-peer-token".into(), "token".into(), None));
     for config_map in [&resources.gateway_config_map, &resources.router_config_map] {
         let config = serde_json::to_string(config_map).expect("json");
         assert!(!config.contains("hs256") && !config.contains("chat-jwt"), "no secret material in the ConfigMap");
@@ -571,6 +573,7 @@ fn credentials_are_secret_key_refs_of_the_pods_that_connect() {
             "PARLEY_INTERNAL_TOKEN",
             "PARLEY_REDIS_USERNAME",
             "PARLEY_REDIS_PASSWORD",
+            "PARLEY_PEER_TOKEN",
             "PARLEY_KAFKA_SASL_USERNAME",
             "PARLEY_KAFKA_SASL_PASSWORD",
             "PARLEY_CASSANDRA_USERNAME",
@@ -916,7 +919,11 @@ fn network_policies_open_the_client_port_and_keep_the_routers_to_their_gateways(
             "podSelector": selector("router"),
             "policyTypes": ["Ingress"],
             "ingress": [
-                {"from": [{"podSelector": selector("gateway")}], "ports": [{"port": 7070, "protocol": "TCP"}]},
+                // The Region's gateways, and the routers of the ChatCluster's other Regions.
+                {"from": [{"podSelector": selector("gateway")},
+                          {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "router",
+                                                           "parley.dev/cluster": "chat"}}}],
+                 "ports": [{"port": 7070, "protocol": "TCP"}]},
                 {"from": [{"podSelector": {}}], "ports": [{"port": 9090, "protocol": "TCP"}]}
             ]
         })
@@ -938,4 +945,154 @@ fn network_policy_admin_peers_and_switch() {
     validated.cluster.spec.network_policy.enabled = false;
     let resources = build(&validated, EU_BLOCK).expect("build");
     assert!(resources.network_policies.is_empty(), "disabled: none built, so the operator deletes its own");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Between Regions: MirrorMaker 2, peers
+// ---------------------------------------------------------------------------------------------------------------
+
+fn validated_us(cluster: ChatCluster, regions: Vec<Region>) -> ValidatedRegion {
+    validate(Dereferenced { region: us(), cluster: Some(cluster), regions }).expect("valid")
+}
+
+fn mm2_value<'a>(properties: &'a str, key: &str) -> Option<&'a str> {
+    properties.lines().find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn properties(resources: &RegionResources) -> String {
+    let mirror_maker = resources.mirror_maker.as_ref().expect("a MirrorMaker 2");
+    mirror_maker.config_map.data.as_ref().expect("data")[parley_operator::mm2::PROPERTIES_KEY].clone()
+}
+
+#[test]
+fn the_target_of_a_rule_runs_mirror_maker_and_its_routers_know_the_sources() {
+    // eu replicates every topic to us: us runs MirrorMaker 2, eu none.
+    assert!(resources().mirror_maker.is_none(), "nothing replicates into eu");
+    let us_resources = build(&validated_us(cluster(), vec![eu(), us()]), US_BLOCK).expect("build");
+    let mirror_maker = us_resources.mirror_maker.as_ref().expect("a MirrorMaker 2 in us");
+    assert_eq!(mirror_maker.config_map.metadata.name.as_deref(), Some("chat-us-mirrormaker-config"));
+    assert_eq!(mirror_maker.deployment.metadata.name.as_deref(), Some("chat-us-mirrormaker"));
+    for meta in [&mirror_maker.config_map.metadata, &mirror_maker.deployment.metadata] {
+        let owner = &meta.owner_references.as_ref().expect("owners")[0];
+        assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("Region", "chat-us", Some(true)));
+        assert_eq!(meta.labels.as_ref().expect("labels")["parley.dev/region"], "chat-us");
+    }
+    let text = properties(&us_resources);
+    assert_eq!(mm2_value(&text, "clusters"), Some("us,eu"));
+    // us has no Kafka of its own: the ChatCluster's; eu has its own.
+    assert_eq!(mm2_value(&text, "us.bootstrap.servers"), Some("kafka-default:9092"));
+    assert_eq!(mm2_value(&text, "eu.bootstrap.servers"), Some("kafka-eu:9093"));
+    assert_eq!(mm2_value(&text, "eu->us.enabled"), Some("true"));
+    assert_eq!(mm2_value(&text, "eu->us.topics"), Some("^chat-messages$,^chat-presence$,^chat-receipts$"));
+    assert_eq!(mm2_value(&text, "us->eu.enabled"), Some("false"));
+    assert_eq!(mm2_value(&text, "us->eu.emit.heartbeats.enabled"), Some("false"));
+    assert_eq!(mm2_value(&text, "eu.consumer.isolation.level"), Some("read_committed"));
+    // us' kafka.replicationFactor defaults to 3.
+    assert_eq!(mm2_value(&text, "replication.factor"), Some("3"));
+    assert_eq!(mm2_value(&text, "config.storage.replication.factor"), Some("3"));
+    let deployment = mirror_maker.deployment.spec.as_ref().expect("spec");
+    assert_eq!(deployment.replicas, Some(1));
+    let pod = deployment.template.spec.as_ref().expect("pod");
+    let container = &pod.containers[0];
+    assert_eq!(container.image.as_deref(), Some("apache/kafka:4.1.0"));
+    assert_eq!(
+        container.command.as_deref(),
+        Some(
+            &[
+                "/opt/kafka/bin/connect-mirror-maker.sh".to_owned(),
+                "/etc/parley/mirrormaker/mm2.properties".to_owned(),
+                "--clusters".to_owned(),
+                "us".to_owned()
+            ][..]
+        )
+    );
+    let hash = deployment.template.metadata.as_ref().and_then(|m| m.annotations.as_ref()).expect("annotations")
+        [CONFIG_HASH_ANNOTATION]
+        .clone();
+    assert_eq!(hash, config_hash(mirror_maker.config_map.data.as_ref()), "a config change rolls the pods");
+
+    // Routers: us mirrors eu; both know each other as peers.
+    let us_router = us_resources.router_config_map.data.as_ref().expect("data");
+    assert_eq!(us_router["PARLEY_MIRRORED_REGIONS"], "eu");
+    assert_eq!(us_router["PARLEY_PEER_ROUTERS"], "eu=http://chat-eu-router-headless.parley.svc:7070");
+    let eu_router = resources().router_config_map.data.expect("data");
+    assert!(!eu_router.contains_key("PARLEY_MIRRORED_REGIONS"), "nothing is mirrored into eu");
+    assert_eq!(eu_router["PARLEY_PEER_ROUTERS"], "us=http://chat-us-router-headless.parley.svc:7070");
+}
+
+#[test]
+fn a_third_region_joins_the_flows_and_a_peer_url_overrides_the_service() {
+    let mut ap = us();
+    ap.metadata.name = Some("chat-ap".into());
+    ap.metadata.uid = Some("0a9e7d10-0000-4000-8000-0000000000e3".into());
+    ap.spec.region_name = "ap".into();
+    ap.spec.kafka.bootstrap_servers = Some("kafka-ap:9093".into());
+    ap.spec.router.peer_url = Some("https://routers.ap.example.com".into());
+    ap.spec.replication = vec![parley_crds::region::ReplicationRule {
+        topics: vec!["messages".into(), "messages".into()],
+        to_regions: vec!["us".into()],
+    }];
+    let mut two_pods = cluster();
+    two_pods.spec.mirror_maker.replicas = 2;
+    two_pods.spec.mirror_maker.refresh_topics_interval_seconds = 10;
+    let mut single_broker = us();
+    single_broker.spec.kafka.replication_factor = 1;
+    let validated =
+        validate(Dereferenced { region: single_broker, cluster: Some(two_pods), regions: vec![eu(), ap.clone()] })
+            .expect("valid");
+    let resources = build(&validated, US_BLOCK).expect("build");
+    let text = properties(&resources);
+    assert_eq!(mm2_value(&text, "clusters"), Some("us,ap,eu"));
+    assert_eq!(mm2_value(&text, "ap->us.topics"), Some("^chat-messages$"));
+    assert_eq!(mm2_value(&text, "ap->eu.enabled"), Some("false"));
+    assert_eq!(mm2_value(&text, "eu->ap.enabled"), Some("false"));
+    assert_eq!(mm2_value(&text, "replication.factor"), Some("1"));
+    assert_eq!(mm2_value(&text, "heartbeats.topic.replication.factor"), Some("1"));
+    assert_eq!(mm2_value(&text, "refresh.topics.interval.seconds"), Some("10"));
+    assert_eq!(mm2_value(&text, "dedicated.mode.enable.internal.rest"), Some("true"));
+    assert_eq!(mm2_value(&text, "tasks.max"), Some("2"));
+    let deployment = resources.mirror_maker.as_ref().expect("mm2").deployment.spec.as_ref().expect("spec");
+    assert_eq!(deployment.replicas, Some(2));
+    let router = resources.router_config_map.data.as_ref().expect("data");
+    assert_eq!(router["PARLEY_MIRRORED_REGIONS"], "ap,eu");
+    assert_eq!(
+        router["PARLEY_PEER_ROUTERS"],
+        "ap=https://routers.ap.example.com,eu=http://chat-eu-router-headless.parley.svc:7070"
+    );
+    // Once no rule targets us, it has no MirrorMaker 2 (the controller deletes it as an orphan).
+    let mut quiet_eu = eu();
+    quiet_eu.spec.replication.clear();
+    let validated =
+        validate(Dereferenced { region: us(), cluster: Some(cluster()), regions: vec![quiet_eu] }).expect("valid");
+    let resources = build(&validated, US_BLOCK).expect("build");
+    assert!(resources.mirror_maker.is_none());
+    assert!(!resources.router_config_map.data.expect("data").contains_key("PARLEY_MIRRORED_REGIONS"));
+}
+
+#[test]
+fn mirror_maker_gets_kafka_credentials_from_the_secret_and_the_ca_mounted() {
+    let resources = build(&validated_us(secured(), vec![eu(), us()]), US_BLOCK).expect("build");
+    let mirror_maker = resources.mirror_maker.as_ref().expect("mm2");
+    let text = properties(&resources);
+    for alias in ["us", "eu"] {
+        assert_eq!(mm2_value(&text, &format!("{alias}.security.protocol")), Some("SASL_SSL"));
+        assert_eq!(mm2_value(&text, &format!("{alias}.sasl.mechanism")), Some("SCRAM-SHA-256"));
+        assert_eq!(mm2_value(&text, &format!("{alias}.ssl.truststore.type")), Some("PEM"));
+        assert_eq!(mm2_value(&text, &format!("{alias}.ssl.truststore.location")), Some("/etc/parley/tls/kafka/ca.crt"));
+    }
+    assert!(text.contains("username=\"${env:PARLEY_KAFKA_SASL_USERNAME}\""), "{text}");
+    let pod = mirror_maker.deployment.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod");
+    let container = &pod.containers[0];
+    assert_eq!(secret_of(container, "PARLEY_KAFKA_SASL_USERNAME"), ("kafka-user".into(), "username".into(), None));
+    assert_eq!(secret_of(container, "PARLEY_KAFKA_SASL_PASSWORD"), ("kafka-user".into(), "password".into(), None));
+    let ca = pod.volumes.iter().flatten().find(|volume| volume.name == "kafka-tls-ca").expect("CA volume");
+    let secret = ca.secret.as_ref().expect("secret volume");
+    assert_eq!(secret.secret_name.as_deref(), Some("kafka-ca"));
+    assert_eq!(secret.items.as_ref().expect("items")[0].key, "ca.pem");
+    let mount = container.volume_mounts.iter().flatten().find(|mount| mount.name == "kafka-tls-ca").expect("mount");
+    assert_eq!(mount.mount_path, "/etc/parley/tls/kafka");
+    let security = container.security_context.as_ref().expect("security context");
+    assert_eq!((security.read_only_root_filesystem, security.run_as_non_root), (Some(true), Some(true)));
+    // No credential in the ConfigMap: only references.
+    assert!(!text.contains("kafka-user") && !text.to_lowercase().contains("password=\"p"), "{text}");
 }

@@ -732,6 +732,14 @@ fn objects(resources: &RegionResources) -> Vec<(&'static str, Value)> {
         ("router StatefulSet", json(&resources.router_stateful_set)),
         ("router PodDisruptionBudget", json(&resources.router_disruption_budget)),
         ("NetworkPolicies", json(&resources.network_policies)),
+        (
+            "MirrorMaker 2 ConfigMap",
+            json(&resources.mirror_maker.as_ref().map(|mirror_maker| &mirror_maker.config_map)),
+        ),
+        (
+            "MirrorMaker 2 Deployment",
+            json(&resources.mirror_maker.as_ref().map(|mirror_maker| &mirror_maker.deployment)),
+        ),
     ]
 }
 

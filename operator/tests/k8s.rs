@@ -20,7 +20,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
@@ -650,8 +650,30 @@ async fn dev_example_reconciles_scales_and_releases_its_ids_and_a_noop_writes_no
     })
     .await;
 
-    // Deleting the Region: the finalizer quarantines its block, and the owned objects go.
+    // Deleting the Region: the finalizer keeps it while the keyspace may still replicate to its datacenter (here
+    // the operator cannot reach this Cassandra, so it cannot tell), with a condition that says what to do.
     regions.delete("dev-local", &DeleteParams::default()).await.expect("delete region");
+    let blocked = eventually("Region kept with DeletionBlocked", || async {
+        let region = get(&regions, "dev-local").await?;
+        let blocked = region.status?.conditions.into_iter().find(|c| c.type_ == "DeletionBlocked")?;
+        (blocked.status == "True").then_some(blocked)
+    })
+    .await;
+    assert_eq!(blocked.reason, "CassandraUnavailable");
+    assert!(
+        blocked.message.contains("parley.dev/cassandra-release-datacenter: \"datacenter1\""),
+        "{}",
+        blocked.message
+    );
+    assert!(get(&sets, "dev-local-gateway").await.is_some(), "nothing is deleted while the Region waits");
+    // Released by the user: the finalizer quarantines its block, and the owned objects go.
+    kubectl_ok(&[
+        "annotate",
+        "-n",
+        &ns.name,
+        "region/dev-local",
+        "parley.dev/cassandra-release-datacenter=datacenter1",
+    ]);
     eventually("Region gone", || async { get(&regions, "dev-local").await.is_none().then_some(()) }).await;
     let cluster = get(&clusters, "dev").await.expect("cluster");
     let allocation = cluster.status.as_ref().and_then(|s| s.machine_id_allocation.clone()).expect("allocation");
@@ -664,6 +686,7 @@ async fn dev_example_reconciles_scales_and_releases_its_ids_and_a_noop_writes_no
     let reasons: Vec<String> =
         events.list(&ListParams::default()).await.expect("events").items.into_iter().filter_map(|e| e.reason).collect();
     assert!(reasons.iter().any(|r| r == "MachineIdsReleased"), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r == "CassandraUnchecked"), "{reasons:?}");
     eventually("owned StatefulSets garbage-collected", || async {
         sets.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(())
     })
@@ -746,6 +769,15 @@ async fn production_regions_get_disjoint_machine_ids_and_become_ready() {
     })
     .await;
     assert_eq!(internal_token(&secrets, "chat-us-east").await.as_deref(), Some("a-token-made-by-a-person"));
+    // Every Region receives topics from the two others: each runs MirrorMaker 2 with two pods, and the routers share
+    // the ChatCluster's peer token.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    for name in names {
+        let deployment = get(&deployments, &format!("{name}-mirrormaker")).await.expect("MirrorMaker 2");
+        assert_eq!(deployment.spec.as_ref().and_then(|s| s.replicas), Some(2), "{name}");
+    }
+    let peer = get(&secrets, "chat-peer-token").await.expect("peer token Secret");
+    assert_eq!(peer.owner_references()[0].kind, "ChatCluster");
     let status = cluster.status.expect("status");
     let total: u32 = blocks.iter().map(|(_, block)| u32::from(block.size)).sum();
     assert_eq!(status.machine_ids_allocated, Some(i32::try_from(total).expect("fits")));
@@ -777,6 +809,12 @@ async fn cel_rules_reject_invalid_specs_with_their_messages() {
     let none = region("eu", json!({"router": {"replicas": 0}}));
     let error = regions.create(&PostParams::default(), &none).await.expect_err("no router");
     assert!(error.to_string().contains("router.replicas must be between 1 and 64"), "{error}");
+    let peer = region("eu", json!({"router": {"replicas": 1, "peerUrl": "ftp://routers.example.com"}}));
+    let error = regions.create(&PostParams::default(), &peer).await.expect_err("not an http URL");
+    assert!(error.to_string().contains("router.peerUrl must be an http:// or https:// URL"), "{error}");
+    let factor = region("eu", json!({"kafka": {"replicationFactor": 0}}));
+    let error = regions.create(&PostParams::default(), &factor).await.expect_err("no replicas");
+    assert!(error.to_string().contains("kafka.replicationFactor must be between 1 and 9"), "{error}");
     let mixed = region("eu", json!({"redis": {"url": "redis://a:6379,rediss://b:6380"}}));
     let error = regions.create(&PostParams::default(), &mixed).await.expect_err("mixed schemes");
     assert!(error.to_string().contains("must all use the same scheme"), "{error}");
@@ -805,6 +843,17 @@ async fn cel_rules_reject_invalid_specs_with_their_messages() {
                "saslMechanism": "PLAIN"}),
         json!({"url": "redis://redis:6379", "tlsCaSecret": {"name": "redis-ca", "key": "ca.crt"}}),
     );
+    let mut slow = serde_json::to_value(&secured).expect("json");
+    slow["metadata"] = json!({"name": "slow"});
+    slow["spec"]["mirrorMaker"] = json!({"replicas": 0, "refreshTopicsIntervalSeconds": 600});
+    let slow: ChatCluster = serde_json::from_value(slow).expect("cluster");
+    let error = clusters.create(&PostParams::default(), &slow).await.expect_err("MirrorMaker 2 bounds");
+    for message in [
+        "mirrorMaker.replicas must be between 1 and 16",
+        "mirrorMaker.refreshTopicsIntervalSeconds must be between 5 and 60",
+    ] {
+        assert!(error.to_string().contains(message), "{message}: {error}");
+    }
     let error = clusters.create(&PostParams::default(), &inconsistent).await.expect_err("CA bundles without TLS");
     for message in [
         "kafka.tlsCaSecret needs kafka.tls: true",
@@ -1042,8 +1091,11 @@ async fn exhausted_machine_ids_degrade_a_region_until_a_quarantined_block_expire
         sets.list(&ListParams::default().labels(&format!("parley.dev/region={loser_name}"))).await.expect("list");
     assert!(theirs.items.is_empty(), "an exhausted Region got objects");
 
-    // The winner goes; its block is quarantined for 5 s, then the other Region gets it.
+    // The winner goes (its datacenter released up front: this Cassandra cannot be reached); its block is
+    // quarantined for 5 s, then the other Region gets it.
     let winner_block = winner.status.as_ref().and_then(|s| s.machine_id_block).expect("block");
+    let release = format!("parley.dev/cassandra-release-datacenter={}", winner.spec.cassandra.datacenter);
+    kubectl_ok(&["annotate", "-n", &ns.name, &format!("region/{}", winner.name_any()), &release]);
     regions.delete(&winner.name_any(), &DeleteParams::default()).await.expect("delete");
     let deleted = Instant::now();
     let cluster = eventually("block quarantined", || async {
@@ -1099,7 +1151,9 @@ const USED: &[(&str, &str, &[&str])] = &[
     ("", "services", MANAGE),
     ("", "configmaps", MANAGE),
     ("networking.k8s.io", "networkpolicies", MANAGE),
-    // Each Region's internal token Secret, created once and never read.
+    // MirrorMaker 2 of the Regions that receive topics.
+    ("apps", "deployments", MANAGE),
+    // Each Region's internal token Secret and the ChatCluster's peer token Secret, created once and never read.
     ("", "secrets", &["create"]),
     ("events.k8s.io", "events", &["create", "patch"]),
 ];
@@ -1208,7 +1262,7 @@ async fn the_chart_grants_the_operator_exactly_what_it_uses() {
         ("list", "parley.dev", "regions", "", ""),
         ("get", "parley.dev", "regions", "default", ""),
         ("create", "apps", "statefulsets", "default", ""),
-        ("create", "apps", "deployments", namespace, ""),
+        ("create", "apps", "daemonsets", namespace, ""),
         ("update", "apps", "statefulsets", namespace, ""),
         ("get", "coordination.k8s.io", "leases", namespace, "another-lease"),
         ("update", "coordination.k8s.io", "leases", namespace, "another-lease"),
@@ -1226,6 +1280,17 @@ async fn the_chart_grants_the_operator_exactly_what_it_uses() {
         }
     }
     assert!(excess.is_empty(), "the chart's ServiceAccount may: {excess:?}");
+
+    // rbac.readableSecrets: get on exactly those Secrets (the Cassandra CA and credentials), nothing more.
+    let values = [format!("watchNamespace={namespace}"), "rbac.readableSecrets={cassandra-user}".to_owned()];
+    kubectl_apply(&chart_rbac(RELEASE, namespace, &values), &format!("{namespace}-secrets"));
+    eventually("get on the named Secret", || async {
+        can(&operator, "get", "", "secrets", namespace, "cassandra-user").await.then_some(())
+    })
+    .await;
+    for (verb, name) in [("get", own_token), ("get", "another-secret"), ("list", ""), ("watch", "")] {
+        assert!(!can(&operator, verb, "", "secrets", namespace, name).await, "readableSecrets: may {verb} {name:?}");
+    }
 
     // The default install watches every namespace, with a ClusterRole: the same rules everywhere, the Lease rights
     // still only in the release namespace, and still no Secret to read or pod to list anywhere.
@@ -1245,7 +1310,7 @@ async fn the_chart_grants_the_operator_exactly_what_it_uses() {
         ("get", "", "secrets", "default", ""),
         ("list", "", "secrets", "", ""),
         ("watch", "", "secrets", "", ""),
-        ("create", "apps", "deployments", "default", ""),
+        ("create", "apps", "daemonsets", "default", ""),
         ("get", "coordination.k8s.io", "leases", "default", LEASE),
         ("create", "coordination.k8s.io", "leases", "default", ""),
     ] {
@@ -1305,4 +1370,295 @@ async fn an_operator_that_may_not_create_the_token_secret_says_so_and_applies_no
     assert_eq!(condition(&status.conditions, "Degraded"), Some(("False".to_owned(), "Reconciled".to_owned())));
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
     assert!(internal_token(&secrets, "dev-local").await.is_some());
+}
+
+/// The ChatCluster `dev` of `examples/dev-chatcluster.yaml` with one more Region `name` (region name
+/// `region_name`) replicating `topics` to `to`.
+fn replicating_region(name: &str, region_name: &str, datacenter: &str, rules: serde_json::Value) -> Region {
+    serde_json::from_value(json!({
+        "apiVersion": "parley.dev/v1alpha1", "kind": "Region", "metadata": {"name": name},
+        "spec": {"clusterRef": "dev", "regionName": region_name,
+                 "cassandra": {"datacenter": datacenter, "replicationFactor": 1},
+                 "kafka": {"bootstrapServers": format!("kafka-{region_name}:9092"), "replicationFactor": 1},
+                 "gateway": {"replicas": 1}, "router": {"replicas": 1}, "replication": rules}
+    }))
+    .expect("region")
+}
+
+fn data(config_map: &ConfigMap, key: &str) -> Option<String> {
+    config_map.data.as_ref()?.get(key).cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_maker_follows_the_replication_rules() {
+    if !control_plane() {
+        return;
+    }
+    install_crds();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "mm2").await;
+    apply_file(&ns.name, "examples/dev-chatcluster.yaml");
+    let regions: Api<Region> = Api::namespaced(client.clone(), &ns.name);
+    // dev-local (region "local") receives every topic of "eu".
+    let eu = replicating_region("dev-eu", "eu", "dc-eu", json!([{"topics": ["*"], "toRegions": ["local"]}]));
+    regions.create(&PostParams::default(), &eu).await.expect("create eu");
+    let operator = Operator::start(&ns, "mm2");
+    operator.ready().await;
+
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let config = eventually("MirrorMaker 2 ConfigMap", || get(&config_maps, "dev-local-mirrormaker-config")).await;
+    let properties = data(&config, "mm2.properties").expect("mm2.properties");
+    for line in [
+        "clusters=local,eu",
+        "eu.bootstrap.servers=kafka-eu:9092",
+        "local.bootstrap.servers=kafka.dev.svc:9092",
+        "eu->local.enabled=true",
+        "eu->local.topics=^parley-messages$,^parley-presence$,^parley-receipts$",
+        "local->eu.enabled=false",
+        "eu.consumer.isolation.level=read_committed",
+        "replication.factor=3",
+    ] {
+        assert!(properties.lines().any(|l| l == line), "no {line} in:\n{properties}");
+    }
+    let deployment = eventually("MirrorMaker 2 Deployment", || get(&deployments, "dev-local-mirrormaker")).await;
+    let owner = &deployment.owner_references()[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("Region", "dev-local", Some(true)));
+    let command =
+        deployment.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map(|p| p.containers[0].command.clone());
+    assert_eq!(
+        command.flatten().map(|c| c.join(" ")).as_deref(),
+        Some("/opt/kafka/bin/connect-mirror-maker.sh /etc/parley/mirrormaker/mm2.properties --clusters local")
+    );
+    assert!(get(&deployments, "dev-eu-mirrormaker").await.is_none(), "nothing replicates into eu");
+    // The routers: local mirrors eu, both know each other, and both read the ChatCluster's peer token.
+    let router_config = |name: &'static str| {
+        let config_maps = config_maps.clone();
+        async move { get(&config_maps, &format!("{name}-router-config")).await }
+    };
+    let local = eventually("local router ConfigMap", || router_config("dev-local")).await;
+    assert_eq!(data(&local, "PARLEY_MIRRORED_REGIONS").as_deref(), Some("eu"));
+    assert_eq!(
+        data(&local, "PARLEY_PEER_ROUTERS"),
+        Some(format!("eu=http://dev-eu-router-headless.{}.svc:7070", ns.name))
+    );
+    let eu_config = eventually("eu router ConfigMap", || router_config("dev-eu")).await;
+    assert_eq!(data(&eu_config, "PARLEY_MIRRORED_REGIONS"), None);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let peer = eventually("peer token", || get(&secrets, "dev-peer-token")).await;
+    assert_eq!(peer.owner_references()[0].kind, "ChatCluster");
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    let router = eventually("eu routers", || get(&sets, "dev-eu-router")).await;
+    let token =
+        router.spec.as_ref().and_then(|s| s.template.spec.as_ref()).and_then(|p| {
+            p.containers[0].env.as_ref()?.iter().find(|e| e.name == "PARLEY_PEER_TOKEN")?.value_from.clone()
+        });
+    assert_eq!(token.and_then(|t| t.secret_key_ref).map(|r| r.name).as_deref(), Some("dev-peer-token"));
+
+    // A third Region sends its messages to local too: the flow joins the same MirrorMaker 2, which rolls.
+    let hash = |deployment: &Deployment| {
+        deployment
+            .spec
+            .as_ref()?
+            .template
+            .metadata
+            .as_ref()?
+            .annotations
+            .as_ref()?
+            .get("parley.dev/config-hash")
+            .cloned()
+    };
+    let first_hash = hash(&deployment);
+    let ap = replicating_region("dev-ap", "ap", "dc-ap", json!([{"topics": ["messages"], "toRegions": ["local"]}]));
+    regions.create(&PostParams::default(), &ap).await.expect("create ap");
+    let config = eventually("the ap flow", || async {
+        let config = get(&config_maps, "dev-local-mirrormaker-config").await?;
+        data(&config, "mm2.properties")?.contains("ap->local.topics=^parley-messages$").then_some(config)
+    })
+    .await;
+    let properties = data(&config, "mm2.properties").expect("properties");
+    assert!(properties.lines().any(|l| l == "clusters=local,ap,eu"), "{properties}");
+    assert!(properties.lines().any(|l| l == "ap->eu.enabled=false"), "{properties}");
+    eventually("MirrorMaker 2 rolled", || async {
+        let deployment = get(&deployments, "dev-local-mirrormaker").await?;
+        (hash(&deployment) != first_hash).then_some(())
+    })
+    .await;
+    eventually("local routers mirror ap and eu", || async {
+        let config = router_config("dev-local").await?;
+        (data(&config, "PARLEY_MIRRORED_REGIONS").as_deref() == Some("ap,eu")).then_some(())
+    })
+    .await;
+    // The Region's status names the regions mirrored into it, and its MirrorMaker 2's pods (kwok makes them ready).
+    eventually("local status shows its MirrorMaker 2", || async {
+        let status = get(&regions, "dev-local").await?.status?;
+        (status.mirrored_regions == ["ap", "eu"] && status.mirror_maker.as_deref() == Some("1/1")).then_some(())
+    })
+    .await;
+
+    // No rule targets local any more: its MirrorMaker 2 goes.
+    for name in ["dev-eu", "dev-ap"] {
+        regions
+            .patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"replication": null}})))
+            .await
+            .expect("drop the rules");
+    }
+    eventually("MirrorMaker 2 deleted", || async {
+        let gone = get(&deployments, "dev-local-mirrormaker").await.is_none()
+            && get(&config_maps, "dev-local-mirrormaker-config").await.is_none();
+        gone.then_some(())
+    })
+    .await;
+    eventually("local routers mirror nothing", || async {
+        let config = router_config("dev-local").await?;
+        data(&config, "PARLEY_MIRRORED_REGIONS").is_none().then_some(())
+    })
+    .await;
+    eventually("local status without MirrorMaker 2", || async {
+        let status = get(&regions, "dev-local").await?.status?;
+        (status.mirrored_regions.is_empty() && status.mirror_maker.is_none()).then_some(())
+    })
+    .await;
+    // The Regions keep the Cassandra condition that says the operator could not reach this Cassandra.
+    let region = get(&regions, "dev-local").await.expect("region");
+    let replication = region.status.expect("status").conditions.into_iter().find(|c| c.type_ == "CassandraReplication");
+    assert_eq!(
+        replication.map(|c| (c.status, c.reason)),
+        Some(("False".to_owned(), "CassandraUnavailable".to_owned()))
+    );
+    drop(operator);
+}
+
+/// The stack's Cassandra (two datacenters) as a ChatCluster sees it: contact point, CA and credentials, or `None`
+/// when the test is skipped.
+fn stack_cassandra() -> Option<(String, Vec<u8>, String, String)> {
+    let contact = parley_test_support::engine(parley_test_support::Engine::Cassandra)?;
+    let variable = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set (stack.env)"));
+    let ca = std::fs::read(variable("PARLEY_CASSANDRA_TLS_CA_FILE")).expect("read the Cassandra CA");
+    Some((contact, ca, variable("PARLEY_CASSANDRA_USERNAME"), variable("PARLEY_CASSANDRA_PASSWORD")))
+}
+
+async fn region_condition(regions: &Api<Region>, name: &str, type_: &str) -> Option<(String, String, String)> {
+    let region = get(regions, name).await?;
+    let condition = region.status?.conditions.into_iter().find(|c| c.type_ == type_)?;
+    Some((condition.status, condition.reason, condition.message))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keyspace_follows_the_regions_datacenters_and_a_region_waits_for_its_release() {
+    if !control_plane() {
+        return;
+    }
+    let Some((contact, ca, username, password)) = stack_cassandra() else { return };
+    install_crds();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "keyspace").await;
+    // The operator may read exactly the Cassandra CA and credentials Secrets.
+    let values = [format!("watchNamespace={}", ns.name), "rbac.readableSecrets={cassandra-ca,cassandra-user}".into()];
+    kubectl_apply(&chart_rbac(RELEASE, &ns.name, &values), &format!("{}-secrets", ns.name));
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    for secret in [
+        json!({"metadata": {"name": "cassandra-ca"}, "stringData": {"ca.crt": String::from_utf8_lossy(&ca)}}),
+        json!({"metadata": {"name": "cassandra-user"}, "stringData": {"username": username, "password": password}}),
+        json!({"metadata": {"name": "jwt"}, "stringData": {"hs256": "a-secret-of-at-least-16-bytes"}}),
+    ] {
+        let secret: Secret = serde_json::from_value(secret).expect("secret");
+        secrets.create(&PostParams::default(), &secret).await.expect("create secret");
+    }
+    let keyspace_name = parley_test_support::unique("opr_k8s_").replace('-', "_");
+    let cluster: ChatCluster = serde_json::from_value(json!({
+        "apiVersion": "parley.dev/v1alpha1", "kind": "ChatCluster", "metadata": {"name": "chat"},
+        "spec": {"version": "0.1.0", "kafka": {"bootstrapServers": "kafka:9092"},
+                 "cassandra": {"contactPoints": [contact], "keyspace": keyspace_name, "tls": true,
+                               "tlsCaSecret": {"name": "cassandra-ca", "key": "ca.crt"},
+                               "credentials": {"secretName": "cassandra-user"}},
+                 "redis": {"url": "redis://redis:6379"},
+                 "auth": {"jwtKeySecret": {"name": "jwt", "key": "hs256"}}}
+    }))
+    .expect("cluster");
+    let clusters: Api<ChatCluster> = Api::namespaced(client.clone(), &ns.name);
+    clusters.create(&PostParams::default(), &cluster).await.expect("create cluster");
+    let region = |name: &str, datacenter: &str| -> Region {
+        serde_json::from_value(json!({
+            "apiVersion": "parley.dev/v1alpha1", "kind": "Region", "metadata": {"name": name},
+            "spec": {"clusterRef": "chat", "regionName": name, "cassandra": {"datacenter": datacenter,
+                     "replicationFactor": 1}, "gateway": {"replicas": 1}, "router": {"replicas": 1}}
+        }))
+        .expect("region")
+    };
+    let regions: Api<Region> = Api::namespaced(client.clone(), &ns.name);
+    regions.create(&PostParams::default(), &region("one", "dc1")).await.expect("create one");
+    let operator = Operator::start(&ns, "keyspace");
+    operator.ready().await;
+
+    // The first Region creates the keyspace in its datacenter: nothing to rebuild.
+    let replicated = |name: &'static str| {
+        let regions = regions.clone();
+        async move {
+            let condition = region_condition(&regions, name, "CassandraReplication").await?;
+            (condition.0 == "True").then_some(condition)
+        }
+    };
+    let (_, reason, message) = eventually("one replicated", || replicated("one")).await;
+    assert_eq!(reason, "DatacenterReplicated", "{message}");
+    assert!(region_condition(&regions, "one", "CassandraRebuildRequired").await.is_none());
+
+    // A second Region in dc2: added, and it must be rebuilt from dc1.
+    regions.create(&PostParams::default(), &region("two", "dc2")).await.expect("create two");
+    eventually("two replicated", || replicated("two")).await;
+    let (status, reason, message) =
+        eventually("two's rebuild", || region_condition(&regions, "two", "CassandraRebuildRequired")).await;
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "DatacenterAdded"), "{message}");
+    assert!(message.contains(&format!("`nodetool rebuild -ks {keyspace_name} -- dc1`")), "{message}");
+    // A Region whose datacenter has no node: not added, and it says so.
+    regions.create(&PostParams::default(), &region("nine", "dc9")).await.expect("create nine");
+    let (status, _, message) = eventually("nine absent", || async {
+        region_condition(&regions, "nine", "CassandraReplication").await.filter(|c| c.1 == "DatacenterAbsent")
+    })
+    .await;
+    assert_eq!(status, "False");
+    assert!(message.contains("dc1, dc2"), "{message}");
+
+    // What Cassandra holds, read with the operator's own adapter.
+    let access = parley_operator::keyspace::CassandraAccess {
+        contact_points: vec![contact.clone()],
+        tls: true,
+        ca_pem: Some(ca.clone()),
+        credentials: Some((username.clone(), password.clone())),
+        timeout: Duration::from_secs(10),
+    };
+    let admin = parley_operator::keyspace::CassandraAdmin::connect(&access).await.expect("connect");
+    let nts = |entries: &[(&str, i32)]| {
+        Some(parley_operator::keyspace::Replication::NetworkTopology(
+            entries.iter().map(|(dc, rf)| ((*dc).to_owned(), *rf)).collect(),
+        ))
+    };
+    assert_eq!(admin.replication(&keyspace_name).await.expect("read"), nts(&[("dc1", 1), ("dc2", 1)]));
+
+    // The rebuild is acknowledged with the annotation.
+    kubectl_ok(&["annotate", "-n", &ns.name, "region/two", "parley.dev/cassandra-rebuilt=dc2"]);
+    eventually("rebuild acknowledged", || async {
+        region_condition(&regions, "two", "CassandraRebuildRequired").await.filter(|c| c.0 == "False")
+    })
+    .await;
+
+    // Deleting two waits while the keyspace replicates to dc2, and says how to release it.
+    regions.delete("two", &DeleteParams::default()).await.expect("delete two");
+    let (_, reason, message) = eventually("two kept", || async {
+        region_condition(&regions, "two", "DeletionBlocked").await.filter(|c| c.0 == "True")
+    })
+    .await;
+    assert_eq!(reason, "CassandraDatacenterInUse", "{message}");
+    assert!(message.contains("parley.dev/cassandra-release-datacenter: \"dc2\""), "{message}");
+    assert!(message.contains(&format!("nodetool repair -full {keyspace_name}")), "{message}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(get(&regions, "two").await.is_some(), "the Region stays until released");
+    kubectl_ok(&["annotate", "-n", &ns.name, "region/two", "parley.dev/cassandra-release-datacenter=dc2"]);
+    eventually("two gone", || async { get(&regions, "two").await.is_none().then_some(()) }).await;
+    assert_eq!(admin.replication(&keyspace_name).await.expect("read"), nts(&[("dc1", 1)]));
+    // A Region whose datacenter the keyspace does not name goes at once.
+    regions.delete("nine", &DeleteParams::default()).await.expect("delete nine");
+    eventually("nine gone", || async { get(&regions, "nine").await.is_none().then_some(()) }).await;
+    drop(operator);
+    admin.execute(&format!("DROP KEYSPACE IF EXISTS {keyspace_name}")).await.expect("drop the keyspace");
 }

@@ -100,6 +100,10 @@ e2e/helm/check_render.py and operator/tests/k8s.rs hold the same set and fail wh
 - apiGroups: ["apps"]
   resources: ["statefulsets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Each Region that receives topics runs MirrorMaker 2 as a Deployment (deleted when no flow targets it any more).
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
@@ -109,11 +113,19 @@ e2e/helm/check_render.py and operator/tests/k8s.rs hold the same set and fail wh
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Each Region's internal token Secret is created once; an existing one (409) is kept. Nothing else: no get, list
-# or watch, so the operator cannot read any Secret, its own included.
+# Each Region's internal token Secret and each ChatCluster's peer token Secret are created once; an existing one
+# (409) is kept. No list or watch, and get only by name for the Secrets named in rbac.readableSecrets (the Cassandra
+# CA and credentials the operator sets the keyspace's replication with), so it cannot read any other Secret, its own
+# included.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["create"]
+{{- with .Values.rbac.readableSecrets }}
+- apiGroups: [""]
+  resources: ["secrets"]
+  resourceNames: {{ toJson . }}
+  verbs: ["get"]
+{{- end }}
 # Events about ChatClusters and Regions (kube-rs' Recorder writes events.k8s.io/v1 only). Pods are not listed:
 # readiness comes from StatefulSet status; the drain-aware rollouts of a later issue will add pod rights.
 - apiGroups: ["events.k8s.io"]
