@@ -213,7 +213,9 @@ impl Call {
                 ChannelId::group(name).ok().map(|channel| channel.as_str().to_owned())
             }
             Call::OpenDm { user, other } | Call::Block { user, other, .. } => direct(user, other),
-            Call::ListChannels { .. } | Call::Presence { .. } => None,
+            Call::ListChannels { .. }
+            | Call::Presence { .. }
+            | Call::Server { operation: ServerOp::SetRegionFailed { .. } } => None,
         }
     }
 
@@ -251,6 +253,9 @@ impl Call {
             Call::Server { operation: ServerOp::Manage { .. } } => ("server_manage", AnswerKind::Channel),
             Call::Server { operation: ServerOp::Post { .. } } => ("server_post", AnswerKind::Sent),
             Call::Server { operation: ServerOp::MoveHome { .. } } => ("server_move_home", AnswerKind::Seq),
+            Call::Server { operation: ServerOp::SetRegionFailed { .. } } => {
+                ("server_set_region_failed", AnswerKind::Done)
+            }
             Call::Home { step: HomeStep::Freeze { .. } } => ("home_freeze", AnswerKind::Seq),
             Call::Home { step: HomeStep::Release { .. } } => ("home_release", AnswerKind::Done),
             Call::Join { .. } => ("join", AnswerKind::Channel),

@@ -144,6 +144,15 @@ pub enum ServerOp {
         /// The new home region.
         region: String,
     },
+    /// Marks a region failed (or back): while it is failed, the other regions take over each of its channels at
+    /// its next call, continuing after the last message they hold of it (what the failed region confirmed beyond
+    /// that is the failover's loss window; it is re-sent, with its client message ids, when the region returns).
+    SetRegionFailed {
+        /// The region.
+        region: String,
+        /// Failed, or back.
+        failed: bool,
+    },
 }
 
 /// Calls between the routers of different regions that move a channel's home (see [`ServerOp::MoveHome`]).

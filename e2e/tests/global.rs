@@ -13,7 +13,7 @@
 //! `PARLEY_MM2_RUN`, `PARLEY_KAFKA_CLIENT_PROPERTIES`, `PARLEY_CQL`).
 
 use parley_client::{Client, Event, HistoryQuery};
-use parley_e2e::regions::{engines, World};
+use parley_e2e::regions::{engines, World, WorldOptions, ADMIN_TOKEN};
 use parley_test_support::report;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -264,4 +264,184 @@ async fn clients_of_a_region_whose_gateways_die_resume_in_the_other() {
     erin.close().await;
     fred.close().await;
     world.stop().await;
+}
+
+/// Moves `channel`'s home to `region` through the server API of `gateway`'s region; the old home's last sequence.
+async fn move_home(world: &World, gateway: usize, channel: &str, region: &str) -> (u64, Duration) {
+    let started = Instant::now();
+    let response = parley_test_support::http::request(
+        world.gateways[gateway].address,
+        "PUT",
+        &format!("/server/v1/channels/{channel}/home"),
+        Some(ADMIN_TOKEN),
+        &format!(r#"{{"region":"{region}"}}"#),
+    )
+    .await;
+    assert_eq!(response.status, 200, "moving {channel} to {region}: {}", response.body);
+    let last = response.json()["last_seq"].as_u64().expect("last_seq");
+    (last, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_home_moves_between_regions_under_load_without_loss() {
+    let _serial = SERIAL.lock().await;
+    let Some(engines) = engines() else { return };
+    let world = World::start(&engines).await;
+    const PER_SENDER: usize = 80;
+    let (gina, gina_events) = Client::connect(world.config(0, "gina")).await.expect("gina connects to eu");
+    let (hugo, hugo_events) = Client::connect(world.config(1, "hugo")).await.expect("hugo connects to us");
+    let (gina_seen, hugo_seen) = (record(gina_events), record(hugo_events));
+    let channel = "g:mover".to_owned();
+    gina.create_channel("mover", ["hugo"]).await.expect("gina creates a channel in eu");
+    wait_member(&hugo_seen, &channel, &world).await;
+    let first = stream(gina.clone(), "gina".into(), channel.clone(), PER_SENDER);
+    let second = stream(hugo.clone(), "hugo".into(), channel.clone(), PER_SENDER);
+    // Mid-stream: the home moves to us, then back to eu, while both keep sending.
+    wait_received(&[&hugo_seen], &channel, PER_SENDER / 2, Duration::from_secs(60)).await;
+    let (to_us, to_us_took) = move_home(&world, 1, &channel, "us").await;
+    wait_received(&[&hugo_seen], &channel, PER_SENDER, Duration::from_secs(60)).await;
+    let (to_eu, to_eu_took) = move_home(&world, 0, &channel, "eu").await;
+    let (_, gina_seqs) = tokio::time::timeout(Duration::from_secs(120), first).await.expect("gina done").expect("gina");
+    let (_, hugo_seqs) =
+        tokio::time::timeout(Duration::from_secs(120), second).await.expect("hugo done").expect("hugo");
+    let total = 2 * PER_SENDER;
+    let mut confirmed: Vec<u64> = gina_seqs.iter().chain(&hugo_seqs).copied().collect();
+    confirmed.sort_unstable();
+    assert_eq!(confirmed, (1..=total as u64).collect::<Vec<_>>(), "every send confirmed once, gap-free");
+    assert!(to_us < to_eu, "the second move continued after the first ({to_us} then {to_eu})");
+    wait_received(&[&gina_seen, &hugo_seen], &channel, total, Duration::from_secs(60)).await;
+    let history = stored_at_least(&gina, &channel, total).await;
+    assert_eq!(stored_at_least(&hugo, &channel, total).await, history, "both regions read one history");
+    check_one_order(&channel, &[("gina", &gina_seen), ("hugo", &hugo_seen)], &history);
+    report(&format!(
+        "planned home moves under load: eu -> us after seq {to_us} took {to_us_took:?}, us -> eu after seq {to_eu} \
+         took {to_eu_took:?}; {total} messages confirmed, stored and shown once each, in one order"
+    ));
+    gina.close().await;
+    hugo.close().await;
+    world.stop().await;
+}
+
+/// Marks `region` failed (or back) through the server API of `gateway`'s region.
+async fn set_region_failed(world: &World, gateway: usize, region: &str, failed: bool) {
+    let response = parley_test_support::http::request(
+        world.gateways[gateway].address,
+        "PUT",
+        &format!("/server/v1/regions/{region}"),
+        Some(ADMIN_TOKEN),
+        &format!(r#"{{"failed":{failed}}}"#),
+    )
+    .await;
+    assert_eq!(response.status, 200, "marking {region} failed={failed}: {}", response.body);
+}
+
+/// The stored history of `channel` as (seq, client message id), read through `client`'s region.
+async fn stored_keys(client: &Client, channel: &str) -> Vec<(u64, String)> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = client
+            .history(channel, HistoryQuery { after: Some(after), before: None, limit: Some(200) })
+            .await
+            .expect("history");
+        all.extend(page.messages.iter().map(|message| (message.seq, message.client_msg_id.clone())));
+        match page.messages.last() {
+            Some(last) if page.has_more => after = last.seq,
+            _ => break,
+        }
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_region_is_taken_over_and_what_only_it_confirmed_is_sent_again_when_it_returns() {
+    let _serial = SERIAL.lock().await;
+    let Some(engines) = engines() else { return };
+    // eu's store writer writes a batch 3 s after its first message: the messages eu confirms just before it dies are
+    // in its Kafka only (neither stored nor, with MirrorMaker 2 down, mirrored): the failover's loss window.
+    let options = WorldOptions {
+        router_args: [vec!["--kafka-store-batch-wait-ms".into(), "3000".into()], Vec::new()],
+        ..WorldOptions::default()
+    };
+    let mut world = World::start_with(&engines, options).await;
+    const BEFORE: usize = 10;
+    const ALONE: usize = 6;
+    const AFTER: usize = 10;
+    let (ivan, ivan_events) = Client::connect(world.config(0, "ivan")).await.expect("ivan connects to eu");
+    let (judy, judy_events) = Client::connect(world.config(1, "judy")).await.expect("judy connects to us");
+    let (_ivan_seen, judy_seen) = (record(ivan_events), record(judy_events));
+    let channel = "g:failover".to_owned();
+    ivan.create_channel("failover", ["judy"]).await.expect("ivan creates a channel in eu");
+    wait_member(&judy_seen, &channel, &world).await;
+    let (ivan, _) = stream(ivan, "ivan".into(), channel.clone(), BEFORE).await.expect("ivan streams");
+    let (judy, _) = stream(judy, "judy".into(), channel.clone(), BEFORE).await.expect("judy streams");
+    wait_received(&[&judy_seen], &channel, 2 * BEFORE, Duration::from_secs(60)).await;
+    // eu's store writer has written everything (its batches are 3 s long).
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+
+    // The link between the regions breaks, eu confirms ALONE more sends of ivan, then eu dies.
+    world.kill_mm2().await;
+    let (ivan, alone) = stream(ivan, "ivan-alone".into(), channel.clone(), ALONE).await.expect("ivan alone");
+    world.kill_router(0).await;
+    let _ = world.gateways[0].child.start_kill();
+    let _ = world.gateways[0].child.wait().await;
+    assert_eq!(alone, ((2 * BEFORE + 1) as u64..=(2 * BEFORE + ALONE) as u64).collect::<Vec<_>>());
+
+    // us marks eu failed; judy's next send takes the channel over after the last message us holds of it.
+    set_region_failed(&world, 1, "eu", true).await;
+    let (judy, after) = stream(judy, "judy-after".into(), channel.clone(), AFTER).await.expect("judy after");
+    assert_eq!(after.first().copied(), Some(2 * BEFORE as u64 + 1), "us continued after the last message it held");
+    let history = stored_keys(&judy, &channel).await;
+    let lost: Vec<String> = (0..ALONE)
+        .map(|n| format!("ivan-alone-{n}"))
+        .filter(|key| !history.iter().any(|(_, stored)| stored == key))
+        .collect();
+    let rpo = lost.len();
+
+    // eu comes back: its store writer finds what it confirmed after the takeover and sends it again to us.
+    world.restart_router(0).await;
+    world.restart_mm2().await;
+    let total = 2 * BEFORE + ALONE + AFTER;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut history = stored_keys(&judy, &channel).await;
+    while history.len() < total && Instant::now() < deadline {
+        // The poll interval of a bounded wait for the re-sent messages.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        history = stored_keys(&judy, &channel).await;
+    }
+    set_region_failed(&world, 1, "eu", false).await;
+    let resent = metric(world.routers[0].admin, "parley_router_resent_messages").await;
+    assert_eq!(history.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), (1..=total as u64).collect::<Vec<_>>());
+    let mut keys: Vec<&String> = history.iter().map(|(_, key)| key).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(keys.len(), total, "every confirmed message is stored exactly once (by its client message id)");
+    for key in &lost {
+        assert!(history.iter().any(|(_, stored)| stored == key), "{key} was sent again when eu returned");
+    }
+    wait_received(&[&judy_seen], &channel, total, Duration::from_secs(60)).await;
+    let shown: Vec<u64> = received(&judy_seen, &channel).iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(shown, (1..=total as u64).collect::<Vec<_>>(), "judy (us) was shown the one history");
+    report(&format!(
+        "unplanned failover: eu confirmed {ALONE} messages that neither reached us nor its store before it died; \
+         RPO of this run: {rpo} messages; us took the channel over at seq {}; when eu returned it sent {resent} \
+         message(s) again, now at the end of the one history ({total} messages, each once)",
+        2 * BEFORE
+    ));
+    assert_eq!(rpo, ALONE, "nothing of what eu confirmed alone reached us before it returned");
+    ivan.close().await;
+    judy.close().await;
+    world.stop().await;
+}
+
+/// A counter or gauge of a process's `/metrics`.
+async fn metric(admin: std::net::SocketAddr, name: &str) -> u64 {
+    let response = parley_test_support::http::request(admin, "GET", "/metrics", None, "").await;
+    response
+        .body
+        .lines()
+        .filter(|line| line.starts_with(name) && !line.starts_with('#'))
+        .filter_map(|line| line.split_whitespace().last()?.parse::<f64>().ok())
+        .map(|value| value as u64)
+        .sum()
 }

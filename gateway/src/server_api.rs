@@ -66,6 +66,7 @@ pub fn routes(state: AppState) -> AxumRouter {
         .route("/server/v1/channels/{id}/bans/{user}", delete(unban))
         .route("/server/v1/channels/{id}/messages", post(post_message))
         .route("/server/v1/channels/{id}/home", put(move_home))
+        .route("/server/v1/regions/{region}", put(set_region))
         .route("/server/v1/users/{user}/disconnect", post(disconnect))
         .route("/server/v1/users/{user}/revoke", post(revoke))
         .route("/server/v1/presence", get(presence))
@@ -306,6 +307,26 @@ async fn move_home(
     let operation = ServerOp::MoveHome { channel: id.clone(), region: body.region.clone() };
     let last = state.router.server(operation).await?.into_seq("server_move_home")?;
     Ok(Json(json!({ "channel": id, "region": body.region, "last_seq": last })))
+}
+
+#[derive(Deserialize)]
+struct RegionState {
+    failed: bool,
+}
+
+/// `PUT /server/v1/regions/{region}` with `{"failed": true|false}`: marks another region failed (its channels are
+/// taken over by the regions their next calls reach) or back; answers `{"region","failed"}`.
+async fn set_region(
+    _: Backend,
+    State(state): State<AppState>,
+    region: Result<Path<String>, PathRejection>,
+    body: Result<Json<RegionState>, JsonRejection>,
+) -> Result<impl IntoResponse, HttpError> {
+    let Path(region) = region?;
+    let Json(body) = body?;
+    let operation = ServerOp::SetRegionFailed { region: region.clone(), failed: body.failed };
+    state.router.server(operation).await?.into_done("server_set_region_failed")?;
+    Ok(Json(json!({ "region": region, "failed": body.failed })))
 }
 
 /// Publishes an event to every gateway instance; `unavailable` when the bus refuses it.

@@ -99,6 +99,10 @@ pub struct Args {
     /// partitions back at once.
     #[arg(long, env = "PARLEY_KAFKA_STORE_WRITER_ID")]
     pub kafka_store_writer_id: Option<String>,
+    /// How long the store writer waits to fill a batch before it writes what it has (milliseconds). Longer
+    /// batches mean fewer, larger writes and a store that trails the log by that much.
+    #[arg(long, env = "PARLEY_KAFKA_STORE_BATCH_WAIT_MS", default_value_t = 5)]
+    pub kafka_store_batch_wait_ms: u64,
     /// Connect to Kafka with TLS, checking the brokers' certificates against `--kafka-tls-ca-file` (or the
     /// system's roots).
     #[arg(long, env = "PARLEY_KAFKA_TLS")]

@@ -227,8 +227,21 @@ pub trait MembershipStore: Send + Sync + 'static {
     /// Applies changes durably and atomically; member counts follow the adds and removes.
     async fn apply(&self, changes: Vec<MembershipChange>) -> Result<(), BackendError>;
     /// Moves a channel's home from `from` to `to`, only if the store still names `from` (compare-and-set: two
-    /// regions that move the same channel at once cannot both win). `Ok(false)` when it names another home.
-    async fn move_home(&self, channel: &str, from: &Home, to: &Home) -> Result<bool, BackendError>;
+    /// regions that move the same channel at once cannot both win). `Ok(false)` when it names another home. With
+    /// `failover`, the compare-and-set involves the local datacenter only (on Cassandra LOCAL_SERIAL instead of
+    /// SERIAL), so it works while the failed region's datacenter is unreachable; the failed region is fenced by
+    /// its mark ([`set_region_failed`](Self::set_region_failed)) and by the epoch.
+    async fn move_home(&self, channel: &str, from: &Home, to: &Home, failover: bool) -> Result<bool, BackendError>;
+    /// Marks `region` failed or back (the other regions take its channels over while it is failed).
+    async fn set_region_failed(&self, region: &str, _failed: bool) -> Result<(), BackendError> {
+        Err(BackendError::InvalidConfig(format!(
+            "cannot mark region {region} failed: this store keeps no regions (use Cassandra)"
+        )))
+    }
+    /// The regions marked failed.
+    async fn failed_regions(&self) -> Result<Vec<String>, BackendError> {
+        Ok(Vec::new())
+    }
     /// A channel's home as the last [`move_home`](Self::move_home) left it, wherever that ran (a linearizable read:
     /// on Cassandra at SERIAL consistency, across the datacenters). [`channel`](Self::channel) reads the home of the
     /// local datacenter, which may trail a move made in another one.

@@ -386,6 +386,10 @@ struct Statements {
     select_home_serial: PreparedStatement,
     write_home: PreparedStatement,
     move_home: PreparedStatement,
+    move_home_local: PreparedStatement,
+    mark_failed: PreparedStatement,
+    unmark_failed: PreparedStatement,
+    select_failed: PreparedStatement,
     select_access: PreparedStatement,
     select_access_of: PreparedStatement,
     write_access: PreparedStatement,
@@ -910,6 +914,23 @@ async fn prepare(session: &Session, config: &CassandraConfig) -> Result<Statemen
             statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::Serial));
             statement
         },
+        // A failover's: Paxos in the local datacenter only (the failed region's may be unreachable).
+        move_home_local: {
+            let mut statement = prepare_one(format!(
+                "UPDATE {keyspace}.channel_homes SET region = ?, epoch = ?, base_seq = ? WHERE channel = ? \
+                 IF region = ? AND epoch = ?"
+            ))
+            .await?;
+            statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::LocalSerial));
+            statement
+        },
+        mark_failed: idempotent(
+            prepare_one(format!("INSERT INTO {keyspace}.failed_regions (region, since) VALUES (?, ?)")).await?,
+        ),
+        unmark_failed: idempotent(
+            prepare_one(format!("DELETE FROM {keyspace}.failed_regions WHERE region = ?")).await?,
+        ),
+        select_failed: idempotent(prepare_one(format!("SELECT region FROM {keyspace}.failed_regions")).await?),
         write_settings: idempotent(
             prepare_one(format!(
                 "INSERT INTO {keyspace}.channel_settings (channel, visibility, posting, history_from) \
@@ -1264,8 +1285,26 @@ impl MembershipStore for CassandraStore {
         }))
     }
 
+    async fn set_region_failed(&self, region: &str, failed: bool) -> Result<(), BackendError> {
+        let result = if failed {
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_millis() as i64)
+                .unwrap_or(0);
+            self.session.execute_unpaged(&self.statements.mark_failed, (region, since)).await
+        } else {
+            self.session.execute_unpaged(&self.statements.unmark_failed, (region,)).await
+        };
+        result.map(|_| ()).map_err(|error| execution_error("mark region failed", error))
+    }
+
+    async fn failed_regions(&self) -> Result<Vec<String>, BackendError> {
+        let rows: Vec<(String,)> = self.all_rows("read failed regions", &self.statements.select_failed, ()).await?;
+        Ok(rows.into_iter().map(|(region,)| region).collect())
+    }
+
     #[instrument(skip(self, from, to), fields(to = %to.region, epoch = to.epoch))]
-    async fn move_home(&self, channel: &str, from: &Home, to: &Home) -> Result<bool, BackendError> {
+    async fn move_home(&self, channel: &str, from: &Home, to: &Home, failover: bool) -> Result<bool, BackendError> {
         let values = (
             to.region.as_str(),
             signed(to.epoch),
@@ -1276,7 +1315,10 @@ impl MembershipStore for CassandraStore {
         );
         let result = self
             .session
-            .execute_unpaged(&self.statements.move_home, values)
+            .execute_unpaged(
+                if failover { &self.statements.move_home_local } else { &self.statements.move_home },
+                values,
+            )
             .await
             .map_err(|error| execution_error("move channel home", error))?;
         // The first column of a conditional update's row is `[applied]` (the current values follow when not).

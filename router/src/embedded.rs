@@ -514,7 +514,7 @@ impl MembershipStore for EmbeddedStore {
         .await
     }
 
-    async fn move_home(&self, channel: &str, from: &Home, to: &Home) -> Result<bool, BackendError> {
+    async fn move_home(&self, channel: &str, from: &Home, to: &Home, _failover: bool) -> Result<bool, BackendError> {
         let (channel, from, to) = (channel.to_owned(), from.clone(), to.clone());
         self.blocking(move |database| {
             let mut transaction = database.begin_write()?;

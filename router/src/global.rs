@@ -125,7 +125,15 @@ pub struct GlobalStats {
     pub homes_taken: AtomicU64,
     /// Calls that waited while their channel's home moved.
     pub held_calls: AtomicU64,
+    /// Channels of a failed region taken over by this region.
+    pub failovers: AtomicU64,
+    /// Messages this region confirmed after another region took their channel over (the failover's loss window),
+    /// sent again to the new home with their client message ids.
+    pub resent: AtomicU64,
 }
+
+/// How often a router reads which regions are marked failed.
+const FAILED_REFRESH: Duration = Duration::from_secs(2);
 
 /// How long a remembered home is trusted for routing before it is read again (a home that moved is found by then
 /// even by a region that took no part in the move).
@@ -211,6 +219,10 @@ struct Inner {
     peer_token: Option<String>,
     timeout: Duration,
     calls: Mutex<HashMap<String, ChannelCalls>>,
+    /// The regions marked failed, as last read.
+    failed: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// One takeover at a time.
+    taking_over: tokio::sync::Mutex<()>,
     stats: Arc<GlobalStats>,
 }
 
@@ -272,9 +284,24 @@ impl GlobalRouter {
                 peer_token: peer_token.filter(|token| !token.is_empty()),
                 timeout,
                 calls: Mutex::new(HashMap::new()),
+                failed: std::sync::RwLock::default(),
+                taking_over: tokio::sync::Mutex::new(()),
                 stats: Arc::default(),
             }),
         }
+    }
+
+    /// Reads the failed regions now and then every [`FAILED_REFRESH`], in a task that ends with the router.
+    pub async fn watch_failed_regions(&self) {
+        self.inner.refresh_failed().await;
+        let inner = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(FAILED_REFRESH).await;
+                let Some(inner) = inner.upgrade() else { return };
+                inner.refresh_failed().await;
+            }
+        });
     }
 
     /// What it counts.
@@ -284,6 +311,62 @@ impl GlobalRouter {
 }
 
 impl Inner {
+    async fn refresh_failed(&self) {
+        match self.membership.failed_regions().await {
+            Ok(regions) => {
+                *self.failed.write().unwrap_or_else(std::sync::PoisonError::into_inner) = regions.into_iter().collect();
+            }
+            Err(error) => debug!(%error, "cannot read the failed regions; keeping the last list"),
+        }
+    }
+
+    fn is_failed(&self, region: &str) -> bool {
+        self.failed.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains(region)
+    }
+
+    /// Marks `region` failed or back, for every region.
+    async fn set_failed(&self, region: &str, failed: bool) -> Result<(), RouterError> {
+        if region == self.region {
+            return Err(RouterError::InvalidArgument(format!(
+                "region {region} cannot mark itself failed or back: ask another region"
+            )));
+        }
+        if !self.peers.contains_key(region) {
+            return Err(RouterError::InvalidArgument(format!(
+                "unknown region {region:?}: this region's peers are {:?}",
+                self.peers.keys().collect::<Vec<_>>()
+            )));
+        }
+        self.membership.set_region_failed(region, failed).await.map_err(RouterError::Unavailable)?;
+        self.refresh_failed().await;
+        warn!(region, failed, "region marked");
+        Ok(())
+    }
+
+    /// Takes over `channel` from its failed home `from`: this region continues after the last message it holds of
+    /// it (delivered from the mirrored copy, or stored). What the failed home confirmed beyond that is re-sent when
+    /// it returns (see [`crate::kafka::StoreWriter`]).
+    async fn take_over(self: &Arc<Self>, channel: &str) -> Result<Option<Home>, RouterError> {
+        let _one = self.taking_over.lock().await;
+        // Read in this datacenter: the failed region's may be unreachable.
+        let Some(from) = self.read_home(channel).await? else { return Ok(None) };
+        if from.region == self.region || !self.is_failed(&from.region) {
+            return Ok(Some(from));
+        }
+        let mirrored = self.positions.position(&from.region, channel).await.map_err(RouterError::Unavailable)?;
+        let stored = self.local.last_durable_seq(channel).await?;
+        let to = Home { region: self.region.clone(), epoch: from.epoch + 1, base_seq: mirrored.max(stored) };
+        if !self.membership.move_home(channel, &from, &to, true).await.map_err(RouterError::Unavailable)? {
+            return self.read_home(channel).await;
+        }
+        self.homes.learn(channel, to.clone());
+        self.local.forget(channel).await?;
+        self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+        warn!(channel, failed = %from.region, epoch = to.epoch, mirrored, stored, base = to.base_seq,
+            "took over a channel of a failed region");
+        Ok(Some(to))
+    }
+
     fn lock_calls(&self) -> std::sync::MutexGuard<'_, HashMap<String, ChannelCalls>> {
         self.calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -508,7 +591,7 @@ impl Inner {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let to = Home { region: self.region.clone(), epoch: from.epoch + 1, base_seq: last };
-        match self.membership.move_home(channel, &from, &to).await {
+        match self.membership.move_home(channel, &from, &to, false).await {
             Ok(true) => {}
             Ok(false) => {
                 return Err(abandon(format!("{channel}: its home changed meanwhile; the move was abandoned")).await)
@@ -539,6 +622,9 @@ impl RouterService for GlobalRouter {
                 inner.release(channel).await;
                 return Ok(Answer::Done);
             }
+            Call::Server { operation: ServerOp::SetRegionFailed { region, failed } } => {
+                return inner.set_failed(region, *failed).await.map(|()| Answer::Done);
+            }
             Call::Server { operation: ServerOp::MoveHome { channel, region } } => {
                 if region == &inner.region {
                     return inner.take(channel).await.map(Answer::Seq);
@@ -558,7 +644,11 @@ impl RouterService for GlobalRouter {
             return RouterService::call(&inner.local, call).await;
         };
         let in_flight = inner.enter(&channel).await?;
-        let destination = destination(&inner.region, inner.home(&channel).await?.as_ref());
+        let mut home = inner.home(&channel).await?;
+        if home.as_ref().is_some_and(|home| home.region != inner.region && inner.is_failed(&home.region)) {
+            home = inner.take_over(&channel).await?;
+        }
+        let destination = destination(&inner.region, home.as_ref());
         match destination {
             Destination::Local => {
                 let answer = RouterService::call(&inner.local, call).await;
@@ -579,6 +669,61 @@ impl RouterService for GlobalRouter {
 
     fn stats(&self) -> &Arc<RouterStats> {
         self.inner.local.stats()
+    }
+}
+
+/// Sends each deposed message (ordered here after another region took its channel over: confirmed to its sender
+/// but never delivered) again through `router`, which carries it to the channel's home, with its sender and client
+/// message id: the new home stores it once (a send it already has is answered with its first placement). Retries
+/// each message until it is taken.
+pub async fn send_again(
+    mut deposed: tokio::sync::mpsc::Receiver<parley_core::protocol::MessageView>,
+    router: parley_api::Router,
+    stats: Arc<GlobalStats>,
+) {
+    while let Some(message) = deposed.recv().await {
+        let call = if message.sender == parley_api::SERVER_SENDER {
+            Call::Server {
+                operation: ServerOp::Post {
+                    channel: message.channel.clone(),
+                    client_msg_id: message.client_msg_id.clone(),
+                    text: message.text.clone(),
+                },
+            }
+        } else {
+            Call::Send {
+                user: message.sender.clone(),
+                channel: message.channel.clone(),
+                client_msg_id: message.client_msg_id.clone(),
+                text: message.text.clone(),
+                first_attempt: false,
+            }
+        };
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match router.call(call.clone()).await {
+                Ok(answer) => {
+                    stats.resent.fetch_add(1, Ordering::Relaxed);
+                    let placed = match answer {
+                        Answer::Sent(outcome) => Some((outcome.placement.seq, outcome.duplicate)),
+                        _ => None,
+                    };
+                    warn!(channel = %message.channel, old_seq = message.seq, client_msg_id = %message.client_msg_id,
+                        ?placed, "a message confirmed before its channel was taken over was sent again to the new home");
+                    break;
+                }
+                Err(RouterError::Unavailable(error)) => {
+                    debug!(%error, "sending a deposed message again failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+                Err(error) => {
+                    warn!(channel = %message.channel, client_msg_id = %message.client_msg_id, %error,
+                        "a deposed message was refused by the new home (the sender may have left the channel)");
+                    break;
+                }
+            }
+        }
     }
 }
 

@@ -73,7 +73,7 @@ pub mod tail;
 
 pub use log::{KafkaLog, KafkaLogStats};
 pub use ownership::OwnershipGroup;
-pub use store_writer::{StoreWriter, StoreWriterStats};
+pub use store_writer::{Fencing, StoreWriter, StoreWriterStats};
 
 #[cfg(doc)]
 use crate::backend::{MessageLog, MessageStore};

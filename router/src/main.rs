@@ -41,6 +41,8 @@ struct Backends {
     kafka_log: Option<Arc<KafkaLog>>,
     /// Where the data lives, for the start-up line.
     describe: String,
+    /// Messages this region ordered after another region took their channels over (regions with Cassandra).
+    deposed: Option<tokio::sync::mpsc::Receiver<parley_core::protocol::MessageView>>,
 }
 
 fn open_embedded(args: &Args, retention: Retention) -> anyhow::Result<Arc<EmbeddedStore>> {
@@ -49,7 +51,12 @@ fn open_embedded(args: &Args, retention: Retention) -> anyhow::Result<Arc<Embedd
     Ok(Arc::new(store))
 }
 
-async fn backends(args: &Args, retention: Retention, machine_id: u16) -> anyhow::Result<Backends> {
+async fn backends(
+    args: &Args,
+    retention: Retention,
+    machine_id: u16,
+    region: Option<&str>,
+) -> anyhow::Result<Backends> {
     let Some(bootstrap) = &args.kafka_bootstrap_servers else {
         anyhow::ensure!(
             args.cassandra_contact_points.is_empty(),
@@ -64,8 +71,10 @@ async fn backends(args: &Args, retention: Retention, machine_id: u16) -> anyhow:
             kafka: None,
             kafka_log: None,
             describe: format!("embedded log and store in {}", args.data_dir.display()),
+            deposed: None,
         });
     };
+    let cassandra = !args.cassandra_contact_points.is_empty();
     let (store, membership, describe): (Arc<dyn MessageStore>, Arc<dyn MembershipStore>, String) = if args
         .cassandra_contact_points
         .is_empty()
@@ -103,6 +112,7 @@ async fn backends(args: &Args, retention: Retention, machine_id: u16) -> anyhow:
     };
     let mut kafka = KafkaConfig::new(bootstrap.clone()).with_prefix(args.kafka_topic_prefix.clone());
     kafka.partitions = args.kafka_partitions;
+    kafka.store_batch_wait = Duration::from_millis(args.kafka_store_batch_wait_ms);
     kafka.replication_factor = args.kafka_replication_factor;
     kafka.store_writer_instance = Some(
         args.kafka_store_writer_id
@@ -125,8 +135,18 @@ async fn backends(args: &Args, retention: Retention, machine_id: u16) -> anyhow:
     let log = Arc::new(
         KafkaLog::open(kafka.clone(), store.clone(), Some(Vec::new())).await.context("failed to open the Kafka log")?,
     );
-    let store_writer =
-        StoreWriter::start(kafka.clone(), store.clone()).await.context("failed to start the Kafka store writer")?;
+    // In a region of several (with the shared store), the store writer keeps what this region ordered after another
+    // region took a channel over out of the store and hands it back to be sent again.
+    let (fencing, deposed) = match region {
+        Some(region) if cassandra => {
+            let (sender, receiver) = tokio::sync::mpsc::channel(DEPOSED_QUEUE);
+            (Some(parley_router::kafka::Fencing::new(region.to_owned(), membership.clone(), sender)), Some(receiver))
+        }
+        _ => (None, None),
+    };
+    let store_writer = StoreWriter::start_fenced(kafka.clone(), store.clone(), fencing)
+        .await
+        .context("failed to start the Kafka store writer")?;
     let kafka = Some((kafka, log.stats().clone()));
     Ok(Backends {
         log: log.clone(),
@@ -136,6 +156,7 @@ async fn backends(args: &Args, retention: Retention, machine_id: u16) -> anyhow:
         kafka,
         kafka_log: Some(log),
         describe,
+        deposed,
     })
 }
 
@@ -147,6 +168,9 @@ fn advertise_url(configured: Option<&str>, listening: std::net::SocketAddr) -> O
         None => Some(format!("http://{listening}")),
     }
 }
+
+/// How many deposed messages may wait to be sent again before the store writer waits.
+const DEPOSED_QUEUE: usize = 1024;
 
 /// How long a call carried to another region (or from it to this region's owner) may take.
 const PEER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -189,8 +213,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         messages: (args.retention_days > 0).then(|| Duration::from_secs(args.retention_days * 24 * 3600)),
         ..Retention::default()
     };
-    let Backends { log, store, membership, store_writer, kafka, kafka_log, describe } =
-        backends(&args, retention, machine_id).await?;
+    let region =
+        args.telemetry.region.clone().map(|region| region.trim().to_owned()).filter(|region| !region.is_empty());
+    let local_region = region.clone().unwrap_or_default();
+    if let Some(region) = &region {
+        anyhow::ensure!(
+            parley_router::global::valid_region_name(region),
+            "invalid --region {region:?}: use lowercase letters, digits and '-' (at most 32)"
+        );
+    }
+    let Backends { log, store, membership, store_writer, kafka, kafka_log, describe, deposed } =
+        backends(&args, retention, machine_id, region.as_deref()).await?;
     let redis: RedisConfig = args.redis.config().context("invalid Redis settings")?;
     // A wrong password or an untrusted certificate ends start-up here, named ("Redis at rediss://...: authentication
     // failed (WRONGPASS ...)"), within the Redis timeout.
@@ -205,15 +238,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("failed to reach Redis at {}", redis.url))?,
     );
-    let region =
-        args.telemetry.region.clone().map(|region| region.trim().to_owned()).filter(|region| !region.is_empty());
-    let local_region = region.clone().unwrap_or_default();
-    if let Some(region) = &region {
-        anyhow::ensure!(
-            parley_router::global::valid_region_name(region),
-            "invalid --region {region:?}: use lowercase letters, digits and '-' (at most 32)"
-        );
-    }
     let peers =
         parley_router::global::parse_peers(&args.peer_routers, &local_region).context("invalid --peer-routers")?;
     let mirrored = parley_router::global::parse_regions(&args.mirrored_regions, &local_region)
@@ -347,6 +371,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 PEER_TIMEOUT,
             );
             global_metrics = Some(global.global_stats().clone());
+            global.watch_failed_regions().await;
             let entry = peer_token.clone().map(|token| parley_router::service::PeerEntry {
                 router: Router::new(parley_router::global::PeerEntry::new(
                     format!("http://{}", loopback_of(address)),
@@ -359,7 +384,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             });
             tracing::info!(region, peers = ?peers.keys().collect::<Vec<_>>(), mirrored = ?mirrored,
                 "serving as one region of several");
-            (Router::new(global), entry)
+            let global = Router::new(global);
+            if let (Some(deposed), Some(stats)) = (deposed, &global_metrics) {
+                tokio::spawn(parley_router::global::send_again(deposed, global.clone(), stats.clone()));
+            }
+            (global, entry)
         }
         _ => (router, None),
     };

@@ -87,6 +87,7 @@ impl RouterMetrics {
         use std::sync::atomic::Ordering::Relaxed;
         let (forwarded, failures, reads, taken, held) =
             (stats.clone(), stats.clone(), stats.clone(), stats.clone(), stats.clone());
+        let (failovers, resent) = (stats.clone(), stats.clone());
         AtomicCounters::default()
             .read("peer_calls", "Calls carried to a channel's home region", Kind::Counter, move || {
                 forwarded.forwarded.load(Relaxed)
@@ -103,6 +104,15 @@ impl RouterMetrics {
             .read("held_calls", "Calls that waited while their channel's home moved", Kind::Counter, move || {
                 held.held_calls.load(Relaxed)
             })
+            .read("failovers", "Channels of a failed region taken over by this region", Kind::Counter, move || {
+                failovers.failovers.load(Relaxed)
+            })
+            .read(
+                "resent_messages",
+                "Messages confirmed here after another region took their channel over, sent again to the new home",
+                Kind::Counter,
+                move || resent.resent.load(Relaxed),
+            )
             .register(&mut self.registry);
     }
 
@@ -172,6 +182,12 @@ impl RouterMetrics {
                 "Offset commits that failed (the batch is written again later; harmless)",
                 Kind::Counter,
                 read(|stats| &stats.commit_failures),
+            )
+            .read(
+                "store_writer_deposed",
+                "Messages ordered here after another region took their channel over: not stored, sent again",
+                Kind::Counter,
+                read(|stats| &stats.deposed),
             )
             .read(
                 "store_writer_consumer_restarts",

@@ -450,6 +450,10 @@ impl LocalRouter {
                 let request = self.send_request(&group(&channel)?, SERVER_SENDER, &client_msg_id, &text, false)?;
                 Ok(Answer::Sent(self.submit_send(request).await?))
             }
+            ServerOp::SetRegionFailed { region, .. } => Err(RouterError::InvalidArgument(format!(
+                "cannot mark region {region} failed: this router serves no regions (set PARLEY_REGION, \
+                 --peer-routers and --peer-token)"
+            ))),
             ServerOp::MoveHome { channel, .. } => Err(RouterError::InvalidArgument(format!(
                 "cannot move the home of {channel}: this router serves no regions (set PARLEY_REGION, \
                  --peer-routers and --peer-token)"

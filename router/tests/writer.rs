@@ -365,8 +365,9 @@ impl parley_router::backend::MembershipStore for GatedMembership {
         channel: &str,
         from: &parley_router::backend::Home,
         to: &parley_router::backend::Home,
+        failover: bool,
     ) -> Result<bool, BackendError> {
-        self.inner.move_home(channel, from, to).await
+        self.inner.move_home(channel, from, to, failover).await
     }
 }
 

@@ -142,11 +142,14 @@ pub(super) fn migrations(config: &CassandraConfig) -> Vec<Migration> {
         },
         Migration {
             version: 3,
-            description: "channel homes (the region that orders each channel, and its epoch)",
-            statements: vec![format!(
-                "CREATE TABLE IF NOT EXISTS {keyspace}.channel_homes (channel text PRIMARY KEY, region text, \
-                 epoch bigint, base_seq bigint)"
-            )],
+            description: "channel homes (the region that orders each channel, and its epoch), failed regions",
+            statements: vec![
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.channel_homes (channel text PRIMARY KEY, region text, \
+                     epoch bigint, base_seq bigint)"
+                ),
+                format!("CREATE TABLE IF NOT EXISTS {keyspace}.failed_regions (region text PRIMARY KEY, since bigint)"),
+            ],
         },
     ]
 }

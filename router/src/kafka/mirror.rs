@@ -104,10 +104,11 @@ fn source_of(topic: &str) -> &str {
     topic.split_once('.').map(|(source, _)| source).unwrap_or(topic)
 }
 
-/// Whether a record written by `record_home` is from a deposed home, given the home `known` here.
-pub fn deposed(record_home: Option<&(String, u64)>, known: Option<&crate::backend::Home>) -> bool {
+/// Whether the record of sequence `seq` written by `record_home` is from a deposed home, given the home `known`
+/// here: an older epoch, beyond where the newer home took over (what the old home ordered before stays history).
+pub fn deposed(record_home: Option<&(String, u64)>, seq: u64, known: Option<&crate::backend::Home>) -> bool {
     match (record_home, known) {
-        (Some((_, epoch)), Some(known)) => *epoch < known.epoch,
+        (Some((_, epoch)), Some(known)) => *epoch < known.epoch && seq > known.base_seq,
         _ => false,
     }
 }
@@ -228,7 +229,7 @@ async fn take(
                 .headers()
                 .and_then(|headers| headers.iter().find(|header| header.key == HOME_HEADER))
                 .and_then(|header| parse_home_header(header.value?));
-            if deposed(home.as_ref(), homes.get(&message.channel).as_ref()) {
+            if deposed(home.as_ref(), message.seq, homes.get(&message.channel).as_ref()) {
                 stats.deposed.fetch_add(1, Ordering::Relaxed);
                 warn!(channel = %message.channel, seq = message.seq, ?home,
                     "dropped a mirrored message of a deposed home");
@@ -285,11 +286,12 @@ mod tests {
 
     #[test]
     fn records_of_a_deposed_home_are_recognized() {
-        let home = |epoch| crate::backend::Home { region: "us".into(), epoch, base_seq: 0 };
-        assert!(deposed(Some(&("eu".into(), 1)), Some(&home(2))));
-        assert!(!deposed(Some(&("us".into(), 2)), Some(&home(2))));
-        assert!(!deposed(None, Some(&home(2))), "a record without a home header is not judged");
-        assert!(!deposed(Some(&("eu".into(), 1)), None), "nor one of a channel whose home is unknown here");
+        let home = |epoch| crate::backend::Home { region: "us".into(), epoch, base_seq: 10 };
+        assert!(deposed(Some(&("eu".into(), 1)), 11, Some(&home(2))));
+        assert!(!deposed(Some(&("eu".into(), 1)), 10, Some(&home(2))), "ordered before the move: history");
+        assert!(!deposed(Some(&("us".into(), 2)), 11, Some(&home(2))));
+        assert!(!deposed(None, 11, Some(&home(2))), "a record without a home header is not judged");
+        assert!(!deposed(Some(&("eu".into(), 1)), 11, None), "nor one of a channel whose home is unknown here");
         assert_eq!(source_of("eu.parley-messages"), "eu");
     }
 

@@ -1,17 +1,17 @@
 //! [`StoreWriter`]: the consumer group that copies the messages topic into a [`MessageStore`].
 
 use super::{blocking, ensure_topics, kafka_error, retry_blocking, KafkaConfig};
-use crate::backend::MessageStore;
+use crate::backend::{MembershipStore, MessageStore};
 use parley_api::BackendError;
 use parley_core::protocol::MessageView;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, instrument, warn};
 
@@ -28,6 +28,8 @@ pub struct StoreWriterStats {
     pub commit_failures: AtomicU64,
     /// Errors while consuming.
     pub consume_failures: AtomicU64,
+    /// Messages this region ordered after another region took their channel over (not stored, sent again).
+    pub deposed: AtomicU64,
     /// Consumers replaced after a fatal error (e.g. fenced by a newer member with the same instance id after a
     /// broker outage longer than the session): the writer goes on with a new one.
     pub consumer_restarts: AtomicU64,
@@ -89,12 +91,24 @@ impl StoreWriter {
     /// copying committed records into `store`.
     #[instrument(skip(config, store), fields(prefix = %config.prefix))]
     pub async fn start(config: KafkaConfig, store: Arc<dyn MessageStore>) -> Result<Self, BackendError> {
+        Self::start_fenced(config, store, None).await
+    }
+
+    /// Like [`start`](Self::start), in a region of several: while this region is marked failed, each message is
+    /// checked against its channel's home, and a message this region ordered after another region took the channel
+    /// over is not stored (it would take a sequence the new home gave to another message): it goes to
+    /// [`Fencing::deposed`], to be sent again to the new home with its client message id.
+    pub async fn start_fenced(
+        config: KafkaConfig,
+        store: Arc<dyn MessageStore>,
+        fencing: Option<Fencing>,
+    ) -> Result<Self, BackendError> {
         ensure_topics(&config).await?;
         let topic = config.messages_topic();
         let consumer: ConsumerSlot = Arc::new(std::sync::Mutex::new(Some(Arc::new(consumer(&config)?))));
         let stats = Arc::new(StoreWriterStats::default());
         let (shutdown, stopping) = watch::channel(false);
-        let task = tokio::spawn(run(config.clone(), consumer.clone(), store, stats.clone(), stopping));
+        let task = tokio::spawn(run(config.clone(), consumer.clone(), store, fencing, stats.clone(), stopping));
         info!(%topic, group = %config.store_writer_group(), "store writer started");
         Ok(Self { config, topic, consumer, stats, shutdown, task: Some(task) })
     }
@@ -187,10 +201,66 @@ pub async fn partition_lags(config: &KafkaConfig) -> Result<Vec<(i32, u64)>, Bac
 /// How long the writer waits for a record before it commits positions that moved past transaction markers.
 const IDLE_COMMIT: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// What a store writer of a region of several checks before it stores; see [`StoreWriter::start_fenced`].
+pub struct Fencing {
+    region: String,
+    membership: Arc<dyn MembershipStore>,
+    deposed: mpsc::Sender<MessageView>,
+    /// Whether this region is marked failed, and when that was read.
+    failed: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
+}
+
+/// How long a store writer trusts what it read of its region's failed mark.
+const FAILED_MARK_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Fencing {
+    /// Fencing for the store writer of `region`: the homes and failed marks are read from `membership`, and the
+    /// messages of a deposed home go to `deposed`.
+    pub fn new(region: String, membership: Arc<dyn MembershipStore>, deposed: mpsc::Sender<MessageView>) -> Self {
+        Self { region, membership, deposed, failed: std::sync::Mutex::new(None) }
+    }
+
+    async fn region_failed(&self) -> Result<bool, BackendError> {
+        let cached = *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, failed)) = cached.filter(|(at, _)| at.elapsed() < FAILED_MARK_TTL) {
+            return Ok(failed);
+        }
+        let failed = self.membership.failed_regions().await?.iter().any(|region| region == &self.region);
+        *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((std::time::Instant::now(), failed));
+        Ok(failed)
+    }
+
+    /// Splits `batch` into what may be stored and what this region ordered after it was deposed.
+    async fn split(&self, batch: Vec<MessageView>) -> Result<(Vec<MessageView>, Vec<MessageView>), BackendError> {
+        if !self.region_failed().await? {
+            return Ok((batch, Vec::new()));
+        }
+        let mut homes: HashMap<String, Option<crate::backend::Home>> = HashMap::new();
+        let (mut keep, mut deposed) = (Vec::new(), Vec::new());
+        for message in batch {
+            if !homes.contains_key(&message.channel) {
+                // Linearizable when every datacenter answers; else this datacenter's view.
+                let home = match self.membership.home_now(&message.channel).await {
+                    Ok(home) => home,
+                    Err(_) => self.membership.channel(&message.channel).await?.and_then(|record| record.home),
+                };
+                homes.insert(message.channel.clone(), home);
+            }
+            match homes.get(&message.channel).and_then(Option::as_ref) {
+                Some(home) if home.region != self.region && message.seq > home.base_seq => deposed.push(message),
+                _ => keep.push(message),
+            }
+        }
+        Ok((keep, deposed))
+    }
+}
+
 async fn run(
     config: KafkaConfig,
     slot: ConsumerSlot,
     store: Arc<dyn MessageStore>,
+    fencing: Option<Fencing>,
     stats: Arc<StoreWriterStats>,
     mut stopping: watch::Receiver<bool>,
 ) -> Result<(), BackendError> {
@@ -241,6 +311,36 @@ async fn run(
                 break;
             }
             received = tokio::time::timeout_at(deadline, consumer.recv()).await.ok();
+        }
+        if let (Some(fencing), false) = (&fencing, batch.is_empty()) {
+            let mut delay = config.retry_min;
+            let (keep, deposed) = loop {
+                match fencing.split(std::mem::take(&mut batch)).await {
+                    Ok(split) => break split,
+                    Err(error) => {
+                        warn!(%error, "cannot check the messages' homes; retrying");
+                        tokio::select! {
+                            _ = stopping.changed() => return Ok(()),
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        delay = (delay * 2).min(config.retry_max);
+                    }
+                }
+            };
+            batch = keep;
+            if !deposed.is_empty() {
+                stats.deposed.fetch_add(deposed.len() as u64, Ordering::Relaxed);
+                warn!(
+                    messages = deposed.len(),
+                    "messages ordered here after another region took their channels over: \
+                    not stored, sent again to the new home"
+                );
+                for message in deposed {
+                    if fencing.deposed.send(message).await.is_err() {
+                        warn!("nothing takes the deposed messages any more");
+                    }
+                }
+            }
         }
         if !batch.is_empty() {
             let mut delay = config.retry_min;
