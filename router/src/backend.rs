@@ -141,6 +141,13 @@ pub struct ReadReceipt {
     pub seq: u64,
     /// When (Unix ms, the router's clock).
     pub ts: u64,
+    /// Whether the channel's members hear of it (channels up to the fan-out threshold); other regions follow it.
+    #[serde(default = "announced")]
+    pub announce: bool,
+}
+
+fn announced() -> bool {
+    true
 }
 
 /// The durable, ordered log of messages. A send is confirmed only after [`append`](Self::append) returns.

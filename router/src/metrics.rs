@@ -121,7 +121,7 @@ impl RouterMetrics {
         use std::sync::atomic::Ordering::Relaxed;
         let (messages, memberships, undecodable, failures, delay) =
             (stats.clone(), stats.clone(), stats.clone(), stats.clone(), stats.clone());
-        let (deposed, positions) = (stats.clone(), stats.clone());
+        let (deposed, positions, receipts) = (stats.clone(), stats.clone(), stats.clone());
         AtomicCounters::default()
             .read("mirrored_messages", "Other regions' messages delivered in this region", Kind::Counter, move || {
                 messages.messages.load(Relaxed)
@@ -138,6 +138,12 @@ impl RouterMetrics {
             .read("mirror_consume_failures", "Errors reading the mirrored topics", Kind::Counter, move || {
                 failures.consume_failures.load(Relaxed)
             })
+            .read(
+                "mirrored_receipts",
+                "Other regions' read receipts delivered in this region",
+                Kind::Counter,
+                move || receipts.receipts.load(Relaxed),
+            )
             .read("mirrored_deposed", "Mirrored messages of a deposed home, dropped", Kind::Counter, move || {
                 deposed.deposed.load(Relaxed)
             })

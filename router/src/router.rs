@@ -703,11 +703,13 @@ impl LocalRouter {
             .set_read(user.as_str(), channel.as_str(), seq.min(last))
             .await
             .map_err(RouterError::Unavailable)?;
-        // Into the log too (the receipts topic other regions mirror); a cursor is only confirmed once it is.
-        let receipt = ReadReceipt { channel: channel.to_string(), user: user.to_string(), seq: cursor, ts: now_ms() };
-        self.log.record_read(receipt).await.map_err(RouterError::Unavailable)?;
         let record = self.membership.channel(channel.as_str()).await.map_err(RouterError::Unavailable)?;
-        if record.is_none_or(|record| record.member_count <= self.config.fanout_threshold) {
+        let announce = record.is_none_or(|record| record.member_count <= self.config.fanout_threshold);
+        // Into the log too (the receipts topic other regions mirror); a cursor is only confirmed once it is.
+        let receipt =
+            ReadReceipt { channel: channel.to_string(), user: user.to_string(), seq: cursor, ts: now_ms(), announce };
+        self.log.record_read(receipt).await.map_err(RouterError::Unavailable)?;
+        if announce {
             let event = ControlEvent::Read { channel: channel.to_string(), user: user.to_string(), seq: cursor };
             if let Err(error) =
                 self.pubsub.publish(&channel_topic(channel.as_str()), Event::Control(event).encode()).await

@@ -1,5 +1,5 @@
-//! Delivery of other regions' records: MirrorMaker 2 copies each region's `{prefix}messages` and
-//! `{prefix}memberships` into this region's Kafka as `<region>.{prefix}messages` and `<region>.{prefix}memberships`;
+//! Delivery of other regions' records: MirrorMaker 2 copies each region's `{prefix}messages`, `{prefix}memberships`
+//! and `{prefix}receipts` into this region's Kafka as `<region>.{prefix}messages` and so on;
 //! the routers of this region read them (consumer group `{prefix}mirror`, `read_committed`, so nothing a fenced
 //! writer aborted is delivered) and hand them to their publisher, which puts them on this region's pub/sub exactly
 //! as the home's writer does in its own region. Each partition is read in order, so each channel keeps its order.
@@ -11,12 +11,13 @@
 
 use super::log::{parse_home_header, HOME_HEADER};
 use super::{kafka_error, KafkaConfig};
+use crate::backend::ReadReceipt;
 use crate::global::HomeBook;
 use crate::publisher::{Job, MembershipEvent, PublisherHandle};
 use bytes::Bytes;
 use parley_api::BackendError;
 use parley_bus::mirrored::MirrorPositions;
-use parley_bus::pubsub::{channel_topic, Event};
+use parley_bus::pubsub::{channel_topic, ControlEvent, Event};
 use parley_core::protocol::{MessageView, ServerFrame};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Headers;
@@ -40,6 +41,8 @@ pub struct MirrorStats {
     pub messages: AtomicU64,
     /// Membership changes of other regions handed to the publisher.
     pub memberships: AtomicU64,
+    /// Read receipts of other regions (the members of channels up to the fan-out threshold hear of them).
+    pub receipts: AtomicU64,
     /// Records that could not be decoded (skipped, logged).
     pub undecodable: AtomicU64,
     /// Records of a deposed home (an epoch older than the channel's), dropped.
@@ -61,6 +64,7 @@ pub fn mirrored_topics(config: &KafkaConfig, sources: &[String]) -> Vec<String> 
             [
                 KafkaConfig::mirrored(source, &config.messages_topic()),
                 KafkaConfig::mirrored(source, &config.memberships_topic()),
+                KafkaConfig::mirrored(source, &config.receipts_topic()),
             ]
         })
         .collect()
@@ -71,12 +75,15 @@ pub fn mirrored_topics(config: &KafkaConfig, sources: &[String]) -> Vec<String> 
 enum Mirrored {
     Message(MessageView),
     Membership(MembershipEvent),
+    Receipt(ReadReceipt),
 }
 
 /// Decodes a record of `topic` (a mirrored messages or memberships topic).
 fn decode(config: &KafkaConfig, topic: &str, payload: &[u8]) -> Result<Mirrored, serde_json::Error> {
     if topic.ends_with(&config.memberships_topic()) {
         serde_json::from_slice(payload).map(Mirrored::Membership)
+    } else if topic.ends_with(&config.receipts_topic()) {
+        serde_json::from_slice(payload).map(Mirrored::Receipt)
     } else {
         serde_json::from_slice(payload).map(Mirrored::Message)
     }
@@ -250,6 +257,14 @@ async fn take(
             let frame = Bytes::from(ServerFrame::Message(message).to_json());
             publications.push((topic, Event::Message { seq, ts, frame }.encode()));
         }
+        Ok(Mirrored::Receipt(receipt)) => {
+            stats.receipts.fetch_add(1, Ordering::Relaxed);
+            if receipt.announce {
+                let event =
+                    ControlEvent::Read { channel: receipt.channel.clone(), user: receipt.user, seq: receipt.seq };
+                publications.push((channel_topic(&receipt.channel), Event::Control(event).encode()));
+            }
+        }
         Ok(Mirrored::Membership(event)) => {
             if !publications.is_empty() {
                 publisher.submit(Job::Publications(std::mem::take(publications))).await;
@@ -278,8 +293,10 @@ mod tests {
             vec![
                 format!("eu.{}", config.messages_topic()),
                 format!("eu.{}", config.memberships_topic()),
+                format!("eu.{}", config.receipts_topic()),
                 format!("us-east.{}", config.messages_topic()),
                 format!("us-east.{}", config.memberships_topic()),
+                format!("us-east.{}", config.receipts_topic()),
             ]
         );
     }
