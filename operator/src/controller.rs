@@ -469,6 +469,18 @@ async fn reconcile_keyspace(validated: &ValidatedRegion, context: &Context) -> R
     if let Decision::Create { statement } | Decision::Alter { statement, .. } = &decision {
         admin.execute(statement).await?;
     }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or(0);
+    let annotation = validated.region.annotations().get(keyspace::FAILED_ANNOTATION).map(String::as_str);
+    if let Some(mark) = keyspace::failed_mark(keyspace_name, &validated.region.spec.region_name, annotation, now_ms) {
+        // The routers create `failed_regions` with their schema; before any router ran there is nothing to mark.
+        match admin.execute(&mark).await {
+            Ok(()) => info!(%mark, "region failed mark written"),
+            Err(error) => warn!(%error, %mark, "cannot write the region's failed mark (have the routers run yet?)"),
+        }
+    }
     Ok(decision)
 }
 

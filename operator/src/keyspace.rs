@@ -30,6 +30,9 @@ pub const REBUILT_ANNOTATION: &str = "parley.dev/cassandra-rebuilt";
 /// The annotation a user sets on a Region being deleted, with its datacenter as value, once the other datacenters
 /// hold the data: the operator drops the datacenter from the keyspace's replication and lets the Region go.
 pub const RELEASE_ANNOTATION: &str = "parley.dev/cassandra-release-datacenter";
+/// Annotation that marks a Region failed (`"true"`) or back (`"false"`): the operator writes the mark into the
+/// keyspace's `failed_regions` table, and the other Regions' routers take over its channels while it is there.
+pub const FAILED_ANNOTATION: &str = "parley.dev/region-failed";
 /// The Region condition about its datacenter in the keyspace's replication.
 pub const CONDITION_REPLICATION: &str = "CassandraReplication";
 /// The Region condition that asks for a `nodetool rebuild` of its newly added datacenter.
@@ -89,6 +92,19 @@ pub fn statement(keyspace: &str, map: &ReplicationMap) -> String {
 /// `CREATE KEYSPACE IF NOT EXISTS <keyspace> WITH replication = {...}`.
 pub fn create_statement(keyspace: &str, map: &ReplicationMap) -> String {
     format!("CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {}", replication_literal(map))
+}
+
+/// The statement that marks `region` (a `regionName`) failed or back in the routers' `failed_regions` table, or
+/// `None` when `annotation` (the value of [`FAILED_ANNOTATION`]) says neither.
+pub fn failed_mark(keyspace: &str, region: &str, annotation: Option<&str>, now_ms: i64) -> Option<String> {
+    match annotation.map(str::trim) {
+        Some("true") => Some(format!(
+            "INSERT INTO {keyspace}.failed_regions (region, since) VALUES ({}, {now_ms})",
+            literal(region)
+        )),
+        Some("false") => Some(format!("DELETE FROM {keyspace}.failed_regions WHERE region = {}", literal(region))),
+        _ => None,
+    }
 }
 
 /// The command to run on every node of a newly added datacenter, streaming the keyspace from `source`.
@@ -651,5 +667,23 @@ mod tests {
         let message = rebuild_message("chat", "dc2", "dc1");
         assert!(message.contains("`nodetool rebuild -ks chat -- dc1`"), "{message}");
         assert!(message.contains("parley.dev/cassandra-rebuilt: \"dc2\""), "{message}");
+    }
+    #[test]
+    fn a_failed_mark_follows_the_annotation() {
+        assert_eq!(
+            failed_mark("parley", "eu-west", Some("true"), 7).as_deref(),
+            Some("INSERT INTO parley.failed_regions (region, since) VALUES ('eu-west', 7)")
+        );
+        assert_eq!(
+            failed_mark("parley", "eu-west", Some(" false "), 7).as_deref(),
+            Some("DELETE FROM parley.failed_regions WHERE region = 'eu-west'")
+        );
+        assert_eq!(failed_mark("parley", "eu-west", Some("maybe"), 7), None);
+        assert_eq!(failed_mark("parley", "eu-west", None, 7), None);
+        assert_eq!(
+            failed_mark("parley", "o'neil", Some("true"), 1).as_deref(),
+            Some("INSERT INTO parley.failed_regions (region, since) VALUES ('o''neil', 1)"),
+            "quotes are escaped"
+        );
     }
 }

@@ -1642,6 +1642,29 @@ async fn the_keyspace_follows_the_regions_datacenters_and_a_region_waits_for_its
     })
     .await;
 
+    // A Region annotated failed is marked in the routers' `failed_regions` table (created here by the routers'
+    // schema, as a router of the ChatCluster would), and unmarked when annotated back.
+    let mut store_config = parley_router::cassandra::CassandraConfig::new(vec![contact.clone()], keyspace_name.clone());
+    store_config.tls_ca_file = Some(std::path::PathBuf::from(
+        std::env::var("PARLEY_CASSANDRA_TLS_CA_FILE").expect("PARLEY_CASSANDRA_TLS_CA_FILE"),
+    ));
+    store_config.credentials = Some(parley_router::cassandra::CassandraCredentials {
+        username: std::env::var("PARLEY_CASSANDRA_USERNAME").expect("username"),
+        password: std::env::var("PARLEY_CASSANDRA_PASSWORD").expect("password"),
+    });
+    store_config.local_datacenter = Some("dc1".into());
+    let store = parley_router::cassandra::CassandraStore::connect(store_config).await.expect("the routers' schema");
+    use parley_router::backend::MembershipStore;
+    kubectl_ok(&["annotate", "-n", &ns.name, "region/two", "parley.dev/region-failed=true"]);
+    eventually("two marked failed", || async {
+        let failed = store.failed_regions().await.ok()?;
+        (failed == vec!["two".to_owned()]).then_some(())
+    })
+    .await;
+    kubectl_ok(&["annotate", "--overwrite", "-n", &ns.name, "region/two", "parley.dev/region-failed=false"]);
+    eventually("two back", || async { store.failed_regions().await.ok()?.is_empty().then_some(()) }).await;
+    drop(store);
+
     // Deleting two waits while the keyspace replicates to dc2, and says how to release it.
     regions.delete("two", &DeleteParams::default()).await.expect("delete two");
     let (_, reason, message) = eventually("two kept", || async {
