@@ -13,6 +13,10 @@
 #                      (same TLS and ACL user; PARLEY_REDIS_B_URL), the second Kafka (as --kafka2) and
 #                      Cassandra dc2 (as --dc2). MirrorMaker 2 is installed, not started: see bin/mm2-run
 #     --toxiproxy      also start a Toxiproxy server (its API on a free loopback port: PARLEY_TOXIPROXY_URL)
+#     --kafka-wan      (implies --toxiproxy) give each Kafka a second SASL_SSL listener `WAN`, advertised at a
+#                      Toxiproxy proxy in front of it (proxies kafka-wan, kafka-b-wan; no toxics), so a client that
+#                      bootstraps there (PARLEY_KAFKA_WAN_BOOTSTRAP, PARLEY_KAFKA_B_WAN_BOOTSTRAP) is told to
+#                      reconnect through the proxy too: add latency toxics to them to put a WAN between regions
 #
 #   Environment: PARLEY_CACHE (as for install.sh), STACK_NICE (niceness of the engines,
 #   default 0), STACK_TIMEOUT (seconds per engine, default 180),
@@ -23,7 +27,8 @@
 #
 # Writes $STATE/stack.env (PARLEY_REDIS_URL, PARLEY_KAFKA_BOOTSTRAP, PARLEY_CASSANDRA_CONTACT,
 # PARLEY_CASSANDRA_DC, and with the options PARLEY_CASSANDRA_CONTACT_DC2,
-# PARLEY_KAFKA_B_BOOTSTRAP, PARLEY_REDIS_B_URL, PARLEY_TOXIPROXY_URL) and helper commands in $STATE/bin:
+# PARLEY_KAFKA_B_BOOTSTRAP, PARLEY_REDIS_B_URL, PARLEY_TOXIPROXY_URL, PARLEY_KAFKA_WAN_BOOTSTRAP,
+# PARLEY_KAFKA_WAN_PROXY, PARLEY_KAFKA_B_WAN_BOOTSTRAP, PARLEY_KAFKA_B_WAN_PROXY) and helper commands in $STATE/bin:
 #   Kafka listens with SASL_SSL (SCRAM-SHA-512, user parley) and Cassandra with TLS and PasswordAuthenticator
 #   (role parley); stack.env names the CA and the credentials (PARLEY_KAFKA_TLS_CA_FILE,
 #   PARLEY_KAFKA_SASL_USERNAME/PASSWORD, PARLEY_CASSANDRA_TLS_CA_FILE, PARLEY_CASSANDRA_USERNAME/PASSWORD) and
@@ -42,7 +47,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${PARLEY_CACHE:-$HOME/.cache/parley}/stack"
 ONLY="redis,kafka,cassandra"
-DC2=0; KAFKA2=0; MM2=0; REGION2=0; TOXIPROXY=0; STATE=""
+DC2=0; KAFKA2=0; MM2=0; REGION2=0; TOXIPROXY=0; KAFKA_WAN=0; STATE=""
 while (($#)); do
   case "$1" in
     --only) ONLY="$2"; shift 2 ;;
@@ -52,6 +57,7 @@ while (($#)); do
     --mm2) MM2=1; KAFKA2=1; shift ;;
     --region2) REGION2=1; KAFKA2=1; DC2=1; shift ;;
     --toxiproxy) TOXIPROXY=1; shift ;;
+    --kafka-wan) KAFKA_WAN=1; TOXIPROXY=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     -*) echo "up.sh: unknown option $1" >&2; exit 2 ;;
     *) STATE="$1"; shift ;;
@@ -65,7 +71,7 @@ for e in ${ONLY//,/ }; do
   case "$e" in redis|redis-cluster|kafka|cassandra) ;; *) echo "up.sh: unknown engine '$e' (redis,redis-cluster,kafka,cassandra)" >&2; exit 2 ;; esac
 done
 want cassandra || DC2=0
-want kafka || { KAFKA2=0; MM2=0; }
+want kafka || { KAFKA2=0; MM2=0; KAFKA_WAN=0; }
 REDIS2=0; if ((REGION2)) && want redis; then REDIS2=1; fi
 
 log() { printf '[stack-up %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -384,22 +390,31 @@ exec "$KAFKA_JAVA" -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \\
 EOF
 chmod +x "$STATE/bin/kafka-run"
 
-start_kafka() { # NAME -> sets KAFKA_PORT_<NAME>
+# With --kafka-wan a second SASL_SSL listener WAN on its own port, advertised at a Toxiproxy port that
+# make_kafka_wan_proxy later forwards to it: a client bootstrapping at the proxy gets the proxy back in metadata.
+start_kafka() { # NAME -> sets KAFKA_PORT_<NAME> (and with --kafka-wan KAFKA_WAN_PORT_<NAME>, KAFKA_PROXY_PORT_<NAME>)
   local name=$1 d="$STATE/$1"; mkdir -p "$d/data"
-  local bp cp
+  local bp cp wp="" tp=""
   bp=$(free_port); cp=$(free_port)
+  local listeners="SASL_SSL://127.0.0.1:$bp,CONTROLLER://127.0.0.1:$cp" advertised="SASL_SSL://127.0.0.1:$bp"
+  local protocols="CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL"
+  if ((KAFKA_WAN)); then
+    wp=$(free_port); tp=$(free_port)
+    listeners+=",WAN://127.0.0.1:$wp"; advertised+=",WAN://127.0.0.1:$tp"; protocols+=",WAN:SASL_SSL"
+  fi
   cat >"$d/server.properties" <<EOF
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$cp
-listeners=SASL_SSL://127.0.0.1:$bp,CONTROLLER://127.0.0.1:$cp
-advertised.listeners=SASL_SSL://127.0.0.1:$bp
+listeners=$listeners
+advertised.listeners=$advertised
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=SASL_SSL
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL
+listener.security.protocol.map=$protocols
 sasl.enabled.mechanisms=SCRAM-SHA-512
 sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$KAFKA_ADMIN_PASSWORD";
+listener.name.wan.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 ssl.keystore.type=PKCS12
 ssl.keystore.location=$TLS/kafka.p12
 ssl.keystore.password=parley-test
@@ -463,6 +478,8 @@ while True:
   fi
   start "$name" "$d/kafka.log" "${jvm[@]}" kafka.Kafka "$d/server.properties"
   printf -v "KAFKA_PORT_${name//-/_}" '%s' "$bp"
+  printf -v "KAFKA_WAN_PORT_${name//-/_}" '%s' "$wp"
+  printf -v "KAFKA_PROXY_PORT_${name//-/_}" '%s' "$tp"
 }
 kafka_ready() { # PORT: answers over TLS and takes user parley's password
   port_open 127.0.0.1 "$1" || return 1
@@ -817,6 +834,22 @@ EOF
   chmod +x "$STATE/bin/toxiproxy-cli"
   envline PARLEY_TOXIPROXY_URL "http://127.0.0.1:$TOXIPROXY_PORT"
 }
+# make_kafka_wan_proxy NAME PROXY VARIABLE: the Toxiproxy proxy PROXY from Kafka NAME's advertised WAN port to its
+# WAN listener (no toxics: a bench adds them), and VARIABLE=its bootstrap (and VARIABLE's _PROXY twin=PROXY).
+make_kafka_wan_proxy() {
+  local name=$1 proxy=$2 variable=$3 wan_var="KAFKA_WAN_PORT_$1" proxy_var="KAFKA_PROXY_PORT_$1"
+  local listen="127.0.0.1:${!proxy_var}" upstream="127.0.0.1:${!wan_var}"
+  python3 - "http://127.0.0.1:$TOXIPROXY_PORT/proxies" "$proxy" "$listen" "$upstream" <<'EOF' \
+    || die "toxiproxy: could not make proxy $proxy ($listen -> $upstream)"
+import json, sys, urllib.request
+url, name, listen, upstream = sys.argv[1:]
+body = json.dumps({"name": name, "listen": listen, "upstream": upstream, "enabled": True}).encode()
+request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+urllib.request.urlopen(request, timeout=5).read()
+EOF
+  envline "$variable" "$listen"
+  envline "${variable%_BOOTSTRAP}_PROXY" "$proxy"
+}
 toxiproxy_ready() {
   python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2).read()' \
     "http://127.0.0.1:$TOXIPROXY_PORT/version"
@@ -847,6 +880,15 @@ if want kafka; then
     wait_ready kafka_b kafka_ready "$KAFKA_PORT_kafka_b"
     envline PARLEY_KAFKA_B_BOOTSTRAP "127.0.0.1:$KAFKA_PORT_kafka_b"
   fi
+  if ((KAFKA_WAN)); then
+    # Checked through the proxy: bootstrap there, then the advertised WAN address (the proxy again).
+    make_kafka_wan_proxy kafka kafka-wan PARLEY_KAFKA_WAN_BOOTSTRAP
+    WAIT_LABEL=kafka-wan wait_ready kafka kafka_ready "$KAFKA_PROXY_PORT_kafka"
+    if ((KAFKA2)); then
+      make_kafka_wan_proxy kafka_b kafka-b-wan PARLEY_KAFKA_B_WAN_BOOTSTRAP
+      WAIT_LABEL=kafka-b-wan wait_ready kafka_b kafka_ready "$KAFKA_PROXY_PORT_kafka_b"
+    fi
+  fi
   envline PARLEY_KAFKA_LIB "$KAFKA_LIB"
   envline PARLEY_KAFKA_RUN "$STATE/bin/kafka-run"
   envline PARLEY_KAFKA_CLIENT_PROPERTIES "$KAFKA_CLIENT_PROPERTIES"
@@ -868,6 +910,9 @@ if want cassandra; then
   envline PARLEY_CASSANDRA_USERNAME parley
   envline PARLEY_CASSANDRA_PASSWORD "$CASS_PASSWORD"
   envline PARLEY_CASSANDRA_DC dc1
+  # The routers and tests started with this environment keep their keyspaces in dc1 (a cluster with dc2 too would
+  # otherwise place SimpleStrategy replicas on dc2's node, out of reach of LOCAL_QUORUM in dc1).
+  envline PARLEY_CASSANDRA_LOCAL_DATACENTER dc1
   envline PARLEY_CASSANDRA_JMX_PORT "$CASS_JMX_cassandra1"
   envline PARLEY_CQL "$STATE/bin/cql"
   if ((DC2)); then
