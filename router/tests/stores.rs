@@ -198,7 +198,10 @@ async fn a_home_moves_only_from_the_home_the_store_names(engine: Engine) {
     let second = Home { region: "us-east".into(), epoch: 2, base_seq: 41 };
     assert!(membership.move_home("g:moving", &first, &second, false).await.expect("move"), "the first move wins");
     let third = Home { region: "ap-south".into(), epoch: 2, base_seq: 41 };
-    assert!(!membership.move_home("g:moving", &first, &third, true).await.expect("move"), "a move from a stale home loses");
+    assert!(
+        !membership.move_home("g:moving", &first, &third, true).await.expect("move"),
+        "a move from a stale home loses"
+    );
     assert_eq!(membership.channel("g:moving").await.expect("read").and_then(|record| record.home), Some(second));
     assert!(!membership.move_home("g:none", &first, &third, false).await.expect("move"), "no such channel");
 }
