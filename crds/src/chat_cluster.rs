@@ -157,6 +157,13 @@ pub struct MirrorMakerSettings {
     #[serde(default = "default_refresh_topics_interval_seconds")]
     #[x_kube(validation = Rule::new("self >= 5 && self <= 60").message("mirrorMaker.refreshTopicsIntervalSeconds must be between 5 and 60"))]
     pub refresh_topics_interval_seconds: i32,
+    /// The cross-region delivery latency a receiving Region tolerates, in milliseconds (100-600,000; default 1,000):
+    /// when the latency its routers observe on an incoming flow (a message's append in its home → its delivery here,
+    /// MirrorMaker 2's lag included) goes over it, or when they stop reporting the flow, the Region is `Degraded`
+    /// (`MirrorLatencyOverBudget`, `MirrorFlowSilent`).
+    #[serde(default = "default_latency_budget_ms")]
+    #[x_kube(validation = Rule::new("self >= 100 && self <= 600000").message("mirrorMaker.latencyBudgetMs must be between 100 and 600000"))]
+    pub latency_budget_ms: i32,
     /// CPU and memory of each MirrorMaker 2 container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
@@ -167,9 +174,14 @@ impl Default for MirrorMakerSettings {
         Self {
             replicas: default_mirror_maker_replicas(),
             refresh_topics_interval_seconds: default_refresh_topics_interval_seconds(),
+            latency_budget_ms: default_latency_budget_ms(),
             resources: None,
         }
     }
+}
+
+fn default_latency_budget_ms() -> i32 {
+    1000
 }
 
 fn default_mirror_maker_replicas() -> i32 {

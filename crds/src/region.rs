@@ -363,4 +363,23 @@ pub struct RegionStatus {
     /// Ready / wanted MirrorMaker 2 pods, for example `2/2`, when this Region receives topics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror_maker: Option<String>,
+    /// Each incoming flow as this Region's routers last reported it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub incoming_flows: Vec<IncomingFlow>,
+}
+
+/// An incoming flow (another Region's topics, copied here by MirrorMaker 2) as this Region's routers observe it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IncomingFlow {
+    /// The source Region's `regionName`.
+    pub region: String,
+    /// The largest cross-region delivery latency over the routers' last report window (about 10 s): a message's
+    /// append in its home → its delivery to this Region's gateways, in milliseconds. It includes MirrorMaker 2's
+    /// lag: a copy that falls behind shows here.
+    pub delivery_latency_ms: i64,
+    /// Messages delivered in that window.
+    pub messages: i64,
+    /// When the routers reported it (RFC 3339).
+    pub reported_at: String,
 }

@@ -376,6 +376,22 @@ async fn apply(region: Arc<Region>, context: &Context) -> Result<Action, Error> 
         region.annotations().get(keyspace::REBUILT_ANNOTATION).map(String::as_str),
     );
     let recheck = keyspace_conditions.first().is_some_and(|condition| !condition.status);
+    // What the routers observe of the flows into this Region, against the ChatCluster's budget.
+    let (incoming_flows, over_budget) = if mm2::mirrored_regions(&plan.validated).is_empty() {
+        (Vec::new(), None)
+    } else {
+        match read_incoming_flows(&plan.validated, context).await {
+            Ok(rows) => keyspace::incoming_flows(
+                &rows,
+                Timestamp::now().as_millisecond(),
+                i64::from(plan.validated.cluster.spec.mirror_maker.latency_budget_ms),
+            ),
+            Err(error) => {
+                debug!(%error, "incoming flows not read");
+                (region.status.as_ref().map(|status| status.incoming_flows.clone()).unwrap_or_default(), None)
+            }
+        }
+    };
 
     // status
     let new_status = status::region_ready(
@@ -392,6 +408,8 @@ async fn apply(region: Arc<Region>, context: &Context) -> Result<Action, Error> 
                 let ready = deployment.status.as_ref().and_then(|status| status.ready_replicas).unwrap_or(0);
                 (ready, wanted)
             }),
+            incoming_flows,
+            over_budget,
         },
         keyspace_conditions,
         Timestamp::now(),
@@ -452,6 +470,13 @@ async fn cassandra_access(cluster: &ChatCluster, namespace: &str, client: &Clien
         credentials,
         timeout: CASSANDRA_TIMEOUT,
     })
+}
+
+/// What the Region's routers reported of its incoming flows (see [`keyspace::incoming_flows`]).
+async fn read_incoming_flows(validated: &ValidatedRegion, context: &Context) -> Result<Vec<keyspace::FlowRow>, Error> {
+    let access = cassandra_access(&validated.cluster, &validated.namespace, &context.client).await?;
+    let admin = CassandraAdmin::connect(&access).await?;
+    admin.incoming_flows(&validated.cluster.spec.cassandra.keyspace, &validated.region.spec.region_name).await
 }
 
 /// Adds the Region's datacenter to the keyspace's replication (or creates the keyspace), one Region at a time.

@@ -107,6 +107,50 @@ pub fn failed_mark(keyspace: &str, region: &str, annotation: Option<&str>, now_m
     }
 }
 
+/// A router's report of an incoming flow: source, largest latency (ms), messages, reported at (Unix ms).
+pub type FlowRow = (String, Option<i64>, Option<i64>, Option<i64>);
+
+/// The incoming flows of a Region from its routers' reports (`rows`): per source the largest latency and the sum of
+/// messages over the reports of the last two minutes, and, when a flow's latency is over `budget_ms`, the reason to
+/// be `Degraded`.
+pub fn incoming_flows(
+    rows: &[FlowRow],
+    now_ms: i64,
+    budget_ms: i64,
+) -> (Vec<parley_crds::region::IncomingFlow>, Option<String>) {
+    let mut flows: std::collections::BTreeMap<&str, (i64, i64, i64)> = std::collections::BTreeMap::new();
+    for (source, latency, messages, at) in rows {
+        let at = at.unwrap_or(0);
+        if now_ms.saturating_sub(at) > 120_000 {
+            continue;
+        }
+        let entry = flows.entry(source.as_str()).or_insert((0, 0, 0));
+        entry.0 = entry.0.max(latency.unwrap_or(0));
+        entry.1 += messages.unwrap_or(0);
+        entry.2 = entry.2.max(at);
+    }
+    let mut over = Vec::new();
+    let flows = flows
+        .into_iter()
+        .map(|(source, (latency, messages, at))| {
+            if latency > budget_ms {
+                over.push(format!("from {source}: {latency} ms"));
+            }
+            parley_crds::region::IncomingFlow {
+                region: source.to_owned(),
+                delivery_latency_ms: latency,
+                messages,
+                reported_at: k8s_openapi::jiff::Timestamp::from_millisecond(at)
+                    .map(|time| time.to_string())
+                    .unwrap_or_default(),
+            }
+        })
+        .collect();
+    let degraded = (!over.is_empty())
+        .then(|| format!("cross-region delivery latency over the budget of {budget_ms} ms ({})", over.join(", ")));
+    (flows, degraded)
+}
+
 /// The command to run on every node of a newly added datacenter, streaming the keyspace from `source`.
 pub fn rebuild_command(keyspace: &str, source: &str) -> String {
     format!("nodetool rebuild -ks {keyspace} -- {source}")
@@ -449,6 +493,19 @@ impl CassandraAdmin {
         Ok(out)
     }
 
+    /// What the routers of `target` (a `regionName`) reported of their incoming flows in the last two minutes: (source,
+    /// largest latency in ms, messages, reported at in Unix ms), one row per router. Nothing when the routers' table
+    /// does not exist yet.
+    pub async fn incoming_flows(&self, keyspace: &str, target: &str) -> Result<Vec<FlowRow>, Error> {
+        let statement =
+            format!("SELECT source, latency_ms, messages, at FROM {keyspace}.mirror_flows WHERE target = ?");
+        match self.rows::<FlowRow>("read the incoming flows", &statement, (target,), None).await {
+            Ok(rows) => Ok(rows),
+            Err(error) if error.to_string().contains("mirror_flows") => Ok(Vec::new()),
+            Err(error) => Err(error),
+        }
+    }
+
     /// The keyspace's replication, or `None` when it does not exist.
     pub async fn replication(&self, keyspace: &str) -> Result<Option<Replication>, Error> {
         let rows = self
@@ -684,6 +741,27 @@ mod tests {
             failed_mark("parley", "o'neil", Some("true"), 1).as_deref(),
             Some("INSERT INTO parley.failed_regions (region, since) VALUES ('o''neil', 1)"),
             "quotes are escaped"
+        );
+    }
+    #[test]
+    fn incoming_flows_take_the_worst_router_and_judge_the_budget() {
+        let now = 1_000_000;
+        let rows: Vec<FlowRow> = vec![
+            ("eu".into(), Some(120), Some(10), Some(now - 5_000)),
+            ("eu".into(), Some(340), Some(5), Some(now - 2_000)),
+            ("ap".into(), Some(80), Some(1), Some(now - 1_000)),
+            ("old".into(), Some(9_999), Some(1), Some(now - 300_000)),
+        ];
+        let (flows, degraded) = incoming_flows(&rows, now, 1_000);
+        assert_eq!(
+            flows.iter().map(|f| (f.region.as_str(), f.delivery_latency_ms, f.messages)).collect::<Vec<_>>(),
+            [("ap", 80, 1), ("eu", 340, 15)]
+        );
+        assert_eq!(degraded, None, "within the budget; a stale report is ignored");
+        let (_, degraded) = incoming_flows(&rows, now, 300);
+        assert_eq!(
+            degraded.as_deref(),
+            Some("cross-region delivery latency over the budget of 300 ms (from eu: 340 ms)")
         );
     }
 }

@@ -108,6 +108,10 @@ pub struct AppliedObjects {
     pub mirrored_regions: Vec<String>,
     /// Ready and wanted pods of its MirrorMaker 2, when it has one.
     pub mirror_maker: Option<(i32, i32)>,
+    /// The incoming flows as the routers report them.
+    pub incoming_flows: Vec<parley_crds::region::IncomingFlow>,
+    /// Why the incoming flows make the Region `Degraded` (a latency over the budget), if they do.
+    pub over_budget: Option<String>,
 }
 
 /// The status of a Region whose objects were applied: Ready when both StatefulSets are rolled out. `extra` are
@@ -141,11 +145,19 @@ pub fn region_ready(
             reason: if done { "RolloutComplete" } else { "RollingOut" },
             message: if done { "every object is applied and every pod is ready".to_owned() } else { pods },
         },
-        ConditionUpdate {
-            type_: CONDITION_DEGRADED,
-            status: false,
-            reason: "Reconciled",
-            message: "the spec is valid and applied".to_owned(),
+        match &objects.over_budget {
+            Some(message) => ConditionUpdate {
+                type_: CONDITION_DEGRADED,
+                status: true,
+                reason: "MirrorLatencyOverBudget",
+                message: message.clone(),
+            },
+            None => ConditionUpdate {
+                type_: CONDITION_DEGRADED,
+                status: false,
+                reason: "Reconciled",
+                message: "the spec is valid and applied".to_owned(),
+            },
         },
     ];
     let mut updates = updates;
@@ -165,6 +177,7 @@ pub fn region_ready(
         network_policies: objects.network_policies,
         mirrored_regions: objects.mirrored_regions,
         mirror_maker: objects.mirror_maker.map(|(ready, wanted)| format!("{ready}/{wanted}")),
+        incoming_flows: objects.incoming_flows,
     }
 }
 
@@ -307,6 +320,8 @@ mod tests {
             network_policies: vec!["eu-gateway".into(), "eu-router".into()],
             mirrored_regions: vec!["us".into()],
             mirror_maker: Some((1, 2)),
+            incoming_flows: Vec::new(),
+            over_budget: None,
         }
     }
 
@@ -367,6 +382,30 @@ mod tests {
         assert_eq!(scaling.routers.as_deref(), Some("0/1"));
         assert_eq!(scaling.internal_token_secret.as_deref(), Some("eu-internal-token"));
         assert_eq!(scaling.network_policies, ["eu-gateway", "eu-router"]);
+    }
+
+    #[test]
+    fn an_incoming_flow_over_its_budget_degrades_the_region() {
+        let eu = region("eu");
+        let rolled = Rollout { desired: 1, ready: 1, updated: 1, observed: true };
+        let flow = parley_crds::region::IncomingFlow {
+            region: "us".into(),
+            delivery_latency_ms: 1_500,
+            messages: 12,
+            reported_at: "2027-01-15T08:00:00Z".into(),
+        };
+        let objects = AppliedObjects {
+            incoming_flows: vec![flow.clone()],
+            over_budget: Some("cross-region delivery latency over the budget of 1000 ms (from us: 1500 ms)".into()),
+            ..objects()
+        };
+        let status =
+            region_ready(&eu, MachineIdBlock { start: 0, size: 3 }, rolled, rolled, objects, Vec::new(), at(0));
+        let degraded = status.conditions.iter().find(|c| c.type_ == CONDITION_DEGRADED).expect("degraded");
+        assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "MirrorLatencyOverBudget"));
+        assert!(degraded.message.contains("from us: 1500 ms"), "{}", degraded.message);
+        assert!(is_true(&status.conditions, CONDITION_READY), "the pods are ready all the same");
+        assert_eq!(status.incoming_flows, vec![flow]);
     }
 
     #[test]

@@ -983,7 +983,10 @@ fn the_target_of_a_rule_runs_mirror_maker_and_its_routers_know_the_sources() {
     assert_eq!(mm2_value(&text, "us.bootstrap.servers"), Some("kafka-default:9092"));
     assert_eq!(mm2_value(&text, "eu.bootstrap.servers"), Some("kafka-eu:9093"));
     assert_eq!(mm2_value(&text, "eu->us.enabled"), Some("true"));
-    assert_eq!(mm2_value(&text, "eu->us.topics"), Some("^chat-messages$,^chat-presence$,^chat-receipts$"));
+    assert_eq!(
+        mm2_value(&text, "eu->us.topics"),
+        Some("^chat-memberships$,^chat-messages$,^chat-presence$,^chat-receipts$")
+    );
     assert_eq!(mm2_value(&text, "us->eu.enabled"), Some("false"));
     assert_eq!(mm2_value(&text, "us->eu.emit.heartbeats.enabled"), Some("false"));
     assert_eq!(mm2_value(&text, "eu.consumer.isolation.level"), Some("read_committed"));

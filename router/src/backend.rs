@@ -39,6 +39,15 @@ pub struct ChannelRecord {
     pub home: Option<Home>,
 }
 
+/// What a router observed of one incoming flow over a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowReport {
+    /// The largest delivery latency (home's append → handed to this region's publisher), milliseconds.
+    pub latency_ms: u64,
+    /// Messages delivered.
+    pub messages: u64,
+}
+
 /// Where a channel is ordered: the region whose writer owns its sequence, and the epoch of that ownership. A
 /// channel is created with its creator's region at epoch 1.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,6 +257,18 @@ pub trait MembershipStore: Send + Sync + 'static {
     /// The regions marked failed.
     async fn failed_regions(&self) -> Result<Vec<String>, BackendError> {
         Ok(Vec::new())
+    }
+    /// Reports what `reporter` (a router of region `target`) observed of the flow from `source` over its last window:
+    /// the largest delivery latency and the messages delivered. Kept about two minutes (the operator shows it in the
+    /// Region's status). A store that keeps no regions records nothing.
+    async fn report_flow(
+        &self,
+        _target: &str,
+        _source: &str,
+        _reporter: &str,
+        _flow: FlowReport,
+    ) -> Result<(), BackendError> {
+        Ok(())
     }
     /// A channel's home as the last [`move_home`](Self::move_home) left it, wherever that ran (a linearizable read:
     /// on Cassandra at SERIAL consistency, across the datacenters). [`channel`](Self::channel) reads the home of the

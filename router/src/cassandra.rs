@@ -48,7 +48,8 @@
 mod schema;
 
 use crate::backend::{
-    ChannelRecord, HistoryPage, HistoryQuery, Home, MembershipChange, MembershipStore, MessageStore, PriorSend,
+    ChannelRecord, FlowReport, HistoryPage, HistoryQuery, Home, MembershipChange, MembershipStore, MessageStore,
+    PriorSend,
 };
 use async_trait::async_trait;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
@@ -390,6 +391,7 @@ struct Statements {
     mark_failed: PreparedStatement,
     unmark_failed: PreparedStatement,
     select_failed: PreparedStatement,
+    report_flow: PreparedStatement,
     select_access: PreparedStatement,
     select_access_of: PreparedStatement,
     write_access: PreparedStatement,
@@ -931,6 +933,13 @@ async fn prepare(session: &Session, config: &CassandraConfig) -> Result<Statemen
             prepare_one(format!("DELETE FROM {keyspace}.failed_regions WHERE region = ?")).await?,
         ),
         select_failed: idempotent(prepare_one(format!("SELECT region FROM {keyspace}.failed_regions")).await?),
+        report_flow: idempotent(
+            prepare_one(format!(
+                "INSERT INTO {keyspace}.mirror_flows (target, source, reporter, latency_ms, messages, at) \
+                 VALUES (?, ?, ?, ?, ?, ?) USING TTL 120"
+            ))
+            .await?,
+        ),
         write_settings: idempotent(
             prepare_one(format!(
                 "INSERT INTO {keyspace}.channel_settings (channel, visibility, posting, history_from) \
@@ -1296,6 +1305,25 @@ impl MembershipStore for CassandraStore {
             self.session.execute_unpaged(&self.statements.unmark_failed, (region,)).await
         };
         result.map(|_| ()).map_err(|error| execution_error("mark region failed", error))
+    }
+
+    async fn report_flow(
+        &self,
+        target: &str,
+        source: &str,
+        reporter: &str,
+        flow: FlowReport,
+    ) -> Result<(), BackendError> {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_millis() as i64)
+            .unwrap_or(0);
+        let values = (target, source, reporter, signed(flow.latency_ms), signed(flow.messages), at);
+        self.session
+            .execute_unpaged(&self.statements.report_flow, values)
+            .await
+            .map(|_| ())
+            .map_err(|error| execution_error("report a mirror flow", error))
     }
 
     async fn failed_regions(&self) -> Result<Vec<String>, BackendError> {

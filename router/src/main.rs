@@ -169,6 +169,32 @@ fn advertise_url(configured: Option<&str>, listening: std::net::SocketAddr) -> O
     }
 }
 
+/// How often a router reports what it observed of the incoming flows.
+const FLOW_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Every [`FLOW_REPORT_EVERY`], reports each incoming flow's largest delivery latency and message count over the
+/// window (zero messages when nothing came), so that the operator can show them and judge them against the budget.
+async fn report_flows(
+    membership: Arc<dyn MembershipStore>,
+    region: String,
+    reporter: String,
+    sources: Vec<String>,
+    stats: Arc<parley_router::kafka::mirror::MirrorStats>,
+) {
+    let mut ticks = tokio::time::interval(FLOW_REPORT_EVERY);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let window = stats.take_window();
+        for source in &sources {
+            let flow = window.get(source).copied().unwrap_or_default();
+            if let Err(error) = membership.report_flow(&region, source, &reporter, flow).await {
+                tracing::debug!(%error, source, "cannot report an incoming flow");
+            }
+        }
+    }
+}
+
 /// How many deposed messages may wait to be sent again before the store writer waits.
 const DEPOSED_QUEUE: usize = 1024;
 
@@ -351,8 +377,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             publisher,
             homes: homes.clone(),
             positions: positions.clone(),
-            stats,
+            stats: stats.clone(),
         };
+        if let Some(region) = &region {
+            // What this router observes of each incoming flow, for the Region's status (the operator reads it).
+            tokio::spawn(report_flows(
+                local.membership_store(),
+                region.clone(),
+                format!("{region}-{machine_id}"),
+                mirrored.clone(),
+                stats,
+            ));
+        }
         mirror_task = Some(
             parley_router::kafka::mirror::start(kafka_config.clone(), mirrored.clone(), context, mirror_stopping)
                 .await

@@ -142,13 +142,19 @@ pub(super) fn migrations(config: &CassandraConfig) -> Vec<Migration> {
         },
         Migration {
             version: 3,
-            description: "channel homes (the region that orders each channel, and its epoch), failed regions",
+            description:
+                "channel homes (the region that orders each channel, and its epoch), failed regions, mirror flows",
             statements: vec![
                 format!(
                     "CREATE TABLE IF NOT EXISTS {keyspace}.channel_homes (channel text PRIMARY KEY, region text, \
                      epoch bigint, base_seq bigint)"
                 ),
                 format!("CREATE TABLE IF NOT EXISTS {keyspace}.failed_regions (region text PRIMARY KEY, since bigint)"),
+                // What each router observes of the flows into its region (written with a TTL, read by the operator).
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.mirror_flows (target text, source text, reporter text, \
+                     latency_ms bigint, messages bigint, at bigint, PRIMARY KEY (target, source, reporter))"
+                ),
             ],
         },
     ]

@@ -54,6 +54,22 @@ pub struct MirrorStats {
     /// Milliseconds from the home's append to the hand-over here, of the last message (the regions' clocks
     /// included).
     pub last_delay_ms: AtomicU64,
+    /// Per source region since the last [`MirrorStats::take_window`]: the largest delay and the messages.
+    window: std::sync::Mutex<HashMap<String, crate::backend::FlowReport>>,
+}
+
+impl MirrorStats {
+    fn observe(&self, source: &str, delay_ms: u64) {
+        let mut window = self.window.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = window.entry(source.to_owned()).or_default();
+        entry.latency_ms = entry.latency_ms.max(delay_ms);
+        entry.messages += 1;
+    }
+
+    /// What was observed per source region since the last call (and starts a new window).
+    pub fn take_window(&self) -> HashMap<String, crate::backend::FlowReport> {
+        std::mem::take(&mut *self.window.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
 }
 
 /// The topics this region reads for `sources`.
@@ -248,9 +264,12 @@ async fn take(
             if !memberships.is_empty() {
                 publisher.submit(Job::Memberships(std::mem::take(memberships))).await;
             }
-            if let Timestamp::CreateTime(at) | Timestamp::LogAppendTime(at) = record.timestamp() {
-                stats.last_delay_ms.store(now_ms().saturating_sub(at.max(0) as u64), Ordering::Relaxed);
-            }
+            let delay = match record.timestamp() {
+                Timestamp::CreateTime(at) | Timestamp::LogAppendTime(at) => now_ms().saturating_sub(at.max(0) as u64),
+                Timestamp::NotAvailable => 0,
+            };
+            stats.last_delay_ms.store(delay, Ordering::Relaxed);
+            stats.observe(source_of(record.topic()), delay);
             stats.messages.fetch_add(1, Ordering::Relaxed);
             let topic = channel_topic(&message.channel);
             let (seq, ts) = (message.seq, message.ts);
