@@ -13,6 +13,10 @@
 //! region (fan-out through its Redis) and in the other region (mirroring plus fan-out), and samples of the routers'
 //! `parley_router_mirror_delay_ms` (append → hand-over to the publisher in the other region).
 //!
+//! Before the load, probes send one message at a time per (sender region, home region) and wait until the other
+//! region delivers it, first with the latency toxics off and then on, on the same processes: the WAN's own cost,
+//! without queueing.
+//!
 //! It checks the WAN path too: the TCP connections of each MirrorMaker 2 (to its source Kafka: through the proxy,
 //! none direct) and of each router (to the other region's routers: through the proxy), from `ss -tnp`.
 //!
