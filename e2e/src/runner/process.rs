@@ -7,7 +7,8 @@
 //! execs the binary. Every step execs, so the pid the runner started is the container's process, the leader of its
 //! own process group. Sources are opened before anything is mounted and mounted through `/proc/<pid>/fd/<n>`, so a
 //! volume mounted over a parent of the runner's state dir (an `emptyDir` at `/tmp`, say) cannot hide another
-//! volume's source.
+//! volume's source. The program's own directory is opened first as well and, when a volume hid the program, mounted
+//! back (read-only) at its path, so a launcher under `/tmp` still runs in a pod with an `emptyDir` at `/tmp`.
 
 use super::volumes::Mount;
 use std::collections::BTreeMap;
@@ -113,6 +114,9 @@ pub fn pod_exec(spec_path: &Path) -> Result<Infallible, String> {
             .map_err(|error| format!("cannot open the mount source {}: {error}", mount.source.display()))?;
         sources.push(file);
     }
+    // The program's directory too: a volume over one of its parents (the MirrorMaker 2 pods' `emptyDir` at `/tmp`
+    // over a launcher in a stack under `/tmp`) would hide it, and it is mounted back at its path then.
+    let program_dir = spec.program.parent().filter(|dir| dir.is_absolute()).map(|dir| (dir, std::fs::File::open(dir)));
     let pid = std::process::id();
     for (mount, source) in spec.mounts.iter().zip(&sources) {
         let is_dir = source.metadata().map_err(|error| format!("{}: {error}", mount.source.display()))?.is_dir();
@@ -140,10 +144,22 @@ pub fn pod_exec(spec_path: &Path) -> Result<Infallible, String> {
             )?;
         }
     }
+    if let Some((dir, Ok(source))) = program_dir.as_ref().filter(|_| !spec.program.exists()) {
+        std::fs::create_dir_all(dir).map_err(|error| {
+            format!("a volume hides {}, and its directory cannot be made again: {error}", spec.program.display())
+        })?;
+        let fd = PathBuf::from(format!("/proc/{pid}/fd/{}", source.as_raw_fd()));
+        run(&spec.mount_program, &["--no-canonicalize".as_ref(), "--bind".as_ref(), fd.as_os_str(), dir.as_os_str()])?;
+        run(
+            &spec.mount_program,
+            &["--no-canonicalize".as_ref(), "-o".as_ref(), "remount,bind,ro".as_ref(), dir.as_os_str()],
+        )?;
+    }
     if spec.read_only_root {
         run(&spec.mount_program, &["-o".as_ref(), "remount,bind,ro".as_ref(), "/".as_ref()])?;
     }
     drop(sources);
+    drop(program_dir);
     let error = std::process::Command::new(&spec.program)
         .arg0(&spec.arg0)
         .args(&spec.args)
