@@ -143,14 +143,14 @@ pub fn validate(input: Dereferenced) -> Result<ValidatedRegion, Error> {
     })
 }
 
-/// The Regions among `siblings` (other Regions of the same ChatCluster) that are not being deleted and do not use
-/// `region`'s name, the oldest of each region name, sorted by region name.
+/// The Regions among `siblings` (other Regions of the same ChatCluster) that do not use `region`'s name, the oldest
+/// of each region name, sorted by region name. A Region being deleted stays a peer until it is gone: its deletion
+/// may wait (its datacenter still holds replicas) while it goes on serving its users.
 fn peers(siblings: &[&Region], region: &Region) -> Vec<Region> {
     let mut peers: Vec<Region> = Vec::new();
     let mut candidates: Vec<&Region> = siblings
         .iter()
         .copied()
-        .filter(|other| other.metadata.deletion_timestamp.is_none())
         .filter(|other| other.spec.region_name != region.spec.region_name)
         .collect();
     candidates.sort_by(|a, b| {
