@@ -148,11 +148,8 @@ pub fn validate(input: Dereferenced) -> Result<ValidatedRegion, Error> {
 /// may wait (its datacenter still holds replicas) while it goes on serving its users.
 fn peers(siblings: &[&Region], region: &Region) -> Vec<Region> {
     let mut peers: Vec<Region> = Vec::new();
-    let mut candidates: Vec<&Region> = siblings
-        .iter()
-        .copied()
-        .filter(|other| other.spec.region_name != region.spec.region_name)
-        .collect();
+    let mut candidates: Vec<&Region> =
+        siblings.iter().copied().filter(|other| other.spec.region_name != region.spec.region_name).collect();
     candidates.sort_by(|a, b| {
         if created_before(a, b) {
             Ordering::Less
