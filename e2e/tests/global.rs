@@ -12,101 +12,16 @@
 //! and the second's (`PARLEY_KAFKA_B_BOOTSTRAP`, `PARLEY_REDIS_B_URL`, `PARLEY_CASSANDRA_CONTACT_DC2`,
 //! `PARLEY_MM2_RUN`, `PARLEY_KAFKA_CLIENT_PROPERTIES`, `PARLEY_CQL`).
 
-use parley_client::{Client, Event, HistoryQuery};
+use parley_client::Client;
+use parley_e2e::observe::{check_one_order, received, record, stored_at_least, stored_messages, wait_received, Seen};
 use parley_e2e::regions::{engines, World, WorldOptions, ADMIN_TOKEN};
 use parley_test_support::report;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 /// One test of this file at a time: each starts two regions.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// What one client saw.
-#[derive(Debug, Default)]
-struct Seen {
-    /// (channel, seq, id) in arrival order.
-    messages: Vec<(String, u64, u64)>,
-    /// Channels it was told it is a member of.
-    channels: Vec<String>,
-    /// When each connection came up.
-    connected: Vec<Instant>,
-}
-
-fn record(mut events: mpsc::Receiver<Event>) -> Arc<Mutex<Seen>> {
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let sink = seen.clone();
-    tokio::spawn(async move {
-        while let Some(event) = events.recv().await {
-            let mut seen = sink.lock().expect("seen");
-            match event {
-                Event::Message(message) => seen.messages.push((message.channel, message.seq, message.id)),
-                Event::Channel(view) => seen.channels.push(view.id),
-                Event::Connected { channels, .. } => {
-                    seen.connected.push(Instant::now());
-                    seen.channels.extend(channels.into_iter().map(|view| view.id));
-                }
-                Event::Closed { .. } => break,
-                _ => {}
-            }
-        }
-    });
-    seen
-}
-
-/// The whole stored history of a channel as (seq, id), read through `client`'s region.
-async fn stored(client: &Client, channel: &str) -> Vec<(u64, u64)> {
-    let mut all = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = client
-            .history(channel, HistoryQuery { after: Some(after), before: None, limit: Some(200) })
-            .await
-            .expect("history");
-        all.extend(page.messages.iter().map(|message| (message.seq, message.id)));
-        match page.messages.last() {
-            Some(last) if page.has_more => after = last.seq,
-            _ => break,
-        }
-    }
-    all
-}
-
-/// The history once it holds `expected` messages (the store trails the log), or what it holds after 60 s.
-async fn stored_at_least(client: &Client, channel: &str, expected: usize) -> Vec<(u64, u64)> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let all = stored(client, channel).await;
-        if all.len() >= expected || Instant::now() > deadline {
-            return all;
-        }
-        // The poll interval of a bounded wait.
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-fn received(seen: &Arc<Mutex<Seen>>, channel: &str) -> Vec<(u64, u64)> {
-    seen.lock()
-        .expect("seen")
-        .messages
-        .iter()
-        .filter(|(c, _, _)| c == channel)
-        .map(|(_, seq, id)| (*seq, *id))
-        .collect()
-}
-
-/// Waits until every client of `clients` has `count` messages of `channel`, at most `within`.
-async fn wait_received(clients: &[&Arc<Mutex<Seen>>], channel: &str, count: usize, within: Duration) {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if clients.iter().all(|seen| received(seen, channel).len() >= count) {
-            return;
-        }
-        // The poll interval of a bounded wait.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// Waits until `seen` was told it is a member of `channel` (a membership change that crossed the regions).
 async fn wait_member(seen: &Arc<Mutex<Seen>>, channel: &str, world: &World) {
@@ -139,21 +54,6 @@ fn stream(client: Client, name: String, channel: String, count: usize) -> tokio:
         }
         (client, seqs)
     })
-}
-
-fn check_one_order(channel: &str, clients: &[(&str, &Arc<Mutex<Seen>>)], history: &[(u64, u64)]) {
-    assert_eq!(
-        history.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
-        (1..=history.len() as u64).collect::<Vec<_>>(),
-        "{channel}: the stored history is gap-free"
-    );
-    for (name, seen) in clients {
-        assert_eq!(
-            &received(seen, channel),
-            history,
-            "{name} in {channel}: what it was shown differs from the history"
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,20 +237,7 @@ async fn set_region_failed(world: &World, gateway: usize, region: &str, failed: 
 
 /// The stored history of `channel` as (seq, client message id), read through `client`'s region.
 async fn stored_keys(client: &Client, channel: &str) -> Vec<(u64, String)> {
-    let mut all = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = client
-            .history(channel, HistoryQuery { after: Some(after), before: None, limit: Some(200) })
-            .await
-            .expect("history");
-        all.extend(page.messages.iter().map(|message| (message.seq, message.client_msg_id.clone())));
-        match page.messages.last() {
-            Some(last) if page.has_more => after = last.seq,
-            _ => break,
-        }
-    }
-    all
+    stored_messages(client, channel).await.into_iter().map(|message| (message.seq, message.client_msg_id)).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,8 +34,9 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client as KubeClient, ResourceExt};
-use parley_client::{Client, ClientConfig, ClientError, ErrorCode, Event, HistoryQuery};
+use parley_client::{Client, ClientConfig, ClientError, ErrorCode};
 use parley_crds::{ChatCluster, Region};
+use parley_e2e::observe::{check_one_order, record, stored_at_least, wait_received, Seen};
 use parley_test_support::{binary, engine, report, Engine};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
@@ -44,7 +45,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 /// The HS256 secret of the clients' tokens (the ChatCluster's `auth.jwtKeySecret`).
 const JWT_SECRET: &str = "regions-k8s-e2e-hs256-secret-0123456789";
@@ -591,84 +591,6 @@ impl Drop for World {
     }
 }
 
-/// What one client saw.
-#[derive(Debug, Default)]
-struct Seen {
-    /// (channel, seq, id) in arrival order.
-    messages: Vec<(String, u64, u64)>,
-    /// Channels it was told it is a member of.
-    channels: Vec<String>,
-}
-
-fn record(mut events: mpsc::Receiver<Event>) -> Arc<Mutex<Seen>> {
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let sink = seen.clone();
-    tokio::spawn(async move {
-        while let Some(event) = events.recv().await {
-            let mut seen = sink.lock().expect("seen");
-            match event {
-                Event::Message(message) => seen.messages.push((message.channel, message.seq, message.id)),
-                Event::Channel(view) => seen.channels.push(view.id),
-                Event::Connected { channels, .. } => seen.channels.extend(channels.into_iter().map(|view| view.id)),
-                Event::Closed { .. } => break,
-                _ => {}
-            }
-        }
-    });
-    seen
-}
-
-/// The whole stored history of a channel as (seq, id), read through `client`'s region.
-async fn stored(client: &Client, channel: &str) -> Vec<(u64, u64)> {
-    let mut all = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = client
-            .history(channel, HistoryQuery { after: Some(after), before: None, limit: Some(200) })
-            .await
-            .unwrap_or_else(|error| panic!("history of {channel}: {error}"));
-        all.extend(page.messages.iter().map(|message| (message.seq, message.id)));
-        match page.messages.last() {
-            Some(last) if page.has_more => after = last.seq,
-            _ => break,
-        }
-    }
-    all
-}
-
-/// The history once it holds `expected` messages (the store trails the log), or what it holds after 60 s.
-async fn stored_at_least(client: &Client, channel: &str, expected: usize) -> Vec<(u64, u64)> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let all = stored(client, channel).await;
-        if all.len() >= expected || Instant::now() > deadline {
-            return all;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-fn received(seen: &Arc<Mutex<Seen>>, channel: &str) -> Vec<(u64, u64)> {
-    seen.lock()
-        .expect("seen")
-        .messages
-        .iter()
-        .filter(|(c, _, _)| c == channel)
-        .map(|(_, seq, id)| (*seq, *id))
-        .collect()
-}
-
-/// Waits until every client of `clients` has `count` messages of `channel`, at most `within`.
-async fn wait_received(clients: &[&Arc<Mutex<Seen>>], channel: &str, count: usize, within: Duration) {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if clients.iter().all(|seen| received(seen, channel).len() >= count) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Waits until `seen` was told it is a member of `channel` (a membership change that crossed the regions through
 /// MirrorMaker 2); when it was (within the 50 ms of a poll).
 async fn wait_member(world: &World, seen: &Arc<Mutex<Seen>>, user: &str, channel: &str) -> Instant {
@@ -716,21 +638,6 @@ fn stream(client: Client, name: String, channel: String, count: usize) -> tokio:
         }
         (seqs, refused)
     })
-}
-
-fn check_one_order(channel: &str, clients: &[(&str, &Arc<Mutex<Seen>>)], history: &[(u64, u64)]) {
-    assert_eq!(
-        history.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
-        (1..=history.len() as u64).collect::<Vec<_>>(),
-        "{channel}: the stored history is gap-free"
-    );
-    for (name, seen) in clients {
-        assert_eq!(
-            &received(seen, channel),
-            history,
-            "{name} in {channel}: what it was shown differs from the history"
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
