@@ -26,8 +26,9 @@ pub struct HistoryPage {
 
 /// A user's presence after it changed, as a gateway saw it; a log records it (`{prefix}presence` on Kafka, keyed by
 /// user) for other regions to mirror. Presence itself lives in the presence store (Redis): these records are its
-/// change feed, in the order each gateway saw the changes. A consumer keeps, per user, the record with the newest
-/// `at`.
+/// change feed, in the order each gateway saw the changes. Another region keeps, per user and source region, the
+/// record with the newest `last_seen` (one clock per region: its presence store's), so a late record never undoes a
+/// newer one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PresenceUpdate {
     /// User.

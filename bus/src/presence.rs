@@ -16,7 +16,7 @@
 
 use async_trait::async_trait;
 use parley_api::BackendError;
-use parley_core::presence::{Fenced, PresenceBook, PresenceView};
+use parley_core::presence::{Fenced, PresenceBook, PresenceView, RemoteState};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use thiserror::Error;
@@ -58,7 +58,20 @@ pub trait PresenceStore: Send + Sync + 'static {
     async fn set_away(&self, user: &str, away: bool) -> Result<Option<PresenceView>, PresenceError>;
     /// Drops every entry of instances whose lease lapsed; returns who went offline, sorted by user.
     async fn expire(&self) -> Result<Vec<PresenceView>, PresenceError>;
-    /// The views of `users`, in the same order.
+    /// Records what another region said of users (its mirrored presence feed), each report kept only if it is
+    /// not older than the one held (see [`parley_core::presence::newer`]); returns the users whose held report
+    /// changed, sorted. Shown views ([`PresenceStore::views`]) merge these reports; this region's own changes
+    /// (`connect`, `disconnect`, ...) never include them.
+    async fn apply_remote(
+        &self,
+        region: &str,
+        reports: Vec<(String, RemoteState)>,
+    ) -> Result<Vec<String>, PresenceError>;
+    /// Forgets everything `region` said (it was marked failed: its users are no longer known online there);
+    /// returns the users it spoke of, sorted.
+    async fn forget_region(&self, region: &str) -> Result<Vec<String>, PresenceError>;
+    /// The views of `users`, in the same order, as shown: this region's entries merged with other regions'
+    /// reports.
     async fn views(&self, users: &[String]) -> Result<Vec<PresenceView>, PresenceError>;
     /// For each of `users` (same order), the instances holding a connection of theirs, sorted.
     async fn locate(&self, users: &[String]) -> Result<Vec<Vec<String>>, PresenceError>;
@@ -127,6 +140,26 @@ impl PresenceStore for EmbeddedPresenceStore {
 
     async fn expire(&self) -> Result<Vec<PresenceView>, PresenceError> {
         Ok(self.lock().expire(unix_ms()))
+    }
+
+    async fn apply_remote(
+        &self,
+        region: &str,
+        reports: Vec<(String, RemoteState)>,
+    ) -> Result<Vec<String>, PresenceError> {
+        let mut book = self.lock();
+        let mut changed: Vec<String> = reports
+            .into_iter()
+            .filter(|(user, state)| book.apply_remote(region, user, *state))
+            .map(|(user, _)| user)
+            .collect();
+        changed.sort();
+        changed.dedup();
+        Ok(changed)
+    }
+
+    async fn forget_region(&self, region: &str) -> Result<Vec<String>, PresenceError> {
+        Ok(self.lock().forget_region(region))
     }
 
     async fn views(&self, users: &[String]) -> Result<Vec<PresenceView>, PresenceError> {

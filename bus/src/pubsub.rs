@@ -1,7 +1,8 @@
 //! Pub/sub for delivery: the trait, the in-process driver, and the event envelope.
 //!
 //! Topics are `ch:<channel>` (messages and member changes of a conversation, subscribed once per gateway instance
-//! that holds a member) and `gw:<instance>` (direct delivery to one gateway instance: changes to the memberships of
+//! that holds a member), `pr:<user>` (the user's presence as shown, subscribed by the gateway instances where a
+//! connection watches the user) and `gw:<instance>` (direct delivery to one gateway instance: changes to the memberships of
 //! users connected there, addressed through the user→gateway registry). `gw` reaches every gateway, for a router
 //! with no registry (the embedded mode's single gateway) or when the registry cannot be read. Payloads are
 //! [`Event`]s: a message event carries the already-encoded `message` frame, so a gateway forwards the same bytes to
@@ -48,6 +49,11 @@ pub trait Subscription: Send + Sync {
 /// The topic of a conversation.
 pub fn channel_topic(channel: &str) -> String {
     format!("ch:{channel}")
+}
+
+/// The presence topic of a user.
+pub fn presence_topic(user: &str) -> String {
+    format!("pr:{user}")
 }
 
 /// The direct-delivery topic of one gateway instance.
@@ -113,6 +119,16 @@ pub enum ControlEvent {
     Disconnect {
         /// The user.
         user: String,
+    },
+    /// A user's presence as shown changed (published on the user's presence topic by the gateway that saw the
+    /// change, or by a router that read another region's report).
+    Presence {
+        /// The user.
+        user: String,
+        /// The status shown.
+        status: parley_core::presence::Status,
+        /// Last seen (Unix ms; 0 if never).
+        last_seen: u64,
     },
     /// The application's backend revoked the user's tokens issued before `before` (server API): every gateway
     /// closes each live connection of the user whose token was issued before then (or carries no `iat`) with 4004
@@ -334,6 +350,12 @@ mod tests {
         assert_eq!(Event::decode(&disconnect.encode()), Some(disconnect));
         let revoked = Event::Control(ControlEvent::Revoked { user: "bob".into(), before: 1_764_296_000 });
         assert_eq!(Event::decode(&revoked.encode()), Some(revoked));
+        let presence = Event::Control(ControlEvent::Presence {
+            user: "bob".into(),
+            status: parley_core::presence::Status::Away,
+            last_seen: 1_764_296_000_000,
+        });
+        assert_eq!(Event::decode(&presence.encode()), Some(presence));
         let feed = Event::Feed { first: 4, last: 9 };
         assert_eq!(Event::decode(&feed.encode()), Some(feed));
         assert_eq!(Event::decode(&Bytes::from_static(b"F123")), None, "a truncated feed notice");

@@ -19,7 +19,7 @@ use parley_bus::presence::{EmbeddedPresenceStore, PresenceError, PresenceStore, 
 use parley_bus::pubsub::{Delivery, Event, LocalPubSub, PubSub, Subscription};
 use parley_bus::redis::{RedisConfig, RedisPresenceStore, RedisPubSub, RedisRevocationStore};
 use parley_bus::revocation::{unix_secs, EmbeddedRevocationStore, RevocationStore};
-use parley_core::presence::{Fenced, PresenceView, Status};
+use parley_core::presence::{Fenced, PresenceView, RemoteState, Status};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -93,6 +93,7 @@ parley_test_support::engine_suite!(
     presence_lapsed_lease_goes_offline,
     presence_reregistration_fences_old_epoch,
     presence_locate_and_online_count,
+    presence_of_other_regions_merges_into_views_only,
     revocation_keeps_the_latest_time_per_user,
     revocation_entries_expire_after_the_ttl,
     revocation_survives_a_restart,
@@ -404,6 +405,62 @@ async fn presence_locate_and_online_count(engine: Engine) {
 
     assert_eq!(store.online_count(&[]).await.expect("count"), 0);
     assert_eq!(store.views(&[]).await.expect("views"), Vec::new());
+}
+
+/// What other regions said of users shows in the views (online anywhere is online), never in this region's own
+/// changes; a late report does not undo a newer one; a failed region's reports can be forgotten.
+async fn presence_of_other_regions_merges_into_views_only(engine: Engine) {
+    let Some(store) = presence(engine).await else { return };
+    let a = register(&store, "gw-a", LONG).await;
+    let report = |user: &str, status, last_seen| (user.to_owned(), RemoteState { status, last_seen });
+    let changed = store
+        .apply_remote("us", vec![report("alice", Status::Online, 1_000), report("bob", Status::Away, 1_000)])
+        .await
+        .expect("apply");
+    assert_eq!(changed, users(&["alice", "bob"]));
+    let again = store.apply_remote("us", vec![report("alice", Status::Online, 1_000)]).await.expect("apply");
+    assert!(again.is_empty(), "the same report twice changes nothing: {again:?}");
+    assert_eq!(
+        view(&store, "alice").await,
+        PresenceView { user: "alice".into(), status: Status::Online, last_seen: 1_000 }
+    );
+    assert_eq!(view(&store, "bob").await.status, Status::Away);
+    assert_eq!(store.online_count(&users(&["alice", "bob", "carol"])).await.expect("count"), 2);
+    assert!(
+        store.locate(&users(&["alice"])).await.expect("locate")[0].is_empty(),
+        "no gateway of this region holds her"
+    );
+
+    // Her connection here is this region's change (reported as online), and its end is reported as offline
+    // although she is still shown online: the other region holds her.
+    let here = store.connect("alice", "gw-a", a).await.expect("live").expect("changed here");
+    assert_eq!(here.status, Status::Online);
+    let gone = store.disconnect("alice", "gw-a", a).await.expect("live").expect("changed here");
+    assert_eq!(gone.status, Status::Offline);
+    assert_eq!(view(&store, "alice").await.status, Status::Online);
+
+    // Reports are ordered by their region's last-seen time: a late one is ignored, a newer one applies.
+    let late = store.apply_remote("us", vec![report("alice", Status::Offline, 900)]).await.expect("apply");
+    assert!(late.is_empty(), "{late:?}");
+    assert_eq!(view(&store, "alice").await.status, Status::Online);
+    let newer = store.apply_remote("us", vec![report("alice", Status::Offline, 5_000)]).await.expect("apply");
+    assert_eq!(newer, users(&["alice"]));
+    let alice = view(&store, "alice").await;
+    assert_eq!(alice.status, Status::Offline);
+    assert!(alice.last_seen >= 5_000, "the latest last-seen of all regions: {alice:?}");
+
+    // Two regions: online in either is online; forgetting one leaves the other's.
+    store.apply_remote("eu", vec![report("carol", Status::Online, 2_000)]).await.expect("apply");
+    store.apply_remote("us", vec![report("carol", Status::Offline, 3_000)]).await.expect("apply");
+    assert_eq!(view(&store, "carol").await.status, Status::Online);
+    assert_eq!(store.forget_region("eu").await.expect("forget"), users(&["carol"]));
+    assert_eq!(
+        view(&store, "carol").await,
+        PresenceView { user: "carol".into(), status: Status::Offline, last_seen: 3_000 }
+    );
+    assert_eq!(store.forget_region("us").await.expect("forget"), users(&["alice", "bob", "carol"]));
+    assert_eq!(view(&store, "bob").await.status, Status::Offline);
+    assert!(store.forget_region("us").await.expect("forget").is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------------------------

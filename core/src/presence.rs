@@ -8,6 +8,10 @@
 //! said so, and offline otherwise, with the time they were last seen.
 //!
 //! Drivers keep this book in memory (embedded) or mirror it in a shared store (Redis) with the same rules.
+//!
+//! Beside the region's own entries the book holds what other regions said of a user ([`PresenceBook::apply_remote`]:
+//! their presence topic, mirrored): a user online in any region is shown online ([`merge`]). Changes this region
+//! reports (its change feed for the others) are about its own entries only, so no region echoes another's.
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -34,6 +38,41 @@ pub struct PresenceView {
     pub status: Status,
     /// Last time the user was seen connected (Unix ms; 0 if never).
     pub last_seen: u64,
+}
+
+/// What a region says of a user: its status there and when it last saw the user (that region's presence clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteState {
+    /// Status in that region.
+    pub status: Status,
+    /// Last seen there (Unix ms).
+    pub last_seen: u64,
+}
+
+fn rank(status: Status) -> u8 {
+    match status {
+        Status::Online => 2,
+        Status::Away => 1,
+        Status::Offline => 0,
+    }
+}
+
+/// The view shown of a user: online if online anywhere, else away if away anywhere, else offline; last seen is the
+/// latest of all.
+pub fn merge(local: PresenceView, remote: impl IntoIterator<Item = RemoteState>) -> PresenceView {
+    remote.into_iter().fold(local, |mut view, other| {
+        if rank(other.status) > rank(view.status) {
+            view.status = other.status;
+        }
+        view.last_seen = view.last_seen.max(other.last_seen);
+        view
+    })
+}
+
+/// Whether a remote report replaces the one held: reports are ordered by their region's last-seen time (one clock
+/// per region), so a report that arrives late never undoes a newer one.
+pub fn newer(held: Option<&RemoteState>, report: &RemoteState) -> bool {
+    held.is_none_or(|held| report.last_seen >= held.last_seen)
 }
 
 /// A write from an instance that is not the current holder of its id.
@@ -82,6 +121,8 @@ impl UserState {
 pub struct PresenceBook {
     instances: HashMap<String, Instance>,
     users: HashMap<String, UserState>,
+    /// User → region → what that region last said.
+    remote: HashMap<String, HashMap<String, RemoteState>>,
 }
 
 impl PresenceBook {
@@ -211,17 +252,50 @@ impl PresenceBook {
     }
 
     fn changed(&self, user: &str, before: Status) -> Option<PresenceView> {
-        let view = self.view(user);
+        let view = self.local_view(user);
         (view.status != before).then_some(view)
     }
 
-    /// A user's view.
-    pub fn view(&self, user: &str) -> PresenceView {
+    /// What other regions said of a user; returns whether it changed what the book holds (a report older than the
+    /// one held is ignored, see [`newer`]).
+    pub fn apply_remote(&mut self, region: &str, user: &str, state: RemoteState) -> bool {
+        let held = self.remote.entry(user.to_owned()).or_default();
+        if !newer(held.get(region), &state) || held.get(region) == Some(&state) {
+            return false;
+        }
+        held.insert(region.to_owned(), state);
+        true
+    }
+
+    /// Forgets everything `region` said (a region marked failed); returns the users it spoke of, sorted.
+    pub fn forget_region(&mut self, region: &str) -> Vec<String> {
+        let mut users = Vec::new();
+        self.remote.retain(|user, regions| {
+            if regions.remove(region).is_some() {
+                users.push(user.clone());
+            }
+            !regions.is_empty()
+        });
+        users.sort();
+        users
+    }
+
+    /// A user's view from this region's entries only (what this region reports to the others).
+    pub fn local_view(&self, user: &str) -> PresenceView {
         match self.users.get(user) {
             Some(state) => {
                 PresenceView { user: user.to_owned(), status: state.status(), last_seen: state.last_seen_ms }
             }
             None => PresenceView { user: user.to_owned(), status: Status::Offline, last_seen: 0 },
+        }
+    }
+
+    /// A user's view as shown: this region's entries merged with what other regions said ([`merge`]).
+    pub fn view(&self, user: &str) -> PresenceView {
+        let local = self.local_view(user);
+        match self.remote.get(user) {
+            Some(regions) => merge(local, regions.values().copied()),
+            None => local,
         }
     }
 
@@ -247,6 +321,47 @@ impl PresenceBook {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn other_regions_reports_merge_into_the_view_but_not_into_this_regions_changes() {
+        let mut book = PresenceBook::new();
+        let (epoch, _) = book.register_instance("gw-a", 10_000, 0);
+        let online = |at| RemoteState { status: Status::Online, last_seen: at };
+        assert!(book.apply_remote("us", "alice", online(500)));
+        assert!(!book.apply_remote("us", "alice", online(500)), "the same report twice changes nothing");
+        assert_eq!(book.view("alice"), PresenceView { user: "alice".into(), status: Status::Online, last_seen: 500 });
+        assert_eq!(book.local_view("alice").status, Status::Offline, "this region holds no connection of hers");
+        assert_eq!(book.online_count(["alice"]), 1);
+        // Her connection here changes this region's entries: reported, although the shown view stays online.
+        let here = book.connect("alice", "gw-a", epoch, 600).expect("live").expect("changed here");
+        assert_eq!(here.status, Status::Online);
+        let gone = book.disconnect("alice", "gw-a", epoch, 700).expect("live").expect("changed here");
+        assert_eq!((gone.status, book.view("alice").status), (Status::Offline, Status::Online));
+        // A late report (older last-seen) does not undo a newer one; a newer one does.
+        let offline = |at| RemoteState { status: Status::Offline, last_seen: at };
+        assert!(!book.apply_remote("us", "alice", offline(400)));
+        assert!(book.apply_remote("us", "alice", offline(800)));
+        assert_eq!(book.view("alice"), PresenceView { user: "alice".into(), status: Status::Offline, last_seen: 800 });
+        // A failed region's reports are forgotten.
+        assert!(book.apply_remote("eu", "bob", RemoteState { status: Status::Away, last_seen: 900 }));
+        assert_eq!(book.view("bob").status, Status::Away);
+        assert_eq!(book.forget_region("eu"), vec!["bob".to_owned()]);
+        assert_eq!(book.view("bob").status, Status::Offline);
+    }
+
+    #[test]
+    fn merge_prefers_online_then_away_and_the_latest_last_seen() {
+        let local = PresenceView { user: "a".into(), status: Status::Away, last_seen: 10 };
+        let remote = [
+            RemoteState { status: Status::Offline, last_seen: 30 },
+            RemoteState { status: Status::Online, last_seen: 20 },
+        ];
+        assert_eq!(
+            merge(local.clone(), remote),
+            PresenceView { user: "a".into(), status: Status::Online, last_seen: 30 }
+        );
+        assert_eq!(merge(local.clone(), []), local);
+    }
 
     #[test]
     fn online_away_offline_with_last_seen() {

@@ -11,6 +11,8 @@
 //! | `i:<instance>:<epoch>:users` | set | users with a connection on that epoch (what `expire` must clean) |
 //! | `instances` | hash | instance → its registered epoch whose entries are not cleaned yet |
 //! | `u:<user>` | hash | `c:<instance>:<epoch>` → connection count, `n` = number of such fields, `away`, `seen` (ms) |
+//! | `r:<user>` | hash | region → `<status>:<seen>`: what another region last said of the user (its mirrored feed) |
+//! | `g:<region>` | set | users another region spoke of (what forgetting that region must clean) |
 //!
 //! Every write is one Lua script, so the fencing check (the lease key holds the writer's epoch) and the write are
 //! atomic: a write from an older epoch or after the lease lapsed is refused, and no entry of a dead or replaced
@@ -22,7 +24,7 @@ use crate::presence::{PresenceError, PresenceStore, Registration};
 use ::redis::{Script, Value};
 use async_trait::async_trait;
 use parley_api::BackendError;
-use parley_core::presence::{Fenced, PresenceView, Status};
+use parley_core::presence::{merge, Fenced, PresenceView, RemoteState, Status};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -160,6 +162,41 @@ end
 return changes
 "#;
 
+/// ARGV: prefix, region, then (user, status code, seen) per report. Reply: users whose held report changed.
+const APPLY_REMOTE: &str = r#"
+local region = ARGV[2]
+local changed = {}
+for i = 3, #ARGV, 3 do
+  local user, code, seen = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local key = prefix .. 'r:' .. user
+  local held = redis.call('HGET', key, region)
+  local value = code .. ':' .. seen
+  local newer = true
+  if held then
+    local held_seen = tonumber(string.match(held, ':(%d+)$') or '0') or 0
+    newer = tonumber(seen) >= held_seen and held ~= value
+  end
+  if newer then
+    redis.call('HSET', key, region, value)
+    redis.call('SADD', prefix .. 'g:' .. region, user)
+    table.insert(changed, user)
+  end
+end
+return changed
+"#;
+
+/// ARGV: prefix, region. Reply: the users the region spoke of.
+const FORGET_REGION: &str = r#"
+local region = ARGV[2]
+local set = prefix .. 'g:' .. region
+local users = redis.call('SMEMBERS', set)
+for _, user in ipairs(users) do
+  redis.call('HDEL', prefix .. 'r:' .. user, region)
+end
+redis.call('DEL', set)
+return users
+"#;
+
 /// How many users one pipelined read asks for.
 const READ_BATCH: usize = 500;
 
@@ -170,6 +207,8 @@ struct Scripts {
     disconnect: Script,
     set_away: Script,
     expire: Script,
+    apply_remote: Script,
+    forget_region: Script,
 }
 
 impl Scripts {
@@ -182,6 +221,8 @@ impl Scripts {
             disconnect: script(DISCONNECT),
             set_away: script(SET_AWAY),
             expire: script(EXPIRE),
+            apply_remote: script(APPLY_REMOTE),
+            forget_region: script(FORGET_REGION),
         }
     }
 }
@@ -229,6 +270,31 @@ fn status(code: u64) -> Status {
         2 => Status::Away,
         _ => Status::Offline,
     }
+}
+
+fn status_code(status: Status) -> u8 {
+    match status {
+        Status::Online => 1,
+        Status::Away => 2,
+        Status::Offline => 0,
+    }
+}
+
+/// A held remote report, `<status>:<seen>`.
+fn remote_state(value: &str) -> Option<RemoteState> {
+    let (code, seen) = value.split_once(':')?;
+    Some(RemoteState { status: status(code.parse().ok()?), last_seen: seen.parse().ok()? })
+}
+
+/// Users named in a reply.
+fn users(operation: &'static str, items: &[Value]) -> Result<Vec<String>, BackendError> {
+    let mut users = items
+        .iter()
+        .map(|item| text(item).ok_or_else(|| unexpected(operation, item)))
+        .collect::<Result<Vec<_>, _>>()?;
+    users.sort();
+    users.dedup();
+    Ok(users)
 }
 
 /// Parses (user, status, seen) triples.
@@ -316,17 +382,30 @@ impl RedisPresenceStore {
             let mut pipeline = ::redis::pipe();
             for user in batch {
                 pipeline.cmd("HMGET").arg(format!("{}u:{user}", self.prefix)).arg("n").arg("away").arg("seen");
+                pipeline.cmd("HVALS").arg(format!("{}r:{user}", self.prefix));
             }
             let mut connection = self.connection.clone();
-            let rows: Vec<(Option<i64>, Option<String>, Option<u64>)> =
+            let rows: Vec<Value> =
                 call(self.timeout, &self.stats, "presence views", pipeline.query_async(&mut connection)).await?;
-            for (user, (connections, away, seen)) in batch.iter().zip(rows) {
+            let mut rows = rows.into_iter();
+            for user in batch {
+                let (Some(local), Some(remote)) = (rows.next(), rows.next()) else {
+                    return Err(BackendError::Unavailable("truncated reply to redis presence views".into()));
+                };
+                let (connections, away, seen): (Option<i64>, Option<String>, Option<u64>) =
+                    ::redis::from_redis_value(local).map_err(|error| {
+                        BackendError::Unavailable(format!("unexpected reply to redis presence views: {error}"))
+                    })?;
                 let status = match (connections.unwrap_or(0), away.as_deref()) {
                     (count, _) if count <= 0 => Status::Offline,
                     (_, Some("1")) => Status::Away,
                     _ => Status::Online,
                 };
-                views.push(PresenceView { user: user.clone(), status, last_seen: seen.unwrap_or(0) });
+                let view = PresenceView { user: user.clone(), status, last_seen: seen.unwrap_or(0) };
+                let reports: Vec<String> = ::redis::from_redis_value(remote).map_err(|error| {
+                    BackendError::Unavailable(format!("unexpected reply to redis presence views: {error}"))
+                })?;
+                views.push(merge(view, reports.iter().filter_map(|value| remote_state(value))));
             }
         }
         Ok(views)
@@ -373,6 +452,30 @@ impl PresenceStore for RedisPresenceStore {
     async fn expire(&self) -> Result<Vec<PresenceView>, PresenceError> {
         let items = self.run("presence expire", &self.scripts.expire, &[]).await?;
         Ok(changes("presence expire", &items)?)
+    }
+
+    async fn apply_remote(
+        &self,
+        region: &str,
+        reports: Vec<(String, RemoteState)>,
+    ) -> Result<Vec<String>, PresenceError> {
+        let mut changed = Vec::new();
+        for batch in reports.chunks(READ_BATCH) {
+            let mut args = vec![region.to_owned()];
+            for (user, state) in batch {
+                args.extend([user.clone(), status_code(state.status).to_string(), state.last_seen.to_string()]);
+            }
+            let items = self.run("presence apply_remote", &self.scripts.apply_remote, &args).await?;
+            changed.extend(users("presence apply_remote", &items)?);
+        }
+        changed.sort();
+        changed.dedup();
+        Ok(changed)
+    }
+
+    async fn forget_region(&self, region: &str) -> Result<Vec<String>, PresenceError> {
+        let items = self.run("presence forget_region", &self.scripts.forget_region, &[region.to_owned()]).await?;
+        Ok(users("presence forget_region", &items)?)
     }
 
     async fn views(&self, users: &[String]) -> Result<Vec<PresenceView>, PresenceError> {
