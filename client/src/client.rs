@@ -4,6 +4,7 @@ use crate::config::ClientConfig;
 use crate::driver::{open, Command, Driver, Reply, Request, RequestCommand, SendCommand};
 use crate::error::ClientError;
 use crate::event::{Event, HistoryPage, HistoryQuery, SendReceipt};
+use parley_core::presence::PresenceView;
 use parley_core::protocol::ChannelView;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -148,6 +149,40 @@ impl Client {
         }
     }
 
+    /// Watches users' presence: answers with their presence now, then each change arrives as
+    /// [`Event::Presence`](crate::Event::Presence). Watching holds across reconnects (the client watches again and
+    /// reports the state then).
+    pub async fn watch_presence(
+        &self,
+        users: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Result<Vec<PresenceView>, ClientError> {
+        let users = users.into_iter().map(Into::into).collect();
+        match self.request(Request::WatchPresence { users, watch: true }).await? {
+            Reply::Presence(views) => Ok(views),
+            other => Err(unexpected("presence_state", &other)),
+        }
+    }
+
+    /// Stops watching users' presence.
+    pub async fn unwatch_presence(
+        &self,
+        users: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Result<(), ClientError> {
+        let users = users.into_iter().map(Into::into).collect();
+        match self.request(Request::WatchPresence { users, watch: false }).await? {
+            Reply::Presence(_) => Ok(()),
+            other => Err(unexpected("presence_state", &other)),
+        }
+    }
+
+    /// Says the user is away (`true`) or back (`false`); holds across reconnects. Answers with the user's presence.
+    pub async fn set_away(&self, away: bool) -> Result<PresenceView, ClientError> {
+        match self.request(Request::SetAway { away }).await? {
+            Reply::Presence(mut views) if !views.is_empty() => Ok(views.remove(0)),
+            other => Err(unexpected("presence_state", &other)),
+        }
+    }
+
     /// Replaces the token used by the next connection attempts (e.g. after close code 4001, token expired).
     pub async fn set_token(&self, token: impl Into<String>) -> Result<(), ClientError> {
         self.commands.send(Command::SetToken(token.into())).await.map_err(|_| ClientError::Closed)
@@ -170,6 +205,7 @@ fn unexpected(wanted: &str, reply: &Reply) -> ClientError {
         Reply::History(_) => "history",
         Reply::Channel(_) => "channel",
         Reply::Channels(_) => "channels",
+        Reply::Presence(_) => "presence_state",
     };
     ClientError::Protocol { detail: format!("expected a {wanted} frame, got {got}") }
 }

@@ -17,9 +17,10 @@ use crate::heartbeat::{Beat, Heartbeat, ZOMBIE_INTERVALS};
 use crate::ordering::{Offer, OrderingBuffer};
 use crate::outbox::Outbox;
 use futures_util::{SinkExt, StreamExt};
+use parley_core::presence::{PresenceView, Status};
 use parley_core::protocol::{ChannelView, ClientFrame, ErrorCode, LimitsView, MessageView, ServerFrame};
 use parley_core::ratelimit::TokenBucket;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,6 +74,8 @@ pub(crate) enum Request {
     Leave { channel: String },
     OpenDm { user: String },
     ListChannels,
+    WatchPresence { users: Vec<String>, watch: bool },
+    SetAway { away: bool },
 }
 
 impl Request {
@@ -89,7 +92,17 @@ impl Request {
             Request::Leave { channel } => ClientFrame::Leave { req_id, channel },
             Request::OpenDm { user } => ClientFrame::OpenDm { req_id, user },
             Request::ListChannels => ClientFrame::ListChannels { req_id },
+            Request::WatchPresence { users, watch } => ClientFrame::SubscribePresence { req_id, users, watch },
+            Request::SetAway { away } => ClientFrame::SetPresence { req_id, status: away_status(away) },
         }
+    }
+}
+
+fn away_status(away: bool) -> Status {
+    if away {
+        Status::Away
+    } else {
+        Status::Online
     }
 }
 
@@ -99,6 +112,7 @@ pub(crate) enum Reply {
     History(HistoryPage),
     Channel(ChannelView),
     Channels(Vec<ChannelView>),
+    Presence(Vec<PresenceView>),
 }
 
 /// What a `req_id` in flight on this connection is for.
@@ -264,6 +278,10 @@ pub(crate) struct Driver {
     connected_at: Instant,
     token_interval: Duration,
     send_retry_at: Option<Instant>,
+    /// Users whose presence the application watches: watched again on every new connection.
+    watched: BTreeSet<String>,
+    /// Whether the application said the user is away: said again on every new connection.
+    away: bool,
 }
 
 impl Driver {
@@ -296,6 +314,8 @@ impl Driver {
             endpoint_index: 0,
             token_interval: Duration::from_millis(100),
             send_retry_at: None,
+            watched: BTreeSet::new(),
+            away: false,
             config,
         }
     }
@@ -530,6 +550,15 @@ impl Driver {
             .then(|| TokenBucket::new(limits.send_rate_per_sec, limits.send_burst, 0));
         self.token_interval = Duration::from_secs_f64(1.0 / f64::from(limits.send_rate_per_sec.max(1)));
         self.outbox.reset();
+        // What the application asked of presence on earlier connections holds on this one too; the answer to the
+        // watch (no req_id) is reported as presence events, the state after the reconnect.
+        if !self.watched.is_empty() {
+            let users = self.watched.iter().cloned().collect();
+            self.outgoing.push(ClientFrame::SubscribePresence { req_id: None, users, watch: true });
+        }
+        if self.away {
+            self.outgoing.push(ClientFrame::SetPresence { req_id: None, status: Status::Away });
+        }
         for request in std::mem::take(&mut self.queued) {
             self.start_request(request);
         }
@@ -553,6 +582,16 @@ impl Driver {
     }
 
     fn start_request(&mut self, request: RequestCommand) {
+        match &request.request {
+            Request::WatchPresence { users, watch: true } => self.watched.extend(users.iter().cloned()),
+            Request::WatchPresence { users, watch: false } => {
+                for user in users {
+                    self.watched.remove(user);
+                }
+            }
+            Request::SetAway { away } => self.away = *away,
+            _ => {}
+        }
         let req_id = self.next_req_id();
         self.outgoing.push(request.request.into_frame(req_id.clone()));
         self.requests.insert(req_id, Pending::User(request.reply));
@@ -648,6 +687,17 @@ impl Driver {
                 }
             }
             ServerFrame::Member { channel, user, joined } => self.events.emit(Event::Member { channel, user, joined }),
+            ServerFrame::Presence { user, status, last_seen } => {
+                self.events.emit(Event::Presence(PresenceView { user, status, last_seen }))
+            }
+            ServerFrame::PresenceState { req_id, users } => match req_id {
+                Some(req_id) => self.answer(&req_id, Ok(Reply::Presence(users))),
+                None => {
+                    for view in users {
+                        self.events.emit(Event::Presence(view));
+                    }
+                }
+            },
             ServerFrame::ResyncRequired { channel, from, first_available } => {
                 if self.order.skip_to(&channel, first_available.saturating_sub(1), &mut self.released) {
                     self.events.emit(Event::ResyncRequired { channel: channel.clone(), from, first_available });

@@ -1,5 +1,6 @@
 //! What the client tells the application, and the answers of its requests.
 
+use parley_core::presence::PresenceView;
 use parley_core::protocol::{ChannelView, MessageView};
 
 /// One event for the application. Messages of a channel come in strict `seq` order, each exactly once.
@@ -53,6 +54,9 @@ pub enum Event {
         /// Joined (`true`) or left.
         joined: bool,
     },
+    /// A watched user's presence (see [`crate::Client::watch_presence`]): a change, or the state after a
+    /// reconnect.
+    Presence(PresenceView),
     /// The client stopped for good (closed, or reconnecting gave up). No more events follow.
     Closed {
         /// Why.

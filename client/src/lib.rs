@@ -39,4 +39,5 @@ pub use client::Client;
 pub use config::ClientConfig;
 pub use error::ClientError;
 pub use event::{Event, HistoryPage, HistoryQuery, SendReceipt};
+pub use parley_core::presence::{PresenceView, Status};
 pub use parley_core::protocol::{ChannelView, ErrorCode, MessageView};

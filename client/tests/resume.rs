@@ -1,10 +1,10 @@
 //! Against the real server: connections that drop (server restart, close 4010) are resumed with `sync`, and
-//! unconfirmed sends are retried without duplicates.
+//! unconfirmed sends are retried without duplicates; presence watching and "away" are asked again.
 
 mod common;
 
 use common::{config, server, server_at, stop, until, Seen};
-use parley_client::{Client, Event, HistoryQuery, SendReceipt};
+use parley_client::{Client, Event, HistoryQuery, SendReceipt, Status};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -183,5 +183,49 @@ async fn unconfirmed_sends_are_retried_after_reconnect_without_duplicates() {
     );
 
     alice.close().await;
+    stop(running).await;
+}
+
+/// Whether `seen` holds, after its first `from` events, a presence event saying `user` is `status`.
+fn told(seen: &Seen, from: usize, user: &str, status: Status) -> bool {
+    seen.events[from.min(seen.events.len())..]
+        .iter()
+        .any(|event| matches!(event, Event::Presence(view) if view.user == user && view.status == status))
+}
+
+#[tokio::test]
+async fn presence_watching_and_away_hold_across_a_server_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let running = server(dir.path(), &[]).await;
+    let address = running.address;
+    let (carol, mut carol_events) = Client::connect(config(address, "carol")).await.expect("carol");
+    let now = carol.watch_presence(["dave"]).await.expect("carol watches dave");
+    assert_eq!((now.len(), now[0].status), (1, Status::Offline));
+    let mut seen = Seen::default();
+    let (dave, _dave_events) = Client::connect(config(address, "dave")).await.expect("dave");
+    until(&mut carol_events, &mut seen, Duration::from_secs(10), |seen| told(seen, 0, "dave", Status::Online)).await;
+    assert_eq!(dave.set_away(true).await.expect("dave is away").status, Status::Away);
+    until(&mut carol_events, &mut seen, Duration::from_secs(10), |seen| told(seen, 0, "dave", Status::Away)).await;
+
+    // The server restarts with an empty presence book: both clients connect again, dave says again that he is
+    // away, carol watches again, and hears it without asking.
+    stop(running).await;
+    until(&mut carol_events, &mut seen, Duration::from_secs(20), |seen| {
+        seen.any(|event| matches!(event, Event::Disconnected { .. }))
+    })
+    .await;
+    let restarted_at = seen.events.len();
+    let running = server_at(dir.path(), address, &[]).await;
+    until(&mut carol_events, &mut seen, Duration::from_secs(30), |seen| told(seen, restarted_at, "dave", Status::Away))
+        .await;
+    assert!(told(&seen, restarted_at, "dave", Status::Away), "carol heard dave away after the restart");
+
+    // Unwatched: no more of dave.
+    carol.unwatch_presence(["dave"]).await.expect("unwatch");
+    let unwatched_at = seen.events.len();
+    dave.close().await;
+    common::drain_for(&mut carol_events, &mut seen, Duration::from_millis(500)).await;
+    assert!(!told(&seen, unwatched_at, "dave", Status::Offline), "nothing of an unwatched user");
+    carol.close().await;
     stop(running).await;
 }

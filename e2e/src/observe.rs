@@ -2,7 +2,7 @@
 //! ([`record`]), the stored history read page by page ([`stored`]), and one gap-free order on every client
 //! ([`check_one_order`]).
 
-use parley_client::{Client, Event, HistoryQuery};
+use parley_client::{Client, Event, HistoryQuery, PresenceView, Status};
 use parley_core::protocol::MessageView;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +17,8 @@ pub struct Seen {
     pub channels: Vec<String>,
     /// When each connection came up.
     pub connected: Vec<Instant>,
+    /// Presence events of watched users, in arrival order.
+    pub presence: Vec<PresenceView>,
 }
 
 /// Records a client's events until its stream ends.
@@ -33,6 +35,7 @@ pub fn record(mut events: mpsc::Receiver<Event>) -> Arc<Mutex<Seen>> {
                     seen.connected.push(Instant::now());
                     seen.channels.extend(channels.into_iter().map(|view| view.id));
                 }
+                Event::Presence(view) => seen.presence.push(view),
                 Event::Closed { .. } => break,
                 _ => {}
             }
@@ -98,6 +101,39 @@ pub async fn wait_received(clients: &[&Arc<Mutex<Seen>>], channel: &str, count: 
         }
         // The poll interval of a bounded wait.
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `seen` was told that `user` is `status` (a presence event after index `after` of its presence
+/// events); returns the index of that event. Panics with what it was told after `within`.
+pub async fn wait_presence(
+    seen: &Arc<Mutex<Seen>>,
+    user: &str,
+    status: Status,
+    after: usize,
+    within: Duration,
+) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let found = {
+            let seen = seen.lock().expect("seen");
+            seen.presence
+                .iter()
+                .enumerate()
+                .skip(after)
+                .find(|(_, view)| view.user == user && view.status == status)
+                .map(|(index, _)| index)
+        };
+        if let Some(index) = found {
+            return index + 1;
+        }
+        if Instant::now() >= deadline {
+            let told: Vec<(String, Status)> =
+                seen.lock().expect("seen").presence.iter().map(|view| (view.user.clone(), view.status)).collect();
+            panic!("never told that {user} is {status:?} within {within:?}; presence events: {told:?}");
+        }
+        // The poll interval of a bounded wait.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

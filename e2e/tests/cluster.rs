@@ -15,7 +15,8 @@
 //! them and the full test command fails them (`parley_test_support::engines`). Every process binds port 0 and
 //! reports the address it got.
 
-use parley_client::{Client, ClientConfig, Event, HistoryQuery};
+use parley_client::{Client, ClientConfig, Event, HistoryQuery, Status};
+use parley_e2e::observe::wait_presence;
 use parley_test_support::{binary, engine, report, Engine, Spawned};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -958,7 +959,8 @@ async fn presence_of(bootstrap: &str, topic: &str, user: &str, expected: &[&str]
 }
 
 /// Presence changes seen by the gateway processes reach `{prefix}presence` on Kafka through the router, keyed by
-/// user and in order; a change made while the router is down (kill -9) is recorded once it is back.
+/// user and in order; a change made while the router is down (kill -9) is recorded once it is back. A watcher on
+/// the other gateway hears each change of a user connected to the first (the users' presence topics on Redis).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_changes_reach_the_kafka_presence_topic_even_across_a_router_restart() {
     let _serial = SERIAL.lock().await;
@@ -967,10 +969,20 @@ async fn presence_changes_reach_the_kafka_presence_topic_even_across_a_router_re
     let bootstrap = std::env::var("PARLEY_KAFKA_BOOTSTRAP").expect("set for the Kafka + Cassandra backend");
     let topic = format!("{}presence", cluster.kafka_prefix().expect("a Kafka prefix"));
 
+    // dave (gateway 1) watches alice and carol, who connect to gateway 0.
+    let (dave, dave_events) = Client::connect(cluster.config(1, "dave", false)).await.expect("dave connects");
+    let dave_seen = parley_e2e::observe::record(dave_events);
+    let now = dave.watch_presence(["alice", "carol"]).await.expect("dave watches");
+    assert!(now.iter().all(|view| view.status == Status::Offline), "nobody is connected yet: {now:?}");
     let (alice, _alice_events) = Client::connect(cluster.config(0, "alice", false)).await.expect("alice connects");
     let (bob, _bob_events) = Client::connect(cluster.config(1, "bob", false)).await.expect("bob connects");
+    let within = Duration::from_secs(10);
+    let heard = wait_presence(&dave_seen, "alice", Status::Online, 0, within).await;
+    assert_eq!(alice.set_away(true).await.expect("alice is away").status, Status::Away);
+    let heard = wait_presence(&dave_seen, "alice", Status::Away, heard, within).await;
     alice.close().await;
-    let alice_records = presence_of(&bootstrap, &topic, "alice", &["online", "offline"]).await;
+    wait_presence(&dave_seen, "alice", Status::Offline, heard, within).await;
+    let alice_records = presence_of(&bootstrap, &topic, "alice", &["online", "away", "offline"]).await;
     let bob_records = presence_of(&bootstrap, &topic, "bob", &["online"]).await;
     for (key, user, _, instance) in alice_records.iter().chain(&bob_records) {
         assert_eq!(key, user, "keyed by user");
@@ -982,6 +994,7 @@ async fn presence_changes_reach_the_kafka_presence_topic_even_across_a_router_re
     // change waits in the gateway's journal and is recorded once the router is back, after her earlier one.
     let (carol, _carol_events) = Client::connect(cluster.config(0, "carol", false)).await.expect("carol connects");
     presence_of(&bootstrap, &topic, "carol", &["online"]).await;
+    wait_presence(&dave_seen, "carol", Status::Online, 0, within).await;
     cluster.kill_router().await;
     carol.close().await;
     let admin = cluster.gateways[0].admin;
@@ -1002,6 +1015,7 @@ async fn presence_changes_reach_the_kafka_presence_topic_even_across_a_router_re
     ));
     assert!(failures > 0, "the journal met the dead router and kept the change");
     assert_eq!(dropped, 0);
-    assert_eq!(recorded, 4, "alice online and offline, carol online and offline (each once)");
+    assert_eq!(recorded, 5, "alice online, away and offline, carol online and offline (each once)");
     bob.close().await;
+    dave.close().await;
 }

@@ -85,6 +85,8 @@ pub struct Metrics {
     pub presence_journal_failures: Counter,
     /// Presence changes dropped by the journal (queue full while the router was away, or refused).
     pub presence_journal_dropped: Counter,
+    /// Presence changes not published to the watchers (the queue to the bus was full).
+    pub presence_dropped: Counter,
 }
 
 impl Metrics {
@@ -117,6 +119,12 @@ impl Metrics {
         let presence_journal_records = Counter::default();
         let presence_journal_failures = Counter::default();
         let presence_journal_dropped = Counter::default();
+        let presence_dropped = Counter::default();
+        registry.register(
+            "gateway_presence_dropped",
+            "Presence changes not published to watchers (the queue to the bus was full)",
+            presence_dropped.clone(),
+        );
         registry.register(
             "gateway_presence_journal_records",
             "Presence changes recorded in the log through the router",
@@ -180,6 +188,7 @@ impl Metrics {
             presence_journal_records,
             presence_journal_failures,
             presence_journal_dropped,
+            presence_dropped,
         })
     }
 

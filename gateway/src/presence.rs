@@ -1,6 +1,12 @@
 //! This instance's presence service: it records connections in the fenced presence store, renews the instance's
 //! lease, expires lapsed instances, and sends every change to the connections watching that user.
 //!
+//! In one process (the embedded layout) a change goes straight to this instance's watchers. Over a shared store a
+//! change is published on the user's presence topic (`pr:<user>`), which every instance with a watcher of the user
+//! subscribes, so watchers on any gateway hear it: a queue worker reads the user's view as shown (this region's
+//! entries merged with other regions' reports) and publishes it, in the order the changes happened here. The view
+//! this region reports to the others (the journal, for the presence topic in Kafka) is its own entries only.
+//!
 //! The store is a [`PresenceStore`]: the embedded book of this process by default (so a restart starts from an
 //! empty book and no old entry can come back), or a shared driver (Redis) that keeps the same book across
 //! instances under the same rules. When the store refuses this instance's writes (its lease lapsed, or a Redis
@@ -12,6 +18,7 @@ use crate::journal::Journal;
 use axum::extract::ws::Utf8Bytes;
 use parley_api::PresenceUpdate;
 use parley_bus::presence::{unix_ms, EmbeddedPresenceStore, PresenceError, PresenceStore};
+use parley_bus::pubsub::{presence_topic, ControlEvent, Event, PubSub};
 use parley_core::presence::{PresenceView, Status};
 use parley_core::protocol::ServerFrame;
 use rand::RngCore;
@@ -19,7 +26,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
-use tracing::warn;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
 
 /// Lease of this instance's presence entries.
 pub const LEASE: Duration = Duration::from_secs(30);
@@ -43,7 +51,12 @@ pub struct Presence {
     registration: tokio::sync::RwLock<()>,
     /// Where changes go for the log (distributed layout), besides the watchers.
     journal: Option<Arc<Journal>>,
+    /// Changes to publish on the bus (shared store); `None`: straight to this instance's watchers.
+    outbox: Option<mpsc::Sender<Vec<PresenceView>>>,
 }
+
+/// Most batches of changes waiting for the bus; beyond it a change is dropped (presence is advisory) and counted.
+const OUTBOX: usize = 4_096;
 
 impl std::fmt::Debug for Presence {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -68,19 +81,20 @@ impl Presence {
         let instance = instance_id();
         let store = EmbeddedPresenceStore::new();
         let epoch = store.register_now(&instance, LEASE).epoch;
-        Self::launch(hub, Arc::new(store), instance, epoch, None)
+        Self::launch(hub, Arc::new(store), instance, epoch, None, None)
     }
 
     /// Like [`Presence::start`], over a shared store (e.g. Redis), with every change also queued in `journal`
-    /// (for the log); fails if the store cannot register it.
+    /// (for the log) and published on `bus` (the users' presence topics); fails if the store cannot register it.
     pub async fn start_with(
         hub: &Arc<Hub>,
         store: Arc<dyn PresenceStore>,
         journal: Option<Arc<Journal>>,
+        bus: Option<Arc<dyn PubSub>>,
     ) -> Result<Arc<Self>, PresenceError> {
         let instance = instance_id();
         let registration = store.register_instance(&instance, LEASE).await?;
-        Ok(Self::launch(hub, store, instance, registration.epoch, journal))
+        Ok(Self::launch(hub, store, instance, registration.epoch, journal, bus))
     }
 
     fn launch(
@@ -89,7 +103,13 @@ impl Presence {
         instance: String,
         epoch: u64,
         journal: Option<Arc<Journal>>,
+        bus: Option<Arc<dyn PubSub>>,
     ) -> Arc<Self> {
+        let outbox = bus.map(|bus| {
+            let (outbox, changes) = mpsc::channel(OUTBOX);
+            tokio::spawn(publish_shown(store.clone(), bus, changes));
+            outbox
+        });
         let presence = Arc::new(Self {
             store,
             instance,
@@ -98,6 +118,7 @@ impl Presence {
             local: Mutex::new(HashMap::new()),
             registration: tokio::sync::RwLock::new(()),
             journal,
+            outbox,
         });
         hub.attach_presence(presence.clone());
         let weak = Arc::downgrade(&presence);
@@ -172,6 +193,28 @@ impl Presence {
 
     fn publish(&self, changes: impl IntoIterator<Item = PresenceView>) {
         let Some(hub) = self.hub.upgrade() else { return };
+        if let Some(outbox) = &self.outbox {
+            let changes: Vec<PresenceView> = changes.into_iter().collect();
+            if changes.is_empty() {
+                return;
+            }
+            if let Some(journal) = &self.journal {
+                for view in &changes {
+                    journal.push(PresenceUpdate {
+                        user: view.user.clone(),
+                        status: view.status,
+                        last_seen: view.last_seen,
+                        instance: self.instance.clone(),
+                        at: unix_ms(),
+                    });
+                }
+            }
+            if outbox.try_send(changes).is_err() {
+                hub.metrics().presence_dropped.inc();
+                debug!("presence outbox full; a change is not published");
+            }
+            return;
+        }
         for view in changes {
             if let Some(journal) = &self.journal {
                 journal.push(PresenceUpdate {
@@ -273,6 +316,43 @@ impl Presence {
     }
 }
 
+/// Publishes each batch of changes on the users' presence topics, as shown (merged with other regions' reports:
+/// a user who left this region but is online in another stays online), in the order they were queued. When the
+/// store cannot be read, the changes go out as this region saw them.
+async fn publish_shown(
+    store: Arc<dyn PresenceStore>,
+    bus: Arc<dyn PubSub>,
+    mut changes: mpsc::Receiver<Vec<PresenceView>>,
+) {
+    while let Some(mut batch) = changes.recv().await {
+        while batch.len() < 500 {
+            match changes.try_recv() {
+                Ok(more) => batch.extend(more),
+                Err(_) => break,
+            }
+        }
+        let users: Vec<String> = batch.iter().map(|view| view.user.clone()).collect();
+        let shown = match store.views(&users).await {
+            Ok(views) => views,
+            Err(error) => {
+                warn!(%error, "presence read failed; publishing this region's view");
+                batch
+            }
+        };
+        let items = shown
+            .into_iter()
+            .map(|view| {
+                let event =
+                    ControlEvent::Presence { user: view.user.clone(), status: view.status, last_seen: view.last_seen };
+                (presence_topic(&view.user), Event::Control(event).encode())
+            })
+            .collect();
+        if let Err(error) = bus.publish_batch(items).await {
+            warn!(%error, "presence changes not published");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,7 +369,7 @@ mod tests {
     async fn a_fenced_instance_registers_again_and_records_its_connections() {
         let hub = hub();
         let store = Arc::new(EmbeddedPresenceStore::new());
-        let presence = Presence::start_with(&hub, store.clone(), None).await.expect("registered");
+        let presence = Presence::start_with(&hub, store.clone(), None, None).await.expect("registered");
         presence.connected("alice").await;
         presence.connected("alice").await;
         presence.connected("bob").await;

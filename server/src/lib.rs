@@ -248,9 +248,11 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
         router.is_remote().then(|| parley_gateway::journal::Journal::start(Arc::new(router.clone()), metrics.clone()));
     let presence = match presence_store {
         None => parley_gateway::presence::Presence::start(&hub),
-        Some(store) => parley_gateway::presence::Presence::start_with(&hub, store, journal.clone())
-            .await
-            .map_err(|error| GatewayError::Config(format!("cannot register this gateway in Redis: {error}")))?,
+        Some(store) => {
+            parley_gateway::presence::Presence::start_with(&hub, store, journal.clone(), Some(pubsub.clone()))
+                .await
+                .map_err(|error| GatewayError::Config(format!("cannot register this gateway in Redis: {error}")))?
+        }
     };
     // Direct delivery (membership changes of this instance's users) before the first connection.
     hub.open_direct(Some(presence.instance()))

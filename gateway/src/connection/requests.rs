@@ -153,6 +153,7 @@ async fn subscribe_presence(
     shared
         .hub
         .watch(shared.session.conn, &users, watch, MAX_WATCHED)
+        .await
         .map_err(|limit| RouterError::InvalidArgument(format!("a connection can watch at most {limit} users")))?;
     let users = if watch { presence.views(&users).await } else { Vec::new() };
     Ok(ServerFrame::PresenceState { req_id, users })

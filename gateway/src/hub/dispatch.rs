@@ -210,6 +210,10 @@ impl Hub {
                     let frame = ServerFrame::Invited { channel, by }.to_json();
                     self.deliver_to_user(&user, &Utf8Bytes::from(frame));
                 }
+                Event::Control(ControlEvent::Presence { user, status, last_seen }) => {
+                    let frame = ServerFrame::Presence { user: user.clone(), status, last_seen }.to_json();
+                    self.deliver_to_watchers(&user, &Utf8Bytes::from(frame));
+                }
                 Event::Control(ControlEvent::Disconnect { user }) => {
                     let closed = self.direct_user(&user, Directive::Close(close::DISCONNECTED, DISCONNECTED_REASON));
                     debug!(%user, closed, "server API disconnect");

@@ -90,6 +90,7 @@ impl Hub {
                     remove_member(&mut state.channels, channel, conn);
                 }
                 for watched in &entry.watching {
+                    topics.push(parley_bus::pubsub::presence_topic(watched));
                     if let Some(conns) = state.watchers.get_mut(watched) {
                         conns.remove(&conn);
                         if conns.is_empty() {

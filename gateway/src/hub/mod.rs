@@ -221,6 +221,11 @@ impl Hub {
         })
     }
 
+    /// This instance's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     fn lock(&self) -> MutexGuard<'_, HubState> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }

@@ -1,5 +1,6 @@
 //! The bus subscription of this instance: `ch:<channel>` topics follow the index (subscribed while at least one
-//! local connection is a member of the channel), and the direct topics (this instance's own and the one every
+//! local connection is a member of the channel), `pr:<user>` topics follow the presence watchers (subscribed while
+//! at least one local connection watches the user), and the direct topics (this instance's own and the one every
 //! gateway shares) are subscribed once at start.
 
 use super::{Hub, HubState};
@@ -91,6 +92,8 @@ impl HubState {
     fn wants(&self, topic: &str) -> bool {
         if let Some(channel) = topic.strip_prefix("ch:") {
             self.channels.get(channel).is_some_and(|members| !members.is_empty())
+        } else if let Some(user) = topic.strip_prefix("pr:") {
+            self.watchers.get(user).is_some_and(|conns| !conns.is_empty())
         } else {
             // Direct topics are subscribed once at start and kept.
             topic == ALL_GATEWAYS_TOPIC || topic.starts_with("gw:")

@@ -3,11 +3,20 @@
 
 use super::{Hub, OutboundFrame};
 use axum::extract::ws::Utf8Bytes;
+use parley_bus::pubsub::presence_topic;
 use std::sync::Arc;
 
 impl Hub {
-    /// Starts or stops watching users' presence for a connection. Returns how many users it watches.
-    pub fn watch(&self, conn: u64, users: &[String], watch: bool, limit: usize) -> Result<usize, usize> {
+    /// Starts or stops watching users' presence for a connection. Returns how many users it watches, once this
+    /// instance's subscription of the users' presence topics (`pr:<user>`, subscribed while a local connection
+    /// watches the user) is in line, so a change published after the return reaches the connection.
+    pub async fn watch(&self, conn: u64, users: &[String], watch: bool, limit: usize) -> Result<usize, usize> {
+        let watched = self.watch_index(conn, users, watch, limit)?;
+        self.sync_topics(users.iter().map(|user| presence_topic(user)).collect()).await;
+        Ok(watched)
+    }
+
+    fn watch_index(&self, conn: u64, users: &[String], watch: bool, limit: usize) -> Result<usize, usize> {
         let mut state = self.lock();
         let Some(entry) = state.conns.get_mut(&conn) else { return Ok(0) };
         if watch && entry.watching.len() + users.len() > limit {
