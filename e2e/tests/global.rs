@@ -2,9 +2,10 @@
 //! datacenter per region, and MirrorMaker 2 carrying each region's topics to the other (the real engines of
 //! `e2e/stack/up.sh --region2`).
 //!
-//! - `users_of_two_regions_share_channels_and_dms`: users homed in each region chat in a group channel homed in
-//!   one region and in a DM homed in the other; every client sees one identical, gap-free order, equal to the
-//!   stored history, and the history read through either region is the same.
+//! - `users_of_two_regions_share_channels_and_dms`: a watcher in one region hears a user of the other go online,
+//!   away and offline; users homed in each region chat in a group channel homed in one region and in a DM homed
+//!   in the other; every client sees one identical, gap-free order, equal to the stored history, and the history
+//!   read through either region is the same.
 //! - `clients_of_a_region_whose_gateways_die_resume_in_the_other`: every gateway of a region dies; its clients
 //!   reconnect to the other region's gateway, resume gap-free and keep chatting.
 //!
@@ -12,8 +13,10 @@
 //! and the second's (`PARLEY_KAFKA_B_BOOTSTRAP`, `PARLEY_REDIS_B_URL`, `PARLEY_CASSANDRA_CONTACT_DC2`,
 //! `PARLEY_MM2_RUN`, `PARLEY_KAFKA_CLIENT_PROPERTIES`, `PARLEY_CQL`).
 
-use parley_client::Client;
-use parley_e2e::observe::{check_one_order, received, record, stored_at_least, stored_messages, wait_received, Seen};
+use parley_client::{Client, Status};
+use parley_e2e::observe::{
+    check_one_order, received, record, stored_at_least, stored_messages, wait_presence, wait_received, Seen,
+};
 use parley_e2e::regions::{engines, World, WorldOptions, ADMIN_TOKEN};
 use parley_test_support::report;
 use std::collections::HashMap;
@@ -69,6 +72,23 @@ async fn users_of_two_regions_share_channels_and_dms() {
         let (client, events) = Client::connect(world.config(region, user)).await.expect("connect");
         clients.insert(user, (client, record(events)));
     }
+    // Presence crosses the regions: dave (us) watches zoe, who connects to eu.
+    let dave_now = clients["dave"].0.watch_presence(["zoe"]).await.expect("dave watches zoe");
+    assert_eq!(dave_now[0].status, Status::Offline);
+    let presence_started = Instant::now();
+    let (zoe, _zoe_events) = Client::connect(world.config(0, "zoe")).await.expect("zoe connects to eu");
+    let within = Duration::from_secs(60);
+    let heard = wait_presence(&clients["dave"].1, "zoe", Status::Online, 0, within).await;
+    let online_after = presence_started.elapsed();
+    zoe.set_away(true).await.expect("zoe is away");
+    let heard = wait_presence(&clients["dave"].1, "zoe", Status::Away, heard, within).await;
+    zoe.close().await;
+    wait_presence(&clients["dave"].1, "zoe", Status::Offline, heard, within).await;
+    report(&format!(
+        "presence across regions: a watcher in us heard a user of eu online {online_after:?} after she connected, \
+         then away, then offline"
+    ));
+
     let group = "g:world".to_owned();
     // A group homed in eu, with members of both regions.
     clients["alice"].0.create_channel("world", ["carol", "bob", "dave"]).await.expect("create the group in eu");

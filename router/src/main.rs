@@ -368,17 +368,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let (publisher, _publisher_task) = parley_router::publisher::start(
             parley_router::publisher::PublisherConfig::default(),
             mirror_pubsub,
-            Some(mirror_directory),
+            Some(mirror_directory.clone()),
             Arc::new(RouterStats::default()),
         );
         let stats = Arc::new(parley_router::kafka::mirror::MirrorStats::default());
         mirror_metrics = Some(stats.clone());
         let context = parley_router::kafka::mirror::MirrorContext {
-            publisher,
+            publisher: publisher.clone(),
             homes: homes.clone(),
             positions: positions.clone(),
             stats: stats.clone(),
+            presence: mirror_directory.clone(),
         };
+        // A failed region's presence reports are forgotten while it is marked failed.
+        tokio::spawn(parley_router::kafka::mirror::forget_failed_regions(
+            local.membership_store(),
+            mirror_directory.clone(),
+            publisher,
+            mirrored.clone(),
+            mirror_stopping.clone(),
+        ));
         if let Some(region) = &region {
             // What this router observes of each incoming flow, for the Region's status (the operator reads it).
             tokio::spawn(report_flows(

@@ -122,7 +122,20 @@ impl RouterMetrics {
         let (messages, memberships, undecodable, failures, delay) =
             (stats.clone(), stats.clone(), stats.clone(), stats.clone(), stats.clone());
         let (deposed, positions, receipts) = (stats.clone(), stats.clone(), stats.clone());
+        let (presence, presence_failures) = (stats.clone(), stats.clone());
         AtomicCounters::default()
+            .read(
+                "mirrored_presence",
+                "Other regions' presence reports kept in this region's presence store",
+                Kind::Counter,
+                move || presence.presence.load(Relaxed),
+            )
+            .read(
+                "mirrored_presence_failures",
+                "Other regions' presence reports the presence store did not take",
+                Kind::Counter,
+                move || presence_failures.presence_failures.load(Relaxed),
+            )
             .read("mirrored_messages", "Other regions' messages delivered in this region", Kind::Counter, move || {
                 messages.messages.load(Relaxed)
             })

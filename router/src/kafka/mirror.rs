@@ -1,8 +1,13 @@
-//! Delivery of other regions' records: MirrorMaker 2 copies each region's `{prefix}messages`, `{prefix}memberships`
-//! and `{prefix}receipts` into this region's Kafka as `<region>.{prefix}messages` and so on;
+//! Delivery of other regions' records: MirrorMaker 2 copies each region's `{prefix}messages`, `{prefix}memberships`,
+//! `{prefix}receipts` and `{prefix}presence` into this region's Kafka as `<region>.{prefix}messages` and so on;
 //! the routers of this region read them (consumer group `{prefix}mirror`, `read_committed`, so nothing a fenced
 //! writer aborted is delivered) and hand them to their publisher, which puts them on this region's pub/sub exactly
 //! as the home's writer does in its own region. Each partition is read in order, so each channel keeps its order.
+//!
+//! Presence reports (what another region's gateways saw of a user) are kept in this region's presence store beside
+//! its own entries ([`PresenceStore::apply_remote`]), and the user's view as shown then (online if online in any
+//! region) is published on the user's presence topic for the watchers. When a region is marked failed, what it
+//! said is forgotten ([`forget_failed_regions`]): its users are no longer shown online on its word.
 //!
 //! Delivery is at least once: a record's offset is stored only after its publication was queued, and a router
 //! that restarts reads again from the last committed offset (a client ignores a sequence it has). A group that
@@ -16,8 +21,11 @@ use crate::global::HomeBook;
 use crate::publisher::{Job, MembershipEvent, PublisherHandle};
 use bytes::Bytes;
 use parley_api::BackendError;
+use parley_api::PresenceUpdate;
 use parley_bus::mirrored::MirrorPositions;
-use parley_bus::pubsub::{channel_topic, ControlEvent, Event};
+use parley_bus::presence::PresenceStore;
+use parley_bus::pubsub::{channel_topic, presence_topic, ControlEvent, Event};
+use parley_core::presence::{PresenceView, RemoteState};
 use parley_core::protocol::{MessageView, ServerFrame};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Headers;
@@ -43,6 +51,10 @@ pub struct MirrorStats {
     pub memberships: AtomicU64,
     /// Read receipts of other regions (the members of channels up to the fan-out threshold hear of them).
     pub receipts: AtomicU64,
+    /// Presence reports of other regions kept in this region's presence store.
+    pub presence: AtomicU64,
+    /// Presence reports that could not be kept (the presence store failed; the next report of the user fixes it).
+    pub presence_failures: AtomicU64,
     /// Records that could not be decoded (skipped, logged).
     pub undecodable: AtomicU64,
     /// Records of a deposed home (an epoch older than the channel's), dropped.
@@ -81,6 +93,7 @@ pub fn mirrored_topics(config: &KafkaConfig, sources: &[String]) -> Vec<String> 
                 KafkaConfig::mirrored(source, &config.messages_topic()),
                 KafkaConfig::mirrored(source, &config.memberships_topic()),
                 KafkaConfig::mirrored(source, &config.receipts_topic()),
+                KafkaConfig::mirrored(source, &config.presence_topic()),
             ]
         })
         .collect()
@@ -92,6 +105,7 @@ enum Mirrored {
     Message(MessageView),
     Membership(MembershipEvent),
     Receipt(ReadReceipt),
+    Presence(PresenceUpdate),
 }
 
 /// Decodes a record of `topic` (a mirrored messages or memberships topic).
@@ -100,6 +114,8 @@ fn decode(config: &KafkaConfig, topic: &str, payload: &[u8]) -> Result<Mirrored,
         serde_json::from_slice(payload).map(Mirrored::Membership)
     } else if topic.ends_with(&config.receipts_topic()) {
         serde_json::from_slice(payload).map(Mirrored::Receipt)
+    } else if topic.ends_with(&config.presence_topic()) {
+        serde_json::from_slice(payload).map(Mirrored::Presence)
     } else {
         serde_json::from_slice(payload).map(Mirrored::Message)
     }
@@ -110,7 +126,7 @@ fn now_ms() -> u64 {
 }
 
 /// What the mirror reader works with besides Kafka.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct MirrorContext {
     /// Where delivered records go (this region's pub/sub).
     pub publisher: PublisherHandle,
@@ -120,6 +136,14 @@ pub struct MirrorContext {
     pub positions: Arc<dyn MirrorPositions>,
     /// Counters.
     pub stats: Arc<MirrorStats>,
+    /// This region's presence store, where other regions' presence reports are kept.
+    pub presence: Arc<dyn PresenceStore>,
+}
+
+impl std::fmt::Debug for MirrorContext {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("MirrorContext").field("stats", &self.stats).finish_non_exhaustive()
+    }
 }
 
 /// The source region of a mirrored topic (`<source>.<topic>`).
@@ -166,7 +190,7 @@ async fn run(
     context: MirrorContext,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let MirrorContext { publisher, homes, positions, stats } = context;
+    let MirrorContext { publisher, homes, positions, stats, presence } = context;
     loop {
         let first = tokio::select! {
             _ = stopping.changed() => break,
@@ -176,6 +200,7 @@ async fn run(
         let mut publications: Vec<(String, Bytes)> = Vec::new();
         let mut memberships: Vec<MembershipEvent> = Vec::new();
         let mut delivered: HashMap<(String, String), u64> = HashMap::new();
+        let mut reports: HashMap<String, Vec<(String, RemoteState)>> = HashMap::new();
         let mut handled = 0usize;
         while let Some(outcome) = received.take() {
             match outcome {
@@ -184,6 +209,7 @@ async fn run(
                         publications: &mut publications,
                         memberships: &mut memberships,
                         delivered: &mut delivered,
+                        reports: &mut reports,
                     };
                     take(&config, &record, &stats, &homes, batch, &publisher).await;
                     if let Err(error) = consumer.store_offset_from_message(&record) {
@@ -210,6 +236,19 @@ async fn run(
         if !memberships.is_empty() {
             publisher.submit(Job::Memberships(memberships)).await;
         }
+        for (source, reports) in reports {
+            let count = reports.len() as u64;
+            match presence.apply_remote(&source, reports).await {
+                Ok(changed) => {
+                    stats.presence.fetch_add(count, Ordering::Relaxed);
+                    publish_shown(presence.as_ref(), &publisher, changed).await;
+                }
+                Err(error) => {
+                    stats.presence_failures.fetch_add(count, Ordering::Relaxed);
+                    warn!(%error, source, "cannot keep another region's presence reports");
+                }
+            }
+        }
         let mut by_source: HashMap<String, Vec<(String, u64)>> = HashMap::new();
         for ((source, channel), seq) in delivered {
             by_source.entry(source).or_default().push((channel, seq));
@@ -232,6 +271,8 @@ struct Batch<'a> {
     memberships: &'a mut Vec<MembershipEvent>,
     /// The last sequence of each (source, channel).
     delivered: &'a mut HashMap<(String, String), u64>,
+    /// Presence reports per source region, in order.
+    reports: &'a mut HashMap<String, Vec<(String, RemoteState)>>,
 }
 
 /// Adds one record to what is handed over, keeping the order of messages and membership changes: a membership
@@ -244,7 +285,7 @@ async fn take(
     batch: Batch<'_>,
     publisher: &PublisherHandle,
 ) {
-    let Batch { publications, memberships, delivered } = batch;
+    let Batch { publications, memberships, delivered, reports } = batch;
     let Some(payload) = record.payload() else { return };
     match decode(config, record.topic(), payload) {
         Ok(Mirrored::Message(message)) => {
@@ -284,6 +325,10 @@ async fn take(
                 publications.push((channel_topic(&receipt.channel), Event::Control(event).encode()));
             }
         }
+        Ok(Mirrored::Presence(update)) => {
+            let state = RemoteState { status: update.status, last_seen: update.last_seen };
+            reports.entry(source_of(record.topic()).to_owned()).or_default().push((update.user, state));
+        }
         Ok(Mirrored::Membership(event)) => {
             if !publications.is_empty() {
                 publisher.submit(Job::Publications(std::mem::take(publications))).await;
@@ -295,6 +340,65 @@ async fn take(
             stats.undecodable.fetch_add(1, Ordering::Relaxed);
             warn!(topic = record.topic(), partition = record.partition(), offset = record.offset(), %error,
                 "undecodable mirrored record skipped");
+        }
+    }
+}
+
+/// Publishes the views of `users` as shown now on their presence topics (through the publisher, after what it
+/// holds).
+async fn publish_shown(presence: &dyn PresenceStore, publisher: &PublisherHandle, users: Vec<String>) {
+    if users.is_empty() {
+        return;
+    }
+    match presence.views(&users).await {
+        Ok(views) => publisher.submit(Job::Publications(views.into_iter().map(presence_event).collect())).await,
+        Err(error) => warn!(%error, "cannot read the presence to publish after other regions' reports"),
+    }
+}
+
+fn presence_event(view: PresenceView) -> (String, Bytes) {
+    let topic = presence_topic(&view.user);
+    let event = ControlEvent::Presence { user: view.user, status: view.status, last_seen: view.last_seen };
+    (topic, Event::Control(event).encode())
+}
+
+/// How often the regions marked failed are read, to forget their presence reports.
+const FAILED_REFRESH: Duration = Duration::from_secs(2);
+
+/// Forgets the presence reports of each source region while it is marked failed (its users are shown offline
+/// unless another region holds them), and publishes the views that changed. Runs until `stopping` turns true.
+pub async fn forget_failed_regions(
+    membership: Arc<dyn crate::backend::MembershipStore>,
+    presence: Arc<dyn PresenceStore>,
+    publisher: PublisherHandle,
+    sources: Vec<String>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut forgotten: std::collections::HashSet<String> = std::collections::HashSet::new();
+    loop {
+        tokio::select! {
+            _ = stopping.changed() => break,
+            _ = tokio::time::sleep(FAILED_REFRESH) => {}
+        }
+        let failed = match membership.failed_regions().await {
+            Ok(failed) => failed,
+            Err(error) => {
+                debug!(%error, "cannot read the failed regions");
+                continue;
+            }
+        };
+        forgotten.retain(|region| failed.contains(region));
+        for region in failed.into_iter().filter(|region| sources.contains(region)) {
+            // Forgotten again on every pass while it is failed: reports it sent before it stopped may still arrive.
+            match presence.forget_region(&region).await {
+                Ok(users) => {
+                    if forgotten.insert(region.clone()) || !users.is_empty() {
+                        info!(region, users = users.len(), "forgot the presence reports of a failed region");
+                    }
+                    publish_shown(presence.as_ref(), &publisher, users).await;
+                }
+                Err(error) => warn!(%error, region, "cannot forget a failed region's presence reports"),
+            }
         }
     }
 }
@@ -313,9 +417,11 @@ mod tests {
                 format!("eu.{}", config.messages_topic()),
                 format!("eu.{}", config.memberships_topic()),
                 format!("eu.{}", config.receipts_topic()),
+                format!("eu.{}", config.presence_topic()),
                 format!("us-east.{}", config.messages_topic()),
                 format!("us-east.{}", config.memberships_topic()),
                 format!("us-east.{}", config.receipts_topic()),
+                format!("us-east.{}", config.presence_topic()),
             ]
         );
     }
@@ -357,5 +463,15 @@ mod tests {
         let payload = serde_json::to_vec(&message).expect("encode");
         assert_eq!(decode(&config, &topic, &payload).expect("decode"), Mirrored::Message(message));
         assert!(decode(&config, &topic, b"{").is_err());
+        let update = PresenceUpdate {
+            user: "bob".into(),
+            status: parley_core::presence::Status::Away,
+            last_seen: 5,
+            instance: "gw-1".into(),
+            at: 6,
+        };
+        let topic = format!("eu.{}", config.presence_topic());
+        let payload = serde_json::to_vec(&update).expect("encode");
+        assert_eq!(decode(&config, &topic, &payload).expect("decode"), Mirrored::Presence(update));
     }
 }
