@@ -34,7 +34,8 @@ pub struct ChannelRecord {
     #[serde(default)]
     pub history_from: u64,
     /// The channel's home: the region whose router orders it ([`crate::global`]). `None` for a channel created
-    /// before regions existed, or by a router without a region: its home is the region that reads it.
+    /// before regions existed, or by a router without a region: its home is the region that reads it (a DM's is
+    /// claimed by the first region that routes a call about it, [`MembershipStore::claim_home`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub home: Option<Home>,
 }
@@ -248,6 +249,18 @@ pub trait MembershipStore: Send + Sync + 'static {
     /// SERIAL), so it works while the failed region's datacenter is unreachable; the failed region is fenced by
     /// its mark ([`set_region_failed`](Self::set_region_failed)) and by the epoch.
     async fn move_home(&self, channel: &str, from: &Home, to: &Home, failover: bool) -> Result<bool, BackendError>;
+    /// The channel's home, claiming `home` for it if it has none: returns the home the store holds (the channel's
+    /// record's, or one claimed earlier for a channel not created yet), else records `home` and returns it. Atomic
+    /// against a concurrent claim from any region (on Cassandra a lightweight transaction at SERIAL consistency,
+    /// across the datacenters): of two regions that claim at once, both get the first claim's home. A claim alone
+    /// creates no channel ([`channel`](Self::channel) stays `None` until the channel is created); the creating
+    /// writer stores the same home with its record. A DM's id is the same in every region, so its home is claimed
+    /// before it is created ([`crate::global`]). A store that keeps no homes refuses.
+    async fn claim_home(&self, channel: &str, _home: &Home) -> Result<Home, BackendError> {
+        Err(BackendError::InvalidConfig(format!(
+            "cannot claim a home for {channel}: this store keeps no channel homes (use Cassandra or the embedded store)"
+        )))
+    }
     /// Marks `region` failed or back (the other regions take its channels over while it is failed).
     async fn set_region_failed(&self, region: &str, _failed: bool) -> Result<(), BackendError> {
         Err(BackendError::InvalidConfig(format!(
@@ -270,9 +283,10 @@ pub trait MembershipStore: Send + Sync + 'static {
     ) -> Result<(), BackendError> {
         Ok(())
     }
-    /// A channel's home as the last [`move_home`](Self::move_home) left it, wherever that ran (a linearizable read:
-    /// on Cassandra at SERIAL consistency, across the datacenters). [`channel`](Self::channel) reads the home of the
-    /// local datacenter, which may trail a move made in another one.
+    /// A channel's home as the last [`move_home`](Self::move_home) or [`claim_home`](Self::claim_home) left it,
+    /// wherever that ran (a linearizable read: on Cassandra at SERIAL consistency, across the datacenters).
+    /// [`channel`](Self::channel) reads the home of the local datacenter, which may trail a move made in another
+    /// one, and names no home for a channel that is claimed but not created.
     async fn home_now(&self, channel: &str) -> Result<Option<Home>, BackendError> {
         Ok(self.channel(channel).await?.and_then(|record| record.home))
     }

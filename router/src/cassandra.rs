@@ -14,6 +14,7 @@
 //! | `members` | `(channel, user)` | | members of a channel, by user name |
 //! | `user_channels` | `(user, channel)` | | channels of a user, by channel id |
 //! | `read_cursors` | `(user, channel)` | `seq` | written `USING TIMESTAMP seq`: only moves forward |
+//! | `channel_homes` | `(channel)` | `region, epoch, base_seq` | claimed (`IF NOT EXISTS`) and moved (`IF region = ? AND epoch = ?`) by lightweight transactions at SERIAL |
 //!
 //! `bucket` is `ts / bucket width` (ms). Ordering by `seq` equals ordering by the Snowflake `id` within a channel,
 //! which is kept as a column. A channel's sequence grows with its time (one writer assigns both), so a later
@@ -387,6 +388,7 @@ struct Statements {
     select_home_serial: PreparedStatement,
     write_home: PreparedStatement,
     move_home: PreparedStatement,
+    claim_home: PreparedStatement,
     move_home_local: PreparedStatement,
     mark_failed: PreparedStatement,
     unmark_failed: PreparedStatement,
@@ -916,6 +918,20 @@ async fn prepare(session: &Session, config: &CassandraConfig) -> Result<Statemen
             statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::Serial));
             statement
         },
+        // A lightweight transaction at SERIAL consistency, like a move: of two regions that claim a home for the same
+        // channel at once (a DM opened in both), one wins and both read its home. Retrying it is safe: a claim that
+        // was applied before the retry is answered with the home it stored.
+        claim_home: {
+            let mut statement = idempotent(
+                prepare_one(format!(
+                    "INSERT INTO {keyspace}.channel_homes (channel, region, epoch, base_seq) VALUES (?, ?, ?, ?) \
+                     IF NOT EXISTS"
+                ))
+                .await?,
+            );
+            statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::Serial));
+            statement
+        },
         // A failover's: Paxos in the local datacenter only (the failed region's may be unreachable).
         move_home_local: {
             let mut statement = prepare_one(format!(
@@ -1361,6 +1377,48 @@ impl MembershipStore for CassandraStore {
             .and_then(|row| row.columns.into_iter().next().flatten())
             .map(|value| matches!(value, CqlValue::Boolean(true)));
         Ok(applied.unwrap_or(false))
+    }
+
+    #[instrument(skip(self, home), fields(region = %home.region))]
+    async fn claim_home(&self, channel: &str, home: &Home) -> Result<Home, BackendError> {
+        let operation = "claim channel home";
+        let values = (channel, home.region.as_str(), signed(home.epoch), signed(home.base_seq));
+        let result = self.run(operation, &self.statements.claim_home, values).await?;
+        // A conditional insert answers one row: `[applied]`, then (when not applied) the row that exists, its
+        // columns found by name.
+        let rows = result.into_rows_result().map_err(|error| other_error(operation, error))?;
+        let specs = rows.column_specs();
+        let index = |name: &str| specs.get_by_name(name).map(|(index, _)| index);
+        let (applied, region, epoch, base_seq) =
+            (index("[applied]"), index("region"), index("epoch"), index("base_seq"));
+        let row = rows
+            .rows::<scylla::value::Row>()
+            .map_err(|error| other_error(operation, error))?
+            .next()
+            .transpose()
+            .map_err(|error| other_error(operation, error))?
+            .ok_or_else(|| BackendError::Corrupt(format!("{operation} of {channel}: the answer has no row")))?;
+        let column = |index: Option<usize>| index.and_then(|index| row.columns.get(index).cloned().flatten());
+        let number = |index: Option<usize>| match column(index) {
+            Some(CqlValue::BigInt(value)) => Some(value.max(0) as u64),
+            _ => None,
+        };
+        match column(applied) {
+            Some(CqlValue::Boolean(true)) => Ok(home.clone()),
+            Some(CqlValue::Boolean(false)) => match column(region) {
+                Some(CqlValue::Text(region)) => Ok(Home {
+                    region,
+                    epoch: number(epoch).unwrap_or(1).max(1),
+                    base_seq: number(base_seq).unwrap_or(0),
+                }),
+                other => Err(BackendError::Corrupt(format!(
+                    "{operation} of {channel}: the stored home names no region ({other:?})"
+                ))),
+            },
+            other => Err(BackendError::Corrupt(format!(
+                "{operation} of {channel}: the answer has no [applied] flag ({other:?})"
+            ))),
+        }
     }
 
     #[instrument(skip(self, changes), fields(changes = changes.len()))]

@@ -34,6 +34,9 @@ const READ_CURSORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("r
 const ACCESS: TableDefinition<(&str, &str), &str> = TableDefinition::new("channel_access");
 /// (user, blocked user).
 const BLOCKS: TableDefinition<(&str, &str), ()> = TableDefinition::new("user_blocks");
+/// channel → the home (JSON [`Home`]) claimed for a channel that is not created yet
+/// ([`MembershipStore::claim_home`]); a created channel's record holds its home, and its creation takes the claim.
+const CLAIMED_HOMES: TableDefinition<&str, &[u8]> = TableDefinition::new("claimed_homes");
 
 /// Retention settings of the embedded store.
 #[derive(Debug, Clone, Copy)]
@@ -159,6 +162,7 @@ impl EmbeddedStore {
             transaction.open_table(READ_CURSORS)?;
             transaction.open_table(ACCESS)?;
             transaction.open_table(BLOCKS)?;
+            transaction.open_table(CLAIMED_HOMES)?;
         }
         transaction.commit()?;
         Ok(Self { database: Arc::new(database), retention })
@@ -531,11 +535,78 @@ impl MembershipStore for EmbeddedStore {
                         channels.insert(channel.as_str(), encode(&record)?.as_slice())?;
                         true
                     }
-                    _ => false,
+                    Some(_) => false,
+                    // A home claimed for a channel not created yet moves like a record's.
+                    None => {
+                        let mut claims = transaction.open_table(CLAIMED_HOMES)?;
+                        let claimed =
+                            claims.get(channel.as_str())?.map(|value| decode::<Home>(value.value())).transpose()?;
+                        if claimed.as_ref() == Some(&from) {
+                            claims.insert(channel.as_str(), encode(&to)?.as_slice())?;
+                            true
+                        } else {
+                            false
+                        }
+                    }
                 }
             };
             transaction.commit()?;
             Ok(moved)
+        })
+        .await
+    }
+
+    async fn claim_home(&self, channel: &str, home: &Home) -> Result<Home, BackendError> {
+        let (channel, home) = (channel.to_owned(), home.clone());
+        self.blocking(move |database| {
+            // One write transaction: redb runs one at a time, so of two claims the first one's home is the answer
+            // to both.
+            let mut transaction = database.begin_write()?;
+            transaction.set_durability(Durability::Immediate).map_err(|error| BackendError::Task(error.to_string()))?;
+            let held = {
+                let mut channels = transaction.open_table(CHANNELS)?;
+                let mut claims = transaction.open_table(CLAIMED_HOMES)?;
+                let record =
+                    channels.get(channel.as_str())?.map(|value| decode::<ChannelRecord>(value.value())).transpose()?;
+                match record {
+                    Some(ChannelRecord { home: Some(held), .. }) => held,
+                    // A channel created without a home (before regions): the claim becomes its home.
+                    Some(mut record) => {
+                        record.home = Some(home.clone());
+                        channels.insert(channel.as_str(), encode(&record)?.as_slice())?;
+                        home
+                    }
+                    None => {
+                        let claimed =
+                            claims.get(channel.as_str())?.map(|value| decode::<Home>(value.value())).transpose()?;
+                        match claimed {
+                            Some(held) => held,
+                            None => {
+                                claims.insert(channel.as_str(), encode(&home)?.as_slice())?;
+                                home
+                            }
+                        }
+                    }
+                }
+            };
+            transaction.commit()?;
+            Ok(held)
+        })
+        .await
+    }
+
+    async fn home_now(&self, channel: &str) -> Result<Option<Home>, BackendError> {
+        let channel = channel.to_owned();
+        self.blocking(move |database| {
+            let transaction = database.begin_read()?;
+            let channels = transaction.open_table(CHANNELS)?;
+            if let Some(record) =
+                channels.get(channel.as_str())?.map(|value| decode::<ChannelRecord>(value.value())).transpose()?
+            {
+                return Ok(record.home);
+            }
+            let claims = transaction.open_table(CLAIMED_HOMES)?;
+            Ok(claims.get(channel.as_str())?.map(|value| decode::<Home>(value.value())).transpose()?)
         })
         .await
     }
@@ -553,6 +624,7 @@ impl MembershipStore for EmbeddedStore {
                 let mut user_channels = transaction.open_table(USER_CHANNELS)?;
                 let mut access_table = transaction.open_table(ACCESS)?;
                 let mut blocks = transaction.open_table(BLOCKS)?;
+                let mut claims = transaction.open_table(CLAIMED_HOMES)?;
                 // Member counts change once per channel, however many members a run adds or removes.
                 let mut deltas: HashMap<&str, i64> = HashMap::new();
                 for change in &changes {
@@ -560,6 +632,15 @@ impl MembershipStore for EmbeddedStore {
                         MembershipChange::Create(record) => {
                             let mut record = record.clone();
                             record.member_count = 0;
+                            // The record takes the claimed home over; a home it names itself wins (as the creating
+                            // writer's plain write of the home does on Cassandra).
+                            let claimed = claims
+                                .remove(record.id.as_str())?
+                                .map(|value| decode::<Home>(value.value()))
+                                .transpose()?;
+                            if record.home.is_none() {
+                                record.home = claimed;
+                            }
                             channels.insert(record.id.as_str(), encode(&record)?.as_slice())?;
                         }
                         MembershipChange::Add { channel, user } => {

@@ -1,9 +1,19 @@
 //! Regions: each channel has a home region whose writer orders it, and calls about it are carried there.
 //!
 //! # Homes
-//! A channel's home ([`Home`]) is the region of the router that created it (for a DM, the region of the user who
-//! opened it first), at epoch 1. It is stored with the channel ([`ChannelRecord::home`]), in the store every
-//! region shares (Cassandra, one datacenter per region), so every region finds the same home.
+//! A channel's home ([`Home`]) is the region of the router that created it, at epoch 1. It is stored with the
+//! channel ([`ChannelRecord::home`](crate::backend::ChannelRecord::home)), in the store every region shares
+//! (Cassandra, one datacenter per region), so every region finds the same home.
+//!
+//! A DM's id is made of its two users ([`ChannelId::direct`](parley_core::conversation::ChannelId::direct)), the
+//! same in every region, and a DM is created on first use, so two regions can both find no DM (the other's
+//! creation not yet replicated) and both create it. Its home is therefore claimed before it is created: a call
+//! that would create a DM (open, send, post) whose home the store does not name claims one for this region ([`MembershipStore::claim_home`], a
+//! compare-and-set across the datacenters: Cassandra's `IF NOT EXISTS` at SERIAL consistency) and goes where the
+//! claim's answer says. Of two regions that claim at once, one wins and both route to it, so a DM has one home; the
+//! winner's writer creates the DM with that same home. A group channel's home is not claimed: it is created by the
+//! router its create call reaches (a group of the same name created in two regions within the replication delay
+//! still gets two homes).
 //!
 //! # Calls
 //! [`GlobalRouter`] sits in front of a region's writer. A call about a channel homed here goes to the writer; a call
@@ -110,6 +120,20 @@ pub fn destination(region: &str, home: Option<&Home>) -> Destination {
         Some(home) if home.region != region => Destination::Peer(home.region.clone()),
         _ => Destination::Local,
     }
+}
+
+/// The home a router of `region` claims for `channel` when the store names none and `call` would create it: for a
+/// DM opened or sent to, this region at epoch 1 (what its writer gives a DM it creates); `None` for any other call
+/// (a read of a DM that does not exist claims nothing) and any other channel, whose home only its creation sets.
+pub fn claim_for(region: &str, call: &Call, channel: &str) -> Option<Home> {
+    let creates =
+        matches!(call, Call::Send { .. } | Call::OpenDm { .. } | Call::Server { operation: ServerOp::Post { .. } });
+    let channel = parley_core::conversation::ChannelId::parse(channel).ok()?;
+    (creates && channel.kind() == parley_core::ChannelKind::Dm).then(|| Home {
+        region: region.to_owned(),
+        epoch: 1,
+        base_seq: 0,
+    })
 }
 
 /// What a [`GlobalRouter`] counts.
@@ -395,6 +419,18 @@ impl Inner {
         self.remember(channel, home)
     }
 
+    /// The home of a DM the store names none for: claims this region for it, and answers the home the store holds
+    /// after the claim (another region's, when it claimed first). `None` for a channel that is not a DM.
+    async fn claim_home(&self, call: &Call, channel: &str) -> Result<Option<Home>, RouterError> {
+        let Some(claim) = claim_for(&self.region, call, channel) else { return Ok(None) };
+        self.stats.home_reads.fetch_add(1, Ordering::Relaxed);
+        let home = self.membership.claim_home(channel, &claim).await.map_err(RouterError::Unavailable)?;
+        if home != claim {
+            debug!(channel, home = %home.region, epoch = home.epoch, "another region claimed the DM's home first");
+        }
+        self.remember(channel, Some(home))
+    }
+
     fn remember(&self, channel: &str, home: Option<Home>) -> Result<Option<Home>, RouterError> {
         match &home {
             Some(home) => self.homes.learn(channel, home.clone()),
@@ -645,6 +681,9 @@ impl RouterService for GlobalRouter {
         };
         let in_flight = inner.enter(&channel).await?;
         let mut home = inner.home(&channel).await?;
+        if home.is_none() {
+            home = inner.claim_home(&call, &channel).await?;
+        }
         if home.as_ref().is_some_and(|home| home.region != inner.region && inner.is_failed(&home.region)) {
             home = inner.take_over(&channel).await?;
         }
@@ -825,6 +864,75 @@ mod tests {
         assert_eq!(destination("eu", None), Destination::Local);
         assert_eq!(destination("eu", Some(&home("eu"))), Destination::Local);
         assert_eq!(destination("eu", Some(&home("us"))), Destination::Peer("us".into()));
+    }
+
+    #[test]
+    fn only_calls_that_create_a_dm_claim_a_home() {
+        let open = Call::OpenDm { user: "alice".into(), other: "bob".into() };
+        let send = Call::Send {
+            user: "alice".into(),
+            channel: "dm:alice:bob".into(),
+            client_msg_id: "c1".into(),
+            text: "hi".into(),
+            first_attempt: true,
+        };
+        let read = Call::FirstRetainedSeq { channel: "dm:alice:bob".into() };
+        let claimed = Some(Home { region: "eu".into(), epoch: 1, base_seq: 0 });
+        assert_eq!(claim_for("eu", &open, "dm:alice:bob"), claimed);
+        assert_eq!(claim_for("eu", &send, "dm:alice:bob"), claimed);
+        assert_eq!(claim_for("eu", &read, "dm:alice:bob"), None, "a read of a DM that does not exist claims nothing");
+        assert_eq!(claim_for("eu", &send, "g:general"), None, "a group's home is set by its creation only");
+        assert_eq!(claim_for("eu", &open, "dm:bob:alice"), None, "not a valid DM id (its users out of order)");
+        assert_eq!(claim_for("eu", &open, "nonsense"), None);
+    }
+
+    /// A router of `region` over `store` (standing for the Cassandra cluster every region shares), with region `us`
+    /// as a peer that is not listening.
+    fn region_router(region: &str, store: &crate::embedded::EmbeddedStore) -> GlobalRouter {
+        let config = crate::RouterConfig { region: Some(region.into()), ..Default::default() };
+        let shared = Arc::new(store.clone());
+        let (local, _writer) = LocalRouter::start(
+            config,
+            shared.clone(),
+            shared.clone(),
+            shared,
+            Arc::new(parley_bus::pubsub::LocalPubSub::new()),
+        )
+        .expect("writer");
+        let peers = BTreeMap::from([("us".to_owned(), "http://127.0.0.1:9".to_owned())]);
+        GlobalRouter::new(
+            region.into(),
+            local,
+            Arc::default(),
+            Arc::new(parley_bus::mirrored::MemoryMirrorPositions::default()),
+            peers,
+            None,
+            Duration::from_millis(500),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_dm_goes_to_the_home_claimed_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            crate::embedded::EmbeddedStore::open(dir.path(), crate::embedded::Retention::default()).expect("store");
+        let eu = region_router("eu", &store);
+        let open = |user: &str, other: &str| Call::OpenDm { user: user.into(), other: other.into() };
+
+        // A DM nobody claimed: this region claims it and its writer creates it, homed here.
+        eu.call(open("alice", "bob")).await.expect("open a new DM");
+        let created = store.channel("dm:alice:bob").await.expect("read").expect("created here");
+        assert_eq!(created.home, Some(Home { region: "eu".into(), epoch: 1, base_seq: 0 }));
+        let late = Home { region: "us".into(), epoch: 1, base_seq: 0 };
+        assert_eq!(store.claim_home("dm:alice:bob", &late).await.expect("claim").region, "eu");
+
+        // A DM that region us claimed first (its creation not yet replicated here): carried to us, not created here.
+        store.claim_home("dm:carol:dave", &late).await.expect("claim");
+        let error = eu.call(open("carol", "dave")).await.expect_err("us is not listening");
+        assert!(matches!(error, RouterError::Unavailable(_)), "{error:?}");
+        assert_eq!(eu.global_stats().forwarded.load(Ordering::Relaxed), 1, "carried to the claimed home");
+        assert_eq!(store.channel("dm:carol:dave").await.expect("read"), None, "not created in a second region");
+        assert_eq!(store.home_now("dm:carol:dave").await.expect("read"), Some(late));
     }
 
     #[test]

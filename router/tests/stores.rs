@@ -187,6 +187,8 @@ parley_test_support::engine_suite!(
     a_key_names_its_first_message_whatever_the_write_order,
     a_deleted_channel_leaves_no_member_list_or_access_behind,
     a_home_moves_only_from_the_home_the_store_names,
+    a_home_is_claimed_once,
+    claims_raced_from_two_tasks_get_one_home,
 );
 
 async fn a_home_moves_only_from_the_home_the_store_names(engine: Engine) {
@@ -204,6 +206,93 @@ async fn a_home_moves_only_from_the_home_the_store_names(engine: Engine) {
     );
     assert_eq!(membership.channel("g:moving").await.expect("read").and_then(|record| record.home), Some(second));
     assert!(!membership.move_home("g:none", &first, &third, false).await.expect("move"), "no such channel");
+}
+
+/// A DM (created on first use, with the same id in every region) as a writer of `home` creates it.
+fn dm(channel: &str, home: &Home) -> Vec<MembershipChange> {
+    let (first, second) = channel.trim_start_matches("dm:").split_once(':').expect("a DM id");
+    vec![
+        MembershipChange::Create(ChannelRecord {
+            kind: ChannelKind::Dm,
+            home: Some(home.clone()),
+            ..record(channel, first)
+        }),
+        add(channel, first),
+        add(channel, second),
+    ]
+}
+
+async fn a_home_is_claimed_once(engine: Engine) {
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let membership = &stores.membership;
+    let home = |region: &str| Home { region: region.into(), epoch: 1, base_seq: 0 };
+    let (eu, us) = (home("eu-west"), home("us-east"));
+    let claim = |channel: &'static str, home: Home| async move {
+        membership.claim_home(channel, &home).await.expect("claim a home")
+    };
+    let stored_home = |channel: &'static str| async move {
+        membership.channel(channel).await.expect("read").and_then(|record| record.home)
+    };
+
+    assert_eq!(claim("dm:alice:bob", eu.clone()).await, eu, "the first claim wins");
+    assert_eq!(claim("dm:alice:bob", us.clone()).await, eu, "a later claim for another region gets the first");
+    assert_eq!(membership.channel("dm:alice:bob").await.expect("read"), None, "a claim creates no channel");
+    assert_eq!(membership.home_now("dm:alice:bob").await.expect("read"), Some(eu.clone()));
+
+    // The winner's writer creates the DM with the same home (on Cassandra a plain write over the claimed row).
+    membership.apply(dm("dm:alice:bob", &eu)).await.expect("create the DM");
+    let created = membership.channel("dm:alice:bob").await.expect("read").expect("created");
+    assert_eq!((created.kind, created.member_count, created.home.clone()), (ChannelKind::Dm, 2, Some(eu.clone())));
+    assert_eq!(claim("dm:alice:bob", us.clone()).await, eu, "a created DM keeps its home");
+
+    // After a move, a claim answers the home the move left.
+    let moved = Home { region: "us-east".into(), epoch: 2, base_seq: 17 };
+    assert!(membership.move_home("dm:alice:bob", &eu, &moved, false).await.expect("move"), "the move wins");
+    assert_eq!(claim("dm:alice:bob", eu.clone()).await, moved, "a claim after a move gets the moved home");
+    assert_eq!(stored_home("dm:alice:bob").await, Some(moved.clone()));
+    assert_eq!(membership.home_now("dm:alice:bob").await.expect("read"), Some(moved));
+
+    // A channel created with a home answers that home; one created without (before regions) takes the claim.
+    membership.apply(vec![MembershipChange::Create(record("g:homed", "alice"))]).await.expect("create");
+    assert_eq!(claim("g:homed", us.clone()).await, eu);
+    assert_eq!(stored_home("g:homed").await, Some(eu.clone()));
+    let homeless = ChannelRecord { home: None, ..record("g:homeless", "alice") };
+    membership.apply(vec![MembershipChange::Create(homeless)]).await.expect("create");
+    assert_eq!(claim("g:homeless", us.clone()).await, us);
+    assert_eq!(claim("g:homeless", eu.clone()).await, us);
+    assert_eq!(stored_home("g:homeless").await, Some(us));
+    stores.finish().await;
+}
+
+async fn claims_raced_from_two_tasks_get_one_home(engine: Engine) {
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    for round in 0..5 {
+        let channel = format!("dm:user{round}a:user{round}b");
+        let start = Arc::new(tokio::sync::Barrier::new(2));
+        let racers: Vec<_> = ["eu-west", "us-east"]
+            .into_iter()
+            .map(|region| {
+                let (membership, channel, start) = (stores.membership.clone(), channel.clone(), start.clone());
+                let home = Home { region: region.into(), epoch: 1, base_seq: 0 };
+                tokio::spawn(async move {
+                    start.wait().await;
+                    membership.claim_home(&channel, &home).await.expect("claim a home")
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for racer in racers {
+            answers.push(racer.await.expect("claim task"));
+        }
+        assert_eq!(answers[0], answers[1], "round {round}: both regions are told the same home");
+        assert!(["eu-west", "us-east"].contains(&answers[0].region.as_str()), "round {round}: {answers:?}");
+        assert_eq!(
+            stores.membership.home_now(&channel).await.expect("read"),
+            Some(answers[0].clone()),
+            "round {round}: the store holds the home both were told"
+        );
+    }
+    stores.finish().await;
 }
 
 async fn a_deleted_channel_leaves_no_member_list_or_access_behind(engine: Engine) {
