@@ -280,6 +280,12 @@ async fn a_failed_region_is_taken_over_and_what_only_it_confirmed_is_sent_again_
     let channel = "g:failover".to_owned();
     ivan.create_channel("failover", ["judy"]).await.expect("ivan creates a channel in eu");
     wait_member(&judy_seen, &channel, &world).await;
+    // ivan's presence crossed too (he connected before the channel's membership reached us).
+    let now = judy.watch_presence(["ivan"]).await.expect("judy watches ivan");
+    let heard = match now[0].status {
+        Status::Online => 0,
+        _ => wait_presence(&judy_seen, "ivan", Status::Online, 0, Duration::from_secs(60)).await,
+    };
     let (ivan, _) = stream(ivan, "ivan".into(), channel.clone(), BEFORE).await.expect("ivan streams");
     let (judy, _) = stream(judy, "judy".into(), channel.clone(), BEFORE).await.expect("judy streams");
     wait_received(&[&judy_seen], &channel, 2 * BEFORE, Duration::from_secs(60)).await;
@@ -289,6 +295,8 @@ async fn a_failed_region_is_taken_over_and_what_only_it_confirmed_is_sent_again_
     // The link between the regions breaks, eu confirms ALONE more sends of ivan, then eu dies.
     world.kill_mm2().await;
     let (ivan, alone) = stream(ivan, "ivan-alone".into(), channel.clone(), ALONE).await.expect("ivan alone");
+    // ivan leaves (his client would otherwise reconnect to us, and be online there).
+    ivan.close().await;
     world.kill_router(0).await;
     let _ = world.gateways[0].child.start_kill();
     let _ = world.gateways[0].child.wait().await;
@@ -296,6 +304,8 @@ async fn a_failed_region_is_taken_over_and_what_only_it_confirmed_is_sent_again_
 
     // us marks eu failed; judy's next send takes the channel over after the last message us holds of it.
     set_region_failed(&world, 1, "eu", true).await;
+    // us forgets what eu said of presence: ivan is no longer shown online on the word of a failed region.
+    wait_presence(&judy_seen, "ivan", Status::Offline, heard, Duration::from_secs(30)).await;
     let (judy, after) = stream(judy, "judy-after".into(), channel.clone(), AFTER).await.expect("judy after");
     assert_eq!(after.first().copied(), Some(2 * BEFORE as u64 + 1), "us continued after the last message it held");
     let history = stored_keys(&judy, &channel).await;
@@ -336,7 +346,6 @@ async fn a_failed_region_is_taken_over_and_what_only_it_confirmed_is_sent_again_
         2 * BEFORE
     ));
     assert_eq!(rpo, ALONE, "nothing of what eu confirmed alone reached us before it returned");
-    ivan.close().await;
     judy.close().await;
     world.stop().await;
 }

@@ -393,7 +393,7 @@ pub async fn forget_failed_regions(
             match presence.forget_region(&region).await {
                 Ok(users) => {
                     if forgotten.insert(region.clone()) || !users.is_empty() {
-                        info!(region, users = users.len(), "forgot the presence reports of a failed region");
+                        warn!(region, users = users.len(), "forgot the presence reports of a failed region");
                     }
                     publish_shown(presence.as_ref(), &publisher, users).await;
                 }
