@@ -47,6 +47,8 @@ pub struct FlowReport {
     pub latency_ms: u64,
     /// Messages delivered.
     pub messages: u64,
+    /// MirrorMaker 2's lag at the report (see [`crate::kafka::beacon`]); `None` before the source's first beacon.
+    pub lag_ms: Option<u64>,
 }
 
 /// Where a channel is ordered: the region whose writer owns its sequence, and the epoch of that ownership. A

@@ -951,8 +951,8 @@ async fn prepare(session: &Session, config: &CassandraConfig) -> Result<Statemen
         select_failed: idempotent(prepare_one(format!("SELECT region FROM {keyspace}.failed_regions")).await?),
         report_flow: idempotent(
             prepare_one(format!(
-                "INSERT INTO {keyspace}.mirror_flows (target, source, reporter, latency_ms, messages, at) \
-                 VALUES (?, ?, ?, ?, ?, ?) USING TTL 120"
+                "INSERT INTO {keyspace}.mirror_flows (target, source, reporter, latency_ms, messages, lag_ms, at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL 120"
             ))
             .await?,
         ),
@@ -1334,7 +1334,8 @@ impl MembershipStore for CassandraStore {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|elapsed| elapsed.as_millis() as i64)
             .unwrap_or(0);
-        let values = (target, source, reporter, signed(flow.latency_ms), signed(flow.messages), at);
+        let lag = flow.lag_ms.map(signed);
+        let values = (target, source, reporter, signed(flow.latency_ms), signed(flow.messages), lag, at);
         self.session
             .execute_unpaged(&self.statements.report_flow, values)
             .await

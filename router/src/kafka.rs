@@ -2,7 +2,8 @@
 //! ([`StoreWriter`]).
 //!
 //! # Topics
-//! `{prefix}messages`, `{prefix}receipts` and `{prefix}presence`, created idempotently by [`ensure_topics`].
+//! `{prefix}messages`, `{prefix}receipts`, `{prefix}presence`, `{prefix}memberships` and `{prefix}beacons`, created
+//! idempotently by [`ensure_topics`].
 //! Messages are keyed by channel, and the driver places each record itself on Kafka's default partition for
 //! its key ([`partition::partition_for`], murmur2 as in the Java client), so a channel lives in one partition
 //! and its order is the partition's order. Every read cursor that moves is appended to `{prefix}receipts`
@@ -10,7 +11,8 @@
 //! moves forward, so a record written twice changes nothing) before the router confirms it, so other regions can
 //! mirror it. Presence changes the gateways see are appended to `{prefix}presence` (keyed by user, same producer)
 //! through the router ([`MessageLog::record_presence`]); presence itself lives in Redis, and the topic is its
-//! change feed for other regions.
+//! change feed for other regions. `{prefix}memberships` carries membership changes, and `{prefix}beacons` the
+//! routers' timed beacons ([`beacon`]), both for other regions.
 //!
 //! # Ownership and fencing
 //! The owner of a partition is the single writer of every channel in it. The routers of a Region share the
@@ -64,6 +66,7 @@
 //! (`Kafka at <bootstrap>: SASL authentication failed: ...`, `... TLS handshake failed: certificate verify failed
 //! ...`).
 
+pub mod beacon;
 pub mod log;
 pub mod mirror;
 pub mod ownership;
@@ -277,6 +280,11 @@ impl KafkaConfig {
     /// `{prefix}memberships`: membership changes, keyed by channel, for other regions.
     pub fn memberships_topic(&self) -> String {
         format!("{}memberships", self.prefix)
+    }
+
+    /// `{prefix}beacons`: the routers' timed beacons, by which other regions measure MirrorMaker 2's lag.
+    pub fn beacons_topic(&self) -> String {
+        format!("{}beacons", self.prefix)
     }
 
     /// `{source}.{topic}`: `topic` of region `source` as MirrorMaker 2's default replication policy names it in
@@ -533,12 +541,19 @@ async fn reach_brokers(config: &KafkaConfig) -> Result<(), BackendError> {
 /// How long one metadata request of [`reach_brokers`] waits before the error callback is looked at.
 const PROBE_STEP: Duration = Duration::from_millis(200);
 
-/// Creates `{prefix}messages`, `{prefix}receipts` and `{prefix}presence` unless they exist, then waits until
+/// Creates `{prefix}messages`, `{prefix}receipts`, `{prefix}presence`, `{prefix}memberships` and `{prefix}beacons`
+/// unless they exist, then waits until
 /// the messages topic is visible with a leader for every partition. Returns its partition count (that of the
 /// existing topic when it was there already). Rejected credentials or a failed TLS handshake fail it at once
 /// ([`BackendError::Refused`]); brokers that do not answer, after the request timeout.
 pub async fn ensure_topics(config: &KafkaConfig) -> Result<i32, BackendError> {
-    let names = [config.messages_topic(), config.receipts_topic(), config.presence_topic(), config.memberships_topic()];
+    let names = [
+        config.messages_topic(),
+        config.receipts_topic(),
+        config.presence_topic(),
+        config.memberships_topic(),
+        config.beacons_topic(),
+    ];
     create_topics(config, &names).await?;
     partition_count(config, &config.messages_topic()).await
 }

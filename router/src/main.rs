@@ -187,7 +187,8 @@ async fn report_flows(
         ticks.tick().await;
         let window = stats.take_window();
         for source in &sources {
-            let flow = window.get(source).copied().unwrap_or_default();
+            let mut flow = window.get(source).copied().unwrap_or_default();
+            flow.lag_ms = stats.beacons.lag_ms(source);
             if let Err(error) = membership.report_flow(&region, source, &reporter, flow).await {
                 tracing::debug!(%error, source, "cannot report an incoming flow");
             }
@@ -362,6 +363,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("failed to reach Redis at {}", redis.url))?,
     );
+    if let (Some(region), Some((kafka_config, _))) = (&region, &kafka) {
+        // Timed beacons in this region's Kafka: the regions that mirror it measure MirrorMaker 2's lag by them.
+        parley_router::kafka::beacon::start(kafka_config, region.clone(), mirror_stopping.clone())
+            .context("failed to start the beacons")?;
+    }
     if let (false, Some((kafka_config, _))) = (mirrored.is_empty(), &kafka) {
         // Other regions' messages and membership changes reach this region's gateways through a publisher of their
         // own, like the writer's.

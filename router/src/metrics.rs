@@ -122,8 +122,15 @@ impl RouterMetrics {
         let (messages, memberships, undecodable, failures, delay) =
             (stats.clone(), stats.clone(), stats.clone(), stats.clone(), stats.clone());
         let (deposed, positions, receipts) = (stats.clone(), stats.clone(), stats.clone());
-        let (presence, presence_failures) = (stats.clone(), stats.clone());
+        let (presence, presence_failures, lag) = (stats.clone(), stats.clone(), stats.clone());
         AtomicCounters::default()
+            .read(
+                "mirror_lag_ms",
+                "MirrorMaker 2's lag, the largest over the source regions: the last beacon's transit, or how long the \
+                 next one is overdue",
+                Kind::Gauge,
+                move || lag.beacons.max_lag_ms(),
+            )
             .read(
                 "mirrored_presence",
                 "Other regions' presence reports kept in this region's presence store",

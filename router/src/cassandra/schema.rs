@@ -157,6 +157,11 @@ pub(super) fn migrations(config: &CassandraConfig) -> Vec<Migration> {
                 ),
             ],
         },
+        Migration {
+            version: 4,
+            description: "MirrorMaker 2's lag per incoming flow",
+            statements: vec![format!("ALTER TABLE {keyspace}.mirror_flows ADD IF NOT EXISTS lag_ms bigint")],
+        },
     ]
 }
 

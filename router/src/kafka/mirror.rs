@@ -1,5 +1,6 @@
 //! Delivery of other regions' records: MirrorMaker 2 copies each region's `{prefix}messages`, `{prefix}memberships`,
-//! `{prefix}receipts` and `{prefix}presence` into this region's Kafka as `<region>.{prefix}messages` and so on;
+//! `{prefix}receipts`, `{prefix}presence` and `{prefix}beacons` into this region's Kafka as
+//! `<region>.{prefix}messages` and so on;
 //! the routers of this region read them (consumer group `{prefix}mirror`, `read_committed`, so nothing a fenced
 //! writer aborted is delivered) and hand them to their publisher, which puts them on this region's pub/sub exactly
 //! as the home's writer does in its own region. Each partition is read in order, so each channel keeps its order.
@@ -68,6 +69,8 @@ pub struct MirrorStats {
     pub last_delay_ms: AtomicU64,
     /// Per source region since the last [`MirrorStats::take_window`]: the largest delay and the messages.
     window: std::sync::Mutex<HashMap<String, crate::backend::FlowReport>>,
+    /// The newest beacon of each source region: MirrorMaker 2's lag.
+    pub beacons: super::beacon::Beacons,
 }
 
 impl MirrorStats {
@@ -94,6 +97,7 @@ pub fn mirrored_topics(config: &KafkaConfig, sources: &[String]) -> Vec<String> 
                 KafkaConfig::mirrored(source, &config.memberships_topic()),
                 KafkaConfig::mirrored(source, &config.receipts_topic()),
                 KafkaConfig::mirrored(source, &config.presence_topic()),
+                KafkaConfig::mirrored(source, &config.beacons_topic()),
             ]
         })
         .collect()
@@ -106,6 +110,7 @@ enum Mirrored {
     Membership(MembershipEvent),
     Receipt(ReadReceipt),
     Presence(PresenceUpdate),
+    Beacon(super::beacon::Beacon),
 }
 
 /// Decodes a record of `topic` (a mirrored messages or memberships topic).
@@ -116,6 +121,8 @@ fn decode(config: &KafkaConfig, topic: &str, payload: &[u8]) -> Result<Mirrored,
         serde_json::from_slice(payload).map(Mirrored::Receipt)
     } else if topic.ends_with(&config.presence_topic()) {
         serde_json::from_slice(payload).map(Mirrored::Presence)
+    } else if topic.ends_with(&config.beacons_topic()) {
+        serde_json::from_slice(payload).map(Mirrored::Beacon)
     } else {
         serde_json::from_slice(payload).map(Mirrored::Message)
     }
@@ -325,6 +332,7 @@ async fn take(
                 publications.push((channel_topic(&receipt.channel), Event::Control(event).encode()));
             }
         }
+        Ok(Mirrored::Beacon(beacon)) => stats.beacons.observe(source_of(record.topic()), &beacon, now_ms()),
         Ok(Mirrored::Presence(update)) => {
             let state = RemoteState { status: update.status, last_seen: update.last_seen };
             reports.entry(source_of(record.topic()).to_owned()).or_default().push((update.user, state));
@@ -418,10 +426,12 @@ mod tests {
                 format!("eu.{}", config.memberships_topic()),
                 format!("eu.{}", config.receipts_topic()),
                 format!("eu.{}", config.presence_topic()),
+                format!("eu.{}", config.beacons_topic()),
                 format!("us-east.{}", config.messages_topic()),
                 format!("us-east.{}", config.memberships_topic()),
                 format!("us-east.{}", config.receipts_topic()),
                 format!("us-east.{}", config.presence_topic()),
+                format!("us-east.{}", config.beacons_topic()),
             ]
         );
     }
