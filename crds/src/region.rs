@@ -380,6 +380,11 @@ pub struct IncomingFlow {
     pub delivery_latency_ms: i64,
     /// Messages delivered in that window.
     pub messages: i64,
+    /// MirrorMaker 2's lag, the largest the routers reported, in milliseconds: the transit of the source's last
+    /// beacon (its routers append one every 2 s), or how long the next one is overdue when they stop arriving (a
+    /// stalled or dead MirrorMaker 2 shows here even when nobody chats). Absent before the first beacon arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_lag_ms: Option<i64>,
     /// When the routers reported it (RFC 3339).
     pub reported_at: String,
 }

@@ -82,6 +82,9 @@ const CONFLICT_RETRY_MAX: Duration = Duration::from_secs(2);
 pub const TOKEN_RECHECK: Duration = RESYNC;
 /// How soon a Region whose datacenter is not (yet) in the keyspace's replication is checked again.
 const KEYSPACE_RECHECK: Duration = Duration::from_secs(60);
+/// How often a Region that receives other Regions' topics refreshes its incoming flows (delivery latency, MirrorMaker
+/// 2's lag) in its status: the routers report every 10 s.
+const FLOWS_REFRESH: Duration = Duration::from_secs(30);
 /// Timeout of the operator's Cassandra connection and of each of its requests.
 const CASSANDRA_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -418,7 +421,11 @@ async fn apply(region: Arc<Region>, context: &Context) -> Result<Action, Error> 
     let mut current = (*region).clone();
     current.status = Some(new_status);
     update_cluster_summary(&clusters, &cluster, &siblings, current, context).await?;
-    Ok(Action::requeue(if recheck { KEYSPACE_RECHECK } else { RESYNC }))
+    let mut next = if recheck { KEYSPACE_RECHECK } else { RESYNC };
+    if !mm2::mirrored_regions(&plan.validated).is_empty() {
+        next = next.min(FLOWS_REFRESH);
+    }
+    Ok(Action::requeue(next))
 }
 
 /// An error with its causes, for a condition's message.

@@ -107,47 +107,54 @@ pub fn failed_mark(keyspace: &str, region: &str, annotation: Option<&str>, now_m
     }
 }
 
-/// A router's report of an incoming flow: source, largest latency (ms), messages, reported at (Unix ms).
-pub type FlowRow = (String, Option<i64>, Option<i64>, Option<i64>);
+/// A router's report of an incoming flow: source, largest latency (ms), messages, MirrorMaker 2's lag (ms), reported
+/// at (Unix ms).
+pub type FlowRow = (String, Option<i64>, Option<i64>, Option<i64>, Option<i64>);
 
-/// The incoming flows of a Region from its routers' reports (`rows`): per source the largest latency and the sum of
-/// messages over the reports of the last two minutes, and, when a flow's latency is over `budget_ms`, the reason to
-/// be `Degraded`.
+/// The incoming flows of a Region from its routers' reports (`rows`): per source the largest latency, the sum of
+/// messages and the largest MirrorMaker 2 lag over the reports of the last two minutes, and, when a flow's latency or
+/// lag is over `budget_ms`, the reason to be `Degraded`.
 pub fn incoming_flows(
     rows: &[FlowRow],
     now_ms: i64,
     budget_ms: i64,
 ) -> (Vec<parley_crds::region::IncomingFlow>, Option<String>) {
-    let mut flows: std::collections::BTreeMap<&str, (i64, i64, i64)> = std::collections::BTreeMap::new();
-    for (source, latency, messages, at) in rows {
+    let mut flows: std::collections::BTreeMap<&str, (i64, i64, Option<i64>, i64)> = std::collections::BTreeMap::new();
+    for (source, latency, messages, lag, at) in rows {
         let at = at.unwrap_or(0);
         if now_ms.saturating_sub(at) > 120_000 {
             continue;
         }
-        let entry = flows.entry(source.as_str()).or_insert((0, 0, 0));
+        let entry = flows.entry(source.as_str()).or_insert((0, 0, None, 0));
         entry.0 = entry.0.max(latency.unwrap_or(0));
         entry.1 += messages.unwrap_or(0);
-        entry.2 = entry.2.max(at);
+        entry.2 = entry.2.max(*lag);
+        entry.3 = entry.3.max(at);
     }
     let mut over = Vec::new();
     let flows = flows
         .into_iter()
-        .map(|(source, (latency, messages, at))| {
+        .map(|(source, (latency, messages, lag, at))| {
             if latency > budget_ms {
-                over.push(format!("from {source}: {latency} ms"));
+                over.push(format!("from {source}: delivery {latency} ms"));
+            }
+            if let Some(lag) = lag.filter(|lag| *lag > budget_ms) {
+                over.push(format!("from {source}: MirrorMaker 2 lag {lag} ms"));
             }
             parley_crds::region::IncomingFlow {
                 region: source.to_owned(),
                 delivery_latency_ms: latency,
                 messages,
+                mirror_lag_ms: lag,
                 reported_at: k8s_openapi::jiff::Timestamp::from_millisecond(at)
                     .map(|time| time.to_string())
                     .unwrap_or_default(),
             }
         })
         .collect();
-    let degraded = (!over.is_empty())
-        .then(|| format!("cross-region delivery latency over the budget of {budget_ms} ms ({})", over.join(", ")));
+    let degraded = (!over.is_empty()).then(|| {
+        format!("cross-region delivery latency or lag over the budget of {budget_ms} ms ({})", over.join(", "))
+    });
     (flows, degraded)
 }
 
@@ -498,7 +505,7 @@ impl CassandraAdmin {
     /// does not exist yet.
     pub async fn incoming_flows(&self, keyspace: &str, target: &str) -> Result<Vec<FlowRow>, Error> {
         let statement =
-            format!("SELECT source, latency_ms, messages, at FROM {keyspace}.mirror_flows WHERE target = ?");
+            format!("SELECT source, latency_ms, messages, lag_ms, at FROM {keyspace}.mirror_flows WHERE target = ?");
         match self.rows::<FlowRow>("read the incoming flows", &statement, (target,), None).await {
             Ok(rows) => Ok(rows),
             Err(error) if error.to_string().contains("mirror_flows") => Ok(Vec::new()),
@@ -747,21 +754,33 @@ mod tests {
     fn incoming_flows_take_the_worst_router_and_judge_the_budget() {
         let now = 1_000_000;
         let rows: Vec<FlowRow> = vec![
-            ("eu".into(), Some(120), Some(10), Some(now - 5_000)),
-            ("eu".into(), Some(340), Some(5), Some(now - 2_000)),
-            ("ap".into(), Some(80), Some(1), Some(now - 1_000)),
-            ("old".into(), Some(9_999), Some(1), Some(now - 300_000)),
+            ("eu".into(), Some(120), Some(10), Some(200), Some(now - 5_000)),
+            ("eu".into(), Some(340), Some(5), Some(150), Some(now - 2_000)),
+            ("ap".into(), Some(80), Some(1), None, Some(now - 1_000)),
+            ("old".into(), Some(9_999), Some(1), Some(9_999), Some(now - 300_000)),
         ];
         let (flows, degraded) = incoming_flows(&rows, now, 1_000);
         assert_eq!(
-            flows.iter().map(|f| (f.region.as_str(), f.delivery_latency_ms, f.messages)).collect::<Vec<_>>(),
-            [("ap", 80, 1), ("eu", 340, 15)]
+            flows
+                .iter()
+                .map(|f| (f.region.as_str(), f.delivery_latency_ms, f.messages, f.mirror_lag_ms))
+                .collect::<Vec<_>>(),
+            [("ap", 80, 1, None), ("eu", 340, 15, Some(200))]
         );
         assert_eq!(degraded, None, "within the budget; a stale report is ignored");
         let (_, degraded) = incoming_flows(&rows, now, 300);
         assert_eq!(
             degraded.as_deref(),
-            Some("cross-region delivery latency over the budget of 300 ms (from eu: 340 ms)")
+            Some("cross-region delivery latency or lag over the budget of 300 ms (from eu: delivery 340 ms)")
+        );
+        // MirrorMaker 2 stalled: no message arrives (no latency), but the beacons are overdue.
+        let stalled: Vec<FlowRow> = vec![("eu".into(), Some(0), Some(0), Some(12_000), Some(now - 1_000))];
+        let (_, degraded) = incoming_flows(&stalled, now, 1_000);
+        assert_eq!(
+            degraded.as_deref(),
+            Some(
+                "cross-region delivery latency or lag over the budget of 1000 ms (from eu: MirrorMaker 2 lag 12000 ms)"
+            )
         );
     }
 }

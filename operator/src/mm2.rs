@@ -58,6 +58,9 @@ pub const REST_PORT: i32 = 8083;
 pub const KAFKA_IMAGE_USER: i64 = 1000;
 /// The topics of a ChatCluster, without its prefix: what a rule's `*` stands for.
 pub const TOPICS: [&str; 4] = ["messages", "receipts", "presence", "memberships"];
+
+/// The routers' beacon topic (without the prefix), in every flow whatever its rules name.
+pub const BEACONS: &str = "beacons";
 /// The variables the pods get the SASL username and password in, named in the properties as `${env:...}`.
 pub const SASL_USERNAME_VARIABLE: &str = "PARLEY_KAFKA_SASL_USERNAME";
 /// See [`SASL_USERNAME_VARIABLE`].
@@ -161,6 +164,10 @@ pub fn flows_into(target: &str, regions: &[Region], topic_prefix: &str) -> BTree
         for rule in region.spec.replication.iter().filter(|rule| rule.to_regions.iter().any(|to| to == target)) {
             flows.entry(region.spec.region_name.clone()).or_default().extend(topic_names(topic_prefix, &rule.topics));
         }
+    }
+    // Every flow carries its source's beacons, by which the target's routers measure MirrorMaker 2's lag.
+    for topics in flows.values_mut() {
+        topics.insert(format!("{topic_prefix}-{BEACONS}"));
     }
     flows
 }

@@ -392,6 +392,7 @@ mod tests {
             region: "us".into(),
             delivery_latency_ms: 1_500,
             messages: 12,
+            mirror_lag_ms: Some(180),
             reported_at: "2027-01-15T08:00:00Z".into(),
         };
         let objects = AppliedObjects {

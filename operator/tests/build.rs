@@ -985,7 +985,7 @@ fn the_target_of_a_rule_runs_mirror_maker_and_its_routers_know_the_sources() {
     assert_eq!(mm2_value(&text, "eu->us.enabled"), Some("true"));
     assert_eq!(
         mm2_value(&text, "eu->us.topics"),
-        Some("^chat-memberships$,^chat-messages$,^chat-presence$,^chat-receipts$")
+        Some("^chat-beacons$,^chat-memberships$,^chat-messages$,^chat-presence$,^chat-receipts$")
     );
     assert_eq!(mm2_value(&text, "us->eu.enabled"), Some("false"));
     assert_eq!(mm2_value(&text, "us->eu.emit.heartbeats.enabled"), Some("false"));
@@ -1046,7 +1046,7 @@ fn a_third_region_joins_the_flows_and_a_peer_url_overrides_the_service() {
     let resources = build(&validated, US_BLOCK).expect("build");
     let text = properties(&resources);
     assert_eq!(mm2_value(&text, "clusters"), Some("us,ap,eu"));
-    assert_eq!(mm2_value(&text, "ap->us.topics"), Some("^chat-messages$"));
+    assert_eq!(mm2_value(&text, "ap->us.topics"), Some("^chat-beacons$,^chat-messages$"));
     assert_eq!(mm2_value(&text, "ap->eu.enabled"), Some("false"));
     assert_eq!(mm2_value(&text, "eu->ap.enabled"), Some("false"));
     assert_eq!(mm2_value(&text, "replication.factor"), Some("1"));

@@ -1473,7 +1473,9 @@ async fn mirror_maker_follows_the_replication_rules() {
     regions.create(&PostParams::default(), &ap).await.expect("create ap");
     let config = eventually("the ap flow", || async {
         let config = get(&config_maps, "dev-local-mirrormaker-config").await?;
-        data(&config, "mm2.properties")?.contains("ap->local.topics=^parley-messages$").then_some(config)
+        data(&config, "mm2.properties")?
+            .contains("ap->local.topics=^parley-beacons$,^parley-messages$")
+            .then_some(config)
     })
     .await;
     let properties = data(&config, "mm2.properties").expect("properties");
