@@ -180,7 +180,7 @@ pub fn mm2_properties_with(engines: &Engines, prefix: &str, bootstraps: [&str; 2
     for (source, target) in [("eu", "us"), ("us", "eu")] {
         if flows.contains(&(source, target)) {
             text.push_str(&format!(
-                "{source}->{target}.enabled=true\n{source}->{target}.topics={prefix}messages,{prefix}memberships,{prefix}receipts,{prefix}presence\n"
+                "{source}->{target}.enabled=true\n{source}->{target}.topics={prefix}messages,{prefix}memberships,{prefix}receipts,{prefix}presence,{prefix}beacons\n"
             ));
         } else {
             text.push_str(&format!("{source}->{target}.enabled=false\n"));

@@ -302,6 +302,15 @@ async fn a_failed_region_is_taken_over_and_what_only_it_confirmed_is_sent_again_
     let _ = world.gateways[0].child.wait().await;
     assert_eq!(alone, ((2 * BEFORE + 1) as u64..=(2 * BEFORE + ALONE) as u64).collect::<Vec<_>>());
 
+    // With MirrorMaker 2 gone, eu's beacons stop reaching us: the lag us measures grows past a few seconds.
+    let us_admin = world.routers[1].admin;
+    let lag =
+        parley_test_support::eventually("us to see MirrorMaker 2 fall behind", Duration::from_secs(30), || async {
+            let lag = metric(us_admin, "parley_router_mirror_lag_ms").await;
+            (lag >= 3_000).then_some(lag)
+        })
+        .await;
+
     // us marks eu failed; judy's next send takes the channel over after the last message us holds of it.
     set_region_failed(&world, 1, "eu", true).await;
     // us forgets what eu said of presence: ivan is no longer shown online on the word of a failed region.
@@ -340,7 +349,8 @@ async fn a_failed_region_is_taken_over_and_what_only_it_confirmed_is_sent_again_
     let shown: Vec<u64> = received(&judy_seen, &channel).iter().map(|(seq, _)| *seq).collect();
     assert_eq!(shown, (1..=total as u64).collect::<Vec<_>>(), "judy (us) was shown the one history");
     report(&format!(
-        "unplanned failover: eu confirmed {ALONE} messages that neither reached us nor its store before it died; \
+        "unplanned failover: MirrorMaker 2 killed, the lag us measured by eu's beacons grew to {lag} ms; eu \
+         confirmed {ALONE} messages that neither reached us nor its store before it died; \
          RPO of this run: {rpo} messages; us took the channel over at seq {}; when eu returned it sent {resent} \
          message(s) again, now at the end of the one history ({total} messages, each once)",
         2 * BEFORE

@@ -670,8 +670,14 @@ async fn two_regions_chat_through_the_operators_mirror_makers() {
         let name = format!("{}-mirrormaker-config", world.region(region));
         let config = config_maps.get(&name).await.unwrap_or_else(|error| panic!("ConfigMap {name}: {error}"));
         let properties = config.data.and_then(|mut data| data.remove("mm2.properties")).unwrap_or_default();
-        let topics = format!("{other}->{region}.topics=^rk-{}-memberships$,^rk-{}-messages$", world.tag, world.tag);
-        assert!(properties.contains(&topics), "{name} mirrors exactly {other}'s two topics:\n{properties}");
+        let topics = format!(
+            "{other}->{region}.topics=^rk-{}-beacons$,^rk-{}-memberships$,^rk-{}-messages$",
+            world.tag, world.tag, world.tag
+        );
+        assert!(
+            properties.contains(&topics),
+            "{name} mirrors exactly {other}'s two topics and its beacons:\n{properties}"
+        );
         let status = world.get_region(region).await.and_then(|object| object.status).expect("status");
         assert_eq!(status.mirrored_regions, vec![other.to_owned()], "{region} mirrors {other}");
         assert_eq!(status.mirror_maker.as_deref(), Some("1/1"), "{region}'s MirrorMaker 2 in its status");
@@ -794,6 +800,27 @@ async fn two_regions_chat_through_the_operators_mirror_makers() {
     world.note(&format!("{shown} messages shown, one order per channel on every member, history equal in both"));
     for (client, _, _) in clients.values() {
         client.close().await;
+    }
+
+    // Each Region's status shows its incoming flow: the delivery latency its routers observed and MirrorMaker 2's
+    // lag measured by the other region's beacons (routers report every 10 s; the operator refreshes every 30 s).
+    for (region, other) in [("eu", "us"), ("us", "eu")] {
+        let flow = parley_test_support::eventually(
+            &format!("{region}'s status to show MirrorMaker 2's lag from {other}"),
+            Duration::from_secs(90),
+            || async {
+                let status = world.get_region(region).await.and_then(|object| object.status)?;
+                status.incoming_flows.into_iter().find(|flow| flow.region == other && flow.mirror_lag_ms.is_some())
+            },
+        )
+        .await;
+        let lag = flow.mirror_lag_ms.unwrap_or_default();
+        world.note(&format!(
+            "{region}'s status: from {other}, delivery latency {} ms, MirrorMaker 2 lag {lag} ms, {} messages \
+             in the last window",
+            flow.delivery_latency_ms, flow.messages
+        ));
+        assert!(lag < 10_000, "{region}: MirrorMaker 2 from {other} keeps up (lag {lag} ms)");
     }
 
     // 4. Deleting us waits while the keyspace replicates to dc2; released, it goes and dc2 leaves the map.
