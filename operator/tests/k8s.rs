@@ -1414,7 +1414,7 @@ async fn mirror_maker_follows_the_replication_rules() {
         "eu.bootstrap.servers=kafka-eu:9092",
         "local.bootstrap.servers=kafka.dev.svc:9092",
         "eu->local.enabled=true",
-        "eu->local.topics=^parley-memberships$,^parley-messages$,^parley-presence$,^parley-receipts$",
+        "eu->local.topics=^parley-beacons$,^parley-memberships$,^parley-messages$,^parley-presence$,^parley-receipts$",
         "local->eu.enabled=false",
         "eu.consumer.isolation.level=read_committed",
         "replication.factor=3",
