@@ -19,7 +19,9 @@
 #        BUILD=1 OUT=dir.
 #        With PARLEY_KAFKA_WAN_BOOTSTRAP set (an `e2e/stack/up.sh --region2 --kafka-wan` stack.env sourced), those
 #        engines are used; otherwise a fresh stack is started in a temporary directory and purged at the end.
-# Results: $OUT/results.jsonl (one line per latency), $OUT/bench-<latency>.txt (the tables), $OUT/summary.txt.
+# Results: $OUT/results.jsonl (one line per latency), $OUT/bench-<latency>.txt (the tables), $OUT/summary.txt,
+#          $OUT/cpu-<latency>.txt (CPU seconds per process during the run: engines, MirrorMaker 2, routers,
+#          gateways, bench; sampled with ps every 2 s).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -50,6 +52,33 @@ wait_for_quiet_cpu() {
             return 0
         fi
     done
+}
+
+# CPU time (user + system, whole seconds) of every process: "pid seconds name", one `ps` for all (cheap enough to
+# sample during a run). A JVM is named by its main class.
+cpu_snapshot() {
+    ps -eo pid=,cputimes=,args= | awk '{
+        n = split($3, parts, "/"); name = parts[n]
+        for (i = 3; i <= NF; i++) {
+            if ($i ~ /^(kafka[.]Kafka|org[.]apache[.]cassandra[.]service[.]CassandraDaemon|org[.]apache[.]kafka[.]connect[.]mirror[.]MirrorMaker)$/) { name = $i; break }
+        }
+        print $1, $2, name
+    }'
+}
+
+# The processes that used the most CPU from a snapshot ($1) through later ones ($2: the last value of each process
+# counts), in seconds, and the total.
+cpu_report() {
+    awk 'NR == FNR { before[$1] = $2; next }
+        { last[$1] = $2; name[$1] = $3 }
+        END {
+            for (pid in last) {
+                used = last[pid] - (pid in before ? before[pid] : 0)
+                if (used > 0) { by[name[pid]] += used; total += used }
+            }
+            for (n in by) printf "%8.1f s  %s\n", by[n], n
+            printf "%8.1f s  total\n", total
+        }' "$1" "$2" | sort -rn | head -n 14
 }
 
 if [ "${BUILD:-1}" = 1 ]; then
@@ -93,6 +122,12 @@ for latency in $GL_LATENCIES; do
     ( while :; do pgrep -x rustc >/dev/null && : >"$marker"; sleep 1; done ) &
     watcher=$!
     load_before=$(cut -d' ' -f1 /proc/loadavg)
+    cpu_snapshot >"$OUT/cpu-before-$latency.txt"
+    # Snapshots every 2 s while the run lasts: the run's own processes (routers, gateways, MirrorMaker 2) are gone
+    # by its end, so their last snapshot counts.
+    : >"$OUT/cpu-during-$latency.txt"
+    ( while :; do cpu_snapshot >>"$OUT/cpu-during-$latency.txt"; sleep 2; done ) &
+    sampler=$!
     rc=0
     PARLEY_LOG=warn timeout 900 "$BENCH" --wan-latency-ms "$latency" --rate "$GL_RATE" --duration "$GL_DURATION" \
         --warmup "$GL_WARMUP" --channels-per-region "$GL_CHANNELS" --senders-per-region "$GL_SENDERS" \
@@ -100,6 +135,12 @@ for latency in $GL_LATENCIES; do
         >"$OUT/bench-$latency.txt" 2>"$OUT/bench-$latency.err" || rc=$?
     kill "$watcher" 2>/dev/null || true
     wait "$watcher" 2>/dev/null || true
+    kill "$sampler" 2>/dev/null || true
+    wait "$sampler" 2>/dev/null || true
+    cpu_snapshot >>"$OUT/cpu-during-$latency.txt"
+    cpu_report "$OUT/cpu-before-$latency.txt" "$OUT/cpu-during-$latency.txt" >"$OUT/cpu-$latency.txt"
+    log "CPU seconds per process during the WAN ${latency} ms run (engines, MirrorMaker 2, routers, gateways, bench):"
+    cat "$OUT/cpu-$latency.txt" >&2
     contended=false
     [ -e "$marker" ] && { contended=true; log "WARNING: rustc ran during this run: its figures are contended"; }
     rm -f "$marker"
