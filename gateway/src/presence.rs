@@ -193,30 +193,12 @@ impl Presence {
 
     fn publish(&self, changes: impl IntoIterator<Item = PresenceView>) {
         let Some(hub) = self.hub.upgrade() else { return };
-        if let Some(outbox) = &self.outbox {
-            let changes: Vec<PresenceView> = changes.into_iter().collect();
-            if changes.is_empty() {
-                return;
-            }
-            if let Some(journal) = &self.journal {
-                for view in &changes {
-                    journal.push(PresenceUpdate {
-                        user: view.user.clone(),
-                        status: view.status,
-                        last_seen: view.last_seen,
-                        instance: self.instance.clone(),
-                        at: unix_ms(),
-                    });
-                }
-            }
-            if outbox.try_send(changes).is_err() {
-                hub.metrics().presence_dropped.inc();
-                debug!("presence outbox full; a change is not published");
-            }
+        let changes: Vec<PresenceView> = changes.into_iter().collect();
+        if changes.is_empty() {
             return;
         }
-        for view in changes {
-            if let Some(journal) = &self.journal {
+        if let Some(journal) = &self.journal {
+            for view in &changes {
                 journal.push(PresenceUpdate {
                     user: view.user.clone(),
                     status: view.status,
@@ -225,9 +207,22 @@ impl Presence {
                     at: unix_ms(),
                 });
             }
-            let user = view.user.clone();
-            let frame = ServerFrame::Presence { user: view.user, status: view.status, last_seen: view.last_seen };
-            hub.deliver_to_watchers(&user, &Utf8Bytes::from(frame.to_json()));
+        }
+        match &self.outbox {
+            Some(outbox) => {
+                if outbox.try_send(changes).is_err() {
+                    hub.metrics().presence_dropped.inc();
+                    debug!("presence outbox full; a change is not published");
+                }
+            }
+            None => {
+                for view in changes {
+                    let user = view.user.clone();
+                    let frame =
+                        ServerFrame::Presence { user: view.user, status: view.status, last_seen: view.last_seen };
+                    hub.deliver_to_watchers(&user, &Utf8Bytes::from(frame.to_json()));
+                }
+            }
         }
     }
 
