@@ -188,7 +188,6 @@ parley_test_support::engine_suite!(
     a_deleted_channel_leaves_no_member_list_or_access_behind,
     a_home_moves_only_from_the_home_the_store_names,
     a_home_is_claimed_once,
-    claims_raced_from_two_tasks_get_one_home,
 );
 
 async fn a_home_moves_only_from_the_home_the_store_names(engine: Engine) {
@@ -261,12 +260,10 @@ async fn a_home_is_claimed_once(engine: Engine) {
     assert_eq!(claim("g:homeless", us.clone()).await, us);
     assert_eq!(claim("g:homeless", eu.clone()).await, us);
     assert_eq!(stored_home("g:homeless").await, Some(us));
-    stores.finish().await;
-}
 
-async fn claims_raced_from_two_tasks_get_one_home(engine: Engine) {
-    let Some(stores) = Stores::open(engine, None).await else { return };
-    for round in 0..5 {
+    // Two regions claiming the same new DM at once are told the same home (on one keyspace, so the suite creates
+    // no second one).
+    for round in 0..3 {
         let channel = format!("dm:user{round}a:user{round}b");
         let start = Arc::new(tokio::sync::Barrier::new(2));
         let racers: Vec<_> = ["eu-west", "us-east"]
