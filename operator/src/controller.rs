@@ -85,6 +85,8 @@ const KEYSPACE_RECHECK: Duration = Duration::from_secs(60);
 /// How often a Region that receives other Regions' topics refreshes its incoming flows (delivery latency, MirrorMaker
 /// 2's lag) in its status: the routers report every 10 s.
 const FLOWS_REFRESH: Duration = Duration::from_secs(30);
+/// How often it reads them while a mirrored region has no measured flow yet.
+const FLOWS_FIRST_REFRESH: Duration = Duration::from_secs(10);
 /// Timeout of the operator's Cassandra connection and of each of its requests.
 const CASSANDRA_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -417,15 +419,29 @@ async fn apply(region: Arc<Region>, context: &Context) -> Result<Action, Error> 
         keyspace_conditions,
         Timestamp::now(),
     );
+    let mirrored = mm2::mirrored_regions(&plan.validated);
+    let flows_next = (!mirrored.is_empty()).then(|| flows_refresh(&mirrored, &new_status.incoming_flows));
     write_region_status(&regions, &region, new_status.clone(), context).await?;
     let mut current = (*region).clone();
     current.status = Some(new_status);
     update_cluster_summary(&clusters, &cluster, &siblings, current, context).await?;
     let mut next = if recheck { KEYSPACE_RECHECK } else { RESYNC };
-    if !mm2::mirrored_regions(&plan.validated).is_empty() {
-        next = next.min(FLOWS_REFRESH);
+    if let Some(flows_next) = flows_next {
+        next = next.min(flows_next);
     }
     Ok(Action::requeue(next))
+}
+
+/// When a Region that mirrors `mirrored` reads its incoming flows again: soon ([`FLOWS_FIRST_REFRESH`]) while a
+/// mirrored region has no flow with MirrorMaker 2's lag yet (a new Region shows its flows as soon as the routers
+/// measured them), else every [`FLOWS_REFRESH`].
+fn flows_refresh(mirrored: &[String], flows: &[parley_crds::region::IncomingFlow]) -> Duration {
+    let measured = |region: &String| flows.iter().any(|flow| &flow.region == region && flow.mirror_lag_ms.is_some());
+    if mirrored.iter().all(measured) {
+        FLOWS_REFRESH
+    } else {
+        FLOWS_FIRST_REFRESH
+    }
 }
 
 /// An error with its causes, for a condition's message.
@@ -1132,6 +1148,21 @@ fn is_empty(value: &Value) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flows_are_read_soon_until_every_mirrored_region_was_measured() {
+        let flow = |region: &str, lag: Option<i64>| parley_crds::region::IncomingFlow {
+            region: region.into(),
+            delivery_latency_ms: 0,
+            messages: 0,
+            mirror_lag_ms: lag,
+            reported_at: String::new(),
+        };
+        let mirrored = vec!["ap".to_owned(), "eu".to_owned()];
+        assert_eq!(flows_refresh(&mirrored, &[]), FLOWS_FIRST_REFRESH);
+        assert_eq!(flows_refresh(&mirrored, &[flow("eu", Some(20)), flow("ap", None)]), FLOWS_FIRST_REFRESH);
+        assert_eq!(flows_refresh(&mirrored, &[flow("eu", Some(20)), flow("ap", Some(900))]), FLOWS_REFRESH);
+    }
     use http::{Method, Request, Response};
     use kube::client::Body;
     use parley_crds::common::AllocatedBlock;
