@@ -15,8 +15,8 @@
 //! them and the full test command fails them (`parley_test_support::engines`). Every process binds port 0 and
 //! reports the address it got.
 
-use parley_client::{Client, ClientConfig, Event, HistoryQuery, Status};
-use parley_e2e::observe::wait_presence;
+use parley_client::{Client, ClientConfig, Event, Status};
+use parley_e2e::observe::{stored_at_least, wait_presence};
 use parley_test_support::{binary, engine, report, Engine, Spawned};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -242,38 +242,6 @@ fn record(mut events: mpsc::Receiver<Event>) -> Arc<Mutex<Seen>> {
         }
     });
     seen
-}
-
-/// The whole stored history of a channel, as (seq, id), oldest first.
-async fn stored(client: &Client, channel: &str) -> Vec<(u64, u64)> {
-    let mut all = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = client
-            .history(channel, HistoryQuery { after: Some(after), before: None, limit: Some(200) })
-            .await
-            .expect("history");
-        all.extend(page.messages.iter().map(|message| (message.seq, message.id)));
-        match page.messages.last() {
-            Some(last) if page.has_more => after = last.seq,
-            _ => break,
-        }
-    }
-    all
-}
-
-/// The stored history once it holds at least `expected` messages (the store may trail the log while a store
-/// writer catches up after a restart), or whatever it holds after 60 s.
-async fn stored_at_least(client: &Client, channel: &str, expected: usize) -> Vec<(u64, u64)> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let all = stored(client, channel).await;
-        if all.len() >= expected || Instant::now() > deadline {
-            return all;
-        }
-        // The poll interval of a bounded wait.
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// Waits until every client holds `expected[channel]` messages of each of its channels, or the deadline.
