@@ -136,6 +136,21 @@ helm_passed=$(awk '{print $2}' <<<"$helm_line")
 helm_failed=$(awk '{print $4}' <<<"$helm_line")
 # --- Helm chart render test --- end ---
 
+# --- Argo CD health checks (argocd/) --- begin ---
+# Builds the health-check runner (gopher-lua, from the Go module proxy; cached under $PARLEY_CACHE/argocd) and runs
+# each health_test.yaml case of argocd/resource_customizations the way Argo CD's own harness does.
+step "Argo CD health checks (argocd/test.sh)"
+set +e
+bash argocd/test.sh 2>&1 | tee "$logs/argocd.log"
+argocd_status=${PIPESTATUS[0]}
+set -e
+argocd_line=$(grep -E '^argocd-health: [0-9]+ passed, [0-9]+ failed$' "$logs/argocd.log" | tail -n1)
+[[ $argocd_status == 0 && -n $argocd_line ]] \
+  || fail "Argo CD health checks (argocd/test.sh): ${argocd_line:-no result line}; see the FAIL lines above"
+argocd_passed=$(awk '{print $2}' <<<"$argocd_line")
+argocd_failed=$(awk '{print $4}' <<<"$argocd_line")
+# --- Argo CD health checks --- end ---
+
 step "unit and integration tests (cargo test)"
 # The cross-process and outage tests append their figures (drain histograms, resume times, ...) here; the summary
 # prints them, since a passing test's own output is captured.
@@ -163,5 +178,6 @@ if [[ -s "$logs/figures.txt" ]]; then echo "figures:"; sed "s/^/  /" "$logs/figu
 echo "cargo: $passed passed, $failed failed; browser: $browser_passed passed, $browser_failed failed"
 echo "elapsed: $(( $(date +%s) - started ))s"
 echo "helm chart: $helm_passed passed, $helm_failed failed"
-echo "total: $(( passed + browser_passed + helm_passed )) passed, $(( failed + browser_failed + helm_failed )) failed"
+echo "argo cd health: $argocd_passed passed, $argocd_failed failed"
+echo "total: $(( passed + browser_passed + helm_passed + argocd_passed )) passed, $(( failed + browser_failed + helm_failed + argocd_failed )) failed"
 rm -rf "$logs"
