@@ -3,10 +3,12 @@
 # (e2e/helm/build.sh), then:
 #   1. helm lint, with default and with namespace-scoped values (the values schema is enforced);
 #   2. values that the chart must refuse (root, writable root filesystem, 0 replicas) make helm fail;
-#   3. helm template for six scenarios, checked by check_render.py (PyYAML, in a cached venv): every workload
+#   3. helm template for eight scenarios, checked by check_render.py (PyYAML, in a cached venv): every workload
 #      non-root with a read-only root filesystem and no privilege escalation, RBAC exactly the least-privilege
 #      set (no wildcards; Lease rights limited to the named Lease), the operator's NetworkPolicy, CRDs
-#      byte-identical to crds/*.yaml, image tag = appVersion by default, ...;
+#      byte-identical to crds/*.yaml, image tag = appVersion by default, the Grafana dashboard ConfigMap carrying
+#      charts/parley/dashboards/*.json byte for byte, ...; then check_dashboard.py: the dashboard's JSON, its
+#      datasource variable, unique panel ids, and every metric name of its PromQL registered by the Rust sources;
 #   4. kubectl apply --dry-run=server of the rendered output against the API server KUBECONFIG names (e.g.
 #      e2e/k8s/up.sh). With PARLEY_REQUIRE_ENGINES=1 (the full test command) it is required: a missing or silent
 #      API server fails the run. Otherwise it is skipped with a message when there is none.
@@ -77,6 +79,9 @@ refuse "zero replicas" --set replicaCount=0
 refuse "unknown top-level key" --set replicas=3
 refuse "networkPolicy.enabled not a boolean" --set networkPolicy.enabled=maybe
 refuse "unknown networkPolicy key" --set networkPolicy.egress=true
+refuse "grafana.dashboard.enabled not a boolean" --set grafana.dashboard.enabled=maybe
+refuse "unknown grafana.dashboard key" --set grafana.dashboard.folder=Parley
+refuse "grafana.dashboard.labels value not a string" --set grafana.dashboard.labels.grafana_dashboard=1
 
 # 3. render the scenarios and check them
 render() {
@@ -93,19 +98,27 @@ render single --set replicaCount=1
 render tag --set image.tag=9.9.9-test
 render digest --set "image.digest=sha256:$(printf 'a%.0s' {1..64})"
 render no-netpol --set networkPolicy.enabled=false
+render dashboard --set grafana.dashboard.namespace=monitoring --set-string grafana.dashboard.labels.grafana_dashboard=parley \
+  --set-string grafana.dashboard.labels.team=chat --set-string grafana.dashboard.annotations.grafana_folder=Parley
+render no-dashboard --set grafana.dashboard.enabled=false
 
 set +e
 "$venv/bin/python" e2e/helm/check_render.py --chart "$chart" --crds crds --namespace "$namespace" --release "$release" \
   --watch-namespace "$watch_namespace" --namespaced-values e2e/helm/values-namespaced.yaml \
   default="$out/default.yaml" namespaced="$out/namespaced.yaml" single="$out/single.yaml" \
-  tag="$out/tag.yaml" digest="$out/digest.yaml" no-netpol="$out/no-netpol.yaml" | tee "$out/check.log"
+  tag="$out/tag.yaml" digest="$out/digest.yaml" no-netpol="$out/no-netpol.yaml" \
+  dashboard="$out/dashboard.yaml" no-dashboard="$out/no-dashboard.yaml" | tee "$out/check.log"
+# The dashboard's JSON and every metric name of its queries against the metrics the Rust sources register.
+"$venv/bin/python" e2e/helm/check_dashboard.py --root . --dashboards "$chart/dashboards" | tee "$out/dashboard.log"
 set -e
-summary=$(tail -n1 "$out/check.log")
-if [[ $summary =~ ^check_render:\ ([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then
-  passed=$((passed + BASH_REMATCH[1])); failed=$((failed + BASH_REMATCH[2]))
-else
-  not_ok "check_render.py did not finish (last line: $summary)"
-fi
+for log in check dashboard; do
+  summary=$(tail -n1 "$out/$log.log")
+  if [[ $summary =~ ^check_[a-z]+:\ ([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then
+    passed=$((passed + BASH_REMATCH[1])); failed=$((failed + BASH_REMATCH[2]))
+  else
+    not_ok "$log checker did not finish (last line: $summary)"
+  fi
+done
 
 # 4. server-side dry run against a real API server (admission, schema and RBAC escalation checks).
 # The two namespaces the scenarios install into are created when missing (and deleted afterwards): a dry run
