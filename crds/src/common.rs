@@ -9,6 +9,19 @@ use serde::{Deserialize, Serialize};
 /// The number of Snowflake machine IDs (10 bits) shared by all Regions of one ChatCluster.
 pub const MACHINE_ID_SPACE: u16 = 1024;
 
+/// Pod annotation that asks a gateway to drain (value: the RFC 3339 time of the request). The gateway stops
+/// accepting, spreads its clients' reconnects over its drain window and then stays up, not ready, until its pod is
+/// deleted. Removing it does not undo a drain.
+pub const DRAIN_ANNOTATION: &str = "parley.dev/drain";
+/// Pod annotation a gateway writes on its own pod: its connections, limit, drain state and resume totals (JSON).
+pub const GATEWAY_STATUS_ANNOTATION: &str = "parley.dev/gateway-status";
+/// Region annotation (`"true"`) that holds the gateways' rollout and scale-down: the step in flight finishes and
+/// no new one starts.
+pub const ROLLOUT_PAUSED_ANNOTATION: &str = "parley.dev/rollout-paused";
+/// Region annotation copied into the gateway and router pod templates: changing it rolls every pod, drained, one
+/// at a time.
+pub const RESTART_AT_ANNOTATION: &str = "parley.dev/restart-at";
+
 /// The condition type that is `True` when everything the resource describes is running and ready.
 pub const CONDITION_READY: &str = "Ready";
 /// The condition type that is `True` while the operator is moving the cluster towards its spec.

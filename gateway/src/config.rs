@@ -116,6 +116,71 @@ impl Default for GatewayConfig {
     }
 }
 
+/// The pod agent: a gateway running in a Kubernetes pod watches its own Pod for a drain request (the
+/// `parley.dev/drain` annotation) and publishes its figures on it (`parley.dev/gateway-status`), through the API
+/// server of its in-cluster config (see [`crate::pod_agent`]). The pod is named by the identity settings'
+/// `--pod-name` (`PARLEY_POD_NAME`) and `--pod-namespace` (`PARLEY_POD_NAMESPACE`).
+#[derive(Debug, Clone, Args)]
+pub struct PodAgentConfig {
+    /// Run the pod agent (needs `--pod-name` and `--pod-namespace`, and RBAC to get, list, watch and patch that pod).
+    #[arg(long, env = "PARLEY_POD_AGENT")]
+    pub pod_agent: bool,
+    /// The status annotation is written at most this often (and at least every 30 s), in milliseconds.
+    #[arg(long, env = "PARLEY_POD_STATUS_INTERVAL_MS", default_value_t = 2_000)]
+    pub pod_status_interval_ms: u64,
+}
+
+impl Default for PodAgentConfig {
+    fn default() -> Self {
+        Self { pod_agent: false, pod_status_interval_ms: 2_000 }
+    }
+}
+
+/// The pod the agent serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRef {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+impl PodAgentConfig {
+    /// The agent's pod (from the identity settings) when the agent is on, `None` when it is off; an error naming
+    /// what is missing when it is on without its pod.
+    pub fn pod(&self, identity: &parley_telemetry::TelemetryArgs) -> Result<Option<PodRef>, String> {
+        fn given(value: &Option<String>) -> Option<&str> {
+            value.as_deref().map(str::trim).filter(|value| !value.is_empty())
+        }
+        if !self.pod_agent {
+            return Ok(None);
+        }
+        match (given(&identity.pod_namespace), given(&identity.pod_name)) {
+            (Some(namespace), Some(name)) => {
+                Ok(Some(PodRef { namespace: namespace.to_owned(), name: name.to_owned() }))
+            }
+            (namespace, name) => {
+                let missing: Vec<&str> = [
+                    name.is_none().then_some("--pod-name (PARLEY_POD_NAME)"),
+                    namespace.is_none().then_some("--pod-namespace (PARLEY_POD_NAMESPACE)"),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                Err(format!(
+                    "--pod-agent (PARLEY_POD_AGENT) needs {}: the pod it watches and annotates",
+                    missing.join(" and ")
+                ))
+            }
+        }
+    }
+
+    /// The shortest time between two writes of the status annotation (at least 10 ms).
+    pub fn status_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.pod_status_interval_ms.max(10))
+    }
+}
+
 /// Authentication settings. Both key settings take one key or several, comma-separated, each optionally
 /// `kid=key`: a token whose header names a `kid` is verified with that key only, one without `kid` with the key
 /// given without one (see [`crate::auth`]).
@@ -249,6 +314,9 @@ pub struct StandaloneArgs {
     /// Distributed layout (a separate `parley-router` and Redis).
     #[command(flatten)]
     pub cluster: ClusterConfig,
+    /// The pod agent (drain requests and status through the Kubernetes API).
+    #[command(flatten)]
+    pub pod_agent: PodAgentConfig,
 }
 
 /// The distributed layout: when `--router-url` is set this process is a gateway only. Sends and reads go to the
@@ -323,6 +391,33 @@ mod tests {
         assert!(!args.auth.insecure_dev_login);
         assert_eq!(args.server_api.revocation_ttl_days, ServerApiConfig::default().revocation_ttl_days);
         assert_eq!(args.server_api.keys(), Ok(Vec::new()), "the server API is off by default");
+    }
+
+    #[test]
+    fn the_pod_agent_needs_its_pod() {
+        let pod = |extra: &[&str]| {
+            let mut args = vec!["parley"];
+            args.extend_from_slice(extra);
+            let args = StandaloneArgs::try_parse_from(args).expect("parse");
+            args.pod_agent.pod(&args.telemetry)
+        };
+        assert_eq!(pod(&[]), Ok(None), "off by default");
+        assert_eq!(pod(&["--pod-name", "p", "--pod-namespace", "n"]), Ok(None), "a pod alone starts nothing");
+        assert_eq!(
+            pod(&["--pod-agent", "--pod-name", "eu-gateway-0", "--pod-namespace", "chat"]),
+            Ok(Some(PodRef { namespace: "chat".into(), name: "eu-gateway-0".into() }))
+        );
+        let error = pod(&["--pod-agent"]).expect_err("no pod");
+        assert!(error.contains("--pod-name (PARLEY_POD_NAME) and --pod-namespace (PARLEY_POD_NAMESPACE)"), "{error}");
+        let error = pod(&["--pod-agent", "--pod-name", "p", "--pod-namespace", " "]).expect_err("blank");
+        assert!(error.contains("--pod-namespace") && !error.contains("--pod-name "), "{error}");
+        let interval = |extra: &[&str]| {
+            let mut args = vec!["parley"];
+            args.extend_from_slice(extra);
+            StandaloneArgs::try_parse_from(args).expect("parse").pod_agent.status_interval()
+        };
+        assert_eq!(interval(&[]), std::time::Duration::from_secs(2));
+        assert_eq!(interval(&["--pod-status-interval-ms", "0"]), std::time::Duration::from_millis(10));
     }
 
     #[test]

@@ -215,6 +215,9 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
         warn!("INSECURE dev login is enabled: anyone can log in as anyone. Never use this in production.");
     }
     let server_api_keys: Arc<[String]> = Arc::from(args.server_api.keys().map_err(GatewayError::Config)?);
+    // The pod agent's pod, checked before anything is opened: `--pod-agent` without its pod refuses to start.
+    let agent_pod = args.pod_agent.pod(&args.telemetry).map_err(GatewayError::Config)?;
+    let agent_metrics = parley_gateway::pod_agent::AgentMetrics::default();
     info!(jwt_keys = ?auth.key_ids(), server_api = !server_api_keys.is_empty(), "authentication configured");
     let push = parley_gateway::push::PushService::from_config(&args.push, &args.storage.data_dir)?;
     let backends =
@@ -239,6 +242,9 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
         }
         if let Some((push, _)) = &push {
             push.register_metrics(registry.sub_registry_with_prefix("push"));
+        }
+        if agent_pod.is_some() {
+            agent_metrics.register(registry.sub_registry_with_prefix("gateway"));
         }
     });
     let (sink, publications) = mpsc::channel(65_536);
@@ -297,6 +303,22 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
         }
     }
 
+    // In a pod: drain requests and status through the Kubernetes API, until the process stops.
+    if let Some(pod) = agent_pod {
+        let agent = parley_gateway::pod_agent::PodAgent {
+            pod,
+            interval: args.pod_agent.status_interval(),
+            plan: args.gateway.drain_plan(),
+            sources: parley_gateway::pod_agent::Sources {
+                hub: state.hub.clone(),
+                metrics: state.metrics.clone(),
+                drainer: state.drainer.clone(),
+                max_connections: u64::try_from(args.gateway.max_connections).unwrap_or(u64::MAX),
+            },
+            metrics: agent_metrics,
+        };
+        agent.start(shutdown_signal.clone());
+    }
     let sweeper = store.map(|store| {
         let mut stop = shutdown_signal.clone();
         tokio::spawn(async move {

@@ -26,8 +26,9 @@ async fn run() -> anyhow::Result<()> {
     let plan = drain_plan;
     tokio::spawn(async move {
         shutdown_signal().await;
-        // The first signal drains: clients are asked to reconnect elsewhere, spread over the drain window.
-        drainer.start(plan);
+        // The first signal drains: clients are asked to reconnect elsewhere, spread over the drain window. A drain
+        // the pod agent holds (asked for on the pod) is released: the process stops once it is over, at once if so.
+        drainer.terminate(plan);
         shutdown_signal().await;
         tracing::info!("second signal: shutting down now, closing connections with 1001");
         let _ = shutdown.send(true);

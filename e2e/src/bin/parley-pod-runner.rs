@@ -142,6 +142,7 @@ fn config(args: &RunArgs) -> anyhow::Result<runner::Config> {
         backoff: seconds(args.restart_backoff, "--restart-backoff")?,
         max_backoff: seconds(args.max_restart_backoff, "--max-restart-backoff")?,
         delete_nodes_on_exit: !args.keep_nodes,
+        api_server: None,
     })
 }
 
@@ -180,9 +181,14 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("start the tokio runtime")?
                 .block_on(async {
-                    let client = kube::Client::try_default()
+                    let kube_config = kube::Config::infer()
                         .await
-                        .context("unable to create a Kubernetes client (KUBECONFIG or in-cluster)")?;
+                        .context("unable to find a Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+                    // Pods reach this API server as the `kubernetes` Service.
+                    let api_server = runner::env::ApiServer::from_url(&kube_config.cluster_url.to_string())
+                        .map_err(anyhow::Error::msg)?;
+                    let client = kube::Client::try_from(kube_config).context("unable to create a Kubernetes client")?;
+                    let config = runner::Config { api_server: Some(api_server), ..config };
                     runner::run(client, config, shutdown_signal()).await.context("the pod runner failed")
                 })
         }

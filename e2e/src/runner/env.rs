@@ -13,6 +13,15 @@
 //! container's environment overrides it; `PATH` (a runtime's default), `HOSTNAME` (the pod's hostname) and `HOME`
 //! (`/`) are set unless the image sets them. `command` and `args` expand `$(VAR)` from the container's environment.
 //!
+//! The `kubernetes` Service: a kubelet gives every container the service-link variables of the `kubernetes`
+//! Service of the `default` namespace, whatever `enableServiceLinks` says (that setting only governs the pod's own
+//! namespace's Services, which the runner does not link): `KUBERNETES_SERVICE_HOST`, `KUBERNETES_SERVICE_PORT`,
+//! `KUBERNETES_SERVICE_PORT_HTTPS`, `KUBERNETES_PORT` and `KUBERNETES_PORT_<port>_TCP[_PROTO|_PORT|_ADDR]`
+//! ([`kubernetes_service_env`]). They take part in `$(VAR)` expansion after the container's own variables, and are
+//! added unless the container defines them. The Service's ClusterIP is fake here (no kube-proxy), so they name the
+//! API server the runner itself uses (its kubeconfig's server host and port): with the ServiceAccount token volume,
+//! a process's in-cluster Kubernetes client reaches the real API server.
+//!
 //! The rewrite: an environment value or argument that is exactly an unspecified socket address, `0.0.0.0:PORT` or
 //! `[::]:PORT`, becomes `<pod address>:PORT`, so that a process that listens "on every interface" listens on its
 //! pod's own loopback address (see the runner's README). Nothing else is rewritten.
@@ -67,6 +76,61 @@ pub struct Addresses {
     pub pod: Ipv4Addr,
     /// The node's address.
     pub host: Ipv4Addr,
+}
+
+/// The API server that pods reach as the `kubernetes` Service: the one the runner uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiServer {
+    /// Its host, an IP address or a name (no brackets around an IPv6 address).
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+}
+
+impl ApiServer {
+    /// The API server of a kubeconfig's `server` URL (`https://HOST[:PORT][/path]`; the port defaults to 443).
+    pub fn from_url(url: &str) -> Result<ApiServer, String> {
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(|| format!("the API server URL {url:?} is not https://: in-cluster clients speak TLS"))?;
+        let authority = rest.split('/').next().unwrap_or_default();
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            let (host, after) =
+                bracketed.split_once(']').ok_or_else(|| format!("the API server URL {url:?} has an unclosed '['"))?;
+            (host, after.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            }
+        };
+        let port = match port {
+            None => 443,
+            Some(port) => port.parse().map_err(|_| format!("the API server URL {url:?} has no valid port"))?,
+        };
+        if host.is_empty() {
+            return Err(format!("the API server URL {url:?} names no host"));
+        }
+        Ok(ApiServer { host: host.to_owned(), port })
+    }
+}
+
+/// The variables a kubelet derives from the `kubernetes` Service (port 443, named `https`), naming `api` instead of
+/// the Service's ClusterIP and port (as if the Service's port were the API server's).
+pub fn kubernetes_service_env(api: &ApiServer) -> BTreeMap<String, String> {
+    let (host, port) = (&api.host, api.port);
+    let address = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    let prefix = format!("KUBERNETES_PORT_{port}_TCP");
+    BTreeMap::from([
+        ("KUBERNETES_SERVICE_HOST".to_owned(), host.clone()),
+        ("KUBERNETES_SERVICE_PORT".to_owned(), port.to_string()),
+        ("KUBERNETES_SERVICE_PORT_HTTPS".to_owned(), port.to_string()),
+        ("KUBERNETES_PORT".to_owned(), format!("tcp://{address}")),
+        (prefix.clone(), format!("tcp://{address}")),
+        (format!("{prefix}_PROTO"), "tcp".to_owned()),
+        (format!("{prefix}_PORT"), port.to_string()),
+        (format!("{prefix}_ADDR"), host.clone()),
+    ])
 }
 
 /// A default `PATH`, as container runtimes set it.
@@ -196,12 +260,15 @@ fn secret_entries(secret: &Secret) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The container's environment, before the image's `ENV` and the rewrite: the kubelet's part.
+/// The container's environment, before the image's `ENV` and the rewrite: the kubelet's part. `services` are the
+/// service-link variables ([`kubernetes_service_env`]): `$(VAR)` finds them after the container's own variables,
+/// and they are added unless the container defines them.
 pub fn kubelet_env(
     pod: &Pod,
     container: &Container,
     sources: &Sources,
     addresses: Addresses,
+    services: &BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, String>, String> {
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     for source in container.env_from.iter().flatten() {
@@ -230,7 +297,9 @@ pub fn kubelet_env(
     }
     for var in container.env.iter().flatten() {
         let value = match &var.value_from {
-            None => expand(var.value.as_deref().unwrap_or_default(), |name| env.get(name).cloned()),
+            None => expand(var.value.as_deref().unwrap_or_default(), |name| {
+                env.get(name).or_else(|| services.get(name)).cloned()
+            }),
             Some(from) => {
                 if let Some(selector) = &from.field_ref {
                     field(pod, &selector.field_path, addresses)?
@@ -276,6 +345,9 @@ pub fn kubelet_env(
             }
         };
         env.insert(var.name.clone(), value);
+    }
+    for (name, value) in services {
+        env.entry(name.clone()).or_insert_with(|| value.clone());
     }
     Ok(env)
 }
@@ -389,7 +461,7 @@ mod tests {
                 {"name": "FROM_CONFIG", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "SHARED"}}}
             ]
         }));
-        let env = kubelet_env(&pod(), &container, &sources(), addresses()).expect("env");
+        let env = kubelet_env(&pod(), &container, &sources(), addresses(), &BTreeMap::new()).expect("env");
         let get = |name: &str| env.get(name).map(String::as_str);
         assert_eq!(get("NAME"), Some("r-router-1"));
         assert_eq!(get("INDEX"), Some("1"));
@@ -428,9 +500,42 @@ mod tests {
                 "not supported",
             ),
         ] {
-            let error = kubelet_env(&pod(), &container(value), &sources(), addresses()).expect_err("must fail");
+            let error = kubelet_env(&pod(), &container(value), &sources(), addresses(), &BTreeMap::new())
+                .expect_err("must fail");
             assert!(error.contains(wanted), "{error} lacks {wanted}");
         }
+    }
+
+    #[test]
+    fn every_container_gets_the_kubernetes_service_naming_the_runners_api_server() {
+        let api = ApiServer::from_url("https://127.0.0.1:21783").expect("url");
+        assert_eq!(api, ApiServer { host: "127.0.0.1".into(), port: 21783 });
+        assert_eq!(ApiServer::from_url("https://api.example:6443/prefix").map(|api| api.port), Ok(6443));
+        assert_eq!(ApiServer::from_url("https://localhost").map(|api| api.port), Ok(443));
+        assert_eq!(ApiServer::from_url("https://[::1]:8443"), Ok(ApiServer { host: "::1".into(), port: 8443 }));
+        for bad in ["http://127.0.0.1:80", "https://:1", "https://h:x", "https://[::1"] {
+            assert!(ApiServer::from_url(bad).is_err(), "{bad}");
+        }
+        let services = kubernetes_service_env(&api);
+        let container = container(json!({
+            "name": "c",
+            "env": [
+                {"name": "API", "value": "https://$(KUBERNETES_SERVICE_HOST):$(KUBERNETES_SERVICE_PORT)"},
+                {"name": "KUBERNETES_SERVICE_PORT_HTTPS", "value": "mine"}
+            ]
+        }));
+        let env = kubelet_env(&pod(), &container, &sources(), addresses(), &services).expect("env");
+        let get = |name: &str| env.get(name).map(String::as_str);
+        assert_eq!(get("KUBERNETES_SERVICE_HOST"), Some("127.0.0.1"));
+        assert_eq!(get("KUBERNETES_SERVICE_PORT"), Some("21783"));
+        assert_eq!(get("KUBERNETES_PORT"), Some("tcp://127.0.0.1:21783"));
+        assert_eq!(get("KUBERNETES_PORT_21783_TCP_ADDR"), Some("127.0.0.1"));
+        assert_eq!(get("KUBERNETES_PORT_21783_TCP_PROTO"), Some("tcp"));
+        assert_eq!(get("API"), Some("https://127.0.0.1:21783"), "$(VAR) finds the service variables");
+        assert_eq!(get("KUBERNETES_SERVICE_PORT_HTTPS"), Some("mine"), "the container's own variable wins");
+        let v6 = kubernetes_service_env(&ApiServer { host: "::1".into(), port: 6443 });
+        assert_eq!(v6.get("KUBERNETES_PORT").map(String::as_str), Some("tcp://[::1]:6443"));
+        assert_eq!(v6.get("KUBERNETES_SERVICE_HOST").map(String::as_str), Some("::1"));
     }
 
     #[test]

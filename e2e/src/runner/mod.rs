@@ -4,8 +4,9 @@
 //! address. `e2e/runner/README.md` says what it does and does not do.
 //!
 //! - [`images`]: the image → binary map (with each image's `ENTRYPOINT`/`CMD`/`ENV`);
-//! - [`env`]: environment resolution (`env`, `envFrom`, `$(VAR)`, `valueFrom`) and the one generic rewrite
-//!   (`0.0.0.0:PORT` → `<pod address>:PORT`);
+//! - [`env`]: environment resolution (`env`, `envFrom`, `$(VAR)`, `valueFrom`, the `kubernetes` Service's
+//!   variables naming the runner's own API server) and the one generic rewrite (`0.0.0.0:PORT` →
+//!   `<pod address>:PORT`);
 //! - [`volumes`]: Secret, ConfigMap and emptyDir volumes, and their bind mounts;
 //! - [`dns`]: pod addresses, and each pod's hosts file built from Services and pods;
 //! - [`probe`]: httpGet and tcpSocket probes;
@@ -106,6 +107,9 @@ pub struct Config {
     pub max_backoff: Duration,
     /// Delete the Node objects when stopping (their Leases go with them).
     pub delete_nodes_on_exit: bool,
+    /// The API server the runner uses (its kubeconfig's server): every container gets it as the `kubernetes`
+    /// Service (`KUBERNETES_SERVICE_HOST`/`PORT`, see [`env::kubernetes_service_env`]); `None` sets no such variable.
+    pub api_server: Option<env::ApiServer>,
 }
 
 /// What the runner knows of one of its pods.
@@ -361,6 +365,7 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
         binaries: config.binaries.clone(),
         images: config.images.clone(),
         host_address: Ipv4Addr::LOCALHOST,
+        service_env: config.api_server.as_ref().map(env::kubernetes_service_env).unwrap_or_default(),
         runner,
         unshare,
         mount,

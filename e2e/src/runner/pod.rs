@@ -49,6 +49,8 @@ pub(crate) struct Context {
     pub images: ImageMap,
     /// The node's address.
     pub host_address: Ipv4Addr,
+    /// The `kubernetes` Service's variables every container gets (see [`env::kubernetes_service_env`]).
+    pub service_env: BTreeMap<String, String>,
     /// This executable (for `pod-exec`).
     pub runner: PathBuf,
     /// `unshare`.
@@ -458,7 +460,7 @@ async fn prepare(shared: &Shared, container: &Container) -> Result<Prepared, Fai
         .await
         .map_err(|message| Failure { reason: "CreateContainerConfigError", message })?;
     let addresses = Addresses { pod: shared.address, host: context.host_address };
-    let kubelet = env::kubelet_env(pod, container, &sources, addresses)
+    let kubelet = env::kubelet_env(pod, container, &sources, addresses, &context.service_env)
         .map_err(|message| Failure { reason: "CreateContainerConfigError", message })?;
     let invocation = images::invocation(
         entry,
