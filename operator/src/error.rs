@@ -30,15 +30,21 @@ pub enum Error {
         /// The namespace searched.
         namespace: String,
     },
-    /// A replication rule names a region that is not a Region of the same ChatCluster.
-    #[error("region {region} replicates to {target}, which is not a region of chat cluster {cluster}")]
-    UnknownReplicationTarget {
+    /// An object the operator would name after the Region could not carry that name (for example a Service, whose
+    /// name must be a DNS-1035 label, for a Region named `eu.west`). Nothing is applied or allocated for it.
+    #[error(
+        "region {region} cannot be run under this name: its {kind} {name} must be {rule}. Recreate the Region with \
+         a name of lowercase letters, digits and '-' that starts with a letter (at most 40 characters)"
+    )]
+    InvalidName {
         /// The Region.
         region: String,
-        /// The unknown region name.
-        target: String,
-        /// Their ChatCluster.
-        cluster: String,
+        /// What would carry the name (a kind, or a label).
+        kind: &'static str,
+        /// The derived name.
+        name: String,
+        /// The rule it breaks, in words.
+        rule: &'static str,
     },
     /// Neither the Region nor its ChatCluster gives Kafka bootstrap servers.
     #[error(
@@ -268,7 +274,7 @@ impl Error {
             Error::DeletionBlocked { .. } => "DeletionBlocked",
             Error::DuplicateRegion { .. } => "DuplicateRegion",
             Error::ClusterNotFound { .. } => "ClusterNotFound",
-            Error::UnknownReplicationTarget { .. } => "UnknownReplicationTarget",
+            Error::InvalidName { .. } => "InvalidName",
             Error::MissingKafkaBootstrap { .. } => "MissingKafkaBootstrap",
             Error::MissingRedisUrl { .. } => "MissingRedisUrl",
             Error::InvalidBackendSettings { .. } => "InvalidBackendSettings",

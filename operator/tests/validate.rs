@@ -4,7 +4,9 @@ mod common;
 
 use common::{cluster, eu, fixture, secured, us};
 use parley_crds::{ChatCluster, Region};
-use parley_operator::validate::{redis_scheme_is_tls, validate, Dereferenced};
+use parley_operator::validate::{
+    check_names, derived_names, missing_replication_targets, redis_scheme_is_tls, validate, Dereferenced, NameRule,
+};
 use parley_operator::Error;
 
 fn input(region: Region, regions: Vec<Region>) -> Dereferenced {
@@ -68,13 +70,71 @@ fn missing_cluster() {
 }
 
 #[test]
-fn replication_target_must_be_a_region_of_the_cluster() {
-    let error = validate(input(eu(), vec![eu()])).expect_err("us is missing");
-    assert_eq!(
-        error,
-        Error::UnknownReplicationTarget { region: "chat-eu".into(), target: "us".into(), cluster: "chat".into() }
-    );
-    assert_eq!(error.reason(), "UnknownReplicationTarget");
+fn a_missing_replication_target_is_waited_for_not_refused() {
+    // chat-eu replicates to "us", which no Region has yet: valid, without the flow.
+    let validated = validate(input(eu(), vec![eu()])).expect("us may come later");
+    assert_eq!(missing_replication_targets(&validated), ["us"]);
+    assert!(validated.peers.is_empty());
+    let validated = validate(input(eu(), vec![eu(), us()])).expect("valid");
+    assert!(missing_replication_targets(&validated).is_empty());
+}
+
+#[test]
+fn a_name_its_objects_cannot_carry_is_refused_naming_the_object_and_its_rule() {
+    let mut dotted = eu();
+    dotted.metadata.name = Some("eu.west".into());
+    let error = validate(input(dotted.clone(), vec![dotted.clone(), us()])).expect_err("a '.' in the name");
+    assert_eq!(error.reason(), "InvalidName");
+    assert!(error.is_invalid_spec());
+    let message = error.to_string();
+    assert!(message.contains("its Service eu.west-gateway must be a DNS-1035 label"), "{message}");
+    // A Region of that name is no peer of the others, and holds no region name.
+    let validated = validate(input(us(), vec![dotted, us()])).expect("us is valid");
+    assert!(validated.peers.is_empty());
+
+    // A digit first: a valid pod name, but no Service name.
+    let mut digit = us();
+    digit.metadata.name = Some("1us".into());
+    let message = validate(input(digit, vec![eu()])).expect_err("a digit first").to_string();
+    assert!(message.contains("Service 1us-gateway"), "{message}");
+    // Long enough for every Service, but not for the StatefulSet's controller-revision-hash label.
+    let mut long = us();
+    long.metadata.name = Some("a".repeat(45));
+    let message = validate(input(long, vec![eu()])).expect_err("too long").to_string();
+    assert!(message.contains(&format!("StatefulSet {}-gateway must be a DNS-1123 label of at most 52", "a".repeat(45))));
+    // The longest name CEL allows fits every object, at the highest pod ordinals.
+    let mut longest = us();
+    longest.metadata.name = Some("a".repeat(40));
+    longest.spec.gateway.max_replicas = Some(512);
+    longest.spec.router.max_replicas = Some(64);
+    check_names(&longest).expect("40 characters fit");
+}
+
+#[test]
+fn every_derived_name_is_checked_against_its_rule() {
+    let names = derived_names(&us());
+    let find = |kind: &str, name: &str| names.iter().find(|derived| derived.kind == kind && derived.name == name);
+    assert_eq!(find("Service", "chat-us-router-headless").map(|d| d.rule), Some(NameRule::Dns1035Label));
+    assert_eq!(find("Pod", "chat-us-gateway-7").map(|d| d.rule), Some(NameRule::Dns1123Label), "{names:?}");
+    assert_eq!(find("StatefulSet", "chat-us-router").map(|d| d.rule), Some(NameRule::StatefulSetName));
+    for (kind, name) in [
+        ("ConfigMap", "chat-us-gateway-config"),
+        ("ConfigMap", "chat-us-mirrormaker-config"),
+        ("Secret", "chat-us-internal-token"),
+        ("Deployment", "chat-us-mirrormaker"),
+        ("ServiceAccount", "chat-us-gateway"),
+        ("Role", "chat-us-gateway-pod-agent"),
+        ("RoleBinding", "chat-us-gateway-pod-agent"),
+        ("NetworkPolicy", "chat-us-router"),
+        ("PodDisruptionBudget", "chat-us-gateway"),
+    ] {
+        assert!(find(kind, name).is_some(), "{kind} {name} not checked: {names:?}");
+    }
+    assert!(NameRule::Dns1123Subdomain.allows("eu.west-gateway-config"));
+    assert!(!NameRule::Dns1035Label.allows("eu.west-gateway"));
+    assert!(!NameRule::Dns1123Label.allows("eu.west-gateway-0"));
+    assert!(NameRule::LabelValue.allows("eu.west") && !NameRule::LabelValue.allows("-eu"));
+    assert!(!NameRule::PathSegment.allows("a/b") && NameRule::PathSegment.allows("a.b"));
 }
 
 #[test]
