@@ -32,8 +32,7 @@ use crate::common::{CredentialsSecret, MachineIdAllocation, MachineIdBlock, Secr
 #[serde(rename_all = "camelCase")]
 pub struct ChatClusterSpec {
     /// Parley version to run. It is the image tag of the gateway and router images, for example `0.1.0`.
-    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$')")
-        .message("version must be a valid image tag: letters, digits, '_', '.' and '-', at most 128 characters"))]
+    #[x_kube(validation = Rule::new(VERSION_RULE).message(VERSION_MESSAGE))]
     #[schemars(length(min = 1, max = 128))]
     pub version: String,
     /// Container images of the gateway and the router.
@@ -265,9 +264,9 @@ pub struct GatewaySettings {
     #[serde(default = "default_max_connections")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000").message("maxConnections must be between 1 and 1000000"))]
     pub max_connections: i32,
-    /// Not used by the operator today: gateways run at the Region's `gateway.minReplicas` (or `gateway.replicas`)
-    /// whatever their connection count, and this value reaches no pod. It is only validated (1-1000000, at most
-    /// maxConnections).
+    /// The connections per gateway pod that the operator's scaling aims at, for Regions with `gateway.minReplicas`
+    /// and `gateway.maxReplicas` (1-1000000, at most maxConnections). It reaches no pod: the operator reads the
+    /// connections each gateway reports on its own pod and sets the gateway count.
     #[serde(default = "default_connections_per_pod_target")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000").message("connectionsPerPodTarget must be between 1 and 1000000"))]
     pub connections_per_pod_target: i32,
@@ -604,6 +603,12 @@ pub struct RedisSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<CredentialsSecret>,
 }
+
+/// The CEL rule of a Parley version (the ChatCluster's and a Region's `version`): a valid image tag.
+pub const VERSION_RULE: &str = "self.matches('^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$')";
+/// The message of [`VERSION_RULE`].
+pub const VERSION_MESSAGE: &str =
+    "version must be a valid image tag: letters, digits, '_', '.' and '-', at most 128 characters";
 
 /// The CEL rule of every Redis URL: one `redis://` or `rediss://` URL, or several comma-separated ones (Redis
 /// Cluster seeds) of one scheme.

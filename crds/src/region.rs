@@ -10,7 +10,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::chat_cluster::{REDIS_URL_MESSAGE, REDIS_URL_RULE};
+use crate::chat_cluster::{REDIS_URL_MESSAGE, REDIS_URL_RULE, VERSION_MESSAGE, VERSION_RULE};
 use crate::common::MachineIdBlock;
 
 /// The most gateway pods one Region may run.
@@ -24,6 +24,15 @@ pub const DEFAULT_MAX_GATEWAY_REPLICAS: i32 = 8;
 /// `router.replicas`, when that is larger).
 pub const DEFAULT_MAX_ROUTER_REPLICAS: i32 = 8;
 
+/// The CEL rule on a Region's `metadata.name`: the operator names Services (DNS-1035 labels) and pods (DNS-1123
+/// labels) after it, so it must start with a lowercase letter and hold only lowercase letters, digits and `-`. It
+/// holds when a Region is created (with `optionalOldSelf`, `oldSelf` has no value then); an update cannot change the
+/// name, so it passes, and a Region stored before this rule existed can still get its status (the operator checks
+/// every derived name again and reports `InvalidName`), finalizers and deletion.
+pub const REGION_NAME_RULE: &str = "oldSelf.hasValue() || self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')";
+/// The message of [`REGION_NAME_RULE`].
+pub const REGION_NAME_MESSAGE: &str = "a Region name must start with a lowercase letter and hold only lowercase letters, digits and '-' (no '.'), ending with a letter or digit: the operator names Services and pods after it";
+
 /// One region of a ChatCluster: its gateways and routers, and the regional endpoints of its backends.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
@@ -36,10 +45,12 @@ pub const DEFAULT_MAX_ROUTER_REPLICAS: i32 = 8;
     category = "parley",
     doc = "One region of a ChatCluster: gateway and router replicas, regional backend endpoints and replication targets.",
     validation = Rule::new("self.metadata.name.size() <= 40").message("a Region name must be at most 40 characters, so that the names derived from it fit Kubernetes limits"),
+    validation = Rule::new(REGION_NAME_RULE).optional_old_self(true).message(REGION_NAME_MESSAGE),
     printcolumn(name = "Region", type_ = "string", description = "Region name", json_path = ".spec.regionName"),
     printcolumn(name = "Cluster", type_ = "string", description = "The ChatCluster it belongs to", json_path = ".spec.clusterRef"),
     printcolumn(name = "Gateways", type_ = "string", description = "Ready gateway pods / wanted", json_path = ".status.gateways"),
     printcolumn(name = "Routers", type_ = "string", description = "Ready router pods / wanted", json_path = ".status.routers"),
+    printcolumn(name = "Version", type_ = "string", description = "Parley version the Region's pods run", json_path = ".status.version"),
     printcolumn(name = "Machine IDs", type_ = "string", description = "Snowflake machine-ID block", json_path = ".status.machineIds"),
     printcolumn(name = "Ready", type_ = "string", description = "Whether the Region is ready", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Age", type_ = "date", description = "Time since creation", json_path = ".metadata.creationTimestamp")
@@ -63,6 +74,14 @@ pub struct RegionSpec {
     )]
     #[schemars(length(min = 1, max = 32))]
     pub region_name: String,
+    /// Parley version this Region runs, the image tag of its gateway and router images, instead of the
+    /// ChatCluster's `version`: to roll a new version out one Region at a time, set it here on one Region, then on
+    /// the ChatCluster, and remove it from the Region. Changing it rolls this Region's pods only; `status.version`
+    /// shows the version its pods run once they all do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(VERSION_RULE).message(VERSION_MESSAGE))]
+    #[schemars(length(min = 1, max = 128))]
+    pub version: Option<String>,
     /// This region's Cassandra/Scylla datacenter. The operator adds it to the keyspace's replication
     /// (`ALTER KEYSPACE ... NetworkTopologyStrategy`) once a node of it has joined the cluster; until then the
     /// Region's `CassandraReplication` condition says it is absent. When it is added to a keyspace that already
@@ -79,21 +98,74 @@ pub struct RegionSpec {
     /// This region's Redis.
     #[serde(default)]
     pub redis: RegionRedis,
-    /// Gateway pods: a fixed number, or a range. The operator does not scale gateways: with a range it runs
-    /// `minReplicas` pods. `maxReplicas` sizes the gateways' part of the Region's machine-ID block.
+    /// Gateway pods: a fixed number, or a range within which the operator scales them by their connections.
+    /// `maxReplicas` sizes the gateways' part of the Region's machine-ID block.
     pub gateway: RegionGateway,
     /// Router pods. `maxReplicas` sizes the routers' part of the Region's machine-ID block.
     #[serde(default)]
     pub router: RegionRouter,
-    /// Which topics replicate from this region's Kafka to which other regions. Each target must be the `regionName`
-    /// of another Region of the ChatCluster (else this Region is Degraded with `UnknownReplicationTarget`). For each
-    /// Region that at least one rule targets, the operator runs MirrorMaker 2 in that target Region
+    /// Which topics replicate from this region's Kafka to which other regions. Each target is the `regionName` of
+    /// another Region of the ChatCluster; one that no Region has yet is left out until it appears (this Region's
+    /// `Progressing` condition says `WaitingForReplicationTarget`). For each Region that at least one rule targets, the operator runs MirrorMaker 2 in that target Region
     /// (`<target>-mirrormaker`, a Deployment with its ConfigMap `<target>-mirrormaker-config`), which copies exactly
     /// the named topics from every source into the target's Kafka as `<source regionName>.<topic>`, and tells the
     /// target's routers which regions it mirrors (`PARLEY_MIRRORED_REGIONS`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub replication: Vec<ReplicationRule>,
+    /// How the operator rolls the gateways (a new image or setting, `parley.dev/restart-at`) and removes them
+    /// (scale-down): it drains a pod, waits for its connections to leave, replaces or removes it, and waits for the
+    /// new pod to take connections before the next.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+}
+
+/// The operator-driven rollout of the gateways.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Gateway pods drained or replaced at once (1-16).
+    #[serde(default = "default_max_in_flight")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 16").message("rollout.maxInFlight must be between 1 and 16"))]
+    pub max_in_flight: i32,
+    /// A draining pod is replaced (or removed) once it holds at most this many connections (0-1000000), or once
+    /// the ChatCluster's `gateway.drainDeadlineMs` has passed since its drain began.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 1000000").message("rollout.drainedConnections must be between 0 and 1000000"))]
+    pub drained_connections: i32,
+    /// A pod is drained only while every other ready gateway is below this share of its `maxConnections`, in
+    /// percent (1-100): its clients need room elsewhere.
+    #[serde(default = "default_room_percent")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("rollout.roomPercent must be between 1 and 100"))]
+    pub room_percent: i32,
+    /// After each step, the share of the gateways' resume requests that succeeded must be at least this, in
+    /// percent (0-100); below it the operator pauses the rollout (`parley.dev/rollout-paused`) with a Warning.
+    #[serde(default = "default_min_resume_percent")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 100").message("rollout.minResumePercent must be between 0 and 100"))]
+    pub min_resume_percent: i32,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            max_in_flight: default_max_in_flight(),
+            drained_connections: 0,
+            room_percent: default_room_percent(),
+            min_resume_percent: default_min_resume_percent(),
+        }
+    }
+}
+
+fn default_max_in_flight() -> i32 {
+    1
+}
+
+fn default_room_percent() -> i32 {
+    90
+}
+
+fn default_min_resume_percent() -> i32 {
+    95
 }
 
 /// A region's Cassandra/Scylla datacenter.
@@ -178,8 +250,8 @@ pub struct RegionGateway {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 512").message("gateway.replicas must be between 1 and 512"))]
     pub replicas: Option<i32>,
-    /// Lower end of the range (1-512): the number of gateway pods the operator runs. Nothing scales them above it
-    /// today.
+    /// Lower end of the range (1-512). With `minReplicas` and `maxReplicas` the operator scales the gateways by
+    /// their connections: it aims at the ChatCluster's `gateway.connectionsPerPodTarget` per pod, within the range.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 512").message("gateway.minReplicas must be between 1 and 512"))]
     pub min_replicas: Option<i32>,
@@ -199,12 +271,49 @@ pub struct RegionGateway {
     /// Annotations of the client Service (for example a cloud load balancer's settings).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub service_annotations: BTreeMap<String, String>,
+    /// Connection-based scaling: seconds after a change of the gateway count before the operator adds pods again
+    /// (0-3600).
+    #[serde(default = "default_scale_up_cooldown_seconds")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 3600").message("gateway.scaleUpCooldownSeconds must be between 0 and 3600"))]
+    pub scale_up_cooldown_seconds: i32,
+    /// Connection-based scaling: seconds after a change of the gateway count before the operator removes pods
+    /// (0-86400). Each removal drains the pod first.
+    #[serde(default = "default_scale_down_cooldown_seconds")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 86400").message("gateway.scaleDownCooldownSeconds must be between 0 and 86400"))]
+    pub scale_down_cooldown_seconds: i32,
+    /// Connection-based scaling: the band around the target, in percent (0-90), inside which the count does not
+    /// change (the hysteresis): pods are added above `target × (1 + t)` per pod and removed below `target × (1 − t)`.
+    #[serde(default = "default_scale_tolerance_percent")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 90").message("gateway.scaleTolerancePercent must be between 0 and 90"))]
+    pub scale_tolerance_percent: i32,
+}
+
+fn default_scale_up_cooldown_seconds() -> i32 {
+    30
+}
+
+fn default_scale_down_cooldown_seconds() -> i32 {
+    300
+}
+
+fn default_scale_tolerance_percent() -> i32 {
+    10
 }
 
 impl RegionGateway {
-    /// The number of gateway pods to run now: the fixed count, or the minimum of the range.
+    /// The number of gateway pods to run when the operator has no connection counts to go by: the fixed count, or
+    /// the minimum of the range.
     pub fn desired_replicas(&self) -> i32 {
         self.replicas.or(self.min_replicas).unwrap_or(1)
+    }
+
+    /// The range the operator scales the gateways in by their connections: `minReplicas` and `maxReplicas`, when
+    /// both are set and no fixed `replicas` is.
+    pub fn autoscaled_range(&self) -> Option<(i32, i32)> {
+        match (self.replicas, self.min_replicas, self.max_replicas) {
+            (None, Some(min), Some(max)) => Some((min, max.max(min))),
+            _ => None,
+        }
     }
 
     /// The most gateway pods this Region may run under its spec, which sizes the gateways' machine IDs:
@@ -366,6 +475,102 @@ pub struct RegionStatus {
     /// Each incoming flow as this Region's routers last reported it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub incoming_flows: Vec<IncomingFlow>,
+    /// The Parley version every gateway and router pod of the Region runs (its `spec.version`, else the
+    /// ChatCluster's), once they all run it; during a rollout it still shows the previous one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The gateways' rollout as the operator drives it: one pod drained, replaced and back at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+    /// Connection-based scaling of the gateways, when `gateway.minReplicas` and `gateway.maxReplicas` are set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<ScalingStatus>,
+    /// The connections the gateways last reported, summed over the Region's gateway pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_connections: Option<i64>,
+}
+
+/// The gateways' rollout: which pods run the StatefulSet's update revision, and the step under way.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// The gateway StatefulSet's update revision (what the pods are rolled to).
+    #[serde(default)]
+    pub update_revision: String,
+    /// The gateway StatefulSet's current revision (what the pods not yet rolled run).
+    #[serde(default)]
+    pub current_revision: String,
+    /// Gateway pods on the update revision.
+    #[serde(default)]
+    pub updated: i32,
+    /// Gateway pods wanted.
+    #[serde(default)]
+    pub total: i32,
+    /// `Idle`, `Draining` (a pod is draining before it goes), `Replacing` (its successor is starting),
+    /// `Waiting` (a check holds the next step: the other pods' room, a pod not ready) or `Paused`.
+    #[serde(default)]
+    pub phase: String,
+    /// The pod draining now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining: Option<DrainingPod>,
+    /// The share of resume requests that succeeded on the gateways during the last step (0 to 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_resume_rate: Option<f64>,
+    /// Whether the Region's `parley.dev/rollout-paused` annotation holds the rollout.
+    #[serde(default)]
+    pub paused: bool,
+    /// The resume totals the gateways other than the draining pods reported when the step began, against which
+    /// `lastResumeRate` is measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_baseline: Option<ResumeCounts>,
+    /// What the rollout is doing, for people.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// Resume requests the gateways served, by outcome.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResumeCounts {
+    /// Resumes that replayed what the client missed.
+    pub resumed: i64,
+    /// Resumes that failed.
+    pub failed: i64,
+}
+
+/// A gateway pod being drained.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainingPod {
+    /// The pod's name.
+    pub pod: String,
+    /// The connections it still holds, as it last reported them.
+    pub connections: i64,
+    /// When the operator asked it to drain (RFC 3339).
+    pub since: String,
+}
+
+/// Connection-based scaling of the gateways.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingStatus {
+    /// Gateway pods running (the StatefulSet's replicas).
+    pub current: i32,
+    /// Gateway pods the connections call for, within `min` and `max`.
+    pub desired: i32,
+    /// `gateway.minReplicas`.
+    pub min: i32,
+    /// `gateway.maxReplicas`.
+    pub max: i32,
+    /// The connections per pod the scaling aims at (the ChatCluster's `gateway.targetConnectionsPerPod`).
+    pub target_connections_per_pod: i64,
+    /// The connections the gateways reported, summed.
+    pub connections: i64,
+    /// Why `desired` is what it is.
+    pub reason: String,
+    /// When the operator last changed the gateway count (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<String>,
 }
 
 /// An incoming flow (another Region's topics, copied here by MirrorMaker 2) as this Region's routers observe it.

@@ -12,12 +12,19 @@ Scenarios (each FILE is one `helm template --include-crds` output, rendered by t
     tag          image.tag=9.9.9-test
     digest       image.digest=sha256:<64 hex>
     no-netpol    networkPolicy.enabled=false: no NetworkPolicy
+    dashboard    grafana.dashboard: namespace monitoring, labels grafana_dashboard=parley and team=chat, annotation
+                 grafana_folder=Parley
+    no-dashboard grafana.dashboard.enabled=false: no dashboard ConfigMap
+
+The Grafana dashboard ConfigMap (templates/grafana-dashboard.yaml) must carry each file of the chart's dashboards/
+byte for byte (the metric names inside are checked by check_dashboard.py).
 
 Every check prints "ok - ..." or "FAIL - ...: why"; the last line is "helm-render: N passed, M failed" and the
 exit status is 1 when any check failed.
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -44,6 +51,9 @@ OPERATOR_RULES = (
     | triples(["networking.k8s.io"], ["networkpolicies"], ["get", "list", "watch", "create", "patch", "delete"])
     | triples([""], ["secrets"], ["create"])
     | triples(["events.k8s.io"], ["events"], ["create", "patch"])
+    | triples([""], ["pods"], ["get", "list", "watch", "patch", "delete"])
+    | triples([""], ["serviceaccounts"], ["list", "create", "patch"])
+    | triples(["rbac.authorization.k8s.io"], ["roles", "rolebindings"], ["list", "create", "patch"])
 )
 LEASE_RULES = triples(["coordination.k8s.io"], ["leases"], ["get", "create", "update", "patch"])
 # Lease verbs limited to the named Lease (resourceNames); create cannot be, since a create is authorized before
@@ -336,6 +346,50 @@ def check_network_policy(c, scenario, docs, metrics_from):
             spec.get("ingress") == [rule], f"ingress {spec.get('ingress')}, want [{rule}]")
 
 
+# kubectl's client-side apply copies the whole object into the last-applied-configuration annotation, and an
+# object's annotations may hold 262144 bytes at most.
+ANNOTATIONS_LIMIT = 262144
+
+
+def check_grafana_dashboard(c, scenario, docs, chart, namespace, labels, annotations):
+    """The dashboard ConfigMap: in `namespace`, carrying `labels` (and the chart's) and `annotations`, with one data
+    key per chart file dashboards/*.json whose value is that file byte for byte. labels None: none rendered."""
+    maps = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-grafana-dashboard")]
+    if labels is None:
+        c.check(f"{scenario}: no Grafana dashboard ConfigMap when grafana.dashboard.enabled is false", not maps,
+                f"found {[ident(m) for m in maps]}")
+        return
+    if not c.check(f"{scenario}: one Grafana dashboard ConfigMap", len(maps) == 1, f"found {[ident(m) for m in maps]}"):
+        return
+    config_map = maps[0]
+    meta = config_map["metadata"]
+    c.check(f"{scenario}: the dashboard ConfigMap is in the namespace {namespace}", meta.get("namespace") == namespace,
+            f"namespace {meta.get('namespace')!r}")
+    got_labels = meta.get("labels") or {}
+    c.check(f"{scenario}: the dashboard ConfigMap carries the sidecar labels {labels}",
+            all(got_labels.get(k) == v for k, v in labels.items()), f"labels {got_labels}")
+    c.check(f"{scenario}: the dashboard ConfigMap carries the chart's labels",
+            got_labels.get("app.kubernetes.io/part-of") == "parley" and got_labels.get("app.kubernetes.io/managed-by"),
+            f"labels {got_labels}")
+    c.check(f"{scenario}: the dashboard ConfigMap's annotations are {annotations or 'none'}",
+            (meta.get("annotations") or {}) == annotations, f"annotations {meta.get('annotations')}")
+    directory = os.path.join(chart, "dashboards")
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".json"))
+    data = config_map.get("data") or {}
+    c.check(f"{scenario}: the dashboard ConfigMap has one key per dashboards/*.json ({', '.join(files)})",
+            files and sorted(data) == files, f"keys {sorted(data)}, files {files}")
+    for name in files:
+        with open(os.path.join(directory, name), "rb") as handle:
+            want = handle.read()
+        got = data.get(name)
+        c.check(f"{scenario}: ConfigMap key {name} is byte-identical to {directory}/{name} ({len(want)} bytes)",
+                isinstance(got, str) and got.encode("utf-8") == want,
+                f"{len(got.encode('utf-8')) if isinstance(got, str) else got!r} bytes differ from the file's {len(want)}")
+    size = len(json.dumps(config_map, separators=(",", ":")))
+    c.check(f"{scenario}: the dashboard ConfigMap ({size} bytes as JSON) fits kubectl apply's {ANNOTATIONS_LIMIT}-byte "
+            f"last-applied annotation", size < ANNOTATIONS_LIMIT, f"{size} bytes")
+
+
 def image_of(docs):
     deployment = by_kind(docs, "Deployment")
     containers = pod_spec(deployment[0])["containers"] if deployment else []
@@ -353,7 +407,7 @@ def main():
     parser.add_argument("scenarios", nargs="+", metavar="SCENARIO=FILE")
     args = parser.parse_args()
     files = dict(s.split("=", 1) for s in args.scenarios)
-    known = {"default", "namespaced", "single", "tag", "digest", "no-netpol"}
+    known = {"default", "namespaced", "single", "tag", "digest", "no-netpol", "dashboard", "no-dashboard"}
     if set(files) != known:
         parser.error(f"need exactly the scenarios {sorted(known)}, got {sorted(files)}")
 
@@ -396,6 +450,15 @@ def main():
             f"{args.namespaced_values} sets no networkPolicy.metricsFrom")
     check_network_policy(c, "namespaced", docs["namespaced"], metrics_from)
     check_network_policy(c, "no-netpol", docs["no-netpol"], False)
+
+    default_labels = (values.get("grafana") or {}).get("dashboard", {}).get("labels") or {}
+    c.check('default values: grafana.dashboard.labels has the sidecar\'s default label grafana_dashboard: "1"',
+            default_labels.get("grafana_dashboard") == "1", f"labels {default_labels}")
+    check_grafana_dashboard(c, "default", docs["default"], args.chart, args.namespace, default_labels, {})
+    check_grafana_dashboard(c, "namespaced", docs["namespaced"], args.chart, args.namespace, default_labels, {})
+    check_grafana_dashboard(c, "dashboard", docs["dashboard"], args.chart, "monitoring",
+                            {"grafana_dashboard": "parley", "team": "chat"}, {"grafana_folder": "Parley"})
+    check_grafana_dashboard(c, "no-dashboard", docs["no-dashboard"], args.chart, args.namespace, None, {})
 
     want = f"{repository}:{app_version}"
     got = image_of(docs["default"])

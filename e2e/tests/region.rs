@@ -7,16 +7,19 @@
 //! message confirmed, none lost, none duplicated, one order per channel on every member.
 //!
 //! - `one_gateway_and_one_router_chat`: the smallest Region and a few clients.
-//! - `three_gateways_and_one_router_survive_a_router_deletion_and_gateway_scaling`: 3 gateways, 1 router,
-//!   200 clients in 20 channels; the router pod is deleted mid-stream (`kubectl delete pod`), then the gateways are
-//!   scaled 3→2→3 through the Region's `spec.gateway.minReplicas` (a range of 3: the Region's machine-ID block stays
-//!   as it is; the drained clients move to the other gateways, and the router and the other gateways do not
-//!   restart).
+//! - `three_gateways_and_one_router_survive_a_router_deletion`: 3 gateways, 1 router, 200 clients in 20 channels;
+//!   the router pod is deleted mid-stream (`kubectl delete pod`) and its successor takes over; no gateway restarts.
 //! - `three_gateways_and_three_routers_survive_a_router_deletion_and_router_scaling`: the same load on 3 routers; a
 //!   router pod deleted, then routers scaled 3→2→3 through `spec.router.replicas` (within the default
 //!   `router.maxReplicas` of 8, so the machine-ID block stays): no gateway pod restarts (same UIDs, restartCount 0)
 //!   and the surviving routers neither; it reports how long the operator took from each Region patch to the
 //!   StatefulSet change.
+//! - `the_operator_rolls_and_scales_the_gateways_one_drained_pod_at_a_time`: 1,000 clients (600 in 60 channels
+//!   with a steady load, 400 idle) on 3 gateways and 2 routers. A new version: the operator drains, replaces and
+//!   waits for one gateway at a time (never two out); every client is back within the drain window, every resume
+//!   succeeds (the Region's `status.rollout.lastResumeRate`), and the reconnect times and let-go moments are
+//!   reported as histograms. Then the Region becomes a range of 2-5 gateways at 400 connections per pod: 900 more
+//!   idle clients scale it to 5, and when the 1,300 idle clients leave it drains its way down to 2.
 //! - `the_runner_runs_pods_like_a_kubelet`: the runner alone (needs only the control plane), with `parley` and
 //!   `parley-router` as images: environment, volumes, hosts file, read-only root, probes, restarts, waiting reasons
 //!   and deletion, checked through the API and `/proc/<pid>`.
@@ -102,7 +105,10 @@ fn engines() -> Option<Engines> {
 fn tag() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let mut rng = Rng::new((nanos as u64) ^ u64::from(std::process::id()).rotate_left(32));
-    (0..6).map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.below(36)])).collect()
+    // A letter first: Region names (made from it) must be DNS-1035 labels.
+    (0..6)
+        .map(|i| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.below(if i == 0 { 26 } else { 36 })]))
+        .collect()
 }
 
 fn kubectl(args: &[&str]) -> Result<String, String> {
@@ -151,6 +157,8 @@ struct RegionTest {
     operator: Option<Child>,
     started: Instant,
     timeline: Vec<String>,
+    /// The ChatCluster's `spec.gateway`.
+    cluster_gateway: serde_json::Value,
 }
 
 impl RegionTest {
@@ -171,6 +179,8 @@ impl RegionTest {
             operator: None,
             started: Instant::now(),
             timeline: Vec::new(),
+            // Short drains, so a scale-down takes seconds: 1 s preStop, clients moved within 2 s, stopped by 5 s.
+            cluster_gateway: json!({"preStopDelaySeconds": 1, "drainWindowMs": 2000, "drainDeadlineMs": 5000}),
         };
         test.create_namespace().await;
         test.start_runner(restart_backoff);
@@ -348,8 +358,7 @@ impl RegionTest {
                 "cassandra": cassandra,
                 "redis": redis,
                 "auth": {"jwtAlgorithm": "HS256", "jwtKeySecret": {"name": "jwt", "key": "hs256"}},
-                // Short drains, so a scale-down takes seconds: 1 s preStop, clients moved within 2 s, stopped by 5 s.
-                "gateway": {"preStopDelaySeconds": 1, "drainWindowMs": 2000, "drainDeadlineMs": 5000}
+                "gateway": self.cluster_gateway,
             }
         }))
         .expect("ChatCluster");
@@ -630,7 +639,7 @@ impl Chat {
                 .unwrap_or_else(|error| panic!("{} could not be created: {error}", channel.id));
         }
         let rest: Vec<usize> = (0..scenario.users.len()).filter(|index| !members.contains_key(index)).collect();
-        let mut connecting = futures_util::stream::iter(rest.into_iter().map(connect)).buffer_unordered(16);
+        let mut connecting = futures_util::stream::iter(rest.into_iter().map(connect)).buffer_unordered(48);
         while let Some((index, member)) = connecting.next().await {
             members.insert(index, member);
         }
@@ -795,54 +804,31 @@ fn full_load() -> Load {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_gateways_and_one_router_survive_a_router_deletion_and_gateway_scaling() {
+async fn three_gateways_and_one_router_survive_a_router_deletion() {
     let Some(engines) = engines() else { return };
     let _serial = SERIAL.lock().await;
     let started = Instant::now();
-    // A range: the operator runs minReplicas pods, and scaling within maxReplicas keeps the Region's machine-ID
-    // block (and so every other pod) as it is.
-    let mut test = RegionTest::start(&engines, json!({"minReplicas": 3, "maxReplicas": 3}), 3, 1).await;
+    let mut test = RegionTest::start(&engines, json!({"replicas": 3}), 3, 1).await;
     let urls = test.gateway_urls().await;
     let chat = Chat::start(&test.tag, &urls, &full_load(), 2).await;
     test.note(&format!("200 clients connected to {} gateways, 20 channels made", urls.len()));
     chat.progress(100, Duration::from_secs(60), "the load before any fault").await;
     test.note(&format!("{} messages confirmed", chat.confirmed()));
 
+    // The only router goes: sends wait for its successor, which takes the partitions over.
+    let gateways = test.incarnations("gateway").await;
     let router = format!("{}-router-0", test.region);
     test.delete_pod(&router);
     test.wait_ready(3, 1, READY_WITHIN).await;
     test.note("router pod back and ready");
     let took = chat.progress(40, Duration::from_secs(120), "sends after the router deletion").await;
     test.note(&format!("sends confirmed again ({:.1} s after the router was ready)", took.as_secs_f64()));
-
-    // Scaling the gateways within maxReplicas restarts no other pod: the router and the gateways that stay keep
-    // running.
-    let mut gateways = test.incarnations("gateway").await;
-    let routers = test.incarnations("router").await;
-    let down = test.scale("gateway", "minReplicas", 2).await;
-    test.wait_ready(2, 1, READY_WITHIN).await;
-    test.note("gateway-2 drained and gone");
-    gateways.remove(&format!("{}-gateway-2", test.region));
-    test.assert_not_restarted("gateway", &gateways, "gateways 3→2").await;
-    test.assert_not_restarted("router", &routers, "gateways 3→2").await;
-    chat.progress(40, Duration::from_secs(60), "sends on 2 gateways").await;
-    let up = test.scale("gateway", "minReplicas", 3).await;
-    test.wait_ready(3, 1, READY_WITHIN).await;
-    test.note("gateway-2 back and ready");
-    test.assert_not_restarted("gateway", &gateways, "gateways 2→3").await;
-    test.assert_not_restarted("router", &routers, "gateways 2→3").await;
-    chat.progress(40, Duration::from_secs(60), "sends on 3 gateways again").await;
+    test.assert_not_restarted("gateway", &gateways, "router deletion").await;
 
     let (checked, attempts) = chat.finish().await;
     test.note("settled; history checked");
     let line = assert_clean(&test, &checked, attempts, "region of 3 gateways and 1 router");
-    report(&format!(
-        "{line}; router deleted, gateways 3→2→3 with no other pod restarted (Region patch to StatefulSet: {:.2} s \
-         down, {:.2} s up); {:.0} s",
-        down.as_secs_f64(),
-        up.as_secs_f64(),
-        started.elapsed().as_secs_f64()
-    ));
+    report(&format!("{line}; the router deleted, no gateway restarted; {:.0} s", started.elapsed().as_secs_f64()));
     eprintln!("{}", test.timeline());
 }
 
@@ -1141,4 +1127,292 @@ async fn the_runner_runs_pods_like_a_kubelet() {
     );
     let log = test.work.join("runner/logs").join(&ns).join("web/gateway.log");
     assert!(std::fs::read_to_string(&log).unwrap_or_default().contains("exited with code 0"), "{}", log.display());
+}
+
+/// What a Region's status said during a test, as a poller saw it every 250 ms.
+#[derive(Debug, Default)]
+struct StatusLog {
+    /// Each change of the rollout or scaling: `+<s> <phase> <updated>/<total> ...`.
+    lines: Vec<String>,
+    /// When the operator asked each pod to drain (`status.rollout.draining.since`), in order.
+    drains: Vec<(String, std::time::SystemTime)>,
+    /// The resume rates reported after each step.
+    resume_rates: Vec<f64>,
+    /// The most gateways `status.scaling.desired` asked for, and the fewest after that.
+    desired: Vec<i32>,
+}
+
+/// Polls the Region's status until the returned handle is aborted, recording each change.
+fn watch_status(test: &RegionTest, log: Arc<std::sync::Mutex<StatusLog>>) -> JoinHandle<()> {
+    let regions: Api<Region> = Api::namespaced(test.client.clone(), &test.namespace);
+    let name = test.region.clone();
+    let started = test.started;
+    tokio::spawn(async move {
+        let mut last = String::new();
+        loop {
+            if let Ok(Some(region)) = regions.get_opt(&name).await {
+                let status = region.status.unwrap_or_default();
+                let rollout = status.rollout.unwrap_or_default();
+                let draining = rollout
+                    .draining
+                    .as_ref()
+                    .map(|pod| format!(" draining {} ({} connections)", pod.pod, pod.connections))
+                    .unwrap_or_default();
+                let scaling = status
+                    .scaling
+                    .as_ref()
+                    .map(|scaling| {
+                        format!(
+                            " scaling {}→{} ({} connections)",
+                            scaling.current, scaling.desired, scaling.connections
+                        )
+                    })
+                    .unwrap_or_default();
+                let line = format!(
+                    "{} {}/{} gateways {}{draining}{scaling}",
+                    rollout.phase,
+                    rollout.updated,
+                    rollout.total,
+                    status.gateways.unwrap_or_default()
+                );
+                let mut log = log.lock().expect("status log");
+                if let Some(pod) = &rollout.draining {
+                    let since = pod.since.parse::<k8s_openapi::jiff::Timestamp>().ok().map(std::time::SystemTime::from);
+                    if let Some(since) = since {
+                        // The first report of a drain has the operator's decision time, the next ones the
+                        // annotation's (a few ms later): one drain per pod and minute.
+                        let seen = log.drains.iter().any(|(name, at)| {
+                            name == &pod.pod && since.duration_since(*at).unwrap_or_default() < Duration::from_secs(60)
+                        });
+                        if !seen {
+                            log.drains.push((pod.pod.clone(), since));
+                        }
+                    }
+                }
+                if let Some(rate) = rollout.last_resume_rate {
+                    if log.resume_rates.last() != Some(&rate) {
+                        log.resume_rates.push(rate);
+                    }
+                }
+                if let Some(scaling) = &status.scaling {
+                    if log.desired.last() != Some(&scaling.desired) {
+                        log.desired.push(scaling.desired);
+                    }
+                }
+                if line != last {
+                    log.lines.push(format!("+{:>5.1} s {line}", started.elapsed().as_secs_f64()));
+                    last = line;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+}
+
+/// Idle clients in no channel: connections that count for the scaling and reconnect like the others.
+async fn ballast(tag: &str, range: std::ops::Range<usize>, urls: &[String]) -> Vec<Arc<Member>> {
+    let counters = Arc::new(Counters::default());
+    let connect = |index: usize| {
+        let user = format!("{tag}-b{index:04}");
+        let token = parley_e2e::client::mint_token(JWT_SECRET, &user, 3600).expect("token");
+        let mut config = ClientConfig::lightweight(urls[index % urls.len()].clone(), token);
+        config.alternate_urls = (1..urls.len()).map(|step| urls[(index + step) % urls.len()].clone()).collect();
+        config.backoff.base = Duration::from_millis(100);
+        config.backoff.cap = Duration::from_secs(2);
+        let counters = counters.clone();
+        async move {
+            let member = Member::connect(index, &user, config, &[], counters)
+                .await
+                .unwrap_or_else(|error| panic!("{user} could not connect: {error}"));
+            Arc::new(member)
+        }
+    };
+    futures_util::stream::iter(range.map(connect)).buffer_unordered(64).collect().await
+}
+
+/// Waits until the Region's gateway StatefulSet has `replicas` ready pods and the rollout is idle.
+async fn wait_gateways(test: &RegionTest, replicas: i32, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    let regions: Api<Region> = Api::namespaced(test.client.clone(), &test.namespace);
+    loop {
+        let (ready, total) = test.ready("gateway").await;
+        let idle =
+            regions.get_opt(&test.region).await.ok().flatten().and_then(|region| region.status).is_some_and(|status| {
+                status.rollout.as_ref().is_some_and(|rollout| rollout.phase == "Idle" && rollout.total == replicas)
+            });
+        if idle && ready == total && total == usize::try_from(replicas).unwrap_or(0) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: gateways {ready}/{total} ready (wanted {replicas}), rollout idle: {idle}, after {within:?}\n{}",
+            test.diagnose().await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The reconnects of `members` that began at or after `from`: (offset from `from`, time away).
+fn reconnects_after(members: &[Arc<Member>], from: std::time::SystemTime) -> Vec<(Duration, Duration)> {
+    members
+        .iter()
+        .flat_map(|member| member.reconnects())
+        .filter_map(|(at, away)| at.duration_since(from).ok().map(|offset| (offset, away)))
+        .collect()
+}
+
+/// A histogram of `values` in buckets of `bucket`, one `[from s) count` entry per non-empty bucket.
+fn histogram(values: impl Iterator<Item = Duration>, bucket: Duration) -> String {
+    let mut counts: BTreeMap<u128, usize> = BTreeMap::new();
+    for value in values {
+        *counts.entry(value.as_millis() / bucket.as_millis().max(1)).or_default() += 1;
+    }
+    counts
+        .iter()
+        .map(|(index, count)| format!("[{:.1} s) {count}", (*index * bucket.as_millis()) as f64 / 1000.0))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_rolls_and_scales_the_gateways_one_drained_pod_at_a_time() {
+    let Some(engines) = engines() else { return };
+    let _serial = SERIAL.lock().await;
+    let started = Instant::now();
+    let mut test = RegionTest::new("10").await;
+    install_crds(&test.work);
+    test.start_operator();
+    let window = Duration::from_secs(6);
+    // 400 connections per pod is the scaling target; a drain asks every client to move within 6 s.
+    test.cluster_gateway = json!({
+        "preStopDelaySeconds": 0, "drainWindowMs": window.as_millis() as u64, "drainDeadlineMs": 20000,
+        "connectionsPerPodTarget": 400
+    });
+    // Two routers: a router rolls by handing its partitions to the other, so sends go on meanwhile.
+    test.apply(&engines, json!({"replicas": 3, "maxReplicas": 5, "scaleDownCooldownSeconds": 10}), 2).await;
+    test.wait_ready(3, 2, READY_WITHIN).await;
+    let status_log = Arc::new(std::sync::Mutex::new(StatusLog::default()));
+    let watcher = watch_status(&test, status_log.clone());
+    let urls = test.gateway_urls().await;
+    // 1,000 clients: 600 chatting in 60 channels of 10 (one sender each at 0.3 msg/s, 18 msg/s in all) and 400 idle.
+    let shape = Load { users: 600, channels: 60, members_per_channel: 10, senders_per_channel: 1, rate: 0.3 };
+    let chat = Chat::start(&test.tag, &urls, &shape, 7).await;
+    let mut idle = ballast(&test.tag, 0..400, &urls).await;
+    test.note(&format!("1,000 clients connected to {} gateways (600 in 60 channels, 400 idle)", urls.len()));
+    chat.progress(60, Duration::from_secs(60), "the load before the rollout").await;
+    let everyone = |chat: &Chat, idle: &[Arc<Member>]| -> Vec<Arc<Member>> {
+        chat.members.values().cloned().chain(idle.iter().cloned()).collect()
+    };
+
+    // A new version: the operator drains, replaces and waits for each gateway in turn.
+    let gateways_before = test.incarnations("gateway").await;
+    let rollout_from = std::time::SystemTime::now();
+    let clusters: Api<ChatCluster> = Api::namespaced(test.client.clone(), &test.namespace);
+    let patch = json!({"spec": {"version": "0.1.1"}});
+    clusters.patch(&test.tag, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch the version");
+    test.note("ChatCluster version 0.1.0 → 0.1.1");
+    let rollout_started = Instant::now();
+    // The pods go one at a time: never more than one gateway missing or not ready.
+    let mut fewest_ready = usize::MAX;
+    loop {
+        let (ready, _) = test.ready("gateway").await;
+        fewest_ready = fewest_ready.min(ready);
+        let gateways = test.incarnations("gateway").await;
+        let replaced =
+            gateways_before.iter().all(|(name, (uid, _))| gateways.get(name).is_some_and(|(now, _)| now != uid));
+        if replaced && ready == 3 {
+            break;
+        }
+        assert!(
+            rollout_started.elapsed() < Duration::from_secs(240),
+            "rollout not done in 240 s\n{}",
+            test.diagnose().await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_gateways(&test, 3, Duration::from_secs(60), "after the rollout").await;
+    let rollout_took = rollout_started.elapsed();
+    test.note(&format!("every gateway replaced, drained one at a time, in {:.1} s", rollout_took.as_secs_f64()));
+    assert!(fewest_ready >= 2, "at most one gateway out at a time; {fewest_ready} were ready at the lowest");
+    chat.progress(40, Duration::from_secs(60), "sends after the rollout").await;
+    let moved = reconnects_after(&everyone(&chat, &idle), rollout_from);
+    let slowest = moved.iter().map(|(_, away)| *away).max().unwrap_or_default();
+    assert!(moved.len() >= 900, "the drains moved (almost) every client: {} reconnects", moved.len());
+    assert!(
+        slowest <= window,
+        "every client is back within the drain window ({window:?}); the slowest took {slowest:?}; times away: {}\n\
+         status:\n{}\ntimeline:\n{}",
+        histogram(moved.iter().map(|(_, away)| *away), Duration::from_secs(1)),
+        status_log.lock().expect("log").lines.join("\n"),
+        test.timeline()
+    );
+    let away_all = everyone(&chat, &idle).iter().filter(|member| member.away()).count();
+    assert_eq!(away_all, 0, "every client is connected after the rollout");
+    // The let-go moments within each pod's drain: spread over the window, not a storm.
+    let drains = status_log.lock().expect("log").drains.clone();
+    let offsets: Vec<Duration> = drains
+        .iter()
+        .flat_map(|(_, since)| {
+            reconnects_after(&everyone(&chat, &idle), *since)
+                .into_iter()
+                .map(|(offset, _)| offset)
+                .filter(|offset| *offset < window + Duration::from_secs(5))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let spread = histogram(offsets.iter().copied(), Duration::from_secs(1));
+    let back = histogram(moved.iter().map(|(_, away)| *away), Duration::from_millis(250));
+    let rates = status_log.lock().expect("log").resume_rates.clone();
+    assert!(!rates.is_empty() && rates.iter().all(|rate| *rate >= 0.999), "every resume succeeded: rates {rates:?}");
+    test.note(&format!("drains: {drains:?}; resume rates after each step: {rates:?}"));
+
+    // Scaling by connections: the Region becomes a range of 2-5 pods aiming at 400 connections each. Scaling starts
+    // and stops only the pods concerned: the two gateways that stay and the routers run on untouched.
+    let mut staying = test.incarnations("gateway").await;
+    staying.remove(&format!("{}-gateway-2", test.region));
+    let routers = test.incarnations("router").await;
+    let regions: Api<Region> = Api::namespaced(test.client.clone(), &test.namespace);
+    let patch = json!({"spec": {"gateway": {"replicas": null, "minReplicas": 2}}});
+    regions.patch(&test.region, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch the range");
+    test.note("Region gateways: a range of 2-5 (1,000 connections: 3 pods)");
+    let urls = test.gateway_urls().await;
+    idle.extend(ballast(&test.tag, 400..1300, &urls).await);
+    test.note("900 more idle clients: 1,900 connections");
+    wait_gateways(&test, 5, Duration::from_secs(120), "scaling up by connections").await;
+    test.note("5 gateways ready");
+    chat.progress(30, Duration::from_secs(60), "sends on 5 gateways").await;
+    let down_from = std::time::SystemTime::now();
+    for member in &idle {
+        member.close().await;
+    }
+    test.note("the 1,300 idle clients left: 600 connections");
+    wait_gateways(&test, 2, Duration::from_secs(180), "scaling down by connections").await;
+    test.note("2 gateways left, each removal drained first");
+    test.assert_not_restarted("gateway", &staying, "gateways 3→5→2").await;
+    test.assert_not_restarted("router", &routers, "gateways 3→5→2").await;
+    chat.progress(30, Duration::from_secs(60), "sends on 2 gateways").await;
+    let chatting: Vec<Arc<Member>> = chat.members.values().cloned().collect();
+    let moved_down = reconnects_after(&chatting, down_from);
+    let slowest_down = moved_down.iter().map(|(_, away)| *away).max().unwrap_or_default();
+    assert!(slowest_down <= window, "scale-down: every client back within the window; slowest {slowest_down:?}");
+    assert_eq!(chatting.iter().filter(|member| member.away()).count(), 0, "every chat client is connected");
+    watcher.abort();
+    let desired = status_log.lock().expect("log").desired.clone();
+    assert!(desired.contains(&5) && desired.last() == Some(&2), "scaling went 3 → 5 → 2: {desired:?}");
+
+    let (checked, attempts) = chat.finish().await;
+    test.note("settled; history checked");
+    let line = assert_clean(&test, &checked, attempts, "gateway rollout and scaling");
+    let status_lines = status_log.lock().expect("log").lines.join("\n");
+    report(&format!(
+        "{line}; rollout of 3 gateways under 1,000 clients in {:.1} s, one pod at a time, {} reconnects, every \
+         client back within the {window:?} window (slowest {slowest:?}), resumes {rates:?}; reconnect-time \
+         histogram: {back}; let-go moments after each drain began (1 s buckets): {spread}; scaling by connections \
+         {desired:?} with each removal drained ({} reconnects, slowest {slowest_down:?}); {:.0} s",
+        rollout_took.as_secs_f64(),
+        moved.len(),
+        moved_down.len(),
+        started.elapsed().as_secs_f64()
+    ));
+    eprintln!("{}\nRegion status as it went:\n{status_lines}", test.timeline());
 }

@@ -54,10 +54,11 @@ fn needed(name: &str, how: &str) -> Option<String> {
 fn tag() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let mut state = (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32);
-    (0..6)
-        .map(|_| {
+    // A letter first: Region names (made from it) must be DNS-1035 labels.
+    (0..6u64)
+        .map(|i| {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[((state >> 33) % 36) as usize])
+            char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[((state >> 33) % if i == 0 { 26 } else { 36 }) as usize])
         })
         .collect()
 }

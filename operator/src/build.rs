@@ -47,16 +47,18 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
     EnvVarSource, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, LocalObjectReference, ObjectFieldSelector,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecretVolumeSource,
-    SecurityContext, Service, ServicePort, ServiceSpec, SleepAction, TopologySpreadConstraint, Volume, VolumeMount,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, SleepAction, TopologySpreadConstraint, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use parley_crds::chat_cluster::JwtAlgorithm;
-use parley_crds::common::{CredentialsSecret, SecretKeyRef};
+use parley_crds::common::{CredentialsSecret, SecretKeyRef, RESTART_AT_ANNOTATION};
 use parley_crds::MachineIdBlock;
 
 use crate::error::Error;
@@ -66,6 +68,10 @@ use crate::validate::ValidatedRegion;
 
 /// Field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "parley-operator";
+/// The StatefulSets' `podManagementPolicy` (immutable: the controller recreates a StatefulSet with another one,
+/// orphaning its pods, which the new one adopts).
+pub const POD_MANAGEMENT_POLICY: &str = "OrderedReady";
+
 /// Annotation on pod templates with a hash of their component's ConfigMap data, so a settings change rolls the pods
 /// that read it, and only those.
 pub const CONFIG_HASH_ANNOTATION: &str = "parley.dev/config-hash";
@@ -117,6 +123,12 @@ pub struct RegionResources {
     pub network_policies: Vec<NetworkPolicy>,
     /// The Region's MirrorMaker 2 ([`crate::mm2`]), when another Region replicates topics into it.
     pub mirror_maker: Option<crate::mm2::MirrorMakerResources>,
+    /// The gateways' ServiceAccount, which their pod agent uses.
+    pub gateway_service_account: ServiceAccount,
+    /// What the gateways' pod agent may do: read, watch and annotate its own pod, by name.
+    pub gateway_role: Role,
+    /// Binds [`Self::gateway_role`] to [`Self::gateway_service_account`].
+    pub gateway_role_binding: RoleBinding,
 }
 
 /// The two workloads of a Region.
@@ -316,7 +328,56 @@ pub fn build(validated: &ValidatedRegion, block: MachineIdBlock) -> Result<Regio
         gateway_config_map,
         router_config_map,
         mirror_maker: crate::mm2::build(validated)?,
+        gateway_service_account: ServiceAccount {
+            metadata: metadata(validated, gateway_service_account_name(&validated.name), Some(gateway)),
+            automount_service_account_token: Some(false),
+            ..ServiceAccount::default()
+        },
+        gateway_role: gateway_role(validated),
+        gateway_role_binding: RoleBinding {
+            metadata: metadata(validated, gateway_role_name(&validated.name), Some(gateway)),
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".to_owned(),
+                kind: "Role".to_owned(),
+                name: gateway_role_name(&validated.name),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".to_owned(),
+                name: gateway_service_account_name(&validated.name),
+                namespace: Some(validated.namespace.clone()),
+                ..Subject::default()
+            }]),
+        },
     })
+}
+
+/// The gateways' ServiceAccount: `<region>-gateway`.
+pub fn gateway_service_account_name(region: &str) -> String {
+    format!("{region}-gateway")
+}
+
+/// The gateways' pod-agent Role and its RoleBinding: `<region>-gateway-pod-agent`.
+pub fn gateway_role_name(region: &str) -> String {
+    format!("{region}-gateway-pod-agent")
+}
+
+/// The gateways' pod agent reads and watches its own pod (for `parley.dev/drain`) and patches it (its
+/// `parley.dev/gateway-status`): `get`, `list`, `watch` and `patch` on `pods`, restricted by name to the pods the
+/// gateway StatefulSet may have (`<region>-gateway-0` up to the gateway bound). A list or watch is allowed by name
+/// only with a `metadata.name` field selector, which is what the agent uses.
+fn gateway_role(validated: &ValidatedRegion) -> Role {
+    let bound = validated.region.spec.gateway.max_replicas_bound().max(1);
+    let stateful_set = object_name(&validated.name, Component::Gateway);
+    Role {
+        metadata: metadata(validated, gateway_role_name(&validated.name), Some(Component::Gateway)),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["pods".to_owned()]),
+            resource_names: Some((0..bound).map(|ordinal| format!("{stateful_set}-{ordinal}")).collect()),
+            verbs: ["get", "list", "watch", "patch"].iter().map(|verb| (*verb).to_owned()).collect(),
+            ..PolicyRule::default()
+        }]),
+    }
 }
 
 /// Labels that select a component's pods. They never change for the life of the Region.
@@ -335,7 +396,7 @@ pub fn labels(validated: &ValidatedRegion, component: Option<Component>) -> BTre
         ("app.kubernetes.io/instance".to_owned(), validated.cluster_name.clone()),
         ("app.kubernetes.io/part-of".to_owned(), "parley".to_owned()),
         ("app.kubernetes.io/managed-by".to_owned(), FIELD_MANAGER.to_owned()),
-        ("app.kubernetes.io/version".to_owned(), validated.cluster.spec.version.clone()),
+        ("app.kubernetes.io/version".to_owned(), validated.version().to_owned()),
         (CLUSTER_LABEL.to_owned(), validated.cluster_name.clone()),
         (REGION_LABEL.to_owned(), validated.name.clone()),
         (REGION_NAME_LABEL.to_owned(), validated.region.spec.region_name.clone()),
@@ -620,9 +681,19 @@ fn stateful_set(
                 match_labels: Some(selector_labels(validated, component)),
                 ..LabelSelector::default()
             },
-            pod_management_policy: Some("Parallel".to_owned()),
+            // One pod at a time, whatever the Kubernetes version: `Parallel` lets the StatefulSet controller start
+            // or stop several at once, and with the MaxUnavailableStatefulSet feature gate (on by default since
+            // 1.35) it had rollouts stall or ignore unready pods. The gateways roll `OnDelete`: the operator
+            // drains each pod and deletes it ([`crate::rollout`]); the routers roll one at a time.
+            pod_management_policy: Some(POD_MANAGEMENT_POLICY.to_owned()),
             update_strategy: Some(StatefulSetUpdateStrategy {
-                type_: Some("RollingUpdate".to_owned()),
+                type_: Some(
+                    match component {
+                        Component::Gateway => "OnDelete",
+                        Component::Router => "RollingUpdate",
+                    }
+                    .to_owned(),
+                ),
                 ..StatefulSetUpdateStrategy::default()
             }),
             template: pod_template(validated, component, ids, config_hash),
@@ -727,9 +798,13 @@ fn pod_template(
     };
     let mut annotations = BTreeMap::from([(CONFIG_HASH_ANNOTATION.to_owned(), config_hash.to_owned())]);
     annotations.insert("kubectl.kubernetes.io/default-container".to_owned(), component.as_str().to_owned());
+    if let Some(restart_at) = validated.region.metadata.annotations.as_ref().and_then(|a| a.get(RESTART_AT_ANNOTATION))
+    {
+        annotations.insert(RESTART_AT_ANNOTATION.to_owned(), restart_at.clone());
+    }
     let container = Container {
         name: component.as_str().to_owned(),
-        image: Some(format!("{image}:{}", validated.cluster.spec.version)),
+        image: Some(format!("{image}:{}", validated.version())),
         image_pull_policy: images.pull_policy.map(|policy| policy.as_str().to_owned()),
         ports: Some(ports),
         env: Some(env(validated, component, ids)),
@@ -765,8 +840,10 @@ fn pod_template(
         spec: Some(PodSpec {
             containers: vec![container],
             termination_grace_period_seconds: Some(grace),
-            // The pods never call the Kubernetes API themselves.
-            automount_service_account_token: Some(false),
+            // Only the gateways' pod agent calls the Kubernetes API, with its own ServiceAccount's token.
+            service_account_name: (component == Component::Gateway)
+                .then(|| gateway_service_account_name(&validated.name)),
+            automount_service_account_token: Some(component == Component::Gateway),
             enable_service_links: Some(false),
             image_pull_secrets: pull_secrets,
             security_context: Some(PodSecurityContext {
@@ -898,6 +975,8 @@ fn env(validated: &ValidatedRegion, component: Component, ids: MachineIdRange) -
         }
         // Only the gateways authenticate clients and serve admin endpoints (`POST /admin/drain`).
         Component::Gateway => {
+            // The pod agent: drains requested on the pod, connection counts published on it.
+            out.push(literal("PARLEY_POD_AGENT", "true".to_owned()));
             if auth.jwt_algorithm == JwtAlgorithm::HS256 {
                 out.push(secret_ref("PARLEY_JWT_HS256_SECRET", &auth.jwt_key_secret));
             }

@@ -33,6 +33,11 @@
 //! Services, ConfigMaps, PodDisruptionBudgets and NetworkPolicies, so a Region's status follows its pods'
 //! readiness. The
 //! internal token Secret is owned by the Region too (garbage-collected with it) but not watched.
+//!
+//! Beside it runs the ChatCluster controller ([`crate::cluster`]): each Region gets an ownerReference to its
+//! ChatCluster (added in `apply`, before validation), and a ChatCluster that no Region names still gets its status.
+//! A replication target that no Region has yet leaves the Region `Progressing` (`WaitingForReplicationTarget`),
+//! not `Degraded`: it runs without the flows to that target until a Region of that name appears.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
@@ -158,8 +163,23 @@ impl Context {
     }
 }
 
-/// Runs the controller until the stream ends (it ends when `shutdown` resolves).
+/// Runs the controller until the stream ends (it ends when `shutdown` resolves): the Region controller and, beside
+/// it, the ChatCluster controller ([`crate::cluster::run`]).
 pub async fn run(
+    client: Client,
+    scope: Scope,
+    context: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let shutdown = futures::FutureExt::shared(shutdown);
+    futures::join!(
+        run_regions(client.clone(), scope.clone(), context.clone(), shutdown.clone()),
+        crate::cluster::run(client, scope, context, shutdown),
+    );
+}
+
+/// Runs the Region controller until `shutdown` resolves.
+async fn run_regions(
     client: Client,
     scope: Scope,
     context: Arc<Context>,
@@ -313,10 +333,16 @@ async fn apply(region: Arc<Region>, context: &Context) -> Result<Action, Error> 
         .and_then(|cluster| cluster.status.as_ref())
         .and_then(|status| status.machine_id_allocation.clone())
         .unwrap_or_default();
+    if let Some(cluster) = &cluster {
+        // Deleting the ChatCluster then garbage-collects the Region; a failure here holds nothing up.
+        if let Err(error) = crate::cluster::ensure_owner(&region, cluster, context).await {
+            warn!(%error, "cannot add the owner reference to the chat cluster");
+        }
+    }
     let input = Dereferenced { region: (*region).clone(), cluster: cluster.clone(), regions: siblings.clone() };
 
     // validate + build
-    let plan = match crate::plan(input, &allocation, Timestamp::now()) {
+    let mut plan = match crate::plan(input, &allocation, Timestamp::now()) {
         Ok(plan) => plan,
         Err(error) if error.is_invalid_spec() => {
             return degrade(&region, cluster.as_ref(), &siblings, error, context).await
@@ -351,12 +377,16 @@ async fn apply(region: Arc<Region>, context: &Context) -> Result<Action, Error> 
         return Err(error);
     }
 
+    // the gateway count and the rollout's next step, from the gateways as they run
+    let step = crate::gateways::prepare(&plan.validated, &region, &mut plan.resources, context).await?;
+
     // apply + orphans
     let applied = apply_resources(client, &name, &namespace, &region, &plan.resources, context).await?;
     if !applied.changed.is_empty() {
         publish(context, &region, EventType::Normal, "Applied", format!("applied {}", applied.changed.join(", ")))
             .await;
     }
+    crate::gateways::carry_out(&plan.validated, &region, &step, context).await?;
 
     // the keyspace's replication to the Region's datacenter
     let outcome = reconcile_keyspace(&plan.validated, context).await;
@@ -399,7 +429,7 @@ async fn apply(region: Arc<Region>, context: &Context) -> Result<Action, Error> 
     };
 
     // status
-    let new_status = status::region_ready(
+    let mut new_status = status::region_ready(
         &region,
         plan.block,
         status::Rollout::of(&applied.gateway_stateful_set),
@@ -415,10 +445,20 @@ async fn apply(region: Arc<Region>, context: &Context) -> Result<Action, Error> 
             }),
             incoming_flows,
             over_budget,
+            rollout: Some(step.decision.status.clone()),
+            scaling: step.scaling.clone(),
+            gateway_connections: step.connections,
         },
         keyspace_conditions,
         Timestamp::now(),
     );
+    new_status.version = status::running_version(
+        &region,
+        plan.validated.version(),
+        status::Rollout::of(&applied.gateway_stateful_set),
+        status::Rollout::of(&applied.router_stateful_set),
+    );
+    wait_for_replication_targets(&mut new_status, &region, &plan.validated, context).await;
     let mirrored = mm2::mirrored_regions(&plan.validated);
     let flows_next = (!mirrored.is_empty()).then(|| flows_refresh(&mirrored, &new_status.incoming_flows));
     write_region_status(&regions, &region, new_status.clone(), context).await?;
@@ -429,7 +469,28 @@ async fn apply(region: Arc<Region>, context: &Context) -> Result<Action, Error> 
     if let Some(flows_next) = flows_next {
         next = next.min(flows_next);
     }
+    if let Some(step_next) = step.requeue() {
+        next = next.min(step_next);
+    }
     Ok(Action::requeue(next))
+}
+
+/// Marks the Region as waiting for its missing replication targets ([`crate::validate::missing_replication_targets`])
+/// in `new_status`, with a Normal Event when it starts waiting for them. The other Regions' changes wake it when one
+/// appears (see [`run`]).
+async fn wait_for_replication_targets(
+    new_status: &mut RegionStatus,
+    region: &Region,
+    validated: &ValidatedRegion,
+    context: &Context,
+) {
+    let missing = crate::validate::missing_replication_targets(validated);
+    if status::wait_for_replication_targets(new_status, region, &missing, Timestamp::now()) {
+        let targets = missing.join(", ");
+        info!(%targets, "waiting for replication targets");
+        let note = format!("replicates to {targets}, which no Region of the chat cluster is yet: waiting for it");
+        publish(context, region, EventType::Normal, status::WAITING_FOR_REPLICATION_TARGET, note).await;
+    }
 }
 
 /// When a Region that mirrors `mirrored` reads its incoming flows again: soon ([`FLOWS_FIRST_REFRESH`]) while a
@@ -829,12 +890,21 @@ async fn update_cluster_summary(
     Ok(())
 }
 
-/// A JSON merge patch that turns `old` into `new` at the top level: keys missing from `new` are set to null.
+/// A JSON merge patch that turns `old` into `new`: keys of `old` missing from `new` are set to null, at every level
+/// of nested objects (a merge patch merges objects, so a field dropped inside one would otherwise stay).
 pub fn replacing_patch(old: &Value, new: &Value) -> Value {
     let mut patch = new.clone();
     if let (Some(old), Some(patch)) = (old.as_object(), patch.as_object_mut()) {
-        for key in old.keys() {
-            patch.entry(key.clone()).or_insert(Value::Null);
+        for (key, old_value) in old {
+            match patch.get_mut(key) {
+                None => {
+                    patch.insert(key.clone(), Value::Null);
+                }
+                Some(new_value) if new_value.is_object() && old_value.is_object() => {
+                    *new_value = replacing_patch(old_value, new_value);
+                }
+                Some(_) => {}
+            }
         }
     }
     patch
@@ -890,7 +960,7 @@ async fn write_region_status(
     Ok(true)
 }
 
-async fn publish(context: &Context, region: &Region, type_: EventType, reason: &str, note: String) {
+pub(crate) async fn publish(context: &Context, region: &Region, type_: EventType, reason: &str, note: String) {
     let event = Event {
         type_,
         reason: reason.to_owned(),
@@ -946,6 +1016,12 @@ async fn apply_resources(
     )
     .await?;
     delete_orphans::<Service>(client, namespace, &services.orphans, &mut changed, context).await?;
+    // The gateways' pod agent identity, before the pods that run as it.
+    let accounts = vec![resources.gateway_service_account.clone()];
+    apply_kind(client, namespace, &selector, &uid, accounts, &mut changed, context).await?;
+    apply_kind(client, namespace, &selector, &uid, vec![resources.gateway_role.clone()], &mut changed, context).await?;
+    let bindings = vec![resources.gateway_role_binding.clone()];
+    apply_kind(client, namespace, &selector, &uid, bindings, &mut changed, context).await?;
     let stateful_sets = apply_kind(
         client,
         namespace,
@@ -1445,6 +1521,11 @@ mod tests {
     fn replacing_patch_nulls_dropped_keys() {
         let patch = replacing_patch(&json!({"a": 1, "b": 2}), &json!({"a": 3}));
         assert_eq!(patch, json!({"a": 3, "b": null}));
+        let nested = replacing_patch(
+            &json!({"rollout": {"phase": "Draining", "draining": {"pod": "eu-gateway-2"}}}),
+            &json!({"rollout": {"phase": "Idle"}}),
+        );
+        assert_eq!(nested, json!({"rollout": {"phase": "Idle", "draining": null}}));
     }
 
     fn validated(name: &str) -> ValidatedRegion {

@@ -29,6 +29,9 @@
 //!   reconcile writes nothing), delete orphans and write conditions; [`status`] (pure) computes those conditions
 //!   and the ChatCluster's per-Region summaries.
 //!
+//! [`cluster`] is the ChatCluster side: it gives each Region an ownerReference to its ChatCluster (so deleting the
+//! ChatCluster garbage-collects its Regions) and writes the status of a ChatCluster that no Region names.
+//!
 //! [`plan`] runs the pure stages in order, so the controller's reconcile only adds the I/O around it.
 //!
 //! Around the controller: [`leader`] runs it only while this replica holds a coordination.k8s.io Lease, and
@@ -36,14 +39,17 @@
 //! `parley-operator` binary (`src/main.rs`) wires them together behind the `crd` and `run` subcommands.
 
 pub mod build;
+pub mod cluster;
 pub mod controller;
 pub mod error;
+pub mod gateways;
 pub mod internal_token;
 pub mod keyspace;
 pub mod leader;
 pub mod machine_ids;
 pub mod metrics;
 pub mod mm2;
+pub mod rollout;
 pub mod status;
 pub mod validate;
 

@@ -19,6 +19,7 @@ use prometheus_client::registry::Registry;
 use crate::error::Error;
 
 type Labels = Vec<(&'static str, &'static str)>;
+type RegionLabels = Vec<(&'static str, String)>;
 
 /// Every metric of the operator.
 #[derive(Debug)]
@@ -35,6 +36,12 @@ pub struct Metrics {
     pub writes: Family<Labels, Counter>,
     /// 1 while this replica holds the leader Lease (and so runs the controller), else 0.
     pub leader: Gauge,
+    /// The connections a Region's gateways last reported, summed, by Region.
+    pub gateway_connections: Family<RegionLabels, Gauge>,
+    /// The gateway pods a Region wants (its spec's, or the connection-based scaling's), by Region.
+    pub gateways_desired: Family<RegionLabels, Gauge>,
+    /// Rollout and scaling steps, by Region and outcome (`drain`, `replace`, `remove`, `add`, `paused`).
+    pub rollout_steps: Family<RegionLabels, Counter>,
 }
 
 impl Metrics {
@@ -46,12 +53,32 @@ impl Metrics {
         let duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
         let writes = Family::<Labels, Counter>::default();
         let leader = Gauge::default();
+        let gateway_connections = Family::<RegionLabels, Gauge>::default();
+        let gateways_desired = Family::<RegionLabels, Gauge>::default();
+        let rollout_steps = Family::<RegionLabels, Counter>::default();
+        registry.register(
+            "gateway_connections",
+            "Connections the Region's gateways last reported, summed",
+            gateway_connections.clone(),
+        );
+        registry.register("gateways_desired", "Gateway pods the Region wants", gateways_desired.clone());
+        registry.register("rollout_steps", "Rollout and scaling steps, by outcome", rollout_steps.clone());
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register("reconcile_errors", "Reconciles that failed, by reason", errors.clone());
         registry.register("reconcile_duration_seconds", "Reconcile duration", duration.clone());
         registry.register("writes", "Writes to the API server, by kind", writes.clone());
         registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
-        Arc::new(Metrics { registry, reconciles, errors, duration, writes, leader })
+        Arc::new(Metrics {
+            registry,
+            reconciles,
+            errors,
+            duration,
+            writes,
+            leader,
+            gateway_connections,
+            gateways_desired,
+            rollout_steps,
+        })
     }
 
     /// Counts a finished reconcile.

@@ -98,7 +98,7 @@ pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
 }
 
 /// What was applied for a Region besides its workloads, for its status.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct AppliedObjects {
     /// Name of the internal token Secret.
     pub internal_token_secret: String,
@@ -112,6 +112,12 @@ pub struct AppliedObjects {
     pub incoming_flows: Vec<parley_crds::region::IncomingFlow>,
     /// Why the incoming flows make the Region `Degraded` (a latency over the budget), if they do.
     pub over_budget: Option<String>,
+    /// The gateways' rollout as the operator drives it ([`crate::rollout::decide`]).
+    pub rollout: Option<parley_crds::region::RolloutStatus>,
+    /// The connection-based scaling, when the Region has a range ([`crate::rollout::scale`]).
+    pub scaling: Option<parley_crds::region::ScalingStatus>,
+    /// The connections the gateways reported, summed.
+    pub gateway_connections: Option<i64>,
 }
 
 /// The status of a Region whose objects were applied: Ready when both StatefulSets are rolled out. `extra` are
@@ -127,23 +133,39 @@ pub fn region_ready(
     now: Timestamp,
 ) -> RegionStatus {
     let previous = region.status.as_ref().map(|status| status.conditions.as_slice()).unwrap_or_default();
-    let done = gateways.done() && routers.done();
+    let stepping = objects.rollout.as_ref().filter(|rollout| rollout.phase != "Idle");
+    let ready = gateways.ready >= gateways.desired && routers.done();
+    let done = ready && gateways.done() && stepping.is_none();
     let pods = format!(
         "gateways {}/{} ready, routers {}/{} ready",
         gateways.ready, gateways.desired, routers.ready, routers.desired
     );
+    let (progress_reason, progress_message) = match stepping {
+        Some(rollout) if rollout.paused => ("RolloutPaused", rollout.message.clone()),
+        Some(rollout)
+            if rollout.total != gateways.desired
+                || objects.scaling.as_ref().is_some_and(|scaling| scaling.desired != scaling.current) =>
+        {
+            ("Scaling", rollout.message.clone())
+        }
+        Some(rollout) => {
+            ("RollingOut", format!("{}/{} gateways updated; {}", rollout.updated, rollout.total, rollout.message))
+        }
+        None if done => ("RolloutComplete", "every object is applied and every pod is ready".to_owned()),
+        None => ("RollingOut", pods.clone()),
+    };
     let updates = vec![
         ConditionUpdate {
             type_: CONDITION_READY,
-            status: done,
-            reason: if done { "AllPodsReady" } else { "PodsNotReady" },
+            status: ready,
+            reason: if ready { "AllPodsReady" } else { "PodsNotReady" },
             message: pods.clone(),
         },
         ConditionUpdate {
             type_: CONDITION_PROGRESSING,
             status: !done,
-            reason: if done { "RolloutComplete" } else { "RollingOut" },
-            message: if done { "every object is applied and every pod is ready".to_owned() } else { pods },
+            reason: progress_reason,
+            message: progress_message,
         },
         match &objects.over_budget {
             Some(message) => ConditionUpdate {
@@ -178,6 +200,66 @@ pub fn region_ready(
         mirrored_regions: objects.mirrored_regions,
         mirror_maker: objects.mirror_maker.map(|(ready, wanted)| format!("{ready}/{wanted}")),
         incoming_flows: objects.incoming_flows,
+        version: region.status.as_ref().and_then(|status| status.version.clone()),
+        rollout: objects.rollout,
+        scaling: objects.scaling,
+        gateway_connections: objects.gateway_connections,
+    }
+}
+
+/// The reason of the Region's `Progressing` condition while a replication target is missing.
+pub const WAITING_FOR_REPLICATION_TARGET: &str = "WaitingForReplicationTarget";
+
+/// Says in the Region's status that it waits for the replication targets in `missing` (see
+/// [`crate::validate::missing_replication_targets`]): `Progressing` becomes True with reason
+/// [`WAITING_FOR_REPLICATION_TARGET`] and a message naming them, unless a rollout already makes it True, whose
+/// message then names them too. `Ready` (the pods) and `Degraded` stay as they are. Returns whether the Region
+/// starts waiting now (it did not wait for the same targets before), for a Normal Event.
+pub fn wait_for_replication_targets(
+    status: &mut RegionStatus,
+    region: &Region,
+    missing: &[String],
+    now: Timestamp,
+) -> bool {
+    if missing.is_empty() {
+        return false;
+    }
+    let targets = missing.join(", ");
+    let waiting = format!(
+        "waiting for replication target {targets}: no Region of the chat cluster has that regionName yet; the \
+         Region runs without its flows to it until it appears"
+    );
+    let previous = region.status.as_ref().map(|status| status.conditions.as_slice()).unwrap_or_default();
+    let was_waiting = previous.iter().any(|condition| {
+        condition.type_ == CONDITION_PROGRESSING
+            && condition.status == "True"
+            && condition.message.contains(&format!("waiting for replication target {targets}:"))
+    });
+    if let Some(progressing) = status.conditions.iter_mut().find(|condition| condition.type_ == CONDITION_PROGRESSING) {
+        if progressing.status == "True" {
+            progressing.message = format!("{}; {waiting}", progressing.message);
+        } else {
+            let update = ConditionUpdate {
+                type_: CONDITION_PROGRESSING,
+                status: true,
+                reason: WAITING_FOR_REPLICATION_TARGET,
+                message: waiting,
+            };
+            if let Some(condition) = conditions(previous, vec![update], region.metadata.generation, now).pop() {
+                *progressing = condition;
+            }
+        }
+    }
+    !was_waiting
+}
+
+/// The version the Region's pods run, for its `status.version`: `wanted` once both StatefulSets have every pod
+/// ready on their latest template, else what the status showed before.
+pub fn running_version(region: &Region, wanted: &str, gateways: Rollout, routers: Rollout) -> Option<String> {
+    if gateways.done() && routers.done() {
+        Some(wanted.to_owned())
+    } else {
+        region.status.as_ref().and_then(|status| status.version.clone())
     }
 }
 
@@ -270,7 +352,11 @@ pub fn cluster(
             } else {
                 "RegionsNotReady"
             },
-            message: format!("{} of {} regions ready", ready.len(), members.len()),
+            message: if members.is_empty() {
+                "no Region names this ChatCluster".to_owned()
+            } else {
+                format!("{} of {} regions ready", ready.len(), members.len())
+            },
         },
         ConditionUpdate {
             type_: CONDITION_PROGRESSING,
@@ -322,6 +408,7 @@ mod tests {
             mirror_maker: Some((1, 2)),
             incoming_flows: Vec::new(),
             over_budget: None,
+            ..AppliedObjects::default()
         }
     }
 

@@ -112,7 +112,12 @@ fn gateway_stateful_set() {
     let spec = set.spec.as_ref().expect("spec");
     assert_eq!(spec.replicas, Some(2), "starts at minReplicas");
     assert_eq!(spec.service_name.as_deref(), Some("chat-eu-gateway-headless"));
-    assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("OrderedReady"));
+    // The operator replaces gateway pods itself, each drained first.
+    assert_eq!(spec.update_strategy.as_ref().and_then(|u| u.type_.as_deref()), Some("OnDelete"));
+    let router = resources.router_stateful_set.spec.as_ref().expect("router spec");
+    assert_eq!(router.pod_management_policy.as_deref(), Some("OrderedReady"));
+    assert_eq!(router.update_strategy.as_ref().and_then(|u| u.type_.as_deref()), Some("RollingUpdate"));
     let selector = spec.selector.match_labels.clone().expect("selector");
     assert_eq!(
         selector,
@@ -172,7 +177,10 @@ fn pods_run_as_non_root_with_a_read_only_root_filesystem() {
         assert_eq!(security.read_only_root_filesystem, Some(true));
         assert_eq!(security.allow_privilege_escalation, Some(false));
         assert_eq!(security.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_owned()]));
-        assert_eq!(pod.automount_service_account_token, Some(false));
+        // Only the gateways' pod agent calls the API server, as its own ServiceAccount.
+        let gateway = std::ptr::eq(set, &resources.gateway_stateful_set);
+        assert_eq!(pod.automount_service_account_token, Some(gateway));
+        assert_eq!(pod.service_account_name.as_deref(), gateway.then_some("chat-eu-gateway"));
         let mounts = container(set).volume_mounts.clone().expect("mounts");
         assert!(mounts.iter().any(|m| m.mount_path == "/tmp"), "a writable /tmp on a read-only root");
     }
@@ -1098,4 +1106,25 @@ fn mirror_maker_gets_kafka_credentials_from_the_secret_and_the_ca_mounted() {
     assert_eq!((security.read_only_root_filesystem, security.run_as_non_root), (Some(true), Some(true)));
     // No credential in the ConfigMap: only references.
     assert!(!text.contains("kafka-user") && !text.to_lowercase().contains("password=\"p"), "{text}");
+}
+
+#[test]
+fn the_gateway_pod_agent_may_touch_only_its_own_pods() {
+    let resources = resources();
+    assert_eq!(resources.gateway_service_account.metadata.name.as_deref(), Some("chat-eu-gateway"));
+    let rules = resources.gateway_role.rules.clone().expect("rules");
+    assert_eq!(rules.len(), 1);
+    let rule = &rules[0];
+    assert_eq!(rule.resources, Some(vec!["pods".to_owned()]));
+    assert_eq!(rule.verbs, vec!["get", "list", "watch", "patch"]);
+    let names = rule.resource_names.clone().expect("resource names");
+    let bound = usize::try_from(validated_eu().region.spec.gateway.max_replicas_bound()).expect("bound");
+    assert_eq!(names.len(), bound);
+    assert_eq!(names[0], "chat-eu-gateway-0");
+    let binding = &resources.gateway_role_binding;
+    assert_eq!(binding.role_ref.name, "chat-eu-gateway-pod-agent");
+    let subject = &binding.subjects.as_ref().expect("subjects")[0];
+    assert_eq!((subject.kind.as_str(), subject.name.as_str()), ("ServiceAccount", "chat-eu-gateway"));
+    let env = container(&resources.gateway_stateful_set).env.clone().expect("env");
+    assert!(env.iter().any(|e| e.name == "PARLEY_POD_AGENT" && e.value.as_deref() == Some("true")));
 }

@@ -113,6 +113,19 @@ e2e/helm/check_render.py and operator/tests/k8s.rs hold the same set and fail wh
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Gateway rollouts and scale-downs: the operator reads the gateway pods (their connection reports), asks one to drain
+# (an annotation), and deletes it once drained. get and watch are there because the gateways' pod-agent Role grants
+# them, and Kubernetes lets a Role be created only by someone holding what it grants.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
+# Each Region's gateway ServiceAccount, its pod-agent Role (its own pods, by name) and their RoleBinding.
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["list", "create", "patch"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["list", "create", "patch"]
 # Each Region's internal token Secret and each ChatCluster's peer token Secret are created once; an existing one
 # (409) is kept. No list or watch, and get only by name for the Secrets named in rbac.readableSecrets (the Cassandra
 # CA and credentials the operator sets the keyspace's replication with), so it cannot read any other Secret, its own

@@ -252,6 +252,10 @@ struct State {
     positions: HashMap<String, u64>,
     /// Channels whose start is known.
     started: HashSet<String>,
+    /// When the connection last dropped, while the client is away.
+    away_since: Option<std::time::SystemTime>,
+    /// Each time the connection dropped (wall clock) and how long the client was away until connected again.
+    reconnects: Vec<(std::time::SystemTime, Duration)>,
 }
 
 /// One client application.
@@ -357,6 +361,16 @@ impl Member {
         log
     }
 
+    /// Each time its connection dropped (wall clock) and how long it was away until connected again, in order.
+    pub fn reconnects(&self) -> Vec<(std::time::SystemTime, Duration)> {
+        self.state.lock().expect("state lock").reconnects.clone()
+    }
+
+    /// Whether it is connected now (not between a drop and the next connect).
+    pub fn away(&self) -> bool {
+        self.state.lock().expect("state lock").away_since.is_some()
+    }
+
     /// The highest seq it got confirmed per channel.
     pub fn confirmed_heads(&self) -> HashMap<String, u64> {
         let state = self.state.lock().expect("state lock");
@@ -388,6 +402,10 @@ async fn pump(mut events: mpsc::Receiver<Event>, state: Arc<Mutex<State>>, count
             }
             Event::Connected { channels, .. } => {
                 counters.connects.fetch_add(1, Ordering::Relaxed);
+                if let Some(since) = state.away_since.take() {
+                    let away = since.elapsed().unwrap_or_default();
+                    state.reconnects.push((since, away));
+                }
                 for view in channels.iter().filter(|view| view.joined) {
                     start(&mut state, &view.id, view.last_seq);
                 }
@@ -399,6 +417,7 @@ async fn pump(mut events: mpsc::Receiver<Event>, state: Arc<Mutex<State>>, count
             }
             Event::Disconnected { .. } => {
                 counters.disconnects.fetch_add(1, Ordering::Relaxed);
+                state.away_since.get_or_insert_with(std::time::SystemTime::now);
             }
             Event::ConnectFailed { .. } => {
                 counters.connect_failures.fetch_add(1, Ordering::Relaxed);
