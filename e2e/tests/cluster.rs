@@ -3,9 +3,10 @@
 //!
 //! - `kill_9_one_gateway_mid_stream`: `kill -9` one gateway while two senders stream into a channel; every
 //!   client ends up with exactly the stored history (zero loss, zero duplicates, same order).
-//! - `drain_one_of_two_gateways_with_1000_clients_under_load`: drain one gateway with 1,000 clients connected
-//!   and a steady send load; every client reconnects to the other within the window, spread over it (the
-//!   histograms are printed), and nothing is lost.
+//! - `drain_one_of_two_gateways_with_1000_clients_under_load_kafka_cassandra`: drain one gateway with 1,000 clients
+//!   connected and a steady send load; every client reconnects to the other within the window, spread over it (the
+//!   histograms are printed), and nothing is lost. (The drain is the gateways' own; the routers' storage only
+//!   carries the load, so one backend is enough. `e2e/tests/region.rs` drains the operator's gateways the same way.)
 //!
 //! The tests of this file run one at a time (each starts its own processes and loads the machine), so that the
 //! figures they print describe one cluster.
@@ -414,11 +415,6 @@ async fn kill_9_one_gateway_mid_stream(backend: Backend) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_one_of_two_gateways_with_1000_clients_under_load_embedded() {
-    drain_one_of_two_gateways_with_1000_clients_under_load(Backend::Embedded).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_one_of_two_gateways_with_1000_clients_under_load_kafka_cassandra() {
     drain_one_of_two_gateways_with_1000_clients_under_load(Backend::KafkaCassandra).await;
 }
@@ -429,7 +425,7 @@ async fn drain_one_of_two_gateways_with_1000_clients_under_load(backend: Backend
     let Some(mut cluster) = Cluster::start(&redis_url, 2, backend).await else { return };
     const CLIENTS: usize = 1_000;
     const CHANNELS: usize = 10;
-    const WINDOW_MS: u64 = 30_000;
+    const WINDOW_MS: u64 = 16_000;
     let per_channel = CLIENTS / CHANNELS;
 
     // Ten channels of 100 members, half of each on either gateway. One sender per channel, on gateway 0 (the one

@@ -7,8 +7,6 @@
 //! message confirmed, none lost, none duplicated, one order per channel on every member.
 //!
 //! - `one_gateway_and_one_router_chat`: the smallest Region and a few clients.
-//! - `three_gateways_and_one_router_survive_a_router_deletion`: 3 gateways, 1 router, 200 clients in 20 channels;
-//!   the router pod is deleted mid-stream (`kubectl delete pod`) and its successor takes over; no gateway restarts.
 //! - `three_gateways_and_three_routers_survive_a_router_deletion_and_router_scaling`: the same load on 3 routers; a
 //!   router pod deleted, then routers scaled 3→2→3 through `spec.router.replicas` (within the default
 //!   `router.maxReplicas` of 8, so the machine-ID block stays): no gateway pod restarts (same UIDs, restartCount 0)
@@ -792,6 +790,7 @@ async fn one_gateway_and_one_router_chat() {
     test.note(&format!("{} clients connected to {urls:?}, {} channels made", shape.users, shape.channels));
     chat.progress(30, Duration::from_secs(60), "first messages").await;
     test.note("30 messages confirmed and shown");
+
     let (checked, attempts) = chat.finish().await;
     test.note("settled; history checked");
     let line = assert_clean(&test, &checked, attempts, "region of 1 gateway and 1 router");
@@ -801,35 +800,6 @@ async fn one_gateway_and_one_router_chat() {
 /// The full load: 200 clients in 20 channels of 10, two senders each at 0.5 msg/s (20 msg/s in all).
 fn full_load() -> Load {
     Load { users: 200, channels: 20, members_per_channel: 10, senders_per_channel: 2, rate: 0.5 }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_gateways_and_one_router_survive_a_router_deletion() {
-    let Some(engines) = engines() else { return };
-    let _serial = SERIAL.lock().await;
-    let started = Instant::now();
-    let mut test = RegionTest::start(&engines, json!({"replicas": 3}), 3, 1).await;
-    let urls = test.gateway_urls().await;
-    let chat = Chat::start(&test.tag, &urls, &full_load(), 2).await;
-    test.note(&format!("200 clients connected to {} gateways, 20 channels made", urls.len()));
-    chat.progress(100, Duration::from_secs(60), "the load before any fault").await;
-    test.note(&format!("{} messages confirmed", chat.confirmed()));
-
-    // The only router goes: sends wait for its successor, which takes the partitions over.
-    let gateways = test.incarnations("gateway").await;
-    let router = format!("{}-router-0", test.region);
-    test.delete_pod(&router);
-    test.wait_ready(3, 1, READY_WITHIN).await;
-    test.note("router pod back and ready");
-    let took = chat.progress(40, Duration::from_secs(120), "sends after the router deletion").await;
-    test.note(&format!("sends confirmed again ({:.1} s after the router was ready)", took.as_secs_f64()));
-    test.assert_not_restarted("gateway", &gateways, "router deletion").await;
-
-    let (checked, attempts) = chat.finish().await;
-    test.note("settled; history checked");
-    let line = assert_clean(&test, &checked, attempts, "region of 3 gateways and 1 router");
-    report(&format!("{line}; the router deleted, no gateway restarted; {:.0} s", started.elapsed().as_secs_f64()));
-    eprintln!("{}", test.timeline());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1289,7 +1259,7 @@ async fn the_operator_rolls_and_scales_the_gateways_one_drained_pod_at_a_time() 
         "connectionsPerPodTarget": 400
     });
     // Two routers: a router rolls by handing its partitions to the other, so sends go on meanwhile.
-    test.apply(&engines, json!({"replicas": 3, "maxReplicas": 5, "scaleDownCooldownSeconds": 10}), 2).await;
+    test.apply(&engines, json!({"replicas": 3, "maxReplicas": 5, "scaleDownCooldownSeconds": 5}), 2).await;
     test.wait_ready(3, 2, READY_WITHIN).await;
     let status_log = Arc::new(std::sync::Mutex::new(StatusLog::default()));
     let watcher = watch_status(&test, status_log.clone());
@@ -1382,9 +1352,7 @@ async fn the_operator_rolls_and_scales_the_gateways_one_drained_pod_at_a_time() 
     test.note("5 gateways ready");
     chat.progress(30, Duration::from_secs(60), "sends on 5 gateways").await;
     let down_from = std::time::SystemTime::now();
-    for member in &idle {
-        member.close().await;
-    }
+    futures_util::future::join_all(idle.iter().map(|member| member.close())).await;
     test.note("the 1,300 idle clients left: 600 connections");
     wait_gateways(&test, 2, Duration::from_secs(180), "scaling down by connections").await;
     test.note("2 gateways left, each removal drained first");
