@@ -224,6 +224,30 @@ async fn dev_example_reconciles_scales_and_releases_its_ids_and_a_noop_writes_no
     }
     let block = MachineIdBlock { start: 0, size: 16 };
 
+    // A gateway-only setting changes the gateways' ConfigMap and pod template only: the routers' StatefulSet and
+    // ConfigMap are not written, so no router restarts.
+    let router_set = get(&sets, "dev-local-router").await.expect("router StatefulSet");
+    let router_config = get(&config_maps, "dev-local-router-config").await.expect("router ConfigMap");
+    let gateway_hash = |set: &StatefulSet| {
+        set.spec.as_ref()?.template.metadata.as_ref()?.annotations.as_ref()?.get("parley.dev/config-hash").cloned()
+    };
+    let hash_before = gateway_hash(&get(&sets, "dev-local-gateway").await.expect("gateway StatefulSet"));
+    let idle = json!({"spec": {"gateway": {"idleTimeoutMs": 91000}}});
+    clusters.patch("dev", &PatchParams::default(), &Patch::Merge(idle)).await.expect("a gateway-only setting");
+    eventually("the gateways' template follows their new ConfigMap", || async {
+        let set = get(&sets, "dev-local-gateway").await?;
+        (gateway_hash(&set) != hash_before).then_some(())
+    })
+    .await;
+    settle(&operator).await;
+    let router_after = get(&sets, "dev-local-router").await.expect("router StatefulSet");
+    assert_eq!(
+        router_after.metadata.resource_version, router_set.metadata.resource_version,
+        "a gateway-only setting wrote the router StatefulSet"
+    );
+    let router_config_after = get(&config_maps, "dev-local-router-config").await.expect("router ConfigMap");
+    assert_eq!(router_config_after.metadata.resource_version, router_config.metadata.resource_version);
+
     // NetworkPolicies turned off: the operator deletes the ones it made.
     let off = json!({"spec": {"networkPolicy": {"enabled": false}}});
     clusters.patch("dev", &PatchParams::default(), &Patch::Merge(off)).await.expect("turn NetworkPolicies off");
