@@ -6,6 +6,7 @@
 //! - [`protocol`]: the v1 wire frames (one tagged enum per direction) and their pure decoder;
 //! - [`snowflake`]: the 64-bit ID generator (41 bits of milliseconds, 10 bits of machine id, 12 bits of
 //!   sequence) that never goes backwards;
+//! - [`machine_lease`]: which machine ID of a block a process may lease, with a quarantine after each lease;
 //! - [`conversation`]: user and channel ids, the deterministic DM id, and validation;
 //! - [`sequencer`]: the per-channel single-writer sequence and send idempotency decisions;
 //! - [`ratelimit`]: a token bucket driven by an explicit clock;
@@ -16,6 +17,7 @@
 pub mod access;
 pub mod conversation;
 pub mod delivery;
+pub mod machine_lease;
 pub mod partition;
 pub mod presence;
 pub mod protocol;

@@ -442,6 +442,10 @@ pub struct SnowflakeSpec {
     pub epoch_ms: i64,
     /// Seconds a released machine ID stays unused before another pod may get it, so that a pod and its
     /// predecessor never generate IDs with the same machine ID inside the clock-skew window (5-86400, default 60).
+    /// It holds for a Region's released block (the operator gives it to no other Region meanwhile) and for each
+    /// router's ID: routers lease their IDs from the Region's block, and an ID a router released (or stopped
+    /// renewing) waits this long before another router may lease it. A replaced router takes a spare ID at once
+    /// when `router.maxReplicas` is above `router.replicas`, and otherwise waits out the quarantine.
     #[serde(default = "default_machine_id_quarantine_seconds")]
     #[x_kube(validation = Rule::new("self >= 5 && self <= 86400").message("machineIdQuarantineSeconds must be between 5 and 86400"))]
     pub machine_id_quarantine_seconds: i32,

@@ -427,7 +427,7 @@ fn metadata(validated: &ValidatedRegion, name: String, component: Option<Compone
 ///   retransmits what its own clients have not acknowledged) and the RS256 key's path.
 /// - The router (`parley-router`): its listeners, the message limits it enforces (`spec.gateway.maxTextBytes`,
 ///   `spec.router.maxChannelMembers`; a gateway of a router reads them from the router), retention, the Snowflake
-///   epoch, Kafka and Cassandra (with their TLS switches and the SASL mechanism).
+///   epoch and machine-ID quarantine, Kafka and Cassandra (with their TLS switches and the SASL mechanism).
 /// - Each mounted CA bundle's path ([`tls_ca_secrets`]). Usernames and passwords are never here: they are
 ///   `secretKeyRef` env entries ([`env`]).
 fn config_map(validated: &ValidatedRegion, component: Component) -> ConfigMap {
@@ -474,6 +474,11 @@ fn config_map(validated: &ValidatedRegion, component: Component) -> ConfigMap {
             put("PARLEY_MEMBERSHIP_POLICY", spec.membership_policy.as_arg().to_owned());
             put("PARLEY_RETENTION_DAYS", router.retention_days.to_string());
             put("PARLEY_SNOWFLAKE_EPOCH_MS", spec.snowflake.epoch_ms.to_string());
+            // The routers lease their machine IDs from the block: a released one waits this long before reuse.
+            put(
+                "PARLEY_MACHINE_ID_QUARANTINE_MS",
+                (i64::from(spec.snowflake.machine_id_quarantine_seconds) * 1000).to_string(),
+            );
             put("PARLEY_KAFKA_BOOTSTRAP_SERVERS", validated.kafka_bootstrap_servers.clone());
             put("PARLEY_KAFKA_TOPIC_PREFIX", kafka_topic_prefix(&spec.kafka.topic_prefix));
             put("PARLEY_CASSANDRA_CONTACT_POINTS", spec.cassandra.contact_points.join(","));
@@ -936,8 +941,9 @@ fn credentials(
 /// Per-pod environment: identity, machine IDs and secrets (the settings are in the component's ConfigMap). Explicit
 /// `env` entries take precedence over the ConfigMap's `envFrom`.
 ///
-/// Each pod derives its Snowflake machine ID as `PARLEY_MACHINE_ID_BASE + PARLEY_POD_INDEX`, which is below
-/// `PARLEY_MACHINE_ID_BASE + PARLEY_MACHINE_ID_COUNT`. A router's `PARLEY_ROUTER_ADVERTISE_URL` follows
+/// A gateway pod derives its Snowflake machine ID as `PARLEY_MACHINE_ID_BASE + PARLEY_POD_INDEX`, which is below
+/// `PARLEY_MACHINE_ID_BASE + PARLEY_MACHINE_ID_COUNT`; a router pod leases one of its block (quarantined after
+/// each lease, `PARLEY_MACHINE_ID_QUARANTINE_MS` in its ConfigMap). A router's `PARLEY_ROUTER_ADVERTISE_URL` follows
 /// `PARLEY_POD_NAME`, which it names as `$(PARLEY_POD_NAME)` (the kubelet expands references to earlier entries
 /// only). Secrets, all through `secretKeyRef`: the Region's internal token (both), the backends' usernames and
 /// passwords (Kafka and Cassandra: routers; Redis: both), the JWT key and the admin token (gateways).

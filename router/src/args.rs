@@ -54,15 +54,27 @@ pub struct Args {
     /// Snowflake machine id (when no block is assigned).
     #[arg(long, env = "PARLEY_MACHINE_ID", default_value_t = 0)]
     pub machine_id: u16,
-    /// First id of the machine-id block the operator assigned.
+    /// First id of the machine-id block the operator assigned. With `--machine-id-count` the router leases an id of
+    /// the block from the store (`machine_leases`), renews it and releases it at shutdown; with the base alone its id
+    /// is the base plus `--pod-index`.
     #[arg(long, env = "PARLEY_MACHINE_ID_BASE")]
     pub machine_id_base: Option<u16>,
     /// Size of that block.
     #[arg(long, env = "PARLEY_MACHINE_ID_COUNT")]
     pub machine_id_count: Option<u16>,
-    /// This pod's ordinal in its StatefulSet.
+    /// This pod's ordinal in its StatefulSet: with a block, it names the router's stable Kafka store-writer member
+    /// (`<prefix>store-writer-<base + index>`), whatever id it leases.
     #[arg(long, env = "PARLEY_POD_INDEX")]
     pub pod_index: Option<u16>,
+    /// Time to live of a leased machine id (milliseconds): renewed every third of it; a router that could not renew
+    /// for this long refuses sends (`machine_id_lost`) and is not ready until it holds an id again.
+    #[arg(long, env = "PARLEY_MACHINE_LEASE_TTL_MS", default_value_t = 15_000)]
+    pub machine_lease_ttl_ms: u64,
+    /// How long a leased machine id stays unused after its holder released it, or after its lease expired (on top of
+    /// the time to live), before another router may lease it (milliseconds). It must exceed the clock skew between
+    /// the routers' machines (the operator sets it from `spec.snowflake.machineIdQuarantineSeconds`).
+    #[arg(long, env = "PARLEY_MACHINE_ID_QUARANTINE_MS", default_value_t = 60_000)]
+    pub machine_id_quarantine_ms: u64,
     /// Snowflake epoch (Unix ms).
     #[arg(long, env = "PARLEY_SNOWFLAKE_EPOCH_MS", default_value_t = parley_core::snowflake::DEFAULT_EPOCH_MS)]
     pub snowflake_epoch_ms: u64,
@@ -95,8 +107,9 @@ pub struct Args {
     #[arg(long, env = "PARLEY_KAFKA_REPLICATION_FACTOR", default_value_t = 1)]
     pub kafka_replication_factor: i32,
     /// Static member id of this router's store writer in its Kafka consumer group (default
-    /// `<prefix>store-writer-<machine id>`, stable across restarts of the same pod), so a restarted router takes its
-    /// partitions back at once.
+    /// `<prefix>store-writer-<machine id>`, with a block `<prefix>store-writer-<base + pod index>`: stable across
+    /// restarts of the same pod, whatever machine id it leases), so a restarted router takes its partitions back at
+    /// once.
     #[arg(long, env = "PARLEY_KAFKA_STORE_WRITER_ID")]
     pub kafka_store_writer_id: Option<String>,
     /// How long the store writer waits to fill a batch before it writes what it has (milliseconds). Longer

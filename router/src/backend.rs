@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use parley_api::BackendError;
 pub use parley_api::{HistoryPage, HistoryQuery, PresenceUpdate};
 use parley_core::access::{Access, Posting, Visibility};
+pub use parley_core::machine_lease::LeaseRow;
 use parley_core::protocol::MessageView;
 use parley_core::sequencer::Placement;
 use parley_core::ChannelKind;
@@ -285,6 +286,42 @@ pub trait MembershipStore: Send + Sync + 'static {
     ) -> Result<(), BackendError> {
         Ok(())
     }
+    /// The machine-ID leases of the block `[base, base + count)` in `scope` (a router's region): one row per ID
+    /// ever leased, none for an ID never leased ([`parley_core::machine_lease`] decides from them). A linearizable
+    /// read: on Cassandra at LOCAL_SERIAL, like the lease's compare-and-sets (a region's routers share a
+    /// datacenter, and regions have disjoint blocks). A store that keeps no leases refuses.
+    async fn machine_leases(&self, scope: &str, base: u16, _count: u16) -> Result<Vec<LeaseRow>, BackendError> {
+        Err(no_leases(scope, base))
+    }
+    /// Claims machine ID `id` of `scope` for `holder` at `now_ms` (its clock), only if the store still holds the
+    /// lease row `expected` as it was read (same holder and last renewal), or, with `None`, no row at all. The
+    /// claim clears the release time. `Ok(false)` when the row changed meanwhile (another claim or a renewal won).
+    /// Atomic against concurrent claims and renewals (on Cassandra a lightweight transaction).
+    async fn claim_machine_id(
+        &self,
+        scope: &str,
+        id: u16,
+        _expected: Option<&LeaseRow>,
+        _holder: &str,
+        _now_ms: u64,
+    ) -> Result<bool, BackendError> {
+        Err(no_leases(scope, id))
+    }
+    /// Renews `holder`'s lease of `id` at `now_ms`, only if `holder` still holds it; `Ok(false)` when it lost it.
+    async fn renew_machine_id(&self, scope: &str, id: u16, _holder: &str, _now_ms: u64) -> Result<bool, BackendError> {
+        Err(no_leases(scope, id))
+    }
+    /// Releases `holder`'s lease of `id` at `now_ms` (the release time starts the quarantine), only if `holder` still
+    /// holds it; `Ok(false)` when it does not.
+    async fn release_machine_id(
+        &self,
+        scope: &str,
+        id: u16,
+        _holder: &str,
+        _now_ms: u64,
+    ) -> Result<bool, BackendError> {
+        Err(no_leases(scope, id))
+    }
     /// A channel's home as the last [`move_home`](Self::move_home) or [`claim_home`](Self::claim_home) left it,
     /// wherever that ran (a linearizable read: on Cassandra at SERIAL consistency, across the datacenters).
     /// [`channel`](Self::channel) reads the home of the local datacenter, which may trail a move made in another
@@ -292,4 +329,12 @@ pub trait MembershipStore: Send + Sync + 'static {
     async fn home_now(&self, channel: &str) -> Result<Option<Home>, BackendError> {
         Ok(self.channel(channel).await?.and_then(|record| record.home))
     }
+}
+
+/// The refusal of a store that keeps no machine-ID leases.
+fn no_leases(scope: &str, id: u16) -> BackendError {
+    BackendError::InvalidConfig(format!(
+        "cannot lease machine id {id} in {scope:?}: this store keeps no machine-id leases (use Cassandra or the \
+         embedded store)"
+    ))
 }

@@ -15,6 +15,7 @@
 //! | `user_channels` | `(user, channel)` | | channels of a user, by channel id |
 //! | `read_cursors` | `(user, channel)` | `seq` | written `USING TIMESTAMP seq`: only moves forward |
 //! | `channel_homes` | `(channel)` | `region, epoch, base_seq` | claimed (`IF NOT EXISTS`) and moved (`IF region = ? AND epoch = ?`) by lightweight transactions at SERIAL |
+//! | `machine_leases` | `((scope, id))` | `holder, renewed_at, released_at` | Snowflake machine-ID leases: claimed (`IF NOT EXISTS`, or `IF holder = ? AND renewed_at = ?` as read), renewed and released (`IF holder = ?`) by lightweight transactions at LOCAL_SERIAL, read at LOCAL_SERIAL |
 //!
 //! `bucket` is `ts / bucket width` (ms). Ordering by `seq` equals ordering by the Snowflake `id` within a channel,
 //! which is kept as a column. A channel's sequence grows with its time (one writer assigns both), so a later
@@ -49,8 +50,8 @@
 mod schema;
 
 use crate::backend::{
-    ChannelRecord, FlowReport, HistoryPage, HistoryQuery, Home, MembershipChange, MembershipStore, MessageStore,
-    PriorSend,
+    ChannelRecord, FlowReport, HistoryPage, HistoryQuery, Home, LeaseRow, MembershipChange, MembershipStore,
+    MessageStore, PriorSend,
 };
 use async_trait::async_trait;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
@@ -351,6 +352,22 @@ fn connect_error(config: &CassandraConfig, error: NewSessionError) -> BackendErr
     BackendError::Unavailable(format!("cannot connect to cassandra at {contact}: {error}"))
 }
 
+/// Whether a lightweight transaction was applied: the first column of its answer's row is `[applied]`.
+fn applied(operation: &'static str, result: QueryResult) -> Result<bool, BackendError> {
+    let rows = result.into_rows_result().map_err(|error| other_error(operation, error))?;
+    let flag = rows
+        .rows::<scylla::value::Row>()
+        .map_err(|error| other_error(operation, error))?
+        .next()
+        .transpose()
+        .map_err(|error| other_error(operation, error))?
+        .and_then(|row| row.columns.into_iter().next().flatten());
+    match flag {
+        Some(CqlValue::Boolean(applied)) => Ok(applied),
+        other => Err(BackendError::Corrupt(format!("{operation}: the answer has no [applied] flag ({other:?})"))),
+    }
+}
+
 fn other_error(operation: &'static str, error: impl std::error::Error + Send + Sync + 'static) -> BackendError {
     BackendError::Cassandra { operation, source: Box::new(error) }
 }
@@ -405,6 +422,11 @@ struct Statements {
     delete_all_access: PreparedStatement,
     delete_settings: PreparedStatement,
     delete_channel: PreparedStatement,
+    select_lease: PreparedStatement,
+    create_lease: PreparedStatement,
+    take_lease: PreparedStatement,
+    renew_lease: PreparedStatement,
+    release_lease: PreparedStatement,
 }
 
 const MESSAGE_COLUMNS: &str = "channel, seq, id, sender, text, ts, client_msg_id";
@@ -993,6 +1015,59 @@ async fn prepare(session: &Session, config: &CassandraConfig) -> Result<Statemen
             prepare_one(format!("DELETE FROM {keyspace}.channel_settings WHERE channel = ?")).await?,
         ),
         delete_channel: idempotent(prepare_one(format!("DELETE FROM {keyspace}.channels WHERE channel = ?")).await?),
+        // Machine-ID leases: a region's routers share its datacenter and regions have disjoint blocks, so Paxos in
+        // the local datacenter orders every claim of an ID, and a region keeps leasing while another is cut off.
+        select_lease: {
+            let mut statement = idempotent(
+                prepare_one(format!(
+                    "SELECT holder, renewed_at, released_at FROM {keyspace}.machine_leases WHERE scope = ? AND id = ?"
+                ))
+                .await?,
+            );
+            statement.set_consistency(scylla::statement::Consistency::LocalSerial);
+            statement
+        },
+        // Not idempotent: a claim retried after it went through would be refused (the caller reads the leases
+        // again and finds it holds the ID).
+        create_lease: {
+            let mut statement = prepare_one(format!(
+                "INSERT INTO {keyspace}.machine_leases (scope, id, holder, renewed_at) VALUES (?, ?, ?, ?) \
+                 IF NOT EXISTS"
+            ))
+            .await?;
+            statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::LocalSerial));
+            statement
+        },
+        take_lease: {
+            let mut statement = prepare_one(format!(
+                "UPDATE {keyspace}.machine_leases SET holder = ?, renewed_at = ?, released_at = null \
+                 WHERE scope = ? AND id = ? IF holder = ? AND renewed_at = ?"
+            ))
+            .await?;
+            statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::LocalSerial));
+            statement
+        },
+        // Retrying a renewal or a release is safe: the holder still holds the ID after it went through.
+        renew_lease: {
+            let mut statement = idempotent(
+                prepare_one(format!(
+                    "UPDATE {keyspace}.machine_leases SET renewed_at = ? WHERE scope = ? AND id = ? IF holder = ?"
+                ))
+                .await?,
+            );
+            statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::LocalSerial));
+            statement
+        },
+        release_lease: {
+            let mut statement = idempotent(
+                prepare_one(format!(
+                    "UPDATE {keyspace}.machine_leases SET released_at = ? WHERE scope = ? AND id = ? IF holder = ?"
+                ))
+                .await?,
+            );
+            statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::LocalSerial));
+            statement
+        },
     };
     // A page of history usually needs the newest (or oldest) one or two buckets: list them in small pages.
     let bucket_page = page_size.min(100);
@@ -1346,6 +1421,62 @@ impl MembershipStore for CassandraStore {
     async fn failed_regions(&self) -> Result<Vec<String>, BackendError> {
         let rows: Vec<(String,)> = self.all_rows("read failed regions", &self.statements.select_failed, ()).await?;
         Ok(rows.into_iter().map(|(region,)| region).collect())
+    }
+
+    async fn machine_leases(&self, scope: &str, base: u16, count: u16) -> Result<Vec<LeaseRow>, BackendError> {
+        let end = (u32::from(base) + u32::from(count)).min(u32::from(u16::MAX) + 1);
+        let reads = (u32::from(base)..end).map(|id| async move {
+            let rows: Vec<(Option<String>, Option<i64>, Option<i64>)> =
+                self.rows("read machine-id lease", &self.statements.select_lease, (scope, id as i32)).await?;
+            Ok::<_, BackendError>(rows.into_iter().next().and_then(|(holder, renewed_at, released_at)| {
+                Some(LeaseRow {
+                    id: id as u16,
+                    holder: holder?,
+                    renewed_at_ms: renewed_at.unwrap_or(0).max(0) as u64,
+                    released_at_ms: released_at.map(|at| at.max(0) as u64),
+                })
+            }))
+        });
+        let rows: Vec<Option<LeaseRow>> = stream::iter(reads).buffered(CONCURRENCY).try_collect().await?;
+        Ok(rows.into_iter().flatten().collect())
+    }
+
+    #[instrument(skip(self, expected))]
+    async fn claim_machine_id(
+        &self,
+        scope: &str,
+        id: u16,
+        expected: Option<&LeaseRow>,
+        holder: &str,
+        now_ms: u64,
+    ) -> Result<bool, BackendError> {
+        let operation = "claim machine id";
+        let result = match expected {
+            None => {
+                self.run(operation, &self.statements.create_lease, (scope, i32::from(id), holder, signed(now_ms))).await
+            }
+            Some(row) => {
+                let values =
+                    (holder, signed(now_ms), scope, i32::from(id), row.holder.as_str(), signed(row.renewed_at_ms));
+                self.run(operation, &self.statements.take_lease, values).await
+            }
+        }?;
+        applied(operation, result)
+    }
+
+    async fn renew_machine_id(&self, scope: &str, id: u16, holder: &str, now_ms: u64) -> Result<bool, BackendError> {
+        let operation = "renew machine id";
+        let result =
+            self.run(operation, &self.statements.renew_lease, (signed(now_ms), scope, i32::from(id), holder)).await?;
+        applied(operation, result)
+    }
+
+    #[instrument(skip(self))]
+    async fn release_machine_id(&self, scope: &str, id: u16, holder: &str, now_ms: u64) -> Result<bool, BackendError> {
+        let operation = "release machine id";
+        let result =
+            self.run(operation, &self.statements.release_lease, (signed(now_ms), scope, i32::from(id), holder)).await?;
+        applied(operation, result)
     }
 
     #[instrument(skip(self, from, to), fields(to = %to.region, epoch = to.epoch))]

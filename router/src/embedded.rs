@@ -6,8 +6,8 @@
 //! by (channel, sequence) and indexed by (time bucket, channel) so retention drops whole buckets.
 
 use crate::backend::{
-    ChannelRecord, HistoryPage, HistoryQuery, Home, MembershipChange, MembershipStore, MessageLog, MessageStore,
-    PriorSend,
+    ChannelRecord, HistoryPage, HistoryQuery, Home, LeaseRow, MembershipChange, MembershipStore, MessageLog,
+    MessageStore, PriorSend,
 };
 use async_trait::async_trait;
 use parley_api::BackendError;
@@ -37,6 +37,8 @@ const BLOCKS: TableDefinition<(&str, &str), ()> = TableDefinition::new("user_blo
 /// channel → the home (JSON [`Home`]) claimed for a channel that is not created yet
 /// ([`MembershipStore::claim_home`]); a created channel's record holds its home, and its creation takes the claim.
 const CLAIMED_HOMES: TableDefinition<&str, &[u8]> = TableDefinition::new("claimed_homes");
+/// (scope, machine id) → its lease (JSON [`StoredLease`], [`MembershipStore::claim_machine_id`]).
+const MACHINE_LEASES: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("machine_leases");
 
 /// Retention settings of the embedded store.
 #[derive(Debug, Clone, Copy)]
@@ -65,6 +67,21 @@ struct SendRecord {
     id: u64,
     seq: u64,
     ts: u64,
+}
+
+/// A machine-ID lease as the embedded store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredLease {
+    holder: String,
+    renewed_at: u64,
+    #[serde(default)]
+    released_at: Option<u64>,
+}
+
+impl StoredLease {
+    fn row(self, id: u16) -> LeaseRow {
+        LeaseRow { id, holder: self.holder, renewed_at_ms: self.renewed_at, released_at_ms: self.released_at }
+    }
 }
 
 /// What a retention sweep removed.
@@ -163,6 +180,7 @@ impl EmbeddedStore {
             transaction.open_table(ACCESS)?;
             transaction.open_table(BLOCKS)?;
             transaction.open_table(CLAIMED_HOMES)?;
+            transaction.open_table(MACHINE_LEASES)?;
         }
         transaction.commit()?;
         Ok(Self { database: Arc::new(database), retention })
@@ -201,6 +219,36 @@ impl EmbeddedStore {
                 found.push(second.to_owned());
             }
             Ok(found)
+        })
+        .await
+    }
+
+    /// Replaces the lease of `(scope, id)` with what `update` makes of it (`None`: leave it), in one write
+    /// transaction (redb runs one at a time: a compare-and-set); whether it was replaced.
+    async fn update_lease(
+        &self,
+        scope: &str,
+        id: u16,
+        update: impl FnOnce(Option<StoredLease>) -> Option<StoredLease> + Send + 'static,
+    ) -> Result<bool, BackendError> {
+        let scope = scope.to_owned();
+        self.blocking(move |database| {
+            let mut transaction = database.begin_write()?;
+            transaction.set_durability(Durability::Immediate).map_err(|error| BackendError::Task(error.to_string()))?;
+            let replaced = {
+                let mut table = transaction.open_table(MACHINE_LEASES)?;
+                let stored =
+                    table.get((scope.as_str(), id))?.map(|value| decode::<StoredLease>(value.value())).transpose()?;
+                match update(stored) {
+                    Some(lease) => {
+                        table.insert((scope.as_str(), id), encode(&lease)?.as_slice())?;
+                        true
+                    }
+                    None => false,
+                }
+            };
+            transaction.commit()?;
+            Ok(replaced)
         })
         .await
     }
@@ -591,6 +639,61 @@ impl MembershipStore for EmbeddedStore {
             };
             transaction.commit()?;
             Ok(held)
+        })
+        .await
+    }
+
+    async fn machine_leases(&self, scope: &str, base: u16, count: u16) -> Result<Vec<LeaseRow>, BackendError> {
+        let scope = scope.to_owned();
+        self.blocking(move |database| {
+            let transaction = database.begin_read()?;
+            let table = transaction.open_table(MACHINE_LEASES)?;
+            let end = u32::from(base) + u32::from(count);
+            let mut rows = Vec::new();
+            for entry in table.range((scope.as_str(), base)..)? {
+                let (key, value) = entry?;
+                let (owner, id) = key.value();
+                if owner != scope || u32::from(id) >= end {
+                    break;
+                }
+                rows.push(decode::<StoredLease>(value.value())?.row(id));
+            }
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn claim_machine_id(
+        &self,
+        scope: &str,
+        id: u16,
+        expected: Option<&LeaseRow>,
+        holder: &str,
+        now_ms: u64,
+    ) -> Result<bool, BackendError> {
+        let expected = expected.map(|row| (row.holder.clone(), row.renewed_at_ms));
+        let claim = StoredLease { holder: holder.to_owned(), renewed_at: now_ms, released_at: None };
+        self.update_lease(scope, id, move |stored| {
+            let current = stored.as_ref().map(|lease| (lease.holder.clone(), lease.renewed_at));
+            (current == expected).then_some(claim)
+        })
+        .await
+    }
+
+    async fn renew_machine_id(&self, scope: &str, id: u16, holder: &str, now_ms: u64) -> Result<bool, BackendError> {
+        let holder = holder.to_owned();
+        self.update_lease(scope, id, move |stored| {
+            stored.filter(|lease| lease.holder == holder).map(|lease| StoredLease { renewed_at: now_ms, ..lease })
+        })
+        .await
+    }
+
+    async fn release_machine_id(&self, scope: &str, id: u16, holder: &str, now_ms: u64) -> Result<bool, BackendError> {
+        let holder = holder.to_owned();
+        self.update_lease(scope, id, move |stored| {
+            stored
+                .filter(|lease| lease.holder == holder)
+                .map(|lease| StoredLease { released_at: Some(now_ms), ..lease })
         })
         .await
     }

@@ -17,6 +17,8 @@
 //!   [`parley_core::sequencer`], writes the batch durably, confirms the senders, and hands the batch over to
 //! - [`publisher`], the task that announces durable batches on pub/sub (batched, with a deadline, counted), so
 //!   the writer never waits for Redis.
+//! - [`machine_lease`] leases the writer's Snowflake machine ID from the router's block, renews it, and fences the
+//!   writer when the lease lapses.
 //! - [`metrics`] is the `parley-router` process's registry (writer, Kafka log, store writer, Redis).
 //! - [`service`] runs `parley_api` calls on the writer ([`LocalRouter`] is a `parley_api::RouterService`),
 //!   starts in-process writers, and serves the internal HTTP API of the `parley-router` binary.
@@ -28,6 +30,7 @@ pub mod embedded;
 pub mod feed;
 pub mod global;
 pub mod kafka;
+pub mod machine_lease;
 pub mod metrics;
 pub mod publisher;
 pub mod router;

@@ -14,6 +14,7 @@ use parley_bus::presence::PresenceStore;
 use parley_bus::pubsub::PubSub;
 use parley_bus::redis::RedisRouterDirectory;
 use parley_bus::redis::{RedisConfig, RedisPresenceStore, RedisPubSub};
+use parley_core::machine_lease::LeaseTimings;
 use parley_router::args::Args;
 use parley_router::backend::{MembershipStore, MessageLog, MessageStore};
 use parley_router::cassandra::{CassandraConfig, CassandraStore, Replication};
@@ -21,6 +22,7 @@ use parley_router::embedded::{EmbeddedStore, Retention};
 use parley_router::kafka::ownership;
 use parley_router::kafka::KafkaLogStats;
 use parley_router::kafka::{KafkaConfig, KafkaLog, OwnershipGroup, StoreWriter};
+use parley_router::machine_lease::{LeaseSettings, MachineIdLease, MachineLeaser};
 use parley_router::metrics::RouterMetrics;
 use parley_router::RouterConfig;
 use parley_telemetry::shutdown_signal;
@@ -51,12 +53,7 @@ fn open_embedded(args: &Args, retention: Retention) -> anyhow::Result<Arc<Embedd
     Ok(Arc::new(store))
 }
 
-async fn backends(
-    args: &Args,
-    retention: Retention,
-    machine_id: u16,
-    region: Option<&str>,
-) -> anyhow::Result<Backends> {
+async fn backends(args: &Args, retention: Retention, slot: u16, region: Option<&str>) -> anyhow::Result<Backends> {
     let Some(bootstrap) = &args.kafka_bootstrap_servers else {
         anyhow::ensure!(
             args.cassandra_contact_points.is_empty(),
@@ -115,9 +112,7 @@ async fn backends(
     kafka.store_batch_wait = Duration::from_millis(args.kafka_store_batch_wait_ms);
     kafka.replication_factor = args.kafka_replication_factor;
     kafka.store_writer_instance = Some(
-        args.kafka_store_writer_id
-            .clone()
-            .unwrap_or_else(|| format!("{}store-writer-{machine_id}", args.kafka_topic_prefix)),
+        args.kafka_store_writer_id.clone().unwrap_or_else(|| format!("{}store-writer-{slot}", args.kafka_topic_prefix)),
     );
     kafka.tls = args.kafka_tls;
     kafka.tls_ca_file = args.kafka_tls_ca_file.clone();
@@ -217,6 +212,46 @@ const FIRST_ASSIGNMENT_WAIT: Duration = Duration::from_secs(30);
 /// How often the store writer's lag per partition is read for `/metrics`.
 const STORE_LAG_EVERY: Duration = Duration::from_secs(5);
 
+/// The lease settings of a router with a machine-id block (`--machine-id-base` and `--machine-id-count`), in the
+/// scope of its region; `None` without a block (the id is `--machine-id`, or base + pod index without a count).
+fn lease_settings(args: &Args, region: Option<&str>, slot: u16) -> anyhow::Result<Option<LeaseSettings>> {
+    let (Some(base), Some(count)) = (args.machine_id_base, args.machine_id_count) else {
+        return Ok(None);
+    };
+    parley_core::machine_lease::check_block(base, count).context("invalid --machine-id-base/--machine-id-count")?;
+    let timings = LeaseTimings::new(args.machine_lease_ttl_ms, args.machine_id_quarantine_ms)
+        .context("invalid --machine-lease-ttl-ms")?;
+    let pod = args
+        .telemetry
+        .pod_name
+        .clone()
+        .filter(|name| !name.trim().is_empty())
+        .unwrap_or_else(|| format!("parley-router-{slot}"));
+    Ok(Some(LeaseSettings { scope: region.unwrap_or("default").to_owned(), base, count, pod, timings }))
+}
+
+/// What the admin port serves: the metrics once the writer runs, and readiness.
+struct Admin {
+    metrics: std::sync::OnceLock<Arc<RouterMetrics>>,
+    /// Serving, and (with Kafka) given its share of the partitions by the ownership group.
+    ready: Arc<AtomicBool>,
+    /// The machine-id lease, when the id is leased: not ready while it is not valid.
+    lease: Option<MachineIdLease>,
+}
+
+impl Admin {
+    fn readiness(&self) -> (http::StatusCode, String) {
+        if let Some(Err(why)) = self.lease.as_ref().map(MachineIdLease::current) {
+            return (http::StatusCode::SERVICE_UNAVAILABLE, why);
+        }
+        if self.ready.load(Ordering::Relaxed) {
+            (http::StatusCode::OK, "ok".to_owned())
+        } else {
+            (http::StatusCode::SERVICE_UNAVAILABLE, "waiting for the partitions this router owns".to_owned())
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -228,7 +263,9 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     parley_telemetry::init("parley-router", &args.telemetry)?;
-    let machine_id = parley_core::snowflake::machine_id_from_block(
+    // The pod's slot: base + pod index with a block, else `--machine-id`. Stable across restarts of the pod, it names
+    // its store-writer member and its flow reports; without a lease it is also its machine id.
+    let slot = parley_core::snowflake::machine_id_from_block(
         args.machine_id,
         args.machine_id_base,
         args.machine_id_count,
@@ -249,8 +286,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "invalid --region {region:?}: use lowercase letters, digits and '-' (at most 32)"
         );
     }
+    let lease_settings = lease_settings(&args, region.as_deref(), slot)?;
     let Backends { log, store, membership, store_writer, kafka, kafka_log, describe, deposed } =
-        backends(&args, retention, machine_id, region.as_deref()).await?;
+        backends(&args, retention, slot, region.as_deref()).await?;
     let redis: RedisConfig = args.redis.config().context("invalid Redis settings")?;
     // A wrong password or an untrusted certificate ends start-up here, named ("Redis at rediss://...: authentication
     // failed (WRONGPASS ...)"), within the Redis timeout.
@@ -281,9 +319,69 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let mirror_pubsub = pubsub.clone();
     let mirror_directory = directory.clone();
+
+    // The admin port first: while the machine id is leased (which may wait out a quarantine) it answers `/healthz`,
+    // and `/readyz` says why the router is not ready.
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("failed to bind {}", args.admin_listen))?;
+    let admin_address = admin_listener.local_addr().context("no local address")?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let leaser = lease_settings.map(|settings| Arc::new(MachineLeaser::new(membership.clone(), settings)));
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin_state = Arc::new(Admin {
+        metrics: std::sync::OnceLock::new(),
+        ready: ready.clone(),
+        lease: leaser.as_ref().map(|leaser| leaser.lease()),
+    });
+    let admin = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(|axum::extract::State(admin): axum::extract::State<Arc<Admin>>| async move {
+                let text = admin.metrics.get().map(|metrics| metrics.encode()).unwrap_or_default();
+                ([(http::header::CONTENT_TYPE, parley_telemetry::metrics::CONTENT_TYPE)], text)
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        // Ready once listening with a valid machine id (the writer and its backends were opened before the listeners
+        // were bound) and, with Kafka, once the ownership group gave this router its share of the partitions
+        // (possibly none).
+        .route(
+            "/readyz",
+            axum::routing::get(|axum::extract::State(admin): axum::extract::State<Arc<Admin>>| async move {
+                admin.readiness()
+            }),
+        )
+        .with_state(admin_state.clone());
+    let mut admin_stop = stopped.clone();
+    let serve_admin = tokio::spawn(async move {
+        axum::serve(admin_listener, admin)
+            .with_graceful_shutdown(async move {
+                let _ = admin_stop.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    let (stop_lease, lease_stopping) = tokio::sync::watch::channel(false);
+    let (machine_id, keeper) = match &leaser {
+        Some(leaser) => {
+            // No sends before an id is held: the writer starts with it.
+            let id = tokio::select! {
+                id = leaser.acquire() => id,
+                _ = shutdown_signal() => {
+                    tracing::info!("signal while waiting for a machine id: stopping");
+                    let _ = stop.send(true);
+                    let _ = serve_admin.await;
+                    return Ok(());
+                }
+            };
+            (id, Some(tokio::spawn(leaser.clone().keep(lease_stopping))))
+        }
+        None => (slot, None),
+    };
     let config = RouterConfig {
         region: region.clone(),
         machine_id,
+        machine_lease: leaser.as_ref().map(|leaser| leaser.lease()),
         epoch_ms: args.snowflake_epoch_ms,
         max_text_bytes: args.max_text_bytes,
         max_channel_members: args.max_channel_members,
@@ -298,15 +396,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("failed to bind {}", args.listen))?;
-    let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)
-        .await
-        .with_context(|| format!("failed to bind {}", args.admin_listen))?;
     let address = listener.local_addr().context("no local address")?;
-    let admin_address = admin_listener.local_addr().context("no local address")?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
     // Several routers share the partitions: the group decides which ones this router owns, and the map of
     // owners is published in Redis for the gateways.
-    let ready = Arc::new(AtomicBool::new(kafka_log.is_none()));
+    ready.store(kafka_log.is_none(), Ordering::Relaxed);
     let mut routers_directory: Option<Arc<dyn RouterDirectory>> = None;
     let ownership = match (&kafka_log, &kafka) {
         (Some(log), Some((kafka_config, _))) => {
@@ -399,7 +492,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tokio::spawn(report_flows(
                 local.membership_store(),
                 region.clone(),
-                format!("{region}-{machine_id}"),
+                format!("{region}-{slot}"),
                 mirrored.clone(),
                 stats,
             ));
@@ -451,6 +544,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         metrics.global(stats);
     }
     metrics.redis(&redis_stats);
+    metrics.machine_id(admin_state.lease.as_ref(), machine_id);
     if let Some(store_writer) = &store_writer {
         metrics.store_writer(store_writer.stats());
     }
@@ -464,30 +558,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some((kafka, _)) = kafka {
         tokio::spawn(metrics.clone().refresh_store_lag(kafka, STORE_LAG_EVERY, stopped.clone()));
     }
-    let admin = axum::Router::new()
-        .route(
-            "/metrics",
-            axum::routing::get(|axum::extract::State(metrics): axum::extract::State<Arc<RouterMetrics>>| async move {
-                ([(http::header::CONTENT_TYPE, parley_telemetry::metrics::CONTENT_TYPE)], metrics.encode())
-            }),
-        )
-        .route("/healthz", axum::routing::get(|| async { "ok" }))
-        // Ready once listening (the writer and its backends were opened before the listeners were bound) and, with
-        // Kafka, once the ownership group gave this router its share of the partitions (possibly none).
-        .route(
-            "/readyz",
-            axum::routing::get(move || async move {
-                if ready.load(Ordering::Relaxed) {
-                    (http::StatusCode::OK, "ok")
-                } else {
-                    (http::StatusCode::SERVICE_UNAVAILABLE, "waiting for the partitions this router owns")
-                }
-            }),
-        )
-        .with_state(metrics);
+    let _ = admin_state.metrics.set(metrics);
     let service = parley_router::service::app_with_peers(router, args.internal_token.clone(), peer_entry);
-    let mut service_stop = stopped.clone();
-    let mut admin_stop = stopped;
+    let mut service_stop = stopped;
     // Small request/reply exchanges: without TCP_NODELAY, Nagle's algorithm and delayed ACKs add tens of
     // milliseconds to every call a gateway makes.
     let listener = axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
@@ -497,9 +570,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     let serve = axum::serve(listener, service).with_graceful_shutdown(async move {
         let _ = service_stop.wait_for(|stop| *stop).await;
-    });
-    let serve_admin = axum::serve(admin_listener, admin).with_graceful_shutdown(async move {
-        let _ = admin_stop.wait_for(|stop| *stop).await;
     });
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -514,9 +584,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     let (served, admin_served) = tokio::join!(serve, serve_admin);
     served.context("internal API failed")?;
-    admin_served.context("admin API failed")?;
+    admin_served.context("admin API task failed")?.context("admin API failed")?;
     if let Some(task) = mirror_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    // The calls in flight were answered: the machine id is released (its quarantine starts now). Releasing ends the
+    // lease first, so the writer refuses any later send (`machine_id_lost`) instead of issuing ids with it.
+    let _ = stop_lease.send(true);
+    if let Some(keeper) = keeper {
+        let _ = keeper.await;
+    }
+    if let Some(leaser) = &leaser {
+        if let Err(error) = leaser.release().await {
+            tracing::warn!(%error, "cannot release the machine id; free after its time to live and quarantine");
+        }
     }
     // The servers held the last router handles: the writer drains its queue and ends, closing the store.
     let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;

@@ -82,6 +82,37 @@ impl RouterMetrics {
             .register(&mut self.registry);
     }
 
+    /// Exports the Snowflake machine id (`parley_router_machine_id`, a gauge): the leased one when `lease` is given
+    /// (with `parley_router_machine_lease_lost_total`, the times its lease lapsed or was taken), else `fixed`.
+    pub fn machine_id(&mut self, lease: Option<&crate::machine_lease::MachineIdLease>, fixed: u16) {
+        let counters = match lease {
+            Some(lease) => {
+                let (id, lost) = (lease.clone(), lease.clone());
+                AtomicCounters::default()
+                    .read(
+                        "machine_id",
+                        "The Snowflake machine id this router leased (held, or last held while its lease is lost)",
+                        Kind::Gauge,
+                        move || id.id().map_or(0, u64::from),
+                    )
+                    .read(
+                        "machine_lease_lost",
+                        "Times this router's machine-id lease lapsed or was taken: it refused sends until it held one \
+                         again",
+                        Kind::Counter,
+                        move || lost.lost_total(),
+                    )
+            }
+            None => AtomicCounters::default().read(
+                "machine_id",
+                "The Snowflake machine id of this router (fixed: no block to lease from)",
+                Kind::Gauge,
+                move || u64::from(fixed),
+            ),
+        };
+        counters.register(&mut self.registry);
+    }
+
     /// Registers the counters of calls carried to other regions.
     pub fn global(&mut self, stats: &Arc<crate::global::GlobalStats>) {
         use std::sync::atomic::Ordering::Relaxed;
@@ -295,6 +326,7 @@ mod tests {
         kafka.producer_errors.fetch_add(2, Ordering::Relaxed);
         redis.connection_losses.fetch_add(1, Ordering::Relaxed);
         metrics.set_store_lag(&[(0, 5), (1, 0)]);
+        metrics.machine_id(Some(&crate::machine_lease::MachineIdLease::default()), 0);
         let text = metrics.encode();
         for expected in [
             "parley_router_messages_total 3",
@@ -305,6 +337,8 @@ mod tests {
             "parley_router_store_writer_lag{partition=\"0\"} 5",
             "parley_router_store_writer_lag{partition=\"1\"} 0",
             "parley_router_publish_queue_jobs 0",
+            "parley_router_machine_id 0",
+            "parley_router_machine_lease_lost_total 0",
         ] {
             assert!(text.contains(expected), "{expected} missing from\n{text}");
         }

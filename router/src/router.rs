@@ -64,6 +64,10 @@ pub struct RouterConfig {
     pub membership_policy: MembershipPolicy,
     /// This router's region (`PARLEY_REGION`): the home of the channels it creates. `None` without regions.
     pub region: Option<String>,
+    /// The lease of the machine ID, when it is leased from a block ([`crate::machine_lease`]): sends are refused
+    /// (`unavailable`, `machine_id_lost: ...`) while it is not valid, and a new ID it holds replaces
+    /// [`machine_id`](Self::machine_id). `None`: `machine_id` is this writer's for good.
+    pub machine_lease: Option<crate::machine_lease::MachineIdLease>,
 }
 
 impl Default for RouterConfig {
@@ -79,6 +83,7 @@ impl Default for RouterConfig {
             publisher: PublisherConfig::default(),
             membership_policy: MembershipPolicy::default(),
             region: None,
+            machine_lease: None,
         }
     }
 }
@@ -1207,6 +1212,30 @@ impl Writer {
             .zip(found)
             .filter_map(|(key, found)| found.map(|found| (key, (found.channel, found.placement))))
             .collect();
+        // Right before ids are issued: a leased machine id is used only while the lease is valid.
+        if let Some(lease) = &self.config.machine_lease {
+            match lease.current() {
+                Ok(id) if id != self.snowflake.machine_id() => match Snowflake::new(id, self.config.epoch_ms) {
+                    Ok(snowflake) => {
+                        debug!(machine_id = id, "issuing ids with a newly leased machine id");
+                        self.snowflake = snowflake;
+                    }
+                    Err(error) => {
+                        for (_, reply) in accepted {
+                            let _ = reply.send(Err(RouterError::Clock(error.clone())));
+                        }
+                        return;
+                    }
+                },
+                Ok(_) => {}
+                Err(message) => {
+                    for (_, reply) in accepted {
+                        let _ = reply.send(Err(RouterError::Unavailable(BackendError::Unavailable(message.clone()))));
+                    }
+                    return;
+                }
+            }
+        }
         let requests: Vec<SendRequest> = accepted.iter().map(|(request, _)| request.clone()).collect();
         let plan = self.sequencer.plan(
             &requests,

@@ -9,11 +9,15 @@
 
 use parley_api::BackendError;
 use parley_bus::pubsub::LocalPubSub;
+use parley_core::machine_lease::{choose, Choice, LeaseTimings};
 use parley_core::protocol::MessageView;
 use parley_core::{ChannelKind, UserId};
-use parley_router::backend::{ChannelRecord, HistoryQuery, Home, MembershipChange, MembershipStore, MessageStore};
+use parley_router::backend::{
+    ChannelRecord, HistoryQuery, Home, LeaseRow, MembershipChange, MembershipStore, MessageStore,
+};
 use parley_router::cassandra::{CassandraConfig, CassandraStore};
 use parley_router::embedded::{EmbeddedStore, Retention};
+use parley_router::machine_lease::{LeaseSettings, MachineLeaser};
 use parley_router::RouterConfig;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -188,7 +192,227 @@ parley_test_support::engine_suite!(
     a_deleted_channel_leaves_no_member_list_or_access_behind,
     a_home_moves_only_from_the_home_the_store_names,
     a_home_is_claimed_once,
+    racing_claims_lease_different_machine_ids,
+    a_released_machine_id_waits_out_the_quarantine,
+    a_dead_holders_machine_id_is_reclaimed_after_ttl_and_quarantine,
+    a_router_refuses_sends_while_its_machine_id_lease_is_not_valid,
 );
+
+/// Lease timings of the machine-id tests: short, so the real-time ones wait little.
+fn lease_timings() -> LeaseTimings {
+    LeaseTimings::new(600, 1_500).expect("timings")
+}
+
+fn lease_settings(pod: &str, base: u16, count: u16) -> LeaseSettings {
+    LeaseSettings { scope: "eu-west".into(), base, count, pod: pod.into(), timings: lease_timings() }
+}
+
+/// The lease row the store holds for `id`.
+async fn lease_row(membership: &Arc<dyn MembershipStore>, id: u16) -> Option<LeaseRow> {
+    membership.machine_leases("eu-west", id, 1).await.expect("read leases").into_iter().next()
+}
+
+async fn racing_claims_lease_different_machine_ids(engine: Engine) {
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let membership = &stores.membership;
+    // Two claims of the same never-held ID: one wins.
+    let now = now_ms();
+    let start = Arc::new(tokio::sync::Barrier::new(2));
+    let racers: Vec<_> = ["router-0#a", "router-1#b"]
+        .into_iter()
+        .map(|holder| {
+            let (membership, start) = (membership.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                membership.claim_machine_id("eu-west", 7, None, holder, now).await.expect("claim")
+            })
+        })
+        .collect();
+    let mut won = Vec::new();
+    for racer in racers {
+        won.push(racer.await.expect("claim task"));
+    }
+    assert_eq!(won.iter().filter(|won| **won).count(), 1, "exactly one claim wins: {won:?}");
+    let winner = if won[0] { "router-0#a" } else { "router-1#b" };
+    assert_eq!(lease_row(membership, 7).await.map(|row| row.holder), Some(winner.to_owned()));
+
+    // Routers starting at once, each through the whole choose-and-claim loop: all different IDs, inside the block.
+    let routers = 4;
+    let start = Arc::new(tokio::sync::Barrier::new(routers));
+    let tasks: Vec<_> = (0..routers)
+        .map(|index| {
+            let (membership, start) = (membership.clone(), start.clone());
+            tokio::spawn(async move {
+                let leaser = MachineLeaser::new(membership, lease_settings(&format!("router-{index}"), 20, 6));
+                start.wait().await;
+                let id = leaser.acquire().await;
+                (id, leaser)
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for task in tasks {
+        held.push(task.await.expect("acquire task"));
+    }
+    let mut ids: Vec<u16> = held.iter().map(|(id, _)| *id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), routers, "every router leased its own id: {ids:?}");
+    assert!(ids.iter().all(|id| (20..26).contains(id)), "{ids:?}");
+    let rows = membership.machine_leases("eu-west", 20, 6).await.expect("read leases");
+    for (id, leaser) in &held {
+        assert_eq!(leaser.lease().id(), Some(*id));
+        let row = rows.iter().find(|row| row.id == *id).expect("a row per leased id");
+        assert_eq!(row.holder, leaser.holder());
+        assert_eq!(row.released_at_ms, None);
+    }
+    // Another scope's block is another set of leases.
+    assert!(membership.machine_leases("us-east", 20, 6).await.expect("read leases").is_empty());
+    stores.finish().await;
+}
+
+async fn a_released_machine_id_waits_out_the_quarantine(engine: Engine) {
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let membership = &stores.membership;
+    let timings = lease_timings();
+    let claimed_at = now_ms();
+    assert!(membership.claim_machine_id("eu-west", 3, None, "router-0#old", claimed_at).await.expect("claim"));
+    assert!(
+        !membership.release_machine_id("eu-west", 3, "router-1#other", claimed_at + 5).await.expect("release"),
+        "only the holder releases"
+    );
+    let released_at = claimed_at + 10;
+    assert!(membership.release_machine_id("eu-west", 3, "router-0#old", released_at).await.expect("release"));
+    let row = lease_row(membership, 3).await.expect("the released row stays");
+    assert_eq!(
+        row,
+        LeaseRow { id: 3, holder: "router-0#old".into(), renewed_at_ms: claimed_at, released_at_ms: Some(released_at) }
+    );
+    // The pod replaced at the same ordinal: not before the quarantine, even for the same pod.
+    let rows = vec![row.clone()];
+    let free_at_ms = released_at + timings.quarantine_ms;
+    assert_eq!(choose(3, 1, &rows, "router-0#new", free_at_ms - 1, timings), Ok(Choice::Wait { id: 3, free_at_ms }));
+    assert_eq!(
+        choose(3, 1, &rows, "router-0#new", free_at_ms, timings),
+        Ok(Choice::Claim { id: 3, expected: Some(row.clone()) })
+    );
+    assert!(membership.claim_machine_id("eu-west", 3, Some(&row), "router-0#new", free_at_ms).await.expect("claim"));
+    let taken = lease_row(membership, 3).await.expect("row");
+    assert_eq!((taken.holder.as_str(), taken.renewed_at_ms, taken.released_at_ms), ("router-0#new", free_at_ms, None));
+    assert!(
+        !membership.claim_machine_id("eu-west", 3, Some(&row), "router-2#late", free_at_ms).await.expect("claim"),
+        "a claim from the row as it was before is refused"
+    );
+
+    // The same through the leaser on the real clock: a successor of the only ID waits out the quarantine.
+    let first = MachineLeaser::new(membership.clone(), lease_settings("router-5", 30, 1));
+    assert_eq!(first.acquire().await, 30);
+    let released = std::time::Instant::now();
+    assert!(first.release().await.expect("release"));
+    let second = MachineLeaser::new(membership.clone(), lease_settings("router-5", 30, 1));
+    assert_eq!(second.acquire().await, 30);
+    let waited = released.elapsed();
+    assert!(waited >= Duration::from_millis(timings.quarantine_ms), "leased again after {waited:?}");
+    // With a spare ID, a replacement takes the spare at once.
+    assert!(second.release().await.expect("release"));
+    let third = MachineLeaser::new(membership.clone(), lease_settings("router-5", 30, 2));
+    let started = std::time::Instant::now();
+    assert_eq!(third.acquire().await, 31);
+    assert!(started.elapsed() < Duration::from_millis(timings.quarantine_ms), "{:?}", started.elapsed());
+    stores.finish().await;
+}
+
+async fn a_dead_holders_machine_id_is_reclaimed_after_ttl_and_quarantine(engine: Engine) {
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let membership = &stores.membership;
+    let timings = lease_timings();
+    let claimed_at = now_ms();
+    assert!(membership.claim_machine_id("eu-west", 9, None, "router-0#a", claimed_at).await.expect("claim"));
+    assert!(membership.renew_machine_id("eu-west", 9, "router-0#a", claimed_at + 200).await.expect("renew"));
+    assert!(
+        !membership.renew_machine_id("eu-west", 9, "router-1#b", claimed_at + 200).await.expect("renew"),
+        "only the holder renews"
+    );
+    // The holder stops renewing (a crash): its ID is free ttl + quarantine after its last renewal, not before.
+    let row = lease_row(membership, 9).await.expect("row");
+    assert_eq!(row.renewed_at_ms, claimed_at + 200);
+    let rows = vec![row.clone()];
+    let free_at_ms = claimed_at + 200 + timings.ttl_ms + timings.quarantine_ms;
+    assert_eq!(choose(9, 1, &rows, "router-1#b", free_at_ms - 1, timings), Ok(Choice::Wait { id: 9, free_at_ms }));
+    assert_eq!(
+        choose(9, 1, &rows, "router-1#b", free_at_ms, timings),
+        Ok(Choice::Claim { id: 9, expected: Some(row.clone()) })
+    );
+    // A holder that renewed after the row was read keeps its ID: the claim compares the last renewal too.
+    assert!(membership.renew_machine_id("eu-west", 9, "router-0#a", claimed_at + 300).await.expect("renew"));
+    assert!(!membership.claim_machine_id("eu-west", 9, Some(&row), "router-1#b", free_at_ms).await.expect("claim"));
+    let row = lease_row(membership, 9).await.expect("row");
+    assert_eq!(row.holder, "router-0#a");
+    assert!(membership
+        .claim_machine_id("eu-west", 9, Some(&row), "router-1#b", free_at_ms + 100)
+        .await
+        .expect("claim"));
+    // The old holder learns it lost the ID at its next renewal, and cannot release it either.
+    assert!(!membership.renew_machine_id("eu-west", 9, "router-0#a", free_at_ms + 200).await.expect("renew"));
+    assert!(!membership.release_machine_id("eu-west", 9, "router-0#a", free_at_ms + 200).await.expect("release"));
+    assert_eq!(lease_row(membership, 9).await.map(|row| row.holder), Some("router-1#b".to_owned()));
+    stores.finish().await;
+}
+
+/// A writer whose machine-id lease is not valid issues no id: its sends are refused as `unavailable` with
+/// `machine_id_lost`, and served again once the lease is renewed.
+async fn a_router_refuses_sends_while_its_machine_id_lease_is_not_valid(engine: Engine) {
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let log_dir = tempfile::tempdir().expect("tempdir");
+    let log = match &stores.embedded {
+        Some((store, _)) => store.clone(),
+        None => EmbeddedStore::open(log_dir.path(), Retention::default()).expect("log"),
+    };
+    let leaser = Arc::new(MachineLeaser::new(stores.membership.clone(), lease_settings("router-0", 50, 2)));
+    let id = leaser.acquire().await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let keeper = tokio::spawn(leaser.clone().keep(stopped));
+    let config = RouterConfig { machine_id: id, machine_lease: Some(leaser.lease()), ..RouterConfig::default() };
+    let (router, _writer) = parley_router::start(
+        config,
+        Arc::new(log),
+        stores.messages.clone(),
+        stores.membership.clone(),
+        Arc::new(LocalPubSub::new()),
+    )
+    .expect("router");
+    let alice = UserId::new("alice").expect("user");
+    router.create_channel(&alice, "fenced", &[]).await.expect("create");
+    let sent = router.send(&alice, "g:fenced", "m1", "with a valid lease").await.expect("send");
+    assert_eq!(parley_core::snowflake::decompose(sent.placement.id, RouterConfig::default().epoch_ms).machine_id, id);
+
+    // Not renewed for a whole time to live (as when the store is out of reach): refused, nothing written.
+    let _ = stop.send(true);
+    keeper.await.expect("keeper");
+    tokio::time::sleep(Duration::from_millis(lease_timings().ttl_ms + 50)).await;
+    let refused = router.send(&alice, "g:fenced", "m2", "without a lease").await.expect_err("refused");
+    assert_eq!(refused.code(), parley_core::protocol::ErrorCode::Unavailable, "{refused}");
+    assert!(refused.to_string().contains("machine_id_lost"), "{refused}");
+    assert!(!leaser.lease().is_valid());
+
+    // Renewed (nobody took the id meanwhile): the same id, sends served again, the loss counted once.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let keeper = tokio::spawn(leaser.clone().keep(stopped));
+    let lease = leaser.lease();
+    parley_test_support::eventually("the lease renewed", Duration::from_secs(10), || async {
+        lease.is_valid().then_some(())
+    })
+    .await;
+    assert_eq!(lease.current(), Ok(id));
+    assert_eq!(lease.lost_total(), 1);
+    let sent = router.send(&alice, "g:fenced", "m2", "with the lease again").await.expect("send");
+    assert_eq!(sent.placement.seq, 2, "the refused send took no sequence");
+    let _ = stop.send(true);
+    keeper.await.expect("keeper");
+    assert!(leaser.release().await.expect("release"));
+    drop(router);
+    stores.finish().await;
+}
 
 async fn a_home_moves_only_from_the_home_the_store_names(engine: Engine) {
     let Some(stores) = Stores::open(engine, None).await else { return };

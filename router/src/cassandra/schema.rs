@@ -162,6 +162,17 @@ pub(super) fn migrations(config: &CassandraConfig) -> Vec<Migration> {
             description: "MirrorMaker 2's lag per incoming flow",
             statements: vec![format!("ALTER TABLE {keyspace}.mirror_flows ADD IF NOT EXISTS lag_ms bigint")],
         },
+        Migration {
+            version: 5,
+            description: "Snowflake machine-ID leases",
+            statements: vec![
+                // One partition per leased ID, so that the lightweight transactions of different IDs never contend.
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.machine_leases (scope text, id int, holder text, \
+                     renewed_at bigint, released_at bigint, PRIMARY KEY ((scope, id)))"
+                ),
+            ],
+        },
     ]
 }
 
