@@ -192,10 +192,7 @@ parley_test_support::engine_suite!(
     a_deleted_channel_leaves_no_member_list_or_access_behind,
     a_home_moves_only_from_the_home_the_store_names,
     a_home_is_claimed_once,
-    racing_claims_lease_different_machine_ids,
-    a_released_machine_id_waits_out_the_quarantine,
-    a_dead_holders_machine_id_is_reclaimed_after_ttl_and_quarantine,
-    a_router_refuses_sends_while_its_machine_id_lease_is_not_valid,
+    machine_ids_are_leased,
 );
 
 /// Lease timings of the machine-id tests: short, so the real-time ones wait little.
@@ -212,8 +209,17 @@ async fn lease_row(membership: &Arc<dyn MembershipStore>, id: u16) -> Option<Lea
     membership.machine_leases("eu-west", id, 1).await.expect("read leases").into_iter().next()
 }
 
-async fn racing_claims_lease_different_machine_ids(engine: Engine) {
+/// The machine-id lease behaviours, on one store (one keyspace on Cassandra): each uses IDs of its own.
+async fn machine_ids_are_leased(engine: Engine) {
     let Some(stores) = Stores::open(engine, None).await else { return };
+    racing_claims_lease_different_machine_ids(&stores).await;
+    a_released_machine_id_waits_out_the_quarantine(&stores).await;
+    a_dead_holders_machine_id_is_reclaimed_after_ttl_and_quarantine(&stores).await;
+    a_router_refuses_sends_while_its_machine_id_lease_is_not_valid(&stores).await;
+    stores.finish().await;
+}
+
+async fn racing_claims_lease_different_machine_ids(stores: &Stores) {
     let membership = &stores.membership;
     // Two claims of the same never-held ID: one wins.
     let now = now_ms();
@@ -268,11 +274,9 @@ async fn racing_claims_lease_different_machine_ids(engine: Engine) {
     }
     // Another scope's block is another set of leases.
     assert!(membership.machine_leases("us-east", 20, 6).await.expect("read leases").is_empty());
-    stores.finish().await;
 }
 
-async fn a_released_machine_id_waits_out_the_quarantine(engine: Engine) {
-    let Some(stores) = Stores::open(engine, None).await else { return };
+async fn a_released_machine_id_waits_out_the_quarantine(stores: &Stores) {
     let membership = &stores.membership;
     let timings = lease_timings();
     let claimed_at = now_ms();
@@ -319,11 +323,9 @@ async fn a_released_machine_id_waits_out_the_quarantine(engine: Engine) {
     let started = std::time::Instant::now();
     assert_eq!(third.acquire().await, 31);
     assert!(started.elapsed() < Duration::from_millis(timings.quarantine_ms), "{:?}", started.elapsed());
-    stores.finish().await;
 }
 
-async fn a_dead_holders_machine_id_is_reclaimed_after_ttl_and_quarantine(engine: Engine) {
-    let Some(stores) = Stores::open(engine, None).await else { return };
+async fn a_dead_holders_machine_id_is_reclaimed_after_ttl_and_quarantine(stores: &Stores) {
     let membership = &stores.membership;
     let timings = lease_timings();
     let claimed_at = now_ms();
@@ -356,13 +358,11 @@ async fn a_dead_holders_machine_id_is_reclaimed_after_ttl_and_quarantine(engine:
     assert!(!membership.renew_machine_id("eu-west", 9, "router-0#a", free_at_ms + 200).await.expect("renew"));
     assert!(!membership.release_machine_id("eu-west", 9, "router-0#a", free_at_ms + 200).await.expect("release"));
     assert_eq!(lease_row(membership, 9).await.map(|row| row.holder), Some("router-1#b".to_owned()));
-    stores.finish().await;
 }
 
 /// A writer whose machine-id lease is not valid issues no id: its sends are refused as `unavailable` with
 /// `machine_id_lost`, and served again once the lease is renewed.
-async fn a_router_refuses_sends_while_its_machine_id_lease_is_not_valid(engine: Engine) {
-    let Some(stores) = Stores::open(engine, None).await else { return };
+async fn a_router_refuses_sends_while_its_machine_id_lease_is_not_valid(stores: &Stores) {
     let log_dir = tempfile::tempdir().expect("tempdir");
     let log = match &stores.embedded {
         Some((store, _)) => store.clone(),
@@ -411,7 +411,6 @@ async fn a_router_refuses_sends_while_its_machine_id_lease_is_not_valid(engine: 
     keeper.await.expect("keeper");
     assert!(leaser.release().await.expect("release"));
     drop(router);
-    stores.finish().await;
 }
 
 async fn a_home_moves_only_from_the_home_the_store_names(engine: Engine) {
