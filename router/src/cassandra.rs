@@ -77,7 +77,7 @@ use scylla::value::CqlValue;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
-use tracing::{debug, info, instrument};
+use tracing::{debug, info, instrument, warn};
 
 /// Largest number of membership changes written in one logged batch.
 pub const MEMBERSHIP_BATCH: usize = 100;
@@ -422,6 +422,7 @@ struct Statements {
     delete_all_access: PreparedStatement,
     delete_settings: PreparedStatement,
     delete_channel: PreparedStatement,
+    delete_home: PreparedStatement,
     select_lease: PreparedStatement,
     create_lease: PreparedStatement,
     take_lease: PreparedStatement,
@@ -1015,6 +1016,14 @@ async fn prepare(session: &Session, config: &CassandraConfig) -> Result<Statemen
             prepare_one(format!("DELETE FROM {keyspace}.channel_settings WHERE channel = ?")).await?,
         ),
         delete_channel: idempotent(prepare_one(format!("DELETE FROM {keyspace}.channels WHERE channel = ?")).await?),
+        // A lightweight transaction like the claim it undoes (a plain delete would race a claim's Paxos round).
+        delete_home: {
+            let mut statement = idempotent(
+                prepare_one(format!("DELETE FROM {keyspace}.channel_homes WHERE channel = ? IF EXISTS")).await?,
+            );
+            statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::Serial));
+            statement
+        },
         // Machine-ID leases: a region's routers share its datacenter and regions have disjoint blocks, so Paxos in
         // the local datacenter orders every claim of an ID, and a region keeps leasing while another is cut off.
         select_lease: {
@@ -1597,6 +1606,12 @@ impl CassandraStore {
                 .execute_unpaged(statement, (channel,))
                 .await
                 .map_err(|error| execution_error("delete channel", error))?;
+        }
+        // Then its home, so that a group created again under the name claims one afresh. Left behind (another
+        // datacenter unreachable for the compare-and-set), it still names one home: a creation goes there.
+        if let Err(error) = self.session.execute_unpaged(&self.statements.delete_home, (channel,)).await {
+            warn!(channel, error = %error, "the deleted channel's home stays in the store: a group created again \
+                under its name is homed where it was");
         }
         Ok(())
     }

@@ -777,6 +777,7 @@ impl MembershipStore for EmbeddedStore {
                         }
                         MembershipChange::Delete { channel } => {
                             channels.remove(channel.as_str())?;
+                            claims.remove(channel.as_str())?;
                             let mut gone = Vec::new();
                             for entry in members.range((channel.as_str(), "")..)? {
                                 let (key, _) = entry?;

@@ -6,14 +6,15 @@
 //! (Cassandra, one datacenter per region), so every region finds the same home.
 //!
 //! A DM's id is made of its two users ([`ChannelId::direct`](parley_core::conversation::ChannelId::direct)), the
-//! same in every region, and a DM is created on first use, so two regions can both find no DM (the other's
-//! creation not yet replicated) and both create it. Its home is therefore claimed before it is created: a call
-//! that would create a DM (open, send, post) whose home the store does not name claims one for this region ([`MembershipStore::claim_home`], a
-//! compare-and-set across the datacenters: Cassandra's `IF NOT EXISTS` at SERIAL consistency) and goes where the
-//! claim's answer says. Of two regions that claim at once, one wins and both route to it, so a DM has one home; the
-//! winner's writer creates the DM with that same home. A group channel's home is not claimed: it is created by the
-//! router its create call reaches (a group of the same name created in two regions within the replication delay
-//! still gets two homes).
+//! same in every region, and a DM is created on first use; a group's id is its name. So two regions can both find
+//! no channel (the other's creation not yet replicated) and both create it. Its home is therefore claimed before
+//! it is created: a call that would create a channel (a DM's open, send or post; a group's create) whose home the
+//! store does not name claims one for this region ([`MembershipStore::claim_home`], a compare-and-set across the
+//! datacenters: Cassandra's `IF NOT EXISTS` at SERIAL consistency) and goes where the claim's answer says. Of two
+//! regions that claim at once, one wins and both route to it, so a channel has one home; the winner's writer
+//! creates the channel with that same home (the other region's create is answered by it: the group exists, or is
+//! created with the settings asked for). Deleting a group deletes its home with it (by the same compare-and-set),
+//! so a group created again under that name claims a home afresh.
 //!
 //! # Calls
 //! [`GlobalRouter`] sits in front of a region's writer. A call about a channel homed here goes to the writer; a call
@@ -122,18 +123,20 @@ pub fn destination(region: &str, home: Option<&Home>) -> Destination {
     }
 }
 
-/// The home a router of `region` claims for `channel` when the store names none and `call` would create it: for a
-/// DM opened or sent to, this region at epoch 1 (what its writer gives a DM it creates); `None` for any other call
-/// (a read of a DM that does not exist claims nothing) and any other channel, whose home only its creation sets.
+/// The home a router of `region` claims for `channel` when the store names none and `call` would create it (a DM
+/// opened or sent to, a group created): this region at epoch 1, what its writer gives a channel it creates. `None`
+/// for any other call: a read of a channel that does not exist, or a send to a group that does not, claims nothing.
 pub fn claim_for(region: &str, call: &Call, channel: &str) -> Option<Home> {
-    let creates =
-        matches!(call, Call::Send { .. } | Call::OpenDm { .. } | Call::Server { operation: ServerOp::Post { .. } });
     let channel = parley_core::conversation::ChannelId::parse(channel).ok()?;
-    (creates && channel.kind() == parley_core::ChannelKind::Dm).then(|| Home {
-        region: region.to_owned(),
-        epoch: 1,
-        base_seq: 0,
-    })
+    let creates = match channel.kind() {
+        parley_core::ChannelKind::Dm => {
+            matches!(call, Call::Send { .. } | Call::OpenDm { .. } | Call::Server { operation: ServerOp::Post { .. } })
+        }
+        parley_core::ChannelKind::Group => {
+            matches!(call, Call::CreateChannel { .. } | Call::Server { operation: ServerOp::CreateChannel { .. } })
+        }
+    };
+    creates.then(|| Home { region: region.to_owned(), epoch: 1, base_seq: 0 })
 }
 
 /// What a [`GlobalRouter`] counts.
@@ -419,14 +422,15 @@ impl Inner {
         self.remember(channel, home)
     }
 
-    /// The home of a DM the store names none for: claims this region for it, and answers the home the store holds
-    /// after the claim (another region's, when it claimed first). `None` for a channel that is not a DM.
+    /// The home of a channel the store names none for, when `call` would create it: claims this region for it, and
+    /// answers the home the store holds after the claim (another region's, when it claimed first). `None` for a
+    /// call that creates nothing.
     async fn claim_home(&self, call: &Call, channel: &str) -> Result<Option<Home>, RouterError> {
         let Some(claim) = claim_for(&self.region, call, channel) else { return Ok(None) };
         self.stats.home_reads.fetch_add(1, Ordering::Relaxed);
         let home = self.membership.claim_home(channel, &claim).await.map_err(RouterError::Unavailable)?;
         if home != claim {
-            debug!(channel, home = %home.region, epoch = home.epoch, "another region claimed the DM's home first");
+            debug!(channel, home = %home.region, epoch = home.epoch, "another region claimed the channel's home first");
         }
         self.remember(channel, Some(home))
     }
@@ -867,7 +871,7 @@ mod tests {
     }
 
     #[test]
-    fn only_calls_that_create_a_dm_claim_a_home() {
+    fn only_calls_that_create_a_channel_claim_a_home() {
         let open = Call::OpenDm { user: "alice".into(), other: "bob".into() };
         let send = Call::Send {
             user: "alice".into(),
@@ -881,7 +885,16 @@ mod tests {
         assert_eq!(claim_for("eu", &open, "dm:alice:bob"), claimed);
         assert_eq!(claim_for("eu", &send, "dm:alice:bob"), claimed);
         assert_eq!(claim_for("eu", &read, "dm:alice:bob"), None, "a read of a DM that does not exist claims nothing");
-        assert_eq!(claim_for("eu", &send, "g:general"), None, "a group's home is set by its creation only");
+        assert_eq!(claim_for("eu", &send, "g:general"), None, "a send to a group creates nothing");
+        let create = Call::CreateChannel {
+            user: "alice".into(),
+            name: "general".into(),
+            members: Vec::new(),
+            visibility: Default::default(),
+            posting: Default::default(),
+        };
+        assert_eq!(claim_for("eu", &create, "g:general"), claimed, "a group's creation claims its home");
+        assert_eq!(claim_for("eu", &create, "dm:alice:bob"), None);
         assert_eq!(claim_for("eu", &open, "dm:bob:alice"), None, "not a valid DM id (its users out of order)");
         assert_eq!(claim_for("eu", &open, "nonsense"), None);
     }
@@ -933,6 +946,42 @@ mod tests {
         assert_eq!(eu.global_stats().forwarded.load(Ordering::Relaxed), 1, "carried to the claimed home");
         assert_eq!(store.channel("dm:carol:dave").await.expect("read"), None, "not created in a second region");
         assert_eq!(store.home_now("dm:carol:dave").await.expect("read"), Some(late));
+    }
+
+    #[tokio::test]
+    async fn a_group_goes_to_the_home_claimed_first_and_a_deleted_one_claims_afresh() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            crate::embedded::EmbeddedStore::open(dir.path(), crate::embedded::Retention::default()).expect("store");
+        let eu = region_router("eu", &store);
+        let create = |name: &str| Call::CreateChannel {
+            user: "alice".into(),
+            name: name.into(),
+            members: Vec::new(),
+            visibility: Default::default(),
+            posting: Default::default(),
+        };
+        let (here, late) =
+            (Home { region: "eu".into(), epoch: 1, base_seq: 0 }, Home { region: "us".into(), epoch: 1, base_seq: 0 });
+
+        // A group nobody claimed: created here, homed here; a later claim from us is told eu.
+        eu.call(create("general")).await.expect("create a group");
+        let created = store.channel("g:general").await.expect("read").expect("created here");
+        assert_eq!(created.home, Some(here.clone()));
+        assert_eq!(store.claim_home("g:general", &late).await.expect("claim"), here);
+
+        // A group that region us claimed first (its creation not yet replicated here): carried to us.
+        store.claim_home("g:random", &late).await.expect("claim");
+        let error = eu.call(create("random")).await.expect_err("us is not listening");
+        assert!(matches!(error, RouterError::Unavailable(_)), "{error:?}");
+        assert_eq!(eu.global_stats().forwarded.load(Ordering::Relaxed), 1, "carried to the claimed home");
+        assert_eq!(store.channel("g:random").await.expect("read"), None, "not created in a second region");
+
+        // Deleted, its home goes with it, so the name is claimed afresh by whichever region creates it next.
+        let delete = Call::Server { operation: ServerOp::DeleteChannel { channel: "g:general".into() } };
+        eu.call(delete).await.expect("delete the group");
+        assert_eq!(store.home_now("g:general").await.expect("read"), None, "no home left behind");
+        assert_eq!(store.claim_home("g:general", &late).await.expect("claim"), late, "us creates it next");
     }
 
     #[test]

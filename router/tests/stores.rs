@@ -478,6 +478,11 @@ async fn a_home_is_claimed_once(engine: Engine) {
     membership.apply(vec![MembershipChange::Create(record("g:homed", "alice"))]).await.expect("create");
     assert_eq!(claim("g:homed", us.clone()).await, eu);
     assert_eq!(stored_home("g:homed").await, Some(eu.clone()));
+    // A deleted group's home goes with it: created again under its name, it claims a home afresh.
+    membership.apply(vec![MembershipChange::Delete { channel: "g:homed".into() }]).await.expect("delete");
+    assert_eq!(membership.home_now("g:homed").await.expect("read"), None, "no home left behind");
+    assert_eq!(claim("g:homed", us.clone()).await, us, "claimed afresh");
+    assert_eq!(claim("g:homed", eu.clone()).await, us);
     let homeless = ChannelRecord { home: None, ..record("g:homeless", "alice") };
     membership.apply(vec![MembershipChange::Create(homeless)]).await.expect("create");
     assert_eq!(claim("g:homeless", us.clone()).await, us);
