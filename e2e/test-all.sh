@@ -151,15 +151,41 @@ argocd_passed=$(awk '{print $2}' <<<"$argocd_line")
 argocd_failed=$(awk '{print $4}' <<<"$argocd_line")
 # --- Argo CD health checks --- end ---
 
-step "unit and integration tests (cargo test)"
+step "unit and integration tests (cargo test, two lanes)"
 # The cross-process and outage tests append their figures (drain histograms, resume times, ...) here; the summary
 # prints them, since a passing test's own output is captured.
 export PARLEY_FIGURES_FILE="$logs/figures.txt"
+# Two lanes at once: the Kubernetes e2e tests below (most of their time is spent waiting on the control plane, pods
+# starting and drain windows) run beside every other test target of the workspace. Both lanes select the whole
+# workspace, so cargo resolves the same features and reuses the build above. A test target not named here runs in
+# the main lane.
+kube_lane=(region regions_k8s pod_agent runner_mm2)
+mapfile -t test_targets < <(cargo metadata --no-deps --format-version 1 --locked | python3 -c '
+import json, sys
+m = json.load(sys.stdin)
+print("\n".join(sorted({t["name"] for p in m["packages"] for t in p["targets"] if "test" in t["kind"]})))')
+kube_args=() main_args=()
+for target in "${kube_lane[@]}"; do
+  [[ " ${test_targets[*]} " == *" $target "* ]] || fail "test-all.sh names a test target '$target' that no package has"
+  kube_args+=(--test "$target")
+done
+for target in "${test_targets[@]}"; do
+  [[ " ${kube_lane[*]} " == *" $target "* ]] || main_args+=(--test "$target")
+done
+(cargo test --workspace --locked "${kube_args[@]}" >"$logs/cargo-test-kube.log" 2>&1; echo $? >"$logs/kube.rc") &
+kube_lane_pid=$!
 set +e
-cargo test --workspace --locked 2>&1 | tee "$logs/cargo-test.log"
+{
+  cargo test --workspace --locked --lib --bins "${main_args[@]}" && cargo test --workspace --locked --doc
+} 2>&1 | tee "$logs/cargo-test.log"
 cargo_status=${PIPESTATUS[0]}
+echo "--- waiting for the Kubernetes lane (${kube_lane[*]}) ---"
+wait "$kube_lane_pid"
 set -e
+cat "$logs/cargo-test-kube.log" | tee -a "$logs/cargo-test.log"
+kube_status=$(cat "$logs/kube.rc" 2>/dev/null || echo 1)
 [[ $cargo_status == 0 ]] || fail "cargo test (see the output above)"
+[[ $kube_status == 0 ]] || fail "cargo test of the Kubernetes lane (${kube_lane[*]}; see its output above)"
 
 step "browser test (headless Chromium)"
 set +e

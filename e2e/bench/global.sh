@@ -12,7 +12,9 @@
 # routers, gateways, MirrorMaker 2 processes, topics and keyspace on the same engines; the 0 ms run uses the same
 # proxies without toxics, so the difference is the WAN.
 #
-# Knobs: GL_LATENCIES="0 40" (ms each way) GL_RATE=100 (sends/s in total) GL_DURATION=30 GL_WARMUP=5
+# Knobs: GL_LATENCIES="0 40" (ms each way) GL_RATE=100 (sends/s in total) GL_DURATION=60 GL_WARMUP=90 (seconds
+#        of sending before the measured part: the engines' and MirrorMaker 2's JVMs compile their hot paths and the
+#        fresh keyspace's and topics' creation settles in the first minute, so a shorter warm-up measures start-up)
 #        GL_CHANNELS=2 (per region) GL_SENDERS=2 GL_RECEIVERS=2 (per region) GL_QUIET_WAIT=300 (seconds to wait
 #        for running compilers (rustc) to finish before each run; a run during which one ran is marked
 #        cpu_contended, and the load average before and after each run is kept)
@@ -29,8 +31,8 @@ cd "$ROOT"
 
 GL_LATENCIES=${GL_LATENCIES:-"0 40"}
 GL_RATE=${GL_RATE:-100}
-GL_DURATION=${GL_DURATION:-30}
-GL_WARMUP=${GL_WARMUP:-5}
+GL_DURATION=${GL_DURATION:-60}
+GL_WARMUP=${GL_WARMUP:-90}
 GL_CHANNELS=${GL_CHANNELS:-2}
 GL_SENDERS=${GL_SENDERS:-2}
 GL_RECEIVERS=${GL_RECEIVERS:-2}
