@@ -151,41 +151,85 @@ argocd_passed=$(awk '{print $2}' <<<"$argocd_line")
 argocd_failed=$(awk '{print $4}' <<<"$argocd_line")
 # --- Argo CD health checks --- end ---
 
-step "unit and integration tests (cargo test, two lanes)"
+step "unit and integration tests (cargo test, in two lanes)"
 # The cross-process and outage tests append their figures (drain histograms, resume times, ...) here; the summary
 # prints them, since a passing test's own output is captured.
 export PARLEY_FIGURES_FILE="$logs/figures.txt"
-# Two lanes at once: the Kubernetes e2e tests below (most of their time is spent waiting on the control plane, pods
-# starting and drain windows) run beside every other test target of the workspace. Both lanes select the whole
-# workspace, so cargo resolves the same features and reuses the build above. A test target not named here runs in
-# the main lane.
+# Two lanes at once: the Kubernetes e2e tests named below (most of their time is spent waiting on the control
+# plane, pods starting and drain windows) run beside every other test executable of the workspace. The executables
+# are those `cargo test` builds and would run (listed by `--no-run`), each run from its package's directory as
+# cargo runs it; cargo itself is not run twice at once (a running `cargo test` holds the package cache's lock).
+# A test target not named here runs in the main lane.
 kube_lane=(region regions_k8s pod_agent runner_mm2)
-mapfile -t test_targets < <(cargo metadata --no-deps --format-version 1 --locked | python3 -c '
-import json, sys
-m = json.load(sys.stdin)
-print("\n".join(sorted({t["name"] for p in m["packages"] for t in p["targets"] if "test" in t["kind"]})))')
-kube_args=() main_args=()
-for target in "${kube_lane[@]}"; do
-  [[ " ${test_targets[*]} " == *" $target "* ]] || fail "test-all.sh names a test target '$target' that no package has"
-  kube_args+=(--test "$target")
+# These stop a shared engine in place (SIGKILL of Redis and Kafka, SIGSTOP of Cassandra): they run alone, after both
+# lanes.
+alone=(chaos cassandra_outage)
+cargo test --workspace --locked --no-run --message-format=json-render-diagnostics >"$logs/artifacts.json" \
+  || fail "cargo test --no-run (see the output above)"
+# One line per test executable: target name, kind, package directory, executable.
+python3 - "$logs/artifacts.json" >"$logs/executables.tsv" <<'PY'
+import json, os, sys
+seen = set()
+for line in open(sys.argv[1]):
+    try:
+        message = json.loads(line)
+    except ValueError:
+        continue
+    if message.get("reason") != "compiler-artifact" or not message.get("executable") or not message["profile"]["test"]:
+        continue
+    if message["executable"] in seen:
+        continue
+    seen.add(message["executable"])
+    target = message["target"]
+    print("\t".join([target["name"], target["kind"][0], os.path.dirname(message["manifest_path"]), message["executable"]]))
+PY
+for target in "${kube_lane[@]}" "${alone[@]}"; do
+  awk -F'\t' -v name="$target" '$1 == name && $2 == "test" {found = 1} END {exit !found}' "$logs/executables.tsv" \
+    || fail "test-all.sh names a test target '$target' that no package has"
 done
-for target in "${test_targets[@]}"; do
-  [[ " ${kube_lane[*]} " == *" $target "* ]] || main_args+=(--test "$target")
-done
-(cargo test --workspace --locked "${kube_args[@]}" >"$logs/cargo-test-kube.log" 2>&1; echo $? >"$logs/kube.rc") &
+lane_of() {
+  local name=$1 kind=$2
+  [[ $kind == test && " ${kube_lane[*]} " == *" $name "* ]] && { echo kube; return; }
+  [[ $kind == test && " ${alone[*]} " == *" $name "* ]] && { echo alone; return; }
+  echo main
+}
+: >"$logs/main.tsv"; : >"$logs/kube.tsv"; : >"$logs/alone.tsv"
+while IFS=$'\t' read -r name kind dir executable; do
+  printf '%s\t%s\t%s\t%s\n' "$name" "$kind" "$dir" "$executable" >>"$logs/$(lane_of "$name" "$kind").tsv"
+done <"$logs/executables.tsv"
+echo "test executables: $(wc -l <"$logs/main.tsv") in the main lane, $(wc -l <"$logs/kube.tsv") in the Kubernetes lane, \
+$(wc -l <"$logs/alone.tsv") alone"
+# run_tests LANE: runs the executables of $logs/LANE.tsv one after another (all of them, whatever fails), as cargo
+# test would; the failed ones are listed in $logs/LANE.failed.
+run_tests() {
+  local lane=$1 name kind dir executable
+  : >"$logs/$lane.failed"
+  while IFS=$'\t' read -r name kind dir executable; do
+    printf '\n     Running %s %s (%s)\n' "$kind" "$name" "$executable"
+    (cd "$dir" && CARGO_MANIFEST_DIR="$dir" "$executable" </dev/null) || echo "$kind $name ($dir)" >>"$logs/$lane.failed"
+  done <"$logs/$lane.tsv"
+  [[ ! -s "$logs/$lane.failed" ]]
+}
+(run_tests kube >"$logs/cargo-test-kube.log" 2>&1) &
 kube_lane_pid=$!
 set +e
-{
-  cargo test --workspace --locked --lib --bins "${main_args[@]}" && cargo test --workspace --locked --doc
-} 2>&1 | tee "$logs/cargo-test.log"
-cargo_status=${PIPESTATUS[0]}
+{ run_tests main && cargo test --workspace --locked --doc; } 2>&1 | tee "$logs/cargo-test.log"
+main_status=${PIPESTATUS[0]}
 echo "--- waiting for the Kubernetes lane (${kube_lane[*]}) ---"
 wait "$kube_lane_pid"
+kube_status=$?
 set -e
-cat "$logs/cargo-test-kube.log" | tee -a "$logs/cargo-test.log"
-kube_status=$(cat "$logs/kube.rc" 2>/dev/null || echo 1)
-[[ $cargo_status == 0 ]] || fail "cargo test (see the output above)"
-[[ $kube_status == 0 ]] || fail "cargo test of the Kubernetes lane (${kube_lane[*]}; see its output above)"
+tee -a "$logs/cargo-test.log" <"$logs/cargo-test-kube.log"
+echo "--- the tests that stop shared engines (${alone[*]}), alone ---"
+set +e
+run_tests alone 2>&1 | tee -a "$logs/cargo-test.log"
+alone_status=${PIPESTATUS[0]}
+set -e
+if [[ $main_status != 0 || $kube_status != 0 || $alone_status != 0 ]]; then
+  echo "failed test executables:"
+  cat "$logs/main.failed" "$logs/kube.failed" "$logs/alone.failed" 2>/dev/null | sed 's/^/  /'
+  fail "cargo test (see the output above)"
+fi
 
 step "browser test (headless Chromium)"
 set +e
