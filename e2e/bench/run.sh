@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Parley benchmarks on one machine, loopback only: idle memory per connection, 10k-member fan-out latency,
-# broadcast throughput per gateway core. Every step is bounded and stops by itself.
+# broadcast throughput per gateway core, and the machine's floor for a fan-out (parley-floor: one write() per
+# connection, no server). Every step is bounded and stops by itself.
 #
 #   e2e/bench/run.sh                 # build release, run everything (~5 minutes on 2 cores)
-#   e2e/bench/run.sh idle fanout     # only some parts
+#   e2e/bench/run.sh idle fanout     # only some parts (idle, fanout, throughput, floor)
 #
 # Knobs (environment): BUILD=0 skips the build; OUT=dir for results (default target/bench/<utc time>);
 # IDLE_SIZES="1000 5000 10000 19000"; FANOUT_MEMBERS="1000 10000" FANOUT_MESSAGES=20 FANOUT_INTERVAL_MS=200;
@@ -32,10 +33,11 @@ TP_DURATION=${TP_DURATION:-10}
 TP_RATE=${TP_RATE:-5000}
 SERVER=${SERVER:-$ROOT/target/release/parley}
 LOAD=${LOAD:-$ROOT/target/release/parley-load}
+FLOOR=${FLOOR:-$(dirname "$LOAD")/parley-floor}
 URL="ws://127.0.0.1:$PORT"
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(idle fanout throughput)
+[ ${#parts[@]} -eq 0 ] && parts=(idle fanout throughput floor)
 
 log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
@@ -123,7 +125,12 @@ run_load() {
         done
     ) &
     local sampler=$!
-    PARLEY_JWT_SECRET=$SECRET "$LOAD" "$@" --server-pid "$SERVER_PID" >"$OUT/$name.txt" 2>"$OUT/$name.err" || rc=$?
+    if [[ $name == floor-* ]]; then
+        # No server: the floor is the machine's.
+        "$FLOOR" "$@" >"$OUT/$name.txt" 2>"$OUT/$name.err" || rc=$?
+    else
+        PARLEY_JWT_SECRET=$SECRET "$LOAD" "$@" --server-pid "$SERVER_PID" >"$OUT/$name.txt" 2>"$OUT/$name.err" || rc=$?
+    fi
     kill "$sampler" 2>/dev/null || true
     wait "$sampler" 2>/dev/null || true
     local contended=false
@@ -147,7 +154,7 @@ run_load() {
         log "$name failed (exit $rc)"
         FAILURES=$((FAILURES + 1))
     fi
-    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    if [[ $name != floor-* ]] && ! kill -0 "$SERVER_PID" 2>/dev/null; then
         log "the server died during $name; see $OUT/server-$name.log"
         tail -n 20 "$OUT/server-"*.log >&2 || true
     fi
@@ -173,8 +180,15 @@ for part in "${parts[@]}"; do
         run_load "throughput-$TP_MEMBERS" throughput --url "$URL" --members "$TP_MEMBERS" \
             --senders "$TP_SENDERS" --duration "$TP_DURATION"
         ;;
+    floor)
+        stop_server
+        for members in $FANOUT_MEMBERS; do
+            run_load "floor-$members" --connections "$members" --rounds "$FANOUT_MESSAGES" \
+                --interval-ms "$FANOUT_INTERVAL_MS"
+        done
+        ;;
     *)
-        log "unknown part $part (idle, fanout, throughput)"
+        log "unknown part $part (idle, fanout, throughput, floor)"
         exit 2
         ;;
     esac
@@ -187,6 +201,8 @@ jq -r '
     "\(.name): \(.connected)/\(.connections) connected at \(.connect_rate_per_sec | floor)/s; server +\(.server_rss_delta_kib) KiB = \(.server_kib_per_connection * 100 | round / 100) KiB/connection; dropped \(.dropped)"
   elif .mode == "fanout" then
     "\(.name): \(.members_connected) members, \(.acked) messages: p50 \(.latency.p50_ms) ms, p90 \(.latency.p90_ms) ms, p99 \(.latency.p99_ms) ms, max \(.latency.max_ms) ms; lost \(.lost), gaps \(.seq_gaps)"
+  elif .mode == "floor" then
+    "\(.name): \(.connections) connections, \(.rounds) fan-outs with no server: p50 \(.latency_p50_ms) ms, p99 \(.latency_p99_ms) ms; CPU per delivery: writer \(.sender_cpu_us_per_delivery * 10 | round / 10) µs, readers \(.receiver_cpu_us_per_delivery * 10 | round / 10) µs"
   elif .mode == "throughput" then
     "\(.name): \(.deliveries_per_sec | floor) deliveries/s, server \(.server_cpu_cores * 100 | floor)% CPU => \(.deliveries_per_server_cpu_sec // 0 | floor) deliveries per server CPU second; lost \(.lost)"
   else "\(.name): \(.error // "failed")" end
