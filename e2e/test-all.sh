@@ -151,97 +151,15 @@ argocd_passed=$(awk '{print $2}' <<<"$argocd_line")
 argocd_failed=$(awk '{print $4}' <<<"$argocd_line")
 # --- Argo CD health checks --- end ---
 
-step "unit and integration tests (cargo test, in two lanes)"
+step "unit and integration tests (cargo test)"
 # The cross-process and outage tests append their figures (drain histograms, resume times, ...) here; the summary
 # prints them, since a passing test's own output is captured.
 export PARLEY_FIGURES_FILE="$logs/figures.txt"
-# Two lanes at once: the Kubernetes e2e tests named below (most of their time is spent waiting on the control
-# plane, pods starting and drain windows) run beside every other test executable of the workspace. The executables
-# are those `cargo test` builds and would run (listed by `--no-run`), each run from its package's directory as
-# cargo runs it; cargo itself is not run twice at once (a running `cargo test` holds the package cache's lock).
-# A test target not named here runs in the main lane.
-kube_lane=(region regions_k8s pod_agent runner_mm2)
-# These run alone, after both lanes: chaos and cassandra_outage stop a shared engine in place (SIGKILL of Redis and
-# Kafka, SIGSTOP of Cassandra), and the gateway rollout test holds 1,000 clients to a reconnect window that a second
-# lane's load on the 2 cores would stretch. A name is a test target, or target:test for one test of it (skipped in
-# its target's lane).
-alone=(chaos cassandra_outage region:the_operator_rolls_and_scales_the_gateways_one_drained_pod_at_a_time)
-cargo test --workspace --locked --no-run --message-format=json-render-diagnostics >"$logs/artifacts.json" \
-  || fail "cargo test --no-run (see the output above)"
-# One line per test executable: target name, kind, package directory, executable.
-python3 - "$logs/artifacts.json" >"$logs/executables.tsv" <<'PY'
-import json, os, sys
-seen = set()
-for line in open(sys.argv[1]):
-    try:
-        message = json.loads(line)
-    except ValueError:
-        continue
-    if message.get("reason") != "compiler-artifact" or not message.get("executable") or not message["profile"]["test"]:
-        continue
-    if message["executable"] in seen:
-        continue
-    seen.add(message["executable"])
-    target = message["target"]
-    print("\t".join([target["name"], target["kind"][0], os.path.dirname(message["manifest_path"]), message["executable"]]))
-PY
-for entry in "${kube_lane[@]}" "${alone[@]}"; do
-  target=${entry%%:*}
-  awk -F'\t' -v name="$target" '$1 == name && $2 == "test" {found = 1} END {exit !found}' "$logs/executables.tsv" \
-    || fail "test-all.sh names a test target '$target' that no package has"
-done
-# Each line of a lane: target, kind, package directory, executable, the test harness's arguments (a filter).
-: >"$logs/main.tsv"; : >"$logs/kube.tsv"; : >"$logs/alone.tsv"
-while IFS=$'\t' read -r name kind dir executable; do
-  lane=main skips=()
-  [[ $kind == test && " ${kube_lane[*]} " == *" $name "* ]] && lane=kube
-  for entry in "${alone[@]}"; do
-    [[ $kind == test ]] || continue
-    if [[ $entry == "$name" ]]; then
-      lane=alone
-    elif [[ $entry == "$name":* ]]; then
-      printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$kind" "$dir" "$executable" "--exact ${entry#*:}" >>"$logs/alone.tsv"
-      skips+=("--skip ${entry#*:}")
-    fi
-  done
-  [[ $lane == alone && ${#skips[@]} -gt 0 ]] && fail "test-all.sh names '$name' whole and one of its tests"
-  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$kind" "$dir" "$executable" "${skips[*]:-}" >>"$logs/$lane.tsv"
-done <"$logs/executables.tsv"
-echo "test executables: $(wc -l <"$logs/main.tsv") in the main lane, $(wc -l <"$logs/kube.tsv") in the Kubernetes lane, \
-$(wc -l <"$logs/alone.tsv") alone"
-# run_tests LANE: runs the executables of $logs/LANE.tsv one after another (all of them, whatever fails), as cargo
-# test would; the failed ones are listed in $logs/LANE.failed.
-run_tests() {
-  local lane=$1 name kind dir executable filter
-  : >"$logs/$lane.failed"
-  while IFS=$'\t' read -r name kind dir executable filter; do
-    printf '\n     Running %s %s %s(%s)\n' "$kind" "$name" "${filter:+[$filter] }" "$executable"
-    # shellcheck disable=SC2086 # the filter is words: --skip NAME ..., or --exact NAME
-    (cd "$dir" && CARGO_MANIFEST_DIR="$dir" "$executable" $filter </dev/null) \
-      || echo "$kind $name ${filter:+[$filter] }($dir)" >>"$logs/$lane.failed"
-  done <"$logs/$lane.tsv"
-  [[ ! -s "$logs/$lane.failed" ]]
-}
-(run_tests kube >"$logs/cargo-test-kube.log" 2>&1) &
-kube_lane_pid=$!
 set +e
-{ run_tests main && cargo test --workspace --locked --doc; } 2>&1 | tee "$logs/cargo-test.log"
-main_status=${PIPESTATUS[0]}
-echo "--- waiting for the Kubernetes lane (${kube_lane[*]}) ---"
-wait "$kube_lane_pid"
-kube_status=$?
+cargo test --workspace --locked 2>&1 | tee "$logs/cargo-test.log"
+cargo_status=${PIPESTATUS[0]}
 set -e
-tee -a "$logs/cargo-test.log" <"$logs/cargo-test-kube.log"
-echo "--- the tests that stop shared engines (${alone[*]}), alone ---"
-set +e
-run_tests alone 2>&1 | tee -a "$logs/cargo-test.log"
-alone_status=${PIPESTATUS[0]}
-set -e
-if [[ $main_status != 0 || $kube_status != 0 || $alone_status != 0 ]]; then
-  echo "failed test executables:"
-  cat "$logs/main.failed" "$logs/kube.failed" "$logs/alone.failed" 2>/dev/null | sed 's/^/  /'
-  fail "cargo test (see the output above)"
-fi
+[[ $cargo_status == 0 ]] || fail "cargo test (see the output above)"
 
 step "browser test (headless Chromium)"
 set +e
