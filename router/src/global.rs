@@ -899,6 +899,11 @@ mod tests {
         assert_eq!(claim_for("eu", &open, "nonsense"), None);
     }
 
+    /// An embedded store in `dir`, standing for the Cassandra cluster every region shares.
+    fn embedded_store(dir: &tempfile::TempDir) -> crate::embedded::EmbeddedStore {
+        crate::embedded::EmbeddedStore::open(dir.path(), crate::embedded::Retention::default()).expect("store")
+    }
+
     /// A router of `region` over `store` (standing for the Cassandra cluster every region shares), with region `us`
     /// as a peer that is not listening.
     fn region_router(region: &str, store: &crate::embedded::EmbeddedStore) -> GlobalRouter {
@@ -927,8 +932,7 @@ mod tests {
     #[tokio::test]
     async fn a_dm_goes_to_the_home_claimed_first() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store =
-            crate::embedded::EmbeddedStore::open(dir.path(), crate::embedded::Retention::default()).expect("store");
+        let store = embedded_store(&dir);
         let eu = region_router("eu", &store);
         let open = |user: &str, other: &str| Call::OpenDm { user: user.into(), other: other.into() };
 
@@ -951,8 +955,7 @@ mod tests {
     #[tokio::test]
     async fn a_group_goes_to_the_home_claimed_first_and_a_deleted_one_claims_afresh() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store =
-            crate::embedded::EmbeddedStore::open(dir.path(), crate::embedded::Retention::default()).expect("store");
+        let store = embedded_store(&dir);
         let eu = region_router("eu", &store);
         let create = |name: &str| Call::CreateChannel {
             user: "alice".into(),
