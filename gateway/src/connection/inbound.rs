@@ -66,10 +66,17 @@ where
         };
         self.shared.metrics.frames_in.inc();
         match decode_client(&bytes) {
-            Ok(frame) => self.on_frame(frame).await,
+            // An acknowledgement, the frame most clients send most, is handled in line; every other frame's future
+            // is boxed: kept out of line, it does not enlarge every idle connection's task.
+            Ok(ClientFrame::Ack { channel, seq }) => {
+                self.on_ack(channel, seq);
+                Ok(())
+            }
+            Ok(frame) => Box::pin(self.on_frame(frame)).await,
             Err(error) => {
                 self.shared.metrics.error(error.code);
-                self.send(&error_frame(error.req_id, error.code, error.message, None)).await
+                let frame = super::text(&error_frame(error.req_id, error.code, error.message, None));
+                Box::pin(self.write(frame)).await
             }
         }
     }
@@ -115,8 +122,7 @@ where
         let metrics = self.shared.metrics;
         let mut replayed = Ok(());
         for (channel, have) in channels {
-            // Boxed: a resume is rare, and keeping its future out of line keeps every connection's task small.
-            match Box::pin(self.replay(&Arc::from(channel.as_str()), have, None)).await {
+            match self.replay(&Arc::from(channel.as_str()), have, None).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => {
                     metrics.error(error.code());

@@ -34,7 +34,7 @@ mod tests;
 
 use crate::config::GatewayConfig;
 use crate::drain::DrainPlan;
-use crate::hub::{Hub, Outbound, OutboundQueue};
+use crate::hub::{Hub, Outbound, OutboundFrame, OutboundQueue};
 use crate::metrics::{Limit, Metrics};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::stream::FuturesUnordered;
@@ -198,13 +198,15 @@ where
     S: Sink<Message> + Stream<Item = Result<Message, E>> + Unpin + Send,
     E: std::fmt::Display,
 {
-    let ConnectionContext { router, hub, metrics, config, shutdown, drain } = context;
+    let ConnectionContext { router, hub, metrics, config, shutdown, drain } = &context;
     let mut registration = Registration::new(hub.clone(), &session);
-    let shared = Shared { router: &router, hub: &hub, metrics: &metrics, config: &config, session: &session };
+    let shared = Shared { router, hub, metrics, config, session: &session };
     let (sender, outbound) = Outbound::channel(config.outbound_queue, config.max_outbound_bytes);
-    let mut connection = Connection::new(shared, socket, transport, outbound, shutdown, drain);
+    let mut connection = Connection::new(shared, socket, transport, outbound, shutdown.clone(), drain.clone());
     let lived = AssertUnwindSafe(async {
-        match connection.open(sender, &mut registration).await {
+        // Boxed: the handshake's future is only needed at the start, and kept out of line it does not enlarge the
+        // task for the connection's whole life.
+        match Box::pin(connection.open(sender, &mut registration)).await {
             Ok(()) => connection.run().await,
             Err(ending) => ending,
         }
@@ -220,7 +222,8 @@ where
         error!(panic = %what, "the connection loop panicked; closing with 1011");
         Ending::Close(close::INTERNAL_ERROR, "internal error; reconnect and sync")
     });
-    connection.finish(ending, registration).await;
+    // Boxed: the close's future is only needed at the end, and kept out of line it does not enlarge the task.
+    Box::pin(connection.finish(ending, registration)).await;
 }
 
 /// What a connection holds in the process (its place in the hub, and in presence once counted there), given back
@@ -302,6 +305,25 @@ const STALLED: &str = "slow consumer: the socket took no data within write_timeo
 
 /// What a handler answers: `Err` ends the connection.
 type Step = Result<(), Ending>;
+
+/// What the loop waits for.
+enum Event<E> {
+    /// The process shuts down.
+    Shutdown,
+    /// The drain signal changed, or its sender is gone (`closed`).
+    Drain {
+        /// Whether the sender is gone (no drain can start any more).
+        closed: bool,
+    },
+    /// A frame from the hub's queue (`None`: the hub cut the connection off).
+    Outbound(Option<OutboundFrame>),
+    /// A request completed, with its answer (encoded), if any.
+    Answer(Option<Message>),
+    /// The next client frame, or the end of the stream.
+    Incoming(Option<Result<Message, E>>),
+    /// The earliest deadline passed.
+    Deadline,
+}
 
 /// The process-wide parts a connection uses, borrowed for its whole life (so request futures can hold them).
 #[derive(Clone, Copy)]
@@ -463,30 +485,62 @@ where
         }
     }
 
-    /// Waits for the next event and handles it. Earlier branches win when several are ready.
+    /// Waits for the next event and handles it. The wait and the
+    /// handling are two steps: the branches' futures are gone before a handler's future starts, so the task holds
+    /// one or the other, never both.
     async fn step(&mut self) -> Step {
-        let reading = self.pending.len() < self.shared.config.max_in_flight;
-        let watching_drain = !self.drain_closed && !self.deadlines.leaving();
-        tokio::select! {
-            biased;
-            _ = self.shutdown.changed() => Err(Ending::Close(close::GOING_AWAY, "server shutting down; reconnect")),
-            changed = self.drain.changed(), if watching_drain => {
-                match changed {
-                    Ok(()) => self.on_drain(),
-                    Err(_) => self.drain_closed = true,
-                }
+        match self.next_event().await {
+            Event::Shutdown => Err(Ending::Close(close::GOING_AWAY, "server shutting down; reconnect")),
+            Event::Drain { closed: false } => {
+                self.on_drain();
                 Ok(())
             }
-            queued = self.outbound.recv() => self.on_outbound(queued).await,
-            Some(answer) = self.pending.next(), if !self.pending.is_empty() => match answer {
-                Some(frame) => self.send(&frame).await,
-                None => Ok(()),
-            },
-            incoming = self.socket.next(), if reading => {
+            Event::Drain { closed: true } => {
+                self.drain_closed = true;
+                Ok(())
+            }
+            Event::Outbound(queued) => self.on_outbound(queued).await,
+            Event::Answer(Some(message)) => self.write(message).await,
+            Event::Answer(None) => Ok(()),
+            Event::Incoming(incoming) => {
                 let message = self.received(incoming)?;
                 self.on_message(message).await
             }
-            () = self.deadlines.sleep() => self.on_deadline().await,
+            Event::Deadline => self.on_deadline().await,
+        }
+    }
+
+    /// The next event: the first of the branches that is ready. The shutdown and drain signals are looked at first,
+    /// with a load each (no waker is registered for that); then the hub's queue is polled before anything else, so
+    /// a wake for a delivery, the most frequent by far, polls nothing more. The signals' futures, which register
+    /// wakers under a lock shared by every connection, are polled only when nothing was queued.
+    async fn next_event(&mut self) -> Event<E> {
+        // An error: the sender is gone, which is a shutdown too.
+        if !matches!(self.shutdown.has_changed(), Ok(false)) {
+            return Event::Shutdown;
+        }
+        let watching_drain = !self.drain_closed && !self.deadlines.leaving();
+        if watching_drain {
+            match self.drain.has_changed() {
+                Ok(false) => {}
+                Ok(true) => {
+                    self.drain.borrow_and_update();
+                    return Event::Drain { closed: false };
+                }
+                Err(_) => return Event::Drain { closed: true },
+            }
+        }
+        let reading = self.pending.len() < self.shared.config.max_in_flight;
+        tokio::select! {
+            biased;
+            queued = self.outbound.recv() => Event::Outbound(queued),
+            _ = self.shutdown.changed() => Event::Shutdown,
+            changed = self.drain.changed(), if watching_drain => Event::Drain { closed: changed.is_err() },
+            Some(answer) = self.pending.next(), if !self.pending.is_empty() => {
+                Event::Answer(answer.map(|frame| text(&frame)))
+            }
+            incoming = self.socket.next(), if reading => Event::Incoming(incoming),
+            () = self.deadlines.sleep() => Event::Deadline,
         }
     }
 
@@ -510,7 +564,8 @@ where
             }
             Some(Lapse::Idle) => Err(Ending::Close(close::IDLE_TIMEOUT, "no traffic within the idle timeout")),
             Some(Lapse::Departure) => {
-                self.send(&ServerFrame::Reconnect { reason: "draining".into() }).await?;
+                let reconnect = text(&ServerFrame::Reconnect { reason: "draining".into() });
+                self.write(reconnect).await?;
                 Err(Ending::Close(close::SERVICE_RESTART, "instance draining; reconnect and sync"))
             }
             None => {
@@ -584,8 +639,13 @@ where
 
     /// Sends one frame and flushes, within the write timeout.
     async fn send(&mut self, frame: &ServerFrame) -> Step {
+        self.write(text(frame)).await
+    }
+
+    /// Sends one message and flushes, within the write timeout.
+    async fn write(&mut self, message: Message) -> Step {
         let Shared { config, metrics, .. } = self.shared;
-        within(config, metrics, self.socket.send(text(frame))).await
+        within(config, metrics, self.socket.send(message)).await
     }
 
     /// Queues one message on the socket without flushing, within the write timeout.
@@ -603,8 +663,15 @@ where
 
 /// Runs one socket write within the write timeout: a failed write means the client is gone, a write still waiting
 /// at the deadline a stalled socket (counted as a `write_timeout` limit hit).
+///
+/// Most writes complete at once (the socket takes the frame): the first poll is made before the timer is set up, so
+/// those never create it, and the timer's future is boxed, so it does not enlarge every connection's task.
 async fn within<T, X>(config: &GatewayConfig, metrics: &Metrics, write: impl Future<Output = Result<T, X>>) -> Step {
-    match tokio::time::timeout(config.write_timeout(), write).await {
+    let mut write = std::pin::pin!(write);
+    if let std::task::Poll::Ready(done) = futures_util::poll!(write.as_mut()) {
+        return done.map(|_| ()).map_err(|_| Ending::Gone);
+    }
+    match Box::pin(tokio::time::timeout(config.write_timeout(), write)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(_)) => Err(Ending::Gone),
         Err(_) => {

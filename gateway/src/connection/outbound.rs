@@ -72,10 +72,11 @@ where
                 // Boxed: gaps are rare, and keeping this future out of line keeps every connection's task small.
                 // (`from` is at least 1: it follows a sequence.)
                 let _ = Box::pin(self.replay(&channel, from.saturating_sub(1), Some(to))).await?;
+                // The replay may have sent this message already.
+                if self.tracker.admit(&channel, seq, Source::Live) == Admit::Duplicate {
+                    return Ok(());
+                }
             }
-        }
-        if self.tracker.admit(&channel, seq, Source::Live) == Admit::Duplicate {
-            return Ok(());
         }
         self.feed(Message::Text(item.0.frame.clone())).await?;
         self.tracker.sent(&channel, seq, item.0.frame.clone(), self.clock.now_ms());
