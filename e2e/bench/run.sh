@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # Parley benchmarks on one machine, loopback only: idle memory per connection, 10k-member fan-out latency,
-# broadcast throughput per gateway core, and the machine's floor for a fan-out (parley-floor: one write() per
-# connection, no server). Every step is bounded and stops by itself.
+# broadcast throughput per gateway core, the machine's floor for a fan-out (parley-floor: one write() per
+# connection, no server), and the same idle and fan-out runs against Centrifugo v6 for comparison. Every step
+# is bounded and stops by itself.
 #
-#   e2e/bench/run.sh                 # build release, run everything (~5 minutes on 2 cores)
-#   e2e/bench/run.sh idle fanout     # only some parts (idle, fanout, throughput, floor)
+#   e2e/bench/run.sh                 # build release, run everything (~7 minutes on 2 cores)
+#   e2e/bench/run.sh idle fanout     # only some parts (idle, fanout, throughput, floor, centrifugo)
+#
+# The part `centrifugo` builds Centrifugo once from the Go module proxy (e2e/bench/centrifugo.sh, cached under
+# ~/.cache/parley/centrifugo), writes its config to $OUT/centrifugo.json and runs parley-load --protocol
+# centrifugo with IDLE_SIZES and FANOUT_MEMBERS, a fresh Centrifugo for each run (centrifugo-idle-N,
+# centrifugo-fanout-M).
 #
 # Knobs (environment): BUILD=0 skips the build; OUT=dir for results (default target/bench/<utc time>);
 # IDLE_SIZES="1000 5000 10000 19000"; FANOUT_MEMBERS="1000 10000" FANOUT_MESSAGES=20 FANOUT_INTERVAL_MS=200;
 # TP_MEMBERS=1000 TP_SENDERS=4 TP_DURATION=10 TP_RATE=5000 (sends/s allowed per connection for throughput);
-# PORT=18181 ADMIN_PORT=18182.
+# PORT=18181 ADMIN_PORT=18182; CENTRIFUGO_PORT=18191 CENTRIFUGO_API_PORT=18192 (its server API and /health).
 #
-# Results: $OUT/results.jsonl (one JSON line per run, with "name"), $OUT/<name>.txt (human output),
-# $OUT/server-<name>.log. The server is restarted with an empty data dir for every run.
+# Results: $OUT/results.jsonl (one JSON line per run, with "name"; Centrifugo's with "server":"centrifugo"),
+# $OUT/<name>.txt (human output), $OUT/server-<name>.log. The server is restarted with an empty data dir for
+# every run.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -31,13 +38,18 @@ TP_MEMBERS=${TP_MEMBERS:-1000}
 TP_SENDERS=${TP_SENDERS:-4}
 TP_DURATION=${TP_DURATION:-10}
 TP_RATE=${TP_RATE:-5000}
-SERVER=${SERVER:-$ROOT/target/release/parley}
-LOAD=${LOAD:-$ROOT/target/release/parley-load}
+SERVER=${SERVER:-${CARGO_TARGET_DIR:-$ROOT/target}/release/parley}
+LOAD=${LOAD:-${CARGO_TARGET_DIR:-$ROOT/target}/release/parley-load}
 FLOOR=${FLOOR:-$(dirname "$LOAD")/parley-floor}
 URL="ws://127.0.0.1:$PORT"
+CENTRIFUGO_PORT=${CENTRIFUGO_PORT:-18191}
+CENTRIFUGO_API_PORT=${CENTRIFUGO_API_PORT:-18192}
+CENTRIFUGO_URL="ws://127.0.0.1:$CENTRIFUGO_PORT/connection/websocket"
+CENTRIFUGO_API="http://127.0.0.1:$CENTRIFUGO_API_PORT/api"
+CENTRIFUGO_API_KEY=${CENTRIFUGO_API_KEY:-bench-only-api-key-not-for-production}
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(idle fanout throughput floor)
+[ ${#parts[@]} -eq 0 ] && parts=(idle fanout throughput floor centrifugo)
 
 log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
@@ -61,6 +73,12 @@ if [ "${BUILD:-1}" = 1 ]; then
 fi
 [ -x "$SERVER" ] || { log "no server binary at $SERVER"; exit 1; }
 [ -x "$LOAD" ] || { log "no load tool at $LOAD"; exit 1; }
+CENTRIFUGO=
+for part in "${parts[@]}"; do
+    if [ "$part" = centrifugo ]; then
+        CENTRIFUGO=$("$ROOT/e2e/bench/centrifugo.sh" build)
+    fi
+done
 
 # One process may hold at most 20,000 files here: the server needs ~19k for 19k connections.
 ulimit -n 20000 || { log "cannot raise the open-file limit to 20000"; exit 1; }
@@ -105,6 +123,24 @@ start_server() {
     sleep 1 # let the baseline RSS settle
 }
 
+# start_centrifugo NAME: like start_server, for Centrifugo with $OUT/centrifugo.json (memory engine: every start
+# is empty).
+start_centrifugo() {
+    local name=$1
+    stop_server
+    "$ROOT/e2e/bench/centrifugo.sh" config "$OUT/centrifugo.json" "$CENTRIFUGO_PORT" "$CENTRIFUGO_API_PORT" \
+        "$SECRET" "$CENTRIFUGO_API_KEY"
+    "$CENTRIFUGO" --config "$OUT/centrifugo.json" >"$OUT/server-$name.log" 2>&1 &
+    SERVER_PID=$!
+    if ! "$LOAD" wait-ready --url "http://127.0.0.1:$CENTRIFUGO_API_PORT" --path /health --timeout 30 \
+        --server-pid "$SERVER_PID"; then
+        log "centrifugo did not become ready; see $OUT/server-$name.log"
+        tail -n 20 "$OUT/server-$name.log" >&2 || true
+        exit 1
+    fi
+    sleep 1 # let the baseline RSS settle
+}
+
 # run_load NAME parley-load-args...: runs one measurement, keeps its output and its JSON line.
 FAILURES=0
 run_load() {
@@ -129,7 +165,8 @@ run_load() {
         # No server: the floor is the machine's.
         "$FLOOR" "$@" >"$OUT/$name.txt" 2>"$OUT/$name.err" || rc=$?
     else
-        PARLEY_JWT_SECRET=$SECRET "$LOAD" "$@" --server-pid "$SERVER_PID" >"$OUT/$name.txt" 2>"$OUT/$name.err" || rc=$?
+        PARLEY_JWT_SECRET=$SECRET CENTRIFUGO_API_KEY=$CENTRIFUGO_API_KEY "$LOAD" "$@" --server-pid "$SERVER_PID" \
+            >"$OUT/$name.txt" 2>"$OUT/$name.err" || rc=$?
     fi
     kill "$sampler" 2>/dev/null || true
     wait "$sampler" 2>/dev/null || true
@@ -187,8 +224,21 @@ for part in "${parts[@]}"; do
                 --interval-ms "$FANOUT_INTERVAL_MS"
         done
         ;;
+    centrifugo)
+        for size in $IDLE_SIZES; do
+            start_centrifugo "centrifugo-idle-$size"
+            run_load "centrifugo-idle-$size" idle --protocol centrifugo --url "$CENTRIFUGO_URL" \
+                --connections "$size" --hold "$IDLE_HOLD"
+        done
+        for members in $FANOUT_MEMBERS; do
+            start_centrifugo "centrifugo-fanout-$members"
+            run_load "centrifugo-fanout-$members" fanout --protocol centrifugo --url "$CENTRIFUGO_URL" \
+                --centrifugo-api "$CENTRIFUGO_API" --members "$members" \
+                --messages "$FANOUT_MESSAGES" --interval-ms "$FANOUT_INTERVAL_MS"
+        done
+        ;;
     *)
-        log "unknown part $part (idle, fanout, throughput, floor)"
+        log "unknown part $part (idle, fanout, throughput, floor, centrifugo)"
         exit 2
         ;;
     esac
@@ -201,6 +251,7 @@ jq -r '
     "\(.name): \(.connected)/\(.connections) connected at \(.connect_rate_per_sec | floor)/s; server +\(.server_rss_delta_kib) KiB = \(.server_kib_per_connection * 100 | round / 100) KiB/connection; dropped \(.dropped)"
   elif .mode == "fanout" then
     "\(.name): \(.members_connected) members, \(.acked) messages: p50 \(.latency.p50_ms) ms, p90 \(.latency.p90_ms) ms, p99 \(.latency.p99_ms) ms, max \(.latency.max_ms) ms; lost \(.lost), gaps \(.seq_gaps)"
+    + (if .server == "centrifugo" then "; \(.deliveries_per_server_cpu_sec // 0 | floor) deliveries per server CPU second" else "" end)
   elif .mode == "floor" then
     "\(.name): \(.connections) connections, \(.rounds) fan-outs with no server: p50 \(.latency_p50_ms) ms, p99 \(.latency_p99_ms) ms; CPU per delivery: writer \(.sender_cpu_us_per_delivery * 10 | round / 10) µs, readers \(.receiver_cpu_us_per_delivery * 10 | round / 10) µs"
   elif .mode == "throughput" then

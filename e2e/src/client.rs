@@ -58,6 +58,11 @@ impl Target {
         Ok(Target { authority: authority.to_owned(), addr, path })
     }
 
+    /// The URL without a token (`ws://host:port/path`).
+    pub fn url(&self) -> String {
+        format!("ws://{}{}", self.authority, self.path)
+    }
+
     /// The full URL for one token.
     pub fn url_with_token(&self, token: &str) -> String {
         let separator = if self.path.contains('?') { '&' } else { '?' };
@@ -113,7 +118,7 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
-fn classify_io(error: &std::io::Error) -> String {
+pub(crate) fn classify_io(error: &std::io::Error) -> String {
     use std::io::ErrorKind::*;
     match error.kind() {
         ConnectionRefused => "refused".into(),
@@ -125,7 +130,7 @@ fn classify_io(error: &std::io::Error) -> String {
     }
 }
 
-fn classify_ws(error: &tungstenite::Error) -> String {
+pub(crate) fn classify_ws(error: &tungstenite::Error) -> String {
     match error {
         tungstenite::Error::Http(response) => format!("http_{}", response.status().as_u16()),
         tungstenite::Error::Io(io) => classify_io(io),
@@ -148,7 +153,8 @@ pub async fn connect(
     }
 }
 
-async fn connect_inner(target: &Target, token: &str, source: Option<IpAddr>) -> Result<(Ws, Ready), ConnectError> {
+/// Opens a TCP connection to `target` from `source` (the kernel picks when `None`), without Nagle's delay.
+pub(crate) async fn open_tcp(target: &Target, source: Option<IpAddr>) -> Result<TcpStream, ConnectError> {
     let io = |error: std::io::Error| ConnectError { kind: classify_io(&error), detail: error.to_string() };
     let socket = if target.addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(io)?;
     if let Some(source) = source {
@@ -156,6 +162,11 @@ async fn connect_inner(target: &Target, token: &str, source: Option<IpAddr>) -> 
     }
     let stream = socket.connect(target.addr).await.map_err(io)?;
     stream.set_nodelay(true).map_err(io)?;
+    Ok(stream)
+}
+
+async fn connect_inner(target: &Target, token: &str, source: Option<IpAddr>) -> Result<(Ws, Ready), ConnectError> {
+    let stream = open_tcp(target, source).await?;
     let (mut ws, _response) =
         tokio_tungstenite::client_async_with_config(target.url_with_token(token), stream, Some(ws_config()))
             .await
@@ -477,6 +488,33 @@ impl Shared {
             .unwrap_or_default()
     }
 
+    /// Counts one delivery in the counted channel. `position` is its place in the channel's stream (Parley's
+    /// `seq`, Centrifugo's `offset`) and `next` the next expected one (0: unknown yet, the first one sets it):
+    /// a jump ahead counts the skipped ones as gaps, a repeat or step back counts a duplicate. With latency
+    /// recording on, the send time at the start of `text` gives the delivery latency.
+    pub fn count_delivery(&self, position: Option<u64>, text: Option<&str>, arrived: u64, next: &mut u64) {
+        self.deliveries.fetch_add(1, Ordering::Relaxed);
+        if let Some(position) = position {
+            if *next == 0 || position == *next {
+                *next = position + 1;
+            } else if position > *next {
+                self.gaps.fetch_add(position - *next, Ordering::Relaxed);
+                *next = position + 1;
+            } else {
+                self.dupes.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if self.record_latency {
+            if let Some(sent) = text.and_then(sent_at) {
+                let micros = arrived.saturating_sub(sent) / 1000;
+                let mut hist = self.latency.lock().unwrap_or_else(|poison| poison.into_inner());
+                if let Some(hist) = hist.as_mut() {
+                    hist.record(micros);
+                }
+            }
+        }
+    }
+
     /// Handles one received text frame; `arrived` is the wall clock (ns) when it was read.
     /// `next_seq` is the next expected `seq` in the channel (0: unknown yet).
     /// Returns the delivery's `seq`, or the probe for the caller when it is not a counted message.
@@ -492,26 +530,7 @@ impl Shared {
         if probe.kind == "message" {
             if let (Some(channel), Some(want)) = (probe.channel.as_deref(), &self.channel) {
                 if channel == want.as_str() {
-                    self.deliveries.fetch_add(1, Ordering::Relaxed);
-                    if let Some(seq) = probe.seq {
-                        if *next_seq == 0 || seq == *next_seq {
-                            *next_seq = seq + 1;
-                        } else if seq > *next_seq {
-                            self.gaps.fetch_add(seq - *next_seq, Ordering::Relaxed);
-                            *next_seq = seq + 1;
-                        } else {
-                            self.dupes.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    if self.record_latency {
-                        if let Some(sent) = probe.text.as_deref().and_then(sent_at) {
-                            let micros = arrived.saturating_sub(sent) / 1000;
-                            let mut hist = self.latency.lock().unwrap_or_else(|poison| poison.into_inner());
-                            if let Some(hist) = hist.as_mut() {
-                                hist.record(micros);
-                            }
-                        }
-                    }
+                    self.count_delivery(probe.seq, probe.text.as_deref(), arrived, next_seq);
                     return Seen::Delivery(probe.seq);
                 }
             }
@@ -532,7 +551,7 @@ pub fn next_seq_from(ready: &Ready, channel: Option<&str>) -> u64 {
         .unwrap_or(0)
 }
 
-fn record_close(shared: &Shared, frame: Option<tungstenite::protocol::CloseFrame>) {
+pub(crate) fn record_close(shared: &Shared, frame: Option<tungstenite::protocol::CloseFrame>) {
     let code = frame.map(|frame| u16::from(frame.code)).unwrap_or(0);
     shared.event(format!("close_{code}"));
 }

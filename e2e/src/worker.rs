@@ -19,7 +19,18 @@ use tokio::time::Instant;
 
 use crate::client::{self, Counts, Shared, Target};
 use crate::hist::{Hist, SparseHist};
-use crate::sys;
+use crate::{centrifugo, sys};
+
+/// Which server the connections speak to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// Parley's wire protocol v1.
+    #[default]
+    Parley,
+    /// Centrifugo v6's JSON client protocol (connect, subscribe; no channel membership).
+    Centrifugo,
+}
 
 /// What one worker does.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,6 +65,9 @@ pub struct WorkerConfig {
     /// handoffs; 0: one per core).
     #[serde(default)]
     pub threads: usize,
+    /// The server's protocol. Centrifugo connections subscribe to `channel` (when set) right after connecting.
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 /// Parent → worker.
@@ -187,6 +201,9 @@ impl Worker {
     }
 
     async fn enroll(&mut self) -> anyhow::Result<Batch> {
+        if self.config.protocol == Protocol::Centrifugo {
+            bail!("Centrifugo has no channel membership: connections subscribe when they connect");
+        }
         let channel = self.config.channel.clone().ok_or_else(|| anyhow!("enroll needs a channel"))?;
         let started = Instant::now();
         let permits = Arc::new(Semaphore::new(self.config.join_concurrency.max(1)));
@@ -260,6 +277,26 @@ impl Worker {
             let stop = self.stop.subscribe();
             let results = results.clone();
             let phase = (self.config.first_user + offset).wrapping_mul(618) % 1000;
+            if self.config.protocol == Protocol::Centrifugo {
+                self.holders.push(tokio::spawn(async move {
+                    let begun = Instant::now();
+                    let outcome =
+                        centrifugo::connect(&target, &token, source, shared.channel.as_deref(), timeout).await;
+                    drop(permit);
+                    drop(token);
+                    match outcome {
+                        Ok((ws, subscribed)) => {
+                            let _ = results.send(Ok((begun.elapsed().as_micros() as u64, true)));
+                            drop(results);
+                            centrifugo::hold(ws, shared, subscribed, stop).await;
+                        }
+                        Err(error) => {
+                            let _ = results.send(Err((error.kind, error.detail)));
+                        }
+                    }
+                }));
+                continue;
+            }
             self.holders.push(tokio::spawn(async move {
                 let begun = Instant::now();
                 let outcome = client::connect(&target, &token, source, timeout).await;

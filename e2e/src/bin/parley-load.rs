@@ -1,5 +1,6 @@
 //! `parley-load`: protocol-level load generator for Parley (idle connections, fan-out latency, broadcast
 //! throughput). Loopback targets only; every run is bounded in count and time and stops by itself.
+//! `--protocol centrifugo` runs `idle` and `fanout` against Centrifugo v6 instead, for comparison.
 //!
 //! Progress goes to stderr; the summary goes to stdout and ends with one JSON line holding the figures.
 
@@ -10,10 +11,11 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use parley_core::protocol::{ClientFrame, ServerFrame};
+use parley_e2e::centrifugo::{self, ApiTarget, Publisher};
 use parley_e2e::client::{self, Counts, SendPlan, SenderStats, Shared, Target};
 use parley_e2e::hist::Hist;
 use parley_e2e::sys;
-use parley_e2e::worker::{call_all, worker_main, Batch, Cmd, Evt, WorkerConfig, WorkerHandle};
+use parley_e2e::worker::{call_all, worker_main, Batch, Cmd, Evt, Protocol, WorkerConfig, WorkerHandle};
 use serde_json::json;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
@@ -33,11 +35,14 @@ enum Mode {
     Fanout(FanoutArgs),
     /// K senders flood a channel of N members: deliveries per second and per server CPU second.
     Throughput(ThroughputArgs),
-    /// Wait until GET /readyz answers 200.
+    /// Wait until GET /readyz (or --path) answers 200.
     WaitReady {
         /// Server URL (ws://host:port or http://host:port).
         #[arg(long)]
         url: String,
+        /// Path to poll (Centrifugo: /health on its internal port).
+        #[arg(long, default_value = "/readyz")]
+        path: String,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
@@ -65,9 +70,13 @@ enum Mode {
 
 #[derive(Args, Clone)]
 struct Common {
-    /// Server WebSocket URL, e.g. ws://127.0.0.1:8080 (path defaults to /v1/ws?v=1).
+    /// Server WebSocket URL, e.g. ws://127.0.0.1:8080 (path defaults to /v1/ws?v=1, or
+    /// /connection/websocket with --protocol centrifugo).
     #[arg(long)]
     url: String,
+    /// The server's protocol: parley, or centrifugo (Centrifugo v6, JSON protocol; idle and fanout only).
+    #[arg(long, value_enum, default_value_t = Protocol::Parley)]
+    protocol: Protocol,
     /// HS256 secret the server verifies tokens with.
     #[arg(long, env = "PARLEY_JWT_SECRET")]
     secret: String,
@@ -136,6 +145,15 @@ struct FanoutArgs {
     /// Pad message texts to this many bytes.
     #[arg(long, default_value_t = 64)]
     text_bytes: usize,
+    /// Centrifugo: the server HTTP API the publisher uses, e.g. http://127.0.0.1:18192/api.
+    #[arg(long)]
+    centrifugo_api: Option<String>,
+    /// Centrifugo: the server API key (sent as X-API-Key).
+    #[arg(long, env = "CENTRIFUGO_API_KEY", hide_env_values = true)]
+    centrifugo_api_key: Option<String>,
+    /// Centrifugo: the channel namespace (history and client subscribe on); the channel is <namespace>:<name>.
+    #[arg(long, default_value = "chat")]
+    centrifugo_namespace: String,
 }
 
 #[derive(Args)]
@@ -188,10 +206,20 @@ fn run(mode: Mode) -> anyhow::Result<()> {
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("tokio runtime")?;
     let result = runtime.block_on(async move {
         match mode {
-            Mode::Idle(args) => bounded(args.common.timeout, idle(args)).await,
+            Mode::Idle(mut args) => {
+                args.common.set_default_path();
+                bounded(args.common.timeout, idle(args)).await
+            }
+            Mode::Fanout(mut args) if args.common.protocol == Protocol::Centrifugo => {
+                args.common.set_default_path();
+                bounded(args.common.timeout, fanout_centrifugo(args)).await
+            }
             Mode::Fanout(args) => bounded(args.common.timeout, fanout(args)).await,
+            Mode::Throughput(args) if args.common.protocol == Protocol::Centrifugo => {
+                Err(anyhow!("throughput is not implemented for --protocol centrifugo (idle and fanout are)"))
+            }
             Mode::Throughput(args) => bounded(args.common.timeout, throughput(args)).await,
-            Mode::WaitReady { url, timeout, server_pid } => wait_ready(&url, timeout, server_pid).await,
+            Mode::WaitReady { url, path, timeout, server_pid } => wait_ready(&url, &path, timeout, server_pid).await,
             Mode::Mock { listen, secret } => parley_e2e::mock::serve(&listen, &secret).await,
             Mode::Worker { .. } => Err(anyhow!("unreachable")),
         }
@@ -206,7 +234,7 @@ async fn bounded(secs: u64, work: impl std::future::Future<Output = anyhow::Resu
         .map_err(|_| anyhow!("run exceeded --timeout {secs}s; aborted (workers are killed)"))?
 }
 
-async fn wait_ready(url: &str, timeout: u64, server_pid: Option<u32>) -> anyhow::Result<()> {
+async fn wait_ready(url: &str, path: &str, timeout: u64, server_pid: Option<u32>) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let ws_url = url.replacen("http://", "ws://", 1);
     let target = Target::parse(&ws_url)?;
@@ -220,7 +248,7 @@ async fn wait_ready(url: &str, timeout: u64, server_pid: Option<u32>) -> anyhow:
         }
         let attempt = async {
             let mut stream = tokio::net::TcpStream::connect(target.addr).await?;
-            let request = format!("GET /readyz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", target.authority);
+            let request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", target.authority);
             stream.write_all(request.as_bytes()).await?;
             let mut response = Vec::new();
             stream.read_to_end(&mut response).await?;
@@ -332,6 +360,7 @@ impl Pool {
                 token_ttl_secs: 6 * 3600,
                 connect_timeout_ms: common.connect_timeout * 1000,
                 threads: common.worker_threads,
+                protocol: common.protocol,
             };
             workers.push(WorkerHandle::spawn(&exe, &config)?);
             next += take;
@@ -387,6 +416,19 @@ impl Pool {
         }
         for worker in self.workers {
             worker.wait(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+impl Common {
+    /// With `--protocol centrifugo`, a URL without a path means Centrifugo's WebSocket endpoint.
+    fn set_default_path(&mut self) {
+        if self.protocol != Protocol::Centrifugo {
+            return;
+        }
+        let rest = self.url.strip_prefix("ws://").unwrap_or(&self.url);
+        if !rest.trim_end_matches('/').contains('/') {
+            self.url = format!("{}{}", self.url.trim_end_matches('/'), centrifugo::WS_PATH);
         }
     }
 }
@@ -585,6 +627,14 @@ fn print_json(value: serde_json::Value) {
     println!("{value}");
 }
 
+/// The result line; a Centrifugo run says so in `server`.
+fn print_result(common: &Common, mut value: serde_json::Value) {
+    if common.protocol == Protocol::Centrifugo {
+        value["server"] = json!("centrifugo");
+    }
+    print_json(value);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // idle
 
@@ -662,30 +712,33 @@ async fn idle(args: IdleArgs) -> anyhow::Result<()> {
         client_rss as f64 / batch.ok.max(1) as f64,
         client_cpu
     );
-    print_json(json!({
-        "mode": "idle",
-        "connections": args.connections,
-        "connected": batch.ok,
-        "failed": batch.failed,
-        "errors": batch.errors,
-        "connect_secs": connect_secs,
-        "connect_rate_per_sec": rate,
-        "connect_latency": latency_json(&connect_latency),
-        "server_rss_before_kib": rss_before,
-        "server_rss_after_kib": rss_after,
-        "server_rss_after_hold_kib": rss_end,
-        "server_rss_peak_kib": hwm,
-        "server_rss_delta_kib": delta,
-        "server_kib_per_connection": per_conn,
-        "server_fds_after": fds_after,
-        "server_threads": threads,
-        "open_after_hold": counts.open,
-        "dropped": counts.dropped,
-        "events": counts.events,
-        "client_rss_kib": client_rss,
-        "client_cpu_secs": client_cpu,
-        "procs": pool_size(common, args.connections),
-    }));
+    print_result(
+        common,
+        json!({
+            "mode": "idle",
+            "connections": args.connections,
+            "connected": batch.ok,
+            "failed": batch.failed,
+            "errors": batch.errors,
+            "connect_secs": connect_secs,
+            "connect_rate_per_sec": rate,
+            "connect_latency": latency_json(&connect_latency),
+            "server_rss_before_kib": rss_before,
+            "server_rss_after_kib": rss_after,
+            "server_rss_after_hold_kib": rss_end,
+            "server_rss_peak_kib": hwm,
+            "server_rss_delta_kib": delta,
+            "server_kib_per_connection": per_conn,
+            "server_fds_after": fds_after,
+            "server_threads": threads,
+            "open_after_hold": counts.open,
+            "dropped": counts.dropped,
+            "events": counts.events,
+            "client_rss_kib": client_rss,
+            "client_cpu_secs": client_cpu,
+            "procs": pool_size(common, args.connections),
+        }),
+    );
     if batch.ok < args.connections || counts.dropped > 0 {
         bail!("{} of {} connections failed, {} dropped", batch.failed, args.connections, counts.dropped);
     }
@@ -841,6 +894,193 @@ async fn fanout_run(
             "fan-out incomplete: {lost} deliveries lost, {} gaps, {} dupes, {} of {} sends acked",
             final_counts.gaps,
             final_counts.dupes,
+            sent.acked,
+            args.messages
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// fanout against Centrifugo
+
+/// `fanout` against Centrifugo: every member (u0…) connects and subscribes to `<namespace>:fan-<time>`
+/// (Centrifugo has no membership to enroll into), and one publisher on the server HTTP API publishes the
+/// messages one at a time, the next once the previous API call has returned (like Parley's `send_result`).
+async fn fanout_centrifugo(args: FanoutArgs) -> anyhow::Result<()> {
+    let common = &args.common;
+    Target::parse(&common.url)?;
+    check_server(common)?;
+    if args.members == 0 {
+        bail!("--members must be at least 1");
+    }
+    let api = args.centrifugo_api.as_deref().ok_or_else(|| anyhow!("--protocol centrifugo needs --centrifugo-api"))?;
+    let api = ApiTarget::parse(api)?;
+    let key = args
+        .centrifugo_api_key
+        .clone()
+        .ok_or_else(|| anyhow!("--protocol centrifugo needs --centrifugo-api-key (or CENTRIFUGO_API_KEY)"))?;
+    let mut publisher = Publisher::new(api, key);
+    let name = args.channel.clone().unwrap_or_else(|| fresh_name("fan"));
+    let channel = format!("{}:{name}", args.centrifugo_namespace);
+    eprintln!("connecting {} members, each subscribing to {channel}", args.members);
+    let mut pool = Pool::start(common, 0, args.members, Some(channel.clone()), true, 1)?;
+    let result = fanout_centrifugo_run(&args, &mut pool, &mut publisher, &channel).await;
+    pool.stop().await;
+    result
+}
+
+async fn fanout_centrifugo_run(
+    args: &FanoutArgs,
+    pool: &mut Pool,
+    publisher: &mut Publisher,
+    channel: &str,
+) -> anyhow::Result<()> {
+    let common = &args.common;
+    let connected = pool.batch(Cmd::Connect, connect_timeout(common, args.members)).await?;
+    describe_batch("connect and subscribe", &connected);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The parent holds no subscriber: this only feeds `drain`.
+    let shared = Shared::new(Some(channel.to_owned()), true);
+    let (_, workers_cpu_before, _) = pool.progress().await?;
+    let own_cpu_before = sys::self_cpu_ticks();
+    let cpu_before = server_cpu_secs(common, pool.ticks_per_sec);
+    let started = Instant::now();
+    let interval = Duration::from_millis(args.interval_ms);
+    let pad = "x".repeat(args.text_bytes);
+    let mut sent = SenderStats::default();
+    let mut offsets = Vec::new();
+    eprintln!("publishing {} messages {} ms apart to {channel} over the server API", args.messages, args.interval_ms);
+    let mut slot = Instant::now();
+    for index in 0..args.messages {
+        tokio::time::sleep_until(slot).await;
+        slot += interval;
+        let at = sys::now_nanos();
+        let mut text = format!("t{at} i{index} ");
+        if text.len() < args.text_bytes {
+            text.push_str(&pad[..args.text_bytes - text.len()]);
+        }
+        sent.sent += 1;
+        match tokio::time::timeout(Duration::from_secs(10), publisher.publish(channel, &text)).await {
+            Ok(Ok(published)) => {
+                sent.acked += 1;
+                sent.ack_latency.record(sys::now_nanos().saturating_sub(at) / 1000);
+                offsets.push(published.offset);
+            }
+            Ok(Err(error)) => {
+                let kind = match &error {
+                    centrifugo::CentrifugoError::Api { code, .. } => format!("api_{code}"),
+                    centrifugo::CentrifugoError::Status { status, .. } => format!("http_{status}"),
+                    _ => "io".to_owned(),
+                };
+                if sent.errors.is_empty() {
+                    eprintln!("publish failed: {error}");
+                }
+                *sent.errors.entry(kind).or_default() += 1;
+            }
+            Err(_) => {
+                sent.ack_timeouts += 1;
+                publisher.reset();
+            }
+        }
+    }
+    // With history on, every publication gets the next offset of the channel's stream.
+    let offsets_checked = !offsets.is_empty() && offsets.iter().all(|offset| *offset > 0);
+    if !offsets_checked {
+        eprintln!("warning: publications carry no offset (history off in the namespace?): order is not checked");
+    }
+    let members_connected = connected.ok;
+    let expected = sent.acked * members_connected;
+    drain(pool, &shared, expected, Duration::from_secs(15)).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_after = server_cpu_secs(common, pool.ticks_per_sec);
+    let own_cpu = (sys::self_cpu_ticks() - own_cpu_before) as f64 / pool.ticks_per_sec as f64;
+    let mut latency = Hist::new();
+    let (final_counts, workers_cpu_after, client_rss) = pool.report(&mut latency).await?;
+    let client_cpu = workers_cpu_after - workers_cpu_before + own_cpu;
+    let lost = expected.saturating_sub(final_counts.deliveries);
+    let extra = final_counts.deliveries.saturating_sub(expected);
+    let server_cpu = cpu_before.zip(cpu_after).map(|(before, after)| after - before);
+    let per_cpu = server_cpu.filter(|cpu| *cpu > 0.0).map(|cpu| final_counts.deliveries as f64 / cpu);
+
+    println!("== fanout (centrifugo): {} members subscribed to {channel}, {} messages ==", args.members, args.messages);
+    println!(
+        "members connected {} of {} (connect/subscribe failures {})",
+        members_connected, args.members, connected.failed
+    );
+    println!(
+        "published {} acked {} errors {:?} timeouts {}; publish->API answer {}",
+        sent.sent,
+        sent.acked,
+        sent.errors,
+        sent.ack_timeouts,
+        latency_line(&sent.ack_latency)
+    );
+    println!("delivery latency (publish -> member receive): {}", latency_line(&latency));
+    println!(
+        "deliveries {} of {} expected: lost {lost}, extra {extra}, offset gaps {}, dupes {}, dropped connections {}",
+        final_counts.deliveries, expected, final_counts.gaps, final_counts.dupes, final_counts.dropped
+    );
+    if !final_counts.events.is_empty() {
+        println!("events: {:?}", final_counts.events);
+    }
+    if let Some(cpu) = server_cpu {
+        println!(
+            "while publishing: server CPU {cpu:.2}s ({:.0} deliveries per server CPU second), client CPU \
+             {client_cpu:.2}s over {elapsed:.1}s; client RSS {client_rss} KiB",
+            per_cpu.unwrap_or(0.0)
+        );
+    }
+    print_result(
+        common,
+        json!({
+            "mode": "fanout",
+            "channel": channel,
+            "members": args.members,
+            "members_connected": members_connected,
+            "messages": args.messages,
+            "interval_ms": args.interval_ms,
+            "publisher": "http_api",
+            "sent": sent.sent,
+            "acked": sent.acked,
+            "send_errors": sent.errors,
+            "ack_timeouts": sent.ack_timeouts,
+            "ack_latency": latency_json(&sent.ack_latency),
+            "latency": latency_json(&latency),
+            "deliveries": final_counts.deliveries,
+            "expected": expected,
+            "lost": lost,
+            "extra": extra,
+            "offsets_checked": offsets_checked,
+            "seq_gaps": final_counts.gaps,
+            "seq_dupes": final_counts.dupes,
+            "dropped": final_counts.dropped,
+            "events": final_counts.events,
+            "enroll_secs": 0.0,
+            "enroll_failed": 0,
+            "connect_secs": connected.secs,
+            "connect_failed": connected.failed,
+            "server_cpu_secs": server_cpu,
+            "deliveries_per_server_cpu_sec": per_cpu,
+            "client_cpu_secs": client_cpu,
+        }),
+    );
+    if lost > 0
+        || final_counts.gaps > 0
+        || final_counts.dupes > 0
+        || sent.acked < args.messages
+        || connected.ok < args.members
+        || final_counts.dropped > 0
+    {
+        bail!(
+            "fan-out incomplete: {} of {} members connected, {lost} deliveries lost, {} gaps, {} dupes, {} \
+             dropped, {} of {} publishes acked",
+            connected.ok,
+            args.members,
+            final_counts.gaps,
+            final_counts.dupes,
+            final_counts.dropped,
             sent.acked,
             args.messages
         );
