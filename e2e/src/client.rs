@@ -342,6 +342,8 @@ pub struct Shared {
     pub record_latency: bool,
     /// Messages received in `channel`.
     pub deliveries: AtomicU64,
+    /// Sends confirmed by a `send_result` (not duplicates), over all senders of this process.
+    pub confirmed: AtomicU64,
     /// Messages skipped over (a `seq` jumped ahead).
     pub gaps: AtomicU64,
     /// Messages at or below an already seen `seq`.
@@ -765,6 +767,7 @@ pub async fn drive_sender(
                                 stats.duplicate += 1;
                             } else {
                                 stats.acked += 1;
+                                shared.confirmed.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                     } else if probe.kind == "error" && in_flight.remove(&index).is_some() {

@@ -187,6 +187,20 @@ struct ThroughputArgs {
     /// Channel name (default: a fresh tp-<time>).
     #[arg(long)]
     channel: Option<String>,
+    /// Processes whose CPU time (utime + stime from /proc/<pid>/stat) is read at the start and the end of the
+    /// measured window, as name=pid pairs (e.g. gateway=123,router=456): reported per name in seconds, per
+    /// confirmed message and per delivery ("process_cpu" in the JSON line).
+    #[arg(long, value_delimiter = ',', value_parser = parse_named_pid)]
+    cpu_pids: Vec<(String, u32)>,
+}
+
+fn parse_named_pid(text: &str) -> Result<(String, u32), String> {
+    let (name, pid) = text.split_once('=').ok_or_else(|| format!("expected name=pid, got {text:?}"))?;
+    let pid = pid.trim().parse().map_err(|_| format!("not a process id in {text:?}"))?;
+    if name.trim().is_empty() {
+        return Err(format!("empty name in {text:?}"));
+    }
+    Ok((name.trim().to_owned(), pid))
 }
 
 fn main() {
@@ -1094,27 +1108,49 @@ async fn fanout_centrifugo_run(
 struct Snapshot {
     at: Instant,
     deliveries: u64,
+    confirmed: u64,
     server_cpu: Option<f64>,
+    /// CPU clock ticks of each `--cpu-pids` process, in its order (`None`: the process is gone).
+    processes: Vec<Option<u64>>,
     client_cpu: f64,
 }
 
-async fn snapshot(pool: &mut Pool, shared: &Shared, common: &Common) -> anyhow::Result<Snapshot> {
-    let server_cpu = server_cpu_secs(common, pool.ticks_per_sec);
+async fn snapshot(pool: &mut Pool, shared: &Shared, args: &ThroughputArgs) -> anyhow::Result<Snapshot> {
+    let ticks_per_sec = pool.ticks_per_sec as f64;
+    let server_cpu = server_cpu_secs(&args.common, pool.ticks_per_sec);
+    let processes = args.cpu_pids.iter().map(|(_, pid)| sys::cpu_ticks(*pid)).collect();
     let at = Instant::now();
+    let confirmed = shared.confirmed.load(std::sync::atomic::Ordering::Relaxed);
     let (counts, worker_cpu, _) = pool.progress().await?;
-    let own_cpu = sys::self_cpu_ticks() as f64 / pool.ticks_per_sec as f64;
+    let own_cpu = sys::self_cpu_ticks() as f64 / ticks_per_sec;
     Ok(Snapshot {
         at,
         deliveries: counts.deliveries + shared.counts().deliveries,
+        confirmed,
         server_cpu,
+        processes,
         client_cpu: worker_cpu + own_cpu,
     })
+}
+
+/// Fails unless every `--cpu-pids` name is unique and its process is running.
+fn check_cpu_pids(cpu_pids: &[(String, u32)]) -> anyhow::Result<()> {
+    for (index, (name, pid)) in cpu_pids.iter().enumerate() {
+        if cpu_pids[..index].iter().any(|(other, _)| other == name) {
+            bail!("--cpu-pids: the name {name} is given twice");
+        }
+        if !sys::alive(*pid) || sys::cpu_ticks(*pid).is_none() {
+            bail!("--cpu-pids: {name} (pid {pid}) is not running or its /proc/{pid}/stat is unreadable");
+        }
+    }
+    Ok(())
 }
 
 async fn throughput(args: ThroughputArgs) -> anyhow::Result<()> {
     let common = &args.common;
     let target = Target::parse(&common.url)?;
     check_server(common)?;
+    check_cpu_pids(&args.cpu_pids)?;
     if args.senders == 0 || args.members <= args.senders {
         bail!("need --senders >= 1 and --members > --senders");
     }
@@ -1190,9 +1226,9 @@ async fn throughput_run(
         args.senders, args.window, args.warmup, args.duration
     );
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
-    let begin = snapshot(pool, &shared, common).await?;
+    let begin = snapshot(pool, &shared, args).await?;
     tokio::time::sleep(Duration::from_secs(args.duration)).await;
-    let end = snapshot(pool, &shared, common).await?;
+    let end = snapshot(pool, &shared, args).await?;
     let _ = senders.stop_sending.send(true);
     let sent = senders.finished(Duration::from_secs(30)).await;
     let sent = match sent {
@@ -1217,6 +1253,15 @@ async fn throughput_run(
     let per_core = server_cpu.filter(|cpu| *cpu > 0.0).map(|cpu| window_deliveries as f64 / cpu);
     let client_cpu = end.client_cpu - begin.client_cpu;
     let lost = expected.saturating_sub(final_counts.deliveries);
+    let window_confirmed = end.confirmed - begin.confirmed;
+    let process_cpu: Vec<(&str, Option<f64>)> = args
+        .cpu_pids
+        .iter()
+        .zip(begin.processes.iter().zip(&end.processes))
+        .map(|((name, _), (a, b))| {
+            (name.as_str(), a.zip(*b).map(|(a, b)| b.saturating_sub(a) as f64 / pool.ticks_per_sec as f64))
+        })
+        .collect();
 
     println!(
         "== throughput: {} members ({} senders) in {channel}, {}s measured ==",
@@ -1234,6 +1279,9 @@ async fn throughput_run(
         _ => println!("server CPU not measured (pass --server-pid)"),
     }
     println!("client CPU {client_cpu:.2}s over the window ({:.0}% of one core)", 100.0 * client_cpu / wall);
+    if !process_cpu.is_empty() {
+        print_process_cpu(&process_cpu, window_confirmed, window_deliveries, wall);
+    }
     println!(
         "sent {} acked {} errors {:?} ack timeouts {}; send->send_result {}",
         sent.sent,
@@ -1264,12 +1312,15 @@ async fn throughput_run(
         "window": args.window,
         "duration_secs": wall,
         "deliveries_in_window": window_deliveries,
+        "confirmed_in_window": window_confirmed,
+        "confirmed_per_sec": window_confirmed as f64 / wall.max(1e-9),
         "deliveries_per_sec": per_sec,
         "messages_per_sec": per_sec / members_connected as f64,
         "server_cpu_secs": server_cpu,
         "server_cpu_cores": server_cpu.map(|cpu| cpu / wall),
         "deliveries_per_server_cpu_sec": per_core,
         "client_cpu_secs": client_cpu,
+        "process_cpu": process_cpu.iter().map(|(name, cpu)| ((*name).to_owned(), json!(cpu))).collect::<serde_json::Map<_, _>>(),
         "client_rss_kib": client_rss,
         "sent": sent.sent,
         "acked": sent.acked,
@@ -1288,5 +1339,52 @@ async fn throughput_run(
     if let Some(failure) = sent.failure {
         bail!("a sender failed: {failure}");
     }
+    let gone: Vec<&str> = process_cpu.iter().filter(|(_, cpu)| cpu.is_none()).map(|(name, _)| *name).collect();
+    if !gone.is_empty() {
+        bail!("--cpu-pids: {} exited during the measured window; its CPU time is not known", gone.join(", "));
+    }
     Ok(())
+}
+
+/// One line per `--cpu-pids` process and their sum: CPU seconds over the window, µs per confirmed message and
+/// per delivery.
+fn print_process_cpu(process_cpu: &[(&str, Option<f64>)], confirmed: u64, deliveries: u64, wall: f64) {
+    let per = |cpu: f64, count: u64| if count == 0 { f64::NAN } else { cpu * 1e6 / count as f64 };
+    println!("CPU per process over the window ({confirmed} messages confirmed, {deliveries} deliveries):");
+    let mut sum = 0.0;
+    for (name, cpu) in process_cpu {
+        match cpu {
+            Some(cpu) => {
+                sum += cpu;
+                println!(
+                    "  {name:<12} {cpu:>7.2}s ({:>3.0}% of one core) {:>8.1} µs/message {:>7.2} µs/delivery",
+                    100.0 * cpu / wall,
+                    per(*cpu, confirmed),
+                    per(*cpu, deliveries)
+                );
+            }
+            None => println!("  {name:<12} exited during the window"),
+        }
+    }
+    println!(
+        "  {:<12} {sum:>7.2}s ({:>3.0}% of one core) {:>8.1} µs/message {:>7.2} µs/delivery",
+        "sum",
+        100.0 * sum / wall,
+        per(sum, confirmed),
+        per(sum, deliveries)
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_named_pid;
+
+    #[test]
+    fn parses_name_pid_pairs() {
+        assert_eq!(parse_named_pid("gateway=123"), Ok(("gateway".to_owned(), 123)));
+        assert_eq!(parse_named_pid(" kafka = 7"), Ok(("kafka".to_owned(), 7)));
+        assert!(parse_named_pid("gateway").is_err());
+        assert!(parse_named_pid("=12").is_err());
+        assert!(parse_named_pid("redis=x").is_err());
+    }
 }
