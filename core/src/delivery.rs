@@ -162,13 +162,14 @@ impl Stream {
 pub struct DeliveryTracker<P> {
     policy: AckPolicy,
     unacked: VecDeque<Pending<P>>,
-    streams: HashMap<Arc<str>, Stream>,
+    /// Keyed by channel, hashed with foldhash (looked up twice per delivery; the keys are the user's channels).
+    streams: HashMap<Arc<str>, Stream, foldhash::fast::RandomState>,
 }
 
 impl<P: Clone> DeliveryTracker<P> {
     /// Empty state.
     pub fn new(policy: AckPolicy) -> Self {
-        Self { policy, unacked: VecDeque::new(), streams: HashMap::new() }
+        Self { policy, unacked: VecDeque::new(), streams: HashMap::default() }
     }
 
     /// Starts a channel at `seq` (everything up to it is known to the client, e.g. from `ready`), or moves its

@@ -29,13 +29,15 @@ where
         let Some(item) = queued.filter(|_| !self.outbound.is_closed()) else {
             return Err(slow_consumer());
         };
-        self.deliver(item).await?;
+        // One reading of the clock for the batch: the frames of one wake go out together.
+        let now_ms = self.clock.now_ms();
+        self.deliver(item, now_ms).await?;
         for _ in 0..OUTBOUND_BATCH {
             if self.outbound.is_closed() {
                 return Err(slow_consumer());
             }
             match self.outbound.try_recv() {
-                Ok(item) => self.deliver(item).await?,
+                Ok(item) => self.deliver(item, now_ms).await?,
                 Err(_) => break,
             }
         }
@@ -49,7 +51,7 @@ where
     /// Feeds one queued frame (no flush). A message is dropped when the client has it already, and follows the
     /// messages missing before it (read from history) when there is a gap. A directive closes the connection (after
     /// the frames queued before it): a disconnect always, a revocation when this connection's token is revoked.
-    async fn deliver(&mut self, item: OutboundFrame) -> Step {
+    async fn deliver(&mut self, item: OutboundFrame, now_ms: u64) -> Step {
         if let Some(directive) = item.0.directive {
             return match directive {
                 // The close frame follows the frames fed before it, in one flush.
@@ -79,7 +81,7 @@ where
             }
         }
         self.feed(Message::Text(item.0.frame.clone())).await?;
-        self.tracker.sent(&channel, seq, item.0.frame.clone(), self.clock.now_ms());
+        self.tracker.sent(&channel, seq, item.0.frame.clone(), now_ms);
         Ok(())
     }
 

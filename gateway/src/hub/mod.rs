@@ -26,6 +26,7 @@
 mod dispatch;
 mod feed;
 mod index;
+mod queue;
 mod topics;
 mod watchers;
 
@@ -33,6 +34,7 @@ mod watchers;
 mod tests;
 
 pub use feed::FEED_CACHE;
+pub use queue::{Outbound, OutboundQueue};
 
 use crate::metrics::Metrics;
 use axum::extract::ws::Utf8Bytes;
@@ -40,9 +42,7 @@ use feed::FeedState;
 use index::ConnEntry;
 use parley_bus::pubsub::Subscription;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::sync::mpsc;
 
 /// A frame queued to one connection. Messages carry their channel and sequence so the connection can drop
 /// duplicates, fill gaps and track acknowledgements without parsing the frame.
@@ -85,83 +85,6 @@ impl OutboundFrame {
     /// A directive to the connection.
     pub fn directive(directive: Directive) -> Self {
         Self(Arc::new(OutboundItem { frame: Utf8Bytes::from_static(""), message: None, directive: Some(directive) }))
-    }
-}
-
-/// The hub's end of one connection's queue, bounded in frames (the channel's capacity) and in bytes (what the
-/// frames waiting in it hold). A frame that does not fit is refused as `Full`: the hub then cuts the connection off
-/// as a slow consumer.
-#[derive(Debug, Clone)]
-pub struct Outbound {
-    sender: mpsc::Sender<OutboundFrame>,
-    bytes: Arc<QueuedBytes>,
-}
-
-/// The connection's end of its queue.
-#[derive(Debug)]
-pub struct OutboundQueue {
-    receiver: mpsc::Receiver<OutboundFrame>,
-    bytes: Arc<QueuedBytes>,
-}
-
-/// The bytes waiting in one queue, and their bound.
-#[derive(Debug)]
-struct QueuedBytes {
-    queued: AtomicUsize,
-    max: usize,
-}
-
-impl Outbound {
-    /// A queue of at most `frames` frames and `max_bytes` bytes (one frame of any size fits an empty queue).
-    pub fn channel(frames: usize, max_bytes: usize) -> (Outbound, OutboundQueue) {
-        let (sender, receiver) = mpsc::channel(frames.max(1));
-        let bytes = Arc::new(QueuedBytes { queued: AtomicUsize::new(0), max: max_bytes });
-        (Outbound { sender, bytes: bytes.clone() }, OutboundQueue { receiver, bytes })
-    }
-
-    /// Queues a frame unless the queue is full (in frames or bytes) or closed.
-    pub fn try_send(&self, item: OutboundFrame) -> Result<(), mpsc::error::TrySendError<OutboundFrame>> {
-        let size = item.0.frame.len();
-        let before = self.bytes.queued.fetch_add(size, Ordering::AcqRel);
-        if before > 0 && before.saturating_add(size) > self.bytes.max {
-            self.bytes.queued.fetch_sub(size, Ordering::AcqRel);
-            return Err(mpsc::error::TrySendError::Full(item));
-        }
-        self.sender.try_send(item).inspect_err(|_| {
-            self.bytes.queued.fetch_sub(size, Ordering::AcqRel);
-        })
-    }
-}
-
-impl OutboundQueue {
-    /// The next frame; `None` once the hub let go of the queue and it is empty.
-    pub async fn recv(&mut self) -> Option<OutboundFrame> {
-        let item = self.receiver.recv().await;
-        self.taken(item.as_ref());
-        item
-    }
-
-    /// The next frame if one is waiting.
-    pub fn try_recv(&mut self) -> Result<OutboundFrame, mpsc::error::TryRecvError> {
-        let item = self.receiver.try_recv();
-        self.taken(item.as_ref().ok());
-        item
-    }
-
-    /// Whether the hub let go of the queue: it cut the connection off as a slow consumer (or unregistered it).
-    pub fn is_closed(&self) -> bool {
-        self.receiver.is_closed()
-    }
-
-    /// Bytes waiting in the queue.
-    pub fn queued_bytes(&self) -> usize {
-        self.bytes.queued.load(Ordering::Acquire)
-    }
-
-    fn taken(&self, item: Option<&OutboundFrame>) {
-        if let Some(item) = item {
-            self.bytes.queued.fetch_sub(item.0.frame.len(), Ordering::AcqRel);
-        }
     }
 }
 
