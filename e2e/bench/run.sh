@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Parley benchmarks on one machine, loopback only: idle memory per connection, 10k-member fan-out latency,
 # broadcast throughput per gateway core, the machine's floor for a fan-out (parley-floor: one write() per
-# connection, no server), and the same idle and fan-out runs against Centrifugo v6 for comparison. Every step
-# is bounded and stops by itself.
+# connection, no server), what an idle connection holds (heap: heaptrack), where a fan-out's server CPU goes
+# (profile: perf), and the same idle and fan-out runs against Centrifugo v6 for comparison. Every step is
+# bounded and stops by itself.
 #
-#   e2e/bench/run.sh                 # build release, run everything (~7 minutes on 2 cores)
-#   e2e/bench/run.sh idle fanout     # only some parts (idle, fanout, throughput, floor, centrifugo)
+#   e2e/bench/run.sh                 # build release, run everything (~9 minutes on 2 cores)
+#   e2e/bench/run.sh idle fanout     # only some parts (idle, fanout, throughput, floor, heap, profile, centrifugo)
+#
+# The parts heap and profile need heaptrack and perf (Debian packages heaptrack and linux-perf); their results:
+# $OUT/heap-summary.txt (bytes per connection at the heap's peak, by allocation site; heap.zst for heaptrack
+# --analyze) and $OUT/profile.txt (the top symbols; perf.data for perf report).
 #
 # The part `centrifugo` builds Centrifugo once from the Go module proxy (e2e/bench/centrifugo.sh, cached under
 # ~/.cache/parley/centrifugo), writes its config to $OUT/centrifugo.json and runs parley-load --protocol
@@ -15,6 +20,7 @@
 # Knobs (environment): BUILD=0 skips the build; OUT=dir for results (default target/bench/<utc time>);
 # IDLE_SIZES="1000 5000 10000 19000"; FANOUT_MEMBERS="1000 10000" FANOUT_MESSAGES=20 FANOUT_INTERVAL_MS=200;
 # TP_MEMBERS=1000 TP_SENDERS=4 TP_DURATION=10 TP_RATE=5000 (sends/s allowed per connection for throughput);
+# HEAP_CONNECTIONS=2000; PROFILE_MEMBERS=10000 PROFILE_SECONDS=5;
 # PORT=18181 ADMIN_PORT=18182; CENTRIFUGO_PORT=18191 CENTRIFUGO_API_PORT=18192 (its server API and /health).
 #
 # Results: $OUT/results.jsonl (one JSON line per run, with "name"; Centrifugo's with "server":"centrifugo"),
@@ -38,6 +44,9 @@ TP_MEMBERS=${TP_MEMBERS:-1000}
 TP_SENDERS=${TP_SENDERS:-4}
 TP_DURATION=${TP_DURATION:-10}
 TP_RATE=${TP_RATE:-5000}
+HEAP_CONNECTIONS=${HEAP_CONNECTIONS:-2000}
+PROFILE_MEMBERS=${PROFILE_MEMBERS:-10000}
+PROFILE_SECONDS=${PROFILE_SECONDS:-5}
 SERVER=${SERVER:-${CARGO_TARGET_DIR:-$ROOT/target}/release/parley}
 LOAD=${LOAD:-${CARGO_TARGET_DIR:-$ROOT/target}/release/parley-load}
 FLOOR=${FLOOR:-$(dirname "$LOAD")/parley-floor}
@@ -49,7 +58,7 @@ CENTRIFUGO_API="http://127.0.0.1:$CENTRIFUGO_API_PORT/api"
 CENTRIFUGO_API_KEY=${CENTRIFUGO_API_KEY:-bench-only-api-key-not-for-production}
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(idle fanout throughput floor centrifugo)
+[ ${#parts[@]} -eq 0 ] && parts=(idle fanout throughput floor heap profile centrifugo)
 
 log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
@@ -224,6 +233,91 @@ for part in "${parts[@]}"; do
                 --interval-ms "$FANOUT_INTERVAL_MS"
         done
         ;;
+    heap)
+        # What each idle connection holds: the server under heaptrack (Debian package `heaptrack`) with
+        # HEAP_CONNECTIONS idle connections; the peak's consumers, each with the first frame that names it.
+        if ! command -v heaptrack >/dev/null || ! command -v heaptrack_print >/dev/null; then
+            log "the part heap needs heaptrack and heaptrack_print (Debian: apt-get install heaptrack)"
+            exit 1
+        fi
+        stop_server
+        DATA_DIR=$(mktemp -d /tmp/parley-bench.XXXXXX)
+        rm -f "$OUT/heap.zst"
+        heaptrack -o "$OUT/heap" "$SERVER" --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
+            --data-dir "$DATA_DIR" --jwt-hs256-secret "$SECRET" --log warn >"$OUT/server-heap.log" 2>&1 &
+        heaptrack_pid=$!
+        # heaptrack runs the server as its child: the pid measured is the server's.
+        server_path=$(readlink -f "$SERVER")
+        SERVER_PID=
+        for _ in $(seq 1 100); do
+            for pid in $(pgrep -f -- "--admin-listen 127.0.0.1:$ADMIN_PORT" || true); do
+                if [ "$(readlink -f "/proc/$pid/exe" 2>/dev/null)" = "$server_path" ]; then
+                    SERVER_PID=$pid
+                fi
+            done
+            [ -n "$SERVER_PID" ] && break
+            sleep 0.2
+        done
+        [ -n "$SERVER_PID" ] || { log "the server under heaptrack did not start; see $OUT/server-heap.log"; exit 1; }
+        "$LOAD" wait-ready --url "$URL" --timeout 60 --server-pid "$SERVER_PID" || exit 1
+        sleep 1
+        run_load "heap-$HEAP_CONNECTIONS" idle --url "$URL" --connections "$HEAP_CONNECTIONS" --hold 3
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        wait "$heaptrack_pid" 2>/dev/null || true
+        SERVER_PID=
+        rm -rf "$DATA_DIR"
+        DATA_DIR=
+        heaptrack_print -f "$OUT/heap.zst" --print-peaks 1 --print-allocators 0 --print-leaks 0 \
+            --print-temporary 0 --print-histogram 0 --peak-limit 4 --sub-peak-limit 12 >"$OUT/heap-peaks.txt" 2>&1
+        # Bytes per connection at the peak, by who allocated them (a frame that names it).
+        awk -v n="$HEAP_CONNECTIONS" '
+            function flush() {
+                if (bytes == "") return
+                b = bytes + 0; if (bytes ~ /K/) b *= 1024; if (bytes ~ /M/) b *= 1048576
+                key = (who == "" ? "(other)" : who); total[key] += b; count[key] += calls
+            }
+            /consumed over/ && /:$/ { flush(); bytes = $1; calls = $4; who = ""; next }
+            /peak memory consumed/ { flush(); bytes = ""; next }
+            who == "" && $1 !~ /^(at|in)$/ && /parley_|tungstenite::|hyper::|axum::|tokio::sync|Cell.*::new|bytes::|tokio_tungstenite/ {
+                who = $1; sub(/::h[0-9a-f]+$/, "", who); gsub(/\$LT\$/, "<", who); gsub(/\$GT\$/, ">", who)
+                gsub(/\$C\$/, ",", who); gsub(/\$u7b\$\$u7b\$closure\$u7d\$\$u7d\$/, "{closure}", who)
+            }
+            END {
+                flush()
+                for (key in total) if (count[key] >= n * 0.5)
+                    printf "%7.0f B per connection (%d allocations)  %s\n", total[key] / n, count[key], key
+            }' "$OUT/heap-peaks.txt" | sort -rn >"$OUT/heap-summary.txt"
+        log "heap: what the $HEAP_CONNECTIONS connections hold at the peak (full profile: heaptrack --analyze $OUT/heap.zst)"
+        cat "$OUT/heap-summary.txt" >&2
+        ;;
+    profile)
+        # Where the server's CPU goes in a 10k fan-out: `perf record` of the server for PROFILE_SECONDS of the
+        # sending phase (FANOUT_INTERVAL_MS apart, twice FANOUT_MESSAGES messages so the sending outlasts it).
+        command -v perf >/dev/null || { log "the part profile needs perf (Debian: apt-get install linux-perf)"; exit 1; }
+        start_server "profile-$PROFILE_MEMBERS"
+        wait_for_quiet_cpu
+        log "profile-$PROFILE_MEMBERS: parley-load fanout --members $PROFILE_MEMBERS under perf record"
+        PARLEY_JWT_SECRET=$SECRET "$LOAD" fanout --url "$URL" --members "$PROFILE_MEMBERS" \
+            --messages $((FANOUT_MESSAGES * 2)) --interval-ms "$FANOUT_INTERVAL_MS" --server-pid "$SERVER_PID" \
+            >"$OUT/profile-$PROFILE_MEMBERS.txt" 2>"$OUT/profile-$PROFILE_MEMBERS.err" &
+        load_pid=$!
+        for _ in $(seq 1 600); do
+            grep -q '^sending' "$OUT/profile-$PROFILE_MEMBERS.err" 2>/dev/null && break
+            kill -0 "$load_pid" 2>/dev/null || break
+            sleep 0.5
+        done
+        sleep 1
+        perf record -F 999 -g -p "$SERVER_PID" -o "$OUT/perf.data" -- sleep "$PROFILE_SECONDS" 2>"$OUT/perf-record.log" ||
+            { log "perf record failed; see $OUT/perf-record.log"; exit 1; }
+        wait "$load_pid" || log "the profiled fan-out failed; see $OUT/profile-$PROFILE_MEMBERS.err"
+        perf report -i "$OUT/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null |
+            awk '/%/ && !/^#/ && n < 40 { sub(/ +$/, ""); print; n++ }' >"$OUT/profile.txt"
+        kernel=$(perf report -i "$OUT/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null |
+            awk '/kernel/ { sum += $1 } END { printf "%.1f", sum }')
+        log "profile: ${kernel}% of the samples in the kernel; the top symbols (full: perf report -i $OUT/perf.data):"
+        sed -n 1,25p "$OUT/profile.txt" >&2
+        grep -v '^{' "$OUT/profile-$PROFILE_MEMBERS.txt" >&2 || true
+        ;;
     centrifugo)
         for size in $IDLE_SIZES; do
             start_centrifugo "centrifugo-idle-$size"
@@ -238,7 +332,7 @@ for part in "${parts[@]}"; do
         done
         ;;
     *)
-        log "unknown part $part (idle, fanout, throughput, floor, centrifugo)"
+        log "unknown part $part (idle, fanout, throughput, floor, heap, profile, centrifugo)"
         exit 2
         ;;
     esac
