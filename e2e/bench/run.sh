@@ -268,7 +268,7 @@ for part in "${parts[@]}"; do
         rm -rf "$DATA_DIR"
         DATA_DIR=
         heaptrack_print -f "$OUT/heap.zst" --print-peaks 1 --print-allocators 0 --print-leaks 0 \
-            --print-temporary 0 --print-histogram 0 --peak-limit 4 --sub-peak-limit 12 >"$OUT/heap-peaks.txt" 2>&1
+            --print-temporary 0 --peak-limit 4 --sub-peak-limit 12 >"$OUT/heap-peaks.txt" 2>&1
         # Bytes per connection at the peak, by who allocated them (a frame that names it).
         awk -v n="$HEAP_CONNECTIONS" '
             function flush() {
