@@ -6,7 +6,6 @@
 //! gateway pods. Every test ends with the history checker (`parley_e2e::history`) over every client's log: every
 //! message confirmed, none lost, none duplicated, one order per channel on every member.
 //!
-//! - `one_gateway_and_one_router_chat`: the smallest Region and a few clients.
 //! - `three_gateways_and_three_routers_survive_a_router_deletion_and_a_router_scale_down`: 200 clients in 20
 //!   channels on 3 gateways and 3 routers; a router pod deleted (its successor at the same ordinal leases another
 //!   machine ID, and no two live routers share one, read from their `/metrics`), then routers scaled 3→2 through
@@ -809,25 +808,6 @@ fn assert_clean(test: &RegionTest, report: &Report, attempts: u64, what: &str) -
         "{what}: {} messages confirmed and stored in {} channels, {} shown to {} clients, 0 violations",
         counts.confirmed, counts.channels, counts.shown, counts.clients
     )
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_gateway_and_one_router_chat() {
-    let Some(engines) = engines() else { return };
-    let _serial = SERIAL.lock().await;
-    let started = Instant::now();
-    let mut test = RegionTest::start(&engines, json!({"replicas": 1}), 1, 1).await;
-    let urls = test.gateway_urls().await;
-    let shape = Load { users: 6, channels: 2, members_per_channel: 3, senders_per_channel: 3, rate: 2.0 };
-    let chat = Chat::start(&test.tag, &urls, &shape, 1).await;
-    test.note(&format!("{} clients connected to {urls:?}, {} channels made", shape.users, shape.channels));
-    chat.progress(30, Duration::from_secs(60), "first messages").await;
-    test.note("30 messages confirmed and shown");
-
-    let (checked, attempts) = chat.finish().await;
-    test.note("settled; history checked");
-    let line = assert_clean(&test, &checked, attempts, "region of 1 gateway and 1 router");
-    report(&format!("{line} in {:.0} s", started.elapsed().as_secs_f64()));
 }
 
 /// The full load: 200 clients in 20 channels of 10, two senders each at 0.5 msg/s (20 msg/s in all).

@@ -324,13 +324,7 @@ fn start_on(
         shutdown: shutdown_signal,
         drain: drain_signal,
     };
-    let session = Session {
-        conn: 1,
-        session_id: "s-test".into(),
-        user: UserId::new("alice").expect("user"),
-        expires_at: unix_secs() + expires_in.as_secs(),
-        issued_at,
-    };
+    let session = alice(expires_in, issued_at);
     let (to_server, from_client) = socket_channel::unbounded();
     // A bounded channel holds its buffer plus one message per sender.
     let (to_client, from_server) = socket_channel::channel(socket_buffer.saturating_sub(1));
@@ -338,6 +332,17 @@ fn start_on(
     // With the linger of a WebSocket over TCP, on the paused clock.
     let task = tokio::spawn(serve(socket, context, session, Transport::websocket(classify)));
     Harness { client: TestClient { to_server, from_server }, hub, metrics, shutdown, drain, task }
+}
+
+/// Connection 1 of user `alice`, with a token expiring in `expires_in`, issued at `issued_at` (its `iat`).
+fn alice(expires_in: Duration, issued_at: Option<u64>) -> Session {
+    Session {
+        conn: 1,
+        session_id: "s-test".into(),
+        user: UserId::new("alice").expect("user"),
+        expires_at: unix_secs() + expires_in.as_secs(),
+        issued_at,
+    }
 }
 
 /// Starts a connection and reads its `ready`.
@@ -746,13 +751,7 @@ async fn the_connection_task_stays_small() {
         shutdown: shutdown_signal,
         drain: drain_signal,
     };
-    let session = Session {
-        conn: 1,
-        session_id: "s-test".into(),
-        user: UserId::new("alice").expect("user"),
-        expires_at: unix_secs() + 3_600,
-        issued_at: None,
-    };
+    let session = alice(Duration::from_secs(3_600), None);
     let (_to_server, from_client) = socket_channel::unbounded();
     let (to_client, _from_server) = socket_channel::channel(1);
     let socket = TestSocket { from_client, to_client };
