@@ -7,6 +7,7 @@
 #
 #   e2e/bench/run.sh                 # build release, run everything (~9 minutes on 2 cores)
 #   e2e/bench/run.sh idle fanout     # only some parts (idle, fanout, throughput, floor, heap, profile, centrifugo)
+#   e2e/bench/run.sh stack           # not in the default set: e2e/bench/stack.sh (the real stack, each process's CPU)
 #
 # The parts heap and profile need heaptrack and perf (Debian packages heaptrack and linux-perf); their results:
 # $OUT/heap-summary.txt (bytes per connection at the heap's peak, by allocation site; heap.zst for heaptrack
@@ -318,6 +319,13 @@ for part in "${parts[@]}"; do
         sed -n 1,25p "$OUT/profile.txt" >&2
         grep -v '^{' "$OUT/profile-$PROFILE_MEMBERS.txt" >&2 || true
         ;;
+    stack)
+        # Send→deliver on the embedded drivers and on Redis + Kafka + Cassandra, with each process's CPU per
+        # message: e2e/bench/stack.sh (its own engines, or those of a sourced stack.env), results in $OUT/stack.
+        stop_server
+        wait_for_quiet_cpu
+        BUILD="${BUILD:-1}" OUT="$OUT/stack" bash "$ROOT/e2e/bench/stack.sh" || FAILURES=$((FAILURES + 1))
+        ;;
     centrifugo)
         for size in $IDLE_SIZES; do
             start_centrifugo "centrifugo-idle-$size"
@@ -332,7 +340,7 @@ for part in "${parts[@]}"; do
         done
         ;;
     *)
-        log "unknown part $part (idle, fanout, throughput, floor, heap, profile, centrifugo)"
+        log "unknown part $part (idle, fanout, throughput, floor, heap, profile, centrifugo, stack)"
         exit 2
         ;;
     esac
