@@ -6,12 +6,13 @@
 //!
 //! 1. `Connection::open`, the handshake: the connection enters the hub, its channels are listed and joined, and
 //!    `ready` goes out.
-//! 2. `Connection::run`, the loop: one task per connection `select!`s between shutdown, the drain signal, frames
-//!    queued by the hub (`outbound`), completed requests, the next client frame (`inbound`) and the earliest
-//!    deadline (`timers`: token expiry, idle timeout, drain departure, retransmission). Requests (sends, history,
-//!    membership; `requests`) run concurrently up to `max_in_flight`, so a client that pipelines sends is not
-//!    serialised behind each disk sync; past that limit the loop stops reading the socket, which pushes back on
-//!    the client through TCP.
+//! 2. `Connection::run`, the loop: one task per connection `select!`s between frames queued by the hub
+//!    (`outbound`, first: a delivery's wake polls nothing else), shutdown, the drain signal, completed requests,
+//!    the next client frame (`inbound`) and the earliest deadline (`timers`: token expiry, idle timeout, drain
+//!    departure, retransmission); shutdown and drain are also read with a load before each wait. Requests
+//!    (sends, history, membership; `requests`) run concurrently up to `max_in_flight`, so a client that pipelines
+//!    sends is not serialised behind each disk sync; past that limit the loop stops reading the socket, which pushes
+//!    back on the client through TCP.
 //! 3. `Connection::finish`: the close frame (when the socket still works), the connection leaves the hub and
 //!    presence, and the socket lingers until the client's close (see [`Linger`]).
 //!
