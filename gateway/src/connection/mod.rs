@@ -528,6 +528,8 @@ where
                     self.drain.borrow_and_update();
                     return Event::Drain { closed: false };
                 }
+                // The sender is gone; a plan it sent before going is still news (the next step sees the close).
+                Err(_) if self.drain.borrow_and_update().has_changed() => return Event::Drain { closed: false },
                 Err(_) => return Event::Drain { closed: true },
             }
         }

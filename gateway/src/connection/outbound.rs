@@ -29,15 +29,13 @@ where
         let Some(item) = queued.filter(|_| !self.outbound.is_closed()) else {
             return Err(slow_consumer());
         };
-        // One reading of the clock for the batch: the frames of one wake go out together.
-        let now_ms = self.clock.now_ms();
-        self.deliver(item, now_ms).await?;
+        self.deliver(item).await?;
         for _ in 0..OUTBOUND_BATCH {
             if self.outbound.is_closed() {
                 return Err(slow_consumer());
             }
             match self.outbound.try_recv() {
-                Ok(item) => self.deliver(item, now_ms).await?,
+                Ok(item) => self.deliver(item).await?,
                 Err(_) => break,
             }
         }
@@ -51,7 +49,7 @@ where
     /// Feeds one queued frame (no flush). A message is dropped when the client has it already, and follows the
     /// messages missing before it (read from history) when there is a gap. A directive closes the connection (after
     /// the frames queued before it): a disconnect always, a revocation when this connection's token is revoked.
-    async fn deliver(&mut self, item: OutboundFrame, now_ms: u64) -> Step {
+    async fn deliver(&mut self, item: OutboundFrame) -> Step {
         if let Some(directive) = item.0.directive {
             return match directive {
                 // The close frame follows the frames fed before it, in one flush.
@@ -81,7 +79,9 @@ where
             }
         }
         self.feed(Message::Text(item.0.frame.clone())).await?;
-        self.tracker.sent(&channel, seq, item.0.frame.clone(), now_ms);
+        // Read after the feed: a feed that waited on the socket (or a gap replay before it) must not make the
+        // message look older than it is, or its retransmission would fall due early.
+        self.tracker.sent(&channel, seq, item.0.frame.clone(), self.clock.now_ms());
         Ok(())
     }
 

@@ -116,6 +116,17 @@ impl Drop for Outbound {
     }
 }
 
+impl Drop for OutboundQueue {
+    /// The connection is gone: what is queued is dropped, and the hub's next push is refused as `Closed` (not
+    /// queued for nobody until the queue is full).
+    fn drop(&mut self) {
+        let mut items = self.shared.lock();
+        items.closed = true;
+        let bytes: usize = items.queue.drain(..).map(|item| item.0.frame.len()).sum();
+        self.shared.queued.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
 impl OutboundQueue {
     /// The next frame; `None` once the hub let go of the queue and it is empty.
     pub async fn recv(&mut self) -> Option<OutboundFrame> {
@@ -227,6 +238,14 @@ mod tests {
         tokio::task::yield_now().await;
         drop(sender);
         assert_eq!(waiting.await.expect("no panic"), (Some("a".to_string()), true));
+    }
+
+    #[test]
+    fn a_push_to_a_queue_whose_connection_is_gone_is_refused_as_closed() {
+        let (sender, queue) = Outbound::channel(4, usize::MAX);
+        sender.try_send(frame("a")).expect("room");
+        drop(queue);
+        assert!(matches!(sender.try_send(frame("b")), Err(TrySendError::Closed(_))));
     }
 
     #[test]
