@@ -401,7 +401,10 @@ async fn apply(region: Arc<Region>, context: &Context) -> Result<Action, Error> 
     }
     let outcome = outcome.map_err(|error| describe(&error));
     let spec = &region.spec;
-    let previous = region.status.as_ref().map(|status| status.conditions.as_slice()).unwrap_or_default();
+    // The conditions carried over (a rebuild still to be done) come from the Regions just listed: the reflector's
+    // cache may not hold the status the previous reconcile wrote yet.
+    let listed = siblings.iter().find(|sibling| sibling.name_any() == name).unwrap_or(&region);
+    let previous = listed.status.as_ref().map(|status| status.conditions.as_slice()).unwrap_or_default();
     let keyspace_conditions = keyspace::conditions(
         previous,
         &plan.validated.cluster.spec.cassandra.keyspace,
