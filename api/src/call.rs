@@ -161,6 +161,26 @@ pub enum Call {
         /// The step.
         step: HomeStep,
     },
+    /// [`crate::Router::register_device`] and [`crate::Router::unregister_device`].
+    Device {
+        /// The device's owner.
+        user: String,
+        /// `fcm` or `apns`.
+        platform: String,
+        /// The provider's token for the device.
+        token: String,
+        /// Registered (`true`) or forgotten.
+        register: bool,
+    },
+    /// [`crate::Router::mute`].
+    Mute {
+        /// Who mutes.
+        user: String,
+        /// Channel.
+        channel: String,
+        /// Muted until this time (Unix ms; `u64::MAX`: until unmuted); `None` unmutes.
+        until: Option<u64>,
+    },
 }
 
 /// A reply on the wire.
@@ -206,6 +226,7 @@ impl Call {
             | Call::Server { operation: ServerOp::Manage { channel, .. } }
             | Call::Server { operation: ServerOp::Post { channel, .. } }
             | Call::Server { operation: ServerOp::MoveHome { channel, .. } }
+            | Call::Mute { channel, .. }
             | Call::Home { step: HomeStep::Freeze { channel } | HomeStep::Release { channel } } => {
                 Some(channel.clone())
             }
@@ -215,6 +236,7 @@ impl Call {
             Call::OpenDm { user, other } | Call::Block { user, other, .. } => direct(user, other),
             Call::ListChannels { .. }
             | Call::Presence { .. }
+            | Call::Device { .. }
             | Call::Server { operation: ServerOp::SetRegionFailed { .. } } => None,
         }
     }
@@ -270,6 +292,9 @@ impl Call {
             Call::FirstRetainedSeq { .. } => ("first_retained_seq", AnswerKind::Seq),
             Call::Feed { .. } => ("feed", AnswerKind::Page),
             Call::Presence { .. } => ("presence", AnswerKind::Done),
+            Call::Device { register: true, .. } => ("register_device", AnswerKind::Flag),
+            Call::Device { register: false, .. } => ("unregister_device", AnswerKind::Flag),
+            Call::Mute { .. } => ("mute", AnswerKind::Done),
         }
     }
 }
@@ -290,6 +315,8 @@ pub enum Answer {
     Seq(u64),
     /// User names (members).
     Users(Vec<String>),
+    /// Yes or no (a device was registered before, or was removed).
+    Flag(bool),
     /// Nothing to say: the call took effect.
     Done,
 }
@@ -309,6 +336,8 @@ pub enum AnswerKind {
     Seq,
     /// [`Answer::Users`].
     Users,
+    /// [`Answer::Flag`].
+    Flag,
     /// [`Answer::Done`].
     Done,
 }
@@ -324,6 +353,7 @@ impl AnswerKind {
             AnswerKind::Page => Answer::Page(from_value(value)?),
             AnswerKind::Seq => Answer::Seq(from_value(value)?),
             AnswerKind::Users => Answer::Users(from_value(value)?),
+            AnswerKind::Flag => Answer::Flag(from_value(value)?),
             AnswerKind::Done => {
                 from_value::<()>(value)?;
                 Answer::Done
@@ -363,4 +393,5 @@ answer_into!(
     into_page => Page(HistoryPage),
     into_seq => Seq(u64),
     into_users => Users(Vec<String>),
+    into_flag => Flag(bool),
 );

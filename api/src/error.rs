@@ -172,6 +172,9 @@ pub enum RouterError {
         /// The call's operation.
         op: &'static str,
     },
+    /// No push provider is configured on the router.
+    #[error("push notifications are off: no push provider (FCM or APNs) is configured")]
+    PushDisabled,
     /// A remote router refused or failed the call with this code.
     #[error("{message}")]
     Remote {
@@ -200,6 +203,7 @@ impl RouterError {
             }
             RouterError::Unavailable(_) | RouterError::Clock(_) | RouterError::ShuttingDown => ErrorCode::Unavailable,
             RouterError::UnexpectedAnswer { .. } => ErrorCode::Internal,
+            RouterError::PushDisabled => ErrorCode::PushDisabled,
             RouterError::Remote { code, .. } => *code,
         }
     }

@@ -230,6 +230,30 @@ impl Router {
     pub async fn record_presence(&self, updates: Vec<PresenceUpdate>) -> Result<(), RouterError> {
         self.call(Call::Presence { updates }).await?.into_done("presence")
     }
+
+    /// Registers a device for the user's push notifications (`platform`: `fcm` or `apns`); whether it was
+    /// registered for them already.
+    pub async fn register_device(&self, user: &UserId, platform: &str, token: &str) -> Result<bool, RouterError> {
+        self.device(user, platform, token, true).await
+    }
+
+    /// Forgets one of the user's devices; whether it was registered for them.
+    pub async fn unregister_device(&self, user: &UserId, platform: &str, token: &str) -> Result<bool, RouterError> {
+        self.device(user, platform, token, false).await
+    }
+
+    async fn device(&self, user: &UserId, platform: &str, token: &str, register: bool) -> Result<bool, RouterError> {
+        let call =
+            Call::Device { user: user.to_string(), platform: platform.to_owned(), token: token.to_owned(), register };
+        let op = call.op();
+        self.call(call).await?.into_flag(op)
+    }
+
+    /// Mutes a channel's push notifications for the user until `until` (Unix ms; `u64::MAX`: until unmuted), or
+    /// unmutes it with `None`.
+    pub async fn mute(&self, user: &UserId, channel: &str, until: Option<u64>) -> Result<(), RouterError> {
+        self.call(Call::Mute { user: user.to_string(), channel: channel.to_owned(), until }).await?.into_done("mute")
+    }
 }
 
 impl From<crate::RemoteRouter> for Router {

@@ -150,7 +150,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::NoSuchChannel => StatusCode::NOT_FOUND,
         ErrorCode::ChannelExists => StatusCode::CONFLICT,
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-        ErrorCode::Unavailable | ErrorCode::NotOwner => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Unavailable | ErrorCode::NotOwner | ErrorCode::PushDisabled => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

@@ -44,6 +44,8 @@ pub enum ErrorCode {
     /// Between gateways and routers only, never sent to a client: the router does not own the partition the
     /// channel lives in (it was just handed to another router). The gateway refreshes its map and retries.
     NotOwner,
+    /// No push provider (FCM or APNs) is configured: device registrations and mutes are refused.
+    PushDisabled,
 }
 
 impl ErrorCode {
@@ -67,6 +69,7 @@ impl ErrorCode {
             ErrorCode::Blocked => "blocked",
             ErrorCode::Internal => "internal",
             ErrorCode::NotOwner => "not_owner",
+            ErrorCode::PushDisabled => "push_disabled",
         }
     }
 }

@@ -7,6 +7,9 @@
 //!   connected and a steady send load; every client reconnects to the other within the window, spread over it (the
 //!   histograms are printed), and nothing is lost. (The drain is the gateways' own; the routers' storage only
 //!   carries the load, so one backend is enough. `e2e/tests/region.rs` drains the operator's gateways the same way.)
+//! - `an_offline_member_gets_a_push_from_the_router_kafka_cassandra`: the router sends the pushes of the distributed
+//!   layout (devices and mutes in Cassandra) to a stand-in APNs endpoint: offline members get them, online and
+//!   muted ones do not.
 //!
 //! The tests of this file run one at a time (each starts its own processes and loads the machine), so that the
 //! figures they print describe one cluster.
@@ -982,4 +985,56 @@ async fn presence_changes_reach_the_kafka_presence_topic_even_across_a_router_re
     assert_eq!(recorded, 5, "alice online, away and offline, carol online and offline (each once)");
     bob.close().await;
     dave.close().await;
+}
+
+/// The distributed layout's pushes: a router on Kafka and Cassandra, with APNs credentials and a stand-in APNs
+/// endpoint, and a gateway. Devices and a mute are registered through the gateway (kept in Cassandra by the
+/// router); of a channel's members, offline bob gets a push for each message, online carol none, and offline dave,
+/// who muted the channel, none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_member_gets_a_push_from_the_router_kafka_cassandra() {
+    use parley_test_support::apns::ApnsStub;
+    let Some(redis_url) = redis_url() else { return };
+    let _serial = SERIAL.lock().await;
+    let apns = ApnsStub::start().await;
+    let keys = tempfile::tempdir().expect("tempdir");
+    let flags = apns.flags(keys.path());
+    let apns_args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let Some(cluster) = Cluster::start_with(&redis_url, 1, Backend::KafkaCassandra, &apns_args).await else {
+        return;
+    };
+    let gateway = cluster.gateways[0].address;
+    let http = |method: &'static str, path: &'static str, user: &'static str, body: String| async move {
+        parley_test_support::http::request(gateway, method, path, Some(&token(user)), &body).await.status
+    };
+    let device = |token: &str| format!(r#"{{"platform":"apns","token":"{token}"}}"#);
+    let (bob_token, dave_token) = ("b0b0".repeat(16), "dddd".repeat(16));
+    assert_eq!(http("POST", "/v1/devices", "bob", device(&bob_token)).await, 201);
+    assert_eq!(http("POST", "/v1/devices", "dave", device(&dave_token)).await, 201);
+    assert_eq!(http("POST", "/v1/devices", "carol", device("c0c0")).await, 201);
+    assert_eq!(http("POST", "/v1/devices", "bob", r#"{"platform":"pager","token":"x"}"#.into()).await, 400);
+
+    let (alice, _alice_events) = Client::connect(cluster.config(0, "alice", false)).await.expect("alice connects");
+    let (carol, _carol_events) = Client::connect(cluster.config(0, "carol", false)).await.expect("carol connects");
+    // Carol counts as online from her `ready` on: the gateway writes her presence before it sends it.
+    alice.create_channel("push", vec!["bob", "carol", "dave"]).await.expect("channel created");
+    assert_eq!(http("PUT", "/v1/channels/g:push/mute", "dave", String::new()).await, 200);
+    assert_eq!(http("PUT", "/v1/channels/g:push/mute", "mallory", String::new()).await, 403, "not a member");
+    alice.send("g:push", "standup in 5").await.expect("sent");
+    // One worker pushes the messages in order: once the marker's push to bob came, every earlier push came too.
+    alice.send("g:push", "marker").await.expect("sent");
+    let pushes = parley_test_support::eventually("bob's push for the marker", Duration::from_secs(30), || {
+        let pushes = apns.pushes();
+        async move { pushes.iter().any(|push| push.body["aps"]["alert"]["body"] == "marker").then_some(pushes) }
+    })
+    .await;
+    let bob = format!("/3/device/{bob_token}");
+    let to: Vec<&str> = pushes.iter().map(|push| push.path.as_str()).collect();
+    assert_eq!(to, [bob.as_str(), bob.as_str()], "only offline bob, not online carol or muted dave: {pushes:?}");
+    assert_eq!(pushes[0].body["aps"]["alert"]["body"], "standup in 5");
+    assert_eq!(pushes[0].body["conversation_id"], "g:push");
+    assert_eq!(metric(cluster.router.admin, "parley_router_push_sent_total").await, 2);
+    assert_eq!(metric(cluster.router.admin, "parley_router_push_muted_total").await, 2, "dave, twice");
+    carol.close().await;
+    alice.close().await;
 }

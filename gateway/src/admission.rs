@@ -55,8 +55,6 @@ pub struct AppState {
     pub accepting: Arc<AtomicBool>,
     /// Drain control.
     pub drainer: Arc<Drainer>,
-    /// Push notifications, when a provider is configured.
-    pub push: Option<Arc<crate::push::PushService>>,
     /// Token revocations (shared by every gateway).
     pub revocations: Arc<dyn RevocationStore>,
     /// The bus, for events to every gateway (the server API's disconnects and revocations).
@@ -347,7 +345,6 @@ pub(crate) mod tests {
             next_conn: Arc::new(AtomicU64::new(1)),
             accepting,
             drainer,
-            push: None,
             revocations: Arc::new(revocations),
             bus: Arc::new(parley_bus::pubsub::LocalPubSub::new()),
             server_api_keys: Arc::from(Vec::new()),

@@ -308,9 +308,10 @@ pub struct StandaloneArgs {
     /// Storage.
     #[command(flatten)]
     pub storage: StorageConfig,
-    /// Push notifications.
+    /// Push notifications for offline members (standalone: this process sends them; distributed: the routers do,
+    /// and these flags are not used).
     #[command(flatten)]
-    pub push: crate::push::PushConfig,
+    pub push: parley_push::PushConfig,
     /// Distributed layout (a separate `parley-router` and Redis).
     #[command(flatten)]
     pub cluster: ClusterConfig,

@@ -20,7 +20,6 @@ use parley_api::HistoryQuery;
 use parley_core::UserId;
 use serde::Deserialize;
 use serde_json::json;
-use std::sync::Arc;
 use tracing::{info_span, Instrument};
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
@@ -37,6 +36,7 @@ pub fn app(state: AppState) -> AxumRouter {
         .route("/v1/channels", get(list_channels))
         .route("/v1/devices", post(register_device).delete(unregister_device))
         .route("/v1/channels/{id}/messages", get(history))
+        .route("/v1/channels/{id}/mute", axum::routing::put(mute).delete(unmute))
         .with_state(state.clone())
         .merge(crate::server_api::routes(state.clone()))
         .merge(crate::fallback::routes(state));
@@ -184,55 +184,69 @@ struct DeviceBody {
     token: String,
 }
 
-async fn device_request(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Result<Json<DeviceBody>, JsonRejection>,
-) -> Result<(UserId, parley_push::Device, Arc<crate::push::PushService>), HttpError> {
-    let identity = state.authenticate(bearer(headers)).await?;
-    let Some(push) = state.push.clone() else {
-        return Err(HttpError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            code::PUSH_DISABLED,
-            "no push provider is configured",
-        ));
-    };
-    let Json(body) = body?;
-    let platform = match body.platform.as_str() {
-        "fcm" => parley_push::Platform::Fcm,
-        "apns" => parley_push::Platform::Apns,
-        other => return Err(HttpError::invalid_argument(format!("unknown platform {other:?}; use fcm or apns"))),
-    };
-    if body.token.is_empty() || body.token.len() > 4096 {
-        return Err(HttpError::invalid_argument("token must be 1-4096 bytes"));
-    }
-    Ok((identity.user, parley_push::Device::new(platform, body.token), push))
-}
-
+/// Registers a device for the caller's push notifications (kept by the router, in the store).
 async fn register_device(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Json<DeviceBody>, JsonRejection>,
 ) -> Result<impl IntoResponse, HttpError> {
-    use parley_push::DeviceRegistry;
-    let (user, device, push) = device_request(&state, &headers, body).await?;
-    push.registry.register(user.as_str(), device).await.map_err(|error| HttpError::unavailable(error.to_string()))?;
-    Ok((StatusCode::CREATED, Json(json!({ "registered": true }))))
+    let identity = state.authenticate(bearer(&headers)).await?;
+    let Json(body) = body?;
+    let known = state.router.register_device(&identity.user, &body.platform, &body.token).await?;
+    let status = if known { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((status, Json(json!({ "registered": true }))))
 }
 
+/// Forgets one of the caller's devices.
 async fn unregister_device(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Json<DeviceBody>, JsonRejection>,
 ) -> Result<impl IntoResponse, HttpError> {
-    use parley_push::DeviceRegistry;
-    let (_, device, push) = device_request(&state, &headers, body).await?;
-    let removed = push
-        .registry
-        .unregister(device.platform, &device.token)
-        .await
-        .map_err(|error| HttpError::unavailable(error.to_string()))?;
+    let identity = state.authenticate(bearer(&headers)).await?;
+    let Json(body) = body?;
+    let removed = state.router.unregister_device(&identity.user, &body.platform, &body.token).await?;
     Ok(Json(json!({ "removed": removed })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MuteBody {
+    /// Muted until (Unix ms); absent: until unmuted.
+    until: Option<u64>,
+}
+
+/// Mutes a channel's push notifications for the caller (a member).
+async fn mute(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    channel: Result<Path<String>, PathRejection>,
+    body: Result<axum::body::Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, HttpError> {
+    let identity = state.authenticate(bearer(&headers)).await?;
+    let Path(channel) = channel?;
+    let body = body?;
+    let MuteBody { until } = if body.is_empty() {
+        MuteBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|error| HttpError::invalid_frame(error.to_string()))?
+    };
+    let until = until.unwrap_or(u64::MAX);
+    state.router.mute(&identity.user, &channel, Some(until)).await?;
+    let until = (until != u64::MAX).then_some(until);
+    Ok(Json(json!({ "channel": channel, "muted": true, "until": until })))
+}
+
+/// Unmutes a channel's push notifications for the caller.
+async fn unmute(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    channel: Result<Path<String>, PathRejection>,
+) -> Result<impl IntoResponse, HttpError> {
+    let identity = state.authenticate(bearer(&headers)).await?;
+    let Path(channel) = channel?;
+    state.router.mute(&identity.user, &channel, None).await?;
+    Ok(Json(json!({ "channel": channel, "muted": false })))
 }
 
 #[derive(Deserialize)]
@@ -267,6 +281,7 @@ mod tests {
     use axum::body::Body;
     use axum::http::Request;
     use http_body_util::BodyExt;
+    use std::sync::Arc;
     use tower::ServiceExt;
 
     async fn answer(app: AxumRouter, request: Request<Body>) -> (StatusCode, serde_json::Value) {
@@ -388,9 +403,9 @@ mod tests {
         let device = Request::post("/v1/devices")
             .header(header::AUTHORIZATION, format!("Bearer {token}"))
             .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from("{\"platform\":\"fcm\",\"token\":\"t\"}"))
+            .body(Body::from("{\"platform\":\"fcm\"}"))
             .expect("request");
         let (status, body) = answer(app(state), device).await;
-        assert_eq!((status, &body["code"]), (StatusCode::SERVICE_UNAVAILABLE, &json!("push_disabled")), "{body}");
+        assert_eq!((status, &body["code"]), (StatusCode::BAD_REQUEST, &json!("invalid_frame")), "{body}");
     }
 }

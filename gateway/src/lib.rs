@@ -17,7 +17,6 @@
 //! - [`metrics`]: Prometheus metrics served on the admin port.
 //! - [`presence`]: this instance's presence service over the fenced presence book.
 //! - [`journal`]: the presence journal, which hands presence changes to the router for the log (distributed).
-//! - [`push`]: device registration and push notifications to offline members.
 //! - [`drain`]: draining an instance: reconnect requests spread over a window, then stop (or, for a drain its pod
 //!   asked for, stay up not ready until SIGTERM).
 //! - [`pod_agent`]: in a Kubernetes pod, watches its own Pod for a drain request and writes its figures on it.
@@ -35,7 +34,6 @@ pub mod journal;
 pub mod metrics;
 pub mod pod_agent;
 pub mod presence;
-pub mod push;
 pub mod server_api;
 
 pub use error::GatewayError;

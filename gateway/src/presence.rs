@@ -133,6 +133,11 @@ impl Presence {
         presence
     }
 
+    /// The store this presence is kept in (what other components read the registry from).
+    pub fn store(&self) -> Arc<dyn PresenceStore> {
+        self.store.clone()
+    }
+
     /// This instance's id.
     pub fn instance(&self) -> &str {
         &self.instance

@@ -18,9 +18,12 @@
 //! - [`transport`]: the shared hyper client (rustls with `ring`, ALPN h2; prior-knowledge HTTP/2 for `http://`
 //!   endpoints when asked), per-request timeouts, and retries of 5xx/429 answers with exponential backoff,
 //!   jitter and `Retry-After` ([`RetryPolicy`]).
+//! - [`config`]: [`PushConfig`], the provider flags of the processes that send pushes, and the providers built
+//!   from them.
 //! - [`error`]: the crate's [`Error`].
 
 pub mod apns;
+pub mod config;
 pub mod error;
 pub mod fcm;
 pub mod notifier;
@@ -30,6 +33,7 @@ pub mod registry;
 pub mod transport;
 
 pub use apns::{ApnsClient, ApnsConfig};
+pub use config::{ConfigError, PushConfig};
 pub use error::Error;
 pub use fcm::{FcmClient, FcmConfig, ServiceAccount};
 pub use notifier::{Notifier, NotifierConfig, PushStats};

@@ -138,6 +138,12 @@ impl Notifier {
         }
     }
 
+    /// A reader of the counters that outlives this handle (for metrics scraped while the worker runs).
+    pub fn stats_reader(&self) -> impl Fn() -> PushStats + Send + Sync + 'static {
+        let counters = Arc::clone(&self.counters);
+        move || counters.snapshot()
+    }
+
     /// The counters so far.
     pub fn stats(&self) -> PushStats {
         self.counters.snapshot()

@@ -20,6 +20,25 @@ pub enum Platform {
     Apns,
 }
 
+impl Platform {
+    /// The platform's name in APIs and storage: `fcm` or `apns`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Fcm => "fcm",
+            Platform::Apns => "apns",
+        }
+    }
+
+    /// The platform named `fcm` or `apns`.
+    pub fn parse(name: &str) -> Option<Platform> {
+        match name {
+            "fcm" => Some(Platform::Fcm),
+            "apns" => Some(Platform::Apns),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for Platform {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str(match self {

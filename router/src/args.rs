@@ -45,6 +45,10 @@ pub struct Args {
     /// gateways; TLS with `rediss://`; `--redis-username`, `--redis-password`, `--redis-tls-ca-file`, `--redis-prefix`).
     #[command(flatten)]
     pub redis: parley_bus::args::RedisArgs,
+    /// Push notifications for offline members (`--apns-*`, `--fcm-*`; off without a provider's credentials), sent
+    /// by this router for the channels it writes. Devices and mutes are kept in the store.
+    #[command(flatten)]
+    pub push: parley_push::PushConfig,
     /// Data directory of the embedded log and store.
     #[arg(long, env = "PARLEY_DATA_DIR", default_value = "./parley-router-data")]
     pub data_dir: PathBuf,

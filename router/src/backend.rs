@@ -9,6 +9,7 @@ pub use parley_core::machine_lease::LeaseRow;
 use parley_core::protocol::MessageView;
 use parley_core::sequencer::Placement;
 use parley_core::ChannelKind;
+pub use parley_push::{Device, Platform};
 use serde::{Deserialize, Serialize};
 
 /// A stored channel.
@@ -329,6 +330,36 @@ pub trait MembershipStore: Send + Sync + 'static {
     async fn home_now(&self, channel: &str) -> Result<Option<Home>, BackendError> {
         Ok(self.channel(channel).await?.and_then(|record| record.home))
     }
+    /// Registers a push device for `user`. A device belongs to one user: registering it for another moves it (the
+    /// phone changed hands or accounts). Past `max` devices the user's oldest are forgotten. Whether `user` had it
+    /// already.
+    async fn register_device(&self, user: &str, _device: &Device, _max: usize) -> Result<bool, BackendError> {
+        Err(no_push(user))
+    }
+    /// Forgets a push device; with `owner`, only if it is that user's. Whether it was forgotten.
+    async fn unregister_device(&self, _device: &Device, owner: Option<&str>) -> Result<bool, BackendError> {
+        Err(no_push(owner.unwrap_or("a user")))
+    }
+    /// A user's push devices, oldest first.
+    async fn devices(&self, user: &str) -> Result<Vec<Device>, BackendError> {
+        Err(no_push(user))
+    }
+    /// Mutes `channel`'s push notifications for `user` until `until` (Unix ms; `u64::MAX`: until unmuted), or
+    /// unmutes it with `None`. A deleted channel's mutes go with it.
+    async fn set_mute(&self, user: &str, _channel: &str, _until: Option<u64>) -> Result<(), BackendError> {
+        Err(no_push(user))
+    }
+    /// The users who muted `channel`'s push notifications, with the time each mute ends (expired ones included).
+    async fn mutes(&self, channel: &str) -> Result<Vec<(String, u64)>, BackendError> {
+        Err(no_push(channel))
+    }
+}
+
+/// The refusal of a store that keeps no push settings.
+fn no_push(whose: &str) -> BackendError {
+    BackendError::InvalidConfig(format!(
+        "cannot keep push settings of {whose}: this store keeps none (use Cassandra or the embedded store)"
+    ))
 }
 
 /// The refusal of a store that keeps no machine-ID leases.

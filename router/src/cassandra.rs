@@ -50,8 +50,8 @@
 mod schema;
 
 use crate::backend::{
-    ChannelRecord, FlowReport, HistoryPage, HistoryQuery, Home, LeaseRow, MembershipChange, MembershipStore,
-    MessageStore, PriorSend,
+    ChannelRecord, Device, FlowReport, HistoryPage, HistoryQuery, Home, LeaseRow, MembershipChange, MembershipStore,
+    MessageStore, Platform, PriorSend,
 };
 use async_trait::async_trait;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
@@ -428,6 +428,16 @@ struct Statements {
     take_lease: PreparedStatement,
     renew_lease: PreparedStatement,
     release_lease: PreparedStatement,
+    select_devices: PreparedStatement,
+    insert_device: PreparedStatement,
+    delete_device: PreparedStatement,
+    select_device_owner: PreparedStatement,
+    insert_device_owner: PreparedStatement,
+    delete_device_owner: PreparedStatement,
+    select_mutes: PreparedStatement,
+    insert_mute: PreparedStatement,
+    delete_mute: PreparedStatement,
+    delete_mutes: PreparedStatement,
 }
 
 const MESSAGE_COLUMNS: &str = "channel, seq, id, sender, text, ts, client_msg_id";
@@ -656,6 +666,18 @@ impl CassandraStore {
         let statement =
             if newest_first { &self.statements.buckets_newest_first } else { &self.statements.buckets_oldest_first };
         self.row_stream("list buckets", statement, (channel.to_owned(),)).await
+    }
+
+    /// A user's push devices with their registration times (rows of an unknown platform skipped).
+    async fn device_rows(&self, user: &str) -> Result<Vec<(i64, Device)>, BackendError> {
+        let rows: Vec<(String, String, Option<i64>)> =
+            self.all_rows("list devices", &self.statements.select_devices, (user,)).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(platform, token, at)| {
+                Some((at.unwrap_or(0), Device::new(Platform::parse(&platform)?, token)))
+            })
+            .collect())
     }
 
     /// A user's channels ordered by last activity (the newest message first; channels with no stored message
@@ -1016,6 +1038,50 @@ async fn prepare(session: &Session, config: &CassandraConfig) -> Result<Statemen
             prepare_one(format!("DELETE FROM {keyspace}.channel_settings WHERE channel = ?")).await?,
         ),
         delete_channel: idempotent(prepare_one(format!("DELETE FROM {keyspace}.channels WHERE channel = ?")).await?),
+        select_devices: idempotent(
+            prepare_one(format!(
+                "SELECT platform, device_token, registered_at FROM {keyspace}.push_devices WHERE user = ?"
+            ))
+            .await?,
+        ),
+        insert_device: idempotent(
+            prepare_one(format!(
+                "INSERT INTO {keyspace}.push_devices (user, platform, device_token, registered_at) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+        ),
+        delete_device: idempotent(
+            prepare_one(format!(
+                "DELETE FROM {keyspace}.push_devices WHERE user = ? AND platform = ? AND device_token = ?"
+            ))
+            .await?,
+        ),
+        select_device_owner: idempotent(
+            prepare_one(format!(
+                "SELECT user FROM {keyspace}.push_device_owners WHERE platform = ? AND device_token = ?"
+            ))
+            .await?,
+        ),
+        insert_device_owner: idempotent(
+            prepare_one(format!(
+                "INSERT INTO {keyspace}.push_device_owners (platform, device_token, user) VALUES (?, ?, ?)"
+            ))
+            .await?,
+        ),
+        delete_device_owner: idempotent(
+            prepare_one(format!("DELETE FROM {keyspace}.push_device_owners WHERE platform = ? AND device_token = ?"))
+                .await?,
+        ),
+        select_mutes: idempotent(
+            prepare_one(format!("SELECT user, until FROM {keyspace}.push_mutes WHERE channel = ?")).await?,
+        ),
+        insert_mute: idempotent(
+            prepare_one(format!("INSERT INTO {keyspace}.push_mutes (channel, user, until) VALUES (?, ?, ?)")).await?,
+        ),
+        delete_mute: idempotent(
+            prepare_one(format!("DELETE FROM {keyspace}.push_mutes WHERE channel = ? AND user = ?")).await?,
+        ),
+        delete_mutes: idempotent(prepare_one(format!("DELETE FROM {keyspace}.push_mutes WHERE channel = ?")).await?),
         // A lightweight transaction like the claim it undoes (a plain delete would race a claim's Paxos round).
         delete_home: {
             let mut statement = idempotent(
@@ -1347,6 +1413,82 @@ impl MembershipStore for CassandraStore {
         Ok(rows.into_iter().map(|(blocked,)| blocked).collect())
     }
 
+    async fn register_device(&self, user: &str, device: &Device, max: usize) -> Result<bool, BackendError> {
+        // Not atomic across the two tables: a concurrent registration of the same token for another user may leave
+        // it listed twice; the owner row names one user, and an invalid token is forgotten from both on its first
+        // failed push.
+        let platform = device.platform.as_str();
+        let token = device.token.as_str();
+        let owner: Vec<(String,)> =
+            self.rows("read device owner", &self.statements.select_device_owner, (platform, token)).await?;
+        let owner = owner.into_iter().next().map(|(owner,)| owner);
+        if let Some(previous) = owner.as_deref().filter(|previous| *previous != user) {
+            self.run("move device", &self.statements.delete_device, (previous, platform, token)).await?;
+        }
+        let mut held = self.device_rows(user).await?;
+        let had = owner.as_deref() == Some(user) && held.iter().any(|(_, known)| known == device);
+        if !had {
+            let at = held.iter().map(|(at, _)| at + 1).max().unwrap_or(0).max(crate::router::now_ms() as i64);
+            self.run("register device", &self.statements.insert_device, (user, platform, token, at)).await?;
+            self.run("register device", &self.statements.insert_device_owner, (platform, token, user)).await?;
+            held.push((at, device.clone()));
+        }
+        held.sort_by_key(|(at, _)| *at);
+        let excess = held.len().saturating_sub(max.max(1));
+        for (_, old) in held.into_iter().take(excess) {
+            let (old_platform, old_token) = (old.platform.as_str(), old.token.as_str());
+            self.run("forget device", &self.statements.delete_device, (user, old_platform, old_token)).await?;
+            self.run("forget device", &self.statements.delete_device_owner, (old_platform, old_token)).await?;
+        }
+        Ok(had)
+    }
+
+    async fn unregister_device(&self, device: &Device, owner: Option<&str>) -> Result<bool, BackendError> {
+        let platform = device.platform.as_str();
+        let token = device.token.as_str();
+        let rows: Vec<(String,)> =
+            self.rows("read device owner", &self.statements.select_device_owner, (platform, token)).await?;
+        let Some((holder,)) = rows.into_iter().next() else { return Ok(false) };
+        if owner.is_some_and(|owner| owner != holder) {
+            return Ok(false);
+        }
+        self.run("forget device", &self.statements.delete_device, (holder.as_str(), platform, token)).await?;
+        self.run("forget device", &self.statements.delete_device_owner, (platform, token)).await?;
+        Ok(true)
+    }
+
+    async fn devices(&self, user: &str) -> Result<Vec<Device>, BackendError> {
+        let mut held = self.device_rows(user).await?;
+        held.sort_by_key(|(at, _)| *at);
+        Ok(held.into_iter().map(|(_, device)| device).collect())
+    }
+
+    async fn set_mute(&self, user: &str, channel: &str, until: Option<u64>) -> Result<(), BackendError> {
+        match until {
+            Some(until) => {
+                let until = i64::try_from(until).unwrap_or(i64::MAX);
+                self.run("mute", &self.statements.insert_mute, (channel, user, until)).await?;
+            }
+            None => {
+                self.run("unmute", &self.statements.delete_mute, (channel, user)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn mutes(&self, channel: &str) -> Result<Vec<(String, u64)>, BackendError> {
+        let rows: Vec<(String, Option<i64>)> =
+            self.all_rows("list mutes", &self.statements.select_mutes, (channel,)).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(user, until)| {
+                // Stored as i64::MAX (or without a time): until unmuted.
+                let until = until.filter(|until| *until != i64::MAX).map_or(u64::MAX, |until| until.max(0) as u64);
+                (user, until)
+            })
+            .collect())
+    }
+
     async fn members(&self, channel: &str) -> Result<Vec<String>, BackendError> {
         let rows: Vec<(String,)> = self.all_rows("list members", &self.statements.select_members, (channel,)).await?;
         Ok(rows.into_iter().map(|(user,)| user).collect())
@@ -1599,6 +1741,7 @@ impl CassandraStore {
         for statement in [
             &self.statements.delete_members,
             &self.statements.delete_all_access,
+            &self.statements.delete_mutes,
             &self.statements.delete_settings,
             &self.statements.delete_channel,
         ] {

@@ -6,8 +6,8 @@
 //! by (channel, sequence) and indexed by (time bucket, channel) so retention drops whole buckets.
 
 use crate::backend::{
-    ChannelRecord, HistoryPage, HistoryQuery, Home, LeaseRow, MembershipChange, MembershipStore, MessageLog,
-    MessageStore, PriorSend,
+    ChannelRecord, Device, HistoryPage, HistoryQuery, Home, LeaseRow, MembershipChange, MembershipStore, MessageLog,
+    MessageStore, Platform, PriorSend,
 };
 use async_trait::async_trait;
 use parley_api::BackendError;
@@ -39,6 +39,12 @@ const BLOCKS: TableDefinition<(&str, &str), ()> = TableDefinition::new("user_blo
 const CLAIMED_HOMES: TableDefinition<&str, &[u8]> = TableDefinition::new("claimed_homes");
 /// (scope, machine id) → its lease (JSON [`StoredLease`], [`MembershipStore::claim_machine_id`]).
 const MACHINE_LEASES: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("machine_leases");
+/// Push devices: (user, platform, token) → the registration's order among the user's devices.
+const DEVICES: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("push_devices");
+/// Push devices' owners: (platform, token) → user.
+const DEVICE_OWNERS: TableDefinition<(&str, &str), &str> = TableDefinition::new("push_device_owners");
+/// Muted channels: (channel, user) → muted until (Unix ms).
+const MUTES: TableDefinition<(&str, &str), u64> = TableDefinition::new("push_mutes");
 
 /// Retention settings of the embedded store.
 #[derive(Debug, Clone, Copy)]
@@ -181,6 +187,9 @@ impl EmbeddedStore {
             transaction.open_table(BLOCKS)?;
             transaction.open_table(CLAIMED_HOMES)?;
             transaction.open_table(MACHINE_LEASES)?;
+            transaction.open_table(DEVICES)?;
+            transaction.open_table(DEVICE_OWNERS)?;
+            transaction.open_table(MUTES)?;
         }
         transaction.commit()?;
         Ok(Self { database: Arc::new(database), retention })
@@ -536,6 +545,132 @@ impl MembershipStore for EmbeddedStore {
         self.second_keys(BLOCKS, user).await
     }
 
+    async fn register_device(&self, user: &str, device: &Device, max: usize) -> Result<bool, BackendError> {
+        let (user, platform, token) = (user.to_owned(), device.platform.as_str(), device.token.clone());
+        self.blocking(move |database| {
+            let mut transaction = database.begin_write()?;
+            transaction.set_durability(Durability::Immediate).map_err(|error| BackendError::Task(error.to_string()))?;
+            let had = {
+                let mut devices = transaction.open_table(DEVICES)?;
+                let mut owners = transaction.open_table(DEVICE_OWNERS)?;
+                let owner = owners.get((platform, token.as_str()))?.map(|value| value.value().to_owned());
+                let had = owner.as_deref() == Some(user.as_str());
+                if let Some(previous) = owner.filter(|previous| *previous != user) {
+                    devices.remove((previous.as_str(), platform, token.as_str()))?;
+                }
+                // The user's devices in registration order.
+                let mut held: Vec<(u64, String, String)> = Vec::new();
+                for entry in devices.range((user.as_str(), "", "")..)? {
+                    let (key, order) = entry?;
+                    let (owner, held_platform, held_token) = key.value();
+                    if owner != user {
+                        break;
+                    }
+                    held.push((order.value(), held_platform.to_owned(), held_token.to_owned()));
+                }
+                if !had {
+                    let next = held.iter().map(|(order, _, _)| order + 1).max().unwrap_or(0);
+                    devices.insert((user.as_str(), platform, token.as_str()), next)?;
+                    owners.insert((platform, token.as_str()), user.as_str())?;
+                    held.push((next, platform.to_owned(), token.clone()));
+                }
+                held.sort();
+                let excess = held.len().saturating_sub(max.max(1));
+                for (_, old_platform, old_token) in held.into_iter().take(excess) {
+                    devices.remove((user.as_str(), old_platform.as_str(), old_token.as_str()))?;
+                    owners.remove((old_platform.as_str(), old_token.as_str()))?;
+                }
+                had
+            };
+            transaction.commit()?;
+            Ok(had)
+        })
+        .await
+    }
+
+    async fn unregister_device(&self, device: &Device, owner: Option<&str>) -> Result<bool, BackendError> {
+        let (platform, token, expected) = (device.platform.as_str(), device.token.clone(), owner.map(str::to_owned));
+        self.blocking(move |database| {
+            let mut transaction = database.begin_write()?;
+            transaction.set_durability(Durability::Immediate).map_err(|error| BackendError::Task(error.to_string()))?;
+            let removed = {
+                let mut devices = transaction.open_table(DEVICES)?;
+                let mut owners = transaction.open_table(DEVICE_OWNERS)?;
+                let owner = owners.get((platform, token.as_str()))?.map(|value| value.value().to_owned());
+                match owner {
+                    Some(owner) if expected.as_ref().is_none_or(|expected| *expected == owner) => {
+                        devices.remove((owner.as_str(), platform, token.as_str()))?;
+                        owners.remove((platform, token.as_str()))?;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            transaction.commit()?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn devices(&self, user: &str) -> Result<Vec<Device>, BackendError> {
+        let user = user.to_owned();
+        self.blocking(move |database| {
+            let transaction = database.begin_read()?;
+            let devices = transaction.open_table(DEVICES)?;
+            let mut held = Vec::new();
+            for entry in devices.range((user.as_str(), "", "")..)? {
+                let (key, order) = entry?;
+                let (owner, platform, token) = key.value();
+                if owner != user {
+                    break;
+                }
+                if let Some(platform) = Platform::parse(platform) {
+                    held.push((order.value(), Device::new(platform, token)));
+                }
+            }
+            held.sort_by_key(|(order, _)| *order);
+            Ok(held.into_iter().map(|(_, device)| device).collect())
+        })
+        .await
+    }
+
+    async fn set_mute(&self, user: &str, channel: &str, until: Option<u64>) -> Result<(), BackendError> {
+        let (user, channel) = (user.to_owned(), channel.to_owned());
+        self.blocking(move |database| {
+            let mut transaction = database.begin_write()?;
+            transaction.set_durability(Durability::Immediate).map_err(|error| BackendError::Task(error.to_string()))?;
+            {
+                let mut mutes = transaction.open_table(MUTES)?;
+                match until {
+                    Some(until) => mutes.insert((channel.as_str(), user.as_str()), until)?,
+                    None => mutes.remove((channel.as_str(), user.as_str()))?,
+                };
+            }
+            transaction.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn mutes(&self, channel: &str) -> Result<Vec<(String, u64)>, BackendError> {
+        let channel = channel.to_owned();
+        self.blocking(move |database| {
+            let transaction = database.begin_read()?;
+            let mutes = transaction.open_table(MUTES)?;
+            let mut found = Vec::new();
+            for entry in mutes.range((channel.as_str(), "")..)? {
+                let (key, until) = entry?;
+                let (owner, user) = key.value();
+                if owner != channel {
+                    break;
+                }
+                found.push((user.to_owned(), until.value()));
+            }
+            Ok(found)
+        })
+        .await
+    }
+
     async fn set_read(&self, user: &str, channel: &str, seq: u64) -> Result<u64, BackendError> {
         let (user, channel) = (user.to_owned(), channel.to_owned());
         self.blocking(move |database| {
@@ -728,6 +863,7 @@ impl MembershipStore for EmbeddedStore {
                 let mut access_table = transaction.open_table(ACCESS)?;
                 let mut blocks = transaction.open_table(BLOCKS)?;
                 let mut claims = transaction.open_table(CLAIMED_HOMES)?;
+                let mut mutes = transaction.open_table(MUTES)?;
                 // Member counts change once per channel, however many members a run adds or removes.
                 let mut deltas: HashMap<&str, i64> = HashMap::new();
                 for change in &changes {
@@ -802,6 +938,18 @@ impl MembershipStore for EmbeddedStore {
                             }
                             for user in &remembered {
                                 access_table.remove((channel.as_str(), user.as_str()))?;
+                            }
+                            let mut muted = Vec::new();
+                            for entry in mutes.range((channel.as_str(), "")..)? {
+                                let (key, _) = entry?;
+                                let (owner, user) = key.value();
+                                if owner != channel.as_str() {
+                                    break;
+                                }
+                                muted.push(user.to_owned());
+                            }
+                            for user in &muted {
+                                mutes.remove((channel.as_str(), user.as_str()))?;
                             }
                             deltas.remove(channel.as_str());
                         }

@@ -33,6 +33,7 @@ pub mod kafka;
 pub mod machine_lease;
 pub mod metrics;
 pub mod publisher;
+pub mod push;
 pub mod router;
 pub mod service;
 

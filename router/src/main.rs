@@ -212,6 +212,9 @@ const FIRST_ASSIGNMENT_WAIT: Duration = Duration::from_secs(30);
 /// How often the store writer's lag per partition is read for `/metrics`.
 const STORE_LAG_EVERY: Duration = Duration::from_secs(5);
 
+/// Durable messages waiting for the push worker; past it the writer skips a message's push (and counts it).
+const PUSH_QUEUE: usize = 4_096;
+
 /// The lease settings of a router with a machine-id block (`--machine-id-base` and `--machine-id-count`), in the
 /// scope of its region; `None` without a block (the id is `--machine-id`, or base + pod index without a count).
 fn lease_settings(args: &Args, region: Option<&str>, slot: u16) -> anyhow::Result<Option<LeaseSettings>> {
@@ -287,6 +290,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let lease_settings = lease_settings(&args, region.as_deref(), slot)?;
+    // A provider's credentials that are wrong or half given stop the start here.
+    let providers = args.push.providers().context("invalid push settings")?;
     let Backends { log, store, membership, store_writer, kafka, kafka_log, describe, deposed } =
         backends(&args, retention, slot, region.as_deref()).await?;
     let redis: RedisConfig = args.redis.config().context("invalid Redis settings")?;
@@ -387,11 +392,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_channel_members: args.max_channel_members,
         fanout_threshold: args.fanout_threshold,
         membership_policy: args.membership_policy,
+        push: !providers.is_empty(),
         ..RouterConfig::default()
     };
+    // Pushes for the offline members of the channels this router writes, off the delivery path.
+    let (tap, push_worker) = if providers.is_empty() {
+        (None, None)
+    } else {
+        let (tap, durable) = tokio::sync::mpsc::channel(PUSH_QUEUE);
+        let devices = Arc::new(parley_router::push::StoreDevices::new(membership.clone()));
+        let notifier = parley_push::Notifier::spawn(devices, providers, parley_push::NotifierConfig::default());
+        let worker = parley_router::push::PushWorker::new(
+            membership.clone(),
+            notifier,
+            args.push.push_per_user_per_minute,
+            args.push.push_burst_per_user,
+        );
+        (Some(tap), Some((worker, durable)))
+    };
     let (local, writer) =
-        parley_router::LocalRouter::start_full(config, log, store, membership, pubsub, None, Some(directory))
+        parley_router::LocalRouter::start_full(config, log, store, membership, pubsub, tap, Some(directory.clone()))
             .context("failed to start the writer")?;
+    let push_report = push_worker.map(|(worker, durable)| {
+        let report = worker.report();
+        tokio::spawn(worker.run(directory.clone(), durable));
+        report
+    });
     let router = Router::new(local.clone());
 
     let listener =
@@ -544,6 +570,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         metrics.global(stats);
     }
     metrics.redis(&redis_stats);
+    if let Some(report) = &push_report {
+        metrics.push(report);
+    }
     metrics.machine_id(admin_state.lease.as_ref(), machine_id);
     if let Some(store_writer) = &store_writer {
         metrics.store_writer(store_writer.stats());

@@ -271,6 +271,11 @@ impl RouterMetrics {
         parley_bus::redis::register_metrics(&mut self.registry, stats);
     }
 
+    /// Adds the push worker's counters (`push_*`).
+    pub fn push(&mut self, report: &crate::push::PushReport) {
+        report.register(self.registry.sub_registry_with_prefix("push"));
+    }
+
     /// Sets the store writer's lag per partition.
     pub fn set_store_lag(&self, lags: &[(i32, u64)]) {
         for (partition, lag) in lags {

@@ -68,6 +68,9 @@ pub struct RouterConfig {
     /// (`unavailable`, `machine_id_lost: ...`) while it is not valid, and a new ID it holds replaces
     /// [`machine_id`](Self::machine_id). `None`: `machine_id` is this writer's for good.
     pub machine_lease: Option<crate::machine_lease::MachineIdLease>,
+    /// Whether pushes are sent (a provider is configured, [`crate::push`]): without, device registrations and
+    /// mutes are refused (`push_disabled`).
+    pub push: bool,
 }
 
 impl Default for RouterConfig {
@@ -84,6 +87,7 @@ impl Default for RouterConfig {
             membership_policy: MembershipPolicy::default(),
             region: None,
             machine_lease: None,
+            push: false,
         }
     }
 }
@@ -179,7 +183,10 @@ impl std::fmt::Debug for LocalRouter {
     }
 }
 
-fn now_ms() -> u64 {
+/// The longest device token taken (FCM registration tokens are about 160 bytes, APNs tokens 64 hex digits).
+pub const MAX_DEVICE_TOKEN_BYTES: usize = 4096;
+
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
 }
 
@@ -751,6 +758,50 @@ impl LocalRouter {
         let channel = ChannelId::parse(channel)?;
         self.require_member(user, &channel).await?;
         self.membership.members(channel.as_str()).await.map_err(RouterError::Unavailable)
+    }
+
+    /// Registers one of `user`'s push devices (`platform`: `fcm` or `apns`) or forgets it; whether it was
+    /// registered for them before.
+    pub async fn device(
+        &self,
+        user: &UserId,
+        platform: &str,
+        token: &str,
+        register: bool,
+    ) -> Result<bool, RouterError> {
+        if !self.config.push {
+            return Err(RouterError::PushDisabled);
+        }
+        let platform = parley_push::Platform::parse(platform)
+            .ok_or_else(|| RouterError::InvalidArgument(format!("unknown platform {platform:?}; use fcm or apns")))?;
+        if token.is_empty() || token.len() > MAX_DEVICE_TOKEN_BYTES || token.chars().any(char::is_control) {
+            return Err(RouterError::InvalidArgument(format!(
+                "a device token is 1-{MAX_DEVICE_TOKEN_BYTES} bytes without control characters"
+            )));
+        }
+        let device = parley_push::Device::new(platform, token);
+        let done = if register {
+            self.membership.register_device(user.as_str(), &device, crate::push::MAX_DEVICES_PER_USER).await
+        } else {
+            self.membership.unregister_device(&device, Some(user.as_str())).await
+        };
+        done.map_err(RouterError::Unavailable)
+    }
+
+    /// Mutes `channel`'s push notifications for `user` (a member) until `until` (Unix ms; `u64::MAX`: until
+    /// unmuted), or unmutes it with `None` (a member or not).
+    pub async fn mute(&self, user: &UserId, channel: &str, until: Option<u64>) -> Result<(), RouterError> {
+        if !self.config.push {
+            return Err(RouterError::PushDisabled);
+        }
+        let channel = ChannelId::parse(channel)?;
+        if let Some(until) = until {
+            if until <= now_ms() {
+                return Err(RouterError::InvalidArgument(format!("until ({until}) is not in the future")));
+            }
+            self.require_member(user, &channel).await?;
+        }
+        self.membership.set_mute(user.as_str(), channel.as_str(), until).await.map_err(RouterError::Unavailable)
     }
 
     /// Adds the viewer's read cursor to a view.

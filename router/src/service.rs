@@ -115,6 +115,13 @@ impl RouterService for LocalRouter {
                 self.record_presence(updates).await?;
                 Answer::Done
             }
+            Call::Device { user: name, platform, token, register } => {
+                Answer::Flag(self.device(&user(name)?, &platform, &token, register).await?)
+            }
+            Call::Mute { user: name, channel, until } => {
+                self.mute(&user(name)?, &channel, until).await?;
+                Answer::Done
+            }
             Call::Home { .. } => {
                 return Err(RouterError::InvalidArgument(
                     "moving a channel's home needs a router that serves regions (PARLEY_REGION, --peer-token)".into(),

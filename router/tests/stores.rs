@@ -193,7 +193,53 @@ parley_test_support::engine_suite!(
     a_home_moves_only_from_the_home_the_store_names,
     a_home_is_claimed_once,
     machine_ids_are_leased,
+    push_devices_and_mutes_are_stored,
 );
+
+async fn push_devices_and_mutes_are_stored(engine: Engine) {
+    use parley_router::backend::{Device, Platform};
+    let Some(stores) = Stores::open(engine, None).await else { return };
+    let membership = &stores.membership;
+    let device = |n: u32| Device::new(Platform::Apns, format!("{n:064x}"));
+    let phone = Device::new(Platform::Fcm, "fcm-token-1");
+    assert!(!membership.register_device("bob", &phone, 3).await.expect("register"));
+    assert!(membership.register_device("bob", &phone, 3).await.expect("again"), "known already");
+    for n in 1..=3 {
+        assert!(!membership.register_device("bob", &device(n), 3).await.expect("register"));
+    }
+    assert_eq!(
+        membership.devices("bob").await.expect("devices"),
+        vec![device(1), device(2), device(3)],
+        "past three devices the oldest (the phone) is forgotten"
+    );
+    // A device registered by another user moves to them.
+    assert!(!membership.register_device("carol", &device(2), 3).await.expect("move"));
+    assert_eq!(membership.devices("bob").await.expect("devices"), vec![device(1), device(3)]);
+    assert_eq!(membership.devices("carol").await.expect("devices"), vec![device(2)]);
+    // Only its owner unregisters a device through the API; the notifier forgets an invalid token whoever has it.
+    assert!(!membership.unregister_device(&device(1), Some("carol")).await.expect("not carol's"));
+    assert!(membership.unregister_device(&device(1), Some("bob")).await.expect("bob's"));
+    assert!(membership.unregister_device(&device(2), None).await.expect("invalid token"));
+    assert!(!membership.unregister_device(&device(2), None).await.expect("gone"));
+    assert_eq!(membership.devices("bob").await.expect("devices"), vec![device(3)]);
+    assert!(membership.devices("carol").await.expect("devices").is_empty());
+
+    membership
+        .apply(vec![MembershipChange::Create(record("g:quiet", "bob")), add("g:quiet", "bob")])
+        .await
+        .expect("create");
+    membership.set_mute("bob", "g:quiet", Some(u64::MAX)).await.expect("mute");
+    membership.set_mute("carol", "g:quiet", Some(1_000)).await.expect("mute");
+    let mut mutes = membership.mutes("g:quiet").await.expect("mutes");
+    mutes.sort();
+    assert_eq!(mutes, vec![("bob".to_owned(), u64::MAX), ("carol".to_owned(), 1_000)]);
+    membership.set_mute("carol", "g:quiet", None).await.expect("unmute");
+    assert_eq!(membership.mutes("g:quiet").await.expect("mutes"), vec![("bob".to_owned(), u64::MAX)]);
+    // A deleted channel's mutes go with it.
+    membership.apply(vec![MembershipChange::Delete { channel: "g:quiet".into() }]).await.expect("delete");
+    assert!(membership.mutes("g:quiet").await.expect("mutes").is_empty());
+    stores.finish().await;
+}
 
 /// Lease timings of the machine-id tests: short, so the real-time ones wait little.
 fn lease_timings() -> LeaseTimings {

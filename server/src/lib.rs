@@ -67,7 +67,8 @@ struct Backends {
     revocations: Arc<dyn RevocationStore>,
 }
 
-/// Standalone: the writer and the storage in this process.
+/// Standalone: the writer and the storage in this process (the writer hands durable messages to the push worker
+/// when `push`).
 fn embedded(args: &StandaloneArgs, push: bool) -> Result<Backends, GatewayError> {
     let retention = Retention {
         messages: (args.storage.retention_days > 0)
@@ -86,6 +87,7 @@ fn embedded(args: &StandaloneArgs, push: bool) -> Result<Backends, GatewayError>
         max_channel_members: args.storage.max_channel_members,
         fanout_threshold: args.gateway.fanout_threshold,
         membership_policy: args.storage.membership_policy,
+        push,
         ..RouterConfig::default()
     };
     let shared = Arc::new(store.clone());
@@ -175,6 +177,36 @@ async fn bind(address: SocketAddr) -> Result<TcpListener, GatewayError> {
     TcpListener::bind(address).await.map_err(|source| GatewayError::Serve { address: address.to_string(), source })
 }
 
+/// The file of the data directory where earlier versions kept push devices (standalone layout).
+const DEVICE_FILE: &str = "devices.json";
+
+/// Moves the devices of an earlier version's device file into the store, once: the file is renamed
+/// `devices.json.imported` after.
+async fn import_device_file(
+    data_dir: &std::path::Path,
+    membership: &dyn parley_router::backend::MembershipStore,
+) -> Result<(), GatewayError> {
+    let path = data_dir.join(DEVICE_FILE);
+    let Ok(bytes) = std::fs::read(&path) else { return Ok(()) };
+    let failed = |reason: String| GatewayError::Key { path: path.display().to_string(), reason };
+    let users: Vec<(String, Vec<parley_push::Device>)> =
+        serde_json::from_slice(&bytes).map_err(|error| failed(format!("cannot parse the device file: {error}")))?;
+    let mut count = 0;
+    for (user, devices) in users {
+        for device in devices {
+            membership
+                .register_device(&user, &device, parley_router::push::MAX_DEVICES_PER_USER)
+                .await
+                .map_err(GatewayError::Storage)?;
+            count += 1;
+        }
+    }
+    let imported = data_dir.join(format!("{DEVICE_FILE}.imported"));
+    std::fs::rename(&path, &imported).map_err(|error| failed(format!("cannot rename it: {error}")))?;
+    info!(devices = count, file = %imported.display(), "push devices moved into the store");
+    Ok(())
+}
+
 /// The file of the data directory that holds token revocations (standalone layout).
 pub const REVOCATIONS_FILE: &str = "revoked.json";
 
@@ -219,17 +251,29 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
     let agent_pod = args.pod_agent.pod(&args.telemetry).map_err(GatewayError::Config)?;
     let agent_metrics = parley_gateway::pod_agent::AgentMetrics::default();
     info!(jwt_keys = ?auth.key_ids(), server_api = !server_api_keys.is_empty(), "authentication configured");
-    let push = parley_gateway::push::PushService::from_config(&args.push, &args.storage.data_dir)?;
-    let backends =
-        if args.cluster.router_url.is_some() { distributed(&args).await? } else { embedded(&args, push.is_some())? };
+    let providers = args.push.providers().map_err(|error| GatewayError::Config(error.to_string()))?;
+    let distributed_layout = args.cluster.router_url.is_some();
+    if distributed_layout && !providers.is_empty() {
+        warn!("push flags are ignored by gateways of the distributed layout: the routers send the pushes");
+    }
+    let backends = if distributed_layout { distributed(&args).await? } else { embedded(&args, !providers.is_empty())? };
     let Backends { router, writer, pubsub, presence_store, store, durable, redis, pool, revocations } = backends;
-    let push = match (push, durable) {
-        (Some(push), Some(durable)) => Some((push, durable)),
-        (Some(_), None) => {
-            warn!("push notifications are not sent by gateways of the distributed layout yet; push is off");
-            None
+    // Standalone: this process decides and sends the pushes, with devices and mutes in the embedded store.
+    let push = match (&store, durable) {
+        (Some(store), Some(durable)) if !providers.is_empty() => {
+            let membership: Arc<dyn parley_router::backend::MembershipStore> = Arc::new(store.clone());
+            import_device_file(&args.storage.data_dir, membership.as_ref()).await?;
+            let devices = Arc::new(parley_router::push::StoreDevices::new(membership.clone()));
+            let notifier = parley_push::Notifier::spawn(devices, providers, parley_push::NotifierConfig::default());
+            let worker = parley_router::push::PushWorker::new(
+                membership,
+                notifier,
+                args.push.push_per_user_per_minute,
+                args.push.push_burst_per_user,
+            );
+            Some((worker, durable))
         }
-        (None, _) => None,
+        _ => None,
     };
     let metrics = Metrics::with(|registry| {
         // An in-process writer's counters and latencies, or a remote handle's transport failures.
@@ -240,8 +284,8 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
         if let Some(pool) = &pool {
             pool.register(registry.sub_registry_with_prefix("gateway"));
         }
-        if let Some((push, _)) = &push {
-            push.register_metrics(registry.sub_registry_with_prefix("push"));
+        if let Some((worker, _)) = &push {
+            worker.report().register(registry.sub_registry_with_prefix("push"));
         }
         if agent_pod.is_some() {
             agent_metrics.register(registry.sub_registry_with_prefix("gateway"));
@@ -264,10 +308,9 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
     hub.open_direct(Some(presence.instance()))
         .await
         .map_err(|error| GatewayError::Config(format!("cannot subscribe this gateway's direct topic: {error}")))?;
-    let push = push.map(|(push, durable)| {
-        tokio::spawn(push.clone().run(hub.clone(), durable));
-        push
-    });
+    if let Some((worker, durable)) = push {
+        tokio::spawn(worker.run(presence.store(), durable));
+    }
     let dispatcher = tokio::spawn(hub.clone().dispatch(router.clone(), publications));
 
     let (shutdown, shutdown_signal) = watch::channel(false);
@@ -284,7 +327,6 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
         next_conn: Arc::new(AtomicU64::new(1)),
         accepting,
         drainer: drainer.clone(),
-        push,
         revocations,
         bus: pubsub,
         server_api_keys,

@@ -22,6 +22,8 @@
 //! - [`wire`]: a raw WebSocket client over TCP, for tests of the wire itself (close codes, a client that stops
 //!   reading).
 
+#[cfg(feature = "apns")]
+pub mod apns;
 pub mod engines;
 pub mod figures;
 pub mod http;

@@ -173,6 +173,24 @@ pub(super) fn migrations(config: &CassandraConfig) -> Vec<Migration> {
                 ),
             ],
         },
+        Migration {
+            version: 6,
+            description: "push devices (per user, and the owner of each) and muted channels",
+            statements: vec![
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.push_devices (user text, platform text, \
+                     device_token text, registered_at bigint, PRIMARY KEY (user, platform, device_token))"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.push_device_owners (platform text, \
+                     device_token text, user text, PRIMARY KEY ((platform, device_token)))"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.push_mutes (channel text, user text, until bigint, \
+                     PRIMARY KEY (channel, user))"
+                ),
+            ],
+        },
     ]
 }
 
