@@ -75,6 +75,81 @@ pub struct ChatClusterSpec {
     pub mirror_maker: MirrorMakerSettings,
     /// Client authentication.
     pub auth: AuthSpec,
+    /// Push notifications for offline members, sent by the routers (each for the channels it writes) through APNs
+    /// and FCM. Without it, or with neither provider, push is off and device registrations are refused
+    /// (`push_disabled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<PushSpec>,
+}
+
+/// The push providers and the per-user rate. The key files are mounted from their Secrets into the router pods
+/// (`/etc/parley/push`, read-only).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PushSpec {
+    /// Apple Push Notification service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apns: Option<ApnsSpec>,
+    /// Firebase Cloud Messaging (HTTP v1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fcm: Option<FcmSpec>,
+    /// Pushes one user gets per minute at most, after `burstPerUser` (1-600; default 20).
+    #[serde(default = "default_push_per_user_per_minute")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 600").message("push.perUserPerMinute must be between 1 and 600"))]
+    pub per_user_per_minute: i32,
+    /// Pushes one user may get at once (1-100; default 5).
+    #[serde(default = "default_push_burst_per_user")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("push.burstPerUser must be between 1 and 100"))]
+    pub burst_per_user: i32,
+}
+
+fn default_push_per_user_per_minute() -> i32 {
+    20
+}
+
+fn default_push_burst_per_user() -> i32 {
+    5
+}
+
+/// APNs with a token-based (`.p8`) provider key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApnsSpec {
+    /// The Secret key holding the `.p8` signing key (PEM).
+    pub key_secret: SecretKeyRef,
+    /// The key's id (10 characters, from Apple's developer account).
+    #[schemars(length(min = 1, max = 64))]
+    pub key_id: String,
+    /// The team id.
+    #[schemars(length(min = 1, max = 64))]
+    pub team_id: String,
+    /// The app's bundle id (`apns-topic`).
+    #[schemars(length(min = 1, max = 255))]
+    pub topic: String,
+    /// The APNs base URL (default `https://api.push.apple.com`; `https://api.sandbox.push.apple.com` for
+    /// development builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')")
+        .message("push.apns.endpoint must be an http:// or https:// URL"))]
+    #[schemars(length(max = 512))]
+    pub endpoint: Option<String>,
+}
+
+/// FCM with a service account.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FcmSpec {
+    /// The Secret key holding the service account's JSON (`client_email`, `private_key`, `token_uri`).
+    pub service_account_secret: SecretKeyRef,
+    /// The Firebase project id.
+    #[schemars(length(min = 1, max = 128))]
+    pub project_id: String,
+    /// The FCM base URL (default `https://fcm.googleapis.com`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')")
+        .message("push.fcm.endpoint must be an http:// or https:// URL"))]
+    #[schemars(length(max = 512))]
+    pub endpoint: Option<String>,
 }
 
 fn default_fanout_threshold() -> i32 {

@@ -46,9 +46,9 @@ use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdate
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
     EnvVarSource, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, LocalObjectReference, ObjectFieldSelector,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecretVolumeSource,
-    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, SleepAction, TopologySpreadConstraint, Volume,
-    VolumeMount,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecretKeySelector,
+    SecretProjection, SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
+    SleepAction, TopologySpreadConstraint, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
@@ -92,6 +92,8 @@ const NON_ROOT_ID: i64 = 65532;
 const TERMINATION_MARGIN_SECONDS: i64 = 10;
 /// Where the RS256 public key Secret is mounted.
 const JWT_MOUNT_PATH: &str = "/etc/parley/jwt";
+/// Where the router pods find the push providers' key files (`apns.p8`, `fcm.json`), read-only.
+pub const PUSH_MOUNT_PATH: &str = "/etc/parley/push";
 /// Under which directory each backend's CA bundle is mounted, one directory per backend.
 pub const TLS_MOUNT_ROOT: &str = "/etc/parley/tls";
 /// The file name of a mounted CA bundle, whatever its key in the Secret.
@@ -179,6 +181,37 @@ impl Backend {
             Backend::Redis => "PARLEY_REDIS_TLS_CA_FILE",
         }
     }
+}
+
+/// The APNs key's file name under [`PUSH_MOUNT_PATH`].
+const APNS_KEY_FILE: &str = "apns.p8";
+/// The FCM service account's file name under [`PUSH_MOUNT_PATH`].
+const FCM_ACCOUNT_FILE: &str = "fcm.json";
+
+/// The push providers' key files a router pod mounts (one projected volume at [`PUSH_MOUNT_PATH`]): the APNs key
+/// and the FCM service account the ChatCluster's `push` names. `None` without either.
+fn push_volume(validated: &ValidatedRegion) -> Option<Volume> {
+    let push = validated.cluster.spec.push.as_ref()?;
+    let file = |secret: &SecretKeyRef, path: &str| VolumeProjection {
+        secret: Some(SecretProjection {
+            name: secret.name.clone(),
+            items: Some(vec![KeyToPath { key: secret.key.clone(), path: path.to_owned(), mode: None }]),
+            optional: Some(false),
+        }),
+        ..VolumeProjection::default()
+    };
+    let mut sources = Vec::new();
+    if let Some(apns) = &push.apns {
+        sources.push(file(&apns.key_secret, APNS_KEY_FILE));
+    }
+    if let Some(fcm) = &push.fcm {
+        sources.push(file(&fcm.service_account_secret, FCM_ACCOUNT_FILE));
+    }
+    (!sources.is_empty()).then(|| Volume {
+        name: "push".to_owned(),
+        projected: Some(ProjectedVolumeSource { sources: Some(sources), default_mode: Some(0o440) }),
+        ..Volume::default()
+    })
 }
 
 /// The directory a backend's CA bundle is mounted at, read-only.
@@ -502,6 +535,26 @@ fn config_map(validated: &ValidatedRegion, component: Component) -> ConfigMap {
             if !mirrored.is_empty() {
                 put("PARLEY_MIRRORED_REGIONS", mirrored.join(","));
             }
+            if let Some(push) = &spec.push {
+                put("PARLEY_PUSH_PER_USER_PER_MINUTE", push.per_user_per_minute.to_string());
+                put("PARLEY_PUSH_BURST_PER_USER", push.burst_per_user.to_string());
+                if let Some(apns) = &push.apns {
+                    put("PARLEY_APNS_KEY", format!("{PUSH_MOUNT_PATH}/{APNS_KEY_FILE}"));
+                    put("PARLEY_APNS_KEY_ID", apns.key_id.clone());
+                    put("PARLEY_APNS_TEAM_ID", apns.team_id.clone());
+                    put("PARLEY_APNS_TOPIC", apns.topic.clone());
+                    if let Some(endpoint) = &apns.endpoint {
+                        put("PARLEY_APNS_ENDPOINT", endpoint.clone());
+                    }
+                }
+                if let Some(fcm) = &push.fcm {
+                    put("PARLEY_FCM_SERVICE_ACCOUNT", format!("{PUSH_MOUNT_PATH}/{FCM_ACCOUNT_FILE}"));
+                    put("PARLEY_FCM_PROJECT_ID", fcm.project_id.clone());
+                    if let Some(endpoint) = &fcm.endpoint {
+                        put("PARLEY_FCM_ENDPOINT", endpoint.clone());
+                    }
+                }
+            }
         }
     }
     for (backend, _) in tls_ca_secrets(validated, component) {
@@ -755,6 +808,15 @@ fn pod_template(
             read_only: Some(true),
             ..VolumeMount::default()
         });
+    }
+    if let Some(volume) = push_volume(validated).filter(|_| component == Component::Router) {
+        mounts.push(VolumeMount {
+            name: volume.name.clone(),
+            mount_path: PUSH_MOUNT_PATH.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(volume);
     }
     let (image, resources) = match component {
         Component::Gateway => (&images.gateway, validated.region.spec.gateway.resources.clone()),

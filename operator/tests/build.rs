@@ -1130,3 +1130,68 @@ fn the_gateway_pod_agent_may_touch_only_its_own_pods() {
     let env = container(&resources.gateway_stateful_set).env.clone().expect("env");
     assert!(env.iter().any(|e| e.name == "PARLEY_POD_AGENT" && e.value.as_deref() == Some("true")));
 }
+
+#[test]
+fn push_providers_are_mounted_into_the_routers_only() {
+    let mut cluster = cluster();
+    cluster.spec.push = Some(
+        serde_json::from_value(json!({
+            "apns": {
+                "keySecret": {"name": "chat-push", "key": "AuthKey.p8"},
+                "keyId": "KEY1234567",
+                "teamId": "TEAM123456",
+                "topic": "dev.parley.app",
+            },
+            "fcm": {"serviceAccountSecret": {"name": "chat-fcm", "key": "account.json"}, "projectId": "parley-prod"},
+            "perUserPerMinute": 30,
+        }))
+        .expect("push spec"),
+    );
+    let validated =
+        validate(Dereferenced { region: eu(), cluster: Some(cluster), regions: vec![eu(), us()] }).expect("valid");
+    let resources = build(&validated, EU_BLOCK).expect("build");
+    let data = resources.router_config_map.data.as_ref().expect("router data");
+    for (key, value) in [
+        ("PARLEY_APNS_KEY", "/etc/parley/push/apns.p8"),
+        ("PARLEY_APNS_KEY_ID", "KEY1234567"),
+        ("PARLEY_APNS_TEAM_ID", "TEAM123456"),
+        ("PARLEY_APNS_TOPIC", "dev.parley.app"),
+        ("PARLEY_FCM_SERVICE_ACCOUNT", "/etc/parley/push/fcm.json"),
+        ("PARLEY_FCM_PROJECT_ID", "parley-prod"),
+        ("PARLEY_PUSH_PER_USER_PER_MINUTE", "30"),
+        ("PARLEY_PUSH_BURST_PER_USER", "5"),
+    ] {
+        assert_eq!(data.get(key).map(String::as_str), Some(value), "{key}");
+    }
+    let gateway_data = resources.gateway_config_map.data.as_ref().expect("gateway data");
+    assert!(gateway_data.keys().all(|key| !key.contains("APNS") && !key.contains("FCM") && !key.contains("PUSH")));
+    let router = container(&resources.router_stateful_set);
+    let mount = router.volume_mounts.iter().flatten().find(|m| m.name == "push").expect("push mount");
+    assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/etc/parley/push", Some(true)));
+    let volume = pod_spec(&resources.router_stateful_set).volumes.iter().flatten().find(|v| v.name == "push");
+    let sources = volume.and_then(|v| v.projected.as_ref()).and_then(|p| p.sources.as_ref()).expect("projected");
+    let files: Vec<(String, String, String)> = sources
+        .iter()
+        .filter_map(|source| source.secret.as_ref())
+        .flat_map(|secret| {
+            secret.items.iter().flatten().map(|item| (secret.name.clone(), item.key.clone(), item.path.clone()))
+        })
+        .collect();
+    assert_eq!(
+        files,
+        [
+            ("chat-push".to_owned(), "AuthKey.p8".to_owned(), "apns.p8".to_owned()),
+            ("chat-fcm".to_owned(), "account.json".to_owned(), "fcm.json".to_owned()),
+        ]
+    );
+    assert!(pod_spec(&resources.gateway_stateful_set).volumes.iter().flatten().all(|v| v.name != "push"));
+    // Every variable is one the router reads.
+    let declared: Vec<String> = parley_router::args::Args::command()
+        .get_arguments()
+        .filter_map(|argument| argument.get_env())
+        .map(|name| name.to_string_lossy().into_owned())
+        .collect();
+    for key in data.keys().filter(|key| key.contains("APNS") || key.contains("FCM") || key.contains("PUSH")) {
+        assert!(declared.contains(key), "parley-router does not read {key}");
+    }
+}
