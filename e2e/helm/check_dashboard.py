@@ -62,9 +62,11 @@ DELEGATED = {
         ("server/src/lib.rs", 'agent_metrics.register(registry.sub_registry_with_prefix("gateway"))',
          "gateway/src/metrics.rs", "gateway", "Metrics::with(|registry|"),
     ],
-    "gateway/src/push.rs": [  # PushService::register_metrics
-        ("server/src/lib.rs", 'push.register_metrics(registry.sub_registry_with_prefix("push"))',
-         "gateway/src/metrics.rs", "push", "Metrics::with(|registry|"),
+    "router/src/push.rs": [  # PushReport::register
+        ("router/src/metrics.rs", "report.register(&mut self.registry)", "router/src/metrics.rs", None,
+         'Registry::with_prefix("parley_router")'),
+        ("server/src/lib.rs", "worker.report().register(registry)", "gateway/src/metrics.rs", None,
+         "Metrics::with(|registry|"),
     ],
 }
 

@@ -273,7 +273,7 @@ impl RouterMetrics {
 
     /// Adds the push worker's counters (`push_*`).
     pub fn push(&mut self, report: &crate::push::PushReport) {
-        report.register(self.registry.sub_registry_with_prefix("push"));
+        report.register(&mut self.registry);
     }
 
     /// Sets the store writer's lag per partition.

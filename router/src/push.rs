@@ -169,8 +169,8 @@ impl PushReport {
         &self.counters
     }
 
-    /// Registers every counter in `registry` (`sent`, `failed`, `invalid_tokens`, `dropped`, `muted`,
-    /// `rate_limited`, `skipped`), read at each scrape.
+    /// Registers every counter in `registry` (`push_sent`, `push_failed`, `push_invalid_tokens`, `push_dropped`,
+    /// `push_muted`, `push_rate_limited`, `push_skipped`), read at each scrape.
     pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
         use parley_telemetry::metrics::{AtomicCounters, Kind};
         let stat = |field: fn(&PushStats) -> u64| {
@@ -182,29 +182,29 @@ impl PushReport {
             move || field(&counters).load(Ordering::Relaxed)
         };
         AtomicCounters::default()
-            .read("sent", "Push notifications accepted by a provider", Kind::Counter, stat(|stats| stats.sent))
-            .read("failed", "Push notifications that failed", Kind::Counter, stat(|stats| stats.failed))
+            .read("push_sent", "Push notifications accepted by a provider", Kind::Counter, stat(|stats| stats.sent))
+            .read("push_failed", "Push notifications that failed", Kind::Counter, stat(|stats| stats.failed))
             .read(
-                "invalid_tokens",
+                "push_invalid_tokens",
                 "Device tokens unregistered as invalid",
                 Kind::Counter,
                 stat(|stats| stats.invalid_tokens),
             )
-            .read("dropped", "Push notifications dropped (queue full)", Kind::Counter, stat(|stats| stats.dropped))
+            .read("push_dropped", "Push notifications dropped (queue full)", Kind::Counter, stat(|stats| stats.dropped))
             .read(
-                "muted",
+                "push_muted",
                 "Offline recipients not pushed: channel muted",
                 Kind::Counter,
                 own(|counters| &counters.muted),
             )
             .read(
-                "rate_limited",
+                "push_rate_limited",
                 "Offline recipients not pushed: over their per-user rate",
                 Kind::Counter,
                 own(|counters| &counters.rate_limited),
             )
             .read(
-                "skipped",
+                "push_skipped",
                 "Messages not pushed: presence or mutes unreadable",
                 Kind::Counter,
                 own(|counters| &counters.skipped),

@@ -285,7 +285,7 @@ pub async fn start(mut args: StandaloneArgs) -> Result<Running, GatewayError> {
             pool.register(registry.sub_registry_with_prefix("gateway"));
         }
         if let Some((worker, _)) = &push {
-            worker.report().register(registry.sub_registry_with_prefix("push"));
+            worker.report().register(registry);
         }
         if agent_pod.is_some() {
             agent_metrics.register(registry.sub_registry_with_prefix("gateway"));
